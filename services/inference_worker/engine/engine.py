@@ -1,0 +1,223 @@
+"""LLMEngine: requests in, streamed tokens out.
+
+``add_request`` and ``cancel`` may be called from any thread; they only queue work under a lock,
+and ``step()`` (one thread) drains that queue, schedules, runs the model once and streams.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from .block_manager import BlockManager, CacheUsage
+from .config import EngineConfig
+from .loader import Checkpoint, load_checkpoint
+from .model_runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Callback, RequestOutput, Sequence
+from .tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
+        self.ckpt, self.ecfg = checkpoint, config or EngineConfig()
+        self.model_config, self.tokenizer = checkpoint.config, checkpoint.tokenizer
+        self.generation = checkpoint.generation
+        cfg, model = self.model_config, checkpoint.model
+        max_len = self.ecfg.max_model_len or cfg.max_position_embeddings
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        if cfg.sliding_window:  # no sliding-window attention: stay inside one window instead
+            max_len = min(max_len, cfg.sliding_window)
+        self.runner = ModelRunner(model, cfg, self.ecfg, max_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size,
+                                          self.runner.bytes_per_block)
+        # A sequence may never need more than the whole cache.
+        self.max_model_len = min(max_len, self.runner.num_blocks * self.ecfg.block_size)
+        if model.max_seq_len < self.max_model_len:
+            model.init_rope(self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs,
+                                   self.ecfg.max_num_batched_tokens)
+        self.eos_ids = set(self.generation.eos_token_ids)
+        self._lock = threading.Lock()
+        self._incoming: list[Sequence] = []
+        self._cancels: set[str] = set()
+        self._live: set[str] = set()  # request ids added and not yet finished
+        self._seqs: dict[str, Sequence] = {}  # scheduled (waiting or running) sequences
+        self._ids = itertools.count()
+        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d",
+                 cfg.architecture, self.device, self.dtype, self.runner.num_blocks,
+                 self.ecfg.block_size, self.cache_usage().total_bytes / 2**20, self.max_model_len)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **kwargs) -> "LLMEngine":
+        """Load a checkpoint directory. kwargs are EngineConfig fields (device, dtype, num_blocks...)."""
+        ecfg = config or EngineConfig(**kwargs)
+        device = ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ecfg.device = device
+        return cls(load_checkpoint(path, device=device, dtype=ecfg.dtype,
+                                   max_seq_len=ecfg.max_model_len), ecfg)
+
+    # ---- properties the worker reports -------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.ckpt.model.parameters())
+
+    def cache_usage(self) -> CacheUsage:
+        return self.block_manager.usage()
+
+    def stats(self) -> dict:
+        u = self.cache_usage()
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "num_preemptions": self.scheduler.num_preemptions, "kv_cache_usage": u.usage,
+                "kv_blocks_used": u.used_blocks, "kv_blocks_total": u.num_blocks}
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        g = self.generation
+        return SamplingParams(**overrides).resolve(g.temperature, g.top_p, g.top_k)
+
+    # ---- requests (thread-safe) --------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
+                    *, messages: list[dict] | None = None, request_id: str | None = None,
+                    callback: Callback | None = None) -> str:
+        """Queue a request: a text prompt, token ids, or chat ``messages`` (rendered with the
+        checkpoint's chat template). Returns its id. An invalid request (empty, too long, unknown
+        token ids) finishes at the next step with finish_reason "error" and a message."""
+        params = (params or SamplingParams()).resolve(
+            self.generation.temperature, self.generation.top_p, self.generation.top_k)
+        if messages is not None:
+            ids = self.tokenizer.encode_chat(messages)
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif prompt is not None:
+            ids = [int(t) for t in prompt]
+        else:
+            raise ValueError("give a prompt (text or token ids) or messages")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
+            if self.tokenizer is not None else None
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._live:
+                raise ValueError(f"request id {rid!r} is already in use")
+            seq = Sequence(rid, ids, params, self.eos_ids, detok, callback, generator)
+            error = self._validate(ids)
+            if error:
+                seq.finish("error", error=error, flush=False)
+            self._live.add(rid)
+            self._incoming.append(seq)
+        return rid
+
+    def _validate(self, ids: list[int]) -> str | None:
+        if not ids:
+            return "the prompt is empty"
+        if len(ids) >= self.max_model_len:
+            cap = self.cache_usage().token_capacity
+            return (f"the prompt has {len(ids)} tokens; this engine fits at most "
+                    f"{self.max_model_len - 1} prompt tokens plus one generated token "
+                    f"(max_model_len {self.max_model_len}, KV cache holds {cap} tokens)")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            return f"token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}"
+        return None
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request at any time; its blocks are freed at the start of the next step and its
+        callback gets a final event with finish_reason "cancelled". False if it is not live."""
+        with self._lock:
+            if request_id not in self._live:
+                return False
+            self._cancels.add(request_id)
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Admit new requests, apply cancellations, run one batched forward pass, sample, stream.
+        Returns the requests that changed in this step (new tokens or finished)."""
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            cancels, self._cancels = self._cancels, set()
+        touched: dict[str, Sequence] = {}
+        for seq in incoming:
+            if seq.finished:  # invalid request
+                touched[seq.request_id] = seq
+            else:
+                self._seqs[seq.request_id] = seq
+                self.scheduler.add(seq)
+        for rid in cancels:
+            seq = self._seqs.get(rid)
+            if seq is not None and not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish("cancelled")
+                touched[rid] = seq
+        batch = self.scheduler.schedule()
+        if batch:
+            try:
+                results = self.runner.run(batch)
+            except Exception as e:  # never take the whole engine down with one bad batch
+                log.exception("model step failed; failing %d requests", len(batch))
+                results = []
+                for s in batch:
+                    s.seq.finish("error", error=f"model step failed: {type(e).__name__}: {e}")
+                    touched[s.seq.request_id] = s.seq
+            else:
+                for s in batch:
+                    s.seq.num_computed += s.num_tokens
+                for seq, token_id, logprob in results:
+                    seq.append(token_id, logprob, self.max_model_len)
+                    touched[seq.request_id] = seq
+        outputs = []
+        for rid, seq in touched.items():
+            if seq.finished:
+                if rid in self._seqs:
+                    self.scheduler.remove(seq)
+                    del self._seqs[rid]
+                with self._lock:
+                    self._live.discard(rid)
+            event = seq.take_event()
+            if event is not None and seq.callback is not None:
+                try:
+                    seq.callback(event)
+                except Exception:
+                    log.exception("stream callback of %s raised; ignoring", rid)
+            outputs.append(seq.output())
+        return outputs
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts (texts or token-id lists; a single one is accepted too) to completion."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        pending, done = set(ids), {}
+        while pending:
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    done[out.request_id] = out
+                    pending.discard(out.request_id)
+        return [done[i] for i in ids]

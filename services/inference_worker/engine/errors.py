@@ -1,0 +1,46 @@
+"""One exception hierarchy for everything that can be wrong with a checkpoint directory.
+
+Every error carries the offending file (``path``) and, where it applies, the tensor name
+(``tensor``), and both also appear in the message."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CheckpointError(Exception):
+    def __init__(self, message: str, *, path: str | Path | None = None, tensor: str | None = None):
+        super().__init__(message)
+        self.path = str(path) if path is not None else None
+        self.tensor = tensor
+
+
+class MissingFileError(CheckpointError):
+    pass
+
+
+class ConfigError(CheckpointError):
+    pass
+
+
+class UnsupportedArchitectureError(ConfigError):
+    pass
+
+
+class PickleCheckpointError(CheckpointError):
+    pass
+
+
+class MissingTensorError(CheckpointError):
+    pass
+
+
+class UnexpectedTensorError(CheckpointError):
+    pass
+
+
+class ShapeMismatchError(CheckpointError):
+    pass
+
+
+class TokenizerError(CheckpointError):
+    pass

@@ -1,0 +1,161 @@
+"""Fixtures: tiny random-weight HF checkpoints (Llama, Qwen2, llama3-rope, tied, sharded) saved with
+transformers, a tiny byte-level BPE tokenizer with a chat template, and engines over them."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from services.inference_worker.engine import EngineConfig, LLMEngine  # noqa: E402
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A paged KV cache keeps keys and values in fixed-size blocks.",
+    "Continuous batching lets new requests join the running batch between steps.",
+    "Once upon a time there was a small model that wanted to tell stories.",
+    "It was the best of times, it was the worst of times.",
+    "Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e and emoji \U0001F600 are bytes too.",
+    "Call me Ishmael. Some years ago, never mind how long precisely.",
+    "The engine streams tokens to a callback and stops at stop strings.",
+]
+SPECIAL = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time there was a small model that wanted to",
+    "It was",
+    "A paged KV cache keeps keys and values in fixed-size blocks. Continuous batching",
+    "Call me Ishmael.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    d = tmp_path_factory.mktemp("tokenizer")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|bos|>", "eos_token": {"content": "<|eos|>", "special": True},
+        "add_bos_token": True, "chat_template": CHAT_TEMPLATE}))
+    return d
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+
+
+@dataclass
+class Ckpt:
+    path: Path
+    hf: torch.nn.Module  # the transformers model the files were saved from (fp32, eval)
+    vocab: int
+    eos: int
+
+
+def randomize_(model: torch.nn.Module, eos: int, seed: int) -> None:
+    """Weights with O(1) activations, non-trivial norms and biases, so bugs show in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p.shape[1])))
+        # eos scores exactly 0 while ~vocab random logits compete: greedy never stops early, so
+        # the 32-token comparisons really compare 32 tokens.
+        model.get_output_embeddings().weight[eos].zero_()
+
+
+def build_checkpoint(root: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0,
+                     max_shard_size: str | None = None, **overrides) -> Ckpt:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    vocab, bos, eos = tok.get_vocab_size(), tok.token_to_id("<|bos|>"), tok.token_to_id("<|eos|>")
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    common.update(overrides)
+    if arch == "llama":
+        config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        config, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    else:
+        config, cls = transformers.MistralConfig(**common), transformers.MistralForCausalLM
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    randomize_(model, eos, seed)
+    model.generation_config = transformers.GenerationConfig(bos_token_id=bos, eos_token_id=eos,
+                                                            pad_token_id=eos)
+    root.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(root, **kwargs)
+    copy_tokenizer(tokenizer_dir, root)
+    return Ckpt(root, model, vocab, eos)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory, tokenizer_dir):
+    """Builds each named checkpoint once per session, on first use."""
+    root = tmp_path_factory.mktemp("ckpts")
+    specs = {
+        "llama": dict(arch="llama", seed=1),
+        "qwen2": dict(arch="qwen2", seed=2, num_hidden_layers=3),
+        "llama3": dict(arch="llama", seed=3, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}),
+        "tied": dict(arch="llama", seed=4, tie_word_embeddings=True, num_key_value_heads=4),
+        "sharded": dict(arch="qwen2", seed=5, max_shard_size="40KB"),
+        "mistral": dict(arch="mistral", seed=6, head_dim=32, sliding_window=None),
+    }
+    cache: dict[str, Ckpt] = {}
+
+    def get(name: str) -> Ckpt:
+        if name not in cache:
+            cache[name] = build_checkpoint(root / name, tokenizer_dir, **specs[name])
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engines(ckpts):
+    """Session-cached fp32 CPU engines with a generous cache, one per checkpoint name."""
+    cache: dict[str, LLMEngine] = {}
+
+    def get(name: str) -> LLMEngine:
+        if name not in cache:
+            cache[name] = LLMEngine.from_pretrained(
+                ckpts(name).path, EngineConfig(device="cpu", dtype="float32", num_blocks=256,
+                                               block_size=16))
+        return cache[name]
+
+    return get
+
+
+def hf_greedy(hf, prompt_ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    return out[0, len(prompt_ids):].tolist()
