@@ -1,0 +1,272 @@
+"""Paged decode attention: one new query token per sequence, K/V read through a block table.
+
+Flash-decoding in two kernels:
+1. ``_partition_kernel``, grid (batch, kv_head, partition): each program walks one slice of
+   the context with an online softmax and writes an unnormalised partial output together
+   with its running max and sum. One program serves every query head of a GQA group, so each
+   K/V element is read from memory once per group, not once per query head.
+2. ``_reduce_kernel``, grid (batch, q_head): rescales the partials to a common max and
+   normalises.
+
+Splitting the context keeps the GPU busy at small batch with long contexts, where one
+program per (sequence, head) would leave most SMs idle.
+
+The number of partitions comes from the block table's width, not from the longest context,
+so the launch needs no device-to-host sync; partitions past a sequence's end do nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._compat import HAS_TRITON, check_device, jit, tl, triton, tmax, tsum
+
+DEFAULT_PARTITION_SIZE = 256
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, n_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(
+            f"k_cache must be [num_blocks, block_size, n_kv_heads, head_dim], got shape {tuple(k_cache.shape)}"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    B, n_q, d = q.shape
+    n_kv, d_kv = k_cache.shape[2], k_cache.shape[3]
+    if d != d_kv:
+        raise ValueError(f"head_dim mismatch: q has {d}, the cache has {d_kv}")
+    if n_kv == 0 or n_q % n_kv:
+        raise ValueError(f"n_q_heads ({n_q}) must be a multiple of n_kv_heads ({n_kv})")
+    if not (q.is_floating_point() and k_cache.is_floating_point() and v_cache.is_floating_point()):
+        raise ValueError("q, k_cache and v_cache must be floating point")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(
+            f"block_tables must be int32 [B={B}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}"
+        )
+    if context_lens.dtype != torch.int32 or tuple(context_lens.shape) != (B,):
+        raise ValueError(
+            f"context_lens must be int32 [B={B}], got {context_lens.dtype} {tuple(context_lens.shape)}"
+        )
+    check_device(q, k_cache, v_cache, block_tables, context_lens)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    _check(q, k_cache, v_cache, block_tables, context_lens)
+    B, n_q, d = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    n_slots = block_tables.shape[1] * block_size
+    # Padding entries may hold anything (0, -1, stale ids): clamp them to a real block so the
+    # gather is legal; the length mask below gives those tokens zero weight.
+    blocks = block_tables.long().clamp(0, max(k_cache.shape[0] - 1, 0))
+    k = k_cache[blocks].reshape(B, n_slots, n_kv, d).float()
+    v = v_cache[blocks].reshape(B, n_slots, n_kv, d).float()
+    qf = q.float().view(B, n_kv, n_q // n_kv, d)  # q head h uses kv head h // group
+    scores = torch.einsum("bhgd,bshd->bhgs", qf, k) * scale
+    valid = torch.arange(n_slots, device=q.device)[None, :] < context_lens[:, None].long()
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # Slots past the context may hold anything, NaN included (a cache from torch.empty,
+    # a reused block), and 0 * NaN is NaN, so zero them rather than rely on zero weights.
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty context gives zeros
+    out = torch.einsum("bhgs,bshd->bhgd", probs, v)
+    return out.reshape(B, n_q, d).to(q.dtype)
+
+
+if HAS_TRITON:
+
+    @jit
+    def _partition_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
+        m_ptr, l_ptr, acc_ptr,
+        scale,
+        q_stride_b, q_stride_h,
+        k_stride_blk, k_stride_slot, k_stride_h,
+        v_stride_blk, v_stride_slot, v_stride_h,
+        bt_stride_b,
+        n_parts,
+        GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PAGE_SIZE: tl.constexpr,
+        PARTITION_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        n_q = tl.num_programs(1) * GROUP
+
+        ctx = tl.load(ctx_ptr + b)
+        start = part * PARTITION_SIZE
+        end = tl.minimum(start + PARTITION_SIZE, ctx)
+
+        g = tl.arange(0, BLOCK_G)
+        dd = tl.arange(0, BLOCK_D)
+        g_mask = g < GROUP
+        d_mask = dd < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(
+            q_ptr + b.to(tl.int64) * q_stride_b + heads[:, None] * q_stride_h + dd[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        q = q * scale  # once here instead of on every score
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+        acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
+
+        # Only tokens below ctx are visited, so block-table padding is never read.
+        for n0 in range(start, end, BLOCK_N):
+            toks = n0 + tl.arange(0, BLOCK_N)
+            t_mask = toks < end
+            page = tl.load(bt_ptr + b * bt_stride_b + toks // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
+            slot = toks % PAGE_SIZE
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+            k = tl.load(
+                k_ptr + page[:, None] * k_stride_blk + slot[:, None] * k_stride_slot + kvh * k_stride_h + dd[None, :],
+                mask=kv_mask,
+                other=0.0,
+            ).to(tl.float32)
+            s = tsum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BLOCK_N]
+            s = tl.where(t_mask[None, :], s, float("-inf"))
+            # Every chunk holds at least one valid token, so m_new is finite.
+            m_new = tl.maximum(m_i, tmax(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tsum(p, axis=1)
+            v = tl.load(
+                v_ptr + page[:, None] * v_stride_blk + slot[:, None] * v_stride_slot + kvh * v_stride_h + dd[None, :],
+                mask=kv_mask,
+                other=0.0,
+            ).to(tl.float32)
+            acc = acc * alpha[:, None] + tsum(p[:, :, None] * v[None, :, :], axis=1)
+            m_i = m_new
+
+        # Partials are [B, n_q, n_parts(, HEAD_DIM)], contiguous.
+        row = (b.to(tl.int64) * n_q + heads) * n_parts + part
+        # Partitions past the context store nothing; the reduce kernel never reads them.
+        # (Written as a vector compare: the interpreter mis-types `vector & scalar` masks.)
+        live = g < tl.where(start < ctx, GROUP, 0)
+        tl.store(m_ptr + row, m_i, mask=live)
+        tl.store(l_ptr + row, l_i, mask=live)
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + dd[None, :], acc, mask=live[:, None] & d_mask[None, :])
+
+    @jit
+    def _reduce_kernel(
+        m_ptr, l_ptr, acc_ptr, ctx_ptr, out_ptr,
+        out_stride_b, out_stride_h,
+        n_parts,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PARTITION_SIZE: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        n_q = tl.num_programs(1)
+        ctx = tl.load(ctx_ptr + b)
+        # Only partitions that held tokens were written; the rest are uninitialised memory.
+        used = tl.minimum((ctx + PARTITION_SIZE - 1) // PARTITION_SIZE, n_parts)
+
+        p = tl.arange(0, BLOCK_P)
+        dd = tl.arange(0, BLOCK_D)
+        p_mask = p < used
+        d_mask = dd < HEAD_DIM
+        row = (b.to(tl.int64) * n_q + h) * n_parts + p
+        m = tl.load(m_ptr + row, mask=p_mask, other=float("-inf"))
+        l = tl.load(l_ptr + row, mask=p_mask, other=0.0)
+        acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + dd[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+
+        m_max = tmax(m, axis=0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: avoid inf - inf
+        w = tl.exp(m - m_max)
+        denom = tsum(w * l, axis=0)
+        num = tsum(w[:, None] * acc, axis=0)
+        out = num / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(
+            out_ptr + b.to(tl.int64) * out_stride_b + h * out_stride_h + dd,
+            out.to(out_ptr.dtype.element_ty),
+            mask=d_mask,
+        )
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    partition_size: int = DEFAULT_PARTITION_SIZE,
+) -> torch.Tensor:
+    """``partition_size`` (a power of two) is the number of context tokens per program.
+
+    The caller guarantees ``context_lens[b] <= block_tables.shape[1] * block_size``; checking
+    it here would cost a device-to-host sync on every call.
+    """
+    _check(q, k_cache, v_cache, block_tables, context_lens)
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use paged_decode_attention_ref")
+    if partition_size < 1 or partition_size & (partition_size - 1):
+        raise ValueError(f"partition_size must be a power of two, got {partition_size}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be contiguous in head_dim")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+
+    B, n_q, d = q.shape
+    _, page_size, n_kv, _ = k_cache.shape
+    group = n_q // n_kv
+    out = torch.empty((B, n_q, d), dtype=q.dtype, device=q.device)
+    n_parts = triton.cdiv(block_tables.shape[1] * page_size, partition_size)
+    if B == 0 or n_parts == 0:
+        return out.zero_()
+
+    block_g = triton.next_power_of_2(group)
+    block_d = triton.next_power_of_2(d)
+    # The score and PV products are [BLOCK_G, BLOCK_N, BLOCK_D] tiles; cap their size so a
+    # program stays in registers on the GPU.
+    block_n = max(16, min(64, 8192 // (block_g * block_d)))
+    block_n = min(block_n, partition_size)
+
+    m = torch.empty((B, n_q, n_parts), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty((B, n_q, n_parts, d), dtype=torch.float32, device=q.device)
+    _partition_kernel[(B, n_kv, n_parts)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        m, l, acc,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        n_parts,
+        GROUP=group, BLOCK_G=block_g,
+        HEAD_DIM=d, BLOCK_D=block_d,
+        PAGE_SIZE=page_size,
+        PARTITION_SIZE=partition_size,
+        BLOCK_N=block_n,
+    )
+    _reduce_kernel[(B, n_q)](
+        m, l, acc, context_lens, out,
+        out.stride(0), out.stride(1),
+        n_parts,
+        HEAD_DIM=d, BLOCK_D=block_d,
+        PARTITION_SIZE=partition_size,
+        BLOCK_P=triton.next_power_of_2(n_parts),
+    )
+    return out

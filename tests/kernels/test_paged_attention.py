@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+
+import services.inference_worker.kernels as K
+from services.inference_worker.kernels.paged_attention import (
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
+
+from .utils import ATTENTION_TOLERANCES, DTYPES, assert_close
+
+
+def _make_case(n_q, n_kv, head_dim, page, lens, dtype, device, pad="neg1", seed=0, strided_q=False):
+    """A ragged batch in a shuffled paged cache.
+
+    Every slot that no sequence owns is NaN, so a kernel that reads past a context (the tail of
+    a last, partly filled page) or follows a padding entry of the block table returns NaN.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    per_seq = [math.ceil(n / page) for n in lens]
+    width = max(per_seq) + 1  # always at least one padding entry per row
+    num_blocks = sum(per_seq) + 3  # spare blocks, never referenced
+    ids = torch.randperm(num_blocks, generator=g)  # non-contiguous, shuffled block order
+    poison = int(ids[-1])  # a spare block: all NaN
+
+    k_cache = torch.full((num_blocks, page, n_kv, head_dim), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    block_tables = torch.full((B, width), -1 if pad == "neg1" else poison, dtype=torch.int32)
+    nxt = 0
+    for b, n in enumerate(lens):
+        blocks = ids[nxt : nxt + per_seq[b]]
+        nxt += per_seq[b]
+        block_tables[b, : len(blocks)] = blocks.int()
+        for t in range(n):
+            blk, slot = int(blocks[t // page]), t % page
+            k_cache[blk, slot] = torch.randn(n_kv, head_dim, generator=g)
+            v_cache[blk, slot] = torch.randn(n_kv, head_dim, generator=g)
+
+    if strided_q:  # q sliced out of a fused qkv projection
+        qkv = torch.randn(B, (n_q + 2 * n_kv) * head_dim, generator=g).to(device, dtype)
+        q = qkv[:, : n_q * head_dim].view(B, n_q, head_dim)
+    else:
+        q = torch.randn(B, n_q, head_dim, generator=g).to(device, dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    return q, k_cache.to(device, dtype), v_cache.to(device, dtype), block_tables.to(device), context_lens.to(device)
+
+
+# (n_q, n_kv, head_dim, page, lens, partition_size)
+CASES = {
+    "mha-1tok": (2, 2, 16, 16, [1], 16),
+    "gqa2-ragged": (4, 2, 32, 8, [5, 64, 77], 32),
+    "gqa4-d64": (8, 2, 64, 16, [100, 33], 32),
+    "gqa4-d48-page4": (4, 1, 48, 4, [13, 40], 16),
+    "gqa2-d80": (6, 3, 80, 16, [50, 17, 3], 16),
+    "qwen-gqa7": (14, 2, 64, 16, [21, 70], 32),
+    "odd-page5": (2, 1, 16, 5, [9, 23], 16),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_decode_attention(case, dtype, device):
+    n_q, n_kv, d, page, lens, part = CASES[case]
+    args = _make_case(n_q, n_kv, d, page, lens, dtype, device, pad="neg1" if len(lens) % 2 else "poison")
+    scale = d**-0.5
+    out = paged_decode_attention_triton(*args, scale, partition_size=part)
+    assert torch.isfinite(out).all(), "read a slot outside the context"
+    assert_close(out, paged_decode_attention_ref(*args, scale), dtype, ATTENTION_TOLERANCES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_partition_size_and_strided_q(dtype, device):
+    # 300 tokens: two partitions of the default 256.
+    args = _make_case(4, 2, 32, 16, [300, 7], dtype, device, strided_q=True)
+    assert not args[0].is_contiguous()
+    out = paged_decode_attention_triton(*args, 0.3)
+    assert_close(out, paged_decode_attention_ref(*args, 0.3), dtype, ATTENTION_TOLERANCES)
+
+
+def test_ref_matches_per_sequence_softmax():
+    """The vectorised reference against the literal definition, one sequence at a time."""
+    n_q, n_kv, d, page, lens = 6, 2, 16, 4, [3, 9, 16, 1]
+    q, kc, vc, bt, cl = _make_case(n_q, n_kv, d, page, lens, torch.float32, "cpu", pad="poison")
+    out = paged_decode_attention_ref(q, kc, vc, bt, cl, 0.25)
+    for b, n in enumerate(lens):
+        blocks = bt[b, : math.ceil(n / page)].long()
+        k = kc[blocks].reshape(-1, n_kv, d)[:n].repeat_interleave(n_q // n_kv, dim=1)  # [n, n_q, d]
+        v = vc[blocks].reshape(-1, n_kv, d)[:n].repeat_interleave(n_q // n_kv, dim=1)
+        probs = torch.softmax(torch.einsum("hd,nhd->hn", q[b], k) * 0.25, dim=-1)
+        torch.testing.assert_close(out[b], torch.einsum("hn,nhd->hd", probs, v), atol=1e-5, rtol=1e-5)
+
+
+def test_dispatcher_uses_reference_on_cpu(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("Triton path taken for a CPU tensor")
+
+    monkeypatch.setattr(K, "paged_decode_attention_triton", boom)
+    args = _make_case(4, 2, 16, 8, [5, 20], torch.float32, "cpu")
+    assert torch.equal(K.paged_decode_attention(*args, 0.25), paged_decode_attention_ref(*args, 0.25))
+
+
+def test_bad_inputs_raise():
+    q, kc, vc, bt, cl = _make_case(4, 2, 16, 8, [5, 20], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        paged_decode_attention_triton(q, kc, vc, bt.long(), cl, 0.25)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        paged_decode_attention_triton(q, kc, vc, bt[:1], cl, 0.25)
+    with pytest.raises(ValueError, match="context_lens must be int32"):
+        paged_decode_attention_triton(q, kc, vc, bt, cl.long(), 0.25)
+    with pytest.raises(ValueError, match="head_dim mismatch"):
+        paged_decode_attention_triton(q[..., :8], kc, vc, bt, cl, 0.25)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        paged_decode_attention_triton(q[:, :3], kc, vc, bt, cl, 0.25)
+    with pytest.raises(ValueError, match="v_cache shape"):
+        paged_decode_attention_triton(q, kc, vc[:, :4], bt, cl, 0.25)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention_triton(q, kc, vc, bt, cl, 0.25, partition_size=48)
+    with pytest.raises(ValueError, match="q must be"):
+        paged_decode_attention_triton(q[0], kc, vc, bt, cl, 0.25)
