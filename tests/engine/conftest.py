@@ -51,7 +51,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tokenizer")
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|bos|>", "eos_token": {"content": "<|eos|>", "special": True},
+        "bos_token": "<|bos|>", "eos_token": "<|eos|>",
         "add_bos_token": True, "chat_template": CHAT_TEMPLATE}))
     return d
 

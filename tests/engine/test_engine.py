@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.engine.conftest import PROMPTS
+from .conftest import PROMPTS
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 

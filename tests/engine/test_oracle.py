@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.engine.conftest import PROMPTS, hf_greedy
+from .conftest import PROMPTS, hf_greedy
 
 LONG = " ".join(PROMPTS)  # ~100 tokens: positions well past llama3's original_max (32)
 ALL = ["llama", "qwen2", "llama3", "tied", "sharded", "mistral"]
