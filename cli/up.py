@@ -1,0 +1,236 @@
+"""`strata up`: start NATS and every service as its own OS process, and keep them running.
+
+Each child runs in its own process group and dies with the supervisor (PR_SET_PDEATHSIG), so neither
+Ctrl-C nor SIGTERM nor a killed supervisor leaves an orphan behind. A child that crashes is restarted
+with exponential back-off. Output lines are prefixed with the child's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from cli import natsd
+from shared.config import DEFAULT_PORTS, SERVICES, env_name, node_id
+
+PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 10.0
+BACKOFF_START_S, BACKOFF_MAX_S, STABLE_AFTER_S = 0.5, 30.0, 60.0
+COLOURS = ["36", "32", "33", "35", "34", "31", "96", "92"]
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health_url: str
+    colour: str
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@dataclass
+class UpOptions:
+    data_dir: Path
+    nats_url: str | None = None
+    nats_port: int = 4222
+    nats_monitor_port: int = 8222
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=dict)
+    services: tuple[str, ...] = SERVICES
+    wait_timeout_s: float = 30.0
+
+
+class Supervisor:
+    def __init__(self, options: UpOptions) -> None:
+        self.options = options
+        self.stopping = asyncio.Event()
+        self.children: list[Child] = []
+        self.tty = sys.stdout.isatty()
+
+    # -- output ------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def _prefix(self, child: Child) -> str:
+        label = f"{child.name:<18}|"
+        return f"\033[{child.colour}m{label}\033[0m " if self.tty else f"{label} "
+
+    async def _pump(self, child: Child, stream: asyncio.StreamReader) -> None:
+        prefix = self._prefix(child)
+        while line := await stream.readline():
+            sys.stdout.write(prefix + line.decode(errors="replace"))
+            sys.stdout.flush()
+
+    # -- children ----------------------------------------------------------------------------
+    async def _spawn(self, child: Child) -> None:
+        child.process = await asyncio.create_subprocess_exec(
+            *child.argv, env=child.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent,
+        )
+        child.started_at = time.monotonic()
+        assert child.process.stdout is not None
+        child.tasks.append(asyncio.create_task(self._pump(child, child.process.stdout)))
+
+    async def _keep_alive(self, child: Child) -> None:
+        backoff = BACKOFF_START_S
+        while not self.stopping.is_set():
+            await self._spawn(child)
+            assert child.process is not None
+            code = await child.process.wait()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - child.started_at > STABLE_AFTER_S:
+                backoff = BACKOFF_START_S
+            child.restarts += 1
+            self.say(f"{self._prefix(child)}exited with code {code}; restarting in {backoff:.1f}s (restart {child.restarts})")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _add(self, name: str, argv: list[str], env: dict[str, str], health_url: str) -> Child:
+        child = Child(name, argv, env, health_url, COLOURS[len(self.children) % len(COLOURS)])
+        self.children.append(child)
+        child.tasks.append(asyncio.create_task(self._keep_alive(child)))
+        return child
+
+    async def _stop_all(self) -> None:
+        self.stopping.set()
+        for child in reversed(self.children):  # services first, NATS last
+            proc = child.process
+            if proc is None or proc.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                self.say(f"{self._prefix(child)}did not stop in {STOP_GRACE_S:.0f}s; killing")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        for child in self.children:
+            for task in child.tasks:
+                task.cancel()
+            await asyncio.gather(*child.tasks, return_exceptions=True)
+
+    # -- health ------------------------------------------------------------------------------
+    async def _wait_healthy(self, children: list[Child], timeout_s: float) -> list[Child]:
+        """Returns the children still unhealthy when the time is up (empty when all are healthy)."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(children)
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while pending and time.monotonic() < deadline and not self.stopping.is_set():
+                for child in list(pending):
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(child.health_url)).status_code == 200:
+                            pending.remove(child)
+                if pending:
+                    await asyncio.sleep(0.2)
+        return pending
+
+    # -- the whole run -----------------------------------------------------------------------
+    def _check_ports(self) -> str | None:
+        wanted = {name: self.options.ports.get(name, DEFAULT_PORTS[name]) for name in self.options.services}
+        if self.options.nats_url is None:
+            wanted = {"nats": self.options.nats_port, "nats monitoring": self.options.nats_monitor_port, **wanted}
+        for name, port in wanted.items():
+            if natsd.port_in_use(port, self.options.host):
+                flag = {"nats": "--nats-port", "nats monitoring": "--nats-monitor-port"}.get(name, f"--port {name}=PORT")
+                return f"port {port} for {name} is already in use; free it or choose another with {flag}"
+        return None
+
+    async def run(self) -> int:
+        opts = self.options
+        if problem := self._check_ports():
+            self.say(f"strata up: {problem}")
+            return 2
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+        node = node_id(opts.data_dir)
+        started = time.monotonic()
+        try:
+            nats_url = opts.nats_url or await self._start_nats()
+            if nats_url is None:
+                return 1
+            self._start_services(nats_url, node)
+            services = [c for c in self.children if c.name != "nats"]
+            unhealthy = await self._wait_healthy(services, opts.wait_timeout_s)
+            if self.stopping.is_set():
+                return 0
+            if unhealthy:
+                self.say(f"strata up: not healthy after {opts.wait_timeout_s:.0f}s: {', '.join(c.name for c in unhealthy)}")
+                return 1
+            self._print_endpoints(nats_url, node, time.monotonic() - started)
+            await self.stopping.wait()
+            return 0
+        finally:
+            self.say("strata up: stopping")
+            await self._stop_all()
+            self.say("strata up: stopped")
+
+    async def _start_nats(self) -> str | None:
+        opts = self.options
+        store = opts.data_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        log_file = store / "nats-server.log"
+        try:
+            argv = natsd.argv(opts.nats_port, store, monitor_port=opts.nats_monitor_port, host=opts.host)
+            argv += ["--log", str(log_file)]  # its start-up banner would drown the services' lines
+        except natsd.NatsServerNotFound as exc:
+            self.say(f"strata up: {exc}")
+            return None
+        health = f"http://{opts.host}:{opts.nats_monitor_port}/healthz?js-enabled-only=true"
+        nats = self._add("nats", argv, dict(os.environ), health)
+        if await self._wait_healthy([nats], 15.0):
+            self.say(f"strata up: nats-server did not become healthy in 15s; see {log_file}")
+            return None
+        return f"nats://{opts.host}:{opts.nats_port}"
+
+    def _start_services(self, nats_url: str, node: str) -> None:
+        opts = self.options
+        for name in opts.services:
+            port = opts.ports.get(name, DEFAULT_PORTS[name])
+            env = {
+                **os.environ,
+                "STRATA_NATS_URL": nats_url,
+                "STRATA_DATA_DIR": str(opts.data_dir.resolve()),
+                "STRATA_NODE_ID": node,
+                "STRATA_HTTP_HOST": opts.host,
+                env_name(name, "port"): str(port),
+                "PYTHONUNBUFFERED": "1",
+            }
+            argv = [sys.executable, "-m", "cli.main", "serve", name]
+            self._add(name, argv, env, f"http://{opts.host}:{port}/healthz")
+
+    def _print_endpoints(self, nats_url: str, node: str, seconds: float) -> None:
+        lines = [f"Strata is up in {seconds:.1f}s on node {node} (data dir {self.options.data_dir})", f"  {'nats':<20}{nats_url}"]
+        for child in self.children:
+            if child.name != "nats":
+                base = child.health_url.removesuffix("/healthz")
+                lines.append(f"  {child.name:<20}{base}  (API docs {base}/docs)")
+        lines.append("Press Ctrl-C to stop.")
+        self.say("\n".join(lines))
+
+
+def up(options: UpOptions) -> int:
+    return asyncio.run(Supervisor(options).run())

@@ -1,0 +1,225 @@
+"""The event backbone: JetStream streams, publishing events, and durable consumers that never drop one.
+
+A consumer acknowledges an event only after its handler returned. A handler that raises gets the
+event again (with back-off) up to ``max_deliver`` times; after that, and at once for bytes that are
+not a valid event, the message goes to the ``DEADLETTER`` stream with the reason, and the consumer
+carries on with the next event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from faststream.middlewares import AckPolicy
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats.annotations import NatsMessage
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from shared import subjects
+from shared.events import DeadLetter, Event, EventData, MalformedEvent, make_event, parse_event
+
+log = logging.getLogger(__name__)
+
+MAX_DELIVER = 5
+DUPLICATE_WINDOW_S = 120.0
+STREAM_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
+
+
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[subjects.EVENTS_ALL],
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=subjects.DEADLETTER_STREAM,
+            subjects=[subjects.DEADLETTER_ALL],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the streams, or bring an existing stream's config up to date. Safe to call any time."""
+    for config in stream_configs(replicas):
+        try:
+            await js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code != STREAM_IN_USE:
+                raise
+            await js.update_stream(config)
+
+
+def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
+    """A FastStream broker that reconnects forever and carries the trace context in NATS headers."""
+    bus_log = logging.getLogger(f"strata.bus.{client_name}")
+    bus_log.setLevel(os.environ.get("STRATA_BUS_LOG_LEVEL", "WARNING").upper())
+    return NatsBroker(
+        nats_url,
+        name=client_name,
+        logger=bus_log,
+        log_level=logging.DEBUG,  # one line per message is too much for a service at thousands of events/s
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        middlewares=[NatsTelemetryMiddleware()],
+        **options,
+    )
+
+
+async def publish(broker: NatsBroker, event: Event[Any]) -> PubAck | None:
+    """Publish an event. Persistent events get a PubAck from JetStream (``duplicate`` set when the
+    event id was already stored); live telemetry goes through core NATS and returns None."""
+    persistent = EventData.registry[event.type].PERSISTENT
+    return await broker.publish(
+        event.to_bytes(),
+        event.subject,
+        headers={"Nats-Msg-Id": event.id, "content-type": "application/json"},
+        stream=subjects.EVENTS_STREAM if persistent else None,
+    )
+
+
+Handler = Callable[[Event[Any]], Awaitable[None]]
+D = TypeVar("D", bound=EventData)
+
+
+@dataclass
+class ConsumerStats:
+    handled: int = 0
+    ignored: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)
+
+
+class _RecentIds:
+    """Event ids handled lately: a redelivery after a lost ack is not handled twice."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+
+@dataclass
+class EventConsumer:
+    """A service's durable pull consumer on the EVENTS stream, dispatching by event type."""
+
+    service: str
+    durable: str
+    filter_subject: str = subjects.EVENTS_ALL
+    max_deliver: int = MAX_DELIVER
+    ack_wait_s: float = 30.0
+    retry_delay_s: float = 0.2
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    fallback: Handler | None = None
+    stats: ConsumerStats = field(default_factory=ConsumerStats)
+    _recent: _RecentIds = field(default_factory=_RecentIds)
+
+    def on(self, data_cls: type[D]) -> Callable[[Callable[[Event[D]], Awaitable[None]]], Handler]:
+        """Register the handler for one event type: ``@consumer.on(DeployRequested)``."""
+
+        def register(handler: Handler) -> Handler:
+            if data_cls.TYPE in self.handlers:
+                raise ValueError(f"{self.service} already handles {data_cls.TYPE}")
+            self.handlers[data_cls.TYPE] = handler
+            return handler
+
+        return register
+
+    def on_any(self, handler: Handler) -> Handler:
+        """The handler for every event type that has no handler of its own (the ledger, the monitor)."""
+        self.fallback = handler
+        return handler
+
+    def attach(self, broker: NatsBroker) -> None:
+        broker.subscriber(
+            self.filter_subject,
+            stream=JStream(subjects.EVENTS_STREAM, declare=False),
+            durable=self.durable,
+            pull_sub=PullSub(batch_size=32, timeout=1.0),
+            config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s),
+            ack_policy=AckPolicy.MANUAL,
+            title=f"{self.service}:events",
+            description=f"{self.service} reacts to {'every event' if self.fallback else ', '.join(sorted(self.handlers))}",
+        )(self._receive)
+        self._broker = broker
+
+    async def _receive(self, msg: NatsMessage) -> None:
+        raw = msg.raw_message
+        deliveries = raw.metadata.num_delivered
+        try:
+            event = parse_event(raw.data, raw.subject)
+        except MalformedEvent as exc:
+            await self._dead_letter(raw, str(exc), deliveries, None)
+            await msg.reject()
+            return
+        handler = self.handlers.get(event.type, self.fallback)
+        if handler is None or event.id in self._recent:
+            self.stats.ignored += 1
+            await msg.ack()
+            return
+        try:
+            await handler(event)
+        except Exception as exc:  # any handler failure is retried, then dead-lettered: never lost
+            reason = f"{type(exc).__name__}: {exc}"
+            if deliveries >= self.max_deliver:
+                log.error("%s: %s %s failed %d times, dead-lettered: %s", self.service, event.type, event.id, deliveries, reason)
+                await self._dead_letter(raw, f"handler failed {deliveries} times: {reason}", deliveries, event.id)
+                await msg.reject()
+            else:
+                log.warning("%s: %s %s failed (delivery %d/%d): %s", self.service, event.type, event.id, deliveries, self.max_deliver, reason)
+                self.stats.retried += 1
+                await msg.nack(delay=self.retry_delay_s * 2 ** (deliveries - 1))
+            return
+        self._recent.add(event.id)
+        self.stats.handled += 1
+        self.stats.by_type[event.type] += 1
+        await msg.ack()
+
+    async def _dead_letter(self, raw: Any, reason: str, deliveries: int, event_id: str | None) -> None:
+        record = DeadLetter(
+            service=self.service,
+            consumer=self.durable,
+            subject=raw.subject,
+            reason=reason,
+            deliveries=deliveries,
+            event_id=event_id,
+            payload=raw.data.decode("utf-8", errors="replace"),
+            headers={k: v for k, v in (raw.headers or {}).items() if isinstance(v, str)},
+        )
+        # Published to JetStream and confirmed before the original is rejected: nothing is lost.
+        await self._broker.publish(
+            record.model_dump_json().encode(),
+            subjects.dead_letter(self.service),
+            stream=subjects.DEADLETTER_STREAM,
+        )
+        self.stats.dead_lettered += 1
+
+
+__all__ = [
+    "EventConsumer",
+    "ensure_streams",
+    "make_broker",
+    "make_event",
+    "publish",
+    "stream_configs",
+]

@@ -1,0 +1,370 @@
+"""Every event Strata publishes: the versioned envelope and the typed payload of each event type.
+
+This is the one definition of the event contracts. An event of type ``model.registered`` travels
+on the subject ``evt.model.registered`` and is kept in the JetStream stream ``EVENTS``. Live telemetry
+(heartbeats) travels on ``live.<type>`` through core NATS only: it is not history worth keeping, and
+the ledger would otherwise log a heartbeat from every node every few seconds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared import subjects
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class EventData(BaseModel):
+    """Base of every payload. A subclass names its event ``TYPE`` and schema ``VERSION``."""
+
+    # Unknown fields are ignored so that an older consumer still reads a newer producer's event.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    PERSISTENT: ClassVar[bool] = True
+    registry: ClassVar[dict[str, type[EventData]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "TYPE" in cls.__dict__:
+            if cls.TYPE in EventData.registry:
+                raise TypeError(f"event type {cls.TYPE!r} is defined twice")
+            EventData.registry[cls.TYPE] = cls
+
+    @classmethod
+    def subject(cls) -> str:
+        return subjects.event(cls.TYPE, persistent=cls.PERSISTENT)
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    service: str
+    node: str
+
+
+D = TypeVar("D", bound=EventData)
+
+
+class Event(BaseModel, Generic[D]):
+    """The envelope. ``id`` also travels as ``Nats-Msg-Id`` so JetStream stores it once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    type: str
+    source: Source
+    time: datetime = Field(default_factory=utcnow)
+    version: int = Field(ge=1)
+    data: D
+
+    @property
+    def subject(self) -> str:
+        data_cls = EventData.registry.get(self.type)
+        return subjects.event(self.type, persistent=data_cls.PERSISTENT if data_cls else True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def make_event(data: D, source: Source, *, event_id: str | None = None) -> Event[D]:
+    return Event[type(data)](  # type: ignore[misc]
+        id=event_id or new_id(), type=data.TYPE, source=source, version=data.VERSION, data=data
+    )
+
+
+class MalformedEvent(ValueError):
+    """Bytes that are not a valid event. The message says exactly why, for the dead-letter record."""
+
+
+class _RawEnvelope(Event[Any]):
+    data: dict[str, Any]
+
+
+def parse_event(raw: bytes, subject: str | None = None) -> Event[EventData]:
+    """Parse and validate an event, checking that it arrived on its own subject."""
+    try:
+        envelope = _RawEnvelope.model_validate_json(raw)
+    except ValidationError as exc:
+        raise MalformedEvent(f"invalid envelope: {_errors(exc)}") from None
+    data_cls = EventData.registry.get(envelope.type)
+    if data_cls is None:
+        raise MalformedEvent(f"unknown event type {envelope.type!r}")
+    if envelope.version > data_cls.VERSION:
+        raise MalformedEvent(
+            f"{envelope.type} schema version {envelope.version} is newer than this service "
+            f"understands ({data_cls.VERSION})"
+        )
+    if subject is not None and subject != envelope.subject:
+        raise MalformedEvent(f"event of type {envelope.type!r} arrived on subject {subject!r}")
+    try:
+        data = data_cls.model_validate(envelope.data)
+    except ValidationError as exc:
+        raise MalformedEvent(f"invalid {envelope.type} data: {_errors(exc)}") from None
+    return Event[data_cls](**{**envelope.model_dump(exclude={"data"}), "data": data})  # type: ignore[valid-type]
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]
+    )
+
+
+class DeadLetter(BaseModel):
+    """What a consumer could not process, kept in the ``DEADLETTER`` stream with the reason."""
+
+    service: str
+    consumer: str
+    subject: str
+    reason: str
+    deliveries: int
+    event_id: str | None = None
+    payload: str = Field(description="the original bytes, decoded as UTF-8 with replacement")
+    headers: dict[str, str] = {}
+    time: datetime = Field(default_factory=utcnow)
+
+
+# ---------------------------------------------------------------------------------------------
+# Payloads. Shared value types first, then one class per event type, grouped by owning service.
+# ---------------------------------------------------------------------------------------------
+
+DeviceKind = Literal["cpu", "cuda"]
+
+
+class DeviceInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    id: str = Field(description="e.g. 'cpu' or 'cuda:0'")
+    kind: DeviceKind
+    name: str
+    memory_total: int = Field(ge=0, description="bytes")
+    memory_free: int = Field(ge=0, description="bytes")
+    uuid: str | None = None
+    compute_capability: str | None = None
+    driver: str | None = None
+
+
+class ModelId(BaseModel):
+    """A resolved model version. The manifest digest is its identity."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    version: int = Field(ge=1)
+    digest: str
+
+
+# hardware-inventory ---------------------------------------------------------------------------
+class NodeRegistered(EventData):
+    TYPE = "node.registered"
+    node_id: str
+    hostname: str
+    cpu_model: str
+    cpu_cores: int = Field(ge=1)
+    ram_total: int = Field(ge=0)
+    devices: list[DeviceInfo] = []
+    labels: dict[str, str] = {}
+
+
+class NodeHeartbeat(EventData):
+    TYPE = "node.heartbeat"
+    PERSISTENT = False
+    node_id: str
+    ram_free: int = Field(ge=0)
+    devices: list[DeviceInfo] = []
+    utilisation: dict[str, float] = {}
+    loaded_models: list[str] = []
+
+
+class NodeLost(EventData):
+    TYPE = "node.lost"
+    node_id: str
+    last_seen: datetime
+    missed_beats: int = Field(ge=1)
+
+
+class NodeReturned(EventData):
+    TYPE = "node.returned"
+    node_id: str
+
+
+class DeployScheduled(EventData):
+    TYPE = "deploy.scheduled"
+    deployment_id: str
+    model: ModelId
+    node_id: str
+    device: str
+    predicted_bytes: int = Field(ge=0)
+    context_length: int = Field(ge=1)
+
+
+class DeployRejected(EventData):
+    TYPE = "deploy.rejected"
+    deployment_id: str
+    model_ref: str
+    reason: str
+
+
+# clients (CLI, gateway, users) ----------------------------------------------------------------
+class DeployRequested(EventData):
+    TYPE = "deploy.requested"
+    deployment_id: str = Field(default_factory=new_id)
+    model_ref: str = Field(min_length=1, description="NAME, NAME:VERSION or NAME@ALIAS")
+    replicas: int = Field(default=1, ge=1, le=64)
+    constraints: dict[str, str] = {}
+    context_length: int | None = Field(default=None, ge=1)
+
+
+class UndeployRequested(EventData):
+    TYPE = "deploy.undeploy_requested"
+    model_ref: str = Field(min_length=1)
+    deployment_id: str | None = None
+
+
+# inference-worker -----------------------------------------------------------------------------
+class DeployLoading(EventData):
+    TYPE = "deploy.loading"
+    deployment_id: str
+    model: ModelId
+    node_id: str
+    device: str
+
+
+class MeasuredMemory(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    weights: int = Field(ge=0)
+    kv_cache: int = Field(ge=0)
+    peak: int = Field(ge=0)
+
+
+class DeployReady(EventData):
+    TYPE = "deploy.ready"
+    deployment_id: str
+    model: ModelId
+    node_id: str
+    device: str
+    measured: MeasuredMemory
+    load_seconds: float = Field(ge=0)
+
+
+class DeployFailed(EventData):
+    TYPE = "deploy.failed"
+    deployment_id: str
+    model: ModelId | None = None
+    node_id: str
+    reason: str
+
+
+class DeployUnloaded(EventData):
+    TYPE = "deploy.unloaded"
+    deployment_id: str
+    model: ModelId
+    node_id: str
+
+
+class InferenceCompleted(EventData):
+    TYPE = "inference.completed"
+    request_id: str
+    trace_id: str | None = None
+    model: ModelId
+    deployment_id: str
+    node_id: str
+    device: str
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    queue_seconds: float = Field(ge=0)
+    time_to_first_token_seconds: float = Field(ge=0)
+    time_per_output_token_seconds: float = Field(ge=0)
+    e2e_seconds: float = Field(ge=0)
+    finish_reason: str
+    prompt_sha256: str
+    output_sha256: str
+
+
+class InferenceFailed(EventData):
+    TYPE = "inference.failed"
+    request_id: str
+    trace_id: str | None = None
+    model_ref: str
+    node_id: str | None = None
+    reason: str
+    e2e_seconds: float = Field(default=0, ge=0)
+
+
+# model-store ----------------------------------------------------------------------------------
+class DatasetRegistered(EventData):
+    TYPE = "dataset.registered"
+    name: str
+    digest: str
+    files: dict[str, str] = Field(description="path -> sha256")
+    source: str | None = None
+    license: str | None = None
+
+
+class ModelRegistered(EventData):
+    TYPE = "model.registered"
+    model: ModelId
+    architecture: str
+    parameters: int = Field(ge=0)
+    datasets: list[str] = Field(default=[], description="dataset digests (lineage)")
+    training_record: str | None = Field(default=None, description="digest of the training record")
+    license: str | None = None
+
+
+class ModelSigned(EventData):
+    TYPE = "model.signed"
+    model: ModelId
+    key_id: str
+
+
+class ModelAliased(EventData):
+    TYPE = "model.aliased"
+    model: ModelId
+    alias: str
+    previous_version: int | None = None
+
+
+class ModelDeleted(EventData):
+    TYPE = "model.deleted"
+    model: ModelId
+
+
+# provenance-ledger ----------------------------------------------------------------------------
+class LedgerCheckpoint(EventData):
+    TYPE = "ledger.checkpoint"
+    tree_size: int = Field(ge=0)
+    root_hash: str
+    signature: str
+    key_id: str
+    signed_at: datetime
+
+
+class TamperDetected(EventData):
+    TYPE = "ledger.tamper_detected"
+    index: int = Field(ge=0)
+    reason: str
+
+
+# monitor --------------------------------------------------------------------------------------
+class AlertFiring(EventData):
+    TYPE = "alert.firing"
+    rule: str
+    severity: Literal["info", "warning", "critical"]
+    summary: str
+    labels: dict[str, str] = {}
+    value: float | None = None
+
+
+class AlertResolved(EventData):
+    TYPE = "alert.resolved"
+    rule: str
+    labels: dict[str, str] = {}

@@ -1,0 +1,157 @@
+"""What every Strata service process is: a FastStream NATS broker and a FastAPI HTTP app that share
+one lifespan, a health check on both (``rpc.<service>.health`` and ``GET /healthz``), and helpers to
+publish events and to consume them durably."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Literal
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from shared import bus, subjects
+from shared.config import SERVICES, Settings, module_name
+from shared.events import Event, EventData, Source, make_event
+from shared.telemetry import setup_tracing
+
+VERSION = "0.1.0"
+Hook = Callable[[], Awaitable[None]]
+
+
+class ConsumerHealth(BaseModel):
+    durable: str
+    filter_subject: str
+    handled: int
+    ignored: int
+    retried: int
+    dead_lettered: int
+    by_type: dict[str, int]
+
+
+class Health(BaseModel):
+    service: str
+    node: str
+    version: str
+    status: Literal["ok", "starting", "degraded"]
+    nats_connected: bool
+    uptime_s: float
+    consumer: ConsumerHealth | None = None
+
+
+class Service:
+    def __init__(self, name: str, settings: Settings | None = None, *, description: str = "") -> None:
+        self.name = name
+        self.settings = settings or Settings.from_env(name)
+        self.source = Source(service=name, node=self.settings.node_id)
+        setup_tracing(name, self.settings.node_id)
+        self.broker = bus.make_broker(self.settings.nats_url, f"strata-{name}@{self.settings.node_id}")
+        self.http = FastAPI(title=f"Strata {name}", version=VERSION, description=description, lifespan=self._lifespan)
+        self.consumer: bus.EventConsumer | None = None
+        self.ready = False
+        self._started = time.monotonic()
+        self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
+        self.http.get("/healthz", response_model=Health, tags=["health"])(self._health_http)
+        self.broker.subscriber(subjects.rpc(name, "health"), queue=name, title=f"{name}:health")(self._health_rpc)
+
+    # -- events ------------------------------------------------------------------------------
+    def consume(self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any) -> bus.EventConsumer:
+        """This service's durable consumer. Register handlers on it with ``@consumer.on(EventType)``."""
+        if self.consumer is not None:
+            raise RuntimeError(f"{self.name} already has a consumer")
+        self.consumer = bus.EventConsumer(service=self.name, durable=durable or self.name, filter_subject=filter_subject, **options)
+        return self.consumer
+
+    async def log_event(self, event: Event[Any]) -> None:
+        """Seen and acknowledged; for reactions whose real behaviour another issue brings."""
+        logging.getLogger(self.name).debug("received %s %s from %s", event.type, event.id, event.source.service)
+
+    async def publish(self, data: EventData, *, event_id: str | None = None) -> Event[Any]:
+        event = make_event(data, self.source, event_id=event_id)
+        await bus.publish(self.broker, event)
+        return event
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def on_start(self, hook: Hook) -> Hook:
+        self._on_start.append(hook)
+        return hook
+
+    def on_stop(self, hook: Hook) -> Hook:
+        self._on_stop.append(hook)
+        return hook
+
+    def running(self) -> AbstractAsyncContextManager[None]:
+        """The service connected and consuming, without HTTP: ``async with service.running(): ...``."""
+        return self._lifespan(self.http)
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        if self.consumer is not None:
+            self.consumer.attach(self.broker)  # subscribers must exist before the broker starts
+        await self.broker.connect()
+        await bus.ensure_streams(self.broker.connection.jetstream())
+        await self.broker.start()
+        for hook in self._on_start:
+            await hook()
+        self.ready = True
+        try:
+            yield
+        finally:
+            self.ready = False
+            for hook in reversed(self._on_stop):
+                await hook()
+            await self.broker.stop()
+
+    # -- health ------------------------------------------------------------------------------
+    def health(self) -> Health:
+        connected = self.ready and self.broker.connection.is_connected
+        consumer = None
+        if self.consumer is not None:
+            c, s = self.consumer, self.consumer.stats
+            consumer = ConsumerHealth(
+                durable=c.durable, filter_subject=c.filter_subject, handled=s.handled, ignored=s.ignored,
+                retried=s.retried, dead_lettered=s.dead_lettered, by_type=dict(s.by_type),
+            )
+        status = "starting" if not self.ready else "ok" if connected else "degraded"
+        return Health(
+            service=self.name, node=self.settings.node_id, version=VERSION, status=status,
+            nats_connected=connected, uptime_s=round(time.monotonic() - self._started, 3), consumer=consumer,
+        )
+
+    async def _health_http(self) -> JSONResponse:
+        health = self.health()
+        return JSONResponse(health.model_dump(mode="json"), status_code=200 if health.status == "ok" else 503)
+
+    async def _health_rpc(self) -> dict[str, Any]:
+        return self.health().model_dump(mode="json")
+
+
+def run(service: Service) -> None:
+    """Serve a service until SIGINT/SIGTERM (uvicorn handles both and runs the lifespan's shutdown)."""
+    logging.basicConfig(
+        level=os.environ.get("STRATA_LOG_LEVEL", "INFO").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    config = uvicorn.Config(
+        service.http, host=service.settings.http_host, port=service.settings.http_port,
+        log_level="warning", access_log=False, lifespan="on",
+    )
+    asyncio.run(uvicorn.Server(config).serve())
+
+
+def load(service_name: str, settings: Settings | None = None) -> Service:
+    if service_name not in SERVICES:
+        raise ValueError(f"unknown service {service_name!r}; choose from {', '.join(SERVICES)}")
+    """Build a service by name from ``services/<name>/entrypoints/app.py:create_service``."""
+    module = importlib.import_module(f"{module_name(service_name)}.entrypoints.app")
+    return module.create_service(settings)
+

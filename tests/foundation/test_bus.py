@@ -1,0 +1,189 @@
+"""The event backbone against a real nats-server: streams, duplicates, redelivery, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+from opentelemetry import trace
+
+from shared import bus, subjects
+from shared.config import Settings
+from shared.events import DeadLetter, DeployRequested, Event, Source, make_event, parse_event
+from shared.service import Service
+
+SOURCE = Source(service="tests", node="node-t")
+
+
+def make_service(nats_url: str, tmp_path: Path, name: str = "hardware-inventory") -> Service:
+    settings = Settings(service=name, nats_url=nats_url, data_dir=tmp_path, node_id="node-t", http_port=0)
+    return Service(name, settings)
+
+
+async def eventually(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def dead_letters(js) -> list[DeadLetter]:
+    info = await js.stream_info(subjects.DEADLETTER_STREAM)
+    return [
+        DeadLetter.model_validate_json((await js.get_msg(subjects.DEADLETTER_STREAM, seq)).data)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1)
+        if info.state.messages
+    ]
+
+
+@pytest.fixture
+async def js(nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    yield js
+    await nc.close()
+
+
+async def test_envelope_round_trip_through_jetstream_with_msg_id_and_trace_context(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    async with service.running():
+        with trace.get_tracer("tests").start_as_current_span("request") as span:
+            event = await service.publish(DeployRequested(model_ref="tiny@prod", replicas=2))
+    stored = await js.get_msg(subjects.EVENTS_STREAM, 1)
+    assert stored.subject == "evt.deploy.requested"
+    assert parse_event(stored.data, stored.subject) == event
+    assert stored.headers["Nats-Msg-Id"] == event.id
+    trace_id = stored.headers["traceparent"].split("-")[1]
+    assert trace_id == format(span.get_span_context().trace_id, "032x")
+
+
+async def test_a_duplicate_publish_is_stored_once(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    event = make_event(DeployRequested(model_ref="tiny"), SOURCE)
+    async with service.running():
+        first = await bus.publish(service.broker, event)
+        again = await bus.publish(service.broker, event)
+    assert not first.duplicate and again.duplicate and again.seq == first.seq
+    assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == 1
+
+
+async def test_ensure_streams_is_idempotent_and_repairs_a_changed_config(js):
+    await js.update_stream(StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL], duplicate_window=1.0))
+    await bus.ensure_streams(js)
+    await bus.ensure_streams(js)
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    assert info.config.duplicate_window == bus.DUPLICATE_WINDOW_S
+    assert info.config.storage == "file"
+
+
+async def test_malformed_events_are_dead_lettered_with_reason_and_consuming_goes_on(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    seen: list[Event] = []
+    service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record(seen, e))
+    good = make_event(DeployRequested(model_ref="tiny"), SOURCE)
+    async with service.running():
+        await js.publish("evt.deploy.requested", b"\x00\xffnot json", headers={"Nats-Msg-Id": "garbage-1"})
+        bad_data = json.loads(good.to_bytes())
+        bad_data["data"]["replicas"] = -3
+        bad_data["id"] = "bad-data-1"
+        await js.publish("evt.deploy.requested", json.dumps(bad_data).encode())
+        await js.publish("evt.deploy.requested", good.to_bytes())
+        await eventually(lambda: seen, what="the valid event")
+        await eventually(lambda: service.consumer.stats.dead_lettered == 2, what="two dead letters")
+    assert seen == ["tiny"]
+    letters = await dead_letters(js)
+    assert [letter.subject for letter in letters] == ["evt.deploy.requested"] * 2
+    assert letters[0].reason.startswith("invalid envelope") and letters[0].service == "hardware-inventory"
+    assert "data.replicas" not in letters[1].reason and "replicas" in letters[1].reason
+    assert letters[1].payload == json.dumps(bad_data)  # the original bytes are kept, nothing lost
+    assert all(letter.deliveries == 1 for letter in letters)  # garbage is not retried
+
+
+async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lettered(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    attempts: dict[str, int] = {}
+    poison = make_event(DeployRequested(model_ref="poison"), SOURCE)
+    after = make_event(DeployRequested(model_ref="fine"), SOURCE)
+
+    async def handler(event: Event) -> None:
+        attempts[event.data.model_ref] = attempts.get(event.data.model_ref, 0) + 1
+        if event.data.model_ref == "poison":
+            raise RuntimeError("cannot place model 'poison'")
+
+    service.consume("evt.deploy.>", max_deliver=3, retry_delay_s=0.05).on(DeployRequested)(handler)
+    async with service.running():
+        await bus.publish(service.broker, poison)
+        await bus.publish(service.broker, after)
+        await eventually(lambda: service.consumer.stats.dead_lettered == 1 and "fine" in attempts, what="dead letter")
+        await asyncio.sleep(0.3)  # a fourth delivery would show up here
+    assert attempts == {"poison": 3, "fine": 1}
+    [letter] = await dead_letters(js)
+    assert letter.event_id == poison.id and letter.deliveries == 3
+    assert letter.reason == "handler failed 3 times: RuntimeError: cannot place model 'poison'"
+    assert service.consumer.stats.retried == 2
+
+
+async def test_a_transient_failure_is_retried_and_then_handled_once(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    calls: list[int] = []
+
+    async def flaky(event: Event) -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("store briefly unavailable")
+
+    service.consume("evt.deploy.>", retry_delay_s=0.05).on(DeployRequested)(flaky)
+    async with service.running():
+        await bus.publish(service.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
+        await eventually(lambda: service.consumer.stats.handled == 1, what="handled")
+    assert len(calls) == 3
+    assert service.consumer.stats.dead_lettered == 0
+    assert await dead_letters(js) == []
+
+
+async def test_the_consumer_is_durable_across_a_service_restart(nats_server, tmp_path, js):
+    seen: list[str] = []
+    first = make_service(nats_server.url, tmp_path)
+    first.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record(seen, e))
+    async with first.running():
+        await bus.publish(first.broker, make_event(DeployRequested(model_ref="one"), SOURCE))
+        await eventually(lambda: len(seen) == 1)
+    # Published while the service is down: the durable consumer delivers it after the restart.
+    await js.publish("evt.deploy.requested", make_event(DeployRequested(model_ref="two"), SOURCE).to_bytes())
+    second = make_service(nats_server.url, tmp_path)
+    second.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record(seen, e))
+    async with second.running():
+        await eventually(lambda: len(seen) == 2, what="the event published while down")
+    assert seen == ["one", "two"]
+
+
+async def test_other_event_types_under_the_filter_are_acknowledged_not_retried(nats_server, tmp_path, js):
+    from shared.events import DeployRejected
+
+    service = make_service(nats_server.url, tmp_path)
+    service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record([], e))
+    async with service.running():
+        await bus.publish(service.broker, make_event(DeployRejected(deployment_id="d", model_ref="m", reason="no fit"), SOURCE))
+        await eventually(lambda: service.consumer.stats.ignored == 1)
+        info = await js.consumer_info(subjects.EVENTS_STREAM, "hardware-inventory")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_health_answers_over_nats_rpc(nats_server, tmp_path):
+    service = make_service(nats_server.url, tmp_path, name="model-store")
+    async with service.running():
+        nc = await nats.connect(nats_server.url)
+        reply = await nc.request(subjects.rpc("model-store", "health"), b"", timeout=5)
+        await nc.close()
+    health = json.loads(reply.data)
+    assert health["service"] == "model-store" and health["status"] == "ok" and health["nats_connected"] is True
+
+
+async def _record(seen: list, event: Event) -> None:
+    seen.append(event.data.model_ref if hasattr(event.data, "model_ref") else event)

@@ -1,0 +1,77 @@
+"""The envelope and event schemas, without NATS."""
+
+import json
+
+import pytest
+
+from shared.events import (
+    DeployRequested,
+    Event,
+    EventData,
+    MalformedEvent,
+    ModelId,
+    ModelRegistered,
+    NodeHeartbeat,
+    Source,
+    make_event,
+    parse_event,
+)
+
+SOURCE = Source(service="model-store", node="node-a")
+
+
+def registered() -> Event[ModelRegistered]:
+    model = ModelId(name="tiny", version=3, digest="sha256:" + "ab" * 32)
+    return make_event(ModelRegistered(model=model, architecture="LlamaForCausalLM", parameters=1234, datasets=["sha256:cd"]), SOURCE)
+
+
+def test_envelope_round_trip_keeps_every_field_and_the_typed_data():
+    event = registered()
+    parsed = parse_event(event.to_bytes(), "evt.model.registered")
+    assert parsed == event
+    assert isinstance(parsed.data, ModelRegistered)
+    assert parsed.data.model.version == 3
+    assert parsed.version == ModelRegistered.VERSION and parsed.type == "model.registered"
+    assert parsed.source == SOURCE and parsed.time.tzinfo is not None
+
+
+def test_every_event_type_has_one_class_and_a_subject_in_its_domain():
+    assert EventData.registry["deploy.requested"] is DeployRequested
+    for event_type, cls in EventData.registry.items():
+        prefix = "evt." if cls.PERSISTENT else "live."
+        assert cls.subject() == prefix + event_type
+    assert NodeHeartbeat.subject() == "live.node.heartbeat"  # telemetry stays out of the EVENTS stream
+    with pytest.raises(TypeError, match="defined twice"):
+        type("Again", (EventData,), {"TYPE": "deploy.requested", "__annotations__": {}})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: "not json at all", "invalid envelope"),
+        (lambda d: {k: v for k, v in d.items() if k != "source"}, "source: Field required"),
+        (lambda d: {**d, "type": "model.exploded"}, "unknown event type 'model.exploded'"),
+        (lambda d: {**d, "version": 99}, "schema version 99 is newer"),
+        (lambda d: {**d, "data": {**d["data"], "parameters": "many"}}, "invalid model.registered data: parameters"),
+        (lambda d: {**d, "data": {**d["data"], "model": None}}, "model"),
+        (lambda d: {**d, "id": ""}, "id"),
+    ],
+)
+def test_malformed_events_are_refused_with_the_reason(mutate, reason):
+    doc = json.loads(registered().to_bytes())
+    changed = mutate(doc)
+    raw = changed.encode() if isinstance(changed, str) else json.dumps(changed).encode()
+    with pytest.raises(MalformedEvent) as err:
+        parse_event(raw, "evt.model.registered")
+    assert reason in str(err.value)
+
+
+def test_an_event_on_another_types_subject_is_refused():
+    with pytest.raises(MalformedEvent, match="arrived on subject 'evt.deploy.ready'"):
+        parse_event(registered().to_bytes(), "evt.deploy.ready")
+
+
+def test_unknown_payload_fields_are_ignored_for_forward_compatibility():
+    doc = json.loads(registered().to_bytes())
+    doc["data"]["added_in_a_later_release"] = True
+    assert parse_event(json.dumps(doc).encode()).data == registered().data
