@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("--nats-url", default=DEFAULT_NATS_URL)
     health.add_argument("--timeout", type=float, default=2.0)
 
+    sub.add_parser("subjects", help="print the subject ownership table (infra/SUBJECTS.md)")
+
     train = sub.add_parser("train", help="train the small built-in model", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -69,11 +71,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "health":
         return asyncio.run(_health(args.nats_url, args.timeout))
+    if args.command == "subjects":
+        print(subject_table(), end="")
+        return 0
     if args.command == "train":
         from services.inference_worker.builtin.train import main as train_main
 
         return train_main(args.args) or 0
     return 2
+
+
+def subject_table() -> str:
+    from shared.events import EventData
+
+    rows = [
+        f"| `{cls.subject()}` | {cls.PUBLISHER} | {cls.VERSION} | {'yes' if cls.PERSISTENT else 'no (live telemetry)'} |"
+        for _, cls in sorted(EventData.registry.items())
+    ]
+    return "\n".join([
+        "# Subject ownership",
+        "",
+        "Generated from `shared/events.py` (each event class's `PUBLISHER`) by `strata subjects`.",
+        "Each event type has exactly one publisher; `Service.publish` refuses any other, and the NATS",
+        "permissions (per-service credentials) are to enforce the same table on the server.",
+        "",
+        "| subject | publisher | schema version | kept in EVENTS |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "Other subjects: `infer.request.<model>` (request-reply to workers), `infer.jobs.<model>` (batch",
+        "jobs), `rpc.<service>.<op>` (service RPC, e.g. `rpc.model-store.health`), `dlq.<service>` (dead",
+        "letters, stream DEADLETTER).",
+        "",
+    ])
 
 
 async def _health(nats_url: str, timeout: float) -> int:

@@ -34,6 +34,7 @@ class EventData(BaseModel):
     TYPE: ClassVar[str]
     VERSION: ClassVar[int] = 1
     PERSISTENT: ClassVar[bool] = True
+    PUBLISHER: ClassVar[str]  # the one service allowed to publish it, or "client" (CLI, users)
     registry: ClassVar[dict[str, type[EventData]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -135,9 +136,8 @@ class DeadLetter(BaseModel):
     time: datetime = Field(default_factory=utcnow)
 
 
-# ---------------------------------------------------------------------------------------------
-# Payloads. Shared value types first, then one class per event type, grouped by owning service.
-# ---------------------------------------------------------------------------------------------
+# Payloads: shared value types first, then one class per event type under a base class per
+# publisher. The publisher is checked on publish and is what infra/'s NATS permissions enforce.
 
 DeviceKind = Literal["cpu", "cuda"]
 
@@ -163,8 +163,11 @@ class ModelId(BaseModel):
     digest: str
 
 
-# hardware-inventory ---------------------------------------------------------------------------
-class NodeRegistered(EventData):
+class InventoryEvent(EventData):
+    PUBLISHER = "hardware-inventory"
+
+
+class NodeRegistered(InventoryEvent):
     TYPE = "node.registered"
     node_id: str
     hostname: str
@@ -175,7 +178,7 @@ class NodeRegistered(EventData):
     labels: dict[str, str] = {}
 
 
-class NodeHeartbeat(EventData):
+class NodeHeartbeat(InventoryEvent):
     TYPE = "node.heartbeat"
     PERSISTENT = False
     node_id: str
@@ -185,19 +188,19 @@ class NodeHeartbeat(EventData):
     loaded_models: list[str] = []
 
 
-class NodeLost(EventData):
+class NodeLost(InventoryEvent):
     TYPE = "node.lost"
     node_id: str
     last_seen: datetime
     missed_beats: int = Field(ge=1)
 
 
-class NodeReturned(EventData):
+class NodeReturned(InventoryEvent):
     TYPE = "node.returned"
     node_id: str
 
 
-class DeployScheduled(EventData):
+class DeployScheduled(InventoryEvent):
     TYPE = "deploy.scheduled"
     deployment_id: str
     model: ModelId
@@ -207,15 +210,18 @@ class DeployScheduled(EventData):
     context_length: int = Field(ge=1)
 
 
-class DeployRejected(EventData):
+class DeployRejected(InventoryEvent):
     TYPE = "deploy.rejected"
     deployment_id: str
     model_ref: str
     reason: str
 
 
-# clients (CLI, gateway, users) ----------------------------------------------------------------
-class DeployRequested(EventData):
+class ClientEvent(EventData):
+    PUBLISHER = "client"
+
+
+class DeployRequested(ClientEvent):
     TYPE = "deploy.requested"
     deployment_id: str = Field(default_factory=new_id)
     model_ref: str = Field(min_length=1, description="NAME, NAME:VERSION or NAME@ALIAS")
@@ -224,14 +230,17 @@ class DeployRequested(EventData):
     context_length: int | None = Field(default=None, ge=1)
 
 
-class UndeployRequested(EventData):
+class UndeployRequested(ClientEvent):
     TYPE = "deploy.undeploy_requested"
     model_ref: str = Field(min_length=1)
     deployment_id: str | None = None
 
 
-# inference-worker -----------------------------------------------------------------------------
-class DeployLoading(EventData):
+class WorkerEvent(EventData):
+    PUBLISHER = "inference-worker"
+
+
+class DeployLoading(WorkerEvent):
     TYPE = "deploy.loading"
     deployment_id: str
     model: ModelId
@@ -246,7 +255,7 @@ class MeasuredMemory(BaseModel):
     peak: int = Field(ge=0)
 
 
-class DeployReady(EventData):
+class DeployReady(WorkerEvent):
     TYPE = "deploy.ready"
     deployment_id: str
     model: ModelId
@@ -256,7 +265,7 @@ class DeployReady(EventData):
     load_seconds: float = Field(ge=0)
 
 
-class DeployFailed(EventData):
+class DeployFailed(WorkerEvent):
     TYPE = "deploy.failed"
     deployment_id: str
     model: ModelId | None = None
@@ -264,14 +273,14 @@ class DeployFailed(EventData):
     reason: str
 
 
-class DeployUnloaded(EventData):
+class DeployUnloaded(WorkerEvent):
     TYPE = "deploy.unloaded"
     deployment_id: str
     model: ModelId
     node_id: str
 
 
-class InferenceCompleted(EventData):
+class InferenceCompleted(WorkerEvent):
     TYPE = "inference.completed"
     request_id: str
     trace_id: str | None = None
@@ -290,7 +299,7 @@ class InferenceCompleted(EventData):
     output_sha256: str
 
 
-class InferenceFailed(EventData):
+class InferenceFailed(WorkerEvent):
     TYPE = "inference.failed"
     request_id: str
     trace_id: str | None = None
@@ -300,8 +309,11 @@ class InferenceFailed(EventData):
     e2e_seconds: float = Field(default=0, ge=0)
 
 
-# model-store ----------------------------------------------------------------------------------
-class DatasetRegistered(EventData):
+class ModelStoreEvent(EventData):
+    PUBLISHER = "model-store"
+
+
+class DatasetRegistered(ModelStoreEvent):
     TYPE = "dataset.registered"
     name: str
     digest: str
@@ -310,7 +322,7 @@ class DatasetRegistered(EventData):
     license: str | None = None
 
 
-class ModelRegistered(EventData):
+class ModelRegistered(ModelStoreEvent):
     TYPE = "model.registered"
     model: ModelId
     architecture: str
@@ -320,26 +332,29 @@ class ModelRegistered(EventData):
     license: str | None = None
 
 
-class ModelSigned(EventData):
+class ModelSigned(ModelStoreEvent):
     TYPE = "model.signed"
     model: ModelId
     key_id: str
 
 
-class ModelAliased(EventData):
+class ModelAliased(ModelStoreEvent):
     TYPE = "model.aliased"
     model: ModelId
     alias: str
     previous_version: int | None = None
 
 
-class ModelDeleted(EventData):
+class ModelDeleted(ModelStoreEvent):
     TYPE = "model.deleted"
     model: ModelId
 
 
-# provenance-ledger ----------------------------------------------------------------------------
-class LedgerCheckpoint(EventData):
+class LedgerEvent(EventData):
+    PUBLISHER = "provenance-ledger"
+
+
+class LedgerCheckpoint(LedgerEvent):
     TYPE = "ledger.checkpoint"
     tree_size: int = Field(ge=0)
     root_hash: str
@@ -348,14 +363,17 @@ class LedgerCheckpoint(EventData):
     signed_at: datetime
 
 
-class TamperDetected(EventData):
+class TamperDetected(LedgerEvent):
     TYPE = "ledger.tamper_detected"
     index: int = Field(ge=0)
     reason: str
 
 
-# monitor --------------------------------------------------------------------------------------
-class AlertFiring(EventData):
+class MonitorEvent(EventData):
+    PUBLISHER = "monitor"
+
+
+class AlertFiring(MonitorEvent):
     TYPE = "alert.firing"
     rule: str
     severity: Literal["info", "warning", "critical"]
@@ -364,7 +382,7 @@ class AlertFiring(EventData):
     value: float | None = None
 
 
-class AlertResolved(EventData):
+class AlertResolved(MonitorEvent):
     TYPE = "alert.resolved"
     rule: str
     labels: dict[str, str] = {}

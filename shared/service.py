@@ -76,6 +76,9 @@ class Service:
         logging.getLogger(self.name).debug("received %s %s from %s", event.type, event.id, event.source.service)
 
     async def publish(self, data: EventData, *, event_id: str | None = None) -> Event[Any]:
+        """Publish one of this service's own events (each event type has exactly one publisher)."""
+        if data.PUBLISHER != self.name:
+            raise PermissionError(f"{self.name} may not publish {data.TYPE}: only {data.PUBLISHER} does")
         event = make_event(data, self.source, event_id=event_id)
         await bus.publish(self.broker, event)
         return event

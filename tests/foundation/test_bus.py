@@ -13,7 +13,18 @@ from opentelemetry import trace
 
 from shared import bus, subjects
 from shared.config import Settings
-from shared.events import DeadLetter, DeployRequested, Event, Source, make_event, parse_event
+from shared.events import (
+    DeadLetter,
+    DeployReady,
+    DeployRejected,
+    DeployRequested,
+    Event,
+    MeasuredMemory,
+    ModelId,
+    Source,
+    make_event,
+    parse_event,
+)
 from shared.service import Service
 
 SOURCE = Source(service="tests", node="node-t")
@@ -54,13 +65,22 @@ async def test_envelope_round_trip_through_jetstream_with_msg_id_and_trace_conte
     service = make_service(nats_server.url, tmp_path)
     async with service.running():
         with trace.get_tracer("tests").start_as_current_span("request") as span:
-            event = await service.publish(DeployRequested(model_ref="tiny@prod", replicas=2))
+            event = await service.publish(DeployRejected(deployment_id="d1", model_ref="tiny@prod", reason="no node fits"))
     stored = await js.get_msg(subjects.EVENTS_STREAM, 1)
-    assert stored.subject == "evt.deploy.requested"
+    assert stored.subject == "evt.deploy.rejected"
     assert parse_event(stored.data, stored.subject) == event
     assert stored.headers["Nats-Msg-Id"] == event.id
     trace_id = stored.headers["traceparent"].split("-")[1]
     assert trace_id == format(span.get_span_context().trace_id, "032x")
+
+
+async def test_a_service_publishes_only_its_own_event_types(nats_server, tmp_path):
+    service = make_service(nats_server.url, tmp_path)
+    async with service.running():
+        with pytest.raises(PermissionError, match="hardware-inventory may not publish deploy.ready: only inference-worker does"):
+            await service.publish(DeployReady(deployment_id="d", model=ModelId(name="m", version=1, digest="x"),
+                                              node_id="n", device="cpu", load_seconds=1,
+                                              measured=MeasuredMemory(weights=1, kv_cache=1, peak=2)))
 
 
 async def test_a_duplicate_publish_is_stored_once(nats_server, tmp_path, js):
@@ -164,8 +184,6 @@ async def test_the_consumer_is_durable_across_a_service_restart(nats_server, tmp
 
 
 async def test_other_event_types_under_the_filter_are_acknowledged_not_retried(nats_server, tmp_path, js):
-    from shared.events import DeployRejected
-
     service = make_service(nats_server.url, tmp_path)
     service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record([], e))
     async with service.running():

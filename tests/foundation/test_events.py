@@ -41,6 +41,8 @@ def test_every_event_type_has_one_class_and_a_subject_in_its_domain():
         prefix = "evt." if cls.PERSISTENT else "live."
         assert cls.subject() == prefix + event_type
     assert NodeHeartbeat.subject() == "live.node.heartbeat"  # telemetry stays out of the EVENTS stream
+    publishers = {"hardware-inventory", "inference-worker", "model-store", "provenance-ledger", "monitor", "client"}
+    assert {cls.PUBLISHER for cls in EventData.registry.values()} == publishers
     with pytest.raises(TypeError, match="defined twice"):
         type("Again", (EventData,), {"TYPE": "deploy.requested", "__annotations__": {}})
 
@@ -75,3 +77,12 @@ def test_unknown_payload_fields_are_ignored_for_forward_compatibility():
     doc = json.loads(registered().to_bytes())
     doc["data"]["added_in_a_later_release"] = True
     assert parse_event(json.dumps(doc).encode()).data == registered().data
+
+
+def test_the_published_subject_table_matches_the_schemas():
+    from pathlib import Path
+
+    from cli.main import subject_table
+
+    table = Path(__file__).resolve().parents[2] / "infra" / "SUBJECTS.md"
+    assert table.read_text() == subject_table(), "regenerate with: strata subjects > infra/SUBJECTS.md"
