@@ -38,6 +38,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread():
+    """The test models are tiny: a second OpenMP thread buys nothing and, on a busy 2-core box,
+    its spin-waits make every op ~10x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

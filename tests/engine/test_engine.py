@@ -23,15 +23,23 @@ def run_all(eng: LLMEngine) -> dict:
 def test_preemption_completes_every_request_with_same_tokens(ckpts, engines):
     big = engines("llama")
     small = LLMEngine.from_pretrained(ckpts("llama").path, EngineConfig(
-        device="cpu", num_blocks=12, block_size=4))  # 48 tokens for 5 requests of ~40
+        device="cpu", num_blocks=12, block_size=4))  # 48 tokens for 5 requests of ~35
     assert small.max_model_len == 48
-    params = SamplingParams(max_tokens=20, temperature=0)
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=11)
     prompts = PROMPTS[:3] + [PROMPTS[0], PROMPTS[2]]
+    params = [greedy, seeded, greedy, seeded, greedy]
     expected = [o.token_ids for o in big.generate(prompts, params)]
-    outs = small.generate(prompts, params)
+    streams = {}
+    rids = [small.add_request(p, sp, callback=lambda e: streams.setdefault(e.request_id, []).append(e))
+            for p, sp in zip(prompts, params)]
+    done = run_all(small)
     assert small.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in outs] == expected
-    assert any(o.metrics.num_preemptions for o in outs)
+    assert any(done[r].metrics.num_preemptions for r in rids)
+    assert [done[r].token_ids for r in rids] == expected
+    for r in rids:  # each token streamed exactly once despite recomputation
+        assert [t for e in streams[r] for t in e.token_ids] == done[r].token_ids
+        assert "".join(e.text for e in streams[r]) == done[r].text
     assert small.cache_usage().used_blocks == 0
 
 

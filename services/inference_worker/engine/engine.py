@@ -153,8 +153,8 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Admit new requests, apply cancellations, run one batched forward pass, sample, stream.
-        Returns the requests that changed in this step (new tokens or finished)."""
+        """Admit new requests, apply cancellations, run one batched forward pass, sample, stream
+        the new tokens to the callbacks. Returns the requests that finished in this step."""
         with self._lock:
             incoming, self._incoming = self._incoming, []
             cancels, self._cancels = self._cancels, set()
@@ -189,19 +189,19 @@ class LLMEngine:
                     touched[seq.request_id] = seq
         outputs = []
         for rid, seq in touched.items():
-            if seq.finished:
-                if rid in self._seqs:
-                    self.scheduler.remove(seq)
-                    del self._seqs[rid]
-                with self._lock:
-                    self._live.discard(rid)
             event = seq.take_event()
             if event is not None and seq.callback is not None:
                 try:
                     seq.callback(event)
                 except Exception:
                     log.exception("stream callback of %s raised; ignoring", rid)
-            outputs.append(seq.output())
+            if seq.finished:
+                if rid in self._seqs:
+                    self.scheduler.remove(seq)
+                    del self._seqs[rid]
+                with self._lock:
+                    self._live.discard(rid)
+                outputs.append(seq.output())
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
@@ -217,7 +217,7 @@ class LLMEngine:
         pending, done = set(ids), {}
         while pending:
             for out in self.step():
-                if out.finished and out.request_id in pending:
+                if out.request_id in pending:
                     done[out.request_id] = out
                     pending.discard(out.request_id)
         return [done[i] for i in ids]

@@ -81,25 +81,29 @@ class Sampler:
         logits = logits.float()
         B, V = logits.shape
         dev = logits.device
+
+        def tensor(data, dtype=None):  # pinned + async on CUDA: no hidden stream sync
+            pin = dev.type == "cuda"
+            return torch.tensor(data, dtype=dtype, pin_memory=pin).to(dev, non_blocking=pin)
+
         greedy_ids = logits.argmax(dim=-1)
         ids = greedy_ids
         if any(p.temperature > 0 for p in params):
-            temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                                 device=dev, dtype=torch.float32)
+            temps = tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
             x = logits / temps.unsqueeze(1)
             ks = [p.top_k if p.top_k and p.top_k > 0 else V for p in params]
             ps = [p.top_p for p in params]
             if any(k < V for k in ks) or any(p < 1.0 for p in ps):
                 x = apply_top_k_top_p(
-                    x, torch.tensor(ks, device=dev) if any(k < V for k in ks) else None,
-                    torch.tensor(ps, device=dev) if any(p < 1.0 for p in ps) else None)
+                    x, tensor(ks, torch.long) if any(k < V for k in ks) else None,
+                    tensor(ps, torch.float32) if any(p < 1.0 for p in ps) else None)
             probs = x.softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_()
             for i, g in enumerate(generators):
                 if g is not None and params[i].temperature > 0:
                     noise[i].exponential_(generator=g)
             sampled = (probs / noise).argmax(dim=-1)
-            is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
+            is_greedy = tensor([p.temperature == 0 for p in params], torch.bool)
             ids = torch.where(is_greedy, greedy_ids, sampled)
         want = [p.logprobs for p in params]
         n_top = max((n for n in want if n is not None), default=None)
