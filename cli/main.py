@@ -1,139 +1,28 @@
-"""The `strata` command."""
+"""The `strata` command. Each area of the CLI is a module in cli/ with a ``register(subparsers)``
+function; it adds its subcommands with ``set_defaults(func=...)``, where func takes the parsed args
+and returns the exit code."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
-from pathlib import Path
 
-from shared.config import DEFAULT_DATA_DIR, DEFAULT_NATS_URL, DEFAULT_PORTS, SERVICES
+from cli import platform
 
-
-def _port_pair(text: str) -> tuple[str, int]:
-    name, sep, port = text.partition("=")
-    if not sep or name not in DEFAULT_PORTS or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected SERVICE=PORT with SERVICE one of {', '.join(SERVICES)}; got {text!r}")
-    return name, int(port)
-
-
-def _service_list(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in SERVICES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown service(s) {unknown or text!r}; choose from {', '.join(SERVICES)}")
-    return names
+COMMAND_MODULES = [platform]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="strata", description="Run LLMs on hardware you own, and prove what ran.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    up = sub.add_parser("up", help="start NATS and every service, supervised, until Ctrl-C")
-    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    up.add_argument("--nats-url", help="use this NATS instead of starting nats-server")
-    up.add_argument("--nats-port", type=int, default=4222)
-    up.add_argument("--nats-monitor-port", type=int, default=8222)
-    up.add_argument("--host", default="127.0.0.1", help="address the HTTP APIs listen on")
-    up.add_argument("--port", type=_port_pair, action="append", default=[], metavar="SERVICE=PORT")
-    up.add_argument("--services", type=_service_list, default=SERVICES, help="comma-separated subset to run")
-    up.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for every service to be healthy")
-
-    serve = sub.add_parser("serve", help="run one service in the foreground (strata up runs each this way)")
-    serve.add_argument("service", choices=SERVICES)
-
-    health = sub.add_parser("health", help="ask every service for its health over NATS")
-    health.add_argument("--nats-url", default=DEFAULT_NATS_URL)
-    health.add_argument("--timeout", type=float, default=2.0)
-
-    sub.add_parser("subjects", help="print the subject ownership table (infra/SUBJECTS.md)")
-
-    train = sub.add_parser("train", help="train the small built-in model", add_help=False)
-    train.add_argument("args", nargs=argparse.REMAINDER)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "up":
-        from cli.up import UpOptions, up
-
-        return up(UpOptions(
-            data_dir=args.data_dir, nats_url=args.nats_url, nats_port=args.nats_port,
-            nats_monitor_port=args.nats_monitor_port, host=args.host, ports=dict(args.port),
-            services=args.services, wait_timeout_s=args.wait_timeout,
-        ))
-    if args.command == "serve":
-        from shared.service import load, run
-
-        run(load(args.service))
-        return 0
-    if args.command == "health":
-        return asyncio.run(_health(args.nats_url, args.timeout))
-    if args.command == "subjects":
-        print(subject_table(), end="")
-        return 0
-    if args.command == "train":
-        from services.inference_worker.builtin.train import main as train_main
-
-        return train_main(args.args) or 0
-    return 2
-
-
-def subject_table() -> str:
-    from shared.events import EventData
-
-    rows = [
-        f"| `{cls.subject()}` | {cls.PUBLISHER} | {cls.VERSION} | {'yes' if cls.PERSISTENT else 'no (live telemetry)'} |"
-        for _, cls in sorted(EventData.registry.items())
-    ]
-    return "\n".join([
-        "# Subject ownership",
-        "",
-        "Generated from `shared/events.py` (each event class's `PUBLISHER`) by `strata subjects`.",
-        "Each event type has exactly one publisher; `Service.publish` refuses any other, and the NATS",
-        "permissions (per-service credentials) are to enforce the same table on the server.",
-        "",
-        "| subject | publisher | schema version | kept in EVENTS |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "Other subjects: `infer.request.<model>` (request-reply to workers), `infer.jobs.<model>` (batch",
-        "jobs), `rpc.<service>.<op>` (service RPC, e.g. `rpc.model-store.health`), `dlq.<service>` (dead",
-        "letters, stream DEADLETTER).",
-        "",
-    ])
-
-
-async def _health(nats_url: str, timeout: float) -> int:
-    import nats
-    from nats.errors import NoServersError, TimeoutError
-
-    from shared import subjects
-
-    async def quiet(_exc: Exception) -> None:
-        pass
-
-    try:
-        nc = await nats.connect(nats_url, connect_timeout=timeout, max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet)
-    except (NoServersError, OSError) as exc:
-        print(f"strata health: cannot reach NATS at {nats_url}: {exc}", file=sys.stderr)
-        return 1
-    failed = 0
-    try:
-        for name in SERVICES:
-            try:
-                reply = await nc.request(subjects.rpc(name, "health"), b"", timeout=timeout)
-                health = json.loads(reply.data)
-                print(f"{name:<20}{health['status']:<10}node {health['node']}  up {health['uptime_s']:.0f}s")
-                failed += health["status"] != "ok"
-            except (TimeoutError, nats.errors.NoRespondersError):
-                print(f"{name:<20}{'no answer':<10}")
-                failed += 1
-    finally:
-        await nc.close()
-    return 1 if failed else 0
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from nats.js.api import StreamConfig
 from opentelemetry import trace
 
 from shared import bus, subjects
-from shared.config import Settings
 from shared.events import (
     DeadLetter,
     DeployReady,
@@ -26,21 +25,14 @@ from shared.events import (
     parse_event,
 )
 from shared.service import Service
+from tests.support.helpers import eventually, settings_for
 
 SOURCE = Source(service="tests", node="node-t")
 
 
 def make_service(nats_url: str, tmp_path: Path, name: str = "hardware-inventory") -> Service:
-    settings = Settings(service=name, nats_url=nats_url, data_dir=tmp_path, node_id="node-t", http_port=0)
-    return Service(name, settings)
-
-
-async def eventually(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    """A bare service (no reactions of its own), so each test registers the handlers it needs."""
+    return Service(name, settings_for(name, nats_url, tmp_path))
 
 
 async def dead_letters(js) -> list[DeadLetter]:

@@ -82,7 +82,7 @@ def test_unknown_payload_fields_are_ignored_for_forward_compatibility():
 def test_the_published_subject_table_matches_the_schemas():
     from pathlib import Path
 
-    from cli.main import subject_table
+    from cli.platform import subject_table
 
     table = Path(__file__).resolve().parents[2] / "infra" / "SUBJECTS.md"
     assert table.read_text() == subject_table(), "regenerate with: strata subjects > infra/SUBJECTS.md"

@@ -1,0 +1,134 @@
+"""Commands that run or inspect the platform as a whole: up, serve, health, subjects, train."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from shared.config import DEFAULT_DATA_DIR, DEFAULT_NATS_URL, DEFAULT_PORTS, SERVICES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start NATS and every service, supervised, until Ctrl-C")
+    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    up.add_argument("--nats-url", help="use this NATS instead of starting nats-server")
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--nats-monitor-port", type=int, default=8222)
+    up.add_argument("--host", default="127.0.0.1", help="address the HTTP APIs listen on")
+    up.add_argument("--port", type=_port_pair, action="append", default=[], metavar="SERVICE=PORT")
+    up.add_argument("--services", type=_service_list, default=SERVICES, help="comma-separated subset to run")
+    up.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for every service to be healthy")
+    up.set_defaults(func=_up)
+
+    serve = sub.add_parser("serve", help="run one service in the foreground (strata up runs each this way)")
+    serve.add_argument("service", choices=SERVICES)
+    serve.set_defaults(func=_serve)
+
+    health = sub.add_parser("health", help="ask every service for its health over NATS")
+    health.add_argument("--nats-url", default=DEFAULT_NATS_URL)
+    health.add_argument("--timeout", type=float, default=2.0)
+    health.set_defaults(func=lambda args: asyncio.run(_health(args.nats_url, args.timeout)))
+
+    subjects = sub.add_parser("subjects", help="print the subject ownership table (infra/SUBJECTS.md)")
+    subjects.set_defaults(func=lambda args: print(subject_table(), end=""))
+
+    train = sub.add_parser("train", help="train the small built-in model (strata train --help)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_train)
+
+
+def _port_pair(text: str) -> tuple[str, int]:
+    name, sep, port = text.partition("=")
+    if not sep or name not in DEFAULT_PORTS or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SERVICE=PORT with SERVICE one of {', '.join(SERVICES)}; got {text!r}")
+    return name, int(port)
+
+
+def _service_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown service(s) {unknown or text!r}; choose from {', '.join(SERVICES)}")
+    return names
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cli.up import UpOptions, up
+
+    return up(UpOptions(
+        data_dir=args.data_dir, nats_url=args.nats_url, nats_port=args.nats_port,
+        nats_monitor_port=args.nats_monitor_port, host=args.host, ports=dict(args.port),
+        services=args.services, wait_timeout_s=args.wait_timeout,
+    ))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from shared.service import load, run
+
+    run(load(args.service))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.inference_worker.builtin.train import main as train_main
+
+    return train_main(args.args) or 0
+
+
+def subject_table() -> str:
+    from shared.events import EventData
+
+    rows = [
+        f"| `{cls.subject()}` | {cls.PUBLISHER} | {cls.VERSION} | {'yes' if cls.PERSISTENT else 'no (live telemetry)'} |"
+        for _, cls in sorted(EventData.registry.items())
+    ]
+    return "\n".join([
+        "# Subject ownership",
+        "",
+        "Generated from `shared/events.py` (each event class's `PUBLISHER`) by `strata subjects`.",
+        "Each event type has exactly one publisher; `Service.publish` refuses any other, and the NATS",
+        "permissions (per-service credentials) are to enforce the same table on the server.",
+        "",
+        "| subject | publisher | schema version | kept in EVENTS |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "Other subjects: `infer.request.<model>` (request-reply to workers), `infer.jobs.<model>` (batch",
+        "jobs), `rpc.<service>.<op>` (service RPC, e.g. `rpc.model-store.health`), `dlq.<service>` (dead",
+        "letters, stream DEADLETTER).",
+        "",
+    ])
+
+
+async def _health(nats_url: str, timeout: float) -> int:
+    import nats
+    from nats.errors import NoRespondersError, NoServersError, TimeoutError
+
+    from shared import subjects
+
+    async def quiet(_exc: Exception) -> None:
+        pass
+
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=timeout, allow_reconnect=False, error_cb=quiet)
+    except (NoServersError, OSError) as exc:
+        print(f"strata health: cannot reach NATS at {nats_url}: {exc}", file=sys.stderr)
+        return 1
+    failed = 0
+    try:
+        for name in SERVICES:
+            try:
+                reply = await nc.request(subjects.rpc(name, "health"), b"", timeout=timeout)
+            except (TimeoutError, NoRespondersError):
+                print(f"{name:<20}{'no answer':<10}")
+                failed += 1
+                continue
+            health = json.loads(reply.data)
+            print(f"{name:<20}{health['status']:<10}node {health['node']}  up {health['uptime_s']:.0f}s")
+            failed += health["status"] != "ok"
+    finally:
+        await nc.close()
+    return 1 if failed else 0
