@@ -14,17 +14,19 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from faststream.nats.annotations import NatsMessage
 from pydantic import BaseModel
 
-from shared import bus, subjects
+from shared import bus, errors, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
 from shared.events import Event, EventData, Source, make_event
 from shared.telemetry import setup_tracing
 
 VERSION = "0.1.0"
 Hook = Callable[[], Awaitable[None]]
+RpcHandler = Callable[[Any], Awaitable[Any]]
 
 
 class ConsumerHealth(BaseModel):
@@ -61,6 +63,7 @@ class Service:
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
         self.http.get("/healthz", response_model=Health, tags=["health"])(self._health_http)
+        self.http.exception_handler(errors.StrataError)(_error_response)
         self.broker.subscriber(subjects.rpc(name, "health"), queue=name, title=f"{name}:health")(self._health_rpc)
 
     # -- events ------------------------------------------------------------------------------
@@ -82,6 +85,20 @@ class Service:
         event = make_event(data, self.source, event_id=event_id)
         await bus.publish(self.broker, event)
         return event
+
+    def rpc(self, op: str, request_type: type[BaseModel]) -> Callable[[RpcHandler], RpcHandler]:
+        """Serve ``rpc.<service>.<op>``: ``@service.rpc("resolve", ResolveRequest)`` over
+        ``async def resolve(request) -> result``; errors go back typed (see shared/rpc.py)."""
+
+        def register(handler: RpcHandler) -> RpcHandler:
+            async def receive(msg: NatsMessage) -> bytes:
+                return await rpc.answer(msg.body, request_type, handler)
+
+            receive.__name__ = f"rpc_{op}"
+            self.broker.subscriber(subjects.rpc(self.name, op), queue=self.name, title=f"{self.name}:{op}")(receive)
+            return handler
+
+        return register
 
     # -- lifecycle ---------------------------------------------------------------------------
     def on_start(self, hook: Hook) -> Hook:
@@ -136,6 +153,10 @@ class Service:
 
     async def _health_rpc(self) -> dict[str, Any]:
         return self.health().model_dump(mode="json")
+
+
+async def _error_response(_request: Request, exc: errors.StrataError) -> JSONResponse:
+    return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.http_status)
 
 
 def run(service: Service) -> None:

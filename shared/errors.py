@@ -1,0 +1,50 @@
+"""Typed errors that cross service boundaries. Domain code raises them; the HTTP layer answers with
+their status and the NATS RPC layer with their code, so a caller always learns what went wrong."""
+
+from __future__ import annotations
+
+
+class StrataError(Exception):
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Invalid(StrataError):
+    code, http_status = "invalid", 400
+
+
+class Unauthorized(StrataError):
+    code, http_status = "unauthorized", 401
+
+
+class Forbidden(StrataError):
+    code, http_status = "forbidden", 403
+
+
+class NotFound(StrataError):
+    code, http_status = "not_found", 404
+
+
+class Conflict(StrataError):
+    code, http_status = "conflict", 409
+
+
+class TooLarge(StrataError):
+    code, http_status = "too_large", 413
+
+
+class Unavailable(StrataError):
+    code, http_status = "unavailable", 503
+
+
+BY_CODE: dict[str, type[StrataError]] = {
+    cls.code: cls for cls in (StrataError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable)
+}
+
+
+def from_code(code: str, message: str) -> StrataError:
+    return BY_CODE.get(code, StrataError)(message)
