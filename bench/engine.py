@@ -109,11 +109,11 @@ def time_ms(fn, iters=50) -> float:
         return statistics.median(times)
 
 
-def bench_kernels(dtype: torch.dtype, tokens: int) -> None:
+def bench_kernels(dtype: torch.dtype, tokens: int, dev: str = "cuda") -> None:
     from services.inference_worker import kernels as K
 
-    dev, dt = "cuda", dtype
-    name = torch.cuda.get_device_name()
+    dt = dtype
+    name = torch.cuda.get_device_name(dev)
     copy_src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     copy_dst = torch.empty_like(copy_src)
     copy_ms = time_ms(lambda: copy_dst.copy_(copy_src))
@@ -227,7 +227,9 @@ def main(argv=None) -> None:
         hf = None
         if not args.skip_hf:
             import transformers
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+            major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+            kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, **kw).to(args.device).eval()
         print("\n| batch | strata tok/s | HF generate tok/s | strata / HF |\n|---|---|---|---|")
         for b in batches:
             ours = bench_strata(path, args.device, dtype, b, prompts, args.new_tokens)

@@ -198,3 +198,16 @@ def test_legacy_and_v5_rope_layouts_agree():
     assert torch.equal(scaled[:2], plain[:2]) and torch.allclose(scaled[-1], plain[-1] / 8)
     default = ModelConfig.from_dict({**base, "rope_scaling": {"rope_type": "default"}})
     assert default.rope_scaling is None and default.head_dim == 16
+
+
+def test_sliding_window_caps_context_length(ckpts, tmp_path):
+    from services.inference_worker.engine import EngineConfig, LLMEngine
+
+    dst = tmp_path / "m"
+    shutil.copytree(ckpts("mistral").path, dst)
+    edit_json(dst / "config.json", sliding_window=64)
+    eng = LLMEngine.from_pretrained(dst, EngineConfig(device="cpu", num_blocks=32))
+    assert eng.model_config.sliding_window == 64 and eng.max_model_len == 64
+    qwen = ModelConfig.from_dict({**json.loads((ckpts("qwen2").path / "config.json").read_text()),
+                                  "sliding_window": 64, "use_sliding_window": False})
+    assert qwen.sliding_window is None and qwen.qkv_bias and not qwen.o_bias

@@ -5,6 +5,7 @@ and ``step()`` (one thread) drains that queue, schedules, runs the model once an
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -61,7 +62,7 @@ class LLMEngine:
         """Load a checkpoint directory. kwargs are EngineConfig fields (device, dtype, num_blocks...)."""
         ecfg = config or EngineConfig(**kwargs)
         device = ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ecfg.device = device
+        ecfg = dataclasses.replace(ecfg, device=device)
         return cls(load_checkpoint(path, device=device, dtype=ecfg.dtype,
                                    max_seq_len=ecfg.max_model_len), ecfg)
 

@@ -63,17 +63,20 @@ class Attention(nn.Module):
         return self.o(out.view(T, self.q_size))
 
     def _prefill(self, q: Tensor, k: Tensor, v: Tensor, kv: Tensor | None, p: PrefillChunk) -> Tensor:
-        mask = None
+        mask, gqa = None, self.n_heads != self.n_kv
         if p.cached:  # a later chunk of a long prompt: attend to the cached prefix too
             n = p.cached + q.shape[0]
             k = kv[0][p.block_table].flatten(0, 1)[:n]
             v = kv[1][p.block_table].flatten(0, 1)[:n]
             q_pos = torch.arange(p.cached, n, device=q.device)
             mask = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]
+            if gqa:  # masked SDPA with GQA would fall back to the O(n^2)-memory math kernel
+                group = self.n_heads // self.n_kv
+                k, v, gqa = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
-            scale=self.scale, enable_gqa=self.n_heads != self.n_kv)
+            scale=self.scale, enable_gqa=gqa)
         return o.squeeze(0).transpose(0, 1)
 
 
