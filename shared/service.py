@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from faststream.nats.annotations import NatsMessage
+from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
 from shared import bus, errors, rpc, subjects
@@ -65,6 +66,22 @@ class Service:
         self.http.get("/healthz", response_model=Health, tags=["health"])(self._health_http)
         self.http.exception_handler(errors.StrataError)(_error_response)
         self.broker.subscriber(subjects.rpc(name, "health"), queue=name, title=f"{name}:health")(self._health_rpc)
+        self._document_own_events()
+        self.http.get("/asyncapi.json", tags=["health"], summary="AsyncAPI document of this service's NATS interface")(self.asyncapi)
+
+    # -- documentation ---------------------------------------------------------------------
+    def _document_own_events(self) -> None:
+        """Declare the events this service publishes, so FastStream's AsyncAPI document shows them."""
+        for data_cls in EventData.registry.values():
+            if data_cls.PUBLISHER == self.name:
+                self.broker.publisher(
+                    data_cls.subject(), schema=Event[data_cls], title=f"{self.name}:{data_cls.TYPE}",  # type: ignore[valid-type]
+                    description=(data_cls.__doc__ or data_cls.TYPE).strip(),
+                )
+
+    def asyncapi(self) -> dict[str, Any]:
+        spec = AsyncAPI(self.broker, title=f"Strata {self.name}", version=VERSION, description=self.http.description)
+        return spec.to_specification().to_jsonable()
 
     # -- events ------------------------------------------------------------------------------
     def consume(self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any) -> bus.EventConsumer:
