@@ -204,9 +204,11 @@ def test_add_and_cancel_from_other_threads_while_stepping(engines):
         finally:
             stop.set()
 
+    assert not eng.wait_for_work(timeout=0.01)  # idle: times out
     t = threading.Thread(target=producer)
     done = {}
     t.start()
+    assert eng.wait_for_work(timeout=10)  # woken by the producer's first request
     while not stop.is_set() or eng.has_unfinished():
         done.update({o.request_id: o for o in eng.step() if o.finished})
     t.join()

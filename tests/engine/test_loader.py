@@ -211,3 +211,16 @@ def test_sliding_window_caps_context_length(ckpts, tmp_path):
     qwen = ModelConfig.from_dict({**json.loads((ckpts("qwen2").path / "config.json").read_text()),
                                   "sliding_window": 64, "use_sliding_window": False})
     assert qwen.sliding_window is None and qwen.qkv_bias and not qwen.o_bias
+
+
+def test_generation_config_eos_list_and_sampling_defaults(ckdir):
+    from services.inference_worker.engine import EngineConfig, LLMEngine
+
+    edit_json(ckdir / "generation_config.json", eos_token_id=[1, 5], temperature=0.6, top_p=0.9,
+              top_k=20)
+    eng = LLMEngine.from_pretrained(ckdir, EngineConfig(device="cpu", num_blocks=16))
+    assert eng.generation.eos_token_ids == [1, 5] and eng.eos_ids == {1, 5}
+    p = eng.default_sampling_params()
+    assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.9, 20)
+    (ckdir / "generation_config.json").unlink()  # optional: falls back to config.json's eos
+    assert load_checkpoint(ckdir).generation.eos_token_ids == [1]

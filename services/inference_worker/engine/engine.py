@@ -48,6 +48,7 @@ class LLMEngine:
                                    self.ecfg.max_num_batched_tokens)
         self.eos_ids = set(self.generation.eos_token_ids)
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # signalled when a request arrives
         self._incoming: list[Sequence] = []
         self._cancels: set[str] = set()
         self._live: set[str] = set()  # request ids added and not yet finished
@@ -124,6 +125,7 @@ class LLMEngine:
                 seq.finish("error", error=error, flush=False)
             self._live.add(rid)
             self._incoming.append(seq)
+            self._work.notify_all()
         return rid
 
     def _validate(self, ids: list[int]) -> str | None:
@@ -151,6 +153,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         with self._lock:
             return bool(self._live)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block the stepping thread until some request is unfinished (or timeout); returns
+        has_unfinished(). Lets a worker loop sleep instead of spinning on an idle engine."""
+        with self._work:
+            return self._work.wait_for(lambda: bool(self._live), timeout)
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
