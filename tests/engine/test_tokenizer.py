@@ -101,3 +101,25 @@ def test_multibyte_characters_are_never_split(tok):
     deltas, full = stream(tok, [], ids)
     assert full == text and not any("\ufffd" in d for d in deltas)
     assert "" in deltas  # held back while a character was incomplete
+
+
+def test_sentencepiece_style_stream_keeps_the_leading_space():
+    """Llama 2 / Mistral tokenizers (Metaspace + byte fallback) drop a leading space when a piece
+    is decoded alone; the stream must read as the continuation of the prompt."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    raw = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    raw.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=400, show_progress=False,
+        special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    tok = Tokenizer(raw, bos_token="<s>", eos_token="</s>", add_bos_token=True)
+    prompt = tok.encode("Once upon a time")
+    assert prompt[0] == tok.bos_token_id
+    for text in CORPUS:
+        out = tok.encode(" " + text, add_special_tokens=False)
+        deltas, streamed = stream(tok, prompt, out)
+        assert streamed == " " + text == tok.decode(prompt + out)[len(tok.decode(prompt)):]
+        assert not any("\ufffd" in d for d in deltas)
