@@ -247,3 +247,20 @@ def test_generation_defaults_fill_unset_params(engines):
     assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, 0)
     assert eng.eos_ids == {eng.tokenizer.eos_token_id}
     assert torch.is_tensor(eng.runner.kv_cache)
+
+
+def test_failing_step_and_failing_callback_do_not_kill_the_engine(engines, monkeypatch):
+    eng = engines("llama")
+    real = eng.runner.run
+    monkeypatch.setattr(eng.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("boom")))
+    (out,) = eng.generate(["It was"], GREEDY)
+    assert out.finish_reason == "error" and "boom" in out.error
+    assert eng.cache_usage().used_blocks == 0
+    monkeypatch.setattr(eng.runner, "run", real)
+
+    def bad_callback(event):
+        raise ValueError("client went away")
+
+    eng.add_request("It was", SamplingParams(max_tokens=3, temperature=0), callback=bad_callback)
+    (out,) = run_all(eng).values()
+    assert out.finish_reason == "length" and len(out.token_ids) == 3

@@ -116,7 +116,9 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
             if self.tokenizer is not None else None
         with self._lock:
-            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            rid = request_id
+            while rid is None or (request_id is None and rid in self._live):
+                rid = f"req-{next(self._ids)}"
             if rid in self._live:
                 raise ValueError(f"request id {rid!r} is already in use")
             seq = Sequence(rid, ids, params, self.eos_ids, detok, callback, generator)
@@ -198,19 +200,19 @@ class LLMEngine:
                     touched[seq.request_id] = seq
         outputs = []
         for rid, seq in touched.items():
-            event = seq.take_event()
-            if event is not None and seq.callback is not None:
-                try:
-                    seq.callback(event)
-                except Exception:
-                    log.exception("stream callback of %s raised; ignoring", rid)
-            if seq.finished:
+            if seq.finished:  # free first, so a callback already sees the blocks released
                 if rid in self._seqs:
                     self.scheduler.remove(seq)
                     del self._seqs[rid]
                 with self._lock:
                     self._live.discard(rid)
                 outputs.append(seq.output())
+            event = seq.take_event()
+            if event is not None and seq.callback is not None:
+                try:
+                    seq.callback(event)
+                except Exception:
+                    log.exception("stream callback of %s raised; ignoring", rid)
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
