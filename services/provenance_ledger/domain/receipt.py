@@ -1,0 +1,73 @@
+"""Inference receipts and their offline verification: nothing but the receipt and the public key.
+
+A receipt holds the ``inference.completed`` event as published, its leaf index, the inclusion proof
+and a signed tree head that covers the leaf. Verifying rebuilds the leaf bytes from the event and
+the index, hashes them, walks the proof to the head's root and checks the head's signature: any
+changed field (in the event, the index, the proof or the head) makes one of those steps fail.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.provenance_ledger.domain.canonical import leaf_bytes
+from services.provenance_ledger.domain.merkle import leaf_hash, verify_inclusion
+from services.provenance_ledger.domain.tree_head import TreeHead, head_signature_problem, load_public_pem
+
+RECEIPT_FORMAT = "strata.ledger.receipt.v1"
+
+
+class Receipt(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format: Literal["strata.ledger.receipt.v1"] = RECEIPT_FORMAT
+    event: dict[str, Any] = Field(description="the inference.completed event envelope, as published")
+    leaf_index: int = Field(ge=0)
+    inclusion_proof: list[str] = Field(description="hex node hashes, RFC 9162 order")
+    tree_head: TreeHead
+
+
+class ReceiptInvalid(ValueError):
+    """The receipt does not verify; the message says which check failed."""
+
+
+class ReceiptCheck(BaseModel):
+    ok: bool
+    request_id: str | None = None
+    leaf_index: int | None = None
+    tree_size: int | None = None
+    key_id: str | None = None
+    reason: str | None = None
+
+
+def verify_receipt(receipt: Receipt | dict[str, Any], public_key_pem: str | bytes) -> ReceiptCheck:
+    """Check a receipt offline. Raises ReceiptInvalid with the reason when it does not verify."""
+    try:
+        r = receipt if isinstance(receipt, Receipt) else Receipt.model_validate(receipt)
+    except ValueError as exc:
+        raise ReceiptInvalid(f"not a receipt: {exc}") from None
+    try:
+        key = load_public_pem(public_key_pem)
+    except ValueError as exc:
+        raise ReceiptInvalid(str(exc)) from None
+    if r.event.get("type") != "inference.completed":
+        raise ReceiptInvalid(f"a receipt is for an inference.completed event, this one is {r.event.get('type')!r}")
+    problem = head_signature_problem(r.tree_head, key)
+    if problem:
+        raise ReceiptInvalid(f"tree head: {problem}")
+    try:
+        proof = [bytes.fromhex(p) for p in r.inclusion_proof]
+    except ValueError:
+        raise ReceiptInvalid("the inclusion proof is not hex") from None
+    leaf = leaf_hash(leaf_bytes(r.event, r.leaf_index))
+    if not verify_inclusion(leaf, r.leaf_index, r.tree_head.tree_size, proof, bytes.fromhex(r.tree_head.root_hash)):
+        raise ReceiptInvalid(
+            f"the event at leaf {r.leaf_index} is not included in the signed tree of size {r.tree_head.tree_size}"
+            " (the event, the index or the proof was changed)"
+        )
+    data = r.event.get("data") if isinstance(r.event.get("data"), dict) else {}
+    return ReceiptCheck(
+        ok=True, request_id=data.get("request_id"), leaf_index=r.leaf_index,
+        tree_size=r.tree_head.tree_size, key_id=r.tree_head.key_id,
+    )
