@@ -57,6 +57,7 @@ CASES = {
     "gqa2-d80": (6, 3, 80, 16, [50, 17, 3], 16),
     "qwen-gqa7": (14, 2, 64, 16, [21, 70], 32),
     "odd-page5": (2, 1, 16, 5, [9, 23], 16),
+    "batch8-page-edges": (8, 2, 32, 16, [1, 2, 15, 16, 17, 64, 129, 200], 64),
 }
 
 
@@ -78,6 +79,16 @@ def test_default_partition_size_and_strided_q(dtype, device):
     assert not args[0].is_contiguous()
     out = paged_decode_attention_triton(*args, 0.3)
     assert_close(out, paged_decode_attention_ref(*args, 0.3), dtype, ATTENTION_TOLERANCES)
+
+
+def test_empty_context_gives_zeros(device):
+    # A batch padded with an idle slot (context_len 0, e.g. for a fixed-size CUDA graph):
+    # its output is zeros and it does not disturb its neighbours.
+    args = _make_case(4, 2, 16, 8, [20, 0, 9], torch.float32, device)
+    out = paged_decode_attention_triton(*args, 0.25, partition_size=16)
+    ref = paged_decode_attention_ref(*args, 0.25)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(ref[1], out[1])
+    assert_close(out, ref, torch.float32, ATTENTION_TOLERANCES)
 
 
 def test_ref_matches_per_sequence_softmax():

@@ -41,6 +41,15 @@ def test_rope_on_fused_qkv_view(dtype, device):
         assert_close(rope_triton(x, cos, sin), rope_ref(x, cos, sin), dtype)
 
 
+def test_rope_on_head_major_view(device):
+    # [H, T, d] storage seen as [T, H, d]: heads are further apart than tokens.
+    T, H, d = 5, 3, 16
+    x = torch.randn(H, T, d, generator=torch.Generator().manual_seed(3)).to(device).transpose(0, 1)
+    assert x.stride(1) > x.stride(0)
+    cos, sin = (t.to(device) for t in _cos_sin(T, d))
+    assert_close(rope_triton(x, cos, sin), rope_ref(x, cos, sin), torch.float32)
+
+
 def test_rope_ref_matches_hf_rotate_half():
     modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     T, H, d = 5, 3, 16
