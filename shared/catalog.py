@@ -194,3 +194,53 @@ class PublicKey(BaseModel):
     key_id: str = Field(description="sha256 hex of the raw public key")
     public_key: str = Field(description="raw 32-byte public key, base64")
     pem: str = Field(description="SubjectPublicKeyInfo PEM")
+
+
+# -- push bodies (HTTP: blobs first with PUT /v1/blobs/{sha256}, then the listing) ------------
+
+
+class PushModelRequest(BaseModel):
+    name: str = Field(pattern=f"^{NAME_PATTERN}$")
+    files: list[FileEntry] = Field(min_length=1)
+    license: str | None = None
+    datasets: list[str] = Field(default=[], description="dataset digests (sha256:...) it was trained on")
+    training_record: dict[str, Any] | None = Field(
+        default=None, description="defaults to the content of training_record.json when the files include one"
+    )
+
+
+class PushedModel(ResolvedModel):
+    created: bool = Field(description="false when an identical version already existed and was returned")
+
+
+class PushDatasetRequest(BaseModel):
+    name: str = Field(pattern=f"^{NAME_PATTERN}$")
+    files: list[FileEntry] = Field(min_length=1)
+    source: str | None = None
+    license: str | None = None
+    description: str | None = None
+
+
+class PushedDataset(ResolvedDataset):
+    created: bool
+
+
+class AliasRequest(BaseModel):
+    ref: str = Field(min_length=1, description="the version the alias should point at: NAME:VERSION, NAME@ALIAS or NAME")
+    alias: str = Field(pattern=f"^{ALIAS_PATTERN}$")
+
+
+class AliasResult(BaseModel):
+    model: ModelId
+    alias: str
+    previous_version: int | None = None
+
+
+class DeleteRequest(BaseModel):
+    ref: str = Field(min_length=1)
+    all_versions: bool = Field(default=False, description="with a bare NAME: delete every version")
+
+
+class DeleteResult(BaseModel):
+    deleted: list[ModelId]
+    blobs_removed: list[str] = Field(description="sha256 of blobs no other manifest used, garbage-collected")

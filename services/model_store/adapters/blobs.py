@@ -1,0 +1,99 @@
+"""Content-addressed blobs in the JetStream Object Store: the object's name is its sha256 (hex).
+
+Uploads read a file object chunk by chunk (nats-py's ``put``), downloads iterate the object's
+chunks through an ordered consumer whose flow control holds back the server while the reader is
+slow, so neither direction holds a whole file in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
+
+from shared.catalog import BLOB_BUCKET
+from shared.errors import NotFound
+
+CHUNK_PENDING_BYTES = 16 * 1024 * 1024  # client-side buffer cap for one download
+
+
+class BlobStore:
+    def __init__(self, js: JetStreamContext, store: ObjectStore, bucket: str) -> None:
+        self._js = js
+        self._store = store
+        self.bucket = bucket
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, *, create: bool = False, bucket: str = BLOB_BUCKET, replicas: int = 1) -> BlobStore:
+        """Open the bucket; ``create`` (model-store only) makes it when missing."""
+        try:
+            store = await js.object_store(bucket)
+        except BucketNotFoundError:
+            if not create:
+                raise NotFound(f"object store bucket {bucket!r} does not exist (has model-store started?)") from None
+            store = await js.create_object_store(bucket, description="Strata model-store blobs (sha256-named)", replicas=replicas)
+        return cls(js, store, bucket)
+
+    async def size(self, sha256: str) -> int | None:
+        """The stored size of a blob, or None when there is none."""
+        try:
+            info = await self._store.get_info(sha256)
+        except (ObjectNotFoundError, NotFoundError):
+            return None
+        return info.size
+
+    async def put_file(self, sha256: str, stream: BinaryIO) -> int:
+        info = await self._store.put(sha256, stream)
+        return info.size or 0
+
+    async def put_path(self, sha256: str, path: Path) -> int:
+        with path.open("rb") as f:
+            return await self.put_file(sha256, f)
+
+    async def chunks(self, sha256: str) -> AsyncIterator[bytes]:
+        """The blob's bytes, chunk by chunk, as stored (the caller checks the digest)."""
+        try:
+            info = await self._store.get_info(sha256)
+        except (ObjectNotFoundError, NotFoundError):
+            raise NotFound(f"blob sha256:{sha256} is not in the store") from None
+        if not info.size:
+            return
+        subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=info.nuid)
+        sub = await self._js.subscribe(subject, ordered_consumer=True, pending_bytes_limit=CHUNK_PENDING_BYTES)
+        received = 0
+        try:
+            async for msg in sub.messages:
+                received += len(msg.data)
+                yield msg.data
+                if received >= info.size:
+                    break
+        finally:
+            await sub.unsubscribe()
+
+    async def download(self, sha256: str, dest: BinaryIO) -> tuple[str, int]:
+        """Write the blob into ``dest``; return (sha256 hex of what arrived, its size)."""
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in self.chunks(sha256):
+            digest.update(chunk)
+            dest.write(chunk)
+            size += len(chunk)
+        return digest.hexdigest(), size
+
+    async def delete(self, sha256: str) -> bool:
+        try:
+            await self._store.delete(sha256)
+        except (ObjectNotFoundError, NotFoundError):
+            return False
+        return True
+
+    async def names(self) -> list[str]:
+        try:
+            return [info.name for info in await self._store.list(ignore_deletes=True)]
+        except NotFoundError:
+            return []

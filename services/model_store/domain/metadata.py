@@ -1,0 +1,68 @@
+"""A model's metadata, read from its config.json and the headers of its safetensors files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from shared.catalog import ModelMetadata
+from shared.errors import Invalid
+
+from services.model_store.domain.checks import SafetensorsSummary
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def parse_config(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise Invalid(f"config.json: {len(raw)} bytes is larger than the {MAX_CONFIG_BYTES} byte limit")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Invalid(f"config.json: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise Invalid(f"config.json: must be a JSON object, got {type(config).__name__}")
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and architectures and all(isinstance(a, str) for a in architectures)
+    ):
+        raise Invalid("config.json: 'architectures' must be a non-empty list of class names")
+    if not architectures and not isinstance(config.get("model_type"), str):
+        raise Invalid("config.json: names neither 'architectures' nor 'model_type', so the model cannot be identified")
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise Invalid(f"config.json: {key} must be a positive integer, got {value!r}")
+    return config
+
+
+def model_metadata(config: dict[str, Any], summaries: Iterable[SafetensorsSummary]) -> ModelMetadata:
+    summaries = list(summaries)
+    by_dtype: dict[str, int] = {}
+    for summary in summaries:
+        for dtype, size in summary.bytes_by_dtype.items():
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    dominant = max(by_dtype, key=lambda d: by_dtype[d]) if by_dtype else "unknown"
+    architectures = config.get("architectures") or [config["model_type"]]
+    heads = config.get("num_attention_heads")
+    hidden = config.get("hidden_size")
+    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return ModelMetadata(
+        architecture=architectures[0],
+        model_type=config.get("model_type"),
+        parameters=sum(s.parameters for s in summaries),
+        dtype=dominant,
+        num_layers=config.get("num_hidden_layers") or text.get("num_hidden_layers"),
+        hidden_size=hidden,
+        intermediate_size=config.get("intermediate_size"),
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        vocab_size=config.get("vocab_size"),
+        context_length=config.get("max_position_embeddings"),
+        weight_bytes=sum(s.data_bytes for s in summaries),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )

@@ -1,0 +1,125 @@
+"""model-store's HTTP API (OpenAPI at /docs). Uploads and downloads stream: a request body is read
+with ``request.stream()`` chunk by chunk, a blob goes out as its Object Store chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from shared.catalog import (
+    AliasRequest, AliasResult, DatasetList, DeleteResult, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
+    PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
+)
+from shared.errors import NotFound
+
+from services.model_store.adapters.catalog_kv import BlobInfo
+from services.model_store.service_layer.handlers import ModelStore
+from services.model_store.service_layer.ingest import check_digest
+
+
+class BlobUploaded(BaseModel):
+    sha256: str
+    size: int
+    info: BlobInfo
+
+
+def router(store: Callable[[], ModelStore]) -> APIRouter:
+    """Routes over the ModelStore that the service builds once NATS is connected."""
+    api = APIRouter(prefix="/v1", tags=["model-store"])
+
+    @api.get("/public-key", response_model=PublicKey)
+    async def public_key() -> PublicKey:
+        return store().signer.public_key_info()
+
+    @api.head("/blobs/{sha256}")
+    async def has_blob(sha256: str) -> Response:
+        check_digest(sha256)
+        size = await store().blobs.size(sha256)
+        if size is None:
+            return Response(status_code=404)
+        return Response(headers={"x-blob-size": str(size)})
+
+    @api.put("/blobs/{sha256}", response_model=BlobUploaded)
+    async def upload_blob(sha256: str, request: Request, path: str | None = Query(default=None)) -> BlobUploaded:
+        """Stream a blob in as the raw request body; ``path`` (its file name) lets it be checked now."""
+        info = await store().ingest.upload(sha256, request.stream(), path)
+        return BlobUploaded(sha256=sha256, size=info.size, info=info)
+
+    @api.get("/blobs/{sha256}")
+    async def download_blob(sha256: str) -> StreamingResponse:
+        check_digest(sha256)
+        return await _stream(store(), sha256)
+
+    @api.post("/models", response_model=PushedModel)
+    async def push_model(body: PushModelRequest, response: Response) -> PushedModel:
+        pushed = await store().register_model(body)
+        response.status_code = 201 if pushed.created else 200
+        return pushed
+
+    @api.get("/models", response_model=ModelList)
+    async def list_models(name: str | None = None) -> ModelList:
+        return await store().list_models(name)
+
+    @api.get("/models/{ref}", response_model=ResolvedModel)
+    async def show_model(ref: str) -> ResolvedModel:
+        """Resolve NAME, NAME:VERSION or NAME@ALIAS to its signed manifest."""
+        return await store().resolve(ref)
+
+    @api.get("/resolve", response_model=ResolvedModel)
+    async def resolve(ref: str) -> ResolvedModel:
+        return await store().resolve(ref)
+
+    @api.get("/models/{ref}/files/{path:path}")
+    async def download_file(ref: str, path: str) -> StreamingResponse:
+        resolved = await store().resolve(ref)
+        entry = next((f for f in resolved.manifest.files if f.path == path), None)
+        if entry is None:
+            raise NotFound(f"{resolved.model.name}:{resolved.model.version} has no file {path!r}")
+        return await _stream(store(), entry.sha256)
+
+    @api.delete("/models/{ref}", response_model=DeleteResult)
+    async def delete_model(ref: str, all_versions: bool = False) -> DeleteResult:
+        return await store().delete(ref, all_versions=all_versions)
+
+    @api.post("/aliases", response_model=AliasResult)
+    async def set_alias(body: AliasRequest) -> AliasResult:
+        return await store().set_alias(body.ref, body.alias)
+
+    @api.delete("/models/{name}/aliases/{alias}", status_code=204)
+    async def remove_alias(name: str, alias: str) -> Response:
+        await store().remove_alias(name, alias)
+        return Response(status_code=204)
+
+    @api.post("/datasets", response_model=PushedDataset)
+    async def push_dataset(body: PushDatasetRequest, response: Response) -> PushedDataset:
+        pushed = await store().register_dataset(body)
+        response.status_code = 201 if pushed.created else 200
+        return pushed
+
+    @api.get("/datasets", response_model=DatasetList)
+    async def list_datasets() -> DatasetList:
+        return await store().list_datasets()
+
+    @api.get("/datasets/{ref}", response_model=ResolvedDataset)
+    async def show_dataset(ref: str) -> ResolvedDataset:
+        return await store().dataset(ref)
+
+    return api
+
+
+async def _stream(store: ModelStore, sha256: str) -> StreamingResponse:
+    size = await store.blobs.size(sha256)
+    if size is None:
+        raise NotFound(f"blob sha256:{sha256} is not in the store")
+
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in store.blobs.chunks(sha256):
+            yield chunk
+
+    return StreamingResponse(
+        body(), media_type="application/octet-stream",
+        headers={"content-length": str(size), "x-content-sha256": sha256},
+    )
