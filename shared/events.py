@@ -174,8 +174,11 @@ class NodeRegistered(InventoryEvent):
     cpu_model: str
     cpu_cores: int = Field(ge=1)
     ram_total: int = Field(ge=0)
-    devices: list[DeviceInfo] = []
+    devices: list[DeviceInfo] = Field(default=[], description="placement targets: the CPU ('cpu', its RAM) and each GPU")
     labels: dict[str, str] = {}
+    disk_total: int = Field(default=0, ge=0, description="bytes on the data dir's file system")
+    disk_free: int = Field(default=0, ge=0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
 
 
 class NodeHeartbeat(InventoryEvent):
@@ -208,12 +211,34 @@ class DeployScheduled(InventoryEvent):
     device: str
     predicted_bytes: int = Field(ge=0)
     context_length: int = Field(ge=1)
+    model_ref: str = ""
+    replica: int = Field(default=0, ge=0)
+    replicas: int = Field(default=1, ge=1)
+    generation: int = Field(default=0, ge=0, description="bumped each time the replica is placed again")
+    dtype: str | None = Field(default=None, description="the dtype to compute in")
+    batch: int = Field(default=1, ge=1)
+    kv_cache_bytes: int = Field(default=0, ge=0, description="size the KV cache to this (what was booked)")
+    booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
 
 
 class DeployRejected(InventoryEvent):
     TYPE = "deploy.rejected"
     deployment_id: str
     model_ref: str
+    reason: str
+    replica: int | None = Field(default=None, description="set when one replica of a placed deployment could not be placed again")
+
+
+class DeployReleased(InventoryEvent):
+    """A replica's memory is no longer booked on a node (undeployed, moved after a node loss, evicted):
+    the worker there unloads it if it still holds it."""
+
+    TYPE = "deploy.released"
+    deployment_id: str
+    model: ModelId
+    node_id: str
+    device: str
+    replica: int = Field(default=0, ge=0)
     reason: str
 
 
@@ -228,6 +253,9 @@ class DeployRequested(ClientEvent):
     replicas: int = Field(default=1, ge=1, le=64)
     constraints: dict[str, str] = {}
     context_length: int | None = Field(default=None, ge=1)
+    batch: int = Field(default=1, ge=1, le=4096, description="sequences served at full context at once")
+    policy: Literal["binpack", "spread"] | None = Field(default=None, description="None: the registry's default")
+    dtype: str | None = Field(default=None, description="compute dtype; None: the checkpoint's on GPU, float32 on CPU")
 
 
 class UndeployRequested(ClientEvent):

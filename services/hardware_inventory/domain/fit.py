@@ -1,0 +1,174 @@
+"""The memory-fit model: how many bytes a model needs on a device for a context length and batch.
+
+    need = weights + KV cache + activations + workspace
+
+* weights: the checkpoint's tensor bytes, rescaled when the device computes in another dtype (the
+  worker runs float32 on CPU unless told otherwise, so a bf16 checkpoint doubles there);
+* KV cache: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes per token, for
+  ``context x batch`` tokens rounded up to whole paged-cache blocks;
+* activations: the peak of one engine step, i.e. a prefill chunk of up to ``max_batched_tokens``
+  tokens through one decoder layer (residual, norm, q/k/v, attention out, gate/up/act of the MLP)
+  plus the logits and softmax of up to ``max_num_seqs`` rows;
+* workspace: a fixed allowance per device kind for library workspaces and allocator slack.
+
+The figure is what the deployment allocates on the device (``torch.cuda.max_memory_allocated`` on
+CUDA), the same figure the worker reports as ``measured.peak``. A booking adds ``runtime_overhead``
+(the CUDA context, or the process's own RSS on CPU), which no allocator statistic shows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import Invalid
+
+MiB = 1 << 20
+GiB = 1 << 30
+DeviceKind = Literal["cpu", "cuda"]
+
+DTYPE_BYTES = {
+    "float32": 4, "fp32": 4, "f32": 4, "float": 4,
+    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "f16": 2, "half": 2,
+    "float8_e4m3fn": 1, "f8_e4m3": 1, "fp8": 1, "int8": 1, "i8": 1, "u8": 1, "uint8": 1,
+}
+CANONICAL_DTYPE = {2: "bfloat16", 4: "float32", 1: "int8"}
+WORKSPACE = {"cuda": 256 * MiB, "cpu": 64 * MiB}
+RUNTIME_OVERHEAD = {"cuda": 512 * MiB, "cpu": 512 * MiB}
+
+
+def dtype_name(dtype: str) -> str:
+    """A dtype spelled as safetensors, torch or HF spell it (BF16, torch.bfloat16, bf16) -> one name."""
+    key = dtype.strip().lower().removeprefix("torch.")
+    if key not in DTYPE_BYTES:
+        raise Invalid(f"unsupported dtype {dtype!r}; known: {', '.join(sorted(set(DTYPE_BYTES)))}")
+    return {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16", "fp32": "float32",
+            "f32": "float32", "float": "float32", "f8_e4m3": "float8_e4m3fn", "fp8": "float8_e4m3fn",
+            "i8": "int8", "u8": "uint8"}.get(key, key)
+
+
+def dtype_bytes(dtype: str) -> int:
+    return DTYPE_BYTES[dtype_name(dtype)]
+
+
+class ModelShape(BaseModel):
+    """The architecture figures the formula needs (from model-store's ModelMetadata)."""
+
+    model_config = ConfigDict(frozen=True)
+    architecture: str
+    dtype: str = Field(description="the checkpoint's dtype")
+    parameters: int = Field(ge=0)
+    weight_bytes: int = Field(ge=0)
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    context_length: int = Field(ge=1, description="the model's maximum context (max_position_embeddings)")
+
+    @classmethod
+    def from_metadata(cls, meta: object) -> ModelShape:
+        """From a ``shared.catalog.ModelMetadata``; Invalid names every figure the checkpoint lacks."""
+        get = lambda name: getattr(meta, name, None)  # noqa: E731
+        missing = [n for n in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size", "context_length") if get(n) is None]
+        if missing:
+            raise Invalid(f"model metadata lacks {', '.join(missing)}: cannot predict its memory")
+        num_heads = get("num_heads")
+        head_dim = get("head_dim") or get("hidden_size") // num_heads
+        return cls(
+            architecture=get("architecture"), dtype=dtype_name(get("dtype")), parameters=get("parameters"),
+            weight_bytes=get("weight_bytes"), num_layers=get("num_layers"), hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"), num_heads=num_heads,
+            num_kv_heads=get("num_kv_heads") or num_heads, head_dim=head_dim, vocab_size=get("vocab_size"),
+            context_length=get("context_length"),
+        )
+
+
+class FitParams(BaseModel):
+    """The engine settings the prediction assumes (the worker's EngineConfig defaults)."""
+
+    model_config = ConfigDict(frozen=True)
+    block_size: int = Field(default=16, ge=1)
+    max_batched_tokens: int = Field(default=4096, ge=1)
+    max_num_seqs: int = Field(default=256, ge=1)
+
+
+class FitEstimate(BaseModel):
+    """A prediction, term by term, so that a person can check it by hand."""
+
+    model_config = ConfigDict(frozen=True)
+    device_kind: DeviceKind
+    dtype: str = Field(description="the dtype the device computes in")
+    context_length: int
+    batch: int
+    weights: int
+    kv_cache: int
+    kv_bytes_per_token: int
+    activations: int
+    workspace: int
+    runtime_overhead: int
+
+    @property
+    def total(self) -> int:
+        """Bytes the deployment allocates on the device: compared with the measured peak."""
+        return self.weights + self.kv_cache + self.activations + self.workspace
+
+    @property
+    def booked(self) -> int:
+        """What a booking reserves: the total plus the per-process runtime overhead."""
+        return self.total + self.runtime_overhead
+
+
+def compute_dtype(shape: ModelShape, device_kind: DeviceKind, dtype: str | None = None) -> str:
+    """The dtype a worker computes in: as asked, else the checkpoint's on CUDA and float32 on CPU."""
+    if dtype:
+        return dtype_name(dtype)
+    return shape.dtype if device_kind == "cuda" else "float32"
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes(dtype)
+
+
+def predict(
+    shape: ModelShape,
+    device_kind: DeviceKind,
+    *,
+    context_length: int | None = None,
+    batch: int = 1,
+    dtype: str | None = None,
+    params: FitParams = FitParams(),
+) -> FitEstimate:
+    if batch < 1:
+        raise Invalid(f"batch must be >= 1, got {batch}")
+    context = context_length or shape.context_length
+    if context < 1:
+        raise Invalid(f"context length must be >= 1, got {context}")
+    if context > shape.context_length:
+        raise Invalid(f"context length {context} exceeds the model's maximum of {shape.context_length}")
+    run_dtype = compute_dtype(shape, device_kind, dtype)
+    size = dtype_bytes(run_dtype)
+    weights = math.ceil(shape.weight_bytes * size / dtype_bytes(shape.dtype))
+    per_token = kv_bytes_per_token(shape, run_dtype)
+    blocks = batch * math.ceil(context / params.block_size)
+    kv_cache = per_token * blocks * params.block_size
+    return FitEstimate(
+        device_kind=device_kind, dtype=run_dtype, context_length=context, batch=batch,
+        weights=weights, kv_cache=kv_cache, kv_bytes_per_token=per_token,
+        activations=activation_bytes(shape, size, context * batch, params),
+        workspace=WORKSPACE[device_kind], runtime_overhead=RUNTIME_OVERHEAD[device_kind],
+    )
+
+
+def activation_bytes(shape: ModelShape, size: int, tokens: int, params: FitParams = FitParams()) -> int:
+    """Peak of one step: a prefill chunk through a layer, then the logits (and softmax) of its rows."""
+    step = min(tokens, params.max_batched_tokens)
+    attention = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim  # q, k, v
+    per_token = 3 * shape.hidden_size + attention + 3 * shape.intermediate_size  # residual, norm, attn out; gate, up, act
+    rows = min(params.max_num_seqs, step)
+    logits = 2 * rows * shape.vocab_size * max(size, 4)  # logits and softmax, at least float32 precision
+    return step * per_token * size + logits

@@ -1,0 +1,81 @@
+"""The fit formula against hand computations, and the correction from measurements (no NATS)."""
+
+import pytest
+
+from services.hardware_inventory.domain.correction import Correction
+from services.hardware_inventory.domain.fit import FitParams, ModelShape, activation_bytes, predict
+from shared.errors import Invalid
+
+# Llama-3-8B: 8,030,261,248 parameters in bf16.
+LLAMA3_8B = ModelShape(
+    architecture="LlamaForCausalLM", dtype="bfloat16", parameters=8_030_261_248, weight_bytes=16_060_522_496,
+    num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, head_dim=128,
+    vocab_size=128256, context_length=8192,
+)
+
+
+def test_llama3_8b_weights_and_kv_cache_match_the_hand_computation():
+    est = predict(LLAMA3_8B, "cuda", context_length=8192, batch=1)
+    assert est.dtype == "bfloat16"
+    assert est.weights == 16_060_522_496  # ~16.06 GB
+    assert est.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131_072
+    assert est.kv_cache == 131_072 * 8192 == 1_073_741_824  # 1 GiB for 8k tokens
+    # activations: a 4096-token prefill chunk through one layer + logits/softmax of 256 rows in fp32
+    per_token = 3 * 4096 + (32 + 2 * 8) * 128 + 3 * 14336
+    assert est.activations == 4096 * per_token * 2 + 2 * 256 * 128256 * 4
+    assert est.total == est.weights + est.kv_cache + est.activations + est.workspace
+    assert est.booked == est.total + est.runtime_overhead
+    assert 17.5e9 < est.total < 18.2e9
+
+
+def test_batch_and_context_scale_the_kv_cache_rounded_to_blocks():
+    one = predict(LLAMA3_8B, "cuda", context_length=1000, batch=1)
+    four = predict(LLAMA3_8B, "cuda", context_length=1000, batch=4)
+    assert one.kv_cache == 131_072 * 1008  # 63 blocks of 16
+    assert four.kv_cache == 4 * one.kv_cache
+    assert four.weights == one.weights
+
+
+def test_cpu_computes_in_float32_unless_told_otherwise():
+    cpu = predict(LLAMA3_8B, "cpu", context_length=2048)
+    assert cpu.dtype == "float32" and cpu.weights == 2 * 16_060_522_496 and cpu.kv_bytes_per_token == 262_144
+    assert predict(LLAMA3_8B, "cpu", context_length=2048, dtype="bf16").weights == 16_060_522_496
+
+
+def test_short_requests_use_a_smaller_activation_step():
+    assert activation_bytes(LLAMA3_8B, 2, 16, FitParams()) < activation_bytes(LLAMA3_8B, 2, 4096, FitParams())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"context_length": 100_000}, "exceeds the model's maximum of 8192"),
+    ({"batch": 0}, "batch must be >= 1"),
+    ({"dtype": "float7"}, "unsupported dtype"),
+])
+def test_bad_prediction_inputs_are_refused_with_the_reason(kwargs, message):
+    with pytest.raises(Invalid, match=message):
+        predict(LLAMA3_8B, "cuda", **kwargs)
+
+
+def test_a_measurement_moves_the_next_prediction_to_it_and_the_error_shrinks():
+    raw = predict(LLAMA3_8B, "cuda", context_length=8192)
+    measured_peak = int(raw.total * 1.15)  # the card used 15 % more than the formula said
+    c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
+    c1 = c0.learn(raw, raw.total, raw.weights, measured_peak, "d1.0.0")
+    assert c1.samples == 1 and c1.last_error == pytest.approx(1 / 1.15 - 1, abs=1e-6)
+    corrected = c1.apply(raw)
+    assert abs(corrected.total - measured_peak) / measured_peak < 0.001
+    c2 = c1.learn(raw, corrected.total, raw.weights, measured_peak, "d2.0.0")
+    assert abs(c2.last_error) < abs(c1.last_error) and abs(c2.last_error) < 0.001
+    assert c2.learn(raw, corrected.total, raw.weights, measured_peak, "d2.0.0") is c2  # idempotent per sample
+    # the correction carries over to another context length of the same kind of model
+    other = c2.apply(predict(LLAMA3_8B, "cuda", context_length=2048))
+    assert other.total > predict(LLAMA3_8B, "cuda", context_length=2048).total
+
+
+def test_an_implausible_measurement_is_refused_and_factors_are_clamped():
+    raw = predict(LLAMA3_8B, "cuda", context_length=8192)
+    c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
+    with pytest.raises(ValueError, match="implausible"):
+        c0.learn(raw, raw.total, raw.weights * 2, raw.weights, "x")
+    wild = c0.learn(raw, raw.total, raw.weights, raw.weights + 100 * (raw.total - raw.weights), "y")
+    assert wild.overhead_factor == 4.0
