@@ -21,9 +21,19 @@ def rpc(service: str, op: str) -> str:
     return f"rpc.{service}.{op}"
 
 
-def inference_request(model: str) -> str:
-    return f"infer.request.{model}"
+def token(name: str) -> str:
+    """A name as one subject token: '.', '*', '>', '%' and whitespace are %-escaped, so that a model
+    called ``qwen2.5-0.5b`` gets one token, not three."""
+    return "".join(f"%{ord(c):02X}" if c in ".*>%" or c.isspace() else c for c in name)
 
 
-def inference_job(model: str) -> str:
-    return f"infer.jobs.{model}"
+def inference_request(model_name: str) -> str:
+    return f"infer.request.{token(model_name)}"
+
+
+def inference_job(model_name: str) -> str:
+    return f"infer.jobs.{token(model_name)}"
+
+
+def inference_result(request_id: str) -> str:
+    return f"infer.results.{token(request_id)}"

@@ -86,3 +86,24 @@ def test_the_published_subject_table_matches_the_schemas():
 
     table = Path(__file__).resolve().parents[2] / "infra" / "SUBJECTS.md"
     assert table.read_text() == subject_table(), "regenerate with: strata subjects > infra/SUBJECTS.md"
+
+
+def test_model_names_with_dots_stay_one_subject_token():
+    from shared import subjects
+
+    assert subjects.inference_request("qwen2.5-0.5b") == "infer.request.qwen2%2E5-0%2E5b"
+    assert subjects.token("a b>*%") == "a%20b%3E%2A%25"
+    assert subjects.inference_request("tiny") == "infer.request.tiny"
+
+
+def test_an_inference_request_takes_exactly_one_of_messages_or_prompt():
+    from pydantic import ValidationError
+
+    from shared.inference import InferenceRequest
+
+    assert InferenceRequest(model="tiny", prompt="Once").messages is None
+    for bad in ({}, {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}):
+        with pytest.raises(ValidationError, match="exactly one of 'messages'"):
+            InferenceRequest(model="tiny", **bad)
+    with pytest.raises(ValidationError, match="temperature"):
+        InferenceRequest(model="tiny", prompt="x", sampling={"temperature": -1})

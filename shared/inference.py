@@ -1,0 +1,146 @@
+"""The serving contract between clients (api-gateway, CLI, users) and inference-workers.
+
+Interactive requests: a client sends an ``InferenceRequest`` as a NATS request on
+``infer.request.<model name>`` (``subjects.inference_request``); the workers that host the model
+share that subject through one queue group per model. With ``stream: false`` the one reply is a
+``shared.rpc.RpcReply`` whose result is an ``InferenceReply`` (or whose error is typed). With ``stream: true`` the worker publishes ``StreamMessage``s to the reply
+inbox: ``started``, then ``chunk``s, then exactly one ``end`` (usage, finish reason) or ``error``;
+while a request waits in the queue or between tokens the worker sends ``keepalive`` at least every
+``KEEPALIVE_S`` seconds, so a client that hears nothing for ``SILENCE_TIMEOUT_S`` knows the worker
+died and fails the request instead of hanging. No responder at all means the model is not deployed:
+the client gets that at once (``NoRespondersError``), not after a time-out.
+
+Cancelling: publish an ``InferenceCancel`` on ``infer.cancel`` (every worker listens; the one that
+holds the request stops it and frees its cache blocks).
+
+Batch jobs: an ``InferenceRequest`` published to the JetStream subject ``infer.jobs.<model name>``
+(stream ``JOBS``) is processed at least once; its ``InferenceReply`` is published to
+``infer.results.<request id>`` (stream ``RESULTS``), and a duplicate request id gives one result.
+Outputs never go into the ``EVENTS`` stream (the audit log): the ``inference.completed`` event carries
+their sha256 only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.events import ModelId, new_id
+
+KEEPALIVE_S = 1.0
+SILENCE_TIMEOUT_S = 10.0
+CANCEL_SUBJECT = "infer.cancel"
+JOBS_STREAM = "JOBS"
+RESULTS_STREAM = "RESULTS"
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class SamplingOptions(BaseModel):
+    """The engine's sampling parameters. Unset values take the model's generation_config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="0 disables top-k")
+    seed: int | None = None
+    stop: list[str] = Field(default=[], max_length=16)
+    stop_token_ids: list[int] = Field(default=[], max_length=64)
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
+
+
+class InferenceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    model: str = Field(min_length=1, description="NAME, NAME:VERSION or NAME@ALIAS")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = None
+    sampling: SamplingOptions = SamplingOptions()
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InferenceRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' (chat) or 'prompt' (completion)")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+    top: list[tuple[str, float]] = []
+
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class InferenceReply(BaseModel):
+    request_id: str
+    model: ModelId
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+
+
+class InferenceError(BaseModel):
+    """A typed failure: ``code`` is one of shared.errors' codes (not_found, invalid, unavailable…)."""
+
+    request_id: str
+    code: str
+    message: str
+
+
+class Started(BaseModel):
+    kind: Literal["started"] = "started"
+    request_id: str
+    model: ModelId
+
+
+class Chunk(BaseModel):
+    kind: Literal["chunk"] = "chunk"
+    request_id: str
+    index: int = Field(ge=0)
+    text: str
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+
+
+class End(BaseModel):
+    kind: Literal["end"] = "end"
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class StreamFailure(BaseModel):
+    kind: Literal["error"] = "error"
+    error: InferenceError
+
+
+class Keepalive(BaseModel):
+    kind: Literal["keepalive"] = "keepalive"
+    request_id: str
+
+
+StreamMessage = Annotated[Started | Chunk | End | StreamFailure | Keepalive, Field(discriminator="kind")]
+
+
+class InferenceCancel(BaseModel):
+    request_id: str
+    reason: str = "cancelled by the client"
