@@ -1,0 +1,176 @@
+"""The registry on a real nats-server with three scripted agents: placement, rejection, races,
+node loss, correction from measured figures, undeploy."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
+from shared import bus
+from shared.events import DeployReady, DeployRequested, MeasuredMemory, Source, make_event
+from tests.hardware_inventory.conftest import GB, Cluster
+from tests.support.helpers import eventually
+
+CLIENT = Source(service="cli", node="laptop")
+
+
+async def deploy(c: Cluster, **kwargs):
+    return await c.deployments.deploy(DeployRequest(**kwargs))
+
+
+async def test_placement_follows_the_policy_and_the_constraints(cluster: Cluster):
+    binpack = await deploy(cluster, model_ref="tiny", policy="binpack")
+    spread = await deploy(cluster, model_ref="tiny", policy="spread")
+    on_cpu = await deploy(cluster, model_ref="tiny", constraints={"device": "cpu"})
+    on_h100 = await deploy(cluster, model_ref="small", constraints={"gpu.product": "H100"})
+    zone_b = await deploy(cluster, model_ref="tiny", constraints={"label.zone": "b"})
+    where = lambda o: [(r.node_id, r.device) for r in o.deployment.replicas]  # noqa: E731
+    assert where(binpack) == [("gpu-24", "cuda:0")]  # the tightest GPU: keeps the H100 free for big models
+    assert where(spread) == [("gpu-80", "cuda:0")]  # the largest free share
+    assert where(on_cpu) == [("cpu-8", "cpu")]
+    assert on_cpu.deployment.replicas[0].dtype == "float32"  # the CPU computes in float32
+    assert where(on_h100) == [("gpu-80", "cuda:0")]
+    assert where(zone_b) == [("gpu-24", "cuda:0")]
+    two = await deploy(cluster, model_ref="tiny", replicas=3, policy="binpack")
+    assert len({r.node_id for r in two.deployment.replicas}) == 3  # replicas go to distinct nodes first
+    await eventually(lambda: len(cluster.of("deploy.scheduled")) == 8, what="8 deploy.scheduled events")
+    scheduled = cluster.of("deploy.scheduled", deployment_id=on_h100.deployment_id)[0]
+    assert scheduled.node_id == "gpu-80" and scheduled.kv_cache_bytes > 0 and scheduled.booked_bytes > scheduled.predicted_bytes
+
+
+async def test_rejections_name_the_numbers_and_the_cause(cluster: Cluster):
+    too_big = await deploy(cluster, model_ref="llama3-8b", constraints={"device": "cpu", "node": "cpu-8"})
+    assert not too_big.scheduled and too_big.code == "no_fit"
+    assert "needs" in too_big.reason and "GB on cpu" in too_big.reason
+    assert "cpu-8/cpu: 6.80 GB free of 6.80 GB usable" in too_big.reason  # 85 % of 8 GB
+    assert "gpu-24/cuda:0: excluded by device=cpu" in too_big.reason
+    assert "gpu-80/cpu: excluded by node=cpu-8" in too_big.reason
+    unknown = await deploy(cluster, model_ref="nope")
+    assert unknown.code == "not_found" and "model 'nope' not found" in unknown.reason
+    bad_key = await deploy(cluster, model_ref="tiny", constraints={"gpu.prodcut": "H100"})
+    assert bad_key.code == "invalid" and "unknown constraint key 'gpu.prodcut'" in bad_key.reason
+    bad_device = await deploy(cluster, model_ref="tiny", constraints={"device": "tpu"})
+    assert "expected cpu, cuda or gpu" in bad_device.reason
+    long_ctx = await deploy(cluster, model_ref="tiny", context_length=10**6)
+    assert "exceeds the model's maximum of 2048" in long_ctx.reason
+    await eventually(lambda: len(cluster.of("deploy.rejected")) == 5, what="5 deploy.rejected events")
+    await cluster.store.broker.stop()  # model-store goes away
+    down = await deploy(cluster, model_ref="tiny")
+    assert down.code == "unavailable" and "model-store unavailable" in down.reason
+    assert not (await cluster.registry.inventory.state.allocations()).deployments
+
+
+async def test_concurrent_requests_never_book_the_same_memory_twice(cluster: Cluster):
+    second = await cluster.start_registry()  # two registry replicas share the state and the durable consumer
+    report = await cluster.deployments.fit(FitRequest(model_ref="llama3-8b", constraints={"device": "cuda"}))
+    capacity = {(r.node_id, r.device): r.capacity for r in report.rows if r.kind == "cuda"}
+    expected = sum(r.available // r.need for r in report.rows if r.kind == "cuda")
+    assert expected == 4  # one on the 24 GB card, three on the 80 GB H100
+
+    # half through the event stream (both replicas consume), half straight at both replicas at once
+    events = [make_event(DeployRequested(model_ref="llama3-8b", constraints={"device": "cuda"}), CLIENT) for _ in range(10)]
+    direct = [(cluster.registries[i % 2].inventory.deployments.deploy(
+        DeployRequest(model_ref="llama3-8b", constraints={"device": "cuda"}))) for i in range(10)]
+    outcomes = (await asyncio.gather(*(bus.publish(cluster.registry.broker, e) for e in events), *direct))[10:]
+    await eventually(lambda: len(cluster.of("deploy.scheduled")) + len(cluster.of("deploy.rejected")) == 20, timeout=30,
+                     what="an answer to each of the 20 requests")
+    assert len(cluster.of("deploy.scheduled")) == expected
+    assert sum(o.scheduled for o in outcomes) <= expected
+    allocations = await cluster.registry.inventory.state.allocations()
+    for (node, device), cap in capacity.items():
+        assert allocations.booked(node, device) <= cap
+    assert second.consumer.stats.handled + cluster.registry.consumer.stats.handled >= 10
+    conflicts = cluster.registry.inventory.state.conflicts + second.inventory.state.conflicts
+    print(f"compare-and-set conflicts resolved: {conflicts}")
+    rejected = cluster.of("deploy.rejected")[0].reason
+    assert "no device fits" in rejected and "free of" in rejected
+
+
+async def test_a_lost_node_is_announced_and_its_deployments_move_then_it_returns(cluster: Cluster):
+    outcome = await deploy(cluster, model_ref="llama3-8b")
+    assert outcome.deployment.replicas[0].node_id == "gpu-24"
+    await cluster.stop_agent("gpu-24")  # heartbeats stop
+    await eventually(lambda: cluster.of("node.lost", node_id="gpu-24"), timeout=10, what="node.lost")
+    lost = cluster.of("node.lost", node_id="gpu-24")[0]
+    assert lost.missed_beats >= 3
+    await eventually(lambda: cluster.of("deploy.scheduled", generation=1), what="re-placement")
+    moved = cluster.of("deploy.scheduled", generation=1)[0]
+    assert (moved.deployment_id, moved.node_id, moved.device) == (outcome.deployment_id, "gpu-80", "cuda:0")
+    released = cluster.of("deploy.released", deployment_id=outcome.deployment_id)
+    assert released[0].node_id == "gpu-24" and "lost" in released[0].reason
+    allocations = await cluster.registry.inventory.state.allocations()
+    assert allocations.booked("gpu-24", "cuda:0") == 0 and allocations.booked("gpu-80", "cuda:0") > 0
+    await cluster.start_agent("gpu-24")
+    await eventually(lambda: cluster.of("node.returned", node_id="gpu-24"), timeout=10, what="node.returned")
+    assert len(cluster.of("node.lost", node_id="gpu-24")) == 1
+
+
+async def test_a_lost_node_whose_deployment_fits_nowhere_else_says_so(cluster: Cluster):
+    outcome = await deploy(cluster, model_ref="small", constraints={"label.zone": "b"})
+    await cluster.stop_agent("gpu-24")
+    await eventually(lambda: cluster.of("deploy.rejected", deployment_id=outcome.deployment_id), timeout=10, what="rejection")
+    rejected = cluster.of("deploy.rejected", deployment_id=outcome.deployment_id)[0]
+    assert rejected.replica == 0 and "cannot be placed again" in rejected.reason and "gpu-24/cuda:0: node lost" in rejected.reason
+    assert (await cluster.registry.inventory.state.allocations()).deployments[outcome.deployment_id].state == "degraded"
+    await cluster.start_agent("gpu-24")  # back: the waiting replica is placed again
+    await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=outcome.deployment_id, generation=1), timeout=10,
+                     what="the waiting replica placed on the returned node")
+
+
+async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
+    first = await deploy(cluster, model_ref="small", constraints={"gpu.product": "H100"})
+    replica = first.deployment.replicas[0]
+    predicted = replica.predicted_bytes
+    fit_before = await cluster.deployments.fit(FitRequest(model_ref="small"))
+    weights = fit_before.estimates["cuda"].raw.weights
+    measured = int(predicted * 1.25)
+
+    async def ready(outcome):
+        r = outcome.deployment.replicas[0]
+        event = make_event(DeployReady(deployment_id=outcome.deployment_id, model=outcome.deployment.model, node_id=r.node_id,
+                                       device=r.device, load_seconds=1.5,
+                                       measured=MeasuredMemory(weights=weights, kv_cache=r.kv_cache_bytes, peak=measured)),
+                           Source(service="inference-worker", node=r.node_id))
+        await bus.publish(cluster.registry.broker, event)
+
+    await ready(first)
+    state = cluster.registry.inventory.state
+    await eventually(lambda: state.kv is not None, what="state")
+
+    async def correction():
+        return [c for c in await state.corrections() if c.device_kind == "cuda"]
+
+    for _ in range(200):
+        if await correction():
+            break
+        await asyncio.sleep(0.05)
+    [c1] = await correction()
+    assert c1.samples == 1 and c1.last_error < -0.19  # predicted 20 % under the measurement
+    fit_after = await cluster.deployments.fit(FitRequest(model_ref="small"))
+    assert fit_after.estimates["cuda"].total > fit_before.estimates["cuda"].total
+    assert abs(fit_after.estimates["cuda"].total - measured) / measured < 0.01
+    assert fit_after.estimates["cpu"].total == fit_before.estimates["cpu"].total  # another device kind learns separately
+
+    second = await deploy(cluster, model_ref="small", constraints={"gpu.product": "H100"})
+    assert second.deployment.replicas[0].predicted_bytes > predicted
+    await ready(second)
+    for _ in range(200):
+        [c2] = await correction()
+        if c2.samples == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert c2.samples == 2 and abs(c2.last_error) < abs(c1.last_error) and abs(c2.last_error) < 0.01
+    deployment = (await state.allocations()).deployments[second.deployment_id]
+    assert deployment.state == "ready" and deployment.replicas[0].measured_peak == measured
+
+
+async def test_undeploy_frees_the_allocation(cluster: Cluster):
+    state = cluster.registry.inventory.state
+    a = await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})
+    assert (await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})).code == "no_fit"
+    assert (await state.allocations()).booked("gpu-24", "cuda:0") > 18 * GB
+    released = await cluster.deployments.undeploy("llama3-8b", None)
+    assert released == [a.deployment_id]
+    assert (await state.allocations()).booked("gpu-24", "cuda:0") == 0
+    assert (await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})).scheduled
+    await eventually(lambda: cluster.of("deploy.released", deployment_id=a.deployment_id), what="deploy.released")
