@@ -1,11 +1,269 @@
-"""provenance-ledger: appends every event to a verifiable Merkle log."""
+"""provenance-ledger: appends every event to a verifiable Merkle log, signs tree heads, serves
+proofs, receipts, lineage, audit and exports over HTTP (OpenAPI) and NATS RPC."""
 
-from shared import subjects
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from fastapi import Query
+from fastapi.responses import PlainTextResponse
+
+from services.provenance_ledger.adapters.ingest import EventIngest
+from services.provenance_ledger.domain import exports
+from services.provenance_ledger.domain.receipt import Receipt
+from services.provenance_ledger.domain.tree_head import key_id
+from services.provenance_ledger.domain.verify import VerifyReport
+from services.provenance_ledger.entrypoints.api import (
+    AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, DatasetRef, Empty, ExportRequest,
+    HeadResponse, InclusionProof, InclusionRequest, LedgerStats, PublicKey, RequestRef,
+)
+from services.provenance_ledger.service_layer import queries
+from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger, verify_store
+from shared import errors
 from shared.config import Settings
+from shared.events import LedgerCheckpoint, TamperDetected
 from shared.service import Service
+
+log = logging.getLogger(__name__)
+NAME = "provenance-ledger"
+MAX_TAMPER_EVENTS = 10
+
+
+def _policy() -> CheckpointPolicy:
+    return CheckpointPolicy(
+        every_events=int(os.environ.get("STRATA_LEDGER_CHECKPOINT_EVENTS", 1000)),
+        every_seconds=float(os.environ.get("STRATA_LEDGER_CHECKPOINT_SECONDS", 10)),
+    )
+
+
+class LedgerApp:
+    """The running ledger: the service, its Ledger and its ingest; the API handlers below call it."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.ledger: Ledger | None = None
+        self.ingest: EventIngest | None = None
+
+    @property
+    def lg(self) -> Ledger:
+        if self.ledger is None:
+            raise errors.Unavailable("the ledger is starting")
+        return self.ledger
+
+    async def start(self) -> None:
+        self.ledger = Ledger.open(self.service.settings.service_dir, _policy())
+        if self.ledger.tamper is not None:
+            await self.report_tamper(self.ledger.tamper)
+        self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME, after_commit=self.checkpoint_if_due)
+        await self.ingest.start()
+
+    async def stop(self) -> None:
+        if self.ingest is not None:
+            await self.ingest.stop()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    async def checkpoint_if_due(self) -> None:
+        if self.ledger is not None and self.ledger.checkpoint_due():
+            await self.checkpoint()
+
+    async def checkpoint(self) -> Any:
+        head = self.lg.sign()
+        try:
+            await self.service.publish(LedgerCheckpoint(
+                tree_size=head.tree_size, root_hash=head.root_hash, signature=head.signature,
+                key_id=head.key_id, signed_at=head.signed_at,
+            ))
+        except Exception:  # the head is kept either way; the next one is published
+            log.exception("could not publish the checkpoint at size %d", head.tree_size)
+        return head
+
+    async def report_tamper(self, report: VerifyReport) -> None:
+        for problem in report.problems[:MAX_TAMPER_EVENTS]:
+            log.error("ledger tamper: leaf %d %s: %s", problem.index, problem.kind, problem.detail)
+            try:
+                await self.service.publish(TamperDetected(index=problem.index, reason=f"{problem.kind}: {problem.detail}"))
+            except Exception:
+                log.exception("could not publish tamper_detected")
+
+    async def verify(self) -> VerifyReport:
+        report = await asyncio.to_thread(verify_store, self.service.settings.service_dir)
+        self.lg.tamper = None if report.ok else report
+        if not report.ok:
+            await self.report_tamper(report)
+        return report
+
+    # -- API ---------------------------------------------------------------------------------
+    def head(self) -> HeadResponse:
+        lg = self.lg
+        return HeadResponse(tree_size=lg.size, root_hash=lg.root().hex(), signed=lg.latest_head())
+
+    def inclusion(self, req: InclusionRequest) -> InclusionProof:
+        lg = self.lg
+        index = req.index if req.index is not None else lg.index_of(req.event_id or "")
+        if index >= lg.size:
+            raise errors.NotFound(f"no leaf at index {index} (the log has {lg.size})")
+        head = None
+        if req.tree_size is None:
+            head = lg.head_covering(index)
+            size = head.tree_size
+        else:
+            size = req.tree_size
+            head = next((h for h in lg.store.heads() if h.tree_size == size), None)
+        proof = lg.inclusion(index, size)
+        return InclusionProof(leaf_index=index, tree_size=size, leaf_hash=lg.tree.leaf(index).hex(),
+                              root_hash=lg.root(size).hex(), proof=[p.hex() for p in proof], tree_head=head)
+
+    def consistency(self, req: ConsistencyRequest) -> ConsistencyProof:
+        lg = self.lg
+        second = lg.size if req.second is None else req.second
+        proof = lg.consistency(req.first, second)
+        return ConsistencyProof(first=req.first, second=second, first_root=lg.root(req.first).hex(),
+                                second_root=lg.root(second).hex(), proof=[p.hex() for p in proof])
+
+    def export(self, req: ExportRequest) -> dict[str, Any]:
+        head = self.lg.latest_head()
+        facts = queries.model_facts(self.lg.store, req.ref, head.model_dump() if head else None)
+        return exports.in_toto_statement(facts) if req.format == "in-toto" else exports.cyclonedx_ml_bom(facts)
+
+    def audit(self, req: AuditRequest) -> list[AuditEntry]:
+        since = queries.parse_since(req.since) if req.since else None
+        rows = queries.audit(self.lg.store, since_ms=since, model=req.model, event_type=req.type, limit=req.limit)
+        return [AuditEntry(**r) for r in rows]
+
+    def public_key(self) -> PublicKey:
+        return PublicKey(pem=self.lg.public_key_pem, key_id=key_id(self.lg.key.public_key()))
+
+    def stats(self) -> LedgerStats:
+        lg, ing = self.lg, self.ingest
+        return LedgerStats(
+            tree_size=lg.size, appended=lg.stats.appended, duplicates=lg.stats.duplicates, conflicts=lg.stats.conflicts,
+            batches=lg.stats.batches, dead_lettered=ing.dead_lettered if ing else 0, ingest_running=bool(ing and ing.running),
+            ingest_failures=ing.failures if ing else 0, last_error=ing.last_error if ing else None, tamper_suspected=lg.tamper is not None,
+        )
 
 
 def create_service(settings: Settings | None = None) -> Service:
-    service = Service("provenance-ledger", settings, description="A tamper-evident log of every event.")
-    service.consume(subjects.EVENTS_ALL).on_any(service.log_event)
+    service = Service(NAME, settings, description="A tamper-evident Merkle log of every event, with receipts, lineage and exports.")
+    app = LedgerApp(service)
+    service.ledger_app = app  # type: ignore[attr-defined]  (tests and bench reach the running ledger)
+    service.on_start(app.start)
+    service.on_stop(app.stop)
+    _routes(service, app)
+    _rpcs(service, app)
     return service
+
+
+def _routes(service: Service, app: LedgerApp) -> None:
+    http = service.http
+    tags = ["ledger"]
+
+    @http.get("/head", response_model=HeadResponse, tags=tags, summary="current size and root, and the latest signed tree head")
+    async def head() -> HeadResponse:
+        return app.head()
+
+    @http.post("/checkpoint", tags=tags, summary="sign a tree head now (and publish it as ledger.checkpoint)")
+    async def checkpoint() -> Any:
+        return await app.checkpoint()
+
+    @http.get("/heads", tags=tags, summary="every signed tree head")
+    async def heads() -> Any:
+        return app.lg.store.heads()
+
+    @http.get("/public-key", response_class=PlainTextResponse, tags=tags, summary="the Ed25519 public key (PEM) that signs tree heads")
+    async def public_key() -> str:
+        return app.lg.public_key_pem
+
+    @http.get("/proof/inclusion", response_model=InclusionProof, tags=tags)
+    async def inclusion(index: int | None = Query(None, ge=0), event_id: str | None = None, tree_size: int | None = Query(None, ge=1)) -> InclusionProof:
+        try:
+            req = InclusionRequest(index=index, event_id=event_id, tree_size=tree_size)
+        except ValueError as exc:
+            raise errors.Invalid(str(exc)) from None
+        return app.inclusion(req)
+
+    @http.get("/proof/consistency", response_model=ConsistencyProof, tags=tags)
+    async def consistency(first: int = Query(ge=0), second: int | None = Query(None, ge=0)) -> ConsistencyProof:
+        return app.consistency(ConsistencyRequest(first=first, second=second))
+
+    @http.get("/leaves/{index}", tags=tags, summary="a stored event and its leaf hash")
+    async def leaf(index: int) -> Any:
+        event, h = app.lg.leaf(index)
+        return {"leaf_index": index, "leaf_hash": h.hex(), "event": event}
+
+    @http.get("/receipts/{request_id}", response_model=Receipt, tags=tags, summary="an inference receipt, verifiable offline")
+    async def receipt(request_id: str) -> Receipt:
+        return app.lg.receipt(request_id)
+
+    @http.post("/verify", response_model=VerifyReport, tags=tags, summary="re-hash every leaf and check every signed head")
+    async def verify() -> VerifyReport:
+        return await app.verify()
+
+    @http.get("/lineage/requests/{request_id}", tags=["lineage"])
+    async def lineage(request_id: str) -> dict[str, Any]:
+        return queries.request_lineage(app.lg.store, request_id)
+
+    @http.get("/lineage/datasets/{digest}", tags=["lineage"])
+    async def dataset(digest: str) -> dict[str, Any]:
+        return queries.dataset_lineage(app.lg.store, digest)
+
+    @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"])
+    async def audit(since: str | None = None, model: str | None = None, type: str | None = None, limit: int = Query(1000, ge=1, le=100_000)) -> list[AuditEntry]:
+        return app.audit(AuditRequest(since=since, model=model, type=type, limit=limit))
+
+    @http.get("/exports/{ref}", tags=["exports"], summary="in-toto Statement v1 (SLSA provenance) or CycloneDX 1.6 ML-BOM")
+    async def export(ref: str, format: str = Query("in-toto", pattern="^(in-toto|cyclonedx)$")) -> dict[str, Any]:
+        return app.export(ExportRequest(ref=ref, format=format))  # type: ignore[arg-type]
+
+    @http.get("/stats", response_model=LedgerStats, tags=tags)
+    async def stats() -> LedgerStats:
+        return app.stats()
+
+
+def _rpcs(service: Service, app: LedgerApp) -> None:
+    async def head(_: Empty) -> HeadResponse:
+        return app.head()
+
+    async def checkpoint(_: Empty) -> Any:
+        return await app.checkpoint()
+
+    async def inclusion(req: InclusionRequest) -> InclusionProof:
+        return app.inclusion(req)
+
+    async def consistency(req: ConsistencyRequest) -> ConsistencyProof:
+        return app.consistency(req)
+
+    async def receipt(req: RequestRef) -> Receipt:
+        return app.lg.receipt(req.request_id)
+
+    async def verify(_: Empty) -> VerifyReport:
+        return await app.verify()
+
+    async def lineage(req: RequestRef) -> dict[str, Any]:
+        return queries.request_lineage(app.lg.store, req.request_id)
+
+    async def dataset_lineage(req: DatasetRef) -> dict[str, Any]:
+        return queries.dataset_lineage(app.lg.store, req.digest)
+
+    async def audit(req: AuditRequest) -> list[dict[str, Any]]:
+        return [e.model_dump() for e in app.audit(req)]
+
+    async def export(req: ExportRequest) -> dict[str, Any]:
+        return app.export(req)
+
+    async def public_key(_: Empty) -> PublicKey:
+        return app.public_key()
+
+    async def stats(_: Empty) -> LedgerStats:
+        return app.stats()
+
+    for op, request_type, handler in [
+        ("head", Empty, head), ("checkpoint", Empty, checkpoint), ("inclusion", InclusionRequest, inclusion),
+        ("consistency", ConsistencyRequest, consistency), ("receipt", RequestRef, receipt), ("verify", Empty, verify),
+        ("lineage", RequestRef, lineage), ("dataset_lineage", DatasetRef, dataset_lineage), ("audit", AuditRequest, audit),
+        ("export", ExportRequest, export), ("public_key", Empty, public_key), ("stats", Empty, stats),
+    ]:
+        service.rpc(op, request_type)(handler)

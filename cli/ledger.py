@@ -1,0 +1,272 @@
+"""`strata ledger ...`, `strata receipt ...`, `strata lineage ...`, `strata audit ...`: the
+provenance ledger from the command line. Most commands ask the running ledger over NATS RPC;
+`strata receipt verify` needs nothing but the receipt and the public key, and `strata ledger
+verify --data-dir` checks a ledger's files with no service running."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import DEFAULT_DATA_DIR, DEFAULT_NATS_URL
+
+SERVICE = "provenance-ledger"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ledger = sub.add_parser("ledger", help="the provenance ledger: verify, head, export, public key, rebuild")
+    lsub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="LEDGER_COMMAND")
+
+    verify = _with_nats(lsub.add_parser("verify", help="recompute the Merkle tree from storage and check every signed head"))
+    verify.add_argument("--data-dir", type=Path, help="check this data dir's ledger files directly (no service needed)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=_verify)
+
+    head = _with_nats(lsub.add_parser("head", help="the current tree size and root, and the latest signed tree head"))
+    head.add_argument("--sign", action="store_true", help="sign a fresh tree head now")
+    head.add_argument("--json", action="store_true")
+    head.set_defaults(func=_head)
+
+    export = _with_nats(lsub.add_parser("export", help="a model's provenance as in-toto/SLSA or a CycloneDX 1.6 ML-BOM"))
+    export.add_argument("ref", help="NAME, NAME:VERSION, NAME@ALIAS or a manifest digest")
+    export.add_argument("--format", choices=["in-toto", "cyclonedx"], default="in-toto")
+    export.set_defaults(func=_export)
+
+    key = _with_nats(lsub.add_parser("public-key", help="print the ledger's public key (PEM): strata ledger public-key > ledger.pub"))
+    key.set_defaults(func=_public_key)
+
+    rebuild = lsub.add_parser("rebuild", help="set the ledger's file aside so the next start replays the EVENTS stream into a new one")
+    rebuild.add_argument("--data-dir", type=Path, default=Path(os.environ.get("STRATA_DATA_DIR", DEFAULT_DATA_DIR)))
+    rebuild.set_defaults(func=_rebuild)
+
+    receipt = _with_nats(sub.add_parser("receipt", help="strata receipt REQUEST_ID > receipt.json | strata receipt verify FILE --key ledger.pub"))
+    receipt.add_argument("args", nargs="+", metavar="REQUEST_ID | verify FILE")
+    receipt.add_argument("--key", type=Path, help="the ledger's public key (PEM), for verify")
+    receipt.set_defaults(func=_receipt)
+
+    lineage = _with_nats(sub.add_parser("lineage", help="from an answer to its model, datasets, deployment, node and device (or --dataset D)"))
+    lineage.add_argument("request_id", nargs="?")
+    lineage.add_argument("--dataset", help="list the models trained on this dataset digest and the inferences they served")
+    lineage.add_argument("--json", action="store_true")
+    lineage.set_defaults(func=_lineage)
+
+    audit = _with_nats(sub.add_parser("audit", help="the ledger's events for a model since a time"))
+    audit.add_argument("--since", help="ISO time or an age like 15m, 2h, 7d")
+    audit.add_argument("--model", help="NAME, NAME:VERSION, NAME@ALIAS or a manifest digest")
+    audit.add_argument("--type", help="only this event type, e.g. inference.completed")
+    audit.add_argument("--limit", type=int, default=1000)
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(func=_audit)
+
+
+def _with_nats(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--nats-url", default=os.environ.get("STRATA_NATS_URL", DEFAULT_NATS_URL))
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the ledger's answer")
+    return p
+
+
+def _call(args: argparse.Namespace, op: str, request: Any, result_type: Any) -> Any:
+    import nats
+
+    from shared import rpc, subjects
+
+    async def go() -> Any:
+        async def quiet(_exc: Exception) -> None:
+            pass
+
+        try:
+            nc = await nats.connect(args.nats_url, connect_timeout=5, allow_reconnect=False, error_cb=quiet)
+        except Exception as exc:
+            from shared import errors
+
+            raise errors.Unavailable(f"cannot reach NATS at {args.nats_url}: {exc}") from None
+        try:
+            return await rpc.call(nc, subjects.rpc(SERVICE, op), request, result_type, timeout=args.timeout)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def _fail(message: str) -> int:
+    print(f"strata: {message}", file=sys.stderr)
+    return 1
+
+
+def _errors_to_exit(func: Any) -> Any:
+    def wrapper(args: argparse.Namespace) -> int:
+        from shared import errors
+
+        try:
+            return func(args)
+        except errors.StrataError as exc:
+            return _fail(f"{exc.code}: {exc.message}")
+
+    wrapper.__name__ = func.__name__
+    return wrapper
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@_errors_to_exit
+def _verify(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.domain.verify import VerifyReport
+    from services.provenance_ledger.entrypoints.api import Empty
+
+    if args.data_dir is not None:
+        from services.provenance_ledger.service_layer.ledger import verify_store
+
+        report = verify_store(args.data_dir / SERVICE)
+    else:
+        report = _call(args, "verify", Empty(), VerifyReport)
+    if args.json:
+        _print_json(report.model_dump())
+    else:
+        print(f"{report.leaves} leaves, {report.heads_checked} signed heads checked (latest signed size {report.latest_signed_size})")
+        for p in report.problems:
+            print(f"  leaf {p.index}: {p.kind}: {p.detail}")
+        if report.problems_total > len(report.problems):
+            print(f"  ... and {report.problems_total - len(report.problems)} more problems")
+        print("OK: the log matches every signed tree head" if report.ok else f"TAMPERED: {report.problems_total} problem(s)")
+    return 0 if report.ok else 2
+
+
+@_errors_to_exit
+def _head(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.domain.tree_head import TreeHead
+    from services.provenance_ledger.entrypoints.api import Empty, HeadResponse
+
+    if args.sign:
+        _call(args, "checkpoint", Empty(), TreeHead)
+    head = _call(args, "head", Empty(), HeadResponse)
+    if args.json:
+        _print_json(head.model_dump(mode="json"))
+        return 0
+    print(f"tree size {head.tree_size}  root {head.root_hash}")
+    if head.signed:
+        s = head.signed
+        print(f"signed: size {s.tree_size}  root {s.root_hash}  at {s.signed_at.isoformat()}  key {s.key_id}")
+    else:
+        print("signed: none yet")
+    return 0
+
+
+@_errors_to_exit
+def _export(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.entrypoints.api import ExportRequest
+
+    _print_json(_call(args, "export", ExportRequest(ref=args.ref, format=args.format), dict[str, Any]))
+    return 0
+
+
+@_errors_to_exit
+def _public_key(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.entrypoints.api import Empty, PublicKey
+
+    print(_call(args, "public_key", Empty(), PublicKey).pem, end="")
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.service_layer.ledger import DB_FILE
+
+    db = args.data_dir / SERVICE / DB_FILE
+    if not db.exists():
+        return _fail(f"no ledger at {db}")
+    aside = db.with_name(f"{DB_FILE}.{time.strftime('%Y%m%dT%H%M%S')}.bak")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{db}{suffix}")
+        if src.exists():
+            src.rename(Path(f"{aside}{suffix}"))
+    print(f"moved {db} to {aside}; stop and start the ledger (strata serve provenance-ledger) to replay the EVENTS stream into a new log")
+    return 0
+
+
+@_errors_to_exit
+def _receipt(args: argparse.Namespace) -> int:
+    if args.args[0] == "verify":
+        if len(args.args) != 2 or args.key is None:
+            return _fail("usage: strata receipt verify FILE --key ledger.pub")
+        return _verify_receipt(Path(args.args[1]), args.key)
+    if len(args.args) != 1:
+        return _fail("usage: strata receipt REQUEST_ID")
+    from services.provenance_ledger.domain.receipt import Receipt
+    from services.provenance_ledger.entrypoints.api import RequestRef
+
+    receipt = _call(args, "receipt", RequestRef(request_id=args.args[0]), Receipt)
+    print(receipt.model_dump_json(indent=2))
+    return 0
+
+
+def _verify_receipt(path: Path, key: Path) -> int:
+    from services.provenance_ledger.domain.receipt import ReceiptInvalid, verify_receipt
+
+    try:
+        receipt = json.loads(path.read_text())
+        check = verify_receipt(receipt, key.read_bytes())
+    except (OSError, json.JSONDecodeError) as exc:
+        return _fail(f"cannot read {exc}")
+    except ReceiptInvalid as exc:
+        print(f"INVALID: {exc}")
+        return 2
+    print(f"OK: request {check.request_id} is leaf {check.leaf_index} of the signed tree of size {check.tree_size} (key {check.key_id})")
+    return 0
+
+
+@_errors_to_exit
+def _lineage(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.entrypoints.api import DatasetRef, RequestRef
+
+    if (args.request_id is None) == (args.dataset is None):
+        return _fail("give a REQUEST_ID or --dataset DIGEST")
+    if args.dataset:
+        result = _call(args, "dataset_lineage", DatasetRef(digest=args.dataset), dict[str, Any])
+        if args.json:
+            _print_json(result)
+            return 0
+        ds = result["dataset"]
+        print(f"dataset {ds['name'] or '?'} {ds['digest']}" + ("" if ds["in_ledger"] else " (its dataset.registered is not in the ledger)"))
+        for m in result["models"]:
+            print(f"  model {m.get('name')}:{m.get('version')} {m['digest']}  {len(m['inferences'])} inference(s)")
+            for i in m["inferences"]:
+                print(f"    {i['time']}  request {i['request_id']}  leaf {i['leaf_index']}  {i['node_id']}/{i['device']}")
+        return 0
+    r = _call(args, "lineage", RequestRef(request_id=args.request_id), dict[str, Any])
+    if args.json:
+        _print_json(r)
+        return 0
+    inf, m = r["inference"], r["model"]
+    print(f"request   {r['request_id']}  (leaf {inf['leaf_index']}, {inf['time']}, {inf.get('completion_tokens')} tokens, {inf.get('finish_reason')})")
+    print(f"model     {m.get('name')}:{m.get('version')}  manifest {m['digest']}" + ("" if m["in_ledger"] else "  (model.registered not in the ledger)"))
+    print(f"training  record {m.get('training_record') or '-'}  architecture {m.get('architecture') or '-'}")
+    for ds in m.get("datasets", []):
+        print(f"dataset   {ds.get('name') or '?'}  {ds['digest']}  license {ds.get('license') or '-'}")
+    print(f"deploy    {r['deployment']['deployment_id']}  " + ", ".join(f"{e['type']}@{e['leaf_index']}" for e in r["deployment"]["events"]))
+    dev = r["device"]
+    print(f"node      {r['node']['node_id']} ({r['node'].get('hostname') or '?'})  device {dev['id']} {dev.get('name', '')}".rstrip())
+    return 0
+
+
+@_errors_to_exit
+def _audit(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.entrypoints.api import AuditRequest
+
+    rows = _call(args, "audit", AuditRequest(since=args.since, model=args.model, type=args.type, limit=args.limit), list[dict[str, Any]])
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'LEAF':>7}  {'TIME':<24}  {'TYPE':<26}  {'SOURCE':<18}  SUMMARY")
+    for r in rows:
+        d = r["data"]
+        summary = d.get("request_id") or d.get("deployment_id") or (d.get("model") or {}).get("digest") or d.get("model_ref") or ""
+        print(f"{r['leaf_index']:>7}  {r['time'][:24]:<24}  {r['type']:<26}  {r['source']:<18}  {summary}")
+    print(f"{len(rows)} event(s)")
+    return 0

@@ -1,0 +1,179 @@
+"""The ledger's SQLite file (WAL mode): leaves, signed tree heads and the lineage index.
+
+One writer (the ingest) appends a batch of leaves and their index rows in one transaction; readers
+(queries, proofs, verify) may use their own connections. ``synchronous=FULL`` makes a commit
+durable against power loss too, since the ingest acknowledges events only after it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from services.provenance_ledger.domain.lineage import IndexRow
+from services.provenance_ledger.domain.tree_head import TreeHead
+from services.provenance_ledger.domain.verify import StoredLeaf
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leaves (
+    idx INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    source_service TEXT NOT NULL,
+    model_name TEXT,
+    model_version INTEGER,
+    model_digest TEXT,
+    stream_seq INTEGER,
+    data BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leaves_time ON leaves(time_ms);
+CREATE INDEX IF NOT EXISTS leaves_model_name ON leaves(model_name, time_ms);
+CREATE INDEX IF NOT EXISTS leaves_model_digest ON leaves(model_digest, time_ms);
+CREATE TABLE IF NOT EXISTS tree_heads (
+    tree_size INTEGER NOT NULL,
+    root_hash TEXT NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (tree_size, timestamp_ms)
+);
+CREATE TABLE IF NOT EXISTS inferences (
+    request_id TEXT PRIMARY KEY, idx INTEGER NOT NULL, event_id TEXT NOT NULL, time_ms INTEGER NOT NULL,
+    model_name TEXT, model_version INTEGER, model_digest TEXT, deployment_id TEXT, node_id TEXT, device TEXT
+);
+CREATE INDEX IF NOT EXISTS inferences_model ON inferences(model_digest);
+CREATE TABLE IF NOT EXISTS models (
+    digest TEXT PRIMARY KEY, idx INTEGER NOT NULL, event_id TEXT NOT NULL, time_ms INTEGER NOT NULL,
+    name TEXT, version INTEGER, architecture TEXT, parameters INTEGER, training_record TEXT, license TEXT
+);
+CREATE TABLE IF NOT EXISTS model_datasets (
+    model_digest TEXT NOT NULL, dataset_digest TEXT NOT NULL, PRIMARY KEY (model_digest, dataset_digest)
+);
+CREATE INDEX IF NOT EXISTS model_datasets_dataset ON model_datasets(dataset_digest);
+CREATE TABLE IF NOT EXISTS datasets (
+    digest TEXT PRIMARY KEY, idx INTEGER NOT NULL, event_id TEXT NOT NULL, time_ms INTEGER NOT NULL,
+    name TEXT, source TEXT, license TEXT, files INTEGER
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    deployment_id TEXT NOT NULL, event_type TEXT NOT NULL, idx INTEGER NOT NULL, event_id TEXT NOT NULL,
+    time_ms INTEGER NOT NULL, model_digest TEXT, node_id TEXT, device TEXT,
+    PRIMARY KEY (deployment_id, idx)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT NOT NULL, idx INTEGER NOT NULL, event_id TEXT NOT NULL, time_ms INTEGER NOT NULL,
+    hostname TEXT, devices TEXT, PRIMARY KEY (node_id, idx)
+);
+"""
+
+_INDEX_SQL: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
+def _insert(table: str, columns: tuple[str, ...], verb: str = "INSERT OR IGNORE") -> None:
+    _INDEX_SQL[table] = (f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", columns)
+
+
+_insert("inferences", ("request_id", "idx", "event_id", "time_ms", "model_name", "model_version", "model_digest", "deployment_id", "node_id", "device"))
+_insert("models", ("digest", "idx", "event_id", "time_ms", "name", "version", "architecture", "parameters", "training_record", "license"))
+_insert("model_datasets", ("model_digest", "dataset_digest"))
+_insert("datasets", ("digest", "idx", "event_id", "time_ms", "name", "source", "license", "files"))
+_insert("deployments", ("deployment_id", "event_type", "idx", "event_id", "time_ms", "model_digest", "node_id", "device"))
+_insert("nodes", ("node_id", "idx", "event_id", "time_ms", "hostname", "devices"))
+
+
+class LeafRow(NamedTuple):
+    idx: int
+    event_id: str
+    type: str
+    time_ms: int
+    source_service: str
+    model_name: str | None
+    model_version: int | None
+    model_digest: str | None
+    stream_seq: int | None
+    data: bytes
+    leaf_hash: bytes
+
+
+class LedgerStore:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> None:
+        self.path = path
+        if readonly:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self.db.executescript(SCHEMA)
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes ------------------------------------------------------------------------------
+    def append(self, leaves: list[LeafRow], index_rows: Iterable[IndexRow] = (), heads: Iterable[TreeHead] = ()) -> None:
+        """Append a batch of leaves and their lineage rows atomically (all or nothing)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?)", leaves)
+            for row in index_rows:
+                sql, columns = _INDEX_SQL[row.table]
+                db.execute(sql, [_sql_value(row.values.get(c)) for c in columns])
+            for head in heads:
+                self.add_head(head)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def add_head(self, head: TreeHead) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO tree_heads VALUES (?,?,?,?,?)",
+            (head.tree_size, head.root_hash, head.timestamp_ms, head.key_id, head.signature),
+        )
+
+    # -- reads -------------------------------------------------------------------------------
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM leaves").fetchone()[0]
+
+    def known_ids(self, event_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(event_ids), 500):
+            chunk = event_ids[i : i + 500]
+            sql = f"SELECT event_id FROM leaves WHERE event_id IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self.db.execute(sql, chunk))
+        return found
+
+    def leaf_hashes(self) -> Iterator[bytes]:
+        for (h,) in self.db.execute("SELECT leaf_hash FROM leaves ORDER BY idx"):
+            yield h
+
+    def stored_leaves(self) -> Iterator[StoredLeaf]:
+        for row in self.db.execute("SELECT idx, event_id, data, leaf_hash FROM leaves ORDER BY idx"):
+            yield StoredLeaf(row[0], row[1], row[2], row[3])
+
+    def leaf(self, idx: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM leaves WHERE idx = ?", (idx,)).fetchone()
+
+    def leaf_by_event(self, event_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM leaves WHERE event_id = ?", (event_id,)).fetchone()
+
+    def heads(self) -> list[TreeHead]:
+        rows = self.db.execute("SELECT * FROM tree_heads ORDER BY tree_size, timestamp_ms").fetchall()
+        return [TreeHead(**dict(r)) for r in rows]
+
+    def latest_head(self) -> TreeHead | None:
+        row = self.db.execute("SELECT * FROM tree_heads ORDER BY tree_size DESC, timestamp_ms DESC LIMIT 1").fetchone()
+        return TreeHead(**dict(row)) if row else None
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute(sql, tuple(params))]
+
+
+def _sql_value(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value

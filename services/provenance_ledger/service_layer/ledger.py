@@ -1,0 +1,230 @@
+"""The ledger's use cases: append events as leaves, sign tree heads, answer proofs and receipts,
+verify the stored log. No NATS here: the ingest and the API call these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from services.provenance_ledger.adapters.keys import load_or_create_key
+from services.provenance_ledger.adapters.store import LeafRow, LedgerStore
+from services.provenance_ledger.domain.canonical import leaf_bytes, parse_leaf
+from services.provenance_ledger.domain.lineage import IndexRow, index_rows, model_key
+from services.provenance_ledger.domain.merkle import MerkleTree, ProofError, leaf_hash
+from services.provenance_ledger.domain.receipt import Receipt
+from services.provenance_ledger.domain.tree_head import TreeHead, datetime_to_ms, key_id, public_pem, sign_head
+from services.provenance_ledger.domain.verify import StoredLeaf, VerifyReport, verify_log
+from shared import errors
+from shared.events import Event, LedgerCheckpoint
+
+log = logging.getLogger(__name__)
+DB_FILE = "ledger.sqlite3"
+
+
+class Incoming(NamedTuple):
+    raw: bytes
+    event: Event[Any]
+    stream_seq: int | None = None
+
+
+@dataclass
+class IngestStats:
+    appended: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    batches: int = 0
+
+
+@dataclass
+class CheckpointPolicy:
+    every_events: int = 1000
+    every_seconds: float = 10.0
+
+
+@dataclass
+class Ledger:
+    store: LedgerStore
+    key: Ed25519PrivateKey
+    policy: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    tree: MerkleTree = field(default_factory=MerkleTree)
+    stats: IngestStats = field(default_factory=IngestStats)
+    tamper: VerifyReport | None = None
+    _unsigned: int = 0  # leaves since the last head, not counting our own checkpoint events
+    _last_signed: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def open(cls, directory: Path, policy: CheckpointPolicy | None = None, *, synchronous: str = "FULL") -> Ledger:
+        directory.mkdir(parents=True, exist_ok=True)
+        key = load_or_create_key(directory)
+        ledger = cls(LedgerStore(directory / DB_FILE, synchronous=synchronous), key, policy or CheckpointPolicy())
+        ledger.tree.extend(ledger.store.leaf_hashes())
+        # A quick start-up check: stored hashes against every signed head (the full verify re-hashes).
+        report = ledger._check_heads()
+        ledger.tamper = None if report.ok else report
+        latest = ledger.store.latest_head()
+        ledger._unsigned = ledger.tree.size - (latest.tree_size if latest else 0)
+        return ledger
+
+    def _check_heads(self) -> VerifyReport:
+        rows = (StoredLeaf(i, "", b"", self.tree.leaf(i)) for i in range(self.tree.size))
+        return verify_log(rows, self.store.heads(), self.key.public_key(), check_bytes=False)
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.key.public_key())
+
+    @property
+    def public_key_pem(self) -> str:
+        return public_pem(self.key.public_key())
+
+    # -- ingest ------------------------------------------------------------------------------
+    def append_batch(self, batch: Sequence[Incoming]) -> list[int]:
+        """Append the events not yet in the log, in order, in one commit; return their indexes.
+        An event id already in the log (a redelivery, a re-publish) is skipped."""
+        if not batch:
+            return []
+        known = self.store.known_ids([m.event.id for m in batch])
+        rows: list[LeafRow] = []
+        lineage: list[IndexRow] = []
+        hashes: list[bytes] = []
+        seen: set[str] = set()
+        heads: list[TreeHead] = []
+        index = self.tree.size
+        for raw, event, seq in batch:
+            if event.id in known or event.id in seen:
+                self._duplicate(raw, event, rows)
+                continue
+            seen.add(event.id)
+            envelope = json.loads(raw)
+            data = leaf_bytes(envelope, index)
+            h = leaf_hash(data)
+            time_ms = datetime_to_ms(event.time)
+            mk = model_key(event.data)
+            rows.append(LeafRow(index, event.id, event.type, time_ms, event.source.service, mk.name, mk.version, mk.digest, seq, data, h))
+            try:
+                lineage.extend(index_rows(event, index, time_ms))
+            except Exception:  # the leaf matters more than its index entry: never block the log on it
+                log.exception("lineage index failed for %s %s", event.type, event.id)
+            hashes.append(h)
+            if event.type != LedgerCheckpoint.TYPE:
+                self._unsigned += 1
+            elif event.data.key_id == self.key_id:
+                heads.append(_head_from_checkpoint(event.data))
+            index += 1
+        if rows:
+            self.store.append(rows, lineage, heads)
+            self.tree.extend(hashes)  # only after the commit: memory never runs ahead of the file
+        self.stats.appended += len(rows)
+        self.stats.batches += 1
+        return [r.idx for r in rows]
+
+    def _duplicate(self, raw: bytes, event: Event[Any], pending: list[LeafRow]) -> None:
+        self.stats.duplicates += 1
+        stored = self.store.leaf_by_event(event.id)
+        stored_event = parse_leaf(stored["data"])[0] if stored else next(
+            (parse_leaf(r.data)[0] for r in pending if r.event_id == event.id), None)
+        if stored_event is not None and stored_event != json.loads(raw):
+            self.stats.conflicts += 1
+            log.warning("event id %s arrived again with different content; the first one stays in the log", event.id)
+
+    # -- signed tree heads -------------------------------------------------------------------
+    def checkpoint_due(self) -> bool:
+        if self._unsigned == 0:
+            return False
+        return self._unsigned >= self.policy.every_events or time.monotonic() - self._last_signed >= self.policy.every_seconds
+
+    def sign(self) -> TreeHead:
+        head = sign_head(self.key, self.tree.size, self.tree.root(), time.time_ns() // 1_000_000)
+        self.store.add_head(head)
+        self._unsigned = 0
+        self._last_signed = time.monotonic()
+        return head
+
+    def latest_head(self) -> TreeHead | None:
+        return self.store.latest_head()
+
+    def head_covering(self, index: int) -> TreeHead:
+        """The latest signed head that includes leaf ``index``; signs one now if none does yet."""
+        head = self.store.latest_head()
+        if head is None or head.tree_size <= index:
+            head = self.sign()
+        return head
+
+    # -- proofs --------------------------------------------------------------------------------
+    def inclusion(self, index: int, tree_size: int | None = None) -> list[bytes]:
+        try:
+            return self.tree.inclusion_proof(index, tree_size)
+        except ProofError as exc:
+            raise errors.Invalid(str(exc)) from None
+
+    def consistency(self, first: int, second: int | None = None) -> list[bytes]:
+        try:
+            return self.tree.consistency_proof(first, second)
+        except ProofError as exc:
+            raise errors.Invalid(str(exc)) from None
+
+    def root(self, tree_size: int | None = None) -> bytes:
+        try:
+            return self.tree.root(tree_size)
+        except ProofError as exc:
+            raise errors.Invalid(str(exc)) from None
+
+    def leaf(self, index: int) -> tuple[dict[str, Any], bytes]:
+        row = self.store.leaf(index)
+        if row is None:
+            raise errors.NotFound(f"no leaf at index {index} (the log has {self.size})")
+        return parse_leaf(row["data"])[0], row["leaf_hash"]
+
+    def index_of(self, event_id: str) -> int:
+        row = self.store.leaf_by_event(event_id)
+        if row is None:
+            raise errors.NotFound(f"event {event_id!r} is not in the ledger")
+        return int(row["idx"])
+
+    def receipt(self, request_id: str) -> Receipt:
+        rows = self.store.query("SELECT idx FROM inferences WHERE request_id = ?", (request_id,))
+        if not rows:
+            raise errors.NotFound(f"no inference.completed for request {request_id!r} in the ledger")
+        index = int(rows[0]["idx"])
+        head = self.head_covering(index)
+        event, _ = self.leaf(index)
+        proof = self.tree.inclusion_proof(index, head.tree_size)
+        return Receipt(event=event, leaf_index=index, inclusion_proof=[p.hex() for p in proof], tree_head=head)
+
+
+def _head_from_checkpoint(data: LedgerCheckpoint) -> TreeHead:
+    """Our own signed heads come back through the stream as checkpoint events: a ledger rebuilt
+    by replaying the stream recovers them (and verify checks them like any other head)."""
+    return TreeHead(tree_size=data.tree_size, root_hash=data.root_hash, timestamp_ms=datetime_to_ms(data.signed_at),
+                    key_id=data.key_id, signature=data.signature)
+
+
+def verify_store(directory: Path) -> VerifyReport:
+    """The full verify: re-hash every stored leaf and check every signed head. Opens its own
+    read-only connection, so it can run in a thread beside the ingest, or with no service at all."""
+    from services.provenance_ledger.adapters.keys import PUBLIC_FILE
+    from services.provenance_ledger.domain.tree_head import load_public_pem
+
+    path = directory / DB_FILE
+    if not path.exists():
+        raise errors.NotFound(f"no ledger at {path}")
+    public_key = load_public_pem((directory / PUBLIC_FILE).read_bytes())
+    store = LedgerStore(path, readonly=True)
+    try:
+        return verify_log(store.stored_leaves(), store.heads(), public_key)
+    finally:
+        store.close()
