@@ -74,6 +74,7 @@ class LiveStore:
     """model-store served by real uvicorn in a thread (its own event loop), as `strata up` runs it."""
 
     def __init__(self, nats_url: str, data_dir: Path) -> None:
+        self.nats_url = nats_url
         self.service = make_service("model-store", nats_url, data_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

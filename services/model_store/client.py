@@ -1,0 +1,201 @@
+"""A synchronous client of model-store's HTTP API (the CLI's): streamed uploads and downloads,
+with a progress callback, and verification of what comes back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.catalog import (
+    AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
+    PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
+)
+from shared.errors import StrataError, Unavailable, from_code
+
+from services.model_store.domain.checks import check_files_listing
+from services.model_store.fetch import VerificationError, verify_manifest
+
+DEFAULT_URL = "http://127.0.0.1:8002"
+CHUNK = 1024 * 1024
+Progress = Callable[[int], None]  # bytes done since the last call
+
+
+def default_url() -> str:
+    return os.environ.get("STRATA_MODEL_STORE_URL", DEFAULT_URL)
+
+
+def local_files(directory: Path) -> list[Path]:
+    """Every regular file under ``directory``, hidden ones (.git, .cache) left out."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+            if progress:
+                progress(len(block))
+    return digest.hexdigest()
+
+
+class StoreClient:
+    def __init__(self, url: str | None = None, timeout: float = 60.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"model-store at {self.url} is not reachable ({exc}); is `strata up` running?") from None
+        _raise_for(response)
+        return response
+
+    # -- reads --------------------------------------------------------------------------------
+    def resolve(self, ref: str) -> ResolvedModel:
+        return ResolvedModel.model_validate(self._call("GET", f"/v1/models/{ref}").json())
+
+    def list_models(self, name: str | None = None) -> ModelList:
+        return ModelList.model_validate(self._call("GET", "/v1/models", params={"name": name} if name else None).json())
+
+    def public_key(self) -> PublicKey:
+        return PublicKey.model_validate(self._call("GET", "/v1/public-key").json())
+
+    def datasets(self) -> DatasetList:
+        return DatasetList.model_validate(self._call("GET", "/v1/datasets").json())
+
+    def dataset(self, ref: str) -> ResolvedDataset:
+        return ResolvedDataset.model_validate(self._call("GET", f"/v1/datasets/{ref}").json())
+
+    # -- writes -------------------------------------------------------------------------------
+    def upload_files(self, directory: Path, files: list[Path], progress: Progress | None = None) -> list[FileEntry]:
+        """Hash every file, then upload those the store does not hold yet (deduplicated by digest)."""
+        entries = []
+        for file in files:
+            sha = sha256_file(file)
+            entry = FileEntry(path=file.relative_to(directory).as_posix(), sha256=sha, size=file.stat().st_size)
+            entries.append(entry)
+            head = self.http.head(f"/v1/blobs/{sha}")
+            if head.status_code == 200 and int(head.headers.get("x-blob-size", -1)) == entry.size:
+                if progress:
+                    progress(entry.size)
+                continue
+            self._call("PUT", f"/v1/blobs/{sha}", params={"path": entry.path}, content=_read_chunks(file, progress),
+                       headers={"content-length": str(entry.size), "content-type": "application/octet-stream"})
+        return entries
+
+    def push_model(self, directory: Path, name: str, *, datasets: list[str] | None = None, license: str | None = None,
+                   progress: Progress | None = None) -> PushedModel:
+        files = local_files(directory)
+        check_files_listing([f.relative_to(directory).as_posix() for f in files], model=True)
+        entries = self.upload_files(directory, files, progress)
+        body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license)
+        return PushedModel.model_validate(self._call("POST", "/v1/models", json=body.model_dump(mode="json")).json())
+
+    def add_dataset(self, path: Path, name: str, *, license: str | None = None, source: str | None = None,
+                    description: str | None = None, progress: Progress | None = None) -> PushedDataset:
+        directory, files = (path, local_files(path)) if path.is_dir() else (path.parent, [path])
+        check_files_listing([f.relative_to(directory).as_posix() for f in files], model=False)
+        entries = self.upload_files(directory, files, progress)
+        body = PushDatasetRequest(name=name, files=entries, license=license, source=source, description=description)
+        return PushedDataset.model_validate(self._call("POST", "/v1/datasets", json=body.model_dump(mode="json")).json())
+
+    def set_alias(self, ref: str, alias: str) -> AliasResult:
+        return AliasResult.model_validate(self._call("POST", "/v1/aliases", json={"ref": ref, "alias": alias}).json())
+
+    def delete(self, ref: str, all_versions: bool = False) -> DeleteResult:
+        return DeleteResult.model_validate(self._call("DELETE", f"/v1/models/{ref}", params={"all_versions": all_versions}).json())
+
+    # -- downloads, verified ------------------------------------------------------------------
+    def blob_chunks(self, sha256: str) -> Iterator[bytes]:
+        try:
+            with self.http.stream("GET", f"/v1/blobs/{sha256}") as response:
+                if response.status_code != 200:
+                    response.read()
+                    _raise_for(response)
+                yield from response.iter_bytes(CHUNK)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"model-store at {self.url}: download of sha256:{sha256} failed ({exc})") from None
+
+    def pull(self, ref: str, dest: Path, *, public_key: PublicKey | None = None, progress: Progress | None = None) -> ResolvedModel:
+        """Download a model into ``dest``; the signature is checked first, each file's digest as it lands."""
+        resolved = self.resolve(ref)
+        verify_manifest(resolved, public_key or self.public_key())
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in resolved.manifest.files:
+            target = dest / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists() and target.stat().st_size == entry.size and sha256_file(target) == entry.sha256:
+                if progress:
+                    progress(entry.size)
+                continue
+            partial = target.with_name(target.name + ".part")
+            digest = hashlib.sha256()
+            try:
+                with partial.open("wb") as f:
+                    for chunk in self.blob_chunks(entry.sha256):
+                        digest.update(chunk)
+                        f.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+                if digest.hexdigest() != entry.sha256:
+                    raise VerificationError(f"{entry.path}: downloaded content hashes to sha256:{digest.hexdigest()}, the signed manifest says sha256:{entry.sha256}")
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+        return resolved
+
+    def verify(self, ref: str, *, public_key: PublicKey | None = None, progress: Progress | None = None) -> tuple[ResolvedModel, list[str]]:
+        """Check the signature, then stream every blob and hash it. Returns (model, problems)."""
+        resolved = self.resolve(ref)
+        verify_manifest(resolved, public_key or self.public_key())
+        problems = []
+        for entry in resolved.manifest.files:
+            digest, size = hashlib.sha256(), 0
+            try:
+                for chunk in self.blob_chunks(entry.sha256):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+            except StrataError as exc:
+                problems.append(f"{entry.path}: {exc.message}")
+                continue
+            if digest.hexdigest() != entry.sha256 or size != entry.size:
+                problems.append(f"{entry.path}: stored content hashes to sha256:{digest.hexdigest()} ({size} bytes); the signed manifest says sha256:{entry.sha256} ({entry.size} bytes)")
+        return resolved, problems
+
+
+def _read_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            if progress:
+                progress(len(block))
+            yield block
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        raise from_code(error["code"], error["message"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text[:300]
+    raise from_code("invalid" if response.status_code < 500 else "internal", f"HTTP {response.status_code}: {detail}")
