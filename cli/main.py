@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import ledger, platform
+from cli import ledger, model, platform
 
-COMMAND_MODULES = [platform, ledger]
+COMMAND_MODULES = [platform, ledger, model]
 
 
 def parser() -> argparse.ArgumentParser:
