@@ -1,8 +1,219 @@
-"""api-gateway: the OpenAI-compatible HTTP edge. It owns nothing durable and consumes no events."""
+"""api-gateway: the OpenAI-compatible HTTP edge. It owns nothing durable and consumes no events: it
+turns HTTP calls into inference requests on NATS (shared/inference_client.py) and answers in
+OpenAI's shapes, with OpenAI's error objects and status codes."""
 
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Literal, TypeVar
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from starlette.background import BackgroundTask
+
+from shared import errors
 from shared.config import Settings
-from shared.service import Service
+from shared.events import new_id
+from shared.inference import End, InferenceRequest
+from shared.service import Health, Service
+
+from services.api_gateway.adapters.key_store import KeyStore
+from services.api_gateway.domain import render
+from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
+from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
+from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ModelList
+from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
+
+tracer = trace.get_tracer("strata.api-gateway")
+T = TypeVar("T")
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody, "description": d} for s, d in (
+        (400, "invalid request"), (401, "missing or bad API key"), (404, "model not deployed"),
+        (429, "gateway overloaded (Retry-After)"), (502, "the worker died"), (503, "workers overloaded (Retry-After)"),
+        (504, "timed out"))
+}
 
 
-def create_service(settings: Settings | None = None) -> Service:
-    return Service("api-gateway", settings, description="OpenAI-compatible HTTP API in front of the workers.")
+class GatewayHealth(Health):
+    auth: Literal["api-keys", "open"]
+    in_flight: int
+    max_in_flight: int
+
+
+def create_service(settings: Settings | None = None, config: GatewayConfig | None = None) -> Service:
+    service = Service("api-gateway", settings, description="OpenAI-compatible HTTP API in front of the workers.")
+    gateway = Gateway(config or GatewayConfig.from_env(), lambda: service.broker.connection)
+    service.gateway = gateway  # type: ignore[attr-defined]  # tests reach the key store through it
+    app = service.http
+
+    @service.on_start
+    async def _open_keys() -> None:
+        await gateway.start(await KeyStore.open(service.broker.connection.jetstream()))
+
+    _install_errors(app)
+    _replace_health(service, gateway)
+
+    async def request_id(request: Request, x_request_id: str | None = Header(default=None)) -> str:
+        if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
+            raise errors.Invalid("x-request-id must be 1-128 characters of letters, digits and . _ : -")
+        request.state.request_id = x_request_id or new_id()
+        return request.state.request_id
+
+    async def caller(request: Request, _rid: str = Depends(request_id), authorization: str | None = Header(default=None)) -> Caller:
+        return await gateway.authenticate(authorization)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
+    async def list_models(response: Response, rid: str = Depends(request_id), _c: Caller = Depends(caller)) -> ModelList:
+        response.headers[REQUEST_ID_HEADER] = rid
+        return await gateway.list_models()
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS, tags=["openai"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request, rid: str = Depends(request_id),
+                               _c: Caller = Depends(caller)) -> Response:
+        return await _serve(gateway, request, body.to_inference(rid), body.model, "chat", body.include_usage)
+
+    @app.post("/v1/completions", response_model=Completion, responses=_ERRORS, tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request, rid: str = Depends(request_id),
+                          _c: Caller = Depends(caller)) -> Response:
+        return await _serve(gateway, request, body.to_inference(rid), body.model, "text_completion", body.include_usage)
+
+    return service
+
+
+async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, model: str,
+                 operation: Literal["chat", "text_completion"], include_usage: bool) -> Response:
+    slot = gateway.admit()
+    span = tracer.start_span(f"{operation} {model}", kind=trace.SpanKind.SERVER, attributes={
+        "gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.system": "strata",
+        "strata.request_id": request.request_id,
+        **{f"gen_ai.request.{k}": v for k, v in request.sampling.model_dump(exclude_none=True).items() if isinstance(v, int | float)},
+    })
+    headers = {REQUEST_ID_HEADER: request.request_id}
+    try:
+        with trace.use_span(span, end_on_exit=False):  # the NATS headers carry this span's context
+            if request.stream:
+                started, stream = await gateway.open_stream(request)
+            else:
+                reply = await _unless_disconnected(http, gateway.complete(request))
+    except BaseException as exc:
+        slot.release()
+        _end_span(span, exc)
+        raise
+    if not request.stream:
+        slot.release()
+        _record_usage(span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)
+        span.end()
+        body = render.chat_completion(reply, model) if operation == "chat" else render.text_completion(reply, model)
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+    sse = render.SseStream(request_id=request.request_id, model=model, chat=operation == "chat", include_usage=include_usage)
+
+    async def events() -> AsyncIterator[bytes]:
+        # A client that goes away cancels this generator at its await: the shared client's stream
+        # then publishes an InferenceCancel on its own, without awaiting in a cancelled scope.
+        message: Message = started
+        try:
+            while True:
+                if isinstance(message, End):
+                    _record_usage(span, started.model.name, message.usage.prompt_tokens,
+                                  message.usage.completion_tokens, message.finish_reason)
+                if piece := sse.render(message):
+                    yield piece
+                if isinstance(message, End):
+                    return
+                message = await anext(stream)
+        except errors.StrataError as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
+            yield sse.error(to_openai(exc).body)
+        except StopAsyncIteration:
+            yield sse.error(to_openai(errors.StrataError("the worker's stream ended without an end marker")).body)
+
+    async def finish() -> None:  # runs after the response, whether it completed or the client left
+        slot.release()
+        await stream.aclose()  # type: ignore[attr-defined]
+        span.end()
+
+    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(finish),
+                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _unless_disconnected(http: Request, work: Awaitable[T], poll_s: float = 0.2) -> T:
+    """Await ``work``, cancelling it (and so the generation, via an InferenceCancel) if the HTTP
+    client hangs up first: a non-streaming response has no other way to learn that."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise errors.StrataError("the client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _record_usage(span: trace.Span, served: str, prompt: int, completion: int, finish: str) -> None:
+    span.set_attributes({
+        "gen_ai.response.model": served, "gen_ai.usage.input_tokens": prompt,
+        "gen_ai.usage.output_tokens": completion, "gen_ai.response.finish_reasons": [finish],
+    })
+
+
+def _end_span(span: trace.Span, exc: BaseException) -> None:
+    span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+    span.set_attribute("error.type", getattr(exc, "code", type(exc).__name__))
+    span.end()
+
+
+def _install_errors(app: FastAPI) -> None:
+    """Every error, this gateway's or FastAPI's, in OpenAI's shape (replacing Service's default)."""
+
+    def respond(request: Request, error: OpenAIError) -> JSONResponse:
+        rid = getattr(request.state, "request_id", None) or request.headers.get(REQUEST_ID_HEADER) or new_id()
+        headers = {**error.headers, REQUEST_ID_HEADER: rid}
+        return JSONResponse(error.body.model_dump(mode="json"), status_code=error.status, headers=headers)
+
+    @app.exception_handler(errors.StrataError)
+    async def _strata(request: Request, exc: errors.StrataError) -> JSONResponse:
+        return respond(request, to_openai(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic's loc for a union ("str", "list[...]") names the variant, not the field
+        param = ".".join(p for p in loc if not p.startswith(("str", "list[", "function-", "literal[", "int", "float")))
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            message = f"unrecognized request argument supplied: {param}"
+        elif first.get("type") == "missing":
+            message = f"missing required parameter: {param}"
+        elif param:
+            message = f"invalid value for '{param}': {message}"
+        return respond(request, invalid(message, param or None))
+
+
+def _replace_health(service: Service, gateway: Gateway) -> None:
+    """/healthz also says whether the gateway is open (no API key configured) and how loaded it is."""
+    service.http.router.routes[:] = [r for r in service.http.router.routes if getattr(r, "path", None) != "/healthz"]
+
+    @service.http.get("/healthz", response_model=GatewayHealth, tags=["health"])
+    async def health() -> JSONResponse:
+        base = service.health()
+        body = GatewayHealth(**base.model_dump(), auth="open" if await _open(gateway) else "api-keys",
+                             in_flight=gateway.in_flight, max_in_flight=gateway.config.max_in_flight)
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if base.status == "ok" else 503)
+
+
+async def _open(gateway: Gateway) -> bool:
+    try:
+        return await gateway.open_mode()
+    except Exception:  # NATS down: health still answers (degraded), auth mode unknown counts as closed
+        return False

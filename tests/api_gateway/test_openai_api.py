@@ -1,0 +1,118 @@
+"""The gateway through the official openai client: models, chat, completion, streaming, request ids,
+trace propagation. Workers are scripted (tests/support/fake_worker.py)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.support.fake_worker import Script
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_models_chat_and_completion(gateway, workers):
+    worker = await workers({"tiny": Script(), "other.v2": Script(tokens=["x"])})
+    client = gateway.client()
+
+    models = await client.models.list()
+    assert sorted(m.id for m in models.data) == ["other.v2", "tiny"]
+    assert all(m.object == "model" and m.owned_by == "strata" for m in models.data)
+
+    chat = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, seed=7)
+    assert chat.object == "chat.completion"
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == "Hello, world!"
+    assert chat.choices[0].finish_reason == "stop"
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens) == (5, 4, 9)
+    assert chat.model == "tiny" and chat.system_fingerprint.startswith("tiny:1/sha256:")
+    sent = worker.requests[-1]
+    assert sent.messages[0].content == "hi" and sent.sampling.temperature == 0 and sent.sampling.seed == 7
+
+    text = await client.completions.create(model="tiny", prompt="Say", max_tokens=2, stop=["\n"], extra_body={"top_k": 5})
+    assert text.object == "text_completion"
+    assert text.choices[0].text == "Hello,"
+    assert text.choices[0].finish_reason == "length"
+    sent = worker.requests[-1]
+    assert sent.prompt == "Say" and sent.sampling.max_tokens == 2 and sent.sampling.stop == ["\n"] and sent.sampling.top_k == 5
+
+    dotted = await client.chat.completions.create(model="other.v2", messages=[{"role": "user", "content": "hi"}])
+    assert dotted.choices[0].message.content == "x"
+
+
+async def test_max_completion_tokens_logprobs_and_content_parts(gateway, workers):
+    worker = await workers()
+    client = gateway.client()
+    chat = await client.chat.completions.create(
+        model="tiny", max_completion_tokens=3, logprobs=True, top_logprobs=2,
+        messages=[{"role": "developer", "content": "be brief"},
+                  {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+    )
+    sent = worker.requests[-1]
+    assert sent.sampling.max_tokens == 3 and sent.sampling.logprobs == 2
+    assert [(m.role, m.content) for m in sent.messages] == [("system", "be brief"), ("user", "ab")]
+    content = chat.choices[0].logprobs.content
+    assert [t.token for t in content] == ["Hello", ",", " world"]
+    assert len(content[0].top_logprobs) == 2 and content[0].logprob == -0.5
+
+    text = await client.completions.create(model="tiny", prompt="p", logprobs=1)
+    assert text.choices[0].logprobs.tokens == ["Hello", ",", " world", "!"]
+    assert text.choices[0].logprobs.text_offset == [0, 5, 6, 12]
+
+
+async def test_request_id_and_trace_context(gateway, workers):
+    worker = await workers()
+    client = gateway.client()
+    raw = await client.chat.completions.with_raw_response.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    generated = raw.headers["x-request-id"]
+    assert generated and worker.requests[-1].request_id == generated
+    assert raw.parse().id == f"chatcmpl-{generated}"
+    assert "traceparent" in worker.headers[-1], "the gateway's span context travels in the NATS headers"
+
+    raw = await client.completions.with_raw_response.create(model="tiny", prompt="p", extra_headers={"x-request-id": "my-req.1"})
+    assert raw.headers["x-request-id"] == "my-req.1"
+    assert worker.requests[-1].request_id == "my-req.1"
+
+    async with httpx.AsyncClient() as http:
+        bad = await http.post(f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p"}, headers={"x-request-id": "x" * 200})
+        missing = await http.post(f"{gateway.v1}/completions", json={"model": "missing", "prompt": "p"}, headers={"x-request-id": "r-404"})
+    assert bad.status_code == 400 and "x-request-id" in bad.json()["error"]["message"]
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == "r-404"
+
+
+async def test_chat_stream_chunks_in_order_with_usage(gateway, workers):
+    await workers({"tiny": Script(delay_s=0.01)})
+    client = gateway.client()
+    stream = await client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello, world!"
+    assert [c.choices[0].delta.content for c in chunks[1:5]] == ["Hello", ",", " world", "!"]
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4 and chunks[-1].usage.total_tokens == 9
+
+
+async def test_completion_stream_and_raw_sse(gateway, workers):
+    await workers()
+    client = gateway.client()
+    stream = await client.completions.create(model="tiny", prompt="p", stream=True, max_tokens=3)
+    chunks = [c async for c in stream]
+    assert [c.choices[0].text for c in chunks] == ["Hello", ",", " world", ""]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    async with httpx.AsyncClient() as http:
+        async with http.stream("POST", f"{gateway.v1}/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        }) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-request-id"]
+            body = (await response.aread()).decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert '"finish_reason":"stop"' in events[-2]

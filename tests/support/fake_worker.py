@@ -1,0 +1,132 @@
+"""A scripted inference worker for gateway and CLI tests: a tiny nats-py responder that speaks the
+serving contract (shared/inference.py) with fixed tokens, optional delays, an 'overloaded' mode, and
+a 'die' mode that stops mid-stream without an ``end`` (as a killed worker would)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from shared import subjects
+from shared.events import ModelId
+from shared.inference import (
+    CANCEL_SUBJECT,
+    Chunk,
+    End,
+    InferenceCancel,
+    InferenceError,
+    InferenceReply,
+    InferenceRequest,
+    Keepalive,
+    Started,
+    StreamFailure,
+    TokenLogprob,
+    Usage,
+)
+from shared.rpc import ErrorBody, RpcReply
+
+
+@dataclass
+class Script:
+    tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
+    delay_s: float = 0.0  # between tokens
+    die_after: int | None = None  # tokens sent before falling silent for good
+    overloaded: bool = False
+    keepalive_s: float = 0.2
+
+
+@dataclass
+class FakeWorker:
+    nats_url: str
+    models: dict[str, Script]
+    version: int = 1
+    requests: list[InferenceRequest] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    cancels: list[InferenceCancel] = field(default_factory=list)
+    nc: Client | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def model_id(self, name: str) -> ModelId:
+        return ModelId(name=name, version=self.version, digest="sha256:" + "ab" * 32)
+
+    async def start(self) -> FakeWorker:
+        self.nc = await nats.connect(self.nats_url)
+        for name in self.models:
+            await self.nc.subscribe(subjects.inference_request(name), queue=f"model:{name}", cb=self._on_request)
+        await self.nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
+        await self.nc.subscribe(subjects.rpc("inference-worker", "models"), cb=self._on_models)
+        await self.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.nc is not None:
+            await self.nc.close()
+
+    async def _on_models(self, msg: Msg) -> None:
+        result = {"node_id": "fake", "models": [self.model_id(n).model_dump() for n in self.models]}
+        await msg.respond(RpcReply(ok=True, result=result).model_dump_json().encode())
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        self.cancels.append(InferenceCancel.model_validate_json(msg.data))
+
+    async def _on_request(self, msg: Msg) -> None:
+        request = InferenceRequest.model_validate_json(msg.data)
+        self.requests.append(request)
+        self.headers.append(dict(msg.headers or {}))
+        task = asyncio.create_task(self._serve(msg, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _cancelled(self, request_id: str) -> bool:
+        return any(c.request_id == request_id for c in self.cancels)
+
+    async def _serve(self, msg: Msg, request: InferenceRequest) -> None:
+        assert self.nc is not None
+        name = request.model.split(":")[0].split("@")[0]
+        script = self.models[name]
+        rid = request.request_id
+
+        async def send(message: object) -> None:
+            await self.nc.publish(msg.reply, message.model_dump_json().encode())  # type: ignore[union-attr, attr-defined]
+
+        if script.overloaded:
+            error = InferenceError(request_id=rid, code="unavailable", message="the worker's queue is full")
+            if request.stream:
+                await send(StreamFailure(error=error))
+            else:
+                await send(RpcReply(ok=False, error=ErrorBody(code="unavailable", message=error.message)))
+            return
+        limit = request.sampling.max_tokens or len(script.tokens)
+        tokens = script.tokens[:limit]
+        finish = "length" if limit < len(script.tokens) else "stop"
+        usage = Usage(prompt_tokens=5, completion_tokens=len(tokens))
+        lp = request.sampling.logprobs
+        logprobs = [TokenLogprob(token=t, token_id=i, logprob=-0.5, top=[(t, -0.5)] * (lp or 0)) for i, t in enumerate(tokens)]
+        if not request.stream:
+            await asyncio.sleep(script.delay_s * len(tokens))
+            reply = InferenceReply(request_id=rid, model=self.model_id(name), text="".join(tokens), finish_reason=finish,
+                                   usage=usage, logprobs=logprobs if lp is not None else None)
+            await send(RpcReply(ok=True, result=reply.model_dump(mode="json")))
+            return
+        await send(Started(request_id=rid, model=self.model_id(name)))
+        for i, token in enumerate(tokens):
+            if script.die_after is not None and i >= script.die_after:
+                return  # silence from now on: a dead worker sends nothing, not even keepalives
+            waited = 0.0
+            while waited < script.delay_s:
+                if self._cancelled(rid):
+                    await send(End(request_id=rid, finish_reason="cancelled", usage=Usage(prompt_tokens=5, completion_tokens=i)))
+                    return
+                step = min(script.keepalive_s, script.delay_s - waited)
+                await asyncio.sleep(step)
+                waited += step
+                await send(Keepalive(request_id=rid))
+            await send(Chunk(request_id=rid, index=i, text=token, token_ids=[i],
+                             logprobs=[logprobs[i]] if lp is not None else None))
+        await send(End(request_id=rid, finish_reason=finish, usage=usage))
