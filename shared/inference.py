@@ -14,8 +14,10 @@ Cancelling: publish an ``InferenceCancel`` on ``infer.cancel`` (every worker lis
 holds the request stops it and frees its cache blocks).
 
 Batch jobs: an ``InferenceRequest`` published to the JetStream subject ``infer.jobs.<model name>``
-(stream ``JOBS``) is processed at least once; its ``InferenceReply`` is published to
-``infer.results.<request id>`` (stream ``RESULTS``), and a duplicate request id gives one result.
+(stream ``JOBS``) is processed at least once; its reply, an ``RpcReply`` as for a non-stream
+request (result ``InferenceReply``, or a typed error), is published to
+``infer.results.<request id>`` (stream ``RESULTS``), and a duplicate request id gives one result
+(see shared/inference_jobs.py).
 Outputs never go into the ``EVENTS`` stream (the audit log): the ``inference.completed`` event carries
 their sha256 only.
 """
@@ -144,3 +146,24 @@ StreamMessage = Annotated[Started | Chunk | End | StreamFailure | Keepalive, Fie
 class InferenceCancel(BaseModel):
     request_id: str
     reason: str = "cancelled by the client"
+
+
+class LoadedModelsRequest(BaseModel):
+    """The body of ``rpc.inference-worker.models`` (no queue group: every worker answers; gather the
+    replies, each an ``RpcReply`` whose result is a ``LoadedModels``, for a short window)."""
+
+
+class LoadedDeployment(BaseModel):
+    deployment_id: str
+    replica: int = 0
+    model: ModelId
+    aliases: list[str] = []
+    device: str
+    state: Literal["loading", "ready", "draining", "failed"]
+    requests_in_flight: int = 0
+    reason: str | None = Field(default=None, description="why the load failed (state 'failed')")
+
+
+class LoadedModels(BaseModel):
+    node_id: str
+    deployments: list[LoadedDeployment]

@@ -1,14 +1,192 @@
-"""inference-worker: loads the models scheduled on its node and serves them."""
+"""inference-worker: loads the models scheduled on its node and serves them.
 
-from shared.config import Settings
-from shared.events import DeployScheduled, UndeployRequested
+Thin wiring: deploy events → service_layer.deployments; ``infer.request.<model>`` → serving;
+``infer.jobs.<model>`` → jobs; ``infer.cancel``; ``rpc.inference-worker.models``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+from faststream.nats.annotations import NatsMessage
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from shared import rpc, subjects
+from shared.catalog import parse_ref
+from shared.config import Settings, env_name
+from shared.events import DeployReleased, DeployScheduled, Event, UndeployRequested
+from shared.inference import CANCEL_SUBJECT, InferenceCancel, LoadedDeployment, LoadedModels, LoadedModelsRequest
+from shared.inference_jobs import ensure_job_streams
 from shared.service import Service
+from services.inference_worker.adapters.artifacts import ArtifactSource, ModelStoreSource
+from services.inference_worker.service_layer.deployments import Deployments, EngineOptions
+from services.inference_worker.service_layer.jobs import JobOptions, JobRunner
+from services.inference_worker.service_layer.serving import Server
+
+log = logging.getLogger("inference-worker")
+NAME = "inference-worker"
+DRAIN_TIMEOUT_S = 60.0
 
 
-def create_service(settings: Settings | None = None) -> Service:
-    service = Service("inference-worker", settings, description="Loads models on this node and serves them.")
+@dataclass
+class WorkerOptions:
+    max_inflight: int = 256  # requests admitted on this worker; beyond: 'unavailable' (overloaded, retry)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    jobs: JobOptions = field(default_factory=JobOptions)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> WorkerOptions:
+        env = os.environ if environ is None else environ
+
+        def get(key: str, default, cast=int):
+            value = env.get(env_name(NAME, key))
+            return cast(value) if value else default
+
+        kv = get("kv_cache_bytes", None)
+        return cls(max_inflight=get("max_inflight", 256),
+                   engine=EngineOptions(max_num_seqs=get("max_num_seqs", 64), default_kv_cache_bytes=kv),
+                   jobs=JobOptions(ack_wait_s=get("job_ack_wait", 30.0, float), concurrency=get("job_concurrency", 8)))
+
+
+class Worker:
+    def __init__(self, service: Service, artifacts: ArtifactSource | None, options: WorkerOptions) -> None:
+        self.service, self.options, self._artifacts = service, options, artifacts
+        self.node_id = service.settings.node_id
+        self.deployments: Deployments | None = None
+        self.server: Server | None = None
+        self.jobs: JobRunner | None = None
+        self.stopping = False
+        self._subs: dict[str, Subscription] = {}
+        self._cancel_sub: Subscription | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        nc = self.service.broker.connection
+        artifacts = self._artifacts or ModelStoreSource(nc, self.service.settings.service_dir / "cache")
+        self.deployments = Deployments(self.node_id, artifacts, self.service.publish, self._serving, self.options.engine)
+        self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight)
+        js = nc.jetstream()
+        await ensure_job_streams(js)
+        self.jobs = JobRunner(js, self.server, self.options.jobs)
+        # nats-py directly: these subscriptions come and go with the deployments, which FastStream's
+        # subscribers (declared before the broker starts) are too static for.
+        self._cancel_sub = await nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
+
+    async def stop(self) -> None:
+        """SIGTERM: take no new requests or jobs, let those in flight finish, unload everything
+        (deploy.unloaded for each), then let the process exit."""
+        if self.deployments is None:
+            return
+        self.stopping = True
+        for sub in self._subs.values():
+            await sub.unsubscribe()
+        self._subs.clear()
+        assert self.jobs is not None and self.server is not None
+        await self.jobs.stop_all()
+        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        while self.server.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.deployments.shutdown()
+        if self._cancel_sub is not None:
+            await self._cancel_sub.unsubscribe()
+
+    # ---- deploy events ----------------------------------------------------------------------
+    async def on_scheduled(self, event: Event[DeployScheduled]) -> None:
+        if self.stopping and event.data.node_id == self.node_id:
+            raise RuntimeError("the worker is shutting down; the deployment is retried after its restart")
+        assert self.deployments is not None
+        self.deployments.schedule(event.data)
+
+    async def on_undeploy(self, event: Event[UndeployRequested]) -> None:
+        assert self.deployments is not None
+        ref = parse_ref(event.data.model_ref)
+        for dep in self.deployments.matching(deployment_id=event.data.deployment_id, ref=ref):
+            self.deployments.request_unload(dep)
+
+    async def on_released(self, event: Event[DeployReleased]) -> None:
+        assert self.deployments is not None
+        if event.data.node_id != self.node_id:
+            return
+        for dep in self.deployments.matching(deployment_id=event.data.deployment_id, replica=event.data.replica):
+            self.deployments.request_unload(dep)
+
+    async def _serving(self, name: str, serving: bool) -> None:
+        """The first ready deployment of ``name`` subscribes; the last one gone unsubscribes."""
+        assert self.jobs is not None
+        nc = self.service.broker.connection
+        if serving and not self.stopping and name not in self._subs:
+            async def receive(msg: Msg) -> None:
+                self._spawn(self._on_request(name, msg))
+
+            self._subs[name] = await nc.subscribe(subjects.inference_request(name), queue=subjects.token(name), cb=receive)
+            await self.jobs.start(name)
+        elif not serving:
+            sub = self._subs.pop(name, None)
+            if sub is not None:
+                await sub.unsubscribe()
+            self._spawn(self.jobs.stop(name))
+
+    # ---- requests ---------------------------------------------------------------------------
+    async def _on_request(self, name: str, msg: Msg) -> None:
+        assert self.server is not None
+        nc = self.service.broker.connection
+        if not msg.reply:
+            log.warning("a request on %s without a reply subject was dropped", msg.subject)
+            return
+
+        async def send(data: bytes) -> None:
+            await nc.publish(msg.reply, data)
+
+        try:
+            await self.server.handle(msg.data, msg.headers, name, send)
+        except Exception:  # the reply inbox is gone or NATS is down: nothing left to tell the caller
+            log.exception("request on %s failed", msg.subject)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = InferenceCancel.model_validate_json(msg.data)
+        except ValueError:
+            return
+        assert self.server is not None
+        if self.server.cancel(cancel.request_id):
+            log.info("cancelled %s: %s", cancel.request_id, cancel.reason)
+
+    async def loaded(self, _request: LoadedModelsRequest) -> LoadedModels:
+        assert self.deployments is not None
+        return LoadedModels(node_id=self.node_id, deployments=[
+            LoadedDeployment(deployment_id=d.deployment_id, replica=d.replica, model=d.model, aliases=list(d.aliases),
+                             device=d.device, state=d.state, requests_in_flight=len(d.inflight), reason=d.reason)
+            for d in self.deployments.by_key.values()])
+
+    def _spawn(self, coro) -> None:
+        # nats-py runs one subscription's callbacks one after another: each request gets its own
+        # task, so concurrent requests reach the engine together and share its steps.
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def create_service(settings: Settings | None = None, *, artifacts: ArtifactSource | None = None,
+                   options: WorkerOptions | None = None) -> Service:
+    """``artifacts`` defaults to model-store (fetched and verified); tests may pass a LocalSource."""
+    service = Service(NAME, settings, description="Loads models on this node and serves them.")
+    worker = Worker(service, artifacts, options or WorkerOptions.from_env())
+    service.worker = worker  # type: ignore[attr-defined]  # for tests and introspection
     # Every worker must see every deploy event, so each node has a durable of its own.
-    consumer = service.consume("evt.deploy.>", durable=f"inference-worker-{service.settings.node_id}")
-    for event_type in (DeployScheduled, UndeployRequested):
-        consumer.on(event_type)(service.log_event)
+    consumer = service.consume("evt.deploy.>", durable=f"{NAME}-{subjects.token(service.settings.node_id)}")
+    consumer.on(DeployScheduled)(worker.on_scheduled)
+    consumer.on(UndeployRequested)(worker.on_undeploy)
+    consumer.on(DeployReleased)(worker.on_released)
+
+    async def models_rpc(msg: NatsMessage) -> bytes:
+        return await rpc.answer(msg.body, LoadedModelsRequest, worker.loaded)
+
+    # no queue group: every worker answers, and the caller gathers the replies
+    service.broker.subscriber(subjects.rpc(NAME, "models"), title=f"{NAME}:models")(models_rpc)
+    service.on_start(worker.start)
+    service.on_stop(worker.stop)
     return service

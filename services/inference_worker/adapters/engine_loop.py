@@ -1,0 +1,73 @@
+"""One loaded model: its engine, the one thread that steps it, and the bridge from the engine's
+per-request callbacks (called on that thread) to asyncio queues (read on the event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from services.inference_worker.engine import LLMEngine, SamplingParams, StreamEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    tokens: int = 0
+    peak_running: int = 0  # the most sequences that were in one batch
+
+
+@dataclass
+class EngineLoop:
+    engine: LLMEngine
+    name: str = "model"
+    stats: LoopStats = field(default_factory=LoopStats)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        # Model compute lives here, never on the event loop. Concurrent requests share every step:
+        # add_request only queues, and step() admits whatever arrived since the last step.
+        while not self._stop.is_set():
+            if not self.engine.wait_for_work(timeout=0.1):
+                continue
+            try:
+                before = len(self.engine.scheduler.running)
+                self.engine.step()
+                running = max(before, len(self.engine.scheduler.running))
+            except Exception:  # the engine already fails the batch's requests; keep the loop alive
+                log.exception("engine step of %s failed", self.name)
+                continue
+            self.stats.steps += 1
+            self.stats.peak_running = max(self.stats.peak_running, running)
+
+    def submit(self, loop: asyncio.AbstractEventLoop, request_id: str, params: SamplingParams, *,
+               prompt: str | None = None, messages: list[dict] | None = None) -> asyncio.Queue[StreamEvent]:
+        """Queue a request; its stream events arrive on the returned queue, the last with
+        ``finished`` set. Raises ValueError for a request id in use or a template failure."""
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def on_event(event: StreamEvent) -> None:  # on the engine thread
+            self.stats.tokens += len(event.token_ids)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        self.engine.add_request(prompt, params, messages=messages, request_id=request_id, callback=on_event)
+        return events
+
+    def cancel(self, request_id: str) -> bool:
+        return self.engine.cancel(request_id)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop stepping (callers finish or cancel requests first) and let go of the engine."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -1,0 +1,237 @@
+"""The models this worker holds: deploy-scheduled → fetch (verified) → load → warm up → measure →
+deploy-ready, or deploy-failed with the reason; undeploy → drain → unload → deploy-unloaded.
+
+No NATS here: events go out through ``publish`` and the entrypoint learns through ``on_serving``
+when a model name gains its first ready deployment or loses its last one (it then subscribes to or
+unsubscribes from that name's request subject)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from shared.catalog import ModelRef
+from shared.errors import NotFound, Unavailable
+from shared.events import (
+    DeployFailed, DeployLoading, DeployReady, DeployScheduled, DeployUnloaded, EventData, MeasuredMemory, ModelId,
+)
+from services.inference_worker.adapters.artifacts import Artifact, ArtifactSource
+from services.inference_worker.adapters.engine_loop import EngineLoop
+from services.inference_worker.adapters.memory import MemoryProbe
+
+log = logging.getLogger(__name__)
+
+State = Literal["loading", "ready", "draining", "failed"]
+Publish = Callable[[EventData], Awaitable[object]]
+OnServing = Callable[[str, bool], Awaitable[None]]  # (model name, serving now?)
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class EngineOptions:
+    """Worker-wide engine settings; a deployment's own figures (context, KV cache size, dtype) win."""
+
+    max_num_seqs: int = 64
+    default_kv_cache_bytes: int | None = None
+    warmup_tokens: int = 2
+
+
+@dataclass
+class Deployment:
+    key: str  # deployment_id/replica: two replicas of one deployment may share a node
+    deployment_id: str
+    replica: int
+    generation: int
+    model: ModelId
+    device: str
+    state: State = "loading"
+    aliases: tuple[str, ...] = ()
+    loop: EngineLoop | None = None
+    measured: MeasuredMemory | None = None
+    load_seconds: float = 0.0
+    reason: str | None = None
+    inflight: set[str] = field(default_factory=set)
+    unload_requested: bool = False
+
+    def matches(self, ref: ModelRef) -> bool:
+        if ref.name != self.model.name:
+            return False
+        if ref.version is not None:
+            return ref.version == self.model.version
+        return ref.alias is None or ref.alias in self.aliases
+
+
+def deployment_key(deployment_id: str, replica: int) -> str:
+    return f"{deployment_id}/{replica}"
+
+
+class Deployments:
+    def __init__(self, node_id: str, artifacts: ArtifactSource, publish: Publish, on_serving: OnServing,
+                 options: EngineOptions | None = None) -> None:
+        self.node_id, self.artifacts, self.publish, self.on_serving = node_id, artifacts, publish, on_serving
+        self.options = options or EngineOptions()
+        self.by_key: dict[str, Deployment] = {}
+        self._load_lock = asyncio.Lock()  # one load at a time: memory figures must not mix
+        self._tasks: set[asyncio.Task[None]] = set()  # unloads
+        self._loads: set[asyncio.Task[None]] = set()
+
+    # ---- queries --------------------------------------------------------------------------
+    def ready(self, name: str) -> list[Deployment]:
+        return [d for d in self.by_key.values() if d.state == "ready" and d.model.name == name]
+
+    def pick(self, ref: ModelRef) -> Deployment:
+        """The ready deployment with the fewest requests in flight that serves ``ref``."""
+        candidates = [d for d in self.ready(ref.name) if d.matches(ref)]
+        if not candidates:
+            held = sorted({f"{d.model.name}:{d.model.version}" for d in self.ready(ref.name)})
+            if held:
+                raise NotFound(f"{ref} is not deployed on this worker (it serves {', '.join(held)})")
+            raise Unavailable(f"{ref.name} is being unloaded on this worker, retry")
+        return min(candidates, key=lambda d: len(d.inflight))
+
+    # ---- deploy ---------------------------------------------------------------------------
+    def schedule(self, event: DeployScheduled) -> bool:
+        """Start loading in the background (the event is acknowledged at once; a load can take
+        minutes). Idempotent: a redelivered or repeated event for a deployment held in the same or
+        a later generation does nothing. True when a load started."""
+        if event.node_id != self.node_id:
+            return False
+        key = deployment_key(event.deployment_id, event.replica)
+        held = self.by_key.get(key)
+        if held is not None and (held.state != "failed" or held.generation >= event.generation):
+            return False
+        dep = Deployment(key=key, deployment_id=event.deployment_id, replica=event.replica,
+                         generation=event.generation, model=event.model, device=event.device)
+        self.by_key[key] = dep
+        self._spawn(self._deploy(dep, event), self._loads)
+        return True
+
+    async def _deploy(self, dep: Deployment, event: DeployScheduled) -> None:
+        await self.publish(DeployLoading(deployment_id=dep.deployment_id, model=dep.model,
+                                         node_id=self.node_id, device=dep.device))
+        started = time.monotonic()
+        try:
+            artifact = await self.artifacts.fetch(dep.model, event.model_ref or f"{dep.model.name}:{dep.model.version}")
+            async with self._load_lock:
+                loop, measured = await asyncio.to_thread(self._load, artifact, event)
+        except Exception as exc:  # every failure ends in deploy.failed, never in a dead worker
+            dep.state, dep.reason = "failed", failure_reason(exc)
+            log.warning("deploy %s of %s:%s failed: %s", dep.key, dep.model.name, dep.model.version, dep.reason)
+            await self.publish(DeployFailed(deployment_id=dep.deployment_id, model=dep.model,
+                                            node_id=self.node_id, reason=dep.reason))
+            return
+        dep.loop, dep.measured, dep.aliases = loop.start(), measured, artifact.aliases
+        dep.load_seconds = time.monotonic() - started
+        dep.state = "ready"
+        await self.publish(DeployReady(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id,
+                                       device=dep.device, measured=measured, load_seconds=dep.load_seconds))
+        if len(self.ready(dep.model.name)) == 1:
+            await self.on_serving(dep.model.name, True)
+        if dep.unload_requested:
+            await self.unload(dep.key)
+
+    def _load(self, artifact: Artifact, event: DeployScheduled) -> tuple[EngineLoop, MeasuredMemory]:
+        """On a worker thread: load, warm up and measure."""
+        from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
+
+        opts = self.options
+        device = torch.device(event.device)
+        probe = MemoryProbe(device).start()
+        kv_bytes = event.kv_cache_bytes or opts.default_kv_cache_bytes
+        config = EngineConfig(device=event.device, dtype=event.dtype, kv_cache_bytes=kv_bytes,
+                              max_num_seqs=opts.max_num_seqs)
+        engine = LLMEngine.from_pretrained(artifact.path, config)
+        if event.context_length < engine.max_model_len:
+            engine.max_model_len = event.context_length  # what was booked, not what the model allows
+        # warm-up: one real prefill + decode, so the first user does not pay for lazy initialisation
+        warm = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=opts.warmup_tokens, temperature=0))[0]
+        if warm.finish_reason == "error":
+            raise RuntimeError(f"warm-up generation failed: {warm.error}")
+        measured = probe.measure(engine.weights_bytes, engine.cache_usage().total_bytes)
+        return EngineLoop(engine, name=f"{artifact.model.name}:{artifact.model.version}"), measured
+
+    # ---- undeploy -------------------------------------------------------------------------
+    def matching(self, *, deployment_id: str | None = None, ref: ModelRef | None = None,
+                 replica: int | None = None) -> list[Deployment]:
+        out = []
+        for d in self.by_key.values():
+            if deployment_id is not None and d.deployment_id != deployment_id:
+                continue
+            if replica is not None and d.replica != replica:
+                continue
+            if ref is not None and not d.matches(ref):
+                continue
+            out.append(d)
+        return out
+
+    def request_unload(self, dep: Deployment) -> None:
+        """Unload in the background (draining may take as long as the longest request)."""
+        if dep.state == "loading":
+            dep.unload_requested = True  # unloaded as soon as the load finishes
+        elif dep.state in ("ready", "failed"):
+            self._spawn(self.unload(dep.key))
+
+    async def unload(self, key: str, drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
+        dep = self.by_key.get(key)
+        if dep is None or dep.state == "draining":
+            return
+        was_ready, dep.state = dep.state == "ready", "draining"
+        if was_ready and not self.ready(dep.model.name):
+            await self.on_serving(dep.model.name, False)  # no new requests reach this name
+        deadline = time.monotonic() + drain_timeout
+        while dep.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if dep.inflight and dep.loop is not None:
+            log.warning("%s: cancelling %d requests still running after %.0fs", key, len(dep.inflight), drain_timeout)
+            for rid in list(dep.inflight):
+                dep.loop.cancel(rid)
+            await asyncio.sleep(0.2)
+        if dep.loop is not None:
+            await asyncio.to_thread(dep.loop.stop)
+            dep.loop = None  # drop the engine: its weights and KV cache are freed with it
+            await asyncio.to_thread(_release_memory, dep.device)
+        del self.by_key[key]
+        if was_ready or dep.unload_requested:
+            await self.publish(DeployUnloaded(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id))
+
+    async def shutdown(self) -> None:
+        """SIGTERM: every deployment drains (requests in flight finish) and is unloaded."""
+        for task in list(self._loads):  # a load in progress is abandoned (its thread finishes alone)
+            task.cancel()
+        await asyncio.gather(*self._loads, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self.unload(k) for k in list(self.by_key)), return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[None], tasks: set[asyncio.Task[None]] | None = None) -> None:
+        tasks = self._tasks if tasks is None else tasks
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A reason an operator can act on: what kind of failure, and the message naming the file."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError):
+        return f"out of memory while loading: {exc}"
+    from services.inference_worker.engine import CheckpointError, UnsupportedArchitectureError
+
+    if isinstance(exc, UnsupportedArchitectureError):
+        return f"unsupported architecture: {exc}"
+    if isinstance(exc, CheckpointError):
+        return f"bad checkpoint: {exc}"
+    name = type(exc).__name__
+    if name == "VerificationError":
+        return f"verification failed: {exc}"
+    return f"{name}: {exc}"
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

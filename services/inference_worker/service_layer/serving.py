@@ -1,0 +1,280 @@
+"""One inference request, from its raw body to its reply messages and its inference event.
+
+The transport is a ``send`` callable (bytes to the reply inbox); the entrypoint owns NATS. A
+non-stream request gets one ``RpcReply`` (result: ``InferenceReply``), a streamed one gets
+``started``, ``chunk``s, keepalives while nothing happens for ``KEEPALIVE_S``, and one ``end`` or
+``error`` (shared/inference.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+
+from opentelemetry import propagate, trace
+from pydantic import ValidationError
+
+from shared import errors
+from shared.catalog import parse_ref
+from shared.events import EventData, InferenceCompleted, InferenceFailed
+from shared.inference import (
+    KEEPALIVE_S, Chunk, End, InferenceError, InferenceReply, InferenceRequest, Keepalive, SamplingOptions, Started,
+    StreamFailure, TokenLogprob, Usage,
+)
+from shared.rpc import ErrorBody, RpcReply
+from services.inference_worker.engine import SamplingParams, StreamEvent
+from services.inference_worker.service_layer.deployments import Deployment, Deployments
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("strata.inference-worker")
+Send = Callable[[bytes], Awaitable[None]]
+Publish = Callable[[EventData], Awaitable[object]]
+
+
+@dataclass
+class Outcome:
+    """A finished request, as the reply and the inference event see it."""
+
+    reply: InferenceReply
+    error: str | None = None
+
+
+class Server:
+    def __init__(self, deployments: Deployments, node_id: str, publish: Publish, *, max_inflight: int = 256) -> None:
+        self.deployments, self.node_id, self.publish = deployments, node_id, publish
+        self.max_inflight = max_inflight
+        self.inflight: dict[str, Deployment] = {}  # request id -> the deployment running it
+
+    # ---- entrypoints ------------------------------------------------------------------------
+    async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send) -> None:
+        """A request from ``infer.request.<model>``: never raises; every failure is a typed reply."""
+        streaming = _wants_stream(raw)
+        try:
+            request = parse_request(raw, subject_model)
+        except errors.StrataError as exc:
+            await self._send_error(send, streaming, _request_id(raw), exc)
+            return
+        if not request.stream:
+            try:
+                outcome = await self.complete(request, headers)
+            except errors.StrataError as exc:
+                await self._send_error(send, False, request.request_id, exc)
+                return
+            await send(_ok(outcome.reply))
+            return
+        await self._stream(request, headers, send)
+
+    def cancel(self, request_id: str) -> bool:
+        dep = self.inflight.get(request_id)
+        return bool(dep and dep.loop and dep.loop.cancel(request_id))
+
+    async def complete(self, request: InferenceRequest, headers: dict[str, str] | None = None,
+                       on_tick: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+        """Run a request to its end (non-stream replies and batch jobs); raises a typed error when
+        it cannot start or the engine failed it. ``on_tick`` runs at least every KEEPALIVE_S."""
+        text, lps = [], []
+        async with aclosing(self._generate(request, headers)) as stream:
+            async for dep, event in stream:
+                if event is None:
+                    if on_tick is not None:
+                        await on_tick()
+                    continue
+                text.append(event.text)
+                lps.extend(event.logprobs)
+                if event.finished:
+                    if event.finish_reason == "error":
+                        raise errors.Invalid(event.error or "the engine failed the request")
+                    return Outcome(self._reply(request, dep, event, "".join(text), lps))
+        raise errors.StrataError("the request ended without a final event")  # pragma: no cover
+
+    # ---- streaming --------------------------------------------------------------------------
+    async def _stream(self, request: InferenceRequest, headers: dict[str, str] | None, send: Send) -> None:
+        rid, index, started = request.request_id, 0, False
+        try:
+            async with aclosing(self._generate(request, headers)) as stream:
+                async for dep, event in stream:
+                    if not started:
+                        await send(_msg(Started(request_id=rid, model=dep.model)))
+                        started = True
+                    if event is None:
+                        await send(_msg(Keepalive(request_id=rid)))
+                        continue
+                    if event.token_ids or event.text:
+                        await send(_msg(Chunk(request_id=rid, index=index, text=event.text, token_ids=event.token_ids,
+                                              logprobs=self._logprobs(dep, event.logprobs, request))))
+                        index += 1
+                    if event.finished:
+                        if event.finish_reason == "error":
+                            raise errors.Invalid(event.error or "the engine failed the request")
+                        usage = Usage(prompt_tokens=event.metrics.num_prompt_tokens,
+                                      completion_tokens=event.metrics.num_generated_tokens)
+                        await send(_msg(End(request_id=rid, finish_reason=event.finish_reason, usage=usage)))
+        except errors.StrataError as exc:
+            await self._send_error(send, True, rid, exc)
+
+    # ---- the core ---------------------------------------------------------------------------
+    async def _generate(self, request: InferenceRequest, headers: dict[str, str] | None
+                        ) -> AsyncIterator[tuple[Deployment, StreamEvent | None]]:
+        """Admit the request into an engine and yield its stream events (None: nothing happened for
+        KEEPALIVE_S). Publishes the inference event when the request ends, however it ends."""
+        rid = request.request_id
+        if len(self.inflight) >= self.max_inflight:
+            raise errors.Unavailable(f"overloaded: {len(self.inflight)} requests in flight on this worker, retry")
+        if rid in self.inflight:
+            raise errors.Conflict(f"request id {rid!r} is already running")
+        dep = self.deployments.pick(parse_ref(request.model))
+        assert dep.loop is not None
+        # the caller's trace continues here (W3C traceparent in the NATS headers); the span is not made
+        # current: this generator's frames run in whichever task reads it
+        span = tracer.start_span(f"inference {dep.model.name}", context=propagate.extract(headers or {}),
+                                 kind=trace.SpanKind.SERVER)
+        with _ended(span):
+            span.set_attribute("gen_ai.request.model", request.model)
+            span.set_attribute("strata.request_id", rid)
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            started = time.time()
+            try:
+                events = dep.loop.submit(asyncio.get_running_loop(), rid, to_params(request.sampling),
+                                         prompt=request.prompt,
+                                         messages=[m.model_dump() for m in request.messages] if request.messages else None)
+            except Exception as exc:  # a duplicate id inside the engine, a chat template that fails
+                raise errors.Invalid(f"cannot start the request: {exc}") from None
+            self.inflight[rid] = dep
+            dep.inflight.add(rid)
+            text, final = [], None
+            try:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
+                    except TimeoutError:
+                        yield dep, None
+                        continue
+                    text.append(event.text)
+                    if event.finished:
+                        final = event
+                    yield dep, event
+                    if event.finished:
+                        return
+            finally:
+                if final is None:  # the caller went away (or the worker is stopping): free the blocks
+                    dep.loop.cancel(rid)
+                self.inflight.pop(rid, None)
+                dep.inflight.discard(rid)
+                asyncio.ensure_future(self._record(request, dep, final, "".join(text), trace_id, started))
+
+    async def _record(self, request: InferenceRequest, dep: Deployment, final: StreamEvent | None,
+                      output: str, trace_id: str, started: float) -> None:
+        try:
+            if final is None or final.finish_reason == "error":
+                reason = final.error if final is not None and final.error else "the request was abandoned"
+                await self.publish(InferenceFailed(request_id=request.request_id, trace_id=trace_id, model_ref=request.model,
+                                                   node_id=self.node_id, reason=reason, e2e_seconds=time.time() - started))
+                return
+            m = final.metrics
+            await self.publish(InferenceCompleted(
+                request_id=request.request_id, trace_id=trace_id, model=dep.model, deployment_id=dep.deployment_id,
+                node_id=self.node_id, device=dep.device, prompt_tokens=m.num_prompt_tokens,
+                completion_tokens=m.num_generated_tokens, queue_seconds=m.queue_time or 0.0,
+                time_to_first_token_seconds=m.ttft or 0.0, time_per_output_token_seconds=m.tpot or 0.0,
+                e2e_seconds=m.e2e or 0.0, finish_reason=final.finish_reason or "stop",
+                prompt_sha256=prompt_sha256(request), output_sha256=sha256(output)))
+        except Exception:  # the reply already went out; a lost event is logged, not raised into nothing
+            log.exception("could not publish the inference event of %s", request.request_id)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _reply(self, request: InferenceRequest, dep: Deployment, final: StreamEvent, text: str, lps: list) -> InferenceReply:
+        m = final.metrics
+        return InferenceReply(request_id=request.request_id, model=dep.model, text=text,
+                              finish_reason=final.finish_reason or "stop",
+                              usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
+                              logprobs=self._logprobs(dep, lps, request))
+
+    @staticmethod
+    def _logprobs(dep: Deployment, lps: list, request: InferenceRequest) -> list[TokenLogprob] | None:
+        if request.sampling.logprobs is None or dep.loop is None:
+            return None
+        tok = dep.loop.engine.tokenizer
+
+        def piece(token_id: int) -> str:
+            return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
+
+        return [TokenLogprob(token=piece(lp.token_id), token_id=lp.token_id, logprob=lp.logprob,
+                             top=[(piece(t), v) for t, v in lp.top]) for lp in lps]
+
+    async def _send_error(self, send: Send, streaming: bool, request_id: str, exc: errors.StrataError) -> None:
+        if streaming:
+            await send(_msg(StreamFailure(error=InferenceError(request_id=request_id, code=exc.code, message=exc.message))))
+        else:
+            await send(RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode())
+
+
+@contextmanager
+def _ended(span: trace.Span) -> Iterator[trace.Span]:
+    try:
+        yield span
+    finally:
+        span.end()
+
+
+def parse_request(raw: bytes, subject_model: str | None) -> InferenceRequest:
+    try:
+        request = InferenceRequest.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise errors.Invalid(f"invalid InferenceRequest: {first['msg']} at {where}") from None
+    ref = parse_ref(request.model)
+    if subject_model is not None and ref.name != subject_model:
+        raise errors.Invalid(f"the request names model {ref.name!r} but was sent to the subject of {subject_model!r}")
+    return request
+
+
+def to_params(options: SamplingOptions) -> SamplingParams:
+    return SamplingParams(max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
+                          top_k=options.top_k, seed=options.seed, stop=list(options.stop),
+                          stop_token_ids=list(options.stop_token_ids), logprobs=options.logprobs)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prompt_sha256(request: InferenceRequest) -> str:
+    """The prompt's text, or the chat messages as compact sorted JSON."""
+    if request.prompt is not None:
+        return sha256(request.prompt)
+    body = [m.model_dump() for m in request.messages or []]
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+
+
+def _ok(reply: InferenceReply) -> bytes:
+    return RpcReply(ok=True, result=reply.model_dump(mode="json")).model_dump_json().encode()
+
+
+def _msg(message: Started | Chunk | End | StreamFailure | Keepalive) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def _wants_stream(raw: bytes) -> bool:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(body, dict) and body.get("stream") is True
+
+
+def _request_id(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) else ""
+
+
+__all__ = ["Outcome", "Server", "parse_request", "prompt_sha256", "sha256", "to_params"]
