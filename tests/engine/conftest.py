@@ -62,7 +62,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-        "add_bos_token": True, "chat_template": CHAT_TEMPLATE}))
+        "add_bos_token": True, "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
     return d
 
 
