@@ -1,0 +1,183 @@
+"""Every failure answers in OpenAI's shape with its own status: invalid input, unknown model, missing
+or bad key, overload (gateway and worker), a worker that dies, a client that leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import nats
+import openai
+import pytest
+
+from services.api_gateway.adapters.key_store import KeyStore
+from services.api_gateway.domain.keys import hash_key
+from shared.inference import SILENCE_TIMEOUT_S
+from tests.support.fake_worker import Script
+from tests.support.helpers import eventually
+
+pytestmark = pytest.mark.timeout(60)
+HI = [{"role": "user", "content": "hi"}]
+
+
+def error_of(exc: openai.APIStatusError) -> dict:
+    return exc.response.json()["error"]
+
+
+async def test_model_not_deployed_is_an_immediate_404(gateway, workers):
+    await workers()  # serves "tiny" only
+    client = gateway.client()
+    for stream in (False, True):
+        began = time.monotonic()
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.chat.completions.create(model="absent", messages=HI, stream=stream)
+        assert time.monotonic() - began < SILENCE_TIMEOUT_S / 2, "no responders must not wait for a time-out"
+        error = error_of(caught.value)
+        assert error["code"] == "model_not_found" and error["param"] == "model" and "absent" in error["message"]
+        assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"n": 2}, "n", "only n=1"),
+    ({"temperature": 5}, "temperature", "less than or equal to 2"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"frobnicate": True}, "frobnicate", "unrecognized request argument"),
+    ({"messages": []}, "messages", "at least 1"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "invalid value"),
+    ({"model": "bad model!"}, "model", "malformed model reference"),
+    ({"stream_options": {"include_usage": True}}, "", "only allowed with stream"),
+    ({"top_logprobs": 2}, "", "requires logprobs"),
+    ({"presence_penalty": 1}, "presence_penalty", "not supported"),
+])
+async def test_invalid_chat_parameters_are_400_naming_the_parameter(gateway, workers, body, param, words):
+    worker = await workers()
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gateway.client().chat.completions.create(model="tiny", messages=HI, extra_body=body)
+    error = error_of(caught.value)
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
+    assert words in error["message"], error
+    assert (error["param"] or "") == param
+    assert worker.requests == [], "an invalid request never reaches a worker"
+
+
+async def test_invalid_completion_parameters(gateway, workers):
+    await workers()
+    client = gateway.client()
+    for body, param in (({"prompt": ["a", "b"]}, "prompt"), ({"echo": True}, "echo"), ({"logprobs": 9}, "logprobs"),
+                        ({"max_tokens": 0}, "max_tokens")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(model="tiny", prompt="p", extra_body=body)
+        assert error_of(caught.value)["param"] == param
+    async with httpx.AsyncClient() as http:
+        response = await http.post(f"{gateway.v1}/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_api_keys(nats_server, gateway_factory, workers):
+    await workers()
+    nc = await nats.connect(nats_server.url)
+    store = await KeyStore.open(nc.jetstream())
+    made = await store.create("ci")
+    revoked = await store.create("old")
+    await store.revoke(hash_key(revoked))
+    gateway = gateway_factory(seed_keys=["sk-from-env"])
+
+    raw = (await store.kv.get(hash_key(made))).value.decode()
+    assert made not in raw and hash_key(made) in raw, "only the hash is stored"
+    assert (await store.get(hash_key("sk-from-env"))).name == "env:STRATA_API_KEYS"
+
+    for key in (made, "sk-from-env"):
+        chat = await gateway.client(api_key=key).chat.completions.create(model="tiny", messages=HI)
+        assert chat.choices[0].message.content == "Hello, world!"
+    for key, words in (("sk-wrong", "incorrect API key"), (revoked, "revoked")):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await gateway.client(api_key=key).models.list()
+        assert words in error_of(caught.value)["message"]
+        assert error_of(caught.value)["code"] == "invalid_api_key"
+    async with httpx.AsyncClient() as http:
+        anonymous = await http.post(f"{gateway.v1}/chat/completions", json={"model": "tiny", "messages": HI})
+        invalid_and_anonymous = await http.post(f"{gateway.v1}/chat/completions", json={"n": 3})
+        health = (await http.get(f"{gateway.base_url}/healthz")).json()
+    assert anonymous.status_code == 401 and "missing API key" in anonymous.json()["error"]["message"]
+    assert invalid_and_anonymous.status_code == 401, "auth is checked before the body"
+    assert health["auth"] == "api-keys"
+    await nc.close()
+
+
+async def test_open_mode_without_keys_says_so(caplog, gateway, workers):
+    assert "NO API KEY IS CONFIGURED" in caplog.text
+    await workers()
+    async with httpx.AsyncClient() as http:
+        health = (await http.get(f"{gateway.base_url}/healthz")).json()
+        chat = await http.post(f"{gateway.v1}/chat/completions", json={"model": "tiny", "messages": HI})
+    assert health["auth"] == "open" and health["status"] == "ok"
+    assert chat.status_code == 200
+
+
+async def test_gateway_in_flight_limit_is_429_with_retry_after(gateway_factory, workers):
+    await workers({"tiny": Script(delay_s=0.3)})
+    gateway = gateway_factory(max_in_flight=1)
+    client = gateway.client()
+    first = await client.chat.completions.create(model="tiny", messages=HI, stream=True)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="tiny", messages=HI)
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert error_of(caught.value)["type"] == "rate_limit_error"
+    assert "".join([c.choices[0].delta.content or "" async for c in first if c.choices]) == "Hello, world!"
+    again = await client.chat.completions.create(model="tiny", messages=HI)  # the slot came back
+    assert again.choices[0].message.content == "Hello, world!"
+
+
+async def test_worker_overloaded_is_503_with_retry_after(gateway, workers):
+    await workers({"tiny": Script(overloaded=True)})
+    client = gateway.client()
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="tiny", messages=HI, stream=stream)
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"] == "1"
+        assert error_of(caught.value)["code"] == "overloaded"
+
+
+async def test_worker_dying_mid_stream_gives_an_error_not_a_hang(gateway, workers):
+    """The test gateway's silence time-out is 1 s; the scripted worker stops after two tokens."""
+    await workers({"tiny": Script(die_after=2)})
+    client = gateway.client()
+    stream = await client.chat.completions.create(model="tiny", messages=HI, stream=True)
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert "".join(got) == "Hello,"
+    assert "fell silent" in caught.value.message
+
+    with pytest.raises(openai.APIStatusError) as non_stream:
+        await client.chat.completions.create(model="tiny", messages=HI)
+    assert non_stream.value.status_code == 502 and error_of(non_stream.value)["code"] == "worker_lost"
+
+
+async def test_client_disconnect_cancels_the_generation(gateway, workers):
+    worker = await workers({"tiny": Script(delay_s=0.2, tokens=["t"] * 100)})
+    async with httpx.AsyncClient() as http:
+        async with http.stream("POST", f"{gateway.v1}/chat/completions", json={
+            "model": "tiny", "messages": HI, "stream": True,
+        }, headers={"x-request-id": "leaves-early"}) as response:
+            async for line in response.aiter_lines():
+                if '"content":"t"' in line:
+                    break  # one token, then hang up
+    await eventually(lambda: any(c.request_id == "leaves-early" for c in worker.cancels), 10, "InferenceCancel after disconnect")
+
+    async with httpx.AsyncClient(timeout=0.5) as http:  # non-stream: the client gives up waiting
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p", "max_tokens": 50},
+                            headers={"x-request-id": "gives-up"})
+    await eventually(lambda: any(c.request_id == "gives-up" for c in worker.cancels), 10, "InferenceCancel after a non-stream client left")
+    async with httpx.AsyncClient() as http:  # both slots came back
+        for _ in range(100):
+            if (await http.get(f"{gateway.base_url}/healthz")).json()["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the in-flight slots of abandoned requests were not released")
