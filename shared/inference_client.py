@@ -209,6 +209,13 @@ def _loaded(raw: bytes) -> list[ModelId]:
         return []
 
 
+async def settle(timeout_s: float = 2.0) -> None:
+    """Wait (briefly) for pending clean-ups, such as a cancelled stream's InferenceCancel, to go out."""
+    pending = {t for t in _background if not t.done()}
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
+
+
 async def _close(nc: Client, sub: Any, cancel_message: InferenceCancel | None) -> None:
     with contextlib.suppress(Exception):
         if cancel_message is not None and nc.is_connected:

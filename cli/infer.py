@@ -1,0 +1,150 @@
+"""``strata chat REF`` and ``strata complete REF PROMPT``: talk to a deployed model over NATS, through
+the same client the api-gateway uses (shared/inference_client.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import TextIO
+
+from pydantic import ValidationError
+
+from shared import errors, inference_client
+from shared.config import DEFAULT_NATS_URL
+from shared.inference import ChatMessage, Chunk, End, InferenceRequest, SamplingOptions
+
+EXIT_COMMANDS = ("/exit", "/quit")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    chat = sub.add_parser("chat", help="chat with a deployed model (streams; /exit or Ctrl-D leaves, Ctrl-C stops an answer)")
+    chat.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
+    chat.add_argument("--system", help="a system message that starts the conversation")
+    _common(chat)
+    chat.set_defaults(func=_chat)
+
+    complete = sub.add_parser("complete", help="complete one prompt with a deployed model")
+    complete.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
+    complete.add_argument("prompt")
+    complete.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                          help="print tokens as they arrive (default) or the whole answer at the end")
+    _common(complete)
+    complete.set_defaults(func=_complete)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--nats-url", default=os.environ.get("STRATA_NATS_URL", DEFAULT_NATS_URL))
+
+
+def _sampling(args: argparse.Namespace) -> SamplingOptions:
+    return SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+async def _connect(url: str):  # type: ignore[no-untyped-def]
+    import nats
+
+    return await nats.connect(url, connect_timeout=3, max_reconnect_attempts=2)
+
+
+async def _answer(nc, request: InferenceRequest, out: TextIO) -> tuple[str, End]:  # type: ignore[no-untyped-def]
+    """Stream one answer to ``out`` as it arrives; return its text and end marker."""
+    pieces: list[str] = []
+    async for message in inference_client.stream(nc, request):
+        if isinstance(message, Chunk):
+            pieces.append(message.text)
+            out.write(message.text)
+            out.flush()
+        elif isinstance(message, End):
+            return "".join(pieces), message
+    raise inference_client.WorkerLost("the stream ended without an end marker")
+
+
+def _complete(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        nc = await _connect(args.nats_url)
+        try:
+            request = InferenceRequest(model=args.ref, prompt=args.prompt, sampling=_sampling(args), stream=args.stream)
+            if args.stream:
+                await _answer(nc, request, sys.stdout)
+            else:
+                sys.stdout.write((await inference_client.complete(nc, request)).text)
+            sys.stdout.write("\n")
+            return 0
+        finally:
+            await inference_client.settle()  # a Ctrl-C'd stream's InferenceCancel goes out before we close
+            await nc.close()
+
+    return _guard(lambda: asyncio.run(run()))
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """A synchronous read loop around one asyncio Runner: Ctrl-C while an answer streams cancels that
+    answer (the worker gets an InferenceCancel) and the conversation goes on; at the prompt it leaves."""
+    history: list[ChatMessage] = [ChatMessage(role="system", content=args.system)] if args.system else []
+    try:
+        _sampling(args)
+    except ValidationError as exc:
+        return _invalid(exc)
+    with asyncio.Runner() as runner:
+        try:
+            nc = runner.run(_connect(args.nats_url))
+        except Exception as exc:
+            print(f"error: cannot reach NATS at {args.nats_url}: {exc}", file=sys.stderr)
+            return 1
+        try:
+            print(f"chatting with {args.ref} ({EXIT_COMMANDS[0]} or Ctrl-D to leave, Ctrl-C stops an answer)", file=sys.stderr)
+            while True:
+                try:
+                    line = input("> ")
+                except (EOFError, KeyboardInterrupt):
+                    print(file=sys.stderr)
+                    return 0
+                if line.strip() in EXIT_COMMANDS:
+                    return 0
+                if not line.strip():
+                    continue
+                history.append(ChatMessage(role="user", content=line))
+                request = InferenceRequest(model=args.ref, messages=history, sampling=_sampling(args), stream=True)
+                try:
+                    text, _end = runner.run(_answer(nc, request, sys.stdout))
+                except KeyboardInterrupt:
+                    history.pop()  # the question goes with its stopped answer
+                    runner.run(inference_client.settle())  # let the InferenceCancel go out
+                    print("\n[answer stopped]", file=sys.stderr)
+                    continue
+                except errors.StrataError as exc:
+                    history.pop()
+                    print(f"\nerror: {exc.message}", file=sys.stderr)
+                    continue
+                print()
+                history.append(ChatMessage(role="assistant", content=text))
+        finally:
+            runner.run(nc.close())
+
+
+def _guard(run) -> int:  # type: ignore[no-untyped-def]
+    try:
+        return run()
+    except errors.StrataError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        return _invalid(exc)
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"error: cannot reach NATS: {exc}", file=sys.stderr)
+        return 1
+
+
+def _invalid(exc: ValidationError) -> int:
+    first = exc.errors()[0]
+    print(f"error: invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", file=sys.stderr)
+    return 2
