@@ -39,6 +39,8 @@ from shared.inference import (
     InferenceReply,
     InferenceRequest,
     Keepalive,
+    LoadedModels,
+    LoadedModelsRequest,
     Started,
     StreamFailure,
     StreamMessage,
@@ -173,7 +175,7 @@ async def deployed_models(nc: Client, *, window_s: float = 0.3, quiet_s: float =
     sub = await nc.subscribe(inbox)
     replies: list[bytes] = []
     try:
-        await nc.publish(MODELS_SUBJECT, b"{}", reply=inbox)
+        await nc.publish(MODELS_SUBJECT, LoadedModelsRequest().model_dump_json().encode(), reply=inbox)
         loop = asyncio.get_running_loop()
         end = loop.time() + window_s
         while (left := end - loop.time()) > 0:
@@ -197,16 +199,16 @@ async def deployed_models(nc: Client, *, window_s: float = 0.3, quiet_s: float =
 
 
 def _loaded(raw: bytes) -> list[ModelId]:
-    """The models in one worker's reply (an RpcReply whose result lists them); a bad reply counts as none."""
+    """The models one worker serves (its ready deployments); a malformed reply counts as none."""
     try:
         reply = RpcReply.model_validate_json(raw)
-        if not reply.ok or not isinstance(reply.result, dict):
+        if not reply.ok:
             return []
-        items = reply.result.get("models", [])
-        return [ModelId.model_validate(item.get("model", item)) for item in items]
-    except (ValidationError, AttributeError, TypeError):
+        loaded = LoadedModels.model_validate(reply.result)
+    except ValidationError:
         log.warning("ignoring a malformed %s reply", MODELS_SUBJECT)
         return []
+    return [d.model for d in loaded.deployments if d.state == "ready"]
 
 
 async def settle(timeout_s: float = 2.0) -> None:

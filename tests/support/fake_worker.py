@@ -22,6 +22,8 @@ from shared.inference import (
     InferenceReply,
     InferenceRequest,
     Keepalive,
+    LoadedDeployment,
+    LoadedModels,
     Started,
     StreamFailure,
     TokenLogprob,
@@ -69,8 +71,10 @@ class FakeWorker:
             await self.nc.close()
 
     async def _on_models(self, msg: Msg) -> None:
-        result = {"node_id": "fake", "models": [self.model_id(n).model_dump() for n in self.models]}
-        await msg.respond(RpcReply(ok=True, result=result).model_dump_json().encode())
+        result = LoadedModels(node_id="fake", deployments=[
+            LoadedDeployment(deployment_id=f"d-{n}", model=self.model_id(n), device="cpu", state="ready") for n in self.models
+        ] + [LoadedDeployment(deployment_id="d-broken", model=self.model_id("broken"), device="cpu", state="failed")])
+        await msg.respond(RpcReply(ok=True, result=result.model_dump(mode="json")).model_dump_json().encode())
 
     async def _on_cancel(self, msg: Msg) -> None:
         self.cancels.append(InferenceCancel.model_validate_json(msg.data))
