@@ -121,10 +121,10 @@ async def test_killing_the_ledger_mid_ingest_and_restarting_it_loses_nothing(nat
     total = 3000
     data_dir = tmp_path / "data"
     env = {**os.environ, "STRATA_NATS_URL": nats_server.url, "STRATA_DATA_DIR": str(data_dir), "STRATA_NODE_ID": "node-k",
-           "STRATA_PROVENANCE_LEDGER_PORT": str(free_port()), "STRATA_LEDGER_CHECKPOINT_SECONDS": "0.3"}
+           "STRATA_PROVENANCE_LEDGER_PORT": str(free_port()), "STRATA_LEDGER_CHECKPOINT_SECONDS": "0.3", "STRATA_LOG_LEVEL": "INFO"}
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "provenance-ledger"], cwd=ROOT, env=env,
+        return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "cli.main", "serve", "provenance-ledger"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ledger.log", "ab"))
 
     def logged() -> int:
@@ -168,7 +168,13 @@ async def test_killing_the_ledger_mid_ingest_and_restarting_it_loses_nothing(nat
         assert stream.state.messages >= total
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-        await nc.close()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+            proc.wait(timeout=10)
+            raise AssertionError("the ledger did not stop within 15s of SIGTERM:\n" + (tmp_path / "ledger.log").read_text()[-4000:]) from None
+        finally:
+            await nc.close()
     report = verify_store(data_dir / "provenance-ledger")
     assert report.ok, report.problems

@@ -74,14 +74,21 @@ class EventIngest:
         self._task = asyncio.create_task(self._run(), name="ledger-ingest")
 
     async def stop(self) -> None:
+        """Stop pulling; a batch being appended finishes (its commit and acks) first."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5.0)
+            if not done:
+                log.error("the ingest task did not stop within 5s of being cancelled")
+        sub = getattr(self, "_sub", None)
+        if sub is not None:
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._task = None
+                await asyncio.wait_for(sub.unsubscribe(), timeout=2.0)
+            except Exception as exc:  # closing anyway: the durable keeps our place on the server
+                log.warning("could not unsubscribe the ledger's pull subscription: %s", exc)
+        log.info("ledger ingest stopped")
 
     @property
     def running(self) -> bool:

@@ -65,6 +65,7 @@ class LedgerApp:
             await self.ingest.stop()
         if self.ledger is not None:
             self.ledger.close()
+        log.info("ledger stopped")
 
     async def checkpoint_if_due(self) -> None:
         if self.ledger is not None and self.ledger.checkpoint_due():
