@@ -130,10 +130,10 @@ class Deployments:
         dep.loop, dep.measured, dep.aliases = loop.start(), measured, artifact.aliases
         dep.load_seconds = time.monotonic() - started
         dep.state = "ready"
+        if len(self.ready(dep.model.name)) == 1:  # serving before it says ready: a client may act on it
+            await self.on_serving(dep.model.name, True)
         await self.publish(DeployReady(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id,
                                        device=dep.device, measured=measured, load_seconds=dep.load_seconds))
-        if len(self.ready(dep.model.name)) == 1:
-            await self.on_serving(dep.model.name, True)
         if dep.unload_requested:
             await self.unload(dep.key)
 

@@ -78,11 +78,14 @@ class Server:
         """Run a request to its end (non-stream replies and batch jobs); raises a typed error when
         it cannot start or the engine failed it. ``on_tick`` runs at least every KEEPALIVE_S."""
         text, lps = [], []
+        loop = asyncio.get_running_loop()
+        last_tick = loop.time()
         async with aclosing(self._generate(request, headers)) as stream:
             async for dep, event in stream:
+                if on_tick is not None and (event is None or loop.time() - last_tick >= KEEPALIVE_S):
+                    await on_tick()  # busy or idle: a batch job reports progress to JetStream
+                    last_tick = loop.time()
                 if event is None:
-                    if on_tick is not None:
-                        await on_tick()
                     continue
                 text.append(event.text)
                 lps.extend(event.logprobs)
