@@ -1,0 +1,262 @@
+"""Commands of hardware-inventory: nodes, fit, deploy, undeploy, deployments."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shared.config import DEFAULT_NATS_URL
+
+SERVICE = "hardware-inventory"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--nats-url", default=DEFAULT_NATS_URL)
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the registry")
+        p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+        return p
+
+    nodes = common(sub.add_parser("nodes", help="every node, its devices, free and booked memory"))
+    nodes.set_defaults(func=lambda a: _run(a, _nodes))
+
+    fit = common(sub.add_parser("fit", help="predicted memory of a model on every node and device, with the verdict"))
+    fit.add_argument("ref", help="NAME, NAME:VERSION or NAME@ALIAS")
+    _shape_args(fit)
+    fit.set_defaults(func=lambda a: _run(a, _fit))
+
+    deploy = common(sub.add_parser("deploy", help="place a model (publishes deploy.requested, waits for the outcome)"))
+    deploy.add_argument("ref", help="NAME, NAME:VERSION or NAME@ALIAS")
+    deploy.add_argument("--replicas", type=_positive, default=1)
+    deploy.add_argument("--policy", choices=["binpack", "spread"])
+    deploy.add_argument("--no-wait", action="store_true", help="publish the request and return")
+    _shape_args(deploy)
+    deploy.set_defaults(func=lambda a: _run(a, _deploy))
+
+    undeploy = common(sub.add_parser("undeploy", help="undeploy every deployment of a model (or one, by --id) and free its memory"))
+    undeploy.add_argument("ref", nargs="?", help="NAME, NAME:VERSION or NAME@ALIAS")
+    undeploy.add_argument("--id", dest="deployment_id", help="one deployment id")
+    undeploy.set_defaults(func=lambda a: _run(a, _undeploy))
+
+    deployments = common(sub.add_parser("deployments", help="every deployment, its replicas and their memory"))
+    deployments.set_defaults(func=lambda a: _run(a, _deployments))
+
+
+def _shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=_positive, help="context length in tokens (default: the model's)")
+    p.add_argument("--batch", type=_positive, default=1, help="sequences at full context at once")
+    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's on GPU, float32 on CPU)")
+    p.add_argument("--constraint", "-c", action="append", default=[], type=_constraint, metavar="KEY=VALUE",
+                   help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _constraint(text: str) -> tuple[str, str]:
+    from services.hardware_inventory.domain.placement import parse_constraint
+    from shared.errors import Invalid
+
+    try:
+        return parse_constraint(text)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _run(args: argparse.Namespace, command: Callable[[Any, argparse.Namespace], Awaitable[int]]) -> int:
+    return asyncio.run(_with_nats(args, command))
+
+
+async def _with_nats(args: argparse.Namespace, command) -> int:
+    import nats
+    from nats.errors import NoServersError
+
+    from shared.errors import StrataError
+
+    async def quiet(_exc: Exception) -> None:
+        pass
+
+    try:
+        nc = await nats.connect(args.nats_url, connect_timeout=min(args.timeout, 5), allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quiet)
+    except (NoServersError, OSError) as exc:
+        print(f"strata {args.command}: cannot reach NATS at {args.nats_url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return await command(nc, args)
+    except StrataError as exc:
+        print(f"strata {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+
+
+async def _call(nc, args, op: str, request, result_type):
+    from shared import rpc, subjects
+
+    return await rpc.call(nc, subjects.rpc(SERVICE, op), request, result_type, timeout=args.timeout)
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=160)
+
+
+def _dump(model) -> int:
+    print(json.dumps(model.model_dump(mode="json"), indent=2))
+    return 0
+
+
+async def _nodes(nc, args) -> int:
+    from rich.table import Table
+
+    from services.hardware_inventory.service_layer.views import Empty, NodeList
+
+    result = await _call(nc, args, "nodes", Empty(), NodeList)
+    if args.json:
+        return _dump(result)
+    table = Table(title="nodes")
+    for col in ("node", "status", "host", "device", "name", "total", "booked", "available", "util", "last beat", "labels"):
+        table.add_column(col, justify="right" if col in ("total", "booked", "available", "util") else "left")
+    for view in result.nodes:
+        n = view.node
+        for i, d in enumerate(n.devices):
+            util = view.utilisation.get(d.id)
+            beat = "-" if view.seconds_since_heartbeat is None else f"{view.seconds_since_heartbeat:.1f}s ago"
+            table.add_row(n.node_id if i == 0 else "", ("[green]" if n.status == "alive" else "[red]") + n.status if i == 0 else "",
+                          n.hostname if i == 0 else "", d.id, d.name, _gb(d.memory_total), _gb(view.booked.get(d.id, 0)),
+                          _gb(view.available.get(d.id)), "-" if util is None else f"{util:.0%}", beat if i == 0 else "",
+                          ",".join(f"{k}={v}" for k, v in n.labels.items()) if i == 0 else "")
+    _console().print(table if result.nodes else "no nodes registered")
+    return 0
+
+
+def _constraints(args) -> dict[str, str]:
+    return dict(args.constraint)
+
+
+async def _fit(nc, args) -> int:
+    from rich.table import Table
+
+    from services.hardware_inventory.service_layer.views import FitReport, FitRequest
+
+    report = await _call(nc, args, "fit", FitRequest(model_ref=args.ref, context_length=args.context, batch=args.batch,
+                                                      dtype=args.dtype, constraints=_constraints(args)), FitReport)
+    if args.json:
+        return _dump(report)
+    console = _console()
+    terms = Table(title=f"{report.model.name}:{report.model.version} ({report.architecture}), context {report.context_length} x batch {report.batch}")
+    for col in ("device kind", "dtype", "weights", "KV cache", "activations", "workspace", "formula", "corrected", "+ runtime", "booked", "correction"):
+        terms.add_column(col, justify="left" if col in ("device kind", "dtype", "correction") else "right")
+    for kind, e in report.estimates.items():
+        c = e.correction
+        note = "none yet" if c is None else (f"x{c.weights_factor:.3f} weights, x{c.overhead_factor:.3f} rest from {c.samples} measured; "
+                                             f"last error {100 * (c.last_error or 0):+.1f}%, mean |error| {100 * (c.mean_abs_error or 0):.1f}%")
+        r = e.corrected
+        terms.add_row(kind, r.dtype, _gb(r.weights), _gb(r.kv_cache), _gb(r.activations), _gb(r.workspace), _gb(e.raw_total),
+                      _gb(e.total), _gb(r.runtime_overhead), _gb(e.booked), note)
+    console.print(terms)
+    rows = Table(title="verdict per device")
+    for col in ("node", "device", "name", "needs", "available", "usable", "verdict"):
+        rows.add_column(col, justify="right" if col in ("needs", "available", "usable") else "left")
+    for row in report.rows:
+        rows.add_row(row.node_id, row.device, row.name, _gb(row.need), _gb(max(row.available, 0)), _gb(row.capacity),
+                     ("[green]" if row.fits else "[red]") + row.reason)
+    console.print(rows)
+    return 0
+
+
+async def _deploy(nc, args) -> int:
+    from shared.events import DeployRequested, Source, make_event, parse_event
+
+    request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
+                              context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype)
+    event = make_event(request, Source(service="cli", node=socket.gethostname()))
+    outcomes: asyncio.Queue = asyncio.Queue()
+
+    async def heard(msg) -> None:
+        answer = parse_event(msg.data, msg.subject)
+        if answer.data.deployment_id == request.deployment_id:
+            await outcomes.put(answer)
+
+    subs = [await nc.subscribe(s, cb=heard) for s in ("evt.deploy.scheduled", "evt.deploy.rejected")]
+    await nc.jetstream().publish(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id})
+    if args.no_wait:
+        print(f"deploy.requested {request.deployment_id} published")
+        return 0
+    scheduled = []
+    try:
+        while len(scheduled) < request.replicas:
+            answer = await asyncio.wait_for(outcomes.get(), args.timeout)
+            if answer.type == "deploy.rejected":
+                print(f"rejected: {answer.data.reason}", file=sys.stderr)
+                return 1
+            scheduled.append(answer.data)
+    except TimeoutError:
+        print(f"strata deploy: no answer from {SERVICE} within {args.timeout}s (deployment {request.deployment_id})", file=sys.stderr)
+        return 1
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    if args.json:
+        print(json.dumps([s.model_dump(mode="json") for s in scheduled], indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"deployment {request.deployment_id}: {args.ref}")
+    for col in ("replica", "node", "device", "dtype", "context", "predicted", "booked"):
+        table.add_column(col)
+    for s in sorted(scheduled, key=lambda s: s.replica):
+        table.add_row(str(s.replica), s.node_id, s.device, s.dtype or "", str(s.context_length), _gb(s.predicted_bytes), _gb(s.booked_bytes))
+    _console().print(table)
+    return 0
+
+
+async def _undeploy(nc, args) -> int:
+    from services.hardware_inventory.service_layer.views import UndeployOutcome, UndeployRequest
+
+    if not args.ref and not args.deployment_id:
+        print("strata undeploy: name a model (REF) or a deployment (--id)", file=sys.stderr)
+        return 2
+    result = await _call(nc, args, "undeploy", UndeployRequest(model_ref=args.ref, deployment_id=args.deployment_id), UndeployOutcome)
+    if args.json:
+        return _dump(result)
+    print(f"undeployed {len(result.released)}: {', '.join(result.released)}")
+    return 0
+
+
+async def _deployments(nc, args) -> int:
+    from rich.table import Table
+
+    from services.hardware_inventory.service_layer.views import DeploymentList, Empty
+
+    result = await _call(nc, args, "deployments", Empty(), DeploymentList)
+    if args.json:
+        return _dump(result)
+    table = Table(title="deployments")
+    for col in ("deployment", "model", "state", "replica", "status", "node", "device", "predicted", "measured", "booked"):
+        table.add_column(col)
+    for d in result.deployments:
+        for r in d.replicas:
+            first = r.index == 0
+            table.add_row(d.deployment_id[:12] if first else "", f"{d.model_ref} (v{d.model.version})" if first else "",
+                          d.state if first else "", str(r.index), r.status, r.node_id or "-", r.device or "-",
+                          _gb(r.predicted_bytes), _gb(r.measured_peak), _gb(r.booked_bytes))
+    _console().print(table if result.deployments else "no deployments")
+    return 0
