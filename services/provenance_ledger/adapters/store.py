@@ -121,9 +121,12 @@ class LedgerStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?)", leaves)
+            by_table: dict[str, list[list[Any]]] = {}
             for row in index_rows:
-                sql, columns = _INDEX_SQL[row.table]
-                db.execute(sql, [_sql_value(row.values.get(c)) for c in columns])
+                columns = _INDEX_SQL[row.table][1]
+                by_table.setdefault(row.table, []).append([_sql_value(row.values.get(c)) for c in columns])
+            for table, params in by_table.items():
+                db.executemany(_INDEX_SQL[table][0], params)
             for head in heads:
                 self.add_head(head)
             db.execute("COMMIT")
