@@ -9,6 +9,7 @@ from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingPa
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
+from tests.inference_worker.test_process import LONG, deploy, long_ckpt, pushed, spawn_worker, stop  # noqa: F401  (fixtures)
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(120)
@@ -43,3 +44,66 @@ async def test_two_models_served_at_once_and_greedy_equals_the_engine(nats_serve
             with pytest.raises(openai.NotFoundError):
                 await client.chat.completions.create(model="absent", messages=[{"role": "user", "content": "x"}])
     await bus.nc.close()
+
+
+async def in_flight_by_node(nc, model: str, workers: int) -> dict[str, int]:
+    """Ask every worker (rpc.inference-worker.models) how many requests for ``model`` it is serving."""
+    from shared.inference import LoadedModels, LoadedModelsRequest
+    from shared.inference_client import MODELS_SUBJECT
+    from shared.rpc import RpcReply
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(MODELS_SUBJECT, LoadedModelsRequest().model_dump_json().encode(), reply=inbox)
+    counts: dict[str, int] = {}
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=1.0)
+            loaded = LoadedModels.model_validate(RpcReply.model_validate_json(msg.data).result)
+            counts[loaded.node_id] = sum(d.requests_in_flight for d in loaded.deployments if d.model.name == model)
+            if len(counts) == workers:
+                break
+    except Exception:  # no more replies within the window
+        pass
+    finally:
+        await sub.unsubscribe()
+    return counts
+
+
+async def test_killing_a_worker_mid_stream_errors_the_client_and_the_other_replica_serves(
+        nats_server, tmp_path, pushed):  # noqa: F811
+    import asyncio
+    import signal
+
+    bus = await connect_bus(nats_server.url, "node-1")
+    procs = {node: spawn_worker(nats_server.url, tmp_path / node, node) for node in ("node-1", "node-2")}
+    try:
+        await asyncio.gather(*(deploy(bus, pushed, f"dep-{node}", node) for node in procs))
+        with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG.model_copy(update={"silence_timeout_s": 3.0})) as gateway:
+            client = gateway.client()
+            models = (await client.models.list()).data
+            assert [m.id for m in models] == ["long"]
+
+            stream = await client.completions.create(model="long", prompt="It was", max_tokens=LONG, temperature=0, stream=True)
+            received = [await anext(aiter(stream))]
+            counts = await in_flight_by_node(bus.nc, "long", workers=2)
+            serving = [node for node, n in counts.items() if n > 0]
+            assert len(serving) == 1, counts
+            victim, survivor = serving[0], next(n for n in procs if n != serving[0])
+            procs[victim].send_signal(signal.SIGKILL)
+            await asyncio.to_thread(procs[victim].wait, 10)
+
+            with pytest.raises(openai.APIError) as caught:
+                async for chunk in stream:
+                    received.append(chunk)
+            assert "fell silent" in caught.value.message
+            assert len(received) < LONG, "the stream was cut, not finished"
+
+            for _ in range(3):  # the dead worker's subscription is gone: every new request reaches the survivor
+                again = await client.completions.create(model="long", prompt="It was", max_tokens=4, temperature=0)
+                assert again.usage.completion_tokens == 4
+            assert set(await in_flight_by_node(bus.nc, "long", workers=1)) == {survivor}
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        await bus.nc.close()
