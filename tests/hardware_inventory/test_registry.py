@@ -174,3 +174,26 @@ async def test_undeploy_frees_the_allocation(cluster: Cluster):
     assert (await state.allocations()).booked("gpu-24", "cuda:0") == 0
     assert (await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})).scheduled
     await eventually(lambda: cluster.of("deploy.released", deployment_id=a.deployment_id), what="deploy.released")
+
+
+async def test_optional_lru_eviction_makes_room_from_the_least_recently_used_ready_deployment(cluster: Cluster):
+    lru = await cluster.start_registry(evict_lru=True)
+    deployments = lru.inventory.deployments
+    gpu24 = {"node": "gpu-24", "device": "cuda"}
+    old = await deployments.deploy(DeployRequest(model_ref="small", constraints=gpu24))
+    new = await deployments.deploy(DeployRequest(model_ref="small", constraints=gpu24))
+    assert old.scheduled and new.scheduled
+    weights = (await deployments.fit(FitRequest(model_ref="small"))).estimates["cuda"].raw.weights
+    for outcome in (old, new):  # both loaded; `old` first, so it is the least recently used
+        r = outcome.deployment.replicas[0]
+        await deployments.ready(DeployReady(deployment_id=outcome.deployment_id, model=outcome.deployment.model, node_id=r.node_id,
+                                            device=r.device, load_seconds=1, measured=MeasuredMemory(weights=weights, kv_cache=1, peak=r.predicted_bytes)))
+    big = await deployments.deploy(DeployRequest(model_ref="llama3-8b", constraints=gpu24))
+    assert big.scheduled
+    left = (await lru.inventory.state.allocations()).deployments
+    assert set(left) == {big.deployment_id}  # 18.7 GB on a 22 GB card: both small ones had to go, oldest first
+    await eventually(lambda: len(cluster.of("deploy.released")) == 2, what="evictions announced")
+    assert [e.deployment_id for e in cluster.of("deploy.released")] == [old.deployment_id, new.deployment_id]
+    assert "evicted (least recently used) for llama3-8b" in cluster.of("deploy.released", deployment_id=old.deployment_id)[0].reason
+    without = await cluster.deployments.deploy(DeployRequest(model_ref="llama3-8b", constraints=gpu24))
+    assert without.code == "no_fit"  # the default registry never evicts

@@ -109,14 +109,23 @@ class Deployments:
         def book(allocations: Allocations) -> tuple[Allocations, Placed]:
             if deployment_id in allocations.deployments:
                 raise Unchanged(Placed(scheduled=[(allocations.deployments[deployment_id], r) for r in allocations.deployments[deployment_id].replicas]))
-            slots = placement.slots(nodes, allocations, self.nodes.telemetry, self.config.utilisation_cap)
-            try:
-                choices = placement.place(request.replicas, slots, lambda k: estimate(k).corrected, deployment.constraints, deployment.policy)
-            except placement.NoFit as nofit:
-                raise Unchanged(Placed(rejected=[(deployment, -1, nofit.reason)])) from None
+            evicted: list[Deployment] = []
+            candidates = sorted((d for d in allocations.deployments.values() if d.state == "ready"), key=lambda d: d.last_used)
+            while True:
+                slots = placement.slots(nodes, allocations, self.nodes.telemetry, self.config.utilisation_cap)
+                try:
+                    choices = placement.place(request.replicas, slots, lambda k: estimate(k).corrected, deployment.constraints, deployment.policy)
+                    break
+                except placement.NoFit as nofit:
+                    if not self.config.evict_lru or not candidates:  # optional policy: evict the least recently used
+                        raise Unchanged(Placed(rejected=[(deployment, -1, nofit.reason)])) from None
+                    victim = candidates.pop(0)
+                    evicted.append(victim)
+                    allocations = Allocations(deployments={k: v for k, v in allocations.deployments.items() if k != victim.deployment_id})
             placed = deployment.model_copy(update={"replicas": [_replica(i, c) for i, c in enumerate(choices)]})
             updated = allocations.model_copy(update={"deployments": {**allocations.deployments, deployment_id: placed}})
-            return updated, Placed(scheduled=[(placed, r) for r in placed.replicas])
+            released = [(d, r, f"evicted (least recently used) for {request.model_ref}") for d in evicted for r in d.replicas if r.holds_memory]
+            return updated, Placed(scheduled=[(placed, r) for r in placed.replicas], released=released)
 
         done = await self.state.change_allocations(book)
         await self._announce(done)
