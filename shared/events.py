@@ -113,7 +113,9 @@ def parse_event(raw: bytes, subject: str | None = None) -> Event[EventData]:
         data = data_cls.model_validate(envelope.data)
     except ValidationError as exc:
         raise MalformedEvent(f"invalid {envelope.type} data: {_errors(exc)}") from None
-    return Event[data_cls](**{**envelope.model_dump(exclude={"data"}), "data": data})  # type: ignore[valid-type]
+    # Every field is validated by now: build the typed envelope without validating it a third time.
+    fields = {name: getattr(envelope, name) for name in ("id", "type", "source", "time", "version")}
+    return Event[data_cls].model_construct(**fields, data=data)  # type: ignore[valid-type]
 
 
 def _errors(exc: ValidationError) -> str:
