@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from shared.events import DeployReady, DeployScheduled, ModelId
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
-from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
-from tests.inference_worker.test_process import LONG, deploy, long_ckpt, pushed, spawn_worker, stop  # noqa: F401  (fixtures)
+from tests.inference_worker.conftest import KV_BYTES, ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
+from tests.inference_worker.test_process import LONG, long_ckpt, pushed, spawn_worker, stop  # noqa: F401  (fixtures)
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(120)
@@ -46,6 +47,14 @@ async def test_two_models_served_at_once_and_greedy_equals_the_engine(nats_serve
     await bus.nc.close()
 
 
+async def deploy_on(bus, model: ModelId, node_id: str) -> DeployReady:
+    """Schedule ``model`` on ``node_id`` as hardware-inventory would, and wait until it is ready."""
+    deployment_id = f"dep-{node_id}"
+    await bus.emit(DeployScheduled(deployment_id=deployment_id, model=model, node_id=node_id, device="cpu", predicted_bytes=1,
+                                   context_length=2048, model_ref=model.name, kv_cache_bytes=KV_BYTES, dtype="float32"))
+    return await bus.wait(DeployReady, timeout=90, deployment_id=deployment_id)
+
+
 async def in_flight_by_node(nc, model: str, workers: int) -> dict[str, int]:
     """Ask every worker (rpc.inference-worker.models) how many requests for ``model`` it is serving."""
     from shared.inference import LoadedModels, LoadedModelsRequest
@@ -78,7 +87,7 @@ async def test_killing_a_worker_mid_stream_errors_the_client_and_the_other_repli
     bus = await connect_bus(nats_server.url, "node-1")
     procs = {node: spawn_worker(nats_server.url, tmp_path / node, node) for node in ("node-1", "node-2")}
     try:
-        await asyncio.gather(*(deploy(bus, pushed, f"dep-{node}", node) for node in procs))
+        await asyncio.gather(*(deploy_on(bus, pushed.model, node) for node in procs))
         with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG.model_copy(update={"silence_timeout_s": 3.0})) as gateway:
             client = gateway.client()
             models = (await client.models.list()).data
