@@ -113,7 +113,9 @@ async def _health(nats_url: str, timeout: float) -> int:
         pass
 
     try:
-        nc = await nats.connect(nats_url, connect_timeout=timeout, allow_reconnect=False, error_cb=quiet)
+        nc = await nats.connect(
+            nats_url, connect_timeout=timeout, allow_reconnect=False, max_reconnect_attempts=1, error_cb=quiet
+        )
     except (NoServersError, OSError) as exc:
         print(f"strata health: cannot reach NATS at {nats_url}: {exc}", file=sys.stderr)
         return 1

@@ -150,3 +150,12 @@ def test_a_port_in_use_is_named_with_the_flag_that_changes_it(strata_up, tmp_pat
         assert up.process.wait(timeout=30) == 2
     output = "".join(up.lines)
     assert f"port {port} for monitor is already in use" in output and "--port monitor=PORT" in output
+
+
+def test_health_without_nats_says_so_quickly():
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "cli.main", "health", "--nats-url", f"nats://127.0.0.1:{natsd.free_port()}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot reach NATS" in result.stderr
+    assert time.monotonic() - started < 20
