@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from opentelemetry import propagate
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -86,12 +87,21 @@ async def stream(
     """Send ``request`` (as a streaming request) and yield what the worker sends, keepalives aside."""
     request = request.model_copy(update={"stream": True})
     subject = request_subject(request)
+    if not nc.is_connected:  # reconnecting: a request would sit in a buffer, then time out as a "dead worker"
+        raise errors.Unavailable("NATS is not reachable (the connection is down or reconnecting)")
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    try:
+        sub = await nc.subscribe(inbox)
+    except NatsError as exc:
+        raise errors.Unavailable(f"NATS is not reachable: {type(exc).__name__}") from None
     finished = False
     started = time.monotonic()
     try:
-        await nc.publish(subject, request.model_dump_json().encode(), reply=inbox, headers=trace_headers())
+        try:
+            await nc.publish(subject, request.model_dump_json().encode(), reply=inbox, headers=trace_headers())
+        except NatsError as exc:
+            finished = True  # nothing was sent: nothing to cancel
+            raise errors.Unavailable(f"NATS is not reachable: {type(exc).__name__}") from None
         while True:
             wait = silence_timeout_s
             if deadline_s is not None:

@@ -181,3 +181,23 @@ async def test_client_disconnect_cancels_the_generation(gateway, workers):
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the in-flight slots of abandoned requests were not released")
+
+
+async def test_nats_gone_is_a_503_in_openai_shape(gateway, workers, nats_server):
+    await workers()
+    nats_server.stop()
+    async with httpx.AsyncClient() as http:
+        for _ in range(200):  # until the gateway has noticed
+            health = await http.get(f"{gateway.base_url}/healthz")
+            if health.status_code == 503:
+                break
+            await asyncio.sleep(0.05)
+    assert health.json()["nats_connected"] is False
+    try:
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as caught:
+                await gateway.client().chat.completions.create(model="tiny", messages=HI, stream=stream)
+            assert caught.value.status_code == 503 and "NATS is not reachable" in error_of(caught.value)["message"]
+            assert caught.value.response.headers["retry-after"] == "1"
+    finally:
+        nats_server.start()  # so that the gateway and the workers shut down cleanly

@@ -5,6 +5,7 @@ OpenAI's shapes, with OpenAI's error objects and status codes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Literal, TypeVar
@@ -28,6 +29,7 @@ from services.api_gateway.domain.requests import ChatCompletionRequest, Completi
 from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ModelList
 from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
 
+log = logging.getLogger("api-gateway")
 tracer = trace.get_tracer("strata.api-gateway")
 T = TypeVar("T")
 REQUEST_ID_HEADER = "x-request-id"
@@ -183,6 +185,11 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(errors.StrataError)
     async def _strata(request: Request, exc: errors.StrataError) -> JSONResponse:
         return respond(request, to_openai(exc))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # still an OpenAI error, never an HTML page
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return respond(request, to_openai(errors.StrataError(f"internal error: {type(exc).__name__}")))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

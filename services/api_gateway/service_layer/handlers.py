@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from pydantic import BaseModel, Field
 
 from shared import errors, inference_client
@@ -86,7 +87,12 @@ class Gateway:
 
     # -- auth and admission ----------------------------------------------------------------------
     async def authenticate(self, authorization: str | None) -> Caller:
-        key = bearer_token(authorization)
+        try:
+            return await self._authenticate(bearer_token(authorization))
+        except NatsError as exc:  # the key store is in JetStream: without NATS nothing can be served anyway
+            raise errors.Unavailable(f"NATS is not reachable, so the API key cannot be checked ({type(exc).__name__})") from None
+
+    async def _authenticate(self, key: str | None) -> Caller:
         if key is not None and self.keys is not None:
             record = await self.keys.get(hash_key(key))
             if record is not None:
