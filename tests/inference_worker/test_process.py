@@ -17,14 +17,14 @@ from pydantic import TypeAdapter
 
 from shared import subjects
 from shared.catalog import PushModelRequest, ResolvedModel
-from shared.events import DeployReady, DeployScheduled, DeployUnloaded, InferenceCompleted
+from shared.events import ModelId, DeployReady, DeployScheduled, DeployUnloaded, InferenceCompleted
 from shared.inference import JOBS_STREAM, InferenceRequest, StreamMessage
 from shared.inference_jobs import job_result, submit_job
 from services.inference_worker.service_layer.jobs import durable_name
 from tests.engine.conftest import build_checkpoint
-from tests.inference_worker.conftest import KV_BYTES, make_worker
+from tests.inference_worker.conftest import KV_BYTES, make_worker, model_id
 from tests.model_store.conftest import free_port, upload_dir
-from tests.support.helpers import make_service
+from tests.support.helpers import eventually, make_service
 
 from services.inference_worker.adapters.artifacts import ModelStoreSource  # noqa: F401  (the default source)
 
@@ -37,7 +37,7 @@ LONG = 1500  # tokens: a few seconds of generation for the tiny model
 def long_ckpt(tmp_path_factory, tokenizer_dir) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("long") / "long", tokenizer_dir, seed=3, num_hidden_layers=1,
                             hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                            max_position_embeddings=2048).path
+                            max_position_embeddings=4096).path
 
 
 @pytest.fixture
@@ -63,9 +63,9 @@ def spawn_worker(nats_url: str, data_dir: Path, node_id: str) -> subprocess.Pope
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-async def deploy(bus_client, model: ResolvedModel, deployment_id: str, node_id: str) -> DeployReady:
-    await bus_client.emit(DeployScheduled(deployment_id=deployment_id, model=model.model, node_id=node_id, device="cpu",
-                                          predicted_bytes=1, context_length=2048, model_ref="long",
+async def deploy(bus_client, model: ModelId, deployment_id: str, node_id: str, context: int = 2048) -> DeployReady:
+    await bus_client.emit(DeployScheduled(deployment_id=deployment_id, model=model, node_id=node_id, device="cpu",
+                                          predicted_bytes=1, context_length=context, model_ref="long",
                                           kv_cache_bytes=KV_BYTES, dtype="float32"))
     return await bus_client.wait(DeployReady, timeout=90, deployment_id=deployment_id)
 
@@ -79,7 +79,7 @@ def stop(proc: subprocess.Popen) -> None:
 async def test_sigterm_finishes_the_stream_in_flight_then_unloads_and_exits(nats_server, tmp_path, pushed, bus_client):
     proc = spawn_worker(nats_server.url, tmp_path / "w1", "node-sub")
     try:
-        ready = await deploy(bus_client, pushed, "dep-sub", "node-sub")
+        ready = await deploy(bus_client, pushed.model, "dep-sub", "node-sub")
         assert ready.measured.weights > 0 and ready.model.digest == pushed.model.digest  # fetched, verified, loaded
         req = InferenceRequest(model="long", stream=True, prompt="It was", sampling={"max_tokens": LONG, "temperature": 0})
         inbox = bus_client.nc.new_inbox()
@@ -106,7 +106,7 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
     js = bus_client.nc.jetstream()
     proc = spawn_worker(nats_server.url, tmp_path / "w1", "node-sub")
     try:
-        await deploy(bus_client, pushed, "dep-sub", "node-sub")
+        await deploy(bus_client, pushed.model, "dep-sub", "node-sub")
         job = InferenceRequest(request_id="long-job", model="long", prompt="It was",
                                sampling={"max_tokens": LONG, "temperature": 0})
         await submit_job(js, job)
@@ -124,7 +124,7 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
         other.worker._artifacts = None
         other.worker.options.jobs.ack_wait_s = 2.0
         async with other.running():
-            await deploy(bus_client, pushed, "dep-b", "node-b")
+            await deploy(bus_client, pushed.model, "dep-b", "node-b")
             result = None
             for _ in range(600):
                 if result := await job_result(js, "long-job"):
@@ -135,3 +135,53 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
             assert other.worker.jobs.processed == 1
     finally:
         stop(proc)
+
+
+async def test_a_tampered_blob_or_another_digest_fails_the_deploy_before_loading(nats_server, tmp_path, pushed, bus_client):
+    from shared.catalog import BLOB_BUCKET
+    from shared.events import DeployFailed
+
+    worker = make_worker(nats_server.url, tmp_path / "w", {}, node_id="node-v")
+    worker.worker._artifacts = None  # the real adapter: model-store's verified fetch
+    async with worker.running():
+        # someone with write access rewrote the weights in the Object Store
+        weights = next(f for f in pushed.manifest.files if f.path == "model.safetensors")
+        store = await bus_client.nc.jetstream().object_store(BLOB_BUCKET)
+        original = (await store.get(weights.sha256)).data
+        await store.put(weights.sha256, original[:-1] + bytes([original[-1] ^ 0x01]))
+        await bus_client.emit(DeployScheduled(deployment_id="dep-tampered", model=pushed.model, node_id="node-v",
+                                              device="cpu", predicted_bytes=1, context_length=64, kv_cache_bytes=KV_BYTES))
+        failed = await bus_client.wait(DeployFailed, deployment_id="dep-tampered")
+        assert failed.reason.startswith("verification failed") and "model.safetensors" in failed.reason
+        await store.put(weights.sha256, original)  # repaired: what fails now is the digest alone
+        # a deployment naming another digest than model-store serves for that version
+        forged = pushed.model.model_copy(update={"digest": "sha256:" + "0" * 64})
+        await bus_client.emit(DeployScheduled(deployment_id="dep-forged", model=forged, node_id="node-v", device="cpu",
+                                              predicted_bytes=1, context_length=64, kv_cache_bytes=KV_BYTES))
+        failed = await bus_client.wait(DeployFailed, deployment_id="dep-forged")
+        assert failed.reason.startswith("verification failed") and pushed.model.digest in failed.reason
+        assert not bus_client.of(DeployReady)
+        listing = await worker.worker.loaded(None)
+        assert {d.state for d in listing.deployments} == {"failed"}
+
+
+async def test_a_queued_stream_gets_started_and_keepalives_until_its_turn(nats_server, tmp_path, long_ckpt, bus_client):
+    from services.inference_worker.service_layer.deployments import EngineOptions
+
+    worker = make_worker(nats_server.url, tmp_path / "w", {"long": long_ckpt}, engine=EngineOptions(max_num_seqs=1))
+    async with worker.running():
+        await deploy(bus_client, model_id("long"), "dep-long", "node-a", context=4096)
+        first = asyncio.ensure_future(bus_client.request("long", prompt="It was",  # seconds of work ahead
+                                                         sampling={"max_tokens": 4000, "temperature": 0}))
+        loop = worker.worker.deployments.by_key["dep-long/0"].loop
+        await eventually(lambda: loop.stats.tokens > 0, 10, "the long request generating")
+        req = InferenceRequest(model="long", stream=True, prompt="Call me", sampling={"max_tokens": 2})
+        inbox = bus_client.nc.new_inbox()
+        sub = await bus_client.nc.subscribe(inbox)
+        await bus_client.nc.publish(subjects.inference_request("long"), req.model_dump_json().encode(), reply=inbox)
+        kinds = []
+        while not kinds or kinds[-1] not in ("end", "error"):
+            kinds.append(STREAM.validate_json((await sub.next_msg(timeout=30)).data).kind)
+        assert kinds[0] == "started" and kinds[-1] == "end"
+        assert kinds[1:kinds.index("chunk")].count("keepalive") >= 1  # waited behind the long request, not silent
+        assert (await first).ok

@@ -101,9 +101,11 @@ class Server:
         try:
             async with aclosing(self._generate(request, headers)) as stream:
                 async for dep, event in stream:
-                    if not started:
+                    if not started:  # at admission, before the engine scheduled it
                         await send(_msg(Started(request_id=rid, model=dep.model)))
                         started = True
+                        if event is None:
+                            continue
                     if event is None:
                         await send(_msg(Keepalive(request_id=rid)))
                         continue
@@ -151,6 +153,7 @@ class Server:
             dep.inflight.add(rid)
             text, final = [], None
             try:
+                yield dep, None  # admitted: a stream says "started" now, whatever the queue holds
                 while True:
                     try:
                         event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
