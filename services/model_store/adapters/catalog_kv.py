@@ -16,7 +16,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
@@ -156,11 +155,9 @@ class CatalogKV:
         """Every key's current value, then ``None`` (caught up), then each change as it happens."""
         watcher = await self.kv.watchall()
         try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=60)
-                except NatsTimeoutError:
-                    continue
+            # plain iteration, not updates(timeout): asyncio.wait_for on Python 3.11 can swallow the
+            # cancellation that stops this watch when an entry arrives at the same moment
+            async for entry in watcher:
                 if entry is None:
                     yield None
                     continue

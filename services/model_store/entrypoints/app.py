@@ -7,7 +7,6 @@ is connected, keep the index in step with KV, serve the read RPCs and the HTTP A
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
@@ -69,8 +68,8 @@ def create_service(settings: Settings | None = None) -> Service:
     async def close_catalog() -> None:
         for task in tasks:
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)  # a stop never hangs on a task that ignores its cancel
         found = state.pop("store", None)
         if isinstance(found, ModelStore):
             found.index.close()

@@ -23,8 +23,10 @@ CORPUS_FILES = ("kjv.txt", "README.md", "LICENSE")
 CLAIM_KEY = "builtin.registered"
 
 
-async def register_builtin(store: ModelStore, corpus_dir: Path = CORPUS_DIR, model_dir: Path = MODEL_DIR) -> PushedModel | None:
+async def register_builtin(store: ModelStore, corpus_dir: Path | None = None, model_dir: Path | None = None) -> PushedModel | None:
     """Register the built-in dataset and model once per catalog; None when there is nothing to do."""
+    corpus_dir = corpus_dir or CORPUS_DIR
+    model_dir = model_dir or MODEL_DIR
     try:
         if not (model_dir / "config.json").exists():
             log.info("no built-in checkpoint at %s (run `strata train`); nothing registered", model_dir)
