@@ -155,7 +155,9 @@ class EventConsumer:
             self.filter_subject,
             stream=JStream(subjects.EVENTS_STREAM, declare=False),
             durable=self.durable,
-            pull_sub=PullSub(batch_size=32, timeout=1.0),
+            # One message per fetch: FastStream runs the messages of one fetched batch concurrently,
+            # and a service's handlers should see its events in stream order.
+            pull_sub=PullSub(batch_size=1, timeout=1.0),
             config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s),
             ack_policy=AckPolicy.MANUAL,
             title=f"{self.service}:events",

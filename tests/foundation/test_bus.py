@@ -197,3 +197,25 @@ async def test_health_answers_over_nats_rpc(nats_server, tmp_path):
 
 async def _record(seen: list, event: Event) -> None:
     seen.append(event.data.model_ref if hasattr(event.data, "model_ref") else event)
+
+
+async def test_events_are_handled_one_at_a_time_in_stream_order(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    order: list[str] = []
+    running = 0
+
+    async def slow(event: Event) -> None:
+        nonlocal running
+        running += 1
+        assert running == 1, "two events handled at once"
+        await asyncio.sleep(0.01)
+        order.append(event.data.model_ref)
+        running -= 1
+
+    service.consume("evt.deploy.>").on(DeployRequested)(slow)
+    refs = [f"m{i}" for i in range(20)]
+    for ref in refs:
+        await js.publish("evt.deploy.requested", make_event(DeployRequested(model_ref=ref), SOURCE).to_bytes())
+    async with service.running():
+        await eventually(lambda: len(order) == len(refs) or service.consumer.stats.retried, what="all handled")
+    assert order == refs and service.consumer.stats.retried == 0
