@@ -52,8 +52,13 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create the streams, or bring an existing stream's config up to date. Safe to call any time."""
-    for config in stream_configs(replicas):
+    """Create EVENTS and DEADLETTER, or bring their configs up to date. Safe to call any time."""
+    await declare_streams(js, stream_configs(replicas))
+
+
+async def declare_streams(js: JetStreamContext, configs: list[StreamConfig]) -> None:
+    """Create each stream, or update it where it exists with another config."""
+    for config in configs:
         try:
             await js.add_stream(config)
         except BadRequestError as exc:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from shared import subjects
+from shared.bus import declare_streams
 from shared.inference import JOBS_STREAM, RESULTS_STREAM, InferenceRequest
 from shared.rpc import RpcReply
 
 DUPLICATE_WINDOW_S = 600.0
 RESULTS_MAX_AGE_S = 24 * 3600.0
-STREAM_IN_USE = 10058
 
 
 def job_stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -33,13 +33,7 @@ def job_stream_configs(replicas: int = 1) -> list[StreamConfig]:
 
 
 async def ensure_job_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    for config in job_stream_configs(replicas):
-        try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != STREAM_IN_USE:
-                raise
-            await js.update_stream(config)
+    await declare_streams(js, job_stream_configs(replicas))
 
 
 async def submit_job(js: JetStreamContext, request: InferenceRequest) -> PubAck:
