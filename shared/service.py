@@ -20,7 +20,7 @@ from faststream.nats.annotations import NatsMessage
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
-from shared import bus, errors, rpc, subjects
+from shared import bus, errors, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
 from shared.events import Event, EventData, Source, make_event
 from shared.telemetry import setup_tracing
@@ -135,7 +135,7 @@ class Service:
         if self.consumer is not None:
             self.consumer.attach(self.broker)  # subscribers must exist before the broker starts
         await self.broker.connect()
-        await bus.ensure_streams(self.broker.connection.jetstream())
+        await bus.ensure_streams(self.broker.connection.jetstream(), replication.stream_replicas())
         await self.broker.start()
         for hook in self._on_start:
             await hook()
