@@ -19,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--nats-monitor-port", type=int, default=8222)
     up.add_argument("--host", default="127.0.0.1", help="address the HTTP APIs listen on")
     up.add_argument("--port", type=_port_pair, action="append", default=[], metavar="SERVICE=PORT")
-    up.add_argument("--services", type=_service_list, default=SERVICES, help="comma-separated subset to run")
+    up.add_argument("--role", choices=("all", "node"), default="all",
+                    help="all: NATS and every service; node: only the inventory agent and an inference-worker, "
+                         "joining the cluster at --nats-url (nats://user:password@host:4222 passes credentials)")
+    up.add_argument("--services", type=_service_list, default=None, help="comma-separated subset to run (default: the role's)")
     up.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for every service to be healthy")
     up.set_defaults(func=_up)
 
@@ -56,12 +59,16 @@ def _service_list(text: str) -> tuple[str, ...]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cli.up import UpOptions, up
+    from cli.up import ROLES, UpOptions, up
 
+    if args.role == "node" and not args.nats_url:
+        print("strata up: --role node joins an existing cluster: give its address with --nats-url nats://HOST:4222",
+              file=sys.stderr)
+        return 2
     return up(UpOptions(
         data_dir=args.data_dir, nats_url=args.nats_url, nats_port=args.nats_port,
         nats_monitor_port=args.nats_monitor_port, host=args.host, ports=dict(args.port),
-        services=args.services, wait_timeout_s=args.wait_timeout,
+        services=args.services or ROLES[args.role], wait_timeout_s=args.wait_timeout, role=args.role,
     ))
 
 

@@ -27,6 +27,11 @@ STOP_GRACE_S = 10.0
 BACKOFF_START_S, BACKOFF_MAX_S, STABLE_AFTER_S = 0.5, 30.0, 60.0
 COLOURS = ["36", "32", "33", "35", "34", "31", "96", "92"]
 
+# What each role runs. "node": a machine that only lends its hardware to an existing cluster: the
+# inventory agent (probe + heartbeats, no registry) and an inference-worker.
+ROLES: dict[str, tuple[str, ...]] = {"all": SERVICES, "node": ("hardware-inventory", "inference-worker")}
+ROLE_ENV: dict[str, dict[str, dict[str, str]]] = {"node": {"hardware-inventory": {"STRATA_INVENTORY_ROLES": "agent"}}}
+
 
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -56,6 +61,7 @@ class UpOptions:
     ports: dict[str, int] = field(default_factory=dict)
     services: tuple[str, ...] = SERVICES
     wait_timeout_s: float = 30.0
+    role: str = "all"
 
 
 class Supervisor:
@@ -218,18 +224,30 @@ class Supervisor:
                 "STRATA_HTTP_HOST": opts.host,
                 env_name(name, "port"): str(port),
                 "PYTHONUNBUFFERED": "1",
+                **ROLE_ENV.get(opts.role, {}).get(name, {}),
             }
             argv = [sys.executable, "-m", "cli.main", "serve", name]
             self._add(name, argv, env, f"http://{opts.host}:{port}/healthz")
 
     def _print_endpoints(self, nats_url: str, node: str, seconds: float) -> None:
-        lines = [f"Strata is up in {seconds:.1f}s on node {node} (data dir {self.options.data_dir})", f"  {'nats':<20}{nats_url}"]
+        role = "" if self.options.role == "all" else f" as a {self.options.role}"
+        lines = [f"Strata is up{role} in {seconds:.1f}s on node {node} (data dir {self.options.data_dir})",
+                 f"  {'nats':<20}{_redacted(nats_url)}"]
         for child in self.children:
             if child.name != "nats":
                 base = child.health_url.removesuffix("/healthz")
                 lines.append(f"  {child.name:<20}{base}  (API docs {base}/docs)")
         lines.append("Press Ctrl-C to stop.")
         self.say("\n".join(lines))
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password in it (nats://user:secret@host -> nats://user:***@host)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def up(options: UpOptions) -> int:
