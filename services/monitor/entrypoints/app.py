@@ -1,11 +1,158 @@
-"""monitor: turns every event into metrics, alerts and the dashboard."""
+"""monitor: turns every event, heartbeat and dead letter into Prometheus metrics, alerts and the
+live dashboard. Thin: parse, then call service_layer/monitor.py.
 
+- ``GET /metrics``: Prometheus exposition; ``GET /alerts``: every rule with its state;
+- ``GET /api/state``: the dashboard's snapshot; ``GET /api/stream``: the same as server-sent events;
+- ``GET /``: the dashboard (static files served from here: no CDN, works offline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, PullSub
+from faststream.nats.annotations import NatsMessage
+from nats.js.errors import NotFoundError
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from services.monitor.config import MonitorConfig
+from services.monitor.domain.alerts import load_rules
+from services.monitor.service_layer.monitor import Clock, Monitor
+from services.monitor.service_layer.views import RuleView, Snapshot
 from shared import subjects
 from shared.config import Settings
+from shared.events import DeadLetter, NodeHeartbeat, parse_event
 from shared.service import Service
+
+log = logging.getLogger(__name__)
+NAME = "monitor"
+STATIC = Path(__file__).parent / "static"
+DEAD_LETTER_DURABLE = "monitor-dead-letters"
 
 
 def create_service(settings: Settings | None = None) -> Service:
-    service = Service("monitor", settings, description="Metrics, alerts and the live dashboard.")
-    service.consume(subjects.EVENTS_ALL).on_any(service.log_event)
+    return create_monitor(settings, MonitorConfig.from_env())
+
+
+def create_monitor(settings: Settings | None, config: MonitorConfig, *, clock: Clock = time.time) -> Service:
+    service = Service(NAME, settings, description="Metrics, alerts and the live dashboard.")
+    monitor = Monitor(config, load_rules(config.rules_file), service.publish, clock)
+    service.monitor = monitor  # type: ignore[attr-defined]  # reachable from tests
+    _consume(service, monitor)
+    _background(service, monitor, config)
+    _routes(service, monitor, config)
     return service
+
+
+def _consume(service: Service, monitor: Monitor) -> None:
+    service.consume(subjects.EVENTS_ALL).on_any(monitor.on_event)
+
+    @service.broker.subscriber(NodeHeartbeat.subject(), title=f"{NAME}:heartbeats")  # no queue: every monitor hears every beat
+    async def heartbeat(msg: NatsMessage) -> None:
+        try:
+            event = parse_event(msg.raw_message.data, msg.raw_message.subject)
+        except Exception as exc:
+            log.warning("malformed heartbeat ignored: %s", exc)
+            return
+        await monitor.on_heartbeat(event.data)  # type: ignore[arg-type]
+
+    @service.broker.subscriber(
+        subjects.DEADLETTER_ALL, stream=JStream(subjects.DEADLETTER_STREAM, declare=False), durable=DEAD_LETTER_DURABLE,
+        pull_sub=PullSub(batch_size=1, timeout=1.0), ack_policy=AckPolicy.MANUAL, title=f"{NAME}:dead-letters",
+        description="counts the dead letters of every service",
+    )
+    async def dead_letter(msg: NatsMessage) -> None:
+        raw = msg.raw_message
+        try:
+            letter = DeadLetter.model_validate_json(raw.data)
+        except ValidationError:  # still a dead letter: count it under the subject's service
+            service_name = raw.subject.removeprefix("dlq.") or "unknown"
+            letter = DeadLetter(service=service_name, consumer="?", subject=raw.subject, reason="unreadable dead-letter record",
+                                deliveries=0, payload=raw.data.decode("utf-8", errors="replace"))
+        await monitor.on_dead_letter(letter)
+        await msg.ack()
+
+
+def _background(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
+    tasks: list[asyncio.Task[None]] = []
+
+    async def evaluate_forever() -> None:
+        while True:
+            try:
+                await monitor.evaluate()
+            except Exception:
+                log.exception("alert evaluation failed")
+            await asyncio.sleep(config.evaluate_every_s)
+
+    async def poll_ledger_lag() -> None:
+        js = service.broker.connection.jetstream()
+        while True:
+            try:
+                info = await js.consumer_info(subjects.EVENTS_STREAM, config.ledger_durable)
+                monitor.set_ledger_lag(info.num_pending + info.num_ack_pending)
+            except NotFoundError:
+                monitor.set_ledger_lag(None)  # no ledger (yet): its lag is unknown, not zero
+            except Exception as exc:
+                log.debug("ledger lag unreadable: %s", exc)
+            await asyncio.sleep(config.poll_ledger_every_s)
+
+    @service.on_start
+    async def start() -> None:
+        tasks.extend([asyncio.create_task(evaluate_forever(), name="monitor:alerts"),
+                      asyncio.create_task(poll_ledger_lag(), name="monitor:ledger-lag")])
+
+    @service.on_stop
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        tasks.clear()
+
+
+def _routes(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
+    http = service.http
+
+    @http.get("/metrics", tags=["monitor"], summary="Prometheus exposition", response_class=Response)
+    async def metrics() -> Response:
+        return Response(monitor.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @http.get("/alerts", tags=["monitor"], summary="Every alert rule with its state and firing instances")
+    async def alerts() -> list[RuleView]:
+        return monitor.rules()
+
+    @http.get("/api/state", tags=["monitor"], summary="The dashboard's data: nodes, deployments, models, alerts, ledger")
+    async def state() -> Snapshot:
+        return monitor.snapshot()
+
+    @http.get("/api/stream", tags=["monitor"], summary="The snapshot as server-sent events, one per push interval")
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(_snapshots(request, monitor, config), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @http.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    http.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+SSE_STREAM_MAX_S = 20.0  # a stream ends after this and the browser reconnects: a shutdown never waits on one
+
+
+async def _snapshots(request: Request, monitor: Monitor, config: MonitorConfig) -> AsyncIterator[str]:
+    yield "retry: 1000\n\n"
+    ends = time.monotonic() + SSE_STREAM_MAX_S
+    while time.monotonic() < ends and not await request.is_disconnected():
+        yield f"event: snapshot\ndata: {monitor.snapshot().model_dump_json()}\n\n"
+        await asyncio.sleep(config.push_every_s)

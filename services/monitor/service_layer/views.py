@@ -1,0 +1,179 @@
+"""The monitor's API bodies (``GET /api/state``, the SSE stream, ``GET /alerts``), built from the state."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+
+from pydantic import BaseModel
+
+from services.monitor.domain.alerts import AlertEngine
+from services.monitor.domain.state import FleetState, percentile
+
+
+class DeviceView(BaseModel):
+    id: str
+    kind: str
+    name: str
+    memory_total: int
+    memory_free: int
+    utilisation: float | None = None
+
+
+class NodeView(BaseModel):
+    node_id: str
+    hostname: str
+    status: str  # "up" or "lost"
+    last_seen_s: float | None
+    ram_total: int
+    ram_free: int
+    loaded_models: list[str]
+    devices: list[DeviceView]
+
+
+class DeploymentView(BaseModel):
+    deployment_id: str
+    model: str
+    version: int | None
+    node_id: str | None
+    device: str | None
+    state: str
+    reason: str | None
+
+
+class Point(BaseModel):
+    t: float  # the end of the bucket, epoch seconds
+    requests_per_s: float
+    tokens_per_s: float
+    p50_s: float | None
+    p95_s: float | None
+    p99_s: float | None
+
+
+class ModelView(BaseModel):
+    model_name: str
+    requests: int  # in the summary window
+    failed: int
+    requests_per_s: float
+    tokens_per_s: float
+    p50_s: float | None
+    p95_s: float | None
+    p99_s: float | None
+    ttft_p50_s: float | None
+    series: list[Point]
+
+
+class AlertInstanceView(BaseModel):
+    labels: dict[str, str]
+    value: float | None
+    summary: str
+    since: datetime
+
+
+class RuleView(BaseModel):
+    name: str
+    kind: str
+    severity: str
+    state: str  # "firing" or "ok"
+    window_s: float
+    threshold: float
+    firing: list[AlertInstanceView]
+
+
+class LedgerView(BaseModel):
+    tree_size: int | None
+    root_hash: str | None
+    key_id: str | None
+    signature: str | None
+    signed_at: datetime | None
+    lag: int | None
+    tamper_detected: int
+
+
+class Snapshot(BaseModel):
+    time: datetime
+    nodes: list[NodeView]
+    deployments: list[DeploymentView]
+    models: list[ModelView]
+    alerts: list[RuleView]
+    ledger: LedgerView
+    dead_letters: dict[str, int]
+    events_seen: int
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 6)
+
+
+def _dt(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def rules_view(engine: AlertEngine) -> list[RuleView]:
+    views = []
+    for rule in engine.rules:
+        active = engine.active[rule.name].values()
+        views.append(RuleView(
+            name=rule.name, kind=rule.kind, severity=rule.severity, state="firing" if active else "ok",
+            window_s=rule.window_s, threshold=rule.threshold,
+            firing=[AlertInstanceView(labels=dict(a.instance.labels), value=a.instance.value, summary=a.instance.summary,
+                                      since=_dt(a.since)) for a in active],
+        ))
+    return views
+
+
+def model_view(state: FleetState, model: str, now: float, history_s: float, bucket_s: float, summary_s: float = 60.0) -> ModelView:
+    records = state.window(now, history_s, model)
+    buckets = max(1, int(history_s // bucket_s))
+    start = now - buckets * bucket_s
+    grouped: list[list] = [[] for _ in range(buckets)]
+    for r in records:
+        i = int((r.at - start) // bucket_s)
+        if 0 <= i < buckets:
+            grouped[i].append(r)
+    series = []
+    for i, group in enumerate(grouped):
+        ok = [r.e2e_s for r in group if r.ok]
+        series.append(Point(
+            t=round(start + (i + 1) * bucket_s, 3), requests_per_s=round(len(group) / bucket_s, 4),
+            tokens_per_s=round(sum(r.completion_tokens for r in group) / bucket_s, 4),
+            p50_s=_num(percentile(ok, 50)), p95_s=_num(percentile(ok, 95)), p99_s=_num(percentile(ok, 99)),
+        ))
+    recent = [r for r in records if r.at >= now - summary_s]
+    ok = [r for r in recent if r.ok]
+    e2e = [r.e2e_s for r in ok]
+    return ModelView(
+        model_name=model, requests=len(recent), failed=len(recent) - len(ok),
+        requests_per_s=round(len(recent) / summary_s, 4),
+        tokens_per_s=round(sum(r.completion_tokens for r in ok) / summary_s, 4),
+        p50_s=_num(percentile(e2e, 50)), p95_s=_num(percentile(e2e, 95)), p99_s=_num(percentile(e2e, 99)),
+        ttft_p50_s=_num(percentile([r.ttft_s for r in ok], 50)), series=series,
+    )
+
+
+def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: float, bucket_s: float) -> Snapshot:
+    nodes = [
+        NodeView(
+            node_id=n.node_id, hostname=n.hostname or n.node_id, status="lost" if n.lost else "up",
+            last_seen_s=round(now - n.last_seen, 3) if n.last_seen else None, ram_total=n.ram_total, ram_free=n.ram_free,
+            loaded_models=n.loaded_models,
+            devices=[DeviceView(id=d.id, kind=d.kind, name=d.name, memory_total=d.memory_total, memory_free=d.memory_free,
+                                utilisation=n.utilisation.get(d.id)) for d in n.devices.values()],
+        )
+        for n in sorted(state.nodes.values(), key=lambda n: n.node_id)
+    ]
+    deployments = [
+        DeploymentView(deployment_id=d.deployment_id, model=d.model, version=d.version, node_id=d.node_id,
+                       device=d.device, state=d.state, reason=d.reason)
+        for d in sorted(state.deployments.values(), key=lambda d: (d.model, d.deployment_id))
+    ]
+    ledger = state.ledger
+    return Snapshot(
+        time=_dt(now), nodes=nodes, deployments=deployments,
+        models=[model_view(state, m, now, history_s, bucket_s) for m in state.models()],
+        alerts=rules_view(engine),
+        ledger=LedgerView(tree_size=ledger.tree_size, root_hash=ledger.root_hash, key_id=ledger.key_id,
+                          signature=ledger.signature, signed_at=_dt(ledger.signed_at) if ledger.signed_at else None,
+                          lag=ledger.lag, tamper_detected=len(ledger.tamper_events)),
+        dead_letters=dict(state.dead_letter_totals), events_seen=sum(state.events_seen.values()),
+    )

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from cli.natsd import free_port
+from services.monitor.config import MonitorConfig
+from services.monitor.entrypoints.app import create_monitor
+from services.monitor.service_layer.monitor import Monitor
+from shared.service import Service
+from tests.monitor.script import Publisher
+from tests.support.helpers import eventually, settings_for
+
+
+class Http:
+    """A real uvicorn on a free port, on the test's event loop (the service's NATS connection lives there)."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, lifespan="off", log_level="warning"))
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        self.task = asyncio.create_task(self.server.serve())
+        await eventually(lambda: self.server.started, what="uvicorn started")
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=10)
+        return self.client
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.aclose()
+        self.server.should_exit = True
+        await asyncio.wait_for(self.task, 30)
+
+
+@dataclass
+class Running:
+    service: Service
+    monitor: Monitor
+    publisher: Publisher
+    http: httpx.AsyncClient
+    url: str
+
+
+def fast_config(**overrides) -> MonitorConfig:
+    return MonitorConfig(evaluate_every_s=0.05, push_every_s=0.2, poll_ledger_every_s=0.2, **overrides)
+
+
+@pytest.fixture
+def monitor_config() -> MonitorConfig:
+    return fast_config()
+
+
+@pytest.fixture
+async def running(nats_server, tmp_path: Path, monitor_config: MonitorConfig) -> AsyncIterator[Running]:
+    service = create_monitor(settings_for("monitor", nats_server.url, tmp_path), monitor_config)
+    publisher = await Publisher.connect(nats_server.url)
+    async with service.running():
+        async with Http(service.http) as http:
+            server = Running(service, service.monitor, publisher, http, str(http.base_url).rstrip("/"))
+            yield server
+    await publisher.close()
+
+
+async def until(predicate, what: str, timeout: float = 20.0) -> None:
+    await eventually(predicate, timeout=timeout, what=what)
