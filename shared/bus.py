@@ -8,6 +8,7 @@ carries on with the next event.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter, OrderedDict
@@ -57,14 +58,17 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
 
 
 async def declare_streams(js: JetStreamContext, configs: list[StreamConfig]) -> None:
-    """Create each stream, or update it where it exists with another config."""
+    """Create each stream, or update it where it exists with another config. An update never
+    lowers the replica count: a client started without the cluster's setting must not shrink it."""
     for config in configs:
         try:
             await js.add_stream(config)
         except BadRequestError as exc:
             if exc.err_code != STREAM_IN_USE:
                 raise
-            await js.update_stream(config)
+            current = (await js.stream_info(config.name)).config
+            replicas = max(current.num_replicas or 1, config.num_replicas or 1)
+            await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
 
 
 def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:

@@ -219,3 +219,18 @@ async def test_events_are_handled_one_at_a_time_in_stream_order(nats_server, tmp
     async with service.running():
         await eventually(lambda: len(order) == len(refs) or service.consumer.stats.retried, what="all handled")
     assert order == refs and service.consumer.stats.retried == 0
+
+
+async def test_declaring_the_streams_again_never_lowers_their_replica_count(tmp_path):
+    from cli.cluster import LocalCluster
+
+    with LocalCluster(tmp_path / "cluster", size=3) as cluster:
+        nc = await nats.connect(cluster.url)
+        try:
+            js = nc.jetstream()
+            await bus.ensure_streams(js, replicas=3)
+            await bus.ensure_streams(js)  # a client that does not know the cluster's setting
+            info = await js.stream_info(subjects.EVENTS_STREAM)
+        finally:
+            await nc.close()
+    assert info.config.num_replicas == 3
