@@ -1,12 +1,12 @@
 """Content-addressed blobs in the JetStream Object Store: the object's name is its sha256 (hex).
 
 Uploads read a file object chunk by chunk (nats-py's ``put``), downloads iterate the object's
-chunks through an ordered consumer whose flow control holds back the server while the reader is
-slow, so neither direction holds a whole file in memory.
+chunks through a pull consumer a batch at a time, so neither direction holds a whole file in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,12 +14,15 @@ from typing import BinaryIO
 
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
-from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
 
 from shared.catalog import BLOB_BUCKET
-from shared.errors import NotFound
+from shared.errors import NotFound, Unavailable
 
-CHUNK_PENDING_BYTES = 16 * 1024 * 1024  # client-side buffer cap for one download
+FETCH_BATCH = 32  # 128 KiB chunks: 4 MiB in flight per download
+FETCH_TIMEOUT_S = 20.0
 
 
 class BlobStore:
@@ -64,16 +67,25 @@ class BlobStore:
         if not info.size:
             return
         subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=info.nuid)
-        sub = await self._js.subscribe(subject, ordered_consumer=True, pending_bytes_limit=CHUNK_PENDING_BYTES)
+        # A pull consumer asks for FETCH_BATCH chunks at a time, so at most that much is ever in
+        # flight, however slow the reader. (A push/ordered consumer, as nats-py's get uses, drops
+        # messages once a slow reader's buffer fills, and the download then stalls.)
+        config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                                inactive_threshold=30.0, mem_storage=True)
+        sub = await self._js.pull_subscribe(subject, stream=OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), config=config)
         received = 0
         try:
-            async for msg in sub.messages:
-                received += len(msg.data)
-                yield msg.data
-                if received >= info.size:
-                    break
+            while received < info.size:
+                try:
+                    batch = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                except NatsTimeoutError:
+                    raise Unavailable(f"blob sha256:{sha256}: no data from the Object Store for {FETCH_TIMEOUT_S}s") from None
+                for msg in batch:
+                    received += len(msg.data)
+                    yield msg.data
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def download(self, sha256: str, dest: BinaryIO) -> tuple[str, int]:
         """Write the blob into ``dest``; return (sha256 hex of what arrived, its size)."""
