@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "joining the cluster at --nats-url (nats://user:password@host:4222 passes credentials)")
     up.add_argument("--services", type=_service_list, default=None, help="comma-separated subset to run (default: the role's)")
     up.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for every service to be healthy")
+    up.add_argument("--no-builtin", dest="serve_builtin", action="store_false",
+                    help="do not deploy the built-in model once the services are healthy")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (strata up runs each this way)")
@@ -69,6 +71,7 @@ def _up(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, nats_url=args.nats_url, nats_port=args.nats_port,
         nats_monitor_port=args.nats_monitor_port, host=args.host, ports=dict(args.port),
         services=args.services or ROLES[args.role], wait_timeout_s=args.wait_timeout, role=args.role,
+        serve_builtin=args.serve_builtin and args.role == "all",
     ))
 
 

@@ -25,6 +25,7 @@ from shared.config import DEFAULT_PORTS, SERVICES, env_name, node_id
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
 BACKOFF_START_S, BACKOFF_MAX_S, STABLE_AFTER_S = 0.5, 30.0, 60.0
+BUILTIN_NEEDS = ("model-store", "hardware-inventory", "inference-worker")
 COLOURS = ["36", "32", "33", "35", "34", "31", "96", "92"]
 
 # What each role runs. "node": a machine that only lends its hardware to an existing cluster: the
@@ -62,6 +63,7 @@ class UpOptions:
     services: tuple[str, ...] = SERVICES
     wait_timeout_s: float = 30.0
     role: str = "all"
+    serve_builtin: bool = True
 
 
 class Supervisor:
@@ -187,12 +189,37 @@ class Supervisor:
                 self.say(f"strata up: not healthy after {opts.wait_timeout_s:.0f}s: {', '.join(c.name for c in unhealthy)}")
                 return 1
             self._print_endpoints(nats_url, node, time.monotonic() - started)
+            if opts.serve_builtin and set(BUILTIN_NEEDS) <= set(opts.services):
+                await self._serve_builtin(nats_url)
             await self.stopping.wait()
             return 0
         finally:
             self.say("strata up: stopping")
             await self._stop_all()
             self.say("strata up: stopped")
+
+    async def _serve_builtin(self, nats_url: str) -> None:
+        import nats
+
+        from cli.builtin import serve_builtin
+
+        nc = await nats.connect(nats_url, max_reconnect_attempts=-1)
+        try:
+            served = asyncio.create_task(serve_builtin(nc))
+            stopped = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({served, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if served.done():
+                self.say(f"strata up: {served.result()}")
+                if served.result().endswith("serving"):
+                    self.say(f"strata up: try  curl http://{self.options.host}:{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}"
+                             "/v1/models  or  strata chat strata-builtin-kjv")
+            else:
+                served.cancel()
+        except Exception as exc:  # the platform stays up; the user learns why nothing is served
+            self.say(f"strata up: could not deploy the built-in model: {type(exc).__name__}: {exc}")
+        finally:
+            await nc.close()
 
     async def _start_nats(self) -> str | None:
         opts = self.options

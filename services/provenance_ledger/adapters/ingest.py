@@ -100,7 +100,7 @@ class EventIngest:
             try:
                 try:
                     msgs = await self._sub.fetch(self.batch, timeout=1.0)
-                except NatsTimeout:
+                except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either when nothing came
                     msgs = []
                 if msgs:
                     await self.process(msgs)

@@ -1,0 +1,58 @@
+"""Serve the built-in model out of the box: what `strata up` does once every service is healthy.
+
+model-store registers the built-in checkpoint at its first start; here we wait until it resolves,
+and unless a worker already serves it, we release any booking left from an earlier run (its worker
+is gone) and deploy it through hardware-inventory, then wait until a worker serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.aio.client import Client
+
+from shared import errors, rpc, subjects
+from shared.catalog import ResolvedModel, ResolveRequest
+from shared.inference_client import deployed_models
+
+BUILTIN_REF = "strata-builtin-kjv@prod"
+
+
+async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 120.0) -> str:
+    """Returns a line for the user: serving, or why not."""
+    from services.hardware_inventory.service_layer.views import (
+        DeployOutcome,
+        DeployRequest,
+        UndeployOutcome,
+        UndeployRequest,
+    )
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    resolved = None
+    while resolved is None:
+        try:
+            resolved = await rpc.call(nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref=ref), ResolvedModel)
+        except (errors.NotFound, errors.Unavailable) as exc:
+            if loop.time() > deadline:
+                return f"built-in model not deployed: {ref} is not in the model store ({exc.message})"
+            await asyncio.sleep(0.5)
+    name = resolved.model.name
+    if await _served(nc, name):
+        return f"built-in model {name} is already serving"
+    try:  # a booking left from an earlier run: its worker is gone, so it would hold memory forever
+        await rpc.call(nc, subjects.rpc("hardware-inventory", "undeploy"), UndeployRequest(model_ref=name), UndeployOutcome, timeout=15)
+    except errors.NotFound:
+        pass
+    outcome = await rpc.call(nc, subjects.rpc("hardware-inventory", "deploy"), DeployRequest(model_ref=ref), DeployOutcome, timeout=30)
+    if not outcome.scheduled:
+        return f"built-in model not deployed: {outcome.reason}"
+    while not await _served(nc, name):
+        if loop.time() > deadline:
+            return f"built-in model {name} was scheduled but no worker serves it after {timeout_s:.0f}s; see the inference-worker's lines"
+        await asyncio.sleep(0.5)
+    return f"built-in model {name} is serving"
+
+
+async def _served(nc: Client, name: str) -> bool:
+    return any(model.name == name for model in await deployed_models(nc))
