@@ -21,8 +21,8 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from shared.catalog import CATALOG_BUCKET, DatasetManifest, ModelManifest, ResolvedDataset, ResolvedModel
-from shared.errors import Conflict, NotFound
+from shared.catalog import CATALOG_BUCKET, ResolvedDataset, ResolvedModel
+from shared.errors import Conflict
 
 from services.model_store.domain.checks import SafetensorsSummary
 
@@ -166,10 +166,3 @@ class CatalogKV:
         finally:
             await watcher.stop()
 
-
-def parse_key(key: str) -> tuple[str, list[str]]:
-    kind, *rest = key.split(".")
-    return kind, rest
-
-
-__all__ = ["BlobInfo", "CatalogKV", "StoredModel", "DatasetManifest", "ModelManifest", "dec", "enc", "parse_key"]

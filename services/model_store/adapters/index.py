@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.catalog import ResolvedDataset
 
-from services.model_store.adapters.catalog_kv import StoredModel, dec
+from services.model_store.adapters.catalog_kv import StoredModel, dec, enc
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -64,8 +64,6 @@ class CatalogIndex:
 
     def prune(self, live_keys: set[str]) -> None:
         """After a full replay: drop rows whose key no longer exists in KV."""
-        from services.model_store.adapters.catalog_kv import enc
-
         with self.db:
             for name, version in self.db.execute("SELECT name, version FROM models").fetchall():
                 if f"model.{enc(name)}.{version}" not in live_keys:

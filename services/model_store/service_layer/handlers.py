@@ -22,7 +22,7 @@ from shared.events import (
 )
 
 from services.model_store.adapters.blobs import BlobStore
-from services.model_store.adapters.catalog_kv import CatalogKV, StoredModel
+from services.model_store.adapters.catalog_kv import CatalogKV, StoredModel, dec, enc
 from services.model_store.adapters.index import CatalogIndex
 from services.model_store.domain.checks import check_files_listing
 from services.model_store.domain.metadata import MAX_CONFIG_BYTES, model_metadata, parse_config
@@ -175,11 +175,13 @@ class ModelStore:
             kind, _, rest = key.partition(".")
             if kind == "model":
                 name, _, version = rest.rpartition(".")
-                stored = await self.kv.get_model(name.replace("=", "."), int(version))
-                refs.update(f.sha256 for f in stored.manifest.files) if stored else None
+                stored = await self.kv.get_model(dec(name), int(version))
+                if stored is not None:
+                    refs.update(f.sha256 for f in stored.manifest.files)
             elif kind == "dataset":
                 dataset = await self.kv.get_dataset(rest)
-                refs.update(f.sha256 for f in dataset.manifest.files) if dataset else None
+                if dataset is not None:
+                    refs.update(f.sha256 for f in dataset.manifest.files)
         return refs
 
     # -- datasets -----------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class ModelStore:
         found = self.index.models(name)
         if found:
             return found
-        prefix = f"model.{name.replace('.', '=')}."
+        prefix = f"model.{enc(name)}."
         versions = sorted(int(k[len(prefix):]) for k in await self.kv.keys() if k.startswith(prefix) and k[len(prefix):].isdigit())
         return [m for v in versions if (m := await self.kv.get_model(name, v)) is not None]
 
