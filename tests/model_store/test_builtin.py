@@ -50,3 +50,16 @@ async def test_no_checkpoint_yet_registers_nothing(nats_server, tmp_path, monkey
     async with service.running():
         assert await builtin.register_builtin(service.model_store()) is None
         assert service.model_store().index.models() == []
+
+
+async def test_a_broken_builtin_checkpoint_is_not_registered_and_is_retried_next_start(nats_server, tmp_path, monkeypatch):
+    fake_builtin(tmp_path, monkeypatch)
+    monkeypatch.setenv("STRATA_MODEL_STORE_BUILTIN", "0")  # this test drives the registration itself
+    (builtin.MODEL_DIR / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    service = make_service("model-store", nats_server.url, tmp_path / "data")
+    async with service.running():
+        store = service.model_store()
+        assert await builtin.register_builtin(store) is None  # refused: logged, nothing registered
+        assert store.index.models() == []
+        make_checkpoint(builtin.MODEL_DIR, seed=1)  # fixed: the next start registers it
+        assert (await builtin.register_builtin(store)).model.name == "strata-builtin-kjv"

@@ -37,7 +37,11 @@ async def register_builtin(store: ModelStore, corpus_dir: Path | None = None, mo
             await store.kv.kv.create(CLAIM_KEY, b"{}")
         except Exception:  # another replica claimed it, or it was done before
             return None
-        return await _register(store, corpus_dir, model_dir)
+        try:
+            return await _register(store, corpus_dir, model_dir)
+        except Exception:
+            await store.kv.kv.delete(CLAIM_KEY)  # let the next start try again
+            raise
     except Exception:
         log.exception("could not register the built-in model")
         return None
