@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for every service to be healthy")
     up.add_argument("--no-builtin", dest="serve_builtin", action="store_false",
                     help="do not deploy the built-in model once the services are healthy")
+    up.add_argument("--insecure-nats", dest="secure_nats", action="store_false",
+                    help="start nats-server without per-service users and permissions (not for shared machines)")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (strata up runs each this way)")
@@ -71,7 +73,7 @@ def _up(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, nats_url=args.nats_url, nats_port=args.nats_port,
         nats_monitor_port=args.nats_monitor_port, host=args.host, ports=dict(args.port),
         services=args.services or ROLES[args.role], wait_timeout_s=args.wait_timeout, role=args.role,
-        serve_builtin=args.serve_builtin and args.role == "all",
+        serve_builtin=args.serve_builtin and args.role == "all", secure_nats=args.secure_nats,
     ))
 
 

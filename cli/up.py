@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from cli import natsd
+from shared import nats_auth
 from shared.config import DEFAULT_PORTS, SERVICES, env_name, node_id
 
 PR_SET_PDEATHSIG = 1
@@ -64,6 +65,7 @@ class UpOptions:
     wait_timeout_s: float = 30.0
     role: str = "all"
     serve_builtin: bool = True
+    secure_nats: bool = True  # per-service NATS users and permissions (shared/nats_auth.py)
 
 
 class Supervisor:
@@ -72,6 +74,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.children: list[Child] = []
         self.tty = sys.stdout.isatty()
+        self.credentials: dict[str, nats_auth.Credential] = {}  # empty: NATS without auth
 
     # -- output ------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -203,7 +206,8 @@ class Supervisor:
 
         from cli.builtin import serve_builtin
 
-        nc = await nats.connect(nats_url, max_reconnect_attempts=-1)
+        client = self.credentials.get(nats_auth.CLIENT)
+        nc = await nats.connect(client.url(nats_url) if client else nats_url, max_reconnect_attempts=-1)
         try:
             served = asyncio.create_task(serve_builtin(nc))
             stopped = asyncio.create_task(self.stopping.wait())
@@ -229,6 +233,9 @@ class Supervisor:
         try:
             argv = natsd.argv(opts.nats_port, store, monitor_port=opts.nats_monitor_port, host=opts.host)
             argv += ["--log", str(log_file)]  # its start-up banner would drown the services' lines
+            if opts.secure_nats:
+                self.credentials = nats_auth.credentials(opts.data_dir)
+                argv += ["-c", str(nats_auth.write(opts.data_dir))]
         except natsd.NatsServerNotFound as exc:
             self.say(f"strata up: {exc}")
             return None
@@ -253,6 +260,8 @@ class Supervisor:
                 "PYTHONUNBUFFERED": "1",
                 **ROLE_ENV.get(opts.role, {}).get(name, {}),
             }
+            if name in self.credentials:
+                env.update(self.credentials[name].env())
             argv = [sys.executable, "-m", "cli.main", "serve", name]
             self._add(name, argv, env, f"http://{opts.host}:{port}/healthz")
 

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from shared import subjects
+from shared import nats_auth, subjects
 from shared.events import DeadLetter, Event, EventData, MalformedEvent, make_event, parse_event
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
     bus_log = logging.getLogger(f"strata.bus.{client_name}")
     bus_log.setLevel(os.environ.get("STRATA_BUS_LOG_LEVEL", "WARNING").upper())
     return NatsBroker(
-        nats_url,
+        nats_auth.with_env_credentials(nats_url),  # the service's own NATS user, where strata up gave it one
         name=client_name,
         logger=bus_log,
         log_level=logging.DEBUG,  # one line per message is too much for a service at thousands of events/s

@@ -1,0 +1,227 @@
+"""Per-service NATS credentials and permissions, derived from the subject ownership table.
+
+Each service connects as its own user. It may publish only the events whose ``PUBLISHER`` it is
+(``shared/events.py``, the table in infra/SUBJECTS.md), its dead letters, the RPCs and inference
+subjects it calls, and writes to the KV buckets / object stores it owns. Its JetStream API access is
+scoped to the streams it uses (create/update/info of the streams it declares, consumers on the streams
+it reads); nobody may delete or purge a stream. ``client`` is the role of the CLI and of anonymous
+connections (``no_auth_user``): it may request deploys and inferences, call RPCs and read events, and
+may publish no service event.
+
+``write(data_dir)`` creates the passwords once (``<data_dir>/nats/auth/<user>.json``, mode 0600, in a
+0700 folder) and the nats-server config that names them; ``rotate(data_dir)`` makes new ones.
+A process reads its own from ``STRATA_NATS_USER`` / ``STRATA_NATS_PASSWORD`` (``with_env_credentials``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from shared import subjects
+from shared.catalog import BLOB_BUCKET, CATALOG_BUCKET
+from shared.config import SERVICES
+from shared.events import EventData
+from shared.inference import CANCEL_SUBJECT, JOBS_STREAM, RESULTS_STREAM
+
+CLIENT = "client"
+USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
+INBOX = "_INBOX.>"
+INVENTORY_BUCKET, API_KEYS_BUCKET = "strata-inventory", "strata-api-keys"
+EVENT_STREAMS = (subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM)
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def obj_stream(bucket: str) -> str:
+    return f"OBJ_{bucket}"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a role does on NATS besides its own events, RPCs and dead letters."""
+
+    declares: tuple[str, ...] = EVENT_STREAMS  # streams it creates or updates at start
+    reads: tuple[str, ...] = EVENT_STREAMS  # streams it makes consumers on, or gets messages from
+    publish: tuple[str, ...] = ()  # further subjects: RPCs it calls, KV/Object-Store writes, inference
+    subscribe: tuple[str, ...] = ()  # core subscriptions besides its own rpc.<service>.>
+
+
+NEEDS: dict[str, Needs] = {
+    "model-store": Needs(
+        declares=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET)),
+        reads=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET)),
+        publish=(f"$KV.{CATALOG_BUCKET}.>", f"$O.{BLOB_BUCKET}.>"),
+    ),
+    "hardware-inventory": Needs(
+        declares=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET)),
+        reads=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET)),
+        publish=(f"$KV.{INVENTORY_BUCKET}.>", subjects.rpc("model-store", "resolve")),
+        subscribe=("evt.deploy.>", subjects.event("node.heartbeat", persistent=False)),
+    ),
+    "inference-worker": Needs(
+        declares=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM),
+        # Reads blobs (never writes them): a worker cannot change what it is about to verify.
+        reads=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, obj_stream(BLOB_BUCKET)),
+        publish=(subjects.rpc("model-store", "resolve"), subjects.rpc("model-store", "public_key"), "infer.results.>"),
+        subscribe=("infer.request.>", CANCEL_SUBJECT),
+    ),
+    "provenance-ledger": Needs(),
+    "monitor": Needs(subscribe=(subjects.event("node.heartbeat", persistent=False),)),
+    "api-gateway": Needs(
+        declares=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)),
+        reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), RESULTS_STREAM),
+        publish=(f"$KV.{API_KEYS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
+                 subjects.rpc("inference-worker", "models")),
+    ),
+    CLIENT: Needs(
+        declares=(),
+        reads=(subjects.EVENTS_STREAM, RESULTS_STREAM),
+        publish=("rpc.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT),
+        subscribe=(subjects.EVENTS_ALL, subjects.LIVE_ALL),
+    ),
+}
+ROLES = (*SERVICES, CLIENT)
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def own_event_subjects(role: str) -> list[str]:
+    """The subjects of the events whose publisher is ``role`` (the ownership table)."""
+    return sorted(cls.subject() for cls in EventData.registry.values() if cls.PUBLISHER == role)
+
+
+def jetstream_api(needs: Needs) -> list[str]:
+    """The JetStream API subjects for exactly the streams a role declares and reads; no delete, no purge."""
+    api = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
+    for stream in needs.declares:
+        api += [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"]
+    for stream in dict.fromkeys((*needs.declares, *needs.reads)):
+        api.append(f"$JS.API.STREAM.INFO.{stream}")
+    for stream in needs.reads:
+        api += [
+            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+            f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
+        ]
+    return api
+
+
+def permissions(role: str) -> Permissions:
+    if role not in NEEDS:
+        raise ValueError(f"unknown NATS role {role!r}; choose from {', '.join(ROLES)}")
+    needs = NEEDS[role]
+    publish = [*own_event_subjects(role), *needs.publish, *jetstream_api(needs), INBOX]
+    subscribe = [*needs.subscribe, INBOX]
+    if role != CLIENT:
+        publish.append(subjects.dead_letter(role))
+        subscribe.append(f"rpc.{role}.>")
+    return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)))
+
+
+# -- credentials on disk -----------------------------------------------------------------------
+def auth_dir(data_dir: Path) -> Path:
+    return data_dir / "nats" / "auth"
+
+
+def config_path(data_dir: Path) -> Path:
+    return auth_dir(data_dir) / "nats-server.conf"
+
+
+@dataclass(frozen=True)
+class Credential:
+    user: str
+    password: str
+
+    def url(self, nats_url: str) -> str:
+        return with_credentials(nats_url, self.user, self.password)
+
+    def env(self) -> dict[str, str]:
+        return {USER_ENV: self.user, PASSWORD_ENV: self.password}
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Written with mode 0600 from the first byte (no window where another user could read it)."""
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def credentials(data_dir: Path, *, rotate: bool = False) -> dict[str, Credential]:
+    """Every role's credential: read from the data dir, made where missing (or all anew with ``rotate``)."""
+    folder = auth_dir(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    found: dict[str, Credential] = {}
+    for role in ROLES:
+        path = folder / f"{role}.json"
+        if path.exists() and not rotate:
+            found[role] = Credential(**json.loads(path.read_text()))
+            continue
+        found[role] = Credential(user=role, password=secrets.token_urlsafe(32))
+        _write_private(path, json.dumps({"user": role, "password": found[role].password}) + "\n")
+    return found
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def server_config(creds: dict[str, Credential], *, anonymous_client: bool = True) -> str:
+    """The ``authorization`` block for nats-server; ``anonymous_client`` maps connections that give no
+    credentials to the ``client`` role (the CLI on this machine keeps working without a password)."""
+    users = []
+    for role, cred in creds.items():
+        perms = permissions(role)
+        users.append(
+            f"    {{ user: {json.dumps(cred.user)}, password: {json.dumps(cred.password)}, permissions: {{\n"
+            f"        publish: {{ allow: {_quoted(perms.publish)} }},\n"
+            f"        subscribe: {{ allow: {_quoted(perms.subscribe)} }} }} }}"
+        )
+    lines = ["authorization {", "  users = [", ",\n".join(users), "  ]", "}"]
+    if anonymous_client:
+        lines.append(f"no_auth_user: {json.dumps(creds[CLIENT].user)}")
+    return "\n".join(lines) + "\n"
+
+
+def write(data_dir: Path, *, rotate: bool = False, anonymous_client: bool = True, extra: str = "") -> Path:
+    """Make (or keep) every credential and write the nats-server config; returns the config's path.
+    ``extra`` is more config text (listen address, JetStream) placed before the authorization block."""
+    creds = credentials(data_dir, rotate=rotate)
+    path = config_path(data_dir)
+    _write_private(path, extra + server_config(creds, anonymous_client=anonymous_client))
+    return path
+
+
+# -- the client side -------------------------------------------------------------------------
+def with_credentials(nats_url: str, user: str, password: str) -> str:
+    """Each server in a comma-separated URL list with ``user:password@``, unless it names its own."""
+    urls = []
+    for url in nats_url.split(","):
+        parts = urlsplit(url.strip())
+        if parts.username is None:
+            netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.netloc}"
+            parts = parts._replace(netloc=netloc)
+        urls.append(urlunsplit(parts))
+    return ",".join(urls)
+
+
+def with_env_credentials(nats_url: str, environ: dict[str, str] | None = None) -> str:
+    """``nats_url`` with the credential from ``STRATA_NATS_USER``/``STRATA_NATS_PASSWORD`` when set."""
+    env = os.environ if environ is None else environ
+    user, password = env.get(USER_ENV), env.get(PASSWORD_ENV)
+    return with_credentials(nats_url, user, password) if user and password else nats_url
