@@ -1,0 +1,186 @@
+"""NATS users and permissions (shared/nats_auth.py) against a real nats-server started with the
+generated config: the denials the issue names, and every service doing its work under its own user."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from contextlib import AsyncExitStack
+
+import nats
+import pytest
+
+from cli import natsd
+from shared import bus, nats_auth, subjects
+from shared.config import SERVICES
+from shared.events import EventData
+from tests.security.conftest import connect_as, wait_for
+from tests.support.helpers import make_service
+
+pytestmark = pytest.mark.timeout(180)
+EVENT_SUBJECTS = sorted(cls.subject() for cls in EventData.registry.values())
+
+
+# -- the permissions themselves ---------------------------------------------------------------
+def test_each_event_subject_may_be_published_by_its_publisher_only():
+    for cls in EventData.registry.values():
+        allowed = [role for role in nats_auth.ROLES if cls.subject() in nats_auth.permissions(role).publish]
+        assert allowed == [cls.PUBLISHER], cls.TYPE
+    for role in nats_auth.ROLES:  # and nobody gets a wildcard over events
+        assert not {"evt.>", "live.>", ">", "evt.*"} & set(nats_auth.permissions(role).publish), role
+
+
+def test_nobody_may_delete_or_purge_a_stream_or_touch_another_services_store():
+    for role in nats_auth.ROLES:
+        publish = nats_auth.permissions(role).publish
+        assert not [s for s in publish if "DELETE" in s and "CONSUMER" not in s or "PURGE" in s], role
+        kv_writes = [s for s in publish if s.startswith(("$KV.", "$O."))]
+        owned = {"model-store": ["$KV.strata-catalog.>", "$O.strata-blobs.>"],
+                 "hardware-inventory": ["$KV.strata-inventory.>"], "api-gateway": ["$KV.strata-api-keys.>"]}
+        assert kv_writes == owned.get(role, []), role
+
+
+def test_credentials_are_private_reused_and_rotated(tmp_path):
+    config = nats_auth.write(tmp_path)
+    folder = nats_auth.auth_dir(tmp_path)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in [config, *folder.glob("*.json")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    first = nats_auth.credentials(tmp_path)
+    assert set(first) == set(nats_auth.ROLES)
+    assert nats_auth.credentials(tmp_path) == first  # a restart keeps them
+    rotated = nats_auth.credentials(tmp_path, rotate=True)
+    assert all(rotated[r].password != first[r].password for r in nats_auth.ROLES)
+    checked = subprocess.run([str(natsd.binary()), "-c", str(config), "-t"], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_env_credentials_go_into_every_url_unless_one_names_its_own():
+    env = {nats_auth.USER_ENV: "monitor", nats_auth.PASSWORD_ENV: "s3cret"}
+    assert nats_auth.with_env_credentials("nats://h:4222", env) == "nats://monitor:s3cret@h:4222"
+    assert nats_auth.with_env_credentials("nats://a:1,nats://b:2", env) == "nats://monitor:s3cret@a:1,nats://monitor:s3cret@b:2"
+    assert nats_auth.with_env_credentials("nats://x:y@h:4222", env) == "nats://x:y@h:4222"
+    assert nats_auth.with_env_credentials("nats://h:4222", {}) == "nats://h:4222"
+
+
+# -- denials on a real server -----------------------------------------------------------------
+async def _streams(server) -> None:
+    nc, _ = await connect_as(server.url_for("model-store"))
+    await bus.ensure_streams(nc.jetstream())
+    await nc.close()
+
+
+async def _events_in_stream(server) -> int:
+    nc, _ = await connect_as(server.url_for("client"))
+    try:
+        return (await nc.jetstream().stream_info(subjects.EVENTS_STREAM)).state.messages
+    finally:
+        await nc.close()
+
+
+async def test_a_worker_cannot_publish_model_registered(secured_nats):
+    await _streams(secured_nats)
+    nc, errors = await connect_as(secured_nats.url_for("inference-worker"))
+    await nc.publish("evt.model.registered", b"{}")
+    await nc.flush()
+    await wait_for(errors.violations)
+    assert errors.violations() == ['nats: permissions violation for publish to "evt.model.registered"']
+    with pytest.raises(nats.errors.TimeoutError):  # through JetStream: no PubAck, since the server dropped it
+        await nc.jetstream().publish("evt.model.registered", b"{}", timeout=1)
+    await nc.close()
+    assert await _events_in_stream(secured_nats) == 0
+    assert any('user:inference-worker"' in line and "evt.model.registered" in line for line in secured_nats.violations())
+
+
+async def test_the_gateway_cannot_publish_any_event(secured_nats):
+    nc, errors = await connect_as(secured_nats.url_for("api-gateway"))
+    for subject in EVENT_SUBJECTS:
+        await nc.publish(subject, b"{}")
+    await nc.flush()
+    await wait_for(lambda: len(errors.violations()) == len(EVENT_SUBJECTS))
+    assert sorted(errors.violations()) == sorted(f'nats: permissions violation for publish to "{s}"' for s in EVENT_SUBJECTS)
+    await nc.close()
+
+
+async def test_a_service_cannot_read_what_is_not_its_business(secured_nats):
+    """The monitor may not subscribe to inference requests (prompts), nor write the model catalog."""
+    nc, errors = await connect_as(secured_nats.url_for("monitor"))
+    await nc.subscribe("infer.request.>")
+    await nc.publish("$KV.strata-catalog.model.x", b"{}")
+    await nc.flush()
+    await wait_for(lambda: len(errors.violations()) == 2)
+    assert sorted(errors.violations()) == sorted([
+        'nats: permissions violation for publish to "$kv.strata-catalog.model.x"',
+        'nats: permissions violation for subscription to "infer.request.>"',
+    ])
+    await nc.close()
+
+
+@pytest.mark.parametrize("who", ["intruder:guess", "model-store:wrong-password"])
+async def test_an_unknown_user_or_a_wrong_password_cannot_connect(secured_nats, who):
+    url = secured_nats.url.replace("nats://", f"nats://{who}@")
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3)
+    assert f'authentication error - User "{who.split(":")[0]}"' in secured_nats.log.read_text()
+
+
+async def test_an_anonymous_connection_gets_the_client_role_only(secured_nats):
+    await _streams(secured_nats)
+    nc, errors = await connect_as(secured_nats.url)  # no credentials: no_auth_user = client
+    ack = await nc.jetstream().publish("evt.deploy.requested", b"{}", timeout=5)
+    assert ack.stream == subjects.EVENTS_STREAM
+    await nc.publish("evt.model.registered", b"{}")
+    await nc.publish("$JS.API.STREAM.DELETE.EVENTS", b"")
+    await nc.flush()
+    await wait_for(lambda: len(errors.violations()) == 2)
+    assert len(errors.violations()) == 2, errors.seen
+    await nc.close()
+    assert await _events_in_stream(secured_nats) == 1
+
+
+# -- what each service needs, it may do -------------------------------------------------------
+async def test_each_role_may_publish_its_own_events(secured_nats):
+    await _streams(secured_nats)
+    published = 0
+    for role in nats_auth.ROLES:
+        nc, errors = await connect_as(secured_nats.url_for(role))
+        for cls in EventData.registry.values():
+            if cls.PUBLISHER != role:
+                continue
+            if cls.PERSISTENT:
+                ack = await nc.jetstream().publish(cls.subject(), b"{}", timeout=5)
+                assert ack.stream == subjects.EVENTS_STREAM
+                published += 1
+            else:
+                await nc.publish(cls.subject(), b"{}")
+        await nc.flush()
+        await nc.close()
+        assert errors.violations() == [], role
+    assert await _events_in_stream(secured_nats) == published
+    assert secured_nats.violations() == []
+
+
+async def test_every_service_works_under_its_own_user_push_deploy_infer(secured_nats, tmp_path):
+    """All six services in-process, each with its own credential: healthy over RPC, the built-in model
+    registered (model-store), deployed (inventory -> worker fetch from the Object Store) and answering an
+    inference from a client; the server logged no permission violation on the way."""
+    from cli.builtin import serve_builtin
+    from shared.inference import InferenceRequest, SamplingOptions
+    from shared.inference_client import complete
+
+    async with AsyncExitStack() as stack:
+        for name in SERVICES:
+            service = make_service(name, secured_nats.url_for(name), tmp_path / "services", node_id="node-sec")
+            await stack.enter_async_context(service.running())
+        client, errors = await connect_as(secured_nats.url_for("client"))
+        stack.push_async_callback(client.close)
+        for name in SERVICES:
+            reply = await client.request(subjects.rpc(name, "health"), b"", timeout=10)
+            assert b'"status":"ok"' in reply.data.replace(b" ", b""), (name, reply.data)
+        outcome = await serve_builtin(client, timeout_s=150)
+        assert outcome.endswith("is serving"), outcome
+        answer = await complete(client, InferenceRequest(model="strata-builtin-kjv", prompt="In the beginning",
+                                                         sampling=SamplingOptions(max_tokens=4, temperature=0)))
+        assert answer.usage.completion_tokens == 4 and answer.model.name == "strata-builtin-kjv"
+        assert errors.violations() == []
+    assert secured_nats.violations() == []
