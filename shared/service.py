@@ -4,7 +4,6 @@ publish events and to consume them durably."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
@@ -186,7 +185,9 @@ def run(service: Service) -> None:
         service.http, host=service.settings.http_host, port=service.settings.http_port,
         log_level="warning", access_log=False, lifespan="on",
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    # Server.run, not asyncio.run(serve()): it honours loop="auto" (uvloop when it is installed,
+    # with httptools for HTTP), which roughly halves the per-request CPU of the NATS and HTTP paths.
+    uvicorn.Server(config).run()
 
 
 def load(service_name: str, settings: Settings | None = None) -> Service:
