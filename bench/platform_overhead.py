@@ -12,18 +12,11 @@ of the in-process call (``Server.complete`` on the same EchoEngine behind the sa
 requests/s through the gateway at ``--concurrency`` clients. The load generator shares the machine's
 cores with everything it measures (say so when you quote the figures).
 
-    .venv/bin/python bench/platform.py                     # ~1-2 minutes
-    .venv/bin/python bench/platform.py --profile DIR       # cProfile of gateway and worker into DIR
+    .venv/bin/python bench/platform_overhead.py                     # ~1-2 minutes
+    .venv/bin/python bench/platform_overhead.py --profile DIR       # cProfile of gateway and worker into DIR
 """
 
 from __future__ import annotations
-
-import sys
-
-# This file is named like the stdlib's ``platform`` (which torch imports): run as a script, its folder
-# is first on sys.path and would shadow it, so take that folder off before anything imports it.
-_HERE = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if p and __import__("os").path.abspath(p) != _HERE]
 
 import argparse
 import asyncio
@@ -33,6 +26,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
