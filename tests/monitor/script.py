@@ -11,8 +11,8 @@ from nats.aio.client import Client
 from shared import bus, subjects
 from shared.events import (
     DeadLetter, DeployFailed, DeployLoading, DeployReady, DeployRequested, DeployScheduled, DeviceInfo, EventData,
-    InferenceCompleted, InferenceFailed, LedgerCheckpoint, MeasuredMemory, ModelId, NodeHeartbeat, NodeLost,
-    NodeRegistered, NodeReturned, Source, TamperDetected, make_event,
+    InferenceCompleted, InferenceFailed, LedgerCheckpoint, MeasuredMemory, ModelId, NodeHeartbeat, NodeRegistered,
+    Source, make_event,
 )
 
 GiB = 1 << 30
@@ -110,5 +110,3 @@ async def scripted_run(p: Publisher) -> None:
     await ledger(p)
     await p.dead_letter("model-store")
 
-
-__all__ = ["NodeLost", "NodeReturned", "TamperDetected", "Publisher", "scripted_run"]

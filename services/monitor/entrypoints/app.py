@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from fastapi import Request
@@ -84,39 +84,44 @@ def _consume(service: Service, monitor: Monitor) -> None:
 
 
 def _background(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
+    stopping = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
-    async def evaluate_forever() -> None:
-        while True:
+    async def every(interval_s: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+        # A stop flag, not only cancel(): nats-py's request can swallow a cancellation (asyncio.wait_for
+        # on Python 3.11), and a loop that then sleeps again would hold the shutdown forever.
+        while not stopping.is_set():
             try:
-                await monitor.evaluate()
-            except Exception:
-                log.exception("alert evaluation failed")
-            await asyncio.sleep(config.evaluate_every_s)
-
-    async def poll_ledger_lag() -> None:
-        js = service.broker.connection.jetstream()
-        while True:
-            try:
-                info = await js.consumer_info(subjects.EVENTS_STREAM, config.ledger_durable)
-                monitor.set_ledger_lag(info.num_pending + info.num_ack_pending)
-            except NotFoundError:
-                monitor.set_ledger_lag(None)  # no ledger (yet): its lag is unknown, not zero
+                await step()
             except Exception as exc:
-                log.debug("ledger lag unreadable: %s", exc)
-            await asyncio.sleep(config.poll_ledger_every_s)
+                log.warning("%s failed: %s", what, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval_s)
+
+    async def read_ledger_lag() -> None:
+        try:
+            info = await service.broker.connection.jetstream().consumer_info(subjects.EVENTS_STREAM, config.ledger_durable)
+        except NotFoundError:
+            monitor.set_ledger_lag(None)  # no ledger (yet): its lag is unknown, not zero
+            return
+        monitor.set_ledger_lag(info.num_pending + info.num_ack_pending)
+
+    async def evaluate() -> None:
+        await monitor.evaluate()
 
     @service.on_start
     async def start() -> None:
-        tasks.extend([asyncio.create_task(evaluate_forever(), name="monitor:alerts"),
-                      asyncio.create_task(poll_ledger_lag(), name="monitor:ledger-lag")])
+        stopping.clear()
+        tasks.extend([asyncio.create_task(every(config.evaluate_every_s, evaluate, "alert evaluation"), name="monitor:alerts"),
+                      asyncio.create_task(every(config.poll_ledger_every_s, read_ledger_lag, "reading the ledger's lag"),
+                                          name="monitor:ledger-lag")])
 
     @service.on_stop
     async def stop() -> None:
+        stopping.set()
         for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 5)
         tasks.clear()
 
 
