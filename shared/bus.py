@@ -30,6 +30,7 @@ from shared.events import DeadLetter, Event, EventData, MalformedEvent, make_eve
 log = logging.getLogger(__name__)
 
 MAX_DELIVER = 5
+DEAD_LETTER_PAYLOAD_MAX = 64 * 1024
 DUPLICATE_WINDOW_S = 120.0
 STREAM_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 
@@ -214,7 +215,10 @@ class EventConsumer:
             reason=reason,
             deliveries=deliveries,
             event_id=event_id,
-            payload=raw.data.decode("utf-8", errors="replace"),
+            # Capped: the whole of a message near NATS's 1 MiB limit would not fit in the record.
+            payload=raw.data[:DEAD_LETTER_PAYLOAD_MAX].decode("utf-8", errors="replace"),
+            payload_bytes=len(raw.data),
+            truncated=len(raw.data) > DEAD_LETTER_PAYLOAD_MAX,
             headers={k: v for k, v in (raw.headers or {}).items() if isinstance(v, str)},
         )
         # Published to JetStream and confirmed before the original is rejected: nothing is lost.

@@ -133,7 +133,9 @@ class DeadLetter(BaseModel):
     reason: str
     deliveries: int
     event_id: str | None = None
-    payload: str = Field(description="the original bytes, decoded as UTF-8 with replacement")
+    payload: str = Field(description="the original bytes (the first 64 KiB), decoded as UTF-8 with replacement")
+    payload_bytes: int = Field(default=0, ge=0, description="the size of the original message")
+    truncated: bool = False
     headers: dict[str, str] = {}
     time: datetime = Field(default_factory=utcnow)
 

@@ -234,3 +234,15 @@ async def test_declaring_the_streams_again_never_lowers_their_replica_count(tmp_
         finally:
             await nc.close()
     assert info.config.num_replicas == 3
+
+
+async def test_a_message_near_the_nats_size_limit_is_dead_lettered_with_a_capped_copy(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record([], e))
+    huge = b'{"id": "' + b"x" * 900_000 + b'"}'
+    async with service.running():
+        await js.publish("evt.deploy.requested", huge)
+        await eventually(lambda: service.consumer.stats.dead_lettered == 1, what="the dead letter")
+    [letter] = await dead_letters(js)
+    assert letter.truncated and letter.payload_bytes == len(huge)
+    assert len(letter.payload) == bus.DEAD_LETTER_PAYLOAD_MAX and letter.reason.startswith("invalid envelope")
