@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from faststream.middlewares import AckPolicy
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 NAME = "monitor"
 STATIC = Path(__file__).parent / "static"
 DEAD_LETTER_DURABLE = "monitor-dead-letters"
+SSE_STREAM_MAX_S = 20.0  # a stream ends after this and the browser reconnects: a shutdown never waits on one
 
 
 def create_service(settings: Settings | None = None) -> Service:
@@ -141,8 +142,10 @@ def _routes(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
         return monitor.snapshot()
 
     @http.get("/api/stream", tags=["monitor"], summary="The snapshot as server-sent events, one per push interval")
-    async def stream(request: Request) -> StreamingResponse:
-        return StreamingResponse(_snapshots(request, monitor, config), media_type="text/event-stream",
+    async def stream(request: Request, max_s: float = Query(SSE_STREAM_MAX_S, gt=0, le=SSE_STREAM_MAX_S,
+                                                            description="end the stream after this (the browser reconnects)")
+                     ) -> StreamingResponse:
+        return StreamingResponse(_snapshots(request, monitor, config, max_s), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @http.get("/", include_in_schema=False)
@@ -152,12 +155,9 @@ def _routes(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
     http.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-SSE_STREAM_MAX_S = 20.0  # a stream ends after this and the browser reconnects: a shutdown never waits on one
-
-
-async def _snapshots(request: Request, monitor: Monitor, config: MonitorConfig) -> AsyncIterator[str]:
+async def _snapshots(request: Request, monitor: Monitor, config: MonitorConfig, max_s: float) -> AsyncIterator[str]:
     yield "retry: 1000\n\n"
-    ends = time.monotonic() + SSE_STREAM_MAX_S
+    ends = time.monotonic() + max_s
     while time.monotonic() < ends and not await request.is_disconnected():
         yield f"event: snapshot\ndata: {monitor.snapshot().model_dump_json()}\n\n"
         await asyncio.sleep(config.push_every_s)

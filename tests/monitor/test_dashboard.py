@@ -1,0 +1,90 @@
+"""The dashboard in a real headless Chromium: every asset from the monitor (no network beyond it),
+charts drawn from a scripted run through real NATS, live updates over server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.monitor.conftest import Running, until
+from tests.monitor.script import ledger, scripted_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars"]
+
+
+async def chromium(tmp_path: Path, url: str, *args: str, budget_ms: int = 5000) -> str:
+    """Run headless Chromium as a subprocess (the monitor keeps serving on this event loop meanwhile)."""
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", *args, url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode()
+
+
+def body_data(dom: str) -> dict[str, str]:
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, dom[:500]
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
+
+
+async def test_the_dashboard_renders_a_scripted_run_in_headless_chromium(running: Running, tmp_path: Path):
+    await scripted_run(running.publisher)
+    state = running.monitor.state
+    await until(lambda: state.ledger.tree_size == 57 and len(state.requests) == 31 and state.dead_letter_totals
+                and state.nodes.get("gpu-1") and state.nodes["gpu-1"].utilisation, "the scripted run to arrive")
+    await until(lambda: running.monitor.alerts.firing(), "the failed deployment's alert")
+
+    dom = await chromium(tmp_path, running.url + "/?max_s=1", "--dump-dom")
+    data = body_data(dom)
+    assert data.get("ready") == "1", "the page did not render a snapshot"
+    assert data["nodes"] == "2" and data["deployments"] == "2" and data["models"] == "2"  # tiny, broken
+    assert int(data["chart-points"]) > 3 and int(data["alerts-firing"]) >= 1
+    assert 'data-node="gpu-1"' in dom and 'data-device="cuda:0"' in dom
+    assert re.search(r'<path d="M[\d.]+,[\d.]+ L', dom), "no chart line was drawn"
+    assert "signature does not verify" in dom  # the firing deploy_failed alert
+    assert "f0f0f0f0" in dom and "ed25519:abc123" in dom  # the ledger's signed head
+    assert "model-store" in dom  # its dead letter
+
+    shot = tmp_path / "dashboard.png"
+    await chromium(tmp_path, running.url + "/?max_s=1", f"--screenshot={shot}", "--window-size=1400,1300")
+    assert shot.stat().st_size > 20_000
+    Path("/tmp/strata-dashboard.png").write_bytes(shot.read_bytes())  # for a human to look at
+
+
+async def test_the_dashboard_updates_live_over_server_sent_events(running: Running, tmp_path: Path):
+    """The page is loaded before the ledger's head exists; the head arrives only through the stream."""
+    await scripted_run(running.publisher)
+    await until(lambda: running.monitor.state.ledger.tree_size == 57, "the first head")
+
+    async def later() -> None:
+        await asyncio.sleep(1.5)
+        await ledger(running.publisher, size=99)
+
+    task = asyncio.create_task(later())
+    dom = await chromium(tmp_path, running.url + "/?max_s=1", "--dump-dom", budget_ms=8000)
+    await task
+    assert "<dd>99</dd>" in dom, "the new tree head did not reach the page"
+
+
+async def test_every_asset_comes_from_the_monitor(running: Running):
+    page = (await running.http.get("/")).text
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert refs and all(ref.startswith("/static/") for ref in refs), refs
+    for ref in refs:
+        assert (await running.http.get(ref)).status_code == 200
+    script = (await running.http.get("/static/dashboard.js")).text
+    assert "http://" not in script.replace("http://www.w3.org/2000/svg", "") and "https://" not in script
