@@ -15,6 +15,7 @@ sha256 (cached ones are hashed again: a cache is only a cache). Any failure rais
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -32,7 +33,6 @@ from services.model_store.adapters.blobs import BlobStore
 from services.model_store.domain.signing import VerificationError, load_public_key, verify_envelope
 
 __all__ = ["LocalModel", "VerificationError", "fetch_model", "verify_manifest"]
-HASH_BLOCK = 1024 * 1024
 
 
 class LocalModel(BaseModel):
@@ -66,10 +66,11 @@ async def fetch_model(
 
     blob_dir = cache / "blobs"
     blob_dir.mkdir(parents=True, exist_ok=True)
+    cached = await _verified_cached(blob_dir, {entry.sha256 for entry in resolved.manifest.files})
     store: BlobStore | None = None
     for entry in resolved.manifest.files:
         target = blob_dir / entry.sha256
-        if target.exists() and _sha256_file(target) == entry.sha256:
+        if entry.sha256 in cached:
             continue  # reused: hashed again just now
         target.unlink(missing_ok=True)
         store = store or await BlobStore.open(nc.jetstream())
@@ -109,9 +110,21 @@ async def fetch_model(
     return LocalModel(path=final, resolved=resolved)
 
 
+async def _verified_cached(blob_dir: Path, digests: set[str]) -> set[str]:
+    """The digests whose cached blob hashes to its name. The hashing runs in worker threads, so
+    a gigabyte of re-hashing does not stall the event loop (a worker serves other models on it),
+    and several blobs (a sharded checkpoint) are hashed at once: hashlib releases the GIL."""
+    present = sorted(d for d in digests if (blob_dir / d).exists())
+    limit = asyncio.Semaphore(max(1, min(len(present), os.cpu_count() or 1)))
+
+    async def check(digest: str) -> bool:
+        async with limit:
+            return await asyncio.to_thread(_sha256_file, blob_dir / digest) == digest
+
+    results = await asyncio.gather(*(check(d) for d in present))
+    return {d for d, ok in zip(present, results) if ok}
+
+
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+    with path.open("rb", buffering=0) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
