@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import infer, inventory, ledger, model, platform
+from cli import infer, inventory, ledger, model, monitor, platform
 
-COMMAND_MODULES = [platform, ledger, model, inventory, infer]
+COMMAND_MODULES = [platform, ledger, model, inventory, infer, monitor]
 
 
 def parser() -> argparse.ArgumentParser:
