@@ -2,7 +2,9 @@
 
 Spans are always recorded (so the trace context travels in NATS headers from service to service);
 they are exported only where an exporter is configured: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (needs the
-``opentelemetry-exporter-otlp`` package) or ``OTEL_TRACES_EXPORTER=console``.
+``opentelemetry-exporter-otlp`` package) or ``OTEL_TRACES_EXPORTER=console``. Metrics (the GenAI
+histograms) likewise: a MeterProvider always, a reader only with an OTLP endpoint or
+``OTEL_METRICS_EXPORTER=console``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -19,13 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def setup_tracing(service: str, node: str) -> TracerProvider:
+    setup_metrics(service, node)
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):  # already set in this process (tests run several services)
         return current
-    resource = Resource.create(
-        {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"strata-{service}"), "service.instance.id": node}
-    )
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=_resource(service, node))
     exporter = _exporter()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -45,4 +47,36 @@ def _exporter() -> SpanExporter | None:
             log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed")
             return None
         return OTLPSpanExporter()
+    return None
+
+
+def setup_metrics(service: str, node: str) -> MeterProvider:
+    current = metrics.get_meter_provider()
+    if isinstance(current, MeterProvider):  # already set in this process
+        return current
+    exporter = _metric_exporter()
+    readers = [PeriodicExportingMetricReader(exporter)] if exporter is not None else []
+    provider = MeterProvider(resource=_resource(service, node), metric_readers=readers)
+    metrics.set_meter_provider(provider)
+    return provider
+
+
+def _resource(service: str, node: str) -> Resource:
+    return Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"strata-{service}"), "service.instance.id": node}
+    )
+
+
+def _metric_exporter() -> MetricExporter | None:
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    if os.environ.get("OTEL_METRICS_EXPORTER") == "console":
+        return ConsoleMetricExporter()
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        except ImportError:
+            log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed")
+            return None
+        return OTLPMetricExporter()
     return None

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from pydantic import ValidationError
 
 from shared import errors
@@ -32,6 +32,35 @@ from services.inference_worker.service_layer.deployments import Deployment, Depl
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("strata.inference-worker")
+
+
+class GenAiMetrics:
+    """The OpenTelemetry GenAI server metrics (semantic conventions: gen_ai.server.*), per request."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.duration = meter.create_histogram("gen_ai.server.request.duration", unit="s",
+                                               description="Generative AI server request duration")
+        self.ttft = meter.create_histogram("gen_ai.server.time_to_first_token", unit="s",
+                                           description="Time to generate the first token")
+        self.tpot = meter.create_histogram("gen_ai.server.time_per_output_token", unit="s",
+                                           description="Time per output token after the first")
+        self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                             description="Input and output tokens used")
+
+    def record(self, operation: str, model: str, served: str, e2e_s: float, ttft_s: float, tpot_s: float,
+               prompt_tokens: int, completion_tokens: int, error: str | None = None) -> None:
+        attrs = {"gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.response.model": served,
+                 "gen_ai.system": "strata"}
+        self.duration.record(e2e_s, {**attrs, "error.type": error} if error else attrs)
+        if error:
+            return
+        self.ttft.record(ttft_s, attrs)
+        self.tpot.record(tpot_s, attrs)
+        self.tokens.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
+        self.tokens.record(completion_tokens, {**attrs, "gen_ai.token.type": "output"})
+
+
+GENAI = GenAiMetrics(metrics.get_meter("strata.inference-worker"))
 Send = Callable[[bytes], Awaitable[None]]
 Publish = Callable[[EventData], Awaitable[object]]
 
@@ -140,6 +169,7 @@ class Server:
                                  kind=trace.SpanKind.SERVER)
         with _ended(span):
             span.set_attribute("gen_ai.request.model", request.model)
+            span.set_attribute("gen_ai.operation.name", "chat" if request.messages else "text_completion")
             span.set_attribute("strata.request_id", rid)
             trace_id = format(span.get_span_context().trace_id, "032x")
             started = time.time()
@@ -171,17 +201,27 @@ class Server:
                     dep.loop.cancel(rid)
                 self.inflight.pop(rid, None)
                 dep.inflight.discard(rid)
-                asyncio.ensure_future(self._record(request, dep, final, "".join(text), trace_id, started))
+                with trace.use_span(span, end_on_exit=False):  # the inference event continues this trace
+                    asyncio.ensure_future(self._record(request, dep, final, "".join(text), trace_id, started))
+                if final is not None:
+                    span.set_attributes({"gen_ai.response.model": dep.model.name,
+                                         "gen_ai.usage.input_tokens": final.metrics.num_prompt_tokens,
+                                         "gen_ai.usage.output_tokens": final.metrics.num_generated_tokens})
 
     async def _record(self, request: InferenceRequest, dep: Deployment, final: StreamEvent | None,
                       output: str, trace_id: str, started: float) -> None:
+        operation = "chat" if request.messages else "text_completion"
         try:
             if final is None or final.finish_reason == "error":
                 reason = final.error if final is not None and final.error else "the request was abandoned"
+                GENAI.record(operation, request.model, dep.model.name, time.time() - started, 0, 0, 0, 0,
+                             error="abandoned" if final is None else "engine_error")
                 await self.publish(InferenceFailed(request_id=request.request_id, trace_id=trace_id, model_ref=request.model,
                                                    node_id=self.node_id, reason=reason, e2e_seconds=time.time() - started))
                 return
             m = final.metrics
+            GENAI.record(operation, request.model, dep.model.name, m.e2e or 0.0, m.ttft or 0.0, m.tpot or 0.0,
+                         m.num_prompt_tokens, m.num_generated_tokens)
             await self.publish(InferenceCompleted(
                 request_id=request.request_id, trace_id=trace_id, model=dep.model, deployment_id=dep.deployment_id,
                 node_id=self.node_id, device=dep.device, prompt_tokens=m.num_prompt_tokens,

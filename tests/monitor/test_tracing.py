@@ -1,0 +1,89 @@
+"""One inference is one trace: gateway (HTTP) -> worker (NATS request) -> the inference event -> the
+monitor's consumer, all in one process so one in-memory exporter sees every span. The worker also
+records the OpenTelemetry GenAI server metrics."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.inference_worker.service_layer import serving
+from services.monitor.entrypoints.app import create_monitor
+from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
+from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
+from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
+from tests.monitor.conftest import fast_config, until
+from tests.support.helpers import settings_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """The process's SDK provider (setup_tracing keeps one that exists) with an in-memory exporter added."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()  # a shut-down exporter drops what later tests' spans would add
+
+
+@pytest.fixture
+def genai(monkeypatch) -> InMemoryMetricReader:
+    reader = InMemoryMetricReader()
+    monkeypatch.setattr(serving, "GENAI", serving.GenAiMetrics(MeterProvider(metric_readers=[reader]).get_meter("test")))
+    return reader
+
+
+async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats_server, tmp_path, ckpts, spans, genai):  # noqa: F811
+    bus = await connect_bus(nats_server.url, "node-a")
+    monitor = create_monitor(settings_for("monitor", nats_server.url, tmp_path / "monitor"), fast_config())
+    worker = make_worker(nats_server.url, tmp_path / "worker", ckpts)
+    async with monitor.running(), worker.running():
+        await deployed(bus, "tiny")
+        with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
+                response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4})
+            assert response.status_code == 200, response.text
+        await until(lambda: monitor.monitor.state.requests, "the inference event at the monitor", timeout=30)
+        await until(lambda: any(s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER
+                                for s in spans.get_finished_spans()), "the monitor's consumer span")
+    await bus.nc.close()
+
+    finished = spans.get_finished_spans()
+    gateway_span = next(s for s in finished if s.name == "text_completion tiny")
+    trace_id = gateway_span.context.trace_id
+    in_trace = [s for s in finished if s.context.trace_id == trace_id]
+    names = {s.name for s in in_trace}
+    worker_span = next(s for s in in_trace if s.name == "inference tiny")
+    assert worker_span.parent is not None  # continued from the gateway's NATS request, not a new root
+    consumer = [s for s in in_trace if s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER]
+    assert consumer, f"the monitor's consumer span is not in the gateway's trace: {sorted(names)}"
+    # the trace id the worker wrote into the inference event (for the ledger's records) is the same trace
+    [completed] = [e.data for e in bus.events if e.type == "inference.completed"]
+    assert completed.trace_id == format(trace_id, "032x")
+
+    # GenAI conventions on the spans ...
+    assert gateway_span.attributes["gen_ai.operation.name"] == "text_completion"
+    assert gateway_span.attributes["gen_ai.request.model"] == "tiny"
+    assert gateway_span.attributes["gen_ai.usage.output_tokens"] == 4
+    assert worker_span.attributes["gen_ai.usage.output_tokens"] == 4
+    assert worker_span.attributes["gen_ai.operation.name"] == "text_completion"
+
+    # ... and on the worker's metrics
+    data = genai.get_metrics_data()
+    points = {m.name: m.data.data_points for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    for name in ("gen_ai.server.request.duration", "gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token"):
+        [point] = points[name]
+        assert point.count == 1 and point.attributes["gen_ai.request.model"] == "tiny", name
+    usage = {p.attributes["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"]}
+    assert usage["output"] == 4 and usage["input"] > 0
