@@ -58,6 +58,9 @@ async def test_a_scripted_run_becomes_prometheus_metrics(running: Running):
     assert value(m, "strata:ledger_checkpoint_age_seconds") >= 0
     assert value(m, "strata:dead_letters_total", service="model-store") == 1
     assert value(m, "strata:events_total", type="inference.completed") == 30
+    await until(lambda: running.monitor.alerts.firing(), "the failed deployment's alert")
+    m = samples((await running.http.get("/metrics")).text)
+    assert value(m, "strata:alerts_firing", rule="deploy_failed", severity="warning") == 1
 
 
 async def test_ledger_lag_is_the_ledger_consumers_pending_events(running: Running):

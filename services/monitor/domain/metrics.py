@@ -8,12 +8,13 @@ same ``model_name`` label, so a vLLM dashboard or alert ports by swapping the pr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.monitor.domain.alerts import Active, Rule
 from services.monitor.domain.state import FleetState, model_name
 from shared.events import DeadLetter, Event, InferenceCompleted, InferenceFailed, TamperDetected
 
@@ -27,7 +28,7 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class Metrics:
     """One registry per monitor, so that several monitors in one test process do not collide."""
 
-    def __init__(self, state: FleetState) -> None:
+    def __init__(self, state: FleetState, firing: Callable[[], list[tuple[Rule, Active]]] = list) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.success = Counter(f"{P}request_success", "Requests that finished, by finish reason", ["model_name", "finished_reason"], registry=r)
@@ -42,7 +43,7 @@ class Metrics:
         self.dead_letters = Counter(f"{P}dead_letters", "Messages dead-lettered, by the service that gave up", ["service"], registry=r)
         self.tamper = Counter(f"{P}ledger_tamper_detected", "Ledger verification failures", registry=r)
         self.alert_transitions = Counter(f"{P}alert_transitions", "Alerts fired and resolved", ["rule", "to"], registry=r)
-        r.register(_StateCollector(state))
+        r.register(_StateCollector(state, firing))
 
     def observe(self, event: Event) -> None:
         self.events.labels(event.type).inc()
@@ -71,8 +72,8 @@ class Metrics:
 class _StateCollector(Collector):
     """Gauges computed from the fleet state on every scrape."""
 
-    def __init__(self, state: FleetState) -> None:
-        self.state = state
+    def __init__(self, state: FleetState, firing: Callable[[], list[tuple[Rule, Active]]]) -> None:
+        self.state, self.firing = state, firing
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         s, now = self.state, time.time()
@@ -109,3 +110,11 @@ class _StateCollector(Collector):
         if ledger.signed_at is not None:
             age.add_metric([], max(0.0, now - ledger.signed_at))
         yield from (size, lag, age)
+
+        alerts = GaugeMetricFamily(f"{P}alerts_firing", "Firing alert instances, by rule and severity", labels=["rule", "severity"])
+        counts: dict[tuple[str, str], int] = {}
+        for rule, _active in self.firing():
+            counts[(rule.name, rule.severity)] = counts.get((rule.name, rule.severity), 0) + 1
+        for (rule_name, severity), n in sorted(counts.items()):
+            alerts.add_metric([rule_name, severity], n)
+        yield alerts

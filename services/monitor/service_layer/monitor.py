@@ -24,8 +24,8 @@ class Monitor:
     def __init__(self, config: MonitorConfig, rules: list[Rule], publish: Publish, clock: Clock = time.time) -> None:
         self.config, self.publish, self.clock = config, publish, clock
         self.state = FleetState()
-        self.metrics = Metrics(self.state)
         self.alerts = AlertEngine(rules)
+        self.metrics = Metrics(self.state, self.alerts.firing)
         self.version = 0  # bumped on every change, so the SSE stream sends only news
 
     # -- input -----------------------------------------------------------------------------
