@@ -12,8 +12,14 @@ run: $(VENV)/.run-installed
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q
 
+# The CPU benchmarks, a few minutes in all (docs/benchmarks.md has each one's figures and full command).
 bench: $(VENV)/.test-installed
-	$(PY) bench/engine.py
+	$(PY) bench/engine.py --new-tokens 32 --repeat 2
+	$(PY) bench/attention_ref.py
+	$(PY) bench/platform_overhead.py
+	$(PY) bench/load.py --mb 1024
+	$(PY) bench/ledger.py --events 20000
+	$(PY) bench/model_store.py --mb 300
 
 install: $(VENV)/.test-installed
 

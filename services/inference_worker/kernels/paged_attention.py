@@ -18,6 +18,7 @@ so the launch needs no device-to-host sync; partitions past a sequence's end do 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._compat import HAS_TRITON, check_device, jit, tl, triton, tmax, tsum
 
@@ -63,22 +64,30 @@ def paged_decode_attention_ref(
     _check(q, k_cache, v_cache, block_tables, context_lens)
     B, n_q, d = q.shape
     _, block_size, n_kv, _ = k_cache.shape
+    group = n_q // n_kv
     n_slots = block_tables.shape[1] * block_size
-    # Padding entries may hold anything (0, -1, stale ids): clamp them to a real block so the
-    # gather is legal; the length mask below gives those tokens zero weight.
-    blocks = block_tables.long().clamp(0, max(k_cache.shape[0] - 1, 0))
-    k = k_cache[blocks].reshape(B, n_slots, n_kv, d).float()
-    v = v_cache[blocks].reshape(B, n_slots, n_kv, d).float()
-    qf = q.float().view(B, n_kv, n_q // n_kv, d)  # q head h uses kv head h // group
-    scores = torch.einsum("bhgd,bshd->bhgs", qf, k) * scale
-    valid = torch.arange(n_slots, device=q.device)[None, :] < context_lens[:, None].long()
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    # Slots past the context may hold anything, NaN included (a cache from torch.empty,
-    # a reused block), and 0 * NaN is NaN, so zero them rather than rely on zero weights.
-    v = v.masked_fill(~valid[:, :, None, None], 0.0)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty context gives zeros
-    out = torch.einsum("bhgs,bshd->bhgd", probs, v)
-    return out.reshape(B, n_q, d).to(q.dtype)
+    # Gather every sequence's blocks once, as a contiguous [B, n_kv, slots, d] cache. Padding
+    # entries may hold anything (0, -1, stale ids): clamp them to a real block so the gather is
+    # legal; the length mask gives those tokens no weight.
+    # (index_select on the flat list, not k_cache[blocks]: torch's 2-D advanced indexing is ~20x
+    # slower on CPU at decode shapes.)
+    blocks = block_tables.long().clamp(0, max(k_cache.shape[0] - 1, 0)).reshape(-1)
+    valid = torch.arange(n_slots, device=q.device)[None, :] < context_lens[:, None].long()  # [B, slots]
+    invalid = ~valid[:, :, None]
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        # Slots past the context may hold anything, NaN included (a cache from torch.empty, a
+        # reused block), and a masked NaN still poisons the sum (0 * NaN), so zero them.
+        rows = cache.index_select(0, blocks).view(B, n_slots, n_kv * d).masked_fill_(invalid, 0.0)
+        return rows.view(B, n_slots, n_kv, d).transpose(1, 2).float()  # [B, n_kv, slots, d]
+
+    k, v = gather(k_cache), gather(v_cache)
+    # GQA without repeating K/V: the `group` query heads that share kv head h (q head i uses kv
+    # head i // group) become `group` query rows of that head.
+    qf = q.float().reshape(B, n_kv, group, d)
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    # an empty context (context_len 0) masks every slot: its softmax is 0/0, the answer is zeros
+    return out.nan_to_num(0.0).reshape(B, n_q, d).to(q.dtype)
 
 
 if HAS_TRITON:
