@@ -82,11 +82,10 @@ class Server:
     # ---- entrypoints ------------------------------------------------------------------------
     async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send) -> None:
         """A request from ``infer.request.<model>``: never raises; every failure is a typed reply."""
-        streaming = _wants_stream(raw)
         try:
             request = parse_request(raw, subject_model)
-        except errors.StrataError as exc:
-            await self._send_error(send, streaming, _request_id(raw), exc)
+        except errors.StrataError as exc:  # only a bad body is parsed twice, to answer in its own shape
+            await self._send_error(send, _wants_stream(raw), _request_id(raw), exc)
             return
         if not request.stream:
             try:
