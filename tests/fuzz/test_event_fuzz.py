@@ -105,7 +105,9 @@ async def test_malformed_events_of_every_type_are_dead_lettered_and_consuming_go
         assert reasons == sorted(r for r in expected.values() if r is not None)
         assert all(letter.consumer == "fuzz" and letter.reason for letter in letters)
         assert consumer.stats.dead_lettered == want and consumer.stats.retried == 0
-        assert len(handled) == valid_sent + 1
+        # Valid events that hypothesis happened to give the same event id are handled once.
+        valid_ids = {json.loads(sent[i][1])["id"] for i, reason in expected.items() if reason is None}
+        assert sorted(handled) == sorted(valid_ids | {good.id})
         assert {cls.TYPE for cls in PERSISTENT} <= {json.loads(p)["type"] for _, p in sent if _is_json_object(p)} | {
             s.removeprefix("evt.") for s, _ in sent}  # every type was exercised
     finally:
