@@ -18,7 +18,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/attention_ref.py
 	$(PY) bench/platform_overhead.py
 	$(PY) bench/load.py --mb 1024
-	$(PY) bench/ledger.py --events 20000
+	$(PY) bench/ledger.py --events 20000 --verify-leaves 200000
 	$(PY) bench/model_store.py --mb 300
 
 install: $(VENV)/.test-installed
