@@ -95,6 +95,26 @@ def test_shipped_artifact_loads_with_transformers_and_generates_corpus_text():
     assert rendered == "<|bos|><|user|>\nGenesis 1\n<|assistant|>\n"
 
 
+def test_shipped_artifact_answers_a_chat_and_stops_at_eos():
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(SHIPPED)
+    model = transformers.AutoModelForCausalLM.from_pretrained(SHIPPED)
+    chapters = T.split_chapters(T.load_corpus())
+    held_out = [verses for i, (_, verses) in enumerate(chapters) if i % 25 == 24][:4]
+    stopped = 0
+    for verses in held_out:
+        ids = tok.apply_chat_template([{"role": "user", "content": verses[3]}],
+                                      add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        torch.manual_seed(0)  # the shipped generation_config: temperature 0.8, top_p 0.95
+        out = model.generate(ids, max_new_tokens=80, do_sample=True, temperature=0.8, top_p=0.95,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        reply = out[0, ids.shape[1]:].tolist()
+        stopped += reply[-1] == tok.eos_token_id
+        assert len(tok.decode(reply, skip_special_tokens=True).split()) >= 3
+    assert stopped >= 3, f"only {stopped} of 4 chat replies ended with <|eos|>"
+
+
 @pytest.mark.skipif(not _engine_available(), reason="engine not importable")
 def test_shipped_artifact_same_logits_in_engine_and_transformers():
     ids = T.load_corpus()[:400]
@@ -237,6 +257,8 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert T.main(["--out", str(tmp_path / "o"), "--set", "lr=abc"]) == 2
     assert "not a valid float" in capsys.readouterr().err
+    assert T.main(["--", "--out", str(tmp_path / "o"), "--steps", "-1"]) == 2  # `strata train --`
+    assert "steps must be a positive number" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         T.main(["--steps", "many"])  # argparse's own error, exit status 2
 

@@ -82,7 +82,7 @@ class TrainError(ValueError):
 class TrainConfig:
     """Every knob of a run. The defaults are the shipped model's run."""
 
-    steps: int = 750
+    steps: int = 700
     seed: int = 1234
     # tokenizer
     vocab_size: int = 2048
@@ -100,6 +100,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 4
     chat_every: int = 3
+    chat_reply_verses: int = 1
     val_every: int = 25
     # optimisation
     lr: float = 3e-3
@@ -124,12 +125,13 @@ class TrainConfig:
 
         for name in ("steps", "vocab_size", "hidden_size", "num_layers", "num_heads",
                      "num_kv_heads", "intermediate_size", "seq_len", "batch_size", "chat_every",
-                     "val_every", "log_every", "eval_batches", "threads", "lr", "rope_theta",
-                     "rms_norm_eps", "init_std"):
+                     "chat_reply_verses", "val_every", "log_every", "eval_batches", "threads",
+                     "lr", "rope_theta", "rms_norm_eps", "init_std"):
             positive(name)
         for name in ("steps", "vocab_size", "hidden_size", "num_layers", "num_heads",
                      "num_kv_heads", "intermediate_size", "seq_len", "batch_size", "chat_every",
-                     "val_every", "log_every", "eval_batches", "threads", "warmup_steps", "seed"):
+                     "chat_reply_verses", "val_every", "log_every", "eval_batches", "threads",
+                     "warmup_steps", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TrainError(f"{name} must be an integer, got {value!r}")
@@ -232,14 +234,16 @@ def _chat_template():
         CHAT_TEMPLATE)
 
 
-def chapter_as_chat(heading: str, verses: list[str], max_turns: int = 4) -> list[str]:
+def chapter_as_chat(heading: str, verses: list[str], reply_verses: int = 2,
+                    max_turns: int = 4) -> list[str]:
     """One chapter as conversations: the user gives the heading or a verse, the assistant
-    answers with the next two verses. A long chapter becomes several conversations."""
+    answers with the next ``reply_verses`` verses and ``<|eos|>``. A long chapter becomes
+    several conversations of at most ``max_turns`` exchanges."""
     convs: list[str] = []
     messages: list[dict[str, str]] = []
     i, prompt = 0, heading
     while i < len(verses):
-        reply = verses[i:i + 2]
+        reply = verses[i:i + reply_verses]
         i += len(reply)
         messages.append({"role": "user", "content": prompt})
         messages.append({"role": "assistant", "content": " ".join(reply)})
@@ -252,7 +256,8 @@ def chapter_as_chat(heading: str, verses: list[str], max_turns: int = 4) -> list
     return convs
 
 
-def build_documents(chapters, chat_every: int, val_every: int) -> tuple[list[str], list[str]]:
+def build_documents(chapters, chat_every: int, val_every: int,
+                    reply_verses: int = 2) -> tuple[list[str], list[str]]:
     train_docs, val_docs = [], []
     for idx, (heading, verses) in enumerate(chapters):
         plain = BOS + heading + "\n" + "\n".join(verses) + "\n" + EOS
@@ -261,7 +266,7 @@ def build_documents(chapters, chat_every: int, val_every: int) -> tuple[list[str
             continue
         train_docs.append(plain)
         if idx % chat_every == 0:
-            train_docs.extend(chapter_as_chat(heading, verses))
+            train_docs.extend(chapter_as_chat(heading, verses, reply_verses))
     return train_docs, val_docs
 
 
@@ -576,6 +581,7 @@ def train(
     _prepare_out_dir(out, overwrite)
     say = log or (lambda _msg: None)
 
+    _short_omp_spin()
     import torch
     from safetensors.torch import save_file
 
@@ -587,7 +593,8 @@ def train(
         chapters = split_chapters(text)
         tok = train_tokenizer(text, cfg.vocab_size)
         tok_json = tok.to_str()
-        train_docs, val_docs = build_documents(chapters, cfg.chat_every, cfg.val_every)
+        train_docs, val_docs = build_documents(chapters, cfg.chat_every, cfg.val_every,
+                                               cfg.chat_reply_verses)
         train_stream = encode_stream(tok, train_docs)
         val_stream = encode_stream(tok, val_docs)
         if train_stream.numel() <= cfg.seq_len + 1:
@@ -729,6 +736,8 @@ def train(
                 "platform": platform.platform(),
                 "machine": platform.machine(),
                 "threads": cfg.threads,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             },
             "code": {"train_py_sha256": sha256_file(Path(__file__)), **_git_commit()},
             "files": files,
@@ -746,6 +755,18 @@ def train(
         return record
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def _short_omp_spin() -> None:
+    """Let idle OpenMP threads spin only briefly before they sleep. It changes no result, but
+    with libgomp's default spin a 2-thread run slows down 4-15x as soon as another process
+    wants one of the two cores (measured here: 0.1 s/step alone; 0.4-1.9 s/step beside one busy
+    process with the default, 0.22 s with GOMP_SPINCOUNT=1000, whose cost alone is within
+    noise; OMP_WAIT_POLICY=PASSIVE is 0.18 s beside the busy process but 40% slower alone).
+    libgomp reads the variable when torch is first imported, so this only takes effect if torch
+    is not imported yet (as under ``strata train``); a value already set is kept."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def _version(dist: str) -> str | None:
@@ -854,6 +875,9 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "strata train") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `strata train -- --steps 10` passes the separator through
+        argv = argv[1:]
     args = build_parser(prog).parse_args(argv)
     try:
         overrides = _parse_overrides(args.set)
