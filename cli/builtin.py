@@ -23,6 +23,8 @@ async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 1
     from services.hardware_inventory.service_layer.views import (
         DeployOutcome,
         DeployRequest,
+        Empty,
+        NodeList,
         UndeployOutcome,
         UndeployRequest,
     )
@@ -38,6 +40,11 @@ async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 1
                 return f"built-in model not deployed: {ref} is not in the model store ({exc.message})"
             await asyncio.sleep(0.5)
     name = resolved.model.name
+    # This machine's agent registers its node a moment after the services report healthy.
+    while not (await rpc.call(nc, subjects.rpc("hardware-inventory", "nodes"), Empty(), NodeList)).nodes:
+        if loop.time() > deadline:
+            return "built-in model not deployed: no node registered with hardware-inventory"
+        await asyncio.sleep(0.5)
     if await _served(nc, name):
         return f"built-in model {name} is already serving"
     try:  # a booking left from an earlier run: its worker is gone, so it would hold memory forever
