@@ -5,8 +5,11 @@ James Bible), so that a fresh machine has a real model to serve with no download
 ``train.main(argv)`` is what ``strata train`` runs to reproduce it. See README.md.
 """
 
-from .train import HERE as BUILTIN_DIR
-from .train import MODEL_NAME
-from .train import SHIPPED_MODEL_DIR as MODEL_DIR
+from pathlib import Path
 
-__all__ = ["BUILTIN_DIR", "MODEL_DIR", "MODEL_NAME"]
+BUILTIN_DIR = Path(__file__).resolve().parent
+MODEL_DIR = BUILTIN_DIR / "model"
+CORPUS_DIR = BUILTIN_DIR / "corpus"
+MODEL_NAME = "strata-builtin-kjv"
+
+__all__ = ["BUILTIN_DIR", "CORPUS_DIR", "MODEL_DIR", "MODEL_NAME"]
