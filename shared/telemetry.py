@@ -9,15 +9,17 @@ histograms) likewise: a MeterProvider always, a reader only with an OTLP endpoin
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +37,25 @@ def setup_tracing(service: str, node: str) -> TracerProvider:
     return provider
 
 
-def _exporter() -> SpanExporter | None:
+# Per signal: the console exporter, and the OTLP exporter's module and class (an optional package).
+_EXPORTERS = {
+    "traces": (ConsoleSpanExporter, "opentelemetry.exporter.otlp.proto.http.trace_exporter", "OTLPSpanExporter"),
+    "metrics": (ConsoleMetricExporter, "opentelemetry.exporter.otlp.proto.http.metric_exporter", "OTLPMetricExporter"),
+}
+
+
+def _exporter(signal: str = "traces") -> Any:
+    """The exporter the standard OTEL_* variables ask for, or None: nothing is exported by default."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    if os.environ.get("OTEL_TRACES_EXPORTER") == "console":
-        return ConsoleSpanExporter()
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    console, module, name = _EXPORTERS[signal]
+    if os.environ.get(f"OTEL_{signal.upper()}_EXPORTER") == "console":
+        return console()
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"):
         try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            return getattr(importlib.import_module(module), name)()
         except ImportError:
-            log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed")
-            return None
-        return OTLPSpanExporter()
+            log.warning("an OTLP endpoint is set but opentelemetry-exporter-otlp is not installed")
     return None
 
 
@@ -54,7 +63,7 @@ def setup_metrics(service: str, node: str) -> MeterProvider:
     current = metrics.get_meter_provider()
     if isinstance(current, MeterProvider):  # already set in this process
         return current
-    exporter = _metric_exporter()
+    exporter = _exporter("metrics")
     readers = [PeriodicExportingMetricReader(exporter)] if exporter is not None else []
     provider = MeterProvider(resource=_resource(service, node), metric_readers=readers)
     metrics.set_meter_provider(provider)
@@ -65,18 +74,3 @@ def _resource(service: str, node: str) -> Resource:
     return Resource.create(
         {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"strata-{service}"), "service.instance.id": node}
     )
-
-
-def _metric_exporter() -> MetricExporter | None:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return None
-    if os.environ.get("OTEL_METRICS_EXPORTER") == "console":
-        return ConsoleMetricExporter()
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        except ImportError:
-            log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed")
-            return None
-        return OTLPMetricExporter()
-    return None

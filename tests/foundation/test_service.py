@@ -24,3 +24,25 @@ def test_each_service_has_openapi_with_its_health_route(tmp_path: Path):
     spec = service.http.openapi()
     assert spec["info"]["title"] == "Strata model-store"
     assert "/healthz" in spec["paths"] and "/asyncapi.json" in spec["paths"]
+
+
+def test_telemetry_exports_only_what_the_otel_variables_ask_for(monkeypatch, caplog):
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    from shared import telemetry
+
+    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert telemetry._exporter("traces") is None and telemetry._exporter("metrics") is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "console")
+    assert isinstance(telemetry._exporter("traces"), ConsoleSpanExporter)
+    assert isinstance(telemetry._exporter("metrics"), ConsoleMetricExporter)
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert telemetry._exporter("traces") is None
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert telemetry._exporter("traces") is None  # the OTLP package is not installed here: said, not crashed
+    assert "opentelemetry-exporter-otlp is not installed" in caplog.text
