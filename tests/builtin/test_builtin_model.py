@@ -17,6 +17,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
+from services.inference_worker.builtin import artifact as A  # noqa: E402
+from services.inference_worker.builtin import config as C  # noqa: E402
+from services.inference_worker.builtin import data as D  # noqa: E402
 from services.inference_worker.builtin import train as T  # noqa: E402
 
 SHIPPED = T.SHIPPED_MODEL_DIR
@@ -61,14 +64,14 @@ def tiny_run(tmp_path_factory):
 
 
 def test_shipped_artifact_matches_its_record():
-    record = T.verify_artifact(SHIPPED)  # every listed file hashes to the recorded sha256
-    assert set(record["files"]) == set(T.ARTIFACT_FILES)
-    assert record["corpus"]["sha256"] == T.CORPUS_SHA256 == T.sha256_file(T.CORPUS_PATH)
-    assert record["corpus"]["bytes"] == T.CORPUS_PATH.stat().st_size
-    assert record["tokenizer"]["sha256"] == T.sha256_file(SHIPPED / "tokenizer.json")
+    record = A.verify_artifact(SHIPPED)  # every listed file hashes to the recorded sha256
+    assert set(record["files"]) == set(C.ARTIFACT_FILES)
+    assert record["corpus"]["sha256"] == C.CORPUS_SHA256 == D.sha256_file(C.CORPUS_PATH)
+    assert record["corpus"]["bytes"] == C.CORPUS_PATH.stat().st_size
+    assert record["tokenizer"]["sha256"] == D.sha256_file(SHIPPED / "tokenizer.json")
     # the shipped model is the default run: same hyper-parameters as TrainConfig() today
-    assert record["hyperparameters"] == {**T.dataclasses.asdict(T.TrainConfig())}
-    assert record["seed"] == T.TrainConfig().seed
+    assert record["hyperparameters"] == {**T.dataclasses.asdict(C.TrainConfig())}
+    assert record["seed"] == C.TrainConfig().seed
     assert record["loss_curve"][-1]["step"] == record["hyperparameters"]["steps"]
     total = sum(p.stat().st_size for p in SHIPPED.iterdir() if p.is_file())
     assert total <= 10 * 1024 * 1024, f"shipped artifact is {total} bytes"
@@ -86,12 +89,12 @@ def test_shipped_artifact_loads_with_transformers_and_generates_corpus_text():
     assert text.startswith("And God said")
     words = text.split()
     assert len(words) >= 8
-    vocab = set(T.load_corpus().split())
+    vocab = set(D.load_corpus().split())
     assert sum(w in vocab for w in words) / len(words) > 0.8, text
 
     messages = [{"role": "user", "content": "Genesis 1"}]
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == T.render_chat(messages, add_generation_prompt=True)
+    assert rendered == D.render_chat(messages, add_generation_prompt=True)
     assert rendered == "<|bos|><|user|>\nGenesis 1\n<|assistant|>\n"
 
 
@@ -99,7 +102,7 @@ def test_shipped_artifact_answers_a_chat_and_stops_at_eos():
     transformers = pytest.importorskip("transformers")
     tok = transformers.AutoTokenizer.from_pretrained(SHIPPED)
     model = transformers.AutoModelForCausalLM.from_pretrained(SHIPPED)
-    chapters = T.split_chapters(T.load_corpus())
+    chapters = D.split_chapters(D.load_corpus())
     held_out = [verses for i, (_, verses) in enumerate(chapters) if i % 25 == 24][:4]
     stopped = 0
     for verses in held_out:
@@ -117,16 +120,16 @@ def test_shipped_artifact_answers_a_chat_and_stops_at_eos():
 
 @pytest.mark.skipif(not _engine_available(), reason="engine not importable")
 def test_shipped_artifact_same_logits_in_engine_and_transformers():
-    ids = T.load_corpus()[:400]
+    ids = D.load_corpus()[:400]
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(SHIPPED / "tokenizer.json"))
-    token_ids = [tok.token_to_id(T.BOS)] + tok.encode(ids).ids[:60]
+    token_ids = [tok.token_to_id(C.BOS)] + tok.encode(ids).ids[:60]
     hf, _ = _hf_logits(SHIPPED, token_ids)
     ours, ck = _engine_logits(SHIPPED, token_ids)
     torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
     assert ck.tokenizer.encode_chat([{"role": "user", "content": "Genesis 1"}]) == \
-        tok.encode(T.render_chat([{"role": "user", "content": "Genesis 1"}], True),
+        tok.encode(D.render_chat([{"role": "user", "content": "Genesis 1"}], True),
                    add_special_tokens=False).ids
 
 
@@ -135,10 +138,10 @@ def test_shipped_artifact_same_logits_in_engine_and_transformers():
 
 def test_short_run_writes_complete_hf_checkpoint_and_record(tiny_run):
     out, record = tiny_run
-    for name in (*T.ARTIFACT_FILES, T.RECORD_NAME):
+    for name in (*C.ARTIFACT_FILES, C.RECORD_NAME):
         assert (out / name).is_file(), name
-    assert T.verify_artifact(out) == record
-    on_disk = json.loads((out / T.RECORD_NAME).read_text())
+    assert A.verify_artifact(out) == record
+    on_disk = json.loads((out / C.RECORD_NAME).read_text())
     assert on_disk == record
 
     cfg = json.loads((out / "config.json").read_text())
@@ -151,16 +154,16 @@ def test_short_run_writes_complete_hf_checkpoint_and_record(tiny_run):
     assert "model.layers.0.mlp.down_proj.weight" in weights
     assert all(w.dtype == torch.float32 for w in weights.values())
 
-    assert record["corpus"]["sha256"] == T.CORPUS_SHA256
+    assert record["corpus"]["sha256"] == C.CORPUS_SHA256
     assert record["tokenizer"]["vocab_size"] == TINY["vocab_size"]
-    assert record["tokenizer"]["sha256"] == T.sha256_file(out / "tokenizer.json")
+    assert record["tokenizer"]["sha256"] == D.sha256_file(out / "tokenizer.json")
     assert record["seed"] == 7
     assert record["hyperparameters"]["steps"] == 4
     assert record["hyperparameters"]["hidden_size"] == TINY["hidden_size"]
     assert [p["step"] for p in record["loss_curve"]] == [2, 4]
     assert record["parameters"] == sum(w.numel() for w in weights.values())
     assert record["environment"]["torch"] == torch.__version__
-    assert record["code"]["train_py_sha256"] == T.sha256_file(Path(T.__file__))
+    assert record["code"]["trainer_sha256"] == T.trainer_digest()
     assert "git_commit" in record["code"]
     assert record["wall_time_s"]["total"] > 0
 
@@ -188,8 +191,8 @@ def test_same_seed_gives_identical_weights(tmp_path, tiny_run, capsys):
     assert T.main(["--out", str(tmp_path / "again"), "--steps", "4", "--seed", "7", "--quiet",
                    "--compare", str(out), *_cli_settings()]) == 0
     assert "bitwise identical" in capsys.readouterr().out
-    again = T.verify_artifact(tmp_path / "again")
-    for name in T.ARTIFACT_FILES:  # every file, not only the weights, is bitwise the same
+    again = A.verify_artifact(tmp_path / "again")
+    for name in C.ARTIFACT_FILES:  # every file, not only the weights, is bitwise the same
         assert again["files"][name] == record["files"][name], name
     assert [p["train_loss"] for p in again["loss_curve"]] == \
         [p["train_loss"] for p in record["loss_curve"]]
@@ -224,7 +227,7 @@ def test_bf16_save_is_loadable(tmp_path):
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, kwargs, message):
     args = {**TINY, "steps": 1, **kwargs}
-    with pytest.raises(T.TrainError, match=_escape(message)):
+    with pytest.raises(C.TrainError, match=_escape(message)):
         T.train(tmp_path / "out", log=None, **args)
     assert not (tmp_path / "out").exists()
 
@@ -238,15 +241,15 @@ def _escape(s: str) -> str:
 def test_unwritable_out_dir_is_refused(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(T.TrainError, match="is not a directory"):
+    with pytest.raises(C.TrainError, match="is not a directory"):
         T.train(blocker, steps=1, log=None, **TINY)
-    with pytest.raises(T.TrainError, match="is not writable"):
+    with pytest.raises(C.TrainError, match="is not writable"):
         T.train(blocker / "sub", steps=1, log=None, **TINY)
 
 
 def test_existing_checkpoint_needs_overwrite(tiny_run):
     out, _ = tiny_run
-    with pytest.raises(T.TrainError, match="already holds a checkpoint"):
+    with pytest.raises(C.TrainError, match="already holds a checkpoint"):
         T.train(out, steps=1, log=None, **TINY)
 
 
@@ -271,9 +274,9 @@ def test_cli_trains_and_compares_other_seed(tmp_path, tiny_run, capsys):
     assert T.main(["--out", str(out), "--steps", "4", "--seed", "8", "--quiet",
                    "--compare", str(base), *sets]) == 1
     assert "weights differ" in capsys.readouterr().out
-    other = T.verify_artifact(out)
+    other = A.verify_artifact(out)
     assert other["seed"] == 8
     assert other["files"]["model.safetensors"] != record["files"]["model.safetensors"]
     assert other["tokenizer"]["sha256"] == record["tokenizer"]["sha256"]  # seed-independent
     # and against itself it reports identical weights
-    assert T.compare_weights(out, out)["identical"]
+    assert A.compare_weights(out, out)["identical"]
