@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     subjects = sub.add_parser("subjects", help="print the subject ownership table (infra/SUBJECTS.md)")
     subjects.set_defaults(func=lambda args: print(subject_table(), end=""))
 
-    train = sub.add_parser("train", help="train the small built-in model (strata train --help)", add_help=False)
-    train.add_argument("args", nargs=argparse.REMAINDER)
-    train.set_defaults(func=_train)
+    # Listed here for `strata --help` only: cli.main hands `strata train ...` to the trainer's own
+    # parser before this one runs, because argparse cannot pass options through a subcommand.
+    sub.add_parser("train", help="train the small built-in model (strata train --help)", add_help=False)
 
 
 def _port_pair(text: str) -> tuple[str, int]:
@@ -82,12 +82,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     run(load(args.service))
     return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from services.inference_worker.builtin.train import main as train_main
-
-    return train_main(args.args) or 0
 
 
 def subject_table() -> str:
