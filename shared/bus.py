@@ -8,7 +8,9 @@ carries on with the next event.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import logging
 import os
 from collections import Counter, OrderedDict
@@ -16,13 +18,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import nats.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.annotations import NatsMessage
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
 from shared import nats_auth, subjects
 from shared.events import DeadLetter, Event, EventData, MalformedEvent, make_event, parse_event
@@ -88,16 +91,31 @@ def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
     )
 
 
+# What a JetStream publish can meet while a clustered stream elects a leader or a route reconnects:
+# no responder, no reply in time, a 503, or an ack reply with no body. The event id is the stream's
+# de-duplication key, so publishing again cannot store the event twice.
+_TRANSIENT_PUBLISH_ERRORS = (NoStreamResponseError, nats.errors.TimeoutError, ServiceUnavailableError,
+                             json.JSONDecodeError)
+PUBLISH_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
 async def publish(broker: NatsBroker, event: Event[Any]) -> PubAck | None:
     """Publish an event. Persistent events get a PubAck from JetStream (``duplicate`` set when the
-    event id was already stored); live telemetry goes through core NATS and returns None."""
+    event id was already stored), retried through a transient cluster hiccup (about 8 s in all);
+    live telemetry goes through core NATS and returns None."""
     persistent = EventData.registry[event.type].PERSISTENT
-    return await broker.publish(
-        event.to_bytes(),
-        event.subject,
-        headers={"Nats-Msg-Id": event.id, "content-type": "application/json"},
-        stream=subjects.EVENTS_STREAM if persistent else None,
-    )
+    body, headers = event.to_bytes(), {"Nats-Msg-Id": event.id, "content-type": "application/json"}
+    if not persistent:
+        return await broker.publish(body, event.subject, headers=headers)
+    for delay in (*PUBLISH_RETRY_DELAYS_S, None):
+        try:
+            return await broker.publish(body, event.subject, headers=headers, stream=subjects.EVENTS_STREAM)
+        except _TRANSIENT_PUBLISH_ERRORS as exc:
+            if delay is None:
+                raise
+            log.info("publish %s %s: %s (%s); again in %.2fs", event.type, event.id, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 Handler = Callable[[Event[Any]], Awaitable[None]]

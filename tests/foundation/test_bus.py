@@ -9,6 +9,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js.api import StreamConfig
+from nats.js.errors import NoStreamResponseError
 from opentelemetry import trace
 
 from shared import bus, subjects
@@ -83,6 +84,30 @@ async def test_a_duplicate_publish_is_stored_once(nats_server, tmp_path, js):
         again = await bus.publish(service.broker, event)
     assert not first.duplicate and again.duplicate and again.seq == first.seq
     assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == 1
+
+
+async def test_a_publish_rides_out_a_stream_that_is_briefly_unavailable(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    event = make_event(DeployRequested(model_ref="tiny"), SOURCE)
+    async with service.running():
+        await js.delete_stream(subjects.EVENTS_STREAM)  # as while a clustered stream has no leader
+        publishing = asyncio.create_task(bus.publish(service.broker, event))
+        await asyncio.sleep(0.5)
+        assert not publishing.done()
+        await bus.ensure_streams(js)
+        ack = await asyncio.wait_for(publishing, 10)
+    assert ack.stream == subjects.EVENTS_STREAM and not ack.duplicate
+    stored = await js.get_msg(subjects.EVENTS_STREAM, ack.seq)
+    assert parse_event(stored.data, stored.subject) == event
+
+
+async def test_a_publish_that_never_finds_its_stream_fails_with_the_cause(nats_server, tmp_path, js, monkeypatch):
+    monkeypatch.setattr(bus, "PUBLISH_RETRY_DELAYS_S", (0.05, 0.05))
+    service = make_service(nats_server.url, tmp_path)
+    async with service.running():
+        await js.delete_stream(subjects.EVENTS_STREAM)
+        with pytest.raises(NoStreamResponseError):
+            await bus.publish(service.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
 
 
 async def test_ensure_streams_is_idempotent_and_repairs_a_changed_config(js):

@@ -22,6 +22,9 @@ from tests.support.helpers import eventually, settings_for
 
 GB = 10**9
 BEAT_S = 0.2
+# 2 s of silence before a node counts as lost: in-process agents share the GIL with the tests, and a
+# loaded 2-core CI machine has been seen to starve them for more than 3 beats.
+MISSED_BEATS = 10
 
 
 def metadata(layers, hidden, inter, heads, kv, vocab, context, params, dtype="BF16") -> ModelMetadata:
@@ -102,7 +105,7 @@ class Cluster:
         await stack.aclose()
 
     async def start_registry(self, **overrides) -> Service:
-        config = InventoryConfig(roles={"registry"}, heartbeat_interval_s=BEAT_S, missed_beats=3, **overrides)
+        config = InventoryConfig(roles={"registry"}, heartbeat_interval_s=BEAT_S, missed_beats=MISSED_BEATS, **overrides)
         name = f"registry-{len(self.registries)}"
         registry = create_inventory(settings_for("hardware-inventory", self.nats_url, self.tmp / name, name), config)
         await self.stack.enter_async_context(registry.running())
@@ -153,4 +156,4 @@ async def cluster(nats_server, tmp_path):
             await c.stop_agent(node_id)
 
 
-__all__ = ["Cluster", "eventually", "GB"]
+__all__ = ["Cluster", "eventually", "GB", "MISSED_BEATS"]

@@ -8,7 +8,7 @@ import asyncio
 from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared import bus
 from shared.events import DeployReady, DeployRequested, MeasuredMemory, Source, make_event
-from tests.hardware_inventory.conftest import GB, Cluster
+from tests.hardware_inventory.conftest import GB, MISSED_BEATS, Cluster
 from tests.support.helpers import eventually
 
 CLIENT = Source(service="cli", node="laptop")
@@ -92,7 +92,7 @@ async def test_a_lost_node_is_announced_and_its_deployments_move_then_it_returns
     await cluster.stop_agent("gpu-24")  # heartbeats stop
     await eventually(lambda: cluster.of("node.lost", node_id="gpu-24"), timeout=10, what="node.lost")
     lost = cluster.of("node.lost", node_id="gpu-24")[0]
-    assert lost.missed_beats >= 3
+    assert lost.missed_beats >= MISSED_BEATS
     await eventually(lambda: cluster.of("deploy.scheduled", generation=1), what="re-placement")
     moved = cluster.of("deploy.scheduled", generation=1)[0]
     assert (moved.deployment_id, moved.node_id, moved.device) == (outcome.deployment_id, "gpu-80", "cuda:0")

@@ -213,6 +213,13 @@ class Deployments:
         task = asyncio.ensure_future(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Said when it happens, not as "Task exception was never retrieved" at garbage collection."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
 
 
 def failure_reason(exc: BaseException) -> str:
