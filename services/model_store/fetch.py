@@ -26,11 +26,11 @@ from nats.aio.client import Client
 from pydantic import BaseModel
 
 from shared import rpc, subjects
-from shared.catalog import SERVICE, PublicKey, PublicKeyRequest, ResolvedModel, ResolveRequest, manifest_digest
+from shared.catalog import SERVICE, PublicKey, PublicKeyRequest, ResolvedModel, ResolveRequest
+from shared.dsse import VerificationError, load_public_key, verify_resolved
 from shared.errors import NotFound
 
 from services.model_store.adapters.blobs import BlobStore
-from services.model_store.domain.signing import VerificationError, load_public_key, verify_envelope
 
 __all__ = ["LocalModel", "VerificationError", "fetch_model", "verify_manifest"]
 
@@ -42,13 +42,7 @@ class LocalModel(BaseModel):
 
 def verify_manifest(resolved: ResolvedModel, public_key: PublicKey) -> None:
     """The manifest is the one its digest names and the one model-store signed."""
-    manifest, model = resolved.manifest, resolved.model
-    if (manifest.name, manifest.version) != (model.name, model.version):
-        raise VerificationError(f"{model.name}:{model.version}: the manifest is for {manifest.name}:{manifest.version}")
-    digest = manifest_digest(manifest)
-    if digest != model.digest:
-        raise VerificationError(f"{model.name}:{model.version}: the manifest's digest is {digest}, not {model.digest}: it was changed")
-    verify_envelope(resolved.signature, manifest, load_public_key(public_key))
+    verify_resolved(resolved, load_public_key(public_key))
 
 
 async def fetch_model(
