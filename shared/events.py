@@ -233,6 +233,24 @@ class DeployRejected(InventoryEvent):
     replica: int | None = Field(default=None, description="set when one replica of a placed deployment could not be placed again")
 
 
+class PolicyRuleResult(BaseModel):
+    rule: str = Field(description="e.g. require_signature, allowed_licenses, node_labels[tier=edge]")
+    passed: bool
+    reason: str
+
+
+class PolicyDecided(InventoryEvent):
+    """The admission policy's verdict on one deploy request, published before deploy.scheduled/rejected."""
+
+    TYPE = "policy.decided"
+    deployment_id: str
+    model: ModelId
+    model_ref: str
+    admitted: bool
+    rules: list[PolicyRuleResult]
+    policy_digest: str = Field(description="sha256:<hex> of the policy file's bytes: which policy decided")
+
+
 class DeployReleased(InventoryEvent):
     """A replica's memory is no longer booked on a node (undeployed, moved after a node loss, evicted):
     the worker there unloads it if it still holds it."""
