@@ -28,6 +28,7 @@ class InventoryConfig(BaseModel):
     default_context: int | None = Field(default=None, ge=1, description="context when a request names none; None: the model's own")
     evict_lru: bool = Field(default=False, description="evict the least recently used deployments to make room")
     rpc_timeout_s: float = 5.0
+    admission_policy: Path | None = Field(default=None, description="the admission policy file (YAML); None or a missing file: no policy")
 
     @field_validator("roles")
     @classmethod
@@ -48,6 +49,8 @@ class InventoryConfig(BaseModel):
                 values[key] = value
         if labels := env.get("STRATA_INVENTORY_LABELS"):  # zone=a,rack=3
             values["labels"] = dict(pair.split("=", 1) for pair in labels.split(",") if "=" in pair)
+        if policy := env.get("STRATA_ADMISSION_POLICY"):
+            values["admission_policy"] = policy
         if env.get("STRATA_INVENTORY_EVICT_LRU", "").lower() in ("1", "true", "yes"):
             values["evict_lru"] = True
         return cls.model_validate(values)

@@ -73,6 +73,7 @@ class Deployment(BaseModel):
     dtype: str | None = None
     constraints: dict[str, str] = {}
     policy: Policy = "binpack"
+    policy_exclusions: dict[str, str] = Field(default={}, description="admission policy: label selector -> why this model is kept off its nodes")
     replicas: list[Replica]
     created: datetime = Field(default_factory=utcnow)
     last_used: datetime = Field(default_factory=utcnow)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from services.hardware_inventory.domain.fit import FitEstimate
 from services.hardware_inventory.domain.model import Allocations, NodeRecord, Policy, Telemetry
+from services.hardware_inventory.domain.policy import excluding_selector, label_rule
 from shared.errors import Invalid
 from shared.events import DeviceInfo
 
@@ -144,9 +145,12 @@ def place(
     *,
     taken: Iterable[tuple[str, str]] = (),
     used_nodes: Iterable[str] = (),
+    exclusions: dict[str, str] | None = None,
 ) -> list[Choice]:
     """Choose a slot for each of ``replicas`` replicas; NoFit with the numbers when one does not fit.
-    ``taken`` are devices already holding a replica of this deployment; ``used_nodes`` their nodes."""
+    ``taken`` are devices already holding a replica of this deployment; ``used_nodes`` their nodes;
+    ``exclusions`` the admission policy's label selectors this model is kept off (selector -> why)."""
+    exclusions = exclusions or {}
     taken, used = set(taken), set(used_nodes)
     free = {s.key: s.available for s in candidates}
     chosen: list[Choice] = []
@@ -154,6 +158,8 @@ def place(
         fitting: list[tuple[tuple, Slot, FitEstimate]] = []
         for slot in candidates:
             if slot.node.status != "alive" or slot.key in taken or constraint_mismatch(constraints, slot.node, slot.device):
+                continue
+            if excluding_selector(exclusions, slot.node.labels):
                 continue
             estimate = need(slot.device.kind)
             left = free[slot.key] - estimate.booked
@@ -163,7 +169,7 @@ def place(
             rank = (slot.device.kind != "cuda", slot.node.node_id in used, policy_score, slot.node.node_id, slot.device.id)
             fitting.append((rank, slot, estimate))
         if not fitting:
-            raise NoFit(explain(len(chosen), replicas, candidates, free, need, constraints, taken))
+            raise NoFit(explain(len(chosen), replicas, candidates, free, need, constraints, taken, exclusions))
         _, slot, estimate = min(fitting, key=lambda f: f[0])
         free[slot.key] -= estimate.booked
         taken.add(slot.key)
@@ -173,7 +179,7 @@ def place(
 
 
 def explain(placed: int, replicas: int, candidates: list[Slot], free: dict, need: Callable[[str], FitEstimate],
-            constraints: dict[str, str], taken: set) -> str:
+            constraints: dict[str, str], taken: set, exclusions: dict[str, str] | None = None) -> str:
     if not candidates:
         return "no nodes are registered"
     kinds = sorted({s.device.kind for s in candidates})
@@ -185,6 +191,8 @@ def explain(placed: int, replicas: int, candidates: list[Slot], free: dict, need
             lines.append(f"{where}: node lost")
         elif (mismatch := constraint_mismatch(constraints, slot.node, slot.device)) is not None:
             lines.append(f"{where}: excluded by {mismatch}")
+        elif (selector := excluding_selector(exclusions or {}, slot.node.labels)) is not None:
+            lines.append(f"{where}: excluded by policy {label_rule(selector)} ({exclusions[selector]})")
         elif slot.key in taken:
             lines.append(f"{where}: holds another replica")
         else:

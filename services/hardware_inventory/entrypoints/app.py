@@ -12,14 +12,16 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from fastapi import Query
+from fastapi import Depends, Query
 from faststream.nats.annotations import NatsMessage
 
 from services.hardware_inventory.adapters.catalog import ModelCatalog, RpcModelCatalog
+from services.hardware_inventory.adapters.policy_file import load_policy
 from services.hardware_inventory.adapters.probe import ProbeSource, StaticProbe, SystemProbe
 from services.hardware_inventory.adapters.state import InventoryState
 from services.hardware_inventory.config import InventoryConfig
 from services.hardware_inventory.domain import placement
+from services.hardware_inventory.domain.policy import AdmissionPolicy, PolicyFileError
 from services.hardware_inventory.service_layer.agent import Agent
 from services.hardware_inventory.service_layer.deployments import Deployments
 from services.hardware_inventory.service_layer.nodes import NodeTable
@@ -28,6 +30,7 @@ from services.hardware_inventory.service_layer.views import (
     UndeployOutcome, UndeployRequest, node_view,
 )
 from shared import bus, errors
+from shared.apikey_http import AUTH_RESPONSES, protect
 from shared.config import Settings
 from shared.events import (
     DeployFailed, DeployReady, DeployRequested, DeployUnloaded, Event, NodeHeartbeat, NodeRegistered, UndeployRequested,
@@ -48,11 +51,15 @@ class Inventory:
     state: InventoryState | None = None
     nodes: NodeTable | None = None
     deployments: Deployments | None = None
+    admission: AdmissionPolicy | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 def create_service(settings: Settings | None = None) -> Service:
-    return create_inventory(settings, InventoryConfig.from_env())
+    try:
+        return create_inventory(settings, InventoryConfig.from_env())
+    except PolicyFileError as exc:  # the process stops here, before it connects: one line that names the file and the key
+        raise SystemExit(f"{NAME}: {exc.message}") from None
 
 
 def create_inventory(settings: Settings | None, config: InventoryConfig, *, probe: ProbeSource | None = None,
@@ -61,6 +68,7 @@ def create_inventory(settings: Settings | None, config: InventoryConfig, *, prob
     inventory = Inventory(config)
     service.inventory = inventory  # type: ignore[attr-defined]
     if "registry" in config.roles:
+        inventory.admission = _admission_policy(config)
         _registry(service, inventory, catalog or RpcModelCatalog(lambda: service.broker.connection, config.rpc_timeout_s))
     if "agent" in config.roles:
         source = probe or (StaticProbe(config.probe_file) if config.probe_file else SystemProbe(service.settings.data_dir, config.labels))
@@ -95,7 +103,7 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
     async def open_state() -> None:
         inventory.state = await InventoryState.open(service.broker.connection.jetstream(), config.bucket)
         inventory.nodes = NodeTable(inventory.state, service.publish, config.missed_beats)
-        inventory.deployments = Deployments(inventory.state, inventory.nodes, catalog, service.publish, config)
+        inventory.deployments = Deployments(inventory.state, inventory.nodes, catalog, service.publish, config, inventory.admission)
         inventory.nodes.on_lost.append(inventory.deployments.node_lost)
         inventory.nodes.on_available.append(inventory.deployments.reconcile)
         inventory.tasks.append(asyncio.create_task(_watch_liveness(inventory.nodes, config.heartbeat_interval_s / 2)))
@@ -187,6 +195,8 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
         service.rpc(op, body)(handler)
 
     http = service.http
+    admin = [Depends(protect(service).require("admin"))]  # deploys and undeploys; reads stay open
+
     @http.get("/nodes", response_model=NodeList, tags=["nodes"])
     async def nodes_http() -> NodeList:
         return await list_nodes()
@@ -204,7 +214,8 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
         constraints = dict(placement.parse_constraint(c) for c in constraint)
         return await fit(FitRequest(model_ref=model_ref, context_length=context_length, batch=batch, dtype=dtype, constraints=constraints))
 
-    @http.post("/deployments", response_model=DeployOutcome, status_code=201, tags=["deployments"])
+    @http.post("/deployments", response_model=DeployOutcome, status_code=201, tags=["deployments"],
+               dependencies=admin, responses=AUTH_RESPONSES)
     async def deploy_http(request: DeployRequest) -> DeployOutcome:
         outcome = await deploy(request)
         if not outcome.scheduled:
@@ -215,17 +226,33 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
     async def deployments_http() -> DeploymentList:
         return await list_deployments()
 
-    @http.delete("/deployments/{deployment_id}", response_model=UndeployOutcome, tags=["deployments"])
+    @http.delete("/deployments/{deployment_id}", response_model=UndeployOutcome, tags=["deployments"],
+                 dependencies=admin, responses=AUTH_RESPONSES)
     async def undeploy_one(deployment_id: str) -> UndeployOutcome:
         return await undeploy(UndeployRequest(deployment_id=deployment_id))
 
-    @http.delete("/deployments", response_model=UndeployOutcome, tags=["deployments"])
+    @http.delete("/deployments", response_model=UndeployOutcome, tags=["deployments"],
+                 dependencies=admin, responses=AUTH_RESPONSES)
     async def undeploy_model(model_ref: str) -> UndeployOutcome:
         return await undeploy(UndeployRequest(model_ref=model_ref))
 
     @http.get("/corrections", response_model=CorrectionList, tags=["fit"])
     async def corrections_http() -> CorrectionList:
         return await corrections()
+
+
+def _admission_policy(config: InventoryConfig) -> AdmissionPolicy | None:
+    """The policy the registry admits deployments by; PolicyFileError when the file is unusable."""
+    if config.admission_policy is None:
+        log.info("no admission policy configured (STRATA_ADMISSION_POLICY): every model is admitted")
+        return None
+    policy = load_policy(config.admission_policy)
+    if policy is None:
+        log.info("admission policy %s does not exist: no policy, every model is admitted", config.admission_policy)
+    else:
+        log.info("admission policy %s (%s): %s", policy.source, policy.digest[:19],
+                 ", ".join(policy.rules.model_dump(exclude_defaults=True)) or "no rules")
+    return policy
 
 
 async def _watch_liveness(nodes: NodeTable, period_s: float) -> None:

@@ -19,11 +19,14 @@ from services.hardware_inventory.domain import placement
 from services.hardware_inventory.domain.correction import Correction, correction_key
 from services.hardware_inventory.domain.fit import FitEstimate, ModelShape, predict
 from services.hardware_inventory.domain.model import Allocations, Deployment, NodeRecord, Replica
+from services.hardware_inventory.domain.policy import AdmissionPolicy
+from services.hardware_inventory.service_layer.admission import admit
 from services.hardware_inventory.service_layer.nodes import NodeTable
 from services.hardware_inventory.service_layer.views import (
     DeployOutcome, DeployRequest, EstimateView, FitReport, FitRequest, FitRow,
 )
 from shared import errors
+from shared.catalog import ResolvedModel
 from shared.events import DeployReady, DeployRejected, DeployReleased, DeployScheduled, EventData, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -40,18 +43,20 @@ class Placed:
 
 
 class Deployments:
-    def __init__(self, state: InventoryState, nodes: NodeTable, catalog: ModelCatalog, publish: Publish, config: InventoryConfig) -> None:
+    def __init__(self, state: InventoryState, nodes: NodeTable, catalog: ModelCatalog, publish: Publish, config: InventoryConfig,
+                 admission: AdmissionPolicy | None = None) -> None:
         self.state, self.nodes, self.catalog, self.publish, self.config = state, nodes, catalog, publish, config
+        self.admission = admission
 
     # -- prediction ----------------------------------------------------------------------------
-    async def _resolve(self, ref: str):
+    async def _resolve(self, ref: str) -> tuple[ResolvedModel, ModelShape]:
         try:
             resolved = await self.catalog.resolve(ref)
         except errors.NotFound as exc:
             raise errors.NotFound(f"model {ref!r} not found in model-store: {exc.message}") from None
         except errors.Unavailable as exc:
             raise errors.Unavailable(f"model-store unavailable, cannot resolve {ref!r} (try again): {exc.message}") from None
-        return resolved.model, ModelShape.from_metadata(resolved.manifest.metadata)
+        return resolved, ModelShape.from_metadata(resolved.manifest.metadata)
 
     async def estimator(self, shape: ModelShape, context: int, batch: int, dtype: str | None) -> Callable[[str], EstimateView]:
         """device kind -> corrected estimate, with the corrections read once."""
@@ -66,7 +71,8 @@ class Deployments:
 
     async def fit(self, request: FitRequest) -> FitReport:
         placement.validate_constraints(request.constraints)
-        model, shape = await self._resolve(request.model_ref)
+        resolved, shape = await self._resolve(request.model_ref)
+        model = resolved.model
         context = self._context(shape, request.context_length)
         estimate = await self.estimator(shape, context, request.batch, request.dtype)
         nodes = await self.state.nodes()
@@ -94,15 +100,20 @@ class Deployments:
             return DeployOutcome(deployment_id=deployment_id, model_ref=request.model_ref, scheduled=True, deployment=existing)
         try:
             placement.validate_constraints(request.constraints)
-            model, shape = await self._resolve(request.model_ref)
+            resolved, shape = await self._resolve(request.model_ref)
             context = self._context(shape, request.context_length)
             estimate = await self.estimator(shape, context, request.batch, request.dtype)
         except errors.StrataError as exc:
             return await self._reject(deployment_id, request.model_ref, exc.message, exc.code)
         nodes = await self.state.nodes()
+        decision = await admit(self.admission, resolved, deployment_id=deployment_id, model_ref=request.model_ref, nodes=nodes,
+                               constraints=request.constraints, emit=self._emit)
+        if decision is not None and not decision.admitted:
+            return await self._reject(deployment_id, request.model_ref, decision.reason or "policy", "forbidden")
         deployment = Deployment(
-            deployment_id=deployment_id, model_ref=request.model_ref, model=model, shape=shape, context_length=context,
+            deployment_id=deployment_id, model_ref=request.model_ref, model=resolved.model, shape=shape, context_length=context,
             batch=request.batch, dtype=request.dtype, constraints=request.constraints,
+            policy_exclusions=decision.exclusions if decision else {},
             policy=request.policy or self.config.policy, replicas=[Replica(index=i, status="pending") for i in range(request.replicas)],
         )
 
@@ -114,7 +125,8 @@ class Deployments:
             while True:
                 slots = placement.slots(nodes, allocations, self.nodes.telemetry, self.config.utilisation_cap)
                 try:
-                    choices = placement.place(request.replicas, slots, lambda k: estimate(k).corrected, deployment.constraints, deployment.policy)
+                    choices = placement.place(request.replicas, slots, lambda k: estimate(k).corrected, deployment.constraints, deployment.policy,
+                                              exclusions=deployment.policy_exclusions)
                     break
                 except placement.NoFit as nofit:
                     if not self.config.evict_lru or not candidates:  # optional policy: evict the least recently used
@@ -283,7 +295,8 @@ def _place_pending(allocations: Allocations, nodes: list[NodeRecord], telemetry,
             estimate = estimators[dep_id]
             try:
                 [choice] = placement.place(1, slots, lambda k: estimate(k).corrected, deployment.constraints, deployment.policy,
-                                           taken=[(r.node_id, r.device) for r in holders], used_nodes=[r.node_id for r in holders])
+                                           taken=[(r.node_id, r.device) for r in holders], used_nodes=[r.node_id for r in holders],
+                                           exclusions=deployment.policy_exclusions)
             except placement.NoFit as nofit:
                 if not quiet:
                     done.rejected.append((deployment, replica.index, f"replica {replica.index} of {deployment.model_ref} cannot be placed again: {nofit.reason}"))

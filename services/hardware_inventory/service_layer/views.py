@@ -86,7 +86,7 @@ class DeployOutcome(BaseModel):
     model_ref: str
     scheduled: bool
     reason: str | None = None
-    code: str | None = Field(default=None, description="why not: invalid, not_found, unavailable or no_fit")
+    code: str | None = Field(default=None, description="why not: invalid, not_found, unavailable, no_fit or forbidden (the admission policy)")
     deployment: Deployment | None = None
 
 
