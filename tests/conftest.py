@@ -8,6 +8,9 @@ import pytest
 
 from tests.support.nats import ContainerNats, NatsServer, backend
 
+# the fault suite's summary lines (tests/faults), printed by the controller at the end of the session
+pytest_plugins = ["tests.faults.summary"]
+
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer | ContainerNats]:

@@ -57,7 +57,11 @@ class LedgerApp:
         self.ledger = Ledger.open(self.service.settings.service_dir, _policy())
         if self.ledger.tamper is not None:
             await self.report_tamper(self.ledger.tamper)
-        self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME, after_commit=self.checkpoint_if_due)
+        # After a crash, the batch it had fetched but not acknowledged comes back only after the ack wait:
+        # a shorter one (STRATA_LEDGER_ACK_WAIT_SECONDS) catches up sooner, a redelivery is appended once.
+        ack_wait = float(os.environ.get("STRATA_LEDGER_ACK_WAIT_SECONDS", 30))
+        self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME, ack_wait_s=ack_wait,
+                                  after_commit=self.checkpoint_if_due)
         await self.ingest.start()
 
     async def stop(self) -> None:
