@@ -1,6 +1,6 @@
-"""The admission policy, rule by rule (domain/policy.py), and reading its file (adapters/policy_file.py).
-
-The end-to-end case (real nats-server, real model-store, registry, ledger) is test_policy_e2e.py.
+"""The admission policy, rule by rule (domain/policy.py), placement around its label limits, and
+reading its file (adapters/policy_file.py). End to end (real NATS, model-store, registry, ledger):
+test_policy_e2e.py.
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.hardware_inventory.adapters.policy_file import load_policy
 from services.hardware_inventory.config import InventoryConfig
+from services.hardware_inventory.domain import placement
+from services.hardware_inventory.domain.fit import ModelShape, predict
+from services.hardware_inventory.domain.model import Allocations, NodeRecord
 from services.hardware_inventory.domain.policy import (
     AdmissionPolicy, PolicyFileError, PolicyRules, TrustedKey, evaluate, selector_matches,
 )
 from services.model_store.domain.signing import Signer
 from shared.catalog import FileEntry, ModelManifest, ModelMetadata, ResolvedModel, manifest_digest
-from shared.events import ModelId
+from shared.events import DeviceInfo, ModelId
+from tests.hardware_inventory.conftest import GB, MODELS
 
 META = ModelMetadata(architecture="LlamaForCausalLM", parameters=12_000_000, dtype="BF16", weight_bytes=24_000_000)
 DATASET = "sha256:" + "d" * 64
@@ -167,6 +171,24 @@ def test_when_every_eligible_node_is_excluded_the_label_rule_rejects_naming_the_
 def test_selectors_need_every_label():
     assert selector_matches("tier=edge,zone=a", {"tier": "edge", "zone": "A"})
     assert not selector_matches("tier=edge,zone=a", {"tier": "edge"})
+
+
+def test_placement_skips_excluded_nodes_and_says_why_when_nothing_else_fits():
+    def node(node_id: str, ram: int, labels: dict) -> NodeRecord:
+        cpu = DeviceInfo(id="cpu", kind="cpu", name="cpu", memory_total=ram, memory_free=ram)
+        return NodeRecord(node_id=node_id, hostname=node_id, cpu_model="x", cpu_cores=1, ram_total=ram, devices=[cpu], labels=labels)
+
+    shape = ModelShape.from_metadata(MODELS["tiny"])
+    need = lambda kind: predict(shape, kind, context_length=256)  # noqa: E731
+    exclusions = {"tier=edge": "over max_parameters 100"}
+    slots = placement.slots([node("edge", 4 * GB, {"tier": "edge"}), node("core", 64 * GB, {"tier": "core"})], Allocations(), {}, {"cpu": 0.85})
+    assert placement.place(1, slots, need, {}, "binpack")[0].node_id == "edge"  # binpack's choice without the policy
+    assert placement.place(1, slots, need, {}, "binpack", exclusions=exclusions)[0].node_id == "core"
+    small = placement.slots([node("edge", 4 * GB, {"tier": "edge"}), node("core", GB // 10, {})], Allocations(), {}, {"cpu": 0.85})
+    with pytest.raises(placement.NoFit) as nofit:
+        placement.place(1, small, need, {}, "binpack", exclusions=exclusions)
+    assert "edge/cpu: excluded by policy node_labels[tier=edge] (over max_parameters 100)" in nofit.value.reason
+    assert "core/cpu: 0.09 GB free" in nofit.value.reason
 
 
 # -- the file ---------------------------------------------------------------------------------
