@@ -80,7 +80,9 @@ def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
     bus_log = logging.getLogger(f"strata.bus.{client_name}")
     bus_log.setLevel(os.environ.get("STRATA_BUS_LOG_LEVEL", "WARNING").upper())
     return NatsBroker(
-        nats_auth.with_env_credentials(nats_url),  # the service's own NATS user, where strata up gave it one
+        # the service's own NATS user, where strata up gave it one; a comma-separated URL list is the
+        # members of a cluster, each a server to (re)connect to
+        [url.strip() for url in nats_auth.with_env_credentials(nats_url).split(",")],
         name=client_name,
         logger=bus_log,
         log_level=logging.DEBUG,  # one line per message is too much for a service at thousands of events/s
