@@ -131,6 +131,7 @@ class ModelStore:
         return AliasResult(model=target.model, alias=alias, previous_version=previous)
 
     async def remove_alias(self, name: str, alias: str) -> None:
+        parse_ref(f"{name}@{alias}")  # a malformed name or alias is Invalid (400), never a bad KV key
         if await self.kv.get_alias(name, alias) is None:
             raise NotFound(f"{name} has no alias {alias!r}")
         await self.kv.delete_alias(name, alias)
