@@ -208,8 +208,10 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
                 return view
         raise errors.NotFound(f"no node {node_id!r}")
 
+    # the same bounds as FitRequest's, so a bad query is a 422 here rather than a ValidationError (500) below
     @http.get("/fit", response_model=FitReport, tags=["fit"])
-    async def fit_http(model_ref: str, context_length: int | None = Query(default=None, ge=1), batch: int = Query(default=1, ge=1),
+    async def fit_http(model_ref: str = Query(min_length=1), context_length: int | None = Query(default=None, ge=1),
+                       batch: int = Query(default=1, ge=1, le=4096),
                        dtype: str | None = None, constraint: list[str] = Query(default=[])) -> FitReport:
         constraints = dict(placement.parse_constraint(c) for c in constraint)
         return await fit(FitRequest(model_ref=model_ref, context_length=context_length, batch=batch, dtype=dtype, constraints=constraints))
