@@ -65,8 +65,12 @@ async def test_kill_9_one_node_of_a_3_node_cluster(cluster, tmp_path, fault_summ
                              "the ledger logging every acknowledged event")
             await asyncio.sleep(1.0)  # a redelivery would show up here
             ledger_missing = sum(1 for e in tally.acked if not in_ledger(lg, e))
-            after = await js.stream_info(subjects.EVENTS_STREAM)
-            current = (1 if after.cluster.leader else 0) + sum(1 for r in after.cluster.replicas or [] if r.current)
+            for _ in range(100):  # the surviving follower catches up with the new leader
+                after = await js.stream_info(subjects.EVENTS_STREAM)
+                current = (1 if after.cluster.leader else 0) + sum(1 for r in after.cluster.replicas or [] if r.current)
+                if current == 2:
+                    break
+                await asyncio.sleep(0.2)
             health = {s.name: s.health().status for s in (publisher, counting.service, ledger)}
 
         lost, duplicated = exactly_once(tally.acked, counting.calls)
