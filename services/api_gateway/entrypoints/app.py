@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared import errors
 from shared.config import Settings
@@ -26,7 +27,7 @@ from services.api_gateway.adapters.key_store import KeyStore
 from services.api_gateway.domain import render
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
 from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
-from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ModelList
+from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ErrorDetail, ModelList
 from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
 
 log = logging.getLogger("api-gateway")
@@ -190,6 +191,12 @@ def _install_errors(app: FastAPI) -> None:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:  # still an OpenAI error, never an HTML page
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return respond(request, to_openai(errors.StrataError(f"internal error: {type(exc).__name__}")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # e.g. a body that is not JSON at all
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = ErrorBody(error=ErrorDetail(message=str(exc.detail), type=kind))
+        return respond(request, OpenAIError(status=exc.status_code, body=body))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
