@@ -62,7 +62,8 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     _install_errors(app)
     _replace_health(service, gateway)
 
-    async def request_id(request: Request, x_request_id: str | None = Header(default=None)) -> str:
+    async def request_id(request: Request, x_request_id: str | None = Header(
+            default=None, json_schema_extra={"pattern": _REQUEST_ID.pattern})) -> str:  # documented; checked below with a clear message
         if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
             raise errors.Invalid("x-request-id must be 1-128 characters of letters, digits and . _ : -")
         request.state.request_id = x_request_id or new_id()
