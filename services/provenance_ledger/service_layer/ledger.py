@@ -184,7 +184,8 @@ class Ledger:
             raise errors.Invalid(str(exc)) from None
 
     def leaf(self, index: int) -> tuple[dict[str, Any], bytes]:
-        row = self.store.leaf(index)
+        # out of range is answered before SQLite sees it: an index beyond int64 would overflow there (a 500)
+        row = self.store.leaf(index) if 0 <= index < self.size else None
         if row is None:
             raise errors.NotFound(f"no leaf at index {index} (the log has {self.size})")
         return parse_leaf(row["data"])[0], row["leaf_hash"]
