@@ -70,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _cmd(sub: argparse._SubParsersAction, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help)
     p.add_argument("--url", help="model-store HTTP API (default $STRATA_MODEL_STORE_URL or http://127.0.0.1:8002)")
+    p.add_argument("--api-key", help="an admin API key for push, alias, rm and dataset add (default $STRATA_API_KEY)")
     p.set_defaults(func=lambda args: _run(func, args))
     return p
 
@@ -85,7 +86,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
 def _client(args: argparse.Namespace):
     from services.model_store.client import StoreClient
 
-    return StoreClient(args.url)
+    return StoreClient(args.url, api_key=args.api_key)
 
 
 @contextmanager

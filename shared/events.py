@@ -347,6 +347,7 @@ class InferenceCompleted(WorkerEvent):
     finish_reason: str
     prompt_sha256: str
     output_sha256: str
+    api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
 
 
 class InferenceFailed(WorkerEvent):

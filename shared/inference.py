@@ -64,6 +64,8 @@ class InferenceRequest(BaseModel):
     prompt: str | None = None
     sampling: SamplingOptions = SamplingOptions()
     stream: bool = False
+    api_key_id: str | None = Field(default=None, max_length=64,
+                                   description="set by the gateway: the public id of the caller's API key, copied into inference.completed")
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:

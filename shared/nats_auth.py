@@ -7,6 +7,8 @@ scoped to the streams it uses (create/update/info of the streams it declares, co
 it reads); nobody may delete or purge a stream. ``client`` is the role of the CLI and of anonymous
 connections (``no_auth_user``): it may request deploys and inferences, call RPCs and read events, and
 may publish no service event.
+``operator`` is the role of `strata key` (the CLI's admin credential): it may write the API keys
+bucket and nothing else.
 
 ``write(data_dir)`` creates the passwords once (``<data_dir>/nats/auth/<user>.json``, mode 0600, in a
 0700 folder) and the nats-server config that names them; ``rotate(data_dir)`` makes new ones.
@@ -28,7 +30,7 @@ from shared.config import SERVICES
 from shared.events import EventData
 from shared.inference import CANCEL_SUBJECT, JOBS_STREAM, RESULTS_STREAM
 
-CLIENT = "client"
+CLIENT, OPERATOR = "client", "operator"
 USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
 INBOX = "_INBOX.>"
 INVENTORY_BUCKET, API_KEYS_BUCKET = "strata-inventory", "strata-api-keys"
@@ -56,12 +58,12 @@ class Needs:
 NEEDS: dict[str, Needs] = {
     "model-store": Needs(
         declares=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET)),
-        reads=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET)),
+        reads=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET), kv_stream(API_KEYS_BUCKET)),
         publish=(f"$KV.{CATALOG_BUCKET}.>", f"$O.{BLOB_BUCKET}.>"),
     ),
     "hardware-inventory": Needs(
         declares=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET)),
-        reads=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET)),
+        reads=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET)),
         publish=(f"$KV.{INVENTORY_BUCKET}.>", subjects.rpc("model-store", "resolve")),
         subscribe=("evt.deploy.>", subjects.event("node.heartbeat", persistent=False)),
     ),
@@ -72,13 +74,14 @@ NEEDS: dict[str, Needs] = {
         publish=(subjects.rpc("model-store", "resolve"), subjects.rpc("model-store", "public_key"), "infer.results.>"),
         subscribe=("infer.request.>", CANCEL_SUBJECT),
     ),
-    "provenance-ledger": Needs(),
+    "provenance-ledger": Needs(reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET))),
     "monitor": Needs(subscribe=(subjects.event("node.heartbeat", persistent=False),)),
     "api-gateway": Needs(
         declares=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)),
         reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), RESULTS_STREAM),
         publish=(f"$KV.{API_KEYS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
                  subjects.rpc("inference-worker", "models")),
+        subscribe=(subjects.event("inference.completed"),),  # token quotas are metered from these
     ),
     CLIENT: Needs(
         declares=(),
@@ -86,8 +89,10 @@ NEEDS: dict[str, Needs] = {
         publish=("rpc.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT),
         subscribe=(subjects.EVENTS_ALL, subjects.LIVE_ALL),
     ),
+    OPERATOR: Needs(declares=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
+                    publish=(f"$KV.{API_KEYS_BUCKET}.>",)),
 }
-ROLES = (*SERVICES, CLIENT)
+ROLES = (*SERVICES, CLIENT, OPERATOR)
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def permissions(role: str) -> Permissions:
     needs = NEEDS[role]
     publish = [*own_event_subjects(role), *needs.publish, *jetstream_api(needs), INBOX]
     subscribe = [*needs.subscribe, INBOX]
-    if role != CLIENT:
+    if role not in (CLIENT, OPERATOR):
         publish.append(subjects.dead_letter(role))
         subscribe.append(f"rpc.{role}.>")
     return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)))

@@ -29,6 +29,12 @@ def default_url() -> str:
     return os.environ.get("STRATA_MODEL_STORE_URL", DEFAULT_URL)
 
 
+def api_key_headers(api_key: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer`` with ``api_key``, else $STRATA_API_KEY; none while neither is set."""
+    key = api_key or os.environ.get("STRATA_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def local_files(directory: Path) -> list[Path]:
     """Every regular file under ``directory``, hidden ones (.git, .cache) left out."""
     return sorted(
@@ -48,9 +54,9 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
 
 
 class StoreClient:
-    def __init__(self, url: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str | None = None, timeout: float = 60.0, api_key: str | None = None) -> None:
         self.url = (url or default_url()).rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), headers=api_key_headers(api_key))
 
     def close(self) -> None:
         self.http.close()

@@ -11,8 +11,8 @@ import nats
 import openai
 import pytest
 
-from services.api_gateway.adapters.key_store import KeyStore
-from services.api_gateway.domain.keys import hash_key
+from shared.apikey_store import KeyStore
+from shared.apikeys import hash_key, key_id
 from shared.inference import SILENCE_TIMEOUT_S
 from tests.support.fake_worker import Script
 from tests.support.helpers import eventually
@@ -78,15 +78,15 @@ async def test_invalid_completion_parameters(gateway, workers):
 async def test_api_keys(nats_server, gateway_factory, workers):
     await workers()
     nc = await nats.connect(nats_server.url)
-    store = await KeyStore.open(nc.jetstream())
-    made = await store.create("ci")
-    revoked = await store.create("old")
-    await store.revoke(hash_key(revoked))
+    store = await KeyStore.open(nc.jetstream(), create=True)
+    made, _ = await store.create("ci")
+    revoked, _ = await store.create("old")
+    await store.revoke(key_id(revoked))
     gateway = gateway_factory(seed_keys=["sk-from-env"])
 
-    raw = (await store.kv.get(hash_key(made))).value.decode()
+    raw = (await store.kv.get(key_id(made))).value.decode()
     assert made not in raw and hash_key(made) in raw, "only the hash is stored"
-    assert (await store.get(hash_key("sk-from-env"))).name == "env:STRATA_API_KEYS"
+    assert (await store.get(key_id("sk-from-env"))).name == "env:STRATA_API_KEYS"
 
     for key in (made, "sk-from-env"):
         chat = await gateway.client(api_key=key).chat.completions.create(model="tiny", messages=HI)

@@ -46,7 +46,8 @@ def to_openai(exc: errors.StrataError, param: str | None = None) -> OpenAIError:
         param = param or "model"
     detail = ErrorDetail(message=exc.message, type=_TYPES.get(status, "server_error"), param=param,
                          code=_CODES.get(exc.code, exc.code))
-    retry = RETRY_AFTER_S if status in (429, 503) else None
+    # a quota knows when its bucket refills; overload has no such date, so the caller tries again soon
+    retry = getattr(exc, "retry_after_s", None) or (RETRY_AFTER_S if status in (429, 503) else None)
     return OpenAIError(status=status, body=ErrorBody(error=detail), retry_after_s=retry)
 
 

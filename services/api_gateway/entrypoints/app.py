@@ -1,6 +1,8 @@
 """api-gateway: the OpenAI-compatible HTTP edge. It owns nothing durable and consumes no events: it
 turns HTTP calls into inference requests on NATS (shared/inference_client.py) and answers in
-OpenAI's shapes, with OpenAI's error objects and status codes."""
+OpenAI's shapes, with OpenAI's error objects and status codes. API keys (scope ``inference``) and
+their quotas: shared/apikey_http.py and domain/quotas.py; token usage is metered from the
+``inference.completed`` events, which every replica hears (a core subscription, no queue group)."""
 
 from __future__ import annotations
 
@@ -10,20 +12,21 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from opentelemetry import trace
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared import errors
+from shared.apikey_http import AuthMode, KeyAuth, bearer, drop_route, protect
 from shared.config import Settings
-from shared.events import new_id
+from shared.events import InferenceCompleted, new_id
 from shared.inference import End, InferenceRequest
 from shared.service import Health, Service
 
-from services.api_gateway.adapters.key_store import KeyStore
 from services.api_gateway.domain import render
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
 from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
@@ -37,30 +40,37 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in (
-        (400, "invalid request"), (401, "missing or bad API key"), (404, "model not deployed"),
-        (429, "gateway overloaded (Retry-After)"), (502, "the worker died"), (503, "workers overloaded (Retry-After)"),
+        (400, "invalid request"), (401, "missing, unknown or revoked API key"),
+        (403, "the API key lacks the 'inference' scope"), (404, "model not deployed"),
+        (429, "the API key is over its requests_per_minute or tokens_per_minute quota, or the gateway is "
+              "overloaded (Retry-After: whole seconds)"),
+        (502, "the worker died"), (503, "workers overloaded (Retry-After)"),
         (504, "timed out"))
 }
 
 
 class GatewayHealth(Health):
-    auth: Literal["api-keys", "open"]
+    auth: AuthMode
     in_flight: int
     max_in_flight: int
 
 
 def create_service(settings: Settings | None = None, config: GatewayConfig | None = None) -> Service:
-    service = Service("api-gateway", settings, description="OpenAI-compatible HTTP API in front of the workers.")
-    gateway = Gateway(config or GatewayConfig.from_env(), lambda: service.broker.connection)
+    config = config or GatewayConfig.from_env()
+    service = Service("api-gateway", settings, description="OpenAI-compatible HTTP API in front of the workers. "
+                      "Every /v1 route needs an API key with the 'inference' scope (or 'admin'); /healthz is open.")
+    # The gateway may write the keys bucket (it creates it, and registers STRATA_API_KEYS).
+    auth = protect(service, create_bucket=True, seed=config.seed_keys, health=False)
+    gateway = Gateway(config, lambda: service.broker.connection, auth)
     service.gateway = gateway  # type: ignore[attr-defined]  # tests reach the key store through it
     app = service.http
 
     @service.on_start
-    async def _open_keys() -> None:
-        await gateway.start(await KeyStore.open(service.broker.connection.jetstream()))
+    async def _meter_tokens() -> None:  # every replica, no queue group: each charges every key's tokens
+        await service.broker.connection.subscribe(InferenceCompleted.subject(), cb=gateway.meter)
 
     _install_errors(app)
-    _replace_health(service, gateway)
+    _replace_health(service, gateway, auth)
 
     async def request_id(request: Request, x_request_id: str | None = Header(
             default=None, json_schema_extra={"pattern": _REQUEST_ID.pattern})) -> str:  # documented; checked below with a clear message
@@ -69,8 +79,9 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
         request.state.request_id = x_request_id or new_id()
         return request.state.request_id
 
-    async def caller(request: Request, _rid: str = Depends(request_id), authorization: str | None = Header(default=None)) -> Caller:
-        return await gateway.authenticate(authorization)
+    async def caller(_rid: str = Depends(request_id),
+                     credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Caller:
+        return await gateway.authenticate(credentials.credentials if credentials else None)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models(response: Response, rid: str = Depends(request_id), _c: Caller = Depends(caller)) -> ModelList:
@@ -79,13 +90,15 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request, rid: str = Depends(request_id),
-                               _c: Caller = Depends(caller)) -> Response:
-        return await _serve(gateway, request, body.to_inference(rid), body.model, "chat", body.include_usage)
+                               c: Caller = Depends(caller)) -> Response:
+        inference = body.to_inference(rid).model_copy(update={"api_key_id": c.key_id})
+        return await _serve(gateway, request, inference, body.model, "chat", body.include_usage)
 
     @app.post("/v1/completions", response_model=Completion, responses=_ERRORS, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, rid: str = Depends(request_id),
-                          _c: Caller = Depends(caller)) -> Response:
-        return await _serve(gateway, request, body.to_inference(rid), body.model, "text_completion", body.include_usage)
+                          c: Caller = Depends(caller)) -> Response:
+        inference = body.to_inference(rid).model_copy(update={"api_key_id": c.key_id})
+        return await _serve(gateway, request, inference, body.model, "text_completion", body.include_usage)
 
     return service
 
@@ -215,20 +228,13 @@ def _install_errors(app: FastAPI) -> None:
         return respond(request, invalid(message, param or None))
 
 
-def _replace_health(service: Service, gateway: Gateway) -> None:
-    """/healthz also says whether the gateway is open (no API key configured) and how loaded it is."""
-    service.http.router.routes[:] = [r for r in service.http.router.routes if getattr(r, "path", None) != "/healthz"]
+def _replace_health(service: Service, gateway: Gateway, auth: KeyAuth) -> None:
+    """/healthz (open) also says whether the gateway is open (no API key configured) and how loaded it is."""
+    drop_route(service.http, "/healthz")
 
     @service.http.get("/healthz", response_model=GatewayHealth, tags=["health"])
     async def health() -> JSONResponse:
         base = service.health()
-        body = GatewayHealth(**base.model_dump(), auth="open" if await _open(gateway) else "api-keys",
+        body = GatewayHealth(**base.model_dump(), auth=await auth.mode(),
                              in_flight=gateway.in_flight, max_in_flight=gateway.config.max_in_flight)
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if base.status == "ok" else 503)
-
-
-async def _open(gateway: Gateway) -> bool:
-    try:
-        return await gateway.open_mode()
-    except Exception:  # NATS down: health still answers (degraded), auth mode unknown counts as closed
-        return False

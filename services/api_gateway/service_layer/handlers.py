@@ -1,5 +1,6 @@
-"""The gateway's use cases: authenticate a caller, admit a request under the in-flight limit, and run
-it through the shared inference client (one definition of the NATS protocol, shared with the CLI)."""
+"""The gateway's use cases: authenticate a caller (shared/apikey_http.py), hold it to its key's
+quotas, admit a request under the in-flight limit, and run it through the shared inference client
+(one definition of the NATS protocol, shared with the CLI)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
-from nats.errors import Error as NatsError
+from nats.aio.msg import Msg
 from pydantic import BaseModel, Field
 
 from shared import errors, inference_client
+from shared.apikey_http import KeyAuth
+from shared.apikeys import ApiKeyRecord
+from shared.events import InferenceCompleted, MalformedEvent, parse_event
 from shared.inference import SILENCE_TIMEOUT_S, Chunk, End, InferenceReply, InferenceRequest, Started
 
-from services.api_gateway.adapters.key_store import KeyStore
 from services.api_gateway.domain.errors import ModelNotDeployed, Overloaded
-from services.api_gateway.domain.keys import bearer_token, hash_key
+from services.api_gateway.domain.quotas import Quotas
 from services.api_gateway.domain.responses import ModelCard, ModelList, now
 
 log = logging.getLogger("api-gateway")
@@ -47,7 +50,11 @@ class GatewayConfig(BaseModel):
 
 @dataclass
 class Caller:
-    key_name: str | None  # None in open mode
+    key: ApiKeyRecord | None  # None in open mode
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.id if self.key else None
 
 
 class Slot:
@@ -63,47 +70,51 @@ class Slot:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, connection: Callable[[], Client]) -> None:
+    def __init__(self, config: GatewayConfig, connection: Callable[[], Client], auth: KeyAuth,
+                 quotas: Quotas | None = None) -> None:
         self.config = config
         self._connection = connection
-        self.keys: KeyStore | None = None
+        self.auth = auth
+        self.quotas = quotas or Quotas()
+        self._records: dict[str, ApiKeyRecord] = {}  # the latest record of each key seen, for charging
         self.in_flight = 0
 
     @property
     def nc(self) -> Client:
         return self._connection()
 
-    async def start(self, keys: KeyStore) -> None:
-        self.keys = keys
-        seeded = await keys.seed(self.config.seed_keys)
-        if seeded:
-            log.info("registered %d API key(s) from STRATA_API_KEYS", seeded)
-        if await self.open_mode():
-            log.warning("NO API KEY IS CONFIGURED: the gateway is OPEN and answers anyone. Set STRATA_API_KEYS "
-                        "(or create a key) before exposing it beyond this machine.")
-
     async def open_mode(self) -> bool:
-        return self.keys is None or await self.keys.is_empty()
+        return await self.auth.open_mode()
 
-    # -- auth and admission ----------------------------------------------------------------------
-    async def authenticate(self, authorization: str | None) -> Caller:
+    # -- auth, quotas and admission ----------------------------------------------------------------
+    async def authenticate(self, key: str | None) -> Caller:
+        """The caller (401 / 403 as every service answers them), held to its key's quotas (429)."""
+        record = await self.auth.check(key, "inference")
+        if record is not None:
+            self._records[record.id] = record
+            self.quotas.admit(record)
+        return Caller(key=record)
+
+    async def meter(self, msg: Msg) -> None:
+        """Charge the tokens of an ``inference.completed`` event to the key that asked for it."""
         try:
-            return await self._authenticate(bearer_token(authorization))
-        except NatsError as exc:  # the key store is in JetStream: without NATS nothing can be served anyway
-            raise errors.Unavailable(f"NATS is not reachable, so the API key cannot be checked ({type(exc).__name__})") from None
-
-    async def _authenticate(self, key: str | None) -> Caller:
-        if key is not None and self.keys is not None:
-            record = await self.keys.get(hash_key(key))
-            if record is not None:
-                if record.revoked:
-                    raise errors.Unauthorized("this API key was revoked")
-                return Caller(key_name=record.name)
-        if await self.open_mode():
-            return Caller(key_name=None)
-        if key is None:
-            raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        raise errors.Unauthorized("incorrect API key provided")
+            event = parse_event(msg.data, msg.subject)
+        except MalformedEvent:  # not ours to judge: the ledger dead-letters bad events
+            return
+        data = event.data
+        if not isinstance(data, InferenceCompleted) or data.api_key_id is None:
+            return
+        record = self._records.get(data.api_key_id)
+        if record is None:  # a request another replica served: its key's limits are in the bucket
+            try:
+                record = await self.auth.store.get(data.api_key_id) if self.auth.store else None
+            except Exception as exc:  # NATS reconnecting: this charge is lost, the request quota still holds
+                log.warning("could not look up API key %s to charge its tokens: %s", data.api_key_id, exc)
+                return
+            if record is None:
+                return
+            self._records[record.id] = record
+        self.quotas.charge(record, data.prompt_tokens + data.completion_tokens)
 
     def admit(self) -> Slot:
         if self.in_flight >= self.config.max_in_flight:

@@ -14,6 +14,7 @@ from shared.catalog import (
     DatasetList, DatasetRequest, ListRequest, ModelList, PublicKey, PublicKeyRequest, ResolvedDataset, ResolvedModel,
     ResolveRequest,
 )
+from shared.apikey_http import protect
 from shared.config import Settings
 from shared.errors import Unavailable
 from shared.service import Service
@@ -94,7 +95,7 @@ def create_service(settings: Settings | None = None) -> Service:
     async def public_key(_request: PublicKeyRequest) -> PublicKey:
         return store().signer.public_key_info()
 
-    service.http.include_router(router(store))
+    service.http.include_router(router(store, admin=protect(service).require("admin")))
     service.model_store = store  # type: ignore[attr-defined]  # tests reach the use cases through it
     return service
 

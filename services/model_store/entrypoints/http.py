@@ -4,8 +4,9 @@ with ``request.stream()`` chunk by chunk, a blob goes out as its Object Store ch
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -13,6 +14,7 @@ from shared.catalog import (
     AliasRequest, AliasResult, DatasetList, DeleteResult, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
+from shared.apikey_http import AUTH_RESPONSES
 from shared.errors import NotFound
 
 from services.model_store.adapters.catalog_kv import BlobInfo
@@ -26,9 +28,11 @@ class BlobUploaded(BaseModel):
     info: BlobInfo
 
 
-def router(store: Callable[[], ModelStore]) -> APIRouter:
-    """Routes over the ModelStore that the service builds once NATS is connected."""
+def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRouter:
+    """Routes over the ModelStore that the service builds once NATS is connected. ``admin`` is the
+    API-key dependency that every route changing the store carries (reads stay open)."""
     api = APIRouter(prefix="/v1", tags=["model-store"])
+    guarded: dict[str, Any] = {"dependencies": [Depends(admin)], "responses": AUTH_RESPONSES}
 
     @api.get("/public-key", response_model=PublicKey)
     async def public_key() -> PublicKey:
@@ -42,7 +46,7 @@ def router(store: Callable[[], ModelStore]) -> APIRouter:
             return Response(status_code=404)
         return Response(headers={"x-blob-size": str(size)})
 
-    @api.put("/blobs/{sha256}", response_model=BlobUploaded)
+    @api.put("/blobs/{sha256}", response_model=BlobUploaded, **guarded)
     async def upload_blob(sha256: str, request: Request, path: str | None = Query(default=None)) -> BlobUploaded:
         """Stream a blob in as the raw request body; ``path`` (its file name) lets it be checked now."""
         info = await store().ingest.upload(sha256, request.stream(), path)
@@ -53,7 +57,7 @@ def router(store: Callable[[], ModelStore]) -> APIRouter:
         check_digest(sha256)
         return await _stream(store(), sha256)
 
-    @api.post("/models", response_model=PushedModel)
+    @api.post("/models", response_model=PushedModel, **guarded)
     async def push_model(body: PushModelRequest, response: Response) -> PushedModel:
         pushed = await store().register_model(body)
         response.status_code = 201 if pushed.created else 200
@@ -80,20 +84,20 @@ def router(store: Callable[[], ModelStore]) -> APIRouter:
             raise NotFound(f"{resolved.model.name}:{resolved.model.version} has no file {path!r}")
         return await _stream(store(), entry.sha256)
 
-    @api.delete("/models/{ref}", response_model=DeleteResult)
+    @api.delete("/models/{ref}", response_model=DeleteResult, **guarded)
     async def delete_model(ref: str, all_versions: bool = False) -> DeleteResult:
         return await store().delete(ref, all_versions=all_versions)
 
-    @api.post("/aliases", response_model=AliasResult)
+    @api.post("/aliases", response_model=AliasResult, **guarded)
     async def set_alias(body: AliasRequest) -> AliasResult:
         return await store().set_alias(body.ref, body.alias)
 
-    @api.delete("/models/{name}/aliases/{alias}", status_code=204)
+    @api.delete("/models/{name}/aliases/{alias}", status_code=204, **guarded)
     async def remove_alias(name: str, alias: str) -> Response:
         await store().remove_alias(name, alias)
         return Response(status_code=204)
 
-    @api.post("/datasets", response_model=PushedDataset)
+    @api.post("/datasets", response_model=PushedDataset, **guarded)
     async def push_dataset(body: PushDatasetRequest, response: Response) -> PushedDataset:
         pushed = await store().register_dataset(body)
         response.status_code = 201 if pushed.created else 200

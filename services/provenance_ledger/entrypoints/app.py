@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any
 
-from fastapi import Query
+from fastapi import Depends, Query
 from fastapi.responses import PlainTextResponse
 
 from services.provenance_ledger.adapters.ingest import EventIngest
@@ -23,6 +23,7 @@ from services.provenance_ledger.entrypoints.api import (
 from services.provenance_ledger.service_layer import queries
 from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger, verify_store
 from shared import errors
+from shared.apikey_http import AUTH_RESPONSES, protect
 from shared.config import Settings
 from shared.events import LedgerCheckpoint, TamperDetected
 from shared.service import Service
@@ -165,12 +166,14 @@ def create_service(settings: Settings | None = None) -> Service:
 def _routes(service: Service, app: LedgerApp) -> None:
     http = service.http
     tags = ["ledger"]
+    admin = [Depends(protect(service).require("admin"))]  # signing a head now; every read (and /verify) is open
 
     @http.get("/head", response_model=HeadResponse, tags=tags, summary="current size and root, and the latest signed tree head")
     async def head() -> HeadResponse:
         return app.head()
 
-    @http.post("/checkpoint", tags=tags, summary="sign a tree head now (and publish it as ledger.checkpoint)")
+    @http.post("/checkpoint", tags=tags, summary="sign a tree head now (and publish it as ledger.checkpoint)",
+               dependencies=admin, responses=AUTH_RESPONSES)
     async def checkpoint() -> Any:
         return await app.checkpoint()
 

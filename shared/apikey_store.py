@@ -1,0 +1,146 @@
+"""API key records in the JetStream KV bucket ``strata-api-keys``, keyed by the key's public id, so
+every service and every replica sees the same keys, and a revocation everywhere at once.
+
+Who may do what on NATS (shared/nats_auth.py): the gateway and the ``operator`` credential (the CLI's
+``strata key``) write the bucket; model-store, hardware-inventory and the ledger only read it, so they
+open it with ``create=False`` and, while it does not exist yet, look again now and then.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from shared import errors
+from shared.apikeys import BOOTSTRAP_NAME, ApiKeyRecord, Scope, hash_key, key_id, new_key, record_for
+from shared.nats_auth import API_KEYS_BUCKET, _write_private
+
+BUCKET = API_KEYS_BUCKET
+RECHECK_S = 1.0  # how long "no key configured" (or "no bucket yet") is believed before NATS is asked again
+
+
+class KeyStore:
+    def __init__(self, js: JetStreamContext, kv: KeyValue | None) -> None:
+        self.js = js
+        self.kv = kv
+        self._empty: tuple[bool, float] | None = None
+        self._looked_for_bucket = time.monotonic()
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, *, create: bool = False) -> KeyStore:
+        """``create``: make the bucket when it is missing (for the roles that may write it)."""
+        try:
+            kv: KeyValue | None = await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(bucket=BUCKET, history=4, description="Strata API keys (sha256 only)") if create else None
+        return cls(js, kv)
+
+    async def _bucket(self) -> KeyValue | None:
+        if self.kv is None and time.monotonic() - self._looked_for_bucket >= RECHECK_S:
+            self._looked_for_bucket = time.monotonic()
+            try:
+                self.kv = await self.js.key_value(BUCKET)
+            except BucketNotFoundError:
+                return None
+        return self.kv
+
+    # -- reads ---------------------------------------------------------------------------------
+    async def get(self, id: str) -> ApiKeyRecord | None:
+        kv = await self._bucket()
+        if kv is None:
+            return None
+        try:
+            entry = await kv.get(id)
+        except (KeyNotFoundError, InvalidKeyError):  # a deleted key, or an id no key could have (a dot, a space)
+            return None
+        return None if entry.value is None else ApiKeyRecord.model_validate_json(entry.value)
+
+    async def lookup(self, key: str) -> ApiKeyRecord | None:
+        """The record of a presented key, or None: one KV get by id, then the full hash compared."""
+        record = await self.get(key_id(key))
+        return record if record is not None and record.matches(key) else None
+
+    async def list(self) -> list[ApiKeyRecord]:
+        kv = await self._bucket()
+        if kv is None:
+            return []
+        try:
+            ids = await kv.keys()
+        except NoKeysError:
+            return []
+        records = [await self.get(i) for i in ids]
+        return sorted((r for r in records if r is not None), key=lambda r: r.created)
+
+    async def is_empty(self, *, fresh: bool = False) -> bool:
+        """True while no key was ever configured: the platform is then open. Cached for a second so
+        that open mode does not cost a bucket lookup per request."""
+        cached = self._empty
+        if not fresh and cached is not None and time.monotonic() - cached[1] < RECHECK_S:
+            return cached[0]
+        kv = await self._bucket()
+        empty = kv is None or (await kv.status()).values == 0
+        self._empty = (empty, time.monotonic())
+        return empty
+
+    # -- writes (gateway and operator only) -------------------------------------------------------
+    async def add(self, record: ApiKeyRecord) -> bool:
+        """Store a record unless one exists for that id (a revoked key stays revoked); True if stored."""
+        if self.kv is None:
+            raise errors.Unavailable(f"the KV bucket {BUCKET} does not exist yet")
+        try:
+            await self.kv.create(record.id, record.model_dump_json(exclude={"id"}).encode())
+        except KeyWrongLastSequenceError:
+            return False
+        self._empty = None
+        return True
+
+    async def create(self, name: str, scopes: list[Scope] | None = None, *, requests_per_minute: int | None = None,
+                     tokens_per_minute: int | None = None) -> tuple[str, ApiKeyRecord]:
+        """Make a new key, store its hash, and return the key: the only time it is ever seen."""
+        for _ in range(3):  # two keys sharing 48 bits of hash is a 2^-48 event; try again rather than fail
+            key = new_key()
+            record = record_for(key, name, scopes, requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
+            if await self.add(record):
+                return key, record
+        raise errors.Conflict("could not find a free key id")
+
+    async def revoke(self, id: str) -> ApiKeyRecord:
+        record = await self.get(id)
+        if record is None or self.kv is None:
+            raise errors.NotFound(f"no API key with id {id!r} (see `strata key ls`)")
+        if not record.revoked:
+            record.revoked, record.revoked_at = True, datetime.now(timezone.utc)
+            await self.kv.put(record.id, record.model_dump_json(exclude={"id"}).encode())
+        return record
+
+    async def seed(self, keys: list[str], name: str = "env:STRATA_API_KEYS") -> int:
+        return sum([await self.add(record_for(k, name)) for k in keys if k])
+
+    @staticmethod
+    def hash(key: str) -> str:
+        return hash_key(key)
+
+
+async def ensure_admin_key(store: KeyStore, path: Path) -> str | None:
+    """While no key exists at all, make an admin key named ``bootstrap-admin``, write it to ``path``
+    (mode 0600 from the first byte) and return it; otherwise None. The file is written before the
+    key is stored, so a failed write cannot leave a platform closed with a key nobody has."""
+    if not await store.is_empty(fresh=True):
+        return None
+    key = new_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, key + "\n")
+    try:
+        stored = await store.add(record_for(key, BOOTSTRAP_NAME, ["admin"]))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if not stored:  # a 2^-48 id clash: nothing was stored under this key
+        path.unlink(missing_ok=True)
+        return None
+    return key
