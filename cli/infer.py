@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from typing import TextIO
 
 from pydantic import ValidationError
 
+from cli import connection
 from shared import errors, inference_client
-from shared.config import DEFAULT_NATS_URL
 from shared.inference import ChatMessage, Chunk, End, InferenceRequest, SamplingOptions
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -39,17 +38,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--nats-url", default=os.environ.get("STRATA_NATS_URL", DEFAULT_NATS_URL))
+    connection.add_options(p)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingOptions:
     return SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
-async def _connect(url: str):  # type: ignore[no-untyped-def]
-    import nats
-
-    return await nats.connect(url, connect_timeout=3, max_reconnect_attempts=2)
+async def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    return await connection.connect(args.nats_url, args.data_dir, connect_timeout=3, max_reconnect_attempts=2)
 
 
 async def _answer(nc, request: InferenceRequest, out: TextIO) -> tuple[str, End]:  # type: ignore[no-untyped-def]
@@ -67,7 +64,7 @@ async def _answer(nc, request: InferenceRequest, out: TextIO) -> tuple[str, End]
 
 def _complete(args: argparse.Namespace) -> int:
     async def run() -> int:
-        nc = await _connect(args.nats_url)
+        nc = await _connect(args)
         try:
             request = InferenceRequest(model=args.ref, prompt=args.prompt, sampling=_sampling(args), stream=args.stream)
             if args.stream:
@@ -93,9 +90,9 @@ def _chat(args: argparse.Namespace) -> int:
         return _invalid(exc)
     with asyncio.Runner() as runner:
         try:
-            nc = runner.run(_connect(args.nats_url))
-        except Exception as exc:
-            print(f"error: cannot reach NATS at {args.nats_url}: {exc}", file=sys.stderr)
+            nc = runner.run(_connect(args))
+        except errors.StrataError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
             return 1
         try:
             print(f"chatting with {args.ref} ({EXIT_COMMANDS[0]} or Ctrl-D to leave, Ctrl-C stops an answer)", file=sys.stderr)

@@ -10,14 +10,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from shared.config import DEFAULT_NATS_URL
+from cli import connection
 
 SERVICE = "hardware-inventory"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--nats-url", default=DEFAULT_NATS_URL)
+        connection.add_options(p)
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the registry")
         p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
         return p
@@ -80,18 +80,12 @@ def _run(args: argparse.Namespace, command: Callable[[Any, argparse.Namespace], 
 
 
 async def _with_nats(args: argparse.Namespace, command) -> int:
-    import nats
-    from nats.errors import NoServersError
-
     from shared.errors import StrataError
 
-    async def quiet(_exc: Exception) -> None:
-        pass
-
     try:
-        nc = await nats.connect(args.nats_url, connect_timeout=min(args.timeout, 5), allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quiet)
-    except (NoServersError, OSError) as exc:
-        print(f"strata {args.command}: cannot reach NATS at {args.nats_url}: {exc}", file=sys.stderr)
+        nc = await connection.connect(args.nats_url, args.data_dir, connect_timeout=min(args.timeout, 5), allow_reconnect=False)
+    except StrataError as exc:
+        print(f"strata {args.command}: {exc.message}", file=sys.stderr)
         return 1
     try:
         return await command(nc, args)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import DEFAULT_DATA_DIR, DEFAULT_NATS_URL
+from cli import connection
+from shared.config import DEFAULT_DATA_DIR
 
 SERVICE = "provenance-ledger"
 
@@ -23,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ledger = sub.add_parser("ledger", help="the provenance ledger: verify, head, export, public key, rebuild")
     lsub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="LEDGER_COMMAND")
 
-    verify = _with_nats(lsub.add_parser("verify", help="recompute the Merkle tree from storage and check every signed head"))
+    verify = lsub.add_parser("verify", help="recompute the Merkle tree from storage and check every signed head")
     verify.add_argument("--data-dir", type=Path, help="check this data dir's ledger files directly (no service needed)")
+    _with_nats(verify, data_dir=False)
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=_verify)
 
@@ -65,27 +67,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit.set_defaults(func=_audit)
 
 
-def _with_nats(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--nats-url", default=os.environ.get("STRATA_NATS_URL", DEFAULT_NATS_URL))
+def _with_nats(p: argparse.ArgumentParser, *, data_dir: bool = True) -> argparse.ArgumentParser:
+    connection.add_options(p, data_dir=data_dir)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the ledger's answer")
     return p
 
 
 def _call(args: argparse.Namespace, op: str, request: Any, result_type: Any) -> Any:
-    import nats
-
     from shared import rpc, subjects
 
     async def go() -> Any:
-        async def quiet(_exc: Exception) -> None:
-            pass
-
-        try:
-            nc = await nats.connect(args.nats_url, connect_timeout=5, allow_reconnect=False, error_cb=quiet)
-        except Exception as exc:
-            from shared import errors
-
-            raise errors.Unavailable(f"cannot reach NATS at {args.nats_url}: {exc}") from None
+        # `ledger verify --data-dir` never gets here: that data dir is the ledger's files, read directly
+        nc = await connection.connect(args.nats_url, getattr(args, "data_dir", None), allow_reconnect=False)
         try:
             return await rpc.call(nc, subjects.rpc(SERVICE, op), request, result_type, timeout=args.timeout)
         finally:

@@ -6,6 +6,10 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.nats_tls import ServerTls
 
 
 class NatsServerNotFound(RuntimeError):
@@ -47,3 +51,19 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return True
         return False
+
+
+def config(data_dir: Path, *, secure: bool, tls: ServerTls | None = None) -> Path | None:
+    """The config file `strata up` starts nats-server with (``-c``): every service's own user and no
+    anonymous connections (shared/nats_auth.py), and/or TLS required of every client (shared/nats_tls.py).
+    None when it wants neither (``--insecure-nats`` without TLS)."""
+    from shared import nats_auth, nats_tls
+
+    extra = nats_tls.server_block(tls) if tls else ""
+    if secure:
+        return nats_auth.write(data_dir, anonymous_client=False, extra=extra)
+    if not extra:
+        return None
+    path = nats_tls.tls_dir(data_dir) / "nats-server.conf"
+    path.write_text(extra)
+    return path

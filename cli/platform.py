@@ -8,12 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-from shared.config import DEFAULT_DATA_DIR, DEFAULT_NATS_URL, DEFAULT_PORTS, SERVICES
+from cli import connection
+from shared.config import DEFAULT_PORTS, SERVICES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start NATS and every service, supervised, until Ctrl-C")
-    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    up.add_argument("--data-dir", type=Path, default=connection.default_data_dir(),
+                    help="where NATS, the services, the credentials and certificates keep their files "
+                         "(default $STRATA_DATA_DIR or .strata)")
     up.add_argument("--nats-url", help="use this NATS instead of starting nats-server")
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--nats-monitor-port", type=int, default=8222)
@@ -28,16 +31,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="do not deploy the built-in model once the services are healthy")
     up.add_argument("--insecure-nats", dest="secure_nats", action="store_false",
                     help="start nats-server without per-service users and permissions (not for shared machines)")
+    up.add_argument("--nats-tls", action="store_true",
+                    help="require TLS of every NATS connection, with a CA and server certificate generated once "
+                         "into DATA_DIR/nats/tls/ (the services and the CLI on this machine trust that CA)")
+    up.add_argument("--nats-tls-cert", type=Path, metavar="FILE", help="serve NATS TLS with this certificate (PEM) instead")
+    up.add_argument("--nats-tls-key", type=Path, metavar="FILE", help="the private key (PEM) of --nats-tls-cert")
+    up.add_argument("--nats-tls-ca", type=Path, metavar="FILE",
+                    help="the CA (PEM) the services trust for NATS (default with --nats-tls-cert: the system's roots)")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (strata up runs each this way)")
     serve.add_argument("service", choices=SERVICES)
     serve.set_defaults(func=_serve)
 
-    health = sub.add_parser("health", help="ask every service for its health over NATS")
-    health.add_argument("--nats-url", default=DEFAULT_NATS_URL)
+    health = connection.add_options(sub.add_parser("health", help="ask every service for its health over NATS"))
     health.add_argument("--timeout", type=float, default=2.0)
-    health.set_defaults(func=lambda args: asyncio.run(_health(args.nats_url, args.timeout)))
+    health.set_defaults(func=lambda args: asyncio.run(_health(args.nats_url, args.timeout, args.data_dir)))
 
     subjects = sub.add_parser("subjects", help="print the subject ownership table (infra/SUBJECTS.md)")
     subjects.set_defaults(func=lambda args: print(subject_table(), end=""))
@@ -74,6 +83,8 @@ def _up(args: argparse.Namespace) -> int:
         nats_monitor_port=args.nats_monitor_port, host=args.host, ports=dict(args.port),
         services=args.services or ROLES[args.role], wait_timeout_s=args.wait_timeout, role=args.role,
         serve_builtin=args.serve_builtin and args.role == "all", secure_nats=args.secure_nats,
+        nats_tls=args.nats_tls, nats_tls_cert=args.nats_tls_cert, nats_tls_key=args.nats_tls_key,
+        nats_tls_ca=args.nats_tls_ca,
     ))
 
 
@@ -109,21 +120,16 @@ def subject_table() -> str:
     ])
 
 
-async def _health(nats_url: str, timeout: float) -> int:
-    import nats
-    from nats.errors import NoRespondersError, NoServersError, TimeoutError
+async def _health(nats_url: str, timeout: float, data_dir: Path | None = None) -> int:
+    from nats.errors import NoRespondersError, TimeoutError
 
     from shared import subjects
-
-    async def quiet(_exc: Exception) -> None:
-        pass
+    from shared.errors import StrataError
 
     try:
-        nc = await nats.connect(
-            nats_url, connect_timeout=timeout, allow_reconnect=False, max_reconnect_attempts=1, error_cb=quiet
-        )
-    except (NoServersError, OSError) as exc:
-        print(f"strata health: cannot reach NATS at {nats_url}: {exc}", file=sys.stderr)
+        nc = await connection.connect(nats_url, data_dir, connect_timeout=timeout, allow_reconnect=False)
+    except StrataError as exc:
+        print(f"strata health: {exc.message}", file=sys.stderr)
         return 1
     failed = 0
     try:

@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 
 from cli import natsd
-from shared import nats_auth
+from cli.connection import redacted
+from shared import nats_auth, nats_tls
 from shared.config import DEFAULT_PORTS, SERVICES, env_name, node_id
 
 PR_SET_PDEATHSIG = 1
@@ -66,6 +67,19 @@ class UpOptions:
     role: str = "all"
     serve_builtin: bool = True
     secure_nats: bool = True  # per-service NATS users and permissions (shared/nats_auth.py)
+    nats_tls: bool = False  # TLS with a CA and server certificate generated into the data dir
+    nats_tls_cert: Path | None = None  # ... or with these (shared/nats_tls.py)
+    nats_tls_key: Path | None = None
+    nats_tls_ca: Path | None = None  # what the services trust; with --nats-url, the external NATS's CA
+
+    def problem(self) -> str | None:
+        """What is wrong with the TLS options, in the flags' words; None when they fit together."""
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            return "--nats-tls-cert and --nats-tls-key go together"
+        if self.nats_url and (self.nats_tls or self.nats_tls_cert):
+            return ("--nats-tls and --nats-tls-cert configure the nats-server strata up starts; with --nats-url "
+                    "give the CA your NATS uses with --nats-tls-ca")
+        return None
 
 
 class Supervisor:
@@ -75,6 +89,8 @@ class Supervisor:
         self.children: list[Child] = []
         self.tty = sys.stdout.isatty()
         self.credentials: dict[str, nats_auth.Credential] = {}  # empty: NATS without auth
+        self.nats_ca: Path | None = options.nats_tls_ca  # the CA every child trusts for NATS (STRATA_NATS_CA)
+        self.nats_tls = False
 
     # -- output ------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -170,7 +186,7 @@ class Supervisor:
 
     async def run(self) -> int:
         opts = self.options
-        if problem := self._check_ports():
+        if problem := opts.problem() or self._check_ports():
             self.say(f"strata up: {problem}")
             return 2
         loop = asyncio.get_running_loop()
@@ -207,7 +223,8 @@ class Supervisor:
         from cli.builtin import serve_builtin
 
         client = self.credentials.get(nats_auth.CLIENT)
-        nc = await nats.connect(client.url(nats_url) if client else nats_url, max_reconnect_attempts=-1)
+        nc = await nats.connect(client.url(nats_url) if client else nats_url, max_reconnect_attempts=-1,
+                                tls=nats_tls.client_context(self.nats_ca))
         try:
             served = asyncio.create_task(serve_builtin(nc))
             stopped = asyncio.create_task(self.stopping.wait())
@@ -233,10 +250,12 @@ class Supervisor:
         try:
             argv = natsd.argv(opts.nats_port, store, monitor_port=opts.nats_monitor_port, host=opts.host)
             argv += ["--log", str(log_file)]  # its start-up banner would drown the services' lines
+            tls = self._server_tls()
             if opts.secure_nats:
                 self.credentials = nats_auth.credentials(opts.data_dir)
-                argv += ["-c", str(nats_auth.write(opts.data_dir))]
-        except natsd.NatsServerNotFound as exc:
+            if config := natsd.config(opts.data_dir, secure=opts.secure_nats, tls=tls):
+                argv += ["-c", str(config)]
+        except (natsd.NatsServerNotFound, nats_tls.TlsSetupError) as exc:
             self.say(f"strata up: {exc}")
             return None
         health = f"http://{opts.host}:{opts.nats_monitor_port}/healthz?js-enabled-only=true"
@@ -245,6 +264,17 @@ class Supervisor:
             self.say(f"strata up: nats-server did not become healthy in 15s; see {log_file}")
             return None
         return f"nats://{opts.host}:{opts.nats_port}"
+
+    def _server_tls(self) -> nats_tls.ServerTls | None:
+        opts = self.options
+        if opts.nats_tls_cert and opts.nats_tls_key:
+            tls = nats_tls.given(opts.nats_tls_cert, opts.nats_tls_key, opts.nats_tls_ca)
+        elif opts.nats_tls:
+            tls = nats_tls.ensure_generated(opts.data_dir, opts.host)
+        else:
+            return None
+        self.nats_tls, self.nats_ca = True, tls.ca
+        return tls
 
     def _start_services(self, nats_url: str, node: str) -> None:
         opts = self.options
@@ -262,13 +292,15 @@ class Supervisor:
             }
             if name in self.credentials:
                 env.update(self.credentials[name].env())
+            if self.nats_ca is not None:
+                env[nats_tls.CA_ENV] = str(self.nats_ca.resolve())
             argv = [sys.executable, "-m", "cli.main", "serve", name]
             self._add(name, argv, env, f"http://{opts.host}:{port}/healthz")
 
     def _print_endpoints(self, nats_url: str, node: str, seconds: float) -> None:
         role = "" if self.options.role == "all" else f" as a {self.options.role}"
         lines = [f"Strata is up{role} in {seconds:.1f}s on node {node} (data dir {self.options.data_dir})",
-                 f"  {'nats':<20}{_redacted(nats_url)}"]
+                 f"  {'nats':<20}{redacted(nats_url)}{self._nats_security()}"]
         for child in self.children:
             if child.name != "nats":
                 base = child.health_url.removesuffix("/healthz")
@@ -276,14 +308,13 @@ class Supervisor:
         lines.append("Press Ctrl-C to stop.")
         self.say("\n".join(lines))
 
-
-def _redacted(url: str) -> str:
-    """The URL without a password in it (nats://user:secret@host -> nats://user:***@host)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+    def _nats_security(self) -> str:
+        notes = []
+        if self.credentials:
+            notes.append(f"a user per service; the CLI here uses {nats_auth.auth_dir(self.options.data_dir) / 'client.json'}")
+        if self.nats_tls:
+            notes.append(f"TLS, CA {self.nats_ca}" if self.nats_ca else "TLS")
+        return f"  ({'; '.join(notes)})" if notes else ""
 
 
 def up(options: UpOptions) -> int:

@@ -23,11 +23,12 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.annotations import NatsMessage
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.nats.security import NatsSecurity
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
-from shared import nats_auth, subjects
+from shared import nats_auth, nats_tls, subjects
 from shared.events import DeadLetter, Event, EventData, MalformedEvent, make_event, parse_event
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,10 @@ async def declare_streams(js: JetStreamContext, configs: list[StreamConfig]) -> 
 
 
 def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
-    """A FastStream broker that reconnects forever and carries the trace context in NATS headers."""
+    """A FastStream broker that reconnects forever and carries the trace context in NATS headers; over
+    TLS trusting the CA named by ``STRATA_NATS_CA`` where set (shared/nats_tls.py)."""
     bus_log = logging.getLogger(f"strata.bus.{client_name}")
+    tls = nats_tls.client_context()
     bus_log.setLevel(os.environ.get("STRATA_BUS_LOG_LEVEL", "WARNING").upper())
     return NatsBroker(
         # the service's own NATS user, where strata up gave it one; a comma-separated URL list is the
@@ -89,6 +92,7 @@ def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         middlewares=[NatsTelemetryMiddleware()],
+        security=NatsSecurity(ssl_context=tls) if tls else None,
         **options,
     )
 

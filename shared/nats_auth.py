@@ -4,9 +4,10 @@ Each service connects as its own user. It may publish only the events whose ``PU
 (``shared/events.py``, the table in infra/SUBJECTS.md), its dead letters, the RPCs and inference
 subjects it calls, and writes to the KV buckets / object stores it owns. Its JetStream API access is
 scoped to the streams it uses (create/update/info of the streams it declares, consumers on the streams
-it reads); nobody may delete or purge a stream. ``client`` is the role of the CLI and of anonymous
-connections (``no_auth_user``): it may request deploys and inferences, call RPCs and read events, and
-may publish no service event.
+it reads); nobody may delete or purge a stream. ``client`` is the role of the CLI (cli/connection.py
+reads its credential from the data dir): it may request deploys and inferences, call RPCs and read
+events, and may publish no service event. `strata up` refuses connections that give no credential
+(``anonymous_client=False``); ``anonymous_client=True`` would hand them the ``client`` role.
 ``operator`` is the role of `strata key` (the CLI's admin credential): it may write the API keys
 bucket and nothing else.
 

@@ -41,8 +41,8 @@ def test_up_brings_every_service_to_healthy_and_sigterm_leaves_no_process(strata
     assert len(children) == len(SERVICES) + 1
     assert sum("nats-server" in cmd for cmd in children.values()) == 1
 
-    cli = subprocess.run([sys.executable, "-m", "cli.main", "health", "--nats-url", f"nats://127.0.0.1:{up.nats_port}"],
-                         capture_output=True, text=True, timeout=30)
+    cli = subprocess.run([sys.executable, "-m", "cli.main", "health", "--nats-url", f"nats://127.0.0.1:{up.nats_port}",
+                          "--data-dir", str(up.data_dir)], capture_output=True, text=True, timeout=30)
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert cli.stdout.count(" ok ") == len(SERVICES)
 

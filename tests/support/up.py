@@ -19,6 +19,7 @@ class Up:
     """A `strata up` process on free ports, with its output collected line by line."""
 
     def __init__(self, data_dir: Path, *extra: str, **ports: int) -> None:
+        self.data_dir = data_dir  # the CLI finds the NATS credential (and CA) `strata up` made there
         self.nats_port, monitor = natsd.free_port(), natsd.free_port()
         self.ports = {name: ports.get(name.replace("-", "_")) or natsd.free_port() for name in SERVICES}
         argv = [sys.executable, "-m", "cli.main", "up", "--data-dir", str(data_dir),
