@@ -83,9 +83,6 @@ class Gateway:
     def nc(self) -> Client:
         return self._connection()
 
-    async def open_mode(self) -> bool:
-        return await self.auth.open_mode()
-
     # -- auth, quotas and admission ----------------------------------------------------------------
     async def authenticate(self, key: str | None) -> Caller:
         """The caller (401 / 403 as every service answers them), held to its key's quotas (429)."""
