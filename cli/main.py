@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import infer, inventory, ledger, model, monitor, platform
+from cli import infer, inventory, keys, ledger, model, monitor, platform
 
-COMMAND_MODULES = [platform, ledger, model, inventory, infer, monitor]
+COMMAND_MODULES = [platform, ledger, model, inventory, infer, monitor, keys]
 
 
 def parser() -> argparse.ArgumentParser:

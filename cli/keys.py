@@ -1,0 +1,150 @@
+"""`strata key create|ls|revoke`: the platform's HTTP API keys, kept (as sha256 only) in the NATS KV
+bucket ``strata-api-keys`` that the gateway and every admin API read.
+
+It talks to NATS directly (cli/connection.py: --nats-url, --data-dir, the CA) as the ``operator``
+user, whose credential `strata up` writes to ``<data dir>/nats/auth/operator.json``; without that
+file it connects without credentials (a server started with --insecure-nats, or one without auth)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nats.errors import Error as NatsError
+from rich.console import Console
+from rich.table import Column, Table
+
+from cli import connection
+from shared import nats_auth
+from shared.apikey_store import KeyStore
+from shared.apikeys import SCOPES, ApiKeyRecord
+from shared.errors import Forbidden, StrataError, Unavailable
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+T = TypeVar("T")
+SHOWN = {"id", "name", "scopes", "requests_per_minute", "tokens_per_minute", "created", "revoked", "revoked_at"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    key = sub.add_parser("key", help="HTTP API keys for the gateway and the admin APIs: create, ls, revoke")
+    ksub = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+
+    create = _cmd(ksub, "create", "make a key and print it (the only time it is ever shown)", _create)
+    create.add_argument("--name", required=True, help="who or what uses it (shown by ls)")
+    create.add_argument("--scope", choices=SCOPES, default="inference",
+                        help="inference: the gateway's /v1 API; admin: also push, deploy, alias, delete (default inference)")
+    create.add_argument("--rpm", type=_positive, metavar="N", help="requests per minute, per gateway replica (default unlimited)")
+    create.add_argument("--tpm", type=_positive, metavar="N", help="prompt + completion tokens per minute (default unlimited)")
+    create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
+
+    ls = _cmd(ksub, "ls", "list keys: id, name, scopes, quotas, created, revoked (never the keys)", _ls)
+    ls.add_argument("--json", action="store_true")
+
+    revoke = _cmd(ksub, "revoke", "revoke a key by its id (every service refuses it at once)", _revoke)
+    revoke.add_argument("id", help="the key's id, as `strata key ls` shows it")
+
+
+def _cmd(sub: argparse._SubParsersAction, name: str, help: str,
+         func: Callable[[argparse.Namespace, KeyStore], Awaitable[int]]) -> argparse.ArgumentParser:
+    p = connection.add_options(sub.add_parser(name, help=help))
+    p.set_defaults(func=lambda args: _run(func, args, create_bucket=name == "create"))
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _run(func: Callable[[argparse.Namespace, KeyStore], Awaitable[int]], args: argparse.Namespace, *, create_bucket: bool) -> int:
+    async def work(store: KeyStore) -> int:
+        return await func(args, store)
+
+    try:
+        return asyncio.run(with_store(args.nats_url, args.data_dir, work, create_bucket=create_bucket))
+    except StrataError as exc:
+        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        return 1
+
+
+async def with_store(nats_url: str, data_dir: Path | None, work: Callable[[KeyStore], Awaitable[T]], *,
+                     create_bucket: bool) -> T:
+    """Run ``work`` on the key store, connected as the operator when its credential is there. A
+    permission violation (the server's asynchronous -ERR) ends the work at once with a clear error,
+    instead of the time-out that the refused request would otherwise turn into."""
+    denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower() and not denied.done():
+            denied.set_result(str(exc))
+
+    # max_reconnect_attempts=1: nats-py retries even a first connect that many times (0 means forever)
+    nc = await connection.connect(nats_url, data_dir, role=nats_auth.OPERATOR, error_cb=on_error,
+                                  allow_reconnect=False, max_reconnect_attempts=1)
+    try:
+        task = asyncio.ensure_future(_work(nc, work, create_bucket))
+        await asyncio.wait({task, denied}, return_when=asyncio.FIRST_COMPLETED)
+        if denied.done() and not task.done():
+            task.cancel()
+            operator = nats_auth.auth_dir(data_dir or connection.default_data_dir()) / f"{nats_auth.OPERATOR}.json"
+            hint = "" if operator.exists() else f" (there is no operator credential at {operator}: pass --data-dir of the `strata up`)"
+            raise Forbidden(f"permission denied: this NATS user may not manage API keys{hint}: {denied.result()}")
+        return task.result()
+    finally:
+        denied.cancel()
+        await nc.close()
+
+
+async def _work(nc: Any, work: Callable[[KeyStore], Awaitable[T]], create_bucket: bool) -> T:
+    try:
+        return await work(await KeyStore.open(nc.jetstream(), create=create_bucket))
+    except NatsError as exc:
+        raise Unavailable(f"NATS failed while managing API keys ({type(exc).__name__}: {exc})") from None
+
+
+def _shown(record: ApiKeyRecord) -> dict[str, Any]:
+    return record.model_dump(mode="json", include=SHOWN)
+
+
+def _quota(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+async def _create(args: argparse.Namespace, store: KeyStore) -> int:
+    key, record = await store.create(args.name, [args.scope], requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+    if args.json:
+        print(json.dumps({"key": key, **_shown(record)}, indent=2))
+        return 0
+    print(key)  # alone on stdout: KEY=$(strata key create --name ci) works
+    err.print(f"created API key [bold]{record.id}[/bold] ({record.name}): scopes {', '.join(record.scopes)}; "
+              f"{_quota(record.requests_per_minute)} requests/min, {_quota(record.tokens_per_minute)} tokens/min. "
+              "This is the only time the key is shown: only its sha256 is kept.", highlight=False)
+    return 0
+
+
+async def _ls(args: argparse.Namespace, store: KeyStore) -> int:
+    records = await store.list()
+    if args.json:
+        print(json.dumps([_shown(r) for r in records], indent=2))
+        return 0
+    table = Table(Column("id", no_wrap=True), "name", "scopes", Column("requests/min", no_wrap=True),
+                  Column("tokens/min", no_wrap=True), "created", "revoked")
+    for r in records:
+        revoked = r.revoked_at.strftime("%Y-%m-%d %H:%M") if r.revoked_at else ("yes" if r.revoked else "-")
+        table.add_row(r.id, r.name, ",".join(r.scopes), _quota(r.requests_per_minute), _quota(r.tokens_per_minute),
+                      r.created.strftime("%Y-%m-%d %H:%M"), revoked)
+    out.print(table if records else "no API keys: every service is open (create one with `strata key create`)")
+    return 0
+
+
+async def _revoke(args: argparse.Namespace, store: KeyStore) -> int:
+    record = await store.revoke(args.id)
+    out.print(f"revoked API key {record.id} ({record.name})", highlight=False)
+    return 0
