@@ -71,6 +71,7 @@ class UpOptions:
     nats_tls_cert: Path | None = None  # ... or with these (shared/nats_tls.py)
     nats_tls_key: Path | None = None
     nats_tls_ca: Path | None = None  # what the services trust; with --nats-url, the external NATS's CA
+    admission_policy: Path | None = None  # hardware-inventory's admission policy file (infra/policy.example.yaml)
 
     def problem(self) -> str | None:
         """What is wrong with the TLS options, in the flags' words; None when they fit together."""
@@ -79,6 +80,8 @@ class UpOptions:
         if self.nats_url and (self.nats_tls or self.nats_tls_cert):
             return ("--nats-tls and --nats-tls-cert configure the nats-server strata up starts; with --nats-url "
                     "give the CA your NATS uses with --nats-tls-ca")
+        if self.admission_policy is not None and not self.admission_policy.is_file():
+            return f"--policy {self.admission_policy}: no such file"
         return None
 
 
@@ -294,6 +297,8 @@ class Supervisor:
                 env.update(self.credentials[name].env())
             if self.nats_ca is not None:
                 env[nats_tls.CA_ENV] = str(self.nats_ca.resolve())
+            if name == "hardware-inventory" and opts.admission_policy is not None:
+                env["STRATA_ADMISSION_POLICY"] = str(opts.admission_policy.resolve())  # the child may run elsewhere
             argv = [sys.executable, "-m", "cli.main", "serve", name]
             self._add(name, argv, env, f"http://{opts.host}:{port}/healthz")
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -101,3 +102,22 @@ def test_health_without_nats_says_so_quickly():
     assert result.returncode == 1
     assert "cannot reach NATS" in result.stderr
     assert time.monotonic() - started < 20
+
+
+def test_a_missing_policy_file_stops_up_before_anything_starts(strata_up, tmp_path):
+    up = strata_up("--policy", str(tmp_path / "nope.yaml"))
+    assert up.process.wait(timeout=30) == 2
+    assert f"--policy {tmp_path / 'nope.yaml'}: no such file" in "".join(up.lines)
+
+
+def test_the_policy_reaches_hardware_inventory_as_an_absolute_path(tmp_path, monkeypatch):
+    from cli.up import Supervisor, UpOptions
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "policy.yaml").write_text("require_datasets: true\n")
+    supervisor = Supervisor(UpOptions(data_dir=tmp_path / "data", admission_policy=Path("policy.yaml")))
+    env: dict[str, dict[str, str]] = {}
+    monkeypatch.setattr(supervisor, "_add", lambda name, argv, child_env, url: env.setdefault(name, child_env))
+    supervisor._start_services("nats://127.0.0.1:4222", "node-t")
+    assert env["hardware-inventory"]["STRATA_ADMISSION_POLICY"] == str(tmp_path / "policy.yaml")
+    assert "STRATA_ADMISSION_POLICY" not in env["model-store"]
