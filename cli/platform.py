@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--nats-tls-key", type=Path, metavar="FILE", help="the private key (PEM) of --nats-tls-cert")
     up.add_argument("--nats-tls-ca", type=Path, metavar="FILE",
                     help="the CA (PEM) the services trust for NATS (default with --nats-tls-cert: the system's roots)")
+    up.add_argument("--no-api-key", dest="api_keys", action="store_false",
+                    help="do not make an admin API key at first start: every HTTP API stays open until "
+                         "`strata key create` makes one (throwaway machines only)")
     up.add_argument("--policy", type=Path, metavar="FILE", dest="admission_policy",
                     help="admission policy for deploys (see infra/policy.example.yaml); trusted_keys take model-store's "
                          "public key (GET /v1/public-key), never its private signing key")
@@ -88,6 +91,7 @@ def _up(args: argparse.Namespace) -> int:
         serve_builtin=args.serve_builtin and args.role == "all", secure_nats=args.secure_nats,
         nats_tls=args.nats_tls, nats_tls_cert=args.nats_tls_cert, nats_tls_key=args.nats_tls_key,
         nats_tls_ca=args.nats_tls_ca, admission_policy=args.admission_policy,
+        api_keys=args.api_keys,
     ))
 
 

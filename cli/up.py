@@ -72,6 +72,7 @@ class UpOptions:
     nats_tls_key: Path | None = None
     nats_tls_ca: Path | None = None  # what the services trust; with --nats-url, the external NATS's CA
     admission_policy: Path | None = None  # hardware-inventory's admission policy file (infra/policy.example.yaml)
+    api_keys: bool = True  # make an admin API key at first start, so the HTTP APIs are never open by default
 
     def problem(self) -> str | None:
         """What is wrong with the TLS options, in the flags' words; None when they fit together."""
@@ -202,6 +203,13 @@ class Supervisor:
             nats_url = opts.nats_url or await self._start_nats()
             if nats_url is None:
                 return 1
+            # before any service starts, so that none of them is ever open for a moment
+            try:
+                key_note = await self._bootstrap_api_key(nats_url) if opts.api_keys and opts.role == "all" else None
+            except Exception as exc:  # e.g. an external NATS whose credential may not write the key bucket
+                self.say(f"strata up: could not make the admin API key: {type(exc).__name__}: {exc} "
+                         "(--no-api-key starts with the HTTP APIs open)")
+                return 1
             self._start_services(nats_url, node)
             services = [c for c in self.children if c.name != "nats"]
             unhealthy = await self._wait_healthy(services, opts.wait_timeout_s)
@@ -211,6 +219,8 @@ class Supervisor:
                 self.say(f"strata up: not healthy after {opts.wait_timeout_s:.0f}s: {', '.join(c.name for c in unhealthy)}")
                 return 1
             self._print_endpoints(nats_url, node, time.monotonic() - started)
+            if key_note:
+                self.say(key_note)
             if opts.serve_builtin and set(BUILTIN_NEEDS) <= set(opts.services):
                 await self._serve_builtin(nats_url)
             await self.stopping.wait()
@@ -220,10 +230,31 @@ class Supervisor:
             await self._stop_all()
             self.say("strata up: stopped")
 
+    async def _bootstrap_api_key(self, nats_url: str) -> str:
+        """At the first start, an admin API key into the data dir: every HTTP API closes at once."""
+        import nats
+
+        from shared.apikey_store import KeyStore, ensure_admin_key
+        from shared.apikeys import key_file
+
+        path = key_file(self.options.data_dir)
+        operator = self.credentials.get(nats_auth.OPERATOR)
+        nc = await nats.connect(operator.url(nats_url) if operator else nats_url, max_reconnect_attempts=2,
+                                tls=nats_tls.client_context(self.nats_ca))
+        try:
+            made = await ensure_admin_key(await KeyStore.open(nc.jetstream(), create=True), path)
+        finally:
+            await nc.close()
+        if made:
+            return (f"strata up: made an admin API key, in {path} (mode 0600); the strata commands here use it. "
+                    f"HTTP callers send  Authorization: Bearer $(cat {path})")
+        return f"strata up: API keys in force (strata key ls){'; the admin key made at first start is in ' + str(path) if path.exists() else ''}"
+
     async def _serve_builtin(self, nats_url: str) -> None:
         import nats
 
         from cli.builtin import serve_builtin
+        from shared.apikeys import key_file
 
         client = self.credentials.get(nats_auth.CLIENT)
         nc = await nats.connect(client.url(nats_url) if client else nats_url, max_reconnect_attempts=-1,
@@ -236,8 +267,11 @@ class Supervisor:
             if served.done():
                 self.say(f"strata up: {served.result()}")
                 if served.result().endswith("serving"):
-                    self.say(f"strata up: try  curl http://{self.options.host}:{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}"
-                             "/v1/models  or  strata chat strata-builtin-kjv")
+                    key = key_file(self.options.data_dir)
+                    auth = f"-H \"Authorization: Bearer $(cat {key})\" " if key.exists() else ""
+                    self.say(f"strata up: try  curl {auth}http://{self.options.host}:"
+                             f"{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}/v1/models  "
+                             "or  strata chat strata-builtin-kjv")
             else:
                 served.cancel()
         except Exception as exc:  # the platform stays up; the user learns why nothing is served

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, computed_field
@@ -22,6 +24,26 @@ ID_LENGTH = 12
 Scope = Literal["inference", "admin"]
 SCOPES: tuple[Scope, ...] = ("inference", "admin")
 BOOTSTRAP_NAME = "bootstrap-admin"
+KEY_ENV = "STRATA_API_KEY"
+
+
+def key_file(data_dir: Path) -> Path:
+    """Where `strata up` writes the admin key it makes at first start (mode 0600)."""
+    return data_dir / "api-key"
+
+
+def local_key(environ: dict[str, str] | None = None) -> str | None:
+    """The key a `strata` command on this machine sends: $STRATA_API_KEY, else the one `strata up`
+    wrote into the data dir ($STRATA_DATA_DIR, default .strata) where this user may read it."""
+    env = os.environ if environ is None else environ
+    if env.get(KEY_ENV):
+        return env[KEY_ENV]
+    from shared.config import DEFAULT_DATA_DIR
+
+    try:
+        return key_file(Path(env.get("STRATA_DATA_DIR") or DEFAULT_DATA_DIR)).read_text().strip() or None
+    except OSError:
+        return None
 
 
 class ApiKeyRecord(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from shared.apikeys import local_key
 from shared.catalog import (
     AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
@@ -30,8 +31,9 @@ def default_url() -> str:
 
 
 def api_key_headers(api_key: str | None = None) -> dict[str, str]:
-    """``Authorization: Bearer`` with ``api_key``, else $STRATA_API_KEY; none while neither is set."""
-    key = api_key or os.environ.get("STRATA_API_KEY")
+    """``Authorization: Bearer`` with ``api_key``, else $STRATA_API_KEY or the data dir's key file
+    (shared/apikeys.py local_key); none while there is no key."""
+    key = api_key or local_key()
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 

@@ -17,6 +17,20 @@ from tests.support.fake_worker import Script
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 PRINTED_URL = "http://127.0.0.1:8000"
+PRINTED_KEY_FILE = ".strata/api-key"
+KEY = "sk-strata-readme-example-key"
+
+
+@pytest.fixture
+def keyed_gateway(gateway_factory, tmp_path):
+    """A gateway that needs a key, and the key in a file where the README says `strata up` puts it."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
+    return gateway_factory(seed_keys=[KEY]), key_file
+
+
+def as_printed(code: str, gateway, key_file: Path) -> str:
+    return code.replace(PRINTED_URL, gateway.base_url).replace(PRINTED_KEY_FILE, str(key_file))
 
 
 def section() -> str:
@@ -34,9 +48,9 @@ def test_examples_use_the_builtin_model_name():
     assert MODEL_NAME in blocks("sh")[0]
 
 
-async def test_python_example_as_printed(gateway, workers):
+async def test_python_example_as_printed(keyed_gateway, workers):
     await workers({MODEL_NAME: Script()})
-    code = blocks("python")[0].replace(PRINTED_URL, gateway.base_url)
+    code = as_printed(blocks("python")[0], *keyed_gateway)
     out = io.StringIO()
 
     def run() -> None:
@@ -48,9 +62,9 @@ async def test_python_example_as_printed(gateway, workers):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed here")
-async def test_curl_example_as_printed(gateway, workers):
+async def test_curl_example_as_printed(keyed_gateway, workers):
     await workers({MODEL_NAME: Script()})
-    script = blocks("sh")[0].replace(PRINTED_URL, gateway.base_url)
+    script = as_printed(blocks("sh")[0], *keyed_gateway)
     done = await asyncio.to_thread(subprocess.run, ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert f'"id":"{MODEL_NAME}"' in done.stdout and '"content":"Hello, world!"' in done.stdout

@@ -21,7 +21,11 @@ def platform(tmp_path):
 def test_strata_up_serves_the_builtin_model_through_the_openai_api(platform):
     platform.wait_for("Strata is up", timeout=60)
     platform.wait_for("built-in model strata-builtin-kjv is serving", timeout=120)
-    client = openai.OpenAI(base_url=platform.url("api-gateway") + "/v1", api_key="unused-in-open-mode")
+    assert any("made an admin API key" in line for line in platform.lines), "the HTTP APIs were left open"
+    anonymous = openai.OpenAI(base_url=platform.url("api-gateway") + "/v1", api_key="sk-strata-not-a-key")
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
+    client = openai.OpenAI(base_url=platform.url("api-gateway") + "/v1", api_key=platform.api_key)
     assert [m.id for m in client.models.list().data] == ["strata-builtin-kjv"]
     reply = client.chat.completions.create(
         model="strata-builtin-kjv", messages=[{"role": "user", "content": "In the beginning"}],

@@ -38,6 +38,11 @@ def test_up_brings_every_service_to_healthy_and_sigterm_leaves_no_process(strata
     for name in SERVICES:
         body = up.health(name).json()
         assert body["status"] == "ok" and body["service"] == name and body["nats_connected"]
+    # the first start made an admin key: every HTTP API is closed, and the key opens the admin routes
+    assert up.health("api-gateway").json()["auth"] == "api-keys" and (up.data_dir / "api-key").stat().st_mode & 0o777 == 0o600
+    checkpoint = up.url("provenance-ledger") + "/checkpoint"
+    assert httpx.post(checkpoint, timeout=10).status_code == 401
+    assert httpx.post(checkpoint, headers={"Authorization": f"Bearer {up.api_key}"}, timeout=10).status_code == 200
     children = up.children()
     assert len(children) == len(SERVICES) + 1
     assert sum("nats-server" in cmd for cmd in children.values()) == 1
@@ -121,3 +126,10 @@ def test_the_policy_reaches_hardware_inventory_as_an_absolute_path(tmp_path, mon
     supervisor._start_services("nats://127.0.0.1:4222", "node-t")
     assert env["hardware-inventory"]["STRATA_ADMISSION_POLICY"] == str(tmp_path / "policy.yaml")
     assert "STRATA_ADMISSION_POLICY" not in env["model-store"]
+
+
+def test_no_api_key_leaves_the_http_apis_open_and_says_so(strata_up):
+    up = strata_up("--no-api-key")
+    up.wait_for("Strata is up")
+    assert up.health("api-gateway").json()["auth"] == "open"
+    assert not (up.data_dir / "api-key").exists()

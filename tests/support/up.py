@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from cli import natsd
+from shared.apikeys import key_file
 from shared.config import SERVICES
 
 
@@ -58,6 +59,11 @@ class Up:
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
+
+    @property
+    def api_key(self) -> str:
+        """The admin API key `strata up` made at its first start."""
+        return key_file(self.data_dir).read_text().strip()
 
     def health(self, name: str) -> httpx.Response:
         return httpx.get(f"http://127.0.0.1:{self.ports[name]}/healthz", timeout=2)
