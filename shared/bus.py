@@ -194,7 +194,7 @@ class EventConsumer:
             pull_sub=PullSub(batch_size=1, timeout=1.0),
             config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s),
             ack_policy=AckPolicy.MANUAL,
-            title=f"{self.service}:events",
+            title=f"{self.service}:events" if self.durable == self.service else f"{self.service}:{self.durable}",
             description=f"{self.service} reacts to {'every event' if self.fallback else ', '.join(sorted(self.handlers))}",
         )(self._receive)
         self._broker = broker
