@@ -3,22 +3,19 @@ the test's nats-server, with scripted workers in the test's loop, and the offici
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from services.api_gateway.entrypoints.app import create_service
 from services.api_gateway.service_layer.handlers import GatewayConfig
 from shared.service import Service
 from tests.support.fake_worker import FakeWorker, Script
 from tests.support.helpers import settings_for
+from tests.support.live import serve_in_thread
 
 openai = pytest.importorskip("openai")
 
@@ -40,23 +37,8 @@ class RunningGateway:
 @contextmanager
 def serve_gateway(nats_url: str, data_dir: Path, config: GatewayConfig) -> Iterator[RunningGateway]:
     service = create_service(settings_for("api-gateway", nats_url, data_dir), config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(service.http, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield RunningGateway(service=service, base_url=f"http://127.0.0.1:{port}")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(service.http, "the gateway") as base_url:
+        yield RunningGateway(service=service, base_url=base_url)
 
 
 TEST_CONFIG = GatewayConfig(silence_timeout_s=1.0, request_timeout_s=30)

@@ -11,6 +11,7 @@ from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import KV_BYTES, ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
 from tests.inference_worker.test_process import LONG, long_ckpt, pushed, spawn_worker, stop  # noqa: F401  (fixtures)
+from tests.support.live import in_flight_by_node
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(120)
@@ -55,29 +56,6 @@ async def deploy_on(bus, model: ModelId, node_id: str) -> DeployReady:
     return await bus.wait(DeployReady, timeout=90, deployment_id=deployment_id)
 
 
-async def in_flight_by_node(nc, model: str, workers: int) -> dict[str, int]:
-    """Ask every worker (rpc.inference-worker.models) how many requests for ``model`` it is serving."""
-    from shared.inference import LoadedModels, LoadedModelsRequest
-    from shared.inference_client import MODELS_SUBJECT
-    from shared.rpc import RpcReply
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(MODELS_SUBJECT, LoadedModelsRequest().model_dump_json().encode(), reply=inbox)
-    counts: dict[str, int] = {}
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=1.0)
-            loaded = LoadedModels.model_validate(RpcReply.model_validate_json(msg.data).result)
-            counts[loaded.node_id] = sum(d.requests_in_flight for d in loaded.deployments if d.model.name == model)
-            if len(counts) == workers:
-                break
-    except Exception:  # no more replies within the window
-        pass
-    finally:
-        await sub.unsubscribe()
-    return counts
-
 
 async def test_killing_a_worker_mid_stream_errors_the_client_and_the_other_replica_serves(
         nats_server, tmp_path, pushed):  # noqa: F811
@@ -95,7 +73,7 @@ async def test_killing_a_worker_mid_stream_errors_the_client_and_the_other_repli
 
             stream = await client.completions.create(model="long", prompt="It was", max_tokens=LONG, temperature=0, stream=True)
             received = [await anext(aiter(stream))]
-            counts = await in_flight_by_node(bus.nc, "long", workers=2)
+            counts = await in_flight_by_node(bus.nc, workers=2, model="long")
             serving = [node for node, n in counts.items() if n > 0]
             assert len(serving) == 1, counts
             victim, survivor = serving[0], next(n for n in procs if n != serving[0])
@@ -111,7 +89,7 @@ async def test_killing_a_worker_mid_stream_errors_the_client_and_the_other_repli
             for _ in range(3):  # the dead worker's subscription is gone: every new request reaches the survivor
                 again = await client.completions.create(model="long", prompt="It was", max_tokens=4, temperature=0)
                 assert again.usage.completion_tokens == 4
-            assert set(await in_flight_by_node(bus.nc, "long", workers=1)) == {survivor}
+            assert set(await in_flight_by_node(bus.nc, workers=1, model="long")) == {survivor}
     finally:
         for proc in procs.values():
             stop(proc)

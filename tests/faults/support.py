@@ -141,26 +141,3 @@ class EventWatch:
 
 
 
-async def in_flight_by_node(nc: Client, workers: int, window_s: float = 2.0) -> dict[str, int]:
-    """Ask every worker (rpc.inference-worker.models, no queue group) how many requests it carries;
-    done when ``workers`` answered, or after ``window_s`` of silence."""
-    from shared.inference import LoadedModels, LoadedModelsRequest
-    from shared.inference_client import MODELS_SUBJECT
-    from shared.rpc import RpcReply
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(MODELS_SUBJECT, LoadedModelsRequest().model_dump_json().encode(), reply=inbox)
-    counts: dict[str, int] = {}
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=window_s)
-            loaded = LoadedModels.model_validate(RpcReply.model_validate_json(msg.data).result)
-            counts[loaded.node_id] = sum(d.requests_in_flight for d in loaded.deployments)
-            if len(counts) == workers:
-                break
-    except nats.errors.TimeoutError:  # no more replies within the window
-        pass
-    finally:
-        await sub.unsubscribe()
-    return counts

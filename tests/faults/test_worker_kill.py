@@ -13,8 +13,9 @@ import pytest
 
 from shared.events import InferenceCompleted
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
-from tests.faults.support import MODEL, EventWatch, in_flight_by_node, spawn_worker, stop_process
+from tests.faults.support import MODEL, EventWatch, spawn_worker, stop_process
 from tests.support.helpers import eventually
+from tests.support.live import in_flight_by_node
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(180)

@@ -9,18 +9,13 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import socket
 import stat
-import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import nats
 import openai
 import pytest
-import uvicorn
 
 from cli.main import main as strata
 from services.api_gateway.domain.quotas import QuotaExceeded, Quotas, TokenBucket, whole_seconds
@@ -32,7 +27,8 @@ from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401
 from tests.support.fake_worker import FakeWorker, Script
-from tests.support.helpers import eventually, make_service
+from tests.support.helpers import make_service
+from tests.support.live import serve_in_thread
 
 pytestmark = pytest.mark.timeout(120)
 HI = [{"role": "user", "content": "hi"}]
@@ -102,25 +98,8 @@ def test_quotas_raise_429_naming_the_quota_and_its_limit():
 
 
 # -- live services --------------------------------------------------------------------------
-@contextlib.contextmanager
-def serve(service: Service) -> Iterator[str]:
-    """``service`` behind real uvicorn in a thread (its own event loop); yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(service.http, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"{service.name} did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+def serve(service: Service) -> contextlib.AbstractContextManager[str]:
+    return serve_in_thread(service.http, service.name)
 
 
 @contextlib.asynccontextmanager
