@@ -32,6 +32,11 @@ from shared.events import DeadLetter, MalformedEvent, parse_event
 log = logging.getLogger(__name__)
 DURABLE = "provenance-ledger-log"
 
+# A batch of 1000 is appended in about 0.1 s; a crashed ledger's unacknowledged batch comes back to
+# its successor after this long, so it is short enough to catch up soon and long enough never to expire
+# under a slow commit (a redelivered event is appended once anyway).
+ACK_WAIT_S = 10.0
+
 
 class EventIngest:
     def __init__(
@@ -42,7 +47,7 @@ class EventIngest:
         service: str = "provenance-ledger",
         durable: str = DURABLE,
         batch: int = 1000,
-        ack_wait_s: float = 30.0,
+        ack_wait_s: float = ACK_WAIT_S,
         after_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.nc, self.ledger, self.service, self.durable, self.batch = nc, ledger, service, durable, batch

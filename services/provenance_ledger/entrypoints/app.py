@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Depends, Query
 from fastapi.responses import PlainTextResponse
 
-from services.provenance_ledger.adapters.ingest import EventIngest
+from services.provenance_ledger.adapters.ingest import ACK_WAIT_S, EventIngest
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.receipt import Receipt
 from services.provenance_ledger.domain.tree_head import key_id
@@ -60,7 +60,7 @@ class LedgerApp:
             await self.report_tamper(self.ledger.tamper)
         # After a crash, the batch it had fetched but not acknowledged comes back only after the ack wait:
         # a shorter one (STRATA_LEDGER_ACK_WAIT_SECONDS) catches up sooner, a redelivery is appended once.
-        ack_wait = float(os.environ.get("STRATA_LEDGER_ACK_WAIT_SECONDS", 30))
+        ack_wait = float(os.environ.get("STRATA_LEDGER_ACK_WAIT_SECONDS", ACK_WAIT_S))
         self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME, ack_wait_s=ack_wait,
                                   after_commit=self.checkpoint_if_due)
         await self.ingest.start()
