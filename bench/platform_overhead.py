@@ -173,6 +173,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+API_KEY = "sk-strata-platform-overhead-bench"  # registered through STRATA_API_KEYS unless --open
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 
@@ -181,11 +182,12 @@ class RawClient:
     so that the load generator spends little of the CPU it shares with what it measures: httpx
     costs ~3.5 ms of CPU per request here, more than the gateway itself. Same body as httpx sends."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
         from urllib.parse import urlparse
 
         u = urlparse(url)
         self.host, self.port = u.hostname, u.port
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, url: str, json: dict) -> "RawResponse":
@@ -194,7 +196,7 @@ class RawClient:
 
         body = _json.dumps(json).encode()
         head = (f"POST {urlparse(url).path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
-                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+                f"{self.headers}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
         reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
         writer.write(head + body)
         status_line = await reader.readline()
@@ -282,7 +284,8 @@ async def measure(url: str, args, label: str, base: dict, pids: dict[str, int]) 
     import httpx
 
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
-    client_cm = RawClient(url) if args.client == "raw" else httpx.AsyncClient(limits=limits, timeout=30)
+    headers = {} if args.open else {"authorization": f"Bearer {API_KEY}"}
+    client_cm = RawClient(url, headers) if args.client == "raw" else httpx.AsyncClient(limits=limits, timeout=30, headers=headers)
     async with client_cm as client:
         await wait_ready(client, url)
         await sequential(client, url, args.warmup)
@@ -330,7 +333,8 @@ async def main_async(args) -> list[dict]:
                    "STRATA_NODE_ID": "bench-node", "STRATA_API_GATEWAY_PORT": str(gw_port),
                    "STRATA_API_GATEWAY_MAX_IN_FLIGHT": str(max(256, args.concurrency * 2)),
                    "STRATA_INFERENCE_WORKER_PORT": str(free_port()), "STRATA_MONITOR_PORT": str(free_port()),
-                   "STRATA_PROVENANCE_LEDGER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+                   "STRATA_PROVENANCE_LEDGER_PORT": str(free_port()), "PYTHONPATH": str(ROOT),
+                   **({} if args.open else {"STRATA_API_KEYS": API_KEY})}
             procs.append(spawn([str(Path(__file__).resolve()), "worker"], env, tmpdir / "worker.log",
                                prof / "worker.prof" if prof else None))
             procs.append(spawn(["-m", "cli.main", "serve", "api-gateway"], env, tmpdir / "gateway.log",
@@ -368,10 +372,13 @@ def main() -> None:
     ap.add_argument("--skip-consumers", action="store_true", help="no ledger/monitor phase")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="load generator: a lean asyncio HTTP/1.1 client (default) or httpx.AsyncClient")
+    ap.add_argument("--open", action="store_true",
+                    help="no API key (the gateway's open mode); by default every request carries a key, as under strata up")
     ap.add_argument("--profile", help="write cProfile output of the gateway and worker into this folder")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     print(f"platform overhead: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, client {args.client}, "
+          f"{'open (no API key)' if args.open else 'an API key on every request'}, "
           f"load {loadavg()}", flush=True)
     rows = asyncio.run(main_async(args))
     for row in rows[1:]:

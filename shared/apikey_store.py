@@ -1,5 +1,6 @@
 """API key records in the JetStream KV bucket ``strata-api-keys``, keyed by the key's public id, so
-every service and every replica sees the same keys, and a revocation everywhere at once.
+every service and every replica sees the same keys, and a revocation everywhere within a second
+(what a service read is believed for ``RECHECK_S``: a request costs no KV round trip).
 
 Who may do what on NATS (shared/nats_auth.py): the gateway and the ``operator`` credential (the CLI's
 ``strata key``) write the bucket; model-store, hardware-inventory and the ledger only read it, so they
@@ -21,7 +22,8 @@ from shared.apikeys import BOOTSTRAP_NAME, ApiKeyRecord, Scope, hash_key, key_id
 from shared.nats_auth import API_KEYS_BUCKET, _write_private
 
 BUCKET = API_KEYS_BUCKET
-RECHECK_S = 1.0  # how long "no key configured" (or "no bucket yet") is believed before NATS is asked again
+RECHECK_S = 1.0  # how long a read (a record, "no such key", "no key configured", "no bucket yet") is believed
+CACHED_IDS = 10_000  # bounded: a flood of made-up keys cannot grow the cache without end
 
 
 class KeyStore:
@@ -29,6 +31,7 @@ class KeyStore:
         self.js = js
         self.kv = kv
         self._empty: tuple[bool, float] | None = None
+        self._records: dict[str, tuple[ApiKeyRecord | None, float]] = {}  # id -> (record or None, read at)
         self._looked_for_bucket = time.monotonic()
 
     @classmethod
@@ -61,8 +64,17 @@ class KeyStore:
         return None if entry.value is None else ApiKeyRecord.model_validate_json(entry.value)
 
     async def lookup(self, key: str) -> ApiKeyRecord | None:
-        """The record of a presented key, or None: one KV get by id, then the full hash compared."""
-        record = await self.get(key_id(key))
+        """The record of a presented key, or None: a KV get by id (at most one a second per id), then
+        the full hash compared."""
+        id, now = key_id(key), time.monotonic()
+        cached = self._records.get(id)
+        if cached is not None and now - cached[1] < RECHECK_S:
+            record = cached[0]
+        else:
+            record = await self.get(id)
+            if len(self._records) >= CACHED_IDS:
+                self._records.clear()
+            self._records[id] = (record, now)
         return record if record is not None and record.matches(key) else None
 
     async def list(self) -> list[ApiKeyRecord]:
@@ -97,6 +109,7 @@ class KeyStore:
         except KeyWrongLastSequenceError:
             return False
         self._empty = None
+        self._records.pop(record.id, None)
         return True
 
     async def create(self, name: str, scopes: list[Scope] | None = None, *, requests_per_minute: int | None = None,
@@ -116,6 +129,7 @@ class KeyStore:
         if not record.revoked:
             record.revoked, record.revoked_at = True, datetime.now(timezone.utc)
             await self.kv.put(record.id, record.model_dump_json(exclude={"id"}).encode())
+        self._records.pop(record.id, None)
         return record
 
     async def seed(self, keys: list[str], name: str = "env:STRATA_API_KEYS") -> int:

@@ -19,7 +19,7 @@ import pytest
 
 from cli.main import main as strata
 from services.api_gateway.domain.quotas import QuotaExceeded, Quotas, TokenBucket, whole_seconds
-from shared.apikey_store import KeyStore, ensure_admin_key
+from shared.apikey_store import RECHECK_S, KeyStore, ensure_admin_key
 from shared.apikeys import ApiKeyRecord, bearer_token, hash_key, key_id, record_for
 from shared.events import InferenceCompleted
 from shared.service import Service
@@ -252,12 +252,38 @@ async def test_ensure_admin_key_only_on_an_empty_bucket(nats_server, tmp_path):
         assert not (tmp_path / "again.key").exists()
 
 
+async def test_a_key_read_is_believed_for_a_second_so_requests_cost_no_kv_round_trip(nats_server, monkeypatch):
+    async with key_store(nats_server.url) as keys:
+        key, _ = await keys.create("cached")
+        reads = []
+        get = keys.get
+        monkeypatch.setattr(keys, "get", lambda id: reads.append(id) or get(id))
+        for _ in range(20):
+            assert (await keys.lookup(key)).name == "cached"
+            assert await keys.lookup("sk-strata-made-up") is None
+        assert len(reads) == 2, "one read per id, not one per request"
+        await keys.revoke(key_id(key))  # this store forgets what it read of the key at once
+        assert (await keys.lookup(key)).revoked
+
+
 # -- the CLI --------------------------------------------------------------------------------
 async def cli(capsys, *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()
     code = await asyncio.to_thread(strata, list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+async def refused_within(client: openai.AsyncOpenAI, seconds: float) -> openai.AuthenticationError:
+    """Ask until the gateway refuses the client's key; fail after ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            await client.chat.completions.create(model="tiny", messages=HI)
+        except openai.AuthenticationError as refused:
+            return refused
+        assert asyncio.get_running_loop().time() < deadline, f"the revoked key still worked after {seconds}s"
+        await asyncio.sleep(0.1)
 
 
 async def test_cli_create_ls_revoke_round_trip(nats_server, tmp_path, capsys):
@@ -285,9 +311,8 @@ async def test_cli_create_ls_revoke_round_trip(nats_server, tmp_path, capsys):
             assert chat.choices[0].message.content == "Hello, world!"
             code, out, _ = await cli(capsys, "key", "revoke", key_id(key), *common)
             assert code == 0 and f"revoked API key {key_id(key)}" in out
-            with pytest.raises(openai.AuthenticationError) as caught:
-                await gateway.client(api_key=key).chat.completions.create(model="tiny", messages=HI)
-            assert "revoked" in caught.value.response.json()["error"]["message"]
+            refused = await refused_within(gateway.client(api_key=key), RECHECK_S + 2)  # a read is believed RECHECK_S
+            assert "revoked" in refused.response.json()["error"]["message"]
         code, out, _ = await cli(capsys, "key", "ls", "--json", *common)
         assert {r["name"]: r["revoked"] for r in json.loads(out)} == {"ci": True, "ops": False}
 
