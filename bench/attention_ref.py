@@ -1,5 +1,7 @@
 """The CPU reference of paged decode attention, before and after it moved to one gather +
-F.scaled_dot_product_attention, at the decode shapes of bench/engine.py (interleaved, same run).
+F.scaled_dot_product_attention, at the decode shapes of bench/engine.py (interleaved, same run), next
+to F.scaled_dot_product_attention on an already-contiguous KV cache (no block table, no gather: the
+floor a paged kernel is compared with). bench/engine.py's CUDA attention table uses the same helpers.
 
     .venv/bin/python bench/attention_ref.py [--batch 32] [--context 96]
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def einsum_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -32,6 +35,50 @@ def einsum_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
     v = v.masked_fill(~valid[:, :, None, None], 0.0)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhgs,bshd->bhgd", probs, v).reshape(B, n_q, d).to(q.dtype)
+
+
+def contiguous_kv(k_cache, v_cache, block_tables, length: int):
+    """The paged cache copied out once into contiguous [B, n_kv, length, head_dim] K and V (slots past
+    a sequence's context hold whatever the blocks held: mask them)."""
+    B = block_tables.shape[0]
+    _, block_size, n_kv, d = k_cache.shape
+    n_blocks = -(-length // block_size)
+    blocks = block_tables[:, :n_blocks].long()
+
+    def one(cache):
+        return (cache[blocks].reshape(B, n_blocks * block_size, n_kv, d)[:, :length]
+                .transpose(1, 2).contiguous())
+
+    return one(k_cache), one(v_cache)
+
+
+def has_sdpa_gqa() -> bool:
+    """F.scaled_dot_product_attention(enable_gqa=...) exists (torch >= 2.5)."""
+    import inspect
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: try it
+        try:
+            x = torch.zeros(1, 2, 1, 4)
+            F.scaled_dot_product_attention(x, x[:, :1], x[:, :1], enable_gqa=True)
+            return True
+        except TypeError:
+            return False
+
+
+def sdpa_contiguous(q, k, v, scale: float, mask=None):
+    """Decode attention of q [B, n_q, D] over contiguous k, v [B, n_kv, L, D] (mask: [B, L] bool,
+    True = attend, or None = attend to all L). GQA through enable_gqa, so K/V are read once; on an
+    older torch the caller passes K/V already expanded to n_q heads."""
+    B, n_q, d = q.shape
+    kw = {"enable_gqa": True} if k.shape[1] != n_q else {}
+    m = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=m, scale=scale, **kw)
+    return out.reshape(B, n_q, d)
+
+
+def length_mask(context_lens, length: int):
+    return torch.arange(length, device=context_lens.device)[None, :] < context_lens[:, None].long()
 
 
 def main() -> None:
@@ -59,8 +106,15 @@ def main() -> None:
     q = torch.randn(B, args.heads, args.head_dim)
     call = (q, k_cache, v_cache, block_tables, context_lens, args.head_dim ** -0.5)
     torch.testing.assert_close(paged_decode_attention_ref(*call), einsum_ref(*call), atol=1e-5, rtol=1e-5)
-    times = {"einsum (before)": [], "gather + SDPA (now)": []}
-    fns = {"einsum (before)": einsum_ref, "gather + SDPA (now)": paged_decode_attention_ref}
+    k, v = contiguous_kv(k_cache, v_cache, block_tables, args.context)
+    if not has_sdpa_gqa():  # torch < 2.5: K/V expanded to the query heads up front
+        group = args.heads // args.kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    contiguous = lambda *_: sdpa_contiguous(q, k, v, args.head_dim ** -0.5)  # noqa: E731
+    torch.testing.assert_close(contiguous(), einsum_ref(*call), atol=1e-5, rtol=1e-5)
+    fns = {"einsum (before)": einsum_ref, "gather + SDPA (now)": paged_decode_attention_ref,
+           "SDPA, contiguous cache": contiguous}
+    times = {name: [] for name in fns}
     for _ in range(args.iters):  # interleaved, so both see the same machine
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -73,7 +127,8 @@ def main() -> None:
     for name, us in med.items():
         print(f"  {name:<22} median {us:8.1f} us")
     before, now = med["einsum (before)"], med["gather + SDPA (now)"]
-    print(f"  speed-up {before / now:.2f}x")
+    print(f"  speed-up {before / now:.2f}x; now / contiguous-cache SDPA "
+          f"{now / med['SDPA, contiguous cache']:.2f}x (the gather's cost)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
-"""Engine benchmark: generation throughput of the Strata engine vs HF transformers.generate on the
-same checkpoint, in the same run; on CUDA also each Triton kernel vs torch eager and torch.compile.
+"""Engine benchmark: the Strata engine next to HF transformers.generate on the same checkpoint, in the
+same run; the batch-1 decode roofline; batched decode through the continuous-batching engine; on CUDA
+also each Triton kernel vs torch eager / torch.compile and paged attention vs SDPA on a contiguous cache.
 
-    python bench/engine.py                       # random-weight Llama made on the fly, CPU or GPU
-    python bench/engine.py --checkpoint DIR      # any supported HF checkpoint directory
-    python bench/engine.py --hidden 2048 --layers 16 --batch-sizes 1,32,64 --new-tokens 128
+    python bench/engine.py                             # small random-weight Llama made on the fly
+    python bench/engine.py --preset llama3-8b --batch-sizes 1,64   # the GPU rows of issue #11
+    python bench/engine.py --checkpoint DIR            # any supported HF checkpoint directory
 
-Throughput is generated tokens / wall time of the whole generate call (prefill included), greedy,
-every sequence producing exactly --new-tokens tokens (eos ignored on both sides); best of --repeat
-runs that alternate between the two engines.
+Every sequence produces exactly --new-tokens greedy tokens (eos ignored on both sides).
+- decode tok/s: tokens after the prefill / the time they took. Strata: per-token host timestamps from
+  the engine's stream callbacks (the engine samples to host ints, so a token is done when streamed);
+  HF: a run of --new-tokens minus a run of new_tokens/8 (same prompt: the prefill cancels out).
+- whole-run tok/s: tokens / wall time of the whole call, prefill included.
+- ITL: inter-token latency, the gaps between a request's consecutive tokens (all requests pooled).
+- roofline (batch 1): copy bandwidth / bytes read per token, where the bytes are every parameter but
+  the embedding table (gathered, one row; counted when tied to the output projection) plus the KV
+  cache at the mean decode context.
+Best of --repeat runs that alternate between the engines; ITL pooled over all runs.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import gc
 import json
 import os
 import platform
-import statistics
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -26,150 +35,72 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.engine_runners import HFBench, StrataBench, hf_variants  # noqa: E402
+from bench.roofline import (copy_bandwidth_gbs, kv_bytes_per_token, percentile,  # noqa: E402
+                            weight_bytes_read_per_step)
+
+PRESETS = {
+    "llama3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+                      dtype="bfloat16", max_position=8192, rope_theta=500000.0),
+}
+
 
 # ---- the checkpoint ------------------------------------------------------------------------------
-def make_checkpoint(args, root: Path) -> Path:
-    """A random-weight LlamaForCausalLM and a word-level tokenizer covering its whole vocabulary."""
+def make_checkpoint(args, root: Path, device: str, dtype: torch.dtype):
+    """A random-weight LlamaForCausalLM built directly on ``device`` in ``dtype`` (an 8B model never
+    exists as float32 on the host), saved as safetensors, plus a word-level tokenizer over its whole
+    vocabulary. Returns (path, the model in memory, timings)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, args.vocab)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t0 = time.perf_counter()
     cfg = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=4096, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False)
+        num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_position,
+        rope_theta=args.rope_theta, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the constructor allocates and initialises in this dtype...
+    try:
+        with torch.device(device):  # ...on this device
+            model = transformers.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    sync_device(device)
+    t_init = time.perf_counter() - t0
     path = root / "bench-llama"
-    model.save_pretrained(path)
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(path, max_shard_size="4GB")  # safetensors; shards keep host memory low
+    config_file = path / "config.json"
+    saved = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    if name not in (saved.get("dtype"), saved.get("torch_dtype")):  # the engine loads in this dtype
+        saved.update(dtype=name, torch_dtype=name)
+        config_file.write_text(json.dumps(saved, indent=2))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, args.vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return path
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    timing = {"init_s": t_init, "save_s": time.perf_counter() - t0 - t_init, "bytes": size}
+    return path, model, timing
 
 
-# ---- throughput ----------------------------------------------------------------------------------
-def strata_runner(path, device, dtype, batch, prompts, new_tokens):
-    """An engine sized for this row, warmed up; returns a function timing one generate call."""
-    from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
+def load_hf(path: Path, device: str, dtype: torch.dtype):
+    import transformers
 
-    prompt_len = len(prompts[0])
-    blocks = batch * (-(-(prompt_len + new_tokens) // 16) + 1) + 8
-    eng = LLMEngine.from_pretrained(path, EngineConfig(
-        device=device, dtype=dtype, num_blocks=blocks, block_size=16, max_num_seqs=max(batch, 1),
-        max_num_batched_tokens=max(batch * prompt_len, 512)))
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    eng.generate(prompts[:batch], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-
-    def run() -> float:
-        sync(device)
-        t = time.perf_counter()
-        outs = eng.generate(prompts[:batch], params)
-        sync(device)
-        dt = time.perf_counter() - t
-        assert all(len(o.token_ids) == new_tokens for o in outs)
-        return batch * new_tokens / dt
-
-    return run
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **kw).to(device).eval()
 
 
-def hf_runner(hf, device, batch, prompts, new_tokens):
-    ids = torch.tensor(prompts[:batch], device=device)
-    kw = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-    with torch.inference_mode():
-        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
-
-    def run() -> float:
-        with torch.inference_mode():
-            sync(device)
-            t = time.perf_counter()
-            out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            sync(device)
-        dt = time.perf_counter() - t
-        assert out.shape[1] - ids.shape[1] == new_tokens
-        return batch * new_tokens / dt
-
-    return run
-
-
-def sync(device):
+def sync_device(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-# ---- kernels (CUDA only) -------------------------------------------------------------------------
-def time_ms(fn, iters=50) -> float:
-    try:
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except ImportError:
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-
-
-def bench_kernels(dtype: torch.dtype, tokens: int, dev: str = "cuda") -> None:
-    from services.inference_worker import kernels as K
-
-    dt = dtype
-    name = torch.cuda.get_device_name(dev)
-    copy_src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    copy_dst = torch.empty_like(copy_src)
-    copy_ms = time_ms(lambda: copy_dst.copy_(copy_src))
-    peak = 2 * copy_src.numel() / copy_ms / 1e6  # GB/s, read + write
-    del copy_src, copy_dst
-    print(f"\n## Kernels on {name} ({dt}); bandwidth reference: device-to-device copy of 1 GiB "
-          f"= {peak:.0f} GB/s")
-    T, H, I, nq, nkv, D = tokens, 4096, 14336, 32, 8, 128  # Llama-3-8B-like shapes
-    e = torch.empty((), dtype=dt).element_size()
-    x, res, w = (torch.randn(T, H, device=dev, dtype=dt), torch.randn(T, H, device=dev, dtype=dt),
-                 torch.randn(H, device=dev, dtype=dt))
-    q = torch.randn(T, nq, D, device=dev, dtype=dt)
-    cos, sin = torch.randn(T, D // 2, device=dev), torch.randn(T, D // 2, device=dev)
-    gu = torch.randn(T, 2 * I, device=dev, dtype=dt)
-    B, ctx, bs = 32, 2048, 16
-    nblk = B * ctx // bs
-    kc, vc = (torch.randn(nblk, bs, nkv, D, device=dev, dtype=dt) for _ in range(2))
-    bt = torch.randperm(nblk, device=dev, dtype=torch.int32).view(B, ctx // bs)
-    lens = torch.randint(ctx // 2, ctx + 1, (B,), device=dev, dtype=torch.int32)
-    qd = torch.randn(B, nq, D, device=dev, dtype=dt)
-    attn_bytes = int(lens.sum()) * nkv * D * 2 * e + 2 * qd.numel() * e
-    cases = [
-        ("rms_norm", K.rms_norm_triton, K.rms_norm_ref, (x, w, 1e-5), 2 * T * H * e),
-        ("rms_norm_residual", K.rms_norm_residual_triton, K.rms_norm_residual_ref, (x, res, w, 1e-5),
-         4 * T * H * e),
-        ("rope", K.rope_triton, K.rope_ref, (q, cos, sin), 2 * q.numel() * e + 2 * cos.numel() * 4),
-        ("swiglu", K.swiglu_triton, K.swiglu_ref, (gu,), 3 * T * I * e),
-        ("paged_decode_attention", K.paged_decode_attention_triton, K.paged_decode_attention_ref,
-         (qd, kc, vc, bt, lens, D ** -0.5), attn_bytes),
-    ]
-    print(f"shapes: T={T} tokens, hidden {H}, intermediate {I}, heads {nq}/{nkv}x{D}; decode: "
-          f"batch {B}, context {ctx // 2}-{ctx}, block {bs}")
-    print(f"| kernel | triton GB/s | % of copy | torch eager GB/s | torch.compile GB/s | "
-          f"triton vs eager | triton vs compile |")
-    print("|---|---|---|---|---|---|---|")
-    for kname, tri, ref, a, nbytes in cases:
-        t_tri, t_ref = time_ms(lambda: tri(*a)), time_ms(lambda: ref(*a))
-        try:
-            comp = torch.compile(ref, dynamic=False)
-            comp(*a)
-            t_comp = time_ms(lambda: comp(*a))
-        except Exception as ex:  # report, keep going
-            print(f"  (torch.compile failed for {kname}: {type(ex).__name__}: {ex})")
-            t_comp = float("nan")
-        gbs = lambda ms: nbytes / ms / 1e6
-        print(f"| {kname} | {gbs(t_tri):.0f} | {100 * gbs(t_tri) / peak:.0f}% | {gbs(t_ref):.0f} | "
-              f"{gbs(t_comp):.0f} | {t_ref / t_tri:.2f}x | {t_comp / t_tri:.2f}x |")
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -188,15 +119,19 @@ def machine(device: str) -> str:
                 break
     except OSError:
         pass
-    dev = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"CPU ({cpu})"
+    dev = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+           if torch.device(device).type == "cuda" else f"CPU ({cpu})")
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {dev}; "
             f"python {platform.python_version()}, torch {torch.__version__}, triton {tv}, "
             f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}")
 
 
-def main(argv=None) -> None:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="model shape (and dtype) of a known model")
     ap.add_argument("--checkpoint", help="HF checkpoint dir (default: random Llama made on the fly)")
+    ap.add_argument("--checkpoint-dir", type=Path, help="where to write the random checkpoint and keep "
+                    "it (default: a temporary folder, removed at the end)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32/bfloat16/float16 "
                     "(default: float32 on CPU, bfloat16 on CUDA)")
@@ -206,6 +141,8 @@ def main(argv=None) -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=1408)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--max-position", type=int, default=4096)
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,32")
@@ -215,53 +152,234 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed runs per row, alternating engines; the best of each is reported")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="HF baseline with a static cache + torch.compile(mode='default'), at the "
+                    "smallest batch size (default: on for CUDA; off on CPU, where it runs the static "
+                    "cache without compile)")
+    ap.add_argument("--hf-batch-sizes", default=None,
+                    help="batch sizes that get HF baselines (default: all of --batch-sizes)")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--only-kernels", action="store_true",
+                    help="only the kernel and attention tables (CUDA), no model")
+    ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    pre, _ = ap.parse_known_args(argv)
+    if pre.preset:
+        ap.set_defaults(**PRESETS[pre.preset])
     args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (decode throughput needs tokens after the first)")
+    if args.hf_compile is None:
+        args.hf_compile = args.device.startswith("cuda")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # `timeout` sends SIGTERM: exit through the finally below, so --json keeps what was measured
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads:
         torch.set_num_threads(args.threads)
     from services.inference_worker.engine.config import parse_dtype
 
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    print(f"# Strata engine benchmark\nmachine: {machine(args.device)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.checkpoint) if args.checkpoint else make_checkpoint(args, Path(tmp))
-        cfg = json.loads((path / "config.json").read_text())
-        desc = (f"{cfg['architectures'][0]} hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
-                f"layers, heads {cfg['num_attention_heads']}/{cfg.get('num_key_value_heads')}, "
-                f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}")
-        print(f"model: {desc}{'' if args.checkpoint else ' (random weights)'}; device {args.device}, "
-              f"{dtype}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy")
-        g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, cfg["vocab_size"], (max(batches), args.prompt_tokens),
-                                generator=g).tolist()
+    batches = sorted({int(b) for b in args.batch_sizes.split(",")})
+    report: dict = {"machine": machine(args.device), "args": {k: str(v) for k, v in vars(args).items()}}
+    print(f"# Strata engine benchmark\nmachine: {report['machine']}", flush=True)
+    copy_gbs, copy_how = copy_bandwidth_gbs(args.device)
+    report["copy_gbs"] = copy_gbs
+    print(f"bandwidth: {copy_gbs:.0f} GB/s ({copy_how})", flush=True)
+    try:
+        if not args.only_kernels:
+            run_model(args, dtype, batches, copy_gbs, report)
+        if not args.skip_kernels:
+            run_kernels(args, dtype, copy_gbs, report)
+    finally:  # what was measured is kept even when a later part fails
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def run_model(args, dtype, batches: list[int], copy_gbs: float, report: dict) -> None:
+    tmp = None if args.checkpoint_dir else tempfile.TemporaryDirectory()
+    try:
         hf = None
-        if not args.skip_hf:
-            import transformers
-            major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-            kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, **kw).to(args.device).eval()
-        print(f"\n| batch | strata tok/s | HF generate tok/s | strata / HF |  (best of {args.repeat})"
-              "\n|---|---|---|---|")
-        for b in batches:
-            ours_run = strata_runner(path, args.device, dtype, b, prompts, args.new_tokens)
-            hf_run = hf_runner(hf, args.device, b, prompts, args.new_tokens) if hf is not None else None
-            ours, ref = [], []
-            for _ in range(args.repeat):  # alternate, so load from elsewhere hits both alike
-                ours.append(ours_run())
-                ref.append(hf_run() if hf_run else float("nan"))
-            del ours_run
-            gc.collect()
-            print(f"| {b} | {max(ours):.1f} | {max(ref):.1f} | {max(ours) / max(ref):.2f}x |",
+        if args.checkpoint:
+            path = Path(args.checkpoint)
+        else:
+            root = args.checkpoint_dir or Path(tmp.name)
+            root.mkdir(parents=True, exist_ok=True)
+            path, hf, made = make_checkpoint(args, root, args.device, dtype)
+            report["checkpoint_made"] = made
+            print(f"checkpoint: made in {made['init_s']:.1f} s (random init on {args.device}, {dtype}) "
+                  f"+ {made['save_s']:.1f} s (safetensors, {made['bytes'] / 1e9:.2f} GB) at {path}",
                   flush=True)
+        report["checkpoint"] = str(path)
+        if args.skip_hf:
+            hf = None
+        elif hf is None:
+            hf = load_hf(path, args.device, dtype)
+        gc.collect()
+        run_rows(args, path, dtype, batches, hf, copy_gbs, report)
         del hf
-    if args.skip_kernels:
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_kernels(args, dtype, copy_gbs: float, report: dict) -> None:
+    if not torch.cuda.is_available() or not args.device.startswith("cuda"):
+        print("\nKernel and attention tables skipped: they time the Triton kernels, which run on "
+              "CUDA only (on CPU the engine uses their torch references; bench/attention_ref.py "
+              "times those next to SDPA on a contiguous cache).")
         return
-    if not torch.cuda.is_available():
-        print("\nKernel benchmark skipped: no CUDA device here (the Triton kernels run on GPU only; "
-              "on CPU the engine uses their torch references).")
+    from bench.engine_kernels import bench_kernels
+    try:
+        report["kernels"] = bench_kernels(dtype if dtype != torch.float32 else torch.bfloat16,
+                                          args.kernel_tokens, copy_gbs)
+    except Exception as ex:  # the throughput rows stand on their own
+        print(f"\nKernel table failed: {type(ex).__name__}: {ex}")
+        report["kernels_error"] = f"{type(ex).__name__}: {ex}"
+
+
+def run_rows(args, path: Path, dtype, batches: list[int], hf, copy_gbs: float, report: dict) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    desc = (f"{cfg['architectures'][0]} hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
+            f"layers, heads {cfg['num_attention_heads']}/{cfg.get('num_key_value_heads')}, "
+            f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}")
+    print(f"model: {desc}{'' if args.checkpoint else ' (random weights)'}; device {args.device}, "
+          f"{dtype}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy",
+          flush=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, cfg["vocab_size"], (max(batches), args.prompt_tokens), generator=g).tolist()
+    t = time.perf_counter()
+    ours = StrataBench(path, args.device, dtype, max(batches), args.prompt_tokens, args.new_tokens)
+    print(f"strata engine loaded in {time.perf_counter() - t:.1f} s", flush=True)
+    variants = hf_variants(hf, args.device, args.hf_compile) if hf is not None else []
+    hf_batches = ({int(b) for b in args.hf_batch_sizes.split(",")} if args.hf_batch_sizes
+                  else set(batches))
+    rows = []
+    for b in batches:
+        row = {"batch": b}
+        ours.warm(prompts[:b])
+        ids = torch.tensor(prompts[:b], device=args.device)
+        benches = []
+        for v in variants:
+            if b not in hf_batches or ("static" in v.name and b != min(hf_batches)):
+                continue  # one static-cache shape (and compile) per run: the smallest HF batch
+            hb = HFBench(hf, v, args.device, args.new_tokens)
+            try:
+                hb.warm(ids)
+                benches.append(hb)
+                compiled = hb.compiled()
+                note = "" if compiled is None else f"; compiled: {'yes' if compiled else 'NO'}"
+                print(f"{v.name} @ batch {b}: {v.how}; warm-up {hb.warm_s:.1f} s{note}", flush=True)
+                row.setdefault("hf_setup", {})[v.name] = {"how": v.how, "warm_s": hb.warm_s,
+                                                          "compiled": compiled}
+            except Exception as ex:  # a baseline that cannot run is reported, not fatal
+                msg = f"{type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}"
+                print(f"{v.name} @ batch {b} FAILED ({v.how}): {msg}", flush=True)
+                row.setdefault("hf_errors", {})[v.name] = msg
+        runs, times = [], {hb.v.name: [] for hb in benches}
+        for _ in range(args.repeat):  # alternate, so load from elsewhere hits all alike
+            runs.append(ours.run(prompts[:b]))
+            for hb in benches:
+                times[hb.v.name].append(hb.run(ids))
+        gaps = [x for r in runs for x in r.gaps_s]
+        row.update(strata_whole=max(r.whole_tok_s for r in runs),
+                   strata_decode=max(r.decode_tok_s for r in runs),
+                   itl_p50_ms=1e3 * percentile(gaps, 50), itl_p99_ms=1e3 * percentile(gaps, 99),
+                   itl_samples=len(gaps))
+        for hb in benches:
+            full = min(x[0] for x in times[hb.v.name])
+            short = min(x[1] for x in times[hb.v.name])
+            whole, decode = hb.rates(full, short, b)
+            row.setdefault("hf", {})[hb.v.name] = {"whole": whole, "decode": decode}
+        rows.append(row)
+        report["rows"] = rows
+        hf_line = ", ".join(f"{n} {fmt(x['decode'])}" for n, x in row.get("hf", {}).items())
+        print(f"batch {b}: strata decode {fmt(row['strata_decode'])} tok/s (whole run "
+              f"{fmt(row['strata_whole'])}), ITL p50 {fmt(row['itl_p50_ms'], '.2f')} ms"
+              f"{'; HF decode tok/s: ' + hf_line if hf_line else ''}", flush=True)
+        gc.collect()
+    names = [v.name for v in variants]
+    print_throughput(rows, names, args.repeat)
+    print_roofline(ours, rows, batches, names, copy_gbs, args, report)
+    print_batched(rows, batches, report)
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "—" if x is None or x != x else format(x, spec)
+
+
+def print_throughput(rows, names, repeat) -> None:
+    head = " | ".join(f"{n} decode tok/s" for n in names)
+    ratios = " | ".join(f"strata / {n}" for n in names)
+    cols = 4 + 2 * len(names)
+    print(f"\n## Throughput (best of {repeat}; decode = after the prefill)")
+    print(f"| batch | strata whole-run tok/s | strata decode tok/s | {head}{' | ' if names else ''}"
+          f"{ratios}{' | ' if names else ''}strata ITL p50 / p99 ms |")
+    print("|" + "---|" * cols)
+    for r in rows:
+        hf = r.get("hf", {})
+        vals = [fmt(hf.get(n, {}).get("decode")) for n in names]
+        rat = [fmt(r["strata_decode"] / hf[n]["decode"], ".2f") + "x" if n in hf else "—" for n in names]
+        mid = " | ".join(vals + rat)
+        print(f"| {r['batch']} | {fmt(r['strata_whole'])} | {fmt(r['strata_decode'])} | "
+              f"{mid}{' | ' if names else ''}{fmt(r['itl_p50_ms'], '.2f')} / {fmt(r['itl_p99_ms'], '.2f')} |")
+
+
+def print_roofline(ours, rows, batches, names, copy_gbs, args, report) -> None:
+    eng = ours.engine
+    mc = eng.model_config
+    weights, embed = weight_bytes_read_per_step(eng.ckpt.model, mc.tie_word_embeddings)
+    kv_tok = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, eng.dtype.itemsize)
+    mean_ctx = args.prompt_tokens + args.new_tokens / 2  # decode steps attend over P+1 .. P+N-1
+    per_token = weights + kv_tok * mean_ctx
+    roof = copy_gbs * 1e9 / per_token
+    report["roofline"] = {"weights_bytes": weights, "embedding_bytes": embed, "kv_bytes_per_ctx": kv_tok,
+                          "mean_context": mean_ctx, "bytes_per_token": per_token, "tok_s": roof}
+    tied = "; it is tied to lm_head, so read whole" if mc.tie_word_embeddings else ""
+    print(f"\n## Batch-1 decode vs the memory-bandwidth roofline\nbytes per token: weights "
+          f"{weights / 1e9:.3f} GB (every parameter but the {embed / 1e9:.3f} GB embedding table, "
+          f"which is only gathered{tied})"
+          f" + KV cache {kv_tok * mean_ctx / 1e6:.2f} MB at the mean decode context {mean_ctx:.0f} = "
+          f"{per_token / 1e9:.3f} GB; bandwidth {copy_gbs:.0f} GB/s (copy) -> roofline {roof:.1f} tok/s")
+    one = next((r for r in rows if r["batch"] == 1), None)
+    if one is None:
+        print("(no batch-1 row: add 1 to --batch-sizes)")
         return
-    bench_kernels(dtype if dtype != torch.float32 else torch.bfloat16, args.kernel_tokens)
+    print("| engine | decode tok/s | % of roofline |\n|---|---|---|")
+    entries = [("strata", one["strata_decode"])] + [
+        (n, one.get("hf", {}).get(n, {}).get("decode")) for n in names]
+    for name, v in entries:
+        pct = None if v is None else 100 * v / roof
+        report["roofline"][f"{name}_pct"] = pct
+        print(f"| {name} | {fmt(v)} | {fmt(pct, '.0f')}{'' if pct is None else '%'} |")
+    for n in names:
+        ref = one.get("hf", {}).get(n, {}).get("decode")
+        if ref:
+            print(f"strata / {n} at batch 1 (decode): {one['strata_decode'] / ref:.2f}x")
+    print("targets (issue #11, GPU): >= 85% of roofline; >= 3x HF static+compile", flush=True)
+
+
+def print_batched(rows, batches, report) -> None:
+    one = next((r for r in rows if r["batch"] == 1), None)
+    big = [r for r in rows if r["batch"] > 1]
+    if not big:
+        return
+    print("\n## Batched decode through the continuous-batching engine (all requests added at once)")
+    print("| concurrent requests | decode tok/s | x batch-1 decode | ITL p50 ms | ITL p99 ms | "
+          "whole-run tok/s | gaps |\n|---|---|---|---|---|---|---|")
+    for r in big:
+        x = r["strata_decode"] / one["strata_decode"] if one else None
+        r["x_batch1"] = x
+        print(f"| {r['batch']} | {fmt(r['strata_decode'])} | {fmt(x, '.1f')}{'' if x is None else 'x'} | "
+              f"{fmt(r['itl_p50_ms'], '.2f')} | {fmt(r['itl_p99_ms'], '.2f')} | {fmt(r['strata_whole'])} | "
+              f"{r['itl_samples']} |")
+    print("target (issue #11, GPU, 64 requests): >= 15x batch-1 decode throughput", flush=True)
 
 
 if __name__ == "__main__":

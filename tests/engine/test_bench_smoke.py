@@ -1,0 +1,84 @@
+"""bench/engine.py at tiny shapes on CPU: every path but the CUDA-only timings runs here, so a GPU
+session (docs/benchmarks.md section 5, bench/gpu.sh) does not find a broken script."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench.engine_runners import decode_run
+from bench.roofline import kv_bytes_per_token, percentile, weight_bytes_read_per_step
+
+ROOT = Path(__file__).resolve().parents[2]
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+def test_engine_bench_prints_roofline_and_batched_rows(tmp_path):
+    out_json = tmp_path / "engine.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/engine.py", "--device", "cpu", "--threads", "1", "--hidden", "64",
+         "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "256",
+         "--prompt-tokens", "8", "--new-tokens", "6", "--batch-sizes", "1,4", "--repeat", "1",
+         "--skip-hf", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert re.search(rf"roofline {NUMBER} tok/s", text), text
+    assert re.search(rf"\| strata \| {NUMBER} \| {NUMBER}% \|", text), text
+    batched = rf"\| 4 \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER} \| {NUMBER} \| 20 \|"
+    assert re.search(batched, text), text  # decode tok/s, x batch-1, ITL p50/p99, whole run, gaps
+    assert "Kernel and attention tables skipped" in text  # and says why
+    report = json.loads(out_json.read_text())
+    rows = {r["batch"]: r for r in report["rows"]}
+    assert rows[4]["itl_samples"] == 4 * 5  # 5 gaps between 6 tokens, per request
+    assert rows[1]["strata_decode"] > 0 and report["roofline"]["tok_s"] > 0
+
+
+def test_kernel_and_attention_tables_run_with_the_references(capsys):
+    """The CUDA table's code path, with the torch references standing in for the Triton kernels."""
+    from bench.engine_kernels import Shapes, bench_kernels
+
+    tiny = Shapes(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, decode_batch=2,
+                  decode_ctx=64, block=16)
+    rows = bench_kernels(torch.float32, 8, copy_gbs=10.0, dev="cpu", shapes=tiny, triton=False,
+                         compile_=False)
+    assert set(rows) >= {"rms_norm", "rope", "swiglu", "paged_decode_attention", "attention_vs_sdpa"}
+    att = rows["attention_vs_sdpa"]
+    for case in ("equal", "spread"):  # the paged reference and SDPA on the contiguous copy agree
+        assert att[case]["rel_err"] < 1e-5
+        assert att[case]["paged_gbs"] > 0 and att[case]["sdpa_gbs"] > 0
+    assert "SDPA contiguous" in capsys.readouterr().out
+
+
+def test_weight_bytes_skip_the_embedding_unless_tied():
+    class Tiny(nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.proj = nn.Linear(4, 4, bias=False)
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            if tied:
+                self.lm_head.weight = self.embed.weight
+
+    untied, embed = weight_bytes_read_per_step(Tiny(False), tied_embeddings=False)
+    assert (untied, embed) == ((16 + 40) * 4, 40 * 4)
+    tied, _ = weight_bytes_read_per_step(Tiny(True), tied_embeddings=True)
+    assert tied == (40 + 16) * 4  # the shared table counts once
+    assert kv_bytes_per_token(32, 8, 128, 2) == 128 * 1024  # Llama-3-8B bf16
+
+
+def test_decode_rate_starts_after_every_first_token():
+    # two requests; the second's first token arrives at t=2: decode time is 2..4, tokens after t=2
+    run = decode_run(2, 3, wall=4.0, stamps=[[1.0, 2.0, 3.0], [2.0, 3.0, 4.0]])
+    assert run.decode_tok_s == pytest.approx(3 / 2.0)  # 3.0, 3.0, 4.0 in 2 s
+    assert sorted(run.gaps_s) == [1.0, 1.0, 1.0, 1.0]
+    assert run.whole_tok_s == pytest.approx(6 / 4.0)
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+    assert percentile([], 50) != percentile([], 50)  # NaN
