@@ -91,7 +91,9 @@ elif [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')" -gt $((40 * 102
 else
     CKPT_ROOT=/tmp/strata-bench
 fi
-trap 'rm -rf "$CKPT_ROOT"' EXIT
+# only what this script writes there is removed, even when STRATA_BENCH_DIR names a folder in use
+cleanup() { rm -rf "$CKPT_ROOT/bench-llama" "$CKPT_ROOT/fit-llama3-8b" "$CKPT_ROOT/fit-tiny"; }
+trap cleanup EXIT
 
 export -f env_report
 export PY
@@ -115,7 +117,7 @@ if [ -f "$CKPT_ROOT/bench-llama/config.json" ]; then  # the engine step's checkp
 else
     step fit 90 "$PY" bench/fit.py --make "$FIT_MAKE" --root "$CKPT_ROOT" "${FIT[@]}"
 fi
-rm -rf "$CKPT_ROOT"
+cleanup  # frees the RAM a /dev/shm checkpoint holds before the tests
 # conftest.py files under tests/<dir> only: tests/conftest.py imports the NATS helpers, not needed here
 step tests-kernels 60 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests/kernels ${TESTS[@]+"${TESTS[@]}"} tests/kernels
 step tests-engine 45 "$PY" -m pytest -q -p no:cacheprovider --confcutdir=tests/engine ${TESTS[@]+"${TESTS[@]}"} tests/engine
