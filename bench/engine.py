@@ -274,7 +274,7 @@ def run_rows(args, path: Path, dtype, batches: list[int], hf, copy_gbs: float, r
                 hb.warm(ids)
                 benches.append(hb)
                 compiled = hb.compiled()
-                note = "" if compiled is None else f"; compiled: {'yes' if compiled else 'NO'}"
+                note = "" if compiled is None else f"; compiled: {compiled}"
                 print(f"{v.name} @ batch {b}: {v.how}; warm-up {hb.warm_s:.1f} s{note}", flush=True)
                 row.setdefault("hf_setup", {})[v.name] = {"how": v.how, "warm_s": hb.warm_s,
                                                           "compiled": compiled}
@@ -285,8 +285,13 @@ def run_rows(args, path: Path, dtype, batches: list[int], hf, copy_gbs: float, r
         runs, times = [], {hb.v.name: [] for hb in benches}
         for _ in range(args.repeat):  # alternate, so load from elsewhere hits all alike
             runs.append(ours.run(prompts[:b]))
-            for hb in benches:
-                times[hb.v.name].append(hb.run(ids))
+            for hb in list(benches):
+                try:
+                    times[hb.v.name].append(hb.run(ids))
+                except Exception as ex:  # drop that baseline, keep the row
+                    print(f"{hb.v.name} @ batch {b} FAILED while timed: {type(ex).__name__}: {ex}")
+                    row.setdefault("hf_errors", {})[hb.v.name] = f"{type(ex).__name__}: {ex}"
+                    benches.remove(hb)
         gaps = [x for r in runs for x in r.gaps_s]
         row.update(strata_whole=max(r.whole_tok_s for r in runs),
                    strata_decode=max(r.decode_tok_s for r in runs),

@@ -77,6 +77,15 @@ def decode_run(batch: int, new_tokens: int, wall: float, stamps: list[list[float
     return DecodeRun(batch, new_tokens, wall, rate, gaps)
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (-1 where torch hides the count)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # a private API: a missing count must not stop the benchmark
+        return -1
+
+
 # ---- HF transformers baselines -------------------------------------------------------------------
 @dataclass
 class HFVariant:
@@ -87,13 +96,20 @@ class HFVariant:
     error: str | None = None  # why this variant could not run
 
 
+def compile_config_class():
+    """transformers.CompileConfig (4.47+), or None on an older transformers."""
+    try:
+        from transformers import CompileConfig
+        return CompileConfig
+    except ImportError:
+        return None
+
+
 def hf_variants(hf, device: str, compile_: bool) -> list[HFVariant]:
     """HF eager (dynamic cache) and HF with a static cache, compiled with torch.compile(mode=
     "default") when compile_ (reduce-overhead failed on an H200 with transformers 5.17: "accessing
     tensor output of CUDAGraphs that has been overwritten"). Each variant passes its own
     GenerationConfig, so the shared model is never left in another variant's mode."""
-    import transformers
-
     eager = copy.deepcopy(hf.generation_config)
     eager.cache_implementation = None
     eager.disable_compile = True  # an unknown attribute on older transformers: harmless
@@ -105,7 +121,7 @@ def hf_variants(hf, device: str, compile_: bool) -> list[HFVariant]:
         out.append(HFVariant("HF static", "cache_implementation='static', compile off "
                              "(--no-hf-compile or CPU default)", static))
         return out
-    compile_config_cls = getattr(transformers, "CompileConfig", None)
+    compile_config_cls = compile_config_class()
     if compile_config_cls is not None:  # transformers >= 4.47: generate compiles the decode steps
         cc = compile_config_cls(mode="default")
         if torch.device(device).type != "cuda":
@@ -131,6 +147,7 @@ class HFBench:
         self.hf, self.v, self.device, self.new_tokens = hf, variant, device, new_tokens
         self.short = max(1, new_tokens // 8)
         self.warm_s: float | None = None
+        self.graphs = 0
 
     def _generate(self, ids, n: int) -> float:
         gen = self.v.generation_config  # all settings on it: transformers 5 warns about a mix
@@ -155,17 +172,19 @@ class HFBench:
 
     def warm(self, ids) -> None:
         """The full length first (it sizes the static cache and compiles), then both lengths again."""
+        graphs = dynamo_graphs()
         t = time.perf_counter()
         self._generate(ids, self.new_tokens)
         self._generate(ids, self.new_tokens)
         self._generate(ids, self.short)
         self.warm_s = time.perf_counter() - t
+        self.graphs = dynamo_graphs() - graphs
 
-    def compiled(self) -> bool | None:
-        """Whether torch.compile really ran (None: not asked for)."""
+    def compiled(self) -> str | None:
+        """Whether torch.compile really ran, as torch._dynamo counted it (None: not asked for)."""
         if "compile" not in self.v.name:
             return None
-        return self.v.compiled_forward is not None or getattr(self.hf, "_compiled_call", None) is not None
+        return f"yes, {self.graphs} graph(s)" if self.graphs > 0 else "NO (dynamo compiled no graph)"
 
     def run(self, ids) -> tuple[float, float]:
         """(seconds for new_tokens, seconds for the short run)."""
