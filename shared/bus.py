@@ -27,11 +27,13 @@ from faststream.nats.security import NatsSecurity
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
+from opentelemetry import propagate, trace
 
 from shared import nats_auth, nats_tls, subjects
 from shared.events import DeadLetter, Event, EventData, MalformedEvent, make_event, parse_event
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("strata.bus")
 
 MAX_DELIVER = 5
 DEAD_LETTER_PAYLOAD_MAX = 64 * 1024
@@ -163,6 +165,11 @@ class EventConsumer:
     max_deliver: int = MAX_DELIVER
     ack_wait_s: float = 30.0
     retry_delay_s: float = 0.2
+    # > 1: fetch up to this many events at once (waiting at most ``batch_wait_s`` to fill a batch)
+    # and handle them one by one in stream order, with one span per event instead of FastStream's
+    # per-message machinery. For consumers that hear every event (the monitor) and can wait that long.
+    batch_size: int = 1
+    batch_wait_s: float = 0.25
     handlers: dict[str, Handler] = field(default_factory=dict)
     fallback: Handler | None = None
     stats: ConsumerStats = field(default_factory=ConsumerStats)
@@ -185,33 +192,46 @@ class EventConsumer:
         return handler
 
     def attach(self, broker: NatsBroker) -> None:
+        batched = self.batch_size > 1
         broker.subscriber(
             self.filter_subject,
             stream=JStream(subjects.EVENTS_STREAM, declare=False),
             durable=self.durable,
-            # One message per fetch: FastStream runs the messages of one fetched batch concurrently,
-            # and a service's handlers should see its events in stream order.
-            pull_sub=PullSub(batch_size=1, timeout=1.0),
+            # A plain fetch is one message: FastStream runs the messages of one fetched batch
+            # concurrently, and a service's handlers should see its events in stream order.
+            pull_sub=PullSub(batch_size=self.batch_size, timeout=self.batch_wait_s, batch=True) if batched
+            else PullSub(batch_size=1, timeout=1.0),
             config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s),
             ack_policy=AckPolicy.MANUAL,
             title=f"{self.service}:events" if self.durable == self.service else f"{self.service}:{self.durable}",
             description=f"{self.service} reacts to {'every event' if self.fallback else ', '.join(sorted(self.handlers))}",
-        )(self._receive)
+        )(self._receive_batch if batched else self._receive)
         self._broker = broker
 
     async def _receive(self, msg: NatsMessage) -> None:
-        raw = msg.raw_message
+        await self._process(msg.raw_message)
+
+    async def _receive_batch(self, msg: NatsMessage) -> None:
+        for raw in msg.raw_message:  # in stream order, one at a time
+            ctx = propagate.extract(raw.headers or {})
+            with _tracer.start_as_current_span(f"{raw.subject} process", context=ctx, kind=trace.SpanKind.CONSUMER,
+                                               attributes={"messaging.system": "nats", "messaging.destination.name": raw.subject,
+                                                           "messaging.consumer.group.name": self.durable}):
+                await self._process(raw)
+
+    async def _process(self, raw: Any) -> None:
+        """Handle one JetStream message and settle it: ack, nak with back-off, or dead letter + term."""
         deliveries = raw.metadata.num_delivered
         try:
             event = parse_event(raw.data, raw.subject)
         except MalformedEvent as exc:
             await self._dead_letter(raw, str(exc), deliveries, None)
-            await msg.reject()
+            await raw.term()
             return
         handler = self.handlers.get(event.type, self.fallback)
         if handler is None or event.id in self._recent:
             self.stats.ignored += 1
-            await msg.ack()
+            await raw.ack()
             return
         try:
             await handler(event)
@@ -220,16 +240,16 @@ class EventConsumer:
             if deliveries >= self.max_deliver:
                 log.error("%s: %s %s failed %d times, dead-lettered: %s", self.service, event.type, event.id, deliveries, reason)
                 await self._dead_letter(raw, f"handler failed {deliveries} times: {reason}", deliveries, event.id)
-                await msg.reject()
+                await raw.term()
             else:
                 log.warning("%s: %s %s failed (delivery %d/%d): %s", self.service, event.type, event.id, deliveries, self.max_deliver, reason)
                 self.stats.retried += 1
-                await msg.nack(delay=self.retry_delay_s * 2 ** (deliveries - 1))
+                await raw.nak(delay=self.retry_delay_s * 2 ** (deliveries - 1))
             return
         self._recent.add(event.id)
         self.stats.handled += 1
         self.stats.by_type[event.type] += 1
-        await msg.ack()
+        await raw.ack()
 
     async def _dead_letter(self, raw: Any, reason: str, deliveries: int, event_id: str | None) -> None:
         record = DeadLetter(

@@ -29,6 +29,8 @@ from shared.service import Service
 from tests.support.helpers import eventually, settings_for
 
 SOURCE = Source(service="tests", node="node-t")
+# 1: one fetch per event; 16: a batch fetched at once and handled in order (the monitor's way)
+BATCH_SIZES = pytest.mark.parametrize("batch_size", [1, 16])
 
 
 def make_service(nats_url: str, tmp_path: Path, name: str = "hardware-inventory") -> Service:
@@ -119,10 +121,11 @@ async def test_ensure_streams_is_idempotent_and_repairs_a_changed_config(js):
     assert info.config.storage == "file"
 
 
-async def test_malformed_events_are_dead_lettered_with_reason_and_consuming_goes_on(nats_server, tmp_path, js):
+@BATCH_SIZES
+async def test_malformed_events_are_dead_lettered_with_reason_and_consuming_goes_on(batch_size, nats_server, tmp_path, js):
     service = make_service(nats_server.url, tmp_path)
     seen: list[Event] = []
-    service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record(seen, e))
+    service.consume("evt.deploy.>", batch_size=batch_size).on(DeployRequested)(lambda e: _record(seen, e))
     good = make_event(DeployRequested(model_ref="tiny"), SOURCE)
     async with service.running():
         await js.publish("evt.deploy.requested", b"\x00\xffnot json", headers={"Nats-Msg-Id": "garbage-1"})
@@ -142,7 +145,8 @@ async def test_malformed_events_are_dead_lettered_with_reason_and_consuming_goes
     assert all(letter.deliveries == 1 for letter in letters)  # garbage is not retried
 
 
-async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lettered(nats_server, tmp_path, js):
+@BATCH_SIZES
+async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lettered(batch_size, nats_server, tmp_path, js):
     service = make_service(nats_server.url, tmp_path)
     attempts: dict[str, int] = {}
     poison = make_event(DeployRequested(model_ref="poison"), SOURCE)
@@ -153,7 +157,7 @@ async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lett
         if event.data.model_ref == "poison":
             raise RuntimeError("cannot place model 'poison'")
 
-    service.consume("evt.deploy.>", max_deliver=3, retry_delay_s=0.05).on(DeployRequested)(handler)
+    service.consume("evt.deploy.>", max_deliver=3, retry_delay_s=0.05, batch_size=batch_size).on(DeployRequested)(handler)
     async with service.running():
         await bus.publish(service.broker, poison)
         await bus.publish(service.broker, after)
@@ -166,7 +170,8 @@ async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lett
     assert service.consumer.stats.retried == 2
 
 
-async def test_a_transient_failure_is_retried_and_then_handled_once(nats_server, tmp_path, js):
+@BATCH_SIZES
+async def test_a_transient_failure_is_retried_and_then_handled_once(batch_size, nats_server, tmp_path, js):
     service = make_service(nats_server.url, tmp_path)
     calls: list[int] = []
 
@@ -175,7 +180,7 @@ async def test_a_transient_failure_is_retried_and_then_handled_once(nats_server,
         if len(calls) < 3:
             raise ConnectionError("store briefly unavailable")
 
-    service.consume("evt.deploy.>", retry_delay_s=0.05).on(DeployRequested)(flaky)
+    service.consume("evt.deploy.>", retry_delay_s=0.05, batch_size=batch_size).on(DeployRequested)(flaky)
     async with service.running():
         await bus.publish(service.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
         await eventually(lambda: service.consumer.stats.handled == 1, what="handled")
@@ -224,7 +229,8 @@ async def _record(seen: list, event: Event) -> None:
     seen.append(event.data.model_ref if hasattr(event.data, "model_ref") else event)
 
 
-async def test_events_are_handled_one_at_a_time_in_stream_order(nats_server, tmp_path, js):
+@BATCH_SIZES
+async def test_events_are_handled_one_at_a_time_in_stream_order(batch_size, nats_server, tmp_path, js):
     service = make_service(nats_server.url, tmp_path)
     order: list[str] = []
     running = 0
@@ -237,7 +243,7 @@ async def test_events_are_handled_one_at_a_time_in_stream_order(nats_server, tmp
         order.append(event.data.model_ref)
         running -= 1
 
-    service.consume("evt.deploy.>").on(DeployRequested)(slow)
+    service.consume("evt.deploy.>", batch_size=batch_size).on(DeployRequested)(slow)
     refs = [f"m{i}" for i in range(20)]
     for ref in refs:
         await js.publish("evt.deploy.requested", make_event(DeployRequested(model_ref=ref), SOURCE).to_bytes())
