@@ -9,6 +9,7 @@ carries on with the next event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -165,15 +166,18 @@ class EventConsumer:
     max_deliver: int = MAX_DELIVER
     ack_wait_s: float = 30.0
     retry_delay_s: float = 0.2
-    # > 1: fetch up to this many events at once (waiting at most ``batch_wait_s`` to fill a batch)
-    # and handle them one by one in stream order, with one span per event instead of FastStream's
-    # per-message machinery. For consumers that hear every event (the monitor) and can wait that long.
+    # > 1: fetch up to this many events at once and handle them one by one in stream order, with one
+    # span per event instead of FastStream's per-message machinery: for consumers that hear every event
+    # (the monitor). Its own fetch loop: FastStream's batch mode dies on the plain asyncio.TimeoutError
+    # that nats-py's fetch can raise (it catches only nats.errors.TimeoutError).
     batch_size: int = 1
-    batch_wait_s: float = 0.25
+    batch_wait_s: float = 1.0
     handlers: dict[str, Handler] = field(default_factory=dict)
     fallback: Handler | None = None
     stats: ConsumerStats = field(default_factory=ConsumerStats)
     _recent: _RecentIds = field(default_factory=_RecentIds)
+    _loop: asyncio.Task[None] | None = None
+    _sub: Any = None
 
     def on(self, data_cls: type[D]) -> Callable[[Callable[[Event[D]], Awaitable[None]]], Handler]:
         """Register the handler for one event type: ``@consumer.on(DeployRequested)``."""
@@ -192,32 +196,61 @@ class EventConsumer:
         return handler
 
     def attach(self, broker: NatsBroker) -> None:
-        batched = self.batch_size > 1
+        """Register with the broker before it starts (a batched consumer starts its own loop in ``start``)."""
+        self._broker = broker
+        if self.batch_size > 1:
+            return
         broker.subscriber(
             self.filter_subject,
             stream=JStream(subjects.EVENTS_STREAM, declare=False),
             durable=self.durable,
-            # A plain fetch is one message: FastStream runs the messages of one fetched batch
-            # concurrently, and a service's handlers should see its events in stream order.
-            pull_sub=PullSub(batch_size=self.batch_size, timeout=self.batch_wait_s, batch=True) if batched
-            else PullSub(batch_size=1, timeout=1.0),
+            # One message per fetch: FastStream runs the messages of one fetched batch concurrently,
+            # and a service's handlers should see its events in stream order.
+            pull_sub=PullSub(batch_size=1, timeout=1.0),
             config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s),
             ack_policy=AckPolicy.MANUAL,
             title=f"{self.service}:events" if self.durable == self.service else f"{self.service}:{self.durable}",
             description=f"{self.service} reacts to {'every event' if self.fallback else ', '.join(sorted(self.handlers))}",
-        )(self._receive_batch if batched else self._receive)
-        self._broker = broker
+        )(self._receive)
+
+    async def start(self) -> None:
+        if self.batch_size > 1:
+            js = self._broker.connection.jetstream()
+            sub = await js.pull_subscribe(self.filter_subject, durable=self.durable, stream=subjects.EVENTS_STREAM,
+                                          config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s))
+            self._loop = asyncio.create_task(self._fetch_batches(sub), name=f"{self.service}:{self.durable}")
+            self._sub = sub
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()  # between fetches, or in one: an unacknowledged event comes back later
+            await asyncio.gather(self._loop, return_exceptions=True)
+            with contextlib.suppress(nats.errors.Error):  # else the connection's drain waits out its timeout for it
+                await self._sub.unsubscribe()
+            self._loop = self._sub = None
+
+    async def _fetch_batches(self, sub: Any) -> None:
+        while True:
+            try:
+                batch = await sub.fetch(self.batch_size, timeout=self.batch_wait_s)
+            except TimeoutError:  # nothing new (nats' own TimeoutError or asyncio's)
+                continue
+            except nats.errors.Error as exc:  # reconnecting: the durable consumer keeps our place
+                log.info("%s: fetch failed (%s); again shortly", self.durable, type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            for raw in batch:  # in stream order, one at a time
+                ctx = propagate.extract(raw.headers or {})
+                with _tracer.start_as_current_span(f"{raw.subject} process", context=ctx, kind=trace.SpanKind.CONSUMER,
+                                                   attributes={"messaging.system": "nats", "messaging.destination.name": raw.subject,
+                                                               "messaging.consumer.group.name": self.durable}):
+                    try:
+                        await self._process(raw)
+                    except Exception as exc:  # e.g. the dead-letter publish while NATS is away: it comes back after ack_wait
+                        log.warning("%s: %s left unacknowledged: %s: %s", self.durable, raw.subject, type(exc).__name__, exc)
 
     async def _receive(self, msg: NatsMessage) -> None:
         await self._process(msg.raw_message)
-
-    async def _receive_batch(self, msg: NatsMessage) -> None:
-        for raw in msg.raw_message:  # in stream order, one at a time
-            ctx = propagate.extract(raw.headers or {})
-            with _tracer.start_as_current_span(f"{raw.subject} process", context=ctx, kind=trace.SpanKind.CONSUMER,
-                                               attributes={"messaging.system": "nats", "messaging.destination.name": raw.subject,
-                                                           "messaging.consumer.group.name": self.durable}):
-                await self._process(raw)
 
     async def _process(self, raw: Any) -> None:
         """Handle one JetStream message and settle it: ack, nak with back-off, or dead letter + term."""

@@ -136,6 +136,8 @@ class Service:
         await self.broker.connect()
         await bus.ensure_streams(self.broker.connection.jetstream(), replication.stream_replicas())
         await self.broker.start()
+        if self.consumer is not None:
+            await self.consumer.start()
         for hook in self._on_start:
             await hook()
         self.ready = True
@@ -145,6 +147,8 @@ class Service:
             self.ready = False
             for hook in reversed(self._on_stop):
                 await hook()
+            if self.consumer is not None:
+                await self.consumer.stop()
             await self.broker.stop()
 
     # -- health ------------------------------------------------------------------------------

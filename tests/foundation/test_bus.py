@@ -205,6 +205,29 @@ async def test_the_consumer_is_durable_across_a_service_restart(nats_server, tmp
     assert seen == ["one", "two"]
 
 
+async def test_a_batched_consumer_resumes_after_nats_restarts(nats_server, tmp_path, js):
+    service = make_service(nats_server.url, tmp_path)
+    seen: list[Event] = []
+
+    async def remember(event: Event) -> None:
+        seen.append(event)
+
+    service.consume("evt.deploy.>", batch_size=16).on(DeployRequested)(remember)
+    async with service.running():
+        publisher = make_service(nats_server.url, tmp_path / "publisher")
+        async with publisher.running():
+            for _ in range(3):
+                await bus.publish(publisher.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
+            await eventually(lambda: len(seen) == 3, what="the events before the restart")
+            nats_server.restart()
+            await eventually(lambda: publisher.broker.connection.is_connected and service.broker.connection.is_connected,
+                             timeout=20, what="both reconnected")
+            for _ in range(3):
+                await bus.publish(publisher.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
+            await eventually(lambda: len(seen) == 6, timeout=20, what="the events after the restart")
+    assert len({e.id for e in seen}) == 6 and service.consumer.stats.handled == 6
+
+
 async def test_other_event_types_under_the_filter_are_acknowledged_not_retried(nats_server, tmp_path, js):
     service = make_service(nats_server.url, tmp_path)
     service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record([], e))
