@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
@@ -35,8 +35,8 @@ class Unchanged(Exception):
 
 
 class InventoryState:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, kv: KeyValue, js: JetStreamContext, bucket: str) -> None:
+        self.kv, self.js, self.bucket = kv, js, bucket
         self.conflicts = 0  # CAS retries, for tests and health
 
     @classmethod
@@ -45,7 +45,15 @@ class InventoryState:
             kv = await js.key_value(bucket)
         except BucketNotFoundError:
             kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=5, storage=StorageType.FILE, replicas=replicas))
-        return cls(kv)
+        return cls(kv, js, bucket)
+
+    async def keys(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (deleted ones included: their reads are None). From the stream's
+        subject counts, not ``kv.keys()``: that makes a consumer per call, and the liveness check lists
+        the nodes several times a second; under load the consumers piled up to the server's limit."""
+        info = await self.js.stream_info(f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.{prefix}>")
+        start = len(f"$KV.{self.bucket}.")
+        return [subject[start:] for subject in (info.state.subjects or {})]
 
     async def read(self, key: str, model: type[T]) -> tuple[T | None, int]:
         """The value and its revision (0: the key does not exist)."""
@@ -80,11 +88,7 @@ class InventoryState:
 
     # -- typed views ---------------------------------------------------------------------------
     async def nodes(self) -> list[NodeRecord]:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
-        records = await asyncio.gather(*(self.read(k, NodeRecord) for k in keys if k.startswith("node.")))
+        records = await asyncio.gather(*(self.read(k, NodeRecord) for k in await self.keys("node.")))
         return sorted((r for r, _ in records if r is not None), key=lambda n: n.node_id)
 
     async def node(self, node_id: str) -> NodeRecord | None:
@@ -97,11 +101,7 @@ class InventoryState:
         return await self.change(ALLOCATIONS, Allocations, lambda current: fn(current or Allocations()))
 
     async def corrections(self) -> list[Correction]:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
-        records = await asyncio.gather(*(self.read(k, Correction) for k in keys if k.startswith("correction.")))
+        records = await asyncio.gather(*(self.read(k, Correction) for k in await self.keys("correction.")))
         return [r for r, _ in records if r is not None]
 
     async def correction(self, key: str) -> Correction | None:
