@@ -177,6 +177,7 @@ async def _fit(nc, args) -> int:
 
 
 async def _deploy(nc, args) -> int:
+    from shared import bus
     from shared.events import DeployRequested, Source, make_event, parse_event
 
     request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
@@ -190,7 +191,7 @@ async def _deploy(nc, args) -> int:
             await outcomes.put(answer)
 
     subs = [await nc.subscribe(s, cb=heard) for s in ("evt.deploy.scheduled", "evt.deploy.rejected")]
-    await nc.jetstream().publish(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id})
+    await bus.publish_js(nc.jetstream(), event)
     if args.no_wait:
         print(f"deploy.requested {request.deployment_id} published")
         return 0

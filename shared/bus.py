@@ -101,7 +101,8 @@ def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
 
 
 # What a JetStream publish can meet while a clustered stream elects a leader or a route reconnects:
-# no responder, no reply in time, a 503, or an ack reply with no body. The event id is the stream's
+# no responder, no reply in time, a 503, or an ack reply with no body (nats-py then fails to parse
+# it: nats-io/nats.py#639, seen here on a single server too). The event id is the stream's
 # de-duplication key, so publishing again cannot store the event twice.
 _TRANSIENT_PUBLISH_ERRORS = (NoStreamResponseError, nats.errors.TimeoutError, ServiceUnavailableError,
                              json.JSONDecodeError)
@@ -110,15 +111,25 @@ PUBLISH_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 async def publish(broker: NatsBroker, event: Event[Any]) -> PubAck | None:
     """Publish an event. Persistent events get a PubAck from JetStream (``duplicate`` set when the
-    event id was already stored), retried through a transient cluster hiccup (about 8 s in all);
-    live telemetry goes through core NATS and returns None."""
+    event id was already stored), retried through a transient hiccup (about 8 s in all); live
+    telemetry goes through core NATS and returns None."""
     persistent = EventData.registry[event.type].PERSISTENT
     body, headers = event.to_bytes(), {"Nats-Msg-Id": event.id, "content-type": "application/json"}
     if not persistent:
         return await broker.publish(body, event.subject, headers=headers)
+    return await _stored(event, lambda: broker.publish(body, event.subject, headers=headers, stream=subjects.EVENTS_STREAM))
+
+
+async def publish_js(js: JetStreamContext, event: Event[Any]) -> PubAck:
+    """The same for a plain nats-py connection (the CLI, tests): stored in EVENTS, with the retries."""
+    body, headers = event.to_bytes(), {"Nats-Msg-Id": event.id, "content-type": "application/json"}
+    return await _stored(event, lambda: js.publish(event.subject, body, headers=headers, stream=subjects.EVENTS_STREAM))
+
+
+async def _stored(event: Event[Any], attempt: Callable[[], Awaitable[PubAck]]) -> PubAck:
     for delay in (*PUBLISH_RETRY_DELAYS_S, None):
         try:
-            return await broker.publish(body, event.subject, headers=headers, stream=subjects.EVENTS_STREAM)
+            return await attempt()
         except _TRANSIENT_PUBLISH_ERRORS as exc:
             if delay is None:
                 raise

@@ -20,7 +20,7 @@ import pytest
 
 from cli import natsd
 from cli.cluster import LocalCluster
-from shared import rpc, subjects
+from shared import bus, rpc, subjects
 from shared.catalog import PushModelRequest
 from shared.events import DeployReady, DeployRequested, Event, InferenceCompleted, Source, make_event, parse_event
 from services.hardware_inventory.service_layer.views import Empty, NodeList
@@ -143,7 +143,7 @@ async def test_two_node_sets_on_a_3_node_cluster_both_serve_a_2_replica_deployme
             request = DeployRequested(model_ref="tiny", replicas=2, context_length=128, dtype="float32",
                                       constraints={"device": "cpu"})
             event = make_event(request, CLIENT)
-            await observer.jetstream().publish(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id})
+            await bus.publish_js(observer.jetstream(), event)
             await eventually(lambda: len({r.node_id for r in events.of(DeployReady, deployment_id=request.deployment_id)}) == 2,
                              NODE_BOOT_S, "deploy.ready from both nodes")
             assert {r.node_id for r in events.of(DeployReady, deployment_id=request.deployment_id)} == node_ids

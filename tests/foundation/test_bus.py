@@ -103,6 +103,20 @@ async def test_a_publish_rides_out_a_stream_that_is_briefly_unavailable(nats_ser
     assert parse_event(stored.data, stored.subject) == event
 
 
+async def test_a_plain_nats_publish_rides_out_the_same(js):
+    """The CLI publishes through a plain nats-py connection (bus.publish_js) with the same retries."""
+    event = make_event(DeployRequested(model_ref="tiny"), SOURCE)
+    await js.delete_stream(subjects.EVENTS_STREAM)
+    publishing = asyncio.create_task(bus.publish_js(js, event))
+    await asyncio.sleep(0.5)
+    assert not publishing.done()
+    await bus.ensure_streams(js)
+    ack = await asyncio.wait_for(publishing, 10)
+    again = await bus.publish_js(js, event)
+    assert again.duplicate and again.seq == ack.seq
+    assert parse_event((await js.get_msg(subjects.EVENTS_STREAM, ack.seq)).data, event.subject) == event
+
+
 async def test_a_publish_that_never_finds_its_stream_fails_with_the_cause(nats_server, tmp_path, js, monkeypatch):
     monkeypatch.setattr(bus, "PUBLISH_RETRY_DELAYS_S", (0.05, 0.05))
     service = make_service(nats_server.url, tmp_path)

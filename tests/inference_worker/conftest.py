@@ -70,8 +70,7 @@ class Bus:
 
     async def emit(self, data: EventData, source: Source = INVENTORY, event_id: str | None = None) -> Event:
         event = make_event(data, source, event_id=event_id)
-        await self.nc.jetstream().publish(event.subject, event.to_bytes(), stream=subjects.EVENTS_STREAM,
-                                          headers={"Nats-Msg-Id": event.id})
+        await bus.publish_js(self.nc.jetstream(), event)
         return event
 
     async def schedule(self, name: str, deployment_id: str | None = None, *, node_id: str | None = None,

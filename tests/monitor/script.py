@@ -40,7 +40,7 @@ class Publisher:
         if at is not None:
             event = event.model_copy(update={"time": at})
         if data.PERSISTENT:
-            await self.nc.jetstream().publish(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id})
+            await bus.publish_js(self.nc.jetstream(), event)
         else:
             await self.nc.publish(event.subject, event.to_bytes())
             await self.nc.flush()
