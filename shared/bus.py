@@ -243,7 +243,11 @@ class EventConsumer:
     async def _fetch_batches(self, sub: Any) -> None:
         while True:
             try:
-                batch = await sub.fetch(self.batch_size, timeout=self.batch_wait_s)
+                # The first event as soon as there is one, then whatever else is already waiting: a
+                # fetch of N that got fewer waits out its whole time-out for the rest.
+                batch = await sub.fetch(1, timeout=self.batch_wait_s)
+                with contextlib.suppress(TimeoutError):
+                    batch += await sub.fetch(self.batch_size - 1, timeout=0.05)
             except TimeoutError:  # nothing new (nats' own TimeoutError or asyncio's)
                 continue
             except nats.errors.Error as exc:  # reconnecting: the durable consumer keeps our place

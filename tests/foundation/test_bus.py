@@ -219,6 +219,16 @@ async def test_the_consumer_is_durable_across_a_service_restart(nats_server, tmp
     assert seen == ["one", "two"]
 
 
+async def test_a_batched_consumer_does_not_wait_to_fill_its_batch(nats_server, tmp_path):
+    service = make_service(nats_server.url, tmp_path)
+    seen: list[str] = []
+    # a fetch that waited for all 64 would hold this one event for its whole 30 s time-out
+    service.consume("evt.deploy.>", batch_size=64, batch_wait_s=30).on(DeployRequested)(lambda e: _record(seen, e))
+    async with service.running():
+        await bus.publish(service.broker, make_event(DeployRequested(model_ref="alone"), SOURCE))
+        await eventually(lambda: seen == ["alone"], timeout=10, what="the lone event")
+
+
 async def test_a_batched_consumer_resumes_after_nats_restarts(nats_server, tmp_path, js):
     service = make_service(nats_server.url, tmp_path)
     seen: list[Event] = []
