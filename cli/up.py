@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -232,15 +233,11 @@ class Supervisor:
 
     async def _bootstrap_api_key(self, nats_url: str) -> str:
         """At the first start, an admin API key into the data dir: every HTTP API closes at once."""
-        import nats
-
         from shared.apikey_store import KeyStore, ensure_admin_key
         from shared.apikeys import key_file
 
         path = key_file(self.options.data_dir)
-        operator = self.credentials.get(nats_auth.OPERATOR)
-        nc = await nats.connect(operator.url(nats_url) if operator else nats_url, max_reconnect_attempts=2,
-                                tls=nats_tls.client_context(self.nats_ca))
+        nc = await self._connect(nats_url, nats_auth.OPERATOR, max_reconnect_attempts=2)
         try:
             made = await ensure_admin_key(await KeyStore.open(nc.jetstream(), create=True), path)
         finally:
@@ -250,15 +247,19 @@ class Supervisor:
                     f"HTTP callers send  Authorization: Bearer $(cat {path})")
         return f"strata up: API keys in force (strata key ls){'; the admin key made at first start is in ' + str(path) if path.exists() else ''}"
 
-    async def _serve_builtin(self, nats_url: str) -> None:
+    async def _connect(self, nats_url: str, role: str, **options: Any):  # type: ignore[no-untyped-def]
+        """The supervisor's own NATS connection, as ``role`` where NATS has users, over TLS where it has that."""
         import nats
 
+        credential = self.credentials.get(role)
+        return await nats.connect(credential.url(nats_url) if credential else nats_url,
+                                  tls=nats_tls.client_context(self.nats_ca), **options)
+
+    async def _serve_builtin(self, nats_url: str) -> None:
         from cli.builtin import serve_builtin
         from shared.apikeys import key_file
 
-        client = self.credentials.get(nats_auth.CLIENT)
-        nc = await nats.connect(client.url(nats_url) if client else nats_url, max_reconnect_attempts=-1,
-                                tls=nats_tls.client_context(self.nats_ca))
+        nc = await self._connect(nats_url, nats_auth.CLIENT, max_reconnect_attempts=-1)
         try:
             served = asyncio.create_task(serve_builtin(nc))
             stopped = asyncio.create_task(self.stopping.wait())

@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from shared import errors
 from shared.apikeys import BOOTSTRAP_NAME, ApiKeyRecord, Scope, hash_key, key_id, new_key, record_for
-from shared.nats_auth import API_KEYS_BUCKET, _write_private
+from shared.nats_auth import API_KEYS_BUCKET, write_private
 
 BUCKET = API_KEYS_BUCKET
 RECHECK_S = 1.0  # how long a read (a record, "no such key", "no key configured", "no bucket yet") is believed
@@ -148,7 +148,7 @@ async def ensure_admin_key(store: KeyStore, path: Path) -> str | None:
         return None
     key = new_key()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(path, key + "\n")
+    write_private(path, key + "\n")
     try:
         stored = await store.add(record_for(key, BOOTSTRAP_NAME, ["admin"]))
     except BaseException:

@@ -158,7 +158,7 @@ class Credential:
         return {USER_ENV: self.user, PASSWORD_ENV: self.password}
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Written with mode 0600 from the first byte (no window where another user could read it)."""
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -179,7 +179,7 @@ def credentials(data_dir: Path, *, rotate: bool = False) -> dict[str, Credential
             found[role] = Credential(**json.loads(path.read_text()))
             continue
         found[role] = Credential(user=role, password=secrets.token_urlsafe(32))
-        _write_private(path, json.dumps({"user": role, "password": found[role].password}) + "\n")
+        write_private(path, json.dumps({"user": role, "password": found[role].password}) + "\n")
     return found
 
 
@@ -209,7 +209,7 @@ def write(data_dir: Path, *, rotate: bool = False, anonymous_client: bool = True
     ``extra`` is more config text (listen address, JetStream) placed before the authorization block."""
     creds = credentials(data_dir, rotate=rotate)
     path = config_path(data_dir)
-    _write_private(path, extra + server_config(creds, anonymous_client=anonymous_client))
+    write_private(path, extra + server_config(creds, anonymous_client=anonymous_client))
     return path
 
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.nats_auth import _write_private
+from shared.nats_auth import write_private
 
 CA_ENV = "STRATA_NATS_CA"
 CA_VALID = timedelta(days=5 * 365)
@@ -98,13 +98,13 @@ def ensure_generated(data_dir: Path, host: str = "127.0.0.1") -> ServerTls:
     ca_cert, ca_key = _load_pair(files.ca, ca_key_path)
     if ca_cert is None or ca_cert.not_valid_after_utc - now < RENEW_BEFORE:
         ca_cert, ca_key = _make_ca(now)
-        _write_private(ca_key_path, _key_pem(ca_key))
+        write_private(ca_key_path, _key_pem(ca_key))
         _write_public(files.ca, ca_cert)
     elif _server_cert_fits(files, ca_cert, names, now):
         return files
     assert ca_key is not None
     server_cert, server_key = _make_server(ca_cert, ca_key, names, now)
-    _write_private(files.key, _key_pem(server_key))
+    write_private(files.key, _key_pem(server_key))
     _write_public(files.cert, server_cert)
     return files
 
