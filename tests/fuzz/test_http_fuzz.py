@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -37,7 +35,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 from shared.service import Service
 from tests.hardware_inventory.conftest import model_store
 from tests.support.fake_worker import FakeWorker, Script
-from tests.support.helpers import eventually, make_service
+from tests.support.helpers import make_service
+from tests.support.live import serve_on_loop
 
 pytestmark = pytest.mark.timeout(240)
 # per operation and generation mode: 12 keeps the whole file well under a minute; a deeper run sets more
@@ -98,23 +97,8 @@ TARGETS = [
 @asynccontextmanager
 async def serving(service: Service) -> AsyncIterator[str]:
     """``service`` under a real uvicorn on a free port, on this event loop; yields its base URL."""
-    sock = socket.socket()
-    # uvicorn on a plain asyncio loop (not uvloop) otherwise answers each request ~40 ms late (Nagle
-    # against the client's delayed ACK); accepted connections inherit the option from this socket
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(service.http, lifespan="off", log_level="warning"))
-    async with service.running():
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            await eventually(lambda: server.started or task.done(), timeout=30, what="uvicorn started")
-            assert not task.done(), "uvicorn stopped at start"
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, 15)
-            sock.close()
+    async with service.running(), serve_on_loop(service.http) as url:
+        yield url
 
 
 def _undeclared_server_error(target: Target) -> Callable[..., Any]:

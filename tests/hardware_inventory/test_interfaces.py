@@ -6,33 +6,28 @@ import asyncio
 import json
 
 import httpx
-import uvicorn
 
 from cli import main as cli_main
-from cli.natsd import free_port
 from shared import subjects
 from shared.events import DeadLetter
 from tests.hardware_inventory.conftest import Cluster
-from tests.support.helpers import eventually
+from tests.support.live import serve_on_loop
 
 
 class Http:
     """A real uvicorn on a free port, on the test's event loop (the service's NATS connection lives there)."""
 
     def __init__(self, app) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, lifespan="off", log_level="warning"))
+        self.serving = serve_on_loop(app)
 
     async def __aenter__(self) -> httpx.AsyncClient:
-        self.task = asyncio.create_task(self.server.serve())
-        await eventually(lambda: self.server.started, what="uvicorn started")
-        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        self.url = await self.serving.__aenter__()
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=10)
         return self.client
 
     async def __aexit__(self, *exc) -> None:
         await self.client.aclose()
-        self.server.should_exit = True
-        await asyncio.wait_for(self.task, 10)
+        await self.serving.__aexit__(*exc)
 
 
 async def test_http_api_answers_with_numbers_and_typed_errors(cluster: Cluster):

@@ -1,41 +1,35 @@
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from cli.natsd import free_port
 from services.monitor.config import MonitorConfig
 from services.monitor.entrypoints.app import create_monitor
 from services.monitor.service_layer.monitor import Monitor
 from shared.service import Service
 from tests.monitor.script import Publisher
 from tests.support.helpers import eventually, settings_for
+from tests.support.live import serve_on_loop
 
 
 class Http:
     """A real uvicorn on a free port, on the test's event loop (the service's NATS connection lives there)."""
 
     def __init__(self, app) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, lifespan="off", log_level="warning"))
+        self.serving = serve_on_loop(app)
 
     async def __aenter__(self) -> httpx.AsyncClient:
-        self.task = asyncio.create_task(self.server.serve())
-        await eventually(lambda: self.server.started, what="uvicorn started")
+        self.url = await self.serving.__aenter__()
         self.client = httpx.AsyncClient(base_url=self.url, timeout=10)
         return self.client
 
     async def __aexit__(self, *exc) -> None:
         await self.client.aclose()
-        self.server.should_exit = True
-        await asyncio.wait_for(self.task, 30)
+        await self.serving.__aexit__(*exc)
 
 
 @dataclass

@@ -10,33 +10,22 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 from cli import main as cli_main
-from cli.natsd import free_port
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.merkle import verify_consistency, verify_inclusion
 from services.provenance_ledger.domain.receipt import Receipt, ReceiptInvalid, verify_receipt
 from services.provenance_ledger.entrypoints.api import Empty, RequestRef
 from shared import errors, rpc, subjects
 from tests.provenance_ledger.conftest import DATASET, MODEL, OTHER_DATASET, TRAINING_RECORD, publish_all, scripted_events, wait_ingested
+from tests.support.live import serve_on_loop
 
 
 @asynccontextmanager
 async def serving(service):
     """The ledger under a real uvicorn (its lifespan runs the service), yielding an HTTP client."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(service.http, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "uvicorn exited"
-        await asyncio.sleep(0.02)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_on_loop(service.http, lifespan="on") as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        yield client
 
 
 async def cli(*argv: str) -> int:

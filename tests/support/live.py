@@ -1,13 +1,14 @@
-"""Live pieces many tests share: a service's HTTP app behind a real uvicorn, and the workers' own
-count of the requests they carry."""
+"""Live pieces many tests share: a service's HTTP app behind a real uvicorn (in a thread, or on the
+test's own event loop), and the workers' own count of the requests they carry."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import nats.errors
 import uvicorn
@@ -59,3 +60,27 @@ async def in_flight_by_node(nc: nats.aio.client.Client, workers: int, model: str
     finally:
         await sub.unsubscribe()
     return counts
+
+
+@contextlib.asynccontextmanager
+async def serve_on_loop(app: FastAPI, *, lifespan: str = "off", start_timeout_s: float = 30) -> AsyncIterator[str]:
+    """``app`` behind a real uvicorn on this event loop (where the service's NATS connection lives);
+    yields the base URL. ``lifespan="on"`` when uvicorn should run the service's start and stop."""
+    sock = socket.socket()
+    # uvicorn on a plain asyncio loop (not uvloop) otherwise answers each request ~40 ms late (Nagle
+    # against the client's delayed ACK); accepted connections inherit the option from this socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        deadline = asyncio.get_running_loop().time() + start_timeout_s
+        while not server.started:
+            assert not task.done(), "uvicorn stopped at start"
+            assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start"
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        sock.close()
