@@ -3,7 +3,9 @@
 Interactive requests: a client sends an ``InferenceRequest`` as a NATS request on
 ``infer.request.<model name>`` (``subjects.inference_request``); the workers that host the model
 share that subject through one queue group per model. With ``stream: false`` the one reply is a
-``shared.rpc.RpcReply`` whose result is an ``InferenceReply`` (or whose error is typed). With ``stream: true`` the worker publishes ``StreamMessage``s to the reply
+``shared.rpc.RpcReply`` whose result is an ``InferenceReply`` (or whose error is typed); with
+``keepalive: true`` as well, ``keepalive`` messages (below) come before it while the request waits
+or runs. With ``stream: true`` the worker publishes ``StreamMessage``s to the reply
 inbox: ``started``, then ``chunk``s, then exactly one ``end`` (usage, finish reason) or ``error``;
 while a request waits in the queue or between tokens the worker sends ``keepalive`` at least every
 ``KEEPALIVE_S`` seconds, so a client that hears nothing for ``SILENCE_TIMEOUT_S`` knows the worker
@@ -64,6 +66,8 @@ class InferenceRequest(BaseModel):
     prompt: str | None = None
     sampling: SamplingOptions = SamplingOptions()
     stream: bool = False
+    keepalive: bool = Field(default=False, description="with stream false: keepalive messages before the one reply, "
+                            "at least every KEEPALIVE_S, so the caller can tell a dead worker from a long answer")
     api_key_id: str | None = Field(default=None, max_length=64,
                                    description="set by the gateway: the public id of the caller's API key, copied into inference.completed")
 

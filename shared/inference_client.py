@@ -5,9 +5,12 @@ api-gateway, the ``strata chat``/``strata complete`` CLI and tests.
   ``shared.errors`` exception for a worker's error reply, ``NotFound`` at once when no worker hosts
   the model, and ``WorkerLost`` when the worker falls silent for ``SILENCE_TIMEOUT_S`` (it died). If
   the consumer stops early (closed, cancelled, client gone) it publishes an ``InferenceCancel``.
-- ``complete(nc, request)`` is the same exchange gathered into one ``InferenceReply``. It rides the
-  streaming protocol on purpose: keepalives let it notice a dead worker in seconds, where a single
-  request-reply could only wait for its full time-out.
+- ``complete(nc, request)`` returns one ``InferenceReply``. It asks the worker for keepalives before
+  the reply (``keepalive: true``), so it notices a dead worker in seconds, where a plain
+  request-reply could only wait for its full time-out; the answer itself is one message, not the
+  three of a stream (started, chunk, end).
+
+Every request's replies arrive on one wildcard subscription per connection (``_Inbox``).
 - ``deployed_models(nc)`` asks every worker which models it has loaded.
 
 The OpenTelemetry context of the caller travels in the NATS headers, so the worker continues the trace.
@@ -17,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from opentelemetry import propagate
@@ -45,9 +51,8 @@ from shared.inference import (
     Started,
     StreamFailure,
     StreamMessage,
-    TokenLogprob,
 )
-from shared.rpc import RpcReply
+from shared.rpc import ErrorBody, RpcReply
 
 log = logging.getLogger(__name__)
 MODELS_SUBJECT = subjects.rpc("inference-worker", "models")
@@ -80,90 +85,152 @@ def trace_headers() -> dict[str, str]:
     return carrier
 
 
+class _Inbox:
+    """One wildcard subscription per connection for the replies to every request, as nats-py's own
+    ``request()`` does: a SUB and an UNSUB per request cost the gateway and nats-server more CPU
+    than the replies themselves. A reply for a request that is over is dropped."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc, self._prefix = nc, nc.new_inbox()
+        self._waiting: dict[str, asyncio.Queue[Msg]] = {}
+        self._subscribed = False
+        self._subscribing = asyncio.Lock()
+        self._tokens = itertools.count()
+
+    async def open(self) -> tuple[str, asyncio.Queue[Msg]]:
+        """A fresh reply subject and the queue its messages arrive in."""
+        if not self._subscribed:
+            async with self._subscribing:
+                if not self._subscribed:
+                    await self._nc.subscribe(f"{self._prefix}.*", cb=self._deliver)
+                    self._subscribed = True
+        token = str(next(self._tokens))
+        self._waiting[token] = queue = asyncio.Queue()
+        return f"{self._prefix}.{token}", queue
+
+    def close(self, reply_subject: str) -> None:
+        self._waiting.pop(reply_subject.rpartition(".")[2], None)
+
+    async def _deliver(self, msg: Msg) -> None:
+        if (queue := self._waiting.get(msg.subject.rpartition(".")[2])) is not None:
+            queue.put_nowait(msg)
+
+
+_inboxes: weakref.WeakKeyDictionary[Client, _Inbox] = weakref.WeakKeyDictionary()
+
+
+class _Call:
+    """One request in flight: its reply subject, its time-outs, and its clean-up. Whoever reads
+    the final reply sets ``finished``; a call left before that publishes an ``InferenceCancel``."""
+
+    def __init__(self, nc: Client, request: InferenceRequest, silence_timeout_s: float, deadline_s: float | None) -> None:
+        self.nc, self.request, self.finished = nc, request, False
+        self._silence_s, self._deadline_s = silence_timeout_s, deadline_s
+        self._started = time.monotonic()
+
+    async def __aenter__(self) -> _Call:
+        if not self.nc.is_connected:  # reconnecting: a request would sit in a buffer, then time out as a "dead worker"
+            raise errors.Unavailable("NATS is not reachable (the connection is down or reconnecting)")
+        inbox = _inboxes.get(self.nc) or _inboxes.setdefault(self.nc, _Inbox(self.nc))
+        try:
+            self._reply_to, self._queue = await inbox.open()
+        except NatsError as exc:
+            raise errors.Unavailable(f"NATS is not reachable: {type(exc).__name__}") from None
+        self._inbox = inbox
+        try:
+            await self.nc.publish(request_subject(self.request), self.request.model_dump_json().encode(),
+                                  reply=self._reply_to, headers=trace_headers())
+        except NatsError as exc:
+            inbox.close(self._reply_to)  # nothing was sent: nothing to cancel
+            raise errors.Unavailable(f"NATS is not reachable: {type(exc).__name__}") from None
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        # No awaits that a cancellation could interrupt here: the cancel goes out as its own task.
+        self._inbox.close(self._reply_to)
+        if not self.finished:
+            _spawn(_send_cancel(self.nc, InferenceCancel(request_id=self.request.request_id)))
+
+    async def next(self) -> bytes:
+        """The body of the worker's next message (keepalives included: they prove it is alive)."""
+        request, wait = self.request, self._silence_s
+        if self._deadline_s is not None:
+            left = self._deadline_s - (time.monotonic() - self._started)
+            if left <= 0:
+                raise DeadlineExceeded(f"request {request.request_id} took longer than {self._deadline_s}s")
+            wait = min(wait, left)
+        try:
+            async with asyncio.timeout(wait):
+                msg = await self._queue.get()
+        except TimeoutError:
+            if self._deadline_s is not None and time.monotonic() - self._started >= self._deadline_s:
+                raise DeadlineExceeded(f"request {request.request_id} took longer than {self._deadline_s}s") from None
+            raise WorkerLost(f"the worker serving {request.model!r} fell silent for {self._silence_s}s "
+                             f"(request {request.request_id}); it probably died") from None
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
+            self.finished = True
+            raise errors.NotFound(f"model {parse_ref(request.model).name!r} is not deployed (no worker serves it)")
+        return msg.data
+
+
 async def stream(
     nc: Client, request: InferenceRequest, *, silence_timeout_s: float = SILENCE_TIMEOUT_S,
     deadline_s: float | None = None,
 ) -> AsyncIterator[Started | Chunk | End]:
     """Send ``request`` (as a streaming request) and yield what the worker sends, keepalives aside."""
-    request = request.model_copy(update={"stream": True})
-    subject = request_subject(request)
-    if not nc.is_connected:  # reconnecting: a request would sit in a buffer, then time out as a "dead worker"
-        raise errors.Unavailable("NATS is not reachable (the connection is down or reconnecting)")
-    inbox = nc.new_inbox()
-    try:
-        sub = await nc.subscribe(inbox)
-    except NatsError as exc:
-        raise errors.Unavailable(f"NATS is not reachable: {type(exc).__name__}") from None
-    finished = False
-    started = time.monotonic()
-    try:
-        try:
-            await nc.publish(subject, request.model_dump_json().encode(), reply=inbox, headers=trace_headers())
-        except NatsError as exc:
-            finished = True  # nothing was sent: nothing to cancel
-            raise errors.Unavailable(f"NATS is not reachable: {type(exc).__name__}") from None
+    request = request.model_copy(update={"stream": True, "keepalive": False})
+    async with _Call(nc, request, silence_timeout_s, deadline_s) as call:
         while True:
-            wait = silence_timeout_s
-            if deadline_s is not None:
-                left = deadline_s - (time.monotonic() - started)
-                if left <= 0:
-                    raise DeadlineExceeded(f"request {request.request_id} took longer than {deadline_s}s")
-                wait = min(wait, left)
+            data = await call.next()
             try:
-                msg = await sub.next_msg(timeout=wait)
-            except NatsTimeout:
-                if deadline_s is not None and time.monotonic() - started >= deadline_s:
-                    raise DeadlineExceeded(f"request {request.request_id} took longer than {deadline_s}s") from None
-                raise WorkerLost(
-                    f"the worker serving {request.model!r} fell silent for {silence_timeout_s}s "
-                    f"(request {request.request_id}); it probably died"
-                ) from None
-            if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
-                finished = True
-                raise errors.NotFound(f"model {parse_ref(request.model).name!r} is not deployed (no worker serves it)")
-            try:
-                message = _stream_message.validate_json(msg.data)
+                message = _stream_message.validate_json(data)
             except ValidationError as exc:
                 log.warning("ignoring a malformed stream message for %s: %s", request.request_id, exc.errors()[0]["msg"])
                 continue
             if isinstance(message, Keepalive):
                 continue
             if isinstance(message, StreamFailure):
-                finished = True
+                call.finished = True
                 raise errors.from_code(message.error.code, message.error.message)
             if message.request_id != request.request_id:
                 continue
             if isinstance(message, End):
-                finished = True
+                call.finished = True
             yield message
-            if finished:
+            if call.finished:
                 return
-    finally:
-        # No awaits that a cancellation could interrupt here: the clean-up runs as its own task.
-        _spawn(_close(nc, sub, None if finished else InferenceCancel(request_id=request.request_id)))
 
 
 async def complete(nc: Client, request: InferenceRequest, *, silence_timeout_s: float = SILENCE_TIMEOUT_S,
                    deadline_s: float | None = None) -> InferenceReply:
-    """Send ``request`` and return the whole answer (see the module docstring for why it streams)."""
-    model: ModelId | None = None
-    texts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    want_logprobs = request.sampling.logprobs is not None
-    async for message in stream(nc, request, silence_timeout_s=silence_timeout_s, deadline_s=deadline_s):
-        if isinstance(message, Started):
-            model = message.model
-        elif isinstance(message, Chunk):
-            texts.append(message.text)
-            logprobs.extend(message.logprobs or [])
-        else:
-            if model is None:
-                raise WorkerLost(f"the worker ended request {request.request_id} without saying which model answered")
-            return InferenceReply(
-                request_id=request.request_id, model=model, text="".join(texts), finish_reason=message.finish_reason,
-                usage=message.usage, logprobs=logprobs if want_logprobs else None,
-            )
-    raise WorkerLost(f"the stream of request {request.request_id} ended without an end marker")
+    """Send ``request`` and return the whole answer: one reply message, with keepalives before it
+    while the worker is busy, so a dead worker is noticed in seconds rather than at the deadline."""
+    request = request.model_copy(update={"stream": False, "keepalive": True})
+    async with _Call(nc, request, silence_timeout_s, deadline_s) as call:
+        while True:
+            data = await call.next()
+            try:
+                reply = RpcReply.model_validate_json(data)
+            except ValidationError as exc:
+                if not _is_keepalive(data):
+                    log.warning("ignoring a malformed reply for %s: %s", request.request_id, exc.errors()[0]["msg"])
+                continue
+            call.finished = True
+            if not reply.ok:
+                error = reply.error or ErrorBody(code="internal", message="the worker failed without saying why")
+                raise errors.from_code(error.code, error.message)
+            try:
+                return InferenceReply.model_validate(reply.result)
+            except ValidationError as exc:
+                raise WorkerLost(f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}") from None
+
+
+def _is_keepalive(data: bytes) -> bool:
+    try:
+        Keepalive.model_validate_json(data)
+    except ValidationError:
+        return False
+    return True
 
 
 async def cancel(nc: Client, request_id: str, reason: str = "cancelled by the client") -> None:
@@ -197,7 +264,7 @@ async def deployed_models(nc: Client, *, window_s: float = 0.3, quiet_s: float =
                 break  # no worker at all
             replies.append(msg.data)
     finally:
-        _spawn(_close(nc, sub, None))
+        _spawn(_unsubscribe(sub))
     by_name: dict[str, DeployedModel] = {}
     for raw in replies:
         for model in _loaded(raw):
@@ -228,11 +295,14 @@ async def settle(timeout_s: float = 2.0) -> None:
         await asyncio.wait(pending, timeout=timeout_s)
 
 
-async def _close(nc: Client, sub: Any, cancel_message: InferenceCancel | None) -> None:
+async def _send_cancel(nc: Client, cancel_message: InferenceCancel) -> None:
     with contextlib.suppress(Exception):
-        if cancel_message is not None and nc.is_connected:
+        if nc.is_connected:
             await nc.publish(CANCEL_SUBJECT, cancel_message.model_dump_json().encode())
             await nc.flush(timeout=2)
+
+
+async def _unsubscribe(sub: Any) -> None:
     with contextlib.suppress(Exception):
         await sub.unsubscribe()
 

@@ -56,7 +56,8 @@ class Service:
         self.source = Source(service=name, node=self.settings.node_id)
         setup_tracing(name, self.settings.node_id)
         self.broker = bus.make_broker(self.settings.nats_url, f"strata-{name}@{self.settings.node_id}")
-        self.http = FastAPI(title=f"Strata {name}", version=VERSION, description=description, lifespan=self._lifespan)
+        self.http = FastAPI(title=f"Strata {name}", version=VERSION, description=description, lifespan=self._lifespan,
+                            telemetry={"operation_spans": False})
         self.consumer: bus.EventConsumer | None = None
         self.ready = False
         self._started = time.monotonic()

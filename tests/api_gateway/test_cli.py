@@ -26,7 +26,9 @@ async def test_complete(nats_server, workers, capsys, stream_flag):
     assert code == 0
     assert capsys.readouterr().out == "Hello, world\n"
     sent = worker.requests[-1]
-    assert sent.prompt == "Say hello" and sent.stream
+    assert sent.prompt == "Say hello"
+    # --no-stream: one reply, with keepalives before it (a dead worker is still noticed in seconds)
+    assert (sent.stream, sent.keepalive) == ((True, False) if stream_flag == "--stream" else (False, True))
     assert (sent.sampling.max_tokens, sent.sampling.temperature, sent.sampling.seed) == (3, 0, 4)
 
 

@@ -112,25 +112,37 @@ class FakeWorker:
         usage = Usage(prompt_tokens=5, completion_tokens=len(tokens))
         lp = request.sampling.logprobs
         logprobs = [TokenLogprob(token=t, token_id=i, logprob=-0.5, top=[(t, -0.5)] * (lp or 0)) for i, t in enumerate(tokens)]
+        async def paced() -> bool:
+            """Wait out one token's delay, with keepalives where asked for; False when cancelled."""
+            waited = 0.0
+            while waited < script.delay_s:
+                if self._cancelled(rid):
+                    return False
+                step = min(script.keepalive_s, script.delay_s - waited)
+                await asyncio.sleep(step)
+                waited += step
+                if request.stream or request.keepalive:
+                    await send(Keepalive(request_id=rid))
+            return True
+
         if not request.stream:
-            await asyncio.sleep(script.delay_s * len(tokens))
+            for i in range(len(tokens)):
+                if script.die_after is not None and i >= script.die_after:
+                    return  # silence from now on: a dead worker sends nothing, not even keepalives
+                if not await paced():
+                    tokens, finish = tokens[:i], "cancelled"
+                    break
             reply = InferenceReply(request_id=rid, model=self.model_id(name), text="".join(tokens), finish_reason=finish,
-                                   usage=usage, logprobs=logprobs if lp is not None else None)
+                                   usage=usage, logprobs=logprobs[:len(tokens)] if lp is not None else None)
             await send(RpcReply(ok=True, result=reply.model_dump(mode="json")))
             return
         await send(Started(request_id=rid, model=self.model_id(name)))
         for i, token in enumerate(tokens):
             if script.die_after is not None and i >= script.die_after:
                 return  # silence from now on: a dead worker sends nothing, not even keepalives
-            waited = 0.0
-            while waited < script.delay_s:
-                if self._cancelled(rid):
-                    await send(End(request_id=rid, finish_reason="cancelled", usage=Usage(prompt_tokens=5, completion_tokens=i)))
-                    return
-                step = min(script.keepalive_s, script.delay_s - waited)
-                await asyncio.sleep(step)
-                waited += step
-                await send(Keepalive(request_id=rid))
+            if not await paced():
+                await send(End(request_id=rid, finish_reason="cancelled", usage=Usage(prompt_tokens=5, completion_tokens=i)))
+                return
             await send(Chunk(request_id=rid, index=i, text=token, token_ids=[i],
                              logprobs=[logprobs[i]] if lp is not None else None))
         await send(End(request_id=rid, finish_reason=finish, usage=usage))

@@ -1,7 +1,8 @@
 """One inference request, from its raw body to its reply messages and its inference event.
 
 The transport is a ``send`` callable (bytes to the reply inbox); the entrypoint owns NATS. A
-non-stream request gets one ``RpcReply`` (result: ``InferenceReply``), a streamed one gets
+non-stream request gets one ``RpcReply`` (result: ``InferenceReply``; keepalives before it if it asked
+for them), a streamed one gets
 ``started``, ``chunk``s, keepalives while nothing happens for ``KEEPALIVE_S``, and one ``end`` or
 ``error`` (shared/inference.py)."""
 
@@ -88,8 +89,11 @@ class Server:
             await self._send_error(send, _wants_stream(raw), _request_id(raw), exc)
             return
         if not request.stream:
+            async def keepalive() -> None:
+                await send(_msg(Keepalive(request_id=request.request_id)))
+
             try:
-                outcome = await self.complete(request, headers)
+                outcome = await self.complete(request, headers, on_tick=keepalive if request.keepalive else None)
             except errors.StrataError as exc:
                 await self._send_error(send, False, request.request_id, exc)
                 return
@@ -107,11 +111,13 @@ class Server:
         it cannot start or the engine failed it. ``on_tick`` runs at least every KEEPALIVE_S."""
         text, lps = [], []
         loop = asyncio.get_running_loop()
-        last_tick = loop.time()
+        last_tick, admitted = loop.time(), False
         async with aclosing(self._generate(request, headers)) as stream:
             async for dep, event in stream:
-                if on_tick is not None and (event is None or loop.time() - last_tick >= KEEPALIVE_S):
-                    await on_tick()  # busy or idle: a batch job reports progress to JetStream
+                idle = event is None and admitted  # the first None is the admission itself
+                admitted = True
+                if on_tick is not None and (idle or loop.time() - last_tick >= KEEPALIVE_S):
+                    await on_tick()  # busy or idle, but not at admission: most requests end before a tick is due
                     last_tick = loop.time()
                 if event is None:
                     continue
