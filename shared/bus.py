@@ -209,6 +209,7 @@ class EventConsumer:
     stats: ConsumerStats = field(default_factory=ConsumerStats)
     _recent: _RecentIds = field(default_factory=_RecentIds)
     _loop: asyncio.Task[None] | None = None
+    _stopping: bool = False
     _sub: Any = None
 
     def on(self, data_cls: type[D]) -> Callable[[Callable[[Event[D]], Awaitable[None]]], Handler]:
@@ -250,19 +251,24 @@ class EventConsumer:
             js = self._broker.connection.jetstream()
             sub = await js.pull_subscribe(self.filter_subject, durable=self.durable, stream=subjects.EVENTS_STREAM,
                                           config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s))
+            self._stopping = False
             self._loop = asyncio.create_task(self._fetch_batches(sub), name=f"{self.service}:{self.durable}")
             self._sub = sub
 
     async def stop(self) -> None:
         if self._loop is not None:
-            self._loop.cancel()  # between fetches, or in one: an unacknowledged event comes back later
+            # Cancelled between fetches or in one (an unacknowledged event comes back later). The flag
+            # too: Python 3.11's wait_for, inside nats-py's fetch, can swallow a cancellation that
+            # lands as a message arrives, and the loop would then run on and this stop wait forever.
+            self._stopping = True
+            self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
             with contextlib.suppress(nats.errors.Error):  # else the connection's drain waits out its timeout for it
                 await self._sub.unsubscribe()
             self._loop = self._sub = None
 
     async def _fetch_batches(self, sub: Any) -> None:
-        while True:
+        while not self._stopping:
             try:
                 # The first event as soon as there is one, then whatever else is already waiting: a
                 # fetch of N that got fewer waits out its whole time-out for the rest.
@@ -275,6 +281,8 @@ class EventConsumer:
                 log.info("%s: fetch failed (%s); again shortly", self.durable, type(exc).__name__)
                 await asyncio.sleep(0.5)
                 continue
+            if self._stopping:  # a swallowed cancellation (see stop): leave the batch for redelivery
+                return
             for raw in batch:  # in stream order, one at a time
                 ctx = propagate.extract(raw.headers or {})
                 with _tracer.start_as_current_span(f"{raw.subject} process", context=ctx, kind=trace.SpanKind.CONSUMER,
