@@ -13,7 +13,7 @@ requests/s through the gateway at ``--concurrency`` clients. The load generator 
 cores with everything it measures (say so when you quote the figures).
 
     .venv/bin/python bench/platform_overhead.py                     # ~1-2 minutes
-    .venv/bin/python bench/platform_overhead.py --profile DIR       # cProfile of gateway and worker into DIR
+    .venv/bin/python bench/platform_overhead.py --profile DIR       # cProfile of every service process into DIR
 """
 
 from __future__ import annotations
@@ -344,7 +344,8 @@ async def main_async(args) -> list[dict]:
             rows.append(await measure(url, args, "gateway→NATS→worker", base, pids))
             if not args.skip_consumers:
                 for name in ("provenance-ledger", "monitor"):
-                    procs.append(spawn(["-m", "cli.main", "serve", name], env, tmpdir / f"{name}.log", None))
+                    procs.append(spawn(["-m", "cli.main", "serve", name], env, tmpdir / f"{name}.log",
+                                       prof / f"{name}.prof" if prof else None))
                     pids[name] = procs[-1].pid
                 await asyncio.sleep(args.settle)  # they start and catch up on the events so far
                 rows.append(await measure(url, args, "+ ledger + monitor", base, pids))
@@ -374,7 +375,7 @@ def main() -> None:
                     help="load generator: a lean asyncio HTTP/1.1 client (default) or httpx.AsyncClient")
     ap.add_argument("--open", action="store_true",
                     help="no API key (the gateway's open mode); by default every request carries a key, as under strata up")
-    ap.add_argument("--profile", help="write cProfile output of the gateway and worker into this folder")
+    ap.add_argument("--profile", help="write cProfile output of each service process (gateway, worker, ledger, monitor) into this folder")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     print(f"platform overhead: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, client {args.client}, "
