@@ -10,7 +10,6 @@ import json
 import uuid
 from typing import Any
 
-import jsonschema
 from pydantic import BaseModel
 
 IN_TOTO_STATEMENT = "https://in-toto.io/Statement/v1"
@@ -104,6 +103,8 @@ SLSA_SCHEMA = {
 
 
 def validate_in_toto(statement: dict[str, Any]) -> None:
+    import jsonschema  # here, not at the top: importing it takes ~1 s (rfc3987_syntax builds its grammars), every ledger start
+
     try:
         jsonschema.validate(statement, STATEMENT_SCHEMA)
         if statement["predicateType"] == SLSA_PROVENANCE:
