@@ -215,6 +215,9 @@ class Server:
 
     async def _record(self, request: InferenceRequest, dep: Deployment, final: StreamEvent | None,
                       output: str, trace_id: str, started: float) -> None:
+        # Scheduled before a non-stream reply is sent: one loop turn first, so that nats-py's flusher
+        # writes the reply before this bookkeeping (metrics, the event) runs; it was ~0.1 ms of every reply.
+        await asyncio.sleep(0)
         operation = "chat" if request.messages else "text_completion"
         try:
             if final is None or final.finish_reason == "error":
