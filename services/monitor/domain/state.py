@@ -140,6 +140,12 @@ class FleetState:
             node.devices[device.id] = device
         node.last_seen, node.lost = max(node.last_seen, at), False
 
+    def restart_heartbeat_clocks(self, now: float) -> None:
+        """After a restart: a node that was not lost counts its silence from ``now``."""
+        for node in self.nodes.values():
+            if not node.lost:
+                node.last_seen = max(node.last_seen, now)
+
     def dead_letter(self, letter: DeadLetter) -> None:
         self.dead_letters.append((letter.time.timestamp(), letter.service, letter.reason))
         self.dead_letter_totals[letter.service] += 1

@@ -25,13 +25,14 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from services.monitor.adapters.replay import replay_until_ack_floor
 from services.monitor.config import MonitorConfig
 from services.monitor.domain.alerts import load_rules
 from services.monitor.service_layer.monitor import Clock, Monitor
 from services.monitor.service_layer.views import RuleView, Snapshot
 from shared import subjects
 from shared.config import Settings
-from shared.events import DeadLetter, NodeHeartbeat, parse_event
+from shared.events import DeadLetter, Event, NodeHeartbeat, parse_event
 from shared.service import Service
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,26 @@ def create_monitor(settings: Settings | None, config: MonitorConfig, *, clock: C
     service = Service(NAME, settings, description="Metrics, alerts and the live dashboard.")
     monitor = Monitor(config, load_rules(config.rules_file), service.publish, clock)
     service.monitor = monitor  # type: ignore[attr-defined]  # reachable from tests
-    _consume(service, monitor)
-    _background(service, monitor, config)
+    live = asyncio.Event()  # set once the state is rebuilt from EVENTS: until then no event is handled, no rule evaluated
+    _consume(service, monitor, config, live)
+    _background(service, monitor, config, live)
     _routes(service, monitor, config)
     return service
 
 
-def _consume(service: Service, monitor: Monitor) -> None:
+def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: asyncio.Event) -> None:
     # It hears every event: 64 a fetch, handled in order, costs it a third less CPU per event than one at a time.
-    service.consume(subjects.EVENTS_ALL, batch_size=64).on_any(monitor.on_event)
+    consumer = service.consume(subjects.EVENTS_ALL, durable=config.events_durable, batch_size=64)
+
+    @consumer.on_any
+    async def on_event(event: Event) -> None:
+        # The durable starts fetching before the start hooks run; holding its first batch here keeps
+        # its ack floor where the previous process left it until the replay has read up to it.
+        if not live.is_set():
+            await live.wait()
+        await monitor.on_event(event)
+
+    _restore(service, monitor, consumer.durable, live)
 
     @service.broker.subscriber(NodeHeartbeat.subject(), title=f"{NAME}:heartbeats")  # no queue: every monitor hears every beat
     async def heartbeat(msg: NatsMessage) -> None:
@@ -85,7 +97,34 @@ def _consume(service: Service, monitor: Monitor) -> None:
         await msg.ack()
 
 
-def _background(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
+def _restore(service: Service, monitor: Monitor, durable: str, live: asyncio.Event) -> None:
+    """Rebuild the state from EVENTS up to the durable's ack floor, then let the durable deliver.
+    In a task, not in the start hook: HTTP serves (and shows the replay's progress in /api/state)
+    while a long stream is read back."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def restore() -> None:
+        try:
+            await replay_until_ack_floor(service.broker.connection.jetstream(), subjects.EVENTS_STREAM, durable,
+                                         monitor.replay_plan(), monitor.replay, monitor.replay_progress)
+            monitor.replayed()
+        finally:
+            live.set()
+
+    @service.on_start
+    async def start() -> None:
+        if not live.is_set():  # once per process: a second start keeps the state it has
+            tasks.append(asyncio.create_task(restore(), name="monitor:replay"))
+
+    @service.on_stop
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()
+
+
+def _background(service: Service, monitor: Monitor, config: MonitorConfig, live: asyncio.Event) -> None:
     stopping = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -109,7 +148,8 @@ def _background(service: Service, monitor: Monitor, config: MonitorConfig) -> No
         monitor.set_ledger_lag(info.num_pending + info.num_ack_pending)
 
     async def evaluate() -> None:
-        await monitor.evaluate()
+        if live.is_set():  # on a half-rebuilt state a rule would fire (or resolve) what is not so
+            await monitor.evaluate()
 
     @service.on_start
     async def start() -> None:

@@ -7,17 +7,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
 
+from services.monitor.adapters.replay import ReplayPass, ReplayProgress
 from services.monitor.config import MonitorConfig
 from services.monitor.domain.alerts import AlertEngine, Rule, Transition
 from services.monitor.domain.metrics import Metrics
 from services.monitor.domain.state import FleetState
 from services.monitor.service_layer.views import RuleView, Snapshot, rules_view, snapshot
-from shared.events import AlertFiring, AlertResolved, DeadLetter, Event, EventData, NodeHeartbeat
+from shared.events import (
+    AlertFiring, AlertResolved, DeadLetter, Event, EventData, InferenceCompleted, InferenceFailed, NodeHeartbeat,
+)
 
 log = logging.getLogger(__name__)
 Publish = Callable[[EventData], Awaitable[object]]
 Clock = Callable[[], float]
+# The high-volume events: only the state's request windows read them, so a restart replays only the
+# window's worth (every other event type is rare and replayed from the beginning of the stream).
+REQUEST_EVENTS: tuple[type[EventData], ...] = (InferenceCompleted, InferenceFailed)
+REQUEST_RULE_KINDS = ("latency_p95", "error_rate")  # the alert rules that read the request windows
+# The stream stamps a message when it stores it; the window is in the publisher's event time, which a
+# skewed clock can put ahead: replaying this much further back keeps such a request in the window.
+CLOCK_SKEW_S = 60.0
 
 
 class Monitor:
@@ -27,11 +38,40 @@ class Monitor:
         self.alerts = AlertEngine(rules)
         self.metrics = Metrics(self.state, self.alerts.firing)
         self.version = 0  # bumped on every change, so the SSE stream sends only news
+        self.replay_progress = ReplayProgress()
 
     # -- input -----------------------------------------------------------------------------
     async def on_event(self, event: Event) -> None:
         self.state.apply(event)
         self.metrics.observe(event)
+        self.version += 1
+
+    def replay(self, event: Event) -> None:
+        """An event the previous process already handled, read back on start: the state only. The
+        Prometheus counters start at zero in a new process, as Prometheus expects of a restart;
+        counting the replayed events again would show a spike of requests that were already counted."""
+        self.state.apply(event)
+        self.version += 1
+
+    def replay_plan(self) -> list[ReplayPass]:
+        """What a restart reads back. Deployments, nodes and the ledger are folded from every event
+        since the beginning (they are few, and a deployment made a week ago is still on the
+        dashboard); requests only for the longest window anything reads them in (the charts, the
+        request-based alert rules), read with a time-filtered consumer so that the server skips the
+        older ones instead of sending the whole history over the wire to be dropped here."""
+        request_subjects = {cls.subject() for cls in REQUEST_EVENTS}
+        rare = sorted(cls.subject() for cls in EventData.registry.values() if cls.PERSISTENT)
+        since = datetime.fromtimestamp(self.clock(), timezone.utc) - timedelta(seconds=self.requests_window_s() + CLOCK_SKEW_S)
+        return [ReplayPass([s for s in rare if s not in request_subjects]), ReplayPass(sorted(request_subjects), since)]
+
+    def requests_window_s(self) -> float:
+        windows = [r.window_s for r in self.alerts.rules if r.kind in REQUEST_RULE_KINDS]
+        return max([self.config.history_s, *windows])
+
+    def replayed(self) -> None:
+        """The replay is over: heartbeats are not in the stream, so the silence of a replayed node is
+        counted from now, not from its registration (else every restart would report it lost)."""
+        self.state.restart_heartbeat_clocks(self.clock())
         self.version += 1
 
     async def on_heartbeat(self, beat: NodeHeartbeat) -> None:
@@ -76,7 +116,7 @@ class Monitor:
 
     # -- output ----------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        return snapshot(self.state, self.alerts, self.clock(), self.config.history_s, self.config.bucket_s)
+        return snapshot(self.state, self.alerts, self.clock(), self.config.history_s, self.config.bucket_s, self.replay_progress)
 
     def rules(self) -> list[RuleView]:
         return rules_view(self.alerts)

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel
 
+from services.monitor.adapters.replay import ReplayProgress
 from services.monitor.domain.alerts import AlertEngine
 from services.monitor.domain.state import FleetState, percentile
 
@@ -99,6 +100,7 @@ class Snapshot(BaseModel):
     ledger: LedgerView
     dead_letters: dict[str, int]
     events_seen: int
+    replay: ReplayProgress | None = None  # how the state was rebuilt from EVENTS on start
 
 
 def _num(x: float) -> float | None:
@@ -151,7 +153,8 @@ def model_view(state: FleetState, model: str, now: float, history_s: float, buck
     )
 
 
-def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: float, bucket_s: float) -> Snapshot:
+def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: float, bucket_s: float,
+             replay: ReplayProgress | None = None) -> Snapshot:
     nodes = [
         NodeView(
             node_id=n.node_id, hostname=n.hostname or n.node_id, status="lost" if n.lost else "up",
@@ -175,5 +178,5 @@ def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: floa
         ledger=LedgerView(tree_size=ledger.tree_size, root_hash=ledger.root_hash, key_id=ledger.key_id,
                           signature=ledger.signature, signed_at=_dt(ledger.signed_at) if ledger.signed_at else None,
                           lag=ledger.lag, tamper_detected=len(ledger.tamper_events)),
-        dead_letters=dict(state.dead_letter_totals), events_seen=sum(state.events_seen.values()),
+        dead_letters=dict(state.dead_letter_totals), events_seen=sum(state.events_seen.values()), replay=replay,
     )
