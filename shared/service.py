@@ -19,7 +19,7 @@ from faststream.nats.annotations import NatsMessage
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
-from shared import bus, errors, replication, rpc, subjects
+from shared import bus, errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
 from shared.events import Event, EventData, Source, make_event
 from shared.telemetry import setup_tracing
@@ -180,15 +180,26 @@ async def _error_response(_request: Request, exc: errors.StrataError) -> JSONRes
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.http_status)
 
 
+HTTPS_STOP_WAIT_S = 5.0  # run(): how long a stopping HTTPS service waits for open connections
+
+
 def run(service: Service) -> None:
     """Serve a service until SIGINT/SIGTERM (uvicorn handles both and runs the lifespan's shutdown)."""
     logging.basicConfig(
         level=os.environ.get("STRATA_LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    try:
+        https = http_tls.served()  # STRATA_HTTP_TLS_CERT/KEY: checked here, so a bad file is one clear line
+    except http_tls.TlsSetupError as exc:
+        raise SystemExit(f"{service.name}: cannot serve HTTPS: {exc}") from None
     config = uvicorn.Config(
         service.http, host=service.settings.http_host, port=service.settings.http_port,
         log_level="warning", access_log=False, lifespan="on",
+        ssl_certfile=str(https.cert) if https else None, ssl_keyfile=str(https.key) if https else None,
+        # An idle keep-alive TLS client never answers the server's close_notify, and asyncio waits 30 s for it
+        # before the connection counts as closed: without a bound, such a client holds up every stop.
+        timeout_graceful_shutdown=HTTPS_STOP_WAIT_S if https else None,
     )
     # Server.run, not asyncio.run(serve()): it honours loop="auto" (uvloop when it is installed,
     # with httptools for HTTP), which roughly halves the per-request CPU of the NATS and HTTP paths.
