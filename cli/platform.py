@@ -38,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--nats-tls-key", type=Path, metavar="FILE", help="the private key (PEM) of --nats-tls-cert")
     up.add_argument("--nats-tls-ca", type=Path, metavar="FILE",
                     help="the CA (PEM) the services trust for NATS (default with --nats-tls-cert: the system's roots)")
+    up.add_argument("--https", action="store_true",
+                    help="serve every HTTP API over HTTPS, with a CA and server certificate generated once into "
+                         "DATA_DIR/http/tls/ (the strata commands here trust that CA). Plain HTTP is the default, "
+                         "for local development on 127.0.0.1; use HTTPS when API keys cross a network")
+    up.add_argument("--https-cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM) instead")
+    up.add_argument("--https-key", type=Path, metavar="FILE", help="the private key (PEM) of --https-cert")
+    up.add_argument("--https-ca", type=Path, metavar="FILE",
+                    help="the CA (PEM) that signed --https-cert, for clients here (default: the system's roots)")
     up.add_argument("--no-api-key", dest="api_keys", action="store_false",
                     help="do not make an admin API key at first start: every HTTP API stays open until "
                          "`strata key create` makes one (throwaway machines only)")
@@ -91,7 +99,8 @@ def _up(args: argparse.Namespace) -> int:
         serve_builtin=args.serve_builtin and args.role == "all", secure_nats=args.secure_nats,
         nats_tls=args.nats_tls, nats_tls_cert=args.nats_tls_cert, nats_tls_key=args.nats_tls_key,
         nats_tls_ca=args.nats_tls_ca, admission_policy=args.admission_policy,
-        api_keys=args.api_keys,
+        api_keys=args.api_keys, https=args.https, https_cert=args.https_cert, https_key=args.https_key,
+        https_ca=args.https_ca,
     ))
 
 

@@ -22,7 +22,7 @@ import httpx
 
 from cli import natsd
 from cli.connection import redacted
-from shared import nats_auth, nats_tls
+from shared import http_tls, nats_auth, nats_tls
 from shared.config import DEFAULT_PORTS, SERVICES, env_name, node_id
 
 PR_SET_PDEATHSIG = 1
@@ -74,6 +74,10 @@ class UpOptions:
     nats_tls_ca: Path | None = None  # what the services trust; with --nats-url, the external NATS's CA
     admission_policy: Path | None = None  # hardware-inventory's admission policy file (infra/policy.example.yaml)
     api_keys: bool = True  # make an admin API key at first start, so the HTTP APIs are never open by default
+    https: bool = False  # HTTPS with a CA and server certificate generated into the data dir
+    https_cert: Path | None = None  # ... or with these (shared/http_tls.py)
+    https_key: Path | None = None
+    https_ca: Path | None = None  # the CA that signed --https-cert, for the clients here
 
     def problem(self) -> str | None:
         """What is wrong with the TLS options, in the flags' words; None when they fit together."""
@@ -82,6 +86,10 @@ class UpOptions:
         if self.nats_url and (self.nats_tls or self.nats_tls_cert):
             return ("--nats-tls and --nats-tls-cert configure the nats-server strata up starts; with --nats-url "
                     "give the CA your NATS uses with --nats-tls-ca")
+        if (self.https_cert is None) != (self.https_key is None):
+            return "--https-cert and --https-key go together"
+        if self.https_ca is not None and self.https_cert is None:
+            return "--https-ca names the CA of --https-cert (with --https the CA is generated)"
         if self.admission_policy is not None and not self.admission_policy.is_file():
             return f"--policy {self.admission_policy}: no such file"
         return None
@@ -96,6 +104,7 @@ class Supervisor:
         self.credentials: dict[str, nats_auth.Credential] = {}  # empty: NATS without auth
         self.nats_ca: Path | None = options.nats_tls_ca  # the CA every child trusts for NATS (STRATA_NATS_CA)
         self.nats_tls = False
+        self.https: http_tls.ServerTls | None = None  # what every service serves HTTPS with; None: plain HTTP
 
     # -- output ------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -168,7 +177,7 @@ class Supervisor:
         """Returns the children still unhealthy when the time is up (empty when all are healthy)."""
         deadline = time.monotonic() + timeout_s
         pending = list(children)
-        async with httpx.AsyncClient(timeout=1.0) as client:
+        async with httpx.AsyncClient(timeout=1.0, verify=http_tls.health_check_verify(self.https)) as client:
             while pending and time.monotonic() < deadline and not self.stopping.is_set():
                 for child in list(pending):
                     with contextlib.suppress(httpx.HTTPError):
@@ -198,6 +207,13 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         opts.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.https = self._http_tls()
+        except http_tls.TlsSetupError as exc:
+            self.say(f"strata up: {exc}")
+            return 1
+        if warning := self._plain_http_warning():
+            self.say(warning)
         node = node_id(opts.data_dir)
         started = time.monotonic()
         try:
@@ -270,7 +286,8 @@ class Supervisor:
                 if served.result().endswith("serving"):
                     key = key_file(self.options.data_dir)
                     auth = f"-H \"Authorization: Bearer $(cat {key})\" " if key.exists() else ""
-                    self.say(f"strata up: try  curl {auth}http://{self.options.host}:"
+                    cacert = f"--cacert {self.https.ca} " if self.https and self.https.ca else ""
+                    self.say(f"strata up: try  curl {cacert}{auth}{self._scheme()}://{self.options.host}:"
                              f"{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}/v1/models  "
                              "or  strata chat strata-builtin-kjv")
             else:
@@ -334,8 +351,34 @@ class Supervisor:
                 env[nats_tls.CA_ENV] = str(self.nats_ca.resolve())
             if name == "hardware-inventory" and opts.admission_policy is not None:
                 env["STRATA_ADMISSION_POLICY"] = str(opts.admission_policy.resolve())  # the child may run elsewhere
+            if self.https is not None:
+                env.update(http_tls.server_env(self.https))
             argv = [sys.executable, "-m", "cli.main", "serve", name]
-            self._add(name, argv, env, f"http://{opts.host}:{port}/healthz")
+            self._add(name, argv, env, f"{self._scheme()}://{opts.host}:{port}/healthz")
+
+    def _http_tls(self) -> http_tls.ServerTls | None:
+        opts = self.options
+        if opts.https_cert and opts.https_key:
+            return http_tls.given(opts.https_cert, opts.https_key, opts.https_ca)
+        if opts.https:
+            return http_tls.ensure_generated(opts.data_dir, opts.host)
+        return None
+
+    def _plain_http_warning(self) -> str | None:
+        opts = self.options
+        if self.https is None and opts.api_keys and not http_tls.is_loopback(opts.host):
+            return f"strata up: warning: HTTP on {opts.host} is plain: API keys cross the network in clear text (use --https)"
+        return None
+
+    def _scheme(self) -> str:
+        return "http" if self.https is None else "https"
+
+    def _https_note(self) -> str:
+        assert self.https is not None
+        if self.https.ca is None:
+            return f"certificate {self.https.cert}, checked against the system's roots"
+        here = "the strata commands here trust it; " if self.https.ca == http_tls.tls_dir(self.options.data_dir) / "ca.pem" else ""
+        return f"CA {self.https.ca} ({here}other clients: --https-ca, {http_tls.CA_ENV} or curl --cacert)"
 
     def _print_endpoints(self, nats_url: str, node: str, seconds: float) -> None:
         role = "" if self.options.role == "all" else f" as a {self.options.role}"
@@ -345,6 +388,8 @@ class Supervisor:
             if child.name != "nats":
                 base = child.health_url.removesuffix("/healthz")
                 lines.append(f"  {child.name:<20}{base}  (API docs {base}/docs)")
+        if self.https is not None:
+            lines.append(f"  {'https':<20}{self._https_note()}")
         lines.append("Press Ctrl-C to stop.")
         self.say("\n".join(lines))
 
