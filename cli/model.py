@@ -71,6 +71,8 @@ def _cmd(sub: argparse._SubParsersAction, name: str, help: str, func: Callable[[
     p = sub.add_parser(name, help=help)
     p.add_argument("--url", help="model-store HTTP API (default $STRATA_MODEL_STORE_URL or http://127.0.0.1:8002)")
     p.add_argument("--api-key", help="an admin API key for push, alias, rm and dataset add (default $STRATA_API_KEY)")
+    p.add_argument("--https-ca", type=Path, metavar="FILE",
+                   help="the CA (PEM) of an HTTPS model-store (default $STRATA_HTTP_CA, else DATA_DIR/http/tls/ca.pem)")
     p.set_defaults(func=lambda args: _run(func, args))
     return p
 
@@ -86,7 +88,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
 def _client(args: argparse.Namespace):
     from services.model_store.client import StoreClient
 
-    return StoreClient(args.url, api_key=args.api_key)
+    return StoreClient(args.url, api_key=args.api_key, ca=args.https_ca)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from rich.console import Console, Group
@@ -15,6 +16,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from shared import http_tls
 from shared.config import DEFAULT_PORTS
 
 DEFAULT_URL = os.environ.get("STRATA_MONITOR_URL", f"http://127.0.0.1:{DEFAULT_PORTS['monitor']}")
@@ -27,17 +29,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     top.add_argument("--url", default=DEFAULT_URL, help="the monitor's HTTP address (STRATA_MONITOR_URL)")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--https-ca", type=Path, metavar="FILE",
+                     help="the CA (PEM) of an HTTPS monitor (default $STRATA_HTTP_CA, else DATA_DIR/http/tls/ca.pem)")
     top.set_defaults(func=_top)
 
 
 def _top(args: argparse.Namespace) -> int:
     console = Console()
-    with httpx.Client(base_url=args.url, timeout=5) as http:
+    try:
+        verify = http_tls.client_verify(args.https_ca)
+    except http_tls.TlsSetupError as exc:
+        print(f"strata top: {exc}", file=sys.stderr)
+        return 1
+    with httpx.Client(base_url=args.url, timeout=5, verify=verify) as http:
         if args.once:
             try:
                 console.print(render(_fetch(http)))
             except httpx.HTTPError as exc:
-                print(f"strata top: the monitor at {args.url} did not answer: {exc}", file=sys.stderr)
+                print(f"strata top: the monitor at {args.url}: {http_tls.failure(exc, args.url) or f'did not answer: {exc}'}",
+                      file=sys.stderr)
                 return 1
             return 0
         with Live(Text("connecting…"), console=console, screen=False, auto_refresh=False) as live:
@@ -46,6 +56,10 @@ def _top(args: argparse.Namespace) -> int:
                     try:
                         live.update(render(_fetch(http)), refresh=True)
                     except httpx.HTTPError as exc:
+                        if reason := http_tls.failure(exc, args.url):  # retrying cannot fix it
+                            live.stop()
+                            print(f"strata top: the monitor at {args.url}: {reason}", file=sys.stderr)
+                            return 1
                         live.update(Text(f"the monitor at {args.url} did not answer ({exc}); retrying…", style="red"), refresh=True)
                     time.sleep(args.interval)
             except KeyboardInterrupt:

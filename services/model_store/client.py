@@ -11,12 +11,13 @@ from typing import Any
 
 import httpx
 
+from shared import http_tls
 from shared.apikeys import local_key
 from shared.catalog import (
     AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
-from shared.errors import StrataError, Unavailable, from_code
+from shared.errors import Invalid, StrataError, Unavailable, from_code
 
 from services.model_store.domain.checks import check_files_listing
 from services.model_store.fetch import VerificationError, verify_manifest
@@ -56,9 +57,17 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
 
 
 class StoreClient:
-    def __init__(self, url: str | None = None, timeout: float = 60.0, api_key: str | None = None) -> None:
+    def __init__(self, url: str | None = None, timeout: float = 60.0, api_key: str | None = None,
+                 ca: Path | None = None) -> None:
+        """``ca``: the CA an HTTPS model-store's certificate is checked against (default: shared/http_tls.py
+        trusted_ca, i.e. $STRATA_HTTP_CA or the data dir's generated one, else the system's roots)."""
         self.url = (url or default_url()).rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), headers=api_key_headers(api_key))
+        try:
+            verify = http_tls.client_verify(ca)
+        except http_tls.TlsSetupError as exc:
+            raise Invalid(str(exc)) from None
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), headers=api_key_headers(api_key),
+                                 verify=verify)
 
     def close(self) -> None:
         self.http.close()
@@ -67,6 +76,8 @@ class StoreClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
+            if reason := http_tls.failure(exc, self.url):
+                raise Unavailable(f"model-store at {self.url}: {reason}") from None
             raise Unavailable(f"model-store at {self.url} is not reachable ({exc}); is `strata up` running?") from None
         _raise_for(response)
         return response
@@ -135,7 +146,8 @@ class StoreClient:
                     _raise_for(response)
                 yield from response.iter_bytes(CHUNK)
         except httpx.TransportError as exc:
-            raise Unavailable(f"model-store at {self.url}: download of sha256:{sha256} failed ({exc})") from None
+            reason = http_tls.failure(exc, self.url) or exc
+            raise Unavailable(f"model-store at {self.url}: download of sha256:{sha256} failed ({reason})") from None
 
     def pull(self, ref: str, dest: Path, *, public_key: PublicKey | None = None, progress: Progress | None = None) -> ResolvedModel:
         """Download a model into ``dest``; the signature is checked first, each file's digest as it lands."""
