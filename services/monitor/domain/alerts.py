@@ -174,6 +174,18 @@ class AlertEngine:
                     transitions.append(Transition(rule, instance, firing=True))
         return transitions
 
+    def restore(self, rule_name: str, labels: dict[str, str], firing: bool, value: float | None, summary: str, at: float) -> None:
+        """Take back a transition published before a restart (read back from the stream), so that
+        an alert still active is not fired a second time. A rule no longer configured is ignored."""
+        active = self.active.get(rule_name)
+        if active is None:
+            return
+        key = tuple(sorted(labels.items()))
+        if firing:
+            active[key] = Active(Instance(key, value, summary), at)
+        else:
+            active.pop(key, None)
+
     def undo(self, transition: Transition, since: float) -> None:
         """Take back a transition whose event could not be published, so the next evaluation repeats it."""
         active = self.active[transition.rule.name]

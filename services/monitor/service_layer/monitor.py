@@ -49,8 +49,14 @@ class Monitor:
     def replay(self, event: Event) -> None:
         """An event the previous process already handled, read back on start: the state only. The
         Prometheus counters start at zero in a new process, as Prometheus expects of a restart;
-        counting the replayed events again would show a spike of requests that were already counted."""
+        counting the replayed events again would show a spike of requests that were already counted.
+        The alerts this monitor published are taken back too, so a restart does not fire them again."""
         self.state.apply(event)
+        match event.data:
+            case AlertFiring() as f:
+                self.alerts.restore(f.rule, f.labels, True, f.value, f.summary, event.time.timestamp())
+            case AlertResolved() as r:
+                self.alerts.restore(r.rule, r.labels, False, None, "", event.time.timestamp())
         self.version += 1
 
     def replay_plan(self) -> list[ReplayPass]:
