@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from pydantic import BaseModel
 
 from shared import errors
 from shared.apikey_store import KeyStore
 from shared.apikeys import ApiKeyRecord, Scope
-from shared.rpc import ErrorBody
+from shared.http_errors import AUTH_RESPONSES, HttpError, auth_responses  # noqa: F401  (moved there; still importable here)
 from shared.service import Health, Service
 
 AuthMode = Literal["open", "api-keys"]
@@ -32,21 +31,6 @@ bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", bearerFormat="sk-str
 OPEN_ROUTES_NOTE = ("Authentication: routes that change state need an API key with the `admin` scope "
                     "(`Authorization: Bearer <key>`); GET routes, /healthz and /metrics are open. While no key "
                     "exists at all, every route is open (see /healthz `auth`).")
-
-
-class HttpError(BaseModel):
-    error: ErrorBody
-
-
-def auth_responses(model: type[BaseModel] = HttpError) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI ``responses`` of a protected route."""
-    return {
-        401: {"model": model, "description": "missing, unknown or revoked API key"},
-        403: {"model": model, "description": "the API key lacks the scope this route needs"},
-    }
-
-
-AUTH_RESPONSES = auth_responses()
 
 
 class AuthHealth(Health):
@@ -128,7 +112,8 @@ def protect(service: Service, *, create_bucket: bool = False, seed: list[str] | 
     if health:
         drop_route(service.http, "/healthz")
 
-        @service.http.get("/healthz", response_model=AuthHealth, tags=["health"], summary="health and auth mode (open)")
+        @service.http.get("/healthz", response_model=AuthHealth, tags=["health"], summary="health and auth mode (open)",
+                          responses={503: {"model": AuthHealth, "description": "starting, or NATS not connected (degraded)"}})
         async def healthz() -> JSONResponse:
             base = service.health()
             body = AuthHealth(**base.model_dump(), auth=await auth.mode())

@@ -30,12 +30,13 @@ from services.hardware_inventory.service_layer.views import (
     UndeployOutcome, UndeployRequest, node_view,
 )
 from shared import bus, errors
-from shared.apikey_http import AUTH_RESPONSES, protect
+from shared.apikey_http import protect
 from shared.config import Settings
 from shared.events import (
     DeployFailed, DeployReady, DeployRequested, DeployUnloaded, Event, NodeHeartbeat, NodeRegistered, UndeployRequested,
     parse_event,
 )
+from shared.http_errors import error_responses, typed_bad_requests
 from shared.service import Service
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,15 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
 
     http = service.http
     admin = [Depends(protect(service).require("admin"))]  # deploys and undeploys; reads stay open
+    typed_bad_requests(http)
+    starting = error_responses(errors.Unavailable)  # every route answers 503 until the registry's state is open
 
-    @http.get("/nodes", response_model=NodeList, tags=["nodes"])
+    @http.get("/nodes", response_model=NodeList, tags=["nodes"], responses=starting)
     async def nodes_http() -> NodeList:
         return await list_nodes()
 
-    @http.get("/nodes/{node_id}", response_model=NodeView, tags=["nodes"])
+    @http.get("/nodes/{node_id}", response_model=NodeView, tags=["nodes"],
+              responses=error_responses(errors.NotFound, errors.Unavailable))
     async def get_node(node_id: str) -> NodeView:
         for view in (await list_nodes()).nodes:
             if view.node.node_id == node_id:
@@ -209,36 +213,39 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
         raise errors.NotFound(f"no node {node_id!r}")
 
     # the same bounds as FitRequest's, so a bad query is a 422 here rather than a ValidationError (500) below
-    @http.get("/fit", response_model=FitReport, tags=["fit"])
+    @http.get("/fit", response_model=FitReport, tags=["fit"],
+              responses=error_responses(errors.Invalid, errors.NotFound, errors.Unavailable))
     async def fit_http(model_ref: str = Query(min_length=1), context_length: int | None = Query(default=None, ge=1),
                        batch: int = Query(default=1, ge=1, le=4096),
                        dtype: str | None = None, constraint: list[str] = Query(default=[])) -> FitReport:
         constraints = dict(placement.parse_constraint(c) for c in constraint)
         return await fit(FitRequest(model_ref=model_ref, context_length=context_length, batch=batch, dtype=dtype, constraints=constraints))
 
-    @http.post("/deployments", response_model=DeployOutcome, status_code=201, tags=["deployments"],
-               dependencies=admin, responses=AUTH_RESPONSES)
+    @http.post("/deployments", response_model=DeployOutcome, status_code=201, tags=["deployments"], dependencies=admin,
+               responses=error_responses(errors.Invalid, (errors.Forbidden, "the admission policy refuses this model"),
+                                         errors.NotFound, (errors.Conflict, "no node has room for it, or concurrent changes did not settle"), errors.Unavailable,
+                                         auth=True))
     async def deploy_http(request: DeployRequest) -> DeployOutcome:
         outcome = await deploy(request)
         if not outcome.scheduled:
             raise errors.Conflict(outcome.reason or "") if outcome.code == "no_fit" else errors.from_code(outcome.code or "internal", outcome.reason or "")
         return outcome
 
-    @http.get("/deployments", response_model=DeploymentList, tags=["deployments"])
+    @http.get("/deployments", response_model=DeploymentList, tags=["deployments"], responses=starting)
     async def deployments_http() -> DeploymentList:
         return await list_deployments()
 
-    @http.delete("/deployments/{deployment_id}", response_model=UndeployOutcome, tags=["deployments"],
-                 dependencies=admin, responses=AUTH_RESPONSES)
+    @http.delete("/deployments/{deployment_id}", response_model=UndeployOutcome, tags=["deployments"], dependencies=admin,
+                 responses=error_responses(errors.NotFound, errors.Conflict, errors.Unavailable, auth=True))
     async def undeploy_one(deployment_id: str) -> UndeployOutcome:
         return await undeploy(UndeployRequest(deployment_id=deployment_id))
 
-    @http.delete("/deployments", response_model=UndeployOutcome, tags=["deployments"],
-                 dependencies=admin, responses=AUTH_RESPONSES)
+    @http.delete("/deployments", response_model=UndeployOutcome, tags=["deployments"], dependencies=admin,
+                 responses=error_responses(errors.Invalid, errors.NotFound, errors.Conflict, errors.Unavailable, auth=True))
     async def undeploy_model(model_ref: str) -> UndeployOutcome:
         return await undeploy(UndeployRequest(model_ref=model_ref))
 
-    @http.get("/corrections", response_model=CorrectionList, tags=["fit"])
+    @http.get("/corrections", response_model=CorrectionList, tags=["fit"], responses=starting)
     async def corrections_http() -> CorrectionList:
         return await corrections()
 

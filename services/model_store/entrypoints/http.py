@@ -14,8 +14,8 @@ from shared.catalog import (
     AliasRequest, AliasResult, DatasetList, DeleteResult, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
-from shared.apikey_http import AUTH_RESPONSES
-from shared.errors import NotFound
+from shared.errors import Conflict, Invalid, NotFound, Unavailable
+from shared.http_errors import error_responses
 
 from services.model_store.adapters.catalog_kv import BlobInfo
 from services.model_store.service_layer.handlers import ModelStore
@@ -32,13 +32,16 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
     """Routes over the ModelStore that the service builds once NATS is connected. ``admin`` is the
     API-key dependency that every route changing the store carries (reads stay open)."""
     api = APIRouter(prefix="/v1", tags=["model-store"])
-    guarded: dict[str, Any] = {"dependencies": [Depends(admin)], "responses": AUTH_RESPONSES}
 
-    @api.get("/public-key", response_model=PublicKey)
+    def guarded(*errors: Any) -> dict[str, Any]:
+        """An admin route: the API-key dependency, and its statuses with those of ``errors``."""
+        return {"dependencies": [Depends(admin)], "responses": error_responses(*errors, Unavailable, auth=True)}
+
+    @api.get("/public-key", response_model=PublicKey, responses=error_responses(Unavailable))
     async def public_key() -> PublicKey:
         return store().signer.public_key_info()
 
-    @api.head("/blobs/{sha256}")
+    @api.head("/blobs/{sha256}", responses=error_responses(Invalid, NotFound, Unavailable))
     async def has_blob(sha256: str) -> Response:
         check_digest(sha256)
         size = await store().blobs.size(sha256)
@@ -46,37 +49,37 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
             return Response(status_code=404)
         return Response(headers={"x-blob-size": str(size)})
 
-    @api.put("/blobs/{sha256}", response_model=BlobUploaded, **guarded)
+    @api.put("/blobs/{sha256}", response_model=BlobUploaded, **guarded(Invalid))
     async def upload_blob(sha256: str, request: Request, path: str | None = Query(default=None)) -> BlobUploaded:
         """Stream a blob in as the raw request body; ``path`` (its file name) lets it be checked now."""
         info = await store().ingest.upload(sha256, request.stream(), path)
         return BlobUploaded(sha256=sha256, size=info.size, info=info)
 
-    @api.get("/blobs/{sha256}")
+    @api.get("/blobs/{sha256}", responses=error_responses(Invalid, NotFound, Unavailable))
     async def download_blob(sha256: str) -> StreamingResponse:
         check_digest(sha256)
         return await _stream(store(), sha256)
 
-    @api.post("/models", response_model=PushedModel, **guarded)
+    @api.post("/models", response_model=PushedModel, **guarded(Invalid, NotFound, Conflict))
     async def push_model(body: PushModelRequest, response: Response) -> PushedModel:
         pushed = await store().register_model(body)
         response.status_code = 201 if pushed.created else 200
         return pushed
 
-    @api.get("/models", response_model=ModelList)
+    @api.get("/models", response_model=ModelList, responses=error_responses(Unavailable))
     async def list_models(name: str | None = None) -> ModelList:
         return await store().list_models(name)
 
-    @api.get("/models/{ref}", response_model=ResolvedModel)
+    @api.get("/models/{ref}", response_model=ResolvedModel, responses=error_responses(Invalid, NotFound, Unavailable))
     async def show_model(ref: str) -> ResolvedModel:
         """Resolve NAME, NAME:VERSION or NAME@ALIAS to its signed manifest."""
         return await store().resolve(ref)
 
-    @api.get("/resolve", response_model=ResolvedModel)
+    @api.get("/resolve", response_model=ResolvedModel, responses=error_responses(Invalid, NotFound, Unavailable))
     async def resolve(ref: str) -> ResolvedModel:
         return await store().resolve(ref)
 
-    @api.get("/models/{ref}/files/{path:path}")
+    @api.get("/models/{ref}/files/{path:path}", responses=error_responses(Invalid, NotFound, Unavailable))
     async def download_file(ref: str, path: str) -> StreamingResponse:
         resolved = await store().resolve(ref)
         entry = next((f for f in resolved.manifest.files if f.path == path), None)
@@ -84,30 +87,30 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
             raise NotFound(f"{resolved.model.name}:{resolved.model.version} has no file {path!r}")
         return await _stream(store(), entry.sha256)
 
-    @api.delete("/models/{ref}", response_model=DeleteResult, **guarded)
+    @api.delete("/models/{ref}", response_model=DeleteResult, **guarded(Invalid, NotFound))
     async def delete_model(ref: str, all_versions: bool = False) -> DeleteResult:
         return await store().delete(ref, all_versions=all_versions)
 
-    @api.post("/aliases", response_model=AliasResult, **guarded)
+    @api.post("/aliases", response_model=AliasResult, **guarded(Invalid, NotFound, Conflict))
     async def set_alias(body: AliasRequest) -> AliasResult:
         return await store().set_alias(body.ref, body.alias)
 
-    @api.delete("/models/{name}/aliases/{alias}", status_code=204, **guarded)
+    @api.delete("/models/{name}/aliases/{alias}", status_code=204, **guarded(Invalid, NotFound))
     async def remove_alias(name: str, alias: str) -> Response:
         await store().remove_alias(name, alias)
         return Response(status_code=204)
 
-    @api.post("/datasets", response_model=PushedDataset, **guarded)
+    @api.post("/datasets", response_model=PushedDataset, **guarded(Invalid, NotFound))
     async def push_dataset(body: PushDatasetRequest, response: Response) -> PushedDataset:
         pushed = await store().register_dataset(body)
         response.status_code = 201 if pushed.created else 200
         return pushed
 
-    @api.get("/datasets", response_model=DatasetList)
+    @api.get("/datasets", response_model=DatasetList, responses=error_responses(Unavailable))
     async def list_datasets() -> DatasetList:
         return await store().list_datasets()
 
-    @api.get("/datasets/{ref}", response_model=ResolvedDataset)
+    @api.get("/datasets/{ref}", response_model=ResolvedDataset, responses=error_responses(NotFound, Unavailable))
     async def show_dataset(ref: str) -> ResolvedDataset:
         return await store().dataset(ref)
 

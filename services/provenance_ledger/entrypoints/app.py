@@ -23,9 +23,10 @@ from services.provenance_ledger.entrypoints.api import (
 from services.provenance_ledger.service_layer import queries
 from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger, verify_store
 from shared import errors
-from shared.apikey_http import AUTH_RESPONSES, protect
+from shared.apikey_http import protect
 from shared.config import Settings
 from shared.events import LedgerCheckpoint, TamperDetected
+from shared.http_errors import error_responses
 from shared.service import Service
 
 log = logging.getLogger(__name__)
@@ -167,25 +168,30 @@ def _routes(service: Service, app: LedgerApp) -> None:
     http = service.http
     tags = ["ledger"]
     admin = [Depends(protect(service).require("admin"))]  # signing a head now; every read (and /verify) is open
+    starting = error_responses(errors.Unavailable)  # every route answers 503 until the ledger is open
+    missing = error_responses(errors.NotFound, errors.Unavailable)
 
-    @http.get("/head", response_model=HeadResponse, tags=tags, summary="current size and root, and the latest signed tree head")
+    @http.get("/head", response_model=HeadResponse, tags=tags, summary="current size and root, and the latest signed tree head",
+              responses=starting)
     async def head() -> HeadResponse:
         return app.head()
 
     @http.post("/checkpoint", tags=tags, summary="sign a tree head now (and publish it as ledger.checkpoint)",
-               dependencies=admin, responses=AUTH_RESPONSES)
+               dependencies=admin, responses=error_responses(errors.Unavailable, auth=True))
     async def checkpoint() -> Any:
         return await app.checkpoint()
 
-    @http.get("/heads", tags=tags, summary="every signed tree head")
+    @http.get("/heads", tags=tags, summary="every signed tree head", responses=starting)
     async def heads() -> Any:
         return app.lg.store.heads()
 
-    @http.get("/public-key", response_class=PlainTextResponse, tags=tags, summary="the Ed25519 public key (PEM) that signs tree heads")
+    @http.get("/public-key", response_class=PlainTextResponse, tags=tags, summary="the Ed25519 public key (PEM) that signs tree heads",
+              responses=starting)
     async def public_key() -> str:
         return app.lg.public_key_pem
 
-    @http.get("/proof/inclusion", response_model=InclusionProof, tags=tags)
+    @http.get("/proof/inclusion", response_model=InclusionProof, tags=tags,
+              responses=error_responses(errors.Invalid, errors.NotFound, errors.Unavailable))
     async def inclusion(index: int | None = Query(None, ge=0), event_id: str | None = None, tree_size: int | None = Query(None, ge=1)) -> InclusionProof:
         try:
             req = InclusionRequest(index=index, event_id=event_id, tree_size=tree_size)
@@ -193,40 +199,44 @@ def _routes(service: Service, app: LedgerApp) -> None:
             raise errors.Invalid(str(exc)) from None
         return app.inclusion(req)
 
-    @http.get("/proof/consistency", response_model=ConsistencyProof, tags=tags)
+    @http.get("/proof/consistency", response_model=ConsistencyProof, tags=tags,
+              responses=error_responses(errors.Invalid, errors.Unavailable))
     async def consistency(first: int = Query(ge=0), second: int | None = Query(None, ge=0)) -> ConsistencyProof:
         return app.consistency(ConsistencyRequest(first=first, second=second))
 
-    @http.get("/leaves/{index}", tags=tags, summary="a stored event and its leaf hash")
+    @http.get("/leaves/{index}", tags=tags, summary="a stored event and its leaf hash", responses=missing)
     async def leaf(index: int) -> Any:
         event, h = app.lg.leaf(index)
         return {"leaf_index": index, "leaf_hash": h.hex(), "event": event}
 
-    @http.get("/receipts/{request_id}", response_model=Receipt, tags=tags, summary="an inference receipt, verifiable offline")
+    @http.get("/receipts/{request_id}", response_model=Receipt, tags=tags, summary="an inference receipt, verifiable offline",
+              responses=missing)
     async def receipt(request_id: str) -> Receipt:
         return app.lg.receipt(request_id)
 
-    @http.post("/verify", response_model=VerifyReport, tags=tags, summary="re-hash every leaf and check every signed head")
+    @http.post("/verify", response_model=VerifyReport, tags=tags, summary="re-hash every leaf and check every signed head",
+               responses=missing)
     async def verify() -> VerifyReport:
         return await app.verify()
 
-    @http.get("/lineage/requests/{request_id}", tags=["lineage"])
+    @http.get("/lineage/requests/{request_id}", tags=["lineage"], responses=missing)
     async def lineage(request_id: str) -> dict[str, Any]:
         return queries.request_lineage(app.lg.store, request_id)
 
-    @http.get("/lineage/datasets/{digest}", tags=["lineage"])
+    @http.get("/lineage/datasets/{digest}", tags=["lineage"], responses=missing)
     async def dataset(digest: str) -> dict[str, Any]:
         return queries.dataset_lineage(app.lg.store, digest)
 
-    @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"])
+    @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"], responses=error_responses(errors.Invalid, errors.Unavailable))
     async def audit(since: str | None = None, model: str | None = None, type: str | None = None, limit: int = Query(1000, ge=1, le=100_000)) -> list[AuditEntry]:
         return app.audit(AuditRequest(since=since, model=model, type=type, limit=limit))
 
-    @http.get("/exports/{ref}", tags=["exports"], summary="in-toto Statement v1 (SLSA provenance) or CycloneDX 1.6 ML-BOM")
+    @http.get("/exports/{ref}", tags=["exports"], summary="in-toto Statement v1 (SLSA provenance) or CycloneDX 1.6 ML-BOM",
+              responses=missing)
     async def export(ref: str, format: str = Query("in-toto", pattern="^(in-toto|cyclonedx)$")) -> dict[str, Any]:
         return app.export(ExportRequest(ref=ref, format=format))  # type: ignore[arg-type]
 
-    @http.get("/stats", response_model=LedgerStats, tags=tags)
+    @http.get("/stats", response_model=LedgerStats, tags=tags, responses=starting)
     async def stats() -> LedgerStats:
         return app.stats()
 
