@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from fastapi import Depends, Query
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from services.provenance_ledger.adapters.ingest import ACK_WAIT_S, EventIngest
 from services.provenance_ledger.domain import exports
@@ -185,10 +185,12 @@ def _routes(service: Service, app: LedgerApp) -> None:
     async def heads() -> Any:
         return app.lg.store.heads()
 
-    @http.get("/public-key", response_class=PlainTextResponse, tags=tags, summary="the Ed25519 public key (PEM) that signs tree heads",
-              responses=starting)
-    async def public_key() -> str:
-        return app.lg.public_key_pem
+    # response_class=Response, not PlainTextResponse: FastAPI documents every response of a route in the route's
+    # media type, and the 503 is the typed JSON error; the 200 says text/plain itself
+    @http.get("/public-key", response_class=Response, tags=tags, summary="the Ed25519 public key (PEM) that signs tree heads",
+              responses={200: {"description": "the PEM", "content": {"text/plain": {"schema": {"type": "string"}}}}, **starting})
+    async def public_key() -> PlainTextResponse:
+        return PlainTextResponse(app.lg.public_key_pem)
 
     @http.get("/proof/inclusion", response_model=InclusionProof, tags=tags,
               responses=error_responses(errors.Invalid, errors.NotFound, errors.Unavailable))
