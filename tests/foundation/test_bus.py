@@ -258,8 +258,16 @@ async def test_other_event_types_under_the_filter_are_acknowledged_not_retried(n
     async with service.running():
         await bus.publish(service.broker, make_event(DeployRejected(deployment_id="d", model_ref="m", reason="no fit"), SOURCE))
         await eventually(lambda: service.consumer.stats.ignored == 1)
+        # counted, then acknowledged: the ack reaches the server a moment after the count
+        for _ in range(100):
+            info = await js.consumer_info(subjects.EVENTS_STREAM, "hardware-inventory")
+            if info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # longer than the consumer's 0.2 s retry delay: a nak would show by now
         info = await js.consumer_info(subjects.EVENTS_STREAM, "hardware-inventory")
-    assert info.num_ack_pending == 0 and info.num_pending == 0
+    assert info.num_ack_pending == 0 and info.num_pending == 0 and info.num_redelivered == 0
+    assert service.consumer.stats.retried == 0
 
 
 async def test_health_answers_over_nats_rpc(nats_server, tmp_path):
