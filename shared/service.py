@@ -19,7 +19,7 @@ from faststream.nats.annotations import NatsMessage
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
-from shared import bus, errors, http_tls, replication, rpc, subjects
+from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
 from shared.events import Event, EventData, Source, make_event
 from shared.telemetry import setup_tracing
@@ -65,6 +65,7 @@ class Service:
         self._on_stop: list[Hook] = []
         self.http.get("/healthz", response_model=Health, tags=["health"])(self._health_http)
         self.http.exception_handler(errors.StrataError)(_error_response)
+        http_errors.typed_bad_requests(self.http)  # FastAPI's own 400 (an unreadable body) in the typed shape too
         self.broker.subscriber(subjects.rpc(name, "health"), queue=name, title=f"{name}:health")(self._health_rpc)
         self._document_own_events()
         self.http.get("/asyncapi.json", tags=["health"], summary="AsyncAPI document of this service's NATS interface")(self.asyncapi)

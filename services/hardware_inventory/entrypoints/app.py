@@ -36,7 +36,7 @@ from shared.events import (
     DeployFailed, DeployReady, DeployRequested, DeployUnloaded, Event, NodeHeartbeat, NodeRegistered, UndeployRequested,
     parse_event,
 )
-from shared.http_errors import error_responses, typed_bad_requests
+from shared.http_errors import error_responses
 from shared.service import Service
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,6 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
 
     http = service.http
     admin = [Depends(protect(service).require("admin"))]  # deploys and undeploys; reads stay open
-    typed_bad_requests(http)
     starting = error_responses(errors.Unavailable)  # every route answers 503 until the registry's state is open
 
     @http.get("/nodes", response_model=NodeList, tags=["nodes"], responses=starting)

@@ -17,7 +17,6 @@ from shared.catalog import (
 from shared.apikey_http import protect
 from shared.config import Settings
 from shared.errors import Unavailable
-from shared.http_errors import typed_bad_requests
 from shared.service import Service
 
 from services.model_store.adapters.blobs import BlobStore
@@ -97,7 +96,6 @@ def create_service(settings: Settings | None = None) -> Service:
         return store().signer.public_key_info()
 
     service.http.include_router(router(store, admin=protect(service).require("admin")))
-    typed_bad_requests(service.http)
     service.model_store = store  # type: ignore[attr-defined]  # tests reach the use cases through it
     return service
 
