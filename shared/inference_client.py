@@ -24,8 +24,8 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -55,6 +55,7 @@ from shared.inference import (
 from shared.rpc import ErrorBody, RpcReply
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MODELS_SUBJECT = subjects.rpc("inference-worker", "models")
 _NO_RESPONDERS = "503"
 _stream_message: TypeAdapter[Any] = TypeAdapter(StreamMessage)
@@ -172,6 +173,17 @@ class _Call:
             raise errors.NotFound(f"model {parse_ref(request.model).name!r} is not deployed (no worker serves it)")
         return msg.data
 
+    async def parsed(self, parse: Callable[[bytes], T], expected: Callable[[bytes], bool] = lambda _data: False) -> T:
+        """The next message ``parse`` accepts; one it rejects is skipped, with a warning unless
+        ``expected`` says such messages come (a keepalive before a non-stream reply)."""
+        while True:
+            data = await self.next()
+            try:
+                return parse(data)
+            except ValidationError as exc:
+                if not expected(data):
+                    log.warning("ignoring a malformed message for %s: %s", self.request.request_id, exc.errors()[0]["msg"])
+
 
 async def stream(
     nc: Client, request: InferenceRequest, *, silence_timeout_s: float = SILENCE_TIMEOUT_S,
@@ -181,12 +193,7 @@ async def stream(
     request = request.model_copy(update={"stream": True, "keepalive": False})
     async with _Call(nc, request, silence_timeout_s, deadline_s) as call:
         while True:
-            data = await call.next()
-            try:
-                message = _stream_message.validate_json(data)
-            except ValidationError as exc:
-                log.warning("ignoring a malformed stream message for %s: %s", request.request_id, exc.errors()[0]["msg"])
-                continue
+            message = await call.parsed(_stream_message.validate_json)
             if isinstance(message, Keepalive):
                 continue
             if isinstance(message, StreamFailure):
@@ -207,22 +214,15 @@ async def complete(nc: Client, request: InferenceRequest, *, silence_timeout_s: 
     while the worker is busy, so a dead worker is noticed in seconds rather than at the deadline."""
     request = request.model_copy(update={"stream": False, "keepalive": True})
     async with _Call(nc, request, silence_timeout_s, deadline_s) as call:
-        while True:
-            data = await call.next()
-            try:
-                reply = RpcReply.model_validate_json(data)
-            except ValidationError as exc:
-                if not _is_keepalive(data):
-                    log.warning("ignoring a malformed reply for %s: %s", request.request_id, exc.errors()[0]["msg"])
-                continue
-            call.finished = True
-            if not reply.ok:
-                error = reply.error or ErrorBody(code="internal", message="the worker failed without saying why")
-                raise errors.from_code(error.code, error.message)
-            try:
-                return InferenceReply.model_validate(reply.result)
-            except ValidationError as exc:
-                raise WorkerLost(f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}") from None
+        reply = await call.parsed(RpcReply.model_validate_json, expected=_is_keepalive)
+        call.finished = True
+        if not reply.ok:
+            error = reply.error or ErrorBody(code="internal", message="the worker failed without saying why")
+            raise errors.from_code(error.code, error.message)
+        try:
+            return InferenceReply.model_validate(reply.result)
+        except ValidationError as exc:
+            raise WorkerLost(f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}") from None
 
 
 def _is_keepalive(data: bytes) -> bool:
