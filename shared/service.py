@@ -60,6 +60,7 @@ class Service:
                             telemetry={"operation_spans": False})
         self.consumer: bus.EventConsumer | None = None
         self.ready = False
+        self.catching_up: set[str] = set()  # start-up work still running in the background: health says "starting"
         self._started = time.monotonic()
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
@@ -163,7 +164,7 @@ class Service:
                 durable=c.durable, filter_subject=c.filter_subject, handled=s.handled, ignored=s.ignored,
                 retried=s.retried, dead_lettered=s.dead_lettered, by_type=dict(s.by_type),
             )
-        status = "starting" if not self.ready else "ok" if connected else "degraded"
+        status = "starting" if not self.ready or self.catching_up else "ok" if connected else "degraded"
         return Health(
             service=self.name, node=self.settings.node_id, version=VERSION, status=status,
             nats_connected=connected, uptime_s=round(time.monotonic() - self._started, 3), consumer=consumer,

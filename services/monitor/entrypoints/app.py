@@ -104,11 +104,13 @@ def _restore(service: Service, monitor: Monitor, durable: str, live: asyncio.Eve
     tasks: list[asyncio.Task[None]] = []
 
     async def restore() -> None:
+        service.catching_up.add("replay")  # /healthz says "starting" until the state is back
         try:
             await replay_until_ack_floor(service.broker.connection.jetstream(), subjects.EVENTS_STREAM, durable,
                                          monitor.replay_plan(), monitor.replay, monitor.replay_progress)
             monitor.replayed()
         finally:
+            service.catching_up.discard("replay")
             live.set()
 
     @service.on_start
