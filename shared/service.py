@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from faststream.nats.annotations import NatsMessage
 from faststream.specification import AsyncAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
@@ -47,6 +47,8 @@ class Health(BaseModel):
     nats_connected: bool
     uptime_s: float
     consumer: ConsumerHealth | None = None
+    catching_up: list[str] = Field(default=[], description="start-up work still running in the background (the "
+                                   "monitor's replay of its state): the service serves, its state is not whole yet")
 
 
 class Service:
@@ -60,7 +62,7 @@ class Service:
                             telemetry={"operation_spans": False})
         self.consumer: bus.EventConsumer | None = None
         self.ready = False
-        self.catching_up: set[str] = set()  # start-up work still running in the background: health says "starting"
+        self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)
         self._started = time.monotonic()
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
@@ -164,10 +166,11 @@ class Service:
                 durable=c.durable, filter_subject=c.filter_subject, handled=s.handled, ignored=s.ignored,
                 retried=s.retried, dead_lettered=s.dead_lettered, by_type=dict(s.by_type),
             )
-        status = "starting" if not self.ready or self.catching_up else "ok" if connected else "degraded"
+        status = "starting" if not self.ready else "ok" if connected else "degraded"
         return Health(
             service=self.name, node=self.settings.node_id, version=VERSION, status=status,
             nats_connected=connected, uptime_s=round(time.monotonic() - self._started, 3), consumer=consumer,
+            catching_up=sorted(self.catching_up),
         )
 
     async def _health_http(self) -> JSONResponse:

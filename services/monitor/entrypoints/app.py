@@ -104,7 +104,7 @@ def _restore(service: Service, monitor: Monitor, durable: str, live: asyncio.Eve
     tasks: list[asyncio.Task[None]] = []
 
     async def restore() -> None:
-        service.catching_up.add("replay")  # /healthz says "starting" until the state is back
+        service.catching_up.add("replay")  # /healthz names it until the state is back (it still serves: 200)
         try:
             await replay_until_ack_floor(service.broker.connection.jetstream(), subjects.EVENTS_STREAM, durable,
                                          monitor.replay_plan(), monitor.replay, monitor.replay_progress)
