@@ -4,7 +4,6 @@ read from the monitor's HTTP API (``GET /api/state``)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,17 +15,18 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from shared import http_tls
+from shared import endpoints, http_tls
 from shared.config import DEFAULT_PORTS
 
-DEFAULT_URL = os.environ.get("STRATA_MONITOR_URL", f"http://127.0.0.1:{DEFAULT_PORTS['monitor']}")
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORTS['monitor']}"
 STATE_COLOURS = {"ready": "green", "up": "green", "ok": "green", "failed": "red", "rejected": "red", "lost": "red",
                  "critical": "red", "warning": "yellow", "loading": "yellow", "scheduled": "yellow", "requested": "yellow"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     top = sub.add_parser("top", help="live view of nodes, deployments, traffic, alerts and the ledger (from the monitor)")
-    top.add_argument("--url", default=DEFAULT_URL, help="the monitor's HTTP address (STRATA_MONITOR_URL)")
+    top.add_argument("--url", help="the monitor's HTTP address (default $STRATA_MONITOR_URL, else where "
+                     f"`strata up` serves it here, else {DEFAULT_URL})")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--https-ca", type=Path, metavar="FILE",
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _top(args: argparse.Namespace) -> int:
     console = Console()
+    args.url = args.url or endpoints.url("monitor", "STRATA_MONITOR_URL", DEFAULT_URL)
     try:
         verify = http_tls.client_verify(args.https_ca)
     except http_tls.TlsSetupError as exc:

@@ -22,7 +22,7 @@ import httpx
 
 from cli import natsd
 from cli.connection import redacted
-from shared import http_tls, nats_auth, nats_tls
+from shared import endpoints, http_tls, nats_auth, nats_tls
 from shared.config import DEFAULT_PORTS, SERVICES, env_name, node_id
 
 PR_SET_PDEATHSIG = 1
@@ -236,6 +236,7 @@ class Supervisor:
                 self.say(f"strata up: not healthy after {opts.wait_timeout_s:.0f}s: {', '.join(c.name for c in unhealthy)}")
                 return 1
             self._print_endpoints(nats_url, node, time.monotonic() - started)
+            endpoints.write(opts.data_dir, self._endpoints())  # the strata commands here find them
             if key_note:
                 self.say(key_note)
             if opts.serve_builtin and set(BUILTIN_NEEDS) <= set(opts.services):
@@ -244,6 +245,7 @@ class Supervisor:
             return 0
         finally:
             self.say("strata up: stopping")
+            endpoints.remove(opts.data_dir)
             await self._stop_all()
             self.say("strata up: stopped")
 
@@ -392,6 +394,11 @@ class Supervisor:
             lines.append(f"  {'https':<20}{self._https_note()}")
         lines.append("Press Ctrl-C to stop.")
         self.say("\n".join(lines))
+
+    def _endpoints(self) -> endpoints.Endpoints:
+        urls = {c.name: endpoints.local(c.health_url.removesuffix("/healthz")) for c in self.children if c.name != "nats"}
+        ca = self.https.ca if self.https is not None else None
+        return endpoints.Endpoints(urls=urls, ca=str(ca.resolve()) if ca else None)
 
     def _nats_security(self) -> str:
         notes = []

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared import tls
+from shared import endpoints, tls
 from shared.config import DEFAULT_DATA_DIR
 from shared.tls import ServerTls, TlsSetupError
 
@@ -66,13 +66,17 @@ def served(environ: Mapping[str, str] | None = None) -> ServerTls | None:
 # -- the client side ------------------------------------------------------------------------------
 def trusted_ca(ca: Path | None = None, data_dir: Path | None = None,
                environ: Mapping[str, str] | None = None) -> Path | None:
-    """``ca``, else ``STRATA_HTTP_CA``, else the data dir's generated ``http/tls/ca.pem`` where it exists."""
+    """``ca``, else ``STRATA_HTTP_CA``, else the CA of what ``strata up`` serves here (shared/endpoints.py:
+    generated or ``--https-ca``), else the data dir's generated ``http/tls/ca.pem`` where it exists."""
     env = os.environ if environ is None else environ
     if ca is not None:
         return ca
     if env.get(CA_ENV):
         return Path(env[CA_ENV])
-    generated = tls_dir(data_dir or Path(env.get("STRATA_DATA_DIR") or DEFAULT_DATA_DIR)) / "ca.pem"
+    directory = data_dir or Path(env.get("STRATA_DATA_DIR") or DEFAULT_DATA_DIR)
+    if (served := endpoints.read(directory)) is not None and served.ca:
+        return Path(served.ca)
+    generated = tls_dir(directory) / "ca.pem"
     return generated if generated.is_file() else None
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from shared import http_tls
+from shared import endpoints, http_tls
 from shared.apikeys import local_key
 from shared.catalog import (
     AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
@@ -28,7 +28,8 @@ Progress = Callable[[int], None]  # bytes done since the last call
 
 
 def default_url() -> str:
-    return os.environ.get("STRATA_MODEL_STORE_URL", DEFAULT_URL)
+    """$STRATA_MODEL_STORE_URL, else where `strata up` serves model-store on this machine, else DEFAULT_URL."""
+    return endpoints.url("model-store", "STRATA_MODEL_STORE_URL", DEFAULT_URL)
 
 
 def api_key_headers(api_key: str | None = None) -> dict[str, str]:

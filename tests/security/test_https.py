@@ -25,7 +25,7 @@ from cryptography import x509
 from cli import main as cli_main
 from cli import natsd
 from cli.up import Supervisor, UpOptions
-from shared import http_tls, nats_tls
+from shared import endpoints, http_tls, nats_tls
 from shared.service import Service, run
 from tests.support.fake_worker import FakeWorker, Script
 from tests.support.helpers import settings_for
@@ -257,7 +257,14 @@ def test_strata_up_with_https_serves_every_api_over_https_and_the_cli_trusts_it(
         with pytest.raises(httpx.RemoteProtocolError):
             httpx.get(f"http://127.0.0.1:{up.ports['model-store']}/healthz", timeout=10)
         monkeypatch.setenv("STRATA_DATA_DIR", str(data_dir))  # the CLI on this machine: ca.pem and api-key from there
+        monkeypatch.delenv("STRATA_MODEL_STORE_URL", raising=False)
         code, out, err = cli(capsys, "model", "ls", "--json", "--url", url)
+        assert code == 0 and '"models"' in out, err
+        # no --url at all: the CLI finds the https URL, its port and the CA in what strata up wrote
+        served = endpoints.read(data_dir)
+        assert served is not None and served.urls == {"model-store": url} and served.ca == str((tls / "ca.pem").resolve())
+        code, out, err = cli(capsys, "model", "ls", "--json")
         assert code == 0 and '"models"' in out, err
     finally:
         up.stop()
+    assert endpoints.read(data_dir) is None  # gone with strata up: the defaults apply again

@@ -1,0 +1,72 @@
+"""Where ``strata up`` serves each HTTP API, kept in ``<data-dir>/endpoints.json`` while it runs, so
+that the ``strata`` commands on the same machine find them without flags: the scheme (``--https``),
+the ports (``--port NAME=PORT``) and the CA that signs the certificates (generated or ``--https-ca``).
+
+A command's URL is its flag, else its environment variable, else this file, else the default port
+over plain HTTP. The file holds no secret (the API key has its own file, mode 0600).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ValidationError
+
+from shared.config import DEFAULT_DATA_DIR
+
+log = logging.getLogger(__name__)
+FILE = "endpoints.json"
+_ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}
+
+
+class Endpoints(BaseModel):
+    urls: dict[str, str]  # service name -> base URL, as a client on this machine reaches it
+    ca: str | None = None  # the CA their certificates chain to; None: plain HTTP, or the system's roots
+
+
+def data_dir(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("STRATA_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def local(url: str) -> str:
+    """``url`` as a client on this machine reaches it: a bind-everything host becomes loopback."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if (loopback := _ANY_ADDRESS.get(host) or _ANY_ADDRESS.get(f"[{host}]")) is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{loopback}:{parts.port}" if parts.port else loopback))
+
+
+def write(directory: Path, endpoints: Endpoints) -> None:
+    path = directory / FILE
+    partial = path.with_suffix(".tmp")
+    partial.write_text(endpoints.model_dump_json(indent=2))
+    partial.replace(path)  # readers never see half a file
+
+
+def remove(directory: Path) -> None:
+    (directory / FILE).unlink(missing_ok=True)
+
+
+def read(directory: Path | None = None) -> Endpoints | None:
+    """What ``strata up`` wrote, or None: not running here, or a file it cannot have written (logged)."""
+    path = (directory or data_dir()) / FILE
+    try:
+        return Endpoints.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValidationError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+
+
+def url(service: str, env_var: str, default: str, directory: Path | None = None) -> str:
+    """``$env_var``, else where ``strata up`` serves ``service``, else ``default``."""
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    served = read(directory)
+    return served.urls.get(service, default) if served else default
