@@ -20,14 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from shared import errors, nats_auth, nats_tls
-from shared.config import DEFAULT_DATA_DIR, DEFAULT_NATS_URL
-
-DATA_DIR_ENV = "STRATA_DATA_DIR"
-
-
-def default_data_dir(environ: dict[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    return Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+from shared.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, DEFAULT_NATS_URL
+from shared.config import data_dir_from_env as default_data_dir
 
 
 def add_options(p: argparse.ArgumentParser, *, data_dir: bool = True) -> argparse.ArgumentParser:

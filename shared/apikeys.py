@@ -38,10 +38,10 @@ def local_key(environ: dict[str, str] | None = None) -> str | None:
     env = os.environ if environ is None else environ
     if env.get(KEY_ENV):
         return env[KEY_ENV]
-    from shared.config import DEFAULT_DATA_DIR
+    from shared.config import data_dir_from_env
 
     try:
-        return key_file(Path(env.get("STRATA_DATA_DIR") or DEFAULT_DATA_DIR)).read_text().strip() or None
+        return key_file(data_dir_from_env(env)).read_text().strip() or None
     except OSError:
         return None
 

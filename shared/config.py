@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -21,6 +22,7 @@ DEFAULT_PORTS: dict[str, int] = {
 SERVICES = tuple(DEFAULT_PORTS)
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATA_DIR = Path(".strata")
+DATA_DIR_ENV = "STRATA_DATA_DIR"
 
 
 def env_name(service: str, key: str) -> str:
@@ -81,3 +83,9 @@ def node_id(data_dir: Path) -> str:
     finally:
         tmp.unlink()
     return path.read_text().strip()
+
+
+def data_dir_from_env(environ: Mapping[str, str] | None = None) -> Path:
+    """The data dir a process on this machine uses: $STRATA_DATA_DIR, else .strata."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 
-from shared.config import DEFAULT_DATA_DIR
+from shared.config import data_dir_from_env
 
 log = logging.getLogger(__name__)
 FILE = "endpoints.json"
-_ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}
+_ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}  # urlsplit gives "::" for "[::]"
 
 
 class Endpoints(BaseModel):
@@ -27,16 +27,10 @@ class Endpoints(BaseModel):
     ca: str | None = None  # the CA their certificates chain to; None: plain HTTP, or the system's roots
 
 
-def data_dir(environ: dict[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    return Path(env.get("STRATA_DATA_DIR") or DEFAULT_DATA_DIR)
-
-
 def local(url: str) -> str:
     """``url`` as a client on this machine reaches it: a bind-everything host becomes loopback."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if (loopback := _ANY_ADDRESS.get(host) or _ANY_ADDRESS.get(f"[{host}]")) is None:
+    if (loopback := _ANY_ADDRESS.get(parts.hostname or "")) is None:
         return url
     return urlunsplit(parts._replace(netloc=f"{loopback}:{parts.port}" if parts.port else loopback))
 
@@ -54,7 +48,7 @@ def remove(directory: Path) -> None:
 
 def read(directory: Path | None = None) -> Endpoints | None:
     """What ``strata up`` wrote, or None: not running here, or a file it cannot have written (logged)."""
-    path = (directory or data_dir()) / FILE
+    path = (directory or data_dir_from_env()) / FILE
     try:
         return Endpoints.model_validate_json(path.read_bytes())
     except FileNotFoundError:

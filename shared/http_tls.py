@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from shared import endpoints, tls
-from shared.config import DEFAULT_DATA_DIR
+from shared.config import data_dir_from_env
 from shared.tls import ServerTls, TlsSetupError
 
 __all__ = ["CA_ENV", "CERT_ENV", "KEY_ENV", "UNTRUSTED", "ServerTls", "TlsSetupError", "client_verify", "ensure_generated",
@@ -73,7 +73,7 @@ def trusted_ca(ca: Path | None = None, data_dir: Path | None = None,
         return ca
     if env.get(CA_ENV):
         return Path(env[CA_ENV])
-    directory = data_dir or Path(env.get("STRATA_DATA_DIR") or DEFAULT_DATA_DIR)
+    directory = data_dir or data_dir_from_env(env)
     if (served := endpoints.read(directory)) is not None and served.ca:
         return Path(served.ca)
     generated = tls_dir(directory) / "ca.pem"
