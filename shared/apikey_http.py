@@ -22,7 +22,6 @@ from nats.js import JetStreamContext
 from shared import errors
 from shared.apikey_store import KeyStore
 from shared.apikeys import ApiKeyRecord, Scope
-from shared.http_errors import AUTH_RESPONSES, HttpError, auth_responses  # noqa: F401  (moved there; still importable here)
 from shared.service import Health, Service
 
 AuthMode = Literal["open", "api-keys"]
