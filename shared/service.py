@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
 from shared.events import Event, EventData, Source, make_event
-from shared.telemetry import setup_tracing
+from shared.telemetry import metrics_exported, setup_tracing
 
 VERSION = "0.1.0"
 Hook = Callable[[], Awaitable[None]]
@@ -58,8 +58,10 @@ class Service:
         self.source = Source(service=name, node=self.settings.node_id)
         setup_tracing(name, self.settings.node_id)
         self.broker = bus.make_broker(self.settings.nats_url, f"strata-{name}@{self.settings.node_id}")
+        # FastAPI's HTTP server span stays (it continues the caller's trace); its per-operation spans
+        # cost CPU on every request for little, and its HTTP metrics are kept only where they are exported.
         self.http = FastAPI(title=f"Strata {name}", version=VERSION, description=description, lifespan=self._lifespan,
-                            telemetry={"operation_spans": False})
+                            telemetry={"operation_spans": False, "metrics": metrics_exported()})
         self.consumer: bus.EventConsumer | None = None
         self.ready = False
         self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)

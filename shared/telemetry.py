@@ -1,10 +1,12 @@
 """OpenTelemetry set-up shared by every service, driven by the standard ``OTEL_*`` variables.
 
-Spans are always recorded (so the trace context travels in NATS headers from service to service);
-they are exported only where an exporter is configured: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (needs the
-``opentelemetry-exporter-otlp`` package) or ``OTEL_TRACES_EXPORTER=console``. Metrics (the GenAI
-histograms) likewise: a MeterProvider always, a reader only with an OTLP endpoint or
-``OTEL_METRICS_EXPORTER=console``.
+Spans are exported where an exporter is configured: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (needs the
+``opentelemetry-exporter-otlp`` package) or ``OTEL_TRACES_EXPORTER=console`` (or in a test,
+``export_spans``). A process records spans only while it exports them (``RecordWhenExported``); the
+trace context travels in HTTP and NATS headers either way, so a process that does export still joins
+the whole trace. ``OTEL_TRACES_SAMPLER``, when set, overrides that choice. Metrics (the GenAI histograms,
+FastAPI's HTTP metrics) likewise: an SDK MeterProvider only with an OTLP endpoint or
+``OTEL_METRICS_EXPORTER=console``; otherwise the API's no-op meters.
 """
 
 from __future__ import annotations
@@ -19,9 +21,32 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import get_current_span
 
 log = logging.getLogger(__name__)
+
+
+class RecordWhenExported(Sampler):
+    """Record a span only while this process exports spans. A recorded span that no exporter takes is
+    built and thrown away: FastAPI's server span alone cost the api-gateway ~0.09 ms of its ~0.3 ms of
+    in-process CPU per request (bench/platform_overhead.py, docs/benchmarks.md §1). A dropped span still
+    has its trace id and span id, which travel in the traceparent header; ``inference.completed`` events
+    still carry the trace id. Not parent-based: a process that exports records its spans even when its
+    caller did not record (its parent span is then simply missing from the exported trace)."""
+
+    exporting = False  # set by export_spans (setup_tracing calls it when an OTEL_* exporter is configured)
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                      trace_state=None) -> SamplingResult:
+        parent_state = get_current_span(parent_context).get_span_context().trace_state
+        if RecordWhenExported.exporting:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, parent_state)
+        return SamplingResult(Decision.DROP, None, parent_state)
+
+    def get_description(self) -> str:
+        return "RecordWhenExported"
 
 
 def setup_tracing(service: str, node: str) -> TracerProvider:
@@ -29,11 +54,24 @@ def setup_tracing(service: str, node: str) -> TracerProvider:
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):  # already set in this process (tests run several services)
         return current
-    provider = TracerProvider(resource=_resource(service, node))
+    # OTEL_TRACES_SAMPLER set: the SDK reads it (sampler=None), e.g. to measure what recording costs.
+    sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else RecordWhenExported()
+    provider = TracerProvider(resource=_resource(service, node), sampler=sampler)
+    trace.set_tracer_provider(provider)
     exporter = _exporter()
     if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+        export_spans(exporter, batch=True)
+    return provider
+
+
+def export_spans(exporter: SpanExporter, *, batch: bool = False) -> TracerProvider:
+    """Send this process's spans to ``exporter`` from now on (and so record them)."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider(sampler=RecordWhenExported())
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter))
+    RecordWhenExported.exporting = True
     return provider
 
 
@@ -59,15 +97,22 @@ def _exporter(signal: str = "traces") -> Any:
     return None
 
 
-def setup_metrics(service: str, node: str) -> MeterProvider:
+def setup_metrics(service: str, node: str) -> MeterProvider | None:
+    """The SDK MeterProvider with an exporting reader, or None (the API's no-op meters stay): a
+    measurement no reader collects cost the worker six histogram records per request for nothing."""
     current = metrics.get_meter_provider()
     if isinstance(current, MeterProvider):  # already set in this process
         return current
     exporter = _exporter("metrics")
-    readers = [PeriodicExportingMetricReader(exporter)] if exporter is not None else []
-    provider = MeterProvider(resource=_resource(service, node), metric_readers=readers)
+    if exporter is None:
+        return None
+    provider = MeterProvider(resource=_resource(service, node), metric_readers=[PeriodicExportingMetricReader(exporter)])
     metrics.set_meter_provider(provider)
     return provider
+
+
+def metrics_exported() -> bool:
+    return isinstance(metrics.get_meter_provider(), MeterProvider)
 
 
 def _resource(service: str, node: str) -> Resource:

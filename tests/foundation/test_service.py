@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from opentelemetry import trace
+
 from shared.events import EventData
 from shared.service import load
 from tests.support.helpers import settings_for
@@ -24,6 +26,26 @@ def test_each_service_has_openapi_with_its_health_route(tmp_path: Path):
     spec = service.http.openapi()
     assert spec["info"]["title"] == "Strata model-store"
     assert "/healthz" in spec["paths"] and "/asyncapi.json" in spec["paths"]
+
+
+def test_spans_are_recorded_only_while_exported_and_the_trace_travels_either_way(monkeypatch):
+    from opentelemetry import propagate
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from shared.telemetry import RecordWhenExported
+
+    tracer = TracerProvider(sampler=RecordWhenExported()).get_tracer("test")
+    remote = propagate.extract({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    monkeypatch.setattr(RecordWhenExported, "exporting", False)
+    dropped = tracer.start_span("dropped", context=remote)
+    assert not dropped.is_recording()
+    assert format(dropped.get_span_context().trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(dropped))
+    assert carrier["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")  # the next hop joins the trace
+    monkeypatch.setattr(RecordWhenExported, "exporting", True)
+    recorded = tracer.start_span("recorded", context=remote)
+    assert recorded.is_recording() and recorded.get_span_context().trace_id == dropped.get_span_context().trace_id
 
 
 def test_telemetry_exports_only_what_the_otel_variables_ask_for(monkeypatch, caplog):

@@ -9,12 +9,11 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.inference_worker.service_layer import serving
 from services.monitor.entrypoints.app import create_monitor
+from shared.telemetry import RecordWhenExported, export_spans
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
@@ -26,13 +25,9 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
-    """The process's SDK provider (setup_tracing keeps one that exists) with an in-memory exporter added."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
+    """The process's spans, exported to memory (so recorded: a process records only what it exports)."""
     exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    export_spans(exporter)
     yield exporter
     exporter.shutdown()  # a shut-down exporter drops what later tests' spans would add
 
@@ -87,3 +82,25 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
         assert point.count == 1 and point.attributes["gen_ai.request.model"] == "tiny", name
     usage = {p.attributes["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"]}
     assert usage["output"] == 4 and usage["input"] > 0
+
+
+async def test_without_an_exporter_nothing_is_recorded_and_the_callers_trace_still_reaches_the_event(
+        nats_server, tmp_path, ckpts, monkeypatch):  # noqa: F811
+    """The default (no OTEL_* exporter): spans are not recorded, yet the caller's traceparent still travels
+    gateway -> worker, so the inference event names the caller's trace."""
+    monkeypatch.setattr(RecordWhenExported, "exporting", False)
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    bus = await connect_bus(nats_server.url, "node-a")
+    worker = make_worker(nats_server.url, tmp_path / "worker", ckpts)
+    async with worker.running():
+        await deployed(bus, "tiny")
+        with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
+                response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 2},
+                                           headers={"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"})
+            assert response.status_code == 200, response.text
+        await until(lambda: any(e.type == "inference.completed" for e in bus.events), "the inference event", timeout=30)
+    await bus.nc.close()
+    [completed] = [e.data for e in bus.events if e.type == "inference.completed"]
+    assert completed.trace_id == caller_trace
+    assert not trace.get_tracer("probe").start_span("probe").is_recording()
