@@ -190,8 +190,9 @@ class Server:
             try:
                 yield dep, None  # admitted: a stream says "started" now, whatever the queue holds
                 while True:
-                    try:
-                        event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
+                    try:  # asyncio.timeout, not wait_for: no task per event
+                        async with asyncio.timeout(KEEPALIVE_S):
+                            event = await events.get()
                     except TimeoutError:
                         yield dep, None
                         continue
