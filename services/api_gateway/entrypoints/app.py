@@ -163,7 +163,7 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
         slot.release()
         _record_usage(span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)
         body = render.chat_completion(reply, model) if operation == "chat" else render.text_completion(reply, model)
-        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        return Response(body.model_dump_json(), media_type="application/json", headers=headers)  # no dict in between
 
     sse = render.SseStream(request_id=request.request_id, model=model, chat=operation == "chat", include_usage=include_usage)
 

@@ -308,7 +308,7 @@ def prompt_sha256(request: InferenceRequest) -> str:
 
 
 def _ok(reply: InferenceReply) -> bytes:
-    return RpcReply(ok=True, result=reply.model_dump(mode="json")).model_dump_json().encode()
+    return RpcReply(ok=True, result=reply).model_dump_json().encode()  # serialised once, straight to JSON
 
 
 def _msg(message: Started | Chunk | End | StreamFailure | Keepalive) -> bytes:
