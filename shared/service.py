@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
 from shared.events import Event, EventData, Source, make_event
-from shared.telemetry import metrics_exported, setup_tracing
+from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip_http_telemetry
 
 VERSION = "0.1.0"
 Hook = Callable[[], Awaitable[None]]
@@ -58,10 +58,12 @@ class Service:
         self.source = Source(service=name, node=self.settings.node_id)
         setup_tracing(name, self.settings.node_id)
         self.broker = bus.make_broker(self.settings.nats_url, f"strata-{name}@{self.settings.node_id}")
-        # FastAPI's HTTP server span stays (it continues the caller's trace); its per-operation spans
-        # cost CPU on every request for little, and its HTTP metrics are kept only where they are exported.
+        # FastAPI's HTTP server span where spans are recorded (TraceContext carries the caller's trace
+        # where they are not); never its per-operation spans, which cost CPU on every request for little;
+        # its HTTP metrics only where they are exported.
         self.http = FastAPI(title=f"Strata {name}", version=VERSION, description=description, lifespan=self._lifespan,
-                            telemetry={"operation_spans": False, "metrics": metrics_exported()})
+                            telemetry={"operation_spans": False, "metrics": metrics_exported(), "exclude": skip_http_telemetry})
+        self.http.add_middleware(TraceContext)
         self.consumer: bus.EventConsumer | None = None
         self.ready = False
         self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)

@@ -16,7 +16,8 @@ import logging
 import os
 from typing import Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -24,6 +25,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import get_current_span
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,49 @@ class RecordWhenExported(Sampler):
         return "RecordWhenExported"
 
 
+_sampler_from_env = False  # OTEL_TRACES_SAMPLER chose the sampler (setup_tracing)
+
+
+def recording_spans() -> bool:
+    """Whether this process may record spans: it exports them, or OTEL_TRACES_SAMPLER decides."""
+    return RecordWhenExported.exporting or _sampler_from_env
+
+
+def skip_http_telemetry(_scope: Scope) -> bool:
+    """FastAPI's ``telemetry["exclude"]``: skip its per-request telemetry while no span is recorded. Its
+    server span, even unrecorded, and the wrapping around it were a third of the api-gateway's
+    in-process CPU per request (0.14 -> 0.09 ms). ``TraceContext`` keeps the caller's trace meanwhile."""
+    return not recording_spans()
+
+
+class TraceContext:
+    """ASGI middleware: while FastAPI's telemetry is skipped (``skip_http_telemetry``), make the caller's
+    trace context (``traceparent``) current for the request anyway, so the next hop (a NATS request, an
+    event) continues the caller's trace, as it does when FastAPI's server span is there."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" or recording_spans():
+            await self.app(scope, receive, send)
+            return
+        token = otel_context.attach(propagate.extract(Headers(scope=scope)))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            otel_context.detach(token)
+
+
 def setup_tracing(service: str, node: str) -> TracerProvider:
     setup_metrics(service, node)
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):  # already set in this process (tests run several services)
         return current
     # OTEL_TRACES_SAMPLER set: the SDK reads it (sampler=None), e.g. to measure what recording costs.
-    sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else RecordWhenExported()
+    global _sampler_from_env
+    _sampler_from_env = bool(os.environ.get("OTEL_TRACES_SAMPLER"))
+    sampler = None if _sampler_from_env else RecordWhenExported()
     provider = TracerProvider(resource=_resource(service, node), sampler=sampler)
     trace.set_tracer_provider(provider)
     exporter = _exporter()
