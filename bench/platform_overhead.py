@@ -14,6 +14,7 @@ cores with everything it measures (say so when you quote the figures).
 
     .venv/bin/python bench/platform_overhead.py                     # ~1-2 minutes
     .venv/bin/python bench/platform_overhead.py --profile DIR       # cProfile of every service process into DIR
+    .venv/bin/python bench/platform_overhead.py --py-spy DIR        # py-spy samples of each during the throughput runs
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -276,6 +278,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def py_spy(folder: str, phase: str, pids: dict[str, int], seconds: float) -> list[subprocess.Popen]:
+    """Sample every service process (not nats-server) during the throughput run: py-spy's raw folded
+    stacks, one file per process (``<phase>-<process>.txt``), 400 samples a second. Far less skew than
+    cProfile; py-spy must be installed (``pip install py-spy``) and allowed to read other processes."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "-" for c in phase).strip("-")
+    return [subprocess.Popen([exe, "record", "--rate", "400", "--duration", str(max(1, int(seconds) - 1)), "--format", "raw",
+                              "--output", str(out / f"{tag}-{name}.txt"), "--pid", str(pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in pids.items() if name != "nats-server"]
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -293,7 +309,10 @@ async def measure(url: str, args, label: str, base: dict, pids: dict[str, int]) 
         lat = await sequential(client, url, args.requests)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         client0 = time.process_time()
+        samplers = py_spy(args.py_spy, label, pids, args.seconds) if args.py_spy else []
         rps, done, errors = await throughput(client, url, args.concurrency, args.seconds, args.max_requests)
+        for sampler in samplers:
+            sampler.wait()
         cpu = {name: (cpu_seconds(pid) - cpu0[name]) / max(done, 1) * 1e3 for name, pid in pids.items()}
         cpu["load generator"] = (time.process_time() - client0) / max(done, 1) * 1e3
     p50, p99 = pct(lat, 50) * 1e3, pct(lat, 99) * 1e3
@@ -376,6 +395,7 @@ def main() -> None:
     ap.add_argument("--open", action="store_true",
                     help="no API key (the gateway's open mode); by default every request carries a key, as under strata up")
     ap.add_argument("--profile", help="write cProfile output of each service process (gateway, worker, ledger, monitor) into this folder")
+    ap.add_argument("--py-spy", metavar="DIR", help="sample each service process with py-spy during the throughput runs, into DIR")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     print(f"platform overhead: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, client {args.client}, "
