@@ -70,7 +70,7 @@ def body_data(dom: str) -> dict[str, str]:
 async def test_the_dashboard_renders_a_scripted_run_in_headless_chromium(running: Running, tmp_path: Path):
     await scripted_run(running.publisher)
     state = running.monitor.state
-    await until(lambda: state.ledger.tree_size == 57 and len(state.requests) == 31 and state.dead_letter_totals
+    await until(lambda: state.ledger.tree_size == 57 and state.traffic.count() == 31 and state.dead_letter_totals
                 and state.nodes.get("gpu-1") and state.nodes["gpu-1"].utilisation, "the scripted run to arrive")
     await until(lambda: running.monitor.alerts.firing(), "the failed deployment's alert")
 

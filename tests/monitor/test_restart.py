@@ -32,9 +32,10 @@ def make(nats_url: str, data_dir: Path, durable: str = "monitor") -> tuple[Servi
     return service, service.monitor  # type: ignore[attr-defined]
 
 
-def requests(monitor: Monitor, now: float) -> list[tuple]:
-    window = monitor.state.window(now, monitor.requests_window_s())
-    return [(r.at, r.model, r.ok, r.e2e_s, r.completion_tokens) for r in window]
+def requests(monitor: Monitor) -> list[tuple]:
+    """Every second of requests the monitor holds: its counts, tokens and latency histograms."""
+    return [(model, second, r.requests, r.failed, r.completion_tokens, r.e2e, r.ttft)
+            for model, second, r in monitor.state.traffic.held()]
 
 
 async def firings(p: Publisher) -> int:
@@ -60,7 +61,7 @@ async def test_a_restarted_monitor_shows_what_a_monitor_that_never_stopped_shows
             await fleet(p)
             await deployments(p)
             await traffic(p, 20)
-            await until(lambda: len(first.state.requests) == len(reference.state.requests) == 21
+            await until(lambda: first.state.traffic.count() == reference.state.traffic.count() == 21
                         and len(first.state.deployments) == 2, "both monitors to hear the first run")
             assert first.replay_progress.status == "first_start"  # no durable yet: it delivers everything
             # both monitors fire the broken deployment's alert before the first one stops (it may stop
@@ -81,7 +82,7 @@ async def test_a_restarted_monitor_shows_what_a_monitor_that_never_stopped_shows
         await p.send(DeployUnloaded(deployment_id="dep-tiny", model=TINY, node_id="gpu-1"))
         for i in range(10):  # no failure among them: the error-rate alert stays quiet
             await p.send(completed(20 + i))
-        await until(lambda: len(reference.state.requests) == 31, "the reference to hear the downtime")
+        await until(lambda: reference.state.traffic.count() == 31, "the reference to hear the downtime")
 
         again_service, again = make(nats_server.url, tmp_path / "monitor")
         async with again_service.running():
@@ -90,12 +91,11 @@ async def test_a_restarted_monitor_shows_what_a_monitor_that_never_stopped_shows
             assert progress.status == "done" and progress.skipped == 0
             assert progress.events >= 2 + 7 + 21  # registrations, deployments, the first run's requests
             await p.send(completed(99))  # a marker after everything: once both have it, neither has more to come
-            await until(lambda: len(reference.state.requests) == 32 and len(again.state.requests) == 32,
+            await until(lambda: reference.state.traffic.count() == 32 and again.state.traffic.count() == 32,
                         "both monitors to hear the marker")
 
-            now = time.time()
-            assert requests(again, now) == requests(reference, now)
-            assert len(requests(again, now)) == 32  # 20 + 1 failed, 10, the marker: none twice, none missed
+            assert requests(again) == requests(reference)
+            assert again.state.window(time.time(), again.requests_window_s()).requests == 32  # 20 + 1 failed, 10, the marker: none twice, none missed
             assert again.snapshot().deployments == reference.snapshot().deployments
             states = {d.deployment_id: d.state for d in again.snapshot().deployments}
             assert states == {"dep-tiny": "unloaded", "dep-broken": "failed", "dep-another": "ready"}
@@ -114,12 +114,12 @@ async def test_the_counters_of_a_restarted_monitor_count_only_what_it_is_deliver
     first_service, first = make(nats_server.url, tmp_path)
     async with first_service.running():
         await traffic(p, 10, spread_s=30)  # all within the dashboard's 60 s summary
-        await until(lambda: len(first.state.requests) == 11, "the first run")
+        await until(lambda: first.state.traffic.count() == 11, "the first run")
 
     again_service, again = make(nats_server.url, tmp_path)
     async with again_service.running(), Http(again_service.http) as http:
         await until(lambda: replay_over(again), "the replay")
-        assert len(again.state.requests) == 11  # the window is back ...
+        assert again.state.traffic.count() == 11  # the window is back ...
         before = (await http.get("/metrics")).text
         assert counter_total(before, "strata:request_success_total") == 0  # ... the counters start at zero
         assert counter_total(before, "strata:request_failure_total") == 0
@@ -127,7 +127,7 @@ async def test_the_counters_of_a_restarted_monitor_count_only_what_it_is_deliver
 
         for i in range(3):
             await p.send(completed(100 + i))
-        await until(lambda: len(again.state.requests) == 14, "the new requests")
+        await until(lambda: again.state.traffic.count() == 14, "the new requests")
         after = (await http.get("/metrics")).text
         assert counter_total(after, "strata:request_success_total") == 3
         assert counter_total(after, "strata:e2e_request_latency_seconds_count") == 3

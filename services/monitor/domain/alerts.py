@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.monitor.domain.state import FleetState, percentile
+from services.monitor.domain.state import FleetState
 from shared import errors
 
 Kind = Literal["node_lost", "deploy_failed", "latency_p95", "error_rate", "dead_letters", "ledger_tamper"]
@@ -111,8 +111,8 @@ def _deploy_failed(rule: Rule, s: FleetState, now: float) -> list[Instance]:
 def _latency_p95(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     out = []
     for model in s.models():
-        window = [r.e2e_s for r in s.window(now, rule.window_s, model) if r.ok]
-        if len(window) >= rule.min_requests and (p95 := percentile(window, 95)) > rule.threshold:
+        window = s.window(now, rule.window_s, model)
+        if window.ok >= rule.min_requests and (p95 := window.e2e_percentile(95)) > rule.threshold:
             out.append(_instance(rule, {"model_name": model}, p95,
                                  f"p95 end-to-end latency of {{model_name}} is {{value:.2f}}s (SLO {rule.threshold}s)"))
     return out
@@ -122,8 +122,8 @@ def _error_rate(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     out = []
     for model in s.models():
         window = s.window(now, rule.window_s, model)
-        if len(window) >= rule.min_requests:
-            rate = sum(not r.ok for r in window) / len(window)
+        if window.requests >= rule.min_requests:
+            rate = window.failed / window.requests
             if rate > rule.threshold:
                 out.append(_instance(rule, {"model_name": model}, rate,
                                      f"{{value:.0%}} of {{model_name}}'s requests failed (threshold {rule.threshold:.0%})"))

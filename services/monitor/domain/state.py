@@ -6,17 +6,17 @@ make them look recent, and a test can place events in the past.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from services.monitor.domain.traffic import Rollup, Traffic
 from shared.events import (
     DeadLetter, DeployFailed, DeployLoading, DeployReady, DeployRejected, DeployReleased, DeployRequested,
     DeployScheduled, DeployUnloaded, DeviceInfo, Event, InferenceCompleted, InferenceFailed, LedgerCheckpoint,
     NodeHeartbeat, NodeLost, NodeRegistered, NodeReturned, TamperDetected, UndeployRequested,
 )
 
-MAX_RECORDS = 50_000  # requests kept for windows and charts; older ones are dropped first
+HORIZON_S = 3600.0  # how far back the request windows reach unless the monitor says (Monitor: its longest window)
 
 
 @dataclass
@@ -45,21 +45,6 @@ class DeploymentState:
     updated: float = 0.0
 
 
-@dataclass(frozen=True)
-class RequestRecord:
-    """One finished inference, as the windows and charts need it."""
-
-    at: float
-    model: str
-    ok: bool
-    e2e_s: float
-    ttft_s: float = 0.0
-    tpot_s: float = 0.0
-    queue_s: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
 @dataclass
 class LedgerState:
     tree_size: int | None = None
@@ -75,7 +60,7 @@ class LedgerState:
 class FleetState:
     nodes: dict[str, NodeState] = field(default_factory=dict)
     deployments: dict[str, DeploymentState] = field(default_factory=dict)
-    requests: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=MAX_RECORDS))
+    traffic: Traffic = field(default_factory=lambda: Traffic(HORIZON_S))  # the request windows
     ledger: LedgerState = field(default_factory=LedgerState)
     dead_letters: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=10_000))  # (at, service, reason)
     dead_letter_totals: Counter[str] = field(default_factory=Counter)
@@ -119,12 +104,10 @@ class FleetState:
                 if data.deployment_id and data.deployment_id in self.deployments:
                     self.deployments[data.deployment_id].state = "undeploying"
             case InferenceCompleted():
-                self.requests.append(RequestRecord(
-                    at=at, model=data.model.name, ok=True, e2e_s=data.e2e_seconds,
-                    ttft_s=data.time_to_first_token_seconds, tpot_s=data.time_per_output_token_seconds,
-                    queue_s=data.queue_seconds, prompt_tokens=data.prompt_tokens, completion_tokens=data.completion_tokens))
+                self.traffic.record(data.model.name, at, True, data.e2e_seconds, data.time_to_first_token_seconds,
+                                    data.completion_tokens)
             case InferenceFailed():
-                self.requests.append(RequestRecord(at=at, model=model_name(data.model_ref), ok=False, e2e_s=data.e2e_seconds))
+                self.traffic.record(model_name(data.model_ref), at, False, data.e2e_seconds)
             case LedgerCheckpoint():
                 ledger = self.ledger
                 if ledger.tree_size is None or data.tree_size >= ledger.tree_size:
@@ -151,21 +134,12 @@ class FleetState:
         self.dead_letter_totals[letter.service] += 1
 
     # -- queries ---------------------------------------------------------------------------
-    def window(self, now: float, seconds: float, model: str | None = None) -> list[RequestRecord]:
-        """The requests that finished in the last ``seconds`` (newest last)."""
-        since = now - seconds
-        out: list[RequestRecord] = []
-        for record in reversed(self.requests):
-            if record.at < since:
-                break
-            if model is None or record.model == model:
-                out.append(record)
-        out.reverse()
-        return out
+    def window(self, now: float, seconds: float, model: str | None = None) -> Rollup:
+        """The requests that finished in the last ``seconds`` (whole seconds: see traffic.py)."""
+        return self.traffic.window(now, seconds, model)
 
     def models(self) -> list[str]:
-        seen = {r.model for r in self.requests} | {d.model for d in self.deployments.values()}
-        return sorted(seen)
+        return sorted(self.traffic.models() | {d.model for d in self.deployments.values()})
 
     def deployments_by_state(self) -> Counter[tuple[str, str]]:
         return Counter((d.model, d.state) for d in self.deployments.values())
@@ -184,11 +158,3 @@ def model_name(ref: str) -> str:
     """``name``, ``name:3`` or ``name@prod`` -> ``name``: metrics are per model, not per reference."""
     return ref.split("@", 1)[0].split(":", 1)[0]
 
-
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank percentile (q in 0..100) of values; NaN when there are none."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]

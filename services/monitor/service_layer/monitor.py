@@ -14,6 +14,7 @@ from services.monitor.config import MonitorConfig
 from services.monitor.domain.alerts import AlertEngine, Rule, Transition
 from services.monitor.domain.metrics import Metrics
 from services.monitor.domain.state import FleetState
+from services.monitor.domain.traffic import Traffic
 from services.monitor.service_layer.views import RuleView, Snapshot, rules_view, snapshot
 from shared.events import (
     AlertFiring, AlertResolved, DeadLetter, Event, EventData, InferenceCompleted, InferenceFailed, NodeHeartbeat,
@@ -34,8 +35,8 @@ CLOCK_SKEW_S = 60.0
 class Monitor:
     def __init__(self, config: MonitorConfig, rules: list[Rule], publish: Publish, clock: Clock = time.time) -> None:
         self.config, self.publish, self.clock = config, publish, clock
-        self.state = FleetState()
         self.alerts = AlertEngine(rules)
+        self.state = FleetState(traffic=Traffic(self.requests_window_s() + CLOCK_SKEW_S))
         self.metrics = Metrics(self.state, self.alerts.firing)
         self.version = 0  # bumped on every change, so the SSE stream sends only news
         self.replay_progress = ReplayProgress()

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from services.monitor.adapters.replay import ReplayProgress
 from services.monitor.domain.alerts import AlertEngine
-from services.monitor.domain.state import FleetState, percentile
+from services.monitor.domain.state import FleetState
 
 
 class DeviceView(BaseModel):
@@ -125,31 +125,21 @@ def rules_view(engine: AlertEngine) -> list[RuleView]:
 
 
 def model_view(state: FleetState, model: str, now: float, history_s: float, bucket_s: float, summary_s: float = 60.0) -> ModelView:
-    records = state.window(now, history_s, model)
     buckets = max(1, int(history_s // bucket_s))
     start = now - buckets * bucket_s
-    grouped: list[list] = [[] for _ in range(buckets)]
-    for r in records:
-        i = int((r.at - start) // bucket_s)
-        if 0 <= i < buckets:
-            grouped[i].append(r)
-    series = []
-    for i, group in enumerate(grouped):
-        ok = [r.e2e_s for r in group if r.ok]
-        series.append(Point(
-            t=round(start + (i + 1) * bucket_s, 3), requests_per_s=round(len(group) / bucket_s, 4),
-            tokens_per_s=round(sum(r.completion_tokens for r in group) / bucket_s, 4),
-            p50_s=_num(percentile(ok, 50)), p95_s=_num(percentile(ok, 95)), p99_s=_num(percentile(ok, 99)),
-        ))
-    recent = [r for r in records if r.at >= now - summary_s]
-    ok = [r for r in recent if r.ok]
-    e2e = [r.e2e_s for r in ok]
+    series = [
+        Point(t=round(start + (i + 1) * bucket_s, 3), requests_per_s=round(r.requests / bucket_s, 4),
+              tokens_per_s=round(r.completion_tokens / bucket_s, 4), p50_s=_num(r.e2e_percentile(50)),
+              p95_s=_num(r.e2e_percentile(95)), p99_s=_num(r.e2e_percentile(99)))
+        for i, r in enumerate(state.traffic.series(model, start, bucket_s, buckets))
+    ]
+    recent = state.window(now, summary_s, model)
     return ModelView(
-        model_name=model, requests=len(recent), failed=len(recent) - len(ok),
-        requests_per_s=round(len(recent) / summary_s, 4),
-        tokens_per_s=round(sum(r.completion_tokens for r in ok) / summary_s, 4),
-        p50_s=_num(percentile(e2e, 50)), p95_s=_num(percentile(e2e, 95)), p99_s=_num(percentile(e2e, 99)),
-        ttft_p50_s=_num(percentile([r.ttft_s for r in ok], 50)), series=series,
+        model_name=model, requests=recent.requests, failed=recent.failed,
+        requests_per_s=round(recent.requests / summary_s, 4),
+        tokens_per_s=round(recent.completion_tokens / summary_s, 4),
+        p50_s=_num(recent.e2e_percentile(50)), p95_s=_num(recent.e2e_percentile(95)), p99_s=_num(recent.e2e_percentile(99)),
+        ttft_p50_s=_num(recent.ttft_percentile(50)), series=series,
     )
 
 

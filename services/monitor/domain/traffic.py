@@ -1,0 +1,160 @@
+"""The request windows: per model, one rollup per second of event time, each with the second's counts
+and log-binned latency histograms.
+
+What it costs depends on how many seconds a window spans and how many models there are, not on the
+request rate. The first design kept every request in a deque capped at 50,000: at 2,000 requests/s a
+300 s alert window silently covered the last 25 s, and every alert evaluation (once a second) and every
+dashboard push walked and sorted all of them.
+
+A percentile read from a histogram is the centre of its bin, kept within the smallest and largest
+value seen: within 1.1 % of the exact nearest-rank value (``BINS_PER_DOUBLING``), and exact when every
+request took the same time. Windows start on whole seconds: a window of ``w`` seconds at ``now`` holds
+the seconds from ``floor(now - w)`` on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+BINS_PER_DOUBLING = 32  # bin i holds [2^(i/32), 2^((i+1)/32)): its centre is within 1.1 % of anything in it
+_ZERO_BIN = -(1 << 30)  # latencies of (nearly) nothing: reported as 0.0
+_SMALLEST_S = 1e-6
+
+
+def latency_bin(seconds: float) -> int:
+    return _ZERO_BIN if seconds < _SMALLEST_S else math.floor(math.log2(seconds) * BINS_PER_DOUBLING)
+
+
+def bin_value(index: int) -> float:
+    return 0.0 if index == _ZERO_BIN else 2.0 ** ((index + 0.5) / BINS_PER_DOUBLING)
+
+
+@dataclass
+class Latencies:
+    """A histogram of latencies (bin index -> count) and the exact smallest and largest of them."""
+
+    bins: Counter[int] = field(default_factory=Counter)
+    lo: float = math.inf
+    hi: float = -math.inf
+
+    def add(self, seconds: float) -> None:
+        self.bins[latency_bin(seconds)] += 1
+        self.lo, self.hi = min(self.lo, seconds), max(self.hi, seconds)
+
+    def merge(self, other: Latencies) -> None:
+        self.bins.update(other.bins)
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+
+    def percentile(self, q: float) -> float:
+        """The nearest-rank percentile (q in 0..100); NaN when there are none."""
+        total = sum(self.bins.values())
+        if not total:
+            return math.nan
+        rank, seen = max(1, math.ceil(q / 100 * total)), 0
+        for index in sorted(self.bins):
+            seen += self.bins[index]
+            if seen >= rank:
+                return min(max(bin_value(index), self.lo), self.hi)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass
+class Rollup:
+    """The requests of one model over some seconds: counts, tokens, and the successful ones' latencies."""
+
+    requests: int = 0
+    failed: int = 0
+    completion_tokens: int = 0
+    e2e: Latencies = field(default_factory=Latencies)  # the successful requests' end-to-end seconds
+    ttft: Latencies = field(default_factory=Latencies)  # their time to first token
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.failed
+
+    def record(self, ok: bool, e2e_s: float, ttft_s: float = 0.0, completion_tokens: int = 0) -> None:
+        self.requests += 1
+        if not ok:
+            self.failed += 1
+            return
+        self.completion_tokens += completion_tokens
+        self.e2e.add(e2e_s)
+        self.ttft.add(ttft_s)
+
+    def merge(self, other: Rollup) -> None:
+        self.requests += other.requests
+        self.failed += other.failed
+        self.completion_tokens += other.completion_tokens
+        self.e2e.merge(other.e2e)
+        self.ttft.merge(other.ttft)
+
+    def e2e_percentile(self, q: float) -> float:
+        return self.e2e.percentile(q)
+
+    def ttft_percentile(self, q: float) -> float:
+        return self.ttft.percentile(q)
+
+
+class Traffic:
+    """Every model's per-second rollups for the last ``horizon_s`` seconds of event time (counted back
+    from the newest request seen; an older request is not kept)."""
+
+    def __init__(self, horizon_s: float) -> None:
+        self.horizon_s = horizon_s
+        self._seconds: dict[str, dict[int, Rollup]] = {}
+        self._newest = -math.inf
+
+    def record(self, model: str, at: float, ok: bool, e2e_s: float, ttft_s: float = 0.0, completion_tokens: int = 0) -> None:
+        second = math.floor(at)
+        self._newest = max(self._newest, second)
+        oldest = self._newest - self.horizon_s
+        if second < oldest:
+            return
+        seconds = self._seconds.setdefault(model, {})
+        rollup = seconds.get(second)
+        if rollup is None:
+            rollup = seconds[second] = Rollup()
+            if len(seconds) > self.horizon_s + 60:  # now and then, not on every new second
+                self._forget_before(oldest)
+        rollup.record(ok, e2e_s, ttft_s, completion_tokens)
+
+    def window(self, now: float, seconds: float, model: str | None = None) -> Rollup:
+        """The requests that finished from ``floor(now - seconds)`` on (of one model, or of all)."""
+        since, total = math.floor(now - seconds), Rollup()
+        for name, by_second in self._seconds.items():
+            if model is None or name == model:
+                for second, rollup in by_second.items():
+                    if second >= since:
+                        total.merge(rollup)
+        return total
+
+    def series(self, model: str, start: float, bucket_s: float, buckets: int) -> list[Rollup]:
+        """``buckets`` consecutive rollups of ``bucket_s`` seconds from ``start`` (the dashboard's chart)."""
+        out = [Rollup() for _ in range(buckets)]
+        for second, rollup in self._seconds.get(model, {}).items():
+            i = int((second - start) // bucket_s)
+            if 0 <= i < buckets:
+                out[i].merge(rollup)
+        return out
+
+    def models(self) -> set[str]:
+        return set(self._seconds)
+
+    def count(self) -> int:
+        """Requests held (every model, the whole horizon)."""
+        return sum(r.requests for by_second in self._seconds.values() for r in by_second.values())
+
+    def held(self) -> list[tuple[str, int, Rollup]]:
+        """Every (model, second, rollup) held, in order: for comparing two monitors."""
+        return sorted(((m, s, r) for m, by_second in self._seconds.items() for s, r in by_second.items()),
+                      key=lambda held: held[:2])
+
+    def _forget_before(self, oldest: float) -> None:
+        for model in list(self._seconds):
+            by_second = self._seconds[model]
+            for second in [s for s in by_second if s < oldest]:
+                del by_second[second]
+            if not by_second:
+                del self._seconds[model]

@@ -1,0 +1,85 @@
+"""The request windows (services/monitor/domain/traffic.py): plain Python, no NATS."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from services.monitor.domain.state import FleetState
+from services.monitor.domain.traffic import Latencies, Rollup, Traffic
+
+
+def exact(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+@pytest.mark.parametrize("q", [1, 50, 90, 95, 99, 100])
+def test_a_percentile_is_within_1_1_percent_of_the_exact_nearest_rank_value(q):
+    rng = random.Random(q)
+    values = [rng.lognormvariate(-1.0, 1.5) for _ in range(5_000)] + [0.0, 1e-9, 250.0]
+    latencies = Latencies()
+    for v in values:
+        latencies.add(v)
+    want, got = exact(values, q), latencies.percentile(q)
+    assert got == pytest.approx(want, rel=0.011, abs=1e-6)
+
+
+def test_identical_latencies_give_that_value_exactly_and_none_give_nan():
+    latencies = Latencies()
+    assert math.isnan(latencies.percentile(50))
+    for _ in range(7):
+        latencies.add(3.0)
+    assert latencies.percentile(50) == latencies.percentile(99) == 3.0
+
+
+def test_a_rollup_counts_failures_apart_from_the_latencies_of_the_successful():
+    rollup = Rollup()
+    rollup.record(True, 0.5, 0.1, completion_tokens=10)
+    rollup.record(False, 9.0)
+    assert (rollup.requests, rollup.failed, rollup.ok, rollup.completion_tokens) == (2, 1, 1, 10)
+    assert rollup.e2e_percentile(100) == 0.5 and rollup.ttft_percentile(50) == 0.1
+
+
+def test_a_window_holds_the_whole_seconds_it_spans_and_one_model_or_all():
+    traffic = Traffic(horizon_s=600)
+    for second in range(1000, 1100):
+        traffic.record("a", second + 0.5, True, 0.2)
+        traffic.record("b", second + 0.5, second % 10 != 0, 0.4)
+    assert traffic.window(1099.9, 10, "a").requests == 11  # seconds 1089..1099
+    assert traffic.window(1099.9, 10, "b").failed == 1  # second 1090
+    assert traffic.window(1099.9, 10).requests == 22
+    assert traffic.window(1099.9, 1000).requests == 200
+    assert traffic.window(2000, 10).requests == 0
+
+
+def test_a_busy_models_window_covers_its_whole_length_in_bounded_memory():
+    """2,000 requests a second for 10 minutes: a 300 s window holds all 600,000 of its requests (the
+    first design held the last 50,000: 25 s), and no more than the horizon's seconds are kept."""
+    traffic = Traffic(horizon_s=360)
+    for second in range(600):
+        for i in range(2_000):
+            traffic.record("busy", second + i / 2_000, True, 0.1 + (i % 100) / 1_000)
+    window = traffic.window(599.999, 300, "busy")
+    assert window.requests == 301 * 2_000  # seconds 299..599
+    assert window.e2e_percentile(50) == pytest.approx(0.15, rel=0.011)
+    assert len(traffic.held()) <= 360 + 61
+
+
+def test_a_request_older_than_the_horizon_is_not_kept_and_models_without_seconds_are_forgotten():
+    traffic = Traffic(horizon_s=100)
+    traffic.record("old", 10.0, True, 1.0)
+    for second in range(200, 400):
+        traffic.record("new", second, True, 1.0)
+    traffic.record("old", 150.0, True, 1.0)  # older than the newest (399) minus 100: dropped
+    assert traffic.models() == {"new"}
+    assert traffic.count() <= 161
+
+
+def test_the_fleet_state_names_models_with_traffic_or_deployments():
+    state = FleetState(traffic=Traffic(horizon_s=60))
+    state.traffic.record("served", 5.0, True, 0.3)
+    assert state.models() == ["served"]
+    assert state.window(5.5, 60, "served").ok == 1
