@@ -83,3 +83,20 @@ def test_the_fleet_state_names_models_with_traffic_or_deployments():
     state.traffic.record("served", 5.0, True, 0.3)
     assert state.models() == ["served"]
     assert state.window(5.5, 60, "served").ok == 1
+
+
+def test_a_window_built_from_blocks_and_seconds_equals_the_sum_of_its_seconds():
+    rng = random.Random(7)
+    traffic = Traffic(horizon_s=400)
+    for _ in range(3_000):
+        traffic.record(rng.choice("xy"), rng.uniform(1000, 1300), rng.random() > 0.1, rng.uniform(0.01, 5), 0.01, 3)
+    for _ in range(50):
+        now, seconds = rng.uniform(1000, 1400), rng.uniform(1, 400)
+        since = math.floor(now - seconds)
+        want = Rollup()
+        for model, second, rollup in traffic.held():
+            if model == "x" and second >= since:
+                want.merge(rollup)
+        got = traffic.window(now, seconds, "x")
+        assert (got.requests, got.failed, got.completion_tokens, got.e2e, got.ttft) == \
+               (want.requests, want.failed, want.completion_tokens, want.e2e, want.ttft)

@@ -111,7 +111,7 @@ def _deploy_failed(rule: Rule, s: FleetState, now: float) -> list[Instance]:
 def _latency_p95(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     out = []
     for model in s.models():
-        window = s.window(now, rule.window_s, model)
+        window = s.window(now, rule.window_s, model, ttft=False)
         if window.ok >= rule.min_requests and (p95 := window.e2e_percentile(95)) > rule.threshold:
             out.append(_instance(rule, {"model_name": model}, p95,
                                  f"p95 end-to-end latency of {{model_name}} is {{value:.2f}}s (SLO {rule.threshold}s)"))
@@ -121,7 +121,7 @@ def _latency_p95(rule: Rule, s: FleetState, now: float) -> list[Instance]:
 def _error_rate(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     out = []
     for model in s.models():
-        window = s.window(now, rule.window_s, model)
+        window = s.window(now, rule.window_s, model, ttft=False)
         if window.requests >= rule.min_requests:
             rate = window.failed / window.requests
             if rate > rule.threshold:

@@ -134,9 +134,9 @@ class FleetState:
         self.dead_letter_totals[letter.service] += 1
 
     # -- queries ---------------------------------------------------------------------------
-    def window(self, now: float, seconds: float, model: str | None = None) -> Rollup:
+    def window(self, now: float, seconds: float, model: str | None = None, *, ttft: bool = True) -> Rollup:
         """The requests that finished in the last ``seconds`` (whole seconds: see traffic.py)."""
-        return self.traffic.window(now, seconds, model)
+        return self.traffic.window(now, seconds, model, ttft=ttft)
 
     def models(self) -> list[str]:
         return sorted(self.traffic.models() | {d.model for d in self.deployments.values()})

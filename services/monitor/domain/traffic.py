@@ -83,12 +83,13 @@ class Rollup:
         self.e2e.add(e2e_s)
         self.ttft.add(ttft_s)
 
-    def merge(self, other: Rollup) -> None:
+    def merge(self, other: Rollup, *, ttft: bool = True) -> None:
         self.requests += other.requests
         self.failed += other.failed
         self.completion_tokens += other.completion_tokens
         self.e2e.merge(other.e2e)
-        self.ttft.merge(other.ttft)
+        if ttft:
+            self.ttft.merge(other.ttft)
 
     def e2e_percentile(self, q: float) -> float:
         return self.e2e.percentile(q)
@@ -97,13 +98,22 @@ class Rollup:
         return self.ttft.percentile(q)
 
 
+BLOCK_S = 10  # a window merges whole 10 s blocks, and single seconds only at its start
+
+
+@dataclass
+class _Held:
+    seconds: dict[int, Rollup] = field(default_factory=dict)
+    blocks: dict[int, Rollup] = field(default_factory=dict)  # by the block's first second
+
+
 class Traffic:
-    """Every model's per-second rollups for the last ``horizon_s`` seconds of event time (counted back
-    from the newest request seen; an older request is not kept)."""
+    """Every model's per-second rollups (and 10 s blocks of them) for the last ``horizon_s`` seconds of
+    event time, counted back from the newest request seen; an older request is not kept."""
 
     def __init__(self, horizon_s: float) -> None:
         self.horizon_s = horizon_s
-        self._seconds: dict[str, dict[int, Rollup]] = {}
+        self._held: dict[str, _Held] = {}
         self._newest = -math.inf
 
     def record(self, model: str, at: float, ok: bool, e2e_s: float, ttft_s: float = 0.0, completion_tokens: int = 0) -> None:
@@ -112,49 +122,60 @@ class Traffic:
         oldest = self._newest - self.horizon_s
         if second < oldest:
             return
-        seconds = self._seconds.setdefault(model, {})
-        rollup = seconds.get(second)
+        held = self._held.setdefault(model, _Held())
+        rollup = held.seconds.get(second)
         if rollup is None:
-            rollup = seconds[second] = Rollup()
-            if len(seconds) > self.horizon_s + 60:  # now and then, not on every new second
+            rollup = held.seconds[second] = Rollup()
+            if len(held.seconds) > self.horizon_s + 60:  # now and then, not on every new second
                 self._forget_before(oldest)
         rollup.record(ok, e2e_s, ttft_s, completion_tokens)
+        block = second - second % BLOCK_S
+        (held.blocks.get(block) or held.blocks.setdefault(block, Rollup())).record(ok, e2e_s, ttft_s, completion_tokens)
 
-    def window(self, now: float, seconds: float, model: str | None = None) -> Rollup:
-        """The requests that finished from ``floor(now - seconds)`` on (of one model, or of all)."""
+    def window(self, now: float, seconds: float, model: str | None = None, *, ttft: bool = True) -> Rollup:
+        """The requests that finished from ``floor(now - seconds)`` on (of one model, or of all);
+        ``ttft=False`` leaves the time-to-first-token histogram empty (cheaper: alerts do not read it)."""
         since, total = math.floor(now - seconds), Rollup()
-        for name, by_second in self._seconds.items():
+        whole_blocks_from = -(-since // BLOCK_S) * BLOCK_S
+        for name, held in self._held.items():
             if model is None or name == model:
-                for second, rollup in by_second.items():
-                    if second >= since:
-                        total.merge(rollup)
+                for second, rollup in held.seconds.items():
+                    if since <= second < whole_blocks_from:
+                        total.merge(rollup, ttft=ttft)
+                for block, rollup in held.blocks.items():
+                    if block >= whole_blocks_from:
+                        total.merge(rollup, ttft=ttft)
         return total
 
     def series(self, model: str, start: float, bucket_s: float, buckets: int) -> list[Rollup]:
-        """``buckets`` consecutive rollups of ``bucket_s`` seconds from ``start`` (the dashboard's chart)."""
+        """``buckets`` consecutive rollups of ``bucket_s`` seconds from ``start`` (the dashboard's chart;
+        no time-to-first-token)."""
         out = [Rollup() for _ in range(buckets)]
-        for second, rollup in self._seconds.get(model, {}).items():
+        held = self._held.get(model)
+        for second, rollup in (held.seconds.items() if held else ()):
             i = int((second - start) // bucket_s)
             if 0 <= i < buckets:
-                out[i].merge(rollup)
+                out[i].merge(rollup, ttft=False)
         return out
 
     def models(self) -> set[str]:
-        return set(self._seconds)
+        return set(self._held)
 
     def count(self) -> int:
         """Requests held (every model, the whole horizon)."""
-        return sum(r.requests for by_second in self._seconds.values() for r in by_second.values())
+        return sum(r.requests for held in self._held.values() for r in held.seconds.values())
 
     def held(self) -> list[tuple[str, int, Rollup]]:
         """Every (model, second, rollup) held, in order: for comparing two monitors."""
-        return sorted(((m, s, r) for m, by_second in self._seconds.items() for s, r in by_second.items()),
-                      key=lambda held: held[:2])
+        return sorted(((m, s, r) for m, held in self._held.items() for s, r in held.seconds.items()),
+                      key=lambda item: item[:2])
 
     def _forget_before(self, oldest: float) -> None:
-        for model in list(self._seconds):
-            by_second = self._seconds[model]
-            for second in [s for s in by_second if s < oldest]:
-                del by_second[second]
-            if not by_second:
-                del self._seconds[model]
+        for model in list(self._held):
+            held = self._held[model]
+            for second in [s for s in held.seconds if s < oldest]:
+                del held.seconds[second]
+            for block in [b for b in held.blocks if b + BLOCK_S <= oldest]:
+                del held.blocks[block]
+            if not held.seconds:
+                del self._held[model]
