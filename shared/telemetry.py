@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 class RecordWhenExported(Sampler):
     """Record a span only while this process exports spans. A recorded span that no exporter takes is
-    built and thrown away: FastAPI's server span alone cost the api-gateway ~0.09 ms of its ~0.3 ms of
-    in-process CPU per request (bench/platform_overhead.py, docs/benchmarks.md §1). A dropped span still
+    built and thrown away: FastAPI's server span alone cost the api-gateway's app ~0.06 ms of its ~0.3 ms
+    of CPU per request (bench/gateway_app.py, docs/benchmarks.md §1). A dropped span still
     has its trace id and span id, which travel in the traceparent header; ``inference.completed`` events
     still carry the trace id. Not parent-based: a process that exports records its spans even when its
     caller did not record (its parent span is then simply missing from the exported trace)."""
@@ -62,8 +62,8 @@ def recording_spans() -> bool:
 
 def skip_http_telemetry(_scope: Scope) -> bool:
     """FastAPI's ``telemetry["exclude"]``: skip its per-request telemetry while no span is recorded. Its
-    server span, even unrecorded, and the wrapping around it were a third of the api-gateway's
-    in-process CPU per request (0.14 -> 0.09 ms). ``TraceContext`` keeps the caller's trace meanwhile."""
+    server span, even unrecorded, and the wrapping around it were a third of the api-gateway's app's CPU
+    per request (0.147 -> 0.105 ms, bench/gateway_app.py). ``TraceContext`` keeps the caller's trace meanwhile."""
     return not recording_spans()
 
 

@@ -35,6 +35,14 @@ def test_identical_latencies_give_that_value_exactly_and_none_give_nan():
     assert latencies.percentile(50) == latencies.percentile(99) == 3.0
 
 
+def test_an_infinite_or_negative_latency_is_binned_not_raised():
+    latencies = Latencies()
+    for v in (math.inf, -1.0, 0.5):
+        latencies.add(v)
+    assert latencies.percentile(1) == 0.0 and latencies.percentile(50) == pytest.approx(0.5, rel=0.011)
+    assert latencies.percentile(100) == pytest.approx(1e9, rel=0.011)
+
+
 def test_a_rollup_counts_failures_apart_from_the_latencies_of_the_successful():
     rollup = Rollup()
     rollup.record(True, 0.5, 0.1, completion_tokens=10)

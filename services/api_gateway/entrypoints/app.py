@@ -15,8 +15,8 @@ from typing import Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 BINS_PER_DOUBLING = 32  # bin i holds [2^(i/32), 2^((i+1)/32)): its centre is within 1.1 % of anything in it
 _ZERO_BIN = -(1 << 30)  # latencies of (nearly) nothing: reported as 0.0
-_SMALLEST_S = 1e-6
+_SMALLEST_S, _LARGEST_S = 1e-6, 1e9  # an infinite latency (valid JSON for a float) lands in the top bin
 
 
 def latency_bin(seconds: float) -> int:
-    return _ZERO_BIN if seconds < _SMALLEST_S else math.floor(math.log2(seconds) * BINS_PER_DOUBLING)
+    if not seconds >= _SMALLEST_S:  # NaN too
+        return _ZERO_BIN
+    return math.floor(math.log2(min(seconds, _LARGEST_S)) * BINS_PER_DOUBLING)
 
 
 def bin_value(index: int) -> float:
