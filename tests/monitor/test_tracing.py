@@ -26,10 +26,11 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
     """The process's spans, exported to memory (so recorded: a process records only what it exports)."""
-    exporter = InMemorySpanExporter()
+    exporter, recording = InMemorySpanExporter(), RecordWhenExported.exporting
     export_spans(exporter)
     yield exporter
-    exporter.shutdown()  # a shut-down exporter drops what later tests' spans would add
+    exporter.shutdown()  # a shut-down exporter drops what later tests' spans would add ...
+    RecordWhenExported.exporting = recording  # ... and they go back to recording nothing
 
 
 @pytest.fixture
