@@ -42,7 +42,7 @@ def cpu_ms(step, n: int) -> float:
 
 def run(rate: int, repeat: int) -> None:
     rng = random.Random(rate)
-    state = FleetState(traffic=Traffic(WINDOW_S + 60))
+    state = FleetState(traffic=Traffic(WINDOW_S + 60, clock=lambda: NOW))
     latencies: list[float] = []
     for second in range(int(WINDOW_S)):
         for i in range(rate):

@@ -121,7 +121,7 @@ async def test_requests_outside_the_window_do_not_count(running: Running, watche
     long_ago = datetime.now(timezone.utc) - timedelta(hours=1)
     for i in range(10):
         await running.publisher.send(completed(i, e2e=30.0), at=long_ago)
-    await until(lambda: running.monitor.state.traffic.count() == 10, "old requests")
+    await until(lambda: running.monitor.state.events_seen["inference.completed"] == 10, "old requests")
     await running.monitor.evaluate()
     assert (await rule_state(running, "latency_slo"))["state"] == "ok" and not watched.events
 

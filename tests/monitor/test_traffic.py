@@ -52,7 +52,7 @@ def test_a_rollup_counts_failures_apart_from_the_latencies_of_the_successful():
 
 
 def test_a_window_holds_the_whole_seconds_it_spans_and_one_model_or_all():
-    traffic = Traffic(horizon_s=600)
+    traffic = Traffic(horizon_s=600, clock=lambda: 1100.0)
     for second in range(1000, 1100):
         traffic.record("a", second + 0.5, True, 0.2)
         traffic.record("b", second + 0.5, second % 10 != 0, 0.4)
@@ -66,28 +66,40 @@ def test_a_window_holds_the_whole_seconds_it_spans_and_one_model_or_all():
 def test_a_busy_models_window_covers_its_whole_length_in_bounded_memory():
     """2,000 requests a second for 10 minutes: a 300 s window holds all 600,000 of its requests (the
     first design held the last 50,000: 25 s), and no more than the horizon's seconds are kept."""
-    traffic = Traffic(horizon_s=360)
+    now = [0.0]
+    traffic = Traffic(horizon_s=360, clock=lambda: now[0])
     for second in range(600):
         for i in range(2_000):
-            traffic.record("busy", second + i / 2_000, True, 0.1 + (i % 100) / 1_000)
+            now[0] = second + i / 2_000
+            traffic.record("busy", now[0], True, 0.1 + (i % 100) / 1_000)
     window = traffic.window(599.999, 300, "busy")
     assert window.requests == 301 * 2_000  # seconds 299..599
     assert window.e2e_percentile(50) == pytest.approx(0.15, rel=0.011)
     assert len(traffic.held()) <= 360 + 61
 
 
-def test_a_request_older_than_the_horizon_is_not_kept_and_models_without_seconds_are_forgotten():
-    traffic = Traffic(horizon_s=100)
+def test_requests_older_than_the_horizon_are_not_kept_and_idle_models_are_forgotten():
+    now = [10.0]
+    traffic = Traffic(horizon_s=100, clock=lambda: now[0])
     traffic.record("old", 10.0, True, 1.0)
     for second in range(200, 400):
+        now[0] = second
         traffic.record("new", second, True, 1.0)
-    traffic.record("old", 150.0, True, 1.0)  # older than the newest (399) minus 100: dropped
+    traffic.record("new", 150.0, True, 1.0)  # a replayed request from before the horizon: not kept
     assert traffic.models() == {"new"}
-    assert traffic.count() <= 161
+    assert traffic.window(399, 1000, "new").requests <= 161
+
+
+def test_one_request_stamped_far_in_the_future_does_not_hide_the_others():
+    traffic = Traffic(horizon_s=300, clock=lambda: 1_000.0)
+    traffic.record("m", 4_000_000_000.0, True, 1.0)  # a publisher's clock in the next century
+    for second in range(990, 1000):
+        traffic.record("m", second, True, 1.0)
+    assert traffic.window(1_000.0, 60, "m").requests == 11  # the ten, and the future one (at or after the window's start)
 
 
 def test_the_fleet_state_names_models_with_traffic_or_deployments():
-    state = FleetState(traffic=Traffic(horizon_s=60))
+    state = FleetState(traffic=Traffic(horizon_s=60, clock=lambda: 5.0))
     state.traffic.record("served", 5.0, True, 0.3)
     assert state.models() == ["served"]
     assert state.window(5.5, 60, "served").ok == 1
@@ -95,7 +107,7 @@ def test_the_fleet_state_names_models_with_traffic_or_deployments():
 
 def test_a_window_built_from_blocks_and_seconds_equals_the_sum_of_its_seconds():
     rng = random.Random(7)
-    traffic = Traffic(horizon_s=400)
+    traffic = Traffic(horizon_s=400, clock=lambda: 1300.0)
     for _ in range(3_000):
         traffic.record(rng.choice("xy"), rng.uniform(1000, 1300), rng.random() > 0.1, rng.uniform(0.01, 5), 0.01, 3)
     for _ in range(50):

@@ -15,7 +15,9 @@ the seconds from ``floor(now - w)`` on.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BINS_PER_DOUBLING = 32  # bin i holds [2^(i/32), 2^((i+1)/32)): its centre is within 1.1 % of anything in it
@@ -110,26 +112,25 @@ class _Held:
 
 
 class Traffic:
-    """Every model's per-second rollups (and 10 s blocks of them) for the last ``horizon_s`` seconds of
-    event time, counted back from the newest request seen; an older request is not kept."""
+    """Every model's per-second rollups (and 10 s blocks of them) for the last ``horizon_s`` seconds
+    before ``clock()``; an older request is not kept. The clock, not the newest event time: one event
+    stamped far in the future by a skewed clock would otherwise make every other one look too old."""
 
-    def __init__(self, horizon_s: float) -> None:
-        self.horizon_s = horizon_s
+    def __init__(self, horizon_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.horizon_s, self.clock = horizon_s, clock
         self._held: dict[str, _Held] = {}
-        self._newest = -math.inf
 
     def record(self, model: str, at: float, ok: bool, e2e_s: float, ttft_s: float = 0.0, completion_tokens: int = 0) -> None:
         second = math.floor(at)
-        self._newest = max(self._newest, second)
-        oldest = self._newest - self.horizon_s
-        if second < oldest:
+        oldest = self.clock() - self.horizon_s
+        if second < oldest - 1:
             return
         held = self._held.setdefault(model, _Held())
         rollup = held.seconds.get(second)
         if rollup is None:
             rollup = held.seconds[second] = Rollup()
             if len(held.seconds) > self.horizon_s + 60:  # now and then, not on every new second
-                self._forget_before(oldest)
+                self._forget_before(oldest - 1)
         rollup.record(ok, e2e_s, ttft_s, completion_tokens)
         block = second - second % BLOCK_S
         (held.blocks.get(block) or held.blocks.setdefault(block, Rollup())).record(ok, e2e_s, ttft_s, completion_tokens)

@@ -36,7 +36,7 @@ class Monitor:
     def __init__(self, config: MonitorConfig, rules: list[Rule], publish: Publish, clock: Clock = time.time) -> None:
         self.config, self.publish, self.clock = config, publish, clock
         self.alerts = AlertEngine(rules)
-        self.state = FleetState(traffic=Traffic(self.requests_window_s() + CLOCK_SKEW_S))
+        self.state = FleetState(traffic=Traffic(self.requests_window_s() + CLOCK_SKEW_S, clock))
         self.metrics = Metrics(self.state, self.alerts.firing)
         self.version = 0  # bumped on every change, so the SSE stream sends only news
         self.replay_progress = ReplayProgress()
