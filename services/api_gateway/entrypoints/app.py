@@ -110,8 +110,9 @@ def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCred
     """The inference routes' class. FastAPI documents them from the endpoint's signature as usual, but
     its generic per-request solving of that signature was a quarter of the gateway's CPU under load
     (py-spy, docs/benchmarks.md §1). Here ``caller``, the routes' one dependency, is called with the
-    headers it declares, then the body is validated straight from its bytes, in the same order and
-    with the same errors as FastAPI's. An endpoint on this class takes (body, request, caller)."""
+    headers it declares, then the body is validated straight from its bytes, with FastAPI's checks in
+    FastAPI's order (the key before the body; a JSON content type, which keeps a cross-origin form
+    post out) and clearer messages. An endpoint on this class takes (body, request, caller)."""
 
     class SolvedByHand(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
@@ -119,14 +120,19 @@ def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCred
 
             async def handle(request: Request) -> Response:
                 c = await caller(request, request.headers.get(REQUEST_ID_HEADER), await bearer(request))
-                return await endpoint(_parse_body(model, await request.body()), request, c)
+                return await endpoint(_parse_body(model, request.headers.get("content-type"), await request.body()), request, c)
 
             return handle
 
     return SolvedByHand
 
 
-def _parse_body(model: type[M], raw: bytes) -> M:
+def _parse_body(model: type[M], content_type: str | None, raw: bytes) -> M:
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise StarletteHTTPException(400, f"the body must be JSON with Content-Type: application/json (got {content_type or 'none'!r})")
+    if not raw:
+        raise StarletteHTTPException(400, "the request has no body: send a JSON object")
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
