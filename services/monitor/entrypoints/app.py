@@ -202,5 +202,5 @@ async def _snapshots(request: Request, monitor: Monitor, config: MonitorConfig, 
     yield "retry: 1000\n\n"
     ends = time.monotonic() + max_s
     while time.monotonic() < ends and not await request.is_disconnected():
-        yield f"event: snapshot\ndata: {monitor.snapshot().model_dump_json()}\n\n"
+        yield f"event: snapshot\ndata: {monitor.pushed_snapshot()}\n\n"
         await asyncio.sleep(config.push_every_s)
