@@ -213,3 +213,27 @@ def test_a_replayed_node_counts_its_silence_from_the_restart():
     monitor.replayed()
     assert monitor.state.nodes["up"].last_seen == 1000.0
     assert (monitor.state.nodes["gone"].last_seen, monitor.state.nodes["gone"].lost) == (100.0, True)
+
+
+async def test_a_restarted_monitor_keeps_the_dead_letter_counts_and_counts_none_twice(nats_server, tmp_path: Path):
+    p = await Publisher.connect(nats_server.url)
+    first_service, first = make(nats_server.url, tmp_path)
+    async with first_service.running():
+        for service in ("model-store", "model-store", "provenance-ledger"):
+            await p.dead_letter(service)
+        await until(lambda: sum(first.state.dead_letter_totals.values()) == 3, "the first run's dead letters")
+    await p.dead_letter("provenance-ledger")  # while the monitor is down
+
+    again_service, again = make(nats_server.url, tmp_path)
+    async with again_service.running(), Http(again_service.http) as http:
+        await until(lambda: again.state.dead_letter_totals == {"model-store": 2, "provenance-ledger": 2}, "the counts back")
+        progress = again.dead_letter_replay
+        assert progress.status == "done" and progress.events == 3  # read back; the fourth delivered by the durable
+        state = (await http.get("/api/state")).json()
+        assert state["dead_letters"] == {"model-store": 2, "provenance-ledger": 2}
+        assert state["dead_letter_replay"]["events"] == 3
+        metrics = (await http.get("/metrics")).text
+        assert counter_total(metrics, "strata:dead_letters_total") == 1  # a new process's counter: only what it was delivered
+        await asyncio.sleep(0.3)  # several evaluations and deliveries: nothing is counted twice
+        assert again.state.dead_letter_totals == {"model-store": 2, "provenance-ledger": 2}
+    await p.close()

@@ -22,15 +22,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
-from shared.events import Event, MalformedEvent, parse_event
+from shared.events import MalformedEvent, parse_event
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+Parse = Callable[[bytes, str], Any]  # a message's data and subject -> what ``apply`` takes; MalformedEvent: skipped
 FETCH_BATCH = 512
 FETCH_TIMEOUT_S = 5.0
 FETCH_ATTEMPTS = 3  # an empty fetch while the consumer says more are pending is retried, then the replay fails
@@ -72,15 +75,15 @@ async def ack_floor(js: JetStreamContext, stream: str, durable: str) -> int | No
 
 
 async def replay(js: JetStreamContext, stream: str, up_to_seq: int, passes: list[ReplayPass],
-                 apply: Callable[[Event], None], progress: ReplayProgress) -> None:
-    """Feed every event of ``passes`` with a stream sequence up to ``up_to_seq`` to ``apply``, in
-    stream order within a pass. A message that is not a valid event is skipped with a warning."""
+                 apply: Callable[[T], None], progress: ReplayProgress, parse: Parse = parse_event) -> None:
+    """Feed every message of ``passes`` with a stream sequence up to ``up_to_seq`` to ``apply``, parsed
+    (an event by default), in stream order within a pass. One that does not parse is skipped with a warning."""
     for replay_pass in passes:
-        await _one_pass(js, stream, up_to_seq, replay_pass, apply, progress)
+        await _one_pass(js, stream, up_to_seq, replay_pass, apply, progress, parse)
 
 
 async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pass: ReplayPass,
-                    apply: Callable[[Event], None], progress: ReplayProgress) -> None:
+                    apply: Callable[[T], None], progress: ReplayProgress, parse: Parse) -> None:
     name = f"replay-{uuid.uuid4().hex[:12]}"
     config = ConsumerConfig(
         name=name, filter_subjects=replay_pass.subjects, ack_policy=AckPolicy.NONE, inactive_threshold=EPHEMERAL_INACTIVE_S,
@@ -108,7 +111,7 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
                 if meta.sequence.stream > up_to_seq:
                     return
                 try:
-                    event = parse_event(msg.data, msg.subject)
+                    event = parse(msg.data, msg.subject)
                 except MalformedEvent as exc:
                     progress.skipped += 1
                     log.warning("replay: skipped malformed message %s at sequence %d: %s", msg.subject, meta.sequence.stream, exc)
@@ -127,7 +130,7 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
 
 
 async def replay_until_ack_floor(js: JetStreamContext, stream: str, durable: str, passes: list[ReplayPass],
-                                 apply: Callable[[Event], None], progress: ReplayProgress) -> None:
+                                 apply: Callable[[T], None], progress: ReplayProgress, parse: Parse = parse_event) -> None:
     """The whole restore: read the durable's ack floor, replay up to it, fill in ``progress``.
     Never raises: a replay that fails leaves the state partial and says so in ``progress``."""
     started = time.perf_counter()
@@ -138,7 +141,7 @@ async def replay_until_ack_floor(js: JetStreamContext, stream: str, durable: str
         if not floor:  # no durable, or (as the service creates it before its start hooks) one that acked nothing
             progress.status = "first_start"
             return
-        await replay(js, stream, floor, passes, apply, progress)
+        await replay(js, stream, floor, passes, apply, progress, parse)
         progress.status = "done"
     except Exception as exc:
         progress.status, progress.error = "failed", f"{type(exc).__name__}: {exc}"

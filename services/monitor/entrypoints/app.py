@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from services.monitor.adapters.replay import replay_until_ack_floor
+from services.monitor.adapters.replay import ReplayPass, replay_until_ack_floor
 from services.monitor.config import MonitorConfig
 from services.monitor.domain.alerts import load_rules
 from services.monitor.service_layer.monitor import Clock, Monitor
@@ -86,19 +86,23 @@ def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: as
         description="counts the dead letters of every service",
     )
     async def dead_letter(msg: NatsMessage) -> None:
-        raw = msg.raw_message
-        try:
-            letter = DeadLetter.model_validate_json(raw.data)
-        except ValidationError:  # still a dead letter: count it under the subject's service
-            service_name = raw.subject.removeprefix("dlq.") or "unknown"
-            letter = DeadLetter(service=service_name, consumer="?", subject=raw.subject, reason="unreadable dead-letter record",
-                                deliveries=0, payload=raw.data.decode("utf-8", errors="replace"))
-        await monitor.on_dead_letter(letter)
+        if not live.is_set():  # held like the events, until the replay has read up to this durable's ack floor
+            await live.wait()
+        await monitor.on_dead_letter(read_dead_letter(msg.raw_message.data, msg.raw_message.subject))
         await msg.ack()
 
 
+def read_dead_letter(data: bytes, subject: str) -> DeadLetter:
+    try:
+        return DeadLetter.model_validate_json(data)
+    except ValidationError:  # still a dead letter: count it under the subject's service
+        return DeadLetter(service=subject.removeprefix("dlq.") or "unknown", consumer="?", subject=subject,
+                          reason="unreadable dead-letter record", deliveries=0, payload=data.decode("utf-8", errors="replace"))
+
+
 def _restore(service: Service, monitor: Monitor, durable: str, live: asyncio.Event) -> None:
-    """Rebuild the state from EVENTS up to the durable's ack floor, then let the durable deliver.
+    """Rebuild the state from EVENTS, and the dead-letter counts from DEADLETTER, each up to its durable's
+    ack floor, then let the durables deliver.
     In a task, not in the start hook: HTTP serves (and shows the replay's progress in /api/state)
     while a long stream is read back."""
     tasks: list[asyncio.Task[None]] = []
@@ -106,8 +110,11 @@ def _restore(service: Service, monitor: Monitor, durable: str, live: asyncio.Eve
     async def restore() -> None:
         service.catching_up.add("replay")  # /healthz names it until the state is back (it still serves: 200)
         try:
-            await replay_until_ack_floor(service.broker.connection.jetstream(), subjects.EVENTS_STREAM, durable,
-                                         monitor.replay_plan(), monitor.replay, monitor.replay_progress)
+            js = service.broker.connection.jetstream()
+            await replay_until_ack_floor(js, subjects.EVENTS_STREAM, durable, monitor.replay_plan(), monitor.replay,
+                                         monitor.replay_progress)
+            await replay_until_ack_floor(js, subjects.DEADLETTER_STREAM, DEAD_LETTER_DURABLE, [ReplayPass([subjects.DEADLETTER_ALL])],
+                                         monitor.replay_dead_letter, monitor.dead_letter_replay, read_dead_letter)
             monitor.replayed()
         finally:
             service.catching_up.discard("replay")

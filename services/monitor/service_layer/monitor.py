@@ -41,6 +41,7 @@ class Monitor:
         self.metrics = Metrics(self.state, self.alerts.firing)
         self.version = 0  # bumped on every change, so the SSE stream sends only news
         self.replay_progress = ReplayProgress()
+        self.dead_letter_replay = ReplayProgress()  # the same, for the DEADLETTER stream
         self._pushed: tuple[int, str] | None = None  # (push tick, snapshot JSON): see pushed_snapshot
 
     # -- input -----------------------------------------------------------------------------
@@ -92,6 +93,12 @@ class Monitor:
         self.metrics.dead_letter(letter)
         self.version += 1
 
+    def replay_dead_letter(self, letter: DeadLetter) -> None:
+        """A dead letter the previous process already counted, read back on start: the totals and the
+        dead-letter alert's window, not the Prometheus counter (it starts at zero, as on any restart)."""
+        self.state.dead_letter(letter)
+        self.version += 1
+
     def set_ledger_lag(self, lag: int | None) -> None:
         if lag != self.state.ledger.lag:
             self.state.ledger.lag = lag
@@ -125,7 +132,8 @@ class Monitor:
 
     # -- output ----------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        return snapshot(self.state, self.alerts, self.clock(), self.config.history_s, self.config.bucket_s, self.replay_progress)
+        return snapshot(self.state, self.alerts, self.clock(), self.config.history_s, self.config.bucket_s, self.replay_progress,
+                        self.dead_letter_replay)
 
     def pushed_snapshot(self) -> str:
         """The dashboard stream's snapshot as JSON, built once per push interval however many dashboards

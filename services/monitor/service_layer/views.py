@@ -101,6 +101,7 @@ class Snapshot(BaseModel):
     dead_letters: dict[str, int]
     events_seen: int
     replay: ReplayProgress | None = None  # how the state was rebuilt from EVENTS on start
+    dead_letter_replay: ReplayProgress | None = None  # and the dead-letter counts from DEADLETTER
 
 
 def _num(x: float) -> float | None:
@@ -144,7 +145,7 @@ def model_view(state: FleetState, model: str, now: float, history_s: float, buck
 
 
 def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: float, bucket_s: float,
-             replay: ReplayProgress | None = None) -> Snapshot:
+             replay: ReplayProgress | None = None, dead_letter_replay: ReplayProgress | None = None) -> Snapshot:
     nodes = [
         NodeView(
             node_id=n.node_id, hostname=n.hostname or n.node_id, status="lost" if n.lost else "up",
@@ -169,4 +170,5 @@ def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: floa
                           signature=ledger.signature, signed_at=_dt(ledger.signed_at) if ledger.signed_at else None,
                           lag=ledger.lag, tamper_detected=len(ledger.tamper_events)),
         dead_letters=dict(state.dead_letter_totals), events_seen=sum(state.events_seen.values()), replay=replay,
+        dead_letter_replay=dead_letter_replay,
     )
