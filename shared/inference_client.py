@@ -214,7 +214,7 @@ async def complete(nc: Client, request: InferenceRequest, *, silence_timeout_s: 
     while the worker is busy, so a dead worker is noticed in seconds rather than at the deadline."""
     request = request.model_copy(update={"stream": False, "keepalive": True})
     async with _Call(nc, request, silence_timeout_s, deadline_s) as call:
-        reply = await call.parsed(RpcReply.model_validate_json, expected=_is_keepalive)
+        reply = await call.parsed(RpcReply.model_validate_json, expected=is_keepalive)
         call.finished = True
         if not reply.ok:
             error = reply.error or ErrorBody(code="internal", message="the worker failed without saying why")
@@ -225,7 +225,8 @@ async def complete(nc: Client, request: InferenceRequest, *, silence_timeout_s: 
             raise WorkerLost(f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}") from None
 
 
-def _is_keepalive(data: bytes) -> bool:
+def is_keepalive(data: bytes) -> bool:
+    """Whether a worker's message is a Keepalive (proof of life while a non-stream request waits)."""
     try:
         Keepalive.model_validate_json(data)
     except ValidationError:

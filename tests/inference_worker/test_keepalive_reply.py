@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 from services.inference_worker.service_layer.deployments import EngineOptions
 from shared import subjects
 from shared.inference import InferenceReply, InferenceRequest, Keepalive
-from shared.inference_client import cancel
+from shared.inference_client import cancel, is_keepalive
 from shared.rpc import RpcReply
 from tests.inference_worker.conftest import make_worker, model_id
 from tests.inference_worker.test_process import deploy, long_ckpt  # noqa: F401  (long_ckpt: a fixture)
@@ -37,16 +37,10 @@ class Replies:
         return self
 
     def keepalives(self) -> list[Keepalive]:
-        found = []
-        for body in self.bodies:
-            try:
-                found.append(Keepalive.model_validate_json(body))
-            except ValidationError:
-                pass
-        return found
+        return [Keepalive.model_validate_json(body) for body in self.bodies if is_keepalive(body)]
 
     def answered(self) -> bool:
-        return bool(self.bodies) and not _is_keepalive(self.bodies[-1])
+        return bool(self.bodies) and not is_keepalive(self.bodies[-1])
 
     async def settled(self, nc: Client) -> None:
         """Wait for the reply, then a little longer: nothing may follow it."""
@@ -63,56 +57,50 @@ class Replies:
         return reply
 
 
-def _is_keepalive(body: bytes) -> bool:
-    try:
-        Keepalive.model_validate_json(body)
-    except ValidationError:
-        return False
-    return True
-
-
 def short(prompt: str, keepalive: bool) -> InferenceRequest:
     return InferenceRequest(model="long", prompt=prompt, keepalive=keepalive,
                             sampling={"max_tokens": 2, "temperature": 0})
 
 
-async def test_a_queued_non_stream_request_gets_keepalives_then_one_reply_only_when_it_asks(
-        nats_server, tmp_path, long_ckpt, bus_client):  # noqa: F811
+@pytest.fixture
+async def one_seat(nats_server, tmp_path, long_ckpt, bus_client):  # noqa: F811
+    """A worker serving 'long' one sequence at a time, deployed."""
     worker = make_worker(nats_server.url, tmp_path / "w", {"long": long_ckpt}, engine=EngineOptions(max_num_seqs=1))
     async with worker.running():
         await deploy(bus_client, model_id("long"), "dep-long", "node-a", context=4096)
-        nc = bus_client.nc
-        occupying = InferenceRequest(model="long", prompt="It was", sampling={"max_tokens": 4000, "temperature": 0})
-        first = asyncio.ensure_future(nc.request(subjects.inference_request("long"), occupying.model_dump_json().encode(),
-                                                 timeout=60))
-        loop = worker.worker.deployments.by_key["dep-long/0"].loop
-        await eventually(lambda: loop.stats.tokens > 0, 10, "the long request generating")
-        # the plain one queues first, so it has waited at least as long as the other when that one's keepalive comes
-        plain = await Replies(short("Call me", keepalive=False)).send(nc)
-        asked = await Replies(short("Call me too", keepalive=True)).send(nc)
-        await eventually(asked.keepalives, 30, "a keepalive while queued behind the long request")
-        await cancel(nc, occupying.request_id)  # enough waiting: let the queued ones run
-        await asked.settled(nc)
-        await plain.settled(nc)
-
-        assert len(asked.bodies) >= 2 and all(_is_keepalive(b) for b in asked.bodies[:-1])
-        assert {k.request_id for k in asked.keepalives()} == {asked.request.request_id}
-        assert asked.reply().usage.completion_tokens == 2
-
-        assert len(plain.bodies) == 1 and not plain.keepalives()  # asked for none: one message, the reply
-        assert plain.reply().usage.completion_tokens == 2
-        assert RpcReply.model_validate_json((await first).data).ok
+        yield worker
 
 
-async def test_a_quick_keepalive_request_on_an_idle_engine_gets_only_its_reply(
-        nats_server, tmp_path, long_ckpt, bus_client):  # noqa: F811
-    worker = make_worker(nats_server.url, tmp_path / "w", {"long": long_ckpt}, engine=EngineOptions(max_num_seqs=1))
-    async with worker.running():
-        await deploy(bus_client, model_id("long"), "dep-long", "node-a", context=4096)
-        nc = bus_client.nc
-        warm_up = await Replies(short("Hello", keepalive=False)).send(nc)  # a first request may pay one-off costs
-        await warm_up.settled(nc)
-        quick = await Replies(short("Hello again", keepalive=True)).send(nc)
-        await quick.settled(nc)
-        assert len(quick.bodies) == 1 and not quick.keepalives()  # no keepalive at admission
-        assert quick.reply().text
+async def test_a_queued_non_stream_request_gets_keepalives_then_one_reply_only_when_it_asks(one_seat, bus_client):
+    worker = one_seat
+    nc = bus_client.nc
+    occupying = InferenceRequest(model="long", prompt="It was", sampling={"max_tokens": 4000, "temperature": 0})
+    first = asyncio.ensure_future(nc.request(subjects.inference_request("long"), occupying.model_dump_json().encode(),
+                                             timeout=60))
+    loop = worker.worker.deployments.by_key["dep-long/0"].loop
+    await eventually(lambda: loop.stats.tokens > 0, 10, "the long request generating")
+    # the plain one queues first, so it has waited at least as long as the other when that one's keepalive comes
+    plain = await Replies(short("Call me", keepalive=False)).send(nc)
+    asked = await Replies(short("Call me too", keepalive=True)).send(nc)
+    await eventually(asked.keepalives, 30, "a keepalive while queued behind the long request")
+    await cancel(nc, occupying.request_id)  # enough waiting: let the queued ones run
+    await asked.settled(nc)
+    await plain.settled(nc)
+
+    assert len(asked.bodies) >= 2 and all(is_keepalive(b) for b in asked.bodies[:-1])
+    assert {k.request_id for k in asked.keepalives()} == {asked.request.request_id}
+    assert asked.reply().usage.completion_tokens == 2
+
+    assert len(plain.bodies) == 1 and not plain.keepalives()  # asked for none: one message, the reply
+    assert plain.reply().usage.completion_tokens == 2
+    assert RpcReply.model_validate_json((await first).data).ok
+
+
+async def test_a_quick_keepalive_request_on_an_idle_engine_gets_only_its_reply(one_seat, bus_client):
+    nc = bus_client.nc
+    warm_up = await Replies(short("Hello", keepalive=False)).send(nc)  # a first request may pay one-off costs
+    await warm_up.settled(nc)
+    quick = await Replies(short("Hello again", keepalive=True)).send(nc)
+    await quick.settled(nc)
+    assert len(quick.bodies) == 1 and not quick.keepalives()  # no keepalive at admission
+    assert quick.reply().text
