@@ -111,12 +111,12 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
                 if meta.sequence.stream > up_to_seq:
                     return
                 try:
-                    event = parse(msg.data, msg.subject)
+                    item = parse(msg.data, msg.subject)
                 except MalformedEvent as exc:
                     progress.skipped += 1
                     log.warning("replay: skipped malformed message %s at sequence %d: %s", msg.subject, meta.sequence.stream, exc)
                 else:
-                    apply(event)
+                    apply(item)
                     progress.events += 1
                 if meta.sequence.stream == up_to_seq or meta.num_pending == 0:
                     return
