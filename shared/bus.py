@@ -101,13 +101,15 @@ def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
     )
 
 
-# What a JetStream publish can meet while a clustered stream elects a leader or a route reconnects:
-# no responder, no reply in time, a 503, or an ack reply with no body (nats-py then fails to parse
-# it: nats-io/nats.py#639, seen here on a single server too). The event id is the stream's
-# de-duplication key, so publishing again cannot store the event twice.
-_TRANSIENT_PUBLISH_ERRORS = (NoStreamResponseError, nats.errors.TimeoutError, ServiceUnavailableError,
-                             json.JSONDecodeError)
-PUBLISH_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+# What a JetStream request (a publish, an Object Store read) can meet while a clustered stream elects a
+# leader or a route reconnects: no responder, no reply in time, a 503.
+TRANSIENT_JETSTREAM_ERRORS = (NoStreamResponseError, nats.errors.TimeoutError, ServiceUnavailableError)
+# A publish also: an ack reply with no body (nats-py then fails to parse it: nats-io/nats.py#639, seen
+# here on a single server too). The event id is the stream's de-duplication key, so publishing again
+# cannot store the event twice.
+_TRANSIENT_PUBLISH_ERRORS = (*TRANSIENT_JETSTREAM_ERRORS, json.JSONDecodeError)
+RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+T = TypeVar("T")
 
 
 async def publish(broker: NatsBroker, event: Event[Any]) -> PubAck | None:
@@ -148,13 +150,20 @@ def _jetstream(nc: Any) -> JetStreamContext:
 
 
 async def _stored(event: Event[Any], attempt: Callable[[], Awaitable[PubAck]]) -> PubAck:
-    for delay in (*PUBLISH_RETRY_DELAYS_S, None):
+    return await retry_transient(f"publish {event.type} {event.id}", attempt, _TRANSIENT_PUBLISH_ERRORS)
+
+
+async def retry_transient(what: str, attempt: Callable[[], Awaitable[T]],
+                          transient: tuple[type[BaseException], ...] = TRANSIENT_JETSTREAM_ERRORS) -> T:
+    """``attempt()``, tried again through a transient JetStream hiccup (about 8 s in all); the last
+    failure is raised. ``attempt`` must be safe to repeat."""
+    for delay in (*RETRY_DELAYS_S, None):
         try:
             return await attempt()
-        except _TRANSIENT_PUBLISH_ERRORS as exc:
+        except transient as exc:
             if delay is None:
                 raise
-            log.info("publish %s %s: %s (%s); again in %.2fs", event.type, event.id, type(exc).__name__, exc, delay)
+            log.info("%s: %s (%s); again in %.2fs", what, type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 

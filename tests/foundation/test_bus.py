@@ -118,7 +118,7 @@ async def test_a_plain_nats_publish_rides_out_the_same(js):
 
 
 async def test_a_publish_that_never_finds_its_stream_fails_with_the_cause(nats_server, tmp_path, js, monkeypatch):
-    monkeypatch.setattr(bus, "PUBLISH_RETRY_DELAYS_S", (0.05, 0.05))
+    monkeypatch.setattr(bus, "RETRY_DELAYS_S", (0.05, 0.05))
     service = make_service(nats_server.url, tmp_path)
     async with service.running():
         await js.delete_stream(subjects.EVENTS_STREAM)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from nats.aio.client import Client
 
+from shared.bus import retry_transient
 from shared.errors import NotFound
 from shared.events import ModelId
 
@@ -37,7 +38,10 @@ class ModelStoreSource:
     async def fetch(self, model: ModelId, ref: str) -> Artifact:
         from services.model_store.fetch import VerificationError, fetch_model
 
-        local = await fetch_model(self.nc, f"{model.name}:{model.version}", self.cache_dir)
+        # A clustered model-store stream electing a leader answers 503 for a moment: a deploy waits it
+        # out rather than failing (a failed replica stays failed). Fetching again reuses what is cached.
+        local = await retry_transient(f"fetch {model.name}:{model.version}",
+                                      lambda: fetch_model(self.nc, f"{model.name}:{model.version}", self.cache_dir))
         if local.resolved.model.digest != model.digest:
             # the scheduled version must be the one that is loaded: a re-pushed version is refused
             raise VerificationError(f"{model.name}:{model.version}: model-store serves digest "
