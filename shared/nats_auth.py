@@ -34,7 +34,7 @@ from shared.inference import CANCEL_SUBJECT, JOBS_STREAM, RESULTS_STREAM
 CLIENT, OPERATOR = "client", "operator"
 USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
 INBOX = "_INBOX.>"
-INVENTORY_BUCKET, API_KEYS_BUCKET = "strata-inventory", "strata-api-keys"
+INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = "strata-inventory", "strata-api-keys", "strata-quotas"
 EVENT_STREAMS = (subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM)
 
 
@@ -78,9 +78,9 @@ NEEDS: dict[str, Needs] = {
     "provenance-ledger": Needs(reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET))),
     "monitor": Needs(subscribe=(subjects.event("node.heartbeat", persistent=False),)),
     "api-gateway": Needs(
-        declares=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)),
-        reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), RESULTS_STREAM),
-        publish=(f"$KV.{API_KEYS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
+        declares=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET)),
+        reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
+        publish=(f"$KV.{API_KEYS_BUCKET}.>", f"$KV.{QUOTAS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
                  subjects.rpc("inference-worker", "models")),
         subscribe=(subjects.event("inference.completed"),),  # token quotas are metered from these
     ),

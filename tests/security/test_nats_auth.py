@@ -36,7 +36,7 @@ def test_nobody_may_delete_or_purge_a_stream_or_touch_another_services_store():
         assert not [s for s in publish if "DELETE" in s and "CONSUMER" not in s or "PURGE" in s], role
         kv_writes = [s for s in publish if s.startswith(("$KV.", "$O."))]
         owned = {"model-store": ["$KV.strata-catalog.>", "$O.strata-blobs.>"],
-                 "hardware-inventory": ["$KV.strata-inventory.>"], "api-gateway": ["$KV.strata-api-keys.>"],
+                 "hardware-inventory": ["$KV.strata-inventory.>"], "api-gateway": ["$KV.strata-api-keys.>", "$KV.strata-quotas.>"],
                  "operator": ["$KV.strata-api-keys.>"]}
         assert kv_writes == owned.get(role, []), role
 
