@@ -85,8 +85,9 @@ async def connect(nats_url: str, data_dir: Path | None = None, *, role: str = na
         options.setdefault("max_reconnect_attempts", 1)
         options.setdefault("reconnect_time_wait", 0.1)
     nc = nats.NATS()
-    connecting = asyncio.ensure_future(
-        nc.connect(authenticated_url(nats_url, data_dir, role=role), tls=tls, error_cb=record, **options))
+    url = authenticated_url(nats_url, data_dir, role=role)
+    options.setdefault("inbox_prefix", nats_auth.inbox_prefix_of_url(url))  # a service's user reads only its own
+    connecting = asyncio.ensure_future(nc.connect(url, tls=tls, error_cb=record, **options))
     # A refusal is final, and nats-py, allowed to reconnect, can hang after a failed TLS handshake: stop at the first.
     stop = asyncio.ensure_future(refused.wait())
     await asyncio.wait({connecting, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -130,7 +130,10 @@ async def _create(args: argparse.Namespace, store: KeyStore) -> int:
 
 
 async def _ls(args: argparse.Namespace, store: KeyStore) -> int:
-    records = await store.list()
+    records, unreadable = await store.list()
+    if unreadable:  # one line, whatever the output format: a damaged record must not hide the good ones
+        err.print(f"[yellow]warning[/yellow]: skipped {len(unreadable)} unreadable record(s) in the key bucket "
+                  f"(not API key records; they grant nothing): {', '.join(unreadable)}", highlight=False, soft_wrap=True)
     if args.json:
         print(json.dumps([_shown(r) for r in records], indent=2))
         return 0

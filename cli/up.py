@@ -22,7 +22,7 @@ import httpx
 
 from cli import natsd
 from cli.connection import redacted
-from shared import endpoints, http_tls, nats_auth, nats_tls
+from shared import endpoints, http_tls, nats_auth, nats_tls, replication
 from shared.config import DEFAULT_PORTS, SERVICES, env_name, node_id
 
 PR_SET_PDEATHSIG = 1
@@ -220,6 +220,10 @@ class Supervisor:
             nats_url = opts.nats_url or await self._start_nats()
             if nats_url is None:
                 return 1
+            if opts.role == "all" and (problem := await self._provision(nats_url)):
+                self.say(problem)
+                if opts.nats_url is None:
+                    return 1  # our own NATS: the admin credential is ours, so this is a real failure
             # before any service starts, so that none of them is ever open for a moment
             try:
                 key_note = await self._bootstrap_api_key(nats_url) if opts.api_keys and opts.role == "all" else None
@@ -249,6 +253,21 @@ class Supervisor:
             await self._stop_all()
             self.say("strata up: stopped")
 
+    async def _provision(self, nats_url: str) -> str | None:
+        """Every stream and bucket, made with the bootstrap credential: the services may not (cli/provision.py)."""
+        from cli.provision import provision
+
+        try:
+            nc = await self._connect(nats_url, nats_auth.ADMIN, max_reconnect_attempts=2)
+            try:
+                await provision(nc.jetstream(), replication.stream_replicas())
+            finally:
+                await nc.close()
+        except Exception as exc:  # e.g. an external NATS where this machine holds no admin credential
+            return (f"strata up: could not create the streams and buckets: {type(exc).__name__}: {exc} "
+                    "(where NATS has users, run `strata provision` with its admin credential)")
+        return None
+
     async def _bootstrap_api_key(self, nats_url: str) -> str:
         """At the first start, an admin API key into the data dir: every HTTP API closes at once."""
         from shared.apikey_store import KeyStore, ensure_admin_key
@@ -270,7 +289,7 @@ class Supervisor:
         import nats
 
         credential = self.credentials.get(role)
-        return await nats.connect(credential.url(nats_url) if credential else nats_url,
+        return await nats.connect(credential.url(nats_url) if credential else nats_url, inbox_prefix=nats_auth.inbox_prefix(role),
                                   tls=nats_tls.client_context(self.nats_ca), **options)
 
     async def _serve_builtin(self, nats_url: str) -> None:

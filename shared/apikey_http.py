@@ -42,10 +42,11 @@ class KeyAuth:
         self.store: KeyStore | None = None
         self.log = logging.getLogger(service)
 
-    async def start(self, js: JetStreamContext, *, create: bool = False, seed: list[str] | None = None) -> KeyStore:
-        self.store = store = await KeyStore.open(js, create=create)
-        if seed and (seeded := await store.seed(seed)):
-            self.log.info("registered %d API key(s) from STRATA_API_KEYS", seeded)
+    async def start(self, js: JetStreamContext, *, local_keys: list[str] | None = None) -> KeyStore:
+        self.store = store = await KeyStore.open(js, local_keys=local_keys)
+        if store.local:
+            self.log.info("honouring %d API key(s) from STRATA_API_KEYS (here only; `strata key` manages the shared ones)",
+                          len(store.local))
         if await store.is_empty(fresh=True):
             self.log.warning(
                 "NO API KEY IS CONFIGURED: %s is OPEN and answers anyone. Create one (`strata key create --name "
@@ -97,14 +98,13 @@ class KeyAuth:
         return api_key
 
 
-def protect(service: Service, *, create_bucket: bool = False, seed: list[str] | None = None,
-            health: bool = True) -> KeyAuth:
+def protect(service: Service, *, local_keys: list[str] | None = None, health: bool = True) -> KeyAuth:
     """Open the key store in an on_start hook, document the rule, and (``health``) report the auth
-    mode on /healthz. Only roles that may write the bucket pass ``create_bucket``."""
+    mode on /healthz. No service writes the bucket: `strata up` creates it and `strata key` fills it."""
     auth = KeyAuth(service.name)
 
     async def open_api_keys() -> None:
-        await auth.start(service.broker.connection.jetstream(), create=create_bucket, seed=seed)
+        await auth.start(service.broker.connection.jetstream(), local_keys=local_keys)
 
     service.on_start(open_api_keys)
     service.http.description = f"{service.http.description} {OPEN_ROUTES_NOTE}".strip()

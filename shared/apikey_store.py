@@ -15,33 +15,48 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from shared import errors
 from shared.apikeys import BOOTSTRAP_NAME, ApiKeyRecord, Scope, hash_key, key_id, new_key, record_for
 from shared.nats_auth import API_KEYS_BUCKET, write_private
 
 BUCKET = API_KEYS_BUCKET
+LOCAL_KEYS_NAME = "env:STRATA_API_KEYS"
 RECHECK_S = 1.0  # how long a read (a record, "no such key", "no key configured", "no bucket yet") is believed
 CACHED_IDS = 10_000  # bounded: a flood of made-up keys cannot grow the cache without end
 
 
+def api_keys_bucket_config(replicas: int = 1) -> KeyValueConfig:
+    return KeyValueConfig(bucket=BUCKET, history=4, replicas=replicas, description="Strata API keys (sha256 only)")
+
+
+class UnreadableRecord(Exception):
+    """What the bucket holds under an id is not an API key record."""
+
+
 class KeyStore:
-    def __init__(self, js: JetStreamContext, kv: KeyValue | None) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue | None, local: list[ApiKeyRecord] | None = None) -> None:
         self.js = js
         self.kv = kv
+        # keys this process was given in its environment (the gateway's STRATA_API_KEYS): honoured here
+        # only, never written to the bucket, which only the operator credential may write
+        self.local = {r.id: r for r in local or []}
         self._empty: tuple[bool, float] | None = None
         self._records: dict[str, tuple[ApiKeyRecord | None, float]] = {}  # id -> (record or None, read at)
         self._looked_for_bucket = time.monotonic()
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, create: bool = False) -> KeyStore:
-        """``create``: make the bucket when it is missing (for the roles that may write it)."""
+    async def open(cls, js: JetStreamContext, *, create: bool = False, local_keys: list[str] | None = None) -> KeyStore:
+        """``create``: make the bucket when it is missing (only where NATS has no users: `strata up`
+        provisions it). ``local_keys``: raw keys honoured by this process alone, as ``inference`` keys."""
         try:
             kv: KeyValue | None = await js.key_value(BUCKET)
         except BucketNotFoundError:
-            kv = await js.create_key_value(bucket=BUCKET, history=4, description="Strata API keys (sha256 only)") if create else None
-        return cls(js, kv)
+            kv = await js.create_key_value(api_keys_bucket_config()) if create else None
+        return cls(js, kv, [record_for(k, LOCAL_KEYS_NAME) for k in local_keys or [] if k])
 
     async def _bucket(self) -> KeyValue | None:
         if self.kv is None and time.monotonic() - self._looked_for_bucket >= RECHECK_S:
@@ -54,6 +69,14 @@ class KeyStore:
 
     # -- reads ---------------------------------------------------------------------------------
     async def get(self, id: str) -> ApiKeyRecord | None:
+        """The record stored under ``id``; None where there is none, or what is there is no record (it
+        grants nothing: a service answers 401 for it, never a 500)."""
+        try:
+            return await self._read(id)
+        except UnreadableRecord:
+            return None
+
+    async def _read(self, id: str) -> ApiKeyRecord | None:
         kv = await self._bucket()
         if kv is None:
             return None
@@ -61,12 +84,19 @@ class KeyStore:
             entry = await kv.get(id)
         except (KeyNotFoundError, InvalidKeyError):  # a deleted key, or an id no key could have (a dot, a space)
             return None
-        return None if entry.value is None else ApiKeyRecord.model_validate_json(entry.value)
+        if entry.value is None:
+            return None
+        try:
+            return ApiKeyRecord.model_validate_json(entry.value)
+        except ValidationError as exc:
+            raise UnreadableRecord(id, exc.error_count()) from None
 
     async def lookup(self, key: str) -> ApiKeyRecord | None:
         """The record of a presented key, or None: a KV get by id (at most one a second per id), then
         the full hash compared."""
         id, now = key_id(key), time.monotonic()
+        if (local := self.local.get(id)) is not None and local.matches(key):
+            return local
         cached = self._records.get(id)
         if cached is not None and now - cached[1] < RECHECK_S:
             record = cached[0]
@@ -77,20 +107,30 @@ class KeyStore:
             self._records[id] = (record, now)
         return record if record is not None and record.matches(key) else None
 
-    async def list(self) -> list[ApiKeyRecord]:
+    async def list(self) -> tuple[list[ApiKeyRecord], list[str]]:
+        """Every record, oldest first, and the ids whose value is not a key record."""
         kv = await self._bucket()
         if kv is None:
-            return []
+            return [], []
         try:
             ids = await kv.keys()
         except NoKeysError:
-            return []
-        records = [await self.get(i) for i in ids]
-        return sorted((r for r in records if r is not None), key=lambda r: r.created)
+            return [], []
+        records: list[ApiKeyRecord] = []
+        unreadable: list[str] = []
+        for id in ids:
+            try:
+                if (record := await self._read(id)) is not None:
+                    records.append(record)
+            except UnreadableRecord:
+                unreadable.append(id)
+        return sorted(records, key=lambda r: r.created), sorted(unreadable)
 
     async def is_empty(self, *, fresh: bool = False) -> bool:
         """True while no key was ever configured: the platform is then open. Cached for a second so
         that open mode does not cost a bucket lookup per request."""
+        if self.local:
+            return False
         cached = self._empty
         if not fresh and cached is not None and time.monotonic() - cached[1] < RECHECK_S:
             return cached[0]
@@ -131,9 +171,6 @@ class KeyStore:
             await self.kv.put(record.id, record.model_dump_json(exclude={"id"}).encode())
         self._records.pop(record.id, None)
         return record
-
-    async def seed(self, keys: list[str], name: str = "env:STRATA_API_KEYS") -> int:
-        return sum([await self.add(record_for(k, name)) for k in keys if k])
 
     @staticmethod
     def hash(key: str) -> str:

@@ -28,7 +28,7 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.security import NatsSecurity
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from opentelemetry import propagate, trace
 
 from shared import nats_auth, nats_tls, subjects
@@ -62,27 +62,36 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create EVENTS and DEADLETTER, or bring their configs up to date. Safe to call any time."""
-    await declare_streams(js, stream_configs(replicas))
+    """A service's start: EVENTS and DEADLETTER exist (created by the bootstrap credential, cli/provision.py);
+    where NATS has no users, a missing one is created here."""
+    await declare_streams(js, stream_configs(replicas), update=False)
 
 
-async def declare_streams(js: JetStreamContext, configs: list[StreamConfig]) -> None:
-    """Create each stream, or update it where it exists with another config. An update never
-    lowers the replica count: a client started without the cluster's setting must not shrink it."""
+async def declare_streams(js: JetStreamContext, configs: list[StreamConfig], *, update: bool = True) -> None:
+    """Create each stream where missing; with ``update`` (the bootstrap credential) bring an existing one
+    to ``config``. An update never lowers the replica count: a client started without the cluster's
+    setting must not shrink it."""
     for config in configs:
+        assert config.name is not None
         try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != STREAM_IN_USE:
-                raise
             current = (await js.stream_info(config.name)).config
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                continue
+            except BadRequestError as exc:  # created meanwhile by another process
+                if exc.err_code != STREAM_IN_USE:
+                    raise
+                current = (await js.stream_info(config.name)).config
+        if update:
             replicas = max(current.num_replicas or 1, config.num_replicas or 1)
             await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
 
 
-def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
+def make_broker(nats_url: str, client_name: str, role: str | None = None, **options: Any) -> NatsBroker:
     """A FastStream broker that reconnects forever and carries the trace context in NATS headers; over
-    TLS trusting the CA named by ``STRATA_NATS_CA`` where set (shared/nats_tls.py)."""
+    TLS trusting the CA named by ``STRATA_NATS_CA`` where set (shared/nats_tls.py). ``role``: the
+    service, whose NATS user may read replies on its own inbox prefix only."""
     bus_log = logging.getLogger(f"strata.bus.{client_name}")
     tls = nats_tls.client_context()
     bus_log.setLevel(os.environ.get("STRATA_BUS_LOG_LEVEL", "WARNING").upper())
@@ -90,6 +99,7 @@ def make_broker(nats_url: str, client_name: str, **options: Any) -> NatsBroker:
         # the service's own NATS user, where strata up gave it one; a comma-separated URL list is the
         # members of a cluster, each a server to (re)connect to
         [url.strip() for url in nats_auth.with_env_credentials(nats_url).split(",")],
+        inbox_prefix=nats_auth.inbox_prefix(role),
         name=client_name,
         logger=bus_log,
         log_level=logging.DEBUG,  # one line per message is too much for a service at thousands of events/s
@@ -166,6 +176,12 @@ async def retry_transient(what: str, attempt: Callable[[], Awaitable[T]],
             log.info("%s: %s (%s); again in %.2fs", what, type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def fetch_inbox(role: str) -> bytes:
+    """The reply prefix for a FastStream pull subscriber's fetches: the role's own inbox (FastStream
+    would otherwise use ``_INBOX.``, which a service's NATS user may not read)."""
+    return nats_auth.inbox_prefix(role).encode() + b"."
 
 
 Handler = Callable[[Event[Any]], Awaitable[None]]
@@ -249,6 +265,7 @@ class EventConsumer:
             # One message per fetch: FastStream runs the messages of one fetched batch concurrently,
             # and a service's handlers should see its events in stream order.
             pull_sub=PullSub(batch_size=1, timeout=1.0),
+            inbox_prefix=fetch_inbox(self.service),
             config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s),
             ack_policy=AckPolicy.MANUAL,
             title=f"{self.service}:events" if self.durable == self.service else f"{self.service}:{self.durable}",

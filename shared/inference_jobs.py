@@ -33,7 +33,8 @@ def job_stream_configs(replicas: int = 1) -> list[StreamConfig]:
 
 
 async def ensure_job_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    await declare_streams(js, job_stream_configs(replicas))
+    """A worker's start: JOBS and RESULTS exist (see bus.ensure_streams)."""
+    await declare_streams(js, job_stream_configs(replicas), update=False)
 
 
 async def submit_job(js: JetStreamContext, request: InferenceRequest) -> PubAck:

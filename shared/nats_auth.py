@@ -31,9 +31,9 @@ from shared.config import SERVICES
 from shared.events import EventData
 from shared.inference import CANCEL_SUBJECT, JOBS_STREAM, RESULTS_STREAM
 
-CLIENT, OPERATOR = "client", "operator"
+CLIENT, OPERATOR, ADMIN = "client", "operator", "admin"
 USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
-INBOX = "_INBOX.>"
+INBOX = "_INBOX"
 INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = "strata-inventory", "strata-api-keys", "strata-quotas"
 EVENT_STREAMS = (subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM)
 
@@ -46,60 +46,83 @@ def obj_stream(bucket: str) -> str:
     return f"OBJ_{bucket}"
 
 
+# Every stream, KV bucket and object store the platform uses: `strata up` creates them as ADMIN
+# (cli/provision.py) before any service starts; nobody else may create, change or delete one.
+ALL_STREAMS = (*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET),
+               kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET))
+
+
 @dataclass(frozen=True)
 class Needs:
     """What a role does on NATS besides its own events, RPCs and dead letters."""
 
-    declares: tuple[str, ...] = EVENT_STREAMS  # streams it creates or updates at start
+    looks_up: tuple[str, ...] = EVENT_STREAMS  # streams it binds to at start (stream info only)
     reads: tuple[str, ...] = EVENT_STREAMS  # streams it makes consumers on, or gets messages from
+    durables: tuple[tuple[str, str], ...] = ()  # (stream, durable) it owns: no other role may touch them
     publish: tuple[str, ...] = ()  # further subjects: RPCs it calls, KV/Object-Store writes, inference
-    subscribe: tuple[str, ...] = ()  # core subscriptions besides its own rpc.<service>.>
+    subscribe: tuple[str, ...] = ()  # core subscriptions besides its own rpc.<service>.> and inbox
 
 
+_EVENTS, _DEAD = subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM
 NEEDS: dict[str, Needs] = {
     "model-store": Needs(
-        declares=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET)),
+        looks_up=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET), kv_stream(API_KEYS_BUCKET)),
         reads=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET), kv_stream(API_KEYS_BUCKET)),
         publish=(f"$KV.{CATALOG_BUCKET}.>", f"$O.{BLOB_BUCKET}.>"),
     ),
     "hardware-inventory": Needs(
-        declares=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET)),
+        looks_up=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET)),
         reads=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET)),
+        durables=((_EVENTS, "hardware-inventory"), (_EVENTS, "hardware-inventory-nodes")),
         publish=(f"$KV.{INVENTORY_BUCKET}.>", subjects.rpc("model-store", "resolve")),
         subscribe=("evt.deploy.>", subjects.event("node.heartbeat", persistent=False)),
     ),
     "inference-worker": Needs(
-        declares=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM),
-        # Reads blobs (never writes them): a worker cannot change what it is about to verify.
+        looks_up=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, obj_stream(BLOB_BUCKET)),
+        # Reads blobs (never writes them): a worker cannot change what it is about to verify. Its durables
+        # are named per node and per model (inference-worker-<node>, jobs-<model>): not listed here.
         reads=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, obj_stream(BLOB_BUCKET)),
         publish=(subjects.rpc("model-store", "resolve"), subjects.rpc("model-store", "public_key"), "infer.results.>"),
         subscribe=("infer.request.>", CANCEL_SUBJECT),
     ),
-    "provenance-ledger": Needs(reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET))),
-    "monitor": Needs(subscribe=(subjects.event("node.heartbeat", persistent=False),)),
+    "provenance-ledger": Needs(
+        reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)), looks_up=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)),
+        durables=((_EVENTS, "provenance-ledger-log"),),
+    ),
+    "monitor": Needs(
+        durables=((_EVENTS, "monitor"), (_DEAD, "monitor-dead-letters")),
+        subscribe=(subjects.event("node.heartbeat", persistent=False),),
+    ),
     "api-gateway": Needs(
-        declares=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET)),
+        looks_up=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
+        # Reads the API keys, never writes them: a compromised edge must not mint an admin key.
         reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
-        publish=(f"$KV.{API_KEYS_BUCKET}.>", f"$KV.{QUOTAS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
+        publish=(f"$KV.{QUOTAS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
                  subjects.rpc("inference-worker", "models")),
         subscribe=(subjects.event("inference.completed"),),  # token quotas are metered from these
     ),
     CLIENT: Needs(
-        declares=(),
+        looks_up=(subjects.EVENTS_STREAM, RESULTS_STREAM),
         reads=(subjects.EVENTS_STREAM, RESULTS_STREAM),
         publish=("rpc.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT),
         subscribe=(subjects.EVENTS_ALL, subjects.LIVE_ALL),
     ),
-    OPERATOR: Needs(declares=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
+    # `strata key`: the one writer of API key records.
+    OPERATOR: Needs(looks_up=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
                     publish=(f"$KV.{API_KEYS_BUCKET}.>",)),
+    # `strata up`'s bootstrap credential: creates, updates and deletes streams, buckets and object stores.
+    ADMIN: Needs(looks_up=(), reads=(), publish=("$JS.API.>",)),
 }
-ROLES = (*SERVICES, CLIENT, OPERATOR)
+ROLES = (*SERVICES, CLIENT, OPERATOR, ADMIN)
+SERVICE_ROLES = tuple(SERVICES)
 
 
 @dataclass(frozen=True)
 class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    publish_deny: tuple[str, ...] = ()
+    subscribe_deny: tuple[str, ...] = ()
 
 
 def own_event_subjects(role: str) -> list[str]:
@@ -107,13 +130,22 @@ def own_event_subjects(role: str) -> list[str]:
     return sorted(cls.subject() for cls in EventData.registry.values() if cls.PUBLISHER == role)
 
 
+def inbox_prefix(role: str | None) -> str:
+    """Where a role's replies arrive: ``_INBOX.<role>``; a role subscribes to its own prefix only, so
+    no other credential can read a completion on its way back to the gateway."""
+    return f"{INBOX}.{role}" if role in ROLES else INBOX
+
+
+def inbox_prefix_of_url(nats_url: str) -> str:
+    """The inbox prefix for the user a (comma-separated) NATS URL names, if any."""
+    return inbox_prefix(urlsplit(nats_url.split(",")[0].strip()).username)
+
+
 def jetstream_api(needs: Needs) -> list[str]:
-    """The JetStream API subjects for exactly the streams a role declares and reads; no delete, no purge."""
+    """The JetStream API subjects a role may send: stream info for what it looks up, consumers and
+    message reads on what it reads. No stream or bucket is created, changed, purged or deleted here."""
     api = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
-    for stream in needs.declares:
-        api += [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"]
-    for stream in dict.fromkeys((*needs.declares, *needs.reads)):
-        api.append(f"$JS.API.STREAM.INFO.{stream}")
+    api += [f"$JS.API.STREAM.INFO.{stream}" for stream in dict.fromkeys((*needs.looks_up, *needs.reads))]
     for stream in needs.reads:
         api += [
             f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
@@ -125,16 +157,49 @@ def jetstream_api(needs: Needs) -> list[str]:
     return api
 
 
+def others_durables(role: str) -> list[str]:
+    """What a role may not do to the durables other roles own on the streams it reads: create or
+    update, delete, pull from or acknowledge them (reading their info stays allowed)."""
+    reads = set(NEEDS[role].reads)
+    denied: list[str] = []
+    for owner, needs in NEEDS.items():
+        for stream, durable in needs.durables:
+            if owner == role or stream not in reads:
+                continue
+            denied += [f"$JS.API.CONSUMER.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
+                       f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
+                       f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.ACK.{stream}.{durable}.>"]
+    return denied
+
+
 def permissions(role: str) -> Permissions:
     if role not in NEEDS:
         raise ValueError(f"unknown NATS role {role!r}; choose from {', '.join(ROLES)}")
     needs = NEEDS[role]
-    publish = [*own_event_subjects(role), *needs.publish, *jetstream_api(needs), INBOX]
-    subscribe = [*needs.subscribe, INBOX]
-    if role not in (CLIENT, OPERATOR):
+    publish = [*own_event_subjects(role), *needs.publish, *jetstream_api(needs), f"{INBOX}.>"]
+    subscribe = [*needs.subscribe]
+    subscribe_deny: list[str] = []
+    if role == CLIENT:
+        # Programs that use the client credential may keep nats-py's default inbox; the other roles'
+        # inboxes stay closed to them.
+        subscribe.append(f"{INBOX}.>")
+        subscribe_deny = [f"{inbox_prefix(r)}.>" for r in ROLES if r != CLIENT]
+    else:
+        subscribe.append(f"{inbox_prefix(role)}.>")
+    if role in SERVICE_ROLES:
         publish.append(subjects.dead_letter(role))
         subscribe.append(f"rpc.{role}.>")
-    return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)))
+    return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)),
+                       tuple(dict.fromkeys(others_durables(role))), tuple(subscribe_deny))
+
+
+def may_administer(role: str) -> bool:
+    """Whether ``role`` may create, update, purge or delete streams, KV buckets and object stores."""
+    return "$JS.API.>" in permissions(role).publish
+
+
+def may_write_api_keys(role: str) -> bool:
+    return f"$KV.{API_KEYS_BUCKET}.>" in permissions(role).publish
 
 
 # -- credentials on disk -----------------------------------------------------------------------
@@ -195,8 +260,8 @@ def server_config(creds: dict[str, Credential], *, anonymous_client: bool = True
         perms = permissions(role)
         users.append(
             f"    {{ user: {json.dumps(cred.user)}, password: {json.dumps(cred.password)}, permissions: {{\n"
-            f"        publish: {{ allow: {_quoted(perms.publish)} }},\n"
-            f"        subscribe: {{ allow: {_quoted(perms.subscribe)} }} }} }}"
+            f"        publish: {{ allow: {_quoted(perms.publish)}, deny: {_quoted(perms.publish_deny)} }},\n"
+            f"        subscribe: {{ allow: {_quoted(perms.subscribe)}, deny: {_quoted(perms.subscribe_deny)} }} }} }}"
         )
     lines = ["authorization {", "  users = [", ",\n".join(users), "  ]", "}"]
     if anonymous_client:

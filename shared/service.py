@@ -57,7 +57,7 @@ class Service:
         self.settings = settings or Settings.from_env(name)
         self.source = Source(service=name, node=self.settings.node_id)
         setup_tracing(name, self.settings.node_id)
-        self.broker = bus.make_broker(self.settings.nats_url, f"strata-{name}@{self.settings.node_id}")
+        self.broker = bus.make_broker(self.settings.nats_url, f"strata-{name}@{self.settings.node_id}", role=name)
         # FastAPI's HTTP server span where spans are recorded (TraceContext carries the caller's trace
         # where they are not); never its per-operation spans, which cost CPU on every request for little;
         # its HTTP metrics only where they are exported.

@@ -126,10 +126,16 @@ async def test_a_publish_that_never_finds_its_stream_fails_with_the_cause(nats_s
             await bus.publish(service.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
 
 
-async def test_ensure_streams_is_idempotent_and_repairs_a_changed_config(js):
+async def test_a_service_start_leaves_streams_alone_and_provisioning_repairs_a_changed_config(js):
+    """A service only makes sure EVENTS exists (its NATS user may not change it); `strata up`'s
+    provisioning, as the bootstrap credential, brings it back to the platform's config."""
+    from cli.provision import provision
+
     await js.update_stream(StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL], duplicate_window=1.0))
     await bus.ensure_streams(js)
-    await bus.ensure_streams(js)
+    assert (await js.stream_info(subjects.EVENTS_STREAM)).config.duplicate_window == 1.0
+    await provision(js)
+    await provision(js)
     info = await js.stream_info(subjects.EVENTS_STREAM)
     assert info.config.duplicate_window == bus.DUPLICATE_WINDOW_S
     assert info.config.storage == "file"

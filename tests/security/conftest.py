@@ -35,6 +35,21 @@ class SecuredNats(NatsServer):
         self._wait_listening()
         return self
 
+    def provision(self) -> SecuredNats:
+        """Every stream and bucket, made with the bootstrap credential as `strata up` does."""
+        from cli import connection
+        from cli.provision import provision
+
+        async def run() -> None:  # over TLS too, trusting the CA the way the CLI does
+            nc = await connection.connect(self.url, self.data_dir, role=nats_auth.ADMIN)
+            try:
+                await provision(nc.jetstream())
+            finally:
+                await nc.close()
+
+        asyncio.run(run())
+        return self
+
     def url_for(self, role: str) -> str:
         return self.credentials[role].url(self.url)
 
@@ -44,7 +59,7 @@ class SecuredNats(NatsServer):
 
 @pytest.fixture
 def secured_nats(tmp_path: Path) -> Iterator[SecuredNats]:
-    server = SecuredNats(tmp_path / "data").start()
+    server = SecuredNats(tmp_path / "data").start().provision()
     try:
         yield server
     finally:
@@ -66,7 +81,8 @@ class Errors:
 
 async def connect_as(url: str) -> tuple[nats.NATS, Errors]:
     errors = Errors()
-    nc = await nats.connect(url, error_cb=errors.record, allow_reconnect=False, connect_timeout=5)
+    nc = await nats.connect(url, error_cb=errors.record, allow_reconnect=False, connect_timeout=5,
+                            inbox_prefix=nats_auth.inbox_prefix_of_url(url))
     return nc, errors
 
 

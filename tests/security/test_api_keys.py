@@ -352,3 +352,20 @@ async def test_cli_uses_the_operator_credential_on_an_auth_enabled_server(secure
             refused = await http.post(f"{url}/v1/aliases", json={"ref": "m:1", "alias": "prod"}, headers=bearer(inference_key))
     assert refused.status_code == 403, refused.text
     assert [v for v in secured_nats.violations() if 'user:client"' not in v] == []
+
+
+async def test_cli_ls_skips_a_malformed_record_and_says_so_in_one_line(nats_server, tmp_path, capsys):
+    """#19 finding 9: one bad record in the bucket crashed `strata key ls` with a pydantic traceback."""
+    common = ["--nats-url", nats_server.url, "--data-dir", str(tmp_path / "no-auth-here")]
+    code, out, _ = await cli(capsys, "key", "create", "--name", "good", *common)
+    good = out.strip()
+    async with key_store(nats_server.url) as keys:
+        await keys.kv.put("badrecord001", b'{"name": "half a record"}')
+        await keys.kv.put("notjson00002", b"\x00\xff not json")
+        assert (await keys.lookup(good)) is not None and await keys.get("badrecord001") is None
+    for json_flag in ([], ["--json"]):
+        code, out, err = await cli(capsys, "key", "ls", *json_flag, *common)
+        assert code == 0, err
+        assert key_id(good) in out and "Traceback" not in out + err
+        warnings = [line for line in err.splitlines() if "unreadable" in line]
+        assert len(warnings) == 1 and "badrecord001" in warnings[0] and "notjson00002" in warnings[0], err

@@ -30,15 +30,47 @@ def test_each_event_subject_may_be_published_by_its_publisher_only():
         assert not {"evt.>", "live.>", ">", "evt.*"} & set(nats_auth.permissions(role).publish), role
 
 
-def test_nobody_may_delete_or_purge_a_stream_or_touch_another_services_store():
+def test_only_the_bootstrap_admin_may_create_change_or_delete_a_stream_and_each_role_writes_its_own_store():
+    assert [r for r in nats_auth.ROLES if nats_auth.may_administer(r)] == [nats_auth.ADMIN]
     for role in nats_auth.ROLES:
         publish = nats_auth.permissions(role).publish
-        assert not [s for s in publish if "DELETE" in s and "CONSUMER" not in s or "PURGE" in s], role
+        if role != nats_auth.ADMIN:
+            assert not [s for s in publish if s.startswith("$JS.API.STREAM.") and not s.startswith(
+                ("$JS.API.STREAM.INFO.", "$JS.API.STREAM.MSG.GET.", "$JS.API.STREAM.NAMES"))], role
         kv_writes = [s for s in publish if s.startswith(("$KV.", "$O."))]
         owned = {"model-store": ["$KV.strata-catalog.>", "$O.strata-blobs.>"],
-                 "hardware-inventory": ["$KV.strata-inventory.>"], "api-gateway": ["$KV.strata-api-keys.>", "$KV.strata-quotas.>"],
+                 "hardware-inventory": ["$KV.strata-inventory.>"], "api-gateway": ["$KV.strata-quotas.>"],
                  "operator": ["$KV.strata-api-keys.>"]}
         assert kv_writes == owned.get(role, []), role
+
+
+# Each role's core subscriptions, pinned: a wider one (">", "evt.>", "infer.request.>") must fail here.
+SUBSCRIBE = {
+    "model-store": ["_INBOX.model-store.>", "rpc.model-store.>"],
+    "hardware-inventory": ["evt.deploy.>", "live.node.heartbeat", "_INBOX.hardware-inventory.>", "rpc.hardware-inventory.>"],
+    "inference-worker": ["infer.request.>", "infer.cancel", "_INBOX.inference-worker.>", "rpc.inference-worker.>"],
+    "provenance-ledger": ["_INBOX.provenance-ledger.>", "rpc.provenance-ledger.>"],
+    "monitor": ["live.node.heartbeat", "_INBOX.monitor.>", "rpc.monitor.>"],
+    "api-gateway": ["evt.inference.completed", "_INBOX.api-gateway.>", "rpc.api-gateway.>"],
+    "client": ["evt.>", "live.>", "_INBOX.>"],
+    "operator": ["_INBOX.operator.>"],
+    "admin": ["_INBOX.admin.>"],
+}
+
+
+def test_each_roles_subscriptions_are_exactly_what_it_needs():
+    assert set(SUBSCRIBE) == set(nats_auth.ROLES)
+    for role, expected in SUBSCRIBE.items():
+        assert list(nats_auth.permissions(role).subscribe) == expected, role
+    wide = {">", "evt.>", "infer.request.>", "_INBOX.>"}
+    assert {role: sorted(wide & set(nats_auth.permissions(role).subscribe)) for role in nats_auth.ROLES} == {
+        **{role: [] for role in nats_auth.ROLES},
+        "inference-worker": ["infer.request.>"],  # it serves the requests
+        "client": ["_INBOX.>", "evt.>"],  # `strata events`, and programs on nats-py's default inbox
+    }
+    # the client's _INBOX.> stops short of every other role's replies
+    assert sorted(nats_auth.permissions("client").subscribe_deny) == sorted(
+        f"_INBOX.{r}.>" for r in nats_auth.ROLES if r != "client")
 
 
 def test_credentials_are_private_reused_and_rotated(tmp_path):
@@ -65,12 +97,6 @@ def test_env_credentials_go_into_every_url_unless_one_names_its_own():
 
 
 # -- denials on a real server -----------------------------------------------------------------
-async def _streams(server) -> None:
-    nc, _ = await connect_as(server.url_for("model-store"))
-    await bus.ensure_streams(nc.jetstream())
-    await nc.close()
-
-
 async def _events_in_stream(server) -> int:
     nc, _ = await connect_as(server.url_for("client"))
     try:
@@ -80,7 +106,6 @@ async def _events_in_stream(server) -> int:
 
 
 async def test_a_worker_cannot_publish_model_registered(secured_nats):
-    await _streams(secured_nats)
     nc, errors = await connect_as(secured_nats.url_for("inference-worker"))
     await nc.publish("evt.model.registered", b"{}")
     await nc.flush()
@@ -126,7 +151,6 @@ async def test_an_unknown_user_or_a_wrong_password_cannot_connect(secured_nats, 
 
 
 async def test_an_anonymous_connection_gets_the_client_role_only(secured_nats):
-    await _streams(secured_nats)
     nc, errors = await connect_as(secured_nats.url)  # no credentials: no_auth_user = client
     ack = await nc.jetstream().publish("evt.deploy.requested", b"{}", timeout=5)
     assert ack.stream == subjects.EVENTS_STREAM
@@ -141,7 +165,6 @@ async def test_an_anonymous_connection_gets_the_client_role_only(secured_nats):
 
 # -- what each service needs, it may do -------------------------------------------------------
 async def test_each_role_may_publish_its_own_events(secured_nats):
-    await _streams(secured_nats)
     published = 0
     for role in nats_auth.ROLES:
         nc, errors = await connect_as(secured_nats.url_for(role))

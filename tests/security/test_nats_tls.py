@@ -52,7 +52,7 @@ def tls_nats(data_dir: Path, monkeypatch):
     """TLS + auth; the process trusts the generated CA the way `strata up` tells its children."""
     tls = nats_tls.ensure_generated(data_dir)
     monkeypatch.setenv(nats_tls.CA_ENV, str(tls.ca))
-    server = UpNats(data_dir, tls).start()
+    server = UpNats(data_dir, tls).start().provision()
     try:
         yield server
     finally:
@@ -62,7 +62,7 @@ def tls_nats(data_dir: Path, monkeypatch):
 @pytest.fixture
 def auth_nats(data_dir: Path, monkeypatch):
     monkeypatch.delenv(nats_tls.CA_ENV, raising=False)
-    server = UpNats(data_dir).start()
+    server = UpNats(data_dir).start().provision()
     try:
         yield server
     finally:

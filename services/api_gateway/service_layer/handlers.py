@@ -33,7 +33,7 @@ class GatewayConfig(BaseModel):
     max_in_flight: int = Field(default=64, ge=1, description="requests carried at once; more get 429")
     request_timeout_s: float = Field(default=600.0, gt=0, description="the longest a whole request may take (504)")
     silence_timeout_s: float = Field(default=SILENCE_TIMEOUT_S, gt=0, description="a worker silent this long is dead (502)")
-    seed_keys: list[str] = Field(default=[], description="raw keys to register at start (STRATA_API_KEYS)")
+    seed_keys: list[str] = Field(default=[], description="raw keys this gateway alone honours as inference keys (STRATA_API_KEYS)")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> GatewayConfig:

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from services.hardware_inventory.domain.correction import Correction
 from services.hardware_inventory.domain.model import Allocations, NodeRecord
 from shared.errors import Conflict
+from shared.nats_auth import INVENTORY_BUCKET
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
@@ -32,6 +33,10 @@ MAX_ATTEMPTS = 64
 
 class Unchanged(Exception):
     """Raised by a change function to leave the value as it is (nothing to write)."""
+
+
+def inventory_bucket_config(replicas: int = 1, bucket: str = INVENTORY_BUCKET) -> KeyValueConfig:
+    return KeyValueConfig(bucket=bucket, history=5, storage=StorageType.FILE, replicas=replicas)
 
 
 class InventoryState:
@@ -44,7 +49,7 @@ class InventoryState:
         try:
             kv = await js.key_value(bucket)
         except BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=5, storage=StorageType.FILE, replicas=replicas))
+            kv = await js.create_key_value(inventory_bucket_config(replicas, bucket))
         return cls(kv, js, bucket)
 
     async def keys(self, prefix: str) -> list[str]:

@@ -15,7 +15,7 @@ from typing import BinaryIO
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
 
 from shared.catalog import BLOB_BUCKET
@@ -23,6 +23,10 @@ from shared.errors import NotFound, Unavailable
 
 FETCH_BATCH = 32  # 128 KiB chunks: 4 MiB in flight per download
 FETCH_TIMEOUT_S = 20.0
+
+
+def blob_store_config(replicas: int = 1, bucket: str = BLOB_BUCKET) -> ObjectStoreConfig:
+    return ObjectStoreConfig(bucket=bucket, description="Strata model-store blobs (sha256-named)", replicas=replicas)
 
 
 class BlobStore:
@@ -39,7 +43,7 @@ class BlobStore:
         except BucketNotFoundError:
             if not create:
                 raise NotFound(f"object store bucket {bucket!r} does not exist (has model-store started?)") from None
-            store = await js.create_object_store(bucket, description="Strata model-store blobs (sha256-named)", replicas=replicas)
+            store = await js.create_object_store(bucket, config=blob_store_config(replicas, bucket))
         return cls(js, store, bucket)
 
     async def size(self, sha256: str) -> int | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
@@ -47,6 +48,10 @@ def dec(token: str) -> str:
     return token.replace("=", ".")
 
 
+def catalog_bucket_config(replicas: int = 1, bucket: str = CATALOG_BUCKET) -> KeyValueConfig:
+    return KeyValueConfig(bucket=bucket, history=8, replicas=replicas, description="Strata model catalog")
+
+
 class CatalogKV:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -56,7 +61,7 @@ class CatalogKV:
         try:
             kv = await js.key_value(bucket)
         except BucketNotFoundError:
-            kv = await js.create_key_value(bucket=bucket, history=8, replicas=replicas, description="Strata model catalog")
+            kv = await js.create_key_value(catalog_bucket_config(replicas, bucket))
         return cls(kv)
 
     # -- raw ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from services.monitor.config import MonitorConfig
 from services.monitor.domain.alerts import load_rules
 from services.monitor.service_layer.monitor import Clock, Monitor
 from services.monitor.service_layer.views import RuleView, Snapshot
-from shared import subjects
+from shared import bus, subjects
 from shared.config import Settings
 from shared.events import DeadLetter, Event, NodeHeartbeat, parse_event
 from shared.service import Service
@@ -82,7 +82,8 @@ def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: as
 
     @service.broker.subscriber(
         subjects.DEADLETTER_ALL, stream=JStream(subjects.DEADLETTER_STREAM, declare=False), durable=DEAD_LETTER_DURABLE,
-        pull_sub=PullSub(batch_size=1, timeout=1.0), ack_policy=AckPolicy.MANUAL, title=f"{NAME}:dead-letters",
+        pull_sub=PullSub(batch_size=1, timeout=1.0), inbox_prefix=bus.fetch_inbox(NAME), ack_policy=AckPolicy.MANUAL,
+        title=f"{NAME}:dead-letters",
         description="counts the dead letters of every service",
     )
     async def dead_letter(msg: NatsMessage) -> None:
