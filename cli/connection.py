@@ -17,11 +17,13 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared import errors, nats_auth, nats_tls
 from shared.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, DEFAULT_NATS_URL
 from shared.config import data_dir_from_env as default_data_dir
+
+T = TypeVar("T")
 
 
 def add_options(p: argparse.ArgumentParser, *, data_dir: bool = True) -> argparse.ArgumentParser:
@@ -104,6 +106,32 @@ async def connect(nats_url: str, data_dir: Path | None = None, *, role: str = na
     except (nats_errors.Error, OSError, TimeoutError) as exc:  # NoServersError: the last attempt's error says why
         raise _why(nats_url, seen[-1] if isinstance(exc, nats_errors.NoServersError) and seen else exc) from None
     return nc
+
+
+async def run_as(nats_url: str, data_dir: Path | None, role: str, work: Callable[[Any], Awaitable[T]], denied_what: str) -> T:
+    """Connect as ``role`` (its credential from the data dir where there) and run ``work(nc)``. A
+    permission violation (the server's asynchronous -ERR) ends the work at once with Forbidden, instead
+    of the time-out that the refused request would otherwise turn into."""
+    denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower() and not denied.done():
+            denied.set_result(str(exc))
+
+    # max_reconnect_attempts=1: nats-py retries even a first connect that many times (0 means forever)
+    nc = await connect(nats_url, data_dir, role=role, error_cb=on_error, allow_reconnect=False, max_reconnect_attempts=1)
+    try:
+        task = asyncio.ensure_future(work(nc))
+        await asyncio.wait({task, denied}, return_when=asyncio.FIRST_COMPLETED)
+        if denied.done() and not task.done():
+            task.cancel()
+            credential = nats_auth.auth_dir(data_dir or default_data_dir()) / f"{role}.json"
+            hint = "" if credential.exists() else f" (there is no {role} credential at {credential}: pass --data-dir of the `strata up`)"
+            raise errors.Forbidden(f"permission denied: this NATS user {denied_what}{hint}: {denied.result()}")
+        return task.result()
+    finally:
+        denied.cancel()
+        await nc.close()
 
 
 def _refusal(exc: BaseException) -> bool:

@@ -22,7 +22,7 @@ from cli import connection
 from shared import nats_auth
 from shared.apikey_store import KeyStore
 from shared.apikeys import SCOPES, ApiKeyRecord
-from shared.errors import Forbidden, StrataError, Unavailable
+from shared.errors import StrataError, Unavailable
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -76,37 +76,15 @@ def _run(func: Callable[[argparse.Namespace, KeyStore], Awaitable[int]], args: a
 
 async def with_store(nats_url: str, data_dir: Path | None, work: Callable[[KeyStore], Awaitable[T]], *,
                      create_bucket: bool) -> T:
-    """Run ``work`` on the key store, connected as the operator when its credential is there. A
-    permission violation (the server's asynchronous -ERR) ends the work at once with a clear error,
-    instead of the time-out that the refused request would otherwise turn into."""
-    denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    """Run ``work`` on the key store, connected as the operator when its credential is there; a
+    refusal by the server ends it at once with a clear error."""
+    async def on_nats(nc: Any) -> T:
+        try:
+            return await work(await KeyStore.open(nc.jetstream(), create=create_bucket))
+        except NatsError as exc:
+            raise Unavailable(f"NATS failed while managing API keys ({type(exc).__name__}: {exc})") from None
 
-    async def on_error(exc: Exception) -> None:
-        if "permissions violation" in str(exc).lower() and not denied.done():
-            denied.set_result(str(exc))
-
-    # max_reconnect_attempts=1: nats-py retries even a first connect that many times (0 means forever)
-    nc = await connection.connect(nats_url, data_dir, role=nats_auth.OPERATOR, error_cb=on_error,
-                                  allow_reconnect=False, max_reconnect_attempts=1)
-    try:
-        task = asyncio.ensure_future(_work(nc, work, create_bucket))
-        await asyncio.wait({task, denied}, return_when=asyncio.FIRST_COMPLETED)
-        if denied.done() and not task.done():
-            task.cancel()
-            operator = nats_auth.auth_dir(data_dir or connection.default_data_dir()) / f"{nats_auth.OPERATOR}.json"
-            hint = "" if operator.exists() else f" (there is no operator credential at {operator}: pass --data-dir of the `strata up`)"
-            raise Forbidden(f"permission denied: this NATS user may not manage API keys{hint}: {denied.result()}")
-        return task.result()
-    finally:
-        denied.cancel()
-        await nc.close()
-
-
-async def _work(nc: Any, work: Callable[[KeyStore], Awaitable[T]], create_bucket: bool) -> T:
-    try:
-        return await work(await KeyStore.open(nc.jetstream(), create=create_bucket))
-    except NatsError as exc:
-        raise Unavailable(f"NATS failed while managing API keys ({type(exc).__name__}: {exc})") from None
+    return await connection.run_as(nats_url, data_dir, nats_auth.OPERATOR, on_nats, "may not manage API keys")
 
 
 def _shown(record: ApiKeyRecord) -> dict[str, Any]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import infer, inventory, keys, ledger, model, monitor, platform
+from cli import infer, inventory, keys, ledger, model, monitor, platform, provision
 
-COMMAND_MODULES = [platform, ledger, model, inventory, infer, monitor, keys]
+COMMAND_MODULES = [platform, ledger, model, inventory, infer, monitor, keys, provision]
 
 
 def parser() -> argparse.ArgumentParser:

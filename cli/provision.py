@@ -9,6 +9,12 @@ in replicas, never emptied.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError
@@ -16,7 +22,8 @@ from nats.js.errors import BucketNotFoundError
 from services.hardware_inventory.adapters.state import inventory_bucket_config
 from services.model_store.adapters.blobs import blob_store_config
 from services.model_store.adapters.catalog_kv import catalog_bucket_config
-from shared import bus, inference_jobs, nats_auth
+from cli import connection
+from shared import bus, errors, inference_jobs, nats_auth, replication
 from shared.apikey_store import api_keys_bucket_config
 
 
@@ -34,6 +41,29 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
         except BucketNotFoundError:
             await js.create_key_value(config)
     await _object_store(js, blob_store_config(replicas))
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = connection.add_options(sub.add_parser(
+        "provision", help="create every stream and bucket, as the NATS admin credential (strata up does this itself)"))
+    p.add_argument("--replicas", type=int, default=None, help="copies of each stream (default $STRATA_STREAM_REPLICAS or 1)")
+    p.set_defaults(func=lambda args: asyncio.run(_provision(args)))
+    perms = sub.add_parser("permissions", help="print each NATS role's permissions (the table in docs/operations.md)")
+    perms.set_defaults(func=lambda args: print(nats_auth.permissions_table(), end=""))
+
+
+async def _provision(args: argparse.Namespace) -> int:
+    async def work(nc: Any) -> None:
+        await provision(nc.jetstream(timeout=10), replicas)
+
+    try:
+        replicas = args.replicas or replication.stream_replicas()
+        await connection.run_as(args.nats_url, args.data_dir, nats_auth.ADMIN, work, "may not create streams (use the admin credential)")
+    except (errors.StrataError, ValueError, NatsError) as exc:
+        print(f"strata provision: {exc}", file=sys.stderr)
+        return 1
+    print(f"provisioned {len(nats_auth.ALL_STREAMS)} streams and buckets ({replicas} replica(s)): {', '.join(nats_auth.ALL_STREAMS)}")
+    return 0
 
 
 async def _object_store(js: JetStreamContext, config: ObjectStoreConfig) -> None:

@@ -1,15 +1,17 @@
-"""Per-service NATS credentials and permissions, derived from the subject ownership table.
+"""Per-role NATS credentials and permissions, derived from the subject ownership table.
 
 Each service connects as its own user. It may publish only the events whose ``PUBLISHER`` it is
 (``shared/events.py``, the table in infra/SUBJECTS.md), its dead letters, the RPCs and inference
 subjects it calls, and writes to the KV buckets / object stores it owns. Its JetStream API access is
-scoped to the streams it uses (create/update/info of the streams it declares, consumers on the streams
-it reads); nobody may delete or purge a stream. ``client`` is the role of the CLI (cli/connection.py
-reads its credential from the data dir): it may request deploys and inferences, call RPCs and read
-events, and may publish no service event. `strata up` refuses connections that give no credential
+stream info on what it looks up and consumers on what it reads, never on another role's durables;
+no service may create, update, purge or delete a stream, KV bucket or object store. ``admin`` is
+`strata up`'s bootstrap credential, the only one that may (cli/provision.py). ``client`` is the role
+of the CLI (cli/connection.py reads its credential from the data dir): it may request deploys and
+inferences, call RPCs and read events, and may publish no service event. ``operator`` is the role of
+`strata key`: the one writer of the API keys bucket. Each role reads replies only on its own inbox
+prefix (``inbox_prefix``). `strata up` refuses connections that give no credential
 (``anonymous_client=False``); ``anonymous_client=True`` would hand them the ``client`` role.
-``operator`` is the role of `strata key` (the CLI's admin credential): it may write the API keys
-bucket and nothing else.
+docs/operations.md holds ``permissions_table()``.
 
 ``write(data_dir)`` creates the passwords once (``<data_dir>/nats/auth/<user>.json``, mode 0600, in a
 0700 folder) and the nats-server config that names them; ``rotate(data_dir)`` makes new ones.
@@ -296,3 +298,28 @@ def with_env_credentials(nats_url: str, environ: dict[str, str] | None = None) -
     env = os.environ if environ is None else environ
     user, password = env.get(USER_ENV), env.get(PASSWORD_ENV)
     return with_credentials(nats_url, user, password) if user and password else nats_url
+
+
+# -- the table in docs/operations.md ------------------------------------------------------------
+def permissions_table() -> str:
+    """Each role's NATS permissions as a Markdown table (`strata permissions`; docs/operations.md holds
+    this exact text, checked by a test)."""
+    def cell(items: list[str]) -> str:
+        return ", ".join(f"`{i}`" for i in items) or "—"
+
+    rows = []
+    for role in ROLES:
+        perms, needs = permissions(role), NEEDS[role]
+        events = [s for s in perms.publish if s.startswith(("evt.", "live."))]
+        other = [s for s in perms.publish if not s.startswith(("evt.", "live.", "$JS.", f"{INBOX}."))]
+        stream_admin = "**create, update, delete every stream and bucket**" if may_administer(role) else "none"
+        consumers = cell(list(needs.reads)) if needs.reads else "—"
+        own = cell([f"{stream}/{durable}" for stream, durable in needs.durables])
+        rows.append(f"| {role} | {cell(events)} | {cell(other)} | {cell(list(perms.subscribe))} | {stream_admin} "
+                    f"| {cell(list(needs.looks_up))} | {consumers} | {own} |")
+    return "\n".join([
+        "| role | events it publishes | other subjects it publishes | it subscribes | stream administration "
+        "| streams it looks up | streams it consumes or reads | durables only it may touch |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]) + "\n"

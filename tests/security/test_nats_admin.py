@@ -155,3 +155,19 @@ async def test_a_service_reads_only_its_own_replies(secured_nats):
     assert seen == []
     for nc in (monitor, worker, gateway, sniffer):
         await nc.close()
+
+
+async def test_strata_provision_runs_as_admin_and_another_credential_is_refused_at_once(secured_nats, capsys, monkeypatch):
+    from cli.main import main as strata
+
+    common = ["provision", "--nats-url", secured_nats.url, "--data-dir", str(secured_nats.data_dir)]
+    assert await asyncio.to_thread(strata, common) == 0
+    assert "provisioned 9 streams and buckets (1 replica(s))" in capsys.readouterr().out
+    monitor = secured_nats.credentials["monitor"]
+    monkeypatch.setenv(nats_auth.USER_ENV, monitor.user)
+    monkeypatch.setenv(nats_auth.PASSWORD_ENV, monitor.password)
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.to_thread(strata, common) == 1
+    assert asyncio.get_running_loop().time() - started < 5, "a refusal is said at once, not after a time-out"
+    err = capsys.readouterr().err
+    assert "permission denied: this NATS user may not create streams" in err and "$js.api.stream.update.events" in err

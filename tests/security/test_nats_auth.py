@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import stat
 import subprocess
+from pathlib import Path
 from contextlib import AsyncExitStack
 
 import nats
@@ -208,3 +209,22 @@ async def test_every_service_works_under_its_own_user_push_deploy_infer(secured_
         assert answer.usage.completion_tokens == 4 and answer.model.name == "strata-builtin-kjv"
         assert errors.violations() == []
     assert secured_nats.violations() == []
+
+
+def test_the_permissions_table_in_the_docs_is_the_one_the_code_makes():
+    docs = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    between = docs.split("<!-- permissions:begin -->\n", 1)[1].split("<!-- permissions:end -->", 1)[0]
+    assert between == nats_auth.permissions_table(), "run `strata permissions` and paste it into docs/operations.md"
+
+
+def test_the_durables_in_the_table_are_the_ones_the_services_use():
+    from services.monitor.config import MonitorConfig
+    from services.monitor.entrypoints.app import DEAD_LETTER_DURABLE
+    from services.provenance_ledger.adapters.ingest import DURABLE as LEDGER_DURABLE
+
+    owned = {role: set(needs.durables) for role, needs in nats_auth.NEEDS.items() if needs.durables}
+    assert owned == {
+        "hardware-inventory": {(subjects.EVENTS_STREAM, "hardware-inventory"), (subjects.EVENTS_STREAM, "hardware-inventory-nodes")},
+        "provenance-ledger": {(subjects.EVENTS_STREAM, LEDGER_DURABLE)},
+        "monitor": {(subjects.EVENTS_STREAM, MonitorConfig().events_durable), (subjects.DEADLETTER_STREAM, DEAD_LETTER_DURABLE)},
+    }
