@@ -99,6 +99,22 @@ def test_sampler_distribution_and_seeds():
     assert draws(5) == draws(5) and draws(5) != draws(6)
 
 
+def test_sampler_temperature_sharpens_to_softmax_of_logits_over_t_and_near_zero_is_greedy():
+    """T=0.5 must follow softmax(logits / 0.5), not softmax(logits): 0.6/0.3/0.1 becomes 0.78/0.20/0.02."""
+    sampler = Sampler()
+    n = 8000
+    torch.manual_seed(1234)
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(n, 1)
+    ids, _ = sampler(logits, [SamplingParams(temperature=0.5).resolve()] * n, [None] * n)
+    freq = torch.bincount(torch.tensor(ids), minlength=3).float() / n
+    expected = (logits[0] / 0.5).softmax(-1)
+    assert torch.allclose(freq, expected, atol=0.02), (freq, expected)  # binomial sd at n=8000: <= 0.006
+    assert not torch.allclose(freq, logits[0].softmax(-1), atol=0.05)
+    varied = torch.stack([torch.randperm(50).float() * 0.25 for _ in range(64)])  # top two 0.25 apart: e^-25 at T=0.01
+    cold, _ = sampler(varied, [SamplingParams(temperature=0.01).resolve()] * 64, [None] * 64)
+    assert cold == varied.argmax(-1).tolist()
+
+
 def test_stop_string_holdback_in_stream():
     s = seq(2, stop=["END"])
     s.text = "abcEN"  # as if detokenized so far

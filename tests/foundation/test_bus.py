@@ -209,6 +209,23 @@ async def test_a_transient_failure_is_retried_and_then_handled_once(batch_size, 
     assert await dead_letters(js) == []
 
 
+@BATCH_SIZES
+async def test_one_event_id_delivered_twice_is_handled_once(batch_size, nats_server, tmp_path, js):
+    """The stream stores both copies (each has its own Nats-Msg-Id), the consumer handles the id once."""
+    service = make_service(nats_server.url, tmp_path)
+    seen: list[str] = []
+    service.consume("evt.deploy.>", batch_size=batch_size).on(DeployRequested)(lambda e: _record(seen, e))
+    event = make_event(DeployRequested(model_ref="once"), SOURCE)
+    later = make_event(DeployRequested(model_ref="after"), SOURCE)
+    for msg_id, body in (("copy-1", event.to_bytes()), ("copy-2", event.to_bytes()), ("later", later.to_bytes())):
+        await js.publish("evt.deploy.requested", body, headers={"Nats-Msg-Id": msg_id})
+    assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == 3
+    async with service.running():
+        await eventually(lambda: seen[-1:] == ["after"], what="the event after the duplicate")
+    assert seen == ["once", "after"]
+    assert service.consumer.stats.handled == 2 and service.consumer.stats.ignored == 1
+
+
 async def test_the_consumer_is_durable_across_a_service_restart(nats_server, tmp_path, js):
     seen: list[str] = []
     first = make_service(nats_server.url, tmp_path)

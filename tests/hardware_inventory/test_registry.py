@@ -38,6 +38,27 @@ async def test_placement_follows_the_policy_and_the_constraints(cluster: Cluster
     assert scheduled.node_id == "gpu-80" and scheduled.kv_cache_bytes > 0 and scheduled.booked_bytes > scheduled.predicted_bytes
 
 
+async def test_live_free_memory_from_heartbeats_steers_placement_and_is_named_when_it_refuses(cluster: Cluster):
+    """Something outside Strata holds 23.5 of gpu-24's 24 GB: the heartbeats say so, and placement listens."""
+    import json
+
+    path = cluster.tmp / "gpu-24.json"
+    busy = json.loads(path.read_text())
+    busy["gpus"][0]["memory_free"] = GB // 2
+    path.write_text(json.dumps(busy))
+
+    def heard() -> bool:
+        device = cluster.registry.inventory.nodes.telemetry["gpu-24"].devices.get("cuda:0")
+        return device is not None and device.memory_free == GB // 2
+
+    await eventually(heard, what="a heartbeat with the little free memory")
+    binpack = await deploy(cluster, model_ref="tiny", policy="binpack")
+    assert [(r.node_id, r.device) for r in binpack.deployment.replicas] == [("gpu-80", "cuda:0")]  # not the tightest GPU now
+    pinned = await deploy(cluster, model_ref="small", constraints={"node": "gpu-24", "device": "cuda"})
+    assert not pinned.scheduled and pinned.code == "no_fit"
+    assert "gpu-24/cuda:0: 0.50 GB free" in pinned.reason, pinned.reason
+
+
 async def test_rejections_name_the_numbers_and_the_cause(cluster: Cluster):
     too_big = await deploy(cluster, model_ref="llama3-8b", constraints={"device": "cpu", "node": "cpu-8"})
     assert not too_big.scheduled and too_big.code == "no_fit"
