@@ -4,9 +4,18 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from tests.support.nats import ContainerNats, NatsServer, backend
+
+# CI (CI=true, as .ci/run runs) draws the same hypothesis examples every run, so a failure there can be
+# reproduced; elsewhere the examples vary, to find new ones. HYPOTHESIS_PROFILE picks either by name.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 # the fault suite's summary lines (tests/faults), printed by the controller at the end of the session
 pytest_plugins = ["tests.faults.summary"]

@@ -32,7 +32,7 @@ from shared.inference import (
 from shared.inference_client import DeadlineExceeded, WorkerLost, _inboxes, complete, settle, stream
 from shared.rpc import ErrorBody, RpcReply
 from tests.support.fake_worker import FakeWorker, Script
-from tests.support.helpers import eventually
+from tests.support.helpers import eventually, flushed
 
 MODEL = ModelId(name="echo", version=1, digest="sha256:" + "cd" * 32)
 Handler = Callable[[Client, Msg, InferenceRequest], Awaitable[None]]
@@ -80,7 +80,7 @@ async def serve(nc: Client, handler: Handler, caller: Caller, model: str = "echo
         task.add_done_callback(tasks.discard)
 
     await nc.subscribe(subjects.inference_request(model), queue=f"model:{model}", cb=on_request)
-    await nc.flush()
+    await flushed(nc)
     await heard_by(caller)
 
 
@@ -90,7 +90,7 @@ async def heard_by(caller: Caller) -> None:
     sometimes gets a no-responders status: seen here with nats-server 2.15.1 and nats-py 2.16 in about
     1 of 100 tries of a bare ``nc.request`` too, so it is the server's, not shared/inference_client.py's."""
     assert caller.nc is not None
-    await caller.nc.flush()
+    await flushed(caller.nc)
 
 
 def reply_for(request: InferenceRequest, text: str | None = None) -> bytes:
@@ -298,14 +298,14 @@ async def test_complete_without_a_responder_raises_not_found_at_once_and_cancels
             cancels.append(msg.data)
 
         await spy.subscribe(CANCEL_SUBJECT, cb=on_cancel)
-        await spy.flush()
+        await flushed(spy)
         started = time.monotonic()
         with pytest.raises(errors.NotFound, match="'nobody' is not deployed"):
             await complete(caller.nc, ask("anyone?", model="nobody"), silence_timeout_s=30)
         assert time.monotonic() - started < 10  # no-responders status at once, not the 30 s silence time-out
         await settle()
-        await caller.nc.flush()
-        await spy.flush()
+        await flushed(caller.nc)
+        await flushed(spy)
         assert cancels == []
     finally:
         await spy.close()
@@ -321,7 +321,7 @@ async def test_cancelling_a_complete_publishes_one_inference_cancel_with_its_req
             cancels.append(InferenceCancel.model_validate_json(msg.data))
 
         await spy.subscribe(CANCEL_SUBJECT, cb=on_cancel)
-        await spy.flush()
+        await flushed(spy)
         request = ask("never mind", model="patient")
         task = asyncio.create_task(complete(caller.nc, request))
         await eventually(lambda: fake_worker.requests, 10, "the worker to receive the request")
@@ -335,9 +335,9 @@ async def test_cancelling_a_complete_publishes_one_inference_cancel_with_its_req
         # through nats-server (two flushes), the caller's inbox has been handed it, after the call was over
         await eventually(lambda: not fake_worker._tasks, 10, "the worker to answer the cancelled request")
         assert fake_worker.nc is not None
-        await fake_worker.nc.flush()
-        await caller.nc.flush()
-        await spy.flush()
+        await flushed(fake_worker.nc)
+        await flushed(caller.nc)
+        await flushed(spy)
         await asyncio.sleep(0.1)
         assert [c.request_id for c in cancels] == [request.request_id]
         assert [c.request_id for c in fake_worker.cancels] == [request.request_id]

@@ -17,7 +17,7 @@ from shared.inference_client import cancel, is_keepalive
 from shared.rpc import RpcReply
 from tests.inference_worker.conftest import make_worker, model_id
 from tests.inference_worker.test_process import deploy, long_ckpt  # noqa: F401  (long_ckpt: a fixture)
-from tests.support.helpers import eventually
+from tests.support.helpers import eventually, flushed
 
 
 class Replies:
@@ -33,7 +33,7 @@ class Replies:
         inbox = nc.new_inbox()
         await nc.subscribe(inbox, cb=collect)
         await nc.publish(subjects.inference_request(self.request.model), self.request.model_dump_json().encode(), reply=inbox)
-        await nc.flush()
+        await flushed(nc)
         return self
 
     def keepalives(self) -> list[Keepalive]:
@@ -45,7 +45,7 @@ class Replies:
     async def settled(self, nc: Client) -> None:
         """Wait for the reply, then a little longer: nothing may follow it."""
         await eventually(self.answered, 60, f"the reply to {self.request.prompt!r}")
-        await nc.flush()
+        await flushed(nc)
         await asyncio.sleep(0.3)
 
     def reply(self) -> InferenceReply:

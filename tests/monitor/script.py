@@ -14,6 +14,7 @@ from shared.events import (
     InferenceCompleted, InferenceFailed, LedgerCheckpoint, MeasuredMemory, ModelId, NodeHeartbeat, NodeRegistered,
     Source, make_event,
 )
+from tests.support.helpers import flushed
 
 GiB = 1 << 30
 TINY = ModelId(name="tiny", version=2, digest="sha256:" + "ab" * 32)
@@ -43,7 +44,7 @@ class Publisher:
             await bus.publish_js(self.nc.jetstream(), event)
         else:
             await self.nc.publish(event.subject, event.to_bytes())
-            await self.nc.flush()
+            await flushed(self.nc)
 
     async def dead_letter(self, service: str, reason: str = "handler failed 5 times: boom") -> None:
         letter = DeadLetter(service=service, consumer=service, subject="evt.x.y", reason=reason, deliveries=5, payload="{}")

@@ -10,7 +10,6 @@ every stream is still there, unchanged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 
@@ -22,6 +21,7 @@ from shared import nats_auth, subjects
 from shared.apikeys import record_for
 from shared.events import NodeLost
 from tests.security.conftest import connect_as, wait_for
+from tests.support.helpers import flushed
 
 pytestmark = pytest.mark.timeout(120)
 STREAMS = nats_auth.ALL_STREAMS
@@ -83,7 +83,7 @@ async def test_every_role_is_refused_stream_administration_except_the_bootstrap_
                             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.ACK.{stream}.{durable}.1.1.1.1.1"):
                 await nc.publish(subject, b"{}", reply=nc.new_inbox())
                 sent.append(subject.lower())
-        await nc.flush()
+        await flushed(nc)
         await wait_for(lambda: len(errors.violations()) >= len(sent))
         refused[role] = sorted(errors.violations())
         await nc.close()
@@ -128,7 +128,7 @@ async def test_a_service_reads_only_its_own_replies(secured_nats):
     monitor, errors = await connect_as(secured_nats.url_for("monitor"))
     await monitor.subscribe("_INBOX.>")
     await monitor.subscribe(f"{nats_auth.inbox_prefix('api-gateway')}.>")
-    await monitor.flush()
+    await flushed(monitor)
     await wait_for(lambda: len(errors.violations()) == 2)
     assert sorted(errors.violations()) == sorted([
         'nats: permissions violation for subscription to "_inbox.>"',
@@ -149,12 +149,8 @@ async def test_a_service_reads_only_its_own_replies(secured_nats):
         await msg.respond(b"the secret completion")
 
     await worker.subscribe("infer.request.m", cb=answer)
-    await worker.flush()
-    for _ in range(20):  # nats-py's flush can return before the server has the SUB (seen 1 in ~300, any inbox prefix)
-        with contextlib.suppress(nats.errors.NoRespondersError):
-            reply = await gateway.request("infer.request.m", b"prompt", timeout=5)
-            break
-        await asyncio.sleep(0.05)
+    await flushed(worker)
+    reply = await gateway.request("infer.request.m", b"prompt", timeout=5)
     assert reply.data == b"the secret completion" and gateway_errors.violations() == []
     await asyncio.sleep(0.2)
     assert seen == []

@@ -16,7 +16,7 @@ from shared import bus, nats_auth, subjects
 from shared.config import SERVICES
 from shared.events import EventData
 from tests.security.conftest import connect_as, wait_for
-from tests.support.helpers import make_service
+from tests.support.helpers import flushed, make_service
 
 pytestmark = pytest.mark.timeout(180)
 EVENT_SUBJECTS = sorted(cls.subject() for cls in EventData.registry.values())
@@ -109,7 +109,7 @@ async def _events_in_stream(server) -> int:
 async def test_a_worker_cannot_publish_model_registered(secured_nats):
     nc, errors = await connect_as(secured_nats.url_for("inference-worker"))
     await nc.publish("evt.model.registered", b"{}")
-    await nc.flush()
+    await flushed(nc)
     await wait_for(errors.violations)
     assert errors.violations() == ['nats: permissions violation for publish to "evt.model.registered"']
     with pytest.raises(nats.errors.TimeoutError):  # through JetStream: no PubAck, since the server dropped it
@@ -123,7 +123,7 @@ async def test_the_gateway_cannot_publish_any_event(secured_nats):
     nc, errors = await connect_as(secured_nats.url_for("api-gateway"))
     for subject in EVENT_SUBJECTS:
         await nc.publish(subject, b"{}")
-    await nc.flush()
+    await flushed(nc)
     await wait_for(lambda: len(errors.violations()) == len(EVENT_SUBJECTS))
     assert sorted(errors.violations()) == sorted(f'nats: permissions violation for publish to "{s}"' for s in EVENT_SUBJECTS)
     await nc.close()
@@ -134,7 +134,7 @@ async def test_a_service_cannot_read_what_is_not_its_business(secured_nats):
     nc, errors = await connect_as(secured_nats.url_for("monitor"))
     await nc.subscribe("infer.request.>")
     await nc.publish("$KV.strata-catalog.model.x", b"{}")
-    await nc.flush()
+    await flushed(nc)
     await wait_for(lambda: len(errors.violations()) == 2)
     assert sorted(errors.violations()) == sorted([
         'nats: permissions violation for publish to "$kv.strata-catalog.model.x"',
@@ -157,7 +157,7 @@ async def test_an_anonymous_connection_gets_the_client_role_only(secured_nats):
     assert ack.stream == subjects.EVENTS_STREAM
     await nc.publish("evt.model.registered", b"{}")
     await nc.publish("$JS.API.STREAM.DELETE.EVENTS", b"")
-    await nc.flush()
+    await flushed(nc)
     await wait_for(lambda: len(errors.violations()) == 2)
     assert len(errors.violations()) == 2, errors.seen
     await nc.close()
@@ -178,7 +178,7 @@ async def test_each_role_may_publish_its_own_events(secured_nats):
                 published += 1
             else:
                 await nc.publish(cls.subject(), b"{}")
-        await nc.flush()
+        await flushed(nc)
         await nc.close()
         assert errors.violations() == [], role
     assert await _events_in_stream(secured_nats) == published

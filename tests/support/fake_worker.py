@@ -30,6 +30,7 @@ from shared.inference import (
     Usage,
 )
 from shared.rpc import ErrorBody, RpcReply
+from tests.support.helpers import flushed
 
 
 @dataclass
@@ -61,7 +62,7 @@ class FakeWorker:
             await self.nc.subscribe(subjects.inference_request(name), queue=f"model:{name}", cb=self._on_request)
         await self.nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
         await self.nc.subscribe(subjects.rpc("inference-worker", "models"), cb=self._on_models)
-        await self.nc.flush()
+        await flushed(self.nc)
         return self
 
     async def stop(self) -> None:

@@ -21,6 +21,15 @@ def settings_for(name: str, nats_url: str, data_dir: Path, node_id: str = "node-
     return Settings(service=name, nats_url=nats_url, data_dir=data_dir, node_id=node_id, http_port=0)
 
 
+async def flushed(nc) -> None:  # type: ignore[no-untyped-def]
+    """``nc.flush()`` that keeps its promise: everything sent before it has reached the server. nats-py
+    2.16 writes flush()'s PING straight to the socket, ahead of SUB/PUB commands still waiting for its
+    flusher task, so the PONG could come back before a SUB arrived: a request then met "no responders"
+    (seen in about 1 of 300 subscribe-flush-request rounds; it was #26's intermittent test_cli.py)."""
+    await nc._flush_pending(force_flush=True)  # the pending commands are on the socket
+    await nc.flush()
+
+
 async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     """Wait until predicate() is truthy; fail with ``what`` after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
