@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import random
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,10 +41,38 @@ def argv(port: int, store_dir: Path, *, monitor_port: int | None = None, host: s
     return args
 
 
+# Ports handed out come from below the kernel's ephemeral range (32768 and up on Linux), which client
+# sockets draw from: a port picked by binding to 0 and closed again could be taken by any outgoing
+# connection before the server that was meant to get it binds it.
+PORT_RANGE = (20000, 32000)
+_RESERVATIONS = Path(tempfile.gettempdir()) / "strata-ports"
+_held: dict[int, int] = {}  # port -> the open lock file that reserves it for this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on and no other process using this function was given. Each port is
+    reserved with a lock on a file in the temp dir for as long as this process lives (so parallel
+    test workers never get the same one), and found free by a bind at the time."""
+    _RESERVATIONS.mkdir(exist_ok=True)
+    low, high = PORT_RANGE
+    start = random.randrange(low, high)
+    for offset in range(high - low):
+        port = low + (start - low + offset) % (high - low)
+        if port in _held:
+            continue
+        fd = os.open(_RESERVATIONS / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process holds it
+            os.close(fd)
+            continue
+        if port_in_use(port, host):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            continue
+        _held[port] = fd
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

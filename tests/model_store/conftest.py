@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 import uvicorn
 from safetensors.numpy import save_file
 
+from cli.natsd import free_port
 from shared.catalog import FileEntry
 from tests.support.helpers import make_service
 
@@ -62,12 +62,6 @@ async def upload_dir(client: httpx.AsyncClient, directory: Path) -> list[FileEnt
         r = await client.put(f"/v1/blobs/{entry.sha256}", params={"path": entry.path}, content=(directory / entry.path).read_bytes())
         assert r.status_code == 200, r.text
     return entries
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveStore:
