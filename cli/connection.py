@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shared import errors, nats_auth, nats_tls
+from shared import endpoints, errors, nats_auth, nats_tls
 from shared.config import DATA_DIR_ENV, DEFAULT_DATA_DIR, DEFAULT_NATS_URL
 from shared.config import data_dir_from_env as default_data_dir
 
@@ -28,13 +28,24 @@ T = TypeVar("T")
 
 def add_options(p: argparse.ArgumentParser, *, data_dir: bool = True) -> argparse.ArgumentParser:
     """``--nats-url`` and (unless the command has its own) ``--data-dir``."""
-    p.add_argument("--nats-url", default=os.environ.get("STRATA_NATS_URL", DEFAULT_NATS_URL),
-                   help="NATS to connect to (nats://user:password@host:4222 passes a credential)")
+    p.add_argument("--nats-url", default=None,
+                   help="NATS to connect to (nats://user:password@host:4222 passes a credential); default "
+                        f"$STRATA_NATS_URL, else the one the `strata up` of the data dir runs, else {DEFAULT_NATS_URL}")
     if data_dir:
         p.add_argument("--data-dir", type=Path, default=None,
                        help=f"the data dir of the `strata up` on this machine, for its NATS credential and CA "
                             f"(default ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})")
     return p
+
+
+def resolve_nats_url(nats_url: str | None, data_dir: Path | None = None) -> str:
+    """``--nats-url``, else ``$STRATA_NATS_URL``, else the NATS of the `strata up` on the data dir
+    (its endpoints.json), else the default address, said on stderr."""
+    if nats_url:
+        return nats_url
+    if os.environ.get("STRATA_NATS_URL"):
+        return os.environ["STRATA_NATS_URL"]
+    return endpoints.nats(DEFAULT_NATS_URL, data_dir)
 
 
 def authenticated_url(nats_url: str, data_dir: Path | None = None, *, role: str = nats_auth.CLIENT,
@@ -61,13 +72,15 @@ def trusted_ca(data_dir: Path | None = None, environ: dict[str, str] | None = No
     return generated if generated.is_file() else None
 
 
-async def connect(nats_url: str, data_dir: Path | None = None, *, role: str = nats_auth.CLIENT,
+async def connect(nats_url: str | None, data_dir: Path | None = None, *, role: str = nats_auth.CLIENT,
                   error_cb: Callable[[Exception], Awaitable[None]] | None = None, **options: Any) -> Any:
     """A connected nats-py client, or a StrataError that says why not: Unavailable (no server, TLS not
-    trusted) or Unauthorized (the server refused the credential, or the lack of one)."""
+    trusted) or Unauthorized (the server refused the credential, or the lack of one). ``nats_url``
+    None: see ``resolve_nats_url``."""
     import nats
     from nats import errors as nats_errors
 
+    nats_url = resolve_nats_url(nats_url, data_dir)
     try:
         tls = nats_tls.client_context(trusted_ca(data_dir))
     except nats_tls.TlsSetupError as exc:
@@ -108,7 +121,7 @@ async def connect(nats_url: str, data_dir: Path | None = None, *, role: str = na
     return nc
 
 
-async def run_as(nats_url: str, data_dir: Path | None, role: str, work: Callable[[Any], Awaitable[T]], denied_what: str) -> T:
+async def run_as(nats_url: str | None, data_dir: Path | None, role: str, work: Callable[[Any], Awaitable[T]], denied_what: str) -> T:
     """Connect as ``role`` (its credential from the data dir where there) and run ``work(nc)``. A
     permission violation (the server's asynchronous -ERR) ends the work at once with Forbidden, instead
     of the time-out that the refused request would otherwise turn into."""

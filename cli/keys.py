@@ -74,7 +74,7 @@ def _run(func: Callable[[argparse.Namespace, KeyStore], Awaitable[int]], args: a
         return 1
 
 
-async def with_store(nats_url: str, data_dir: Path | None, work: Callable[[KeyStore], Awaitable[T]], *,
+async def with_store(nats_url: str | None, data_dir: Path | None, work: Callable[[KeyStore], Awaitable[T]], *,
                      create_bucket: bool) -> T:
     """Run ``work`` on the key store, connected as the operator when its credential is there; a
     refusal by the server ends it at once with a clear error."""

@@ -136,7 +136,7 @@ def subject_table() -> str:
     ])
 
 
-async def _health(nats_url: str, timeout: float, data_dir: Path | None = None) -> int:
+async def _health(nats_url: str | None, timeout: float, data_dir: Path | None = None) -> int:
     from nats.errors import NoRespondersError, TimeoutError
 
     from shared import subjects

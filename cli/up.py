@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import sys
@@ -207,6 +208,10 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         opts.data_dir.mkdir(parents=True, exist_ok=True)
+        if (holder := lock_data_dir(opts.data_dir)) is not None:
+            self.say(f"strata up: the data dir {opts.data_dir} is in use by another strata up ({holder}): stop it, "
+                     "or give this one its own --data-dir (two on one JetStream store would corrupt it)")
+            return 2
         try:
             self.https = self._http_tls()
         except http_tls.TlsSetupError as exc:
@@ -240,7 +245,7 @@ class Supervisor:
                 self.say(f"strata up: not healthy after {opts.wait_timeout_s:.0f}s: {', '.join(c.name for c in unhealthy)}")
                 return 1
             self._print_endpoints(nats_url, node, time.monotonic() - started)
-            endpoints.write(opts.data_dir, self._endpoints())  # the strata commands here find them
+            endpoints.write(opts.data_dir, self._endpoints(nats_url))  # the strata commands here find them
             if key_note:
                 self.say(key_note)
             if opts.serve_builtin and set(BUILTIN_NEEDS) <= set(opts.services):
@@ -414,10 +419,11 @@ class Supervisor:
         lines.append("Press Ctrl-C to stop.")
         self.say("\n".join(lines))
 
-    def _endpoints(self) -> endpoints.Endpoints:
+    def _endpoints(self, nats_url: str) -> endpoints.Endpoints:
         urls = {c.name: endpoints.local(c.health_url.removesuffix("/healthz")) for c in self.children if c.name != "nats"}
         ca = self.https.ca if self.https is not None else None
-        return endpoints.Endpoints(urls=urls, ca=str(ca.resolve()) if ca else None)
+        return endpoints.Endpoints(urls=urls, ca=str(ca.resolve()) if ca else None,
+                                   nats=nats_auth.without_credentials(nats_url))
 
     def _nats_security(self) -> str:
         notes = []
@@ -426,6 +432,27 @@ class Supervisor:
         if self.nats_tls:
             notes.append(f"TLS, CA {self.nats_ca}" if self.nats_ca else "TLS")
         return f"  ({'; '.join(notes)})" if notes else ""
+
+
+LOCK_FILE = "strata-up.lock"
+_data_dir_locks: dict[Path, int] = {}  # held open while this process runs: the lock goes with it, even on kill -9
+
+
+def lock_data_dir(data_dir: Path) -> str | None:
+    """Take the data dir for this process; None when taken, else who holds it (the lock is the kernel's,
+    so a stack that died never leaves a stale one)."""
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        return holder
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _data_dir_locks[data_dir.resolve()] = fd
+    return None
 
 
 def up(options: UpOptions) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,6 +26,7 @@ _ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}  # urlsplit gives "::" fo
 class Endpoints(BaseModel):
     urls: dict[str, str]  # service name -> base URL, as a client on this machine reaches it
     ca: str | None = None  # the CA their certificates chain to; None: plain HTTP, or the system's roots
+    nats: str | None = None  # the NATS URL(s) the stack uses, without credentials
 
 
 def local(url: str) -> str:
@@ -59,8 +61,29 @@ def read(directory: Path | None = None) -> Endpoints | None:
 
 
 def url(service: str, env_var: str, default: str, directory: Path | None = None) -> str:
-    """``$env_var``, else where ``strata up`` serves ``service``, else ``default``."""
+    """``$env_var``, else where ``strata up`` serves ``service``, else ``default`` (said on stderr)."""
     if os.environ.get(env_var):
         return os.environ[env_var]
     served = read(directory)
-    return served.urls.get(service, default) if served else default
+    if served is not None and service in served.urls:
+        return served.urls[service]
+    return fallback(service, default, directory)
+
+
+def nats(default: str, directory: Path | None = None) -> str:
+    """The NATS of the ``strata up`` on this data dir, else ``default`` (said on stderr)."""
+    served = read(directory)
+    return served.nats if served is not None and served.nats else fallback("NATS", default, directory)
+
+
+_said: set[str] = set()
+
+
+def fallback(what: str, default: str, directory: Path | None) -> str:
+    """``default``, with one line on stderr, so that a command never silently talks to another stack."""
+    if what not in _said:
+        _said.add(what)
+        where = (directory or data_dir_from_env()) / FILE
+        print(f"strata: no running strata up recorded in {where}; using {what} at {default} "
+              f"(--data-dir, or the flag/environment variable, to choose)", file=sys.stderr)
+    return default

@@ -293,6 +293,12 @@ def with_credentials(nats_url: str, user: str, password: str) -> str:
     return ",".join(urls)
 
 
+def without_credentials(nats_url: str) -> str:
+    """Each server of a URL list without its ``user:password@`` (for files that hold no secret)."""
+    return ",".join(urlunsplit(urlsplit(u.strip())._replace(netloc=urlsplit(u.strip()).netloc.rpartition("@")[2]))
+                    for u in nats_url.split(","))
+
+
 def with_env_credentials(nats_url: str, environ: dict[str, str] | None = None) -> str:
     """``nats_url`` with the credential from ``STRATA_NATS_USER``/``STRATA_NATS_PASSWORD`` when set."""
     env = os.environ if environ is None else environ

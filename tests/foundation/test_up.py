@@ -58,6 +58,30 @@ def test_up_brings_every_service_to_healthy_and_sigterm_leaves_no_process(strata
     assert "strata up: stopped" in "".join(up.lines)
 
 
+def test_a_second_strata_up_on_the_same_data_dir_is_refused_and_the_cli_finds_the_first(strata_up, tmp_path):
+    """#20 item 7: a second stack on one data dir shared the JetStream store, and on exit deleted the
+    first one's endpoints.json, so the CLI silently talked to another stack."""
+    first = strata_up()
+    first.wait_for("Strata is up")
+    endpoints_file = first.data_dir / "endpoints.json"
+    recorded = endpoints_file.read_text()
+    second = strata_up()
+    assert second.process.wait(timeout=30) == 2
+    said = "".join(second.lines)
+    assert f"the data dir {first.data_dir} is in use by another strata up (pid {first.process.pid}" in said, said
+    assert endpoints_file.read_text() == recorded and first.process.poll() is None
+    assert f"nats://127.0.0.1:{first.nats_port}" in recorded
+
+    env = {k: v for k, v in os.environ.items() if k != "STRATA_NATS_URL"}
+    cli = subprocess.run([sys.executable, "-m", "cli.main", "health"], capture_output=True, text=True, timeout=30,
+                         env={**env, "STRATA_DATA_DIR": str(first.data_dir)})  # the data dir alone points at the stack
+    assert cli.returncode == 0 and cli.stdout.count(" ok ") == len(SERVICES), cli.stdout + cli.stderr
+    assert "no running strata up" not in cli.stderr
+    elsewhere = subprocess.run([sys.executable, "-m", "cli.main", "health", "--timeout", "1"], capture_output=True, text=True,
+                               timeout=30, env={**env, "STRATA_DATA_DIR": str(tmp_path / "nothing-here")})
+    assert "no running strata up recorded in" in elsewhere.stderr and "using NATS at nats://127.0.0.1:4222" in elsewhere.stderr
+
+
 def test_a_crashed_service_is_restarted(strata_up):
     up = strata_up()
     up.wait_for("Strata is up")
