@@ -30,11 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _shape_args(fit)
     fit.set_defaults(func=lambda a: _run(a, _fit))
 
-    deploy = common(sub.add_parser("deploy", help="place a model (publishes deploy.requested, waits for the outcome)"))
+    deploy = common(sub.add_parser("deploy", help="place a model and wait until every replica is loaded (or say why not)"))
     deploy.add_argument("ref", help="NAME, NAME:VERSION or NAME@ALIAS")
     deploy.add_argument("--replicas", type=_positive, default=1)
     deploy.add_argument("--policy", choices=["binpack", "spread"])
-    deploy.add_argument("--no-wait", action="store_true", help="publish the request and return")
+    deploy.add_argument("--no-wait", action="store_true", help="return once every replica is placed, before the workers load it")
+    deploy.add_argument("--load-timeout", type=float, default=600.0, help="seconds to wait for the workers to load it (default 600)")
     _shape_args(deploy)
     deploy.set_defaults(func=lambda a: _run(a, _deploy))
 
@@ -177,48 +178,75 @@ async def _fit(nc, args) -> int:
 
 
 async def _deploy(nc, args) -> int:
+    """Publish deploy.requested, then follow the deployment: every replica placed (or the rejection),
+    then, unless --no-wait, every replica loaded by its worker (deploy.ready) or the first failure
+    (deploy.failed, with the worker's reason: exit 1)."""
     from shared import bus
     from shared.events import DeployRequested, Source, make_event, parse_event
 
     request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
                               context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype)
     event = make_event(request, Source(service="cli", node=socket.gethostname()))
-    outcomes: asyncio.Queue = asyncio.Queue()
+    heard: asyncio.Queue = asyncio.Queue()
 
-    async def heard(msg) -> None:
+    async def on_event(msg) -> None:
         answer = parse_event(msg.data, msg.subject)
         if answer.data.deployment_id == request.deployment_id:
-            await outcomes.put(answer)
+            await heard.put(answer)
 
-    subs = [await nc.subscribe(s, cb=heard) for s in ("evt.deploy.scheduled", "evt.deploy.rejected")]
+    followed = ["scheduled", "rejected"] if args.no_wait else ["scheduled", "rejected", "ready", "failed"]
+    subs = [await nc.subscribe(f"evt.deploy.{name}", cb=on_event) for name in followed]
     await bus.publish_js(nc.jetstream(), event)
-    if args.no_wait:
-        print(f"deploy.requested {request.deployment_id} published")
-        return 0
-    scheduled = []
+    placed: dict[tuple[str, str], Any] = {}  # (node, device) -> deploy.scheduled
+    ready: dict[tuple[str, str], Any] = {}  # (node, device) -> deploy.ready
+    phase, deadline = "placement", asyncio.get_running_loop().time() + args.timeout
     try:
-        while len(scheduled) < request.replicas:
-            answer = await asyncio.wait_for(outcomes.get(), args.timeout)
+        while len(placed) < request.replicas or (not args.no_wait and len(ready) < request.replicas):
+            if len(placed) == request.replicas and phase == "placement":
+                phase, deadline = "loading", asyncio.get_running_loop().time() + args.load_timeout
+                _say_placed(placed.values(), request.replicas)
+            answer = await asyncio.wait_for(heard.get(), max(deadline - asyncio.get_running_loop().time(), 0))
+            data = answer.data
             if answer.type == "deploy.rejected":
-                print(f"rejected: {answer.data.reason}", file=sys.stderr)
+                print(f"rejected: {data.reason}", file=sys.stderr)
                 return 1
-            scheduled.append(answer.data)
+            if answer.type == "deploy.failed":
+                print(f"strata deploy: the replica on {data.node_id} failed to load: {data.reason} "
+                      f"(deployment {request.deployment_id}; `strata deployments` shows it)", file=sys.stderr)
+                return 1
+            (placed if answer.type == "deploy.scheduled" else ready)[(data.node_id, data.device)] = data
     except TimeoutError:
-        print(f"strata deploy: no answer from {SERVICE} within {args.timeout}s (deployment {request.deployment_id})", file=sys.stderr)
+        waiting = f"{SERVICE} to place it" if phase == "placement" else f"the workers to load it ({len(ready)} of {request.replicas} ready)"
+        limit = args.timeout if phase == "placement" else args.load_timeout
+        print(f"strata deploy: waited {limit:g}s for {waiting} (deployment {request.deployment_id}; "
+              "`strata deployments` shows where it is)", file=sys.stderr)
         return 1
     finally:
         for sub in subs:
             await sub.unsubscribe()
+    return _deployed(args, request.deployment_id, list(placed.values()), ready)
+
+
+def _say_placed(placed, replicas: int) -> None:
+    where = ", ".join(f"{s.node_id}/{s.device}" for s in placed)
+    print(f"placed {replicas} replica(s) on {where}; waiting for the workers to load it (--no-wait returns here)", file=sys.stderr)
+
+
+def _deployed(args, deployment_id: str, scheduled: list, ready: dict) -> int:
     if args.json:
-        print(json.dumps([s.model_dump(mode="json") for s in scheduled], indent=2))
+        print(json.dumps([{**s.model_dump(mode="json"), "ready": (r := ready.get((s.node_id, s.device))) and r.model_dump(mode="json")}
+                          for s in scheduled], indent=2))
         return 0
     from rich.table import Table
 
-    table = Table(title=f"deployment {request.deployment_id}: {args.ref}")
-    for col in ("replica", "node", "device", "dtype", "context", "predicted", "booked"):
+    table = Table(title=f"deployment {deployment_id}: {args.ref}")
+    for col in ("replica", "node", "device", "dtype", "context", "predicted", "booked", "status", "measured peak", "load"):
         table.add_column(col)
     for s in sorted(scheduled, key=lambda s: s.replica):
-        table.add_row(str(s.replica), s.node_id, s.device, s.dtype or "", str(s.context_length), _gb(s.predicted_bytes), _gb(s.booked_bytes))
+        r = ready.get((s.node_id, s.device))
+        table.add_row(str(s.replica), s.node_id, s.device, s.dtype or "", str(s.context_length), _gb(s.predicted_bytes),
+                      _gb(s.booked_bytes), "ready" if r else "placed", _gb(r.measured.peak) if r else "-",
+                      f"{r.load_seconds:.1f}s" if r else "-")
     _console().print(table)
     return 0
 

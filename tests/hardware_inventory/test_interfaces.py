@@ -30,6 +30,42 @@ class Http:
         await self.serving.__aexit__(*exc)
 
 
+async def test_cli_deploy_waits_for_each_replica_to_load_and_says_why_one_failed(cluster: Cluster, capsys):
+    """#20 item 1: a deploy the worker could not load used to exit 0 with the normal table. Here a scripted
+    worker answers each deploy.scheduled: 'small' loads, 'tiny' fails with the worker's reason."""
+    from shared import bus
+    from shared.events import DeployFailed, DeployReady, MeasuredMemory, Source, make_event, parse_event
+
+    worker = Source(service="inference-worker", node="scripted")
+    answered: list[str] = []
+
+    async def scripted_worker(msg) -> None:
+        placed = parse_event(msg.data, msg.subject).data
+        if placed.model_ref == "small":
+            outcome = DeployReady(deployment_id=placed.deployment_id, model=placed.model, node_id=placed.node_id, device=placed.device,
+                                  measured=MeasuredMemory(weights=2 * 10**9, kv_cache=10**8, peak=3 * 10**9), load_seconds=1.5)
+        elif placed.model_ref == "tiny":
+            outcome = DeployFailed(deployment_id=placed.deployment_id, model=placed.model, node_id=placed.node_id,
+                                   reason="unsupported architecture 'Qwen3ForCausalLM'")
+        else:
+            return
+        answered.append(placed.model_ref)
+        await bus.publish_js(cluster.nc.jetstream(), make_event(outcome, worker))
+
+    await cluster.nc.subscribe("evt.deploy.scheduled", cb=scripted_worker)
+    url = ["--nats-url", cluster.nats_url]
+    assert await cli("deploy", "small", "--replicas", "2", "-c", "device=cuda", *url) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("ready") == 2 and "3.00 GB" in captured.out and "1.5s" in captured.out
+    assert "waiting for the workers to load it" in captured.err
+    assert await cli("deploy", "tiny", *url) == 1
+    err = capsys.readouterr().err
+    assert "failed to load: unsupported architecture 'Qwen3ForCausalLM'" in err, err
+    assert await cli("deploy", "llama3-8b", "-c", "node=gpu-80", "--load-timeout", "0.5", *url) == 1  # nobody loads it
+    assert "waited 0.5s for the workers to load it (0 of 1 ready)" in capsys.readouterr().err
+    assert answered == ["small", "small", "tiny"]
+
+
 async def test_http_api_answers_with_numbers_and_typed_errors(cluster: Cluster):
     async with Http(cluster.registry.http) as http:
         nodes = (await http.get("/nodes")).json()["nodes"]
@@ -78,9 +114,9 @@ async def test_cli_commands(cluster: Cluster, capsys):
     assert await cli("fit", "llama3-8b", "--context", "8192", *url) == 0
     out = capsys.readouterr().out
     assert "16.06 GB" in out and "short by" in out and "fits" in out
-    assert await cli("deploy", "small", "--replicas", "2", "-c", "device=cuda", *url) == 0
+    assert await cli("deploy", "small", "--replicas", "2", "-c", "device=cuda", "--no-wait", *url) == 0
     out = capsys.readouterr().out
-    assert "gpu-24" in out and "gpu-80" in out
+    assert "gpu-24" in out and "gpu-80" in out and "placed" in out
     assert await cli("deploy", "llama3-8b", "-c", "node=cpu-8", *url) == 1
     assert "rejected: no device fits" in capsys.readouterr().err
     assert await cli("deployments", *url) == 0
