@@ -47,6 +47,9 @@ async def register_builtin(store: ModelStore, corpus_dir: Path | None = None, mo
         return None
 
 
+CORPUS_SOURCE = "King James Version (1611), Debian package bible-kjv-text 4.38"
+
+
 async def _register(store: ModelStore, corpus_dir: Path, model_dir: Path) -> PushedModel:
     datasets = []
     files = [f for f in CORPUS_FILES if (corpus_dir / f).is_file()]
@@ -54,7 +57,7 @@ async def _register(store: ModelStore, corpus_dir: Path, model_dir: Path) -> Pus
         entries = [await _add(store, corpus_dir / f, f) for f in files]
         dataset = await store.register_dataset(PushDatasetRequest(
             name="kjv-corpus", files=entries, license="public domain",
-            source="King James Version (1611), Debian package bible-kjv-text 4.38",
+            source=CORPUS_SOURCE,
             description="The built-in model's training corpus (selected books of the KJV Bible)",
         ))
         datasets.append(dataset.digest)

@@ -7,10 +7,13 @@ their schemas before they leave: an in-toto Statement v1 with a SLSA Provenance 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 from pydantic import BaseModel
+
+from shared.errors import StrataError
 
 IN_TOTO_STATEMENT = "https://in-toto.io/Statement/v1"
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
@@ -18,8 +21,19 @@ BUILD_TYPE = "https://strata.dev/provenance/training/v1"
 LEDGER_URN = "urn:strata:provenance-ledger"
 
 
-class ExportInvalid(ValueError):
-    """An export did not validate against its schema (a bug: never handed out)."""
+class ExportInvalid(StrataError):
+    """An export did not validate against its schema: a bug, never handed out (HTTP 500, code export_invalid)."""
+
+    code = "export_invalid"
+
+
+_IRI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$")
+
+
+def is_iri(text: str) -> bool:
+    """Whether a dataset's ``source`` is an address (``https://...``, ``urn:...``), which the schemas
+    take as a URL; anything else (a book and an edition, say) is kept as words."""
+    return bool(_IRI.match(text))
 
 
 class DatasetFacts(BaseModel):
@@ -117,8 +131,9 @@ def in_toto_statement(model: ModelFacts) -> dict[str, Any]:
     builder_id = f"{LEDGER_URN}:training-record:{model.training_record}" if model.training_record else f"{LEDGER_URN}:builder:unknown"
     dependencies = [
         {"uri": f"{LEDGER_URN}:dataset:{ds.digest}", "digest": digest_set(ds.digest), **({"name": ds.name} if ds.name else {}),
-         **({"downloadLocation": ds.source} if ds.source else {}),
-         "annotations": {k: v for k, v in {"license": ds.license, "ledger_leaf_index": ds.leaf_index}.items() if v is not None}}
+         **({"downloadLocation": ds.source} if ds.source and is_iri(ds.source) else {}),
+         "annotations": {k: v for k, v in {"license": ds.license, "ledger_leaf_index": ds.leaf_index,
+                                           "source": None if ds.source is None or is_iri(ds.source) else ds.source}.items() if v is not None}}
         for ds in model.datasets
     ]
     byproducts = [{"name": "ledger-leaf", "uri": f"{LEDGER_URN}:leaf:{model.leaf_index}", "digest": {"sha256": model.leaf_hash},
@@ -156,6 +171,13 @@ def validate_cyclonedx(bom: dict[str, Any]) -> None:
         raise ExportInvalid(f"CycloneDX 1.6: {error}")
 
 
+def _source(source: str | None) -> dict[str, Any]:
+    """A CycloneDX componentData's source: its URL where it is one, else in its description."""
+    if source is None:
+        return {}
+    return {"contents": {"url": source}} if is_iri(source) else {"description": f"source: {source}"}
+
+
 def cyclonedx_ml_bom(model: ModelFacts) -> dict[str, Any]:
     def hashes(digest: str) -> list[dict[str, str]]:
         algo, value = next(iter(digest_set(digest).items()))
@@ -168,7 +190,7 @@ def cyclonedx_ml_bom(model: ModelFacts) -> dict[str, Any]:
     data_components = [
         {"type": "data", "bom-ref": f"dataset:{ds.digest}", "name": ds.name or ds.digest, **licenses(ds.license),
          **({"hashes": hashes(ds.digest)} if hashes(ds.digest) else {}),
-         "data": [{"type": "dataset", "name": ds.name or ds.digest, **({"contents": {"url": ds.source}} if ds.source else {})}],
+         "data": [{"type": "dataset", "name": ds.name or ds.digest, **_source(ds.source)}],
          "properties": [{"name": "strata:digest", "value": ds.digest}]}
         for ds in model.datasets
     ]
