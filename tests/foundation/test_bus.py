@@ -210,6 +210,24 @@ async def test_a_transient_failure_is_retried_and_then_handled_once(batch_size, 
 
 
 @BATCH_SIZES
+async def test_bytes_that_break_a_json_decoder_are_dead_lettered_once_and_consuming_goes_on(batch_size, nats_server, tmp_path, js):
+    """#20 item 5: 50,000 nested '[' raised RecursionError inside FastStream's decoding in the inventory
+    and the worker: 22 tracebacks across redeliveries, and no dead letter."""
+    service = make_service(nats_server.url, tmp_path)
+    seen: list[str] = []
+    service.consume("evt.deploy.>", batch_size=batch_size).on(DeployRequested)(lambda e: _record(seen, e))
+    await js.publish("evt.deploy.requested", b"[" * 50_000, headers={"Nats-Msg-Id": "deep-1", "content-type": "application/json"})
+    await js.publish("evt.deploy.requested", make_event(DeployRequested(model_ref="after"), SOURCE).to_bytes())
+    async with service.running():
+        await eventually(lambda: seen == ["after"], what="the event after the deep one")
+        await eventually(lambda: service.consumer.stats.dead_lettered == 1, what="one dead letter")
+        await asyncio.sleep(0.5)  # no redelivery comes back for a second dead letter
+    [letter] = await dead_letters(js)
+    assert letter.subject == "evt.deploy.requested" and letter.deliveries == 1 and letter.payload_bytes == 50_000
+    assert "invalid envelope" in letter.reason, letter.reason
+
+
+@BATCH_SIZES
 async def test_one_event_id_delivered_twice_is_handled_once(batch_size, nats_server, tmp_path, js):
     """The stream stores both copies (each has its own Nats-Msg-Id), the consumer handles the id once."""
     service = make_service(nats_server.url, tmp_path)
