@@ -84,7 +84,8 @@ NEEDS: dict[str, Needs] = {
         # Reads blobs (never writes them): a worker cannot change what it is about to verify. Its durables
         # are named per node and per model (inference-worker-<node>, jobs-<model>): not listed here.
         reads=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, obj_stream(BLOB_BUCKET)),
-        publish=(subjects.rpc("model-store", "resolve"), subjects.rpc("model-store", "public_key"), "infer.results.>"),
+        publish=(subjects.rpc("model-store", "resolve"), subjects.rpc("model-store", "public_key"),
+                 subjects.rpc("hardware-inventory", "assigned"), "infer.results.>"),
         subscribe=("infer.request.>", CANCEL_SUBJECT),
     ),
     "provenance-ledger": Needs(

@@ -59,6 +59,21 @@ async def test_live_free_memory_from_heartbeats_steers_placement_and_is_named_wh
     assert "gpu-24/cuda:0: 0.50 GB free" in pinned.reason, pinned.reason
 
 
+async def test_assigned_answers_a_starting_worker_with_what_its_node_holds(cluster: Cluster):
+    from shared import rpc, subjects
+    from shared.assignments import Assigned, AssignedRequest
+
+    placed = await deploy(cluster, model_ref="tiny", replicas=2, policy="binpack")
+    nodes = {r.node_id for r in placed.deployment.replicas}
+    for node in ("cpu-8", "gpu-24", "gpu-80"):
+        answer = await rpc.call(cluster.nc, subjects.rpc("hardware-inventory", "assigned"), AssignedRequest(node_id=node), Assigned)
+        expected = [r for r in placed.deployment.replicas if r.node_id == node]
+        assert [(s.deployment_id, s.replica, s.device, s.generation) for s in answer.scheduled] == [
+            (placed.deployment_id, r.index, r.device, r.generation) for r in expected], node
+        assert all(s.kv_cache_bytes > 0 and s.context_length == placed.deployment.context_length for s in answer.scheduled)
+    assert len(nodes) == 2
+
+
 async def test_rejections_name_the_numbers_and_the_cause(cluster: Cluster):
     too_big = await deploy(cluster, model_ref="llama3-8b", constraints={"device": "cpu", "node": "cpu-8"})
     assert not too_big.scheduled and too_big.code == "no_fit"

@@ -31,6 +31,7 @@ from services.hardware_inventory.service_layer.views import (
 )
 from shared import bus, errors
 from shared.apikey_http import protect
+from shared.assignments import Assigned, AssignedRequest
 from shared.config import Settings
 from shared.events import (
     DeployFailed, DeployReady, DeployRequested, DeployUnloaded, Event, NodeHeartbeat, NodeRegistered, UndeployRequested,
@@ -182,6 +183,9 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
         assert inventory.state is not None
         return DeploymentList(deployments=sorted((await inventory.state.allocations()).deployments.values(), key=lambda d: d.created))
 
+    async def assigned(request: AssignedRequest) -> Assigned:
+        return Assigned(scheduled=await parts()[1].assigned(request.node_id))
+
     async def undeploy(request: UndeployRequest) -> UndeployOutcome:
         return UndeployOutcome(released=await parts()[1].undeploy(request.model_ref, request.deployment_id))
 
@@ -192,7 +196,7 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
 
     for op, body, handler in (("nodes", Empty, list_nodes), ("fit", FitRequest, fit), ("deploy", DeployRequest, deploy),
                               ("deployments", Empty, list_deployments), ("undeploy", UndeployRequest, undeploy),
-                              ("corrections", Empty, corrections)):
+                              ("corrections", Empty, corrections), ("assigned", AssignedRequest, assigned)):
         service.rpc(op, body)(handler)
 
     http = service.http

@@ -172,6 +172,13 @@ class Deployments:
         await self.reconcile()  # freed memory may let waiting replicas in
         return ids
 
+    async def assigned(self, node_id: str) -> list[DeployScheduled]:
+        """Every replica booked on ``node_id`` (scheduled or ready), as the deploy.scheduled that placed it:
+        what a worker that starts there must hold."""
+        allocations = await self.state.allocations()
+        return [_scheduled(d, r) for d in allocations.deployments.values() for r in d.replicas
+                if r.node_id == node_id and r.holds_memory]
+
     # -- feedback from workers -----------------------------------------------------------------
     async def ready(self, event: DeployReady) -> None:
         """Mark the replica loaded and learn from its measured memory."""

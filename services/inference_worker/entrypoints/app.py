@@ -14,7 +14,8 @@ from faststream.nats.annotations import NatsMessage
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from shared import rpc, subjects
+from shared import errors, rpc, subjects
+from shared.assignments import Assigned, AssignedRequest
 from shared.catalog import parse_ref
 from shared.config import Settings, env_name
 from shared.events import DeployReleased, DeployScheduled, Event, UndeployRequested
@@ -22,6 +23,7 @@ from shared.inference import CANCEL_SUBJECT, InferenceCancel, LoadedDeployment, 
 from shared.inference_jobs import ensure_job_streams
 from shared.service import Service
 from services.inference_worker.adapters.artifacts import ArtifactSource, ModelStoreSource
+from services.inference_worker.adapters.inflight_journal import InflightJournal
 from services.inference_worker.service_layer.deployments import Deployments, EngineOptions
 from services.inference_worker.service_layer.jobs import JobOptions, JobRunner
 from services.inference_worker.service_layer.serving import Server
@@ -62,18 +64,44 @@ class Worker:
         self._subs: dict[str, Subscription] = {}
         self._cancel_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reconciling: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         nc = self.service.broker.connection
         artifacts = self._artifacts or ModelStoreSource(nc, self.service.settings.service_dir / "cache")
         self.deployments = Deployments(self.node_id, artifacts, self.service.publish, self._serving, self.options.engine)
-        self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight)
+        journal = InflightJournal(self.service.settings.service_dir / "inflight.jsonl")
+        self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
+                             journal=journal)
+        if cut := await self.server.report_cut_short():
+            log.warning("published inference.failed for %d request(s) an earlier worker on this node left unfinished", cut)
         js = nc.jetstream()
         await ensure_job_streams(js)
         self.jobs = JobRunner(js, self.server, self.options.jobs)
         # nats-py directly: these subscriptions come and go with the deployments, which FastStream's
         # subscribers (declared before the broker starts) are too static for.
         self._cancel_sub = await nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
+        self._reconciling = asyncio.ensure_future(self._reconcile())
+
+    async def _reconcile(self, attempts: int = 60, wait_s: float = 2.0) -> None:
+        """Load what the registry books on this node: after a crash or kill -9 the durable consumer has
+        long acknowledged those deploy.scheduled, so nothing else would bring them back."""
+        assert self.deployments is not None
+        request = AssignedRequest(node_id=self.node_id)
+        for _ in range(attempts):
+            try:
+                assigned = await rpc.call(self.service.broker.connection, subjects.rpc("hardware-inventory", "assigned"),
+                                          request, Assigned, timeout=5)
+                break
+            except errors.Unavailable:  # the registry is starting too, or NATS is back in a moment
+                await asyncio.sleep(wait_s)
+        else:
+            log.warning("could not ask hardware-inventory what this node holds; deployments come with the next deploy.scheduled")
+            return
+        loading = [e for e in assigned.scheduled if self.deployments.schedule(e)]
+        if loading:
+            log.info("loading %d deployment(s) the registry books on this node: %s", len(loading),
+                     ", ".join(f"{e.model_ref or e.model.name} ({e.deployment_id})" for e in loading))
 
     async def stop(self) -> None:
         """SIGTERM: take no new requests or jobs, let those in flight finish, unload everything
@@ -81,6 +109,8 @@ class Worker:
         if self.deployments is None:
             return
         self.stopping = True
+        if self._reconciling is not None:
+            self._reconciling.cancel()
         for sub in self._subs.values():
             await sub.unsubscribe()
         self._subs.clear()

@@ -28,6 +28,7 @@ from shared.inference import (
     StreamFailure, TokenLogprob, Usage,
 )
 from shared.rpc import ErrorBody, RpcReply
+from services.inference_worker.adapters.inflight_journal import InflightJournal
 from services.inference_worker.engine import SamplingParams, StreamEvent
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 
@@ -75,10 +76,22 @@ class Outcome:
 
 
 class Server:
-    def __init__(self, deployments: Deployments, node_id: str, publish: Publish, *, max_inflight: int = 256) -> None:
+    def __init__(self, deployments: Deployments, node_id: str, publish: Publish, *, max_inflight: int = 256,
+                 journal: InflightJournal | None = None) -> None:
         self.deployments, self.node_id, self.publish = deployments, node_id, publish
         self.max_inflight = max_inflight
         self.inflight: dict[str, Deployment] = {}  # request id -> the deployment running it
+        self.journal = journal
+
+    async def report_cut_short(self) -> int:
+        """inference.failed for each request a killed predecessor on this node left unfinished."""
+        if self.journal is None:
+            return 0
+        cut = self.journal.cut_short()
+        for request_id, model_ref in cut:
+            await self.publish(InferenceFailed(request_id=request_id, model_ref=model_ref, node_id=self.node_id,
+                                               reason=f"the worker on {self.node_id} stopped (killed or crashed) before finishing it"))
+        return len(cut)
 
     # ---- entrypoints ------------------------------------------------------------------------
     async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send) -> None:
@@ -186,6 +199,8 @@ class Server:
                 raise errors.Invalid(f"cannot start the request: {exc}") from None
             self.inflight[rid] = dep
             dep.inflight.add(rid)
+            if self.journal is not None:
+                self.journal.started(rid, request.model)
             text, final = [], None
             try:
                 yield dep, None  # admitted: a stream says "started" now, whatever the queue holds
@@ -207,6 +222,8 @@ class Server:
                     dep.loop.cancel(rid)
                 self.inflight.pop(rid, None)
                 dep.inflight.discard(rid)
+                if self.journal is not None:
+                    self.journal.ended(rid)
                 with trace.use_span(span, end_on_exit=False):  # the inference event continues this trace
                     asyncio.ensure_future(self._record(request, dep, final, "".join(text), trace_id, started))
                 if final is not None:
