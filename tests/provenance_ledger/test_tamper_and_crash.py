@@ -106,7 +106,7 @@ def test_rewriting_bytes_and_hash_together_still_breaks_the_signed_root(signed_l
     from services.provenance_ledger.domain.merkle import leaf_hash
 
     db = sqlite3.connect(signed_ledger / DB_FILE)
-    event, index = parse_leaf(db.execute("SELECT data FROM leaves WHERE idx = 9").fetchone()[0])
+    event, index, _ = parse_leaf(db.execute("SELECT data FROM leaves WHERE idx = 9").fetchone()[0])
     db.close()
     event["data"]["completion_tokens"] = 1
     forged = leaf_bytes(event, index)

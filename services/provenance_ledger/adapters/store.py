@@ -3,6 +3,10 @@
 One writer (the ingest) appends a batch of leaves and their index rows in one transaction; readers
 (queries, proofs, verify) may use their own connections. ``synchronous=FULL`` makes a commit
 durable against power loss too, since the ingest acknowledges events only after it.
+
+Schema version 2 (``PRAGMA user_version``, #19): ``leaves.event_id`` is no longer UNIQUE, since an id
+reused with other content is a leaf of its own (``conflict_of`` names the first leaf with that id). A
+file of version 1 is migrated when it is opened: its leaves are copied into the new table unchanged.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from services.provenance_ledger.domain.lineage import IndexRow
 from services.provenance_ledger.domain.tree_head import TreeHead
 from services.provenance_ledger.domain.verify import StoredLeaf
 
-SCHEMA = """
+LEAVES_TABLE = """
 CREATE TABLE IF NOT EXISTS leaves (
     idx INTEGER PRIMARY KEY,
-    event_id TEXT NOT NULL UNIQUE,
+    event_id TEXT NOT NULL,
     type TEXT NOT NULL,
     time_ms INTEGER NOT NULL,
     source_service TEXT NOT NULL,
@@ -29,8 +33,12 @@ CREATE TABLE IF NOT EXISTS leaves (
     model_digest TEXT,
     stream_seq INTEGER,
     data BLOB NOT NULL,
-    leaf_hash BLOB NOT NULL
-);
+    leaf_hash BLOB NOT NULL,
+    conflict_of INTEGER
+)"""
+SCHEMA = LEAVES_TABLE + """;
+CREATE INDEX IF NOT EXISTS leaves_event_id ON leaves(event_id);
+CREATE INDEX IF NOT EXISTS leaves_conflicts ON leaves(conflict_of) WHERE conflict_of IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leaves_time ON leaves(time_ms);
 CREATE INDEX IF NOT EXISTS leaves_model_name ON leaves(model_name, time_ms);
 CREATE INDEX IF NOT EXISTS leaves_model_digest ON leaves(model_digest, time_ms);
@@ -97,6 +105,11 @@ class LeafRow(NamedTuple):
     stream_seq: int | None
     data: bytes
     leaf_hash: bytes
+    conflict_of: int | None = None
+
+
+SCHEMA_VERSION = 2
+_V1_COLUMNS = "idx, event_id, type, time_ms, source_service, model_name, model_version, model_digest, stream_seq, data, leaf_hash"
 
 
 class LedgerStore:
@@ -108,11 +121,32 @@ class LedgerStore:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self._migrate()
             self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
         self.db.close()
+
+    def _migrate(self) -> None:
+        """Version 1 -> 2: rebuild ``leaves`` without UNIQUE(event_id) (SQLite cannot drop a constraint)."""
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        has_leaves = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leaves'").fetchone()
+        if version >= SCHEMA_VERSION or not has_leaves:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("ALTER TABLE leaves RENAME TO leaves_v1")  # its indexes go with it, and are made anew by SCHEMA
+            db.execute(LEAVES_TABLE)
+            db.execute(f"INSERT INTO leaves ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM leaves_v1")
+            db.execute("DROP TABLE leaves_v1")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- writes ------------------------------------------------------------------------------
     def append(self, leaves: list[LeafRow], index_rows: Iterable[IndexRow] = (), heads: Iterable[TreeHead] = ()) -> None:
@@ -120,7 +154,7 @@ class LedgerStore:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?)", leaves)
+            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", leaves)
             by_table: dict[str, list[list[Any]]] = {}
             for row in index_rows:
                 columns = _INDEX_SQL[row.table][1]
@@ -152,6 +186,13 @@ class LedgerStore:
             found.update(r[0] for r in self.db.execute(sql, chunk))
         return found
 
+    def leaves_with_id(self, event_id: str) -> list[sqlite3.Row]:
+        """Every leaf of an event id, first first: one, or more when the id was reused with other content."""
+        return self.db.execute("SELECT * FROM leaves WHERE event_id = ? ORDER BY idx", (event_id,)).fetchall()
+
+    def conflict_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM leaves WHERE conflict_of IS NOT NULL").fetchone()[0]
+
     def leaf_hashes(self) -> Iterator[bytes]:
         for (h,) in self.db.execute("SELECT leaf_hash FROM leaves ORDER BY idx"):
             yield h
@@ -164,7 +205,8 @@ class LedgerStore:
         return self.db.execute("SELECT * FROM leaves WHERE idx = ?", (idx,)).fetchone()
 
     def leaf_by_event(self, event_id: str) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM leaves WHERE event_id = ?", (event_id,)).fetchone()
+        """The first leaf with this id (a later one reusing it is marked ``conflict_of``)."""
+        return self.db.execute("SELECT * FROM leaves WHERE event_id = ? ORDER BY idx LIMIT 1", (event_id,)).fetchone()
 
     def heads(self) -> list[TreeHead]:
         rows = self.db.execute("SELECT * FROM tree_heads ORDER BY tree_size, timestamp_ms").fetchall()

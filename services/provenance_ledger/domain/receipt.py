@@ -24,6 +24,8 @@ class Receipt(BaseModel):
     format: Literal["strata.ledger.receipt.v1"] = RECEIPT_FORMAT
     event: dict[str, Any] = Field(description="the inference.completed event envelope, as published")
     leaf_index: int = Field(ge=0)
+    conflict_of: int | None = Field(default=None, ge=0, description="set when this event reused the id of the event at "
+                                    "that earlier leaf with other content: the mark is part of the hashed leaf")
     inclusion_proof: list[str] = Field(description="hex node hashes, RFC 9162 order")
     tree_head: TreeHead
 
@@ -60,7 +62,7 @@ def verify_receipt(receipt: Receipt | dict[str, Any], public_key_pem: str | byte
         proof = [bytes.fromhex(p) for p in r.inclusion_proof]
     except ValueError:
         raise ReceiptInvalid("the inclusion proof is not hex") from None
-    leaf = leaf_hash(leaf_bytes(r.event, r.leaf_index))
+    leaf = leaf_hash(leaf_bytes(r.event, r.leaf_index, r.conflict_of))
     if not verify_inclusion(leaf, r.leaf_index, r.tree_head.tree_size, proof, bytes.fromhex(r.tree_head.root_hash)):
         raise ReceiptInvalid(
             f"the event at leaf {r.leaf_index} is not included in the signed tree of size {r.tree_head.tree_size}"

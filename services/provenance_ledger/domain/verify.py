@@ -79,7 +79,7 @@ def verify_log(rows: Iterable[StoredLeaf], heads: Iterable[TreeHead], public_key
             if not hmac.compare_digest(computed, row.leaf_hash):
                 problems.add(row.index, "changed", "the stored leaf bytes no longer hash to the recorded leaf hash")
             try:
-                envelope, leaf_index = parse_leaf(row.data)
+                envelope, leaf_index, _ = parse_leaf(row.data)
             except ValueError as exc:
                 problems.add(row.index, "malformed", str(exc))
             else:
