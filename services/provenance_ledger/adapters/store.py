@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS tree_heads (
     signature TEXT NOT NULL,
     PRIMARY KEY (tree_size, timestamp_ms)
 );
+CREATE TABLE IF NOT EXISTS verified (
+    id INTEGER PRIMARY KEY CHECK (id = 1), size INTEGER NOT NULL, at_ms INTEGER NOT NULL, full_at_ms INTEGER
+);
 CREATE TABLE IF NOT EXISTS inferences (
     request_id TEXT PRIMARY KEY, idx INTEGER NOT NULL, event_id TEXT NOT NULL, time_ms INTEGER NOT NULL,
     model_name TEXT, model_version INTEGER, model_digest TEXT, deployment_id TEXT, node_id TEXT, device TEXT
@@ -174,6 +177,13 @@ class LedgerStore:
             (head.tree_size, head.root_hash, head.timestamp_ms, head.key_id, head.signature),
         )
 
+    def set_verified(self, size: int, at_ms: int, *, full: bool) -> None:
+        self.db.execute(
+            "INSERT INTO verified (id, size, at_ms, full_at_ms) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "size = excluded.size, at_ms = excluded.at_ms, full_at_ms = coalesce(excluded.full_at_ms, verified.full_at_ms)",
+            (size, at_ms, at_ms if full else None),
+        )
+
     # -- reads -------------------------------------------------------------------------------
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM leaves").fetchone()[0]
@@ -197,9 +207,20 @@ class LedgerStore:
         for (h,) in self.db.execute("SELECT leaf_hash FROM leaves ORDER BY idx"):
             yield h
 
-    def stored_leaves(self) -> Iterator[StoredLeaf]:
-        for row in self.db.execute("SELECT idx, event_id, data, leaf_hash FROM leaves ORDER BY idx"):
+    def stored_leaves(self, bytes_from: int = 0) -> Iterator[StoredLeaf]:
+        """Every leaf in index order; the bytes only from index ``bytes_from`` on (empty before it)."""
+        sql = "SELECT idx, event_id, CASE WHEN idx >= ? THEN data ELSE x'' END, leaf_hash FROM leaves ORDER BY idx"
+        for row in self.db.execute(sql, (bytes_from,)):
             yield StoredLeaf(row[0], row[1], row[2], row[3])
+
+    def verified(self) -> sqlite3.Row | None:
+        """The marker of the last clean verify: ``size`` leaves re-hashed and matching, ``at_ms``, and
+        ``full_at_ms``, the last pass that re-hashed every leaf."""
+        return self.db.execute("SELECT size, at_ms, full_at_ms FROM verified WHERE id = 1").fetchone()
+
+    def verified_size(self) -> int | None:
+        row = self.verified()
+        return int(row["size"]) if row else None
 
     def leaf(self, idx: int) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM leaves WHERE idx = ?", (idx,)).fetchone()

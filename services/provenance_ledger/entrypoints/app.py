@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from datetime import datetime
 from typing import Any
 
 from fastapi import Depends, Query
@@ -14,14 +15,15 @@ from fastapi.responses import PlainTextResponse, Response
 from services.provenance_ledger.adapters.ingest import ACK_WAIT_S, EventIngest
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.tree_head import key_id
+from services.provenance_ledger.domain.tree_head import key_id, ms_to_datetime
 from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.entrypoints.api import (
     AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, DatasetRef, Empty, ExportRequest,
     HeadResponse, InclusionProof, InclusionRequest, LedgerStats, PublicKey, RequestRef,
 )
 from services.provenance_ledger.service_layer import queries
-from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger, verify_store
+from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger
+from services.provenance_ledger.service_layer.watch import TamperWatch, WatchSettings
 from shared import errors
 from shared.apikey_http import protect
 from shared.config import Settings
@@ -48,6 +50,9 @@ class LedgerApp:
         self.service = service
         self.ledger: Ledger | None = None
         self.ingest: EventIngest | None = None
+        self.watch: TamperWatch | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._reported: set[tuple[int, str]] = set()  # findings already published: each one once
 
     @property
     def lg(self) -> Ledger:
@@ -56,9 +61,14 @@ class LedgerApp:
         return self.ledger
 
     async def start(self) -> None:
+        watch_settings = WatchSettings.from_env()  # a bad setting stops the start, with its name
         self.ledger = Ledger.open(self.service.settings.service_dir, _policy())
         if self.ledger.tamper is not None:
             await self.report_tamper(self.ledger.tamper)
+        self.watch = TamperWatch(self.service.settings.service_dir, self.ledger, self.report_tamper, watch_settings)
+        self.service.catching_up.add("ledger-verify")  # /healthz names it until the start-up pass is done
+        self._watching = asyncio.create_task(self.watch.run(lambda: self.service.catching_up.discard("ledger-verify")),
+                                             name="ledger-verify")
         # After a crash, the batch it had fetched but not acknowledged comes back only after the ack wait:
         # a shorter one (STRATA_LEDGER_ACK_WAIT_SECONDS) catches up sooner, a redelivery is appended once.
         ack_wait = float(os.environ.get("STRATA_LEDGER_ACK_WAIT_SECONDS", ACK_WAIT_S))
@@ -67,6 +77,9 @@ class LedgerApp:
         await self.ingest.start()
 
     async def stop(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)  # a pass in its thread finishes first
         if self.ingest is not None:
             await self.ingest.stop()
         if self.ledger is not None:
@@ -89,7 +102,11 @@ class LedgerApp:
         return head
 
     async def report_tamper(self, report: VerifyReport) -> None:
-        for problem in report.problems[:MAX_TAMPER_EVENTS]:
+        """Publish each finding once (by leaf index and kind), at most MAX_TAMPER_EVENTS per report:
+        the periodic verify sees a finding again at every pass until someone repairs the file."""
+        new = [p for p in report.problems if (p.index, p.kind) not in self._reported][:MAX_TAMPER_EVENTS]
+        for problem in new:
+            self._reported.add((problem.index, problem.kind))
             log.error("ledger tamper: leaf %d %s: %s", problem.index, problem.kind, problem.detail)
             try:
                 await self.service.publish(TamperDetected(index=problem.index, reason=f"{problem.kind}: {problem.detail}"))
@@ -97,11 +114,10 @@ class LedgerApp:
                 log.exception("could not publish tamper_detected")
 
     async def verify(self) -> VerifyReport:
-        report = await asyncio.to_thread(verify_store, self.service.settings.service_dir)
-        self.lg.tamper = None if report.ok else report
-        if not report.ok:
-            await self.report_tamper(report)
-        return report
+        """The full verify on demand: the same pass as the periodic full one (it moves the marker too)."""
+        if self.watch is None:
+            raise errors.Unavailable("the ledger is starting")
+        return await self.watch.check(full=True)
 
     # -- API ---------------------------------------------------------------------------------
     def head(self) -> HeadResponse:
@@ -146,11 +162,18 @@ class LedgerApp:
 
     def stats(self) -> LedgerStats:
         lg, ing = self.lg, self.ingest
+        verified = lg.store.verified()
         return LedgerStats(
             tree_size=lg.size, appended=lg.stats.appended, duplicates=lg.stats.duplicates, conflicts=lg.stats.conflicts,
             batches=lg.stats.batches, dead_lettered=ing.dead_lettered if ing else 0, ingest_running=bool(ing and ing.running),
             ingest_failures=ing.failures if ing else 0, last_error=ing.last_error if ing else None, tamper_suspected=lg.tamper is not None,
+            verified_size=verified["size"] if verified else None, verified_at=_when(verified["at_ms"]) if verified else None,
+            full_verify_at=_when(verified["full_at_ms"]) if verified else None,
         )
+
+
+def _when(ms: int | None) -> datetime | None:
+    return ms_to_datetime(ms) if ms is not None else None
 
 
 def create_service(settings: Settings | None = None) -> Service:

@@ -75,7 +75,7 @@ class Ledger:
 
     def _check_heads(self) -> VerifyReport:
         rows = (StoredLeaf(i, "", b"", self.tree.leaf(i)) for i in range(self.tree.size))
-        return verify_log(rows, self.store.heads(), self.key.public_key(), check_bytes=False)
+        return verify_log(rows, self.store.heads(), self.key.public_key(), rehash_from=None)
 
     def close(self) -> None:
         self.store.close()
@@ -223,9 +223,10 @@ def _head_from_checkpoint(data: LedgerCheckpoint) -> TreeHead:
                     key_id=data.key_id, signature=data.signature)
 
 
-def verify_store(directory: Path) -> VerifyReport:
-    """The full verify: re-hash every stored leaf and check every signed head. Opens its own
-    read-only connection, so it can run in a thread beside the ingest, or with no service at all."""
+def verify_store(directory: Path, rehash_from: int = 0) -> VerifyReport:
+    """Re-hash the stored leaves from ``rehash_from`` (0: every one, the full verify) and check every
+    signed head against all stored hashes. Opens its own read-only connection, so it can run in a
+    thread beside the ingest, or with no service at all."""
     from services.provenance_ledger.adapters.keys import PUBLIC_FILE
     from services.provenance_ledger.domain.tree_head import load_public_pem
 
@@ -235,6 +236,6 @@ def verify_store(directory: Path) -> VerifyReport:
     public_key = load_public_pem((directory / PUBLIC_FILE).read_bytes())
     store = LedgerStore(path, readonly=True)
     try:
-        return verify_log(store.stored_leaves(), store.heads(), public_key)
+        return verify_log(store.stored_leaves(rehash_from), store.heads(), public_key, rehash_from=rehash_from)
     finally:
         store.close()
