@@ -17,6 +17,7 @@ from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.receipt import Receipt
 from services.provenance_ledger.domain.tree_head import key_id, ms_to_datetime
 from services.provenance_ledger.domain.verify import VerifyReport
+from services.provenance_ledger.entrypoints.access import only_requests_of, receipt_caller
 from services.provenance_ledger.entrypoints.api import (
     AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, DatasetRef, Empty, ExportRequest,
     HeadResponse, InclusionProof, InclusionRequest, LedgerStats, PublicKey, RequestRef,
@@ -26,6 +27,7 @@ from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Le
 from services.provenance_ledger.service_layer.watch import TamperWatch, WatchSettings
 from shared import errors
 from shared.apikey_http import protect
+from shared.apikeys import ApiKeyRecord
 from shared.config import Settings
 from shared.events import LedgerCheckpoint, TamperDetected
 from shared.http_errors import error_responses
@@ -177,7 +179,9 @@ def _when(ms: int | None) -> datetime | None:
 
 
 def create_service(settings: Settings | None = None) -> Service:
-    service = Service(NAME, settings, description="A tamper-evident Merkle log of every event, with receipts, lineage and exports.")
+    service = Service(NAME, settings, description="A tamper-evident Merkle log of every event, with receipts, lineage and exports. "
+                      "Its leaf contents (leaves, receipts, lineage, audit, exports) need a key with the 'read' scope; "
+                      "an 'inference' key may fetch the receipts of its own requests.")
     app = LedgerApp(service)
     service.ledger_app = app  # type: ignore[attr-defined]  (tests and bench reach the running ledger)
     service.on_start(app.start)
@@ -190,9 +194,12 @@ def create_service(settings: Settings | None = None) -> Service:
 def _routes(service: Service, app: LedgerApp) -> None:
     http = service.http
     tags = ["ledger"]
-    admin = [Depends(protect(service).require("admin"))]  # signing a head now; every read (and /verify) is open
+    auth = protect(service)
+    admin = [Depends(auth.require("admin"))]  # signing a head now
+    reader = [Depends(auth.require("read"))]  # leaf contents (access.py); public material stays open
     starting = error_responses(errors.Unavailable)  # every route answers 503 until the ledger is open
     missing = error_responses(errors.NotFound, errors.Unavailable)
+    read_missing = error_responses(errors.NotFound, errors.Unavailable, auth=True)
 
     @http.get("/head", response_model=HeadResponse, tags=tags, summary="current size and root, and the latest signed tree head",
               responses=starting)
@@ -229,35 +236,38 @@ def _routes(service: Service, app: LedgerApp) -> None:
     async def consistency(first: int = Query(ge=0), second: int | None = Query(None, ge=0)) -> ConsistencyProof:
         return app.consistency(ConsistencyRequest(first=first, second=second))
 
-    @http.get("/leaves/{index}", tags=tags, summary="a stored event and its leaf hash", responses=missing)
+    @http.get("/leaves/{index}", tags=tags, summary="a stored event and its leaf hash (key with scope read)",
+              dependencies=reader, responses=read_missing)
     async def leaf(index: int) -> Any:
         event, h = app.lg.leaf(index)
         return {"leaf_index": index, "leaf_hash": h.hex(), "event": event}
 
-    @http.get("/receipts/{request_id}", response_model=Receipt, tags=tags, summary="an inference receipt, verifiable offline",
-              responses=missing)
-    async def receipt(request_id: str) -> Receipt:
-        return app.lg.receipt(request_id)
+    @http.get("/receipts/{request_id}", response_model=Receipt, tags=tags,
+              summary="an inference receipt, verifiable offline (scope read; or inference, for that key's own requests)",
+              responses=read_missing)
+    async def receipt(request_id: str, caller: ApiKeyRecord | None = Depends(receipt_caller(auth))) -> Receipt:
+        return app.lg.receipt(request_id, made_with=only_requests_of(caller))
 
     @http.post("/verify", response_model=VerifyReport, tags=tags, summary="re-hash every leaf and check every signed head",
                responses=missing)
     async def verify() -> VerifyReport:
         return await app.verify()
 
-    @http.get("/lineage/requests/{request_id}", tags=["lineage"], responses=missing)
+    @http.get("/lineage/requests/{request_id}", tags=["lineage"], dependencies=reader, responses=read_missing)
     async def lineage(request_id: str) -> dict[str, Any]:
         return queries.request_lineage(app.lg.store, request_id)
 
-    @http.get("/lineage/datasets/{digest}", tags=["lineage"], responses=missing)
+    @http.get("/lineage/datasets/{digest}", tags=["lineage"], dependencies=reader, responses=read_missing)
     async def dataset(digest: str) -> dict[str, Any]:
         return queries.dataset_lineage(app.lg.store, digest)
 
-    @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"], responses=error_responses(errors.Invalid, errors.Unavailable))
+    @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"], dependencies=reader,
+              responses=error_responses(errors.Invalid, errors.Unavailable, auth=True))
     async def audit(since: str | None = None, model: str | None = None, type: str | None = None, limit: int = Query(1000, ge=1, le=100_000)) -> list[AuditEntry]:
         return app.audit(AuditRequest(since=since, model=model, type=type, limit=limit))
 
     @http.get("/exports/{ref}", tags=["exports"], summary="in-toto Statement v1 (SLSA provenance) or CycloneDX 1.6 ML-BOM",
-              responses=missing)
+              dependencies=reader, responses=read_missing)
     async def export(ref: str, format: str = Query("in-toto", pattern="^(in-toto|cyclonedx)$")) -> dict[str, Any]:
         return app.export(ExportRequest(ref=ref, format=format))  # type: ignore[arg-type]
 

@@ -204,13 +204,17 @@ class Ledger:
             raise errors.NotFound(f"event {event_id!r} is not in the ledger")
         return int(row["idx"])
 
-    def receipt(self, request_id: str) -> Receipt:
+    def receipt(self, request_id: str, *, made_with: str | None = None) -> Receipt:
+        """The receipt of a request; with ``made_with`` (an API key id), only if that key made it."""
         rows = self.store.query("SELECT idx FROM inferences WHERE request_id = ?", (request_id,))
         if not rows:
             raise errors.NotFound(f"no inference.completed for request {request_id!r} in the ledger")
         index = int(rows[0]["idx"])
-        head = self.head_covering(index)
         leaf = parse_leaf(self.store.leaf(index)["data"])
+        if made_with is not None and leaf.event.get("data", {}).get("api_key_id") != made_with:
+            # the same answer as an unknown request: a key learns nothing of the requests of others
+            raise errors.NotFound(f"no inference.completed for request {request_id!r} made with this API key ({made_with})")
+        head = self.head_covering(index)
         proof = self.tree.inclusion_proof(index, head.tree_size)
         return Receipt(event=leaf.event, leaf_index=index, conflict_of=leaf.conflict_of,
                        inclusion_proof=[p.hex() for p in proof], tree_head=head)
