@@ -85,3 +85,15 @@ def test_a_ledger_file_from_before_conflict_leaves_opens_keeps_its_leaves_and_ta
     finally:
         ledger.close()
     assert verify_store(directory).ok
+
+
+def test_a_conflict_mark_that_names_no_earlier_leaf_is_not_a_leaf():
+    event = make_event(DeployRequested(deployment_id="dep-1", model_ref="tiny:1"), CLIENT).model_dump(mode="json")
+    for bad in (5, 6, -1, True):
+        data = leaf_bytes(event, 5, conflict_of=bad)
+        try:
+            parse_leaf(data)
+        except ValueError as exc:
+            assert "conflict_of" in str(exc)
+        else:
+            raise AssertionError(f"conflict_of={bad!r} at index 5 was accepted")

@@ -70,8 +70,10 @@ async def test_a_guessed_prompt_cannot_be_confirmed_and_each_key_sees_what_its_s
     assert check.ok and check.prompt_checked
     with pytest.raises(ReceiptInvalid, match="prompt"):
         verify_receipt(receipt, pem, prompt=prompt_bytes(prompt="my password is hunter3"), salt=salt)
-    with pytest.raises(ReceiptInvalid, match="salt"):
+    with pytest.raises(ReceiptInvalid, match="64 hex digits"):
         verify_receipt(receipt, pem, prompt=prompt_bytes(prompt=SECRET), salt="zz")
+    with pytest.raises(ReceiptInvalid, match="needs its salt"):
+        verify_receipt(receipt, pem, prompt=prompt_bytes(prompt=SECRET))
     (tmp_path / "r.json").write_text(json.dumps(receipt))
     (tmp_path / "ledger.pub").write_text(pem)
     common = ["receipt", "verify", str(tmp_path / "r.json"), "--key", str(tmp_path / "ledger.pub"), "--salt", salt]
@@ -95,3 +97,20 @@ def test_admin_implies_read_and_inference_does_not():
     assert record_for(new_key(), "a", ["admin"]).grants("read")
     assert not record_for(new_key(), "i", ["inference"]).grants("read")
     assert not record_for(new_key(), "r", ["read"]).grants("inference")  # an auditor cannot spend tokens
+
+
+def test_the_receipt_prompt_check_refuses_a_bad_salt_a_missing_salt_and_a_bad_messages_file(tmp_path, capsys):
+    from shared.prompt_commitment import BadSalt, commit
+
+    with pytest.raises(BadSalt, match="64 hex digits"):
+        commit(b"p", "ab" * 8)
+    receipt, key = tmp_path / "r.json", tmp_path / "k.pub"
+    receipt.write_text("{}")
+    key.write_text("not a key")
+    (tmp_path / "m.json").write_text('{"role": "user"}')
+    assert cli_main.main(["receipt", "verify", str(receipt), "--key", str(key), "--messages-file", str(tmp_path / "m.json")]) == 1
+    assert "list of" in capsys.readouterr().err
+    from services.provenance_ledger.domain.receipt import _check_prompt  # an event from before #19 has no receipt fixture here
+
+    with pytest.raises(ReceiptInvalid, match="no prompt commitment"):
+        _check_prompt({"prompt_sha256": "0" * 64}, b"p", new_salt())
