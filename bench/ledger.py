@@ -46,7 +46,7 @@ def events(n: int) -> list[bytes]:
             request_id=f"r-{i}", trace_id=f"{i:032x}", model=MODEL, deployment_id="dep", node_id="bench", device="cuda:0",
             prompt_tokens=100, completion_tokens=50, queue_seconds=0.001, time_to_first_token_seconds=0.02,
             time_per_output_token_seconds=0.01, e2e_seconds=0.5, finish_reason="stop",
-            prompt_sha256=hashlib.sha256(b"p%d" % i).hexdigest(), output_sha256=hashlib.sha256(b"o%d" % i).hexdigest())
+            prompt_commitment=hashlib.sha256(b"p%d" % i).hexdigest(), output_sha256=hashlib.sha256(b"o%d" % i).hexdigest())
         out.append(make_event(data, SOURCE).to_bytes())
     return out
 

@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     receipt = _with_nats(sub.add_parser("receipt", help="strata receipt REQUEST_ID > receipt.json | strata receipt verify FILE --key ledger.pub"))
     receipt.add_argument("args", nargs="+", metavar="REQUEST_ID | verify FILE")
     receipt.add_argument("--key", type=Path, help="the ledger's public key (PEM), for verify")
+    prompt = receipt.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="verify: also check that the receipt commits to this completion prompt (needs --salt)")
+    prompt.add_argument("--prompt-file", type=Path, help="verify: the same, the prompt read from a file (UTF-8, exactly as sent)")
+    prompt.add_argument("--messages-file", type=Path, help="verify: the same for a chat: a JSON list of {role, content} messages")
+    receipt.add_argument("--salt", help="verify: the x-strata-prompt-salt your request's reply carried")
     receipt.set_defaults(func=_receipt)
 
     lineage = _with_nats(sub.add_parser("lineage", help="from an answer to its model, datasets, deployment, node and device (or --dataset D)"))
@@ -188,7 +193,7 @@ def _receipt(args: argparse.Namespace) -> int:
     if args.args[0] == "verify":
         if len(args.args) != 2 or args.key is None:
             return _fail("usage: strata receipt verify FILE --key ledger.pub")
-        return _verify_receipt(Path(args.args[1]), args.key)
+        return _verify_receipt(Path(args.args[1]), args.key, args)
     if len(args.args) != 1:
         return _fail("usage: strata receipt REQUEST_ID")
     from services.provenance_ledger.domain.receipt import Receipt
@@ -199,19 +204,38 @@ def _receipt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_receipt(path: Path, key: Path) -> int:
+def _verify_receipt(path: Path, key: Path, args: argparse.Namespace) -> int:
     from services.provenance_ledger.domain.receipt import ReceiptInvalid, verify_receipt
 
     try:
         receipt = json.loads(path.read_text())
-        check = verify_receipt(receipt, key.read_bytes())
+        prompt = _prompt_to_check(args)
+        check = verify_receipt(receipt, key.read_bytes(), prompt=prompt, salt=args.salt)
     except (OSError, json.JSONDecodeError) as exc:
         return _fail(f"cannot read {exc}")
     except ReceiptInvalid as exc:
         print(f"INVALID: {exc}")
         return 2
-    print(f"OK: request {check.request_id} is leaf {check.leaf_index} of the signed tree of size {check.tree_size} (key {check.key_id})")
+    except ValueError as exc:  # a messages file that is not a list of {role, content} (ReceiptInvalid is answered above)
+        return _fail(str(exc))
+    print(f"OK: request {check.request_id} is leaf {check.leaf_index} of the signed tree of size {check.tree_size} (key {check.key_id})"
+          + ("; the prompt matches its commitment" if check.prompt_checked else ""))
     return 0
+
+
+def _prompt_to_check(args: argparse.Namespace) -> bytes | None:
+    from shared.prompt_commitment import prompt_bytes
+
+    if args.prompt is not None:
+        return prompt_bytes(prompt=args.prompt)
+    if args.prompt_file is not None:
+        return prompt_bytes(prompt=args.prompt_file.read_text(encoding="utf-8"))
+    if args.messages_file is not None:
+        messages = json.loads(args.messages_file.read_text(encoding="utf-8"))
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
+            raise ValueError(f"{args.messages_file}: expected a JSON list of {{\"role\", \"content\"}} messages")
+        return prompt_bytes(messages=messages)
+    return None
 
 
 @_errors_to_exit

@@ -3,8 +3,10 @@
 A key is a 256-bit random secret shown once, when it is made; at rest there is only its sha256, in
 the JetStream KV bucket ``strata-api-keys`` (shared/apikey_store.py). A record carries a short public
 ``id`` (the first 12 hex digits of that sha256: what ``strata key ls`` shows and ``revoke`` takes),
-its scopes and its quotas. Scopes: ``inference`` (the gateway's /v1 API) and ``admin`` (the mutating
-routes of model-store, hardware-inventory and the ledger); ``admin`` implies ``inference``.
+its scopes and its quotas. Scopes: ``inference`` (the gateway's /v1 API, and the ledger's receipts of
+the key's own requests), ``read`` (the ledger's leaf contents: leaves, receipts, lineage, audit, exports)
+and ``admin`` (the mutating routes of model-store, hardware-inventory and the ledger); ``admin`` implies
+the others.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pydantic import BaseModel, Field, computed_field
 
 KEY_PREFIX = "sk-strata-"
 ID_LENGTH = 12
-Scope = Literal["inference", "admin"]
-SCOPES: tuple[Scope, ...] = ("inference", "admin")
+Scope = Literal["inference", "read", "admin"]
+SCOPES: tuple[Scope, ...] = ("inference", "read", "admin")
 BOOTSTRAP_NAME = "bootstrap-admin"
 KEY_ENV = "STRATA_API_KEY"
 

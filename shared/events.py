@@ -332,6 +332,7 @@ class DeployUnloaded(WorkerEvent):
 
 class InferenceCompleted(WorkerEvent):
     TYPE = "inference.completed"
+    VERSION = 2  # 2 (#19): prompt_commitment, salted, replaces version 1's bare prompt_sha256
     request_id: str
     trace_id: str | None = None
     model: ModelId
@@ -345,7 +346,10 @@ class InferenceCompleted(WorkerEvent):
     time_per_output_token_seconds: float = Field(ge=0)
     e2e_seconds: float = Field(ge=0)
     finish_reason: str
-    prompt_sha256: str
+    prompt_commitment: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="HMAC-SHA256 of the prompt keyed by a per-request salt that only the requester gets "
+                    "(shared/prompt_commitment.py); None only in version-1 events, which carried a bare prompt_sha256")
     output_sha256: str
     api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
 

@@ -21,7 +21,8 @@ request (result ``InferenceReply``, or a typed error), is published to
 ``infer.results.<request id>`` (stream ``RESULTS``), and a duplicate request id gives one result
 (see shared/inference_jobs.py).
 Outputs never go into the ``EVENTS`` stream (the audit log): the ``inference.completed`` event carries
-their sha256 only.
+their sha256 only, and a salted commitment to the prompt whose salt goes only to the requester, in
+``InferenceReply.prompt_salt`` / ``Started.prompt_salt`` (shared/prompt_commitment.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.events import ModelId, new_id
+from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
 
 KEEPALIVE_S = 1.0
 SILENCE_TIMEOUT_S = 10.0
@@ -77,6 +79,14 @@ class InferenceRequest(BaseModel):
             raise ValueError("give exactly one of 'messages' (chat) or 'prompt' (completion)")
         return self
 
+    def prompt_bytes(self) -> bytes:
+        """What the event's prompt commitment covers (shared/prompt_commitment.py)."""
+        return prompt_bytes(prompt=self.prompt, messages=[m.model_dump() for m in self.messages] if self.messages else None)
+
+
+PromptSalt = Field(default=None, pattern=SALT_PATTERN, description="the salt of this request's prompt commitment in "
+                   "inference.completed: for the requester alone, to verify its receipt (None from a worker before #19)")
+
 
 class Usage(BaseModel):
     prompt_tokens: int = Field(ge=0)
@@ -104,6 +114,7 @@ class InferenceReply(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
+    prompt_salt: str | None = PromptSalt
 
 
 class InferenceError(BaseModel):
@@ -118,6 +129,7 @@ class Started(BaseModel):
     kind: Literal["started"] = "started"
     request_id: str
     model: ModelId
+    prompt_salt: str | None = PromptSalt  # here, not in ``end``: a gateway sends its headers before the first token
 
 
 class Chunk(BaseModel):

@@ -37,7 +37,7 @@ def completed_event(i: int, tag: str) -> Event[InferenceCompleted]:
     return make_event(InferenceCompleted(
         request_id=f"{tag}-{i}", model=MODEL, deployment_id="d-fault", node_id="node-fault", device="cpu",
         prompt_tokens=1, completion_tokens=1, queue_seconds=0, time_to_first_token_seconds=0,
-        time_per_output_token_seconds=0, e2e_seconds=0, finish_reason="stop", prompt_sha256="0" * 64,
+        time_per_output_token_seconds=0, e2e_seconds=0, finish_reason="stop", prompt_commitment="0" * 64,
         output_sha256="1" * 64), WORKER_SOURCE)
 
 

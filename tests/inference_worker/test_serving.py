@@ -11,6 +11,7 @@ from pydantic import TypeAdapter
 
 from shared import subjects
 from shared.events import InferenceCompleted, InferenceFailed
+from shared.prompt_commitment import commit, prompt_bytes
 from shared.inference import CANCEL_SUBJECT, InferenceCancel, InferenceRequest, StreamMessage
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.inference_worker.conftest import deployed, make_worker, model_id
@@ -58,6 +59,10 @@ async def test_greedy_reply_equals_the_engines_own_greedy_output(worker, bus_cli
     chat_expected = _run_until(reference, rid)
     chat = await bus_client.request("tiny", messages=messages, sampling={"max_tokens": 6, "temperature": 0})
     assert chat.ok and chat.result["text"] == chat_expected.text
+    # each reply carries the salt of its own prompt commitment, a fresh one per request
+    done = await bus_client.wait(InferenceCompleted, request_id=chat.result["request_id"])
+    assert done.prompt_commitment == commit(prompt_bytes(messages=messages), chat.result["prompt_salt"])
+    assert chat.result["prompt_salt"] != reply.result["prompt_salt"]
 
 
 def _run_until(engine: LLMEngine, request_id: str):
@@ -95,7 +100,10 @@ async def test_stream_chunks_end_with_usage_and_the_event_continues_the_trace(wo
     assert (done.prompt_tokens, done.completion_tokens) == (end.usage.prompt_tokens, 10)
     assert done.e2e_seconds >= done.time_to_first_token_seconds >= done.queue_seconds >= 0
     assert done.time_per_output_token_seconds > 0
-    assert done.prompt_sha256 == hashlib.sha256(prompt.encode()).hexdigest()
+    # the prompt is committed under a fresh salt that only the requester got (#19): no guess can be checked
+    salt = messages[0].prompt_salt
+    assert salt and salt not in done.model_dump_json()
+    assert done.prompt_commitment == commit(prompt.encode(), salt) != hashlib.sha256(prompt.encode()).hexdigest()
     assert done.output_sha256 == hashlib.sha256(expected.text.encode()).hexdigest()
     assert "text" not in done.model_dump()  # never the text itself
 

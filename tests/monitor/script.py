@@ -59,7 +59,7 @@ def completed(i: int, *, e2e: float = 0.4, model: ModelId = TINY, tokens: int = 
         request_id=f"r{i}", trace_id=None, model=model, deployment_id="dep-tiny", node_id=at_node, device="cuda:0",
         prompt_tokens=12, completion_tokens=tokens, queue_seconds=0.01, time_to_first_token_seconds=0.05,
         time_per_output_token_seconds=0.015, e2e_seconds=e2e, finish_reason="stop" if i % 5 else "length",
-        prompt_sha256="0" * 64, output_sha256="1" * 64)
+        prompt_commitment="0" * 64, output_sha256="1" * 64)
 
 
 def failed(i: int, model: str = "tiny@prod") -> InferenceFailed:

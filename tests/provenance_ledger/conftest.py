@@ -16,6 +16,7 @@ from shared.events import (
     DatasetRegistered, DeployLoading, DeployReady, DeployRequested, DeployScheduled, DeviceInfo, Event,
     InferenceCompleted, MeasuredMemory, ModelId, ModelRegistered, NodeRegistered, Source, make_event,
 )
+from shared.prompt_commitment import commit, new_salt, prompt_bytes
 from shared.service import Service
 from tests.support.helpers import eventually, make_service
 
@@ -59,11 +60,18 @@ def scripted_events(inferences: int = 20) -> ScriptedRun:
     add(DeployLoading(deployment_id="dep-1", model=MODEL, node_id=NODE, device=DEVICE), "inference-worker")
     add(DeployReady(deployment_id="dep-1", model=MODEL, node_id=NODE, device=DEVICE, measured=MeasuredMemory(weights=2**29, kv_cache=2**28, peak=2**30), load_seconds=1.5), "inference-worker")
     for i in range(inferences):
-        add(InferenceCompleted(request_id=f"req-{i}", trace_id=f"{i:032x}", model=MODEL, deployment_id="dep-1", node_id=NODE, device=DEVICE,
-                               prompt_tokens=10 + i, completion_tokens=20, queue_seconds=0.001, time_to_first_token_seconds=0.02,
-                               time_per_output_token_seconds=0.01, e2e_seconds=0.3, finish_reason="stop",
-                               prompt_sha256=hashlib.sha256(f"p{i}".encode()).hexdigest(), output_sha256=hashlib.sha256(f"o{i}".encode()).hexdigest()), "inference-worker")
+        add(inference_completed(f"req-{i}", prompt=f"p{i}", salt=new_salt(), prompt_tokens=10 + i, trace_id=f"{i:032x}"), "inference-worker")
     return run
+
+
+def inference_completed(request_id: str, *, prompt: str, salt: str, api_key_id: str | None = None, **fields: Any) -> InferenceCompleted:
+    """A worker's event for one request on the scripted deployment, committing to ``prompt`` with ``salt``."""
+    defaults: dict[str, Any] = dict(
+        model=MODEL, deployment_id="dep-1", node_id=NODE, device=DEVICE, prompt_tokens=10, completion_tokens=20, queue_seconds=0.001,
+        time_to_first_token_seconds=0.02, time_per_output_token_seconds=0.01, e2e_seconds=0.3, finish_reason="stop",
+        output_sha256=hashlib.sha256(f"answer to {prompt}".encode()).hexdigest())
+    return InferenceCompleted(request_id=request_id, prompt_commitment=commit(prompt_bytes(prompt=prompt), salt), api_key_id=api_key_id,
+                              **{**defaults, **fields})
 
 
 async def publish_all(js, events: list[Event[Any]], *, msg_id: bool = True) -> None:

@@ -106,7 +106,7 @@ def test_rewriting_bytes_and_hash_together_still_breaks_the_signed_root(signed_l
     from services.provenance_ledger.domain.merkle import leaf_hash
 
     db = sqlite3.connect(signed_ledger / DB_FILE)
-    event, index = parse_leaf(db.execute("SELECT data FROM leaves WHERE idx = 9").fetchone()[0])
+    event, index, _ = parse_leaf(db.execute("SELECT data FROM leaves WHERE idx = 9").fetchone()[0])
     db.close()
     event["data"]["completion_tokens"] = 1
     forged = leaf_bytes(event, index)
@@ -146,7 +146,7 @@ async def test_killing_the_ledger_mid_ingest_and_restarting_it_loses_nothing(nat
     events = [make_event(InferenceCompleted(
         request_id=f"k-{i}", model=model, deployment_id="d", node_id="n", device="cpu", prompt_tokens=1, completion_tokens=1,
         queue_seconds=0, time_to_first_token_seconds=0, time_per_output_token_seconds=0, e2e_seconds=0, finish_reason="stop",
-        prompt_sha256="0" * 64, output_sha256="1" * 64), Source(service="inference-worker", node="n")) for i in range(total)]
+        prompt_commitment="0" * 64, output_sha256="1" * 64), Source(service="inference-worker", node="n")) for i in range(total)]
     proc = start()
     try:
         publisher = asyncio.create_task(publish_all(js, events))

@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 
 from shared import subjects
 from shared.events import ModelId
+from shared.prompt_commitment import new_salt
 from shared.inference import (
     CANCEL_SUBJECT,
     Chunk,
@@ -50,6 +51,7 @@ class FakeWorker:
     requests: list[InferenceRequest] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     cancels: list[InferenceCancel] = field(default_factory=list)
+    salts: dict[str, str] = field(default_factory=dict)  # request id -> the prompt salt it was given
     nc: Client | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -96,6 +98,7 @@ class FakeWorker:
         name = request.model.split(":")[0].split("@")[0]
         script = self.models[name]
         rid = request.request_id
+        salt = self.salts[rid] = new_salt()
 
         async def send(message: object) -> None:
             await self.nc.publish(msg.reply, message.model_dump_json().encode())  # type: ignore[union-attr, attr-defined]
@@ -134,10 +137,10 @@ class FakeWorker:
                     tokens, finish = tokens[:i], "cancelled"
                     break
             reply = InferenceReply(request_id=rid, model=self.model_id(name), text="".join(tokens), finish_reason=finish,
-                                   usage=usage, logprobs=logprobs[:len(tokens)] if lp is not None else None)
+                                   usage=usage, logprobs=logprobs[:len(tokens)] if lp is not None else None, prompt_salt=salt)
             await send(RpcReply(ok=True, result=reply.model_dump(mode="json")))
             return
-        await send(Started(request_id=rid, model=self.model_id(name)))
+        await send(Started(request_id=rid, model=self.model_id(name), prompt_salt=salt))
         for i, token in enumerate(tokens):
             if script.die_after is not None and i >= script.die_after:
                 return  # silence from now on: a dead worker sends nothing, not even keepalives

@@ -27,6 +27,7 @@ from shared.apikey_http import AuthMode, KeyAuth, bearer, drop_route, protect
 from shared.config import Settings
 from shared.events import InferenceCompleted, new_id
 from shared.inference import End, InferenceRequest
+from shared.prompt_commitment import SALT_HEADER
 from shared.service import Health, Service
 
 from services.api_gateway.domain import render
@@ -165,6 +166,9 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
         slot.release()
         _record_error(span, exc)
         raise
+    salt = reply.prompt_salt if not request.stream else started.prompt_salt
+    if salt is not None:  # for the caller alone: its receipt's prompt commitment checks with it (#19)
+        headers[SALT_HEADER] = salt
     if not request.stream:
         slot.release()
         _record_usage(span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)

@@ -27,6 +27,7 @@ from shared.inference import (
     KEEPALIVE_S, Chunk, End, InferenceError, InferenceReply, InferenceRequest, Keepalive, SamplingOptions, Started,
     StreamFailure, TokenLogprob, Usage,
 )
+from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.adapters.inflight_journal import InflightJournal
 from services.inference_worker.engine import SamplingParams, StreamEvent
@@ -125,7 +126,8 @@ class Server:
         text, lps = [], []
         loop = asyncio.get_running_loop()
         last_tick, admitted = loop.time(), False
-        async with aclosing(self._generate(request, headers)) as stream:
+        salt = new_salt()
+        async with aclosing(self._generate(request, headers, salt)) as stream:
             async for dep, event in stream:
                 idle = event is None and admitted  # the first None is the admission itself
                 admitted = True
@@ -139,17 +141,18 @@ class Server:
                 if event.finished:
                     if event.finish_reason == "error":
                         raise errors.Invalid(event.error or "the engine failed the request")
-                    return Outcome(self._reply(request, dep, event, "".join(text), lps))
+                    return Outcome(self._reply(request, dep, event, "".join(text), lps, salt))
         raise errors.StrataError("the request ended without a final event")  # pragma: no cover
 
     # ---- streaming --------------------------------------------------------------------------
     async def _stream(self, request: InferenceRequest, headers: dict[str, str] | None, send: Send) -> None:
         rid, index, started = request.request_id, 0, False
+        salt = new_salt()
         try:
-            async with aclosing(self._generate(request, headers)) as stream:
+            async with aclosing(self._generate(request, headers, salt)) as stream:
                 async for dep, event in stream:
                     if not started:  # at admission, before the engine scheduled it
-                        await send(_msg(Started(request_id=rid, model=dep.model)))
+                        await send(_msg(Started(request_id=rid, model=dep.model, prompt_salt=salt)))
                         started = True
                         if event is None:
                             continue
@@ -170,10 +173,11 @@ class Server:
             await self._send_error(send, True, rid, exc)
 
     # ---- the core ---------------------------------------------------------------------------
-    async def _generate(self, request: InferenceRequest, headers: dict[str, str] | None
+    async def _generate(self, request: InferenceRequest, headers: dict[str, str] | None, salt: str
                         ) -> AsyncIterator[tuple[Deployment, StreamEvent | None]]:
         """Admit the request into an engine and yield its stream events (None: nothing happened for
-        KEEPALIVE_S). Publishes the inference event when the request ends, however it ends."""
+        KEEPALIVE_S). Publishes the inference event when the request ends, however it ends, with its
+        prompt committed under ``salt`` (which the caller returns to the requester, never to the event)."""
         rid = request.request_id
         if len(self.inflight) >= self.max_inflight:
             raise errors.Unavailable(f"overloaded: {len(self.inflight)} requests in flight on this worker, retry")
@@ -225,14 +229,14 @@ class Server:
                 if self.journal is not None:
                     self.journal.ended(rid)
                 with trace.use_span(span, end_on_exit=False):  # the inference event continues this trace
-                    asyncio.ensure_future(self._record(request, dep, final, "".join(text), trace_id, started))
+                    asyncio.ensure_future(self._record(request, dep, final, "".join(text), trace_id, started, salt))
                 if final is not None:
                     span.set_attributes({"gen_ai.response.model": dep.model.name,
                                          "gen_ai.usage.input_tokens": final.metrics.num_prompt_tokens,
                                          "gen_ai.usage.output_tokens": final.metrics.num_generated_tokens})
 
     async def _record(self, request: InferenceRequest, dep: Deployment, final: StreamEvent | None,
-                      output: str, trace_id: str, started: float) -> None:
+                      output: str, trace_id: str, started: float, salt: str) -> None:
         # Scheduled before a non-stream reply is sent: one loop turn first, so that nats-py's flusher
         # writes the reply before this bookkeeping (metrics, the event) runs; it was ~0.1 ms of every reply.
         await asyncio.sleep(0)
@@ -254,17 +258,19 @@ class Server:
                 completion_tokens=m.num_generated_tokens, queue_seconds=m.queue_time or 0.0,
                 time_to_first_token_seconds=m.ttft or 0.0, time_per_output_token_seconds=m.tpot or 0.0,
                 e2e_seconds=m.e2e or 0.0, finish_reason=final.finish_reason or "stop",
-                prompt_sha256=prompt_sha256(request), output_sha256=sha256(output), api_key_id=request.api_key_id))
+                prompt_commitment=commit(request.prompt_bytes(), salt), output_sha256=sha256(output),
+                api_key_id=request.api_key_id))
         except Exception:  # the reply already went out; a lost event is logged, not raised into nothing
             log.exception("could not publish the inference event of %s", request.request_id)
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _reply(self, request: InferenceRequest, dep: Deployment, final: StreamEvent, text: str, lps: list) -> InferenceReply:
+    def _reply(self, request: InferenceRequest, dep: Deployment, final: StreamEvent, text: str, lps: list,
+               salt: str) -> InferenceReply:
         m = final.metrics
         return InferenceReply(request_id=request.request_id, model=dep.model, text=text,
                               finish_reason=final.finish_reason or "stop",
                               usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
-                              logprobs=self._logprobs(dep, lps, request))
+                              logprobs=self._logprobs(dep, lps, request), prompt_salt=salt)
 
     @staticmethod
     def _logprobs(dep: Deployment, lps: list, request: InferenceRequest) -> list[TokenLogprob] | None:
@@ -316,14 +322,6 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def prompt_sha256(request: InferenceRequest) -> str:
-    """The prompt's text, or the chat messages as compact sorted JSON."""
-    if request.prompt is not None:
-        return sha256(request.prompt)
-    body = [m.model_dump() for m in request.messages or []]
-    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
-
-
 def _ok(reply: InferenceReply) -> bytes:
     return RpcReply(ok=True, result=reply).model_dump_json().encode()  # serialised once, straight to JSON
 
@@ -349,4 +347,4 @@ def _request_id(raw: bytes) -> str:
     return rid if isinstance(rid, str) else ""
 
 
-__all__ = ["Outcome", "Server", "parse_request", "prompt_sha256", "sha256", "to_params"]
+__all__ = ["Outcome", "Server", "parse_request", "sha256", "to_params"]

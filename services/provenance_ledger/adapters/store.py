@@ -3,6 +3,10 @@
 One writer (the ingest) appends a batch of leaves and their index rows in one transaction; readers
 (queries, proofs, verify) may use their own connections. ``synchronous=FULL`` makes a commit
 durable against power loss too, since the ingest acknowledges events only after it.
+
+Schema version 2 (``PRAGMA user_version``, #19): ``leaves.event_id`` is no longer UNIQUE, since an id
+reused with other content is a leaf of its own (``conflict_of`` names the first leaf with that id). A
+file of version 1 is migrated when it is opened: its leaves are copied into the new table unchanged.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from services.provenance_ledger.domain.lineage import IndexRow
 from services.provenance_ledger.domain.tree_head import TreeHead
 from services.provenance_ledger.domain.verify import StoredLeaf
 
-SCHEMA = """
+LEAVES_TABLE = """
 CREATE TABLE IF NOT EXISTS leaves (
     idx INTEGER PRIMARY KEY,
-    event_id TEXT NOT NULL UNIQUE,
+    event_id TEXT NOT NULL,
     type TEXT NOT NULL,
     time_ms INTEGER NOT NULL,
     source_service TEXT NOT NULL,
@@ -29,8 +33,12 @@ CREATE TABLE IF NOT EXISTS leaves (
     model_digest TEXT,
     stream_seq INTEGER,
     data BLOB NOT NULL,
-    leaf_hash BLOB NOT NULL
-);
+    leaf_hash BLOB NOT NULL,
+    conflict_of INTEGER
+)"""
+SCHEMA = LEAVES_TABLE + """;
+CREATE INDEX IF NOT EXISTS leaves_event_id ON leaves(event_id);
+CREATE INDEX IF NOT EXISTS leaves_conflicts ON leaves(conflict_of) WHERE conflict_of IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leaves_time ON leaves(time_ms);
 CREATE INDEX IF NOT EXISTS leaves_model_name ON leaves(model_name, time_ms);
 CREATE INDEX IF NOT EXISTS leaves_model_digest ON leaves(model_digest, time_ms);
@@ -41,6 +49,9 @@ CREATE TABLE IF NOT EXISTS tree_heads (
     key_id TEXT NOT NULL,
     signature TEXT NOT NULL,
     PRIMARY KEY (tree_size, timestamp_ms)
+);
+CREATE TABLE IF NOT EXISTS verified (
+    id INTEGER PRIMARY KEY CHECK (id = 1), size INTEGER NOT NULL, at_ms INTEGER NOT NULL, full_at_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS inferences (
     request_id TEXT PRIMARY KEY, idx INTEGER NOT NULL, event_id TEXT NOT NULL, time_ms INTEGER NOT NULL,
@@ -97,6 +108,11 @@ class LeafRow(NamedTuple):
     stream_seq: int | None
     data: bytes
     leaf_hash: bytes
+    conflict_of: int | None = None
+
+
+SCHEMA_VERSION = 2
+_V1_COLUMNS = "idx, event_id, type, time_ms, source_service, model_name, model_version, model_digest, stream_seq, data, leaf_hash"
 
 
 class LedgerStore:
@@ -108,11 +124,32 @@ class LedgerStore:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self._migrate()
             self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
         self.db.close()
+
+    def _migrate(self) -> None:
+        """Version 1 -> 2: rebuild ``leaves`` without UNIQUE(event_id) (SQLite cannot drop a constraint)."""
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        has_leaves = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leaves'").fetchone()
+        if version >= SCHEMA_VERSION or not has_leaves:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("ALTER TABLE leaves RENAME TO leaves_v1")  # its indexes go with it, and are made anew by SCHEMA
+            db.execute(LEAVES_TABLE)
+            db.execute(f"INSERT INTO leaves ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM leaves_v1")
+            db.execute("DROP TABLE leaves_v1")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- writes ------------------------------------------------------------------------------
     def append(self, leaves: list[LeafRow], index_rows: Iterable[IndexRow] = (), heads: Iterable[TreeHead] = ()) -> None:
@@ -120,7 +157,7 @@ class LedgerStore:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?)", leaves)
+            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", leaves)
             by_table: dict[str, list[list[Any]]] = {}
             for row in index_rows:
                 columns = _INDEX_SQL[row.table][1]
@@ -140,6 +177,13 @@ class LedgerStore:
             (head.tree_size, head.root_hash, head.timestamp_ms, head.key_id, head.signature),
         )
 
+    def set_verified(self, size: int, at_ms: int, *, full: bool) -> None:
+        self.db.execute(
+            "INSERT INTO verified (id, size, at_ms, full_at_ms) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "size = excluded.size, at_ms = excluded.at_ms, full_at_ms = coalesce(excluded.full_at_ms, verified.full_at_ms)",
+            (size, at_ms, at_ms if full else None),
+        )
+
     # -- reads -------------------------------------------------------------------------------
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM leaves").fetchone()[0]
@@ -152,19 +196,38 @@ class LedgerStore:
             found.update(r[0] for r in self.db.execute(sql, chunk))
         return found
 
+    def leaves_with_id(self, event_id: str) -> list[sqlite3.Row]:
+        """Every leaf of an event id, first first: one, or more when the id was reused with other content."""
+        return self.db.execute("SELECT * FROM leaves WHERE event_id = ? ORDER BY idx", (event_id,)).fetchall()
+
+    def conflict_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM leaves WHERE conflict_of IS NOT NULL").fetchone()[0]
+
     def leaf_hashes(self) -> Iterator[bytes]:
         for (h,) in self.db.execute("SELECT leaf_hash FROM leaves ORDER BY idx"):
             yield h
 
-    def stored_leaves(self) -> Iterator[StoredLeaf]:
-        for row in self.db.execute("SELECT idx, event_id, data, leaf_hash FROM leaves ORDER BY idx"):
+    def stored_leaves(self, bytes_from: int = 0) -> Iterator[StoredLeaf]:
+        """Every leaf in index order; the bytes only from index ``bytes_from`` on (empty before it)."""
+        sql = "SELECT idx, event_id, CASE WHEN idx >= ? THEN data ELSE x'' END, leaf_hash FROM leaves ORDER BY idx"
+        for row in self.db.execute(sql, (bytes_from,)):
             yield StoredLeaf(row[0], row[1], row[2], row[3])
+
+    def verified(self) -> sqlite3.Row | None:
+        """The marker of the last clean verify: ``size`` leaves re-hashed and matching, ``at_ms``, and
+        ``full_at_ms``, the last pass that re-hashed every leaf."""
+        return self.db.execute("SELECT size, at_ms, full_at_ms FROM verified WHERE id = 1").fetchone()
+
+    def verified_size(self) -> int | None:
+        row = self.verified()
+        return int(row["size"]) if row else None
 
     def leaf(self, idx: int) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM leaves WHERE idx = ?", (idx,)).fetchone()
 
     def leaf_by_event(self, event_id: str) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM leaves WHERE event_id = ?", (event_id,)).fetchone()
+        """The first leaf with this id (a later one reusing it is marked ``conflict_of``)."""
+        return self.db.execute("SELECT * FROM leaves WHERE event_id = ? ORDER BY idx LIMIT 1", (event_id,)).fetchone()
 
     def heads(self) -> list[TreeHead]:
         rows = self.db.execute("SELECT * FROM tree_heads ORDER BY tree_size, timestamp_ms").fetchall()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -91,10 +92,14 @@ class LedgerStats(BaseModel):
     tree_size: int
     appended: int
     duplicates: int
-    conflicts: int
+    conflicts: int = Field(description="leaves that reuse an earlier event's id with other content (marked conflict_of), "
+                           "counted in the file")
     batches: int
     dead_lettered: int
     ingest_running: bool
     ingest_failures: int
     last_error: str | None
     tamper_suspected: bool
+    verified_size: int | None = Field(description="leaves re-hashed and matching at the last clean verify (None: none yet)")
+    verified_at: datetime | None = Field(description="when that verify ran")
+    full_verify_at: datetime | None = Field(description="the last verify that re-hashed every leaf")

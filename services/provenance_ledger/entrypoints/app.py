@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from datetime import datetime
 from typing import Any
 
 from fastapi import Depends, Query
@@ -14,16 +15,19 @@ from fastapi.responses import PlainTextResponse, Response
 from services.provenance_ledger.adapters.ingest import ACK_WAIT_S, EventIngest
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.tree_head import key_id
+from services.provenance_ledger.domain.tree_head import key_id, ms_to_datetime
 from services.provenance_ledger.domain.verify import VerifyReport
+from services.provenance_ledger.entrypoints.access import only_requests_of, receipt_caller
 from services.provenance_ledger.entrypoints.api import (
     AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, DatasetRef, Empty, ExportRequest,
     HeadResponse, InclusionProof, InclusionRequest, LedgerStats, PublicKey, RequestRef,
 )
 from services.provenance_ledger.service_layer import queries
-from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger, verify_store
+from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger
+from services.provenance_ledger.service_layer.watch import TamperWatch, WatchSettings
 from shared import errors
 from shared.apikey_http import protect
+from shared.apikeys import ApiKeyRecord
 from shared.config import Settings
 from shared.events import LedgerCheckpoint, TamperDetected
 from shared.http_errors import error_responses
@@ -48,6 +52,9 @@ class LedgerApp:
         self.service = service
         self.ledger: Ledger | None = None
         self.ingest: EventIngest | None = None
+        self.watch: TamperWatch | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._reported: set[tuple[int, str]] = set()  # findings already published: each one once
 
     @property
     def lg(self) -> Ledger:
@@ -56,9 +63,14 @@ class LedgerApp:
         return self.ledger
 
     async def start(self) -> None:
+        watch_settings = WatchSettings.from_env()  # a bad setting stops the start, with its name
         self.ledger = Ledger.open(self.service.settings.service_dir, _policy())
         if self.ledger.tamper is not None:
             await self.report_tamper(self.ledger.tamper)
+        self.watch = TamperWatch(self.service.settings.service_dir, self.ledger, self.report_tamper, watch_settings)
+        self.service.catching_up.add("ledger-verify")  # /healthz names it until the start-up pass is done
+        self._watching = asyncio.create_task(self.watch.run(lambda: self.service.catching_up.discard("ledger-verify")),
+                                             name="ledger-verify")
         # After a crash, the batch it had fetched but not acknowledged comes back only after the ack wait:
         # a shorter one (STRATA_LEDGER_ACK_WAIT_SECONDS) catches up sooner, a redelivery is appended once.
         ack_wait = float(os.environ.get("STRATA_LEDGER_ACK_WAIT_SECONDS", ACK_WAIT_S))
@@ -67,6 +79,9 @@ class LedgerApp:
         await self.ingest.start()
 
     async def stop(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)  # a pass in its thread finishes first
         if self.ingest is not None:
             await self.ingest.stop()
         if self.ledger is not None:
@@ -89,7 +104,11 @@ class LedgerApp:
         return head
 
     async def report_tamper(self, report: VerifyReport) -> None:
-        for problem in report.problems[:MAX_TAMPER_EVENTS]:
+        """Publish each finding once (by leaf index and kind), at most MAX_TAMPER_EVENTS per report:
+        the periodic verify sees a finding again at every pass until someone repairs the file."""
+        new = [p for p in report.problems if (p.index, p.kind) not in self._reported][:MAX_TAMPER_EVENTS]
+        for problem in new:
+            self._reported.add((problem.index, problem.kind))
             log.error("ledger tamper: leaf %d %s: %s", problem.index, problem.kind, problem.detail)
             try:
                 await self.service.publish(TamperDetected(index=problem.index, reason=f"{problem.kind}: {problem.detail}"))
@@ -97,11 +116,10 @@ class LedgerApp:
                 log.exception("could not publish tamper_detected")
 
     async def verify(self) -> VerifyReport:
-        report = await asyncio.to_thread(verify_store, self.service.settings.service_dir)
-        self.lg.tamper = None if report.ok else report
-        if not report.ok:
-            await self.report_tamper(report)
-        return report
+        """The full verify on demand: the same pass as the periodic full one (it moves the marker too)."""
+        if self.watch is None:
+            raise errors.Unavailable("the ledger is starting")
+        return await self.watch.check(full=True)
 
     # -- API ---------------------------------------------------------------------------------
     def head(self) -> HeadResponse:
@@ -146,15 +164,24 @@ class LedgerApp:
 
     def stats(self) -> LedgerStats:
         lg, ing = self.lg, self.ingest
+        verified = lg.store.verified()
         return LedgerStats(
             tree_size=lg.size, appended=lg.stats.appended, duplicates=lg.stats.duplicates, conflicts=lg.stats.conflicts,
             batches=lg.stats.batches, dead_lettered=ing.dead_lettered if ing else 0, ingest_running=bool(ing and ing.running),
             ingest_failures=ing.failures if ing else 0, last_error=ing.last_error if ing else None, tamper_suspected=lg.tamper is not None,
+            verified_size=verified["size"] if verified else None, verified_at=_when(verified["at_ms"]) if verified else None,
+            full_verify_at=_when(verified["full_at_ms"]) if verified else None,
         )
 
 
+def _when(ms: int | None) -> datetime | None:
+    return ms_to_datetime(ms) if ms is not None else None
+
+
 def create_service(settings: Settings | None = None) -> Service:
-    service = Service(NAME, settings, description="A tamper-evident Merkle log of every event, with receipts, lineage and exports.")
+    service = Service(NAME, settings, description="A tamper-evident Merkle log of every event, with receipts, lineage and exports. "
+                      "Its leaf contents (leaves, receipts, lineage, audit, exports) need a key with the 'read' scope; "
+                      "an 'inference' key may fetch the receipts of its own requests.")
     app = LedgerApp(service)
     service.ledger_app = app  # type: ignore[attr-defined]  (tests and bench reach the running ledger)
     service.on_start(app.start)
@@ -167,9 +194,12 @@ def create_service(settings: Settings | None = None) -> Service:
 def _routes(service: Service, app: LedgerApp) -> None:
     http = service.http
     tags = ["ledger"]
-    admin = [Depends(protect(service).require("admin"))]  # signing a head now; every read (and /verify) is open
+    auth = protect(service)
+    admin = [Depends(auth.require("admin"))]  # signing a head now
+    reader = [Depends(auth.require("read"))]  # leaf contents (access.py); public material stays open
     starting = error_responses(errors.Unavailable)  # every route answers 503 until the ledger is open
     missing = error_responses(errors.NotFound, errors.Unavailable)
+    read_missing = error_responses(errors.NotFound, errors.Unavailable, auth=True)
 
     @http.get("/head", response_model=HeadResponse, tags=tags, summary="current size and root, and the latest signed tree head",
               responses=starting)
@@ -206,35 +236,38 @@ def _routes(service: Service, app: LedgerApp) -> None:
     async def consistency(first: int = Query(ge=0), second: int | None = Query(None, ge=0)) -> ConsistencyProof:
         return app.consistency(ConsistencyRequest(first=first, second=second))
 
-    @http.get("/leaves/{index}", tags=tags, summary="a stored event and its leaf hash", responses=missing)
+    @http.get("/leaves/{index}", tags=tags, summary="a stored event and its leaf hash (key with scope read)",
+              dependencies=reader, responses=read_missing)
     async def leaf(index: int) -> Any:
         event, h = app.lg.leaf(index)
         return {"leaf_index": index, "leaf_hash": h.hex(), "event": event}
 
-    @http.get("/receipts/{request_id}", response_model=Receipt, tags=tags, summary="an inference receipt, verifiable offline",
-              responses=missing)
-    async def receipt(request_id: str) -> Receipt:
-        return app.lg.receipt(request_id)
+    @http.get("/receipts/{request_id}", response_model=Receipt, tags=tags,
+              summary="an inference receipt, verifiable offline (scope read; or inference, for that key's own requests)",
+              responses=read_missing)
+    async def receipt(request_id: str, caller: ApiKeyRecord | None = Depends(receipt_caller(auth))) -> Receipt:
+        return app.lg.receipt(request_id, made_with=only_requests_of(caller))
 
     @http.post("/verify", response_model=VerifyReport, tags=tags, summary="re-hash every leaf and check every signed head",
                responses=missing)
     async def verify() -> VerifyReport:
         return await app.verify()
 
-    @http.get("/lineage/requests/{request_id}", tags=["lineage"], responses=missing)
+    @http.get("/lineage/requests/{request_id}", tags=["lineage"], dependencies=reader, responses=read_missing)
     async def lineage(request_id: str) -> dict[str, Any]:
         return queries.request_lineage(app.lg.store, request_id)
 
-    @http.get("/lineage/datasets/{digest}", tags=["lineage"], responses=missing)
+    @http.get("/lineage/datasets/{digest}", tags=["lineage"], dependencies=reader, responses=read_missing)
     async def dataset(digest: str) -> dict[str, Any]:
         return queries.dataset_lineage(app.lg.store, digest)
 
-    @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"], responses=error_responses(errors.Invalid, errors.Unavailable))
+    @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"], dependencies=reader,
+              responses=error_responses(errors.Invalid, errors.Unavailable, auth=True))
     async def audit(since: str | None = None, model: str | None = None, type: str | None = None, limit: int = Query(1000, ge=1, le=100_000)) -> list[AuditEntry]:
         return app.audit(AuditRequest(since=since, model=model, type=type, limit=limit))
 
     @http.get("/exports/{ref}", tags=["exports"], summary="in-toto Statement v1 (SLSA provenance) or CycloneDX 1.6 ML-BOM",
-              responses=missing)
+              dependencies=reader, responses=read_missing)
     async def export(ref: str, format: str = Query("in-toto", pattern="^(in-toto|cyclonedx)$")) -> dict[str, Any]:
         return app.export(ExportRequest(ref=ref, format=format))  # type: ignore[arg-type]
 

@@ -65,6 +65,7 @@ class Ledger:
         key = load_or_create_key(directory)
         ledger = cls(LedgerStore(directory / DB_FILE, synchronous=synchronous), key, policy or CheckpointPolicy())
         ledger.tree.extend(ledger.store.leaf_hashes())
+        ledger.stats.conflicts = ledger.store.conflict_count()  # counted in the file: it survives a restart
         # A quick start-up check: stored hashes against every signed head (the full verify re-hashes).
         report = ledger._check_heads()
         ledger.tamper = None if report.ok else report
@@ -74,7 +75,7 @@ class Ledger:
 
     def _check_heads(self) -> VerifyReport:
         rows = (StoredLeaf(i, "", b"", self.tree.leaf(i)) for i in range(self.tree.size))
-        return verify_log(rows, self.store.heads(), self.key.public_key(), check_bytes=False)
+        return verify_log(rows, self.store.heads(), self.key.public_key(), rehash_from=None)
 
     def close(self) -> None:
         self.store.close()
@@ -94,27 +95,41 @@ class Ledger:
     # -- ingest ------------------------------------------------------------------------------
     def append_batch(self, batch: Sequence[Incoming]) -> list[int]:
         """Append the events not yet in the log, in order, in one commit; return their indexes.
-        An event id already in the log (a redelivery, a re-publish) is skipped."""
+
+        An exact copy of a logged event (a redelivery, a re-publish: same id, same content) is
+        skipped. An id already logged with *other* content is a leaf of its own, marked with the
+        index of the first leaf of that id: the services act on it, so the log must hold it (#19)."""
         if not batch:
             return []
         known = self.store.known_ids([m.event.id for m in batch])
+        versions: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # id -> its leaves (index, envelope) so far
         rows: list[LeafRow] = []
         lineage: list[IndexRow] = []
         hashes: list[bytes] = []
-        seen: set[str] = set()
         heads: list[TreeHead] = []
+        duplicates = conflicts = 0
         index = self.tree.size
         for raw, event, seq in batch:
-            if event.id in known or event.id in seen:
-                self._duplicate(raw, event, rows)
-                continue
-            seen.add(event.id)
             envelope = json.loads(raw)
-            data = leaf_bytes(envelope, index)
+            earlier = versions.get(event.id)
+            if earlier is None and event.id in known:
+                earlier = versions[event.id] = [(r["idx"], parse_leaf(r["data"]).event) for r in self.store.leaves_with_id(event.id)]
+            conflict_of = None
+            if earlier:
+                if any(logged == envelope for _, logged in earlier):
+                    duplicates += 1
+                    continue
+                conflict_of = earlier[0][0]
+                conflicts += 1
+                log.warning("event id %s (%s) arrived again with other content: logged as leaf %d, a conflict with leaf %d",
+                            event.id, event.type, index, conflict_of)
+            versions.setdefault(event.id, []).append((index, envelope))
+            data = leaf_bytes(envelope, index, conflict_of)
             h = leaf_hash(data)
             time_ms = datetime_to_ms(event.time)
             mk = model_key(event.data)
-            rows.append(LeafRow(index, event.id, event.type, time_ms, event.source.service, mk.name, mk.version, mk.digest, seq, data, h))
+            rows.append(LeafRow(index, event.id, event.type, time_ms, event.source.service, mk.name, mk.version, mk.digest,
+                                seq, data, h, conflict_of))
             try:
                 lineage.extend(index_rows(event, index, time_ms))
             except Exception:  # the leaf matters more than its index entry: never block the log on it
@@ -129,17 +144,10 @@ class Ledger:
             self.store.append(rows, lineage, heads)
             self.tree.extend(hashes)  # only after the commit: memory never runs ahead of the file
         self.stats.appended += len(rows)
+        self.stats.duplicates += duplicates
+        self.stats.conflicts += conflicts
         self.stats.batches += 1
         return [r.idx for r in rows]
-
-    def _duplicate(self, raw: bytes, event: Event[Any], pending: list[LeafRow]) -> None:
-        self.stats.duplicates += 1
-        stored = self.store.leaf_by_event(event.id)
-        stored_event = parse_leaf(stored["data"])[0] if stored else next(
-            (parse_leaf(r.data)[0] for r in pending if r.event_id == event.id), None)
-        if stored_event is not None and stored_event != json.loads(raw):
-            self.stats.conflicts += 1
-            log.warning("event id %s arrived again with different content; the first one stays in the log", event.id)
 
     # -- signed tree heads -------------------------------------------------------------------
     def checkpoint_due(self) -> bool:
@@ -188,7 +196,7 @@ class Ledger:
         row = self.store.leaf(index) if 0 <= index < self.size else None
         if row is None:
             raise errors.NotFound(f"no leaf at index {index} (the log has {self.size})")
-        return parse_leaf(row["data"])[0], row["leaf_hash"]
+        return parse_leaf(row["data"]).event, row["leaf_hash"]
 
     def index_of(self, event_id: str) -> int:
         row = self.store.leaf_by_event(event_id)
@@ -196,15 +204,20 @@ class Ledger:
             raise errors.NotFound(f"event {event_id!r} is not in the ledger")
         return int(row["idx"])
 
-    def receipt(self, request_id: str) -> Receipt:
+    def receipt(self, request_id: str, *, made_with: str | None = None) -> Receipt:
+        """The receipt of a request; with ``made_with`` (an API key id), only if that key made it."""
         rows = self.store.query("SELECT idx FROM inferences WHERE request_id = ?", (request_id,))
         if not rows:
             raise errors.NotFound(f"no inference.completed for request {request_id!r} in the ledger")
         index = int(rows[0]["idx"])
+        leaf = parse_leaf(self.store.leaf(index)["data"])
+        if made_with is not None and leaf.event.get("data", {}).get("api_key_id") != made_with:
+            # the same answer as an unknown request: a key learns nothing of the requests of others
+            raise errors.NotFound(f"no inference.completed for request {request_id!r} made with this API key ({made_with})")
         head = self.head_covering(index)
-        event, _ = self.leaf(index)
         proof = self.tree.inclusion_proof(index, head.tree_size)
-        return Receipt(event=event, leaf_index=index, inclusion_proof=[p.hex() for p in proof], tree_head=head)
+        return Receipt(event=leaf.event, leaf_index=index, conflict_of=leaf.conflict_of,
+                       inclusion_proof=[p.hex() for p in proof], tree_head=head)
 
 
 def _head_from_checkpoint(data: LedgerCheckpoint) -> TreeHead:
@@ -214,9 +227,10 @@ def _head_from_checkpoint(data: LedgerCheckpoint) -> TreeHead:
                     key_id=data.key_id, signature=data.signature)
 
 
-def verify_store(directory: Path) -> VerifyReport:
-    """The full verify: re-hash every stored leaf and check every signed head. Opens its own
-    read-only connection, so it can run in a thread beside the ingest, or with no service at all."""
+def verify_store(directory: Path, rehash_from: int = 0) -> VerifyReport:
+    """Re-hash the stored leaves from ``rehash_from`` (0: every one, the full verify) and check every
+    signed head against all stored hashes. Opens its own read-only connection, so it can run in a
+    thread beside the ingest, or with no service at all."""
     from services.provenance_ledger.adapters.keys import PUBLIC_FILE
     from services.provenance_ledger.domain.tree_head import load_public_pem
 
@@ -226,6 +240,6 @@ def verify_store(directory: Path) -> VerifyReport:
     public_key = load_public_pem((directory / PUBLIC_FILE).read_bytes())
     store = LedgerStore(path, readonly=True)
     try:
-        return verify_log(store.stored_leaves(), store.heads(), public_key)
+        return verify_log(store.stored_leaves(rehash_from), store.heads(), public_key, rehash_from=rehash_from)
     finally:
         store.close()

@@ -38,7 +38,7 @@ def _iso(ms: int | None) -> str | None:
 
 def _event(store: LedgerStore, idx: int) -> dict[str, Any]:
     row = store.leaf(idx)
-    return parse_leaf(row["data"])[0] if row else {}
+    return parse_leaf(row["data"]).event if row else {}
 
 
 def resolve_model(store: LedgerStore, ref: str) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ def resolve_model(store: LedgerStore, ref: str) -> list[dict[str, Any]]:
         name, alias = ref.split("@", 1)
         aliases = store.query("SELECT data FROM leaves WHERE type = 'model.aliased' AND model_name = ? ORDER BY idx DESC", (name,))
         for row in aliases:
-            data = parse_leaf(row["data"])[0]["data"]
+            data = parse_leaf(row["data"]).event["data"]
             if data.get("alias") == alias:
                 return store.query("SELECT * FROM models WHERE digest = ?", (data["model"]["digest"],))
         return []
@@ -152,7 +152,7 @@ def audit(store: LedgerStore, *, since_ms: int | None = None, model: str | None 
     sql += " ORDER BY idx LIMIT ?"
     rows = store.query(sql, (*params, limit))
     return [{"leaf_index": r["idx"], "event_id": r["event_id"], "type": r["type"], "time": _iso(r["time_ms"]),
-             "source": r["source_service"], "data": parse_leaf(r["data"])[0].get("data", {})} for r in rows]
+             "source": r["source_service"], "data": parse_leaf(r["data"]).event.get("data", {})} for r in rows]
 
 
 def model_facts(store: LedgerStore, ref: str, tree_head: dict[str, Any] | None) -> ModelFacts:

@@ -1,0 +1,39 @@
+"""Who may read what of the ledger over HTTP (#19 finding 4).
+
+Leaf contents (leaves, receipts, lineage, audit, exports) need an API key with the ``read`` scope
+(``admin`` implies it); a key with only ``inference`` may fetch the receipt of a request made with
+that same key (``inference.completed`` carries the key's public id) and nothing else. Public material
+stays open: tree heads, the public key, inclusion and consistency proofs (hashes only), /stats,
+/healthz. The NATS RPCs (`strata ledger`, `strata receipt`) are guarded by the NATS credentials
+instead (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import Security
+from fastapi.security import HTTPAuthorizationCredentials
+
+from shared import errors
+from shared.apikey_http import KeyAuth, bearer
+from shared.apikeys import ApiKeyRecord
+
+
+def receipt_caller(auth: KeyAuth) -> Callable[..., Awaitable[ApiKeyRecord | None]]:
+    """A FastAPI dependency: the caller's key record if it may read receipts at all (``read``, or
+    ``inference`` for its own), None in open mode; 401 / 403 otherwise."""
+
+    async def receipt_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> ApiKeyRecord | None:
+        key = credentials.credentials if credentials else None
+        try:
+            return await auth.check(key, "read")
+        except errors.Forbidden:
+            return await auth.check(key, "inference")
+
+    return receipt_key
+
+
+def only_requests_of(caller: ApiKeyRecord | None) -> str | None:
+    """The key id whose requests alone this caller may see receipts of; None: every request."""
+    return None if caller is None or caller.grants("read") else caller.id
