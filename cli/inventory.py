@@ -160,12 +160,9 @@ async def _fit(nc, args) -> int:
     for col in ("device kind", "dtype", "weights", "KV cache", "activations", "workspace", "formula", "corrected", "+ runtime", "booked", "correction"):
         terms.add_column(col, justify="left" if col in ("device kind", "dtype", "correction") else "right")
     for kind, e in report.estimates.items():
-        c = e.correction
-        note = "none yet" if c is None else (f"x{c.weights_factor:.3f} weights, x{c.overhead_factor:.3f} rest from {c.samples} measured; "
-                                             f"last error {100 * (c.last_error or 0):+.1f}%, mean |error| {100 * (c.mean_abs_error or 0):.1f}%")
         r = e.corrected
         terms.add_row(kind, r.dtype, _gb(r.weights), _gb(r.kv_cache), _gb(r.activations), _gb(r.workspace), _gb(e.raw_total),
-                      _gb(e.total), _gb(r.runtime_overhead), _gb(e.booked), note)
+                      _gb(e.total), _gb(r.runtime_overhead), _gb(e.booked), e.correction_note)
     console.print(terms)
     rows = Table(title="verdict per device")
     for col in ("node", "device", "name", "needs", "available", "usable", "verdict"):

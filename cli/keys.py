@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     create = _cmd(ksub, "create", "make a key and print it (the only time it is ever shown)", _create)
     create.add_argument("--name", required=True, help="who or what uses it (shown by ls)")
     create.add_argument("--scope", choices=SCOPES, default="inference",
-                        help="inference: the gateway's /v1 API; admin: also push, deploy, alias, delete (default inference)")
+                        help="inference: the gateway's /v1 API (and its own requests' receipts); read: also the ledger's "
+                             "records; admin: also push, deploy, alias, delete (default inference)")
     create.add_argument("--rpm", type=_positive, metavar="N", help="requests per minute, per gateway replica (default unlimited)")
     create.add_argument("--tpm", type=_positive, metavar="N", help="prompt + completion tokens per minute (default unlimited)")
     create.add_argument("--json", action="store_true", help="print the key and its record as JSON")

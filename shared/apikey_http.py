@@ -28,8 +28,9 @@ AuthMode = Literal["open", "api-keys"]
 bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", bearerFormat="sk-strata-…",
                     description="An API key from `strata key create`: `Authorization: Bearer <key>`.")
 OPEN_ROUTES_NOTE = ("Authentication: routes that change state need an API key with the `admin` scope "
-                    "(`Authorization: Bearer <key>`); GET routes, /healthz and /metrics are open. While no key "
-                    "exists at all, every route is open (see /healthz `auth`).")
+                    "(`Authorization: Bearer <key>`); each route's security and 401/403 answers say what it needs "
+                    "(the ledger's records need `read`); /healthz and /metrics are open. While no key exists at "
+                    "all, every route is open (see /healthz `auth`).")
 
 
 class AuthHealth(Health):

@@ -41,8 +41,20 @@ class Unavailable(StrataError):
     code, http_status = "unavailable", 503
 
 
+class BlobCorrupt(StrataError):
+    """a stored blob no longer matches the store's own record of it (size, chunks, digest): the data is
+    damaged, so retrying will not help (unlike Unavailable)"""
+
+    code, http_status = "blob_corrupt", 500
+
+    @classmethod
+    def of(cls, sha256: str, why: str) -> BlobCorrupt:
+        return cls(f"blob sha256:{sha256} is corrupt in the store: {why}")
+
+
 BY_CODE: dict[str, type[StrataError]] = {
-    cls.code: cls for cls in (StrataError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable)
+    cls.code: cls
+    for cls in (StrataError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable, BlobCorrupt)
 }
 
 

@@ -17,7 +17,7 @@ from shared.catalog import (
     AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
-from shared.errors import Invalid, StrataError, Unavailable, from_code
+from shared.errors import BlobCorrupt, Invalid, StrataError, Unavailable, from_code
 
 from services.model_store.domain.checks import check_files_listing
 from services.model_store.fetch import VerificationError, verify_manifest
@@ -140,15 +140,32 @@ class StoreClient:
 
     # -- downloads, verified ------------------------------------------------------------------
     def blob_chunks(self, sha256: str) -> Iterator[bytes]:
+        received: int | None = None  # None until the answer has begun
         try:
             with self.http.stream("GET", f"/v1/blobs/{sha256}") as response:
                 if response.status_code != 200:
                     response.read()
                     _raise_for(response)
-                yield from response.iter_bytes(CHUNK)
+                received = 0
+                for chunk in response.iter_bytes(CHUNK):
+                    received += len(chunk)
+                    yield chunk
         except httpx.TransportError as exc:
+            if received is not None:
+                raise self._broken_off(sha256, received) from None
             reason = http_tls.failure(exc, self.url) or exc
             raise Unavailable(f"model-store at {self.url}: download of sha256:{sha256} failed ({reason})") from None
+
+    def _broken_off(self, sha256: str, received: int) -> StrataError:
+        """A download that broke off after its 200: model-store ends it so when it finds the blob corrupt
+        on the way, so ask it whether that is why (BlobCorrupt), else the connection failed."""
+        try:
+            self._call("GET", f"/v1/blobs/{sha256}/check")
+        except BlobCorrupt as exc:
+            return exc
+        except StrataError:
+            pass
+        return Unavailable(f"model-store at {self.url}: the download of sha256:{sha256} broke off after {received} bytes")
 
     def pull(self, ref: str, dest: Path, *, public_key: PublicKey | None = None, progress: Progress | None = None) -> ResolvedModel:
         """Download a model into ``dest``; the signature is checked first, each file's digest as it lands."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.hardware_inventory.domain.correction import Correction
+from services.hardware_inventory.domain.correction import MAX_FACTOR, MIN_FACTOR, Correction, IgnoredMeasurement, note
 from services.hardware_inventory.domain.fit import FitParams, ModelShape, activation_bytes, predict
 from shared.errors import Invalid
 
@@ -56,26 +56,79 @@ def test_bad_prediction_inputs_are_refused_with_the_reason(kwargs, message):
         predict(LLAMA3_8B, "cuda", **kwargs)
 
 
+def measured(raw, overhead: float) -> int:
+    """A peak as a worker reports it: the weights, the KV cache it was told to allocate, and ``overhead``
+    x the activations and workspace the formula predicted."""
+    return raw.weights + raw.kv_cache + int(overhead * (raw.activations + raw.workspace))
+
+
 def test_a_measurement_moves_the_next_prediction_to_it_and_the_error_shrinks():
     raw = predict(LLAMA3_8B, "cuda", context_length=8192)
-    measured_peak = int(raw.total * 1.15)  # the card used 15 % more than the formula said
+    measured_peak = measured(raw, 1.5)  # activations and workspace took half again what the formula said
     c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
-    c1 = c0.learn(raw, raw.total, raw.weights, measured_peak, "d1.0.0")
-    assert c1.samples == 1 and c1.last_error == pytest.approx(1 / 1.15 - 1, abs=1e-6)
+    c1 = c0.learn(raw, raw.total, raw.weights, raw.kv_cache, measured_peak, "d1.0.0")
+    assert c1.samples == 1 and c1.last_error == pytest.approx(raw.total / measured_peak - 1, abs=1e-6)
     corrected = c1.apply(raw)
     assert abs(corrected.total - measured_peak) / measured_peak < 0.001
-    c2 = c1.learn(raw, corrected.total, raw.weights, measured_peak, "d2.0.0")
+    c2 = c1.learn(raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0")
     assert abs(c2.last_error) < abs(c1.last_error) and abs(c2.last_error) < 0.001
-    assert c2.learn(raw, corrected.total, raw.weights, measured_peak, "d2.0.0") is c2  # idempotent per sample
+    assert c2.learn(raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0") is c2  # idempotent per sample
     # the correction carries over to another context length of the same kind of model
     other = c2.apply(predict(LLAMA3_8B, "cuda", context_length=2048))
     assert other.total > predict(LLAMA3_8B, "cuda", context_length=2048).total
 
 
+def test_the_kv_cache_is_never_corrected():
+    """The worker allocates exactly the KV cache it is told to, and its context is what that cache holds:
+    scaling it by what measurements taught fed each measurement back into the next (256 -> 224 -> 176 -> 144)."""
+    raw = predict(LLAMA3_8B, "cuda", context_length=8192)
+    c = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
+    for i in range(5):
+        c = c.learn(raw, c.apply(raw).total, raw.weights, raw.kv_cache, measured(raw, 0.6), f"d{i}.0.0")
+        assert c.apply(raw).kv_cache == raw.kv_cache
+    assert c.overhead_factor == pytest.approx(0.6, abs=0.01)
+
+
 def test_an_implausible_measurement_is_refused_and_factors_are_clamped():
     raw = predict(LLAMA3_8B, "cuda", context_length=8192)
     c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
-    with pytest.raises(ValueError, match="implausible"):
-        c0.learn(raw, raw.total, raw.weights * 2, raw.weights, "x")
-    wild = c0.learn(raw, raw.total, raw.weights, raw.weights + 100 * (raw.total - raw.weights), "y")
-    assert wild.overhead_factor == 4.0
+    with pytest.raises(IgnoredMeasurement, match="implausible"):
+        c0.learn(raw, raw.total, raw.weights * 2, raw.kv_cache, raw.weights, "x")
+    high = c0.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 2.8), "y")
+    assert high.overhead_factor == MAX_FACTOR == 2.0
+    low = c0.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 0.4), "z")
+    assert low.overhead_factor == MIN_FACTOR == 0.5
+
+
+TINY_F32 = ModelShape(architecture="LlamaForCausalLM", dtype="float32", num_layers=4, hidden_size=256, intermediate_size=768,
+                      num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=32000, context_length=256, weight_bytes=48_000_000,
+                      parameters=12_000_000)
+
+
+def test_a_measurement_too_small_to_mean_anything_is_ignored():
+    raw = predict(TINY_F32, "cpu")  # the built-in model on a CPU: the process grew by 17.5 MiB (+1091 %)
+    peak = int(17.5 * 2**20)
+    c0 = Correction(architecture="LlamaForCausalLM", dtype="float32", device_kind="cpu")
+    with pytest.raises(IgnoredMeasurement, match="too small to learn from") as caught:
+        c0.learn(raw, raw.total, 12 * 2**20, raw.kv_cache, peak, "x")
+    ignored = c0.ignore(caught.value, "x")
+    assert (ignored.samples, ignored.ignored, ignored.apply(raw)) == (0, 1, raw)
+    assert ignored.ignore(caught.value, "x") is ignored  # counted once per replica
+    assert "too small to learn from" in note(raw, ignored) and note(raw, ignored).startswith("no correction")
+
+
+def test_a_measurement_too_far_from_the_formula_is_ignored():
+    raw = predict(LLAMA3_8B, "cuda", context_length=8192)
+    c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
+    with pytest.raises(IgnoredMeasurement, match="too far from the formula"):
+        c0.learn(raw, raw.total, raw.weights, raw.kv_cache, 4 * raw.total, "x")  # another process counted in
+
+
+def test_the_note_says_by_how_much_and_from_how_many():
+    raw = predict(LLAMA3_8B, "cuda", context_length=8192)
+    c = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
+    assert note(raw, None).startswith("no correction yet")
+    c = c.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 1.5), "a")
+    c = c.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 1.5), "b")
+    factor = c.apply(raw).total / raw.total
+    assert note(raw, c).startswith(f"corrected by x{factor:.2f} from 2 measurements")

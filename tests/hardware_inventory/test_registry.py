@@ -158,8 +158,10 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
     replica = first.deployment.replicas[0]
     predicted = replica.predicted_bytes
     fit_before = await cluster.deployments.fit(FitRequest(model_ref="small"))
-    weights = fit_before.estimates["cuda"].raw.weights
-    measured = int(predicted * 1.25)
+    raw = fit_before.estimates["cuda"].raw
+    weights = raw.weights
+    # activations and workspace took half again what the formula said (the KV cache is as booked)
+    measured = raw.weights + raw.kv_cache + int(1.5 * (raw.activations + raw.workspace))
 
     async def ready(outcome):
         r = outcome.deployment.replicas[0]
@@ -181,7 +183,7 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
             break
         await asyncio.sleep(0.05)
     [c1] = await correction()
-    assert c1.samples == 1 and c1.last_error < -0.19  # predicted 20 % under the measurement
+    assert c1.samples == 1 and c1.last_error < -0.05  # predicted under the measurement
     fit_after = await cluster.deployments.fit(FitRequest(model_ref="small"))
     assert fit_after.estimates["cuda"].total > fit_before.estimates["cuda"].total
     assert abs(fit_after.estimates["cuda"].total - measured) / measured < 0.01

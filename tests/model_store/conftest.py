@@ -12,13 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats
 import numpy as np
 import pytest
 import uvicorn
+from nats.js.api import AckPolicy, ConsumerConfig
 from safetensors.numpy import save_file
 
 from cli.natsd import free_port
-from shared.catalog import FileEntry
+from shared.catalog import BLOB_BUCKET, FileEntry
 from tests.support.helpers import make_service
 
 CONFIG = {
@@ -97,3 +99,41 @@ class LiveStore:
 def live_store(nats_server, tmp_path) -> Iterator[LiveStore]:
     with LiveStore(nats_server.url, tmp_path / "store-data") as store:
         yield store
+
+
+async def chunk_messages(js, sha256: str, bucket: str = BLOB_BUCKET) -> tuple[str, str, list[int]]:
+    """The Object Store's stream, the blob's chunk subject and the stream sequence of each chunk message."""
+    store = await js.object_store(bucket)
+    info = await store.get_info(sha256)
+    stream, subject = f"OBJ_{bucket}", f"$O.{bucket}.C.{info.nuid}"
+    sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+    try:
+        msgs = await sub.fetch(info.chunks, timeout=5)
+    finally:
+        await sub.unsubscribe()
+    return stream, subject, [m.metadata.sequence.stream for m in msgs]
+
+
+async def lose_chunk(nats_url: str, sha256: str, index: int = 0) -> None:
+    """A chunk message of the blob is gone (as after a lost disk block): fewer chunks than its record says."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        stream, _, seqs = await chunk_messages(js, sha256)
+        await js.delete_msg(stream, seqs[index])
+    finally:
+        await nc.close()
+
+
+async def change_last_chunk(nats_url: str, sha256: str) -> None:
+    """The blob's last chunk holds other bytes of the same length: the count and size still match its
+    record, only the digest tells."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        stream, subject, seqs = await chunk_messages(js, sha256)
+        last = await js.get_msg(stream, seqs[-1])
+        await js.delete_msg(stream, seqs[-1])
+        await js.publish(subject, bytes(b ^ 0xFF for b in last.data), stream=stream)
+    finally:
+        await nc.close()

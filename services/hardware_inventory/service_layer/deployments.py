@@ -16,7 +16,7 @@ from services.hardware_inventory.adapters.catalog import ModelCatalog
 from services.hardware_inventory.adapters.state import InventoryState, Unchanged
 from services.hardware_inventory.config import InventoryConfig
 from services.hardware_inventory.domain import placement
-from services.hardware_inventory.domain.correction import Correction, correction_key
+from services.hardware_inventory.domain.correction import Correction, IgnoredMeasurement, correction_key
 from services.hardware_inventory.domain.fit import FitEstimate, ModelShape, predict
 from services.hardware_inventory.domain.model import Allocations, Deployment, NodeRecord, Replica
 from services.hardware_inventory.domain.policy import AdmissionPolicy
@@ -202,21 +202,24 @@ class Deployments:
         key = correction_key(deployment.shape.architecture, raw.dtype, raw.device_kind)
         sample = f"{deployment.deployment_id}.{replica.index}.{replica.generation}"
 
-        def learn(current: Correction | None) -> tuple[Correction, Correction]:
+        def learn(current: Correction | None) -> tuple[Correction, Correction | IgnoredMeasurement]:
             base = current or Correction(architecture=deployment.shape.architecture, dtype=raw.dtype, device_kind=raw.device_kind)
             if sample in base.applied:
                 raise Unchanged(base)
-            learned = base.learn(raw, replica.predicted_bytes, event.measured.weights, event.measured.peak, sample)
+            measured = event.measured
+            try:
+                learned = base.learn(raw, replica.predicted_bytes, measured.weights, measured.kv_cache, measured.peak, sample)
+            except IgnoredMeasurement as ignored:
+                return base.ignore(ignored, sample), ignored
             return learned, learned
 
-        try:
-            learned = await self.state.change(f"correction.{key}", Correction, learn)
-        except ValueError as exc:  # an implausible report is logged, not learned from, and not retried
-            log.warning("ignoring measurement of %s on %s: %s", event.deployment_id, event.node_id, exc)
+        outcome = await self.state.change(f"correction.{key}", Correction, learn)
+        if isinstance(outcome, IgnoredMeasurement):
+            log.warning("not learning from the measurement of %s on %s: %s", event.deployment_id, event.node_id, outcome)
             return
         log.info("%s: predicted %d B, measured %d B (error %+.1f%%); factors now w=%.3f o=%.3f",
-                 key, replica.predicted_bytes, event.measured.peak, 100 * (learned.last_error or 0),
-                 learned.weights_factor, learned.overhead_factor)
+                 key, replica.predicted_bytes, event.measured.peak, 100 * (outcome.last_error or 0),
+                 outcome.weights_factor, outcome.overhead_factor)
 
     async def worker_let_go(self, deployment_id: str, node_id: str, why: str, *, failed: bool) -> None:
         """deploy.failed / deploy.unloaded: the replica holds no memory there any more. An unloaded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from services.hardware_inventory.domain.correction import Correction
+from services.hardware_inventory.domain.correction import Correction, note
 from services.hardware_inventory.domain.fit import FitEstimate
 from services.hardware_inventory.domain.model import Deployment, NodeRecord, Policy, Telemetry
 from shared.events import ModelId
@@ -30,13 +30,14 @@ class EstimateView(BaseModel):
     raw_total: int
     total: int = Field(description="corrected prediction of the device peak")
     booked: int = Field(description="what a booking reserves: total plus runtime overhead")
-    correction: Correction | None = None
+    correction: Correction | None = Field(default=None, description="the correction applied, if any measurement taught one")
+    correction_note: str = Field(default="", description="why the estimate is (not) corrected, in words")
 
     @classmethod
     def of(cls, raw: FitEstimate, correction: Correction | None) -> EstimateView:
         corrected = correction.apply(raw) if correction else raw
         return cls(raw=raw, corrected=corrected, raw_total=raw.total, total=corrected.total, booked=corrected.booked,
-                   correction=correction if correction and correction.samples else None)
+                   correction=correction if correction and correction.samples else None, correction_note=note(raw, correction))
 
 
 class FitRow(BaseModel):

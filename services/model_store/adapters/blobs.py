@@ -6,9 +6,10 @@ chunks through a pull consumer a batch at a time, so neither direction holds a w
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,10 +17,10 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig
-from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TYPE, OBJ_STREAM_TEMPLATE, ObjectStore
 
 from shared.catalog import BLOB_BUCKET
-from shared.errors import NotFound, Unavailable
+from shared.errors import BlobCorrupt, NotFound, Unavailable
 
 FETCH_BATCH = 32  # 128 KiB chunks: 4 MiB in flight per download
 FETCH_TIMEOUT_S = 20.0
@@ -62,8 +63,11 @@ class BlobStore:
         with path.open("rb") as f:
             return await self.put_file(sha256, f)
 
-    async def chunks(self, sha256: str) -> AsyncIterator[bytes]:
-        """The blob's bytes, chunk by chunk, as stored (the caller checks the digest)."""
+    async def chunks(self, sha256: str) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes, chunk by chunk, checked against the store's own record of the object
+        (chunk count, size, digest): BlobCorrupt when they disagree. The last chunk is held back
+        until the whole blob has checked out, so no reader ever receives all of a corrupt blob.
+        (Whether the content is the one a manifest names is the caller's check.)"""
         try:
             info = await self._store.get_info(sha256)
         except (ObjectNotFoundError, NotFoundError):
@@ -77,19 +81,37 @@ class BlobStore:
         config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
                                 inactive_threshold=30.0, mem_storage=True)
         sub = await self._js.pull_subscribe(subject, stream=OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), config=config)
-        received = 0
         try:
-            while received < info.size:
+            stored = (await sub.consumer_info()).num_pending
+            expected_chunks = info.chunks or stored  # a record without a count: the size and digest still tell
+            if stored != expected_chunks:
+                # said now: waiting for a chunk that is gone would read as an outage after FETCH_TIMEOUT_S
+                raise BlobCorrupt.of(sha256, f"it was stored as {expected_chunks} chunks, the Object Store holds {stored}")
+            check = _RecordCheck(sha256, info.size, info.digest)
+            held: bytes | None = None
+            while check.chunks < expected_chunks:
                 try:
-                    batch = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                    batch = await sub.fetch(min(FETCH_BATCH, expected_chunks - check.chunks), timeout=FETCH_TIMEOUT_S)
                 except NatsTimeoutError:
                     raise Unavailable(f"blob sha256:{sha256}: no data from the Object Store for {FETCH_TIMEOUT_S}s") from None
                 for msg in batch:
-                    received += len(msg.data)
-                    yield msg.data
+                    check.add(msg.data)
+                    if held is not None:
+                        yield held
+                    held = msg.data
+            check.finish()
+            if held is not None:
+                yield held
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def check(self, sha256: str) -> int:
+        """Read the whole blob through the checks of ``chunks``; its size, or BlobCorrupt / NotFound."""
+        size = 0
+        async for chunk in self.chunks(sha256):
+            size += len(chunk)
+        return size
 
     async def download(self, sha256: str, dest: BinaryIO) -> tuple[str, int]:
         """Write the blob into ``dest``; return (sha256 hex of what arrived, its size)."""
@@ -113,3 +135,36 @@ class BlobStore:
             return [info.name for info in await self._store.list(ignore_deletes=True)]
         except NotFoundError:
             return []
+
+
+class _RecordCheck:
+    """What arrives, against the Object Store's record of the object (written by the put that stored it)."""
+
+    def __init__(self, sha256: str, size: int, digest: str | None) -> None:
+        self.sha256, self.size, self.recorded_digest = sha256, size, digest
+        self.chunks = self.received = 0
+        self.digest = hashlib.sha256()
+
+    def add(self, data: bytes) -> None:
+        self.chunks += 1
+        self.received += len(data)
+        self.digest.update(data)
+        if self.received > self.size:
+            raise BlobCorrupt.of(self.sha256, f"its chunks hold more than the {self.size} bytes it was stored with")
+
+    def finish(self) -> None:
+        if self.received != self.size:
+            raise BlobCorrupt.of(self.sha256, f"its chunks hold {self.received} bytes, it was stored with {self.size}")
+        recorded = _digest_bytes(self.recorded_digest)
+        if recorded is not None and self.digest.digest() != recorded:
+            raise BlobCorrupt.of(self.sha256, f"its chunks have digest sha256:{self.digest.hexdigest()}, "
+                                              f"it was stored with sha256:{recorded.hex()}")
+
+
+def _digest_bytes(recorded: str | None) -> bytes | None:
+    """The Object Store's "SHA-256=<base64url>" digest as bytes (padded or not: Go and Python clients
+    differ); None when the record has none."""
+    if not recorded or not recorded.upper().startswith(OBJ_DIGEST_TYPE):
+        return None
+    text = recorded[len(OBJ_DIGEST_TYPE):]
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -3,6 +3,7 @@ with ``request.stream()`` chunk by chunk, a blob goes out as its Object Store ch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,18 +15,27 @@ from shared.catalog import (
     AliasRequest, AliasResult, DatasetList, DeleteResult, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
-from shared.errors import Conflict, Invalid, NotFound, Unavailable
+from shared.errors import BlobCorrupt, Conflict, Invalid, NotFound, Unavailable
 from shared.http_errors import error_responses
 
 from services.model_store.adapters.catalog_kv import BlobInfo
 from services.model_store.service_layer.handlers import ModelStore
 from services.model_store.service_layer.ingest import check_digest
 
+log = logging.getLogger("model-store")
+
 
 class BlobUploaded(BaseModel):
     sha256: str
     size: int
     info: BlobInfo
+
+
+class BlobChecked(BaseModel):
+    """The blob read through whole and matches the store's record of it (its size, chunks and digest)."""
+
+    sha256: str
+    size: int
 
 
 def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRouter:
@@ -49,13 +59,21 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
             return Response(status_code=404)
         return Response(headers={"x-blob-size": str(size)})
 
+    @api.get("/blobs/{sha256}/check", response_model=BlobChecked,
+             responses=error_responses(Invalid, NotFound, BlobCorrupt, Unavailable))
+    async def check_blob(sha256: str) -> BlobChecked:
+        """Read the stored blob through and check it against the store's record of it (clients ask
+        after a download broke off, to learn whether the blob is corrupt or the connection failed)."""
+        check_digest(sha256)
+        return BlobChecked(sha256=sha256, size=await store().blobs.check(sha256))
+
     @api.put("/blobs/{sha256}", response_model=BlobUploaded, **guarded(Invalid))
     async def upload_blob(sha256: str, request: Request, path: str | None = Query(default=None)) -> BlobUploaded:
         """Stream a blob in as the raw request body; ``path`` (its file name) lets it be checked now."""
         info = await store().ingest.upload(sha256, request.stream(), path)
         return BlobUploaded(sha256=sha256, size=info.size, info=info)
 
-    @api.get("/blobs/{sha256}", responses=error_responses(Invalid, NotFound, Unavailable))
+    @api.get("/blobs/{sha256}", responses=error_responses(Invalid, NotFound, BlobCorrupt, Unavailable))
     async def download_blob(sha256: str) -> StreamingResponse:
         check_digest(sha256)
         return await _stream(store(), sha256)
@@ -79,7 +97,7 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
     async def resolve(ref: str) -> ResolvedModel:
         return await store().resolve(ref)
 
-    @api.get("/models/{ref}/files/{path:path}", responses=error_responses(Invalid, NotFound, Unavailable))
+    @api.get("/models/{ref}/files/{path:path}", responses=error_responses(Invalid, NotFound, BlobCorrupt, Unavailable))
     async def download_file(ref: str, path: str) -> StreamingResponse:
         resolved = await store().resolve(ref)
         entry = next((f for f in resolved.manifest.files if f.path == path), None)
@@ -121,10 +139,24 @@ async def _stream(store: ModelStore, sha256: str) -> StreamingResponse:
     size = await store.blobs.size(sha256)
     if size is None:
         raise NotFound(f"blob sha256:{sha256} is not in the store")
+    chunks = store.blobs.chunks(sha256)
+    # The first chunk is read before the answer starts, so what is found by then (a missing chunk, a
+    # one-chunk blob that fails its digest) is answered as a typed error with its status.
+    first = await anext(chunks, b"")
 
     async def body() -> AsyncIterator[bytes]:
-        async for chunk in store.blobs.chunks(sha256):
-            yield chunk
+        yield first
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except BlobCorrupt as exc:
+            # The status has gone out: raising here makes the server end the connection short of
+            # content-length, so the client sees a broken download, never a short 200 (the store
+            # holds back a corrupt blob's last chunk). GET /v1/blobs/{sha256}/check then says why.
+            log.error("aborted the download: %s", exc.message)
+            raise
+        finally:
+            await chunks.aclose()  # its pull consumer goes now, not at garbage collection
 
     return StreamingResponse(
         body(), media_type="application/octet-stream",
