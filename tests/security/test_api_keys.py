@@ -162,7 +162,7 @@ async def test_admin_routes_need_an_admin_key_and_reads_stay_open(nats_server, t
             spec = (await http.get(f"{store_url}/openapi.json")).json()
             assert {"401", "403"} <= set(spec["paths"]["/v1/models"]["post"]["responses"])
             assert "401" not in spec["paths"]["/v1/models"]["get"]["responses"]
-            assert "GET routes, /healthz and /metrics are open" in spec["info"]["description"]
+            assert "(the ledger's records need `read`); /healthz and /metrics are open" in spec["info"]["description"]
 
         # the CLI sends the key: --api-key, or $STRATA_API_KEY
         data = tmp_path / "corpus.txt"
