@@ -348,6 +348,8 @@ class InferenceCompleted(WorkerEvent):
     prompt_sha256: str
     output_sha256: str
     api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
+    client_request_id: str | None = Field(default=None, max_length=128,
+                                          description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
 
 
 class InferenceFailed(WorkerEvent):

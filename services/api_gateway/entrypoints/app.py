@@ -38,7 +38,10 @@ from services.api_gateway.service_layer.handlers import Caller, Gateway, Gateway
 log = logging.getLogger("api-gateway")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+# The caller's own id: echoed and kept as ``client_request_id``, never used as ours (two callers may
+# send the same one, and events, receipts and cancellation need one id per request).
 REQUEST_ID_HEADER = "x-request-id"
+GATEWAY_REQUEST_ID_HEADER = "x-strata-request-id"  # the id the gateway made: the one in events and receipts
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in (
@@ -77,32 +80,44 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     async def caller(request: Request, x_request_id: str | None = Header(
             default=None, json_schema_extra={"pattern": _REQUEST_ID.pattern}),  # documented; checked below with a clear message
             credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Caller:
-        """The request id (the caller's, or a new one) and the API key's holder: one dependency, as
-        each one FastAPI solves per request costs CPU on the hottest path."""
+        """A new request id (the caller's x-request-id is checked, and kept only for correlation) and
+        the API key's holder: one dependency, as each one FastAPI solves per request costs CPU on the
+        hottest path."""
+        request.state.request_id = new_id()
         if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
             raise errors.Invalid("x-request-id must be 1-128 characters of letters, digits and . _ : -")
-        request.state.request_id = x_request_id or new_id()
         return await gateway.authenticate(credentials.credentials if credentials else None)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models(request: Request, response: Response, _c: Caller = Depends(caller)) -> ModelList:
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
+        response.headers.update(_id_headers(request))
         return await gateway.list_models()
 
     inference = APIRouter(route_class=_solved_by_hand(caller))
 
     @inference.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        inference = body.to_inference(request.state.request_id).model_copy(update={"api_key_id": c.key_id})
-        return await _serve(gateway, request, inference, body.model, "chat", body.include_usage)
+        return await _serve(gateway, request, _inference_of(body, request, c), body.model, "chat", body.include_usage)
 
     @inference.post("/v1/completions", response_model=Completion, responses=_ERRORS, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        inference = body.to_inference(request.state.request_id).model_copy(update={"api_key_id": c.key_id})
-        return await _serve(gateway, request, inference, body.model, "text_completion", body.include_usage)
+        return await _serve(gateway, request, _inference_of(body, request, c), body.model, "text_completion", body.include_usage)
 
     app.include_router(inference)
     return service
+
+
+def _id_headers(request: Request) -> dict[str, str]:
+    """The ids an answer carries: the gateway's, and the caller's echoed (ours when it sent none, or
+    one that is not a valid id)."""
+    ours: str = getattr(request.state, "request_id", None) or new_id()
+    theirs = request.headers.get(REQUEST_ID_HEADER)
+    return {GATEWAY_REQUEST_ID_HEADER: ours, REQUEST_ID_HEADER: theirs if theirs and _REQUEST_ID.match(theirs) else ours}
+
+
+def _inference_of(body: ChatCompletionRequest | CompletionRequest, request: Request, c: Caller) -> InferenceRequest:
+    return body.to_inference(request.state.request_id).model_copy(
+        update={"api_key_id": c.key_id, "client_request_id": request.headers.get(REQUEST_ID_HEADER)})
 
 
 def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCredentials | None], Awaitable[Caller]]
@@ -153,9 +168,10 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
     span.set_attributes({
         "gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.system": "strata",
         "strata.request_id": request.request_id,
+        **({"strata.client_request_id": request.client_request_id} if request.client_request_id else {}),
         **{f"gen_ai.request.{k}": v for k, v in request.sampling.model_dump(exclude_none=True).items() if isinstance(v, int | float)},
     })
-    headers = {REQUEST_ID_HEADER: request.request_id}
+    headers = _id_headers(http)
     try:
         if request.stream:
             started, stream = await gateway.open_stream(request)
@@ -252,8 +268,7 @@ def _install_errors(app: FastAPI) -> None:
     """Every error, this gateway's or FastAPI's, in OpenAI's shape (replacing Service's default)."""
 
     def respond(request: Request, error: OpenAIError) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None) or request.headers.get(REQUEST_ID_HEADER) or new_id()
-        headers = {**error.headers, REQUEST_ID_HEADER: rid}
+        headers = {**error.headers, **_id_headers(request)}
         return JSONResponse(error.body.model_dump(mode="json"), status_code=error.status, headers=headers)
 
     @app.exception_handler(errors.StrataError)
