@@ -1,8 +1,8 @@
 """api-gateway: the OpenAI-compatible HTTP edge. It owns nothing durable and consumes no events: it
 turns HTTP calls into inference requests on NATS (shared/inference_client.py) and answers in
-OpenAI's shapes, with OpenAI's error objects and status codes. API keys (scope ``inference``) and
-their quotas: shared/apikey_http.py and domain/quotas.py; token usage is metered from the
-``inference.completed`` events, which every replica hears (a core subscription, no queue group)."""
+OpenAI's shapes, with OpenAI's error objects and status codes. API keys (scope ``inference``):
+shared/apikey_http.py; their quotas, reserved at admission and settled at the end in counters every
+replica shares: service_layer/metering.py."""
 
 from __future__ import annotations
 
@@ -27,13 +27,16 @@ from shared.apikey_http import AuthMode, KeyAuth, bearer, drop_route, protect
 from shared.config import Settings
 from shared.events import InferenceCompleted, new_id
 from shared.inference import End, InferenceRequest
+from shared.replication import stream_replicas
 from shared.service import Health, Service
 
 from services.api_gateway.domain import render
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
 from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
 from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ErrorDetail, ModelList
+from services.api_gateway.adapters.quota_counters import KvQuotaCounters
 from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
+from services.api_gateway.service_layer.metering import ran_nothing
 
 log = logging.getLogger("api-gateway")
 T = TypeVar("T")
@@ -49,7 +52,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "the API key lacks the 'inference' scope"), (404, "model not deployed"),
         (429, "the API key is over its requests_per_minute or tokens_per_minute quota, or the gateway is "
               "overloaded (Retry-After: whole seconds)"),
-        (502, "the worker died"), (503, "workers overloaded (Retry-After)"),
+        (502, "the worker died"), (503, "workers overloaded, or the quota counters out of reach for a key with a quota (Retry-After)"),
         (504, "timed out"))
 }
 
@@ -71,8 +74,12 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     app = service.http
 
     @service.on_start
-    async def _meter_tokens() -> None:  # every replica, no queue group: each charges every key's tokens
-        await service.broker.connection.subscribe(InferenceCompleted.subject(), cb=gateway.meter)
+    async def _open_quotas() -> None:
+        nc = service.broker.connection
+        # Until a central step provisions it, the gateway makes the bucket where it is missing.
+        gateway.metering.counters = await KvQuotaCounters.open(nc.jetstream(), stream_replicas(), create=True)
+        # every replica, no queue group: the one holding a request's reservation settles it
+        await nc.subscribe(InferenceCompleted.subject(), cb=gateway.metering.on_completed)
 
     _install_errors(app)
     _replace_health(service, gateway, auth)
@@ -89,19 +96,20 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
         return await gateway.authenticate(credentials.credentials if credentials else None)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
-    async def list_models(request: Request, response: Response, _c: Caller = Depends(caller)) -> ModelList:
+    async def list_models(request: Request, response: Response, c: Caller = Depends(caller)) -> ModelList:
         response.headers.update(_id_headers(request))
-        return await gateway.list_models()
+        return await gateway.list_models(c)
 
     inference = APIRouter(route_class=_solved_by_hand(caller))
 
     @inference.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        return await _serve(gateway, request, _inference_of(body, request, c), body.model, "chat", body.include_usage)
+        return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "chat", body.include_usage)
 
     @inference.post("/v1/completions", response_model=Completion, responses=_ERRORS, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        return await _serve(gateway, request, _inference_of(body, request, c), body.model, "text_completion", body.include_usage)
+        return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "text_completion",
+                            body.include_usage)
 
     app.include_router(inference)
     return service
@@ -157,9 +165,15 @@ def _parse_body(model: type[M], content_type: str | None, raw: bytes) -> M:
         raise RequestValidationError(problems) from None
 
 
-async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, model: str,
+async def _serve(gateway: Gateway, http: Request, caller: Caller, request: InferenceRequest, model: str,
                  operation: Literal["chat", "text_completion"], include_usage: bool) -> Response:
     slot = gateway.admit()
+    metering = gateway.metering
+    try:
+        request, hold = await metering.reserve(caller.key, request)
+    except BaseException:
+        slot.release()
+        raise
     # One span per request: FastAPI's HTTP server span (current here; it ends with the response, a
     # stream's included), named and described by the GenAI conventions. A second span of our own
     # cost ~10 % of the gateway's CPU per request.
@@ -180,9 +194,14 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
     except BaseException as exc:
         slot.release()
         _record_error(span, exc)
+        if ran_nothing(exc):
+            await metering.settle(hold, 0)
+        else:
+            metering.settle_from_event(hold)
         raise
     if not request.stream:
         slot.release()
+        await metering.settle(hold, reply.usage.total_tokens)  # before answering: the caller may spend the refund at once
         _record_usage(span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)
         body = render.chat_completion(reply, model) if operation == "chat" else render.text_completion(reply, model)
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)  # no dict in between
@@ -196,6 +215,7 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
         try:
             while True:
                 if isinstance(message, End):
+                    await metering.settle(hold, message.usage.total_tokens)
                     _record_usage(span, started.model.name, message.usage.prompt_tokens,
                                   message.usage.completion_tokens, message.finish_reason)
                 if piece := sse.render(message):
@@ -211,6 +231,7 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
 
     async def finish() -> None:  # runs after the response, whether it completed or the client left
         slot.release()
+        metering.settle_from_event(hold)  # a stream that ended without its ``end`` (no-op after a settle)
         await stream.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(finish),
