@@ -17,6 +17,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/engine.py --new-tokens 32 --repeat 2
 	$(PY) bench/attention_ref.py
 	$(PY) bench/gateway_app.py
+	$(PY) bench/gateway_quota.py
 	$(PY) bench/monitor_windows.py
 	$(PY) bench/platform_overhead.py
 	$(PY) bench/load.py --mb 1024

@@ -16,19 +16,16 @@ from typing import Any
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig
+from nats.js.api import ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError
 
+from services.api_gateway.adapters.quota_counters import quota_bucket_config
 from services.hardware_inventory.adapters.state import inventory_bucket_config
 from services.model_store.adapters.blobs import blob_store_config
 from services.model_store.adapters.catalog_kv import catalog_bucket_config
 from cli import connection
 from shared import bus, errors, inference_jobs, nats_auth, replication
 from shared.apikey_store import api_keys_bucket_config
-
-
-def quota_bucket_config(replicas: int) -> KeyValueConfig:  # the gateway's shared token quotas
-    return KeyValueConfig(bucket=nats_auth.QUOTAS_BUCKET, history=1, ttl=120.0, replicas=replicas)
 
 
 async def provision(js: JetStreamContext, replicas: int = 1) -> None:

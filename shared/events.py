@@ -352,6 +352,8 @@ class InferenceCompleted(WorkerEvent):
                     "(shared/prompt_commitment.py); None only in version-1 events, which carried a bare prompt_sha256")
     output_sha256: str
     api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
+    client_request_id: str | None = Field(default=None, max_length=128,
+                                          description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
 
 
 class InferenceFailed(WorkerEvent):

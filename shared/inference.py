@@ -72,6 +72,9 @@ class InferenceRequest(BaseModel):
                             "at least every KEEPALIVE_S, so the caller can tell a dead worker from a long answer")
     api_key_id: str | None = Field(default=None, max_length=64,
                                    description="set by the gateway: the public id of the caller's API key, copied into inference.completed")
+    client_request_id: str | None = Field(default=None, max_length=128, description=(
+        "set by the gateway: the caller's own id (its x-request-id header), copied into inference.completed for "
+        "correlation only; ``request_id`` is always made by the gateway, so two callers can never share one"))
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:

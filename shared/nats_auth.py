@@ -102,7 +102,7 @@ NEEDS: dict[str, Needs] = {
         reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
         publish=(f"$KV.{QUOTAS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
                  subjects.rpc("inference-worker", "models")),
-        subscribe=(subjects.event("inference.completed"),),  # token quotas are metered from these
+        subscribe=(subjects.event("inference.completed"),),  # token reservations are settled from these
     ),
     CLIENT: Needs(
         looks_up=(subjects.EVENTS_STREAM, RESULTS_STREAM),

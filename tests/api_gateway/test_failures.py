@@ -159,21 +159,25 @@ async def test_worker_dying_mid_stream_gives_an_error_not_a_hang(gateway, worker
 
 
 async def test_client_disconnect_cancels_the_generation(gateway, workers):
+    """The cancel names the gateway's own id for the request, never the caller's x-request-id."""
     worker = await workers({"tiny": Script(delay_s=0.2, tokens=["t"] * 100)})
     async with httpx.AsyncClient() as http:
         async with http.stream("POST", f"{gateway.v1}/chat/completions", json={
             "model": "tiny", "messages": HI, "stream": True,
         }, headers={"x-request-id": "leaves-early"}) as response:
+            ours = response.headers["x-strata-request-id"]
             async for line in response.aiter_lines():
                 if '"content":"t"' in line:
                     break  # one token, then hang up
-    await eventually(lambda: any(c.request_id == "leaves-early" for c in worker.cancels), 10, "InferenceCancel after disconnect")
+    await eventually(lambda: any(c.request_id == ours for c in worker.cancels), 10, "InferenceCancel after disconnect")
 
     async with httpx.AsyncClient(timeout=0.5) as http:  # non-stream: the client gives up waiting
         with pytest.raises(httpx.ReadTimeout):
             await http.post(f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p", "max_tokens": 50},
                             headers={"x-request-id": "gives-up"})
-    await eventually(lambda: any(c.request_id == "gives-up" for c in worker.cancels), 10, "InferenceCancel after a non-stream client left")
+    [gave_up] = [r.request_id for r in worker.requests if r.client_request_id == "gives-up"]
+    await eventually(lambda: any(c.request_id == gave_up for c in worker.cancels), 10, "InferenceCancel after a non-stream client left")
+    assert not any(c.request_id in ("leaves-early", "gives-up") for c in worker.cancels)
     async with httpx.AsyncClient() as http:  # both slots came back
         for _ in range(100):
             if (await http.get(f"{gateway.base_url}/healthz")).json()["in_flight"] == 0:

@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from tests.support.fake_worker import Script
+from tests.support.helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,28 +61,45 @@ async def test_max_completion_tokens_logprobs_and_content_parts(gateway, workers
     assert text.choices[0].logprobs.text_offset == [0, 5, 6, 12]
 
 
-async def test_request_id_and_trace_context(gateway, workers):
+async def test_trace_context_travels_and_every_answer_names_its_request(gateway, workers):
     worker = await workers()
     client = gateway.client()
     caller_trace = "0af7651916cd43dd8448eb211c80319c"
     raw = await client.chat.completions.with_raw_response.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}],
         extra_headers={"traceparent": f"00-{caller_trace}-b7ad6b7169203331-01"})
-    generated = raw.headers["x-request-id"]
-    assert generated and worker.requests[-1].request_id == generated
-    assert raw.parse().id == f"chatcmpl-{generated}"
+    ours = raw.headers["x-strata-request-id"]
+    assert ours and worker.requests[-1].request_id == ours and worker.requests[-1].client_request_id is None
+    assert raw.headers["x-request-id"] == ours, "a caller that sent no id of its own gets ours there too"
+    assert raw.parse().id == f"chatcmpl-{ours}"
     # the caller's trace travels on in the NATS headers, whether or not this process records spans
     assert worker.headers[-1]["traceparent"].split("-")[1] == caller_trace
-
-    raw = await client.completions.with_raw_response.create(model="tiny", prompt="p", extra_headers={"x-request-id": "my-req.1"})
-    assert raw.headers["x-request-id"] == "my-req.1"
-    assert worker.requests[-1].request_id == "my-req.1"
 
     async with httpx.AsyncClient() as http:
         bad = await http.post(f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p"}, headers={"x-request-id": "x" * 200})
         missing = await http.post(f"{gateway.v1}/completions", json={"model": "missing", "prompt": "p"}, headers={"x-request-id": "r-404"})
     assert bad.status_code == 400 and "x-request-id" in bad.json()["error"]["message"]
     assert missing.status_code == 404 and missing.headers["x-request-id"] == "r-404"
+    assert missing.headers["x-strata-request-id"] not in ("", "r-404")
+
+
+async def test_the_gateway_makes_the_request_id_and_keeps_the_callers_for_correlation(gateway, workers):
+    """Issue #19, finding 7: ``x-request-id: dup-1`` sent twice got two answers under one id, so the
+    receipt, the lineage and cancellation could not tell them apart. The caller's id is now only a
+    correlation field; the gateway makes the request id, unique per request."""
+    worker = await workers()
+    client = gateway.client()
+    answers = [await client.completions.with_raw_response.create(model="tiny", prompt="p", extra_headers={"x-request-id": "dup-1"})
+               for _ in range(2)]
+    sent = [r.request_id for r in worker.requests]
+    assert len(set(sent)) == 2 and "dup-1" not in sent, sent
+    ours = [a.headers["x-strata-request-id"] for a in answers]
+    assert ours == sent
+    assert [a.headers["x-request-id"] for a in answers] == ["dup-1", "dup-1"], "the caller's id is echoed"
+    assert [a.parse().id for a in answers] == [f"cmpl-{i}" for i in ours]
+    assert [(r.request_id, r.client_request_id) for r in worker.requests] == [(i, "dup-1") for i in ours]
+    await eventually(lambda: len(worker.completed) == 2, 10, "two inference.completed events")
+    assert [(e.request_id, e.client_request_id) for e in worker.completed] == [(i, "dup-1") for i in ours]
 
 
 async def test_chat_stream_chunks_in_order_with_usage(gateway, workers):

@@ -1,6 +1,7 @@
 """A scripted inference worker for gateway and CLI tests: a tiny nats-py responder that speaks the
 serving contract (shared/inference.py) with fixed tokens, optional delays, an 'overloaded' mode, and
-a 'die' mode that stops mid-stream without an ``end`` (as a killed worker would)."""
+a 'die' mode that stops mid-stream without an ``end`` (as a killed worker would). Like a real worker
+it publishes ``inference.completed`` for each request it finishes (cancelled ones included)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shared import subjects
-from shared.events import ModelId
-from shared.prompt_commitment import new_salt
+from shared.events import InferenceCompleted, ModelId, Source, make_event
+from shared.prompt_commitment import commit, new_salt
 from shared.inference import (
     CANCEL_SUBJECT,
     Chunk,
@@ -52,6 +53,7 @@ class FakeWorker:
     headers: list[dict[str, str]] = field(default_factory=list)
     cancels: list[InferenceCancel] = field(default_factory=list)
     salts: dict[str, str] = field(default_factory=dict)  # request id -> the prompt salt it was given
+    completed: list[InferenceCompleted] = field(default_factory=list)
     nc: Client | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -89,6 +91,18 @@ class FakeWorker:
         task = asyncio.create_task(self._serve(msg, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _publish_completed(self, request: InferenceRequest, name: str, finish: str, usage: Usage) -> None:
+        event = InferenceCompleted(
+            request_id=request.request_id, model=self.model_id(name), deployment_id=f"d-{name}", node_id="fake", device="cpu",
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, queue_seconds=0,
+            time_to_first_token_seconds=0, time_per_output_token_seconds=0, e2e_seconds=0, finish_reason=finish,
+            prompt_commitment=commit(request.prompt_bytes(), self.salts.get(request.request_id, "00" * 32)),
+            output_sha256="0" * 64, api_key_id=request.api_key_id,
+            client_request_id=request.client_request_id)
+        self.completed.append(event)
+        await self.nc.publish(InferenceCompleted.subject(),  # type: ignore[union-attr]
+                              make_event(event, Source(service="inference-worker", node="fake")).to_bytes())
 
     def _cancelled(self, request_id: str) -> bool:
         return any(c.request_id == request_id for c in self.cancels)
@@ -139,6 +153,7 @@ class FakeWorker:
             reply = InferenceReply(request_id=rid, model=self.model_id(name), text="".join(tokens), finish_reason=finish,
                                    usage=usage, logprobs=logprobs[:len(tokens)] if lp is not None else None, prompt_salt=salt)
             await send(RpcReply(ok=True, result=reply.model_dump(mode="json")))
+            await self._publish_completed(request, name, finish, Usage(prompt_tokens=5, completion_tokens=len(tokens)))
             return
         await send(Started(request_id=rid, model=self.model_id(name), prompt_salt=salt))
         for i, token in enumerate(tokens):
@@ -146,7 +161,9 @@ class FakeWorker:
                 return  # silence from now on: a dead worker sends nothing, not even keepalives
             if not await paced():
                 await send(End(request_id=rid, finish_reason="cancelled", usage=Usage(prompt_tokens=5, completion_tokens=i)))
+                await self._publish_completed(request, name, "cancelled", Usage(prompt_tokens=5, completion_tokens=i))
                 return
             await send(Chunk(request_id=rid, index=i, text=token, token_ids=[i],
                              logprobs=[logprobs[i]] if lp is not None else None))
         await send(End(request_id=rid, finish_reason=finish, usage=usage))
+        await self._publish_completed(request, name, finish, usage)

@@ -1,23 +1,32 @@
-"""Per-key quotas as token buckets: plain Python with an injectable clock.
+"""Per-key quotas: the pure rules, no I/O. The state they change lives in counters that every gateway
+replica shares (adapters/quota_counters.py), one ``KeyUsage`` per key, changed by compare-and-set.
 
-``requests_per_minute`` is taken at admission, so it holds per gateway replica (each replica keeps
-its own buckets). ``tokens_per_minute`` is post-paid: a request is admitted while the key's token
-bucket is above zero, and the tokens of each ``inference.completed`` event are charged afterwards
-(the bucket may go into debt). Every replica sees every inference event, so each one charges all of
-a key's tokens and the token quota holds across replicas.
+Each quota is a token bucket that holds up to a minute's worth and refills continuously.
+``requests_per_minute`` takes 1 per request. ``tokens_per_minute`` takes a *reservation* at
+admission, a bound on the request's prompt tokens plus its ``max_tokens``, and gives back what the
+request did not use when it ends (``settle``). Charging only after the fact let 30 concurrent
+requests on a 100-token key all pass a check made before any of them was charged (issue #19).
+
+A reservation larger than a whole minute's quota could never fit: it is admitted into a full bucket
+only, and leaves it in debt until it refills. So in any minute a key is served at most its quota
+plus one request.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared import errors
 from shared.apikeys import ApiKeyRecord
+from shared.inference import InferenceRequest
 
-Clock = Callable[[], float]
+# Special and template tokens a prompt's text does not show: BOS/EOS, and a chat template's role
+# markers per message and assistant header at the end. Generous for the templates we serve; a
+# template that adds more (a long default system prompt) is charged at settlement.
+PROMPT_FRAME_TOKENS = 8
+MESSAGE_FRAME_TOKENS = 8
 
 
 class QuotaExceeded(errors.StrataError):
@@ -30,79 +39,99 @@ class QuotaExceeded(errors.StrataError):
         self.retry_after_s = retry_after_s
 
 
-class TokenBucket:
-    """Holds up to ``per_minute`` units and refills at ``per_minute / 60`` units a second."""
-
-    def __init__(self, per_minute: int, clock: Clock) -> None:
-        self.per_minute = per_minute
-        self.rate = per_minute / 60.0
-        self._clock = clock
-        self._level = float(per_minute)
-        self._at = clock()
-
-    @property
-    def level(self) -> float:
-        now = self._clock()
-        self._level = min(float(self.per_minute), self._level + (now - self._at) * self.rate)
-        self._at = now
-        return self._level
-
-    def take(self, amount: float = 1.0) -> float:
-        """Take ``amount`` if it is there and return 0; else take nothing and return the seconds until it is."""
-        level = self.level
-        if level >= amount:
-            self._level = level - amount
-            return 0.0
-        return (amount - level) / self.rate
-
-    def charge(self, amount: float) -> None:
-        """Take ``amount`` whether or not it is there (usage already spent): the bucket may go into debt."""
-        self._level = self.level - amount
-
-    def seconds_until_positive(self) -> float:
-        level = self.level
-        return 0.0 if level > 0 else (-level) / self.rate + 1e-9
-
-
 def whole_seconds(seconds: float) -> int:
     """Retry-After is whole seconds, rounded up, and never 0 (a 0 invites an immediate retry)."""
     return max(1, math.ceil(seconds - 1e-9))
 
 
-@dataclass
-class KeyBuckets:
-    requests: TokenBucket | None = None
-    tokens: TokenBucket | None = None
+class Bucket(BaseModel):
+    """One quota's state: ``level`` units at wall-clock time ``at`` (seconds since the epoch: every
+    replica reads the same value, so no replica's monotonic clock would do)."""
+
+    model_config = ConfigDict(frozen=True)
+    per_minute: int = Field(ge=1)
+    level: float = Field(description="may be negative: the debt of a request larger than the quota, or of usage over its reservation")
+    at: float
+
+    @property
+    def rate(self) -> float:
+        return self.per_minute / 60.0
+
+    def at_time(self, now: float, per_minute: int) -> Bucket:
+        """This bucket refilled up to ``now``, under the key's current limit (clamped if it was lowered)."""
+        level = min(float(per_minute), self.level + max(0.0, now - self.at) * per_minute / 60.0)
+        return Bucket(per_minute=per_minute, level=level, at=max(self.at, now))
+
+    def wait_for(self, amount: float) -> float:
+        """0 if ``amount`` may be taken now, else the seconds until it may (more than a minute's worth
+        waits for a full bucket)."""
+        need = min(amount, float(self.per_minute))
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def adjusted(self, amount: float) -> Bucket:
+        """``amount`` added (negative: taken), never above a minute's worth."""
+        return self.model_copy(update={"level": min(float(self.per_minute), self.level + amount)})
 
 
-@dataclass
-class Quotas:
-    clock: Clock = time.monotonic
-    _keys: dict[str, KeyBuckets] = field(default_factory=dict)
+class KeyUsage(BaseModel):
+    """A key's quota state: the one value per key in the shared counters."""
 
-    def _buckets(self, key_id: str, requests_per_minute: int | None, tokens_per_minute: int | None) -> KeyBuckets:
-        """The key's buckets, (re)made when its limits differ from what they were made with."""
-        b = self._keys.setdefault(key_id, KeyBuckets())
-        if (b.requests.per_minute if b.requests else None) != requests_per_minute:
-            b.requests = TokenBucket(requests_per_minute, self.clock) if requests_per_minute else None
-        if (b.tokens.per_minute if b.tokens else None) != tokens_per_minute:
-            b.tokens = TokenBucket(tokens_per_minute, self.clock) if tokens_per_minute else None
-        return b
+    model_config = ConfigDict(frozen=True)
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
 
-    def admit(self, key: ApiKeyRecord) -> None:
-        """Count one request against ``key``'s quotas, or raise QuotaExceeded (counting nothing)."""
-        b = self._buckets(key.id, key.requests_per_minute, key.tokens_per_minute)
-        if b.tokens is not None and (wait := b.tokens.seconds_until_positive()) > 0:
-            raise QuotaExceeded(
-                f"API key {key.id} ({key.name}) is over its tokens_per_minute quota of {b.tokens.per_minute} "
-                f"tokens; retry in {whole_seconds(wait)} s", whole_seconds(wait))
-        if b.requests is not None and (wait := b.requests.take(1)) > 0:
-            raise QuotaExceeded(
-                f"API key {key.id} ({key.name}) is over its requests_per_minute quota of {b.requests.per_minute} "
-                f"requests (per gateway replica); retry in {whole_seconds(wait)} s", whole_seconds(wait))
 
-    def charge(self, key: ApiKeyRecord, tokens: int) -> None:
-        """Charge the tokens one finished inference used (prompt + completion) to ``key``."""
-        b = self._buckets(key.id, key.requests_per_minute, key.tokens_per_minute)
-        if b.tokens is not None and tokens > 0:
-            b.tokens.charge(tokens)
+def is_metered(key: ApiKeyRecord) -> bool:
+    """Whether ``key`` has a quota at all: an unlimited key costs no counter round trip."""
+    return key.requests_per_minute is not None or key.tokens_per_minute is not None
+
+
+def _current(stored: Bucket | None, per_minute: int | None, now: float) -> Bucket | None:
+    if per_minute is None:
+        return None
+    if stored is None:  # never used, or untouched for longer than the counters keep a value: full
+        return Bucket(per_minute=per_minute, level=float(per_minute), at=now)
+    return stored.at_time(now, per_minute)
+
+
+def admit(usage: KeyUsage | None, key: ApiKeyRecord, tokens: int, now: float) -> KeyUsage:
+    """Take one request and reserve ``tokens`` from ``key``'s buckets, or raise QuotaExceeded
+    (taking nothing). ``tokens`` 0 (a route that runs no model) leaves the token bucket alone."""
+    requests = _current(usage.requests if usage else None, key.requests_per_minute, now)
+    reserved = _current(usage.tokens if usage else None, key.tokens_per_minute, now)
+    if reserved is not None and tokens > 0 and (wait := reserved.wait_for(tokens)) > 0:
+        raise QuotaExceeded(
+            f"API key {key.id} ({key.name}) is over its tokens_per_minute quota of {reserved.per_minute} tokens "
+            f"(this request reserves {tokens}: a bound on its prompt plus max_tokens); retry in {whole_seconds(wait)} s",
+            whole_seconds(wait))
+    if requests is not None and (wait := requests.wait_for(1)) > 0:
+        raise QuotaExceeded(
+            f"API key {key.id} ({key.name}) is over its requests_per_minute quota of {requests.per_minute} "
+            f"requests; retry in {whole_seconds(wait)} s", whole_seconds(wait))
+    return KeyUsage(requests=requests.adjusted(-1) if requests else None,
+                    tokens=reserved.adjusted(-tokens) if reserved else None)
+
+
+def settle(usage: KeyUsage | None, key: ApiKeyRecord, refund: int, now: float) -> KeyUsage:
+    """Give back ``refund`` reserved tokens a request did not use (negative: it used more than it
+    reserved, and the rest is charged)."""
+    tokens = _current(usage.tokens if usage else None, key.tokens_per_minute, now)
+    return KeyUsage(requests=usage.requests if usage else None, tokens=tokens.adjusted(refund) if tokens else None)
+
+
+def prompt_token_bound(request: InferenceRequest) -> int:
+    """An upper bound on the prompt's tokens without its tokenizer: the UTF-8 byte length of its text,
+    plus each message's role and frame. Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen) and
+    SentencePiece with byte fallback never make more tokens than the text has bytes: each token
+    covers at least one byte."""
+    if request.messages is None:
+        return len((request.prompt or "").encode()) + PROMPT_FRAME_TOKENS
+    return PROMPT_FRAME_TOKENS + sum(len(m.content.encode()) + len(m.role) + MESSAGE_FRAME_TOKENS for m in request.messages)
+
+
+def bounded(request: InferenceRequest, max_tokens_cap: int) -> tuple[InferenceRequest, int]:
+    """``request`` with a ``max_tokens`` (``max_tokens_cap`` where it had none: a reservation needs a
+    bound, and the worker then enforces it), and the tokens it reserves: its prompt's bound plus that."""
+    if request.sampling.max_tokens is None:
+        request = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": max_tokens_cap})})
+    return request, prompt_token_bound(request) + (request.sampling.max_tokens or max_tokens_cap)

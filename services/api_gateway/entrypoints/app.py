@@ -1,8 +1,8 @@
 """api-gateway: the OpenAI-compatible HTTP edge. It owns nothing durable and consumes no events: it
 turns HTTP calls into inference requests on NATS (shared/inference_client.py) and answers in
-OpenAI's shapes, with OpenAI's error objects and status codes. API keys (scope ``inference``) and
-their quotas: shared/apikey_http.py and domain/quotas.py; token usage is metered from the
-``inference.completed`` events, which every replica hears (a core subscription, no queue group)."""
+OpenAI's shapes, with OpenAI's error objects and status codes. API keys (scope ``inference``):
+shared/apikey_http.py; their quotas, reserved at admission and settled at the end in counters every
+replica shares: service_layer/metering.py."""
 
 from __future__ import annotations
 
@@ -28,18 +28,24 @@ from shared.config import Settings
 from shared.events import InferenceCompleted, new_id
 from shared.inference import End, InferenceRequest
 from shared.prompt_commitment import SALT_HEADER
+from shared.replication import stream_replicas
 from shared.service import Health, Service
 
 from services.api_gateway.domain import render
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
 from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
 from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ErrorDetail, ModelList
+from services.api_gateway.adapters.quota_counters import KvQuotaCounters
 from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
+from services.api_gateway.service_layer.metering import ran_nothing
 
 log = logging.getLogger("api-gateway")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+# The caller's own id: echoed and kept as ``client_request_id``, never used as ours (two callers may
+# send the same one, and events, receipts and cancellation need one id per request).
 REQUEST_ID_HEADER = "x-request-id"
+GATEWAY_REQUEST_ID_HEADER = "x-strata-request-id"  # the id the gateway made: the one in events and receipts
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in (
@@ -47,7 +53,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "the API key lacks the 'inference' scope"), (404, "model not deployed"),
         (429, "the API key is over its requests_per_minute or tokens_per_minute quota, or the gateway is "
               "overloaded (Retry-After: whole seconds)"),
-        (502, "the worker died"), (503, "workers overloaded (Retry-After)"),
+        (502, "the worker died"), (503, "workers overloaded, or the quota counters out of reach for a key with a quota (Retry-After)"),
         (504, "timed out"))
 }
 
@@ -69,8 +75,12 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     app = service.http
 
     @service.on_start
-    async def _meter_tokens() -> None:  # every replica, no queue group: each charges every key's tokens
-        await service.broker.connection.subscribe(InferenceCompleted.subject(), cb=gateway.meter)
+    async def _open_quotas() -> None:
+        nc = service.broker.connection
+        # `strata up` provisions the bucket (cli/provision.py); where NATS has no users, it is made here if missing.
+        gateway.metering.counters = await KvQuotaCounters.open(nc.jetstream(), stream_replicas(), create=True)
+        # every replica, no queue group: the one holding a request's reservation settles it
+        await nc.subscribe(InferenceCompleted.subject(), cb=gateway.metering.on_completed)
 
     _install_errors(app)
     _replace_health(service, gateway, auth)
@@ -78,32 +88,45 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     async def caller(request: Request, x_request_id: str | None = Header(
             default=None, json_schema_extra={"pattern": _REQUEST_ID.pattern}),  # documented; checked below with a clear message
             credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Caller:
-        """The request id (the caller's, or a new one) and the API key's holder: one dependency, as
-        each one FastAPI solves per request costs CPU on the hottest path."""
+        """A new request id (the caller's x-request-id is checked, and kept only for correlation) and
+        the API key's holder: one dependency, as each one FastAPI solves per request costs CPU on the
+        hottest path."""
+        request.state.request_id = new_id()
         if x_request_id is not None and not _REQUEST_ID.match(x_request_id):
             raise errors.Invalid("x-request-id must be 1-128 characters of letters, digits and . _ : -")
-        request.state.request_id = x_request_id or new_id()
         return await gateway.authenticate(credentials.credentials if credentials else None)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
-    async def list_models(request: Request, response: Response, _c: Caller = Depends(caller)) -> ModelList:
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
-        return await gateway.list_models()
+    async def list_models(request: Request, response: Response, c: Caller = Depends(caller)) -> ModelList:
+        response.headers.update(_id_headers(request))
+        return await gateway.list_models(c)
 
     inference = APIRouter(route_class=_solved_by_hand(caller))
 
     @inference.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        inference = body.to_inference(request.state.request_id).model_copy(update={"api_key_id": c.key_id})
-        return await _serve(gateway, request, inference, body.model, "chat", body.include_usage)
+        return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "chat", body.include_usage)
 
     @inference.post("/v1/completions", response_model=Completion, responses=_ERRORS, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        inference = body.to_inference(request.state.request_id).model_copy(update={"api_key_id": c.key_id})
-        return await _serve(gateway, request, inference, body.model, "text_completion", body.include_usage)
+        return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "text_completion",
+                            body.include_usage)
 
     app.include_router(inference)
     return service
+
+
+def _id_headers(request: Request) -> dict[str, str]:
+    """The ids an answer carries: the gateway's, and the caller's echoed (ours when it sent none, or
+    one that is not a valid id)."""
+    ours: str = getattr(request.state, "request_id", None) or new_id()
+    theirs = request.headers.get(REQUEST_ID_HEADER)
+    return {GATEWAY_REQUEST_ID_HEADER: ours, REQUEST_ID_HEADER: theirs if theirs and _REQUEST_ID.match(theirs) else ours}
+
+
+def _inference_of(body: ChatCompletionRequest | CompletionRequest, request: Request, c: Caller) -> InferenceRequest:
+    return body.to_inference(request.state.request_id).model_copy(
+        update={"api_key_id": c.key_id, "client_request_id": request.headers.get(REQUEST_ID_HEADER)})
 
 
 def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCredentials | None], Awaitable[Caller]]
@@ -143,9 +166,15 @@ def _parse_body(model: type[M], content_type: str | None, raw: bytes) -> M:
         raise RequestValidationError(problems) from None
 
 
-async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, model: str,
+async def _serve(gateway: Gateway, http: Request, caller: Caller, request: InferenceRequest, model: str,
                  operation: Literal["chat", "text_completion"], include_usage: bool) -> Response:
     slot = gateway.admit()
+    metering = gateway.metering
+    try:
+        request, hold = await metering.reserve(caller.key, request)
+    except BaseException:
+        slot.release()
+        raise
     # One span per request: FastAPI's HTTP server span (current here; it ends with the response, a
     # stream's included), named and described by the GenAI conventions. A second span of our own
     # cost ~10 % of the gateway's CPU per request.
@@ -154,9 +183,10 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
     span.set_attributes({
         "gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.system": "strata",
         "strata.request_id": request.request_id,
+        **({"strata.client_request_id": request.client_request_id} if request.client_request_id else {}),
         **{f"gen_ai.request.{k}": v for k, v in request.sampling.model_dump(exclude_none=True).items() if isinstance(v, int | float)},
     })
-    headers = {REQUEST_ID_HEADER: request.request_id}
+    headers = _id_headers(http)
     try:
         if request.stream:
             started, stream = await gateway.open_stream(request)
@@ -165,12 +195,17 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
     except BaseException as exc:
         slot.release()
         _record_error(span, exc)
+        if ran_nothing(exc):
+            await metering.settle(hold, 0)
+        else:
+            metering.settle_from_event(hold)
         raise
     salt = reply.prompt_salt if not request.stream else started.prompt_salt
     if salt is not None:  # for the caller alone: its receipt's prompt commitment checks with it (#19)
         headers[SALT_HEADER] = salt
     if not request.stream:
         slot.release()
+        await metering.settle(hold, reply.usage.total_tokens)  # before answering: the caller may spend the refund at once
         _record_usage(span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)
         body = render.chat_completion(reply, model) if operation == "chat" else render.text_completion(reply, model)
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)  # no dict in between
@@ -184,6 +219,7 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
         try:
             while True:
                 if isinstance(message, End):
+                    await metering.settle(hold, message.usage.total_tokens)
                     _record_usage(span, started.model.name, message.usage.prompt_tokens,
                                   message.usage.completion_tokens, message.finish_reason)
                 if piece := sse.render(message):
@@ -199,6 +235,7 @@ async def _serve(gateway: Gateway, http: Request, request: InferenceRequest, mod
 
     async def finish() -> None:  # runs after the response, whether it completed or the client left
         slot.release()
+        metering.settle_from_event(hold)  # a stream that ended without its ``end`` (no-op after a settle)
         await stream.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(finish),
@@ -256,8 +293,7 @@ def _install_errors(app: FastAPI) -> None:
     """Every error, this gateway's or FastAPI's, in OpenAI's shape (replacing Service's default)."""
 
     def respond(request: Request, error: OpenAIError) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None) or request.headers.get(REQUEST_ID_HEADER) or new_id()
-        headers = {**error.headers, REQUEST_ID_HEADER: rid}
+        headers = {**error.headers, **_id_headers(request)}
         return JSONResponse(error.body.model_dump(mode="json"), status_code=error.status, headers=headers)
 
     @app.exception_handler(errors.StrataError)

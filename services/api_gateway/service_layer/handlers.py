@@ -1,29 +1,26 @@
-"""The gateway's use cases: authenticate a caller (shared/apikey_http.py), hold it to its key's
-quotas, admit a request under the in-flight limit, and run it through the shared inference client
-(one definition of the NATS protocol, shared with the CLI)."""
+"""The gateway's use cases: authenticate a caller (shared/apikey_http.py), admit a request under the
+in-flight limit, hold it to its key's quotas (service_layer/metering.py), and run it through the
+shared inference client (one definition of the NATS protocol, shared with the CLI)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from shared import errors, inference_client
 from shared.apikey_http import KeyAuth
 from shared.apikeys import ApiKeyRecord
-from shared.events import InferenceCompleted
 from shared.inference import SILENCE_TIMEOUT_S, Chunk, End, InferenceReply, InferenceRequest, Started
 
+from services.api_gateway.adapters.quota_counters import QUOTA_TTL_S
 from services.api_gateway.domain.errors import ModelNotDeployed, Overloaded
-from services.api_gateway.domain.quotas import Quotas
 from services.api_gateway.domain.responses import ModelCard, ModelList, now
+from services.api_gateway.service_layer.metering import SETTLE_WAIT_S, Metering
 
-log = logging.getLogger("api-gateway")
 Message = Started | Chunk | End
 
 
@@ -31,9 +28,13 @@ class GatewayConfig(BaseModel):
     """Read from ``STRATA_API_GATEWAY_*`` (and ``STRATA_API_KEYS``) by ``from_env``."""
 
     max_in_flight: int = Field(default=64, ge=1, description="requests carried at once; more get 429")
-    request_timeout_s: float = Field(default=600.0, gt=0, description="the longest a whole request may take (504)")
+    # a reservation must outlive its request (and the wait for its settling event) in the quota counters
+    request_timeout_s: float = Field(default=600.0, gt=0, lt=QUOTA_TTL_S - SETTLE_WAIT_S,
+                                     description="the longest a whole request may take (504)")
     silence_timeout_s: float = Field(default=SILENCE_TIMEOUT_S, gt=0, description="a worker silent this long is dead (502)")
     seed_keys: list[str] = Field(default=[], description="raw keys this gateway alone honours as inference keys (STRATA_API_KEYS)")
+    quota_max_tokens: int = Field(default=4096, ge=1, description=(
+        "the max_tokens of a request without one, on a key with a tokens_per_minute quota: its reservation needs a bound"))
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> GatewayConfig:
@@ -41,28 +42,12 @@ class GatewayConfig(BaseModel):
         values: dict[str, object] = {}
         for field, var in (("max_in_flight", "STRATA_API_GATEWAY_MAX_IN_FLIGHT"),
                            ("request_timeout_s", "STRATA_API_GATEWAY_REQUEST_TIMEOUT_S"),
-                           ("silence_timeout_s", "STRATA_API_GATEWAY_SILENCE_TIMEOUT_S")):
+                           ("silence_timeout_s", "STRATA_API_GATEWAY_SILENCE_TIMEOUT_S"),
+                           ("quota_max_tokens", "STRATA_API_GATEWAY_QUOTA_MAX_TOKENS")):
             if env.get(var):
                 values[field] = env[var]
         values["seed_keys"] = [k.strip() for k in env.get("STRATA_API_KEYS", "").split(",") if k.strip()]
         return cls.model_validate(values)
-
-
-class _MeteredUsage(BaseModel):
-    api_key_id: str | None = None
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-
-
-class _MeteredEvent(BaseModel):
-    """The slice of an ``inference.completed`` event that metering reads. Every replica hears every
-    completion: validating the whole envelope (``parse_event``) cost 0.23 ms of gateway CPU per
-    request, this projection a few microseconds."""
-
-    data: _MeteredUsage
-
-
-assert {"api_key_id", "prompt_tokens", "completion_tokens"} <= set(InferenceCompleted.model_fields)
 
 
 @dataclass
@@ -87,13 +72,11 @@ class Slot:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, connection: Callable[[], Client], auth: KeyAuth,
-                 quotas: Quotas | None = None) -> None:
+    def __init__(self, config: GatewayConfig, connection: Callable[[], Client], auth: KeyAuth) -> None:
         self.config = config
         self._connection = connection
         self.auth = auth
-        self.quotas = quotas or Quotas()
-        self._records: dict[str, ApiKeyRecord] = {}  # the latest record of each key seen, for charging
+        self.metering = Metering(config.quota_max_tokens)
         self.in_flight = 0
 
     @property
@@ -102,32 +85,9 @@ class Gateway:
 
     # -- auth, quotas and admission ----------------------------------------------------------------
     async def authenticate(self, key: str | None) -> Caller:
-        """The caller (401 / 403 as every service answers them), held to its key's quotas (429)."""
-        record = await self.auth.check(key, "inference")
-        if record is not None:
-            self._records[record.id] = record
-            self.quotas.admit(record)
-        return Caller(key=record)
-
-    async def meter(self, msg: Msg) -> None:
-        """Charge the tokens of an ``inference.completed`` event to the key that asked for it."""
-        try:
-            data = _MeteredEvent.model_validate_json(msg.data).data
-        except ValidationError:  # not ours to judge: the ledger dead-letters bad events
-            return
-        if data.api_key_id is None:
-            return
-        record = self._records.get(data.api_key_id)
-        if record is None:  # a request another replica served: its key's limits are in the bucket
-            try:
-                record = await self.auth.store.get(data.api_key_id) if self.auth.store else None
-            except Exception as exc:  # NATS reconnecting: this charge is lost, the request quota still holds
-                log.warning("could not look up API key %s to charge its tokens: %s", data.api_key_id, exc)
-                return
-            if record is None:
-                return
-            self._records[record.id] = record
-        self.quotas.charge(record, data.prompt_tokens + data.completion_tokens)
+        """The caller (401 / 403 as every service answers them). Its quotas are taken per route, once
+        the request's size is known (``metering``)."""
+        return Caller(key=await self.auth.check(key, "inference"))
 
     def admit(self) -> Slot:
         if self.in_flight >= self.config.max_in_flight:
@@ -136,7 +96,8 @@ class Gateway:
         return Slot(self)
 
     # -- use cases ---------------------------------------------------------------------------------
-    async def list_models(self) -> ModelList:
+    async def list_models(self, caller: Caller) -> ModelList:
+        await self.metering.admit(caller.key)
         created = now()
         models = await inference_client.deployed_models(self.nc)
         return ModelList(data=[ModelCard(id=m.name, created=created) for m in models])
