@@ -86,7 +86,8 @@ def _service_list(text: str) -> tuple[str, ...]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cli.up import ROLES, UpOptions, up
+    from cli.up import up
+    from cli.up_options import ROLES, UpOptions
 
     if args.role == "node" and not args.nats_url:
         print("strata up: --role node joins an existing cluster: give its address with --nats-url nats://HOST:4222",

@@ -43,8 +43,8 @@ class KeyAuth:
         self.store: KeyStore | None = None
         self.log = logging.getLogger(service)
 
-    async def start(self, js: JetStreamContext, *, local_keys: list[str] | None = None) -> KeyStore:
-        self.store = store = await KeyStore.open(js, local_keys=local_keys)
+    async def start(self, js: JetStreamContext, *, create: bool = False, local_keys: list[str] | None = None) -> KeyStore:
+        self.store = store = await KeyStore.open(js, create=create, local_keys=local_keys)
         if store.local:
             self.log.info("honouring %d API key(s) from STRATA_API_KEYS (here only; `strata key` manages the shared ones)",
                           len(store.local))
@@ -99,13 +99,15 @@ class KeyAuth:
         return api_key
 
 
-def protect(service: Service, *, local_keys: list[str] | None = None, health: bool = True) -> KeyAuth:
+def protect(service: Service, *, create_bucket: bool = False, local_keys: list[str] | None = None,
+            health: bool = True) -> KeyAuth:
     """Open the key store in an on_start hook, document the rule, and (``health``) report the auth
-    mode on /healthz. No service writes the bucket: `strata up` creates it and `strata key` fills it."""
+    mode on /healthz. No service writes a key: `strata up` creates the bucket and `strata key` fills it;
+    ``create_bucket`` (the gateway) makes a missing bucket where NATS has no users and nobody provisioned."""
     auth = KeyAuth(service.name)
 
     async def open_api_keys() -> None:
-        await auth.start(service.broker.connection.jetstream(), local_keys=local_keys)
+        await auth.start(service.broker.connection.jetstream(), create=create_bucket, local_keys=local_keys)
 
     service.on_start(open_api_keys)
     service.http.description = f"{service.http.description} {OPEN_ROUTES_NOTE}".strip()

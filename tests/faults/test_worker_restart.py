@@ -14,7 +14,7 @@ from shared.events import DeployReady, DeployScheduled, InferenceFailed
 from shared.inference import InferenceRequest, SamplingOptions
 from shared.inference_client import complete, stream
 from shared.service import Service
-from tests.faults.support import INVENTORY, KV_BYTES, MODEL, EventWatch, spawn_worker, stop_process
+from tests.faults.support import KV_BYTES, MODEL, EventWatch, spawn_worker, stop_process
 from tests.support.helpers import eventually, settings_for
 
 pytestmark = pytest.mark.timeout(240)

@@ -140,7 +140,8 @@ def test_a_missing_policy_file_stops_up_before_anything_starts(strata_up, tmp_pa
 
 
 def test_the_policy_reaches_hardware_inventory_as_an_absolute_path(tmp_path, monkeypatch):
-    from cli.up import Supervisor, UpOptions
+    from cli.up import Supervisor
+    from cli.up_options import UpOptions
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "policy.yaml").write_text("require_datasets: true\n")

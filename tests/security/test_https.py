@@ -24,7 +24,8 @@ from cryptography import x509
 
 from cli import main as cli_main
 from cli import natsd
-from cli.up import Supervisor, UpOptions
+from cli.up import Supervisor
+from cli.up_options import UpOptions
 from shared import endpoints, http_tls, nats_tls
 from shared.service import Service, run
 from tests.support.fake_worker import FakeWorker, Script

@@ -12,7 +12,7 @@ import nats
 import pytest
 
 from cli import natsd
-from shared import bus, nats_auth, subjects
+from shared import nats_auth, subjects
 from shared.config import SERVICES
 from shared.events import EventData
 from tests.security.conftest import connect_as, wait_for

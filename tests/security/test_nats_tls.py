@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cli import connection, natsd
 from cli import main as cli_main
-from cli.up import Supervisor, UpOptions
+from cli.up import Supervisor
+from cli.up_options import UpOptions
 from shared import errors, nats_tls, subjects
 from shared.events import DeployRequested, Source, make_event
 from tests.security.conftest import SecuredNats

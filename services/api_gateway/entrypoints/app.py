@@ -68,8 +68,9 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     config = config or GatewayConfig.from_env()
     service = Service("api-gateway", settings, description="OpenAI-compatible HTTP API in front of the workers. "
                       "Every /v1 route needs an API key with the 'inference' scope (or 'admin'); /healthz is open.")
-    # The gateway only reads the keys bucket; STRATA_API_KEYS are honoured by this gateway alone.
-    auth = protect(service, local_keys=config.seed_keys, health=False)
+    # The gateway never writes a key (it makes the bucket only where NATS has no users and nothing provisioned
+    # it); STRATA_API_KEYS are honoured by this gateway alone.
+    auth = protect(service, create_bucket=True, local_keys=config.seed_keys, health=False)
     gateway = Gateway(config, lambda: service.broker.connection, auth)
     service.gateway = gateway  # type: ignore[attr-defined]  # tests reach the key store through it
     app = service.http
