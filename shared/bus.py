@@ -9,7 +9,6 @@ carries on with the next event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -21,24 +20,21 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import nats.errors
-from faststream.middlewares import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
-from faststream.nats.annotations import NatsMessage
+from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.security import NatsSecurity
 from nats.js import JetStreamContext
-from nats.js.api import PubAck, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, PubAck, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from opentelemetry import propagate, trace
 
-from shared import nats_auth, nats_tls, subjects
-from shared.events import DeadLetter, Event, EventData, MalformedEvent, make_event, parse_event
+from shared import nats_auth, nats_tls, pull, subjects
+from shared.events import Event, EventData, MalformedEvent, make_event, parse_event
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("strata.bus")
 
 MAX_DELIVER = 5
-DEAD_LETTER_PAYLOAD_MAX = 64 * 1024
 DUPLICATE_WINDOW_S = 120.0
 STREAM_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 
@@ -231,19 +227,15 @@ class EventConsumer:
     max_deliver: int = MAX_DELIVER
     ack_wait_s: float = 30.0
     retry_delay_s: float = 0.2
-    # > 1: fetch up to this many events at once and handle them one by one in stream order, with one
-    # span per event instead of FastStream's per-message machinery: for consumers that hear every event
-    # (the monitor). Its own fetch loop: FastStream's batch mode dies on the plain asyncio.TimeoutError
-    # that nats-py's fetch can raise (it catches only nats.errors.TimeoutError).
+    # > 1: fetch up to this many events at once (the monitor, which hears every event); each is still
+    # handled and acknowledged on its own, in stream order
     batch_size: int = 1
     batch_wait_s: float = 1.0
     handlers: dict[str, Handler] = field(default_factory=dict)
     fallback: Handler | None = None
     stats: ConsumerStats = field(default_factory=ConsumerStats)
     _recent: _RecentIds = field(default_factory=_RecentIds)
-    _loop: asyncio.Task[None] | None = None
-    _stopping: bool = False
-    _sub: Any = None
+    _loop: pull.PullLoop | None = None
 
     def on(self, data_cls: type[D]) -> Callable[[Callable[[Event[D]], Awaitable[None]]], Handler]:
         """Register the handler for one event type: ``@consumer.on(DeployRequested)``."""
@@ -262,73 +254,34 @@ class EventConsumer:
         return handler
 
     def attach(self, broker: NatsBroker) -> None:
-        """Register with the broker before it starts (a batched consumer starts its own loop in ``start``)."""
+        """Remember the broker; ``start`` (after it connected) makes the durable and starts pulling."""
         self._broker = broker
-        if self.batch_size > 1:
-            return
-        broker.subscriber(
-            self.filter_subject,
-            stream=JStream(subjects.EVENTS_STREAM, declare=False),
-            durable=self.durable,
-            # One message per fetch: FastStream runs the messages of one fetched batch concurrently,
-            # and a service's handlers should see its events in stream order.
-            pull_sub=PullSub(batch_size=1, timeout=1.0),
-            inbox_prefix=fetch_inbox(self.service),
-            config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s),
-            ack_policy=AckPolicy.MANUAL,
-            title=f"{self.service}:events" if self.durable == self.service else f"{self.service}:{self.durable}",
-            description=f"{self.service} reacts to {'every event' if self.fallback else ', '.join(sorted(self.handlers))}",
-        )(self._receive)
 
     async def start(self) -> None:
-        if self.batch_size > 1:
-            js = self._broker.connection.jetstream()
-            sub = await js.pull_subscribe(self.filter_subject, durable=self.durable, stream=subjects.EVENTS_STREAM,
-                                          config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s))
-            self._stopping = False
-            self._loop = asyncio.create_task(self._fetch_batches(sub), name=f"{self.service}:{self.durable}")
-            self._sub = sub
+        js = self._broker.connection.jetstream()
+        sub = await js.pull_subscribe(self.filter_subject, durable=self.durable, stream=subjects.EVENTS_STREAM,
+                                      config=ConsumerConfig(max_deliver=self.max_deliver, ack_wait=self.ack_wait_s,
+                                                            ack_policy=AckPolicy.EXPLICIT))
+        self._js = js
+        self._loop = pull.PullLoop(sub, self._handle_batch, name=f"{self.service}:{self.durable}",
+                                   batch=self.batch_size, wait_s=self.batch_wait_s)
+        self._loop.start()
 
     async def stop(self) -> None:
         if self._loop is not None:
-            # Cancelled between fetches or in one (an unacknowledged event comes back later). The flag
-            # too: Python 3.11's wait_for, inside nats-py's fetch, can swallow a cancellation that
-            # lands as a message arrives, and the loop would then run on and this stop wait forever.
-            self._stopping = True
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            with contextlib.suppress(nats.errors.Error):  # else the connection's drain waits out its timeout for it
-                await self._sub.unsubscribe()
-            self._loop = self._sub = None
+            await self._loop.stop()
+            self._loop = None
 
-    async def _fetch_batches(self, sub: Any) -> None:
-        while not self._stopping:
-            try:
-                # The first event as soon as there is one, then whatever else is already waiting: a
-                # fetch of N that got fewer waits out its whole time-out for the rest.
-                batch = await sub.fetch(1, timeout=self.batch_wait_s)
-                with contextlib.suppress(TimeoutError):
-                    batch += await sub.fetch(self.batch_size - 1, timeout=0.05)
-            except TimeoutError:  # nothing new (nats' own TimeoutError or asyncio's)
-                continue
-            except nats.errors.Error as exc:  # reconnecting: the durable consumer keeps our place
-                log.info("%s: fetch failed (%s); again shortly", self.durable, type(exc).__name__)
-                await asyncio.sleep(0.5)
-                continue
-            if self._stopping:  # a swallowed cancellation (see stop): leave the batch for redelivery
-                return
-            for raw in batch:  # in stream order, one at a time
-                ctx = propagate.extract(raw.headers or {})
-                with _tracer.start_as_current_span(f"{raw.subject} process", context=ctx, kind=trace.SpanKind.CONSUMER,
-                                                   attributes={"messaging.system": "nats", "messaging.destination.name": raw.subject,
-                                                               "messaging.consumer.group.name": self.durable}):
-                    try:
-                        await self._process(raw)
-                    except Exception as exc:  # e.g. the dead-letter publish while NATS is away: it comes back after ack_wait
-                        log.warning("%s: %s left unacknowledged: %s: %s", self.durable, raw.subject, type(exc).__name__, exc)
-
-    async def _receive(self, msg: NatsMessage) -> None:
-        await self._process(msg.raw_message)
+    async def _handle_batch(self, batch: list[Any]) -> None:
+        for raw in batch:  # in stream order, one at a time, each settled on its own
+            ctx = propagate.extract(raw.headers or {})
+            with _tracer.start_as_current_span(f"{raw.subject} process", context=ctx, kind=trace.SpanKind.CONSUMER,
+                                               attributes={"messaging.system": "nats", "messaging.destination.name": raw.subject,
+                                                           "messaging.consumer.group.name": self.durable}):
+                try:
+                    await self._process(raw)
+                except Exception as exc:  # e.g. the dead-letter publish while NATS is away: it comes back after ack_wait
+                    log.warning("%s: %s left unacknowledged: %s: %s", self.durable, raw.subject, type(exc).__name__, exc)
 
     async def _process(self, raw: Any) -> None:
         """Handle one JetStream message and settle it: ack, nak with back-off, or dead letter + term."""
@@ -363,25 +316,7 @@ class EventConsumer:
         await raw.ack()
 
     async def _dead_letter(self, raw: Any, reason: str, deliveries: int, event_id: str | None) -> None:
-        record = DeadLetter(
-            service=self.service,
-            consumer=self.durable,
-            subject=raw.subject,
-            reason=reason,
-            deliveries=deliveries,
-            event_id=event_id,
-            # Capped: the whole of a message near NATS's 1 MiB limit would not fit in the record.
-            payload=raw.data[:DEAD_LETTER_PAYLOAD_MAX].decode("utf-8", errors="replace"),
-            payload_bytes=len(raw.data),
-            truncated=len(raw.data) > DEAD_LETTER_PAYLOAD_MAX,
-            headers={k: v for k, v in (raw.headers or {}).items() if isinstance(v, str)},
-        )
-        # Published to JetStream and confirmed before the original is rejected: nothing is lost.
-        await self._broker.publish(
-            record.model_dump_json().encode(),
-            subjects.dead_letter(self.service),
-            stream=subjects.DEADLETTER_STREAM,
-        )
+        await pull.dead_letter(self._js, raw, service=self.service, consumer=self.durable, reason=reason, event_id=event_id)
         self.stats.dead_lettered += 1
 
 

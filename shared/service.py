@@ -141,7 +141,7 @@ class Service:
     @asynccontextmanager
     async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         if self.consumer is not None:
-            self.consumer.attach(self.broker)  # subscribers must exist before the broker starts
+            self.consumer.attach(self.broker)
         await self.broker.connect()
         await bus.ensure_streams(self.broker.connection.jetstream(), replication.stream_replicas())
         await self.broker.start()

@@ -12,7 +12,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NoStreamResponseError
 from opentelemetry import trace
 
-from shared import bus, subjects
+from shared import bus, pull, subjects
 from shared.events import (
     DeadLetter,
     DeployReady,
@@ -384,4 +384,4 @@ async def test_a_message_near_the_nats_size_limit_is_dead_lettered_with_a_capped
         await eventually(lambda: service.consumer.stats.dead_lettered == 1, what="the dead letter")
     [letter] = await dead_letters(js)
     assert letter.truncated and letter.payload_bytes == len(huge)
-    assert len(letter.payload) == bus.DEAD_LETTER_PAYLOAD_MAX and letter.reason.startswith("invalid envelope")
+    assert len(letter.payload) == pull.PAYLOAD_MAX and letter.reason.startswith("invalid envelope")

@@ -87,6 +87,7 @@ async def test_malformed_events_of_every_type_are_dead_lettered_and_consuming_go
     await broker.connect()
     await bus.ensure_streams(broker.connection.jetstream())
     await broker.start()
+    await consumer.start()
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
@@ -112,6 +113,7 @@ async def test_malformed_events_of_every_type_are_dead_lettered_and_consuming_go
             s.removeprefix("evt.") for s, _ in sent}  # every type was exercised
     finally:
         await nc.close()
+        await consumer.stop()
         await broker.stop()
 
 

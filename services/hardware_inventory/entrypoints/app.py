@@ -124,6 +124,8 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
         await parts()[0].registered(event.data)
 
     node_events.attach(service.broker)
+    service.on_start(node_events.start)
+    service.on_stop(node_events.stop)
 
     @service.broker.subscriber(NodeHeartbeat.subject(), title=f"{NAME}:heartbeats")  # no queue: every replica hears every beat
     async def heartbeat(msg: NatsMessage) -> None:

@@ -9,14 +9,13 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared import errors, subjects
-from shared.events import DeadLetter
 from shared.inference import JOBS_STREAM, RESULTS_STREAM
 from shared.inference_jobs import job_result
+from shared.pull import PullLoop, dead_letter
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.service_layer.serving import Server, _request_id, parse_request
 
@@ -33,8 +32,7 @@ class JobOptions:
 
 @dataclass
 class _Model:
-    task: asyncio.Task[None] | None = None
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    loop: PullLoop
     running: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -55,8 +53,17 @@ class JobRunner:
         psub = await self.js.pull_subscribe(
             subjects.inference_job(name), durable=durable_name(name), stream=JOBS_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=o.ack_wait_s, max_deliver=o.max_deliver))
-        model = _Model()
-        model.task = asyncio.ensure_future(self._loop(name, psub, model))
+        slots = asyncio.Semaphore(o.concurrency)  # jobs of one model in flight here: they share engine steps
+
+        async def take(msgs: list) -> None:
+            for msg in msgs:
+                task = asyncio.ensure_future(self._process(name, msg))
+                model.running.add(task)
+                task.add_done_callback(model.running.discard)
+                task.add_done_callback(lambda _t: slots.release())
+
+        model = _Model(PullLoop(psub, take, name=f"jobs:{name}", slots=slots))
+        model.loop.start()
         self.models[name] = model
 
     async def stop(self, name: str) -> None:
@@ -64,34 +71,11 @@ class JobRunner:
         model = self.models.pop(name, None)
         if model is None:
             return
-        model.stopping.set()
-        await asyncio.gather(*filter(None, [model.task]), *model.running, return_exceptions=True)
+        await model.loop.stop()
+        await asyncio.gather(*model.running, return_exceptions=True)
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(n) for n in list(self.models)))
-
-    async def _loop(self, name: str, psub, model: _Model) -> None:
-        slots = asyncio.Semaphore(self.options.concurrency)
-        try:
-            while not model.stopping.is_set():
-                await slots.acquire()
-                try:
-                    msgs = await psub.fetch(1, timeout=1.0)
-                except (NatsTimeout, asyncio.TimeoutError):
-                    slots.release()
-                    continue
-                except Exception as exc:  # a server restart: pull again after a pause
-                    slots.release()
-                    log.warning("jobs for %s: fetch failed (%s), retrying", name, exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    task = asyncio.ensure_future(self._process(name, msg))
-                    model.running.add(task)
-                    task.add_done_callback(model.running.discard)
-                    task.add_done_callback(lambda _t: slots.release())
-        finally:
-            await psub.unsubscribe()
 
     async def _process(self, name: str, msg) -> None:
         try:
@@ -102,7 +86,7 @@ class JobRunner:
                 await self._store(rid, _error(exc))
                 await msg.ack()
             else:  # no id to file a result under: dead-letter it with the reason
-                await self._dead_letter(msg, f"invalid job: {exc.message}")
+                await dead_letter(self.js, msg, service=SERVICE, consumer=msg.metadata.consumer or "", reason=f"invalid job: {exc.message}")
                 await msg.term()
             return
         rid = request.request_id
@@ -130,15 +114,6 @@ class JobRunner:
     async def _store(self, request_id: str, body: bytes) -> None:
         await self.js.publish(subjects.inference_result(request_id), body, stream=RESULTS_STREAM,
                               headers={"Nats-Msg-Id": request_id})
-
-    async def _dead_letter(self, msg, reason: str) -> None:
-        meta = msg.metadata
-        record = DeadLetter(service=SERVICE, consumer=meta.consumer or "", subject=msg.subject, reason=reason,
-                            deliveries=meta.num_delivered or 1, event_id=None,
-                            payload=msg.data.decode("utf-8", errors="replace"),
-                            headers={k: v for k, v in (msg.headers or {}).items() if isinstance(v, str)})
-        await self.js.publish(subjects.dead_letter(SERVICE), record.model_dump_json().encode(),
-                              stream=subjects.DEADLETTER_STREAM)
 
 
 def _error(exc: errors.StrataError) -> bytes:

@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
 from shared.events import MalformedEvent, parse_event
+from shared.pull import fetch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,12 +99,11 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
             return
         empty = 0
         while True:
-            try:
-                batch = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-            except TimeoutError:
+            batch = await fetch(sub, FETCH_BATCH, FETCH_TIMEOUT_S)
+            if not batch:
                 empty += 1
                 if empty >= FETCH_ATTEMPTS:
-                    raise ReplayIncomplete(f"no message from {stream} after {empty} fetches before sequence {up_to_seq}") from None
+                    raise ReplayIncomplete(f"no message from {stream} after {empty} fetches before sequence {up_to_seq}")
                 continue
             empty = 0
             for msg in batch:
