@@ -182,12 +182,6 @@ async def raw_body(msg: Any) -> bytes:
     return msg.body
 
 
-def fetch_inbox(role: str) -> bytes:
-    """The reply prefix for a FastStream pull subscriber's fetches: the role's own inbox (FastStream
-    would otherwise use ``_INBOX.``, which a service's NATS user may not read)."""
-    return nats_auth.inbox_prefix(role).encode() + b"."
-
-
 Handler = Callable[[Event[Any]], Awaitable[None]]
 D = TypeVar("D", bound=EventData)
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from fastapi import Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, PullSub
 from faststream.nats.annotations import NatsMessage
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -30,9 +29,10 @@ from services.monitor.config import MonitorConfig
 from services.monitor.domain.alerts import load_rules
 from services.monitor.service_layer.monitor import Clock, Monitor
 from services.monitor.service_layer.views import RuleView, Snapshot
-from shared import bus, subjects
+from shared import subjects
 from shared.config import Settings
 from shared.events import DeadLetter, Event, NodeHeartbeat, parse_event
+from shared.pull import PullLoop
 from shared.service import Service
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: as
             await live.wait()
         await monitor.on_event(event)
 
+    _consume_dead_letters(service, monitor, live)
     _restore(service, monitor, consumer.durable, live)
 
     @service.broker.subscriber(NodeHeartbeat.subject(), title=f"{NAME}:heartbeats")  # no queue: every monitor hears every beat
@@ -80,17 +81,31 @@ def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: as
             return
         await monitor.on_heartbeat(event.data)  # type: ignore[arg-type]
 
-    @service.broker.subscriber(
-        subjects.DEADLETTER_ALL, stream=JStream(subjects.DEADLETTER_STREAM, declare=False), durable=DEAD_LETTER_DURABLE,
-        pull_sub=PullSub(batch_size=1, timeout=1.0), inbox_prefix=bus.fetch_inbox(NAME), ack_policy=AckPolicy.MANUAL,
-        title=f"{NAME}:dead-letters",
-        description="counts the dead letters of every service",
-    )
-    async def dead_letter(msg: NatsMessage) -> None:
-        if not live.is_set():  # held like the events, until the replay has read up to this durable's ack floor
-            await live.wait()
-        await monitor.on_dead_letter(read_dead_letter(msg.raw_message.data, msg.raw_message.subject))
-        await msg.ack()
+
+def _consume_dead_letters(service: Service, monitor: Monitor, live: asyncio.Event) -> None:
+    """Count the dead letters of every service, through the one pull loop (shared/pull.py). Its durable
+    is made at start, before the replay reads that durable's ack floor."""
+    loops: list[PullLoop] = []
+
+    async def count(msgs: list) -> None:
+        for msg in msgs:
+            if not live.is_set():  # held like the events, until the replay has read up to this durable's ack floor
+                await live.wait()
+            await monitor.on_dead_letter(read_dead_letter(msg.data, msg.subject))
+            await msg.ack()
+
+    @service.on_start
+    async def start_dead_letters() -> None:
+        sub = await service.broker.connection.jetstream().pull_subscribe(
+            subjects.DEADLETTER_ALL, durable=DEAD_LETTER_DURABLE, stream=subjects.DEADLETTER_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT))
+        loops.append(PullLoop(sub, count, name=f"{NAME}:dead-letters"))
+        loops[0].start()
+
+    @service.on_stop
+    async def stop_dead_letters() -> None:
+        for loop in loops:
+            await loop.stop()
 
 
 def read_dead_letter(data: bytes, subject: str) -> DeadLetter:
