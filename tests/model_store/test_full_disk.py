@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,8 @@ import nats
 import pytest
 
 from services.model_store.adapters.blobs import BlobStore
+from services.model_store.service_layer.ingest import Ingest
+from services.model_store.service_layer.space import SpaceGuard
 from shared import nats_auth
 from shared.catalog import BLOB_BUCKET
 from shared.errors import InsufficientStorage
@@ -95,14 +97,28 @@ def random_file(directory: Path, name: str, size: int) -> tuple[Path, str]:
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def put_blob(store: LiveStore, path: Path, sha256: str) -> httpx.Response:
+def put_blob(store: LiveStore, path: Path, sha256: str, *, declared: bool = True) -> httpx.Response:
+    """As `strata model push` uploads (streamed, with its content-length), or chunked without one."""
     def body() -> Iterator[bytes]:
         with path.open("rb") as f:
             while block := f.read(MB):
                 yield block
 
+    length = {"content-length": str(path.stat().st_size)} if declared else {}
     return httpx.put(f"{store.url}/v1/blobs/{sha256}", content=body(), timeout=60,
-                     headers={"content-length": str(path.stat().st_size), "content-type": "application/octet-stream"})
+                     headers={**length, "content-type": "application/octet-stream"})
+
+
+def assert_nothing_left_and_a_small_push_works(platform: Platform, stream_bytes: int, tmp_path: Path) -> None:
+    assert platform.stream_bytes() == stream_bytes, "partial chunks stayed in the blob store"
+    assert platform.spooled() == []
+    assert platform.nats_errors() == []
+    path, sha = random_file(tmp_path, "small.bin", 4 * MB)
+    r = put_blob(platform.store, path, sha)
+    assert r.status_code == 200, r.text[:300]
+    download = httpx.get(f"{platform.store.url}/v1/blobs/{sha}", timeout=60)
+    assert download.status_code == 200 and hashlib.sha256(download.content).hexdigest() == sha
+    assert platform.nats_errors() == []
 
 
 def test_a_push_the_disk_cannot_hold_is_refused_with_507_and_the_store_stays_usable(platform_on_small_disk, tmp_path):
@@ -117,17 +133,32 @@ def test_a_push_the_disk_cannot_hold_is_refused_with_507_and_the_store_stays_usa
         assert error["code"] == "insufficient_storage"
         assert f"{size} bytes" in error["message"] and "free" in error["message"], error["message"]
         path.unlink()
+    assert_nothing_left_and_a_small_push_works(platform, before, tmp_path)
 
-    assert platform.stream_bytes() == before, "partial chunks stayed in the blob store"
-    assert platform.spooled() == []
-    assert platform.nats_errors() == []
 
-    path, sha = random_file(tmp_path, "small.bin", 4 * MB)
-    r = put_blob(platform.store, path, sha)
-    assert r.status_code == 200, r.text[:300]
-    download = httpx.get(f"{platform.store.url}/v1/blobs/{sha}", timeout=60)
-    assert download.status_code == 200 and hashlib.sha256(download.content).hexdigest() == sha
-    assert platform.nats_errors() == []
+def test_an_upload_without_a_content_length_stops_before_the_disk_is_full(platform_on_small_disk, tmp_path):
+    """Its size is known only as it arrives: the spool stops at the room it had, NATS never meets a full disk."""
+    platform = platform_on_small_disk
+    before = platform.stream_bytes()
+    path, sha = random_file(tmp_path, "big.bin", 70 * MB)
+    r = put_blob(platform.store, path, sha, declared=False)
+    assert r.status_code == 507, (r.status_code, r.text[:300])
+    assert r.json()["error"]["code"] == "insufficient_storage"
+    assert "outgrew the" in r.json()["error"]["message"] and "bytes free" in r.json()["error"]["message"]
+    path.unlink()
+    assert_nothing_left_and_a_small_push_works(platform, before, tmp_path)
+
+
+def test_a_push_past_the_blob_stores_jetstream_limit_is_refused_before_it_is_read(secured, tmp_path):
+    asyncio.run(_limit_blob_stream(secured, 8 * MB))
+    with LiveStore(secured.url_for("model-store"), tmp_path / "store-data") as store:
+        path, sha = random_file(tmp_path, "big.bin", 12 * MB)
+        r = put_blob(store, path, sha)
+        assert r.status_code == 507, (r.status_code, r.text[:300])
+        message = r.json()["error"]["message"]
+        assert message == f"not enough space for {12 * MB} bytes: the blob store's JetStream limits leave {8 * MB} bytes free"
+        path, sha = random_file(tmp_path, "fits.bin", 6 * MB)
+        assert put_blob(store, path, sha).status_code == 200
 
 
 # -- a put that JetStream refuses part-way (past the room check, e.g. a limit it cannot see) --------
@@ -174,3 +205,24 @@ async def test_a_put_refused_part_way_leaves_no_chunks_and_the_store_takes_the_n
         assert (await js.stream_info(BLOB_STREAM)).state.bytes < 4096
     finally:
         await nc.close()
+
+
+async def test_a_spool_that_meets_a_disk_filled_by_others_is_refused_with_507(small_disk):
+    """The room check passed (here: a guard that keeps no reserve and sees room), then the disk filled."""
+    spool_dir = small_disk / "tmp"
+    spool_dir.mkdir()
+    space = SpaceGuard(spool_dir, None, _no_jetstream_limit, reserve=-(1 << 40))
+    ingest = Ingest(kv=None, blobs=None, tmp_dir=spool_dir, space=space)  # type: ignore[arg-type]  # never reached
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(DISK_MB + 8):
+            yield os.urandom(MB)
+
+    with pytest.raises(InsufficientStorage) as refused:
+        await ingest.upload("0" * 64, chunks())
+    assert "the disk of model-store's spool filled up after" in refused.value.message
+    assert list(spool_dir.iterdir()) == []
+
+
+async def _no_jetstream_limit() -> None:
+    return None

@@ -60,20 +60,27 @@ class Ingest:
             refuse_pickle(path)
         if declared_size is not None:
             async with (self.space.claim(store=declared_size, spool=declared_size),
-                        self._spooled(sha256, chunks, label) as (spool, size)):
+                        self._spooled(sha256, chunks, label, declared_size) as (spool, size)):
                 return await self._store(sha256, spool, size, path)
-        async with self._spooled(sha256, chunks, label) as (spool, size), self.space.claim(store=size):
+        async with (self._spooled(sha256, chunks, label, self.space.spool_room()) as (spool, size),
+                    self.space.claim(store=size)):
             return await self._store(sha256, spool, size, path)
 
     @asynccontextmanager
-    async def _spooled(self, sha256: str, chunks: AsyncIterator[bytes], label: str) -> AsyncIterator[tuple[Path, int]]:
-        """The stream in a temp file (removed afterwards) and its size, once its digest is the declared one."""
+    async def _spooled(self, sha256: str, chunks: AsyncIterator[bytes], label: str,
+                       limit: int) -> AsyncIterator[tuple[Path, int]]:
+        """The stream in a temp file (removed afterwards) and its size, once its digest is the declared
+        one; InsufficientStorage as soon as it outgrows ``limit``, the room it was given."""
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-")
         spool = Path(name)
         try:
             digest, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as f:
                 async for chunk in chunks:
+                    if size + len(chunk) > limit:
+                        raise InsufficientStorage(f"{label}: not enough space: after {size + len(chunk)} bytes it outgrew "
+                                                  f"the {max(limit, 0)} bytes free for it on the disk of model-store's spool "
+                                                  "(with a content-length it is refused before it is sent)")
                     digest.update(chunk)
                     _spool_write(f, chunk, label, size)
                     size += len(chunk)

@@ -63,6 +63,12 @@ class SpaceGuard:
             for disk, (_, need) in needs.items():
                 self._held_on_disk[disk] -= need
 
+    def spool_room(self) -> int:
+        """What a spool of undeclared size may take on its disk before it must stop (it is claimed, with
+        the Object Store's copy, once its size is known): never the reserve, nor what others claimed."""
+        held = self._held_on_disk.get(disk_of(self.spool_dir), 0)
+        return free_bytes(self.spool_dir) - self.reserve - held
+
     def _disk_needs(self, *, store: int, spool: int) -> dict[int, tuple[Path, int]]:
         needs: dict[int, tuple[Path, int]] = {}
         places = [(self.spool_dir, spool)]
