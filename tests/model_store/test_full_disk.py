@@ -24,12 +24,13 @@ import nats
 import pytest
 
 from services.model_store.adapters.blobs import BlobStore
+from services.model_store.client import StoreClient
 from services.model_store.service_layer.ingest import Ingest
 from services.model_store.service_layer.space import SpaceGuard
 from shared import nats_auth
 from shared.catalog import BLOB_BUCKET
 from shared.errors import InsufficientStorage
-from tests.model_store.conftest import LiveStore
+from tests.model_store.conftest import LiveStore, make_checkpoint
 from tests.security.conftest import SecuredNats
 
 pytestmark = pytest.mark.timeout(180)
@@ -226,3 +227,21 @@ async def test_a_spool_that_meets_a_disk_filled_by_others_is_refused_with_507(sm
 
 async def _no_jetstream_limit() -> None:
     return None
+
+
+def test_a_model_push_too_big_for_the_disk_says_so_and_the_next_push_registers(platform_on_small_disk, tmp_path):
+    """What `strata model push` meets (services/model_store/client.py): the typed 507, then a push that fits."""
+    platform = platform_on_small_disk
+    model = make_checkpoint(tmp_path / "model")
+    weights, _ = random_file(model, "model-big.safetensors", 36 * MB)
+    client = StoreClient(platform.store.url)
+    try:
+        with pytest.raises(InsufficientStorage) as refused:
+            client.push_model(model, "tiny")
+        assert f"not enough space for {36 * MB} bytes" in refused.value.message
+        weights.unlink()
+        pushed = client.push_model(model, "tiny")
+        assert pushed.created and pushed.model.version == 1
+    finally:
+        client.close()
+    assert platform.nats_errors() == []
