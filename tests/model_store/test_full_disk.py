@@ -72,7 +72,10 @@ class Platform:
         return asyncio.run(read())
 
     def nats_errors(self) -> list[str]:
-        return [line for line in self.nats.log.read_text().splitlines() if "[ERR]" in line or "[FTL]" in line]
+        """What the report showed: a failed disk write, a refused permission (the purge), a fatal error.
+        (A write refused at JetStream's own limit is logged too, as the refusal it is: not counted.)"""
+        signs = ("write error", "no space left", "Violation", "[FTL]")
+        return [line for line in self.nats.log.read_text().splitlines() if any(sign in line for sign in signs)]
 
     def spooled(self) -> list[Path]:
         return [p for p in (self.data_dir / "model-store" / "tmp").iterdir()]
@@ -160,6 +163,27 @@ def test_a_push_past_the_blob_stores_jetstream_limit_is_refused_before_it_is_rea
         assert message == f"not enough space for {12 * MB} bytes: the blob store's JetStream limits leave {8 * MB} bytes free"
         path, sha = random_file(tmp_path, "fits.bin", 6 * MB)
         assert put_blob(store, path, sha).status_code == 200
+
+
+def test_a_push_past_nats_servers_own_storage_limit_is_507_and_leaves_no_chunks(small_disk, tmp_path):
+    """NATS alone on the small disk (its max_file_store: 75% of the free disk at start, which no client
+    can read), model-store's data dir elsewhere: the put is refused part-way, its chunks purged."""
+    server = SecuredNats(small_disk / "data").start().provision()
+    try:
+        with LiveStore(server.url_for("model-store"), tmp_path / "store-data") as store:
+            platform = Platform(server, store, tmp_path / "store-data")
+            stored = []
+            for i in range(3):
+                path, sha = random_file(tmp_path, f"part-{i}.bin", 20 * MB)
+                r = put_blob(store, path, sha)
+                if r.status_code != 200:
+                    break
+                stored.append(platform.stream_bytes())
+            assert len(stored) == 2 and r.status_code == 507, (stored, r.status_code, r.text[:300])
+            assert "JetStream refused it part-way" in r.json()["error"]["message"]
+            assert_nothing_left_and_a_small_push_works(platform, stored[-1], tmp_path)
+    finally:
+        server.stop()
 
 
 # -- a put that JetStream refuses part-way (past the room check, e.g. a limit it cannot see) --------

@@ -56,7 +56,6 @@ def create_service(settings: Settings | None = None) -> Service:
         index = CatalogIndex(service.settings.service_dir / "index.sqlite")
         signer = Signer.load_or_create(service.settings.service_dir / "signing-key.pem")
         spool_dir = service.settings.service_dir / "tmp"
-        spool_dir.mkdir(exist_ok=True)
         space = SpaceGuard(spool_dir, nats_store_dir(service.settings.data_dir), blobs.room)
         ingest = Ingest(kv, blobs, spool_dir, space)
         model_store = ModelStore(kv, blobs, index, signer, ingest, service.publish)
