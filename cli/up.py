@@ -24,7 +24,7 @@ from cli import natsd
 from cli.connection import redacted
 from cli.up_options import ROLE_ENV, UpOptions, lock_data_dir
 from shared import endpoints, http_tls, nats_auth, nats_tls, replication
-from shared.config import DEFAULT_PORTS, env_name, node_id
+from shared.config import DEFAULT_PORTS, env_name, nats_store_dir, node_id
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
@@ -280,7 +280,7 @@ class Supervisor:
 
     async def _start_nats(self) -> str | None:
         opts = self.options
-        store = opts.data_dir / "nats"
+        store = nats_store_dir(opts.data_dir)
         store.mkdir(parents=True, exist_ok=True)
         log_file = store / "nats-server.log"
         try:

@@ -25,6 +25,11 @@ DEFAULT_DATA_DIR = Path(".strata")
 DATA_DIR_ENV = "STRATA_DATA_DIR"
 
 
+def nats_store_dir(data_dir: Path) -> Path:
+    """Where `strata up` keeps nats-server's store (JetStream's files) in the data dir."""
+    return data_dir / "nats"
+
+
 def env_name(service: str, key: str) -> str:
     """``STRATA_MODEL_STORE_PORT`` style names for per-service settings."""
     return f"STRATA_{service.upper().replace('-', '_')}_{key.upper()}"

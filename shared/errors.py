@@ -41,6 +41,12 @@ class Unavailable(StrataError):
     code, http_status = "unavailable", 503
 
 
+class InsufficientStorage(StrataError):
+    """not enough free space to store it: the message says how many bytes it needs and how many are free"""
+
+    code, http_status = "insufficient_storage", 507
+
+
 class BlobCorrupt(StrataError):
     """a stored blob no longer matches the store's own record of it (size, chunks, digest): the data is
     damaged, so retrying will not help (unlike Unavailable)"""
@@ -54,7 +60,8 @@ class BlobCorrupt(StrataError):
 
 BY_CODE: dict[str, type[StrataError]] = {
     cls.code: cls
-    for cls in (StrataError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable, BlobCorrupt)
+    for cls in (StrataError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable, InsufficientStorage,
+                BlobCorrupt)
 }
 
 

@@ -4,7 +4,8 @@ client generated from the schema knows every status (and the ``{"error": {"code"
 ``responses=error_responses(NotFound, Unavailable)`` on a route; a route behind an API key adds
 ``auth=True`` (401, 403, and 503 when the keys cannot be checked). FastAPI declares its own 422 for a
 route with parameters or a body; these services answer a request that breaks the schema with it.
-``typed_bad_requests(app)`` makes FastAPI's own 400 (a body it cannot read) the typed one too.
+``typed_bad_requests(app)`` makes FastAPI's own 400 (a body it cannot read) the typed one too, and
+``typed_internal_errors(app, service)`` an unexpected exception's 500.
 """
 
 from __future__ import annotations
@@ -86,3 +87,17 @@ def typed_bad_requests(app: FastAPI) -> None:
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
     app.add_exception_handler(HTTPException, bad_request_as_invalid)
+
+
+def typed_internal_errors(app: FastAPI, service: str) -> None:
+    """An exception that no route turned into a typed error is answered ``{"error": {"code": "internal",
+    ...}}`` with 500, never Starlette's bare "Internal Server Error" page, which a client cannot read.
+    The message names the exception's type only (its text may hold paths or secrets); the traceback
+    still goes to the service's log."""
+
+    async def internal_error(_request: Request, exc: Exception) -> Response:
+        message = f"internal error in {service} ({type(exc).__name__}); its log has the details"
+        body = HttpError(error=ErrorBody(code=StrataError.code, message=message))
+        return JSONResponse(body.model_dump(), status_code=StrataError.http_status)
+
+    app.add_exception_handler(Exception, internal_error)

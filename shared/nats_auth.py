@@ -4,7 +4,8 @@ Each service connects as its own user. It may publish only the events whose ``PU
 (``shared/events.py``, the table in infra/SUBJECTS.md), its dead letters, the RPCs and inference
 subjects it calls, and writes to the KV buckets / object stores it owns. Its JetStream API access is
 stream info on what it looks up and consumers on what it reads, never on another role's durables;
-no service may create, update, purge or delete a stream, KV bucket or object store. ``admin`` is
+no service may create, update or delete a stream, KV bucket or object store, nor purge one it does not
+alone write (model-store purges its blob store's partial objects). ``admin`` is
 `strata up`'s bootstrap credential, the only one that may (cli/provision.py). ``client`` is the role
 of the CLI (cli/connection.py reads its credential from the data dir): it may request deploys and
 inferences, call RPCs and read events, and may publish no service event. ``operator`` is the role of
@@ -63,6 +64,7 @@ class Needs:
     durables: tuple[tuple[str, str], ...] = ()  # (stream, durable) it owns: no other role may touch them
     publish: tuple[str, ...] = ()  # further subjects: RPCs it calls, KV/Object-Store writes, inference
     subscribe: tuple[str, ...] = ()  # core subscriptions besides its own rpc.<service>.> and inbox
+    purges: tuple[str, ...] = ()  # streams it may purge: only a store it alone writes (its partial objects)
 
 
 _EVENTS, _DEAD = subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM
@@ -71,6 +73,10 @@ NEEDS: dict[str, Needs] = {
         looks_up=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET), kv_stream(API_KEYS_BUCKET)),
         reads=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET), kv_stream(API_KEYS_BUCKET)),
         publish=(f"$KV.{CATALOG_BUCKET}.>", f"$O.{BLOB_BUCKET}.>"),
+        # The Object Store removes an object's chunks (a put that failed part-way, a replaced or deleted
+        # blob) with a purge filtered to the chunks' subject. NATS cannot restrict the filter, so this
+        # lets model-store purge its whole blob store: no more than its writes to $O.strata-blobs.> allow.
+        purges=(obj_stream(BLOB_BUCKET),),
     ),
     "hardware-inventory": Needs(
         looks_up=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET)),
@@ -146,7 +152,8 @@ def inbox_prefix_of_url(nats_url: str) -> str:
 
 def jetstream_api(needs: Needs) -> list[str]:
     """The JetStream API subjects a role may send: stream info for what it looks up, consumers and
-    message reads on what it reads. No stream or bucket is created, changed, purged or deleted here."""
+    message reads on what it reads, purges of the stores it alone writes. No stream or bucket is created,
+    changed or deleted here."""
     api = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
     api += [f"$JS.API.STREAM.INFO.{stream}" for stream in dict.fromkeys((*needs.looks_up, *needs.reads))]
     for stream in needs.reads:
@@ -157,6 +164,7 @@ def jetstream_api(needs: Needs) -> list[str]:
             f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
             f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
         ]
+    api += [f"$JS.API.STREAM.PURGE.{stream}" for stream in needs.purges]
     return api
 
 
@@ -199,6 +207,11 @@ def permissions(role: str) -> Permissions:
 def may_administer(role: str) -> bool:
     """Whether ``role`` may create, update, purge or delete streams, KV buckets and object stores."""
     return "$JS.API.>" in permissions(role).publish
+
+
+def may_purge(role: str, stream: str) -> bool:
+    """Whether ``role`` may purge ``stream`` (``admin`` any; a role the stores it alone writes)."""
+    return may_administer(role) or f"$JS.API.STREAM.PURGE.{stream}" in permissions(role).publish
 
 
 def may_write_api_keys(role: str) -> bool:
@@ -319,7 +332,8 @@ def permissions_table() -> str:
         perms, needs = permissions(role), NEEDS[role]
         events = [s for s in perms.publish if s.startswith(("evt.", "live."))]
         other = [s for s in perms.publish if not s.startswith(("evt.", "live.", "$JS.", f"{INBOX}."))]
-        stream_admin = "**create, update, delete every stream and bucket**" if may_administer(role) else "none"
+        stream_admin = ("**create, update, delete every stream and bucket**" if may_administer(role)
+                        else f"purge {cell(list(needs.purges))}" if needs.purges else "none")
         consumers = cell(list(needs.reads)) if needs.reads else "—"
         own = cell([f"{stream}/{durable}" for stream, durable in needs.durables])
         rows.append(f"| {role} | {cell(events)} | {cell(other)} | {cell(list(perms.subscribe))} | {stream_admin} "

@@ -73,6 +73,7 @@ class Service:
         self.http.get("/healthz", response_model=Health, tags=["health"])(self._health_http)
         self.http.exception_handler(errors.StrataError)(_error_response)
         http_errors.typed_bad_requests(self.http)  # FastAPI's own 400 (an unreadable body) in the typed shape too
+        http_errors.typed_internal_errors(self.http, name)
         self.broker.subscriber(subjects.rpc(name, "health"), queue=name, title=f"{name}:health")(self._health_rpc)
         self._document_own_events()
         self.http.get("/asyncapi.json", tags=["health"], summary="AsyncAPI document of this service's NATS interface")(self.asyncapi)

@@ -68,3 +68,21 @@ def test_telemetry_exports_only_what_the_otel_variables_ask_for(monkeypatch, cap
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
     assert telemetry._exporter("traces") is None  # the OTLP package is not installed here: said, not crashed
     assert "opentelemetry-exporter-otlp is not installed" in caplog.text
+
+
+async def test_an_unexpected_exception_in_a_route_answers_the_typed_json_error_not_a_bare_page(tmp_path: Path):
+    """#20 item 3: a 102 MB push answered Starlette's text "Internal Server Error"; every error is JSON now."""
+    import httpx
+
+    service = load("model-store", settings_for("model-store", "nats://127.0.0.1:1", tmp_path))
+
+    @service.http.get("/boom")
+    async def boom() -> None:
+        raise OSError(28, "No space left on device", "/secret/path")
+
+    transport = httpx.ASGITransport(app=service.http, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        r = await client.get("/boom")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": {"code": "internal",
+                                  "message": "internal error in model-store (OSError); its log has the details"}}

@@ -18,6 +18,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from shared import nats_auth, subjects
+from shared.catalog import BLOB_BUCKET
 from shared.apikeys import record_for
 from shared.events import NodeLost
 from tests.security.conftest import connect_as, wait_for
@@ -73,6 +74,8 @@ async def test_every_role_is_refused_stream_administration_except_the_bootstrap_
         sent = []
         for stream in STREAMS:
             for subject in _admin_subjects(stream):
+                if subject == f"$JS.API.STREAM.PURGE.{stream}" and nats_auth.may_purge(role, stream):
+                    continue  # the one purge granted (below): model-store's cleanup of its own blob store
                 await nc.publish(subject, b"{}", reply=nc.new_inbox())
                 sent.append(subject.lower())
         for stream, durable, owner in OTHER_DURABLES:
@@ -90,6 +93,20 @@ async def test_every_role_is_refused_stream_administration_except_the_bootstrap_
         expected = sorted(f'nats: permissions violation for publish to "{s}"' for s in sent)
         assert refused[role] == expected, role
     assert await _stream_configs(secured_nats) == before  # nothing changed, nothing deleted or purged
+
+
+async def test_model_store_may_purge_its_blob_store_and_no_other_stream(secured_nats):
+    """The one purge a non-admin role has: model-store removes its own partial objects' chunks (#20 item 3)."""
+    granted = [(role, stream) for role in nats_auth.ROLES if role != nats_auth.ADMIN
+               for stream in STREAMS if nats_auth.may_purge(role, stream)]
+    blobs = nats_auth.obj_stream(BLOB_BUCKET)
+    assert granted == [("model-store", blobs)]
+    nc, errors = await connect_as(secured_nats.url_for("model-store"))
+    answer = await nc.request(f"$JS.API.STREAM.PURGE.{blobs}", json.dumps({"filter": f"$O.{BLOB_BUCKET}.C.none"}).encode(),
+                              timeout=5)
+    assert json.loads(answer.data)["success"] is True, answer.data
+    assert errors.violations() == []
+    await nc.close()
 
 
 async def test_a_role_cannot_take_over_another_services_durable_through_the_ephemeral_create(secured_nats):

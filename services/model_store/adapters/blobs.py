@@ -14,16 +14,22 @@ from pathlib import Path
 from typing import BinaryIO
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TYPE, OBJ_STREAM_TEMPLATE, ObjectStore
 
 from shared.catalog import BLOB_BUCKET
-from shared.errors import BlobCorrupt, NotFound, Unavailable
+from shared.errors import BlobCorrupt, InsufficientStorage, NotFound, Unavailable
 
 FETCH_BATCH = 32  # 128 KiB chunks: 4 MiB in flight per download
 FETCH_TIMEOUT_S = 20.0
+# JetStream's err_codes for a write that does not fit: past the account's storage limit, the server's
+# (max_file_store), or its resources. 10077 (the store failed) means it too when the reason is a
+# stream's max_bytes or a full disk; other store failures stay what they are.
+OUT_OF_ROOM_CODES = frozenset({10002, 10023, 10047})
+STORE_FAILED_CODE = 10077
+OUT_OF_ROOM_REASONS = ("maximum bytes exceeded", "no space left on device")
 
 
 def blob_store_config(replicas: int = 1, bucket: str = BLOB_BUCKET) -> ObjectStoreConfig:
@@ -56,8 +62,30 @@ class BlobStore:
         return info.size
 
     async def put_file(self, sha256: str, stream: BinaryIO) -> int:
-        info = await self._store.put(sha256, stream)
+        """Store the blob; InsufficientStorage when JetStream refuses a chunk for want of room. The put
+        has purged the chunks it wrote by then (model-store may purge its own blob store), so a refused
+        blob leaves nothing behind."""
+        try:
+            info = await self._store.put(sha256, stream)
+        except APIError as exc:
+            if not _out_of_room(exc):
+                raise
+            raise InsufficientStorage(f"blob sha256:{sha256}: JetStream refused it part-way ({exc.description}); "
+                                      "the chunks it had taken were removed") from None
         return info.size or 0
+
+    async def room(self) -> int | None:
+        """Bytes the blob store may still take under the JetStream limits a client can read: the stream's
+        max_bytes and the account's max_storage; None when neither is set. (The server's own limit,
+        max_file_store, is not visible to a client: a write past it is refused, see ``put_file``.)"""
+        stream = await self._js.stream_info(OBJ_STREAM_TEMPLATE.format(bucket=self.bucket))
+        account = await self._js.account_info()
+        left = []
+        if stream.config.max_bytes is not None and stream.config.max_bytes >= 0:
+            left.append(stream.config.max_bytes - stream.state.bytes)
+        if account.limits.max_storage is not None and account.limits.max_storage >= 0:
+            left.append(account.limits.max_storage - account.storage)
+        return max(0, min(left)) if left else None
 
     async def put_path(self, sha256: str, path: Path) -> int:
         with path.open("rb") as f:
@@ -159,6 +187,12 @@ class _RecordCheck:
         if recorded is not None and self.digest.digest() != recorded:
             raise BlobCorrupt.of(self.sha256, f"its chunks have digest sha256:{self.digest.hexdigest()}, "
                                               f"it was stored with sha256:{recorded.hex()}")
+
+
+def _out_of_room(exc: APIError) -> bool:
+    if exc.err_code in OUT_OF_ROOM_CODES:
+        return True
+    return exc.err_code == STORE_FAILED_CODE and any(reason in (exc.description or "") for reason in OUT_OF_ROOM_REASONS)
 
 
 def _digest_bytes(recorded: str | None) -> bytes | None:

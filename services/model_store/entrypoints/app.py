@@ -15,7 +15,7 @@ from shared.catalog import (
     ResolveRequest,
 )
 from shared.apikey_http import protect
-from shared.config import Settings
+from shared.config import Settings, nats_store_dir
 from shared.errors import Unavailable
 from shared.service import Service
 
@@ -26,6 +26,7 @@ from services.model_store.domain.signing import Signer
 from services.model_store.entrypoints.http import router
 from services.model_store.service_layer.handlers import ModelStore
 from services.model_store.service_layer.ingest import Ingest
+from services.model_store.service_layer.space import SpaceGuard
 
 log = logging.getLogger("model-store")
 INDEX_SYNC_TIMEOUT_S = 30.0
@@ -54,7 +55,9 @@ def create_service(settings: Settings | None = None) -> Service:
         blobs = await BlobStore.open(js, create=True)
         index = CatalogIndex(service.settings.service_dir / "index.sqlite")
         signer = Signer.load_or_create(service.settings.service_dir / "signing-key.pem")
-        ingest = Ingest(kv, blobs, service.settings.service_dir / "tmp")
+        spool_dir = service.settings.service_dir / "tmp"
+        space = SpaceGuard(spool_dir, nats_store_dir(service.settings.data_dir), blobs.room)
+        ingest = Ingest(kv, blobs, spool_dir, space)
         model_store = ModelStore(kv, blobs, index, signer, ingest, service.publish)
         caught_up = asyncio.Event()
         tasks.append(asyncio.create_task(_follow_catalog(kv, index, caught_up)))

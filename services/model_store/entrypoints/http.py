@@ -15,7 +15,7 @@ from shared.catalog import (
     AliasRequest, AliasResult, DatasetList, DeleteResult, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
-from shared.errors import BlobCorrupt, Conflict, Invalid, NotFound, Unavailable
+from shared.errors import BlobCorrupt, Conflict, InsufficientStorage, Invalid, NotFound, Unavailable
 from shared.http_errors import error_responses
 
 from services.model_store.adapters.catalog_kv import BlobInfo
@@ -67,10 +67,13 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
         check_digest(sha256)
         return BlobChecked(sha256=sha256, size=await store().blobs.check(sha256))
 
-    @api.put("/blobs/{sha256}", response_model=BlobUploaded, **guarded(Invalid))
+    @api.put("/blobs/{sha256}", response_model=BlobUploaded, **guarded(Invalid, InsufficientStorage))
     async def upload_blob(sha256: str, request: Request, path: str | None = Query(default=None)) -> BlobUploaded:
-        """Stream a blob in as the raw request body; ``path`` (its file name) lets it be checked now."""
-        info = await store().ingest.upload(sha256, request.stream(), path)
+        """Stream a blob in as the raw request body; ``path`` (its file name) lets it be checked now.
+        With a content-length, a blob there is no room for is refused (507) before its body is read."""
+        length = request.headers.get("content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
+        info = await store().ingest.upload(sha256, request.stream(), path, declared_size=declared)
         return BlobUploaded(sha256=sha256, size=info.size, info=info)
 
     @api.get("/blobs/{sha256}", responses=error_responses(Invalid, NotFound, BlobCorrupt, Unavailable))

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-from shared.errors import Invalid, NotFound
+from shared.errors import InsufficientStorage, Invalid, NotFound
 
 from services.model_store.adapters.blobs import BlobStore
 from services.model_store.adapters.catalog_kv import BlobInfo, CatalogKV
 from services.model_store.domain.checks import check_path, inspect_safetensors, refuse_pickle, sniff_pickle
+from services.model_store.service_layer.space import SpaceGuard
 
 HEAD_BYTES = 16
 SPOOL_CHUNK = 1024 * 1024
@@ -34,34 +38,55 @@ def check_content(path: str, file: Path, size: int) -> BlobInfo:
 
 
 class Ingest:
-    def __init__(self, kv: CatalogKV, blobs: BlobStore, tmp_dir: Path) -> None:
+    def __init__(self, kv: CatalogKV, blobs: BlobStore, tmp_dir: Path, space: SpaceGuard) -> None:
         self.kv = kv
         self.blobs = blobs
         self.tmp_dir = tmp_dir
+        self.space = space
         tmp_dir.mkdir(parents=True, exist_ok=True)
 
     async def has_blob(self, sha256: str) -> int | None:
         return await self.blobs.size(sha256)
 
-    async def upload(self, sha256: str, chunks: AsyncIterator[bytes], path: str | None = None) -> BlobInfo:
-        """Receive a blob whose client says it has digest ``sha256`` (and is the file ``path``)."""
+    async def upload(self, sha256: str, chunks: AsyncIterator[bytes], path: str | None = None,
+                     declared_size: int | None = None) -> BlobInfo:
+        """Receive a blob whose client says it has digest ``sha256`` (and is the file ``path``) and
+        ``declared_size`` bytes (its content-length): room for it is claimed before a byte is read.
+        Without a declared size the room is claimed once the spool holds it."""
         check_digest(sha256)
         label = path or f"sha256:{sha256}"
         if path is not None:
             check_path(path)
             refuse_pickle(path)
+        if declared_size is not None:
+            async with (self.space.claim(store=declared_size, spool=declared_size),
+                        self._spooled(sha256, chunks, label, declared_size) as (spool, size)):
+                return await self._store(sha256, spool, size, path)
+        async with (self._spooled(sha256, chunks, label, self.space.spool_room()) as (spool, size),
+                    self.space.claim(store=size)):
+            return await self._store(sha256, spool, size, path)
+
+    @asynccontextmanager
+    async def _spooled(self, sha256: str, chunks: AsyncIterator[bytes], label: str,
+                       limit: int) -> AsyncIterator[tuple[Path, int]]:
+        """The stream in a temp file (removed afterwards) and its size, once its digest is the declared
+        one; InsufficientStorage as soon as it outgrows ``limit``, the room it was given."""
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-")
         spool = Path(name)
         try:
             digest, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as f:
                 async for chunk in chunks:
+                    if size + len(chunk) > limit:
+                        raise InsufficientStorage(f"{label}: not enough space: after {size + len(chunk)} bytes it outgrew "
+                                                  f"the {max(limit, 0)} bytes free for it on the disk of model-store's spool "
+                                                  "(with a content-length it is refused before it is sent)")
                     digest.update(chunk)
-                    f.write(chunk)
+                    _spool_write(f, chunk, label, size)
                     size += len(chunk)
             if digest.hexdigest() != sha256:
                 raise Invalid(f"{label}: the content's sha256 is {digest.hexdigest()}, not the declared {sha256} (corrupted in transit?)")
-            return await self._store(sha256, spool, size, path)
+            yield spool, size
         finally:
             spool.unlink(missing_ok=True)
 
@@ -75,7 +100,8 @@ class Ingest:
                 digest.update(block)
         sha256, size = digest.hexdigest(), file.stat().st_size
         if await self.blobs.size(sha256) != size or await self.kv.get_blob_info(sha256) is None:
-            await self._store(sha256, file, size, path)
+            async with self.space.claim(store=size):
+                await self._store(sha256, file, size, path)
         return sha256, size
 
     async def _store(self, sha256: str, file: Path, size: int, path: str | None) -> BlobInfo:
@@ -128,6 +154,19 @@ class Ingest:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise Invalid(f"{path}: the stored blob sha256:{sha256} is corrupt")
         return data
+
+
+def _spool_write(f: BinaryIO, chunk: bytes, label: str, written: int) -> None:
+    """A spool that meets a full disk (an upload of undeclared size, or a disk others filled) is
+    InsufficientStorage, not an unexplained failure."""
+    try:
+        f.write(chunk)
+        f.flush()
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise InsufficientStorage(f"{label}: the disk of model-store's spool filled up after {written} bytes "
+                                  f"({exc.strerror})") from None
 
 
 def check_digest(sha256: str) -> None:
