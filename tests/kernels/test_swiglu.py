@@ -16,13 +16,22 @@ def _input(shape, dtype, device, seed=0):
     return (3 * torch.randn(shape, generator=g)).to(dtype).to(device)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_swiglu(shape, dtype, device):
+def test_swiglu(shape, dtype, activation, device):
     gu = _input(shape, dtype, device)
-    out = swiglu_triton(gu)
+    out = swiglu_triton(gu, activation)
     assert out.shape == (*shape[:-1], shape[-1] // 2)
-    assert_close(out, swiglu_ref(gu), dtype)
+    assert_close(out, swiglu_ref(gu, activation), dtype)
+
+
+def test_geglu_ref_is_transformers_gelu_pytorch_tanh():
+    from transformers.activations import ACT2FN
+
+    gate, up = 3 * torch.randn(4, 9), torch.randn(4, 9)
+    torch.testing.assert_close(swiglu_ref(torch.cat([gate, up], -1), "gelu_tanh"),
+                               ACT2FN["gelu_pytorch_tanh"](gate) * up, atol=1e-6, rtol=1e-6)
 
 
 def test_swiglu_strided_input(device):
@@ -49,5 +58,9 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="2 \\* I"):
         swiglu_triton(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        swiglu_triton(torch.randn(3, 8), "relu")
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        swiglu_ref(torch.randn(3, 8), "relu")
     with pytest.raises(ValueError, match="floating-point"):
         swiglu_triton(torch.ones(3, 8, dtype=torch.int64))

@@ -46,8 +46,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return rope_triton(x, cos, sin) if use_triton(x) else rope_ref(x, cos, sin)
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    return swiglu_triton(gate_up) if use_triton(gate_up) else swiglu_ref(gate_up)
+def swiglu(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    fn = swiglu_triton if use_triton(gate_up) else swiglu_ref
+    return fn(gate_up, activation)
 
 
 def paged_decode_attention(
