@@ -72,6 +72,48 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
         (dst / name).write_bytes((src / name).read_bytes())
 
 
+# family -> the transformers config and model classes a test checkpoint is made with
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+WINDOW = 24  # sliding window of the windowed test models: the long prompt is ~4 windows
+
+# One small checkpoint per family, each exercising what sets its family apart.
+FAMILY_SPECS = {
+    "qwen3": dict(arch="qwen3", seed=11, head_dim=16),
+    "gemma2": dict(arch="gemma2", seed=12, head_dim=16, num_hidden_layers=3, sliding_window=WINDOW,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=8.0),
+    "gemma3": dict(arch="gemma3", seed=13, head_dim=16, num_hidden_layers=3, sliding_window=WINDOW,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   query_pre_attn_scalar=16, rope_parameters={
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                       "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}),
+    "phi3": dict(arch="phi3", seed=14, sliding_window=40, original_max_position_embeddings=32,
+                 rope_scaling={"type": "longrope", "long_factor": [1.0 + i / 4 for i in range(6)],
+                               "short_factor": [1.0 + i / 16 for i in range(6)]},
+                 partial_rotary_factor=0.75),
+    "olmo2": dict(arch="olmo2", seed=15),
+    "granite": dict(arch="granite", seed=16, embedding_multiplier=6.0, residual_multiplier=0.5,
+                    attention_multiplier=0.125, logits_scaling=2.0),
+    "mixtral": dict(arch="mixtral", seed=17, intermediate_size=64, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "qwen3_moe": dict(arch="qwen3_moe", seed=18, head_dim=16, num_hidden_layers=3, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                      mlp_only_layers=[1]),
+    "mistral_swa": dict(arch="mistral", seed=19, head_dim=16, sliding_window=WINDOW),
+}
+
+
 @dataclass
 class Ckpt:
     path: Path
@@ -92,7 +134,7 @@ def randomize_(model: torch.nn.Module, eos: int, seed: int) -> None:
             elif "embed" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p.shape[1])))
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p.shape[-1])))
         # eos scores exactly 0 while ~vocab random logits compete: greedy never stops early, so
         # the 32-token comparisons really compare 32 tokens.
         model.get_output_embeddings().weight[eos].zero_()
@@ -108,12 +150,9 @@ def build_checkpoint(root: Path, tokenizer_dir: Path, arch: str = "llama", seed:
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
     common.update(overrides)
-    if arch == "llama":
-        config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
-    elif arch == "qwen2":
-        config, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-    else:
-        config, cls = transformers.MistralConfig(**common), transformers.MistralForCausalLM
+    config_cls, cls = FAMILY_CLASSES[arch]
+    config = getattr(transformers, config_cls)(**common)
+    cls = getattr(transformers, cls)
     torch.manual_seed(seed)
     model = cls(config).eval()
     randomize_(model, eos, seed)
@@ -139,6 +178,7 @@ def ckpts(tmp_path_factory, tokenizer_dir):
         "tied": dict(arch="llama", seed=4, tie_word_embeddings=True, num_key_value_heads=4),
         "sharded": dict(arch="qwen2", seed=5, max_shard_size="40KB"),
         "mistral": dict(arch="mistral", seed=6, head_dim=32, sliding_window=None),
+        **FAMILY_SPECS,
     }
     cache: dict[str, Ckpt] = {}
 

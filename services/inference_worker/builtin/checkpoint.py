@@ -110,7 +110,8 @@ class _EngineBackend(_Backend):
         import torch
 
         from ..engine.config import ModelConfig
-        from ..engine.model import AttentionMetadata, PrefillChunk, Transformer, hf_weight_names
+        from ..engine.model import AttentionMetadata, PrefillChunk, Transformer
+        from ..engine.weights import hf_weight_names
 
         self._meta_cls, self._chunk_cls = AttentionMetadata, PrefillChunk
         self.cfg = ModelConfig.from_dict(config, source="builtin train config")

@@ -13,7 +13,8 @@ import torch
 from .config import ModelConfig, parse_dtype
 from .errors import (CheckpointError, ConfigError, MissingFileError, MissingTensorError,
                      PickleCheckpointError, ShapeMismatchError, UnexpectedTensorError)
-from .model import Transformer, hf_weight_names
+from .model import Transformer
+from .weights import hf_weight_names, is_norm, split_rows
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -137,31 +138,24 @@ def load_weights(model: Transformer, cfg: ModelConfig, files: list[Path], path: 
         with torch.no_grad():
             for ours, srcs in wanted.items():
                 param = params[ours]
-                rows = _split_rows(ours, cfg, param)
+                flat = param.view(-1, param.shape[-1]) if param.dim() == 3 else param  # stacked experts
                 offset = 0
-                for name, n in zip(srcs, rows):
+                for name, n in zip(srcs, split_rows(ours, cfg, flat.shape[0], len(srcs))):
                     if name not in key_file:
                         raise MissingTensorError(f"{where}: tensor {name!r} is missing", path=where,
                                                  tensor=name)
                     f = key_file[name]
-                    sl = handles[f].get_slice(name)
-                    shape = tuple(sl.get_shape())
-                    expected = (n, *param.shape[1:])
+                    shape = tuple(handles[f].get_slice(name).get_shape())
+                    expected = (n, *flat.shape[1:])
                     if shape != expected:
                         raise ShapeMismatchError(
                             f"{f}: tensor {name!r} has shape {list(shape)}, expected {list(expected)} "
                             f"from config.json", path=f, tensor=name)
-                    param[offset:offset + n].copy_(handles[f].get_tensor(name))
+                    value = handles[f].get_tensor(name)
+                    if cfg.norm_offset and is_norm(ours):  # Gemma's (1 + w), added in fp32
+                        value = value.float() + cfg.norm_offset
+                    flat[offset:offset + n].copy_(value)
                     offset += n
-
-
-def _split_rows(ours: str, cfg: ModelConfig, param: torch.Tensor) -> list[int]:
-    if ".qkv." in ours:
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return [q, kv, kv]
-    if ".gate_up." in ours:
-        return [cfg.intermediate_size] * 2
-    return [param.shape[0]]
 
 
 def read_generation_config(path: Path, cfg: ModelConfig, tokenizer: Tokenizer) -> GenerationDefaults:

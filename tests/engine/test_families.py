@@ -1,0 +1,64 @@
+"""Every supported family against transformers, on small random-weight checkpoints (fp32, CPU): each
+checkpoint sets what makes its family different (see FAMILY_SPECS), and the windowed ones get a prompt
+about four windows long."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from services.inference_worker.engine import SamplingParams
+from services.inference_worker.engine.weights import hf_weight_names
+from shared.architectures import ENGINE_ARCHITECTURES
+from .conftest import FAMILY_CLASSES, FAMILY_SPECS, PROMPTS, WINDOW, hf_greedy
+
+LONG = " ".join(PROMPTS)
+FAMILIES = list(FAMILY_SPECS)
+
+
+def test_every_engine_architecture_has_a_test_checkpoint():
+    tested = {FAMILY_CLASSES[spec["arch"]][1] for spec in FAMILY_SPECS.values()}
+    tested |= {"LlamaForCausalLM", "Qwen2ForCausalLM"}  # test_oracle.py
+    assert tested == set(ENGINE_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_match_transformers(name, ckpts, engines):
+    ck, eng = ckpts(name), engines(name)
+    ids = eng.tokenizer.encode(LONG)
+    assert len(ids) > 3 * WINDOW
+    ours = eng.ckpt.model.logits_without_cache(torch.tensor(ids))
+    with torch.no_grad():
+        ref = ck.hf(torch.tensor([ids])).logits[0].float()
+    assert ref.std() > 0.5  # far from trivial, so 1e-4 means something
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_32_tokens_identical_to_transformers(name, ckpts, engines):
+    ck, eng = ckpts(name), engines(name)
+    prompts = [LONG, PROMPTS[1]]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=32, temperature=0))
+    for prompt, out in zip(prompts, outs):
+        ref = hf_greedy(ck.hf, eng.tokenizer.encode(prompt), 32)
+        assert len(ref) == 32 and out.finish_reason == "length"
+        assert out.token_ids == ref, prompt
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_batch_equals_each_prompt_alone(name, engines):
+    eng = engines(name)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    prompts = [LONG, *PROMPTS]
+    together = eng.generate(prompts, params)
+    for prompt, out in zip(prompts, together):
+        assert eng.generate([prompt], params)[0].token_ids == out.token_ids, prompt
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_checkpoint_tensor_is_used(name, ckpts, engines):
+    ck, cfg = ckpts(name), engines(name).model_config
+    with safe_open(str(ck.path / "model.safetensors"), "pt") as f:
+        in_file = set(f.keys())
+    mapped = {hf for srcs in hf_weight_names(cfg).values() for hf in srcs}
+    assert mapped == in_file
