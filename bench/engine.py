@@ -42,7 +42,11 @@ from bench.roofline import (copy_bandwidth_gbs, kv_bytes_per_token, percentile, 
 PRESETS = {
     "llama3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
                       dtype="bfloat16", max_position=8192, rope_theta=500000.0),
+    # CPU-sized shapes of the other kinds of model: routed experts, and a window the prompt overruns
+    "moe": dict(arch="mixtral", experts=8, experts_per_tok=2, intermediate=512),
+    "sliding-window": dict(arch="mistral", sliding_window=64, prompt_tokens=160),
 }
+ARCHS = {"llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral"}  # --arch -> transformers prefix
 
 
 # ---- the checkpoint ------------------------------------------------------------------------------
@@ -65,7 +69,7 @@ def make_checkpoint(args, root: Path, device: str, dtype: torch.dtype):
     torch.set_default_dtype(dtype)  # the constructor allocates and initialises in this dtype...
     try:
         with torch.device(device):  # ...on this device
-            model = transformers.LlamaForCausalLM(cfg).eval()
+            model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     with torch.no_grad():  # never time on zeros or garbage: initialise whatever the constructor left
@@ -74,7 +78,7 @@ def make_checkpoint(args, root: Path, device: str, dtype: torch.dtype):
                 p.normal_(0.0, 0.02)
     sync_device(device)
     t_init = time.perf_counter() - t0
-    path = root / "bench-llama"
+    path = root / f"bench-{args.arch}"
     if path.exists():
         shutil.rmtree(path)
     model.save_pretrained(path, max_shard_size="4GB")  # safetensors; shards keep host memory low
@@ -139,6 +143,11 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32/bfloat16/float16 "
                     "(default: float32 on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama", help="family of the random model")
+    ap.add_argument("--experts", type=int, default=8, help="--arch mixtral: routed experts per layer")
+    ap.add_argument("--experts-per-tok", type=int, default=2, help="--arch mixtral: experts per token")
+    ap.add_argument("--sliding-window", type=int, default=None,
+                    help="--arch mistral/mixtral: attention window in tokens")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
@@ -252,7 +261,10 @@ def run_rows(args, path: Path, dtype, batches: list[int], hf, copy_gbs: float, r
     cfg = json.loads((path / "config.json").read_text())
     desc = (f"{cfg['architectures'][0]} hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
             f"layers, heads {cfg['num_attention_heads']}/{cfg.get('num_key_value_heads')}, "
-            f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}")
+            f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}"
+            + (f", {cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}"
+               if cfg.get("num_local_experts") else "")
+            + (f", sliding window {cfg['sliding_window']}" if cfg.get("sliding_window") else ""))
     print(f"model: {desc}{'' if args.checkpoint else ' (random weights)'}; device {args.device}, "
           f"{dtype}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy",
           flush=True)
@@ -345,9 +357,12 @@ def print_throughput(rows, names, repeat) -> None:
 def print_roofline(ours, rows, batches, names, copy_gbs, args, report) -> None:
     eng = ours.engine
     mc = eng.model_config
-    weights, embed = weight_bytes_read_per_step(eng.ckpt.model, mc.tie_word_embeddings)
+    routed = mc.num_experts_per_tok / mc.num_experts if mc.num_experts else 1.0
+    weights, embed = weight_bytes_read_per_step(eng.ckpt.model, mc.tie_word_embeddings, routed)
     kv_tok = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, eng.dtype.itemsize)
     mean_ctx = args.prompt_tokens + args.new_tokens / 2  # decode steps attend over P+1 .. P+N-1
+    if mc.sliding_window and all(mc.layer_windows):  # a windowed step reads at most the window
+        mean_ctx = min(mean_ctx, mc.sliding_window)
     per_token = weights + kv_tok * mean_ctx
     roof = copy_gbs * 1e9 / per_token
     report["roofline"] = {"weights_bytes": weights, "embedding_bytes": embed, "kv_bytes_per_ctx": kv_tok,
@@ -355,7 +370,8 @@ def print_roofline(ours, rows, batches, names, copy_gbs, args, report) -> None:
     tied = "; it is tied to lm_head, so read whole" if mc.tie_word_embeddings else ""
     print(f"\n## Batch-1 decode vs the memory-bandwidth roofline\nbytes per token: weights "
           f"{weights / 1e9:.3f} GB (every parameter but the {embed / 1e9:.3f} GB embedding table, "
-          f"which is only gathered{tied})"
+          f"which is only gathered{tied}"
+          f"{f'; of the experts, the {mc.num_experts_per_tok} of {mc.num_experts} a token is routed to' if mc.num_experts else ''})"
           f" + KV cache {kv_tok * mean_ctx / 1e6:.2f} MB at the mean decode context {mean_ctx:.0f} = "
           f"{per_token / 1e9:.3f} GB; bandwidth {copy_gbs:.0f} GB/s (copy) -> roofline {roof:.1f} tok/s")
     one = next((r for r in rows if r["batch"] == 1), None)

@@ -57,18 +57,20 @@ def copy_bandwidth_gbs(device) -> tuple[float, str]:
     return 2 * n / ms / 1e6, how
 
 
-def weight_bytes_read_per_step(model: nn.Module, tied_embeddings: bool) -> tuple[int, int]:
+def weight_bytes_read_per_step(model: nn.Module, tied_embeddings: bool, experts_read: float = 1.0
+                               ) -> tuple[int, int]:
     """(bytes of weights one decode step reads, bytes of the embedding tables). Every parameter is
     read once per step except an embedding table, which is only gathered (one row per token) — unless
-    it is tied to the output projection, which reads it whole; shared parameters count once."""
+    it is tied to the output projection, which reads it whole; shared parameters count once. Stacked
+    expert weights (3-D) count ``experts_read`` of their bytes: top_k / experts for one token."""
     seen, total = set(), 0
     for p in model.parameters():  # parameters() already yields a shared tensor once
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel() * p.element_size()
+            total += p.numel() * p.element_size() * (experts_read if p.dim() == 3 else 1)
     embed = sum(m.weight.numel() * m.weight.element_size()
                 for m in model.modules() if isinstance(m, nn.Embedding))
-    return (total if tied_embeddings else total - embed), embed
+    return int(total if tied_embeddings else total - embed), embed
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem: int) -> int:

@@ -40,6 +40,21 @@ def test_engine_bench_prints_roofline_and_batched_rows(tmp_path):
     assert rows[1]["strata_decode"] > 0 and report["roofline"]["tok_s"] > 0
 
 
+@pytest.mark.parametrize("preset, says", [("moe", "4 experts top-2"), ("sliding-window", "sliding window 64")])
+def test_engine_bench_presets_run_next_to_transformers(preset, says, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/engine.py", "--preset", preset, "--device", "cpu", "--threads", "1",
+         "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "96",
+         "--vocab", "256", "--experts", "4", "--new-tokens", "6", "--batch-sizes", "1,4", "--repeat", "1",
+         "--skip-kernels"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert says in proc.stdout, proc.stdout
+    for batch in (1, 4):  # our figure and transformers' in the same row
+        assert re.search(rf"batch {batch}: strata decode {NUMBER} tok/s .*HF decode tok/s: \S+ {NUMBER}",
+                         proc.stdout), proc.stdout
+
+
 def test_kernel_and_attention_tables_run_with_the_references(capsys):
     """The CUDA table's code path, with the torch references standing in for the Triton kernels."""
     from bench.engine_kernels import Shapes, bench_kernels
