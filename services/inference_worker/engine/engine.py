@@ -25,17 +25,6 @@ from .tokenizer import IncrementalDetokenizer
 log = logging.getLogger(__name__)
 
 
-def _layer_windows(cfg) -> list[int | None]:
-    """Each layer's attention window (None: global): ModelConfig.layer_windows where the config
-    has them; otherwise Mistral's sliding_window, which applies to every layer. (Qwen2's applies
-    only to some layers, so it frees nothing here.)"""
-    windows = getattr(cfg, "layer_windows", None)
-    if windows is not None:
-        return list(windows)
-    mistral = cfg.architecture == "MistralForCausalLM"
-    return [cfg.sliding_window if mistral else None] * cfg.num_layers
-
-
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
         self.ckpt, self.ecfg = checkpoint, config or EngineConfig()
@@ -48,7 +37,7 @@ class LLMEngine:
                              f"{cfg.max_position_embeddings}")
         self.runner = ModelRunner(model, cfg, self.ecfg, max_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size,
-                                          self.runner.bytes_per_block, freeing_window(_layer_windows(cfg)))
+                                          self.runner.bytes_per_block, freeing_window(cfg.layer_windows))
         self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs,
                                    self.ecfg.max_num_batched_tokens)
         # A sequence must fit what it reserves on admission in the whole cache. A windowed one
