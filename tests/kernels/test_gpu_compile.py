@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
                   dict(BLOCK_HEADS=32, BLOCK_HALF=64), arch)
             build(sw._swiglu_kernel,
                   dict(gu_ptr=P, out_ptr=P, gu_row_stride=i32, out_row_stride=i32, inter=i32),
-                  dict(BLOCK=1024), arch)
+                  dict(GELU=True, BLOCK=1024), arch)
             build(pa._partition_kernel,
                   dict(q_ptr=P, k_ptr=P, v_ptr=P, bt_ptr="*i32", ctx_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
                        acc_ptr="*fp32", scale="fp32", window=i32, softcap="fp32", q_stride_b=i32, q_stride_h=i32, k_stride_blk=i32,
