@@ -200,14 +200,22 @@ def test_legacy_and_v5_rope_layouts_agree():
     assert default.rope_scaling is None and default.head_dim == 16
 
 
-def test_sliding_window_caps_context_length(ckpts, tmp_path):
+def test_sliding_window_does_not_cap_context_length(ckpts, tmp_path):
+    """With windowed attention a Mistral's context is max_position_embeddings (512 here), even
+    past the cache (16 blocks x 16 tokens): it only ever holds about a window's worth."""
     from services.inference_worker.engine import EngineConfig, LLMEngine
 
     dst = tmp_path / "m"
     shutil.copytree(ckpts("mistral").path, dst)
     edit_json(dst / "config.json", sliding_window=64)
-    eng = LLMEngine.from_pretrained(dst, EngineConfig(device="cpu", num_blocks=32))
-    assert eng.model_config.sliding_window == 64 and eng.max_model_len == 64
+    eng = LLMEngine.from_pretrained(dst, EngineConfig(device="cpu", num_blocks=16,
+                                                      max_num_batched_tokens=64))
+    assert eng.model_config.sliding_window == 64 and eng.max_model_len == 512
+    assert eng.block_manager.window == 64
+    # a cache too small for a window plus a chunk caps the context at the cache, as without one
+    small = LLMEngine.from_pretrained(dst, EngineConfig(device="cpu", num_blocks=8,
+                                                        max_num_batched_tokens=64))
+    assert small.max_model_len == 8 * 16
     qwen = ModelConfig.from_dict({**json.loads((ckpts("qwen2").path / "config.json").read_text()),
                                   "sliding_window": 64, "use_sliding_window": False})
     assert qwen.sliding_window is None and qwen.qkv_bias and not qwen.o_bias

@@ -47,16 +47,17 @@ SCRIPT = textwrap.dedent(
                   dict(BLOCK_HEADS=32, BLOCK_HALF=64), arch)
             build(sw._swiglu_kernel,
                   dict(gu_ptr=P, out_ptr=P, gu_row_stride=i32, out_row_stride=i32, inter=i32),
-                  dict(BLOCK=1024), arch)
+                  dict(GELU=True, BLOCK=1024), arch)
             build(pa._partition_kernel,
                   dict(q_ptr=P, k_ptr=P, v_ptr=P, bt_ptr="*i32", ctx_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
-                       acc_ptr="*fp32", scale="fp32", q_stride_b=i32, q_stride_h=i32, k_stride_blk=i32,
+                       acc_ptr="*fp32", scale="fp32", window=i32, softcap="fp32", q_stride_b=i32, q_stride_h=i32, k_stride_blk=i32,
                        k_stride_slot=i32, k_stride_h=i32, v_stride_blk=i32, v_stride_slot=i32, v_stride_h=i32,
                        bt_stride_b=i32, n_parts=i32),
-                  dict(GROUP=7, BLOCK_G=8, HEAD_DIM=80, BLOCK_D=128, PAGE_SIZE=16, PARTITION_SIZE=256, BLOCK_N=8),
+                  dict(GROUP=7, BLOCK_G=8, HEAD_DIM=80, BLOCK_D=128, PAGE_SIZE=16, PARTITION_SIZE=256, BLOCK_N=8,
+                       USE_SOFTCAP=True),
                   arch, num_warps=8)
             build(pa._reduce_kernel,
-                  dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", ctx_ptr="*i32", out_ptr=P,
+                  dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", ctx_ptr="*i32", out_ptr=P, window=i32,
                        out_stride_b=i32, out_stride_h=i32, n_parts=i32),
                   dict(HEAD_DIM=80, BLOCK_D=128, PARTITION_SIZE=256, BLOCK_P=16), arch)
     print("compiled")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .block_manager import BlockManager, CacheUsage
+from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
 from .loader import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
@@ -35,17 +35,18 @@ class LLMEngine:
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
-        if cfg.sliding_window:  # no sliding-window attention: stay inside one window instead
-            max_len = min(max_len, cfg.sliding_window)
         self.runner = ModelRunner(model, cfg, self.ecfg, max_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size,
-                                          self.runner.bytes_per_block)
-        # A sequence may never need more than the whole cache.
-        self.max_model_len = min(max_len, self.runner.num_blocks * self.ecfg.block_size)
-        if model.max_seq_len < self.max_model_len:
-            model.init_rope(self.max_model_len)
+                                          self.runner.bytes_per_block, freeing_window(cfg.layer_windows))
         self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs,
                                    self.ecfg.max_num_batched_tokens)
+        # A sequence must fit what it reserves on admission in the whole cache. A windowed one
+        # reserves about a window's worth, so it may grow far longer than the cache.
+        if self.block_manager.blocks_for(self.scheduler.reserve_tokens(max_len)) > self.runner.num_blocks:
+            max_len = min(max_len, self.runner.num_blocks * self.ecfg.block_size)
+        self.max_model_len = max_len
+        if model.max_seq_len < self.max_model_len:
+            model.init_rope(self.max_model_len)
         self.eos_ids = set(self.generation.eos_token_ids)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # signalled when a request arrives

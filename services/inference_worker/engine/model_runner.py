@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from .block_manager import NULL_BLOCK
 from .config import EngineConfig, ModelConfig
 from .model import AttentionMetadata, PrefillChunk, Transformer
 from .sampling import Sampler, TokenLogprob
@@ -25,9 +26,10 @@ class ModelRunner:
         self.sampler = Sampler()
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.bytes_per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
-        self.num_blocks = self._decide_num_blocks()
-        # [layers, k/v, blocks, block_size, kv_heads, head_dim]; zeroed so padding is never NaN
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, self.num_blocks, self.block_size,
+        self.num_blocks = self._decide_num_blocks()  # usable blocks, the null block not counted
+        # [layers, k/v, blocks, block_size, kv_heads, head_dim]: num_blocks + 1 blocks, the first
+        # the null block (see block_manager.py); zeroed, so padding and freed entries read zeros
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, self.num_blocks + 1, self.block_size,
                                     cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
 
     # ---- sizing -------------------------------------------------------------------------------
@@ -40,12 +42,12 @@ class ModelRunner:
         elif self.device.type == "cuda":
             budget = self._cuda_budget()
         else:  # enough for max_num_seqs full-length sequences, capped
-            want = ec.max_num_seqs * -(-self.max_model_len // self.block_size) * self.bytes_per_block
+            want = (ec.max_num_seqs * -(-self.max_model_len // self.block_size) + 1) * self.bytes_per_block
             budget = min(want, ec.cpu_kv_cache_bytes)
-        n = int(budget // self.bytes_per_block)
+        n = int(budget // self.bytes_per_block) - 1  # the null block comes out of the budget too
         if n < 1:
-            raise RuntimeError(f"KV cache budget of {budget / 2**20:.1f} MiB is smaller than one block "
-                               f"({self.bytes_per_block / 2**20:.2f} MiB)")
+            raise RuntimeError(f"KV cache budget of {budget / 2**20:.1f} MiB is smaller than two blocks "
+                               f"({self.bytes_per_block / 2**20:.2f} MiB each, one of them the null block)")
         return n
 
     def _cuda_budget(self) -> int:
@@ -103,7 +105,8 @@ class ModelRunner:
                                  num_decode=len(decodes), prefills=chunks)
         if decodes:
             width = max(len(t) for t in tables)
-            meta.block_tables = self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32)
+            meta.block_tables = self._to_device([t + [NULL_BLOCK] * (width - len(t)) for t in tables],
+                                                torch.int32)
             meta.context_lens = self._to_device(ctx_lens, torch.int32)
         return (self._to_device(ids, torch.long), self._to_device(pos, torch.long), meta,
                 self._to_device(logit_rows, torch.long), sample_seqs)

@@ -5,7 +5,12 @@ a decoding sequence takes 1 token, a sequence still in prefill takes the next ch
 Waiting sequences then join with what is left, so prefills and decodes share a step. When the
 cache has no block for a running sequence, the newest running sequence is preempted: its blocks are
 freed and it goes back to the head of the queue to be recomputed later (prompt + what it already
-generated), keeping its output so far."""
+generated), keeping its output so far.
+
+With a sliding window on every layer (BlockManager.window), a sequence gives back the blocks that
+left the window before it takes new ones, so it holds about a window's worth of blocks however long
+it grows, and a prompt longer than the whole cache can run.
+"""
 from __future__ import annotations
 
 import time
@@ -49,6 +54,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            self.bm.free_outside_window(seq)
             n = min(len(seq) - seq.num_computed, budget)
             while not self.bm.ensure(seq, seq.num_computed + n):
                 victim = self.running.pop()
@@ -64,8 +70,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            # Reserve the whole prompt so a chunked prefill never stalls halfway.
-            if not self.bm.ensure(seq, len(seq)):
+            if not self.bm.ensure(seq, self.reserve_tokens(len(seq))):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -76,6 +81,20 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, n))
             budget -= n
         return batch
+
+    def reserve_tokens(self, num_tokens: int) -> int:
+        """How many of its first tokens' blocks a sequence of ``num_tokens`` takes when admitted.
+
+        The whole prompt, so a chunked prefill does not stall halfway. With a window, only the
+        most it ever holds at once: a full chunk [c, c + budget) sees keys from c - window + 1,
+        which spans at most blocks_for(window - 1 + budget) + 1 blocks (the +1: the span need
+        not start on a block boundary). Later chunks reuse the blocks that slid out of the
+        window, so the reservation usually, though not always, carries it to the end.
+        """
+        w = self.bm.window
+        if w is None:
+            return num_tokens
+        return min(num_tokens, w - 1 + self.max_num_batched_tokens + self.bm.block_size)
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)

@@ -91,6 +91,7 @@ class Sequence:
         self.callback = callback
         self.generator = generator
         self.status = Status.WAITING
+        # entry i: the block of tokens [i * block_size, (i + 1) * block_size); NULL_BLOCK once freed
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.text = ""  # decoded output, cut at a stop string when one is hit

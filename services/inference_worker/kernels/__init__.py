@@ -58,9 +58,12 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     fn = paged_decode_attention_triton if use_triton(q) else paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, window=window, softcap=softcap)
 
 
 __all__ = [

@@ -11,21 +11,31 @@ Flash-decoding in two kernels:
 Splitting the context keeps the GPU busy at small batch with long contexts, where one
 program per (sequence, head) would leave most SMs idle.
 
-The number of partitions comes from the block table's width, not from the longest context,
-so the launch needs no device-to-host sync; partitions past a sequence's end do nothing.
+The number of partitions comes from the block table's width (or the window, when that is
+smaller), not from the longest context, so the launch needs no device-to-host sync; partitions
+past a sequence's end do nothing.
+
+Sliding windows (``window``) and Gemma-2-style logit soft-capping (``softcap``) follow Hugging Face
+transformers: the query at position p = context_len - 1 sees key positions j with p - j < window,
+and its scores are ``softcap * tanh(q.k * scale / softcap)`` before the softmax. Key positions
+before the window are never read, nor are their block-table entries: the engine may have freed
+those blocks (see engine/block_manager.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._compat import HAS_TRITON, check_device, jit, tl, triton, tmax, tsum
 
 DEFAULT_PARTITION_SIZE = 256
 
 
-def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
+def _check(q, k_cache, v_cache, block_tables, context_lens, window, softcap) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
     if q.dim() != 3:
         raise ValueError(f"q must be [B, n_q_heads, head_dim], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -60,24 +70,32 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    _check(q, k_cache, v_cache, block_tables, context_lens)
+    _check(q, k_cache, v_cache, block_tables, context_lens, window, softcap)
     B, n_q, d = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     group = n_q // n_kv
     n_slots = block_tables.shape[1] * block_size
     # Gather every sequence's blocks once, as a contiguous [B, n_kv, slots, d] cache. Padding
     # entries may hold anything (0, -1, stale ids): clamp them to a real block so the gather is
-    # legal; the length mask gives those tokens no weight.
+    # legal; the mask gives those tokens no weight.
     # (index_select on the flat list, not k_cache[blocks]: torch's 2-D advanced indexing is ~20x
     # slower on CPU at decode shapes.)
     blocks = block_tables.long().clamp(0, max(k_cache.shape[0] - 1, 0)).reshape(-1)
-    valid = torch.arange(n_slots, device=q.device)[None, :] < context_lens[:, None].long()  # [B, slots]
+    slots = torch.arange(n_slots, device=q.device)[None, :]
+    ctx = context_lens[:, None].long()
+    valid = slots < ctx  # [B, slots]
+    if window is not None:  # the query sits at ctx - 1 and sees the last `window` tokens
+        valid &= slots >= ctx - window
     invalid = ~valid[:, :, None]
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
-        # Slots past the context may hold anything, NaN included (a cache from torch.empty, a
-        # reused block), and a masked NaN still poisons the sum (0 * NaN), so zero them.
+        # Slots outside the context or the window may hold anything, NaN included (a cache from
+        # torch.empty, a reused block), and a masked NaN still poisons the sum (0 * NaN), so
+        # zero them.
         rows = cache.index_select(0, blocks).view(B, n_slots, n_kv * d).masked_fill_(invalid, 0.0)
         return rows.view(B, n_slots, n_kv, d).transpose(1, 2).float()  # [B, n_kv, slots, d]
 
@@ -85,9 +103,13 @@ def paged_decode_attention_ref(
     # GQA without repeating K/V: the `group` query heads that share kv head h (q head i uses kv
     # head i // group) become `group` query rows of that head.
     qf = q.float().reshape(B, n_kv, group, d)
-    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    scores = (qf @ k.transpose(-1, -2)) * scale  # [B, n_kv, group, slots]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
     # an empty context (context_len 0) masks every slot: its softmax is 0/0, the answer is zeros
-    return out.nan_to_num(0.0).reshape(B, n_q, d).to(q.dtype)
+    out = probs.nan_to_num_(0.0) @ v
+    return out.reshape(B, n_q, d).to(q.dtype)
 
 
 if HAS_TRITON:
@@ -96,7 +118,7 @@ if HAS_TRITON:
     def _partition_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr,
         m_ptr, l_ptr, acc_ptr,
-        scale,
+        scale, window, softcap,
         q_stride_b, q_stride_h,
         k_stride_blk, k_stride_slot, k_stride_h,
         v_stride_blk, v_stride_slot, v_stride_h,
@@ -109,6 +131,7 @@ if HAS_TRITON:
         PAGE_SIZE: tl.constexpr,
         PARTITION_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        USE_SOFTCAP: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -116,8 +139,13 @@ if HAS_TRITON:
         n_q = tl.num_programs(1) * GROUP
 
         ctx = tl.load(ctx_ptr + b)
-        start = part * PARTITION_SIZE
+        # Partitions are counted from the one holding the window's first token, lo, so a short
+        # window over a long context needs few programs and none of them walks dead blocks.
+        lo = tl.maximum(ctx - window, 0)
+        start = (lo // PARTITION_SIZE + part) * PARTITION_SIZE
         end = tl.minimum(start + PARTITION_SIZE, ctx)
+        # Chunks stay BLOCK_N-aligned; the first one's tokens before lo are masked, not loaded.
+        first = tl.maximum(start, lo // BLOCK_N * BLOCK_N)
 
         g = tl.arange(0, BLOCK_G)
         dd = tl.arange(0, BLOCK_D)
@@ -135,10 +163,11 @@ if HAS_TRITON:
         l_i = tl.full([BLOCK_G], 0.0, tl.float32)
         acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
 
-        # Only tokens below ctx are visited, so block-table padding is never read.
-        for n0 in range(start, end, BLOCK_N):
+        # Only tokens in [lo, ctx) are visited, so neither block-table padding nor the entries
+        # of blocks before the window (possibly freed and reused) are read.
+        for n0 in range(first, end, BLOCK_N):
             toks = n0 + tl.arange(0, BLOCK_N)
-            t_mask = toks < end
+            t_mask = (toks >= lo) & (toks < end)
             page = tl.load(bt_ptr + b * bt_stride_b + toks // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
             slot = toks % PAGE_SIZE
             kv_mask = t_mask[:, None] & d_mask[None, :]
@@ -148,6 +177,13 @@ if HAS_TRITON:
                 other=0.0,
             ).to(tl.float32)
             s = tsum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BLOCK_N]
+            if USE_SOFTCAP:
+                # tanh from exp, which every backend and the interpreter have:
+                # tanh(x) = sign(x) * (1 - e) / (1 + e) with e = exp(-2|x|), which cannot overflow
+                x = s / softcap
+                e = tl.exp(-2.0 * tl.abs(x))
+                t = (1.0 - e) / (1.0 + e)
+                s = softcap * tl.where(x >= 0, t, -t)
             s = tl.where(t_mask[None, :], s, float("-inf"))
             # Every chunk holds at least one valid token, so m_new is finite.
             m_new = tl.maximum(m_i, tmax(s, axis=1))
@@ -174,6 +210,7 @@ if HAS_TRITON:
     @jit
     def _reduce_kernel(
         m_ptr, l_ptr, acc_ptr, ctx_ptr, out_ptr,
+        window,
         out_stride_b, out_stride_h,
         n_parts,
         HEAD_DIM: tl.constexpr,
@@ -186,7 +223,9 @@ if HAS_TRITON:
         n_q = tl.num_programs(1)
         ctx = tl.load(ctx_ptr + b)
         # Only partitions that held tokens were written; the rest are uninitialised memory.
-        used = tl.minimum((ctx + PARTITION_SIZE - 1) // PARTITION_SIZE, n_parts)
+        # (Counted from the partition of the window's first token, as the partition kernel does.)
+        base = tl.maximum(ctx - window, 0) // PARTITION_SIZE * PARTITION_SIZE
+        used = tl.minimum((ctx - base + PARTITION_SIZE - 1) // PARTITION_SIZE, n_parts)
 
         p = tl.arange(0, BLOCK_P)
         dd = tl.arange(0, BLOCK_D)
@@ -218,6 +257,8 @@ def paged_decode_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     partition_size: int = DEFAULT_PARTITION_SIZE,
 ) -> torch.Tensor:
     """``partition_size`` (a power of two) is the number of context tokens per program.
@@ -225,7 +266,7 @@ def paged_decode_attention_triton(
     The caller guarantees ``context_lens[b] <= block_tables.shape[1] * block_size``; checking
     it here would cost a device-to-host sync on every call.
     """
-    _check(q, k_cache, v_cache, block_tables, context_lens)
+    _check(q, k_cache, v_cache, block_tables, context_lens, window, softcap)
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use paged_decode_attention_ref")
     if partition_size < 1 or partition_size & (partition_size - 1):
@@ -242,6 +283,11 @@ def paged_decode_attention_triton(
     group = n_q // n_kv
     out = torch.empty((B, n_q, d), dtype=q.dtype, device=q.device)
     n_parts = triton.cdiv(block_tables.shape[1] * page_size, partition_size)
+    if window is not None:
+        # the window's tokens start anywhere inside their first partition
+        n_parts = min(n_parts, triton.cdiv(window, partition_size) + 1)
+    # int32 max stands for "no window": ctx - window cannot overflow and lo becomes 0
+    window = (1 << 31) - 1 if window is None else min(window, (1 << 31) - 1)
     if B == 0 or n_parts == 0:
         return out.zero_()
 
@@ -259,7 +305,7 @@ def paged_decode_attention_triton(
     _partition_kernel[(B, n_kv, n_parts)](
         q, k_cache, v_cache, block_tables, context_lens,
         m, l, acc,
-        scale,
+        scale, window, 1.0 if softcap is None else float(softcap),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -270,10 +316,12 @@ def paged_decode_attention_triton(
         PAGE_SIZE=page_size,
         PARTITION_SIZE=partition_size,
         BLOCK_N=block_n,
+        USE_SOFTCAP=softcap is not None,
         num_warps=8,
     )
     _reduce_kernel[(B, n_q)](
         m, l, acc, context_lens, out,
+        window,
         out.stride(0), out.stride(1),
         n_parts,
         HEAD_DIM=d, BLOCK_D=block_d,
