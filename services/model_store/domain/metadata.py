@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from shared.architectures import runtime_for, supported
 from shared.catalog import ModelMetadata
 from shared.errors import Invalid
 
@@ -65,4 +66,12 @@ def model_metadata(config: dict[str, Any], summaries: Iterable[SafetensorsSummar
         context_length=config.get("max_position_embeddings"),
         weight_bytes=sum(s.data_bytes for s in summaries),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        runtime=runtime_for(architectures),
     )
+
+
+def warnings(metadata: ModelMetadata) -> list[str]:
+    """What a push stores but should say: an architecture no runtime serves (fit and deploy refuse it)."""
+    if metadata.runtime is None:
+        return [f"no runtime serves {metadata.architecture}; supported: {supported()}"]
+    return []
