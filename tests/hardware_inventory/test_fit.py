@@ -3,7 +3,9 @@
 import pytest
 
 from services.hardware_inventory.domain.correction import MAX_FACTOR, MIN_FACTOR, Correction, IgnoredMeasurement, note
-from services.hardware_inventory.domain.fit import FitParams, ModelShape, activation_bytes, predict
+from services.hardware_inventory.domain.fit import FitParams, ModelShape, activation_bytes, predict, refusal
+from shared.architectures import ENGINE, unsupported_reason
+from shared.catalog import ModelMetadata
 from shared.errors import Invalid
 
 # Llama-3-8B: 8,030,261,248 parameters in bf16.
@@ -44,6 +46,19 @@ def test_cpu_computes_in_float32_unless_told_otherwise():
 
 def test_short_requests_use_a_smaller_activation_step():
     assert activation_bytes(LLAMA3_8B, 2, 16, FitParams()) < activation_bytes(LLAMA3_8B, 2, 4096, FitParams())
+
+
+def meta(architecture: str, **runtime) -> ModelMetadata:
+    return ModelMetadata(architecture=architecture, parameters=1, dtype="BF16", weight_bytes=2, **runtime)
+
+
+def test_the_runtime_push_recorded_decides_else_the_architecture_as_served_now():
+    assert refusal(meta("NopeForCausalLM", runtime=ENGINE)) is None  # push recorded a runtime that serves it
+    assert refusal(meta("LlamaForCausalLM", runtime=None)) is None  # none at push time; served now
+    assert refusal(meta("LlamaForCausalLM")) is None  # a manifest from before the field: by its architecture
+    assert refusal(meta("FalconForCausalLM")) == refusal(meta("FalconForCausalLM", runtime=None)) == unsupported_reason(["FalconForCausalLM"])
+    assert refusal(meta("FalconForCausalLM", runtime="some-runtime-not-here")) == unsupported_reason(["FalconForCausalLM"])
+    assert "supported: LlamaForCausalLM, " in refusal(meta("FalconForCausalLM"))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.architectures import RUNTIMES, runtime_for, unsupported_reason
 from shared.errors import Invalid
 
 MiB = 1 << 20
@@ -51,6 +52,16 @@ def dtype_name(dtype: str) -> str:
 
 def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype_name(dtype)]
+
+
+def refusal(meta: object) -> str | None:
+    """Why nothing could serve the model, whatever its memory (None when something can): the runtime push
+    recorded when it names one this platform has, else its architecture looked up in shared/architectures.py
+    now (runtime null at push, or a manifest from before the field: the engine may have learnt it since)."""
+    if getattr(meta, "runtime", None) in RUNTIMES:
+        return None
+    architecture = getattr(meta, "architecture")
+    return None if runtime_for([architecture]) else unsupported_reason([architecture])
 
 
 class ModelShape(BaseModel):
