@@ -74,6 +74,10 @@ class ModelMetadata(_Frozen):
     runtime: str | None = Field(default=None, description=(
         "what serves it (shared/architectures.py), decided at push: null when nothing did then, "
         "or in a manifest from before this field; readers then check the architecture"))
+    num_experts: int | None = Field(default=None, description="MoE: experts per layer (num_local_experts or num_experts)")
+    num_experts_per_tok: int | None = Field(default=None, description="MoE: experts each token is routed to")
+    moe_intermediate_size: int | None = Field(default=None, description="MoE: one expert's intermediate size where it is not "
+                                              "intermediate_size (Qwen3-MoE; Mixtral's experts use intermediate_size)")
 
     @model_serializer(mode="wrap")
     def _as_made(self, handler: SerializerFunctionWrapHandler):  # unannotated, so the JSON schema stays the model's
@@ -86,7 +90,7 @@ class ModelMetadata(_Frozen):
         return data
 
 
-_ADDED = ("runtime",)
+_ADDED = ("runtime", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 class FileEntry(_Frozen):

@@ -61,6 +61,28 @@ def test_the_runtime_push_recorded_decides_else_the_architecture_as_served_now()
     assert "supported: LlamaForCausalLM, " in refusal(meta("FalconForCausalLM"))
 
 
+# Mixtral-8x7B: 8 experts of intermediate 14336 per layer, 2 per token.
+MIXTRAL = LLAMA3_8B.model_copy(update={"architecture": "MixtralForCausalLM", "vocab_size": 32000, "context_length": 32768,
+                                       "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": 14336})
+# Qwen3-30B-A3B: 128 experts of 768, 8 per token; intermediate_size (6144) is the dense MLP's.
+QWEN3_MOE = ModelShape(architecture="Qwen3MoeForCausalLM", dtype="bfloat16", parameters=30_532_122_624, weight_bytes=61_064_245_248,
+                       num_layers=48, hidden_size=2048, intermediate_size=6144, num_heads=32, num_kv_heads=4, head_dim=128,
+                       vocab_size=151936, context_length=40960, num_experts=128, num_experts_per_tok=8, expert_intermediate_size=768)
+
+
+def test_moe_activations_count_the_experts_each_token_goes_through_and_the_router():
+    """A token goes through num_experts_per_tok experts (gate, up, act of each) after the router's logits."""
+    mixtral = predict(MIXTRAL, "cuda", context_length=8192)
+    per_token = 3 * 4096 + (32 + 2 * 8) * 128 + 2 * 3 * 14336 + 8
+    assert mixtral.activations == 4096 * per_token * 2 + 2 * 256 * 32000 * 4
+    dense = predict(MIXTRAL.model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda", context_length=8192)
+    assert mixtral.activations - dense.activations == 4096 * (3 * 14336 + 8) * 2  # the second expert, the router
+    qwen = predict(QWEN3_MOE, "cuda", context_length=4096)
+    per_token = 3 * 2048 + (32 + 2 * 4) * 128 + max(3 * 6144, 8 * 3 * 768) + 128
+    assert qwen.activations == 4096 * per_token * 2 + 2 * 256 * 151936 * 4
+    assert qwen.weights == 61_064_245_248  # every expert's weights: what the checkpoint holds
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"context_length": 100_000}, "exceeds the model's maximum of 8192"),
     ({"batch": 0}, "batch must be >= 1"),
