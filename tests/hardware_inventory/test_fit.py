@@ -70,16 +70,19 @@ QWEN3_MOE = ModelShape(architecture="Qwen3MoeForCausalLM", dtype="bfloat16", par
                        vocab_size=151936, context_length=40960, num_experts=128, num_experts_per_tok=8, expert_intermediate_size=768)
 
 
-def test_moe_activations_count_the_experts_each_token_goes_through_and_the_router():
-    """A token goes through num_experts_per_tok experts (gate, up, act of each) after the router's logits."""
+def test_moe_activations_count_each_routed_copy_one_expert_at_a_time_and_the_router():
+    """As engine/moe.py runs a layer: per routed copy of a token's row, the copy, its expert output, the
+    weighted output in fp32 and its cast (5 x hidden); one expert's gate, up, act at a time; the router's
+    logits and fp32 probabilities (3 x experts)."""
     mixtral = predict(MIXTRAL, "cuda", context_length=8192)
-    per_token = 3 * 4096 + (32 + 2 * 8) * 128 + 2 * 3 * 14336 + 8
-    assert mixtral.activations == 4096 * per_token * 2 + 2 * 256 * 32000 * 4
+    moe = 2 * 5 * 4096 + 3 * 14336 + 3 * 8
+    assert mixtral.activations == 4096 * (3 * 4096 + (32 + 2 * 8) * 128 + moe) * 2 + 2 * 256 * 32000 * 4
     dense = predict(MIXTRAL.model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda", context_length=8192)
-    assert mixtral.activations - dense.activations == 4096 * (3 * 14336 + 8) * 2  # the second expert, the router
-    qwen = predict(QWEN3_MOE, "cuda", context_length=4096)
-    per_token = 3 * 2048 + (32 + 2 * 4) * 128 + max(3 * 6144, 8 * 3 * 768) + 128
-    assert qwen.activations == 4096 * per_token * 2 + 2 * 256 * 151936 * 4
+    assert mixtral.activations - dense.activations == 4096 * (moe - 3 * 14336) * 2  # the routed copies, the router
+    qwen = predict(QWEN3_MOE, "cuda", context_length=4096)  # 8 copies of a 2048 row outweigh a 768-wide expert
+    moe = 8 * 5 * 2048 + 3 * 768 + 3 * 128
+    assert moe > 3 * 6144  # wider than its dense MLP would be
+    assert qwen.activations == 4096 * (3 * 2048 + (32 + 2 * 4) * 128 + moe) * 2 + 2 * 256 * 151936 * 4
     assert qwen.weights == 61_064_245_248  # every expert's weights: what the checkpoint holds
 
 

@@ -9,8 +9,9 @@
   ``context x batch`` tokens rounded up to whole paged-cache blocks;
 * activations: the peak of one engine step, i.e. a prefill chunk of up to ``max_batched_tokens``
   tokens through one decoder layer (residual, norm, q/k/v, attention out, gate/up/act of the MLP;
-  of an MoE layer, the router's logits and gate/up/act of each of the ``num_experts_per_tok`` experts
-  a token goes to) plus the logits and softmax of up to ``max_num_seqs`` rows;
+  of an MoE layer, a copy of the token's row per expert it goes to, their outputs, one expert's
+  gate/up/act at a time and the router's logits: ``mlp_width``) plus the logits and softmax of up
+  to ``max_num_seqs`` rows;
 * workspace: a fixed allowance per device kind for library workspaces and allocator slack.
 
 The figure is what the deployment allocates on the device (``torch.cuda.max_memory_allocated`` on
@@ -186,13 +187,17 @@ def predict(
 
 
 def mlp_width(shape: ModelShape) -> int:
-    """Activations per token of the widest MLP: gate, up, act of the dense one; of an MoE layer the router's
-    logits and those of each expert the token goes to (a model may mix dense and MoE layers: Qwen3-MoE)."""
+    """Activations per token of the widest MLP (a model may mix dense and MoE layers: Qwen3-MoE), in
+    elements of the compute dtype. Dense: gate, up, act. MoE, as the engine runs it (engine/moe.py,
+    grouped by expert): the token's row copied once per expert it goes to, each copy's expert output,
+    the weighted outputs in fp32 (two elements) and cast back: 5 x hidden per routed copy; one expert's
+    gate, up, act at a time, over at most every token; the router's logits and fp32 probabilities."""
     dense = 3 * shape.intermediate_size
     if not shape.moe:
         return dense
-    experts = shape.num_experts_per_tok * 3 * (shape.expert_intermediate_size or shape.intermediate_size)  # type: ignore[operator]
-    return max(dense, experts) + shape.num_experts  # type: ignore[operator]
+    routed = shape.num_experts_per_tok * 5 * shape.hidden_size  # type: ignore[operator]
+    expert = 3 * (shape.expert_intermediate_size or shape.intermediate_size)
+    return max(dense, routed + expert + 3 * shape.num_experts)  # type: ignore[operator]
 
 
 def activation_bytes(shape: ModelShape, size: int, tokens: int, params: FitParams = FitParams()) -> int:
