@@ -154,7 +154,11 @@ async def _fit(nc, args) -> int:
     report = await _call(nc, args, "fit", FitRequest(model_ref=args.ref, context_length=args.context, batch=args.batch,
                                                       dtype=args.dtype, constraints=_constraints(args)), FitReport)
     if args.json:
-        return _dump(report)
+        _dump(report)
+        return 1 if report.refused else 0
+    if report.refused:
+        print(f"strata fit: {report.model.name}:{report.model.version} ({report.architecture}): refused: {report.refused}", file=sys.stderr)
+        return 1
     console = _console()
     terms = Table(title=f"{report.model.name}:{report.model.version} ({report.architecture}), context {report.context_length} x batch {report.batch}")
     for col in ("device kind", "dtype", "weights", "KV cache", "activations", "workspace", "formula", "corrected", "+ runtime", "booked", "correction"):

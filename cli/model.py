@@ -114,6 +114,8 @@ def _push(args: argparse.Namespace) -> int:
     m = pushed.model
     verb = "registered" if pushed.created else "already registered as"
     out.print(f"{verb} {m.name}:{m.version} {m.digest}", highlight=False)
+    for warning in pushed.warnings:  # stored all the same: exit 0
+        err.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
     return 0
 
 

@@ -27,7 +27,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from shared.errors import Invalid
 from shared.events import ModelId, utcnow
@@ -70,6 +70,27 @@ class ModelMetadata(_Frozen):
     context_length: int | None = Field(default=None, description="max_position_embeddings")
     weight_bytes: int = Field(ge=0, description="bytes of tensor data over every safetensors file")
     tie_word_embeddings: bool = False
+    # added later (see _ADDED): a manifest from before them has none of these keys
+    runtime: str | None = Field(default=None, description=(
+        "what serves it (shared/architectures.py), decided at push: null when nothing did then, "
+        "or in a manifest from before this field; readers then check the architecture"))
+    num_experts: int | None = Field(default=None, description="MoE: experts per layer (num_local_experts or num_experts)")
+    num_experts_per_tok: int | None = Field(default=None, description="MoE: experts each token is routed to")
+    moe_intermediate_size: int | None = Field(default=None, description="MoE: one expert's intermediate size where it is not "
+                                              "intermediate_size (Qwen3-MoE; Mixtral's experts use intermediate_size)")
+
+    @model_serializer(mode="wrap")
+    def _as_made(self, handler: SerializerFunctionWrapHandler):  # unannotated, so the JSON schema stays the model's
+        """A field added after manifests were first signed is left out while it was never set, so an older
+        manifest dumps (and hashes, and verifies) byte for byte as it was signed."""
+        data = handler(self)
+        for name in _ADDED:
+            if name not in self.model_fields_set:
+                data.pop(name, None)
+        return data
+
+
+_ADDED = ("runtime", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 class FileEntry(_Frozen):
@@ -211,6 +232,7 @@ class PushModelRequest(BaseModel):
 
 class PushedModel(ResolvedModel):
     created: bool = Field(description="false when an identical version already existed and was returned")
+    warnings: list[str] = Field(default=[], description="stored, but e.g. no runtime serves its architecture: fit and deploy will refuse it")
 
 
 class PushDatasetRequest(BaseModel):

@@ -27,8 +27,8 @@ BEAT_S = 0.2
 MISSED_BEATS = 10
 
 
-def metadata(layers, hidden, inter, heads, kv, vocab, context, params, dtype="BF16") -> ModelMetadata:
-    return ModelMetadata(architecture="LlamaForCausalLM", model_type="llama", parameters=params, dtype=dtype,
+def metadata(layers, hidden, inter, heads, kv, vocab, context, params, dtype="BF16", architecture="LlamaForCausalLM") -> ModelMetadata:
+    return ModelMetadata(architecture=architecture, model_type="llama", parameters=params, dtype=dtype,
                          num_layers=layers, hidden_size=hidden, intermediate_size=inter, num_heads=heads, num_kv_heads=kv,
                          head_dim=hidden // heads, vocab_size=vocab, context_length=context, weight_bytes=params * 2)
 
@@ -37,6 +37,8 @@ MODELS = {
     "llama3-8b": metadata(32, 4096, 14336, 32, 8, 128256, 8192, 8_030_261_248),
     "tiny": metadata(4, 256, 768, 4, 2, 32000, 2048, 12_000_000),
     "small": metadata(24, 2048, 5632, 16, 4, 32000, 4096, 1_100_000_000),
+    # tiny's figures, an architecture no runtime serves (shared/architectures.py)
+    "unservable": metadata(4, 256, 768, 4, 2, 32000, 2048, 12_000_000, architecture="NopeForCausalLM"),
 }
 
 

@@ -3,7 +3,9 @@
 import pytest
 
 from services.hardware_inventory.domain.correction import MAX_FACTOR, MIN_FACTOR, Correction, IgnoredMeasurement, note
-from services.hardware_inventory.domain.fit import FitParams, ModelShape, activation_bytes, predict
+from services.hardware_inventory.domain.fit import FitParams, ModelShape, activation_bytes, predict, refusal
+from shared.architectures import ENGINE, unsupported_reason
+from shared.catalog import ModelMetadata
 from shared.errors import Invalid
 
 # Llama-3-8B: 8,030,261,248 parameters in bf16.
@@ -44,6 +46,44 @@ def test_cpu_computes_in_float32_unless_told_otherwise():
 
 def test_short_requests_use_a_smaller_activation_step():
     assert activation_bytes(LLAMA3_8B, 2, 16, FitParams()) < activation_bytes(LLAMA3_8B, 2, 4096, FitParams())
+
+
+def meta(architecture: str, **runtime) -> ModelMetadata:
+    return ModelMetadata(architecture=architecture, parameters=1, dtype="BF16", weight_bytes=2, **runtime)
+
+
+def test_the_runtime_push_recorded_decides_else_the_architecture_as_served_now():
+    assert refusal(meta("NopeForCausalLM", runtime=ENGINE)) is None  # push recorded a runtime that serves it
+    assert refusal(meta("LlamaForCausalLM", runtime=None)) is None  # none at push time; served now
+    assert refusal(meta("LlamaForCausalLM")) is None  # a manifest from before the field: by its architecture
+    assert refusal(meta("FalconForCausalLM")) == refusal(meta("FalconForCausalLM", runtime=None)) == unsupported_reason(["FalconForCausalLM"])
+    assert refusal(meta("FalconForCausalLM", runtime="some-runtime-not-here")) == unsupported_reason(["FalconForCausalLM"])
+    assert "supported: LlamaForCausalLM, " in refusal(meta("FalconForCausalLM"))
+
+
+# Mixtral-8x7B: 8 experts of intermediate 14336 per layer, 2 per token.
+MIXTRAL = LLAMA3_8B.model_copy(update={"architecture": "MixtralForCausalLM", "vocab_size": 32000, "context_length": 32768,
+                                       "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": 14336})
+# Qwen3-30B-A3B: 128 experts of 768, 8 per token; intermediate_size (6144) is the dense MLP's.
+QWEN3_MOE = ModelShape(architecture="Qwen3MoeForCausalLM", dtype="bfloat16", parameters=30_532_122_624, weight_bytes=61_064_245_248,
+                       num_layers=48, hidden_size=2048, intermediate_size=6144, num_heads=32, num_kv_heads=4, head_dim=128,
+                       vocab_size=151936, context_length=40960, num_experts=128, num_experts_per_tok=8, expert_intermediate_size=768)
+
+
+def test_moe_activations_count_each_routed_copy_one_expert_at_a_time_and_the_router():
+    """As engine/moe.py runs a layer: per routed copy of a token's row, the copy, its expert output, the
+    weighted output in fp32 and its cast (5 x hidden); one expert's gate, up, act at a time; the router's
+    logits and fp32 probabilities (3 x experts)."""
+    mixtral = predict(MIXTRAL, "cuda", context_length=8192)
+    moe = 2 * 5 * 4096 + 3 * 14336 + 3 * 8
+    assert mixtral.activations == 4096 * (3 * 4096 + (32 + 2 * 8) * 128 + moe) * 2 + 2 * 256 * 32000 * 4
+    dense = predict(MIXTRAL.model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda", context_length=8192)
+    assert mixtral.activations - dense.activations == 4096 * (moe - 3 * 14336) * 2  # the routed copies, the router
+    qwen = predict(QWEN3_MOE, "cuda", context_length=4096)  # 8 copies of a 2048 row outweigh a 768-wide expert
+    moe = 8 * 5 * 2048 + 3 * 768 + 3 * 128
+    assert moe > 3 * 6144  # wider than its dense MLP would be
+    assert qwen.activations == 4096 * (3 * 2048 + (32 + 2 * 4) * 128 + moe) * 2 + 2 * 256 * 151936 * 4
+    assert qwen.weights == 61_064_245_248  # every expert's weights: what the checkpoint holds
 
 
 @pytest.mark.parametrize("kwargs, message", [

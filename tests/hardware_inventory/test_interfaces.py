@@ -46,7 +46,7 @@ async def test_cli_deploy_waits_for_each_replica_to_load_and_says_why_one_failed
                                   measured=MeasuredMemory(weights=2 * 10**9, kv_cache=10**8, peak=3 * 10**9), load_seconds=1.5)
         elif placed.model_ref == "tiny":
             outcome = DeployFailed(deployment_id=placed.deployment_id, model=placed.model, node_id=placed.node_id,
-                                   reason="unsupported architecture 'Qwen3ForCausalLM'")
+                                   reason="unsupported architecture 'NopeForCausalLM'")
         else:
             return
         answered.append(placed.model_ref)
@@ -60,7 +60,7 @@ async def test_cli_deploy_waits_for_each_replica_to_load_and_says_why_one_failed
     assert "waiting for the workers to load it" in captured.err
     assert await cli("deploy", "tiny", *url) == 1
     err = capsys.readouterr().err
-    assert "failed to load: unsupported architecture 'Qwen3ForCausalLM'" in err, err
+    assert "failed to load: unsupported architecture 'NopeForCausalLM'" in err, err
     assert await cli("deploy", "llama3-8b", "-c", "node=gpu-80", "--load-timeout", "0.5", *url) == 1  # nobody loads it
     assert "waited 0.5s for the workers to load it (0 of 1 ready)" in capsys.readouterr().err
     assert answered == ["small", "small", "tiny"]

@@ -36,7 +36,8 @@ def _no_builtin(monkeypatch):
     monkeypatch.setenv("STRATA_MODEL_STORE_BUILTIN", "0")
 
 
-def make_checkpoint(directory: Path, seed: int = 0, *, extra: dict[str, str] | None = None) -> Path:
+def make_checkpoint(directory: Path, seed: int = 0, *, extra: dict[str, str] | None = None, config: dict | None = None) -> Path:
+    """A tiny random-weight checkpoint; ``config`` overrides keys of CONFIG (e.g. its architectures)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     save_file({
@@ -44,7 +45,7 @@ def make_checkpoint(directory: Path, seed: int = 0, *, extra: dict[str, str] | N
         "model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float16),
         "lm_head.weight": rng.standard_normal((32, 8)).astype(np.float32),
     }, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(CONFIG))
+    (directory / "config.json").write_text(json.dumps({**CONFIG, **(config or {})}))
     (directory / "tokenizer.json").write_text('{"version": "1.0"}')
     for name, text in (extra or {}).items():
         (directory / name).write_text(text)

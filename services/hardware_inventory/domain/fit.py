@@ -3,12 +3,15 @@
     need = weights + KV cache + activations + workspace
 
 * weights: the checkpoint's tensor bytes, rescaled when the device computes in another dtype (the
-  worker runs float32 on CPU unless told otherwise, so a bf16 checkpoint doubles there);
+  worker runs float32 on CPU unless told otherwise, so a bf16 checkpoint doubles there); for an MoE
+  model that is every expert's weights, all resident though a token uses a few;
 * KV cache: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes per token, for
   ``context x batch`` tokens rounded up to whole paged-cache blocks;
 * activations: the peak of one engine step, i.e. a prefill chunk of up to ``max_batched_tokens``
-  tokens through one decoder layer (residual, norm, q/k/v, attention out, gate/up/act of the MLP)
-  plus the logits and softmax of up to ``max_num_seqs`` rows;
+  tokens through one decoder layer (residual, norm, q/k/v, attention out, gate/up/act of the MLP;
+  of an MoE layer, a copy of the token's row per expert it goes to, their outputs, one expert's
+  gate/up/act at a time and the router's logits: ``mlp_width``) plus the logits and softmax of up
+  to ``max_num_seqs`` rows;
 * workspace: a fixed allowance per device kind for library workspaces and allocator slack.
 
 The figure is what the deployment allocates on the device (``torch.cuda.max_memory_allocated`` on
@@ -23,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.architectures import RUNTIMES, runtime_for, unsupported_reason
 from shared.errors import Invalid
 
 MiB = 1 << 20
@@ -53,6 +57,16 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype_name(dtype)]
 
 
+def refusal(meta: object) -> str | None:
+    """Why nothing could serve the model, whatever its memory (None when something can): the runtime push
+    recorded when it names one this platform has, else its architecture looked up in shared/architectures.py
+    now (runtime null at push, or a manifest from before the field: the engine may have learnt it since)."""
+    if getattr(meta, "runtime", None) in RUNTIMES:
+        return None
+    architecture = getattr(meta, "architecture")
+    return None if runtime_for([architecture]) else unsupported_reason([architecture])
+
+
 class ModelShape(BaseModel):
     """The architecture figures the formula needs (from model-store's ModelMetadata)."""
 
@@ -69,6 +83,13 @@ class ModelShape(BaseModel):
     head_dim: int = Field(ge=1)
     vocab_size: int = Field(ge=1)
     context_length: int = Field(ge=1, description="the model's maximum context (max_position_embeddings)")
+    num_experts: int | None = Field(default=None, ge=1, description="MoE: experts per layer; None for a dense model")
+    num_experts_per_tok: int | None = Field(default=None, ge=1, description="MoE: experts each token goes through")
+    expert_intermediate_size: int | None = Field(default=None, ge=1, description="MoE: one expert's intermediate size")
+
+    @property
+    def moe(self) -> bool:
+        return bool(self.num_experts and self.num_experts_per_tok)
 
     @classmethod
     def from_metadata(cls, meta: object) -> ModelShape:
@@ -84,7 +105,8 @@ class ModelShape(BaseModel):
             weight_bytes=get("weight_bytes"), num_layers=get("num_layers"), hidden_size=get("hidden_size"),
             intermediate_size=get("intermediate_size"), num_heads=num_heads,
             num_kv_heads=get("num_kv_heads") or num_heads, head_dim=head_dim, vocab_size=get("vocab_size"),
-            context_length=get("context_length"),
+            context_length=get("context_length"), num_experts=get("num_experts"), num_experts_per_tok=get("num_experts_per_tok"),
+            expert_intermediate_size=get("moe_intermediate_size") or get("intermediate_size"),
         )
 
 
@@ -164,11 +186,25 @@ def predict(
     )
 
 
+def mlp_width(shape: ModelShape) -> int:
+    """Activations per token of the widest MLP (a model may mix dense and MoE layers: Qwen3-MoE), in
+    elements of the compute dtype. Dense: gate, up, act. MoE, as the engine runs it (engine/moe.py,
+    grouped by expert): the token's row copied once per expert it goes to, each copy's expert output,
+    the weighted outputs in fp32 (two elements) and cast back: 5 x hidden per routed copy; one expert's
+    gate, up, act at a time, over at most every token; the router's logits and fp32 probabilities."""
+    dense = 3 * shape.intermediate_size
+    if not shape.moe:
+        return dense
+    routed = shape.num_experts_per_tok * 5 * shape.hidden_size  # type: ignore[operator]
+    expert = 3 * (shape.expert_intermediate_size or shape.intermediate_size)
+    return max(dense, routed + expert + 3 * shape.num_experts)  # type: ignore[operator]
+
+
 def activation_bytes(shape: ModelShape, size: int, tokens: int, params: FitParams = FitParams()) -> int:
     """Peak of one step: a prefill chunk through a layer, then the logits (and softmax) of its rows."""
     step = min(tokens, params.max_batched_tokens)
     attention = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim  # q, k, v
-    per_token = 3 * shape.hidden_size + attention + 3 * shape.intermediate_size  # residual, norm, attn out; gate, up, act
+    per_token = 3 * shape.hidden_size + attention + mlp_width(shape)  # residual, norm, attn out; the MLP's
     rows = min(params.max_num_seqs, step)
     logits = 2 * rows * shape.vocab_size * max(size, 4)  # logits and softmax, at least float32 precision
     return step * per_token * size + logits

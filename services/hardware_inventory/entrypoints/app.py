@@ -227,13 +227,14 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
         return await fit(FitRequest(model_ref=model_ref, context_length=context_length, batch=batch, dtype=dtype, constraints=constraints))
 
     @http.post("/deployments", response_model=DeployOutcome, status_code=201, tags=["deployments"], dependencies=admin,
-               responses=error_responses(errors.Invalid, (errors.Forbidden, "the admission policy refuses this model"),
+               responses=error_responses((errors.Invalid, "a malformed request, or no runtime serves its architecture"), (errors.Forbidden, "the admission policy refuses this model"),
                                          errors.NotFound, (errors.Conflict, "no node has room for it, or concurrent changes did not settle"), errors.Unavailable,
                                          auth=True))
     async def deploy_http(request: DeployRequest) -> DeployOutcome:
         outcome = await deploy(request)
         if not outcome.scheduled:
-            raise errors.Conflict(outcome.reason or "") if outcome.code == "no_fit" else errors.from_code(outcome.code or "internal", outcome.reason or "")
+            error = {"no_fit": errors.Conflict, "unsupported": errors.Invalid}.get(outcome.code or "")
+            raise error(outcome.reason or "") if error else errors.from_code(outcome.code or "internal", outcome.reason or "")
         return outcome
 
     @http.get("/deployments", response_model=DeploymentList, tags=["deployments"], responses=starting)

@@ -17,7 +17,7 @@ from services.hardware_inventory.adapters.state import InventoryState, Unchanged
 from services.hardware_inventory.config import InventoryConfig
 from services.hardware_inventory.domain import placement
 from services.hardware_inventory.domain.correction import Correction, IgnoredMeasurement, correction_key
-from services.hardware_inventory.domain.fit import FitEstimate, ModelShape, predict
+from services.hardware_inventory.domain.fit import FitEstimate, ModelShape, predict, refusal
 from services.hardware_inventory.domain.model import Allocations, Deployment, NodeRecord, Replica
 from services.hardware_inventory.domain.policy import AdmissionPolicy
 from services.hardware_inventory.service_layer.admission import admit
@@ -49,14 +49,13 @@ class Deployments:
         self.admission = admission
 
     # -- prediction ----------------------------------------------------------------------------
-    async def _resolve(self, ref: str) -> tuple[ResolvedModel, ModelShape]:
+    async def _resolve(self, ref: str) -> ResolvedModel:
         try:
-            resolved = await self.catalog.resolve(ref)
+            return await self.catalog.resolve(ref)
         except errors.NotFound as exc:
             raise errors.NotFound(f"model {ref!r} not found in model-store: {exc.message}") from None
         except errors.Unavailable as exc:
             raise errors.Unavailable(f"model-store unavailable, cannot resolve {ref!r} (try again): {exc.message}") from None
-        return resolved, ModelShape.from_metadata(resolved.manifest.metadata)
 
     async def estimator(self, shape: ModelShape, context: int, batch: int, dtype: str | None) -> Callable[[str], EstimateView]:
         """device kind -> corrected estimate, with the corrections read once."""
@@ -71,8 +70,12 @@ class Deployments:
 
     async def fit(self, request: FitRequest) -> FitReport:
         placement.validate_constraints(request.constraints)
-        resolved, shape = await self._resolve(request.model_ref)
-        model = resolved.model
+        resolved = await self._resolve(request.model_ref)
+        model, meta = resolved.model, resolved.manifest.metadata
+        if refused := refusal(meta):
+            return FitReport(model_ref=request.model_ref, model=model, architecture=meta.architecture, refused=refused,
+                             batch=request.batch, estimates={}, rows=[])
+        shape = ModelShape.from_metadata(meta)
         context = self._context(shape, request.context_length)
         estimate = await self.estimator(shape, context, request.batch, request.dtype)
         nodes = await self.state.nodes()
@@ -100,7 +103,10 @@ class Deployments:
             return DeployOutcome(deployment_id=deployment_id, model_ref=request.model_ref, scheduled=True, deployment=existing)
         try:
             placement.validate_constraints(request.constraints)
-            resolved, shape = await self._resolve(request.model_ref)
+            resolved = await self._resolve(request.model_ref)
+            if refused := refusal(resolved.manifest.metadata):  # before the policy, any booking or event to a worker
+                return await self._reject(deployment_id, request.model_ref, refused, "unsupported")
+            shape = ModelShape.from_metadata(resolved.manifest.metadata)
             context = self._context(shape, request.context_length)
             estimate = await self.estimator(shape, context, request.batch, request.dtype)
         except errors.StrataError as exc:

@@ -65,7 +65,9 @@ class FitReport(BaseModel):
     model_ref: str
     model: ModelId
     architecture: str
-    context_length: int
+    refused: str | None = Field(default=None, description="why no device can serve it, whatever its memory (an architecture no "
+                                "runtime serves, naming those supported); then there are no estimates or rows")
+    context_length: int | None = None
     batch: int
     estimates: dict[str, EstimateView] = Field(description="per device kind")
     rows: list[FitRow]
@@ -87,7 +89,8 @@ class DeployOutcome(BaseModel):
     model_ref: str
     scheduled: bool
     reason: str | None = None
-    code: str | None = Field(default=None, description="why not: invalid, not_found, unavailable, no_fit or forbidden (the admission policy)")
+    code: str | None = Field(default=None, description="why not: invalid, not_found, unavailable, unsupported (no runtime serves its "
+                             "architecture), no_fit or forbidden (the admission policy)")
     deployment: Deployment | None = None
 
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from shared.architectures import runtime_for, supported
 from shared.catalog import ModelMetadata
 from shared.errors import Invalid
 
@@ -31,7 +32,8 @@ def parse_config(raw: bytes) -> dict[str, Any]:
     if not architectures and not isinstance(config.get("model_type"), str):
         raise Invalid("config.json: names neither 'architectures' nor 'model_type', so the model cannot be identified")
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise Invalid(f"config.json: {key} must be a positive integer, got {value!r}")
@@ -65,4 +67,15 @@ def model_metadata(config: dict[str, Any], summaries: Iterable[SafetensorsSummar
         context_length=config.get("max_position_embeddings"),
         weight_bytes=sum(s.data_bytes for s in summaries),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        runtime=runtime_for(architectures),
+        num_experts=config.get("num_local_experts") or config.get("num_experts"),
+        num_experts_per_tok=config.get("num_experts_per_tok"),
+        moe_intermediate_size=config.get("moe_intermediate_size"),
     )
+
+
+def warnings(metadata: ModelMetadata) -> list[str]:
+    """What a push stores but should say: an architecture no runtime serves (fit and deploy refuse it)."""
+    if metadata.runtime is None:
+        return [f"no runtime serves {metadata.architecture}; supported: {supported()}"]
+    return []

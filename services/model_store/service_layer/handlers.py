@@ -25,7 +25,7 @@ from services.model_store.adapters.blobs import BlobStore
 from services.model_store.adapters.catalog_kv import CatalogKV, StoredModel, dec, enc
 from services.model_store.adapters.index import CatalogIndex
 from services.model_store.domain.checks import check_files_listing
-from services.model_store.domain.metadata import MAX_CONFIG_BYTES, model_metadata, parse_config
+from services.model_store.domain.metadata import MAX_CONFIG_BYTES, model_metadata, parse_config, warnings
 from services.model_store.domain.signing import Signer
 from services.model_store.service_layer.ingest import Ingest, is_safetensors
 
@@ -70,11 +70,14 @@ class ModelStore:
                 raise Invalid(f"{TRAINING_RECORD}: must be a JSON object")
         files = sorted(request.files, key=lambda f: f.path)
         content = dict(files=files, metadata=metadata, license=request.license, datasets=request.datasets, training_record=record)
+        said = warnings(metadata)
         for existing in await self._versions(request.name):
             m = existing.manifest
-            if canonical_json(_dump(dict(files=m.files, metadata=m.metadata, license=m.license, datasets=m.datasets,
+            # runtime is what push decides, not content: a manifest from before the field is the same version
+            same_meta = m.metadata.model_copy(update={"runtime": metadata.runtime})
+            if canonical_json(_dump(dict(files=m.files, metadata=same_meta, license=m.license, datasets=m.datasets,
                                          training_record=m.training_record))) == canonical_json(_dump(content)):
-                return PushedModel(**existing.model_dump(), created=False)
+                return PushedModel(**existing.model_dump(), created=False, warnings=said)
         version = await self.kv.allocate_version(request.name)
         manifest = ModelManifest(name=request.name, version=version, **content)
         model = ModelId(name=request.name, version=version, digest=manifest_digest(manifest))
@@ -87,7 +90,9 @@ class ModelStore:
             datasets=request.datasets, training_record=record_digest, license=request.license,
         ), event_id=f"model.registered.{model.digest}")
         await self.publish(ModelSigned(model=model, key_id=self.signer.key_id), event_id=f"model.signed.{model.digest}")
-        return PushedModel(**stored.model_dump(), created=True)
+        if said:
+            log.warning("%s:%d stored, but %s", model.name, model.version, "; ".join(said))
+        return PushedModel(**stored.model_dump(), created=True, warnings=said)
 
     async def resolve(self, ref: str) -> ResolvedModel:
         parsed = parse_ref(ref)
