@@ -51,19 +51,25 @@ ARCHS = {"llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral"}  # --arch
 
 # ---- the checkpoint ------------------------------------------------------------------------------
 def make_checkpoint(args, root: Path, device: str, dtype: torch.dtype):
-    """A random-weight LlamaForCausalLM built directly on ``device`` in ``dtype`` (an 8B model never
+    """A random-weight ``--arch`` model built directly on ``device`` in ``dtype`` (an 8B model never
     exists as float32 on the host), saved as safetensors, plus a word-level tokenizer over its whole
     vocabulary. Returns (path, the model in memory, timings)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     t0 = time.perf_counter()
-    cfg = transformers.LlamaConfig(
+    prefix = ARCHS[args.arch]
+    extra = {}
+    if args.arch == "mixtral":
+        extra = dict(num_local_experts=args.experts, num_experts_per_tok=args.experts_per_tok)
+    if args.sliding_window:
+        extra["sliding_window"] = args.sliding_window
+    cfg = getattr(transformers, f"{prefix}Config")(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_position,
         rope_theta=args.rope_theta, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, **extra)
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the constructor allocates and initialises in this dtype...
