@@ -10,7 +10,7 @@ from safetensors import safe_open
 from services.inference_worker.engine import SamplingParams
 from services.inference_worker.engine.weights import hf_weight_names
 from shared.architectures import ENGINE_ARCHITECTURES
-from .conftest import FAMILY_CLASSES, FAMILY_SPECS, PROMPTS, WINDOW, hf_greedy
+from .conftest import FAMILY_CLASSES, FAMILY_SPECS, PROMPTS, WINDOW, EngineConfig, LLMEngine, hf_greedy
 
 LONG = " ".join(PROMPTS)
 FAMILIES = list(FAMILY_SPECS)
@@ -43,6 +43,20 @@ def test_greedy_32_tokens_identical_to_transformers(name, ckpts, engines):
         ref = hf_greedy(ck.hf, eng.tokenizer.encode(prompt), 32)
         assert len(ref) == 32 and out.finish_reason == "length"
         assert out.token_ids == ref, prompt
+
+
+@pytest.mark.parametrize("prompt", [LONG, PROMPTS[1]], ids=["long-prompt-chunked", "grows-past"])
+def test_longrope_encodes_a_long_sequence_with_the_long_factors_throughout(prompt, ckpts):
+    """Phi-3's longrope switches factors at original_max_position_embeddings (32 here). A prompt
+    past it, prefilled in chunks of 16, is long-encoded from its first chunk; a short one that
+    grows past it re-encodes its cache once, as transformers' generate() does."""
+    ck = ckpts("phi3")
+    eng = LLMEngine.from_pretrained(ck.path, EngineConfig(
+        device="cpu", dtype="float32", num_blocks=64, block_size=16, max_num_batched_tokens=16))
+    ids = eng.tokenizer.encode(prompt)
+    out = eng.generate([prompt], SamplingParams(max_tokens=32, temperature=0))[0]
+    assert (len(ids) > 32) == (prompt is LONG) and len(ids) + 32 > 32
+    assert out.token_ids == hf_greedy(ck.hf, ids, 32)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

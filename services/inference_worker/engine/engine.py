@@ -38,8 +38,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, cfg, self.ecfg, max_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size,
                                           self.runner.bytes_per_block, freeing_window(cfg.layer_windows))
+        long_from = cfg.rope.long_from
         self.scheduler = Scheduler(self.block_manager, self.ecfg.max_num_seqs,
-                                   self.ecfg.max_num_batched_tokens)
+                                   self.ecfg.max_num_batched_tokens,
+                                   None if long_from is None else long_from + 1)
         # A sequence must fit what it reserves on admission in the whole cache. A windowed one
         # reserves about a window's worth, so it may grow far longer than the cache.
         if self.block_manager.blocks_for(self.scheduler.reserve_tokens(max_len)) > self.runner.num_blocks:

@@ -25,6 +25,7 @@ class PrefillChunk:
     end: int
     cached: int = 0  # tokens of this sequence already in the KV cache before this chunk
     block_table: Tensor | None = None  # [n_blocks] int64, needed only when cached > 0
+    seq_len: int = 0  # tokens the sequence has so far (>= cached + this chunk): picks longrope's set
 
 
 @dataclass
@@ -201,15 +202,16 @@ class Transformer(nn.Module):
         return rms_norm_residual(x, residual, self.norm, self.cfg.rms_norm_eps)[0]
 
     def _rope_rows(self, positions: Tensor, meta: AttentionMetadata) -> Tensor:
-        """Rows of the RoPE table. longrope (Phi-3): as transformers, a step uses the long factors for
-        all its tokens of a sequence once that sequence reaches past original_max_position_embeddings."""
+        """Rows of the RoPE table. longrope (Phi-3): as transformers, a sequence longer than
+        original_max_position_embeddings uses the long factors for all its tokens (the scheduler
+        re-encodes the cache of one that grows past it, see Scheduler.reencode_at)."""
         long_from = self.cfg.rope.long_from
         if long_from is None:
             return positions
-        reach = positions + 1
+        seq_len = positions + 1
         for p in meta.prefills:
-            reach[p.start:p.end] = positions[p.end - 1] + 1
-        return positions + self.max_seq_len * (reach > long_from)
+            seq_len[p.start:p.end] = max(p.cached + p.end - p.start, p.seq_len)
+        return positions + self.max_seq_len * (seq_len > long_from)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -97,7 +97,7 @@ class ModelRunner:
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             bt = self._to_device(table[:-(-(start + n) // bs)], torch.long) if start else None
-            chunks.append(PrefillChunk(t0, t0 + n, start, bt))
+            chunks.append(PrefillChunk(t0, t0 + n, start, bt, len(seq)))
             if s.samples:
                 logit_rows.append(len(ids) - 1)
                 sample_seqs.append(seq)

@@ -20,7 +20,7 @@ class Rope:
 
     @property
     def long_from(self) -> int | None:
-        """longrope: a step whose sequence reaches past this many tokens uses the long factors."""
+        """longrope: a sequence longer than this many tokens uses the long factors."""
         s = self.scaling
         return s["original_max_position_embeddings"] if s and s["rope_type"] == "longrope" else None
 

@@ -10,6 +10,10 @@ generated), keeping its output so far.
 With a sliding window on every layer (BlockManager.window), a sequence gives back the blocks that
 left the window before it takes new ones, so it holds about a window's worth of blocks however long
 it grows, and a prompt longer than the whole cache can run.
+
+longrope (Phi-3) encodes a sequence with one set of factors up to original_max_position_embeddings
+tokens and another past it, so a sequence that grows past that length has its cache re-encoded
+once (``reencode_at``), as transformers' generate() does.
 """
 from __future__ import annotations
 
@@ -33,8 +37,10 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 reencode_at: int | None = None):
         self.bm = block_manager
+        self.reencode_at = reencode_at
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -54,6 +60,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._encoded_short_of(seq):
+                self.bm.free(seq)
+                seq.num_computed = 0
             self.bm.free_outside_window(seq)
             n = min(len(seq) - seq.num_computed, budget)
             while not self.bm.ensure(seq, seq.num_computed + n):
@@ -65,6 +74,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 break  # it was the newest and gave up its own blocks
             batch.append(ScheduledSeq(seq, n))
+            seq.encoded_len = len(seq)
             budget -= n
             i += 1
         while (self.waiting and budget > 0 and not preempted
@@ -79,6 +89,7 @@ class Scheduler:
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed, budget)
             batch.append(ScheduledSeq(seq, n))
+            seq.encoded_len = len(seq)
             budget -= n
         return batch
 
@@ -95,6 +106,12 @@ class Scheduler:
         if w is None:
             return num_tokens
         return min(num_tokens, w - 1 + self.max_num_batched_tokens + self.bm.block_size)
+
+    def _encoded_short_of(self, seq: Sequence) -> bool:
+        """Whether the sequence has grown to ``reencode_at`` tokens with K/V in the cache that were
+        computed while it was shorter."""
+        return (self.reencode_at is not None and seq.num_computed > 0
+                and seq.encoded_len < self.reencode_at <= len(seq))
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)

@@ -94,6 +94,7 @@ class Sequence:
         # entry i: the block of tokens [i * block_size, (i + 1) * block_size); NULL_BLOCK once freed
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
+        self.encoded_len = 0  # the sequence's length when its cached K/V were last computed
         self.text = ""  # decoded output, cut at a stop string when one is hit
         self.emitted_chars = 0  # how much of self.text the callback has seen
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
