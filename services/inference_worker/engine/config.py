@@ -251,7 +251,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 1 << 30
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096  # per step; longer prompts are prefilled in chunks
-    max_model_len: int | None = None  # default: max_position_embeddings (and sliding window)
+    max_model_len: int | None = None  # default: max_position_embeddings
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
