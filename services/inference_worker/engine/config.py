@@ -62,6 +62,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    router_weights_in_model_dtype: bool = False  # Qwen3-MoE rounds the top-k weights; Mixtral keeps fp32
     moe_layers: list[bool] = field(default_factory=list)
     torch_dtype: torch.dtype | None = None
     bos_token_id: int | None = None
@@ -154,6 +155,7 @@ class ModelConfig:
             num_experts=experts, num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(d.get("moe_intermediate_size") or d["intermediate_size"]),
             norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+            router_weights_in_model_dtype=flags.get("router_weights_in_model_dtype", False),
             moe_layers=_moe_layers(d, n_layers, experts),
             torch_dtype=_safe_dtype(d.get("torch_dtype") or d.get("dtype")),
             bos_token_id=d.get("bos_token_id"),
@@ -166,7 +168,7 @@ FAMILIES: dict[str, dict] = {
     "llama": {}, "mistral": {}, "granite": {}, "phi3": {}, "mixtral": {},
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": "head"},
-    "qwen3_moe": {"qk_norm": "head"},
+    "qwen3_moe": {"qk_norm": "head", "router_weights_in_model_dtype": True},
     "gemma2": {"norm_offset": 1.0, "norms": "sandwich", "scaled_embedding": True, "tie_word_embeddings": True},
     "gemma3": {"norm_offset": 1.0, "norms": "sandwich", "scaled_embedding": True, "tie_word_embeddings": True,
                "qk_norm": "head"},

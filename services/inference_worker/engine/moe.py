@@ -15,6 +15,7 @@ class MoE(nn.Module):
         super().__init__()
         E, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k, self.renormalize, self.act = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.hidden_act
+        self.round_weights = cfg.router_weights_in_model_dtype
         self.router = nn.Linear(hidden, E, bias=False)
         self.gate_up = nn.Parameter(torch.empty(E, 2 * inter, hidden))  # per expert: gate then up rows
         self.down = nn.Parameter(torch.empty(E, hidden, inter))
@@ -33,14 +34,14 @@ class MoE(nn.Module):
                 h = swiglu(F.linear(rows[start:start + n], self.gate_up[e]), self.act)
                 out[start:start + n] = F.linear(h, self.down[e])
                 start += n
-        # the routing weights stay fp32 until the sum, as in transformers
+        # rounded to the model dtype or kept fp32 until the sum, as each family does in transformers
         weighted = (out * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, weighted)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Each token's top-k routing weights (fp32) and expert ids, [T, k] each."""
+        """Each token's top-k routing weights and expert ids, [T, k] each."""
         probs = self.router(x).float().softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        return weights, experts
+        return (weights.to(x.dtype) if self.round_weights else weights), experts
