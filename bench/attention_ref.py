@@ -9,13 +9,13 @@ floor a paged kernel is compared with). bench/engine.py's CUDA attention table u
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.host import loadavg  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -123,7 +123,7 @@ def main() -> None:
     med = {k: sorted(v)[len(v) // 2] * 1e6 for k, v in times.items()}
     print(f"paged_decode_attention_ref, batch {B}, context {args.context}, heads {args.heads}/{args.kv_heads}, "
           f"head_dim {args.head_dim}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load {loadavg()}")
     for name, us in med.items():
         print(f"  {name:<22} median {us:8.1f} us")
     before, now = med["einsum (before)"], med["gather + SDPA (now)"]

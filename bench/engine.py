@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.host import loadavg  # noqa: E402
 from bench.engine_runners import HFBench, StrataBench, hf_variants  # noqa: E402
 from bench.roofline import (copy_bandwidth_gbs, kv_bytes_per_token, percentile,  # noqa: E402
                             weight_bytes_read_per_step)
@@ -203,7 +204,7 @@ def main(argv=None) -> dict:
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     batches = sorted({int(b) for b in args.batch_sizes.split(",")})
     report: dict = {"machine": machine(args.device), "args": {k: str(v) for k, v in vars(args).items()}}
-    print(f"# Strata engine benchmark\nmachine: {report['machine']}", flush=True)
+    print(f"# Strata engine benchmark\nmachine: {report['machine']}; load {loadavg()}", flush=True)
     copy_gbs, copy_how = copy_bandwidth_gbs(args.device)
     report["copy_gbs"] = copy_gbs
     print(f"bandwidth: {copy_gbs:.0f} GB/s ({copy_how})", flush=True)
@@ -347,7 +348,7 @@ def print_throughput(rows, names, repeat) -> None:
     head = " | ".join(f"{n} decode tok/s" for n in names)
     ratios = " | ".join(f"strata / {n}" for n in names)
     cols = 4 + 2 * len(names)
-    print(f"\n## Throughput (best of {repeat}; decode = after the prefill)")
+    print(f"\n## Throughput (best of {repeat}; decode = after the prefill; load {loadavg()})")
     print(f"| batch | strata whole-run tok/s | strata decode tok/s | {head}{' | ' if names else ''}"
           f"{ratios}{' | ' if names else ''}strata ITL p50 / p99 ms |")
     print("|" + "---|" * cols)

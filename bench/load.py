@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.host import loadavg  # noqa: E402
+
 TARGET_VERIFY_GBPS = 1.0
 
 
@@ -81,10 +83,6 @@ def read_gbps(path: Path) -> float:
         while n := f.readinto(buf):
             size += n
     return size / (time.perf_counter() - t0) / 1e9
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 async def deploy(nats_url: str, data_dir: Path, timings: dict) -> float:

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.echo_worker import MODEL, echo_load, echo_model  # noqa: E402
+from bench.host import loadavg  # noqa: E402
 
 TARGETS = {"p50_added_ms": 1.0, "p99_added_ms": 5.0, "rps": 2000.0}
 
@@ -211,10 +212,6 @@ def py_spy(folder: str, phase: str, pids: dict[str, int], seconds: float) -> lis
                               "--output", str(out / f"{tag}-{name}.txt"), "--pid", str(pid)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name, pid in pids.items() if name != "nats-server"]
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 async def measure(url: str, args, label: str, base: dict, pids: dict[str, int]) -> dict:

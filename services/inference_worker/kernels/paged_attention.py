@@ -78,15 +78,22 @@ def paged_decode_attention_ref(
     B, n_q, d = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     group = n_q // n_kv
-    n_slots = block_tables.shape[1] * block_size
+    width = block_tables.shape[1]
+    ctx = context_lens[:, None].long()
+    cols = torch.arange(width, device=q.device)[None, :]  # which block-table entries to read
+    reach = None if window is None else -(-window // block_size) + 1  # blocks a window can span
+    if reach is not None and reach < width:  # read only those, from the block holding ctx - window
+        cols = (ctx - window).clamp(min=0) // block_size + torch.arange(reach, device=q.device)[None, :]
+    n_slots = cols.shape[1] * block_size
     # Gather every sequence's blocks once, as a contiguous [B, n_kv, slots, d] cache. Padding
     # entries may hold anything (0, -1, stale ids): clamp them to a real block so the gather is
     # legal; the mask gives those tokens no weight.
     # (index_select on the flat list, not k_cache[blocks]: torch's 2-D advanced indexing is ~20x
     # slower on CPU at decode shapes.)
-    blocks = block_tables.long().clamp(0, max(k_cache.shape[0] - 1, 0)).reshape(-1)
-    slots = torch.arange(n_slots, device=q.device)[None, :]
-    ctx = context_lens[:, None].long()
+    table = block_tables.long().gather(1, cols.clamp(max=width - 1).expand(B, -1))
+    blocks = table.clamp(0, max(k_cache.shape[0] - 1, 0)).reshape(-1)
+    # a column past the table's end reads a clamped block, but its slots lie past the context
+    slots = (cols[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)
     valid = slots < ctx  # [B, slots]
     if window is not None:  # the query sits at ctx - 1 and sees the last `window` tokens
         valid &= slots >= ctx - window
