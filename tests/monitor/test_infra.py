@@ -62,7 +62,7 @@ def test_prometheus_config_scrapes_the_monitor_and_its_rules_use_exposed_metrics
 
 
 def test_grafana_dashboard_has_the_dashboards_panels_and_queries_exposed_metrics():
-    dashboard = json.loads((INFRA / "grafana" / "strata.json").read_text())
+    dashboard = json.loads((INFRA / "grafana" / "dashboards" / "strata.json").read_text())
     titles = {p["title"] for p in dashboard["panels"]}
     for expected in ("Firing alerts", "Request rate", "End-to-end latency (p50 / p95 / p99)", "Tokens / s",
                      "Device memory used", "Deployments by state", "Ledger: signed tree size and lag", "Dead letters per service"):
@@ -74,4 +74,3 @@ def test_grafana_dashboard_has_the_dashboards_panels_and_queries_exposed_metrics
         for target in panel["targets"]:
             for metric in re.findall(r"strata:[a-z0-9_]+", target["expr"]):
                 assert metric in names, f"panel {panel['title']!r} queries {metric}, which the monitor does not expose"
-    yaml.safe_load((INFRA / "grafana" / "provisioning.yml").read_text())

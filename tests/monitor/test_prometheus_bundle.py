@@ -1,0 +1,72 @@
+"""The Prometheus and Grafana bundle as docker-compose mounts it, checked by Debian's promtool: the
+config with its rule files where the container sees them, the recording rules' unit tests, and
+Grafana's provisioning laid out as Grafana reads it (datasources/ and dashboards/ providers)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool missing: .ci/run installs Debian's prometheus package (apt-get install prometheus)")
+
+
+def container_files(service: str, root: Path) -> Path:
+    """Copies what ``service`` bind-mounts from the repository to where its container sees it,
+    under ``root``: the container's filesystem as far as this repository makes it."""
+    for volume in COMPOSE["services"][service].get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith("."):
+            continue  # a named volume: data, not configuration
+        src, dst = ROOT / source, root / target.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    return root
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60)
+
+
+@needs_promtool
+def test_promtool_accepts_the_config_compose_mounts_with_its_rule_files(tmp_path):
+    fs = container_files("prometheus", tmp_path)
+    config = fs / "etc/prometheus/prometheus.yml"
+    rule_files = yaml.safe_load(config.read_text())["rule_files"]
+    # relative rule files resolve beside the config, in the container and here alike
+    assert rule_files and not any(f.startswith("/") for f in rule_files), rule_files
+    out = promtool("check", "config", str(config))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout and "rule files found" in out.stdout, out.stdout
+
+
+@needs_promtool
+def test_recording_rules_pass_their_promtool_unit_tests():
+    """tests/monitor/promtool/strata_rules_test.yml: among others, a model that never failed keeps
+    its request rate (the sum of a success and a missing failure series was empty)."""
+    out = promtool("test", "rules", str(ROOT / "tests/monitor/promtool/strata_rules_test.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout, out.stdout
+
+
+def test_grafana_provisioning_has_a_prometheus_datasource_and_a_provider_for_the_dashboard(tmp_path):
+    fs = container_files("grafana", tmp_path)
+    provisioning = fs / "etc/grafana/provisioning"
+    datasources = [d for f in sorted((provisioning / "datasources").glob("*.yml"))
+                   for d in yaml.safe_load(f.read_text())["datasources"]]
+    assert [(d["type"], d["url"]) for d in datasources] == [("prometheus", "http://prometheus:9090")]
+    providers = [p for f in sorted((provisioning / "dashboards").glob("*.yml"))
+                 for p in yaml.safe_load(f.read_text())["providers"]]
+    assert len(providers) == 1 and providers[0]["type"] == "file"
+    dashboards = fs / providers[0]["options"]["path"].lstrip("/")
+    assert (dashboards / "strata.json").is_file(), f"the provider reads {dashboards}, which lacks strata.json"
+    # every panel asks a datasource of the kind provisioned (through the dashboard's variable)
+    panels = json.loads((dashboards / "strata.json").read_text())["panels"]
+    assert panels and all(p["datasource"]["type"] == "prometheus" for p in panels)
