@@ -70,3 +70,59 @@ def test_grafana_provisioning_has_a_prometheus_datasource_and_a_provider_for_the
     # every panel asks a datasource of the kind provisioned (through the dashboard's variable)
     panels = json.loads((dashboards / "strata.json").read_text())["panels"]
     assert panels and all(p["datasource"]["type"] == "prometheus" for p in panels)
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="prometheus missing: .ci/run installs Debian's prometheus package")
+async def test_a_real_prometheus_scrapes_the_monitor_and_records_the_rules(running, tmp_path):
+    """Debian's prometheus, with infra/prometheus's config (scrape target pointed at this monitor,
+    intervals shortened) and rules, scrapes a scripted run and evaluates the recording rules."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from cli.natsd import free_port
+    from tests.monitor.script import scripted_run
+
+    port = free_port()
+
+    config = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    [job] = config["scrape_configs"]
+    job["static_configs"][0]["targets"] = [running.url.removeprefix("http://")]
+    shutil.copy(ROOT / "infra/prometheus/strata-rules.yml", tmp_path / "strata-rules.yml")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        await scripted_run(running.publisher)
+
+        async def query(client: httpx.AsyncClient, expr: str) -> dict[str, float]:
+            r = await client.get(f"{api}/query", params={"query": expr})
+            r.raise_for_status()
+            return {s["metric"].get("model_name", ""): float(s["value"][1]) for s in r.json()["data"]["result"]}
+
+        deadline, rates = time.monotonic() + 45, {}
+        async with httpx.AsyncClient(timeout=5) as client:
+            while time.monotonic() < deadline:
+                try:
+                    rates = await query(client, "model_name:strata_requests:rate1m")
+                    if "tiny" in rates:
+                        break
+                except httpx.HTTPError:
+                    pass  # not listening yet
+                await asyncio.sleep(0.5)
+            assert "tiny" in rates, (tmp_path / "prometheus.log").read_text()[-2000:]
+            targets = (await client.get(f"{api}/targets")).json()["data"]["activeTargets"]
+            assert [t["health"] for t in targets] == ["up"], targets
+            up = await query(client, 'up{job="strata-monitor"}')
+            assert list(up.values()) == [1.0]
+            assert (await query(client, "strata:request_success_total"))  # the monitor's counters, scraped
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
