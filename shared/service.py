@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from faststream.nats.annotations import NatsMessage
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel, Field
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
 from shared.events import Event, EventData, Source, make_event
+from shared.service_metrics import HttpMetrics, ServiceMetrics
 from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip_http_telemetry
 
 VERSION = "0.1.0"
@@ -64,7 +66,11 @@ class Service:
         self.http = FastAPI(title=f"Strata {name}", version=VERSION, description=description, lifespan=self._lifespan,
                             telemetry={"operation_spans": False, "metrics": metrics_exported(), "exclude": skip_http_telemetry})
         self.http.add_middleware(TraceContext)
+        self.metrics = ServiceMetrics(name)
+        self.http.add_middleware(HttpMetrics, metrics=self.metrics)
         self.consumer: bus.EventConsumer | None = None
+        self.metrics.counters("strata_events", "Events this service's consumer took, by outcome", ["outcome"],
+                              self._consumer_counts)
         self.ready = False
         self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)
         self._started = time.monotonic()
@@ -76,6 +82,8 @@ class Service:
         http_errors.typed_internal_errors(self.http, name)
         self.broker.subscriber(subjects.rpc(name, "health"), queue=name, title=f"{name}:health")(self._health_rpc)
         self._document_own_events()
+        self.http.get("/metrics", tags=["health"], summary="Prometheus exposition of this service's metrics",
+                      response_class=Response)(self._metrics_http)
         self.http.get("/asyncapi.json", tags=["health"], summary="AsyncAPI document of this service's NATS interface")(self.asyncapi)
 
     # -- documentation ---------------------------------------------------------------------
@@ -118,13 +126,25 @@ class Service:
 
         def register(handler: RpcHandler) -> RpcHandler:
             async def receive(msg: NatsMessage) -> bytes:
-                return await rpc.answer(msg.body, request_type, handler)
+                started = time.perf_counter()
+                reply = await rpc.answer(msg.body, request_type, handler)
+                self.metrics.rpc(op, reply, time.perf_counter() - started)
+                return reply
 
             receive.__name__ = f"rpc_{op}"
             self.broker.subscriber(subjects.rpc(self.name, op), queue=self.name, title=f"{self.name}:{op}")(receive)
             return handler
 
         return register
+
+    # -- metrics -----------------------------------------------------------------------------
+    async def _metrics_http(self) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def _consumer_counts(self):
+        stats = self.consumer.stats if self.consumer else bus.ConsumerStats()
+        return [(["handled"], stats.handled), (["ignored"], stats.ignored),
+                (["retried"], stats.retried), (["dead_lettered"], stats.dead_lettered)]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def on_start(self, hook: Hook) -> Hook:

@@ -50,7 +50,7 @@ def exposed_sample_names() -> set[str]:
 
 def test_prometheus_config_scrapes_the_monitor_and_its_rules_use_exposed_metrics():
     config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
-    [job] = config["scrape_configs"]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "strata-monitor")
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["monitor:8001"]
     rules = yaml.safe_load((INFRA / "prometheus" / "strata-rules.yml").read_text())
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]

@@ -47,6 +47,17 @@ def test_promtool_accepts_the_config_compose_mounts_with_its_rule_files(tmp_path
     assert "SUCCESS" in out.stdout and "rule files found" in out.stdout, out.stdout
 
 
+def test_prometheus_scrapes_every_strata_process_compose_runs():
+    from shared.config import DEFAULT_PORTS
+
+    config = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())
+    scraped = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert all(job["metrics_path"] == "/metrics" for job in config["scrape_configs"])
+    expected = {f"{name}:{DEFAULT_PORTS[spec['command'][1]]}" for name, spec in COMPOSE["services"].items()
+                if spec.get("command", [None])[0] == "serve" and not spec.get("profiles")}
+    assert len(expected) >= 9 and scraped == expected, scraped ^ expected
+
+
 @needs_promtool
 def test_recording_rules_pass_their_promtool_unit_tests():
     """tests/monitor/promtool/strata_rules_test.yml: among others, a model that never failed keeps
@@ -89,8 +100,9 @@ async def test_a_real_prometheus_scrapes_the_monitor_and_records_the_rules(runni
 
     config = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    [job] = config["scrape_configs"]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "strata-monitor")
     job["static_configs"][0]["targets"] = [running.url.removeprefix("http://")]
+    config["scrape_configs"] = [job]  # the other services are not running here
     shutil.copy(ROOT / "infra/prometheus/strata-rules.yml", tmp_path / "strata-rules.yml")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = (tmp_path / "prometheus.log").open("w")

@@ -16,12 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from fastapi import Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from faststream.nats.annotations import NatsMessage
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
-from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from services.monitor.adapters.replay import ReplayPass, replay_until_ack_floor
@@ -195,9 +194,7 @@ def _background(service: Service, monitor: Monitor, config: MonitorConfig, live:
 def _routes(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
     http = service.http
 
-    @http.get("/metrics", tags=["monitor"], summary="Prometheus exposition", response_class=Response)
-    async def metrics() -> Response:
-        return Response(monitor.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    service.metrics.include(monitor.metrics.registry)  # the fleet's metrics beside the monitor's own
 
     @http.get("/alerts", tags=["monitor"], summary="Every alert rule with its state and firing instances")
     async def alerts() -> list[RuleView]:
