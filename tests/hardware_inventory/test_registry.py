@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared import bus
 from shared.events import DeployReady, DeployRequested, MeasuredMemory, Source, make_event
@@ -200,6 +203,13 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
     assert c2.samples == 2 and abs(c2.last_error) < abs(c1.last_error) and abs(c2.last_error) < 0.01
     deployment = (await state.allocations()).deployments[second.deployment_id]
     assert deployment.state == "ready" and deployment.replicas[0].measured_peak == measured
+    # each replica's booking against its measurement, at /metrics
+    text = cluster.registry.metrics.exposition().decode()
+    fit = {s.name: s.value for f in text_string_to_metric_families(text) if f.name == "strata_inventory_booked_to_measured_ratio"
+           for s in f.samples if s.labels.get("device_kind") == "cuda" and "le" not in s.labels}
+    booked = (predicted, second.deployment.replicas[0].predicted_bytes)
+    assert fit["strata_inventory_booked_to_measured_ratio_count"] == 2
+    assert fit["strata_inventory_booked_to_measured_ratio_sum"] == pytest.approx(sum(b / measured for b in booked))
 
 
 async def test_undeploy_frees_the_allocation(cluster: Cluster):

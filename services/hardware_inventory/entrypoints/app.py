@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, Query
 from faststream.nats.annotations import NatsMessage
+from prometheus_client import Histogram
 
 from services.hardware_inventory.adapters.catalog import ModelCatalog, RpcModelCatalog
 from services.hardware_inventory.adapters.policy_file import load_policy
@@ -101,11 +102,18 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
             raise errors.Unavailable("the registry is starting")
         return inventory.nodes, inventory.deployments
 
+    fit_error = Histogram("strata_inventory_booked_to_measured_ratio", "Memory booked for each loaded replica over "
+                          "its measured peak (under 1: booked too little)", ["service", "architecture", "device_kind"],
+                          buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 1, 1.02, 1.05, 1.1, 1.2, 1.5, 2),
+                          registry=service.metrics.registry)
+
     @service.on_start
     async def open_state() -> None:
         inventory.state = await InventoryState.open(service.broker.connection.jetstream(), config.bucket)
         inventory.nodes = NodeTable(inventory.state, service.publish, config.missed_beats)
         inventory.deployments = Deployments(inventory.state, inventory.nodes, catalog, service.publish, config, inventory.admission)
+        inventory.deployments.on_measured.append(
+            lambda arch, kind, ratio: fit_error.labels(NAME, arch, kind).observe(ratio))
         inventory.nodes.on_lost.append(inventory.deployments.node_lost)
         inventory.nodes.on_available.append(inventory.deployments.reconcile)
         inventory.tasks.append(asyncio.create_task(_watch_liveness(inventory.nodes, config.heartbeat_interval_s / 2)))

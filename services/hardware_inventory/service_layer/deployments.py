@@ -47,6 +47,8 @@ class Deployments:
                  admission: AdmissionPolicy | None = None) -> None:
         self.state, self.nodes, self.catalog, self.publish, self.config = state, nodes, catalog, publish, config
         self.admission = admission
+        # told (architecture, device kind, booked / measured) of each loaded replica: how well the fit did
+        self.on_measured: list[Callable[[str, str, float], None]] = []
 
     # -- prediction ----------------------------------------------------------------------------
     async def _resolve(self, ref: str) -> ResolvedModel:
@@ -203,6 +205,8 @@ class Deployments:
             log.info("deploy.ready for %s on %s: no such scheduled replica (undeployed or moved)", event.deployment_id, event.node_id)
             return
         deployment, replica = found
+        for tell in self.on_measured:
+            tell(deployment.shape.architecture, replica.device_kind, replica.predicted_bytes / event.measured.peak)
         raw = predict(deployment.shape, replica.device_kind, context_length=deployment.context_length,  # type: ignore[arg-type]
                       batch=deployment.batch, dtype=replica.dtype)
         key = correction_key(deployment.shape.architecture, raw.dtype, raw.device_kind)

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import os
 
+from prometheus_client import Counter
+
 from shared.catalog import (
     DatasetList, DatasetRequest, ListRequest, ModelList, PublicKey, PublicKeyRequest, ResolvedDataset, ResolvedModel,
     ResolveRequest,
@@ -98,7 +100,10 @@ def create_service(settings: Settings | None = None) -> Service:
     async def public_key(_request: PublicKeyRequest) -> PublicKey:
         return store().signer.public_key_info()
 
-    service.http.include_router(router(store, admin=protect(service).require("admin")))
+    blob_bytes = Counter("strata_model_store_blob_bytes", "Blob bytes uploaded (in) and served (out)",
+                         ["service", "direction"], registry=service.metrics.registry)
+    service.http.include_router(router(store, admin=protect(service).require("admin"),
+                                       count_bytes=lambda d, n: blob_bytes.labels(service.name, d).inc(n)))
     service.model_store = store  # type: ignore[attr-defined]  # tests reach the use cases through it
     return service
 

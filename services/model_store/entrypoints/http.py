@@ -38,9 +38,11 @@ class BlobChecked(BaseModel):
     size: int
 
 
-def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRouter:
+def router(store: Callable[[], ModelStore], admin: Callable[..., Any],
+           count_bytes: Callable[[str, int], None] = lambda direction, n: None) -> APIRouter:
     """Routes over the ModelStore that the service builds once NATS is connected. ``admin`` is the
-    API-key dependency that every route changing the store carries (reads stay open)."""
+    API-key dependency that every route changing the store carries (reads stay open);
+    ``count_bytes("in" | "out", n)`` is told of every blob byte uploaded or served."""
     api = APIRouter(prefix="/v1", tags=["model-store"])
 
     def guarded(*errors: Any) -> dict[str, Any]:
@@ -74,12 +76,13 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
         length = request.headers.get("content-length")
         declared = int(length) if length is not None and length.isdigit() else None
         info = await store().ingest.upload(sha256, request.stream(), path, declared_size=declared)
+        count_bytes("in", info.size)
         return BlobUploaded(sha256=sha256, size=info.size, info=info)
 
     @api.get("/blobs/{sha256}", responses=error_responses(Invalid, NotFound, BlobCorrupt, Unavailable))
     async def download_blob(sha256: str) -> StreamingResponse:
         check_digest(sha256)
-        return await _stream(store(), sha256)
+        return await _stream(store(), sha256, count_bytes)
 
     @api.post("/models", response_model=PushedModel, **guarded(Invalid, NotFound, Conflict))
     async def push_model(body: PushModelRequest, response: Response) -> PushedModel:
@@ -106,7 +109,7 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
         entry = next((f for f in resolved.manifest.files if f.path == path), None)
         if entry is None:
             raise NotFound(f"{resolved.model.name}:{resolved.model.version} has no file {path!r}")
-        return await _stream(store(), entry.sha256)
+        return await _stream(store(), entry.sha256, count_bytes)
 
     @api.delete("/models/{ref}", response_model=DeleteResult, **guarded(Invalid, NotFound))
     async def delete_model(ref: str, all_versions: bool = False) -> DeleteResult:
@@ -138,7 +141,7 @@ def router(store: Callable[[], ModelStore], admin: Callable[..., Any]) -> APIRou
     return api
 
 
-async def _stream(store: ModelStore, sha256: str) -> StreamingResponse:
+async def _stream(store: ModelStore, sha256: str, count_bytes: Callable[[str, int], None]) -> StreamingResponse:
     size = await store.blobs.size(sha256)
     if size is None:
         raise NotFound(f"blob sha256:{sha256} is not in the store")
@@ -149,9 +152,11 @@ async def _stream(store: ModelStore, sha256: str) -> StreamingResponse:
 
     async def body() -> AsyncIterator[bytes]:
         yield first
+        count_bytes("out", len(first))
         try:
             async for chunk in chunks:
                 yield chunk
+                count_bytes("out", len(chunk))
         except BlobCorrupt as exc:
             # The status has gone out: raising here makes the server end the connection short of
             # content-length, so the client sees a broken download, never a short 200 (the store

@@ -188,7 +188,29 @@ def create_service(settings: Settings | None = None) -> Service:
     service.on_stop(app.stop)
     _routes(service, app)
     _rpcs(service, app)
+    _metrics(service, app)
     return service
+
+
+def _metrics(service: Service, app: LedgerApp) -> None:
+    """The ledger's figures at /metrics, read from its stats on every scrape (none while starting)."""
+    def stats() -> list[LedgerStats]:
+        return [app.stats()] if app.ledger is not None else []
+
+    m = service.metrics
+    m.gauges("strata_ledger_tree_size", "Leaves in the Merkle log", [], lambda: [([], s.tree_size) for s in stats()])
+    m.gauges("strata_ledger_verified_size", "Leaves re-hashed and matching at the last clean verify", [],
+             lambda: [([], s.verified_size) for s in stats() if s.verified_size is not None])
+    m.gauges("strata_ledger_tamper_suspected", "1 while a verify has found the file changed", [],
+             lambda: [([], float(s.tamper_suspected)) for s in stats()])
+    m.gauges("strata_ledger_last_verify_timestamp_seconds", "When the last clean verify ran", [],
+             lambda: [([], s.verified_at.timestamp()) for s in stats() if s.verified_at is not None])
+    m.counters("strata_ledger_leaves", "Events taken into the log, by outcome (appended: new leaves; duplicate: "
+               "seen before; conflict: an earlier id with other content)", ["outcome"],
+               lambda: [(["appended"], s.appended) for s in stats()] + [(["duplicate"], s.duplicates) for s in stats()]
+               + [(["conflict"], s.conflicts) for s in stats()])
+    m.counters("strata_ledger_ingest_failures", "Ingest failures (retried)", [],
+               lambda: [([], s.ingest_failures) for s in stats()])
 
 
 def _routes(service: Service, app: LedgerApp) -> None:
