@@ -76,7 +76,7 @@ async def fleet(p: Publisher) -> None:
 async def beat(p: Publisher) -> None:
     await p.send(NodeHeartbeat(node_id="cpu-1", ram_free=40 * GiB, devices=[CPU], utilisation={"cpu": 0.25}))
     await p.send(NodeHeartbeat(node_id="gpu-1", ram_free=90 * GiB, devices=[CPU, GPU], utilisation={"cpu": 0.1, "cuda:0": 0.72},
-                               loaded_models=["tiny:2"]))
+                               loaded_models=["dep-tiny"]))  # what agents send: deployment ids
 
 
 async def deployments(p: Publisher) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.monitor.conftest import Running, until
+from tests.monitor.conftest import Running, fast_config, until
 from tests.monitor.script import ledger, scripted_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -84,6 +84,15 @@ async def test_the_dashboard_renders_a_scripted_run_in_headless_chromium(running
     assert "signature does not verify" in dom  # the firing deploy_failed alert
     assert "f0f0f0f0" in dom and "ed25519:abc123" in dom  # the ledger's signed head
     assert "model-store" in dom  # its dead letter
+    assert "loaded: tiny:2" in dom and "dep-tiny" not in dom.split('id="nodes"')[1].split("</section>")[0], \
+        "node cards name the models they hold, not deployment ids"
+    # the time axis is labelled with clock times, not only "-295s" and "now"
+    assert len(re.findall(r'<text[^>]*class="tick"[^>]*>\d\d:\d\d:\d\d</text>', dom)) >= 3 * 3
+    # p99 is drawn dashed, so a p95 equal to it still shows; and below the p99 in the drawing order
+    p95 = dom.index('data-series="p95_s"')
+    p99 = dom.index('data-series="p99_s"')
+    p99_path = dom[dom.rindex("<path", 0, p99):dom.index(">", p99)]
+    assert p99 < p95 and re.search(r'stroke-dasharray="[^"]+"', p99_path), p99_path
 
     shot = tmp_path / "dashboard.png"
     await chromium(tmp_path, running.url + "/?max_s=1", f"--screenshot={shot}", "--window-size=1400,1300")
@@ -114,3 +123,21 @@ async def test_every_asset_comes_from_the_monitor(running: Running):
         assert (await running.http.get(ref)).status_code == 200
     script = (await running.http.get("/static/dashboard.js")).text
     assert "http://" not in script.replace("http://www.w3.org/2000/svg", "") and "https://" not in script
+
+
+@pytest.mark.parametrize("monitor_config", [fast_config(bucket_s=0.5)])
+async def test_latency_lines_join_across_quiet_buckets_and_empty_tables_say_so(running: Running, tmp_path: Path):
+    """Two bursts with quiet buckets between: the latency line is one path through both, with a dot
+    on every bucket that has a value; a table with no rows says it is empty."""
+    from tests.monitor.script import completed
+
+    for i in range(3):
+        await running.publisher.send(completed(i))
+    await asyncio.sleep(1.6)  # quiet 0.5 s buckets between the bursts
+    for i in range(3, 6):
+        await running.publisher.send(completed(i))
+    await until(lambda: running.monitor.state.traffic.count() == 6, "both bursts")
+    dom = await chromium(tmp_path, running.url + "/?max_s=1", "--dump-dom")
+    p50 = re.search(r'<path d="([^"]*)"[^>]*data-series="p50_s"', dom)
+    assert p50 and p50.group(1).count("M") == 1 and p50.group(1).count("L") >= 1, p50
+    assert 'class="empty-row"' in dom and "no dead letters" in dom

@@ -144,13 +144,21 @@ def model_view(state: FleetState, model: str, now: float, history_s: float, buck
     )
 
 
+def _deployed_name(state: FleetState, deployment_id: str) -> str:
+    """Agents report the deployment ids a node holds; people read model:version."""
+    d = state.deployments.get(deployment_id)
+    if d is None:
+        return deployment_id
+    return d.model if d.version is None else f"{d.model}:{d.version}"
+
+
 def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: float, bucket_s: float,
              replay: ReplayProgress | None = None, dead_letter_replay: ReplayProgress | None = None) -> Snapshot:
     nodes = [
         NodeView(
             node_id=n.node_id, hostname=n.hostname or n.node_id, status="lost" if n.lost else "up",
             last_seen_s=round(now - n.last_seen, 3) if n.last_seen else None, ram_total=n.ram_total, ram_free=n.ram_free,
-            loaded_models=n.loaded_models,
+            loaded_models=[_deployed_name(state, d) for d in n.loaded_models],
             devices=[DeviceView(id=d.id, kind=d.kind, name=d.name, memory_total=d.memory_total, memory_free=d.memory_free,
                                 utilisation=n.utilisation.get(d.id)) for d in n.devices.values()],
         )

@@ -23,6 +23,7 @@ const bytes = (n) => {
 const secs = (s) => (s == null ? "–" : s < 1 ? `${(s * 1000).toFixed(0)} ms` : `${s.toFixed(2)} s`);
 const num = (x, digits = 2) => (x == null ? "–" : Number(x).toFixed(digits));
 const badge = (text, cls = text) => el("span", { class: `badge ${cls}`, text });
+const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
 
 // -- charts: a line per series over the snapshot's time buckets ---------------------------------
 function chart(title, points, lines, format) {
@@ -38,19 +39,27 @@ function chart(title, points, lines, format) {
     svg.append(el("svg:line", { class: "grid", x1: L, x2: W - 4, y1: y(v), y2: y(v) }),
                el("svg:text", { x: 2, y: y(v) + 3, text: format(v) }));
   }
-  svg.append(el("svg:text", { x: L, y: H - 3, text: `-${Math.round(t1 - t0)}s` }), el("svg:text", { x: W - 30, y: H - 3, text: "now" }));
+  // the time axis: clock times at the start, the middle and the end of the history
+  for (const [frac, anchor] of [[0, "start"], [0.5, "middle"], [1, "end"]]) {
+    const t = t0 + frac * (t1 - t0);
+    svg.append(el("svg:text", { class: "tick", x: x(t), y: H - 3, "text-anchor": anchor, text: clock(t) }));
+  }
   let drawn = 0;
   for (const line of lines) {
-    // a bucket without a value (no request then) breaks the line instead of dropping to zero
-    let d = "", pen = "M";
+    // a bucket without a value (no request then) is skipped, not drawn as zero: the line joins the
+    // buckets either side, and a dot marks each bucket that has a value, so a lone burst still shows
+    let d = "";
+    const dots = [];
     for (const p of points) {
       const v = p[line.key];
-      if (v == null) { pen = "M"; continue; }
-      d += `${pen}${x(p.t).toFixed(1)},${y(v).toFixed(1)} `;
-      pen = "L";
+      if (v == null) continue;
+      d += `${d ? "L" : "M"}${x(p.t).toFixed(1)},${y(v).toFixed(1)} `;
+      dots.push(el("svg:circle", { cx: x(p.t).toFixed(1), cy: y(v).toFixed(1), r: 1.6, fill: line.color }));
       if (v > 0) drawn++;
     }
-    svg.append(el("svg:path", { d: d.trim(), fill: "none", stroke: line.color, "stroke-width": 1.8, "data-series": line.key }));
+    const style = { d: d.trim(), fill: "none", stroke: line.color, "stroke-width": line.width || 1.8, "data-series": line.key };
+    if (line.dash) style["stroke-dasharray"] = line.dash;
+    svg.append(el("svg:path", style), ...dots);
   }
   const legend = el("div", { class: "legend" }, ...lines.map((l) => el("span", {}, el("i", { style: `background:${l.color}` }), l.label)));
   return { node: el("div", { class: "chart", "data-points": drawn }, el("div", { class: "title", text: title }), svg, legend), drawn };
@@ -77,9 +86,10 @@ function renderModels(models) {
   for (const m of models) {
     const charts = [
       chart("requests / s", m.series, [{ key: "requests_per_s", label: "req/s", color: "#58a6ff" }], (v) => num(v, 1)),
+      // p99 first, wide and dashed: with few requests p95 often equals p99 and must still show
       chart("end-to-end latency", m.series, [
-        { key: "p50_s", label: "p50", color: "#3fb950" }, { key: "p95_s", label: "p95", color: "#d29922" },
-        { key: "p99_s", label: "p99", color: "#f85149" }], secs),
+        { key: "p99_s", label: "p99", color: "#f85149", width: 3, dash: "5 3" },
+        { key: "p95_s", label: "p95", color: "#d29922" }, { key: "p50_s", label: "p50", color: "#3fb950" }], secs),
       chart("tokens / s", m.series, [{ key: "tokens_per_s", label: "generated tok/s", color: "#bc8cff" }], (v) => num(v, 0)),
     ];
     points += charts.reduce((n, c) => n + c.drawn, 0);
@@ -117,9 +127,13 @@ function renderNodes(nodes) {
   if (!nodes.length) box.append(el("p", { class: "empty", text: "no node has joined" }));
 }
 
-function renderTable(selector, rows) {
+function renderTable(selector, rows, empty) {
   const body = $(`${selector} tbody`);
   body.replaceChildren(...rows.map((cells) => el("tr", {}, ...cells.map((c) => el("td", {}, c)))));
+  if (!rows.length) {
+    const width = $(`${selector} thead tr`).children.length;
+    body.append(el("tr", { class: "empty-row" }, el("td", { colspan: width, class: "empty", text: empty })));
+  }
 }
 
 function renderLedger(l) {
@@ -136,8 +150,8 @@ function render(s) {
   const points = renderModels(s.models);
   renderNodes(s.nodes);
   renderTable("#deployments", s.deployments.map((d) => [
-    d.model, d.version == null ? "–" : `v${d.version}`, badge(d.state), d.node_id ?? "–", d.device ?? "–"]));
-  renderTable("#dead-letters", Object.entries(s.dead_letters).map(([svc, n]) => [svc, String(n)]));
+    d.model, d.version == null ? "–" : `v${d.version}`, badge(d.state), d.node_id ?? "–", d.device ?? "–"]), "no deployments");
+  renderTable("#dead-letters", Object.entries(s.dead_letters).map(([svc, n]) => [svc, String(n)]), "no dead letters");
   renderLedger(s.ledger);
   const history = s.models.length ? s.models[0].series : [];
   $("#history").textContent = history.length > 1 ? `${Math.round(history[history.length - 1].t - history[0].t)} s` : "–";
