@@ -219,4 +219,24 @@ def create_service(settings: Settings | None = None, *, artifacts: ArtifactSourc
     service.broker.subscriber(subjects.rpc(NAME, "models"), title=f"{NAME}:models")(models_rpc)
     service.on_start(worker.start)
     service.on_stop(worker.stop)
+    _engine_gauges(service, worker)
     return service
+
+
+def _engine_gauges(service: Service, worker: Worker) -> None:
+    """Each ready deployment's engine, live, under vLLM's metric names with our prefix (what
+    autoscalers such as KEDA read): read from the engine's stats on every scrape."""
+    def read(stat: str):
+        deployments = worker.deployments.by_key.values() if worker.deployments else ()
+        return [([d.model.name, d.key], d.loop.engine.stats()[stat])
+                for d in deployments if d.state == "ready" and d.loop is not None]
+
+    labels = ["model_name", "deployment"]
+    m = service.metrics
+    m.gauges("strata:num_requests_running", "Requests in the engine's running batch", labels,
+             lambda: read("num_running"))
+    m.gauges("strata:num_requests_waiting", "Requests queued for the engine", labels, lambda: read("num_waiting"))
+    m.gauges("strata:kv_cache_usage_perc", "Share of the KV cache's blocks in use (0..1)", labels,
+             lambda: read("kv_cache_usage"))
+    m.counters("strata:num_preemptions", "Sequences preempted for lack of KV-cache blocks", labels,
+               lambda: read("num_preemptions"))
