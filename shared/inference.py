@@ -58,6 +58,9 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field(default=[], max_length=16)
     stop_token_ids: list[int] = Field(default=[], max_length=64)
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
+    cap_max_tokens: bool = Field(default=False, description=(
+        "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
+        "true: max_tokens is lowered to what the context leaves after the prompt"))
 
 
 class InferenceRequest(BaseModel):
@@ -183,6 +186,8 @@ class LoadedDeployment(BaseModel):
     state: Literal["loading", "ready", "draining", "failed"]
     requests_in_flight: int = 0
     reason: str | None = Field(default=None, description="why the load failed (state 'failed')")
+    max_model_len: int | None = Field(default=None, ge=1, description=(
+        "the most tokens (prompt plus completion) one request may hold; None from a worker before #18, or while loading"))
 
 
 class LoadedModels(BaseModel):
