@@ -17,6 +17,19 @@ class Invalid(StrataError):
     code, http_status = "invalid", 400
 
 
+class ContextLengthExceeded(Invalid):
+    """the prompt, or the prompt plus max_tokens, does not fit the model's context: the message names both
+    numbers in OpenAI's words (which clients such as litellm match to raise their context-window error)"""
+
+    code = "context_length_exceeded"
+
+    @classmethod
+    def of(cls, max_model_len: int, prompt_tokens: int, completion_tokens: int) -> ContextLengthExceeded:
+        return cls(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                   f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the messages, {completion_tokens} "
+                   "in the completion). Please reduce the length of the messages or completion.")
+
+
 class Unauthorized(StrataError):
     code, http_status = "unauthorized", 401
 
@@ -60,7 +73,7 @@ class BlobCorrupt(StrataError):
 
 BY_CODE: dict[str, type[StrataError]] = {
     cls.code: cls
-    for cls in (StrataError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable, InsufficientStorage,
+    for cls in (StrataError, Invalid, ContextLengthExceeded, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable, InsufficientStorage,
                 BlobCorrupt)
 }
 

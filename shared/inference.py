@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from shared.events import ModelId, new_id
 from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
@@ -58,6 +58,19 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field(default=[], max_length=16)
     stop_token_ids: list[int] = Field(default=[], max_length=64)
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
+    cap_max_tokens: bool = Field(default=False, description=(
+        "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
+        "true: max_tokens is lowered to what the context leaves after the prompt"))
+
+    # unannotated return: the JSON schema (AsyncAPI) stays the model's own
+    @model_serializer(mode="wrap")
+    def _cap_only_when_asked(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        """``cap_max_tokens`` travels only when true: a worker from before #18 forbids unknown fields, and
+        would refuse every request that carried it."""
+        data = handler(self)
+        if not self.cap_max_tokens:
+            data.pop("cap_max_tokens", None)
+        return data
 
 
 class InferenceRequest(BaseModel):
@@ -183,6 +196,8 @@ class LoadedDeployment(BaseModel):
     state: Literal["loading", "ready", "draining", "failed"]
     requests_in_flight: int = 0
     reason: str | None = Field(default=None, description="why the load failed (state 'failed')")
+    max_model_len: int | None = Field(default=None, ge=1, description=(
+        "the most tokens (prompt plus completion) one request may hold; None from a worker before #18, or while loading"))
 
 
 class LoadedModels(BaseModel):

@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from opentelemetry import propagate
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from shared import errors, subjects
 from shared.catalog import parse_ref
@@ -46,6 +46,7 @@ from shared.inference import (
     InferenceReply,
     InferenceRequest,
     Keepalive,
+    LoadedDeployment,
     LoadedModels,
     LoadedModelsRequest,
     Started,
@@ -244,6 +245,8 @@ class DeployedModel(BaseModel):
     name: str
     versions: list[ModelId]
     replicas: int
+    max_model_len: int | None = Field(default=None, description=(
+        "the smallest context of the replicas that say theirs (any of them may serve a request); None if none says"))
 
 
 async def deployed_models(nc: Client, *, window_s: float = 0.3, quiet_s: float = 0.05) -> list[DeployedModel]:
@@ -268,15 +271,18 @@ async def deployed_models(nc: Client, *, window_s: float = 0.3, quiet_s: float =
         _spawn(_unsubscribe(sub))
     by_name: dict[str, DeployedModel] = {}
     for raw in replies:
-        for model in _loaded(raw):
+        for loaded in _loaded(raw):
+            model = loaded.model
             entry = by_name.setdefault(model.name, DeployedModel(name=model.name, versions=[], replicas=0))
             entry.replicas += 1
             if model not in entry.versions:
                 entry.versions.append(model)
+            if loaded.max_model_len is not None:
+                entry.max_model_len = min(entry.max_model_len or loaded.max_model_len, loaded.max_model_len)
     return sorted(by_name.values(), key=lambda m: m.name)
 
 
-def _loaded(raw: bytes) -> list[ModelId]:
+def _loaded(raw: bytes) -> list[LoadedDeployment]:
     """The models one worker serves (its ready deployments); a malformed reply counts as none."""
     try:
         reply = RpcReply.model_validate_json(raw)
@@ -286,7 +292,7 @@ def _loaded(raw: bytes) -> list[ModelId]:
     except ValidationError:
         log.warning("ignoring a malformed %s reply", MODELS_SUBJECT)
         return []
-    return [d.model for d in loaded.deployments if d.state == "ready"]
+    return [d for d in loaded.deployments if d.state == "ready"]
 
 
 async def settle(timeout_s: float = 2.0) -> None:

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
+from services.inference_worker.engine import ContextLengthError, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
 from .conftest import PROMPTS
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -61,6 +61,28 @@ def test_invalid_prompts_are_reported_not_raised(engines):
     outs = eng.generate([[], [10**6, 3]], GREEDY)
     assert [o.finish_reason for o in outs] == ["error", "error"]
     assert "empty" in outs[0].error and "vocabulary" in outs[1].error
+
+
+def test_reject_invalid_raises_before_queueing_and_cap_max_tokens_false_checks_the_completion(ckpts):
+    eng = LLMEngine.from_pretrained(ckpts("llama").path, EngineConfig(device="cpu", num_blocks=4, block_size=4))
+    assert eng.max_model_len == 16
+    ids = list(range(5, 15))  # 10 prompt tokens
+    with pytest.raises(ContextLengthError) as caught:
+        eng.add_request(list(range(5, 25)), SamplingParams(max_tokens=None), reject_invalid=True)
+    assert (caught.value.max_model_len, caught.value.prompt_tokens, caught.value.completion_tokens) == (16, 20, 1)
+    with pytest.raises(ContextLengthError) as caught:
+        eng.add_request(ids, SamplingParams(max_tokens=7), reject_invalid=True, cap_max_tokens=False)
+    assert (caught.value.prompt_tokens, caught.value.completion_tokens) == (10, 7)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        eng.add_request([], SamplingParams(), reject_invalid=True)
+    assert not eng.has_unfinished(), "nothing refused was queued"
+    fits = eng.add_request(ids, SamplingParams(max_tokens=6, temperature=0), reject_invalid=True, cap_max_tokens=False)
+    capped = eng.add_request(ids, SamplingParams(max_tokens=7, temperature=0), reject_invalid=True)  # the context cuts it
+    refused = eng.add_request(ids, SamplingParams(max_tokens=7), cap_max_tokens=False)  # not raised: finishes with error
+    done = run_all(eng)
+    assert done[fits].finish_reason == "length" and len(done[fits].token_ids) == 6
+    assert done[capped].finish_reason == "length" and len(done[capped].token_ids) == 6
+    assert done[refused].finish_reason == "error" and "max_tokens 7" in done[refused].error
 
 
 def test_cancel_frees_blocks_and_reports_cancelled(engines):

@@ -163,9 +163,15 @@ async def test_typed_errors_never_crash_the_worker(worker, bus_client):
     alias = await bus_client.request("tiny@prod", prompt="x")
     assert not alias.ok and alias.error.code == "not_found"
     too_long = await bus_client.request("tiny", prompt="The quick brown fox " * 100)  # context_length is 256
-    assert not too_long.ok and too_long.error.code == "invalid" and "max_model_len 256" in too_long.error.message
-    failed = await bus_client.wait(InferenceFailed, model_ref="tiny")
-    assert "prompt has" in failed.reason
+    assert not too_long.ok and too_long.error.code == "context_length_exceeded"
+    assert too_long.error.message.startswith("This model's maximum context length is 256 tokens. However, you requested ")
+    streamed = await stream(bus_client, "tiny", prompt="The quick brown fox " * 100)  # refused before "started"
+    assert [m.kind for m in streamed] == ["error"] and streamed[0].error.code == "context_length_exceeded"
+    over = await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 256})
+    assert not over.ok and over.error.code == "context_length_exceeded" and "256 in the completion" in over.error.message
+    capped = await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 256, "cap_max_tokens": True, "temperature": 0})
+    assert capped.ok and capped.result["finish_reason"] == "length"
+    assert capped.result["usage"]["prompt_tokens"] + capped.result["usage"]["completion_tokens"] == 256
     messages = await stream(bus_client, "tiny:3", prompt="x")
     assert [m.kind for m in messages] == ["error"] and messages[0].error.code == "not_found"
     assert (await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 1})).ok

@@ -37,13 +37,15 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "inva
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}
 _CODES = {"unauthorized": "invalid_api_key", "invalid": "invalid_value", "not_found": "model_not_found",
-          "unavailable": "overloaded"}
+          "unavailable": "overloaded", "too_large": "request_too_large"}
+_PARAMS = {errors.ContextLengthExceeded: "messages"}  # as OpenAI names it, for chat and completions alike
 
 
 def to_openai(exc: errors.StrataError, param: str | None = None) -> OpenAIError:
     status = exc.http_status
     if isinstance(exc, errors.NotFound):
         param = param or "model"
+    param = param or _PARAMS.get(type(exc))
     detail = ErrorDetail(message=exc.message, type=_TYPES.get(status, "server_error"), param=param,
                          code=_CODES.get(exc.code, exc.code))
     # a quota knows when its bucket refills; overload has no such date, so the caller tries again soon

@@ -49,6 +49,9 @@ class _Common(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    cap_max_tokens: bool = Field(default=False, description=(
+        "a Strata extension: true lowers max_tokens to what the model's context leaves after the prompt; false "
+        "(OpenAI's behaviour) refuses a prompt plus max_tokens over the context with 400 context_length_exceeded"))
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
@@ -100,6 +103,7 @@ class _Common(BaseModel):
         return SamplingOptions(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []), logprobs=logprobs,
+            cap_max_tokens=self.cap_max_tokens,
         )
 
 

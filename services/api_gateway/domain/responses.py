@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.events import ModelId
 from shared.inference import FinishReason, TokenLogprob, Usage
@@ -144,6 +144,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "strata"
+    max_model_len: int | None = Field(default=None, description=(
+        "the most tokens (prompt plus completion) one request may hold, as vLLM names it; None if no worker said"))
 
 
 class ModelList(BaseModel):

@@ -34,7 +34,7 @@ from shared.service import Health, Service
 from services.api_gateway.domain import render
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
 from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
-from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ErrorDetail, ModelList
+from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ErrorDetail, ModelCard, ModelList
 from services.api_gateway.adapters.quota_counters import KvQuotaCounters
 from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
 from services.api_gateway.service_layer.metering import ran_nothing
@@ -49,8 +49,10 @@ GATEWAY_REQUEST_ID_HEADER = "x-strata-request-id"  # the id the gateway made: th
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in (
-        (400, "invalid request"), (401, "missing, unknown or revoked API key"),
+        (400, "invalid request; code context_length_exceeded: the prompt, or the prompt plus max_tokens, is over the "
+              "model's context (the message names both numbers)"), (401, "missing, unknown or revoked API key"),
         (403, "the API key lacks the 'inference' scope"), (404, "model not deployed"),
+        (413, "the body is over the gateway's limit (the message names it); do not retry it"),
         (429, "the API key is over its requests_per_minute or tokens_per_minute quota, or the gateway is "
               "overloaded (Retry-After: whole seconds)"),
         (502, "the worker died"), (503, "workers overloaded, or the quota counters out of reach for a key with a quota (Retry-After)"),
@@ -102,7 +104,12 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
         response.headers.update(_id_headers(request))
         return await gateway.list_models(c)
 
-    inference = APIRouter(route_class=_solved_by_hand(caller))
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS, tags=["openai"])
+    async def retrieve_model(model_id: str, request: Request, response: Response, c: Caller = Depends(caller)) -> ModelCard:
+        response.headers.update(_id_headers(request))
+        return await gateway.retrieve_model(c, model_id)
+
+    inference = APIRouter(route_class=_solved_by_hand(caller, gateway))
 
     @inference.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
@@ -130,8 +137,8 @@ def _inference_of(body: ChatCompletionRequest | CompletionRequest, request: Requ
         update={"api_key_id": c.key_id, "client_request_id": request.headers.get(REQUEST_ID_HEADER)})
 
 
-def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCredentials | None], Awaitable[Caller]]
-                    ) -> type[APIRoute]:
+def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCredentials | None], Awaitable[Caller]],
+                    gateway: Gateway) -> type[APIRoute]:
     """The inference routes' class. FastAPI documents them from the endpoint's signature as usual, but
     its generic per-request solving of that signature was a quarter of the gateway's CPU under load
     (py-spy, docs/benchmarks.md §1). Here ``caller``, the routes' one dependency, is called with the
@@ -145,7 +152,12 @@ def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCred
 
             async def handle(request: Request) -> Response:
                 c = await caller(request, request.headers.get(REQUEST_ID_HEADER), await bearer(request))
-                return await endpoint(_parse_body(model, request.headers.get("content-type"), await request.body()), request, c)
+                declared = request.headers.get("content-length", "")
+                if declared.isdigit():  # refused before reading it
+                    gateway.check_body_size(int(declared))
+                raw = await request.body()
+                gateway.check_body_size(len(raw))  # a chunked body declares no length
+                return await endpoint(_parse_body(model, request.headers.get("content-type"), raw), request, c)
 
             return handle
 

@@ -22,6 +22,8 @@ from services.api_gateway.domain.responses import ModelCard, ModelList, now
 from services.api_gateway.service_layer.metering import SETTLE_WAIT_S, Metering
 
 Message = Started | Chunk | End
+MAX_BODY_BYTES = 512 * 1024
+NATS_HEADROOM_BYTES = 64 * 1024  # what an InferenceRequest adds to the body it came from (ids, headers)
 
 
 class GatewayConfig(BaseModel):
@@ -33,6 +35,8 @@ class GatewayConfig(BaseModel):
                                      description="the longest a whole request may take (504)")
     silence_timeout_s: float = Field(default=SILENCE_TIMEOUT_S, gt=0, description="a worker silent this long is dead (502)")
     seed_keys: list[str] = Field(default=[], description="raw keys this gateway alone honours as inference keys (STRATA_API_KEYS)")
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024, description=(
+        "the largest request body accepted (413 above it); never more than one NATS message carries (see body_limit)"))
     quota_max_tokens: int = Field(default=4096, ge=1, description=(
         "the max_tokens of a request without one, on a key with a tokens_per_minute quota: its reservation needs a bound"))
 
@@ -43,7 +47,8 @@ class GatewayConfig(BaseModel):
         for field, var in (("max_in_flight", "STRATA_API_GATEWAY_MAX_IN_FLIGHT"),
                            ("request_timeout_s", "STRATA_API_GATEWAY_REQUEST_TIMEOUT_S"),
                            ("silence_timeout_s", "STRATA_API_GATEWAY_SILENCE_TIMEOUT_S"),
-                           ("quota_max_tokens", "STRATA_API_GATEWAY_QUOTA_MAX_TOKENS")):
+                           ("quota_max_tokens", "STRATA_API_GATEWAY_QUOTA_MAX_TOKENS"),
+                           ("max_body_bytes", "STRATA_API_GATEWAY_MAX_BODY_BYTES")):
             if env.get(var):
                 values[field] = env[var]
         values["seed_keys"] = [k.strip() for k in env.get("STRATA_API_KEYS", "").split(",") if k.strip()]
@@ -89,6 +94,24 @@ class Gateway:
         the request's size is known (``metering``)."""
         return Caller(key=await self.auth.check(key, "inference"))
 
+    def body_limit(self) -> int:
+        """The largest body accepted: the configured one, and never more than fits, with the request's own
+        fields, in one NATS message (the server's max_payload); a bigger one could never be sent."""
+        try:
+            max_payload = self.nc.max_payload
+        except Exception:  # not connected yet: the request will be answered 503 by the next step anyway
+            max_payload = 0
+        if not max_payload:
+            return self.config.max_body_bytes
+        return max(1024, min(self.config.max_body_bytes, max_payload - NATS_HEADROOM_BYTES))
+
+    def check_body_size(self, size: int) -> None:
+        """413 for a body over ``body_limit``, naming the limit: retrying it can never help."""
+        limit = self.body_limit()
+        if size > limit:
+            raise errors.TooLarge(f"the request body is {size} bytes; this gateway accepts at most {limit} bytes "
+                                  "(STRATA_API_GATEWAY_MAX_BODY_BYTES): shorten the prompt")
+
     def admit(self) -> Slot:
         if self.in_flight >= self.config.max_in_flight:
             raise Overloaded(f"the gateway is at its limit of {self.config.max_in_flight} requests in flight; retry shortly")
@@ -100,7 +123,14 @@ class Gateway:
         await self.metering.admit(caller.key)
         created = now()
         models = await inference_client.deployed_models(self.nc)
-        return ModelList(data=[ModelCard(id=m.name, created=created) for m in models])
+        return ModelList(data=[ModelCard(id=m.name, created=created, max_model_len=m.max_model_len) for m in models])
+
+    async def retrieve_model(self, caller: Caller, model_id: str) -> ModelCard:
+        """One deployed model, as ``list_models`` gives it; 404 ``model_not_found`` when none serves it."""
+        for card in (await self.list_models(caller)).data:
+            if card.id == model_id:
+                return card
+        raise ModelNotDeployed(f"The model '{model_id}' does not exist or is not deployed")
 
     async def complete(self, request: InferenceRequest) -> InferenceReply:
         try:

@@ -51,16 +51,20 @@ class EngineLoop:
             self.stats.peak_running = max(self.stats.peak_running, running)
 
     def submit(self, loop: asyncio.AbstractEventLoop, request_id: str, params: SamplingParams, *,
-               prompt: str | None = None, messages: list[dict] | None = None) -> asyncio.Queue[StreamEvent]:
+               prompt: str | None = None, messages: list[dict] | None = None,
+               cap_max_tokens: bool = True) -> asyncio.Queue[StreamEvent]:
         """Queue a request; its stream events arrive on the returned queue, the last with
-        ``finished`` set. Raises ValueError for a request id in use or a template failure."""
+        ``finished`` set. Raises ValueError for a request id in use or a template failure, and the
+        engine's InvalidRequestError (ContextLengthError: over the context) for a request it cannot
+        run, before anything is queued; ``cap_max_tokens`` as ``LLMEngine.add_request``."""
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
 
         def on_event(event: StreamEvent) -> None:  # on the engine thread
             self.stats.tokens += len(event.token_ids)
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        self.engine.add_request(prompt, params, messages=messages, request_id=request_id, callback=on_event)
+        self.engine.add_request(prompt, params, messages=messages, request_id=request_id, callback=on_event,
+                                reject_invalid=True, cap_max_tokens=cap_max_tokens)
         return events
 
     def cancel(self, request_id: str) -> bool:

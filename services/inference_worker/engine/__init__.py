@@ -7,7 +7,7 @@
 from .block_manager import BlockManager, CacheUsage
 from .config import EngineConfig, ModelConfig
 from .engine import LLMEngine
-from .errors import (CheckpointError, ConfigError, MissingFileError, MissingTensorError,
+from .errors import (CheckpointError, ConfigError, ContextLengthError, InvalidRequestError, MissingFileError, MissingTensorError,
                      PickleCheckpointError, ShapeMismatchError, TokenizerError,
                      UnexpectedTensorError, UnsupportedArchitectureError)
 from .loader import Checkpoint, GenerationDefaults, load_checkpoint
@@ -16,8 +16,8 @@ from .sequence import RequestMetrics, RequestOutput, StreamEvent
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
-    "BlockManager", "CacheUsage", "Checkpoint", "CheckpointError", "ConfigError", "EngineConfig",
-    "GenerationDefaults", "IncrementalDetokenizer", "LLMEngine", "MissingFileError",
+    "BlockManager", "CacheUsage", "Checkpoint", "CheckpointError", "ConfigError", "ContextLengthError", "EngineConfig",
+    "GenerationDefaults", "IncrementalDetokenizer", "InvalidRequestError", "LLMEngine", "MissingFileError",
     "MissingTensorError", "ModelConfig", "PickleCheckpointError", "RequestMetrics", "RequestOutput",
     "SamplingParams", "ShapeMismatchError", "StreamEvent", "TokenLogprob", "Tokenizer",
     "TokenizerError", "UnexpectedTensorError", "UnsupportedArchitectureError", "load_checkpoint",

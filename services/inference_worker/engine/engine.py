@@ -15,6 +15,7 @@ import torch
 
 from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
+from .errors import ContextLengthError, InvalidRequestError
 from .loader import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
@@ -99,10 +100,14 @@ class LLMEngine:
     # ---- requests (thread-safe) --------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
                     *, messages: list[dict] | None = None, request_id: str | None = None,
-                    callback: Callback | None = None) -> str:
+                    callback: Callback | None = None, reject_invalid: bool = False,
+                    cap_max_tokens: bool = True) -> str:
         """Queue a request: a text prompt, token ids, or chat ``messages`` (rendered with the
         checkpoint's chat template). Returns its id. An invalid request (empty, too long, unknown
-        token ids) finishes at the next step with finish_reason "error" and a message."""
+        token ids) finishes at the next step with finish_reason "error" and a message; with
+        ``reject_invalid`` it raises InvalidRequestError (ContextLengthError for a prompt over the
+        context) here instead, before anything is queued. ``cap_max_tokens`` False makes a prompt plus
+        ``max_tokens`` over max_model_len invalid too; True (the default) lets the context cut it."""
         params = (params or SamplingParams()).resolve(
             self.generation.temperature, self.generation.top_p, self.generation.top_k)
         if messages is not None:
@@ -124,26 +129,32 @@ class LLMEngine:
                 rid = f"req-{next(self._ids)}"
             if rid in self._live:
                 raise ValueError(f"request id {rid!r} is already in use")
+            error = self._validate(ids, None if cap_max_tokens else params.max_tokens)
+            if error is not None and reject_invalid:
+                raise error
             seq = Sequence(rid, ids, params, self.eos_ids, detok, callback, generator)
-            error = self._validate(ids)
-            if error:
-                seq.finish("error", error=error, flush=False)
+            if error is not None:
+                seq.finish("error", error=str(error), flush=False)
             self._live.add(rid)
             self._incoming.append(seq)
             self._work.notify_all()
         return rid
 
-    def _validate(self, ids: list[int]) -> str | None:
+    def _validate(self, ids: list[int], max_tokens: int | None) -> InvalidRequestError | None:
+        """Why the request cannot run, or None; ``max_tokens`` (None: not checked) must fit after the prompt."""
         if not ids:
-            return "the prompt is empty"
-        if len(ids) >= self.max_model_len:
+            return InvalidRequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len or (max_tokens is not None and len(ids) + max_tokens > self.max_model_len):
             cap = self.cache_usage().token_capacity
-            return (f"the prompt has {len(ids)} tokens; this engine fits at most "
-                    f"{self.max_model_len - 1} prompt tokens plus one generated token "
-                    f"(max_model_len {self.max_model_len}, KV cache holds {cap} tokens)")
+            wanted = "one generated token" if max_tokens is None else f"max_tokens {max_tokens}"
+            return ContextLengthError(
+                f"the prompt has {len(ids)} tokens; with {wanted} it does not fit this engine's max_model_len "
+                f"{self.max_model_len} (at most {self.max_model_len - 1} prompt tokens plus one generated token; "
+                f"KV cache holds {cap} tokens)",
+                max_model_len=self.max_model_len, prompt_tokens=len(ids), completion_tokens=max_tokens or 1)
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            return f"token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}"
+            return InvalidRequestError(f"token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}")
         return None
 
     def cancel(self, request_id: str) -> bool:

@@ -44,3 +44,16 @@ class ShapeMismatchError(CheckpointError):
 
 class TokenizerError(CheckpointError):
     pass
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses before queueing it (``add_request(..., reject_invalid=True)``)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt, or the prompt plus ``max_tokens``, does not fit ``max_model_len``. ``completion_tokens``
+    is the request's max_tokens, or the one token it must at least generate when it set none."""
+
+    def __init__(self, message: str, *, max_model_len: int, prompt_tokens: int, completion_tokens: int):
+        super().__init__(message)
+        self.max_model_len, self.prompt_tokens, self.completion_tokens = max_model_len, prompt_tokens, completion_tokens

@@ -30,7 +30,7 @@ from shared.inference import (
 from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.adapters.inflight_journal import InflightJournal
-from services.inference_worker.engine import SamplingParams, StreamEvent
+from services.inference_worker.engine import ContextLengthError, SamplingParams, StreamEvent
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,10 @@ class Server:
             started = time.time()
             try:
                 events = dep.loop.submit(asyncio.get_running_loop(), rid, to_params(request.sampling),
-                                         prompt=request.prompt,
+                                         prompt=request.prompt, cap_max_tokens=request.sampling.cap_max_tokens,
                                          messages=[m.model_dump() for m in request.messages] if request.messages else None)
+            except ContextLengthError as exc:  # refused before a stream's "started": the caller gets a status
+                raise errors.ContextLengthExceeded.of(exc.max_model_len, exc.prompt_tokens, exc.completion_tokens) from None
             except Exception as exc:  # a duplicate id inside the engine, a chat template that fails
                 raise errors.Invalid(f"cannot start the request: {exc}") from None
             self.inflight[rid] = dep
