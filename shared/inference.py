@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.events import ModelId, new_id
 from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
@@ -58,6 +58,23 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field(default=[], max_length=16)
     stop_token_ids: list[int] = Field(default=[], max_length=64)
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="OpenAI's, over the generated tokens")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="OpenAI's, over the generated tokens")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description=(
+        "transformers'/vLLM's, over prompt and generated tokens: 1 is off, above 1 discourages repeats"))
+    logit_bias: dict[int, float] | None = Field(default=None, max_length=1024, description=(
+        "token id -> bias in [-100, 100] added to its logit; an id outside the model's vocabulary is refused"))
+    min_p: float | None = Field(default=None, ge=0, le=1, description="drop tokens below min_p x the top token's probability")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        return value
 
 
 class InferenceRequest(BaseModel):

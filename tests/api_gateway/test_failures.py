@@ -49,7 +49,13 @@ async def test_model_not_deployed_is_an_immediate_404(gateway, workers):
     ({"model": "bad model!"}, "model", "malformed model reference"),
     ({"stream_options": {"include_usage": True}}, "", "only allowed with stream"),
     ({"top_logprobs": 2}, "", "requires logprobs"),
-    ({"presence_penalty": 1}, "presence_penalty", "not supported"),
+    ({"presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty", "greater than or equal to -2"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"-3": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
 ])
 async def test_invalid_chat_parameters_are_400_naming_the_parameter(gateway, workers, body, param, words):
     worker = await workers()

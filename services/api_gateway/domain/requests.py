@@ -51,6 +51,9 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="extension (vLLM): 1 is off")
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024, description="token id -> bias in [-100, 100]")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="extension (vLLM)")
     user: str | None = None
 
     @field_validator("model")
@@ -79,11 +82,14 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalties(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("presence and frequency penalties are not supported (only 0)")
+    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isascii() or not token.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         return value
 
     @model_validator(mode="after")
@@ -100,6 +106,9 @@ class _Common(BaseModel):
         return SamplingOptions(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []), logprobs=logprobs,
+            presence_penalty=self.presence_penalty or None, frequency_penalty=self.frequency_penalty or None,
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+            logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
         )
 
 

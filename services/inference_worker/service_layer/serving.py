@@ -314,9 +314,12 @@ def parse_request(raw: bytes, subject_model: str | None) -> InferenceRequest:
 
 
 def to_params(options: SamplingOptions) -> SamplingParams:
+    extra = {k: v for k, v in (("presence_penalty", options.presence_penalty), ("frequency_penalty", options.frequency_penalty),
+                               ("repetition_penalty", options.repetition_penalty), ("logit_bias", options.logit_bias),
+                               ("min_p", options.min_p)) if v is not None}
     return SamplingParams(max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
                           top_k=options.top_k, seed=options.seed, stop=list(options.stop),
-                          stop_token_ids=list(options.stop_token_ids), logprobs=options.logprobs)
+                          stop_token_ids=list(options.stop_token_ids), logprobs=options.logprobs, **extra)
 
 
 def sha256(text: str) -> str:
