@@ -71,11 +71,15 @@ async def test_invalid_chat_parameters_are_400_naming_the_parameter(gateway, wor
 async def test_invalid_completion_parameters(gateway, workers):
     await workers()
     client = gateway.client()
-    for body, param in (({"prompt": ["a", "b"]}, "prompt"), ({"echo": True}, "echo"), ({"logprobs": 9}, "logprobs"),
-                        ({"max_tokens": 0}, "max_tokens")):
+    for body, param, words in (({"prompt": ["a", "b"]}, "prompt", "exactly one prompt"), ({"logprobs": 9}, "logprobs", "5"),
+                               ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+                               ({"echo": True, "logprobs": 1}, None, "echo with logprobs is not supported"),
+                               ({"suffix": "x"}, "suffix", "suffix is not supported"),
+                               ({"best_of": 2}, "best_of", "best_of above 1 is not supported")):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.completions.create(model="tiny", prompt="p", extra_body=body)
         assert error_of(caught.value)["param"] == param
+        assert words in error_of(caught.value)["message"], error_of(caught.value)
     async with httpx.AsyncClient() as http:
         response = await http.post(f"{gateway.v1}/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"

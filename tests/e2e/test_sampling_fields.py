@@ -105,3 +105,24 @@ async def test_logit_bias_forces_or_bans_a_token_and_an_id_outside_the_vocabular
             with pytest.raises(openai.BadRequestError) as caught:
                 await client.completions.create(model="tiny", prompt=PROMPT, logit_bias={str(vocab): 5}, stream=stream)
             assert "outside the vocabulary" in caught.value.body["message"]
+
+
+async def test_echo_puts_the_prompt_before_the_completion(nats_server, tmp_path, ckpts):  # noqa: F811
+    async with stack(nats_server, tmp_path, ckpts) as (gateway, engine):
+        client = gateway.client()
+        want = text_of(engine, PROMPT, max_tokens=8, temperature=0)
+        got = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, echo=True)
+        assert got.choices[0].text == PROMPT + want
+        assert got.usage.completion_tokens == 8 and got.usage.prompt_tokens == len(engine.tokenizer.encode(PROMPT))
+        sync = await asyncio.to_thread(sync_client(gateway).completions.create, model="tiny", prompt=[PROMPT], max_tokens=8,
+                                       temperature=0, echo=True)
+        assert sync.choices[0].text == PROMPT + want
+        chunks = [c async for c in await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                                    echo=True, stream=True)]
+        assert chunks[0].choices[0].text == PROMPT
+        assert "".join(c.choices[0].text for c in chunks) == PROMPT + want
+        plain = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, echo=False)
+        assert plain.choices[0].text == want
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(model="tiny", prompt=PROMPT, echo=True, logprobs=1)
+        assert "echo with logprobs is not supported" in caught.value.body["message"]

@@ -47,10 +47,11 @@ def chat_completion(reply: InferenceReply, model: str) -> ChatCompletion:
     )
 
 
-def text_completion(reply: InferenceReply, model: str) -> Completion:
+def text_completion(reply: InferenceReply, model: str, echo: str = "") -> Completion:
+    """``echo``: the prompt, when the caller asked for it before the completion."""
     return Completion(
         id=completion_id(reply.request_id), created=now(), model=model, system_fingerprint=fingerprint(reply.model),
-        choices=[CompletionChoice(text=reply.text, logprobs=completion_logprobs(reply.logprobs),
+        choices=[CompletionChoice(text=echo + reply.text, logprobs=completion_logprobs(reply.logprobs),
                                   finish_reason=openai_finish(reply.finish_reason))],
         usage=OpenAIUsage.of(reply.usage),
     )
@@ -59,7 +60,8 @@ def text_completion(reply: InferenceReply, model: str) -> Completion:
 @dataclass
 class SseStream:
     """Renders one request's stream as OpenAI chunks. ``chat`` picks ``chat.completion.chunk`` (with a
-    role delta first) over ``text_completion`` chunks; ``include_usage`` adds the final usage chunk."""
+    role delta first) over ``text_completion`` chunks; ``include_usage`` adds the final usage chunk;
+    ``echo`` (completions) is sent as the first chunk."""
 
     request_id: str
     model: str
@@ -68,11 +70,14 @@ class SseStream:
     created: int = field(default_factory=now)
     served_by: ModelId | None = None
     text_offset: int = 0
+    echo: str = ""
 
     def render(self, message: Started | Chunk | End) -> bytes:
         if isinstance(message, Started):
             self.served_by = message.model
-            return sse(self._chat_chunk(Delta(role="assistant", content=""))) if self.chat else b""
+            if self.chat:
+                return sse(self._chat_chunk(Delta(role="assistant", content="")))
+            return self._content(Chunk(request_id=self.request_id, index=0, text=self.echo)) if self.echo else b""
         if isinstance(message, Chunk):
             return self._content(message)
         return self._end(message)

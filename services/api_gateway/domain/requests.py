@@ -138,9 +138,30 @@ class CompletionRequest(_Common):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16")
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: Literal[False] = False
-    suffix: None = None
-    best_of: Literal[1] | None = None
+    echo: bool = Field(default=False, description="the prompt before the completion (not with logprobs)")
+    suffix: str | None = Field(default=None, description="refused: no insertion (fill-in-the-middle) mode")
+    best_of: int | None = Field(default=None, ge=1, description="refused above 1")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported: there is no insertion (fill-in-the-middle) mode")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise ValueError("best_of above 1 is not supported: nothing ranks candidates; send several requests")
+        return value
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported: the prompt tokens' logprobs are not computed; "
+                             "send echo or logprobs")
+        return self
 
     @field_validator("prompt")
     @classmethod
