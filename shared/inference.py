@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.events import ModelId, new_id
 from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
 
+MAX_N = 16  # choices per request
 KEEPALIVE_S = 1.0
 SILENCE_TIMEOUT_S = 10.0
 CANCEL_SUBJECT = "infer.cancel"
@@ -65,6 +66,8 @@ class SamplingOptions(BaseModel):
     logit_bias: dict[int, float] | None = Field(default=None, max_length=1024, description=(
         "token id -> bias in [-100, 100] added to its logit; an id outside the model's vocabulary is refused"))
     min_p: float | None = Field(default=None, ge=0, le=1, description="drop tokens below min_p x the top token's probability")
+    n: int = Field(default=1, ge=1, le=MAX_N, description=(
+        "choices, sampled together in one batch; choice 0 uses ``seed``, choice i > 0 a seed derived from it and i"))
 
     @field_validator("logit_bias")
     @classmethod
@@ -127,7 +130,19 @@ class TokenLogprob(BaseModel):
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
+class Choice(BaseModel):
+    """One of a request's ``n`` choices."""
+
+    index: int = Field(ge=0)
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
+
+
 class InferenceReply(BaseModel):
+    """``text``, ``finish_reason`` and ``logprobs`` are choice 0's; with ``n`` > 1, ``choices`` has every
+    choice (choice 0 too), and ``usage.completion_tokens`` counts the tokens of all of them."""
+
     request_id: str
     model: ModelId
     text: str
@@ -135,6 +150,7 @@ class InferenceReply(BaseModel):
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     prompt_salt: str | None = PromptSalt
+    choices: list[Choice] | None = None
 
 
 class InferenceError(BaseModel):
@@ -159,13 +175,23 @@ class Chunk(BaseModel):
     text: str
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
+    choice: int = Field(default=0, ge=0, description="which of the request's n choices this text belongs to")
+
+
+class ChoiceEnd(BaseModel):
+    index: int = Field(ge=0)
+    finish_reason: FinishReason
 
 
 class End(BaseModel):
+    """Sent once all choices ended: ``finish_reason`` is choice 0's, ``choices`` (n > 1) each one's,
+    ``usage.completion_tokens`` the tokens of all of them."""
+
     kind: Literal["end"] = "end"
     request_id: str
     finish_reason: FinishReason
     usage: Usage
+    choices: list[ChoiceEnd] | None = None
 
 
 class StreamFailure(BaseModel):

@@ -39,7 +39,8 @@ async def test_model_not_deployed_is_an_immediate_404(gateway, workers):
 
 
 @pytest.mark.parametrize(("body", "param", "words"), [
-    ({"n": 2}, "n", "only n=1"),
+    ({"n": 17}, "n", "n must be at most 16"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"top_p": 0}, "top_p", "greater than 0"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),

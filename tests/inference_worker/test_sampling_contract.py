@@ -8,7 +8,8 @@ import json
 import pytest
 
 from shared import errors
-from services.inference_worker.service_layer.serving import parse_request, to_params
+from services.inference_worker.service_layer.choices import to_params
+from services.inference_worker.service_layer.serving import parse_request
 
 
 def raw(**sampling: object) -> bytes:
@@ -32,8 +33,19 @@ def test_fields_reach_the_engine_params_and_absent_fields_keep_the_fast_path():
     ({"repetition_penalty": 0}, "greater than 0"),
     ({"presence_penalty": 2.1}, "less than or equal to 2"),
     ({"min_p": -0.1}, "greater than or equal to 0"),
+    ({"n": 17}, "less than or equal to 16"),
+    ({"n": 0}, "greater than or equal to 1"),
 ])
 def test_bad_values_are_refused_by_the_worker(sampling, words):
     with pytest.raises(errors.Invalid) as caught:
         parse_request(raw(**sampling), "tiny")
     assert words in caught.value.message and "sampling" in caught.value.message
+
+
+def test_choice_seeds_choice_0_keeps_the_request_seed_the_others_differ_and_repeat():
+    from services.inference_worker.service_layer.choices import choice_seed
+
+    assert choice_seed(None, 3) is None and choice_seed(7, 0) == 7
+    seeds = [choice_seed(7, i) for i in range(16)]
+    assert len(set(seeds)) == 16 and seeds == [choice_seed(7, i) for i in range(16)]
+    assert all(0 <= s < 2**63 for s in seeds) and choice_seed(8, 1) not in seeds

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from shared import errors
 from shared.catalog import parse_ref
-from shared.inference import ChatMessage, InferenceRequest, SamplingOptions
+from shared.inference import MAX_N, ChatMessage, InferenceRequest, SamplingOptions
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 
@@ -67,9 +67,9 @@ class _Common(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported: send several requests for several answers")
+    def _choices(cls, value: int) -> int:
+        if value > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N}: send several requests for more choices")
         return value
 
     @field_validator("stop")
@@ -107,7 +107,7 @@ class _Common(BaseModel):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []), logprobs=logprobs,
             presence_penalty=self.presence_penalty or None, frequency_penalty=self.frequency_penalty or None,
-            repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p, n=self.n,
             logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
         )
 

@@ -213,7 +213,7 @@ async def _serve(gateway: Gateway, http: Request, caller: Caller, request: Infer
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)  # no dict in between
 
     sse = render.SseStream(request_id=request.request_id, model=model, chat=operation == "chat", include_usage=include_usage,
-                           echo=request.prompt or "" if echo else "")
+                           echo=request.prompt or "" if echo else "", n=request.sampling.n)
 
     async def events() -> AsyncIterator[bytes]:
         # A client that goes away cancels this generator at its await: the shared client's stream

@@ -51,10 +51,12 @@ class EngineLoop:
             self.stats.peak_running = max(self.stats.peak_running, running)
 
     def submit(self, loop: asyncio.AbstractEventLoop, request_id: str, params: SamplingParams, *,
-               prompt: str | None = None, messages: list[dict] | None = None) -> asyncio.Queue[StreamEvent]:
-        """Queue a request; its stream events arrive on the returned queue, the last with
-        ``finished`` set. Raises ValueError for a request id in use or a template failure."""
-        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+               prompt: str | None = None, messages: list[dict] | None = None,
+               events: asyncio.Queue[StreamEvent] | None = None) -> asyncio.Queue[StreamEvent]:
+        """Queue a request; its stream events arrive on the returned queue (``events`` where given: one
+        queue for several requests, told apart by ``request_id``), the last with ``finished`` set.
+        Raises ValueError for a request id in use or a template failure."""
+        events = asyncio.Queue() if events is None else events
 
         def on_event(event: StreamEvent) -> None:  # on the engine thread
             self.stats.tokens += len(event.token_ids)
