@@ -2,7 +2,7 @@
 seeds, top-n logprobs; presence/frequency/repetition penalties and logit bias).
 
 Every per-request parameter is a tensor over the batch; a batch where no request sets one skips it.
-Order (as transformers and vLLM): logit bias, repetition penalty (over prompt + output), presence and
+Order (as vLLM's sampler): logit bias, repetition penalty (over prompt + output), presence and
 frequency penalties (over the output, as OpenAI documents them) on the raw logits, so greedy sees them
 too; then temperature, top-k, top-p, min-p. Logprobs stay those of the raw model logits."""
 from __future__ import annotations
