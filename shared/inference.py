@@ -29,11 +29,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
+                      model_validator)
 
 from shared.events import ModelId, new_id
 from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
 
+MAX_N = 16  # choices per request
+# SamplingOptions fields left out of the JSON while at their defaults (see its serializer)
+WIRE_OPTIONAL = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "n",
+                 "cap_max_tokens")
 KEEPALIVE_S = 1.0
 SILENCE_TIMEOUT_S = 10.0
 CANCEL_SUBJECT = "infer.cancel"
@@ -58,18 +63,38 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field(default=[], max_length=16)
     stop_token_ids: list[int] = Field(default=[], max_length=64)
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="OpenAI's, over the generated tokens")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="OpenAI's, over the generated tokens")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description=(
+        "transformers'/vLLM's, over prompt and generated tokens: 1 is off, above 1 discourages repeats"))
+    logit_bias: dict[int, float] | None = Field(default=None, max_length=1024, description=(
+        "token id -> bias in [-100, 100] added to its logit; an id outside the model's vocabulary is refused"))
+    min_p: float | None = Field(default=None, ge=0, le=1, description="drop tokens below min_p x the top token's probability")
+    n: int = Field(default=1, ge=1, le=MAX_N, description=(
+        "choices, sampled together in one batch; choice 0 uses ``seed``, choice i > 0 a seed derived from it and i"))
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        return value
     cap_max_tokens: bool = Field(default=False, description=(
         "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
         "true: max_tokens is lowered to what the context leaves after the prompt"))
 
     # unannotated return: the JSON schema (AsyncAPI) stays the model's own
     @model_serializer(mode="wrap")
-    def _cap_only_when_asked(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
-        """``cap_max_tokens`` travels only when true: a worker from before #18 forbids unknown fields, and
-        would refuse every request that carried it."""
+    def _extensions_only_when_set(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        """The fields #18 added travel only when set: a worker from before them forbids unknown
+        fields, and would refuse every request that carried them."""
         data = handler(self)
-        if not self.cap_max_tokens:
-            data.pop("cap_max_tokens", None)
+        for name in WIRE_OPTIONAL:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
         return data
 
 
@@ -123,7 +148,19 @@ class TokenLogprob(BaseModel):
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
+class Choice(BaseModel):
+    """One of a request's ``n`` choices."""
+
+    index: int = Field(ge=0)
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
+
+
 class InferenceReply(BaseModel):
+    """``text``, ``finish_reason`` and ``logprobs`` are choice 0's; with ``n`` > 1, ``choices`` has every
+    choice (choice 0 too), and ``usage.completion_tokens`` counts the tokens of all of them."""
+
     request_id: str
     model: ModelId
     text: str
@@ -131,6 +168,7 @@ class InferenceReply(BaseModel):
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     prompt_salt: str | None = PromptSalt
+    choices: list[Choice] | None = None
 
 
 class InferenceError(BaseModel):
@@ -155,13 +193,23 @@ class Chunk(BaseModel):
     text: str
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
+    choice: int = Field(default=0, ge=0, description="which of the request's n choices this text belongs to")
+
+
+class ChoiceEnd(BaseModel):
+    index: int = Field(ge=0)
+    finish_reason: FinishReason
 
 
 class End(BaseModel):
+    """Sent once all choices ended: ``finish_reason`` is choice 0's, ``choices`` (n > 1) each one's,
+    ``usage.completion_tokens`` the tokens of all of them."""
+
     kind: Literal["end"] = "end"
     request_id: str
     finish_reason: FinishReason
     usage: Usage
+    choices: list[ChoiceEnd] | None = None
 
 
 class StreamFailure(BaseModel):

@@ -39,7 +39,8 @@ async def test_model_not_deployed_is_an_immediate_404(gateway, workers):
 
 
 @pytest.mark.parametrize(("body", "param", "words"), [
-    ({"n": 2}, "n", "only n=1"),
+    ({"n": 17}, "n", "n must be at most 16"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"top_p": 0}, "top_p", "greater than 0"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
@@ -49,7 +50,13 @@ async def test_model_not_deployed_is_an_immediate_404(gateway, workers):
     ({"model": "bad model!"}, "model", "malformed model reference"),
     ({"stream_options": {"include_usage": True}}, "", "only allowed with stream"),
     ({"top_logprobs": 2}, "", "requires logprobs"),
-    ({"presence_penalty": 1}, "presence_penalty", "not supported"),
+    ({"presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty", "greater than or equal to -2"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"-3": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
 ])
 async def test_invalid_chat_parameters_are_400_naming_the_parameter(gateway, workers, body, param, words):
     worker = await workers()
@@ -65,11 +72,15 @@ async def test_invalid_chat_parameters_are_400_naming_the_parameter(gateway, wor
 async def test_invalid_completion_parameters(gateway, workers):
     await workers()
     client = gateway.client()
-    for body, param in (({"prompt": ["a", "b"]}, "prompt"), ({"echo": True}, "echo"), ({"logprobs": 9}, "logprobs"),
-                        ({"max_tokens": 0}, "max_tokens")):
+    for body, param, words in (({"prompt": ["a", "b"]}, "prompt", "exactly one prompt"), ({"logprobs": 9}, "logprobs", "5"),
+                               ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+                               ({"echo": True, "logprobs": 1}, None, "echo with logprobs is not supported"),
+                               ({"suffix": "x"}, "suffix", "suffix is not supported"),
+                               ({"best_of": 2}, "best_of", "best_of above 1 is not supported")):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.completions.create(model="tiny", prompt="p", extra_body=body)
         assert error_of(caught.value)["param"] == param
+        assert words in error_of(caught.value)["message"], error_of(caught.value)
     async with httpx.AsyncClient() as http:
         response = await http.post(f"{gateway.v1}/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"

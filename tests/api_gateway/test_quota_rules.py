@@ -86,6 +86,8 @@ def test_the_prompt_bound_counts_bytes_and_frames_and_a_missing_max_tokens_gets_
     bounded, reserved = quotas.bounded(chat, 4096)
     assert bounded.sampling.max_tokens == 4096 and reserved == quotas.prompt_token_bound(chat) + 4096
     assert quotas.bounded(completion(max_tokens=7), 4096) == (completion(max_tokens=7), 1 + quotas.PROMPT_FRAME_TOKENS + 7)
+    three = completion(max_tokens=7).model_copy(update={"sampling": SamplingOptions(max_tokens=7, n=3)})
+    assert quotas.bounded(three, 4096)[1] == 1 + quotas.PROMPT_FRAME_TOKENS + 3 * 7  # n choices reserve n times max_tokens
 
 
 async def test_concurrent_reservations_cannot_overspend_and_settling_refunds():

@@ -134,4 +134,4 @@ def bounded(request: InferenceRequest, max_tokens_cap: int) -> tuple[InferenceRe
     bound, and the worker then enforces it), and the tokens it reserves: its prompt's bound plus that."""
     if request.sampling.max_tokens is None:
         request = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": max_tokens_cap})})
-    return request, prompt_token_bound(request) + (request.sampling.max_tokens or max_tokens_cap)
+    return request, prompt_token_bound(request) + (request.sampling.max_tokens or max_tokens_cap) * request.sampling.n

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.events import ModelId
-from shared.inference import Chunk, End, InferenceReply, Started
+from shared.inference import Choice, Chunk, End, InferenceReply, Started
 
 from services.api_gateway.domain.responses import (
     SSE_DONE,
@@ -38,20 +38,25 @@ def completion_id(request_id: str) -> str:
     return f"cmpl-{request_id}"
 
 
+def _choices(reply: InferenceReply) -> list[Choice]:
+    return reply.choices or [Choice(index=0, text=reply.text, finish_reason=reply.finish_reason, logprobs=reply.logprobs)]
+
+
 def chat_completion(reply: InferenceReply, model: str) -> ChatCompletion:
     return ChatCompletion(
         id=chat_id(reply.request_id), created=now(), model=model, system_fingerprint=fingerprint(reply.model),
-        choices=[ChatChoice(message=AssistantMessage(content=reply.text), logprobs=chat_logprobs(reply.logprobs),
-                            finish_reason=openai_finish(reply.finish_reason))],
+        choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=chat_logprobs(c.logprobs),
+                            finish_reason=openai_finish(c.finish_reason)) for c in _choices(reply)],
         usage=OpenAIUsage.of(reply.usage),
     )
 
 
-def text_completion(reply: InferenceReply, model: str) -> Completion:
+def text_completion(reply: InferenceReply, model: str, echo: str = "") -> Completion:
+    """``echo``: the prompt, when the caller asked for it before the completion."""
     return Completion(
         id=completion_id(reply.request_id), created=now(), model=model, system_fingerprint=fingerprint(reply.model),
-        choices=[CompletionChoice(text=reply.text, logprobs=completion_logprobs(reply.logprobs),
-                                  finish_reason=openai_finish(reply.finish_reason))],
+        choices=[CompletionChoice(index=c.index, text=echo + c.text, logprobs=completion_logprobs(c.logprobs),
+                                  finish_reason=openai_finish(c.finish_reason)) for c in _choices(reply)],
         usage=OpenAIUsage.of(reply.usage),
     )
 
@@ -59,7 +64,9 @@ def text_completion(reply: InferenceReply, model: str) -> Completion:
 @dataclass
 class SseStream:
     """Renders one request's stream as OpenAI chunks. ``chat`` picks ``chat.completion.chunk`` (with a
-    role delta first) over ``text_completion`` chunks; ``include_usage`` adds the final usage chunk."""
+    role delta first) over ``text_completion`` chunks; ``include_usage`` adds the final usage chunk;
+    ``echo`` (completions) is sent as the first chunk. With ``n`` choices each chunk names its choice's
+    index, and each choice ends with its own finish_reason."""
 
     request_id: str
     model: str
@@ -67,12 +74,17 @@ class SseStream:
     include_usage: bool = False
     created: int = field(default_factory=now)
     served_by: ModelId | None = None
-    text_offset: int = 0
+    n: int = 1
+    echo: str = ""
+    text_offsets: dict[int, int] = field(default_factory=dict)
 
     def render(self, message: Started | Chunk | End) -> bytes:
         if isinstance(message, Started):
             self.served_by = message.model
-            return sse(self._chat_chunk(Delta(role="assistant", content=""))) if self.chat else b""
+            if self.chat:
+                return b"".join(sse(self._chat_chunk(Delta(role="assistant", content=""), i)) for i in range(self.n))
+            return b"".join(self._content(Chunk(request_id=self.request_id, index=0, text=self.echo, choice=i))
+                            for i in range(self.n)) if self.echo else b""
         if isinstance(message, Chunk):
             return self._content(message)
         return self._end(message)
@@ -83,15 +95,19 @@ class SseStream:
 
     def _content(self, chunk: Chunk) -> bytes:
         if self.chat:
-            return sse(self._chat_chunk(Delta(content=chunk.text), logprobs=chat_logprobs(chunk.logprobs)))
-        body = self._completion_chunk(chunk.text, None, completion_logprobs(chunk.logprobs, self.text_offset))
-        self.text_offset += len(chunk.text)
+            return sse(self._chat_chunk(Delta(content=chunk.text), chunk.choice, logprobs=chat_logprobs(chunk.logprobs)))
+        offset = self.text_offsets.get(chunk.choice, 0)
+        body = self._completion_chunk(chunk.text, chunk.choice, None, completion_logprobs(chunk.logprobs, offset))
+        self.text_offsets[chunk.choice] = offset + len(chunk.text)
         return sse(body)
 
     def _end(self, end: End) -> bytes:
-        finish = openai_finish(end.finish_reason)
-        last = self._chat_chunk(Delta(), finish=finish) if self.chat else self._completion_chunk("", finish, None)
-        out = sse(last)
+        ends = [(c.index, c.finish_reason) for c in end.choices] if end.choices else [(0, end.finish_reason)]
+        out = b""
+        for index, reason in ends:
+            finish = openai_finish(reason)
+            out += sse(self._chat_chunk(Delta(), index, finish=finish) if self.chat
+                       else self._completion_chunk("", index, finish, None))
         if self.include_usage:
             usage = OpenAIUsage.of(end.usage)
             if self.chat:
@@ -102,15 +118,15 @@ class SseStream:
                                       system_fingerprint=fingerprint(self.served_by), choices=[], usage=usage))
         return out + SSE_DONE
 
-    def _chat_chunk(self, delta: Delta, *, finish: str | None = None, logprobs=None) -> ChatCompletionChunk:  # type: ignore[no-untyped-def]
+    def _chat_chunk(self, delta: Delta, index: int, *, finish: str | None = None, logprobs=None) -> ChatCompletionChunk:  # type: ignore[no-untyped-def]
         return ChatCompletionChunk(
             id=chat_id(self.request_id), created=self.created, model=self.model, system_fingerprint=fingerprint(self.served_by),
-            choices=[ChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
         )
 
-    def _completion_chunk(self, text: str, finish: str | None, logprobs) -> Completion:  # type: ignore[no-untyped-def]
+    def _completion_chunk(self, text: str, index: int, finish: str | None, logprobs) -> Completion:  # type: ignore[no-untyped-def]
         return Completion(
             id=completion_id(self.request_id), created=self.created, model=self.model,
             system_fingerprint=fingerprint(self.served_by),
-            choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
         )

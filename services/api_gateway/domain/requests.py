@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from shared import errors
 from shared.catalog import parse_ref
-from shared.inference import ChatMessage, InferenceRequest, SamplingOptions
+from shared.inference import MAX_N, ChatMessage, InferenceRequest, SamplingOptions
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 
@@ -54,6 +54,9 @@ class _Common(BaseModel):
         "(OpenAI's behaviour) refuses a prompt plus max_tokens over the context with 400 context_length_exceeded"))
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="extension (vLLM): 1 is off")
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024, description="token id -> bias in [-100, 100]")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="extension (vLLM)")
     user: str | None = None
 
     @field_validator("model")
@@ -67,9 +70,9 @@ class _Common(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported: send several requests for several answers")
+    def _choices(cls, value: int) -> int:
+        if value > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N}: send several requests for more choices")
         return value
 
     @field_validator("stop")
@@ -82,11 +85,14 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalties(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("presence and frequency penalties are not supported (only 0)")
+    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isascii() or not token.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         return value
 
     @model_validator(mode="after")
@@ -104,6 +110,9 @@ class _Common(BaseModel):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []), logprobs=logprobs,
             cap_max_tokens=self.cap_max_tokens,
+            presence_penalty=self.presence_penalty or None, frequency_penalty=self.frequency_penalty or None,
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p, n=self.n,
+            logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
         )
 
 
@@ -133,9 +142,30 @@ class CompletionRequest(_Common):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16")
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: Literal[False] = False
-    suffix: None = None
-    best_of: Literal[1] | None = None
+    echo: bool = Field(default=False, description="the prompt before the completion (not with logprobs)")
+    suffix: str | None = Field(default=None, description="refused: no insertion (fill-in-the-middle) mode")
+    best_of: int | None = Field(default=None, ge=1, description="refused above 1")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported: there is no insertion (fill-in-the-middle) mode")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise ValueError("best_of above 1 is not supported: nothing ranks candidates; send several requests")
+        return value
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported: the prompt tokens' logprobs are not computed; "
+                             "send echo or logprobs")
+        return self
 
     @field_validator("prompt")
     @classmethod

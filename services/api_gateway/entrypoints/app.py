@@ -118,7 +118,7 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     @inference.post("/v1/completions", response_model=Completion, responses=_ERRORS, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
         return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "text_completion",
-                            body.include_usage)
+                            body.include_usage, echo=body.echo)
 
     app.include_router(inference)
     return service
@@ -180,7 +180,7 @@ def _parse_body(model: type[M], content_type: str | None, raw: bytes) -> M:
 
 
 async def _serve(gateway: Gateway, http: Request, caller: Caller, request: InferenceRequest, model: str,
-                 operation: Literal["chat", "text_completion"], include_usage: bool) -> Response:
+                 operation: Literal["chat", "text_completion"], include_usage: bool, echo: bool = False) -> Response:
     slot = gateway.admit()
     metering = gateway.metering
     try:
@@ -220,10 +220,12 @@ async def _serve(gateway: Gateway, http: Request, caller: Caller, request: Infer
         slot.release()
         await metering.settle(hold, reply.usage.total_tokens)  # before answering: the caller may spend the refund at once
         _record_usage(span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)
-        body = render.chat_completion(reply, model) if operation == "chat" else render.text_completion(reply, model)
+        body = render.chat_completion(reply, model) if operation == "chat" else \
+            render.text_completion(reply, model, request.prompt or "" if echo else "")
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)  # no dict in between
 
-    sse = render.SseStream(request_id=request.request_id, model=model, chat=operation == "chat", include_usage=include_usage)
+    sse = render.SseStream(request_id=request.request_id, model=model, chat=operation == "chat", include_usage=include_usage,
+                           echo=request.prompt or "" if echo else "", n=request.sampling.n)
 
     async def events() -> AsyncIterator[bytes]:
         # A client that goes away cancels this generator at its await: the shared client's stream

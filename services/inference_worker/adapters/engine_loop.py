@@ -52,12 +52,14 @@ class EngineLoop:
 
     def submit(self, loop: asyncio.AbstractEventLoop, request_id: str, params: SamplingParams, *,
                prompt: str | None = None, messages: list[dict] | None = None,
-               cap_max_tokens: bool = True) -> asyncio.Queue[StreamEvent]:
-        """Queue a request; its stream events arrive on the returned queue, the last with
-        ``finished`` set. Raises ValueError for a request id in use or a template failure, and the
-        engine's InvalidRequestError (ContextLengthError: over the context) for a request it cannot
-        run, before anything is queued; ``cap_max_tokens`` as ``LLMEngine.add_request``."""
-        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+               cap_max_tokens: bool = True,
+               events: asyncio.Queue[StreamEvent] | None = None) -> asyncio.Queue[StreamEvent]:
+        """Queue a request; its stream events arrive on the returned queue (``events`` where given: one
+        queue for several requests, told apart by ``request_id``), the last with ``finished`` set.
+        Raises ValueError for a request id in use or a template failure, and the engine's
+        InvalidRequestError (ContextLengthError: over the context) for a request it cannot run, before
+        anything is queued; ``cap_max_tokens`` as ``LLMEngine.add_request``."""
+        events = asyncio.Queue() if events is None else events
 
         def on_event(event: StreamEvent) -> None:  # on the engine thread
             self.stats.tokens += len(event.token_ids)

@@ -110,6 +110,10 @@ class LLMEngine:
         ``max_tokens`` over max_model_len invalid too; True (the default) lets the context cut it."""
         params = (params or SamplingParams()).resolve(
             self.generation.temperature, self.generation.top_p, self.generation.top_k)
+        vocab = self.model_config.vocab_size
+        bad_bias = sorted(t for t in (params.logit_bias or {}) if t >= vocab)
+        if bad_bias:
+            raise ValueError(f"logit_bias names token ids outside the vocabulary (size {vocab}): {bad_bias[:5]}")
         if messages is not None:
             ids = self.tokenizer.encode_chat(messages)
         elif isinstance(prompt, str):

@@ -122,5 +122,7 @@ class ModelRunner:
         if not seqs:
             return []
         logits = self.model.compute_logits(hidden[rows])
-        token_ids, logprobs = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        history = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.penalized for p in params) else None
+        token_ids, logprobs = self.sampler(logits, params, [s.generator for s in seqs], history)
         return list(zip(seqs, token_ids, logprobs))

@@ -24,13 +24,14 @@ from shared import errors
 from shared.catalog import parse_ref
 from shared.events import EventData, InferenceCompleted, InferenceFailed
 from shared.inference import (
-    KEEPALIVE_S, Chunk, End, InferenceError, InferenceReply, InferenceRequest, Keepalive, SamplingOptions, Started,
+    KEEPALIVE_S, Choice, ChoiceEnd, Chunk, End, InferenceError, InferenceReply, InferenceRequest, Keepalive, Started,
     StreamFailure, TokenLogprob, Usage,
 )
 from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.adapters.inflight_journal import InflightJournal
-from services.inference_worker.engine import ContextLengthError, SamplingParams, StreamEvent
+from services.inference_worker.engine import ContextLengthError, StreamEvent
+from services.inference_worker.service_layer.choices import Finals, engine_ids, to_params
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Server:
         self.deployments, self.node_id, self.publish = deployments, node_id, publish
         self.max_inflight = max_inflight
         self.inflight: dict[str, Deployment] = {}  # request id -> the deployment running it
+        self.choices: dict[str, list[str]] = {}  # request id -> its choices' engine ids
         self.journal = journal
 
     async def report_cut_short(self) -> int:
@@ -117,18 +119,23 @@ class Server:
 
     def cancel(self, request_id: str) -> bool:
         dep = self.inflight.get(request_id)
-        return bool(dep and dep.loop and dep.loop.cancel(request_id))
+        if not (dep and dep.loop):
+            return False
+        return any([dep.loop.cancel(eid) for eid in self.choices.get(request_id, [request_id])])
 
     async def complete(self, request: InferenceRequest, headers: dict[str, str] | None = None,
                        on_tick: Callable[[], Awaitable[None]] | None = None) -> Outcome:
         """Run a request to its end (non-stream replies and batch jobs); raises a typed error when
         it cannot start or the engine failed it. ``on_tick`` runs at least every KEEPALIVE_S."""
-        text, lps = [], []
+        n = request.sampling.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        lps: list[list] = [[] for _ in range(n)]
+        finals = Finals(n)
         loop = asyncio.get_running_loop()
         last_tick, admitted = loop.time(), False
         salt = new_salt()
         async with aclosing(self._generate(request, headers, salt)) as stream:
-            async for dep, event in stream:
+            async for dep, choice, event in stream:
                 idle = event is None and admitted  # the first None is the admission itself
                 admitted = True
                 if on_tick is not None and (idle or loop.time() - last_tick >= KEEPALIVE_S):
@@ -136,21 +143,24 @@ class Server:
                     last_tick = loop.time()
                 if event is None:
                     continue
-                text.append(event.text)
-                lps.extend(event.logprobs)
+                texts[choice].append(event.text)
+                lps[choice].extend(event.logprobs)
                 if event.finished:
                     if event.finish_reason == "error":
                         raise errors.Invalid(event.error or "the engine failed the request")
-                    return Outcome(self._reply(request, dep, event, "".join(text), lps, salt))
+                    finals.add(choice, event)
+                    if finals.done:
+                        return Outcome(self._reply(request, dep, finals, ["".join(t) for t in texts], lps, salt))
         raise errors.StrataError("the request ended without a final event")  # pragma: no cover
 
     # ---- streaming --------------------------------------------------------------------------
     async def _stream(self, request: InferenceRequest, headers: dict[str, str] | None, send: Send) -> None:
         rid, index, started = request.request_id, 0, False
+        finals = Finals(request.sampling.n)
         salt = new_salt()
         try:
             async with aclosing(self._generate(request, headers, salt)) as stream:
-                async for dep, event in stream:
+                async for dep, choice, event in stream:
                     if not started:  # at admission, before the engine scheduled it
                         await send(_msg(Started(request_id=rid, model=dep.model, prompt_salt=salt)))
                         started = True
@@ -161,22 +171,22 @@ class Server:
                         continue
                     if event.token_ids or event.text:
                         await send(_msg(Chunk(request_id=rid, index=index, text=event.text, token_ids=event.token_ids,
-                                              logprobs=self._logprobs(dep, event.logprobs, request))))
+                                              logprobs=self._logprobs(dep, event.logprobs, request), choice=choice)))
                         index += 1
                     if event.finished:
                         if event.finish_reason == "error":
                             raise errors.Invalid(event.error or "the engine failed the request")
-                        usage = Usage(prompt_tokens=event.metrics.num_prompt_tokens,
-                                      completion_tokens=event.metrics.num_generated_tokens)
-                        await send(_msg(End(request_id=rid, finish_reason=event.finish_reason, usage=usage)))
+                        finals.add(choice, event)
+                        if finals.done:
+                            await send(_msg(self._end(rid, finals)))
         except errors.StrataError as exc:
             await self._send_error(send, True, rid, exc)
 
     # ---- the core ---------------------------------------------------------------------------
     async def _generate(self, request: InferenceRequest, headers: dict[str, str] | None, salt: str
-                        ) -> AsyncIterator[tuple[Deployment, StreamEvent | None]]:
-        """Admit the request into an engine and yield its stream events (None: nothing happened for
-        KEEPALIVE_S). Publishes the inference event when the request ends, however it ends, with its
+                        ) -> AsyncIterator[tuple[Deployment, int, StreamEvent | None]]:
+        """Admit the request (its n choices) into an engine and yield (deployment, choice, stream event)
+        (event None: nothing happened for KEEPALIVE_S). Publishes the inference event when the request ends, however it ends, with its
         prompt committed under ``salt`` (which the caller returns to the requester, never to the event)."""
         rid = request.request_id
         if len(self.inflight) >= self.max_inflight:
@@ -195,43 +205,61 @@ class Server:
             span.set_attribute("strata.request_id", rid)
             trace_id = format(span.get_span_context().trace_id, "032x")
             started = time.time()
-            try:
-                events = dep.loop.submit(asyncio.get_running_loop(), rid, to_params(request.sampling),
-                                         prompt=request.prompt, cap_max_tokens=request.sampling.cap_max_tokens,
-                                         messages=[m.model_dump() for m in request.messages] if request.messages else None)
-            except ContextLengthError as exc:  # refused before a stream's "started": the caller gets a status
-                raise errors.ContextLengthExceeded.of(exc.max_model_len, exc.prompt_tokens, exc.completion_tokens) from None
-            except Exception as exc:  # a duplicate id inside the engine, a chat template that fails
-                raise errors.Invalid(f"cannot start the request: {exc}") from None
+            ids = engine_ids(rid, request.sampling.n)
+            events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+            messages = [m.model_dump() for m in request.messages] if request.messages else None
+            for choice, eid in enumerate(ids):
+                try:
+                    dep.loop.submit(asyncio.get_running_loop(), eid, to_params(request.sampling, choice),
+                                    prompt=request.prompt, messages=messages, events=events,
+                                    cap_max_tokens=request.sampling.cap_max_tokens)
+                except Exception as exc:
+                    for submitted in ids[:choice]:
+                        dep.loop.cancel(submitted)
+                    if isinstance(exc, ContextLengthError):  # refused before a stream's "started": a status
+                        raise errors.ContextLengthExceeded.of(exc.max_model_len, exc.prompt_tokens,
+                                                              exc.completion_tokens) from None
+                    # a duplicate id inside the engine, a chat template that fails, a token id out of vocabulary
+                    raise errors.Invalid(f"cannot start the request: {exc}") from None
+            choice_of = {eid: i for i, eid in enumerate(ids)}
+            finals = Finals(len(ids))
             self.inflight[rid] = dep
+            self.choices[rid] = ids
             dep.inflight.add(rid)
             if self.journal is not None:
                 self.journal.started(rid, request.model)
-            text, final = [], None
+            texts: list[list[str]] = [[] for _ in ids]
+            final = None
             try:
-                yield dep, None  # admitted: a stream says "started" now, whatever the queue holds
+                yield dep, 0, None  # admitted: a stream says "started" now, whatever the queue holds
                 while True:
                     try:  # asyncio.timeout, not wait_for: no task per event
                         async with asyncio.timeout(KEEPALIVE_S):
                             event = await events.get()
                     except TimeoutError:
-                        yield dep, None
+                        yield dep, 0, None
                         continue
-                    text.append(event.text)
+                    choice = choice_of[event.request_id]
+                    texts[choice].append(event.text)
                     if event.finished:
-                        final = event
-                    yield dep, event
-                    if event.finished:
+                        finals.add(choice, event)
+                        if finals.done or event.finish_reason == "error":
+                            final = finals.merged()
+                    yield dep, choice, event
+                    if final is not None:
                         return
             finally:
-                if final is None:  # the caller went away (or the worker is stopping): free the blocks
-                    dep.loop.cancel(rid)
+                if not finals.done:  # the caller went away, a choice failed, or the worker is stopping: free the blocks
+                    for eid in ids:
+                        dep.loop.cancel(eid)
                 self.inflight.pop(rid, None)
+                self.choices.pop(rid, None)
                 dep.inflight.discard(rid)
                 if self.journal is not None:
                     self.journal.ended(rid)
                 with trace.use_span(span, end_on_exit=False):  # the inference event continues this trace
-                    asyncio.ensure_future(self._record(request, dep, final, "".join(text), trace_id, started, salt))
+                    asyncio.ensure_future(self._record(request, dep, final, "".join("".join(t) for t in texts), trace_id,
+                                                              started, salt))
                 if final is not None:
                     span.set_attributes({"gen_ai.response.model": dep.model.name,
                                          "gen_ai.usage.input_tokens": final.metrics.num_prompt_tokens,
@@ -267,13 +295,23 @@ class Server:
             log.exception("could not publish the inference event of %s", request.request_id)
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _reply(self, request: InferenceRequest, dep: Deployment, final: StreamEvent, text: str, lps: list,
+    def _reply(self, request: InferenceRequest, dep: Deployment, finals: Finals, texts: list[str], lps: list[list],
                salt: str) -> InferenceReply:
-        m = final.metrics
-        return InferenceReply(request_id=request.request_id, model=dep.model, text=text,
-                              finish_reason=final.finish_reason or "stop",
+        m = finals.merged().metrics
+        choices = [Choice(index=i, text=texts[i], finish_reason=e.finish_reason or "stop",
+                          logprobs=self._logprobs(dep, lps[i], request)) for i, e in enumerate(finals.events) if e is not None]
+        return InferenceReply(request_id=request.request_id, model=dep.model, text=texts[0],
+                              finish_reason=choices[0].finish_reason,
                               usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
-                              logprobs=self._logprobs(dep, lps, request), prompt_salt=salt)
+                              logprobs=choices[0].logprobs, prompt_salt=salt, choices=choices if len(choices) > 1 else None)
+
+    @staticmethod
+    def _end(request_id: str, finals: Finals) -> End:
+        m = finals.merged().metrics
+        reasons = [e.finish_reason or "stop" for e in finals.events if e is not None]
+        return End(request_id=request_id, finish_reason=reasons[0],
+                   usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
+                   choices=[ChoiceEnd(index=i, finish_reason=r) for i, r in enumerate(reasons)] if len(reasons) > 1 else None)
 
     @staticmethod
     def _logprobs(dep: Deployment, lps: list, request: InferenceRequest) -> list[TokenLogprob] | None:
@@ -313,12 +351,6 @@ def parse_request(raw: bytes, subject_model: str | None) -> InferenceRequest:
     if subject_model is not None and ref.name != subject_model:
         raise errors.Invalid(f"the request names model {ref.name!r} but was sent to the subject of {subject_model!r}")
     return request
-
-
-def to_params(options: SamplingOptions) -> SamplingParams:
-    return SamplingParams(max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
-                          top_k=options.top_k, seed=options.seed, stop=list(options.stop),
-                          stop_token_ids=list(options.stop_token_ids), logprobs=options.logprobs)
 
 
 def sha256(text: str) -> str:
