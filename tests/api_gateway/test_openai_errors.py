@@ -133,21 +133,26 @@ def test_context_length_exceeded_in_openais_words_and_shape():
     assert too_large.status == 413 and too_large.retry_after_s is None and too_large.body.error.code == "request_too_large"
 
 
-def test_the_wire_omits_cap_max_tokens_unless_asked_so_workers_before_it_still_parse_requests():
+def test_the_wire_omits_the_new_sampling_fields_unless_set_so_workers_before_them_still_parse_requests():
     """SamplingOptions forbids unknown fields: a worker from before #18 would refuse every request of a new
-    gateway that always sent ``cap_max_tokens``. It travels only when true (the only value such a worker
-    cannot honour), and a request without it means false."""
+    gateway that always sent ``cap_max_tokens``, ``n`` or the penalties. They travel only when set (the only
+    values such a worker cannot honour), and a request without them means their defaults."""
     from pydantic import ConfigDict, create_model
 
     from services.api_gateway.domain.requests import ChatCompletionRequest
-    from shared.inference import InferenceRequest, SamplingOptions
+    from shared.inference import WIRE_OPTIONAL, InferenceRequest, SamplingOptions
 
+    added = {"cap_max_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "n"}
+    assert added <= set(WIRE_OPTIONAL)
     before = create_model("SamplingBefore18", __config__=ConfigDict(extra="forbid"),
-                          **{name: (f.annotation, f) for name, f in SamplingOptions.model_fields.items() if name != "cap_max_tokens"})
+                          **{name: (f.annotation, f) for name, f in SamplingOptions.model_fields.items()
+                             if name not in added})
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     plain = ChatCompletionRequest.model_validate(body).to_inference("r1")
     sent = plain.model_dump(mode="json")["sampling"]
-    assert "cap_max_tokens" not in sent and before.model_validate(sent).max_tokens == 3
+    assert not set(WIRE_OPTIONAL) & set(sent) and before.model_validate(sent).max_tokens == 3
+    penalised = ChatCompletionRequest.model_validate({**body, "presence_penalty": 0.5, "n": 2}).to_inference("r3")
+    assert {"presence_penalty": 0.5, "n": 2}.items() <= penalised.model_dump(mode="json")["sampling"].items()
     assert InferenceRequest.model_validate_json(plain.model_dump_json()).sampling.cap_max_tokens is False
     capped = ChatCompletionRequest.model_validate({**body, "cap_max_tokens": True}).to_inference("r2")
     assert InferenceRequest.model_validate_json(capped.model_dump_json()).sampling.cap_max_tokens is True
