@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.api_gateway.domain.errors import to_openai
 from services.api_gateway.domain.responses import ErrorBody
@@ -78,6 +79,27 @@ async def test_every_error_path_answers_openais_shape(gateway, workers):
         openai_error(response)
     assert openai_error(cases["model not deployed"][0])["code"] == "model_not_found"
     assert openai_error(cases["retrieve unknown"][0])["code"] == "model_not_found"
+    # each one counted as a refusal, by reason, at /metrics (#21: refused is not failed)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{gateway.v1.removesuffix('/v1')}/metrics")).text
+    refusals = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "strata_gateway_refusals" for s in f.samples if s.name.endswith("_total")}
+    assert refusals == {"validation": 6, "not_found": 3}, refusals
+
+
+def test_each_refusal_has_its_reason_and_a_failure_of_ours_none():
+    from services.api_gateway.domain.errors import Overloaded
+    from services.api_gateway.domain.quotas import QuotaExceeded
+
+    reasons = {
+        errors.Unauthorized("no key"): "auth", errors.Forbidden("scope"): "auth",
+        QuotaExceeded("tokens", retry_after_s=3): "quota", Overloaded("busy"): "overload",
+        errors.Unavailable("workers full"): "overload", errors.ContextLengthExceeded.of(256, 300, 1): "context",
+        errors.NotFound("absent"): "not_found", errors.Invalid("bad"): "validation", errors.TooLarge("big"): "validation",
+        errors.StrataError("bug"): None,
+    }
+    for exc, reason in reasons.items():
+        assert to_openai(exc).refusal == reason, (exc, reason)
 
 
 async def test_models_retrieve_and_list_through_the_openai_client(gateway, workers):

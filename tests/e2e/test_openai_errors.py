@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from shared.events import InferenceCompleted, InferenceFailed
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
@@ -29,6 +30,7 @@ async def stack(nats_server, tmp_path, ckpts):  # noqa: F811
     async with worker.running():
         await deployed(bus, "tiny")
         with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
+            gateway.bus = bus  # every event, for the tests that check what was (not) published
             yield gateway
     await bus.nc.close()
 
@@ -67,6 +69,11 @@ async def test_a_prompt_over_the_context_is_context_length_exceeded_sync_async_a
     with pytest.raises(openai.BadRequestError) as caught:
         await asyncio.to_thread(sync.completions.create, model="tiny", prompt=LONG, stream=True)
     assert_context_error(caught.value)
+
+    # #21: a caller's error is a refusal, not a failure: no inference.failed (it fed the error-rate alert)
+    ok = await client.completions.create(model="tiny", prompt="It was", max_tokens=2)
+    await stack.bus.wait(InferenceCompleted, request_id=ok.id.removeprefix("cmpl-"))
+    assert stack.bus.of(InferenceFailed) == []
 
 
 async def test_prompt_plus_max_tokens_over_the_context_is_refused_unless_capping_is_asked(stack):

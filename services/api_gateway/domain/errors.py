@@ -27,6 +27,23 @@ class OpenAIError:
     status: int
     body: ErrorBody
     retry_after_s: int | None = None
+    overloaded: bool = False  # a 429 of this gateway's in-flight limit, not of a key's quota
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the caller was refused (auth, quota, overload, context, not_found, validation), or None
+        for a failure of ours (5xx): refusals are counted apart and never feed the failure alert."""
+        if self.status in (401, 403):
+            return "auth"
+        if self.status == 429:
+            return "overload" if self.overloaded else "quota"
+        if self.status == 503:
+            return "overload"
+        if self.body.error.code == "context_length_exceeded":
+            return "context"
+        if self.status == 404:
+            return "not_found"
+        return "validation" if 400 <= self.status < 500 else None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -50,7 +67,8 @@ def to_openai(exc: errors.StrataError, param: str | None = None) -> OpenAIError:
                          code=_CODES.get(exc.code, exc.code))
     # a quota knows when its bucket refills; overload has no such date, so the caller tries again soon
     retry = getattr(exc, "retry_after_s", None) or (RETRY_AFTER_S if status in (429, 503) else None)
-    return OpenAIError(status=status, body=ErrorBody(error=detail), retry_after_s=retry)
+    return OpenAIError(status=status, body=ErrorBody(error=detail), retry_after_s=retry,
+                       overloaded=isinstance(exc, Overloaded))
 
 
 def invalid(message: str, param: str | None) -> OpenAIError:

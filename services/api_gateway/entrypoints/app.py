@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
+from prometheus_client import Counter
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
@@ -30,6 +31,7 @@ from shared.inference import End, InferenceRequest
 from shared.prompt_commitment import SALT_HEADER
 from shared.replication import stream_replicas
 from shared.service import Health, Service
+from shared.service_metrics import ServiceMetrics
 
 from services.api_gateway.domain import render
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
@@ -85,7 +87,7 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
         # every replica, no queue group: the one holding a request's reservation settles it
         await nc.subscribe(InferenceCompleted.subject(), cb=gateway.metering.on_completed)
 
-    _install_errors(app)
+    _install_errors(app, service.metrics)
     _replace_health(service, gateway, auth)
 
     async def caller(request: Request, x_request_id: str | None = Header(
@@ -304,10 +306,16 @@ def _record_error(span: trace.Span, exc: BaseException) -> None:
     span.set_attribute("error.type", getattr(exc, "code", type(exc).__name__))
 
 
-def _install_errors(app: FastAPI) -> None:
-    """Every error, this gateway's or FastAPI's, in OpenAI's shape (replacing Service's default)."""
+def _install_errors(app: FastAPI, metrics: ServiceMetrics) -> None:
+    """Every error, this gateway's or FastAPI's, in OpenAI's shape (replacing Service's default); the
+    refusals (4xx, and overload) counted by reason at /metrics."""
+    refusals = Counter("strata_gateway_refusals", "Requests refused, by reason (auth, quota, overload, context, "
+                       "not_found, validation); failures of ours (5xx) are not refusals", ["service", "reason"],
+                       registry=metrics.registry)
 
     def respond(request: Request, error: OpenAIError) -> JSONResponse:
+        if error.refusal is not None:
+            refusals.labels(metrics.service, error.refusal).inc()
         headers = {**error.headers, **_id_headers(request)}
         return JSONResponse(error.body.model_dump(mode="json"), status_code=error.status, headers=headers)
 
