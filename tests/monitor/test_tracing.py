@@ -58,6 +58,7 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
     finished = spans.get_finished_spans()
     gateway_span = next(s for s in finished if s.name == "text_completion tiny")
     trace_id = gateway_span.context.trace_id
+    assert response.headers["x-strata-trace-id"] == format(trace_id, "032x")  # the caller can find its trace
     in_trace = [s for s in finished if s.context.trace_id == trace_id]
     names = {s.name for s in in_trace}
     worker_span = next(s for s in in_trace if s.name == "inference tiny")
@@ -67,6 +68,15 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
     # the trace id the worker wrote into the inference event (for the ledger's records) is the same trace
     [completed] = [e.data for e in bus.events if e.type == "inference.completed"]
     assert completed.trace_id == format(trace_id, "032x")
+
+    # the engine's phases, children of the worker's span, one after another
+    phases = {s.name: s for s in in_trace if s.name.startswith("engine ")}
+    assert set(phases) == {"engine queue", "engine prefill", "engine decode"}, sorted(names)
+    assert all(s.parent.span_id == worker_span.context.span_id for s in phases.values())
+    queue, prefill, decode = phases["engine queue"], phases["engine prefill"], phases["engine decode"]
+    assert queue.start_time <= queue.end_time <= prefill.start_time + 1 and prefill.end_time <= decode.start_time + 1
+    assert worker_span.start_time <= queue.start_time and decode.end_time <= worker_span.end_time
+    assert decode.attributes["gen_ai.usage.output_tokens"] == 4
 
     # GenAI conventions on the spans ...
     assert gateway_span.attributes["gen_ai.operation.name"] == "text_completion"
@@ -103,5 +113,5 @@ async def test_without_an_exporter_nothing_is_recorded_and_the_callers_trace_sti
         await until(lambda: any(e.type == "inference.completed" for e in bus.events), "the inference event", timeout=30)
     await bus.nc.close()
     [completed] = [e.data for e in bus.events if e.type == "inference.completed"]
-    assert completed.trace_id == caller_trace
+    assert completed.trace_id == caller_trace == response.headers["x-strata-trace-id"]
     assert not trace.get_tracer("probe").start_span("probe").is_recording()

@@ -30,7 +30,7 @@ from shared.inference import (
 from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.adapters.inflight_journal import InflightJournal
-from services.inference_worker.engine import ContextLengthError, StreamEvent
+from services.inference_worker.engine import ContextLengthError, RequestMetrics, StreamEvent
 from services.inference_worker.service_layer.choices import Finals, engine_ids, to_params
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 
@@ -264,6 +264,7 @@ class Server:
                     span.set_attributes({"gen_ai.response.model": dep.model.name,
                                          "gen_ai.usage.input_tokens": final.metrics.num_prompt_tokens,
                                          "gen_ai.usage.output_tokens": final.metrics.num_generated_tokens})
+                    _engine_spans(span, final.metrics)
 
     async def _record(self, request: InferenceRequest, dep: Deployment, final: StreamEvent | None,
                       output: str, trace_id: str, started: float, salt: str) -> None:
@@ -383,3 +384,20 @@ def _request_id(raw: bytes) -> str:
 
 
 __all__ = ["Outcome", "Server", "parse_request", "sha256", "to_params"]
+
+
+def _engine_spans(parent: trace.Span, m: RequestMetrics) -> None:
+    """The engine's phases of one request as child spans, from the timestamps the engine kept (its
+    thread has no span of its own): waiting for a batch, the prefill up to the first token, the decode."""
+    if not parent.is_recording():
+        return
+    ctx = trace.set_span_in_context(parent)
+    phases = (("engine queue", m.arrival_time, m.first_scheduled_time),
+              ("engine prefill", m.first_scheduled_time, m.first_token_time),
+              ("engine decode", m.first_token_time, m.finish_time))
+    for name, start, end in phases:
+        if start is not None and end is not None:
+            child = tracer.start_span(name, context=ctx, start_time=int(start * 1e9))
+            if name == "engine decode":
+                child.set_attribute("gen_ai.usage.output_tokens", m.num_generated_tokens)
+            child.end(end_time=int(end * 1e9))
