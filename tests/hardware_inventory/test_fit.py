@@ -21,7 +21,7 @@ def test_llama3_8b_weights_and_kv_cache_match_the_hand_computation():
     assert est.dtype == "bfloat16"
     assert est.weights == 16_060_522_496  # ~16.06 GB
     assert est.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131_072
-    assert est.kv_cache == 131_072 * 8192 == 1_073_741_824  # 1 GiB for 8k tokens
+    assert est.kv_cache == 131_072 * (8192 + 16)  # 1 GiB for 8k tokens, plus the engine's null block
     # activations: a 4096-token prefill chunk through one layer + logits/softmax of 256 rows in fp32
     per_token = 3 * 4096 + (32 + 2 * 8) * 128 + 3 * 14336
     assert est.activations == 4096 * per_token * 2 + 2 * 256 * 128256 * 4
@@ -33,8 +33,8 @@ def test_llama3_8b_weights_and_kv_cache_match_the_hand_computation():
 def test_batch_and_context_scale_the_kv_cache_rounded_to_blocks():
     one = predict(LLAMA3_8B, "cuda", context_length=1000, batch=1)
     four = predict(LLAMA3_8B, "cuda", context_length=1000, batch=4)
-    assert one.kv_cache == 131_072 * 1008  # 63 blocks of 16
-    assert four.kv_cache == 4 * one.kv_cache
+    assert one.kv_cache == 131_072 * (1008 + 16)  # 63 blocks of 16, and the null block
+    assert four.kv_cache == 131_072 * (4 * 1008 + 16)  # one null block for the whole cache
     assert four.weights == one.weights
 
 

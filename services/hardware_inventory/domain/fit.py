@@ -176,7 +176,9 @@ def predict(
     size = dtype_bytes(run_dtype)
     weights = math.ceil(shape.weight_bytes * size / dtype_bytes(shape.dtype))
     per_token = kv_bytes_per_token(shape, run_dtype)
-    blocks = batch * math.ceil(context / params.block_size)
+    # + 1: the engine's null block (never handed out, see engine/block_manager.py) comes out of the
+    # same cache, so without it a full-length sequence would not fit what was booked
+    blocks = batch * math.ceil(context / params.block_size) + 1
     kv_cache = per_token * blocks * params.block_size
     return FitEstimate(
         device_kind=device_kind, dtype=run_dtype, context_length=context, batch=batch,
