@@ -18,7 +18,7 @@ from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
 from tests.monitor.conftest import fast_config, until
-from tests.support.helpers import settings_for
+from tests.support.helpers import make_service, settings_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,7 +44,8 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
     bus = await connect_bus(nats_server.url, "node-a")
     monitor = create_monitor(settings_for("monitor", nats_server.url, tmp_path / "monitor"), fast_config())
     worker = make_worker(nats_server.url, tmp_path / "worker", ckpts)
-    async with monitor.running(), worker.running():
+    ledger = make_service("provenance-ledger", nats_server.url, tmp_path / "ledger")
+    async with monitor.running(), worker.running(), ledger.running():
         await deployed(bus, "tiny")
         with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
@@ -53,12 +54,17 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
         await until(lambda: monitor.monitor.state.traffic.count(), "the inference event at the monitor", timeout=30)
         await until(lambda: any(s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER
                                 for s in spans.get_finished_spans()), "the monitor's consumer span")
+        await until(lambda: any(s.name == "ledger append inference.completed" for s in spans.get_finished_spans()),
+                    "the ledger's append span")
     await bus.nc.close()
 
     finished = spans.get_finished_spans()
     gateway_span = next(s for s in finished if s.name == "text_completion tiny")
     trace_id = gateway_span.context.trace_id
-    assert response.headers["x-strata-trace-id"] == format(trace_id, "032x")  # the caller can find its trace
+    # the caller can find its trace: W3C traceparent on the answer, beside its x-request-id
+    ctx = gateway_span.context
+    assert response.headers["traceparent"] == f"00-{trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    assert response.headers["x-request-id"]
     in_trace = [s for s in finished if s.context.trace_id == trace_id]
     names = {s.name for s in in_trace}
     worker_span = next(s for s in in_trace if s.name == "inference tiny")
@@ -68,6 +74,10 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
     # the trace id the worker wrote into the inference event (for the ledger's records) is the same trace
     [completed] = [e.data for e in bus.events if e.type == "inference.completed"]
     assert completed.trace_id == format(trace_id, "032x")
+
+    # the ledger's record of the inference event, in the same trace
+    [append] = [s for s in in_trace if s.name == "ledger append inference.completed"]
+    assert append.attributes["strata.event_id"] and append.parent is not None
 
     # the engine's phases, children of the worker's span, one after another
     phases = {s.name: s for s in in_trace if s.name.startswith("engine ")}
@@ -113,5 +123,5 @@ async def test_without_an_exporter_nothing_is_recorded_and_the_callers_trace_sti
         await until(lambda: any(e.type == "inference.completed" for e in bus.events), "the inference event", timeout=30)
     await bus.nc.close()
     [completed] = [e.data for e in bus.events if e.type == "inference.completed"]
-    assert completed.trace_id == caller_trace == response.headers["x-strata-trace-id"]
+    assert completed.trace_id == caller_trace == response.headers["traceparent"].split("-")[1]
     assert not trace.get_tracer("probe").start_span("probe").is_recording()

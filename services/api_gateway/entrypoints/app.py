@@ -126,9 +126,6 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     return service
 
 
-TRACE_ID_HEADER = "x-strata-trace-id"
-
-
 def _id_headers(request: Request) -> dict[str, str]:
     """The ids an answer carries: the gateway's, and the caller's echoed (ours when it sent none, or
     one that is not a valid id)."""
@@ -205,8 +202,8 @@ async def _serve(gateway: Gateway, http: Request, caller: Caller, request: Infer
         **{f"gen_ai.request.{k}": v for k, v in request.sampling.model_dump(exclude_none=True).items() if isinstance(v, int | float)},
     })
     headers = _id_headers(http)
-    if (context := span.get_span_context()).is_valid:  # to find the request's trace (and the ledger's records)
-        headers[TRACE_ID_HEADER] = format(context.trace_id, "032x")
+    if (context := span.get_span_context()).is_valid:  # W3C: the caller finds the request's trace (and the ledger's records)
+        headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
     try:
         if request.stream:
             started, stream = await gateway.open_stream(request)

@@ -15,6 +15,7 @@ same loop (shared/pull.py: PullLoop), dead-letters with the same writer and pars
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,11 +23,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from opentelemetry import propagate, trace
 
 from services.provenance_ledger.service_layer.ledger import Incoming, Ledger
 from shared import subjects
 from shared.events import MalformedEvent, parse_event
 from shared.pull import PullLoop, dead_letter
+from shared.telemetry import RecordWhenExported
 
 log = logging.getLogger(__name__)
 DURABLE = "provenance-ledger-log"
@@ -105,7 +108,10 @@ class EventIngest:
             valid.append(Incoming(msg.data, event, msg.metadata.sequence.stream))
             valid_msgs.append(msg)
         try:
+            started = time.time_ns()
             self.ledger.append_batch(valid)
+            if RecordWhenExported.exporting:
+                _append_spans(valid, valid_msgs, started, time.time_ns())
         except Exception:
             for msg in valid_msgs:
                 await msg.nak(delay=1.0)
@@ -123,3 +129,18 @@ class EventIngest:
 
     def health(self) -> dict[str, Any]:
         return {"running": self.running, "dead_lettered": self.dead_lettered, "failures": self.failures, "last_error": self.last_error}
+
+
+_tracer = trace.get_tracer("strata.provenance-ledger")
+
+
+def _append_spans(batch: list[Incoming], msgs: list[Msg], start_ns: int, end_ns: int) -> None:
+    """Each event's append joins the trace its publisher sent (W3C traceparent in the NATS headers), so
+    one inference's trace holds its ledger record; the batch's one commit is each span's time."""
+    for incoming, msg in zip(batch, msgs):
+        context = propagate.extract(msg.headers or {})
+        if trace.get_current_span(context).get_span_context().is_valid:
+            span = _tracer.start_span(f"ledger append {incoming.event.type}", context=context, start_time=start_ns,
+                                      kind=trace.SpanKind.CONSUMER,
+                                      attributes={"strata.event_id": incoming.event.id, "strata.batch_size": len(batch)})
+            span.end(end_time=end_ns)
