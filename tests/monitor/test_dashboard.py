@@ -127,8 +127,9 @@ async def test_every_asset_comes_from_the_monitor(running: Running):
 
 @pytest.mark.parametrize("monitor_config", [fast_config(bucket_s=0.5)])
 async def test_latency_lines_join_across_quiet_buckets_and_empty_tables_say_so(running: Running, tmp_path: Path):
-    """Two bursts with quiet buckets between: the latency line is one path through both, with a dot
-    on every bucket that has a value; a table with no rows says it is empty."""
+    """Two bursts with quiet buckets between: each burst's buckets are joined by the line, the quiet
+    ones between are a gap (a faint dashed bridge, not a drop to zero nor nothing at all), every
+    bucket with a value has a dot; a table with no rows says it is empty."""
     from tests.monitor.script import completed
 
     for i in range(3):
@@ -139,5 +140,10 @@ async def test_latency_lines_join_across_quiet_buckets_and_empty_tables_say_so(r
     await until(lambda: running.monitor.state.traffic.count() == 6, "both bursts")
     dom = await chromium(tmp_path, running.url + "/?max_s=1", "--dump-dom")
     p50 = re.search(r'<path d="([^"]*)"[^>]*data-series="p50_s"', dom)
-    assert p50 and p50.group(1).count("M") == 1 and p50.group(1).count("L") >= 1, p50
+    bridge = re.search(r'<path class="gap" d="([^"]*)"[^>]*data-gap="p50_s"', dom)
+    assert p50 and bridge, "the p50 line and its gap bridge"
+    assert p50.group(1).count("M") >= 2, p50.group(1)  # the line lifts over the gap ...
+    assert bridge.group(1).count("M") == p50.group(1).count("M") - 1 >= 1, bridge.group(1)  # ... which is bridged
+    ys = [float(y) for y in re.findall(r",([\d.]+)", p50.group(1))]
+    assert ys and max(ys) < 114, ys  # 114 is the chart's zero line: no quiet bucket is drawn as 0
     assert 'class="empty-row"' in dom and "no dead letters" in dom

@@ -46,20 +46,26 @@ function chart(title, points, lines, format) {
   }
   let drawn = 0;
   for (const line of lines) {
-    // a bucket without a value (no request then) is skipped, not drawn as zero: the line joins the
-    // buckets either side, and a dot marks each bucket that has a value, so a lone burst still shows
-    let d = "";
+    // consecutive buckets are joined by the line; a run of buckets without a value (no request then)
+    // is a gap: a faint dashed bridge, never a drop to zero; a dot marks every bucket that has a value
+    let solid = "", bridge = "", last = null, gap = false;
     const dots = [];
     for (const p of points) {
       const v = p[line.key];
-      if (v == null) continue;
-      d += `${d ? "L" : "M"}${x(p.t).toFixed(1)},${y(v).toFixed(1)} `;
+      if (v == null) { gap = last != null; continue; }
+      const xy = `${x(p.t).toFixed(1)},${y(v).toFixed(1)}`;
+      if (gap) bridge += `M${last} L${xy} `;
+      solid += `${last == null || gap ? "M" : "L"}${xy} `;
       dots.push(el("svg:circle", { cx: x(p.t).toFixed(1), cy: y(v).toFixed(1), r: 1.6, fill: line.color }));
+      last = xy;
+      gap = false;
       if (v > 0) drawn++;
     }
-    const style = { d: d.trim(), fill: "none", stroke: line.color, "stroke-width": line.width || 1.8, "data-series": line.key };
+    const style = { d: solid.trim(), fill: "none", stroke: line.color, "stroke-width": line.width || 1.8, "data-series": line.key };
     if (line.dash) style["stroke-dasharray"] = line.dash;
-    svg.append(el("svg:path", style), ...dots);
+    svg.append(el("svg:path", { class: "gap", d: bridge.trim(), fill: "none", stroke: line.color, "stroke-width": 1,
+                                "stroke-dasharray": "2 3", opacity: 0.45, "data-gap": line.key }),
+               el("svg:path", style), ...dots);
   }
   const legend = el("div", { class: "legend" }, ...lines.map((l) => el("span", {}, el("i", { style: `background:${l.color}` }), l.label)));
   return { node: el("div", { class: "chart", "data-points": drawn }, el("div", { class: "title", text: title }), svg, legend), drawn };
