@@ -12,6 +12,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.inference_worker.service_layer import serving
+from services.inference_worker.service_layer.telemetry import GenAiMetrics
 from services.monitor.entrypoints.app import create_monitor
 from shared.telemetry import RecordWhenExported, export_spans
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
@@ -36,7 +37,7 @@ def spans() -> InMemorySpanExporter:
 @pytest.fixture
 def genai(monkeypatch) -> InMemoryMetricReader:
     reader = InMemoryMetricReader()
-    monkeypatch.setattr(serving, "GENAI", serving.GenAiMetrics(MeterProvider(metric_readers=[reader]).get_meter("test")))
+    monkeypatch.setattr(serving, "GENAI", GenAiMetrics(MeterProvider(metric_readers=[reader]).get_meter("test")))
     return reader
 
 

@@ -13,11 +13,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import propagate, trace
 from pydantic import ValidationError
 
 from shared import errors
@@ -30,41 +30,12 @@ from shared.inference import (
 from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.adapters.inflight_journal import InflightJournal
-from services.inference_worker.engine import ContextLengthError, RequestMetrics, StreamEvent
+from services.inference_worker.engine import ContextLengthError, StreamEvent
 from services.inference_worker.service_layer.choices import Finals, engine_ids, to_params
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
+from services.inference_worker.service_layer.telemetry import GENAI, ended, engine_spans, tracer
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("strata.inference-worker")
-
-
-class GenAiMetrics:
-    """The OpenTelemetry GenAI server metrics (semantic conventions: gen_ai.server.*), per request."""
-
-    def __init__(self, meter: metrics.Meter) -> None:
-        self.duration = meter.create_histogram("gen_ai.server.request.duration", unit="s",
-                                               description="Generative AI server request duration")
-        self.ttft = meter.create_histogram("gen_ai.server.time_to_first_token", unit="s",
-                                           description="Time to generate the first token")
-        self.tpot = meter.create_histogram("gen_ai.server.time_per_output_token", unit="s",
-                                           description="Time per output token after the first")
-        self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
-                                             description="Input and output tokens used")
-
-    def record(self, operation: str, model: str, served: str, e2e_s: float, ttft_s: float, tpot_s: float,
-               prompt_tokens: int, completion_tokens: int, error: str | None = None) -> None:
-        attrs = {"gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.response.model": served,
-                 "gen_ai.system": "strata"}
-        self.duration.record(e2e_s, {**attrs, "error.type": error} if error else attrs)
-        if error:
-            return
-        self.ttft.record(ttft_s, attrs)
-        self.tpot.record(tpot_s, attrs)
-        self.tokens.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
-        self.tokens.record(completion_tokens, {**attrs, "gen_ai.token.type": "output"})
-
-
-GENAI = GenAiMetrics(metrics.get_meter("strata.inference-worker"))
 Send = Callable[[bytes], Awaitable[None]]
 Publish = Callable[[EventData], Awaitable[object]]
 
@@ -199,7 +170,7 @@ class Server:
         # current: this generator's frames run in whichever task reads it
         span = tracer.start_span(f"inference {dep.model.name}", context=propagate.extract(headers or {}),
                                  kind=trace.SpanKind.SERVER)
-        with _ended(span):
+        with ended(span):
             span.set_attribute("gen_ai.request.model", request.model)
             span.set_attribute("gen_ai.operation.name", "chat" if request.messages else "text_completion")
             span.set_attribute("strata.request_id", rid)
@@ -264,7 +235,7 @@ class Server:
                     span.set_attributes({"gen_ai.response.model": dep.model.name,
                                          "gen_ai.usage.input_tokens": final.metrics.num_prompt_tokens,
                                          "gen_ai.usage.output_tokens": final.metrics.num_generated_tokens})
-                    _engine_spans(span, final.metrics)
+                    engine_spans(span, final.metrics)
 
     async def _record(self, request: InferenceRequest, dep: Deployment, final: StreamEvent | None,
                       output: str, trace_id: str, started: float, salt: str) -> None:
@@ -333,14 +304,6 @@ class Server:
             await send(RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode())
 
 
-@contextmanager
-def _ended(span: trace.Span) -> Iterator[trace.Span]:
-    try:
-        yield span
-    finally:
-        span.end()
-
-
 def parse_request(raw: bytes, subject_model: str | None) -> InferenceRequest:
     try:
         request = InferenceRequest.model_validate_json(raw or b"{}")
@@ -384,20 +347,3 @@ def _request_id(raw: bytes) -> str:
 
 
 __all__ = ["Outcome", "Server", "parse_request", "sha256", "to_params"]
-
-
-def _engine_spans(parent: trace.Span, m: RequestMetrics) -> None:
-    """The engine's phases of one request as child spans, from the timestamps the engine kept (its
-    thread has no span of its own): waiting for a batch, the prefill up to the first token, the decode."""
-    if not parent.is_recording():
-        return
-    ctx = trace.set_span_in_context(parent)
-    phases = (("engine queue", m.arrival_time, m.first_scheduled_time),
-              ("engine prefill", m.first_scheduled_time, m.first_token_time),
-              ("engine decode", m.first_token_time, m.finish_time))
-    for name, start, end in phases:
-        if start is not None and end is not None:
-            child = tracer.start_span(name, context=ctx, start_time=int(start * 1e9))
-            if name == "engine decode":
-                child.set_attribute("gen_ai.usage.output_tokens", m.num_generated_tokens)
-            child.end(end_time=int(end * 1e9))
