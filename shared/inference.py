@@ -72,6 +72,9 @@ class SamplingOptions(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1, description="drop tokens below min_p x the top token's probability")
     n: int = Field(default=1, ge=1, le=MAX_N, description=(
         "choices, sampled together in one batch; choice 0 uses ``seed``, choice i > 0 a seed derived from it and i"))
+    cap_max_tokens: bool = Field(default=False, description=(
+        "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
+        "true: max_tokens is lowered to what the context leaves after the prompt"))
 
     @field_validator("logit_bias")
     @classmethod
@@ -82,9 +85,6 @@ class SamplingOptions(BaseModel):
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         return value
-    cap_max_tokens: bool = Field(default=False, description=(
-        "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
-        "true: max_tokens is lowered to what the context leaves after the prompt"))
 
     # unannotated return: the JSON schema (AsyncAPI) stays the model's own
     @model_serializer(mode="wrap")

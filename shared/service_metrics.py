@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from shared.rpc import RpcReply
 
+Read = Callable[[], Iterable[tuple[list[str], float]]]  # (label values, value) pairs
 # seconds: from a health check to a model push
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -39,16 +40,16 @@ class ServiceMetrics:
         """Serve another registry's metrics at the same /metrics (the monitor's fleet metrics)."""
         self._others.append(registry)
 
-    def gauges(self, name: str, documentation: str, labels: list[str],
-               read: Callable[[], Iterable[tuple[list[str], float]]]) -> None:
+    def gauges(self, name: str, documentation: str, labels: list[str], read: Read) -> None:
         """A gauge computed on every scrape: ``read`` yields (label values, value) pairs."""
-        self.registry.register(_Computed(GaugeMetricFamily, name, documentation, ["service", *labels],
-                                         lambda: (([self.service, *values], v) for values, v in read())))
+        self._computed(GaugeMetricFamily, name, documentation, labels, read)
 
-    def counters(self, name: str, documentation: str, labels: list[str],
-                 read: Callable[[], Iterable[tuple[list[str], float]]]) -> None:
+    def counters(self, name: str, documentation: str, labels: list[str], read: Read) -> None:
         """A counter kept elsewhere (the consumer's stats), read on every scrape."""
-        self.registry.register(_Computed(CounterMetricFamily, name, documentation, ["service", *labels],
+        self._computed(CounterMetricFamily, name, documentation, labels, read)
+
+    def _computed(self, family, name: str, documentation: str, labels: list[str], read: Read) -> None:
+        self.registry.register(_Computed(family, name, documentation, ["service", *labels],
                                          lambda: (([self.service, *values], v) for values, v in read())))
 
     def rpc(self, op: str, reply: bytes, seconds: float) -> None:
