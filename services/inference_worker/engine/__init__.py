@@ -10,14 +10,15 @@ from .engine import LLMEngine
 from .errors import (CheckpointError, ConfigError, ContextLengthError, InvalidRequestError, MissingFileError, MissingTensorError,
                      PickleCheckpointError, ShapeMismatchError, TokenizerError,
                      UnexpectedTensorError, UnsupportedArchitectureError)
+from .guided import Constraint, GrammarError
 from .loader import Checkpoint, GenerationDefaults, load_checkpoint
 from .sampling import SamplingParams, TokenLogprob
 from .sequence import RequestMetrics, RequestOutput, StreamEvent
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
-    "BlockManager", "CacheUsage", "Checkpoint", "CheckpointError", "ConfigError", "ContextLengthError", "EngineConfig",
-    "GenerationDefaults", "IncrementalDetokenizer", "InvalidRequestError", "LLMEngine", "MissingFileError",
+    "BlockManager", "CacheUsage", "Checkpoint", "CheckpointError", "ConfigError", "Constraint", "ContextLengthError", "EngineConfig",
+    "GenerationDefaults", "GrammarError", "IncrementalDetokenizer", "InvalidRequestError", "LLMEngine", "MissingFileError",
     "MissingTensorError", "ModelConfig", "PickleCheckpointError", "RequestMetrics", "RequestOutput",
     "SamplingParams", "ShapeMismatchError", "StreamEvent", "TokenLogprob", "Tokenizer",
     "TokenizerError", "UnexpectedTensorError", "UnsupportedArchitectureError", "load_checkpoint",

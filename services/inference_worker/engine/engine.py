@@ -16,6 +16,7 @@ import torch
 from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
 from .errors import ContextLengthError, InvalidRequestError
+from .guided import Guide
 from .loader import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
@@ -58,6 +59,7 @@ class LLMEngine:
         self._live: set[str] = set()  # request ids added and not yet finished
         self._seqs: dict[str, Sequence] = {}  # scheduled (waiting or running) sequences
         self._ids = itertools.count()
+        self._guide: Guide | None = None  # built on the first constrained request
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d",
                  cfg.architecture, self.device, self.dtype, self.runner.num_blocks,
                  self.ecfg.block_size, self.cache_usage().total_bytes / 2**20, self.max_model_len)
@@ -104,7 +106,7 @@ class LLMEngine:
                     cap_max_tokens: bool = True) -> str:
         """Queue a request: a text prompt, token ids, or chat ``messages`` (rendered with the
         checkpoint's chat template). Returns its id. An invalid request (empty, too long, unknown
-        token ids) finishes at the next step with finish_reason "error" and a message; with
+        token ids, a constraint whose grammar cannot compile: GrammarError) finishes at the next step with finish_reason "error" and a message; with
         ``reject_invalid`` it raises InvalidRequestError (ContextLengthError for a prompt over the
         context) here instead, before anything is queued. ``cap_max_tokens`` False makes a prompt plus
         ``max_tokens`` over max_model_len invalid too; True (the default) lets the context cut it."""
@@ -122,6 +124,12 @@ class LLMEngine:
             ids = [int(t) for t in prompt]
         else:
             raise ValueError("give a prompt (text or token ids) or messages")
+        matcher = grammar_error = None
+        if params.constraint is not None:
+            try:
+                matcher = self._matcher(params)
+            except InvalidRequestError as e:
+                grammar_error = e
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -133,16 +141,25 @@ class LLMEngine:
                 rid = f"req-{next(self._ids)}"
             if rid in self._live:
                 raise ValueError(f"request id {rid!r} is already in use")
-            error = self._validate(ids, None if cap_max_tokens else params.max_tokens)
+            error = self._validate(ids, None if cap_max_tokens else params.max_tokens) or grammar_error
             if error is not None and reject_invalid:
                 raise error
-            seq = Sequence(rid, ids, params, self.eos_ids, detok, callback, generator)
+            seq = Sequence(rid, ids, params, self.eos_ids, detok, callback, generator, matcher)
             if error is not None:
                 seq.finish("error", error=str(error), flush=False)
             self._live.add(rid)
             self._incoming.append(seq)
             self._work.notify_all()
         return rid
+
+    def _matcher(self, params: SamplingParams):
+        """The request's grammar matcher; GrammarError (an InvalidRequestError) when it cannot compile."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("constrained decoding needs the checkpoint's tokenizer")
+        with self._lock:
+            if self._guide is None:
+                self._guide = Guide(self.tokenizer.to_json(), self.model_config.vocab_size, sorted(self.eos_ids))
+        return self._guide.matcher(params.constraint)
 
     def _validate(self, ids: list[int], max_tokens: int | None) -> InvalidRequestError | None:
         """Why the request cannot run, or None; ``max_tokens`` (None: not checked) must fit after the prompt."""

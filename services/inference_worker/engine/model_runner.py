@@ -7,6 +7,7 @@ import logging
 import torch
 
 from .block_manager import NULL_BLOCK
+from .guided import allowed_tokens
 from .config import EngineConfig, ModelConfig
 from .model import AttentionMetadata, PrefillChunk, Transformer
 from .sampling import Sampler, TokenLogprob
@@ -124,5 +125,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])
         params = [s.params for s in seqs]
         history = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.penalized for p in params) else None
-        token_ids, logprobs = self.sampler(logits, params, [s.generator for s in seqs], history)
+        allowed = allowed_tokens([s.matcher for s in seqs], logits.shape[-1], logits.device)
+        token_ids, logprobs = self.sampler(logits, params, [s.generator for s in seqs], history, allowed)
         return list(zip(seqs, token_ids, logprobs))

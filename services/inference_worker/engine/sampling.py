@@ -1,16 +1,20 @@
 """Sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, min-p, per-request
-seeds, top-n logprobs; presence/frequency/repetition penalties and logit bias).
+seeds, top-n logprobs; presence/frequency/repetition penalties, logit bias and grammar masks).
 
 Every per-request parameter is a tensor over the batch; a batch where no request sets one skips it.
 Order (as vLLM's sampler): logit bias, repetition penalty (over prompt + output), presence and
 frequency penalties (over the output, as OpenAI documents them) on the raw logits, so greedy sees them
-too; then temperature, top-k, top-p, min-p. Logprobs stay those of the raw model logits."""
+too; then a constrained row's grammar mask (guided.py); then temperature, top-k, top-p, min-p. Logprobs stay those of the raw model logits."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .guided import Constraint
 
 
 @dataclass
@@ -32,6 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM: logits of prompt and output tokens divided (>0) or multiplied (<0)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     min_p: float = 0.0  # drop tokens whose probability is below min_p times the most likely one's
+    constraint: "Constraint | None" = None  # the output must match this grammar (guided.py)
 
     @property
     def penalized(self) -> bool:
@@ -147,8 +152,10 @@ class Sampler:
     def __call__(self, logits: Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
                  history: list[tuple[list[int], list[int]]] | None = None,
+                 allowed: Tensor | None = None,
                  ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """history: each row's (prompt ids, generated ids), needed when a row sets a penalty."""
+        """history: each row's (prompt ids, generated ids), needed when a row sets a penalty.
+        allowed: [B, V] bool, the tokens each row's grammar permits (guided.allowed_tokens)."""
         logits = raw = logits.float()
         B, V = logits.shape
         dev = logits.device
@@ -156,6 +163,8 @@ class Sampler:
             if history is None and any(p.penalized for p in params):
                 raise ValueError("penalties need each row's prompt and generated token ids")
             logits = apply_penalties(logits.clone(), params, history or [([], [])] * B)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
 
         def tensor(data, dtype=None):  # pinned + async on CUDA: no hidden stream sync
             pin = dev.type == "cuda"

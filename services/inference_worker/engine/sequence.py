@@ -81,7 +81,7 @@ Callback = Callable[[StreamEvent], None]
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  eos_ids: set[int], detok: IncrementalDetokenizer | None,
-                 callback: Callback | None, generator: torch.Generator | None):
+                 callback: Callback | None, generator: torch.Generator | None, matcher=None):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -90,6 +90,7 @@ class Sequence:
         self.detok = detok
         self.callback = callback
         self.generator = generator
+        self.matcher = matcher  # llguidance's, when params.constraint is set: fed every sampled token
         self.status = Status.WAITING
         # entry i: the block of tokens [i * block_size, (i + 1) * block_size); NULL_BLOCK once freed
         self.block_table: list[int] = []
@@ -145,10 +146,23 @@ class Sequence:
             self.text += self.detok.add(token_id)
             if self._check_stop_strings():
                 return
+        if self.matcher is not None and self._grammar_done(token_id):
+            return
         if self.params.max_tokens is not None and len(self.output_ids) >= self.params.max_tokens:
             self.finish("length")
         elif len(self) >= max_len:
             self.finish("length")
+
+    def _grammar_done(self, token_id: int) -> bool:
+        """Feed the token to the grammar; finish when it can take no more text ("stop"), or when it
+        refused the token, which the mask should have made impossible ("error", not a silent pass)."""
+        if not self.matcher.consume_token(token_id) or self.matcher.is_error():
+            self.finish("error", error=f"constrained decoding failed: {self.matcher.get_error()}")
+            return True
+        if self.matcher.is_stopped():
+            self.finish("stop")
+            return True
+        return False
 
     def _check_stop_strings(self) -> bool:
         """Cut the text at the first stop string and finish; True when one was found."""
