@@ -34,11 +34,14 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandle
 
 from shared.events import ModelId, new_id
 from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
+from shared.structured import MAX_TOOLS, ResponseFormat, Tool, ToolCall, ToolChoice, check_tools
 
 MAX_N = 16  # choices per request
 # SamplingOptions fields left out of the JSON while at their defaults (see its serializer)
 WIRE_OPTIONAL = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "n",
-                 "cap_max_tokens")
+                 "cap_max_tokens", "response_format")
+# InferenceRequest fields left out while unset, for the same reason
+REQUEST_WIRE_OPTIONAL = ("tools", "tool_choice", "parallel_tool_calls")
 KEEPALIVE_S = 1.0
 SILENCE_TIMEOUT_S = 10.0
 CANCEL_SUBJECT = "infer.cancel"
@@ -48,7 +51,26 @@ RESULTS_STREAM = "RESULTS"
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | None = Field(default=None, description="none only on an assistant message that has tool_calls")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="an assistant message's calls")
+    tool_call_id: str | None = Field(default=None, max_length=128, description="a tool message: the call it answers")
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        """Plain messages keep their old two keys on the wire (and in what a chat template sees)."""
+        data = handler(self)
+        for name in ("tool_calls", "tool_call_id"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class SamplingOptions(BaseModel):
@@ -75,6 +97,8 @@ class SamplingOptions(BaseModel):
     cap_max_tokens: bool = Field(default=False, description=(
         "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
         "true: max_tokens is lowered to what the context leaves after the prompt"))
+    response_format: ResponseFormat | None = Field(default=None, description=(
+        "OpenAI's: json_object or json_schema output, enforced token by token by a grammar"))
 
     @field_validator("logit_bias")
     @classmethod
@@ -113,12 +137,28 @@ class InferenceRequest(BaseModel):
     client_request_id: str | None = Field(default=None, max_length=128, description=(
         "set by the gateway: the caller's own id (its x-request-id header), copied into inference.completed for "
         "correlation only; ``request_id`` is always made by the gateway, so two callers can never share one"))
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS, description=(
+        "OpenAI's: functions the model may call (chat only; rendered by the model's chat template)"))
+    tool_choice: ToolChoice | None = Field(default=None, description=(
+        "auto (the default with tools), none, required, or a named function; required and named are enforced by a grammar"))
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call per answer")
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' (chat) or 'prompt' (completion)")
+        if self.tools and self.prompt is not None:
+            raise ValueError("tools need 'messages': a completion prompt has no chat template to render them")
+        check_tools(self.tools, self.tool_choice)
         return self
+
+    @model_serializer(mode="wrap")
+    def _extensions_only_when_set(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        data = handler(self)
+        for name in REQUEST_WIRE_OPTIONAL:
+            if getattr(self, name) is None:
+                data.pop(name, None)
+        return data
 
     def prompt_bytes(self) -> bytes:
         """What the event's prompt commitment covers (shared/prompt_commitment.py)."""

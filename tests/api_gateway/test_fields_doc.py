@@ -14,8 +14,7 @@ from services.api_gateway.domain.requests import ChatCompletionRequest, Completi
 DOC = Path(__file__).resolve().parents[2] / "docs" / "api-fields.md"
 ROUTES = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 BASE = {"chat": {"model": "m", "messages": [{"role": "user", "content": "x"}]}, "completions": {"model": "m", "prompt": "x"}}
-REFUSED = {"suffix": "x", "best_of": 2, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "functions": [],
-           "response_format": {"type": "text"}}
+REFUSED = {"suffix": "x", "best_of": 2, "functions": [], "function_call": "auto"}
 
 
 def rows() -> list[tuple[list[str], list[str], str]]:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared import errors
 from shared.catalog import parse_ref
 from shared.inference import MAX_N, ChatMessage, InferenceRequest, SamplingOptions
+from shared.structured import MAX_TOOLS, ResponseFormat, Tool, ToolCall, ToolChoice, check_tools
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 
@@ -27,13 +28,27 @@ class TextPart(BaseModel):
 
 class OpenAIChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _tool_fields_by_role(self) -> OpenAIChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def to_strata(self) -> ChatMessage:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=content)
+        content = self.content if isinstance(self.content, str) or self.content is None \
+            else "".join(p.text for p in self.content)
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=content,
+                           tool_calls=self.tool_calls or None, tool_call_id=self.tool_call_id)
 
 
 class _Common(BaseModel):
@@ -57,6 +72,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="extension (vLLM): 1 is off")
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024, description="token id -> bias in [-100, 100]")
     min_p: float | None = Field(default=None, ge=0, le=1, description="extension (vLLM)")
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("model")
@@ -113,6 +129,7 @@ class _Common(BaseModel):
             presence_penalty=self.presence_penalty or None, frequency_penalty=self.frequency_penalty or None,
             repetition_penalty=self.repetition_penalty, min_p=self.min_p, n=self.n,
             logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
+            response_format=self.response_format if self.response_format and self.response_format.type != "text" else None,
         )
 
 
@@ -122,11 +139,15 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
+        check_tools(self.tools, self.tool_choice)
         return self
 
     def to_inference(self, request_id: str) -> InferenceRequest:
@@ -135,6 +156,8 @@ class ChatCompletionRequest(_Common):
         return InferenceRequest(
             request_id=request_id, model=self.model, messages=[m.to_strata() for m in self.messages],
             sampling=self._sampling(max_tokens, logprobs), stream=self.stream,
+            tools=self.tools or None, tool_choice=self.tool_choice if self.tools else None,
+            parallel_tool_calls=self.parallel_tool_calls if self.tools else None,
         )
 
 

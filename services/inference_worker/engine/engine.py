@@ -16,7 +16,7 @@ import torch
 from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
 from .errors import ContextLengthError, InvalidRequestError
-from .guided import Guide
+from .guided import Constraint, Guide
 from .loader import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
@@ -127,7 +127,7 @@ class LLMEngine:
         matcher = grammar_error = None
         if params.constraint is not None:
             try:
-                matcher = self._matcher(params)
+                matcher = self.compile(params.constraint)
             except InvalidRequestError as e:
                 grammar_error = e
         generator = None
@@ -152,14 +152,16 @@ class LLMEngine:
             self._work.notify_all()
         return rid
 
-    def _matcher(self, params: SamplingParams):
-        """The request's grammar matcher; GrammarError (an InvalidRequestError) when it cannot compile."""
+    def compile(self, constraint: Constraint):
+        """A fresh matcher for the constraint, compiled once and cached; GrammarError (an InvalidRequestError)
+        when it cannot compile. A server calls this off its event loop first: compiling a large schema
+        takes 100 ms and more, and add_request then finds it cached."""
         if self.tokenizer is None:
             raise InvalidRequestError("constrained decoding needs the checkpoint's tokenizer")
         with self._lock:
             if self._guide is None:
                 self._guide = Guide(self.tokenizer.to_json(), self.model_config.vocab_size, sorted(self.eos_ids))
-        return self._guide.matcher(params.constraint)
+        return self._guide.matcher(constraint)
 
     def _validate(self, ids: list[int], max_tokens: int | None) -> InvalidRequestError | None:
         """Why the request cannot run, or None; ``max_tokens`` (None: not checked) must fit after the prompt."""

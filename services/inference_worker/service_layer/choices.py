@@ -5,9 +5,11 @@ is the request id and its seed the request's, so ``n`` = 1 is exactly the reques
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from shared.inference import SamplingOptions
-from services.inference_worker.engine import SamplingParams, StreamEvent
+from shared.structured import ResponseFormat
+from services.inference_worker.engine import Constraint, SamplingParams, StreamEvent
 
 _MIX = 0x9E3779B97F4A7C15  # splitmix64's increment
 
@@ -27,10 +29,19 @@ def engine_ids(request_id: str, n: int) -> list[str]:
     return [request_id] + [f"{request_id}#{i}" for i in range(1, n)]
 
 
-def to_params(options: SamplingOptions, choice: int = 0) -> SamplingParams:
+def format_constraint(response_format: ResponseFormat | None) -> Constraint | None:
+    schema = response_format.output_schema() if response_format is not None else None
+    if schema is None:
+        return None
+    return Constraint("json") if schema == {"type": "object"} else Constraint("json_schema", json.dumps(schema))
+
+
+def to_params(options: SamplingOptions, choice: int = 0, constraint: Constraint | None = None) -> SamplingParams:
+    """``constraint``: the request's own (its forced tool call's), else its response_format's."""
     extra = {k: v for k, v in (("presence_penalty", options.presence_penalty), ("frequency_penalty", options.frequency_penalty),
                                ("repetition_penalty", options.repetition_penalty), ("logit_bias", options.logit_bias),
-                               ("min_p", options.min_p)) if v is not None}
+                               ("min_p", options.min_p),
+                               ("constraint", constraint or format_constraint(options.response_format))) if v is not None}
     return SamplingParams(max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
                           top_k=options.top_k, seed=choice_seed(options.seed, choice), stop=list(options.stop),
                           stop_token_ids=list(options.stop_token_ids), logprobs=options.logprobs, **extra)

@@ -30,7 +30,7 @@ from shared.inference import (
 from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.adapters.inflight_journal import InflightJournal
-from services.inference_worker.engine import ContextLengthError, StreamEvent
+from services.inference_worker.engine import ContextLengthError, InvalidRequestError, StreamEvent
 from services.inference_worker.service_layer.choices import Finals, engine_ids, to_params
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 from services.inference_worker.service_layer.telemetry import GENAI, ended, engine_spans, tracer
@@ -166,6 +166,8 @@ class Server:
             raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
         assert dep.loop is not None
+        if request.tools and request.tool_choice != "none":
+            raise errors.Invalid("tools are not served by this worker yet")
         # the caller's trace continues here (W3C traceparent in the NATS headers); the span is not made
         # current: this generator's frames run in whichever task reads it
         span = tracer.start_span(f"inference {dep.model.name}", context=propagate.extract(headers or {}),
@@ -179,9 +181,15 @@ class Server:
             ids = engine_ids(rid, request.sampling.n)
             events: asyncio.Queue[StreamEvent] = asyncio.Queue()
             messages = [m.model_dump() for m in request.messages] if request.messages else None
+            params = [to_params(request.sampling, choice) for choice in range(len(ids))]
+            if params[0].constraint is not None:  # compiled off the event loop; add_request finds it cached
+                try:
+                    await asyncio.to_thread(dep.loop.engine.compile, params[0].constraint)
+                except InvalidRequestError as exc:
+                    raise errors.Invalid(str(exc)) from None
             for choice, eid in enumerate(ids):
                 try:
-                    dep.loop.submit(asyncio.get_running_loop(), eid, to_params(request.sampling, choice),
+                    dep.loop.submit(asyncio.get_running_loop(), eid, params[choice],
                                     prompt=request.prompt, messages=messages, events=events,
                                     cap_max_tokens=request.sampling.cap_max_tokens)
                 except Exception as exc:
