@@ -14,8 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.up import Up
-
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- readme:nats-program -->"
 pytestmark = pytest.mark.timeout(600)
@@ -39,15 +37,6 @@ def test_the_program_is_plain_nats_py():
     for shown in ('"n": 2', '"seed": 7', "infer.request.", "infer.jobs.", "infer.results.", '"app.json"',
                   'inbox_prefix="_INBOX.app"'):
         assert shown in program, shown
-
-
-@pytest.fixture
-def platform(tmp_path):
-    up = Up(tmp_path / "data")
-    try:
-        yield up
-    finally:
-        up.stop()
 
 
 def test_the_readme_program_gets_a_reply_and_a_job_result_from_a_real_stack(platform, tmp_path):
