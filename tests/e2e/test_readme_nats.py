@@ -42,6 +42,7 @@ def test_the_program_is_plain_nats_py():
 def test_the_readme_program_gets_a_reply_and_a_job_result_from_a_real_stack(platform, tmp_path):
     platform.wait_for("Strata is up", timeout=120)
     platform.wait_for("built-in model strata-builtin-kjv is serving", timeout=240)
+    assert any("app.json" in line for line in platform.lines), "strata up does not say where the app credential is"
     env = {**os.environ, "STRATA_DATA_DIR": str(platform.data_dir),
            "STRATA_NATS_URL": f"nats://127.0.0.1:{platform.nats_port}"}
     for name in ("STRATA_NATS_USER", "STRATA_NATS_PASSWORD"):
