@@ -383,7 +383,9 @@ class Supervisor:
     def _nats_security(self) -> str:
         notes = []
         if self.credentials:
-            notes.append(f"a user per service; the CLI here uses {nats_auth.auth_dir(self.options.data_dir) / 'client.json'}")
+            folder = nats_auth.auth_dir(self.options.data_dir)
+            notes.append(f"a user per service; the CLI here uses {folder / 'client.json'}, "
+                         f"your own programs {folder / 'app.json'} (README, 'Over NATS')")
         if self.nats_tls:
             notes.append(f"TLS, CA {self.nats_ca}" if self.nats_ca else "TLS")
         return f"  ({'; '.join(notes)})" if notes else ""

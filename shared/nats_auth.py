@@ -9,7 +9,9 @@ alone write (model-store purges its blob store's partial objects). ``admin`` is
 `strata up`'s bootstrap credential, the only one that may (cli/provision.py). ``client`` is the role
 of the CLI (cli/connection.py reads its credential from the data dir): it may request deploys and
 inferences, call RPCs and read events, and may publish no service event. ``operator`` is the role of
-`strata key`: the one writer of the API keys bucket. Each role reads replies only on its own inbox
+`strata key`: the one writer of the API keys bucket. ``app`` is the credential for a user's own
+program on the serving contract (README, "Over NATS"): it may send inference requests and jobs and
+read job results, nothing else (no event, no RPC, no stream change). Each role reads replies only on its own inbox
 prefix (``inbox_prefix``). `strata up` refuses connections that give no credential
 (``anonymous_client=False``); ``anonymous_client=True`` would hand them the ``client`` role.
 docs/operations.md holds ``permissions_table()``.
@@ -34,7 +36,7 @@ from shared.config import SERVICES
 from shared.events import EventData
 from shared.inference import CANCEL_SUBJECT, JOBS_STREAM, RESULTS_STREAM
 
-CLIENT, OPERATOR, ADMIN = "client", "operator", "admin"
+CLIENT, APP, OPERATOR, ADMIN = "client", "app", "operator", "admin"
 USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
 INBOX = "_INBOX"
 INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = "strata-inventory", "strata-api-keys", "strata-quotas"
@@ -116,13 +118,17 @@ NEEDS: dict[str, Needs] = {
         publish=("rpc.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT),
         subscribe=(subjects.EVENTS_ALL, subjects.LIVE_ALL),
     ),
+    # A user's program: requests and jobs, and the results of jobs (RESULTS), replies on its own inbox
+    # prefix. No event, RPC, cancel or stream change: the CLI's `client` reach, less all but inference.
+    # RESULTS is not fenced per request id: an app program can read every job's result (operations.md).
+    APP: Needs(looks_up=(RESULTS_STREAM,), reads=(RESULTS_STREAM,), publish=("infer.request.>", "infer.jobs.>")),
     # `strata key`: the one writer of API key records.
     OPERATOR: Needs(looks_up=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
                     publish=(f"$KV.{API_KEYS_BUCKET}.>",)),
     # `strata up`'s bootstrap credential: creates, updates and deletes streams, buckets and object stores.
     ADMIN: Needs(looks_up=(), reads=(), publish=("$JS.API.>",)),
 }
-ROLES = (*SERVICES, CLIENT, OPERATOR, ADMIN)
+ROLES = (*SERVICES, CLIENT, APP, OPERATOR, ADMIN)
 SERVICE_ROLES = tuple(SERVICES)
 
 

@@ -76,6 +76,8 @@ class Service:
         self._started = time.monotonic()
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
+        # what FastStream cannot see: subjects served with nats-py directly (serving_asyncapi.py)
+        self.asyncapi_extensions: list[Callable[[dict[str, Any]], None]] = []
         self.http.get("/healthz", response_model=Health, tags=["health"])(self._health_http)
         self.http.exception_handler(errors.StrataError)(_error_response)
         http_errors.typed_bad_requests(self.http)  # FastAPI's own 400 (an unreadable body) in the typed shape too
@@ -98,7 +100,10 @@ class Service:
 
     def asyncapi(self) -> dict[str, Any]:
         spec = AsyncAPI(self.broker, title=f"Strata {self.name}", version=VERSION, description=self.http.description)
-        return spec.to_specification().to_jsonable()
+        doc = spec.to_specification().to_jsonable()
+        for extend in self.asyncapi_extensions:
+            extend(doc)
+        return doc
 
     # -- events ------------------------------------------------------------------------------
     def consume(self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any) -> bus.EventConsumer:

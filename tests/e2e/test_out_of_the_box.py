@@ -6,17 +6,6 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.support.up import Up
-
-
-@pytest.fixture
-def platform(tmp_path):
-    up = Up(tmp_path / "data")
-    try:
-        yield up
-    finally:
-        up.stop()
-
 
 def test_strata_up_serves_the_builtin_model_through_the_openai_api(platform):
     platform.wait_for("Strata is up", timeout=60)

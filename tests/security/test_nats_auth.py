@@ -56,6 +56,7 @@ SUBSCRIBE = {
     "monitor": ["live.node.heartbeat", "_INBOX.monitor.>", "rpc.monitor.>"],
     "api-gateway": ["evt.inference.completed", "_INBOX.api-gateway.>", "rpc.api-gateway.>"],
     "client": ["evt.>", "live.>", "_INBOX.>"],
+    "app": ["_INBOX.app.>"],
     "operator": ["_INBOX.operator.>"],
     "admin": ["_INBOX.admin.>"],
 }
@@ -164,6 +165,35 @@ async def test_an_anonymous_connection_gets_the_client_role_only(secured_nats):
     assert len(errors.violations()) == 2, errors.seen
     await nc.close()
     assert await _events_in_stream(secured_nats) == 1
+
+
+async def test_the_app_credential_sends_inference_and_reads_results_and_nothing_else(secured_nats):
+    """A user's program (README, "Over NATS"): a job goes into JOBS and its result is read back from
+    RESULTS; an event, an RPC, a cancel, a stream deletion and a wider subscription are refused."""
+    nc, errors = await connect_as(secured_nats.url_for(nats_auth.APP))
+    js = nc.jetstream()
+    ack = await js.publish(subjects.inference_job("m"), b"{}", timeout=5)
+    assert ack.stream == "JOBS"
+    worker, _ = await connect_as(secured_nats.url_for("inference-worker"))
+    await worker.jetstream().publish(subjects.inference_result("r1"), b'{"ok": true}', timeout=5)
+    await worker.close()
+    sub = await js.subscribe(subjects.inference_result("r1"), stream="RESULTS")
+    assert (await sub.next_msg(timeout=5)).data == b'{"ok": true}'
+    with pytest.raises(nats.errors.NoRespondersError):  # allowed, only nobody serves model m here
+        await nc.request(subjects.inference_request("m"), b"{}", timeout=2)
+    refused_pub = ["evt.deploy.requested", "rpc.model-store.health", "infer.cancel", "infer.results.r2",
+                   "$JS.API.STREAM.DELETE.JOBS", "$JS.API.STREAM.PURGE.RESULTS", "$KV.strata-api-keys.x"]
+    for subject in refused_pub:
+        await nc.publish(subject, b"{}")
+    refused_sub = ["_INBOX.>", "_INBOX.client.x", "_INBOX.api-gateway.>", "infer.request.>", "infer.results.>", "evt.>"]
+    for subject in refused_sub:
+        await nc.subscribe(subject)
+    await flushed(nc)
+    await wait_for(lambda: len(errors.violations()) == len(refused_pub) + len(refused_sub))
+    assert sorted(v.lower() for v in errors.violations()) == sorted(  # nats-py lowercases some subjects
+        [f'nats: permissions violation for publish to "{s.lower()}"' for s in refused_pub]
+        + [f'nats: permissions violation for subscription to "{s.lower()}"' for s in refused_sub])
+    await nc.close()
 
 
 # -- what each service needs, it may do -------------------------------------------------------

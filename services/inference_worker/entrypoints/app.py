@@ -22,6 +22,7 @@ from shared.events import DeployReleased, DeployScheduled, Event, UndeployReques
 from shared.inference import CANCEL_SUBJECT, InferenceCancel, LoadedDeployment, LoadedModels, LoadedModelsRequest
 from shared.inference_jobs import ensure_job_streams
 from shared.service import Service
+from shared.serving_asyncapi import add_serving_channels
 from services.inference_worker.adapters.artifacts import ArtifactSource, ModelStoreSource
 from services.inference_worker.adapters.inflight_journal import InflightJournal
 from services.inference_worker.service_layer.deployments import Deployments, EngineOptions
@@ -218,6 +219,7 @@ def create_service(settings: Settings | None = None, *, artifacts: ArtifactSourc
 
     # no queue group: every worker answers, and the caller gathers the replies
     service.broker.subscriber(subjects.rpc(NAME, "models"), title=f"{NAME}:models")(models_rpc)
+    service.asyncapi_extensions.append(lambda doc: add_serving_channels(doc, NAME))
     service.on_start(worker.start)
     service.on_stop(worker.stop)
     _engine_gauges(service, worker)
