@@ -3,6 +3,7 @@ arguments go under. Everything else (parsing, streaming, grammars) is shared."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from .types import IdFactory, ParsedOutput, collect, new_call_id
 
@@ -32,10 +33,20 @@ class ToolFormat:
         p = StreamParser(self, id_factory, hold_calls=True)
         return collect(p.feed(text) + p.finish())
 
-    def grammar(self, tools: list[dict], tool_choice="required",
-                parallel_tool_calls: bool = True, special_tokens: frozenset[str] = frozenset()):
+    def grammar(self, tools: list[dict], tool_choice="required", parallel_tool_calls: bool = True,
+                marker_tokens: Mapping[str, int] = {}) -> str | None:
+        """See ``grammar.build_grammar``."""
         from .grammar import build_grammar
-        return build_grammar(self, tools, tool_choice, parallel_tool_calls, special_tokens)
+        return build_grammar(self, tools, tool_choice, parallel_tool_calls, marker_tokens)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return tuple(m for m in (self.start, self.end, self.args_marker) if m)
+
+    def marker_tokens(self, token_to_id: Callable[[str], int | None]) -> dict[str, int]:
+        """The markers the tokenizer has as single tokens (e.g. ``Tokenizer.token_to_id``)."""
+        ids = {m: token_to_id(m) for m in self.markers}
+        return {m: i for m, i in ids.items() if i is not None}
 
 
 HERMES = ToolFormat("hermes", start="<tool_call>", end="</tool_call>")

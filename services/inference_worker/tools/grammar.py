@@ -43,7 +43,7 @@ def chosen_tools(tools: list[dict], tool_choice) -> list[dict] | None:
 
 
 def _lit(text: str, special: Mapping[str, int]) -> str:
-    # A marker the tokenizer has as a special token can only be produced as that token.
+    # llguidance treats every added token as special: such a marker only matches as that token id.
     return f"<[{special[text]}]>" if text in special else json.dumps(text)
 
 
@@ -76,10 +76,11 @@ def to_lark(fmt: "ToolFormat", fns: list[dict], parallel: bool,
 
 
 def build_grammar(fmt: "ToolFormat", tools: list[dict], tool_choice, parallel_tool_calls: bool,
-                  special_tokens: Mapping[str, int] = {}) -> str | None:
+                  marker_tokens: Mapping[str, int] = {}) -> str | None:
     """The llguidance grammar (for ``LLMatcher``), or None when tool_choice forces no call.
-    `special_tokens` maps those of the format's markers that are special tokens in the model's
-    tokenizer to their ids. Raises GrammarError when a schema cannot be compiled."""
+    `marker_tokens` maps the format's markers that are single (added or special) tokens in the
+    model's tokenizer to their ids (see ``ToolFormat.marker_tokens``): llguidance only lets such a
+    marker be produced as that token. Raises GrammarError when a schema cannot be compiled."""
     import llguidance
 
     fns = chosen_tools(tools, tool_choice)
@@ -89,7 +90,7 @@ def build_grammar(fmt: "ToolFormat", tools: list[dict], tool_choice, parallel_to
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise GrammarError(f"a tool has no function name: {fn!r}")
     grammar = llguidance.LLMatcher.grammar_from_lark(
-        to_lark(fmt, fns, parallel_tool_calls, special_tokens))
+        to_lark(fmt, fns, parallel_tool_calls, marker_tokens))
     err = llguidance.LLMatcher.validate_grammar(grammar)
     if err:
         # name the culprit: compile each function's schema on its own
