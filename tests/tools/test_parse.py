@@ -138,3 +138,11 @@ def test_parse_never_raises_on_junk():
             for piece in random_split(text, rng):
                 p.feed(piece)
             p.finish()
+
+
+def test_long_arguments_stream_in_linear_time():
+    big = json.dumps({"text": "x" * 200_000, "items": list(range(5000))})
+    text = f'<tool_call>{{"name": "f", "arguments": {big}}}</tool_call>'
+    p = HERMES.stream_parser(ids())
+    deltas = [d for i in range(0, len(text), 7) for d in p.feed(text[i:i + 7])] + p.finish()
+    assert collect(deltas).tool_calls == [ToolCall("call_0", "f", big)]

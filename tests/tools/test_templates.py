@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.inference_worker.engine.tokenizer import Tokenizer
-from services.inference_worker.tools import (HERMES, LLAMA3_JSON, MISTRAL, detect_format,
+from services.inference_worker.tools import (HERMES, LLAMA3_JSON, MISTRAL, MISTRAL_V11, detect_format,
                                              unsupported_reason)
 from services.inference_worker.tools.render import mistral_call_id, template_messages
 
@@ -42,6 +42,12 @@ class _NoTokens:  # apply_chat_template renders text only; no vocabulary needed
 def test_detects_format(name):
     assert detect_format(template(name)) is EXPECTED[name]
     assert unsupported_reason(template(name)) is None
+
+
+def test_detects_mistral_v11_form():
+    # newer Mistral templates write `[TOOL_CALLS]name[ARGS]{...}`
+    tpl = "{% if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}{% endif %}[TOOL_CALLS]{{ c.name }}[ARGS]"
+    assert detect_format(tpl) is MISTRAL_V11
 
 
 def test_template_without_tools_is_refused_with_a_reason():

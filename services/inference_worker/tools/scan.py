@@ -24,9 +24,18 @@ class CallScanner:
         self._phase = "key"  # where the top level of the object is: key, value, in_value
         self._key: str | None = None
 
-    def push(self, ch: str) -> None:
-        i = len(self.raw)
-        self.raw += ch
+    def feed(self, text: str) -> int:
+        """Read from `text` up to the end of the object; returns how many characters it took."""
+        base = len(self.raw)
+        self.raw += text  # once per piece: appending per character is quadratic on long arguments
+        for k, ch in enumerate(text):
+            self._step(base + k, ch)
+            if self.done:
+                self.raw = self.raw[:base + k + 1]
+                return k + 1
+        return len(text)
+
+    def _step(self, i: int, ch: str) -> None:
         if self._in_str:
             if self._esc:
                 self._esc = False

@@ -167,11 +167,7 @@ class StreamParser:
 
     def _on_call(self, final: bool) -> bool:
         sc = self._scan
-        n = 0
-        while n < len(self._buf) and not sc.done:
-            sc.push(self._buf[n])
-            n += 1
-        self._buf = self._buf[n:]
+        self._buf = self._buf[sc.feed(self._buf):]
         if not self._hold:
             self._stream_call(sc)
         if not sc.done:
