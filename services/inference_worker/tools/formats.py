@@ -21,6 +21,7 @@ class ToolFormat:
     # grammar: which syntax to force (parsing accepts every variant above)
     force_array: bool = False
     force_named: bool = False
+    grammar_joiner: str = ""        # between parallel calls, as the model's template writes them
 
     def stream_parser(self, id_factory: IdFactory = new_call_id):
         from .stream import StreamParser
@@ -49,11 +50,12 @@ class ToolFormat:
         return {m: i for m, i in ids.items() if i is not None}
 
 
-HERMES = ToolFormat("hermes", start="<tool_call>", end="</tool_call>")
+HERMES = ToolFormat("hermes", start="<tool_call>", end="</tool_call>", grammar_joiner="\n")
 LLAMA3_JSON = ToolFormat("llama3_json", start="<|python_tag|>", separator=";",
-                         args_keys=("parameters", "arguments"), bare_json_start=True)
+                         args_keys=("parameters", "arguments"), bare_json_start=True,
+                         grammar_joiner="; ")
 MISTRAL = ToolFormat("mistral", start="[TOOL_CALLS]", array_open="[", args_marker="[ARGS]",
-                     force_array=True)
+                     force_array=True, grammar_joiner=", ")
 MISTRAL_V11 = ToolFormat("mistral_v11", start="[TOOL_CALLS]", array_open="[", args_marker="[ARGS]",
                          force_named=True)
 FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL, MISTRAL_V11)}

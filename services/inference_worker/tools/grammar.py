@@ -60,7 +60,8 @@ def to_lark(fmt: "ToolFormat", fns: list[dict], parallel: bool,
     for i, fn in enumerate(fns):
         name = fn["name"]
         if fmt.force_named:
-            head, tail = _lit(fmt.start, special) + " " + json.dumps(name) + " " + _lit(fmt.args_marker, special), ""
+            head = f"{_lit(fmt.start, special)} {json.dumps(name)} {_lit(fmt.args_marker, special)}"
+            tail = ""
         else:
             head = json.dumps('{"name": ' + json.dumps(name) + f', "{key}": ')
             tail = ' "}"'
@@ -69,9 +70,10 @@ def to_lark(fmt: "ToolFormat", fns: list[dict], parallel: bool,
                 tail += f' "\\n" {_lit(fmt.end, special)}'
         rules += [f"call_{i}: {head} args_{i}{tail}", f"args_{i}: {_args_rule(fn)}"]
         names.append(f"call_{i}")
-    sep = {"hermes": '"\\n"', "llama3_json": '"; "', "mistral": '", "', "mistral_v11": ""}.get(fmt.name, "")
-    body = "call (" + (sep + " " if sep else "") + "call)*" if parallel else "call"
-    start = f'{_lit(fmt.start, special)} "[" {body} "]"' if fmt.force_array else body
+    sep = json.dumps(fmt.grammar_joiner) + " " if fmt.grammar_joiner else ""
+    body = f"call ({sep}call)*" if parallel else "call"
+    # the space after the marker is how Mistral's own template writes `[TOOL_CALLS] [`
+    start = f'{_lit(fmt.start, special)} " [" {body} "]"' if fmt.force_array else body
     return "\n".join(["%llguidance {}", f"start: {start}", "call: " + " | ".join(names), *rules])
 
 
