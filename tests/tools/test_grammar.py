@@ -132,3 +132,10 @@ def test_schema_llguidance_cannot_compile_names_the_function():
     with pytest.raises(GrammarError, match="does not exist"):
         HERMES.grammar([{"type": "function", "function": {"name": "r", "parameters": {"$ref": "#/x"}}}],
                        "required", False)
+
+
+def test_schemaless_function_still_gets_object_arguments():
+    tok = build_tokenizer(MARKERS["hermes"])
+    tools = [{"type": "function", "function": {"name": "ping"}}]
+    grammar = HERMES.grammar(tools, "required", False, marker_tokens=HERMES.marker_tokens(tok.token_to_id))
+    assert '"type": "object"' in grammar

@@ -57,6 +57,8 @@ def test_template_without_tools_is_refused_with_a_reason():
     assert "no chat template" in unsupported_reason(None)
     other = "{% if tools %}<function_calls>{{ tools | tojson }}</function_calls>{% endif %}"
     assert "format Strata does not parse" in unsupported_reason(other)
+    qwen3_coder = "{% if tools %}<tool_call>\n<function={{ name }}>\n<parameter=x>{% endif %}"
+    assert detect_format(qwen3_coder) is None
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

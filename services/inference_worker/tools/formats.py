@@ -69,11 +69,16 @@ _SIGNS: list[tuple[ToolFormat, tuple[str, ...]]] = [
     (LLAMA3_JSON, ("<|python_tag|>", "tools")),
 ]
 
+# Formats that reuse one of the markers above around a syntax that is not JSON.
+_OTHER_FORMATS = ("<function=",)  # Qwen3-Coder: <tool_call><function=name><parameter=...>
+
 
 def detect_format(chat_template: str | None) -> ToolFormat | None:
     """The format a model was trained to call tools in, from the markers its chat template writes;
     None when the template does not render tools at all."""
     if not chat_template or "tools" not in chat_template:
+        return None
+    if any(s in chat_template for s in _OTHER_FORMATS):
         return None
     for fmt, signs in _SIGNS:
         if all(s in chat_template for s in signs):

@@ -48,7 +48,8 @@ def _lit(text: str, special: Mapping[str, int]) -> str:
 
 
 def _args_rule(fn: dict) -> str:
-    schema = dict(fn.get("parameters") or {"type": "object"})
+    schema = dict(fn.get("parameters") or {})
+    schema.setdefault("type", "object")  # OpenAI's arguments are always an object
     schema["x-guidance"] = {**_JSON_STYLE, **schema.get("x-guidance", {})}
     return "%json " + json.dumps(schema)
 
