@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from .grammar import build_grammar
+from .stream import StreamParser
 from .types import IdFactory, ParsedOutput, collect, new_call_id
 
 
@@ -23,21 +25,18 @@ class ToolFormat:
     force_named: bool = False
     grammar_joiner: str = ""        # between parallel calls, as the model's template writes them
 
-    def stream_parser(self, id_factory: IdFactory = new_call_id):
-        from .stream import StreamParser
+    def stream_parser(self, id_factory: IdFactory = new_call_id) -> StreamParser:
         return StreamParser(self, id_factory)
 
     def parse(self, text: str, id_factory: IdFactory = new_call_id) -> ParsedOutput:
         """A complete generation: text outside calls is content; a call whose JSON is malformed
         stays in the content, as written. Never raises."""
-        from .stream import StreamParser
         p = StreamParser(self, id_factory, hold_calls=True)
         return collect(p.feed(text) + p.finish())
 
     def grammar(self, tools: list[dict], tool_choice="required", parallel_tool_calls: bool = True,
                 marker_tokens: Mapping[str, int] = {}) -> str | None:
         """See ``grammar.build_grammar``."""
-        from .grammar import build_grammar
         return build_grammar(self, tools, tool_choice, parallel_tool_calls, marker_tokens)
 
     @property

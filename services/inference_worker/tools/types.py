@@ -29,7 +29,7 @@ class ToolCall:
 
 @dataclass
 class ParsedOutput:
-    content: str | None
+    content: str | None  # None when there is none but whitespace, as OpenAI sends beside tool calls
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
