@@ -34,7 +34,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandle
 
 from shared.events import ModelId, new_id
 from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
-from shared.structured import MAX_TOOLS, ResponseFormat, Tool, ToolCall, ToolChoice, check_tools
+from shared.structured import MAX_TOOLS, ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice, check_tools
 
 MAX_N = 16  # choices per request
 # SamplingOptions fields left out of the JSON while at their defaults (see its serializer)
@@ -185,7 +185,7 @@ class TokenLogprob(BaseModel):
     top: list[tuple[str, float]] = []
 
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
 
 
 class Choice(BaseModel):
@@ -195,11 +195,14 @@ class Choice(BaseModel):
     text: str
     finish_reason: FinishReason
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class InferenceReply(BaseModel):
-    """``text``, ``finish_reason`` and ``logprobs`` are choice 0's; with ``n`` > 1, ``choices`` has every
-    choice (choice 0 too), and ``usage.completion_tokens`` counts the tokens of all of them."""
+    """``text``, ``finish_reason``, ``logprobs`` and ``tool_calls`` are choice 0's; with ``n`` > 1,
+    ``choices`` has every choice (choice 0 too), and ``usage.completion_tokens`` counts the tokens of all
+    of them. With ``tools``, ``text`` is the content outside the model's tool calls, which are parsed into
+    ``tool_calls`` (finish_reason ``tool_calls``)."""
 
     request_id: str
     model: ModelId
@@ -209,6 +212,7 @@ class InferenceReply(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     prompt_salt: str | None = PromptSalt
     choices: list[Choice] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class InferenceError(BaseModel):
@@ -234,6 +238,8 @@ class Chunk(BaseModel):
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
     choice: int = Field(default=0, ge=0, description="which of the request's n choices this text belongs to")
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, description=(
+        "with tools: the pieces of the model's tool calls in this chunk (``text`` is then only the content)"))
 
 
 class ChoiceEnd(BaseModel):

@@ -107,6 +107,21 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """One entry of a streamed ``delta.tool_calls``, as OpenAI streams it: a call's first delta has its id,
+    type and function name (arguments ""), later ones only its index and the next piece of arguments."""
+
+    index: int = Field(ge=0)
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 def check_tools(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> None:
     """What OpenAI refuses too: duplicate function names, and a named or required choice without tools."""
     names = [t.function.name for t in tools or []]

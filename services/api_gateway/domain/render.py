@@ -39,13 +39,20 @@ def completion_id(request_id: str) -> str:
 
 
 def _choices(reply: InferenceReply) -> list[Choice]:
-    return reply.choices or [Choice(index=0, text=reply.text, finish_reason=reply.finish_reason, logprobs=reply.logprobs)]
+    return reply.choices or [Choice(index=0, text=reply.text, finish_reason=reply.finish_reason, logprobs=reply.logprobs,
+                                    tool_calls=reply.tool_calls)]
+
+
+def _message(choice: Choice) -> AssistantMessage:
+    """With tool calls and nothing else said, content is null, as OpenAI sends it."""
+    content = None if choice.tool_calls and not choice.text else choice.text
+    return AssistantMessage(content=content, tool_calls=choice.tool_calls)
 
 
 def chat_completion(reply: InferenceReply, model: str) -> ChatCompletion:
     return ChatCompletion(
         id=chat_id(reply.request_id), created=now(), model=model, system_fingerprint=fingerprint(reply.model),
-        choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=chat_logprobs(c.logprobs),
+        choices=[ChatChoice(index=c.index, message=_message(c), logprobs=chat_logprobs(c.logprobs),
                             finish_reason=openai_finish(c.finish_reason)) for c in _choices(reply)],
         usage=OpenAIUsage.of(reply.usage),
     )
@@ -95,7 +102,8 @@ class SseStream:
 
     def _content(self, chunk: Chunk) -> bytes:
         if self.chat:
-            return sse(self._chat_chunk(Delta(content=chunk.text), chunk.choice, logprobs=chat_logprobs(chunk.logprobs)))
+            delta = Delta(content=chunk.text if chunk.text or not chunk.tool_calls else None, tool_calls=chunk.tool_calls)
+            return sse(self._chat_chunk(delta, chunk.choice, logprobs=chat_logprobs(chunk.logprobs)))
         offset = self.text_offsets.get(chunk.choice, 0)
         body = self._completion_chunk(chunk.text, chunk.choice, None, completion_logprobs(chunk.logprobs, offset))
         self.text_offsets[chunk.choice] = offset + len(chunk.text)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from shared.events import ModelId
 from shared.inference import FinishReason, TokenLogprob, Usage
+from shared.structured import ToolCall, ToolCallDelta
 
 
 class OpenAIUsage(BaseModel):
@@ -70,22 +71,26 @@ def completion_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> Co
     )
 
 
-def openai_finish(reason: FinishReason) -> Literal["stop", "length"]:
-    """OpenAI knows stop and length; a cancelled request that still answers ended at the caller's wish."""
-    return "length" if reason == "length" else "stop"
+OpenAIFinish = Literal["stop", "length", "tool_calls"]
+
+
+def openai_finish(reason: FinishReason) -> OpenAIFinish:
+    """OpenAI knows stop, length and tool_calls; a cancelled request that still answers ended at the caller's wish."""
+    return reason if reason in ("length", "tool_calls") else "stop"  # type: ignore[return-value]
 
 
 # -- non-stream objects ----------------------------------------------------------------------------
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: OpenAIFinish
 
 
 class ChatCompletion(BaseModel):
@@ -119,13 +124,14 @@ class Completion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: OpenAIFinish | None = None
 
 
 class ChatCompletionChunk(BaseModel):

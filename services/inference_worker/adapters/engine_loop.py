@@ -52,13 +52,13 @@ class EngineLoop:
 
     def submit(self, loop: asyncio.AbstractEventLoop, request_id: str, params: SamplingParams, *,
                prompt: str | None = None, messages: list[dict] | None = None,
-               cap_max_tokens: bool = True,
+               cap_max_tokens: bool = True, tools: list[dict] | None = None,
                events: asyncio.Queue[StreamEvent] | None = None) -> asyncio.Queue[StreamEvent]:
         """Queue a request; its stream events arrive on the returned queue (``events`` where given: one
         queue for several requests, told apart by ``request_id``), the last with ``finished`` set.
         Raises ValueError for a request id in use or a template failure, and the engine's
         InvalidRequestError (ContextLengthError: over the context) for a request it cannot run, before
-        anything is queued; ``cap_max_tokens`` as ``LLMEngine.add_request``."""
+        anything is queued; ``cap_max_tokens`` and ``tools`` as ``LLMEngine.add_request``."""
         events = asyncio.Queue() if events is None else events
 
         def on_event(event: StreamEvent) -> None:  # on the engine thread
@@ -66,7 +66,7 @@ class EngineLoop:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         self.engine.add_request(prompt, params, messages=messages, request_id=request_id, callback=on_event,
-                                reject_invalid=True, cap_max_tokens=cap_max_tokens)
+                                reject_invalid=True, cap_max_tokens=cap_max_tokens, tools=tools)
         return events
 
     def cancel(self, request_id: str) -> bool:

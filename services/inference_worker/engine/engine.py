@@ -103,13 +103,14 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
                     *, messages: list[dict] | None = None, request_id: str | None = None,
                     callback: Callback | None = None, reject_invalid: bool = False,
-                    cap_max_tokens: bool = True) -> str:
+                    cap_max_tokens: bool = True, tools: list[dict] | None = None) -> str:
         """Queue a request: a text prompt, token ids, or chat ``messages`` (rendered with the
         checkpoint's chat template). Returns its id. An invalid request (empty, too long, unknown
         token ids, a constraint whose grammar cannot compile: GrammarError) finishes at the next step with finish_reason "error" and a message; with
         ``reject_invalid`` it raises InvalidRequestError (ContextLengthError for a prompt over the
         context) here instead, before anything is queued. ``cap_max_tokens`` False makes a prompt plus
-        ``max_tokens`` over max_model_len invalid too; True (the default) lets the context cut it."""
+        ``max_tokens`` over max_model_len invalid too; True (the default) lets the context cut it. ``tools``
+        (OpenAI's tool definitions) go to the chat template with ``messages``."""
         params = (params or SamplingParams()).resolve(
             self.generation.temperature, self.generation.top_p, self.generation.top_k)
         vocab = self.model_config.vocab_size
@@ -117,7 +118,7 @@ class LLMEngine:
         if bad_bias:
             raise ValueError(f"logit_bias names token ids outside the vocabulary (size {vocab}): {bad_bias[:5]}")
         if messages is not None:
-            ids = self.tokenizer.encode_chat(messages)
+            ids = self.tokenizer.encode_chat(messages, tools=tools)
         elif isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif prompt is not None:

@@ -9,6 +9,7 @@ for them), a streamed one gets
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,10 +35,19 @@ from services.inference_worker.engine import ContextLengthError, InvalidRequestE
 from services.inference_worker.service_layer.choices import Finals, engine_ids, to_params
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 from services.inference_worker.service_layer.telemetry import GENAI, ended, engine_spans, tracer
+from services.inference_worker.service_layer.tool_use import ChoiceStream, ToolUse, chat_messages
 
 log = logging.getLogger(__name__)
 Send = Callable[[bytes], Awaitable[None]]
 Publish = Callable[[EventData], Awaitable[object]]
+
+
+@dataclass
+class Run:
+    """An admitted request: the deployment running it and, with tools, how its output is parsed."""
+
+    dep: Deployment
+    tools: ToolUse | None = None
 
 
 @dataclass
@@ -106,7 +116,7 @@ class Server:
         last_tick, admitted = loop.time(), False
         salt = new_salt()
         async with aclosing(self._generate(request, headers, salt)) as stream:
-            async for dep, choice, event in stream:
+            async for run, choice, event in stream:
                 idle = event is None and admitted  # the first None is the admission itself
                 admitted = True
                 if on_tick is not None and (idle or loop.time() - last_tick >= KEEPALIVE_S):
@@ -121,33 +131,37 @@ class Server:
                         raise errors.Invalid(event.error or "the engine failed the request")
                     finals.add(choice, event)
                     if finals.done:
-                        return Outcome(self._reply(request, dep, finals, ["".join(t) for t in texts], lps, salt))
+                        return Outcome(self._reply(request, run, finals, ["".join(t) for t in texts], lps, salt))
         raise errors.StrataError("the request ended without a final event")  # pragma: no cover
 
     # ---- streaming --------------------------------------------------------------------------
     async def _stream(self, request: InferenceRequest, headers: dict[str, str] | None, send: Send) -> None:
         rid, index, started = request.request_id, 0, False
+        calls: list[ChoiceStream] | None = None  # with tools: each choice's parser
         finals = Finals(request.sampling.n)
         salt = new_salt()
         try:
             async with aclosing(self._generate(request, headers, salt)) as stream:
-                async for dep, choice, event in stream:
+                async for run, choice, event in stream:
                     if not started:  # at admission, before the engine scheduled it
-                        await send(_msg(Started(request_id=rid, model=dep.model, prompt_salt=salt)))
+                        await send(_msg(Started(request_id=rid, model=run.dep.model, prompt_salt=salt)))
+                        calls = [run.tools.stream() for _ in range(request.sampling.n)] if run.tools else None
                         started = True
                         if event is None:
                             continue
                     if event is None:
                         await send(_msg(Keepalive(request_id=rid)))
                         continue
-                    if event.token_ids or event.text:
-                        await send(_msg(Chunk(request_id=rid, index=index, text=event.text, token_ids=event.token_ids,
-                                              logprobs=self._logprobs(dep, event.logprobs, request), choice=choice)))
+                    text, deltas = calls[choice].feed(event.text, event.finished) if calls else (event.text, None)
+                    if event.token_ids or text or deltas:
+                        await send(_msg(Chunk(request_id=rid, index=index, text=text, token_ids=event.token_ids,
+                                              logprobs=self._logprobs(run.dep, event.logprobs, request), choice=choice,
+                                              tool_calls=deltas)))
                         index += 1
                     if event.finished:
                         if event.finish_reason == "error":
                             raise errors.Invalid(event.error or "the engine failed the request")
-                        finals.add(choice, event)
+                        finals.add(choice, _with_calls(event, calls[choice]) if calls else event)
                         if finals.done:
                             await send(_msg(self._end(rid, finals)))
         except errors.StrataError as exc:
@@ -155,8 +169,8 @@ class Server:
 
     # ---- the core ---------------------------------------------------------------------------
     async def _generate(self, request: InferenceRequest, headers: dict[str, str] | None, salt: str
-                        ) -> AsyncIterator[tuple[Deployment, int, StreamEvent | None]]:
-        """Admit the request (its n choices) into an engine and yield (deployment, choice, stream event)
+                        ) -> AsyncIterator[tuple[Run, int, StreamEvent | None]]:
+        """Admit the request (its n choices) into an engine and yield (its run, choice, stream event)
         (event None: nothing happened for KEEPALIVE_S). Publishes the inference event when the request ends, however it ends, with its
         prompt committed under ``salt`` (which the caller returns to the requester, never to the event)."""
         rid = request.request_id
@@ -166,8 +180,6 @@ class Server:
             raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
         assert dep.loop is not None
-        if request.tools and request.tool_choice != "none":
-            raise errors.Invalid("tools are not served by this worker yet")
         # the caller's trace continues here (W3C traceparent in the NATS headers); the span is not made
         # current: this generator's frames run in whichever task reads it
         span = tracer.start_span(f"inference {dep.model.name}", context=propagate.extract(headers or {}),
@@ -180,8 +192,12 @@ class Server:
             started = time.time()
             ids = engine_ids(rid, request.sampling.n)
             events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-            messages = [m.model_dump() for m in request.messages] if request.messages else None
+            tokenizer = dep.loop.engine.tokenizer
+            run = Run(dep, ToolUse.of(request, tokenizer))
+            messages = chat_messages(request, tokenizer)
             params = [to_params(request.sampling, choice) for choice in range(len(ids))]
+            if run.tools is not None:
+                params = [run.tools.params(p) for p in params]
             if params[0].constraint is not None:  # compiled off the event loop; add_request finds it cached
                 try:
                     await asyncio.to_thread(dep.loop.engine.compile, params[0].constraint)
@@ -191,6 +207,7 @@ class Server:
                 try:
                     dep.loop.submit(asyncio.get_running_loop(), eid, params[choice],
                                     prompt=request.prompt, messages=messages, events=events,
+                                    tools=run.tools.tools if run.tools else None,
                                     cap_max_tokens=request.sampling.cap_max_tokens)
                 except Exception as exc:
                     for submitted in ids[:choice]:
@@ -210,13 +227,13 @@ class Server:
             texts: list[list[str]] = [[] for _ in ids]
             final = None
             try:
-                yield dep, 0, None  # admitted: a stream says "started" now, whatever the queue holds
+                yield run, 0, None  # admitted: a stream says "started" now, whatever the queue holds
                 while True:
                     try:  # asyncio.timeout, not wait_for: no task per event
                         async with asyncio.timeout(KEEPALIVE_S):
                             event = await events.get()
                     except TimeoutError:
-                        yield dep, 0, None
+                        yield run, 0, None
                         continue
                     choice = choice_of[event.request_id]
                     texts[choice].append(event.text)
@@ -224,7 +241,7 @@ class Server:
                         finals.add(choice, event)
                         if finals.done or event.finish_reason == "error":
                             final = finals.merged()
-                    yield dep, choice, event
+                    yield run, choice, event
                     if final is not None:
                         return
             finally:
@@ -275,13 +292,18 @@ class Server:
             log.exception("could not publish the inference event of %s", request.request_id)
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _reply(self, request: InferenceRequest, dep: Deployment, finals: Finals, texts: list[str], lps: list[list],
+    def _reply(self, request: InferenceRequest, run: Run, finals: Finals, texts: list[str], lps: list[list],
                salt: str) -> InferenceReply:
         m = finals.merged().metrics
-        choices = [Choice(index=i, text=texts[i], finish_reason=e.finish_reason or "stop",
-                          logprobs=self._logprobs(dep, lps[i], request)) for i, e in enumerate(finals.events) if e is not None]
-        return InferenceReply(request_id=request.request_id, model=dep.model, text=texts[0],
-                              finish_reason=choices[0].finish_reason,
+        choices = []
+        for i, e in enumerate(finals.events):
+            text, calls, reason = texts[i], None, e.finish_reason or "stop"
+            if run.tools is not None:
+                text, calls, reason = run.tools.parse(text, reason)
+            choices.append(Choice(index=i, text=text, finish_reason=reason, tool_calls=calls,
+                                  logprobs=self._logprobs(run.dep, lps[i], request)))
+        return InferenceReply(request_id=request.request_id, model=run.dep.model, text=choices[0].text,
+                              tool_calls=choices[0].tool_calls, finish_reason=choices[0].finish_reason,
                               usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
                               logprobs=choices[0].logprobs, prompt_salt=salt, choices=choices if len(choices) > 1 else None)
 
@@ -331,6 +353,11 @@ def sha256(text: str) -> str:
 
 def _ok(reply: InferenceReply) -> bytes:
     return RpcReply(ok=True, result=reply).model_dump_json().encode()  # serialised once, straight to JSON
+
+
+def _with_calls(event: StreamEvent, calls: ChoiceStream) -> StreamEvent:
+    """A streamed choice's final event, its finish_reason ``tool_calls`` when it made a call."""
+    return dataclasses.replace(event, finish_reason=calls.finish_reason(event.finish_reason or "stop"))
 
 
 def _msg(message: Started | Chunk | End | StreamFailure | Keepalive) -> bytes:
