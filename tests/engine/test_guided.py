@@ -96,3 +96,32 @@ def test_a_grammar_that_cannot_compile_is_refused_with_its_reason(engines, const
     assert isinstance(caught.value, InvalidRequestError)
     out = engine.generate("It was", params)[0]  # not rejecting: the request finishes with the reason
     assert out.finish_reason == "error" and reason in out.error and out.token_ids == []
+
+
+def test_objects_that_list_properties_are_closed_unless_they_say_otherwise():
+    from services.inference_worker.engine.guided import closed
+
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"x": {"type": "integer"}}},
+        "b": {"type": "object", "properties": {}, "additionalProperties": True},
+        "c": {"type": "array", "items": {"type": "object", "properties": {"y": {"type": "string"}}}},
+        "d": {"allOf": [{"type": "object", "properties": {"z": {"type": "integer"}}}]},
+        "properties": {"type": "object"}}}  # a property named "properties" is a name, not a keyword
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["b"]["additionalProperties"] is True
+    assert out["properties"]["c"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]["d"]["allOf"][0]
+    assert out["properties"]["properties"] == {"type": "object"}  # no properties listed: left open
+    assert schema["properties"]["a"] == {"type": "object", "properties": {"x": {"type": "integer"}}}  # not mutated
+
+
+def test_a_schema_without_additional_properties_gets_only_its_own_keys(engines):
+    """A random-weight model would otherwise invent keys: 'valid' JSON Schema, useless arguments."""
+    engine = engines("llama")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=s, constraint=Constraint("json_schema", json.dumps(schema)))
+              for s in range(8)]
+    for out in engine.generate(["It was"] * len(params), params):
+        assert out.finish_reason == "stop" and set(json.loads(out.text)) == {"n"}, out.text

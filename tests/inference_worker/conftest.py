@@ -74,10 +74,12 @@ class Bus:
         return event
 
     async def schedule(self, name: str, deployment_id: str | None = None, *, node_id: str | None = None,
-                       version: int = 1, **extra) -> DeployScheduled:
+                       version: int = 1, context_length: int = 256, kv_cache_bytes: int = KV_BYTES,
+                       **extra) -> DeployScheduled:
         data = DeployScheduled(deployment_id=deployment_id or f"dep-{name}", model=model_id(name, version),
-                               node_id=node_id or self.node_id, device="cpu", predicted_bytes=1, context_length=256,
-                               model_ref=f"{name}:{version}", kv_cache_bytes=KV_BYTES, dtype="float32", **extra)
+                               node_id=node_id or self.node_id, device="cpu", predicted_bytes=1,
+                               context_length=context_length, model_ref=f"{name}:{version}",
+                               kv_cache_bytes=kv_cache_bytes, dtype="float32", **extra)
         await self.emit(data)
         return data
 

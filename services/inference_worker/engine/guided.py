@@ -7,6 +7,7 @@ grammar that can take no more text ends the request with finish_reason "stop"; r
 ``max_tokens`` first still ends it with "length", as OpenAI does, and the text is then a prefix."""
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,11 +35,43 @@ class Constraint:
 
         if self.kind == "grammar":
             return self.spec if self.spec.lstrip().startswith("{") else llguidance.LLMatcher.grammar_from_lark(self.spec)
-        schema = '{"type": "object"}' if self.kind == "json" else self.spec
+        if self.kind == "json":
+            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_STYLE)
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
-        except ValueError as e:  # not a JSON object at all
-            raise GrammarError(f"the JSON schema is not a JSON object: {e}") from e
+            schema = json.loads(self.spec)
+        except ValueError as e:
+            raise GrammarError(f"the JSON schema is not JSON: {e}") from e
+        if not isinstance(schema, dict):
+            raise GrammarError(f"the JSON schema is not a JSON object: {self.spec[:100]}")
+        return llguidance.LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_STYLE)
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_KEYS = ("items", "additionalItems", "additionalProperties", "unevaluatedProperties", "not", "if", "then", "else",
+                "contains", "propertyNames")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+
+
+def closed(schema):
+    """The schema with every object that lists ``properties`` and says nothing of others closed to them
+    (``additionalProperties: false``), as OpenAI's strict mode requires and vLLM's default grammar engine
+    assumes: "valid" would otherwise let a model append keys of its own invention. ``allOf`` branches are
+    left open, since closing them would make their combination unsatisfiable."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_KEYS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    if "properties" in out and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys():
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarError(InvalidRequestError):

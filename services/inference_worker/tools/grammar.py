@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Mapping
 
+from services.inference_worker.engine.guided import closed
+
 if TYPE_CHECKING:
     from .formats import ToolFormat
 
@@ -48,7 +50,7 @@ def _lit(text: str, special: Mapping[str, int]) -> str:
 
 
 def _args_rule(fn: dict) -> str:
-    schema = dict(fn.get("parameters") or {})
+    schema = closed(dict(fn.get("parameters") or {}))
     schema.setdefault("type", "object")  # OpenAI's arguments are always an object
     schema["x-guidance"] = {**_JSON_STYLE, **schema.get("x-guidance", {})}
     return "%json " + json.dumps(schema)
