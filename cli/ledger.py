@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prompt = receipt.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="verify: also check that the receipt commits to this completion prompt (needs --salt)")
     prompt.add_argument("--prompt-file", type=Path, help="verify: the same, the prompt read from a file (UTF-8, exactly as sent)")
-    prompt.add_argument("--messages-file", type=Path, help="verify: the same for a chat: a JSON list of {role, content} messages")
+    prompt.add_argument("--messages-file", type=Path, help="verify: the same for a chat: a JSON list of {role, content} messages, or the chat request body "
+                        "(its messages and tools)")
     receipt.add_argument("--salt", help="verify: the x-strata-prompt-salt your request's reply carried")
     receipt.set_defaults(func=_receipt)
 
@@ -231,10 +232,15 @@ def _prompt_to_check(args: argparse.Namespace) -> bytes | None:
     if args.prompt_file is not None:
         return prompt_bytes(prompt=args.prompt_file.read_text(encoding="utf-8"))
     if args.messages_file is not None:
-        messages = json.loads(args.messages_file.read_text(encoding="utf-8"))
+        from shared.structured import Tool
+
+        data = json.loads(args.messages_file.read_text(encoding="utf-8"))
+        messages, tools = (data.get("messages"), data.get("tools")) if isinstance(data, dict) else (data, None)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-            raise ValueError(f"{args.messages_file}: expected a JSON list of {{\"role\", \"content\"}} messages")
-        return prompt_bytes(messages=messages)
+            raise ValueError(f"{args.messages_file}: expected a JSON list of {{\"role\", \"content\"}} messages, "
+                             f"or a chat request body with \"messages\" (and \"tools\")")
+        canonical = [Tool.model_validate(t).model_dump(exclude_none=True) for t in tools] if tools else None
+        return prompt_bytes(messages=messages, tools=canonical)
     return None
 
 

@@ -55,6 +55,7 @@ def tool_ckpts(ckpts, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:  # no
 @asynccontextmanager
 async def stack(nats_server, tmp_path, ckpts, *models):
     bus = await connect_bus(nats_server.url, "node-a")
+    stack.bus = bus  # type: ignore[attr-defined]
     worker = make_worker(nats_server.url, tmp_path / "worker", ckpts)
     try:
         async with worker.running():
@@ -192,3 +193,31 @@ async def test_langchain_tools_and_structured_output(nats_server, tmp_path, tool
         for method in ("json_schema", "function_calling"):
             forecast = await llm.with_structured_output(Forecast, method=method).ainvoke("Forecast for Lima?")
             assert isinstance(forecast, Forecast) and 1 <= forecast.days <= 7, method
+
+
+async def test_the_receipt_commits_to_the_tools_and_the_calls(nats_server, tmp_path, tool_ckpts):
+    """The prompt commitment in inference.completed covers the tools offered and the calls in the history:
+    `strata receipt verify --messages-file` on the request body recomputes it; another tool list does not."""
+    import argparse
+
+    from cli.ledger import _prompt_to_check
+    from shared.events import InferenceCompleted
+    from shared.prompt_commitment import SALT_HEADER, commit
+
+    async with stack(nats_server, tmp_path, tool_ckpts, "hermes") as gateway:
+        history = ASK + [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo", "days": 2}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+        raw = await gateway.client().chat.completions.with_raw_response.create(
+            model="hermes", messages=history, tools=TOOLS, max_tokens=4)
+        rid, salt = raw.headers["x-request-id"], raw.headers[SALT_HEADER]
+        event = await stack.bus.wait(InferenceCompleted, request_id=rid)  # type: ignore[attr-defined]
+
+    def recomputed(body: dict) -> str:
+        (tmp_path / "body.json").write_text(json.dumps(body))
+        args = argparse.Namespace(prompt=None, prompt_file=None, messages_file=tmp_path / "body.json")
+        return commit(_prompt_to_check(args), salt)
+
+    assert recomputed({"model": "hermes", "messages": history, "tools": TOOLS}) == event.prompt_commitment
+    assert recomputed({"messages": history, "tools": TOOLS[:1]}) != event.prompt_commitment
+    assert recomputed({"messages": history}) != event.prompt_commitment
