@@ -221,3 +221,29 @@ async def test_the_receipt_commits_to_the_tools_and_the_calls(nats_server, tmp_p
     assert recomputed({"model": "hermes", "messages": history, "tools": TOOLS}) == event.prompt_commitment
     assert recomputed({"messages": history, "tools": TOOLS[:1]}) != event.prompt_commitment
     assert recomputed({"messages": history}) != event.prompt_commitment
+
+
+async def test_the_same_fields_work_over_nats(nats_server, tmp_path, tool_ckpts):
+    """A plain NATS program sends the OpenAI-shaped fields in InferenceRequest (plain JSON, no Strata
+    imports) and gets tool_calls and schema-valid text back, as the README's program does."""
+    from shared import subjects
+
+    async with stack(nats_server, tmp_path, tool_ckpts, "hermes"):
+        nc = stack.bus.nc  # type: ignore[attr-defined]
+
+        async def ask(body: dict) -> dict:
+            msg = await nc.request(subjects.inference_request("hermes"), json.dumps(body).encode(), timeout=60)
+            reply = json.loads(msg.data)
+            assert reply["ok"], reply
+            return reply["result"]
+
+        called = await ask({"model": "hermes", "messages": ASK, "tools": TOOLS, "tool_choice": "required",
+                            "sampling": {"max_tokens": 300, "temperature": 1.0, "seed": 3, "n": 2}})
+        assert called["finish_reason"] == "tool_calls" and len(called["choices"]) == 2
+        for choice in called["choices"]:
+            for call in choice["tool_calls"]:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+        shaped = await ask({"model": "hermes", "messages": ASK, "sampling": {
+            "max_tokens": 100, "temperature": 1.0, "seed": 3,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}}})
+        jsonschema.validate(json.loads(shaped["text"]), WEATHER)
