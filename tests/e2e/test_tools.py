@@ -137,6 +137,10 @@ async def test_a_conversation_with_calls_and_results_round_trips(nats_server, tm
                 assert choice == "auto" and reply.finish_reason == "tool_calls"
             else:
                 assert reply.finish_reason in ("stop", "length") and reply.message.content is not None
+        sync = openai.OpenAI(base_url=gateway.v1, api_key="sk-none", max_retries=0, timeout=60)
+        again = await asyncio.to_thread(sync.chat.completions.create, model="hermes", messages=history, tools=TOOLS,
+                                        tool_choice="required", seed=3, temperature=1.0, max_tokens=300)
+        check_calls(again.choices[0].message.tool_calls)
         # n choices each get their own calls
         many = await client.chat.completions.create(model="hermes", messages=ASK, tools=TOOLS, tool_choice="required",
                                                     n=3, seed=4, temperature=1.0, max_tokens=300)

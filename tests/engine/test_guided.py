@@ -125,3 +125,22 @@ def test_a_schema_without_additional_properties_gets_only_its_own_keys(engines):
               for s in range(8)]
     for out in engine.generate(["It was"] * len(params), params):
         assert out.finish_reason == "stop" and set(json.loads(out.text)) == {"n"}, out.text
+
+
+def test_the_built_in_model_answers_in_the_schema():
+    """The model `strata up` serves out of the box (trained on the KJV, 256 tokens of context)."""
+    from pathlib import Path
+
+    from services.inference_worker.engine import EngineConfig, LLMEngine
+
+    model_dir = Path(__file__).resolve().parents[2] / "services" / "inference_worker" / "builtin" / "model"
+    engine = LLMEngine.from_pretrained(model_dir, EngineConfig(device="cpu", dtype="float32", num_blocks=64))
+    schema = {"type": "object", "required": ["book", "chapter"], "properties": {
+        "book": {"enum": ["Genesis", "Exodus", "Psalms"]}, "chapter": {"type": "integer", "minimum": 1, "maximum": 150}}}
+    params = [SamplingParams(max_tokens=40, temperature=0.8, seed=s, constraint=Constraint("json_schema", json.dumps(schema)))
+              for s in range(6)]
+    outs = [engine.generate(engine.tokenizer.encode_chat([{"role": "user", "content": "Where is it written?"}]), p)[0]
+            for p in params]
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
