@@ -119,11 +119,10 @@ def allowed_tokens(matchers: list, vocab_size: int, device: torch.device) -> Ten
         if m is not None:
             row = words[i]
             m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
-    bits = (words.unsqueeze(-1) >> _BITS) & 1  # bit j of word w is token 32 * w + j
-    return bits.flatten(1)[:, :vocab_size].bool().to(device, non_blocking=True)
-
-
-_BITS = torch.arange(32, dtype=torch.int32)
+    # unpacked where the logits are: a GPU gets 1/32 of the bytes a bool mask would take
+    words = words.to(device, non_blocking=True)
+    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=device)) & 1  # bit j of word w: token 32w + j
+    return bits.flatten(1)[:, :vocab_size].bool()
 
 
 def _reason(error: str) -> str:
