@@ -144,3 +144,39 @@ def test_the_built_in_model_answers_in_the_schema():
     for out in outs:
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), schema)
+
+
+NESTED = "^(((a{99}){99}){99}){9}$"  # a lexer with ~10^6 states: past guided.LIMITS
+
+
+def test_a_grammar_past_the_limits_at_its_first_mask_is_refused_before_it_starts(engines):
+    engine = engines("llama")
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": NESTED}}, "required": ["s"]}
+    with pytest.raises(GrammarError, match="too (complex|expensive) to enforce"):
+        engine.add_request("It was", SamplingParams(max_tokens=8, constraint=Constraint("json_schema", json.dumps(schema))),
+                           reject_invalid=True)
+
+
+def test_a_limit_hit_mid_answer_fails_the_request_and_is_not_served_again_from_the_cache(engines):
+    """Review finding: the failed matcher's mask allows only EOS, which used to end the answer as a "stop"
+    with broken JSON, and the cached grammar then failed every later copy at once."""
+    engine = engines("llama")
+    schema = {"type": "object", "properties": {"first": {"type": "boolean"}, "s": {"type": "string", "pattern": NESTED}},
+              "required": ["first", "s"]}
+    constraint = Constraint("json_schema", json.dumps(schema))
+    for seed in range(2):
+        out = engine.generate("It was", SamplingParams(max_tokens=60, temperature=1.0, seed=seed, constraint=constraint))[0]
+        assert out.finish_reason == "error" and "constrained decoding failed" in out.error, (out.finish_reason, out.text)
+        assert constraint.grammar() not in engine._guide._compiled  # forgotten: the next request compiles afresh
+
+
+def test_a_row_whose_mask_blows_the_step_budget_fails_alone(engines, monkeypatch):
+    from services.inference_worker.engine import guided
+
+    engine = engines("qwen2")
+    constraint = Constraint("json_schema", json.dumps(SCHEMA))
+    engine.compile(constraint)  # compiled and warmed within the budget first
+    monkeypatch.setattr(guided, "MASK_BUDGET_S", 0.0)  # then every step is over it
+    free, bound = engine.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=6, temperature=0), schema_params()])
+    assert free.finish_reason == "length" and len(free.token_ids) == 6
+    assert bound.finish_reason == "error" and "over the budget" in bound.error

@@ -239,6 +239,8 @@ class LLMEngine:
         outputs = []
         for rid, seq in touched.items():
             if seq.finished:  # free first, so a callback already sees the blocks released
+                if seq.matcher is not None and seq.matcher.is_error() and self._guide is not None:
+                    self._guide.forget(seq.params.constraint)
                 if rid in self._seqs:
                     self.scheduler.remove(seq)
                     del self._seqs[rid]

@@ -125,6 +125,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])
         params = [s.params for s in seqs]
         history = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.penalized for p in params) else None
-        allowed = allowed_tokens([s.matcher for s in seqs], logits.shape[-1], logits.device)
+        slow: list[tuple[int, float]] = []
+        allowed = allowed_tokens([s.matcher for s in seqs], logits.shape[-1], logits.device, slow)
+        for row, seconds in slow:
+            seqs[row].mask_seconds = seconds
         token_ids, logprobs = self.sampler(logits, params, [s.generator for s in seqs], history, allowed)
         return list(zip(seqs, token_ids, logprobs))

@@ -91,6 +91,7 @@ class Sequence:
         self.callback = callback
         self.generator = generator
         self.matcher = matcher  # llguidance's, when params.constraint is set: fed every sampled token
+        self.mask_seconds: float | None = None  # set when a step's mask took over guided.MASK_BUDGET_S
         self.status = Status.WAITING
         # entry i: the block of tokens [i * block_size, (i + 1) * block_size); NULL_BLOCK once freed
         self.block_table: list[int] = []
@@ -139,6 +140,9 @@ class Sequence:
         if logprob is not None:
             self.logprobs.append(logprob)
             self._pending_lps.append(logprob)
+        if self.matcher is not None and (self.matcher.is_error() or self.mask_seconds is not None):
+            self._grammar_failed()  # a limit hit while masking (the mask then allows only EOS): not a "stop"
+            return
         if token_id in self.stop_ids:
             self.finish("stop")  # the stop token is kept in token_ids, never in text
             return
@@ -157,12 +161,19 @@ class Sequence:
         """Feed the token to the grammar; finish when it can take no more text ("stop"), or when it
         refused the token, which the mask should have made impossible ("error", not a silent pass)."""
         if not self.matcher.consume_token(token_id) or self.matcher.is_error():
-            self.finish("error", error=f"constrained decoding failed: {self.matcher.get_error()}")
+            self._grammar_failed()
             return True
         if self.matcher.is_stopped():
             self.finish("stop")
             return True
         return False
+
+    def _grammar_failed(self) -> None:
+        if self.mask_seconds is not None:
+            error = f"its grammar's token mask took {self.mask_seconds * 1e3:.0f} ms in one step, over the budget"
+        else:
+            error = (self.matcher.get_error() or "the token was refused").strip().splitlines()[0][:300]
+        self.finish("error", error=f"constrained decoding failed: {error}")
 
     def _check_stop_strings(self) -> bool:
         """Cut the text at the first stop string and finish; True when one was found."""
