@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
+                      model_validator)
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 MAX_TOOLS = 128  # OpenAI's limit
@@ -107,12 +108,21 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class FunctionDelta(BaseModel):
+class _WithoutNulls(BaseModel):
+    """Unset fields are left out, not sent as null: OpenAI's stream omits them, and its SDK's stream
+    accumulator would copy a null ``type`` over the call's "function"."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_WithoutNulls):
     name: str | None = None
     arguments: str = ""
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(_WithoutNulls):
     """One entry of a streamed ``delta.tool_calls``, as OpenAI streams it: a call's first delta has its id,
     type and function name (arguments ""), later ones only its index and the next piece of arguments."""
 

@@ -251,3 +251,25 @@ async def test_the_same_fields_work_over_nats(nats_server, tmp_path, tool_ckpts)
             "max_tokens": 100, "temperature": 1.0, "seed": 3,
             "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}}})
         jsonschema.validate(json.loads(shaped["text"]), WEATHER)
+
+
+class GetWeather(BaseModel):
+    city: str = Field(max_length=8)
+    days: int = Field(ge=1, le=7)
+
+
+async def test_the_openai_sdk_stream_helper_reads_streamed_calls(nats_server, tmp_path, tool_ckpts):
+    """Review finding: continuation deltas carried "type": null, which the SDK's accumulator copied over the
+    call's type, so it emitted no argument events and parsed nothing."""
+    async with stack(nats_server, tmp_path, tool_ckpts, "hermes") as gateway:
+        client = gateway.client()
+        kinds = set()
+        async with client.chat.completions.stream(
+                model="hermes", messages=ASK, tools=[openai.pydantic_function_tool(GetWeather, name="get_weather")],
+                tool_choice="required", seed=2, temperature=1.0, max_tokens=300) as stream:
+            async for event in stream:
+                kinds.add(event.type)
+            final = await stream.get_final_completion()
+        assert {"tool_calls.function.arguments.delta", "tool_calls.function.arguments.done"} <= kinds
+        call = final.choices[0].message.tool_calls[0]
+        assert call.type == "function" and isinstance(call.function.parsed_arguments, GetWeather)
