@@ -55,8 +55,8 @@ def tool_ckpts(ckpts, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:  # no
 @asynccontextmanager
 async def stack(nats_server, tmp_path, ckpts, *models):
     bus = await connect_bus(nats_server.url, "node-a")
-    stack.bus = bus  # type: ignore[attr-defined]
     worker = make_worker(nats_server.url, tmp_path / "worker", ckpts)
+    stack.bus, stack.worker = bus, worker  # type: ignore[attr-defined]
     try:
         async with worker.running():
             for model in models:
@@ -273,3 +273,37 @@ async def test_the_openai_sdk_stream_helper_reads_streamed_calls(nats_server, tm
         assert {"tool_calls.function.arguments.delta", "tool_calls.function.arguments.done"} <= kinds
         call = final.choices[0].message.tool_calls[0]
         assert call.type == "function" and isinstance(call.function.parsed_arguments, GetWeather)
+
+
+async def test_review_findings_on_admission(nats_server, tmp_path, tool_ckpts, monkeypatch):
+    """response_format with tools on auto would silently forbid every call: refused. A request cancelled while
+    its grammar compiles is cancelled once it is submitted, not run for nobody."""
+    import services.inference_worker.service_layer.serving as serving
+
+    async with stack(nats_server, tmp_path, tool_ckpts, "hermes") as gateway:
+        client = gateway.client()
+        fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
+        with pytest.raises(openai.BadRequestError, match="tool_choice auto"):
+            await client.chat.completions.create(model="hermes", messages=ASK, tools=TOOLS, response_format=fmt)
+        forced = await client.chat.completions.create(model="hermes", messages=ASK, tools=TOOLS, response_format=fmt,
+                                                      tool_choice="required", seed=1, temperature=1.0, max_tokens=300)
+        check_calls(forced.choices[0].message.tool_calls)
+
+        server = stack.worker.worker.server  # type: ignore[attr-defined]
+        loop, compiling, release = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
+        real = serving.prepare
+
+        def held_prepare(*args):  # the compile takes as long as the test wants
+            loop.call_soon_threadsafe(compiling.set)
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
+            return real(*args)
+
+        monkeypatch.setattr(serving, "prepare", held_prepare)
+        task = asyncio.ensure_future(client.chat.completions.create(model="hermes", messages=ASK, max_tokens=200,
+                                                                    response_format=fmt))
+        await asyncio.wait_for(compiling.wait(), 30)
+        (rid,) = list(server.inflight)  # counted against max_inflight while it compiles
+        assert server.cancel(rid) and rid in server.cancelled_early
+        release.set()
+        answer = await task
+        assert answer.usage.completion_tokens == 0 and not server.inflight

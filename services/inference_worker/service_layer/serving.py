@@ -31,23 +31,16 @@ from shared.inference import (
 from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.adapters.inflight_journal import InflightJournal
-from services.inference_worker.engine import ContextLengthError, InvalidRequestError, StreamEvent
+from services.inference_worker.engine import StreamEvent
 from services.inference_worker.service_layer.choices import Finals, engine_ids, to_params
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 from services.inference_worker.service_layer.telemetry import GENAI, ended, engine_spans, tracer
-from services.inference_worker.service_layer.tool_use import ChoiceStream, ToolUse, chat_messages
+from services.inference_worker.service_layer.admission import Run, prepare, submit
+from services.inference_worker.service_layer.tool_use import ChoiceStream
 
 log = logging.getLogger(__name__)
 Send = Callable[[bytes], Awaitable[None]]
 Publish = Callable[[EventData], Awaitable[object]]
-
-
-@dataclass
-class Run:
-    """An admitted request: the deployment running it and, with tools, how its output is parsed."""
-
-    dep: Deployment
-    tools: ToolUse | None = None
 
 
 @dataclass
@@ -65,6 +58,7 @@ class Server:
         self.max_inflight = max_inflight
         self.inflight: dict[str, Deployment] = {}  # request id -> the deployment running it
         self.choices: dict[str, list[str]] = {}  # request id -> its choices' engine ids
+        self.cancelled_early: set[str] = set()  # cancelled while being prepared, before the engine had it
         self.journal = journal
 
     async def report_cut_short(self) -> int:
@@ -102,7 +96,10 @@ class Server:
         dep = self.inflight.get(request_id)
         if not (dep and dep.loop):
             return False
-        return any([dep.loop.cancel(eid) for eid in self.choices.get(request_id, [request_id])])
+        if request_id not in self.choices:  # its grammar is still compiling: cancelled once it is submitted
+            self.cancelled_early.add(request_id)
+            return True
+        return any([dep.loop.cancel(eid) for eid in self.choices[request_id]])
 
     async def complete(self, request: InferenceRequest, headers: dict[str, str] | None = None,
                        on_tick: Callable[[], Awaitable[None]] | None = None) -> Outcome:
@@ -192,34 +189,22 @@ class Server:
             started = time.time()
             ids = engine_ids(rid, request.sampling.n)
             events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-            tokenizer = dep.loop.engine.tokenizer
-            run = Run(dep, ToolUse.of(request, tokenizer))
-            messages = chat_messages(request, tokenizer)
-            params = [to_params(request.sampling, choice) for choice in range(len(ids))]
-            if run.tools is not None:
-                params = [run.tools.params(p) for p in params]
-            if params[0].constraint is not None:  # compiled off the event loop; add_request finds it cached
-                try:
-                    await asyncio.to_thread(dep.loop.engine.compile, params[0].constraint)
-                except InvalidRequestError as exc:
-                    raise errors.Invalid(str(exc)) from None
-            for choice, eid in enumerate(ids):
-                try:
-                    dep.loop.submit(asyncio.get_running_loop(), eid, params[choice],
-                                    prompt=request.prompt, messages=messages, events=events,
-                                    tools=run.tools.tools if run.tools else None,
-                                    cap_max_tokens=request.sampling.cap_max_tokens)
-                except Exception as exc:
-                    for submitted in ids[:choice]:
-                        dep.loop.cancel(submitted)
-                    if isinstance(exc, ContextLengthError):  # refused before a stream's "started": a status
-                        raise errors.ContextLengthExceeded.of(exc.max_model_len, exc.prompt_tokens,
-                                                              exc.completion_tokens) from None
-                    # a duplicate id inside the engine, a chat template that fails, a token id out of vocabulary
-                    raise errors.Invalid(f"cannot start the request: {exc}") from None
+            self.inflight[rid] = dep  # counted, and cancellable, while its grammar compiles
+            try:
+                # a grammar compiles (100 ms and more for a large schema) off the event loop
+                guided = bool(request.tools) or request.sampling.response_format is not None
+                run, params, messages = await asyncio.to_thread(prepare, request, dep, len(ids)) if guided \
+                    else prepare(request, dep, len(ids))
+                submit(request, run, ids, params, messages, events)
+            except BaseException:
+                self.inflight.pop(rid, None)
+                self.cancelled_early.discard(rid)
+                raise
+            if rid in self.cancelled_early:
+                for eid in ids:  # each ends at the engine's next step with finish_reason "cancelled"
+                    dep.loop.cancel(eid)
             choice_of = {eid: i for i, eid in enumerate(ids)}
             finals = Finals(len(ids))
-            self.inflight[rid] = dep
             self.choices[rid] = ids
             dep.inflight.add(rid)
             if self.journal is not None:
@@ -250,6 +235,7 @@ class Server:
                         dep.loop.cancel(eid)
                 self.inflight.pop(rid, None)
                 self.choices.pop(rid, None)
+                self.cancelled_early.discard(rid)
                 dep.inflight.discard(rid)
                 if self.journal is not None:
                     self.journal.ended(rid)

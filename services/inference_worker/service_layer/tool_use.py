@@ -45,6 +45,10 @@ class ToolUse:
         fmt = detect_format(template)
         if fmt is None or tokenizer is None:
             raise errors.Invalid(f"tools cannot be used with {request.model}: {unsupported_reason(template)}")
+        if request.sampling.response_format is not None and request.tool_choice in (None, "auto"):
+            raise errors.Invalid("response_format with tools and tool_choice auto is not supported: the format's grammar "
+                                 "would keep the model from writing a tool call; send tool_choice none (an answer in "
+                                 "the format), required or a named function (a call), or leave response_format out")
         tools = [t.model_dump(exclude_none=True) for t in request.tools]
         choice = request.tool_choice.model_dump() if hasattr(request.tool_choice, "model_dump") else request.tool_choice
         try:
