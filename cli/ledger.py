@@ -232,16 +232,28 @@ def _prompt_to_check(args: argparse.Namespace) -> bytes | None:
     if args.prompt_file is not None:
         return prompt_bytes(prompt=args.prompt_file.read_text(encoding="utf-8"))
     if args.messages_file is not None:
-        from shared.structured import Tool
-
-        data = json.loads(args.messages_file.read_text(encoding="utf-8"))
-        messages, tools = (data.get("messages"), data.get("tools")) if isinstance(data, dict) else (data, None)
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-            raise ValueError(f"{args.messages_file}: expected a JSON list of {{\"role\", \"content\"}} messages, "
-                             f"or a chat request body with \"messages\" (and \"tools\")")
-        canonical = [Tool.model_validate(t).model_dump(exclude_none=True) for t in tools] if tools else None
-        return prompt_bytes(messages=messages, tools=canonical)
+        return _chat_prompt_bytes(args.messages_file)
     return None
+
+
+def _chat_prompt_bytes(path: Path) -> bytes:
+    """What the worker committed to for a chat, from the request body as sent (or its messages alone):
+    read through the gateway's own request model, so developer roles, content parts, tool calls and
+    tools (unless tool_choice is none) count exactly as the worker counted them."""
+    from pydantic import ValidationError
+
+    from services.api_gateway.domain.requests import ChatCompletionRequest
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    body = {"messages": data} if isinstance(data, list) else data
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise ValueError(f"{path}: expected a JSON list of {{\"role\", \"content\"}} messages, or a chat request body")
+    fields = {k: body[k] for k in ("messages", "tools", "tool_choice") if k in body}
+    try:
+        request = ChatCompletionRequest.model_validate({"model": "receipt", **fields})
+    except ValidationError as exc:
+        raise ValueError(f"{path}: not a chat request's messages: {exc.errors()[0]['msg']}") from None
+    return request.to_inference("receipt").prompt_bytes()
 
 
 @_errors_to_exit

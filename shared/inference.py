@@ -163,7 +163,8 @@ class InferenceRequest(BaseModel):
     def prompt_bytes(self) -> bytes:
         """What the event's prompt commitment covers (shared/prompt_commitment.py)."""
         return prompt_bytes(prompt=self.prompt, messages=[m.model_dump() for m in self.messages] if self.messages else None,
-                            tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None)
+                            tools=[t.model_dump(exclude_none=True) for t in self.tools]
+                            if self.tools and self.tool_choice != "none" else None)  # "none": never in the prompt
 
 
 PromptSalt = Field(default=None, pattern=SALT_PATTERN, description="the salt of this request's prompt commitment in "

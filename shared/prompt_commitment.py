@@ -13,7 +13,8 @@ where the prompt bytes are
   (non-ASCII characters as themselves, not ``\\u`` escapes), e.g. ``[{"content":"hi","role":"user"}]``.
   An assistant message with calls adds ``tool_calls`` (each ``id``, ``type``, ``function`` with ``name``
   and ``arguments``), a tool result adds ``tool_call_id``; with ``tools`` the bytes are instead the object
-  ``{"messages": [...], "tools": [...]}``, each tool as sent without its null fields.
+  ``{"messages": [...], "tools": [...]}``, each tool as sent without its null fields (not with
+  ``tool_choice`` none, when the template never sees them).
 
 The salt never enters an event or the ledger: the worker returns it to the requester only (the reply's
 ``prompt_salt``, and the gateway's ``x-strata-prompt-salt`` response header). With the prompt and the

@@ -72,6 +72,9 @@ class FunctionDef(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _parameters_are_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError(f"function.parameters must be an object schema (a call's arguments are an object), "
+                             f"got type {value.get('type')!r}")
         return _json_object(value, "function.parameters")
 
 

@@ -116,6 +116,13 @@ def test_objects_that_list_properties_are_closed_unless_they_say_otherwise():
     assert out["properties"]["properties"] == {"type": "object"}  # no properties listed: left open
     assert schema["properties"]["a"] == {"type": "object", "properties": {"x": {"type": "integer"}}}  # not mutated
 
+    # review finding: closing these changed what they accept (and made some unsatisfiable)
+    union = {"type": "object", "properties": {"c": {"type": "string"}},
+             "anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}]}
+    assert closed(union) == union
+    assert "additionalProperties" not in closed({"type": "object", "properties": {"a": {}}, "required": ["a", "b"]})
+    assert "additionalProperties" not in closed({"type": "object", "properties": {"a": {}}, "$ref": "#/$defs/x"})
+
 
 def test_a_schema_without_additional_properties_gets_only_its_own_keys(engines):
     """A random-weight model would otherwise invent keys: 'valid' JSON Schema, useless arguments."""

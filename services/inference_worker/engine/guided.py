@@ -22,7 +22,8 @@ from .errors import InvalidRequestError
 
 # Compact JSON with a space after ':' and ',' (how most models were trained to write it). Flexible
 # whitespace lets a weak model pad forever; a schema may still ask for it in its "x-guidance".
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# oneOf (pydantic's discriminated unions) is enforced as anyOf: exact for disjoint branches, as theirs are.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
 # llguidance's resource limits, tighter than its defaults: the masks are computed on the engine thread
 # before every step, so one request's pathological pattern or 200 kB const would slow every request in
 # the batch (seconds per step at the defaults). These bound a row's mask to roughly 10 ms and its lexer
@@ -71,11 +72,16 @@ _SCHEMA_KEYS = ("items", "additionalItems", "additionalProperties", "unevaluated
 _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
 
 
-def closed(schema):
-    """The schema with every object that lists ``properties`` and says nothing of others closed to them
-    (``additionalProperties: false``), as OpenAI's strict mode requires and vLLM's default grammar engine
-    assumes: "valid" would otherwise let a model append keys of its own invention. ``allOf`` branches are
-    left open, since closing them would make their combination unsatisfiable."""
+_APPLICATORS = {"anyOf", "oneOf", "allOf", "if", "then", "else", "dependentSchemas", "dependentRequired", "$ref", "not"}
+
+
+def closed(schema, close_self: bool = True):
+    """The schema with its plain objects closed to keys they do not list (``additionalProperties: false``),
+    as OpenAI's strict mode requires and vLLM's default grammar engine assumes: "valid" would otherwise
+    let a model append keys of its own invention. An object is plain when it lists ``properties``, says
+    nothing of other keys, combines with no other schema (``anyOf``, ``allOf``, ``$ref``, ``if``...) and
+    requires only names it lists; closing any other would change what it accepts. The branches of a
+    combination whose parent lists properties stay open for the same reason."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -85,10 +91,16 @@ def closed(schema):
     for key in _SCHEMA_KEYS:
         if isinstance(out.get(key), dict):
             out[key] = closed(out[key])
+    branches_open = "properties" in out
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed(sub) for sub in out[key]]
-    if "properties" in out and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys():
+            out[key] = [closed(sub, close_self=key == "prefixItems" or key == "items" or not branches_open)
+                        for sub in out[key]]
+    props = out.get("properties")
+    plain = (isinstance(props, dict) and not _APPLICATORS & out.keys()
+             and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys()
+             and set(out.get("required") or []) <= set(props))
+    if close_self and plain:
         out["additionalProperties"] = False
     return out
 

@@ -34,6 +34,7 @@ class ToolUse:
     fmt: ToolFormat
     tools: list[dict]  # OpenAI's tool objects, for the template
     constraint: Constraint | None  # the forced call's grammar (tool_choice required or named)
+    parallel: bool = True  # false: an answer's first call only, whatever else the model wrote
 
     @classmethod
     def of(cls, request: InferenceRequest, tokenizer: Tokenizer | None) -> ToolUse | None:
@@ -56,7 +57,7 @@ class ToolUse:
                                   marker_tokens=fmt.marker_tokens(tokenizer.token_to_id))
         except GrammarError as exc:
             raise errors.Invalid(exc.reason) from None
-        return cls(fmt, tools, Constraint("grammar", grammar) if grammar else None)
+        return cls(fmt, tools, Constraint("grammar", grammar) if grammar else None, request.parallel_tool_calls is not False)
 
     def params(self, params: SamplingParams) -> SamplingParams:
         """Special tokens stay in the text (Llama's <|python_tag|> and Mistral's [TOOL_CALLS] are the
@@ -68,11 +69,12 @@ class ToolUse:
         """A whole choice: its content, its calls, and finish_reason ``tool_calls`` when it made one
         and was not cut short."""
         parsed = self.fmt.parse(text)
-        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.tool_calls]
+        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                 for c in parsed.tool_calls[:None if self.parallel else 1]]
         return parsed.content or "", calls or None, _finish(finish_reason, bool(calls))
 
     def stream(self) -> ChoiceStream:
-        return ChoiceStream(self.fmt.stream_parser())
+        return ChoiceStream(self.fmt.stream_parser(), max_calls=None if self.parallel else 1)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ChoiceStream:
     """One streamed choice: text deltas in, (content, tool-call deltas) out."""
 
     parser: StreamParser
+    max_calls: int | None = None
     called: bool = False
 
     def feed(self, text: str, finished: bool) -> tuple[str, list[ToolCallDelta] | None]:
@@ -87,7 +90,7 @@ class ChoiceStream:
         content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
         calls = [ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
                                function=FunctionDelta(name=d.name, arguments=d.arguments))
-                 for d in deltas if isinstance(d, ParsedDelta)]
+                 for d in deltas if isinstance(d, ParsedDelta) and (self.max_calls is None or d.index < self.max_calls)]
         self.called = self.called or bool(calls)
         return content, calls or None
 

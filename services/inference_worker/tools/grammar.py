@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Mapping
 
-from services.inference_worker.engine.guided import closed
+# JSON_STYLE is the spacing `tojson` renders in the prompts, so forced calls look like the ones the model saw
+from services.inference_worker.engine.guided import JSON_STYLE, closed
 
 if TYPE_CHECKING:
     from .formats import ToolFormat
 
-# The spacing `tojson` renders in the prompts, so forced calls look like the ones the model saw.
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(ValueError):
@@ -52,7 +51,7 @@ def _lit(text: str, special: Mapping[str, int]) -> str:
 def _args_rule(fn: dict) -> str:
     schema = closed(dict(fn.get("parameters") or {}))
     schema.setdefault("type", "object")  # OpenAI's arguments are always an object
-    schema["x-guidance"] = {**_JSON_STYLE, **schema.get("x-guidance", {})}
+    schema["x-guidance"] = {**JSON_STYLE, **schema.get("x-guidance", {})}
     return "%json " + json.dumps(schema)
 
 
