@@ -151,3 +151,33 @@ def test_pool_and_matryoshka_truncation():
     torch.testing.assert_close(truncate(v, 2), torch.tensor([[0.6, 0.8]]))
     with pytest.raises(ValueError, match="between 1 and"):
         truncate(v, 4)
+
+
+def test_a_qwen3_embedding_style_checkpoint_loads_and_embeds_as_transformers(ckpts, tmp_path):
+    """Qwen3-Embedding's layout: a tied Qwen3 saved from the bare decoder (tensors without "model."),
+    config.json still naming Qwen3ForCausalLM, and sentence-transformers' last-token pooling."""
+    import shutil
+
+    from services.inference_worker.engine import EngineConfig, LLMEngine
+
+    src = ckpts("qwen3")
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config.from_pretrained(src.path, tie_word_embeddings=True))
+    hf.load_state_dict({k: v for k, v in src.hf.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    path = tmp_path / "qwen3-embedding"
+    hf.model.save_pretrained(path)  # the bare Qwen3Model: "layers.0...", "embed_tokens.weight"
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src.path / name, path / name)
+    (path / "modules.json").write_text(json.dumps([{"idx": 1, "name": "1", "path": "1_Pooling",
+                                                     "type": "sentence_transformers.models.Pooling"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "embed_tokens.weight" in f.keys() and not any(k.startswith("model.") for k in f.keys())
+    engine = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", num_blocks=32))
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    out = engine.embed(PROMPTS)
+    assert out.pooling == "last"
+    torch.testing.assert_close(out.vectors, hf_embeddings(path, prompts, "last"), atol=ATOL, rtol=0)
