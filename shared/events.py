@@ -356,6 +356,30 @@ class InferenceCompleted(WorkerEvent):
                                           description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
 
 
+class EmbeddingsCompleted(WorkerEvent):
+    """The receipt of one embeddings request (#18): which model embedded how many inputs, committed to
+    the inputs as ``inference.completed`` commits to a prompt (the salt goes to the requester alone),
+    and the sha256 of the vectors returned (shared/embeddings.py says over which bytes)."""
+
+    TYPE = "inference.embedded"
+    request_id: str
+    trace_id: str | None = None
+    model: ModelId
+    deployment_id: str
+    node_id: str
+    device: str
+    inputs: int = Field(ge=1)
+    prompt_tokens: int = Field(ge=0)
+    dimensions: int = Field(ge=1)
+    pooling: str
+    e2e_seconds: float = Field(ge=0)
+    prompt_commitment: str = Field(pattern=r"^[0-9a-f]{64}$", description=(
+        "HMAC-SHA256, keyed by the requester's salt, of the inputs as one JSON array (shared/embeddings.input_bytes)"))
+    output_sha256: str = Field(description="sha256 of the returned vectors' float32 little-endian bytes, in input order")
+    api_key_id: str | None = Field(default=None, max_length=64)
+    client_request_id: str | None = Field(default=None, max_length=128)
+
+
 class InferenceFailed(WorkerEvent):
     TYPE = "inference.failed"
     request_id: str

@@ -51,7 +51,7 @@ def test_only_the_bootstrap_admin_may_create_change_or_delete_a_stream_and_each_
 SUBSCRIBE = {
     "model-store": ["_INBOX.model-store.>", "rpc.model-store.>"],
     "hardware-inventory": ["evt.deploy.>", "live.node.heartbeat", "_INBOX.hardware-inventory.>", "rpc.hardware-inventory.>"],
-    "inference-worker": ["infer.request.>", "infer.cancel", "_INBOX.inference-worker.>", "rpc.inference-worker.>"],
+    "inference-worker": ["infer.request.>", "infer.embed.>", "infer.cancel", "_INBOX.inference-worker.>", "rpc.inference-worker.>"],
     "provenance-ledger": ["_INBOX.provenance-ledger.>", "rpc.provenance-ledger.>"],
     "monitor": ["live.node.heartbeat", "_INBOX.monitor.>", "rpc.monitor.>"],
     "api-gateway": ["evt.inference.completed", "_INBOX.api-gateway.>", "rpc.api-gateway.>"],
@@ -65,10 +65,10 @@ def test_each_roles_subscriptions_are_exactly_what_it_needs():
     assert set(SUBSCRIBE) == set(nats_auth.ROLES)
     for role, expected in SUBSCRIBE.items():
         assert list(nats_auth.permissions(role).subscribe) == expected, role
-    wide = {">", "evt.>", "infer.request.>", "_INBOX.>"}
+    wide = {">", "evt.>", "infer.request.>", "infer.embed.>", "_INBOX.>"}
     assert {role: sorted(wide & set(nats_auth.permissions(role).subscribe)) for role in nats_auth.ROLES} == {
         **{role: [] for role in nats_auth.ROLES},
-        "inference-worker": ["infer.request.>"],  # it serves the requests
+        "inference-worker": ["infer.embed.>", "infer.request.>"],  # it serves the requests (and embeddings: #18)
         "client": ["_INBOX.>", "evt.>"],  # `strata events`, and programs on nats-py's default inbox
     }
     # the client's _INBOX.> stops short of every other role's replies
