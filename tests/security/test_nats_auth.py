@@ -192,6 +192,7 @@ async def test_every_service_works_under_its_own_user_push_deploy_infer(secured_
     registered (model-store), deployed (inventory -> worker fetch from the Object Store) and answering an
     inference from a client; the server logged no permission violation on the way."""
     from cli.builtin import serve_builtin
+    from shared.embeddings import EmbeddingRequest, embed
     from shared.inference import InferenceRequest, SamplingOptions
     from shared.inference_client import complete
 
@@ -209,7 +210,13 @@ async def test_every_service_works_under_its_own_user_push_deploy_infer(secured_
         answer = await complete(client, InferenceRequest(model="strata-builtin-kjv", prompt="In the beginning",
                                                          sampling=SamplingOptions(max_tokens=4, temperature=0)))
         assert answer.usage.completion_tokens == 4 and answer.model.name == "strata-builtin-kjv"
-        assert errors.violations() == []
+        # embeddings (#18): the gateway and the client may ask, the worker answers on infer.embed.<model>
+        gateway, gateway_errors = await connect_as(secured_nats.url_for("api-gateway"))
+        stack.push_async_callback(gateway.close)
+        for nc in (client, gateway):
+            vectors = await embed(nc, EmbeddingRequest(model="strata-builtin-kjv", inputs=["In the beginning", [5, 6]]))
+            assert vectors.reply.count == 2 and vectors.reply.prompt_tokens > 2
+        assert errors.violations() == [] and gateway_errors.violations() == []
     assert secured_nats.violations() == []
 
 
