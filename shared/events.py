@@ -49,6 +49,9 @@ class EventData(BaseModel):
         return subjects.event(cls.TYPE, persistent=cls.PERSISTENT)
 
 
+EmbeddingPooling = Literal["last", "mean"]  # services/inference_worker/engine/embedding.py
+
+
 class Source(BaseModel):
     model_config = ConfigDict(frozen=True)
     service: str
@@ -223,6 +226,7 @@ class DeployScheduled(InventoryEvent):
     batch: int = Field(default=1, ge=1)
     kv_cache_bytes: int = Field(default=0, ge=0, description="size the KV cache to this (what was booked)")
     booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
+    embedding_pooling: EmbeddingPooling | None = Field(default=None, description="as DeployRequested's")
 
 
 class DeployRejected(InventoryEvent):
@@ -278,6 +282,8 @@ class DeployRequested(ClientEvent):
     batch: int = Field(default=1, ge=1, le=4096, description="sequences served at full context at once")
     policy: Literal["binpack", "spread"] | None = Field(default=None, description="None: the registry's default")
     dtype: str | None = Field(default=None, description="compute dtype; None: the checkpoint's on GPU, float32 on CPU")
+    embedding_pooling: EmbeddingPooling | None = Field(default=None, description=(
+        "how /v1/embeddings pools the hidden states; None: as the checkpoint's sentence-transformers config says, else last token"))
 
 
 class UndeployRequested(ClientEvent):

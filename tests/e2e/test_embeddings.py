@@ -129,3 +129,23 @@ async def _refusals(gateway, engine: LLMEngine) -> None:
     with pytest.raises(openai.BadRequestError) as extra:
         await client.embeddings.create(model="tiny", input="a", extra_body={"pooling": "mean"})
     assert "unrecognized request argument supplied: pooling" in extra.value.body["message"]
+
+
+async def test_a_deploys_embedding_pooling_overrides_the_checkpoints(nats_server, tmp_path, ckpts):  # noqa: F811
+    """Deployed with embedding_pooling "mean" (strata deploy --embedding-pooling mean), the worker pools
+    over the prompt's tokens although the checkpoint says nothing (its default: the last token)."""
+    from shared.embeddings import EmbeddingRequest, embed
+
+    bus = await connect_bus(nats_server.url, "node-a")
+    worker = make_worker(nats_server.url, tmp_path / "worker", ckpts)
+    try:
+        async with worker.running():
+            await deployed(bus, "other", embedding_pooling="mean")
+            engine = LLMEngine.from_pretrained(ckpts["other"], EngineConfig(device="cpu", dtype="float32", num_blocks=64))
+            got = await embed(bus.nc, EmbeddingRequest(model="other", inputs=TEXTS))
+            assert got.reply.pooling == "mean" and engine.pooling == "last"
+            vectors = np.array([np.frombuffer(base64.b64decode(v), dtype="<f4") for v in got.vectors])
+            np.testing.assert_allclose(vectors, engine.embed(TEXTS, pooling="mean").vectors.numpy(), atol=1e-5)
+            assert not np.allclose(vectors, engine.embed(TEXTS).vectors.numpy(), atol=1e-3)
+    finally:
+        await bus.nc.close()
