@@ -336,15 +336,20 @@ class DeployUnloaded(WorkerEvent):
     node_id: str
 
 
-class InferenceCompleted(WorkerEvent):
-    TYPE = "inference.completed"
-    VERSION = 2  # 2 (#19): prompt_commitment, salted, replaces version 1's bare prompt_sha256
+class ServedRequest(WorkerEvent):
+    """What every served request's event says first: which request, and which model, deployment and device served it."""
+
     request_id: str
     trace_id: str | None = None
     model: ModelId
     deployment_id: str
     node_id: str
     device: str
+
+
+class InferenceCompleted(ServedRequest):
+    TYPE = "inference.completed"
+    VERSION = 2  # 2 (#19): prompt_commitment, salted, replaces version 1's bare prompt_sha256
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     queue_seconds: float = Field(ge=0)
@@ -362,18 +367,12 @@ class InferenceCompleted(WorkerEvent):
                                           description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
 
 
-class EmbeddingsCompleted(WorkerEvent):
+class EmbeddingsCompleted(ServedRequest):
     """The receipt of one embeddings request (#18): which model embedded how many inputs, committed to
     the inputs as ``inference.completed`` commits to a prompt (the salt goes to the requester alone),
     and the sha256 of the vectors returned (shared/embeddings.py says over which bytes)."""
 
     TYPE = "inference.embedded"
-    request_id: str
-    trace_id: str | None = None
-    model: ModelId
-    deployment_id: str
-    node_id: str
-    device: str
     inputs: int = Field(ge=1)
     prompt_tokens: int = Field(ge=0)
     dimensions: int = Field(ge=1)

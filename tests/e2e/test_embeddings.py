@@ -17,7 +17,7 @@ from services.inference_worker.engine import EngineConfig, LLMEngine
 from shared.embeddings import input_bytes
 from shared.events import EmbeddingsCompleted
 from shared.prompt_commitment import SALT_HEADER, commit
-from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
+from tests.e2e.test_sampling_fields import stack
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
 
@@ -28,16 +28,12 @@ CONTEXT = 256  # the test deployments' context_length
 
 
 async def test_embeddings_through_the_openai_client(nats_server, tmp_path, ckpts):  # noqa: F811
-    bus = await connect_bus(nats_server.url, "node-a")
-    worker = make_worker(nats_server.url, tmp_path / "worker", ckpts)
+    bus = await connect_bus(nats_server.url, "node-b")  # hears the worker's events
     try:
-        async with worker.running():
-            await deployed(bus, "tiny")
-            with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
-                engine = LLMEngine.from_pretrained(ckpts["tiny"], EngineConfig(device="cpu", dtype="float32", num_blocks=64))
-                await _inputs_and_formats(gateway, engine)
-                await _receipt(gateway, bus)
-                await _refusals(gateway, engine)
+        async with stack(nats_server, tmp_path, ckpts) as (gateway, engine):
+            await _inputs_and_formats(gateway, engine)
+            await _receipt(gateway, bus)
+            await _refusals(gateway, engine)
     finally:
         await bus.nc.close()
 

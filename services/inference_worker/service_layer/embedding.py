@@ -13,8 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from opentelemetry import propagate, trace
-from pydantic import ValidationError
-
 from shared import errors
 from shared.catalog import parse_ref
 from shared.embeddings import EmbeddingReply, EmbeddingRequest, encode_vector, parts, vectors_sha256
@@ -25,6 +23,7 @@ from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.engine import ContextLengthError, InvalidRequestError
 from services.inference_worker.engine.embedding import EmbeddingOutput, truncate
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
+from services.inference_worker.service_layer.serving import parse_request
 from services.inference_worker.service_layer.telemetry import ended, tracer
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ class Embedder:
         """A request from ``infer.embed.<model>``: never raises; every failure is a typed reply."""
         request_id = ""
         try:
-            request = parse_request(raw, subject_model)
+            request = parse_request(raw, subject_model, EmbeddingRequest)
             request_id = request.request_id
             await self._embed(request, headers, send)
         except errors.StrataError as exc:
@@ -119,14 +118,3 @@ class Embedder:
         except Exception:  # the reply already went out; a lost event is logged, not raised into nothing
             log.exception("could not publish the embeddings event of %s", request.request_id)
 
-
-def parse_request(raw: bytes, subject_model: str | None) -> EmbeddingRequest:
-    try:
-        request = EmbeddingRequest.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        raise errors.Invalid(f"invalid EmbeddingRequest: {first['msg']} at {where}") from None
-    if subject_model is not None and parse_ref(request.model).name != subject_model:
-        raise errors.Invalid(f"the request names model {request.model!r} but was sent to the subject of {subject_model!r}")
-    return request
