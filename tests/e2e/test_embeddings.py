@@ -72,10 +72,17 @@ async def _inputs_and_formats(gateway, engine: LLMEngine) -> None:
     np.testing.assert_allclose(decoded, want.vectors.numpy(), atol=1e-5)
     assert body["system_fingerprint"].startswith("tiny:1/sha256:")
 
-    # the client's own base64 path, and Matryoshka dimensions: the first 16 components, renormalised
-    short = await client.embeddings.create(model="tiny", input=TEXTS, dimensions=16, encoding_format="base64")
-    got = np.array([d.embedding if isinstance(d.embedding, list) else
-                    np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in short.data], dtype=np.float32)
+    # OpenAI's largest batch: 2048 inputs, their vectors over several NATS messages, in input order
+    texts = [f"{TEXTS[i % 3]} {i}" for i in range(2048)]
+    big = await client.embeddings.create(model="tiny", input=texts, encoding_format="base64")
+    assert [d.index for d in big.data] == list(range(2048))
+    some = [0, 777, 2047]
+    np.testing.assert_allclose([np.frombuffer(base64.b64decode(big.data[i].embedding), dtype="<f4") for i in some],
+                               engine.embed([texts[i] for i in some]).vectors.numpy(), atol=1e-5)
+
+    # Matryoshka dimensions: the first 16 components, renormalised
+    short = await client.embeddings.create(model="tiny", input=TEXTS, dimensions=16)
+    got = np.array([d.embedding for d in short.data], dtype=np.float32)
     head = want.vectors[:, :16].numpy()
     np.testing.assert_allclose(got, head / np.linalg.norm(head, axis=1, keepdims=True), atol=1e-5)
 
@@ -106,6 +113,8 @@ async def _refusals(gateway, engine: LLMEngine) -> None:
         (dict(model="tiny", input=[[5] * (CONTEXT + 1)]), 400, "context_length_exceeded", "input"),
         (dict(model="tiny", input="a", dimensions=hidden + 1), 400, "invalid_value", None),
         (dict(model="absent", input="a"), 404, "model_not_found", "model"),
+        (dict(model="tiny:x", input="a"), 400, "invalid_value", "model"),
+        (dict(model="tiny:7", input="a"), 404, "model_not_found", "model"),
         (dict(model="tiny", input="a", encoding_format="int8"), 400, "invalid_value", "encoding_format"),
         (dict(model="tiny", input=[[1, 10**6]]), 400, "invalid_value", None),
     ]

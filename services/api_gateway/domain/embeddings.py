@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared import errors
 from shared.catalog import parse_ref
 from shared.embeddings import MAX_INPUTS, EmbeddingRequest, Embeddings, decode_vector
 
@@ -33,7 +34,10 @@ class EmbeddingsRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_ref(cls, value: str) -> str:
-        parse_ref(value)  # a malformed reference is a 400 here, not a worker's answer
+        try:
+            parse_ref(value)  # a malformed reference is a 400 here, not a worker's answer
+        except errors.Invalid as exc:
+            raise ValueError(exc.message) from None
         return value
 
     @field_validator("input")

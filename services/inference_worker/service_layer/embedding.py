@@ -82,7 +82,7 @@ class Embedder:
 
     async def _run(self, dep: Deployment, request: EmbeddingRequest, send: Send) -> EmbeddingOutput:
         """Queue the inputs on the engine (tokenized on a thread: 2048 texts would hold the event loop)
-        and wait for the vectors, with a keepalive every KEEPALIVE_S so the caller knows we live."""
+        and wait for the vectors, with a keepalive every KEEPALIVE_S / 2 so the caller knows we live."""
         assert dep.loop is not None
         try:
             future = await asyncio.to_thread(dep.loop.engine.submit_embedding, request.inputs)
@@ -92,12 +92,13 @@ class Embedder:
         except InvalidRequestError as exc:
             raise errors.Invalid(str(exc)) from None
         waiting = asyncio.wrap_future(future)
+        keepalive = Keepalive(request_id=request.request_id).model_dump_json().encode()
         try:
-            while True:
-                done, _ = await asyncio.wait({waiting}, timeout=KEEPALIVE_S)
+            while True:  # at half the interval: tokenizing took some of the caller's silence allowance already
+                done, _ = await asyncio.wait({waiting}, timeout=KEEPALIVE_S / 2)
                 if done:
                     break
-                await send(Keepalive(request_id=request.request_id).model_dump_json().encode())
+                await send(keepalive)
         except BaseException:
             future.cancel()  # the caller is gone: not run at all if the engine has not started it
             raise
