@@ -154,3 +154,24 @@ async def test_a_deploys_embedding_pooling_overrides_the_checkpoints(nats_server
             assert not np.allclose(vectors, engine.embed(TEXTS).vectors.numpy(), atol=1e-3)
     finally:
         await bus.nc.close()
+
+
+async def test_a_token_quota_reserves_the_inputs_bound_and_is_charged_what_was_embedded(nats_server, tmp_path, ckpts):  # noqa: F811
+    """An input of 44 bytes reserves 52 tokens of a 100-token key and uses fewer: only the refund at its
+    end lets the next request in; a request over what is left is refused 429 with Retry-After."""
+    from tests.api_gateway.test_quotas import make_key
+
+    async with stack(nats_server, tmp_path, ckpts) as (gateway, engine):
+        client = gateway.client(api_key=await make_key(nats_server.url, tokens_per_minute=100))
+        text = "The quick brown fox jumps over the lazy dog."  # a line the test tokenizer was trained on
+        used, bound = len(engine.tokenizer.encode(text)), len(text.encode()) + 8
+        assert bound == 52 and used < 100 - bound
+        served = 0
+        while 100 - served >= bound:  # each reservation fits only because the earlier ones were refunded
+            reply = await client.embeddings.create(model="tiny", input=text)
+            assert reply.usage.prompt_tokens == used
+            served += used
+        assert served >= 2 * used, "more requests than the bound alone would admit"
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.embeddings.create(model="tiny", input=[text, text])
+        assert int(refused.value.response.headers["retry-after"]) >= 1
