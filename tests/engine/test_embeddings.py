@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from services.inference_worker import kernels
 from services.inference_worker.engine import ContextLengthError, InvalidRequestError, SamplingParams
 from services.inference_worker.engine.embedding import checkpoint_pooling, pool, truncate
 
@@ -181,3 +182,15 @@ def test_a_qwen3_embedding_style_checkpoint_loads_and_embeds_as_transformers(ckp
     out = engine.embed(PROMPTS)
     assert out.pooling == "last"
     torch.testing.assert_close(out.vectors, hf_embeddings(path, prompts, "last"), atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_give_the_same_embeddings(engines, monkeypatch):
+    """The cache-free prefill under the Triton kernels (the CPU interpreter here, compiled on a GPU)."""
+    engine = engines("qwen2")
+    ref = engine.embed(PROMPTS[:3], pooling="mean").vectors
+    calls = []
+    monkeypatch.setattr(kernels, "use_triton", lambda t: calls.append(1) or True)
+    tri = engine.embed(PROMPTS[:3], pooling="mean").vectors
+    assert calls
+    torch.testing.assert_close(tri, ref, atol=1e-4, rtol=0)

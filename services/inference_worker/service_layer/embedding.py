@@ -24,7 +24,7 @@ from services.inference_worker.engine import ContextLengthError, InvalidRequestE
 from services.inference_worker.engine.embedding import EmbeddingOutput, truncate
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 from services.inference_worker.service_layer.serving import parse_request
-from services.inference_worker.service_layer.telemetry import ended, tracer
+from services.inference_worker.service_layer.telemetry import GENAI, ended, tracer
 
 log = logging.getLogger(__name__)
 Send = Callable[[bytes], Awaitable[None]]
@@ -109,6 +109,7 @@ class Embedder:
 
     async def _record(self, request: EmbeddingRequest, dep: Deployment, reply: EmbeddingReply, encoded: list[str],
                       salt: str, trace_id: str, seconds: float) -> None:
+        GENAI.record_embeddings(request.model, dep.model.name, seconds, reply.prompt_tokens)
         try:
             await self.publish(EmbeddingsCompleted(
                 request_id=request.request_id, trace_id=trace_id, model=dep.model, deployment_id=dep.deployment_id,
