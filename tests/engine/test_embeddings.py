@@ -194,3 +194,35 @@ def test_triton_kernels_give_the_same_embeddings(engines, monkeypatch):
     tri = engine.embed(PROMPTS[:3], pooling="mean").vectors
     assert calls
     torch.testing.assert_close(tri, ref, atol=1e-4, rtol=0)
+
+
+def test_a_cancelled_job_stops_queued_or_between_slices_and_a_stopped_engine_fails_the_rest(ckpts):
+    from concurrent.futures import CancelledError
+
+    from services.inference_worker.engine import EngineConfig, LLMEngine
+    from services.inference_worker.engine.embedding import EmbeddingCancelled
+
+    engine = LLMEngine.from_pretrained(ckpts("llama").path, EngineConfig(
+        device="cpu", dtype="float32", num_blocks=64, block_size=16, max_num_batched_tokens=24))
+    queued = engine.submit_embedding(PROMPTS)
+    assert engine.cancel_embedding(queued) and queued.cancelled()
+    engine.step()
+    assert not engine._embeddings and not engine.cancel_embedding(queued)
+    with pytest.raises(CancelledError):
+        queued.result()
+
+    running = engine.submit_embedding(PROMPTS)
+    engine.step()  # its first slice ran: it cannot be cancelled as a future any more
+    assert running.running() and engine.cancel_embedding(running, "the caller went away")
+    engine.step()
+    with pytest.raises(EmbeddingCancelled, match="the caller went away"):
+        running.result(timeout=0)
+    assert not engine._embeddings
+
+    left = [engine.submit_embedding(PROMPTS), engine.submit_embedding(PROMPTS[:1])]
+    engine.step()
+    engine.fail_embeddings("the model is being unloaded")
+    for future in left:  # the running one and the queued one
+        with pytest.raises(EmbeddingCancelled, match="unloaded"):
+            future.result(timeout=0)
+    assert not engine.wait_for_work(timeout=0), "nothing left to step"

@@ -126,3 +126,23 @@ async def test_a_request_sent_to_another_models_subject_is_refused(served):
     embedder, dep, _ = served
     (only,) = await run(embedder, EmbeddingRequest(model="tiny", inputs=["a"]), subject_model="other")
     assert "sent to the subject of 'other'" in RpcReply.model_validate_json(only).error.message
+
+
+async def test_a_cancel_or_an_unload_answers_a_waiting_request_with_unavailable(served):
+    embedder, dep, events = served
+    request = EmbeddingRequest(model="tiny", inputs=TEXTS)
+    task = asyncio.ensure_future(run(embedder, request))
+    await asyncio.sleep(0.2)
+    assert embedder.cancel(request.request_id), "infer.cancel reaches the engine job"
+    sent = await asyncio.wait_for(task, 10)
+    rpc = RpcReply.model_validate_json(sent[-1])
+    assert not rpc.ok and rpc.error.code == "unavailable" and "stopped" in rpc.error.message
+    assert not embedder.running and not embedder.cancel(request.request_id)
+
+    task = asyncio.ensure_future(run(embedder, EmbeddingRequest(model="tiny", inputs=TEXTS)))
+    await asyncio.sleep(0.2)
+    await asyncio.to_thread(dep.loop.stop)  # what an unload does once its drain times out
+    sent = await asyncio.wait_for(task, 10)
+    rpc = RpcReply.model_validate_json(sent[-1])
+    assert not rpc.ok and rpc.error.code == "unavailable" and "being unloaded" in rpc.error.message, rpc.error
+    assert events == []

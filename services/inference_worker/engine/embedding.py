@@ -15,9 +15,10 @@ padding and no left/right padding question: each prompt's last token is at its o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,10 @@ _ST_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean
 _ST_POOLING_MODULE = "sentence_transformers.models.Pooling"
 
 
+class EmbeddingCancelled(Exception):
+    """An embedding job stopped before its end (``LLMEngine.cancel_embedding``)."""
+
+
 @dataclass
 class EmbeddingOutput:
     vectors: Tensor  # [inputs, hidden] float32 on the CPU, each of L2 norm 1
@@ -53,6 +58,7 @@ class EmbeddingJob:
     future: Future = field(default_factory=Future)
     done: int = 0  # prompts computed so far
     parts: list[Tensor] = field(default_factory=list)
+    cancelled: str | None = None  # why the rest is not to be computed (its caller went away, the engine stops)
 
     def next_slice(self, max_tokens: int) -> list[list[int]]:
         """The next prompts whose tokens fit ``max_tokens`` (one at least, whatever its length)."""
@@ -106,20 +112,30 @@ def embed_forward(model: Transformer, prompts: list[list[int]], how: str) -> Ten
 def run_slice(model: Transformer, job: EmbeddingJob, max_tokens: int) -> bool:
     """Compute the job's next slice (on the engine thread); True when the job is over (its future
     resolved, with the vectors or with the exception the forward pass raised)."""
+    if job.future.done():  # failed from another thread (LLMEngine.fail_embeddings)
+        return True
     if job.done == 0 and not job.future.set_running_or_notify_cancel():
         return True  # the caller gave up before it started
+    if job.cancelled is not None:  # a running future cannot be cancelled: it fails with the reason
+        return _resolve(job, exc=EmbeddingCancelled(job.cancelled))
     prompts = job.next_slice(max_tokens)
     try:
         job.parts.append(embed_forward(model, prompts, job.pooling))
     except Exception as exc:  # one bad job must not take the engine thread down
         log.exception("embedding forward pass failed")
-        job.future.set_exception(exc)
-        return True
+        return _resolve(job, exc=exc)
     job.done += len(prompts)
-    if job.done == len(job.prompts):
-        job.future.set_result(job.output())
-        return True
-    return False
+    return _resolve(job) if job.done == len(job.prompts) else False
+
+
+def _resolve(job: EmbeddingJob, exc: BaseException | None = None) -> bool:
+    """Settle the job's future, unless fail_embeddings (another thread) did it first."""
+    with contextlib.suppress(InvalidStateError):
+        if exc is None:
+            job.future.set_result(job.output())
+        else:
+            job.future.set_exception(exc)
+    return True
 
 
 def checkpoint_pooling(path: str | Path) -> str:

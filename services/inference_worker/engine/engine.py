@@ -9,14 +9,14 @@ import dataclasses
 import itertools
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 
 import torch
 
 from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
-from .embedding import POOLINGS, EmbeddingJob, EmbeddingOutput, checkpoint_pooling, run_slice
+from .embedding import POOLINGS, EmbeddingCancelled, EmbeddingJob, EmbeddingOutput, checkpoint_pooling, run_slice
 from .errors import ContextLengthError, InvalidRequestError
 from .loader import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
@@ -267,6 +267,8 @@ class LLMEngine:
                                       f"(it implements {', '.join(POOLINGS)})")
         if not inputs:
             raise InvalidRequestError("there is nothing to embed")
+        if self.tokenizer is None and any(isinstance(x, str) for x in inputs):
+            raise InvalidRequestError("this model has no tokenizer: send token ids")
         prompts = [self.tokenizer.encode(x) if isinstance(x, str) else [int(t) for t in x] for x in inputs]
         for i, ids in enumerate(prompts):
             if (error := self._validate_embedding(i, ids)) is not None:
@@ -294,7 +296,30 @@ class LLMEngine:
             job = self._embeddings[0] if self._embeddings else None
         if job is not None and run_slice(self.ckpt.model, job, self.ecfg.max_num_batched_tokens):
             with self._lock:
-                self._embeddings.remove(job)
+                if job in self._embeddings:  # fail_embeddings may have emptied the queue meanwhile
+                    self._embeddings.remove(job)
+
+    def cancel_embedding(self, future: Future[EmbeddingOutput], reason: str = "cancelled") -> bool:
+        """Stop a queued or running embedding job (any thread): its future fails with EmbeddingCancelled
+        at the next step (or is cancelled at once if it has not started). False if it is not queued."""
+        with self._lock:
+            job = next((j for j in self._embeddings if j.future is future), None)
+            if job is None:
+                return False
+            job.cancelled = reason
+            self._work.notify_all()
+        future.cancel()
+        return True
+
+    def fail_embeddings(self, reason: str) -> None:
+        """Fail every queued embedding job, for an engine that will step no more (the loop stopped)."""
+        with self._lock:
+            jobs, self._embeddings = self._embeddings, []
+        for job in jobs:
+            try:
+                job.future.set_exception(EmbeddingCancelled(reason))  # pending or running alike: it says why
+            except InvalidStateError:  # cancelled by its caller, or the last step finished it
+                pass
 
     def embed(self, inputs: list[str | list[int]], pooling: str | None = None) -> EmbeddingOutput:
         """Embed and wait, stepping the engine here (as ``generate``: only where no other thread steps it)."""

@@ -192,8 +192,8 @@ class Worker:
             cancel = InferenceCancel.model_validate_json(msg.data)
         except ValueError:
             return
-        assert self.server is not None
-        if self.server.cancel(cancel.request_id):
+        assert self.server is not None and self.embedder is not None
+        if self.server.cancel(cancel.request_id) or self.embedder.cancel(cancel.request_id):
             log.info("cancelled %s: %s", cancel.request_id, cancel.reason)
 
     async def loaded(self, _request: LoadedModelsRequest) -> LoadedModels:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 
 from opentelemetry import propagate, trace
 from shared import errors
@@ -21,7 +22,7 @@ from shared.inference import KEEPALIVE_S, Keepalive
 from shared.prompt_commitment import commit, new_salt
 from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.engine import ContextLengthError, InvalidRequestError
-from services.inference_worker.engine.embedding import EmbeddingOutput, truncate
+from services.inference_worker.engine.embedding import EmbeddingCancelled, EmbeddingOutput, truncate
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
 from services.inference_worker.service_layer.serving import parse_request
 from services.inference_worker.service_layer.telemetry import GENAI, ended, tracer
@@ -34,6 +35,12 @@ Publish = Callable[[EventData], Awaitable[object]]
 class Embedder:
     def __init__(self, deployments: Deployments, node_id: str, publish: Publish) -> None:
         self.deployments, self.node_id, self.publish = deployments, node_id, publish
+        self.running: dict[str, tuple[Deployment, Future[EmbeddingOutput]]] = {}  # request id -> its engine job
+
+    def cancel(self, request_id: str) -> bool:
+        """An ``infer.cancel`` (its caller went away): the engine computes no more of it."""
+        held = self.running.get(request_id)
+        return held is not None and held[0].loop is not None and held[0].loop.engine.cancel_embedding(held[1])
 
     async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send) -> None:
         """A request from ``infer.embed.<model>``: never raises; every failure is a typed reply."""
@@ -91,6 +98,7 @@ class Embedder:
                                                f"However, {exc}. Please reduce the length of the input.") from None
         except InvalidRequestError as exc:
             raise errors.Invalid(str(exc)) from None
+        self.running[request.request_id] = (dep, future)
         waiting = asyncio.wrap_future(future)
         keepalive = Keepalive(request_id=request.request_id).model_dump_json().encode()
         try:
@@ -100,10 +108,14 @@ class Embedder:
                     break
                 await send(keepalive)
         except BaseException:
-            future.cancel()  # the caller is gone: not run at all if the engine has not started it
+            dep.loop.engine.cancel_embedding(future)  # this task is cancelled (the worker stops): compute no more
             raise
+        finally:
+            self.running.pop(request.request_id, None)
         try:
             return waiting.result()
+        except (EmbeddingCancelled, asyncio.CancelledError) as exc:
+            raise errors.Unavailable(f"the embeddings were stopped ({str(exc) or 'cancelled'}): retry") from None
         except Exception as exc:
             raise errors.StrataError(f"the engine failed the embeddings: {type(exc).__name__}: {exc}") from None
 

@@ -14,9 +14,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TypeVar
 
 from opentelemetry import propagate, trace
 from pydantic import BaseModel
