@@ -127,7 +127,9 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     @inference.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, tags=["openai"])
     async def create_embeddings(body: EmbeddingsRequest, request: Request, c: Caller = Depends(caller)) -> Response:
         trace.get_current_span().update_name(f"embeddings {body.model}")
-        reply, salt = await embeddings.embed(gateway, c, body, request.state.request_id, request.headers.get(REQUEST_ID_HEADER))
+        # a client that hangs up cancels it: the worker hears an infer.cancel and its engine computes no more
+        reply, salt = await _unless_disconnected(request, embeddings.embed(
+            gateway, c, body, request.state.request_id, request.headers.get(REQUEST_ID_HEADER)))
         headers = {**_id_headers(request), **({SALT_HEADER: salt} if salt else {})}
         return Response(reply.model_dump_json(), media_type="application/json", headers=headers)
 
