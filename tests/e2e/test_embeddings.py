@@ -5,6 +5,7 @@ what the client got."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -13,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from cli.main import main as cli_main
 from services.inference_worker.engine import EngineConfig, LLMEngine
 from shared.embeddings import input_bytes
 from shared.events import EmbeddingsCompleted
@@ -136,7 +138,7 @@ async def _refusals(gateway, engine: LLMEngine) -> None:
     assert "unrecognized request argument supplied: pooling" in extra.value.body["message"]
 
 
-async def test_a_deploys_embedding_pooling_overrides_the_checkpoints(nats_server, tmp_path, ckpts):  # noqa: F811
+async def test_a_deploys_embedding_pooling_overrides_the_checkpoints(nats_server, tmp_path, ckpts, capsys):  # noqa: F811
     """Deployed with embedding_pooling "mean" (strata deploy --embedding-pooling mean), the worker pools
     over the prompt's tokens although the checkpoint says nothing (its default: the last token)."""
     from shared.embeddings import EmbeddingRequest, embed
@@ -152,6 +154,15 @@ async def test_a_deploys_embedding_pooling_overrides_the_checkpoints(nats_server
             vectors = np.array([np.frombuffer(base64.b64decode(v), dtype="<f4") for v in got.vectors])
             np.testing.assert_allclose(vectors, engine.embed(TEXTS, pooling="mean").vectors.numpy(), atol=1e-5)
             assert not np.allclose(vectors, engine.embed(TEXTS).vectors.numpy(), atol=1e-3)
+            # the same over `strata embed` (the CLI has its own event loop: a thread)
+            code = await asyncio.to_thread(cli_main, ["embed", "other", *TEXTS, "--nats-url", nats_server.url])
+            out, err = capsys.readouterr()
+            assert code == 0 and "other:1, mean pooling, 64 dimensions" in err
+            lines = [json.loads(line) for line in out.splitlines()]
+            assert [line["index"] for line in lines] == [0, 1, 2]
+            np.testing.assert_allclose([line["embedding"] for line in lines], vectors, atol=1e-6)
+            assert await asyncio.to_thread(cli_main, ["embed", "absent", "x", "--nats-url", nats_server.url]) == 1
+            assert "'absent' is not deployed" in capsys.readouterr().err
     finally:
         await bus.nc.close()
 
