@@ -19,6 +19,7 @@ from services.inference_worker.engine import EngineConfig, LLMEngine
 from shared.embeddings import input_bytes
 from shared.events import EmbeddingsCompleted
 from shared.prompt_commitment import SALT_HEADER, commit
+from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.e2e.test_sampling_fields import stack
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
@@ -186,3 +187,27 @@ async def test_a_token_quota_reserves_the_inputs_bound_and_is_charged_what_was_e
         with pytest.raises(openai.RateLimitError) as refused:
             await client.embeddings.create(model="tiny", input=[text, text])
         assert int(refused.value.response.headers["retry-after"]) >= 1
+
+
+async def test_an_embedding_only_checkpoint_deploys_embeds_and_refuses_to_generate(nats_server, tmp_path, ckpts,  # noqa: F811
+                                                                                   tokenizer_dir):  # noqa: F811
+    """A Qwen3-Embedding-style checkpoint whose files have no LM head: it loads (warmed up by an embedding),
+    answers /v1/embeddings as the engine computes them, and a chat request to it is a clear 400."""
+    from tests.engine.test_embeddings import bare_decoder_checkpoint
+
+    path = bare_decoder_checkpoint(tmp_path / "bare", tokenizer_dir, tied=False)
+    bus = await connect_bus(nats_server.url, "node-a")
+    worker = make_worker(nats_server.url, tmp_path / "worker", {**ckpts, "embedder": path})
+    try:
+        async with worker.running():
+            await deployed(bus, "embedder")
+            with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
+                client = gateway.client()
+                got = await client.embeddings.create(model="embedder", input=TEXTS)
+                engine = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", num_blocks=32))
+                np.testing.assert_allclose([d.embedding for d in got.data], engine.embed(TEXTS).vectors.numpy(), atol=1e-5)
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.chat.completions.create(model="embedder", messages=[{"role": "user", "content": "hi"}])
+                assert "embedding model" in refused.value.body["message"] and "/v1/embeddings" in refused.value.body["message"]
+    finally:
+        await bus.nc.close()

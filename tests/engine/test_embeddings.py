@@ -154,18 +154,17 @@ def test_pool_and_matryoshka_truncation():
         truncate(v, 4)
 
 
-def test_a_qwen3_embedding_style_checkpoint_loads_and_embeds_as_transformers(ckpts, tmp_path):
-    """Qwen3-Embedding's layout: a tied Qwen3 saved from the bare decoder (tensors without "model."),
-    config.json still naming Qwen3ForCausalLM, and sentence-transformers' last-token pooling."""
+def bare_decoder_checkpoint(root, tokenizer_dir, *, tied: bool):
+    """Qwen3-Embedding's layout: a Qwen3 saved from the bare decoder (tensors without "model.", no
+    lm_head), config.json still naming Qwen3ForCausalLM, and sentence-transformers' last-token pooling.
+    ``tied`` False: an untied vocabulary whose LM head the files lack (an embedding-only checkpoint)."""
     import shutil
 
-    from services.inference_worker.engine import EngineConfig, LLMEngine
+    from .conftest import build_checkpoint
 
-    src = ckpts("qwen3")
-    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config.from_pretrained(src.path, tie_word_embeddings=True))
-    hf.load_state_dict({k: v for k, v in src.hf.state_dict().items() if k != "lm_head.weight"}, strict=False)
-    path = tmp_path / "qwen3-embedding"
-    hf.model.save_pretrained(path)  # the bare Qwen3Model: "layers.0...", "embed_tokens.weight"
+    src = build_checkpoint(root / "src", tokenizer_dir, arch="qwen3", seed=21, head_dim=16, tie_word_embeddings=tied)
+    path = root / ("qwen3-embedding" if tied else "qwen3-embedding-untied")
+    src.hf.model.save_pretrained(path)  # the bare Qwen3Model: "layers.0...", "embed_tokens.weight"
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -176,8 +175,17 @@ def test_a_qwen3_embedding_style_checkpoint_loads_and_embeds_as_transformers(ckp
     (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
     from safetensors import safe_open
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        assert "embed_tokens.weight" in f.keys() and not any(k.startswith("model.") for k in f.keys())
+        assert "embed_tokens.weight" in f.keys() and not any(k.startswith(("model.", "lm_head")) for k in f.keys())
+    return path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_qwen3_embedding_style_checkpoint_loads_and_embeds_as_transformers(tokenizer_dir, tmp_path, tied):
+    from services.inference_worker.engine import EngineConfig, LLMEngine
+
+    path = bare_decoder_checkpoint(tmp_path, tokenizer_dir, tied=tied)
     engine = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", num_blocks=32))
+    assert engine.ckpt.model.can_generate is tied, "without its LM head it embeds only"
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
     out = engine.embed(PROMPTS)
     assert out.pooling == "last"

@@ -129,6 +129,13 @@ def load_weights(model: Transformer, cfg: ModelConfig, files: list[Path], path: 
         stored = _bare_decoder_names(key_file)  # our HF name -> the name in the file, where they differ
         prefixed = {k: ours for ours, k in stored.items()}
         key_file = {prefixed.get(k, k): f for k, f in key_file.items()}
+        if stored and "lm_head.weight" in wanted and "lm_head.weight" not in key_file:
+            # an embedding model's bare decoder, its vocabulary untied: it has no LM head, and embeds only
+            log.warning("%s: no lm_head.weight in a bare decoder's files: loaded for embeddings only", path)
+            del wanted["lm_head.weight"]
+            with torch.no_grad():
+                model.lm_head.weight.zero_()  # not left as whatever memory to_empty() handed over
+            model.can_generate = False
         for k, f in key_file.items():
             if k in known or k.endswith(IGNORED_SUFFIXES):
                 continue
