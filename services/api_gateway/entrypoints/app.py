@@ -131,7 +131,7 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
         reply, salt = await _unless_disconnected(request, embeddings.embed(
             gateway, c, body, request.state.request_id, request.headers.get(REQUEST_ID_HEADER)))
         headers = {**_id_headers(request), **({SALT_HEADER: salt} if salt else {})}
-        return Response(reply.model_dump_json(), media_type="application/json", headers=headers)
+        return Response(reply, media_type="application/json", headers=headers)
 
     app.include_router(inference)
     return service
