@@ -146,3 +146,18 @@ async def test_a_cancel_or_an_unload_answers_a_waiting_request_with_unavailable(
     rpc = RpcReply.model_validate_json(sent[-1])
     assert not rpc.ok and rpc.error.code == "unavailable" and "being unloaded" in rpc.error.message, rpc.error
     assert events == []
+
+
+async def test_a_duplicate_request_id_is_a_conflict_and_a_full_worker_says_overloaded(served):
+    embedder, dep, _ = served
+    first = EmbeddingRequest(model="tiny", inputs=TEXTS)
+    task = asyncio.ensure_future(run(embedder, first))
+    await asyncio.sleep(0.2)  # waiting: the engine loop is not stepping
+    (again,) = await run(embedder, first)
+    assert RpcReply.model_validate_json(again).error.code == "conflict"
+    embedder.max_inflight = 1
+    (full,) = await run(embedder, EmbeddingRequest(model="tiny", inputs=TEXTS))
+    error = RpcReply.model_validate_json(full).error
+    assert error.code == "unavailable" and "overloaded" in error.message
+    dep.loop.start()
+    assert RpcReply.model_validate_json((await asyncio.wait_for(task, 10))[-1]).ok

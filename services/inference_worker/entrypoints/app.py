@@ -76,7 +76,7 @@ class Worker:
         journal = InflightJournal(self.service.settings.service_dir / "inflight.jsonl")
         self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
                              journal=journal)
-        self.embedder = Embedder(self.deployments, self.node_id, self.service.publish)
+        self.embedder = Embedder(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight)
         if cut := await self.server.report_cut_short():
             log.warning("published inference.failed for %d request(s) an earlier worker on this node left unfinished", cut)
         js = nc.jetstream()

@@ -33,14 +33,16 @@ Publish = Callable[[EventData], Awaitable[object]]
 
 
 class Embedder:
-    def __init__(self, deployments: Deployments, node_id: str, publish: Publish) -> None:
+    def __init__(self, deployments: Deployments, node_id: str, publish: Publish, *, max_inflight: int = 256) -> None:
         self.deployments, self.node_id, self.publish = deployments, node_id, publish
-        self.running: dict[str, tuple[Deployment, Future[EmbeddingOutput]]] = {}  # request id -> its engine job
+        self.max_inflight = max_inflight  # beyond: 'unavailable' (overloaded, retry), as for generations
+        # request id -> its deployment and engine job (None while its inputs are being tokenized)
+        self.running: dict[str, tuple[Deployment, Future[EmbeddingOutput] | None]] = {}
 
     def cancel(self, request_id: str) -> bool:
         """An ``infer.cancel`` (its caller went away): the engine computes no more of it."""
-        held = self.running.get(request_id)
-        return held is not None and held[0].loop is not None and held[0].loop.engine.cancel_embedding(held[1])
+        dep, future = self.running.get(request_id, (None, None))
+        return dep is not None and future is not None and dep.loop is not None and dep.loop.engine.cancel_embedding(future)
 
     async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send) -> None:
         """A request from ``infer.embed.<model>``: never raises; every failure is a typed reply."""
@@ -57,6 +59,11 @@ class Embedder:
                        .model_dump_json().encode())
 
     async def _embed(self, request: EmbeddingRequest, headers: dict[str, str] | None, send: Send) -> None:
+        rid = request.request_id
+        if len(self.running) >= self.max_inflight:
+            raise errors.Unavailable(f"overloaded: {len(self.running)} embeddings requests in flight on this worker, retry")
+        if rid in self.running:
+            raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
         assert dep.loop is not None
         engine = dep.loop.engine
@@ -69,11 +76,13 @@ class Embedder:
             span.set_attributes({"gen_ai.operation.name": "embeddings", "gen_ai.request.model": request.model,
                                  "strata.request_id": request.request_id})
             started = time.time()
-            dep.inflight.add(request.request_id)  # an unload drains it like a generation
+            self.running[rid] = (dep, None)
+            dep.inflight.add(rid)  # an unload drains it like a generation
             try:
                 out = await self._run(dep, request, send)
             finally:
-                dep.inflight.discard(request.request_id)
+                dep.inflight.discard(rid)
+                self.running.pop(rid, None)
             vectors = out.vectors if request.dimensions is None else truncate(out.vectors, request.dimensions)
             encoded = [encode_vector(v) for v in vectors.numpy()]
             for part in parts(request.request_id, encoded):
@@ -110,8 +119,6 @@ class Embedder:
         except BaseException:
             dep.loop.engine.cancel_embedding(future)  # this task is cancelled (the worker stops): compute no more
             raise
-        finally:
-            self.running.pop(request.request_id, None)
         try:
             return waiting.result()
         except (EmbeddingCancelled, asyncio.CancelledError) as exc:
