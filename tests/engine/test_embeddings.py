@@ -234,3 +234,48 @@ def test_a_cancelled_job_stops_queued_or_between_slices_and_a_stopped_engine_fai
         with pytest.raises(EmbeddingCancelled, match="unloaded"):
             future.result(timeout=0)
     assert not engine.wait_for_work(timeout=0), "nothing left to step"
+
+
+@pytest.mark.parametrize("how", ["last", "mean"])
+def test_an_input_longer_than_a_step_is_prefilled_in_chunks_through_borrowed_blocks(ckpts, how):
+    """Longer than max_num_batched_tokens: chunked through the paged cache (no activation peak beyond
+    what the cache was sized for), the same vectors as transformers, every block back, a running
+    generation untouched; with too few free blocks it runs in one piece, and still the same."""
+    from services.inference_worker.engine import EngineConfig, LLMEngine
+    from services.inference_worker.engine import embedding
+
+    path = ckpts("qwen2").path
+    engine = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", num_blocks=64, block_size=16,
+                                                          max_num_batched_tokens=24))
+    long = engine.tokenizer.encode(" ".join(PROMPTS * 3))
+    assert len(long) > 3 * 24
+    want = hf_embeddings(path, [long, engine.tokenizer.encode(PROMPTS[0])], how)
+    chunked = []
+    real = embedding.embed_in_chunks
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(embedding, "embed_in_chunks", lambda *a: chunked.append(a[2]) or real(*a))
+    try:
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        alone = engine.generate([PROMPTS[1]], greedy)[0].token_ids
+        rid = engine.add_request(PROMPTS[1], greedy)
+        engine.step()
+        used = engine.cache_usage().used_blocks
+        future = engine.submit_embedding([long, PROMPTS[0]], pooling=how)
+        tokens = None
+        while tokens is None or not future.done():
+            for out in engine.step():
+                if out.request_id == rid:
+                    tokens = out.token_ids
+            assert engine.cache_usage().used_blocks <= used + 1, "the borrowed blocks are back after each step"
+        assert chunked == [long], "only the long input took the chunked path"
+        assert tokens == alone
+        torch.testing.assert_close(future.result().vectors, want, atol=ATOL, rtol=0)
+        assert engine.cache_usage().used_blocks == 0
+
+        tiny = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", num_blocks=4, block_size=16,
+                                                            max_num_batched_tokens=24))
+        tiny.max_model_len = len(long)  # a cache of 64 tokens cannot borrow blocks for it: one piece
+        torch.testing.assert_close(tiny.embed([long], pooling=how).vectors, want[:1], atol=ATOL, rtol=0)
+        assert chunked == [long, long] and tiny.cache_usage().used_blocks == 0
+    finally:
+        monkey.undo()

@@ -8,6 +8,11 @@ nothing has to be freed afterwards. The forward pass still runs on the engine th
 and each step runs the next slice of it (at most ``max_num_batched_tokens`` tokens, and at least one
 prompt), so a batch of 2048 inputs shares the engine with running generations instead of stalling them.
 
+One prompt longer than ``max_num_batched_tokens`` would need more activation memory than the engine
+measured when it sized its KV cache (on a GPU: an out-of-memory). It is prefilled in chunks of that
+size instead, through blocks of the paged cache taken from the free list and given back within the same
+step (``embed_in_chunks``): the scheduler never sees them. Without enough free blocks it runs in one piece.
+
 Pooling, as sentence-transformers does it: "last" takes the hidden state of each prompt's last token
 (Qwen3-Embedding and other decoder embedders, whose tokenizer appends an end token for it); "mean"
 averages over the prompt's tokens. The batch is flat, prompts laid end to end, so there is no
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .block_manager import BlockManager
 from .model import AttentionMetadata, PrefillChunk, Transformer
 
 log = logging.getLogger(__name__)
@@ -109,7 +115,44 @@ def embed_forward(model: Transformer, prompts: list[list[int]], how: str) -> Ten
     return normalize(pool(hidden, [len(p) for p in prompts], how)).cpu()
 
 
-def run_slice(model: Transformer, job: EmbeddingJob, max_tokens: int) -> bool:
+@dataclass
+class _Blocks:
+    """What BlockManager.ensure/free read and write of a sequence: an embedding's borrowed blocks."""
+
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+
+
+@dataclass
+class PagedCache:
+    kv: Tensor  # ModelRunner.kv_cache
+    blocks: BlockManager
+
+
+@torch.inference_mode()
+def embed_in_chunks(model: Transformer, cache: PagedCache, prompt: list[int], how: str, chunk: int) -> Tensor | None:
+    """One prompt's pooled, normalised embedding [1, H], prefilled ``chunk`` tokens at a time into
+    blocks borrowed from the cache and freed before returning; None when too few blocks are free."""
+    borrowed, bs = _Blocks(), cache.blocks.block_size
+    if not cache.blocks.ensure(borrowed, len(prompt)):
+        return None
+    try:
+        device = model.norm.device
+        table = torch.tensor(borrowed.block_table, dtype=torch.long, device=device)
+        pooled = torch.zeros(model.cfg.hidden_size, dtype=torch.float32, device=device)
+        for start in range(0, len(prompt), chunk):
+            end = min(start + chunk, len(prompt))
+            positions = torch.arange(start, end, device=device)
+            meta = AttentionMetadata(slot_mapping=table[positions // bs] * bs + positions % bs, prefills=[PrefillChunk(
+                0, end - start, start, table[:-(-end // bs)] if start else None, len(prompt))])
+            hidden = model(torch.tensor(prompt[start:end], dtype=torch.long, device=device), positions, meta, cache.kv)
+            pooled = pooled + hidden.float().sum(0) if how == "mean" else hidden[-1].float()
+        return normalize((pooled / len(prompt) if how == "mean" else pooled)[None]).cpu()
+    finally:
+        cache.blocks.free(borrowed)
+
+
+def run_slice(model: Transformer, job: EmbeddingJob, max_tokens: int, cache: PagedCache | None = None) -> bool:
     """Compute the job's next slice (on the engine thread); True when the job is over (its future
     resolved, with the vectors or with the exception the forward pass raised)."""
     if job.future.done():  # failed from another thread (LLMEngine.fail_embeddings)
@@ -120,7 +163,9 @@ def run_slice(model: Transformer, job: EmbeddingJob, max_tokens: int) -> bool:
         return _resolve(job, exc=EmbeddingCancelled(job.cancelled))
     prompts = job.next_slice(max_tokens)
     try:
-        job.parts.append(embed_forward(model, prompts, job.pooling))
+        long = len(prompts[0]) > max_tokens and cache is not None  # a slice of one prompt, then
+        chunked = embed_in_chunks(model, cache, prompts[0], job.pooling, max_tokens) if long else None  # type: ignore[arg-type]
+        job.parts.append(chunked if chunked is not None else embed_forward(model, prompts, job.pooling))
     except Exception as exc:  # one bad job must not take the engine thread down
         log.exception("embedding forward pass failed")
         return _resolve(job, exc=exc)

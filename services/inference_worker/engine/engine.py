@@ -16,7 +16,8 @@ import torch
 
 from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
-from .embedding import POOLINGS, EmbeddingCancelled, EmbeddingJob, EmbeddingOutput, checkpoint_pooling, run_slice
+from .embedding import (POOLINGS, EmbeddingCancelled, EmbeddingJob, EmbeddingOutput, PagedCache, checkpoint_pooling,
+                        run_slice)
 from .errors import ContextLengthError, InvalidRequestError
 from .loader import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
@@ -294,7 +295,8 @@ class LLMEngine:
     def _embedding_step(self) -> None:
         with self._lock:
             job = self._embeddings[0] if self._embeddings else None
-        if job is not None and run_slice(self.ckpt.model, job, self.ecfg.max_num_batched_tokens):
+        cache = PagedCache(self.runner.kv_cache, self.block_manager)
+        if job is not None and run_slice(self.ckpt.model, job, self.ecfg.max_num_batched_tokens, cache):
             with self._lock:
                 if job in self._embeddings:  # fail_embeddings may have emptied the queue meanwhile
                     self._embeddings.remove(job)
