@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from typing import Literal
 
 import numpy as np
 from nats.aio.client import Client
@@ -54,7 +55,7 @@ class EmbeddingRequest(BaseModel):
 class EmbeddingPart(BaseModel):
     """Vectors ``start`` .. ``start + len(vectors) - 1`` of the request, in input order."""
 
-    kind: str = Field(default="embedding_part", pattern="^embedding_part$")
+    kind: Literal["embedding_part"] = "embedding_part"
     request_id: str
     start: int = Field(ge=0)
     vectors: list[str] = Field(description="each the base64 of float32 little-endian components")
