@@ -1,17 +1,18 @@
-"""``strata chat REF`` and ``strata complete REF PROMPT``: talk to a deployed model over NATS, through
-the same client the api-gateway uses (shared/inference_client.py)."""
+"""``strata chat REF``, ``strata complete REF PROMPT`` and ``strata embed REF TEXT...``: talk to a deployed
+model over NATS, through the same clients the api-gateway uses (shared/inference_client.py, shared/embeddings.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from typing import TextIO
 
 from pydantic import ValidationError
 
 from cli import connection
-from shared import errors, inference_client
+from shared import embeddings, errors, inference_client
 from shared.inference import ChatMessage, Chunk, End, InferenceRequest, SamplingOptions
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -31,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="print tokens as they arrive (default) or the whole answer at the end")
     _common(complete)
     complete.set_defaults(func=_complete)
+
+    embed = sub.add_parser("embed", help="embed texts with a deployed model: one JSON line per text, its unit vector")
+    embed.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
+    embed.add_argument("texts", nargs="+", metavar="TEXT")
+    embed.add_argument("--dimensions", type=int, help="keep the first N components, renormalised")
+    connection.add_options(embed)
+    embed.set_defaults(func=_embed)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,6 +84,24 @@ def _complete(args: argparse.Namespace) -> int:
         finally:
             await inference_client.settle()  # a Ctrl-C'd stream's InferenceCancel goes out before we close
             await nc.close()
+
+    return _guard(lambda: asyncio.run(run()))
+
+
+def _embed(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        nc = await _connect(args)
+        try:
+            request = embeddings.EmbeddingRequest(model=args.ref, inputs=args.texts, dimensions=args.dimensions)
+            result = await embeddings.embed(nc, request)
+        finally:
+            await nc.close()
+        for index, vector in enumerate(result.vectors):
+            print(json.dumps({"index": index, "embedding": embeddings.decode_vector(vector)}))
+        reply = result.reply
+        print(f"{reply.model.name}:{reply.model.version}, {reply.pooling} pooling, {reply.dimensions} dimensions, "
+              f"{reply.prompt_tokens} tokens", file=sys.stderr)
+        return 0
 
     return _guard(lambda: asyncio.run(run()))
 

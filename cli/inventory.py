@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--policy", choices=["binpack", "spread"])
     deploy.add_argument("--no-wait", action="store_true", help="return once every replica is placed, before the workers load it")
     deploy.add_argument("--load-timeout", type=float, default=600.0, help="seconds to wait for the workers to load it (default 600)")
+    deploy.add_argument("--embedding-pooling", choices=["last", "mean"],
+                        help="how /v1/embeddings pools (default: the checkpoint's sentence-transformers config, else last token)")
     _shape_args(deploy)
     deploy.set_defaults(func=lambda a: _run(a, _deploy))
 
@@ -186,7 +188,8 @@ async def _deploy(nc, args) -> int:
     from shared.events import DeployRequested, Source, make_event, parse_event
 
     request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
-                              context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype)
+                              context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype,
+                              embedding_pooling=args.embedding_pooling)
     event = make_event(request, Source(service="cli", node=socket.gethostname()))
     heard: asyncio.Queue = asyncio.Queue()
 

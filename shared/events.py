@@ -49,6 +49,9 @@ class EventData(BaseModel):
         return subjects.event(cls.TYPE, persistent=cls.PERSISTENT)
 
 
+EmbeddingPooling = Literal["last", "mean"]  # services/inference_worker/engine/embedding.py
+
+
 class Source(BaseModel):
     model_config = ConfigDict(frozen=True)
     service: str
@@ -223,6 +226,7 @@ class DeployScheduled(InventoryEvent):
     batch: int = Field(default=1, ge=1)
     kv_cache_bytes: int = Field(default=0, ge=0, description="size the KV cache to this (what was booked)")
     booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
+    embedding_pooling: EmbeddingPooling | None = Field(default=None, description="as DeployRequested's")
 
 
 class DeployRejected(InventoryEvent):
@@ -278,6 +282,8 @@ class DeployRequested(ClientEvent):
     batch: int = Field(default=1, ge=1, le=4096, description="sequences served at full context at once")
     policy: Literal["binpack", "spread"] | None = Field(default=None, description="None: the registry's default")
     dtype: str | None = Field(default=None, description="compute dtype; None: the checkpoint's on GPU, float32 on CPU")
+    embedding_pooling: EmbeddingPooling | None = Field(default=None, description=(
+        "how /v1/embeddings pools the hidden states; None: as the checkpoint's sentence-transformers config says, else last token"))
 
 
 class UndeployRequested(ClientEvent):
@@ -330,15 +336,20 @@ class DeployUnloaded(WorkerEvent):
     node_id: str
 
 
-class InferenceCompleted(WorkerEvent):
-    TYPE = "inference.completed"
-    VERSION = 2  # 2 (#19): prompt_commitment, salted, replaces version 1's bare prompt_sha256
+class ServedRequest(WorkerEvent):
+    """What every served request's event says first: which request, and which model, deployment and device served it."""
+
     request_id: str
     trace_id: str | None = None
     model: ModelId
     deployment_id: str
     node_id: str
     device: str
+
+
+class InferenceCompleted(ServedRequest):
+    TYPE = "inference.completed"
+    VERSION = 2  # 2 (#19): prompt_commitment, salted, replaces version 1's bare prompt_sha256
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     queue_seconds: float = Field(ge=0)
@@ -354,6 +365,24 @@ class InferenceCompleted(WorkerEvent):
     api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
     client_request_id: str | None = Field(default=None, max_length=128,
                                           description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
+
+
+class EmbeddingsCompleted(ServedRequest):
+    """The receipt of one embeddings request (#18): which model embedded how many inputs, committed to
+    the inputs as ``inference.completed`` commits to a prompt (the salt goes to the requester alone),
+    and the sha256 of the vectors returned (shared/embeddings.py says over which bytes)."""
+
+    TYPE = "inference.embedded"
+    inputs: int = Field(ge=1)
+    prompt_tokens: int = Field(ge=0)
+    dimensions: int = Field(ge=1)
+    pooling: str
+    e2e_seconds: float = Field(ge=0)
+    prompt_commitment: str = Field(pattern=r"^[0-9a-f]{64}$", description=(
+        "HMAC-SHA256, keyed by the requester's salt, of the inputs as one JSON array (shared/embeddings.input_bytes)"))
+    output_sha256: str = Field(description="sha256 of the returned vectors' float32 little-endian bytes, in input order")
+    api_key_id: str | None = Field(default=None, max_length=64)
+    client_request_id: str | None = Field(default=None, max_length=128)
 
 
 class InferenceFailed(WorkerEvent):

@@ -125,8 +125,10 @@ class _Call:
     """One request in flight: its reply subject, its time-outs, and its clean-up. Whoever reads
     the final reply sets ``finished``; a call left before that publishes an ``InferenceCancel``."""
 
-    def __init__(self, nc: Client, request: InferenceRequest, silence_timeout_s: float, deadline_s: float | None) -> None:
+    def __init__(self, nc: Client, request: InferenceRequest, silence_timeout_s: float, deadline_s: float | None,
+                 subject: str | None = None) -> None:
         self.nc, self.request, self.finished = nc, request, False
+        self._subject = subject or request_subject(request)  # another contract's subject (shared/embeddings.py)
         self._silence_s, self._deadline_s = silence_timeout_s, deadline_s
         self._started = time.monotonic()
 
@@ -140,7 +142,7 @@ class _Call:
             raise errors.Unavailable(f"NATS is not reachable: {type(exc).__name__}") from None
         self._inbox = inbox
         try:
-            await self.nc.publish(request_subject(self.request), self.request.model_dump_json().encode(),
+            await self.nc.publish(self._subject, self.request.model_dump_json().encode(),
                                   reply=self._reply_to, headers=trace_headers())
         except NatsError as exc:
             inbox.close(self._reply_to)  # nothing was sent: nothing to cancel

@@ -94,7 +94,7 @@ NEEDS: dict[str, Needs] = {
         reads=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, obj_stream(BLOB_BUCKET)),
         publish=(subjects.rpc("model-store", "resolve"), subjects.rpc("model-store", "public_key"),
                  subjects.rpc("hardware-inventory", "assigned"), "infer.results.>"),
-        subscribe=("infer.request.>", CANCEL_SUBJECT),
+        subscribe=("infer.request.>", "infer.embed.>", CANCEL_SUBJECT),
     ),
     "provenance-ledger": Needs(
         reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)), looks_up=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)),
@@ -108,20 +108,21 @@ NEEDS: dict[str, Needs] = {
         looks_up=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
         # Reads the API keys, never writes them: a compromised edge must not mint an admin key.
         reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
-        publish=(f"$KV.{QUOTAS_BUCKET}.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT,
+        publish=(f"$KV.{QUOTAS_BUCKET}.>", "infer.request.>", "infer.embed.>", "infer.jobs.>", CANCEL_SUBJECT,
                  subjects.rpc("inference-worker", "models")),
         subscribe=(subjects.event("inference.completed"),),  # token reservations are settled from these
     ),
     CLIENT: Needs(
         looks_up=(subjects.EVENTS_STREAM, RESULTS_STREAM),
         reads=(subjects.EVENTS_STREAM, RESULTS_STREAM),
-        publish=("rpc.>", "infer.request.>", "infer.jobs.>", CANCEL_SUBJECT),
+        publish=("rpc.>", "infer.request.>", "infer.embed.>", "infer.jobs.>", CANCEL_SUBJECT),
         subscribe=(subjects.EVENTS_ALL, subjects.LIVE_ALL),
     ),
-    # A user's program: requests and jobs, and the results of jobs (RESULTS), replies on its own inbox
+    # A user's program: requests, embeddings and jobs, and the results of jobs (RESULTS), replies on its own inbox
     # prefix. No event, RPC, cancel or stream change: the CLI's `client` reach, less all but inference.
     # RESULTS is not fenced per request id: an app program can read every job's result (operations.md).
-    APP: Needs(looks_up=(RESULTS_STREAM,), reads=(RESULTS_STREAM,), publish=("infer.request.>", "infer.jobs.>")),
+    APP: Needs(looks_up=(RESULTS_STREAM,), reads=(RESULTS_STREAM,),
+               publish=("infer.request.>", "infer.embed.>", "infer.jobs.>")),
     # `strata key`: the one writer of API key records.
     OPERATOR: Needs(looks_up=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
                     publish=(f"$KV.{API_KEYS_BUCKET}.>",)),

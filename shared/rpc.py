@@ -33,12 +33,20 @@ class RpcReply(BaseModel):
     error: ErrorBody | None = None
 
 
+def parse(raw: bytes, request_type: type[Req]) -> Req:
+    """A request body as ``request_type``, or ``errors.Invalid`` naming the first problem and where it is."""
+    try:
+        return request_type.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        raise errors.Invalid(f"invalid {request_type.__name__}: {exc.errors()[0]['msg']} at {_loc(exc)}") from None
+
+
 async def answer(raw: bytes, request_type: type[Req], handler: Callable[[Req], Awaitable[Any]]) -> bytes:
     """Parse a request, run the handler, and encode its result or its error as an RpcReply."""
     try:
-        request = request_type.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        return _error(errors.Invalid(f"invalid {request_type.__name__}: {exc.errors()[0]['msg']} at {_loc(exc)}"))
+        request = parse(raw, request_type)
+    except errors.Invalid as exc:
+        return _error(exc)
     try:
         result = await handler(request)
     except errors.StrataError as exc:

@@ -31,6 +31,11 @@ def inference_request(model_name: str) -> str:
     return f"infer.request.{token(model_name)}"
 
 
+def embedding_request(model_name: str) -> str:
+    """``infer.embed.<model>``: embeddings (shared/embeddings.py), served next to ``infer.request.<model>``."""
+    return f"infer.embed.{token(model_name)}"
+
+
 def inference_job(model_name: str) -> str:
     return f"infer.jobs.{token(model_name)}"
 

@@ -245,3 +245,19 @@ async def test_optional_lru_eviction_makes_room_from_the_least_recently_used_rea
     assert "evicted (least recently used) for llama3-8b" in cluster.of("deploy.released", deployment_id=old.deployment_id)[0].reason
     without = await cluster.deployments.deploy(DeployRequest(model_ref="llama3-8b", constraints=gpu24))
     assert without.code == "no_fit"  # the default registry never evicts
+
+
+async def test_a_deploys_embedding_pooling_travels_to_the_workers_scheduled_event(cluster: Cluster):
+    """#18: `strata deploy --embedding-pooling mean` (a deploy.requested field) reaches the worker in
+    deploy.scheduled, through the stored deployment (so a replica placed again keeps it)."""
+    requested = DeployRequested(model_ref="tiny", embedding_pooling="mean")
+    await bus.publish(cluster.registry.broker, make_event(requested, CLIENT))
+    await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=requested.deployment_id), what="deploy.scheduled")
+    assert cluster.of("deploy.scheduled", deployment_id=requested.deployment_id)[0].embedding_pooling == "mean"
+    stored = (await cluster.registry.inventory.state.allocations()).deployments[requested.deployment_id]
+    assert stored.embedding_pooling == "mean"
+    plain = await deploy(cluster, model_ref="tiny")
+    await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=plain.deployment_id), what="deploy.scheduled")
+    assert cluster.of("deploy.scheduled", deployment_id=plain.deployment_id)[0].embedding_pooling is None
+    with pytest.raises(ValueError):
+        DeployRequested(model_ref="tiny", embedding_pooling="max")

@@ -51,7 +51,7 @@ def test_only_the_bootstrap_admin_may_create_change_or_delete_a_stream_and_each_
 SUBSCRIBE = {
     "model-store": ["_INBOX.model-store.>", "rpc.model-store.>"],
     "hardware-inventory": ["evt.deploy.>", "live.node.heartbeat", "_INBOX.hardware-inventory.>", "rpc.hardware-inventory.>"],
-    "inference-worker": ["infer.request.>", "infer.cancel", "_INBOX.inference-worker.>", "rpc.inference-worker.>"],
+    "inference-worker": ["infer.request.>", "infer.embed.>", "infer.cancel", "_INBOX.inference-worker.>", "rpc.inference-worker.>"],
     "provenance-ledger": ["_INBOX.provenance-ledger.>", "rpc.provenance-ledger.>"],
     "monitor": ["live.node.heartbeat", "_INBOX.monitor.>", "rpc.monitor.>"],
     "api-gateway": ["evt.inference.completed", "_INBOX.api-gateway.>", "rpc.api-gateway.>"],
@@ -66,10 +66,10 @@ def test_each_roles_subscriptions_are_exactly_what_it_needs():
     assert set(SUBSCRIBE) == set(nats_auth.ROLES)
     for role, expected in SUBSCRIBE.items():
         assert list(nats_auth.permissions(role).subscribe) == expected, role
-    wide = {">", "evt.>", "infer.request.>", "_INBOX.>"}
+    wide = {">", "evt.>", "infer.request.>", "infer.embed.>", "_INBOX.>"}
     assert {role: sorted(wide & set(nats_auth.permissions(role).subscribe)) for role in nats_auth.ROLES} == {
         **{role: [] for role in nats_auth.ROLES},
-        "inference-worker": ["infer.request.>"],  # it serves the requests
+        "inference-worker": ["infer.embed.>", "infer.request.>"],  # it serves the requests (and embeddings: #18)
         "client": ["_INBOX.>", "evt.>"],  # `strata events`, and programs on nats-py's default inbox
     }
     # the client's _INBOX.> stops short of every other role's replies
@@ -222,6 +222,7 @@ async def test_every_service_works_under_its_own_user_push_deploy_infer(secured_
     registered (model-store), deployed (inventory -> worker fetch from the Object Store) and answering an
     inference from a client; the server logged no permission violation on the way."""
     from cli.builtin import serve_builtin
+    from shared.embeddings import EmbeddingRequest, embed
     from shared.inference import InferenceRequest, SamplingOptions
     from shared.inference_client import complete
 
@@ -239,7 +240,13 @@ async def test_every_service_works_under_its_own_user_push_deploy_infer(secured_
         answer = await complete(client, InferenceRequest(model="strata-builtin-kjv", prompt="In the beginning",
                                                          sampling=SamplingOptions(max_tokens=4, temperature=0)))
         assert answer.usage.completion_tokens == 4 and answer.model.name == "strata-builtin-kjv"
-        assert errors.violations() == []
+        # embeddings (#18): the gateway and the client may ask, the worker answers on infer.embed.<model>
+        gateway, gateway_errors = await connect_as(secured_nats.url_for("api-gateway"))
+        stack.push_async_callback(gateway.close)
+        for nc in (client, gateway):
+            vectors = await embed(nc, EmbeddingRequest(model="strata-builtin-kjv", inputs=["In the beginning", [5, 6]]))
+            assert vectors.reply.count == 2 and vectors.reply.prompt_tokens > 2
+        assert errors.violations() == [] and gateway_errors.violations() == []
     assert secured_nats.violations() == []
 
 

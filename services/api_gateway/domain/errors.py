@@ -22,6 +22,10 @@ class ModelNotDeployed(errors.NotFound):
     code = "model_not_found"
 
 
+class InputTooLong(errors.ContextLengthExceeded):
+    """An embeddings input over the model's context: OpenAI names the ``input`` parameter for it."""
+
+
 @dataclass(frozen=True)
 class OpenAIError:
     status: int
@@ -55,7 +59,8 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "inva
           429: "rate_limit_error"}
 _CODES = {"unauthorized": "invalid_api_key", "invalid": "invalid_value", "not_found": "model_not_found",
           "unavailable": "overloaded", "too_large": "request_too_large"}
-_PARAMS = {errors.ContextLengthExceeded: "messages"}  # as OpenAI names it, for chat and completions alike
+_PARAMS = {errors.ContextLengthExceeded: "messages",  # as OpenAI names it, for chat and completions alike
+           InputTooLong: "input"}
 
 
 def to_openai(exc: errors.StrataError, param: str | None = None) -> OpenAIError:

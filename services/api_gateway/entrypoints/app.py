@@ -34,10 +34,12 @@ from shared.service import Health, Service
 from shared.service_metrics import ServiceMetrics
 
 from services.api_gateway.domain import render
+from services.api_gateway.domain.embeddings import EmbeddingsRequest, EmbeddingsResponse
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
 from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
 from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ErrorDetail, ModelCard, ModelList
 from services.api_gateway.adapters.quota_counters import KvQuotaCounters
+from services.api_gateway.service_layer import embeddings
 from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
 from services.api_gateway.service_layer.metering import ran_nothing
 
@@ -121,6 +123,15 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     async def completions(body: CompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
         return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "text_completion",
                             body.include_usage, echo=body.echo)
+
+    @inference.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, tags=["openai"])
+    async def create_embeddings(body: EmbeddingsRequest, request: Request, c: Caller = Depends(caller)) -> Response:
+        trace.get_current_span().update_name(f"embeddings {body.model}")
+        # a client that hangs up cancels it: the worker hears an infer.cancel and its engine computes no more
+        reply, salt = await _unless_disconnected(request, embeddings.embed(
+            gateway, c, body, request.state.request_id, request.headers.get(REQUEST_ID_HEADER)))
+        headers = {**_id_headers(request), **({SALT_HEADER: salt} if salt else {})}
+        return Response(reply, media_type="application/json", headers=headers)
 
     app.include_router(inference)
     return service

@@ -96,11 +96,19 @@ class Metering:
         reserved = 0
         if key.tokens_per_minute is not None:
             request, reserved = quotas.bounded(request, self.max_tokens_cap)
+        return request, await self.reserve_tokens(key, request.request_id, reserved)
+
+    async def reserve_tokens(self, key: ApiKeyRecord | None, request_id: str, bound: int) -> Hold | None:
+        """Count one request and reserve ``bound`` tokens (a key with a token quota), as ``reserve`` does
+        for a request whose bound is known some other way (embeddings: their inputs' size)."""
+        if key is None or not quotas.is_metered(key):
+            return None
+        reserved = bound if key.tokens_per_minute is not None else 0
         await self._counters().change(key.id, lambda usage: quotas.admit(usage, key, reserved, self._clock()))
         if not reserved:
-            return request, None
-        hold = self._open[request.request_id] = Hold(key=key, request_id=request.request_id, reserved=reserved)
-        return request, hold
+            return None
+        hold = self._open[request_id] = Hold(key=key, request_id=request_id, reserved=reserved)
+        return hold
 
     async def settle(self, hold: Hold | None, used: int) -> None:
         """Give back what ``hold`` reserved beyond the ``used`` tokens (charge the excess if it used

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from services.hardware_inventory.domain.fit import ModelShape
-from shared.events import DeviceInfo, ModelId, utcnow
+from shared.events import DeviceInfo, EmbeddingPooling, ModelId, utcnow
 
 Policy = Literal["binpack", "spread"]
 NodeStatus = Literal["alive", "lost"]
@@ -72,6 +72,7 @@ class Deployment(BaseModel):
     batch: int = 1
     dtype: str | None = None
     constraints: dict[str, str] = {}
+    embedding_pooling: EmbeddingPooling | None = None
     policy: Policy = "binpack"
     policy_exclusions: dict[str, str] = Field(default={}, description="admission policy: label selector -> why this model is kept off its nodes")
     replicas: list[Replica]

@@ -120,7 +120,7 @@ class Deployments:
             return await self._reject(deployment_id, request.model_ref, decision.reason or "policy", "forbidden")
         deployment = Deployment(
             deployment_id=deployment_id, model_ref=request.model_ref, model=resolved.model, shape=shape, context_length=context,
-            batch=request.batch, dtype=request.dtype, constraints=request.constraints,
+            batch=request.batch, dtype=request.dtype, constraints=request.constraints, embedding_pooling=request.embedding_pooling,
             policy_exclusions=decision.exclusions if decision else {},
             policy=request.policy or self.config.policy, replicas=[Replica(index=i, status="pending") for i in range(request.replicas)],
         )
@@ -350,5 +350,6 @@ def _scheduled(deployment: Deployment, replica: Replica) -> DeployScheduled:
         predicted_bytes=replica.predicted_bytes, context_length=deployment.context_length, model_ref=deployment.model_ref,
         replica=replica.index, replicas=len(deployment.replicas), generation=replica.generation, dtype=replica.dtype,
         batch=deployment.batch, kv_cache_bytes=replica.kv_cache_bytes, booked_bytes=replica.booked_bytes,
+        embedding_pooling=deployment.embedding_pooling,
     )
 

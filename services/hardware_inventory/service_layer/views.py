@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from services.hardware_inventory.domain.correction import Correction, note
 from services.hardware_inventory.domain.fit import FitEstimate
 from services.hardware_inventory.domain.model import Deployment, NodeRecord, Policy, Telemetry
-from shared.events import ModelId
+from shared.events import EmbeddingPooling, ModelId
 
 
 class NodeView(BaseModel):
@@ -82,6 +82,7 @@ class DeployRequest(BaseModel):
     policy: Policy | None = None
     dtype: str | None = None
     deployment_id: str | None = None
+    embedding_pooling: EmbeddingPooling | None = None
 
 
 class DeployOutcome(BaseModel):

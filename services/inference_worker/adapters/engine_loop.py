@@ -77,3 +77,4 @@ class EngineLoop:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.engine.fail_embeddings("the model is being unloaded")  # their waiters would otherwise wait forever

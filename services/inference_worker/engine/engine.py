@@ -9,12 +9,15 @@ import dataclasses
 import itertools
 import logging
 import threading
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 
 import torch
 
 from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
+from .embedding import (POOLINGS, EmbeddingCancelled, EmbeddingJob, EmbeddingOutput, PagedCache, checkpoint_pooling,
+                        run_slice)
 from .errors import ContextLengthError, InvalidRequestError
 from .guided import Constraint, Guide
 from .loader import Checkpoint, load_checkpoint
@@ -60,6 +63,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}  # scheduled (waiting or running) sequences
         self._ids = itertools.count()
         self._guide: Guide | None = None  # built on the first constrained request
+        self._embeddings: list[EmbeddingJob] = []  # queued by submit_embedding, run a slice per step
+        self.pooling = checkpoint_pooling(checkpoint.path)  # a deployment may override it
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d",
                  cfg.architecture, self.device, self.dtype, self.runner.num_blocks,
                  self.ecfg.block_size, self.cache_usage().total_bytes / 2**20, self.max_model_len)
@@ -198,7 +203,7 @@ class LLMEngine:
         """Block the stepping thread until some request is unfinished (or timeout); returns
         has_unfinished(). Lets a worker loop sleep instead of spinning on an idle engine."""
         with self._work:
-            return self._work.wait_for(lambda: bool(self._live), timeout)
+            return self._work.wait_for(lambda: bool(self._live or self._embeddings), timeout)
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -236,6 +241,7 @@ class LLMEngine:
                 for seq, token_id, logprob in results:
                     seq.append(token_id, logprob, self.max_model_len)
                     touched[seq.request_id] = seq
+        self._embedding_step()
         outputs = []
         for rid, seq in touched.items():
             if seq.finished:  # free first, so a callback already sees the blocks released
@@ -272,3 +278,76 @@ class LLMEngine:
                     done[out.request_id] = out
                     pending.discard(out.request_id)
         return [done[i] for i in ids]
+
+    # ---- embeddings (see embedding.py) -----------------------------------------------------------
+    def submit_embedding(self, inputs: list[str | list[int]], pooling: str | None = None) -> Future[EmbeddingOutput]:
+        """Queue texts or token-id lists to embed (any thread); the future resolves on the stepping
+        thread. Raises InvalidRequestError (ContextLengthError: an input over max_model_len) before
+        anything is queued."""
+        how = pooling or self.pooling
+        if how not in POOLINGS:
+            raise InvalidRequestError(f"this model pools with {how!r}, which the engine does not implement "
+                                      f"(it implements {', '.join(POOLINGS)})")
+        if not inputs:
+            raise InvalidRequestError("there is nothing to embed")
+        if self.tokenizer is None and any(isinstance(x, str) for x in inputs):
+            raise InvalidRequestError("this model has no tokenizer: send token ids")
+        prompts = [self.tokenizer.encode(x) if isinstance(x, str) else [int(t) for t in x] for x in inputs]
+        for i, ids in enumerate(prompts):
+            if (error := self._validate_embedding(i, ids)) is not None:
+                raise error
+        job = EmbeddingJob(prompts, how)
+        with self._lock:
+            self._embeddings.append(job)
+            self._work.notify_all()
+        return job.future
+
+    def _validate_embedding(self, i: int, ids: list[int]) -> InvalidRequestError | None:
+        """Why input ``i`` cannot be embedded, or None. It may fill the whole context: no token is generated after it."""
+        if not ids:
+            return InvalidRequestError(f"input {i} is empty (no tokens)")
+        if len(ids) > self.max_model_len:
+            return ContextLengthError(f"input {i} has {len(ids)} tokens, over this engine's max_model_len {self.max_model_len}",
+                                      max_model_len=self.max_model_len, prompt_tokens=len(ids), completion_tokens=0)
+        vocab = self.model_config.vocab_size
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            return InvalidRequestError(f"input {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        return None
+
+    def _embedding_step(self) -> None:
+        with self._lock:
+            job = self._embeddings[0] if self._embeddings else None
+        cache = PagedCache(self.runner.kv_cache, self.block_manager)
+        if job is not None and run_slice(self.ckpt.model, job, self.ecfg.max_num_batched_tokens, cache):
+            with self._lock:
+                if job in self._embeddings:  # fail_embeddings may have emptied the queue meanwhile
+                    self._embeddings.remove(job)
+
+    def cancel_embedding(self, future: Future[EmbeddingOutput], reason: str = "cancelled") -> bool:
+        """Stop a queued or running embedding job (any thread): its future fails with EmbeddingCancelled
+        at the next step (or is cancelled at once if it has not started). False if it is not queued."""
+        with self._lock:
+            job = next((j for j in self._embeddings if j.future is future), None)
+            if job is None:
+                return False
+            job.cancelled = reason
+            self._work.notify_all()
+        future.cancel()
+        return True
+
+    def fail_embeddings(self, reason: str) -> None:
+        """Fail every queued embedding job, for an engine that will step no more (the loop stopped)."""
+        with self._lock:
+            jobs, self._embeddings = self._embeddings, []
+        for job in jobs:
+            try:
+                job.future.set_exception(EmbeddingCancelled(reason))  # pending or running alike: it says why
+            except InvalidStateError:  # cancelled by its caller, or the last step finished it
+                pass
+
+    def embed(self, inputs: list[str | list[int]], pooling: str | None = None) -> EmbeddingOutput:
+        """Embed and wait, stepping the engine here (as ``generate``: only where no other thread steps it)."""
+        future = self.submit_embedding(inputs, pooling)
+        while not future.done():
+            self.step()
+        return future.result()

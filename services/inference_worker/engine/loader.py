@@ -126,6 +126,16 @@ def load_weights(model: Transformer, cfg: ModelConfig, files: list[Path], path: 
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})", path=f) from e
             for k in handles[f].keys():
                 key_file[k] = f
+        stored = _bare_decoder_names(key_file)  # our HF name -> the name in the file, where they differ
+        prefixed = {k: ours for ours, k in stored.items()}
+        key_file = {prefixed.get(k, k): f for k, f in key_file.items()}
+        if stored and "lm_head.weight" in wanted and "lm_head.weight" not in key_file:
+            # an embedding model's bare decoder, its vocabulary untied: it has no LM head, and embeds only
+            log.warning("%s: no lm_head.weight in a bare decoder's files: loaded for embeddings only", path)
+            del wanted["lm_head.weight"]
+            with torch.no_grad():
+                model.lm_head.weight.zero_()  # not left as whatever memory to_empty() handed over
+            model.can_generate = False
         for k, f in key_file.items():
             if k in known or k.endswith(IGNORED_SUFFIXES):
                 continue
@@ -145,17 +155,26 @@ def load_weights(model: Transformer, cfg: ModelConfig, files: list[Path], path: 
                         raise MissingTensorError(f"{where}: tensor {name!r} is missing", path=where,
                                                  tensor=name)
                     f = key_file[name]
-                    shape = tuple(handles[f].get_slice(name).get_shape())
+                    shape = tuple(handles[f].get_slice(stored.get(name, name)).get_shape())
                     expected = (n, *flat.shape[1:])
                     if shape != expected:
                         raise ShapeMismatchError(
                             f"{f}: tensor {name!r} has shape {list(shape)}, expected {list(expected)} "
                             f"from config.json", path=f, tensor=name)
-                    value = handles[f].get_tensor(name)
+                    value = handles[f].get_tensor(stored.get(name, name))
                     if cfg.norm_offset and is_norm(ours):  # Gemma's (1 + w), added in fp32
                         value = value.float() + cfg.norm_offset
                     flat[offset:offset + n].copy_(value)
                     offset += n
+
+
+def _bare_decoder_names(key_file: dict[str, Path]) -> dict[str, str]:
+    """A checkpoint saved from the bare decoder (``Qwen3Model``, as Qwen3-Embedding ships its files)
+    names its tensors without the ``model.`` prefix of a ``*ForCausalLM``: {prefixed name: stored name}
+    for each of them, or {} for an ordinary checkpoint."""
+    if "model.embed_tokens.weight" in key_file or "embed_tokens.weight" not in key_file:
+        return {}
+    return {f"model.{k}": k for k in key_file if not k.startswith("lm_head.")}
 
 
 def read_generation_config(path: Path, cfg: ModelConfig, tokenizer: Tokenizer) -> GenerationDefaults:

@@ -174,6 +174,7 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq_len = 0
+        self.can_generate = True  # False: an embedding checkpoint without its LM head (loader.py)
 
     def init_rope(self, max_seq_len: int) -> None:
         """Precompute cos/sin [rows, rotary_dim // 2] in fp32 on the model's device (a second set for

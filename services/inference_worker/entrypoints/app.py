@@ -1,7 +1,7 @@
 """inference-worker: loads the models scheduled on its node and serves them.
 
 Thin wiring: deploy events → service_layer.deployments; ``infer.request.<model>`` → serving;
-``infer.jobs.<model>`` → jobs; ``infer.cancel``; ``rpc.inference-worker.models``."""
+``infer.embed.<model>`` → embedding; ``infer.jobs.<model>`` → jobs; ``infer.cancel``; ``rpc.inference-worker.models``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from shared.serving_asyncapi import add_serving_channels
 from services.inference_worker.adapters.artifacts import ArtifactSource, ModelStoreSource
 from services.inference_worker.adapters.inflight_journal import InflightJournal
 from services.inference_worker.service_layer.deployments import Deployments, EngineOptions
+from services.inference_worker.service_layer.embedding import Embedder
 from services.inference_worker.service_layer.jobs import JobOptions, JobRunner
 from services.inference_worker.service_layer.serving import Server
 
@@ -60,9 +61,11 @@ class Worker:
         self.node_id = service.settings.node_id
         self.deployments: Deployments | None = None
         self.server: Server | None = None
+        self.embedder: Embedder | None = None
         self.jobs: JobRunner | None = None
         self.stopping = False
         self._subs: dict[str, Subscription] = {}
+        self._embed_subs: dict[str, Subscription] = {}
         self._cancel_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reconciling: asyncio.Future[None] | None = None
@@ -74,6 +77,7 @@ class Worker:
         journal = InflightJournal(self.service.settings.service_dir / "inflight.jsonl")
         self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
                              journal=journal)
+        self.embedder = Embedder(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight)
         if cut := await self.server.report_cut_short():
             log.warning("published inference.failed for %d request(s) an earlier worker on this node left unfinished", cut)
         js = nc.jetstream()
@@ -112,9 +116,10 @@ class Worker:
         self.stopping = True
         if self._reconciling is not None:
             self._reconciling.cancel()
-        for sub in self._subs.values():
+        for sub in [*self._subs.values(), *self._embed_subs.values()]:
             await sub.unsubscribe()
         self._subs.clear()
+        self._embed_subs.clear()
         assert self.jobs is not None and self.server is not None
         await self.jobs.stop_all()
         deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
@@ -153,17 +158,23 @@ class Worker:
             async def receive(msg: Msg) -> None:
                 self._spawn(self._on_request(name, msg))
 
+            async def receive_embed(msg: Msg) -> None:
+                self._spawn(self._on_request(name, msg, embed=True))
+
             self._subs[name] = await nc.subscribe(subjects.inference_request(name), queue=subjects.token(name), cb=receive)
+            self._embed_subs[name] = await nc.subscribe(subjects.embedding_request(name), queue=subjects.token(name),
+                                                        cb=receive_embed)
             await self.jobs.start(name)
         elif not serving:
-            sub = self._subs.pop(name, None)
-            if sub is not None:
-                await sub.unsubscribe()
+            for subs in (self._subs, self._embed_subs):
+                sub = subs.pop(name, None)
+                if sub is not None:
+                    await sub.unsubscribe()
             self._spawn(self.jobs.stop(name))
 
     # ---- requests ---------------------------------------------------------------------------
-    async def _on_request(self, name: str, msg: Msg) -> None:
-        assert self.server is not None
+    async def _on_request(self, name: str, msg: Msg, embed: bool = False) -> None:
+        assert self.server is not None and self.embedder is not None
         nc = self.service.broker.connection
         if not msg.reply:
             log.warning("a request on %s without a reply subject was dropped", msg.subject)
@@ -173,7 +184,7 @@ class Worker:
             await nc.publish(msg.reply, data)
 
         try:
-            await self.server.handle(msg.data, msg.headers, name, send)
+            await (self.embedder if embed else self.server).handle(msg.data, msg.headers, name, send)
         except Exception:  # the reply inbox is gone or NATS is down: nothing left to tell the caller
             log.exception("request on %s failed", msg.subject)
 
@@ -182,8 +193,8 @@ class Worker:
             cancel = InferenceCancel.model_validate_json(msg.data)
         except ValueError:
             return
-        assert self.server is not None
-        if self.server.cancel(cancel.request_id):
+        assert self.server is not None and self.embedder is not None
+        if self.server.cancel(cancel.request_id) or self.embedder.cancel(cancel.request_id):
             log.info("cancelled %s: %s", cancel.request_id, cancel.reason)
 
     async def loaded(self, _request: LoadedModelsRequest) -> LoadedModels:

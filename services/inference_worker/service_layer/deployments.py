@@ -150,10 +150,15 @@ class Deployments:
         engine = LLMEngine.from_pretrained(artifact.path, config)
         if event.context_length < engine.max_model_len:
             engine.max_model_len = event.context_length  # what was booked, not what the model allows
+        if event.embedding_pooling is not None:  # the deploy's choice wins over the checkpoint's
+            engine.pooling = event.embedding_pooling
         # warm-up: one real prefill + decode, so the first user does not pay for lazy initialisation
-        warm = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=opts.warmup_tokens, temperature=0))[0]
-        if warm.finish_reason == "error":
-            raise RuntimeError(f"warm-up generation failed: {warm.error}")
+        if engine.ckpt.model.can_generate:
+            warm = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=opts.warmup_tokens, temperature=0))[0]
+            if warm.finish_reason == "error":
+                raise RuntimeError(f"warm-up generation failed: {warm.error}")
+        else:  # an embedding model without an LM head
+            engine.embed([[1, 2, 3]])
         measured = probe.measure(engine.weights_bytes, engine.cache_usage().total_bytes)
         return EngineLoop(engine, name=f"{artifact.model.name}:{artifact.model.version}"), measured
 

@@ -17,11 +17,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TypeVar
 
 from opentelemetry import propagate, trace
-from pydantic import ValidationError
+from pydantic import BaseModel
 
-from shared import errors
+from shared import errors, rpc
 from shared.catalog import parse_ref
 from shared.events import EventData, InferenceCompleted, InferenceFailed
 from shared.inference import (
@@ -40,6 +41,7 @@ from services.inference_worker.service_layer.tool_use import ChoiceStream
 
 log = logging.getLogger(__name__)
 Send = Callable[[bytes], Awaitable[None]]
+R = TypeVar("R", bound=BaseModel)
 Publish = Callable[[EventData], Awaitable[object]]
 
 
@@ -177,6 +179,9 @@ class Server:
             raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
         assert dep.loop is not None
+        if not dep.loop.engine.ckpt.model.can_generate:
+            raise errors.Invalid(f"{dep.model.name} is an embedding model (its checkpoint has no LM head): "
+                                 "it answers /v1/embeddings only")
         # the caller's trace continues here (W3C traceparent in the NATS headers); the span is not made
         # current: this generator's frames run in whichever task reads it
         span = tracer.start_span(f"inference {dep.model.name}", context=propagate.extract(headers or {}),
@@ -320,14 +325,10 @@ class Server:
             await send(RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode())
 
 
-def parse_request(raw: bytes, subject_model: str | None) -> InferenceRequest:
-    try:
-        request = InferenceRequest.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        raise errors.Invalid(f"invalid InferenceRequest: {first['msg']} at {where}") from None
-    ref = parse_ref(request.model)
+def parse_request(raw: bytes, subject_model: str | None, request_type: type[R] = InferenceRequest) -> R:  # type: ignore[assignment]
+    """A request (an InferenceRequest, or an EmbeddingRequest: service_layer/embedding.py) sent on its model's subject."""
+    request = rpc.parse(raw, request_type)
+    ref = parse_ref(request.model)  # type: ignore[attr-defined]
     if subject_model is not None and ref.name != subject_model:
         raise errors.Invalid(f"the request names model {ref.name!r} but was sent to the subject of {subject_model!r}")
     return request

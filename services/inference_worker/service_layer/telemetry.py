@@ -37,6 +37,14 @@ class GenAiMetrics:
         self.tokens.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
         self.tokens.record(completion_tokens, {**attrs, "gen_ai.token.type": "output"})
 
+    def record_embeddings(self, model: str, served: str, e2e_s: float, input_tokens: int, error: str | None = None) -> None:
+        """An embeddings request: its duration and input tokens (no first or output token to time)."""
+        attrs = {"gen_ai.operation.name": "embeddings", "gen_ai.request.model": model, "gen_ai.response.model": served,
+                 "gen_ai.system": "strata"}
+        self.duration.record(e2e_s, {**attrs, "error.type": error} if error else attrs)
+        if not error:
+            self.tokens.record(input_tokens, {**attrs, "gen_ai.token.type": "input"})
+
 
 GENAI = GenAiMetrics(metrics.get_meter("strata.inference-worker"))
 

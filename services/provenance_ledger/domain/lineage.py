@@ -16,6 +16,7 @@ from shared.events import (
     DeployReady,
     DeployScheduled,
     DeployUnloaded,
+    EmbeddingsCompleted,
     Event,
     InferenceCompleted,
     ModelRegistered,
@@ -55,7 +56,7 @@ def model_key(data: Any) -> ModelKey:
 def index_rows(event: Event[Any], index: int, time_ms: int) -> list[IndexRow]:
     d = event.data
     base = {"idx": index, "event_id": event.id, "time_ms": time_ms}
-    if isinstance(d, InferenceCompleted):
+    if isinstance(d, InferenceCompleted | EmbeddingsCompleted):  # an embeddings request gets its receipt too (#18)
         return [IndexRow("inferences", {
             **base, "request_id": d.request_id, "model_name": d.model.name, "model_version": d.model.version,
             "model_digest": d.model.digest, "deployment_id": d.deployment_id, "node_id": d.node_id, "device": d.device,

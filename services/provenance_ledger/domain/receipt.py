@@ -22,6 +22,9 @@ from services.provenance_ledger.domain.tree_head import TreeHead, head_signature
 from shared.prompt_commitment import BadSalt, matches
 
 RECEIPT_FORMAT = "strata.ledger.receipt.v1"
+# the events a request's receipt holds: a generation's, or an embeddings request's (its commitment covers
+# the inputs as shared/embeddings.input_bytes writes them)
+RECEIPT_TYPES = ("inference.completed", "inference.embedded")
 
 
 class Receipt(BaseModel):
@@ -61,8 +64,8 @@ def verify_receipt(receipt: Receipt | dict[str, Any], public_key_pem: str | byte
         key = load_public_pem(public_key_pem)
     except ValueError as exc:
         raise ReceiptInvalid(str(exc)) from None
-    if r.event.get("type") != "inference.completed":
-        raise ReceiptInvalid(f"a receipt is for an inference.completed event, this one is {r.event.get('type')!r}")
+    if r.event.get("type") not in RECEIPT_TYPES:
+        raise ReceiptInvalid(f"a receipt is for an inference.completed or inference.embedded event, this one is {r.event.get('type')!r}")
     problem = head_signature_problem(r.tree_head, key)
     if problem:
         raise ReceiptInvalid(f"tree head: {problem}")
