@@ -4,6 +4,7 @@ changing them, and a grammar that cannot compile is refused with llguidance's re
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -173,7 +174,9 @@ def test_a_limit_hit_mid_answer_fails_the_request_and_is_not_served_again_from_t
     constraint = Constraint("json_schema", json.dumps(schema))
     for seed in range(2):
         out = engine.generate("It was", SamplingParams(max_tokens=60, temperature=1.0, seed=seed, constraint=constraint))[0]
-        assert out.finish_reason == "error" and "constrained decoding failed" in out.error, (out.finish_reason, out.text)
+        # failed mid-answer, or (on a slow machine) refused at its warm-up mask: an error either way, never a stop
+        assert out.finish_reason == "error", (out.finish_reason, out.text)
+        assert re.search("constrained decoding failed|too (complex|expensive) to enforce", out.error), out.error
         assert constraint.grammar() not in engine._guide._compiled  # forgotten: the next request compiles afresh
 
 
