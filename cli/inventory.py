@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=_positive, help="context length in tokens (default: the model's)")
     p.add_argument("--batch", type=_positive, default=1, help="sequences at full context at once")
-    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's on GPU, float32 on CPU)")
+    p.add_argument("--dtype", help="compute dtype (default: a 16-bit checkpoint's on GPU, on CPU the node's fastest "
+                   "16-bit dtype for a 16-bit checkpoint; float32 only for an fp32 checkpoint on CPU or on request)")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only quantization of the linear layers (default: none)")
     p.add_argument("--constraint", "-c", action="append", default=[], type=_constraint, metavar="KEY=VALUE",
                    help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V")
 
@@ -152,7 +154,7 @@ async def _fit(nc, args) -> int:
     from services.hardware_inventory.service_layer.views import FitReport, FitRequest
 
     report = await _call(nc, args, "fit", FitRequest(model_ref=args.ref, context_length=args.context, batch=args.batch,
-                                                      dtype=args.dtype, constraints=_constraints(args)), FitReport)
+                                                      dtype=args.dtype, quantize=args.quantize, constraints=_constraints(args)), FitReport)
     if args.json:
         _dump(report)
         return 1 if report.refused else 0
@@ -186,7 +188,8 @@ async def _deploy(nc, args) -> int:
     from shared.events import DeployRequested, Source, make_event, parse_event
 
     request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
-                              context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype)
+                              context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype,
+                              quantize=args.quantize)
     event = make_event(request, Source(service="cli", node=socket.gethostname()))
     heard: asyncio.Queue = asyncio.Queue()
 
