@@ -221,7 +221,7 @@ class DeployScheduled(InventoryEvent):
     generation: int = Field(default=0, ge=0, description="bumped each time the replica is placed again")
     dtype: str | None = Field(default=None, description="the dtype to compute in; None: the worker's default "
                               "(on CPU its fastest 16-bit dtype for a 16-bit checkpoint)")
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8); None: none")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8, int4); None: none")
     batch: int = Field(default=1, ge=1)
     kv_cache_bytes: int = Field(default=0, ge=0, description="size the KV cache to this (what was booked)")
     booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
@@ -281,7 +281,7 @@ class DeployRequested(ClientEvent):
     policy: Literal["binpack", "spread"] | None = Field(default=None, description="None: the registry's default")
     dtype: str | None = Field(default=None, description="compute dtype; None: the checkpoint's if 16-bit (on CPU the "
                               "node's fastest 16-bit dtype), else bf16 on GPU and float32 on CPU")
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8; None: none")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4; None: none")
 
 
 class UndeployRequested(ClientEvent):

@@ -123,3 +123,51 @@ def test_int8_weights_oracle(dtype, ckpts, engines):
 def test_unknown_quantization_is_refused(ckpts):
     with pytest.raises(ValueError, match="unsupported quantization"):
         LLMEngine.from_pretrained(ckpts("qwen2").path, EngineConfig(device="cpu", quantize="int3"))
+
+
+def test_int4_kernel_matches_its_reference():
+    from services.inference_worker.kernels.int4_linear import (int4_dequantize, int4_linear_cpu, int4_linear_ref,
+                                                               int4_pack_cpu, quantize_int4)
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 128), torch.randn(96)
+    q, sz = quantize_int4(w, 32)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (4, 96, 2)
+    step = sz[..., 0].transpose(0, 1).repeat_interleave(32, dim=1)  # each weight's group scale
+    assert ((int4_dequantize(q, sz, 32) - w).abs() <= step / 2 + 1e-5).all()  # round to nearest
+    packed = int4_pack_cpu(q)
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.05), (torch.float16, 5e-3)):
+        x = torch.randn(5, 128).to(dtype)
+        ref = int4_linear_ref(x, q, sz.to(dtype), 32, b.to(dtype)).float()
+        got = int4_linear_cpu(x, packed, sz.to(dtype), 32, b.to(dtype)).float()
+        assert (got - ref).abs().max() <= tol * ref.abs().max(), dtype
+
+
+def test_int4_weights_oracle(ckpts):
+    """Weight-only int4 (groups of 32), bf16 activations, against an fp32 engine holding the same int4
+    weights dequantized: what 4 bits lose on random weights is large (~2 logit std), so the oracle is the
+    dequantized model, not the original, quantized from the same bf16 values the int4 engine loaded (a
+    weight near a level boundary rounds to another level from its fp32 value: ~5 % per layer here).
+    Tolerance as bf16 against fp32: max logit error under 0.4 of the logits' std (measured 0.16); the
+    first greedy token agrees wherever the oracle is decisive."""
+    from services.inference_worker.engine.quant import Int4Linear
+    from services.inference_worker.kernels.int4_linear import int4_dequantize, quantize_int4
+
+    path = ckpts("qwen2").path
+    eng = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", quantize="int4", num_blocks=64))
+    assert eng.dtype == torch.bfloat16
+    layer = eng.ckpt.model.layers[0]
+    assert isinstance(layer.attn.qkv, Int4Linear) and isinstance(layer.mlp.gate_up, Int4Linear)
+    assert not isinstance(layer.mlp.down, Int4Linear)  # in_features 176: not a multiple of 32, kept
+    ref = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", num_blocks=64))
+    with torch.no_grad():
+        for name, m in eng.ckpt.model.named_modules():
+            if isinstance(m, Int4Linear):
+                w = ref.ckpt.model.get_submodule(name).weight
+                w.copy_(int4_dequantize(*quantize_int4(w.to(eng.dtype)), 32))  # quantized from what eng loaded
+    ids = torch.tensor(eng.tokenizer.encode(PROMPTS[3]))
+    lo, hi = eng.ckpt.model.logits_without_cache(ids), ref.ckpt.model.logits_without_cache(ids)
+    err = (lo - hi).abs().max().item()
+    print(f"int4/{eng.dtype}: max |logit - dequantized fp32 logit| = {err:.4f} (logit std {hi.std():.2f})")
+    assert err < 0.4 * hi.std().item()
+    assert _decisive_agreement(eng, ref) >= 2

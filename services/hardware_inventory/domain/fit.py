@@ -5,8 +5,9 @@
 * weights: the checkpoint's tensor bytes, rescaled when the device computes in another dtype (the
   worker serves a 16-bit checkpoint in 16 bits and an fp32 one in fp32 unless told otherwise); for an
   MoE model that is every expert's weights, all resident though a token uses a few; with weight-only
-  ``quantize`` (int8) the decoder's dense linears count one byte a weight plus a scale per output row
-  (``quantized_linears``; the worker's engine/quant.py quantizes exactly those);
+  ``quantize`` the decoder's dense linears count one byte a weight plus a scale per output row (int8) or
+  half a byte plus a scale and a zero per 32 weights (int4) (``quantized_linears``; the worker's
+  engine/quant.py quantizes exactly those);
 * KV cache: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes per token, for
   ``context x batch`` tokens rounded up to whole paged-cache blocks;
 * activations: the peak of one engine step, i.e. a prefill chunk of up to ``max_batched_tokens``
@@ -127,7 +128,7 @@ class FitEstimate(BaseModel):
     model_config = ConfigDict(frozen=True)
     device_kind: DeviceKind
     dtype: str = Field(description="the dtype the device computes in")
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8)")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8, int4)")
     context_length: int
     batch: int
     weights: int
@@ -148,7 +149,10 @@ class FitEstimate(BaseModel):
         return self.total + self.runtime_overhead
 
 
-QUANTIZE_BYTES = {"int8": 1.0}  # bytes per quantized weight
+# weight-only quantization (the worker's engine/quant.py): bytes a quantized weight, and the elements in
+# the compute dtype it adds per weight (int4: a scale and a zero per group of 32) and per output row
+# (int8: one scale)
+QUANTIZE = {"int8": (1.0, 0.0, 1), "int4": (0.5, 2 / 32, 0)}
 
 
 def compute_dtype(shape: ModelShape, device_kind: DeviceKind, dtype: str | None = None, quantize: str | None = None) -> str:
@@ -165,8 +169,8 @@ def compute_dtype(shape: ModelShape, device_kind: DeviceKind, dtype: str | None 
 def quantize_name(quantize: str | None) -> str | None:
     if quantize in (None, "", "none"):
         return None
-    if quantize.lower() not in QUANTIZE_BYTES:
-        raise Invalid(f"unsupported quantization {quantize!r}; known: {', '.join(QUANTIZE_BYTES)}")
+    if quantize.lower() not in QUANTIZE:
+        raise Invalid(f"unsupported quantization {quantize!r}; known: {', '.join(QUANTIZE)}")
     return quantize.lower()
 
 
@@ -210,7 +214,8 @@ def predict(
     if quantize:
         n, rows = quantized_linears(shape)
         n = min(n, shape.weight_bytes // dtype_bytes(shape.dtype))  # a shape whose figures disagree: never below zero
-        weights += math.ceil(n * QUANTIZE_BYTES[quantize]) + rows * size - n * size
+        per_weight, extra_per_weight, extra_per_row = QUANTIZE[quantize]
+        weights += math.ceil(n * (per_weight + extra_per_weight * size)) + rows * extra_per_row * size - n * size
     per_token = kv_bytes_per_token(shape, run_dtype)
     # + 1: the engine's null block (never handed out, see engine/block_manager.py) comes out of the
     # same cache, so without it a full-length sequence would not fit what was booked

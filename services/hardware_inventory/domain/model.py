@@ -71,7 +71,7 @@ class Deployment(BaseModel):
     context_length: int
     batch: int = 1
     dtype: str | None = None
-    quantize: str | None = Field(default=None, description="weight-only quantization asked for (int8); None: none")
+    quantize: str | None = Field(default=None, description="weight-only quantization asked for (int8, int4); None: none")
     constraints: dict[str, str] = {}
     policy: Policy = "binpack"
     policy_exclusions: dict[str, str] = Field(default={}, description="admission policy: label selector -> why this model is kept off its nodes")

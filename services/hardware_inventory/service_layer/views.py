@@ -82,7 +82,7 @@ class DeployRequest(BaseModel):
     batch: int = Field(default=1, ge=1, le=4096)
     policy: Policy | None = None
     dtype: str | None = None
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4")
     deployment_id: str | None = None
 
 
