@@ -58,7 +58,7 @@ def test_int8_counts_one_byte_per_quantized_weight():
     assert predict(LLAMA3_8B.model_copy(update={"dtype": "float32", "weight_bytes": 2 * 16_060_522_496}), "cpu",
                    quantize="int8").dtype == "bfloat16"  # the CPU int8 kernel is fast with bf16 activations
     q4 = predict(LLAMA3_8B, "cuda", context_length=2048, quantize="int4")
-    assert q4.weights == 16_060_522_496 - linear + linear // 2 + 2 * (linear // 16)  # scale + zero per 32, bf16
+    assert q4.weights == 16_060_522_496 - 2 * linear + linear // 2 + linear // 8  # bf16 scale + zero per 32
     with pytest.raises(Invalid, match="unsupported quantization"):
         predict(LLAMA3_8B, "cpu", quantize="int3")
 
