@@ -9,10 +9,11 @@ node's fastest 16-bit dtype; int8: weight-only int8 linears with bf16 activation
 - share of bandwidth: bytes one decode step reads (weights as stored, int8 included, plus the KV cache
   at the mean context) x tok/s / the copy bandwidth measured in the same run (bench/roofline.py);
 - aggregate tok/s of 8 concurrent requests, prefill included (tokens / wall time of the whole call);
-- per-step fixed overhead: the batch-1 decode step time (1 / tok/s) minus its matmul time, the latter
-  measured by calling every linear of the model (q/k/v, o, gate/up, down, the output head) on one row in
-  layer order, nothing else; so it is everything a step does besides the weight products: attention,
-  norms, RoPE, sampling, scheduling and Python.
+- per-step fixed overhead: a batch-1 decode step's time (``engine.step()``) minus its matmul time, the
+  latter measured by calling every linear of the model (q/k/v, o, gate/up, down, the output head) on one
+  row in layer order, nothing else; the two are timed alternately, 16 pairs, medians, so that both see
+  the same load. It is everything a step does besides the weight products: attention, norms, RoPE,
+  sampling, scheduling and Python.
 Each figure is the median over --rounds rounds; the variants alternate within a round.
 
 llama.cpp: ``--llama-bench PATH --gguf NAME=FILE`` (repeatable) runs llama.cpp's own ``llama-bench``
@@ -45,14 +46,34 @@ from bench.roofline import copy_bandwidth_gbs, kv_bytes_per_token, weight_bytes_
 SHAPE = ["--hidden", "1024", "--layers", "16", "--heads", "16", "--kv-heads", "8", "--intermediate", "2816",
          "--vocab", "32000", "--max-position", "2048"]
 VARIANTS = {"fp32": ("float32", None), "fp16": ("float16", None), "bf16": ("bfloat16", None),
-            "auto": (None, None), "int8": (None, "int8")}
+            "auto": (None, None), "int8": (None, "int8"), "int4": (None, "int4")}
 
 
-def matmul_ms(model: nn.Module, rounds: int = 5) -> float:
-    """One row through every linear of the model in layer order (and the output head), median ms."""
-    from services.inference_worker.engine.quant import Int8Linear
+def step_and_matmul_ms(bench: StrataBench, prompt: list[int], steps: int = 16) -> tuple[float, float]:
+    """(median ms of a batch-1 decode step, median ms of its linears alone), timed alternately."""
+    eng = bench.engine
+    eng.add_request(prompt, bench.params.__class__(max_tokens=steps + 2, temperature=0, ignore_eos=True))
+    eng.step()  # the prefill
+    linears = linears_once(eng.ckpt.model)
+    step_t, mm_t = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        eng.step()
+        t1 = time.perf_counter()
+        linears()
+        step_t.append(t1 - t0)
+        mm_t.append(time.perf_counter() - t1)
+    while eng.has_unfinished():
+        eng.step()
+    return 1e3 * statistics.median(step_t), 1e3 * statistics.median(mm_t)
 
-    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear)) and not _router(m, model)]
+
+def linears_once(model: nn.Module):
+    """A function that puts one row through every linear of the model in layer order, and the head."""
+    from services.inference_worker.engine.quant import MODULES
+
+    kinds = (nn.Linear, *MODULES.values())
+    linears = [m for m in model.modules() if isinstance(m, kinds) and not _router(m, model)]
     head = model.embed.weight if model.lm_head is None else None  # tied: compute_logits reads the embedding
     dtype = model.norm.dtype
     xs = [torch.randn(1, m.in_features, dtype=dtype) for m in linears]
@@ -65,12 +86,7 @@ def matmul_ms(model: nn.Module, rounds: int = 5) -> float:
             torch.nn.functional.linear(hidden, head)
 
     once()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return once
 
 
 def _router(m: nn.Module, model: nn.Module) -> bool:
@@ -94,7 +110,7 @@ def llama_cpp_rows(args) -> dict[str, float | None]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="fp32,fp16,bf16,auto,int8")
+    ap.add_argument("--variants", default="fp32,fp16,bf16,auto,int8,int4")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -124,34 +140,36 @@ def main(argv=None) -> dict:
         benches[name] = StrataBench(path, "cpu", dtype, args.concurrent, args.prompt_tokens, args.new_tokens,
                                     quantize=quantize)
         benches[name].warm(prompts[:1])
-    figures: dict[str, dict[str, list[float]]] = {n: {"tok_s": [], "agg_tok_s": [], "matmul_ms": []} for n in names}
+    keys = ("tok_s", "agg_tok_s", "step_ms", "matmul_ms")
+    figures: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in names}
     for r in range(args.rounds):
         for name in names:  # alternating: the machine's noise falls on every variant alike
             b = benches[name]
             figures[name]["tok_s"].append(b.run(prompts[:1]).decode_tok_s)
             figures[name]["agg_tok_s"].append(b.run(prompts).whole_tok_s)
-            figures[name]["matmul_ms"].append(matmul_ms(b.engine.ckpt.model))
+            step, mm = step_and_matmul_ms(b, prompts[0])
+            figures[name]["step_ms"].append(step)
+            figures[name]["matmul_ms"].append(mm)
         print(f"round {r + 1}/{args.rounds} done; load {loadavg()}", flush=True)
     cfg = benches[names[0]].engine.model_config
     report = {"load": loadavg(), "copy_gbs": copy_gbs, "rows": {}}
     print(f"\nmodel: Llama hidden {cfg.hidden_size}, {cfg.num_layers} layers, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
           f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size} (random weights, bf16 checkpoint); "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens; median of {args.rounds} rounds")
-    print("| variant | dtype | batch-1 tok/s | step ms | matmul ms | fixed overhead ms | bytes/step MB | share of bandwidth "
+    print("| variant | dtype | batch-1 tok/s | step ms | its matmuls ms | fixed overhead ms | bytes/step MB | share of bandwidth "
           f"| aggregate tok/s at {args.concurrent} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         eng, f = benches[name].engine, figures[name]
-        tok_s, agg, mm = (statistics.median(f[k]) for k in ("tok_s", "agg_tok_s", "matmul_ms"))
+        tok_s, agg, step_ms, mm = (statistics.median(f[k]) for k in keys)
         weights, _ = weight_bytes_read_per_step(eng.ckpt.model, cfg.tie_word_embeddings)
         elem = torch.empty((), dtype=eng.dtype).element_size()
         kv = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, elem) * (args.prompt_tokens + args.new_tokens // 2)
-        step_ms = 1e3 / tok_s
         share = (weights + kv) * tok_s / (copy_gbs * 1e9)
         row = dict(dtype=str(eng.dtype).removeprefix("torch."), quantize=eng.ecfg.quantize, tok_s=tok_s, step_ms=step_ms,
                    matmul_ms=mm, overhead_ms=step_ms - mm, bytes_per_step=weights + kv, share=share, agg_tok_s=agg)
         report["rows"][name] = row
-        print(f"| Strata {name} | {row['dtype']}{' + int8 weights' if row['quantize'] else ''} | {tok_s:.1f} | {step_ms:.1f} "
+        print(f"| Strata {name} | {row['dtype']}{' + ' + row['quantize'] + ' weights' if row['quantize'] else ''} | {tok_s:.1f} | {step_ms:.1f} "
               f"| {mm:.1f} | {step_ms - mm:.1f} | {(weights + kv) / 1e6:.0f} | {100 * share:.0f} % | {agg:.1f} |")
     for gguf, rate in llama_cpp_rows(args).items():
         report["rows"][f"llama.cpp {gguf}"] = rate
