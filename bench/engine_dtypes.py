@@ -117,6 +117,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--small", action="store_true", help="bench/engine.py's default small shape instead")
+    ap.add_argument("--shape", help="bench/engine.py's shape flags instead, e.g. '--hidden 64 --layers 2'")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (the baseline rows)")
     ap.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE", help="e.g. Q8_0=model-q8_0.gguf")
     ap.add_argument("--json", type=Path)
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
           f"{torch.get_num_threads()} threads", flush=True)
     copy_gbs, how = copy_bandwidth_gbs("cpu")
     print(f"bandwidth: {copy_gbs:.1f} GB/s ({how})", flush=True)
-    shape = engine_args([] if args.small else SHAPE)
+    shape = engine_args(args.shape.split() if args.shape else [] if args.small else SHAPE)
     root = Path(tempfile.mkdtemp(prefix="strata-dtypes-"))
     path, model, _ = make_checkpoint(shape, root, "cpu", torch.bfloat16)
     del model
@@ -153,7 +154,7 @@ def main(argv=None) -> dict:
         print(f"round {r + 1}/{args.rounds} done; load {loadavg()}", flush=True)
     cfg = benches[names[0]].engine.model_config
     report = {"load": loadavg(), "copy_gbs": copy_gbs, "rows": {}}
-    print(f"\nmodel: Llama hidden {cfg.hidden_size}, {cfg.num_layers} layers, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
+    print(f"\nmodel{' (--shape)' if args.shape else ''}: Llama hidden {cfg.hidden_size}, {cfg.num_layers} layers, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
           f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size} (random weights, bf16 checkpoint); "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens; median of {args.rounds} rounds")
     print("| variant | dtype | batch-1 tok/s | step ms | its matmuls ms | fixed overhead ms | bytes/step MB | share of bandwidth "
