@@ -167,7 +167,7 @@ async def _fit(nc, args) -> int:
         terms.add_column(col, justify="left" if col in ("device kind", "dtype", "correction") else "right")
     for kind, e in report.estimates.items():
         r = e.corrected
-        terms.add_row(kind, r.dtype, _gb(r.weights), _gb(r.kv_cache), _gb(r.activations), _gb(r.workspace), _gb(e.raw_total),
+        terms.add_row(kind, r.dtype + (f" + {r.quantize}" if r.quantize else ""), _gb(r.weights), _gb(r.kv_cache), _gb(r.activations), _gb(r.workspace), _gb(e.raw_total),
                       _gb(e.total), _gb(r.runtime_overhead), _gb(e.booked), e.correction_note)
     console.print(terms)
     rows = Table(title="verdict per device")
