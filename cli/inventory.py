@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cli import connection
+from shared.quantization import QUANTIZATIONS
 
 SERVICE = "hardware-inventory"
 
@@ -53,7 +54,7 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive, default=1, help="sequences at full context at once")
     p.add_argument("--dtype", help="compute dtype (default: a 16-bit checkpoint's on GPU, on CPU the node's fastest "
                    "16-bit dtype for a 16-bit checkpoint; float32 only for an fp32 checkpoint on CPU or on request)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the linear layers (default: none)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the linear layers (default: none)")
     p.add_argument("--constraint", "-c", action="append", default=[], type=_constraint, metavar="KEY=VALUE",
                    help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V")
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.architectures import RUNTIMES, runtime_for, unsupported_reason
 from shared.errors import Invalid
+from shared.quantization import QUANTIZATIONS
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -153,6 +154,7 @@ class FitEstimate(BaseModel):
 # the compute dtype it adds per weight (int4: a scale and a zero per group of 32) and per output row
 # (int8: one scale)
 QUANTIZE = {"int8": (1.0, 0.0, 1), "int4": (0.5, 2 / 32, 0)}
+assert set(QUANTIZE) == set(QUANTIZATIONS)
 
 
 def compute_dtype(shape: ModelShape, device_kind: DeviceKind, dtype: str | None = None, quantize: str | None = None) -> str:

@@ -11,13 +11,14 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from shared.quantization import QUANTIZATIONS
+
 from ..kernels.int4_linear import (GROUP_SIZE, int4_linear_cpu, int4_linear_ref, int4_pack_cpu,
                                    quantize_int4)
 from ..kernels.int8_linear import int8_linear, quantize_int8
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("int8", "int4")
 # The nn.Linear modules that are quantized, by the last part of their name (see model.py).
 QUANTIZED_LINEARS = ("qkv", "o", "gate_up", "down")
 
@@ -69,6 +70,7 @@ class Int4Linear(nn.Module):
 
 
 MODULES = {"int8": Int8Linear, "int4": Int4Linear}
+assert set(MODULES) == set(QUANTIZATIONS)
 
 
 def quantize_model(model: nn.Module, method: str | None) -> int:
