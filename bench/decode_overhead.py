@@ -6,7 +6,9 @@ default, so the matmuls are small and the small ops show), bf16, one torch threa
   step, as the engine does now (kernels/paged_attention.py ``_plan``), against once per layer, as before;
   6 rounds of 16 steps, alternating;
 - the number of aten ops one decode step runs (torch profiler, nested ops included), both ways;
-- the profile of one step, by self CPU time.
+- the profile of one step, by self CPU time;
+- with ``--compile``: instead, the model's forward under ``torch.compile(dynamic=True)`` (inductor, CPU)
+  against eager: the compile time (first steps) and the median decode step, alternating.
 
     python bench/decode_overhead.py [--hidden 1024 --intermediate 2816 --vocab 32000]
 """
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--intermediate", default="1408")
     ap.add_argument("--vocab", default="8192")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--compile", action="store_true", help="torch.compile of the forward against eager")
     args = ap.parse_args()
     torch.set_num_threads(1)
     shape = parse_args(["--hidden", args.hidden, "--layers", "16", "--heads", "16", "--kv-heads", "8",
@@ -69,6 +72,8 @@ def main() -> None:
     path, _, _ = make_checkpoint(shape, Path(tempfile.mkdtemp(prefix="strata-overhead-")), "cpu", torch.bfloat16)
     eng = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="bfloat16", num_blocks=64))
     print(f"load {loadavg()}; hidden {args.hidden}, 16 layers, 16/8 heads, bf16, 1 thread")
+    if args.compile:
+        return compile_ab(eng, args.rounds)
     steps: dict[str, list[float]] = {name: [] for name in PLANS}
     original = pa._plan
     try:
@@ -85,6 +90,27 @@ def main() -> None:
     finally:
         pa._plan = original
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(f"load {loadavg()}")
+
+
+def compile_ab(eng: LLMEngine, rounds: int) -> None:
+    model = eng.runner.model
+    eager = model.forward
+    compiled = torch.compile(eager, dynamic=True)
+    model.forward = compiled  # nn.Module.__call__ calls the instance's forward
+    t0 = time.perf_counter()
+    decode_steps_ms(eng, 4)
+    print(f"compile + first 4 steps: {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    decode_steps_ms(eng, 4)
+    print(f"the next 4 steps (recompiles for new shapes included): {time.perf_counter() - t0:.1f} s")
+    steps: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        for name, forward in (("eager", eager), ("compiled", compiled)):
+            model.forward = forward
+            steps[name].append(decode_steps_ms(eng))
+    for name, v in steps.items():
+        print(f"{name}: median decode step {statistics.median(v):.2f} ms ({', '.join(f'{x:.1f}' for x in v)})")
     print(f"load {loadavg()}")
 
 
