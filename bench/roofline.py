@@ -64,7 +64,9 @@ def weight_bytes_read_per_step(model: nn.Module, tied_embeddings: bool, experts_
     it is tied to the output projection, which reads it whole; shared parameters count once. Stacked
     expert weights (3-D) count ``experts_read`` of their bytes: top_k / experts for one token."""
     seen, total = set(), 0
-    for p in model.parameters():  # parameters() already yields a shared tensor once
+    # the state dict, not parameters(): weight-only quantized weights and their scales are buffers
+    # (engine/quant.py); a tied tensor is the same object under both names and counts once
+    for p in model.state_dict(keep_vars=True).values():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size() * (experts_read if p.dim() == 3 else 1)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cli import connection
+from shared.quantization import QUANTIZATIONS
 
 SERVICE = "hardware-inventory"
 
@@ -53,7 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=_positive, help="context length in tokens (default: the model's)")
     p.add_argument("--batch", type=_positive, default=1, help="sequences at full context at once")
-    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's on GPU, float32 on CPU)")
+    p.add_argument("--dtype", help="compute dtype (default: a 16-bit checkpoint's on GPU, on CPU the node's fastest "
+                   "16-bit dtype for a 16-bit checkpoint; float32 only for an fp32 checkpoint on CPU or on request)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the linear layers (default: none)")
     p.add_argument("--constraint", "-c", action="append", default=[], type=_constraint, metavar="KEY=VALUE",
                    help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V")
 
@@ -154,7 +157,7 @@ async def _fit(nc, args) -> int:
     from services.hardware_inventory.service_layer.views import FitReport, FitRequest
 
     report = await _call(nc, args, "fit", FitRequest(model_ref=args.ref, context_length=args.context, batch=args.batch,
-                                                      dtype=args.dtype, constraints=_constraints(args)), FitReport)
+                                                      dtype=args.dtype, quantize=args.quantize, constraints=_constraints(args)), FitReport)
     if args.json:
         _dump(report)
         return 1 if report.refused else 0
@@ -167,7 +170,7 @@ async def _fit(nc, args) -> int:
         terms.add_column(col, justify="left" if col in ("device kind", "dtype", "correction") else "right")
     for kind, e in report.estimates.items():
         r = e.corrected
-        terms.add_row(kind, r.dtype, _gb(r.weights), _gb(r.kv_cache), _gb(r.activations), _gb(r.workspace), _gb(e.raw_total),
+        terms.add_row(kind, r.dtype + (f" + {r.quantize}" if r.quantize else ""), _gb(r.weights), _gb(r.kv_cache), _gb(r.activations), _gb(r.workspace), _gb(e.raw_total),
                       _gb(e.total), _gb(r.runtime_overhead), _gb(e.booked), e.correction_note)
     console.print(terms)
     rows = Table(title="verdict per device")
@@ -189,7 +192,7 @@ async def _deploy(nc, args) -> int:
 
     request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
                               context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype,
-                              embedding_pooling=args.embedding_pooling)
+                              embedding_pooling=args.embedding_pooling, quantize=args.quantize)
     event = make_event(request, Source(service="cli", node=socket.gethostname()))
     heard: asyncio.Queue = asyncio.Queue()
 

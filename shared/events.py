@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared import subjects
 
@@ -222,7 +222,9 @@ class DeployScheduled(InventoryEvent):
     replica: int = Field(default=0, ge=0)
     replicas: int = Field(default=1, ge=1)
     generation: int = Field(default=0, ge=0, description="bumped each time the replica is placed again")
-    dtype: str | None = Field(default=None, description="the dtype to compute in")
+    dtype: str | None = Field(default=None, description="the dtype to compute in; None: the worker's default "
+                              "(on CPU its fastest 16-bit dtype for a 16-bit checkpoint)")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8, int4); None: none")
     batch: int = Field(default=1, ge=1)
     kv_cache_bytes: int = Field(default=0, ge=0, description="size the KV cache to this (what was booked)")
     booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
@@ -281,7 +283,9 @@ class DeployRequested(ClientEvent):
     context_length: int | None = Field(default=None, ge=1)
     batch: int = Field(default=1, ge=1, le=4096, description="sequences served at full context at once")
     policy: Literal["binpack", "spread"] | None = Field(default=None, description="None: the registry's default")
-    dtype: str | None = Field(default=None, description="compute dtype; None: the checkpoint's on GPU, float32 on CPU")
+    dtype: str | None = Field(default=None, description="compute dtype; None: the checkpoint's if 16-bit (on CPU the "
+                              "node's fastest 16-bit dtype), else bf16 on GPU and float32 on CPU")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4; None: none")
     embedding_pooling: EmbeddingPooling | None = Field(default=None, description=(
         "how /v1/embeddings pools the hidden states; None: as the checkpoint's sentence-transformers config says, else last token"))
 
@@ -319,6 +323,8 @@ class DeployReady(WorkerEvent):
     device: str
     measured: MeasuredMemory
     load_seconds: float = Field(ge=0)
+    dtype: str | None = Field(default=None, description="the dtype the engine computes in (which weights answered)")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the served weights; None: none")
 
 
 class DeployFailed(WorkerEvent):

@@ -97,3 +97,20 @@ def test_decode_rate_starts_after_every_first_token():
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
     assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
     assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+def test_dtype_bench_prints_a_row_per_variant_and_the_llama_cpp_hook(tmp_path):
+    """bench/engine_dtypes.py (#24) at a tiny shape: one row per dtype / quantization, the fixed overhead
+    column, and the llama.cpp rows saying they were not measured rather than a number."""
+    out_json = tmp_path / "dtypes.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/engine_dtypes.py", "--shape", "--hidden 64 --layers 2 --heads 4 --kv-heads 2 "
+         "--intermediate 128 --vocab 256", "--variants", "bf16,int8,int4", "--rounds", "1", "--threads", "1",
+         "--prompt-tokens", "8", "--new-tokens", "4", "--concurrent", "2", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for variant, dtype in (("bf16", "bfloat16"), ("int8", "bfloat16 \\+ int8 weights"), ("int4", "bfloat16 \\+ int4 weights")):
+        assert re.search(rf"\| Strata {variant} \| {dtype} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| -?{NUMBER} \|", proc.stdout), proc.stdout
+    assert "| llama.cpp Q8_0 | | not measured" in proc.stdout
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rows["int8"]["bytes_per_step"] < rows["bf16"]["bytes_per_step"] and rows["llama.cpp F16"] is None

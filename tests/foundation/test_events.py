@@ -107,3 +107,23 @@ def test_an_inference_request_takes_exactly_one_of_messages_or_prompt():
             InferenceRequest(model="tiny", **bad)
     with pytest.raises(ValidationError, match="temperature"):
         InferenceRequest(model="tiny", prompt="x", sampling={"temperature": -1})
+
+
+def test_dtype_and_quantize_are_additive_on_deploy_events():
+    """#24: deploy.requested/scheduled carry ``quantize`` and deploy.ready the dtype and quantization that
+    answer; messages from before the fields still validate, and the ledger's leaf (the whole envelope,
+    services/provenance_ledger/domain/canonical.py) keeps them."""
+    from services.provenance_ledger.domain.canonical import leaf_bytes, parse_leaf
+    from shared.events import DeployReady, DeployRequested, MeasuredMemory, ModelId, Source, make_event, parse_event
+
+    model = ModelId(name="m", version=1, digest="sha256:" + "0" * 64)
+    ready = DeployReady(deployment_id="d", model=model, node_id="n", device="cpu", load_seconds=1.0,
+                        measured=MeasuredMemory(weights=1, kv_cache=1, peak=2), dtype="bfloat16", quantize="int8")
+    raw = make_event(ready, Source(service="inference-worker", node="n")).model_dump_json().encode()
+    assert parse_event(raw).data.quantize == "int8"
+    leaf = parse_leaf(leaf_bytes(json.loads(raw), 0))
+    assert leaf.event["data"]["dtype"] == "bfloat16" and leaf.event["data"]["quantize"] == "int8"
+    old = json.loads(raw)
+    del old["data"]["dtype"], old["data"]["quantize"]
+    assert parse_event(json.dumps(old).encode()).data.quantize is None
+    assert DeployRequested(model_ref="m").quantize is None

@@ -38,10 +38,29 @@ def test_batch_and_context_scale_the_kv_cache_rounded_to_blocks():
     assert four.weights == one.weights
 
 
-def test_cpu_computes_in_float32_unless_told_otherwise():
+def test_cpu_serves_a_16_bit_checkpoint_in_16_bits_and_float32_on_request():
     cpu = predict(LLAMA3_8B, "cpu", context_length=2048)
-    assert cpu.dtype == "float32" and cpu.weights == 2 * 16_060_522_496 and cpu.kv_bytes_per_token == 262_144
-    assert predict(LLAMA3_8B, "cpu", context_length=2048, dtype="bf16").weights == 16_060_522_496
+    assert cpu.dtype == "bfloat16" and cpu.weights == 16_060_522_496 and cpu.kv_bytes_per_token == 131_072
+    f32 = predict(LLAMA3_8B, "cpu", context_length=2048, dtype="float32")
+    assert f32.weights == 2 * 16_060_522_496 and f32.kv_bytes_per_token == 262_144
+    assert predict(LLAMA3_8B.model_copy(update={"dtype": "float32", "weight_bytes": 2 * 16_060_522_496}), "cpu").dtype == "float32"
+
+
+def test_int8_counts_one_byte_per_quantized_weight():
+    """Llama 3 8B: 32 layers of q/k/v/o (4096 x 6144 + 4096 x 4096) and MLP (3 x 4096 x 14336) go to one
+    byte a weight plus a bf16 scale per output row; embeddings and the head (2 x 128256 x 4096) stay bf16."""
+    q8 = predict(LLAMA3_8B, "cuda", context_length=2048, quantize="int8")
+    linear = 32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336)
+    rows = 32 * (6144 + 4096 + 2 * 14336 + 4096)
+    assert q8.quantize == "int8" and q8.dtype == "bfloat16"
+    assert q8.weights == 16_060_522_496 - linear + 2 * rows
+    assert q8.kv_cache == predict(LLAMA3_8B, "cuda", context_length=2048).kv_cache  # the cache is not quantized
+    assert predict(LLAMA3_8B.model_copy(update={"dtype": "float32", "weight_bytes": 2 * 16_060_522_496}), "cpu",
+                   quantize="int8").dtype == "bfloat16"  # the CPU int8 kernel is fast with bf16 activations
+    q4 = predict(LLAMA3_8B, "cuda", context_length=2048, quantize="int4")
+    assert q4.weights == 16_060_522_496 - 2 * linear + linear // 2 + linear // 8  # bf16 scale + zero per 32
+    with pytest.raises(Invalid, match="unsupported quantization"):
+        predict(LLAMA3_8B, "cpu", quantize="int3")
 
 
 def test_short_requests_use_a_smaller_activation_step():

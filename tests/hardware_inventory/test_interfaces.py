@@ -78,6 +78,9 @@ async def test_http_api_answers_with_numbers_and_typed_errors(cluster: Cluster):
         assert fit["estimates"]["cuda"]["raw"]["kv_bytes_per_token"] == 131_072
         verdicts = {(r["node_id"], r["device"]): r["fits"] for r in fit["rows"]}
         assert verdicts[("gpu-24", "cuda:0")] and verdicts[("gpu-80", "cuda:0")] and not verdicts[("cpu-8", "cpu")]
+        q8 = (await http.get("/fit", params={"model_ref": "llama3-8b", "context_length": 8192, "quantize": "int8"})).json()
+        assert q8["estimates"]["cuda"]["raw"]["quantize"] == "int8"
+        assert q8["estimates"]["cuda"]["raw"]["weights"] < 0.6 * 16_060_522_496  # the linears at a byte a weight
 
         created = await http.post("/deployments", json={"model_ref": "small", "replicas": 2, "constraints": {"device": "cuda"}})
         assert created.status_code == 201 and len(created.json()["deployment"]["replicas"]) == 2
@@ -114,6 +117,8 @@ async def test_cli_commands(cluster: Cluster, capsys):
     assert await cli("fit", "llama3-8b", "--context", "8192", *url) == 0
     out = capsys.readouterr().out
     assert "16.06 GB" in out and "short by" in out and "fits" in out
+    assert await cli("fit", "llama3-8b", "--context", "8192", "--quantize", "int4", *url) == 0
+    assert "+ int4" in capsys.readouterr().out
     assert await cli("deploy", "small", "--replicas", "2", "-c", "device=cuda", "--no-wait", *url) == 0
     out = capsys.readouterr().out
     assert "gpu-24" in out and "gpu-80" in out and "placed" in out

@@ -31,7 +31,7 @@ async def test_placement_follows_the_policy_and_the_constraints(cluster: Cluster
     assert where(binpack) == [("gpu-24", "cuda:0")]  # the tightest GPU: keeps the H100 free for big models
     assert where(spread) == [("gpu-80", "cuda:0")]  # the largest free share
     assert where(on_cpu) == [("cpu-8", "cpu")]
-    assert on_cpu.deployment.replicas[0].dtype == "float32"  # the CPU computes in float32
+    assert on_cpu.deployment.replicas[0].dtype == "bfloat16"  # a 16-bit checkpoint is served in 16 bits on CPU too
     assert where(on_h100) == [("gpu-80", "cuda:0")]
     assert where(zone_b) == [("gpu-24", "cuda:0")]
     two = await deploy(cluster, model_ref="tiny", replicas=3, policy="binpack")
@@ -39,6 +39,17 @@ async def test_placement_follows_the_policy_and_the_constraints(cluster: Cluster
     await eventually(lambda: len(cluster.of("deploy.scheduled")) == 8, what="8 deploy.scheduled events")
     scheduled = cluster.of("deploy.scheduled", deployment_id=on_h100.deployment_id)[0]
     assert scheduled.node_id == "gpu-80" and scheduled.kv_cache_bytes > 0 and scheduled.booked_bytes > scheduled.predicted_bytes
+    on_cpu_event = cluster.of("deploy.scheduled", deployment_id=on_cpu.deployment_id)[0]
+    assert on_cpu_event.dtype is None and on_cpu_event.quantize is None  # the CPU worker picks its fastest 16-bit dtype
+
+
+async def test_int8_is_booked_smaller_and_reaches_the_worker(cluster: Cluster):
+    plain = await deploy(cluster, model_ref="tiny", constraints={"device": "cpu"})
+    q8 = await deploy(cluster, model_ref="tiny", constraints={"device": "cpu"}, quantize="int8")
+    assert q8.deployment.quantize == "int8"
+    assert q8.deployment.replicas[0].predicted_bytes < plain.deployment.replicas[0].predicted_bytes
+    await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=q8.deployment_id), what="deploy.scheduled")
+    assert cluster.of("deploy.scheduled", deployment_id=q8.deployment_id)[0].quantize == "int8"
 
 
 async def test_live_free_memory_from_heartbeats_steers_placement_and_is_named_when_it_refuses(cluster: Cluster):

@@ -26,6 +26,7 @@ async def test_scheduled_loads_and_reports_measured_memory(worker, bus_client):
     assert m.weights > 0 and m.kv_cache > 0 and m.peak >= m.weights + m.kv_cache
     assert m.kv_cache <= scheduled.kv_cache_bytes  # sized to what was booked
     assert ready.load_seconds > 0
+    assert ready.dtype == "float32" and ready.quantize is None  # which weights answer, for the ledger
     # the loading event came first
     types = [e.type for e in bus_client.events if e.type.startswith("deploy.") and e.data.deployment_id == "dep-tiny"]
     assert types.index("deploy.loading") < types.index("deploy.ready")
@@ -78,3 +79,9 @@ async def test_two_models_at_once_then_undeploy_one(worker, bus_client):
     listing = await rpc.call(bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels)
     assert listing.deployments == []
     await wait_for(lambda: not worker.worker._subs, what="request subscriptions gone")
+
+
+async def test_int8_deploy_serves_quantized_weights_and_says_so(worker, bus_client):
+    await bus_client.schedule("tiny", "dep-tiny-q8", quantize="int8")
+    ready = await bus_client.wait(DeployReady, deployment_id="dep-tiny-q8")
+    assert ready.quantize == "int8" and ready.dtype == "float32"  # the event asked for float32 activations

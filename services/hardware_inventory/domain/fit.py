@@ -3,8 +3,11 @@
     need = weights + KV cache + activations + workspace
 
 * weights: the checkpoint's tensor bytes, rescaled when the device computes in another dtype (the
-  worker runs float32 on CPU unless told otherwise, so a bf16 checkpoint doubles there); for an MoE
-  model that is every expert's weights, all resident though a token uses a few;
+  worker serves a 16-bit checkpoint in 16 bits and an fp32 one in fp32 unless told otherwise); for an
+  MoE model that is every expert's weights, all resident though a token uses a few; with weight-only
+  ``quantize`` the decoder's dense linears count one byte a weight plus a scale per output row (int8) or
+  half a byte plus a scale and a zero per 32 weights (int4) (``quantized_linears``; the worker's
+  engine/quant.py quantizes exactly those);
 * KV cache: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes per token, for
   ``context x batch`` tokens rounded up to whole paged-cache blocks;
 * activations: the peak of one engine step, i.e. a prefill chunk of up to ``max_batched_tokens``
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.architectures import RUNTIMES, runtime_for, unsupported_reason
 from shared.errors import Invalid
+from shared.quantization import QUANTIZATIONS
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -125,6 +129,7 @@ class FitEstimate(BaseModel):
     model_config = ConfigDict(frozen=True)
     device_kind: DeviceKind
     dtype: str = Field(description="the dtype the device computes in")
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8, int4)")
     context_length: int
     batch: int
     weights: int
@@ -145,11 +150,42 @@ class FitEstimate(BaseModel):
         return self.total + self.runtime_overhead
 
 
-def compute_dtype(shape: ModelShape, device_kind: DeviceKind, dtype: str | None = None) -> str:
-    """The dtype a worker computes in: as asked, else the checkpoint's on CUDA and float32 on CPU."""
+# weight-only quantization (the worker's engine/quant.py): bytes a quantized weight, and the elements in
+# the compute dtype it adds per weight (int4: a scale and a zero per group of 32) and per output row
+# (int8: one scale)
+QUANTIZE = {"int8": (1.0, 0.0, 1), "int4": (0.5, 2 / 32, 0)}
+assert set(QUANTIZE) == set(QUANTIZATIONS)
+
+
+def compute_dtype(shape: ModelShape, device_kind: DeviceKind, dtype: str | None = None, quantize: str | None = None) -> str:
+    """The dtype a worker computes in: as asked; else on CUDA the checkpoint's (sent to the worker as
+    such); on CPU as the worker's engine/dtypes.py picks when the event leaves it open: a 16-bit
+    checkpoint in 16 bits (fp16 or bf16, the same bytes), bf16 when quantized, else float32."""
     if dtype:
         return dtype_name(dtype)
-    return shape.dtype if device_kind == "cuda" else "float32"
+    if device_kind == "cuda" or dtype_bytes(shape.dtype) == 2:
+        return shape.dtype
+    return "bfloat16" if quantize else "float32"
+
+
+def quantize_name(quantize: str | None) -> str | None:
+    if quantize in (None, "", "none"):
+        return None
+    if quantize.lower() not in QUANTIZE:
+        raise Invalid(f"unsupported quantization {quantize!r}; known: {', '.join(QUANTIZE)}")
+    return quantize.lower()
+
+
+def quantized_linears(shape: ModelShape) -> tuple[int, int]:
+    """(weights, output rows) of the linears weight-only quantization replaces: each layer's q/k/v, o
+    and, in a dense layer, gate/up and down (MoE experts, embeddings, the output head stay as they are)."""
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    weights = shape.hidden_size * (q + 2 * kv) + q * shape.hidden_size
+    rows = q + 2 * kv + shape.hidden_size
+    if not shape.moe:
+        weights += 3 * shape.hidden_size * shape.intermediate_size
+        rows += 2 * shape.intermediate_size + shape.hidden_size
+    return shape.num_layers * weights, shape.num_layers * rows
 
 
 def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
@@ -163,6 +199,7 @@ def predict(
     context_length: int | None = None,
     batch: int = 1,
     dtype: str | None = None,
+    quantize: str | None = None,
     params: FitParams = FitParams(),
 ) -> FitEstimate:
     if batch < 1:
@@ -172,16 +209,22 @@ def predict(
         raise Invalid(f"context length must be >= 1, got {context}")
     if context > shape.context_length:
         raise Invalid(f"context length {context} exceeds the model's maximum of {shape.context_length}")
-    run_dtype = compute_dtype(shape, device_kind, dtype)
+    quantize = quantize_name(quantize)
+    run_dtype = compute_dtype(shape, device_kind, dtype, quantize)
     size = dtype_bytes(run_dtype)
     weights = math.ceil(shape.weight_bytes * size / dtype_bytes(shape.dtype))
+    if quantize:
+        n, rows = quantized_linears(shape)
+        n = min(n, shape.weight_bytes // dtype_bytes(shape.dtype))  # a shape whose figures disagree: never below zero
+        per_weight, extra_per_weight, extra_per_row = QUANTIZE[quantize]
+        weights += math.ceil(n * (per_weight + extra_per_weight * size)) + rows * extra_per_row * size - n * size
     per_token = kv_bytes_per_token(shape, run_dtype)
     # + 1: the engine's null block (never handed out, see engine/block_manager.py) comes out of the
     # same cache, so without it a full-length sequence would not fit what was booked
     blocks = batch * math.ceil(context / params.block_size) + 1
     kv_cache = per_token * blocks * params.block_size
     return FitEstimate(
-        device_kind=device_kind, dtype=run_dtype, context_length=context, batch=batch,
+        device_kind=device_kind, dtype=run_dtype, quantize=quantize, context_length=context, batch=batch,
         weights=weights, kv_cache=kv_cache, kv_bytes_per_token=per_token,
         activations=activation_bytes(shape, size, context * batch, params),
         workspace=WORKSPACE[device_kind], runtime_overhead=RUNTIME_OVERHEAD[device_kind],

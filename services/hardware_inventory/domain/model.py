@@ -71,6 +71,7 @@ class Deployment(BaseModel):
     context_length: int
     batch: int = 1
     dtype: str | None = None
+    quantize: str | None = Field(default=None, description="weight-only quantization asked for (int8, int4); None: none")
     constraints: dict[str, str] = {}
     embedding_pooling: EmbeddingPooling | None = None
     policy: Policy = "binpack"

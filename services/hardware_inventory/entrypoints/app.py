@@ -230,9 +230,11 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
               responses=error_responses(errors.Invalid, errors.NotFound, errors.Unavailable))
     async def fit_http(model_ref: str = Query(min_length=1), context_length: int | None = Query(default=None, ge=1),
                        batch: int = Query(default=1, ge=1, le=4096),
-                       dtype: str | None = None, constraint: list[str] = Query(default=[])) -> FitReport:
+                       dtype: str | None = None, constraint: list[str] = Query(default=[]),
+                       quantize: str | None = None) -> FitReport:
         constraints = dict(placement.parse_constraint(c) for c in constraint)
-        return await fit(FitRequest(model_ref=model_ref, context_length=context_length, batch=batch, dtype=dtype, constraints=constraints))
+        return await fit(FitRequest(model_ref=model_ref, context_length=context_length, batch=batch, dtype=dtype, quantize=quantize,
+                                    constraints=constraints))
 
     @http.post("/deployments", response_model=DeployOutcome, status_code=201, tags=["deployments"], dependencies=admin,
                responses=error_responses((errors.Invalid, "a malformed request, or no runtime serves its architecture"), (errors.Forbidden, "the admission policy refuses this model"),

@@ -59,11 +59,12 @@ class Deployments:
         except errors.Unavailable as exc:
             raise errors.Unavailable(f"model-store unavailable, cannot resolve {ref!r} (try again): {exc.message}") from None
 
-    async def estimator(self, shape: ModelShape, context: int, batch: int, dtype: str | None) -> Callable[[str], EstimateView]:
+    async def estimator(self, shape: ModelShape, context: int, batch: int, dtype: str | None,
+                        quantize: str | None = None) -> Callable[[str], EstimateView]:
         """device kind -> corrected estimate, with the corrections read once."""
         views: dict[str, EstimateView] = {}
         for kind in ("cuda", "cpu"):
-            raw = predict(shape, kind, context_length=context, batch=batch, dtype=dtype)  # type: ignore[arg-type]
+            raw = predict(shape, kind, context_length=context, batch=batch, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
             views[kind] = EstimateView.of(raw, await self.state.correction(correction_key(shape.architecture, raw.dtype, kind)))
         return views.__getitem__
 
@@ -79,7 +80,7 @@ class Deployments:
                              batch=request.batch, estimates={}, rows=[])
         shape = ModelShape.from_metadata(meta)
         context = self._context(shape, request.context_length)
-        estimate = await self.estimator(shape, context, request.batch, request.dtype)
+        estimate = await self.estimator(shape, context, request.batch, request.dtype, request.quantize)
         nodes = await self.state.nodes()
         slots = placement.slots(nodes, await self.state.allocations(), self.nodes.telemetry, self.config.utilisation_cap)
         rows = []
@@ -110,7 +111,7 @@ class Deployments:
                 return await self._reject(deployment_id, request.model_ref, refused, "unsupported")
             shape = ModelShape.from_metadata(resolved.manifest.metadata)
             context = self._context(shape, request.context_length)
-            estimate = await self.estimator(shape, context, request.batch, request.dtype)
+            estimate = await self.estimator(shape, context, request.batch, request.dtype, request.quantize)
         except errors.StrataError as exc:
             return await self._reject(deployment_id, request.model_ref, exc.message, exc.code)
         nodes = await self.state.nodes()
@@ -120,7 +121,8 @@ class Deployments:
             return await self._reject(deployment_id, request.model_ref, decision.reason or "policy", "forbidden")
         deployment = Deployment(
             deployment_id=deployment_id, model_ref=request.model_ref, model=resolved.model, shape=shape, context_length=context,
-            batch=request.batch, dtype=request.dtype, constraints=request.constraints, embedding_pooling=request.embedding_pooling,
+            batch=request.batch, dtype=request.dtype, quantize=request.quantize, constraints=request.constraints,
+            embedding_pooling=request.embedding_pooling,
             policy_exclusions=decision.exclusions if decision else {},
             policy=request.policy or self.config.policy, replicas=[Replica(index=i, status="pending") for i in range(request.replicas)],
         )
@@ -208,7 +210,7 @@ class Deployments:
         for tell in self.on_measured:
             tell(deployment.shape.architecture, replica.device_kind, replica.predicted_bytes / event.measured.peak)
         raw = predict(deployment.shape, replica.device_kind, context_length=deployment.context_length,  # type: ignore[arg-type]
-                      batch=deployment.batch, dtype=replica.dtype)
+                      batch=deployment.batch, dtype=replica.dtype, quantize=deployment.quantize)
         key = correction_key(deployment.shape.architecture, raw.dtype, raw.device_kind)
         sample = f"{deployment.deployment_id}.{replica.index}.{replica.generation}"
 
@@ -285,7 +287,8 @@ class Deployments:
         await self._announce(await self.state.change_allocations(place))
 
     async def _estimators(self, allocations: Allocations) -> dict[str, Callable[[str], EstimateView]]:
-        return {d.deployment_id: await self.estimator(d.shape, d.context_length, d.batch, d.dtype) for d in allocations.deployments.values()}
+        return {d.deployment_id: await self.estimator(d.shape, d.context_length, d.batch, d.dtype, d.quantize)
+                for d in allocations.deployments.values()}
 
     # -- announcing ----------------------------------------------------------------------------
     async def _announce(self, done: Placed) -> None:
@@ -348,8 +351,10 @@ def _scheduled(deployment: Deployment, replica: Replica) -> DeployScheduled:
     return DeployScheduled(
         deployment_id=deployment.deployment_id, model=deployment.model, node_id=replica.node_id or "", device=replica.device or "",
         predicted_bytes=replica.predicted_bytes, context_length=deployment.context_length, model_ref=deployment.model_ref,
-        replica=replica.index, replicas=len(deployment.replicas), generation=replica.generation, dtype=replica.dtype,
-        batch=deployment.batch, kv_cache_bytes=replica.kv_cache_bytes, booked_bytes=replica.booked_bytes,
+        replica=replica.index, replicas=len(deployment.replicas), generation=replica.generation,
+        # on CPU without a dtype asked for, the worker picks its fastest 16-bit dtype (same bytes as booked)
+        dtype=deployment.dtype or (replica.dtype if replica.device_kind != "cpu" else None),
+        quantize=deployment.quantize, batch=deployment.batch, kv_cache_bytes=replica.kv_cache_bytes, booked_bytes=replica.booked_bytes,
         embedding_pooling=deployment.embedding_pooling,
     )
 

@@ -58,6 +58,7 @@ class FitRequest(BaseModel):
     context_length: int | None = Field(default=None, ge=1)
     batch: int = Field(default=1, ge=1, le=4096)
     dtype: str | None = None
+    quantize: str | None = None
     constraints: dict[str, str] = {}
 
 
@@ -81,6 +82,7 @@ class DeployRequest(BaseModel):
     batch: int = Field(default=1, ge=1, le=4096)
     policy: Policy | None = None
     dtype: str | None = None
+    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4")
     deployment_id: str | None = None
     embedding_pooling: EmbeddingPooling | None = None
 

@@ -245,7 +245,8 @@ class EngineConfig:
     with neither, CUDA uses gpu_memory_utilization of the card and CPU uses what
     max_num_seqs * max_model_len needs, capped at cpu_kv_cache_bytes."""
     device: str | None = None  # "cuda" when available, else "cpu"
-    dtype: str | torch.dtype | None = None  # None: checkpoint dtype on CUDA, float32 on CPU
+    dtype: str | torch.dtype | None = None  # None: see engine/dtypes.py (16 bits for a 16-bit checkpoint)
+    quantize: str | None = None  # weight-only quantization of the linear layers: int8 or int4 (engine/quant.py)
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None

@@ -76,7 +76,7 @@ class LLMEngine:
         device = ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         ecfg = dataclasses.replace(ecfg, device=device)
         return cls(load_checkpoint(path, device=device, dtype=ecfg.dtype,
-                                   max_seq_len=ecfg.max_model_len), ecfg)
+                                   max_seq_len=ecfg.max_model_len, quantize=ecfg.quantize), ecfg)
 
     # ---- properties the worker reports -------------------------------------------------------
     @property
@@ -89,7 +89,8 @@ class LLMEngine:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.ckpt.model.parameters())
+        # the state dict, not parameters(): quantized weights and their scales are buffers
+        return sum(t.numel() * t.element_size() for t in self.ckpt.model.state_dict().values())
 
     def cache_usage(self) -> CacheUsage:
         return self.block_manager.usage()

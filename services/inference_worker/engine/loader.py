@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, parse_dtype
+from .dtypes import default_dtype
 from .errors import (CheckpointError, ConfigError, MissingFileError, MissingTensorError,
                      PickleCheckpointError, ShapeMismatchError, UnexpectedTensorError)
 from .model import Transformer
+from .quant import parse_quantize, quantize_model
 from .weights import hf_weight_names, is_norm, split_rows
 from .tokenizer import Tokenizer
 
@@ -44,14 +46,9 @@ class Checkpoint:
     generation: GenerationDefaults
 
 
-def default_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return cfg.torch_dtype if cfg.torch_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    return torch.float32
-
-
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype | None = None, max_seq_len: int | None = None) -> Checkpoint:
+                    dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
+                    quantize: str | None = None) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f"{path}: checkpoint directory not found", path=path)
@@ -60,11 +57,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     files = find_weight_files(path)  # before the tokenizer: refuse pickle first
     tokenizer = Tokenizer.from_dir(path)
     generation = read_generation_config(path, cfg, tokenizer)
-    dtype = parse_dtype(dtype) or default_dtype(cfg, device)
+    quantize = parse_quantize(quantize)
+    dtype = parse_dtype(dtype) or default_dtype(cfg, device, quantize)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
     load_weights(model, cfg, files, path)
+    quantize_model(model, quantize)  # after loading: quantized from the checkpoint's own values
     model.eval().requires_grad_(False)
     model.init_rope(max_seq_len or cfg.max_position_embeddings)
     return Checkpoint(path, cfg, model, tokenizer, generation)

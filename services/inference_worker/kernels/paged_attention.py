@@ -78,26 +78,8 @@ def paged_decode_attention_ref(
     B, n_q, d = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     group = n_q // n_kv
-    width = block_tables.shape[1]
-    ctx = context_lens[:, None].long()
-    cols = torch.arange(width, device=q.device)[None, :]  # which block-table entries to read
-    reach = None if window is None else -(-window // block_size) + 1  # blocks a window can span
-    if reach is not None and reach < width:  # read only those, from the block holding ctx - window
-        cols = (ctx - window).clamp(min=0) // block_size + torch.arange(reach, device=q.device)[None, :]
-    n_slots = cols.shape[1] * block_size
-    # Gather every sequence's blocks once, as a contiguous [B, n_kv, slots, d] cache. Padding
-    # entries may hold anything (0, -1, stale ids): clamp them to a real block so the gather is
-    # legal; the mask gives those tokens no weight.
-    # (index_select on the flat list, not k_cache[blocks]: torch's 2-D advanced indexing is ~20x
-    # slower on CPU at decode shapes.)
-    table = block_tables.long().gather(1, cols.clamp(max=width - 1).expand(B, -1))
-    blocks = table.clamp(0, max(k_cache.shape[0] - 1, 0)).reshape(-1)
-    # a column past the table's end reads a clamped block, but its slots lie past the context
-    slots = (cols[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)
-    valid = slots < ctx  # [B, slots]
-    if window is not None:  # the query sits at ctx - 1 and sees the last `window` tokens
-        valid &= slots >= ctx - window
-    invalid = ~valid[:, :, None]
+    blocks, masked, n_slots = _plan(block_tables, context_lens, window, block_size, k_cache.shape[0])
+    invalid = masked[:, :, None]
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
         # Slots outside the context or the window may hold anything, NaN included (a cache from
@@ -113,10 +95,61 @@ def paged_decode_attention_ref(
     scores = (qf @ k.transpose(-1, -2)) * scale  # [B, n_kv, group, slots]
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+    probs = scores.masked_fill(masked[:, None, None, :], float("-inf")).softmax(-1)
     # an empty context (context_len 0) masks every slot: its softmax is 0/0, the answer is zeros
     out = probs.nan_to_num_(0.0) @ v
     return out.reshape(B, n_q, d).to(q.dtype)
+
+
+# The last plan and what it was made from. Every layer of one decode step passes the same block_tables
+# and context_lens tensors (AttentionMetadata), so the gather indices and the mask (a dozen small ops)
+# are made once per step instead of once per layer: on CPU a decode step is dominated by such small
+# ops (#24). The entry holds the tensors themselves, so an identity match cannot be a new tensor at a
+# freed one's address; ``_version`` catches one changed in place (inference-mode tensors have no
+# version counter: the engine makes those afresh each step and never changes them).
+_last_plan: tuple | None = None
+
+
+def _plan(block_tables: torch.Tensor, context_lens: torch.Tensor, window: int | None, block_size: int,
+          num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    global _last_plan
+    key = (_version(block_tables), _version(context_lens), window, block_size, num_blocks)
+    last = _last_plan
+    if last is not None and last[0] is block_tables and last[1] is context_lens and last[2] == key:
+        return last[3]
+    plan = _make_plan(block_tables, context_lens, window, block_size, num_blocks)
+    _last_plan = (block_tables, context_lens, key, plan)
+    return plan
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+def _make_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, window: int | None, block_size: int,
+               num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(the cache blocks to gather, flat [B * cols]; which gathered slots do not count, [B, slots]; slots)."""
+    device, B = block_tables.device, block_tables.shape[0]
+    width = block_tables.shape[1]
+    ctx = context_lens[:, None].long()
+    cols = torch.arange(width, device=device)[None, :]  # which block-table entries to read
+    reach = None if window is None else -(-window // block_size) + 1  # blocks a window can span
+    if reach is not None and reach < width:  # read only those, from the block holding ctx - window
+        cols = (ctx - window).clamp(min=0) // block_size + torch.arange(reach, device=device)[None, :]
+    n_slots = cols.shape[1] * block_size
+    # Gather every sequence's blocks once, as a contiguous [B, n_kv, slots, d] cache. Padding
+    # entries may hold anything (0, -1, stale ids): clamp them to a real block so the gather is
+    # legal; the mask gives those tokens no weight.
+    # (index_select on the flat list, not k_cache[blocks]: torch's 2-D advanced indexing is ~20x
+    # slower on CPU at decode shapes.)
+    table = block_tables.long().gather(1, cols.clamp(max=width - 1).expand(B, -1))
+    blocks = table.clamp(0, max(num_blocks - 1, 0)).reshape(-1)
+    # a column past the table's end reads a clamped block, but its slots lie past the context
+    slots = (cols[:, :, None] * block_size + torch.arange(block_size, device=device)).flatten(1)
+    valid = slots < ctx  # [B, slots]
+    if window is not None:  # the query sits at ctx - 1 and sees the last `window` tokens
+        valid &= slots >= ctx - window
+    return blocks, ~valid, n_slots
 
 
 if HAS_TRITON:

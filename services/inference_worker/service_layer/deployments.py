@@ -133,7 +133,8 @@ class Deployments:
         if len(self.ready(dep.model.name)) == 1:  # serving before it says ready: a client may act on it
             await self.on_serving(dep.model.name, True)
         await self.publish(DeployReady(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id,
-                                       device=dep.device, measured=measured, load_seconds=dep.load_seconds))
+                                       device=dep.device, measured=measured, load_seconds=dep.load_seconds,
+                                       **served_weights(loop.engine)))
         if dep.unload_requested:
             await self.unload(dep.key)
 
@@ -145,7 +146,7 @@ class Deployments:
         device = torch.device(event.device)
         probe = MemoryProbe(device).start()
         kv_bytes = event.kv_cache_bytes or opts.default_kv_cache_bytes
-        config = EngineConfig(device=event.device, dtype=event.dtype, kv_cache_bytes=kv_bytes,
+        config = EngineConfig(device=event.device, dtype=event.dtype, quantize=event.quantize, kv_cache_bytes=kv_bytes,
                               max_num_seqs=opts.max_num_seqs)
         engine = LLMEngine.from_pretrained(artifact.path, config)
         if event.context_length < engine.max_model_len:
@@ -219,6 +220,14 @@ class Deployments:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         task.add_done_callback(_log_failure)
+
+
+def served_weights(engine: object) -> dict[str, str | None]:
+    """Which weights answer (deploy.ready, and so the ledger): the compute dtype and the quantization.
+    None for an engine that has neither (the bench's EchoEngine)."""
+    dtype = getattr(engine, "dtype", None)
+    return {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+            "quantize": getattr(getattr(engine, "ecfg", None), "quantize", None)}
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
