@@ -114,3 +114,14 @@ def test_dtype_bench_prints_a_row_per_variant_and_the_llama_cpp_hook(tmp_path):
     assert "| llama.cpp Q8_0 | | not measured" in proc.stdout
     rows = json.loads(out_json.read_text())["rows"]
     assert rows["int8"]["bytes_per_step"] < rows["bf16"]["bytes_per_step"] and rows["llama.cpp F16"] is None
+
+
+def test_grammar_bench_prints_a_row_per_batch_size():
+    proc = subprocess.run(
+        [sys.executable, "bench/grammar.py", "--vocab", "400", "--hidden", "64", "--layers", "1", "--batch-sizes", "1,3",
+         "--new-tokens", "4", "--rounds", "1", "--max-files", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for batch in (1, 3):  # free and guided ms/step, overhead, the mask alone in ms and per row
+        assert re.search(rf"^\s+{batch}\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}%\s+{NUMBER}\s+{NUMBER}$", proc.stdout, re.M), proc.stdout
+    assert "load average before" in proc.stdout and "load average after" in proc.stdout
