@@ -313,6 +313,7 @@ class DeployReady(WorkerEvent):
     device: str
     measured: MeasuredMemory
     load_seconds: float = Field(ge=0)
+    runtime: str | None = Field(default=None, description="what serves it: strata-engine or llama.cpp (None from a worker before #17)")
 
 
 class DeployFailed(WorkerEvent):
@@ -354,6 +355,7 @@ class InferenceCompleted(WorkerEvent):
     api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
     client_request_id: str | None = Field(default=None, max_length=128,
                                           description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
+    runtime: str | None = Field(default=None, description="what ran it: strata-engine or llama.cpp (None from a worker before #17)")
 
 
 class InferenceFailed(WorkerEvent):
