@@ -15,6 +15,7 @@ test: $(VENV)/.test-installed
 # The CPU benchmarks, a few minutes in all (docs/benchmarks.md has each one's figures and full command).
 bench: $(VENV)/.test-installed
 	$(PY) bench/engine.py --new-tokens 32 --repeat 2
+	$(PY) bench/runtimes.py --repeat 2
 	$(PY) bench/attention_ref.py
 	$(PY) bench/gateway_app.py
 	$(PY) bench/gateway_quota.py

@@ -66,6 +66,17 @@ def test_concurrent_requests_are_decoded_together_and_each_gets_what_it_gets_alo
     assert exact.stats()["num_running"] == 0
 
 
+def test_a_prompt_longer_than_the_batch_is_prefilled_in_chunks(exact, tmp_path):
+    small = LlamaCppEngine(exact.path, max_model_len=128, max_num_seqs=4, n_threads=1, kv_type="f32", flash_attn=False,
+                           n_batch=16)
+    try:
+        assert small.n_batch == 16
+        prompts = ["a long prompt of more than sixteen tokens, " * 2, "short"]
+        assert [o.token_ids for o in small.generate(prompts, GREEDY)] == [o.token_ids for o in exact.generate(prompts, GREEDY)]
+    finally:
+        small.close()
+
+
 def test_the_batch_really_holds_every_request(q8):
     for p in ("one", "two", "three"):
         q8.add_request(p, SamplingParams(max_tokens=5, temperature=0))

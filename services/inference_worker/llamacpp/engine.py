@@ -12,6 +12,7 @@ same on both runtimes.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
@@ -20,16 +21,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import llama_cpp as C
 
-from services.inference_worker.engine import (ContextLengthError, InvalidRequestError, IncrementalDetokenizer,
-                                              SamplingParams, StreamEvent)
+from services.inference_worker.engine import GenerationDefaults, InvalidRequestError, LLMEngine, StreamEvent
 from services.inference_worker.engine.sampling import Sampler
-from services.inference_worker.engine.sequence import Callback, RequestOutput, Sequence
+from services.inference_worker.engine.sequence import RequestOutput, Sequence
 from services.inference_worker.llamacpp.vocab import tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,30 @@ def _init_backend() -> None:
     global _backend_ready
     with _backend_once:
         if not _backend_ready:
-            # llama.cpp prints every tensor and graph node at load; the binding's logger passes on what
-            # is at or above its level: warnings and errors only, unless STRATA_LLAMACPP_LOG=debug
-            from llama_cpp import _logger
-
-            _logger.logger.setLevel(logging.DEBUG if os.environ.get("STRATA_LLAMACPP_LOG") == "debug" else logging.WARNING)
+            C.llama_log_set(_log_to_python, ctypes.c_void_p(0))
             C.llama_backend_init()
             _backend_ready = True
+
+
+# ggml's log levels (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5). llama.cpp writes every
+# tensor and graph node at load to stderr; here its lines go to the worker's log: warnings and errors
+# as such, the rest at debug. (llama-cpp-python's own _logger maps an older numbering and prints INFO.)
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_llama_log = logging.getLogger("llama.cpp")
+_last_level = logging.DEBUG
+_errors: list[str] = []  # llama.cpp's error lines, so that a failed load says why (deploy.failed's reason)
+
+
+@C.llama_log_callback
+def _log_to_python(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    global _last_level
+    _last_level = _LEVELS.get(level, _last_level)  # CONT continues the previous line's level
+    line = text.decode("utf-8", errors="replace").rstrip("\n")
+    if _last_level >= logging.ERROR:
+        del _errors[:-4]
+        _errors.append(line)
+    if _llama_log.isEnabledFor(_last_level):
+        _llama_log.log(_last_level, "%s", line)
 
 
 @dataclass
@@ -87,9 +105,11 @@ class LlamaCppEngine:
         _init_backend()
         self.path = Path(path)
         mparams = C.llama_model_default_params()
+        _errors.clear()
         self.model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
-            raise InvalidGguf(f"{self.path.name}: llama.cpp could not load this GGUF (see the worker's log)")
+            said = "; ".join(_errors) or "see the worker's log"
+            raise InvalidGguf(f"{self.path.name}: llama.cpp could not load this GGUF: {said}")
         trained = C.llama_model_n_ctx_train(self.model)
         self.max_model_len = min(max_model_len or trained, trained)
         self.max_num_seqs = max(1, min(max_num_seqs, 64))
@@ -109,13 +129,17 @@ class LlamaCppEngine:
         if not self.ctx:
             C.llama_model_free(self.model)
             raise InvalidGguf(f"{self.path.name}: llama.cpp could not make a context of {cparams.n_ctx} tokens")
-        self.n_ctx, self.n_batch = C.llama_n_ctx(self.ctx), n_batch
+        # llama.cpp clamps the batch to the context: a step must never hand llama_decode more than it took
+        self.n_ctx, self.n_batch = C.llama_n_ctx(self.ctx), min(n_batch, C.llama_n_ubatch(self.ctx))
         self.mem = C.llama_get_memory(self.ctx)
         self.tokenizer = tokenizer_for(self.model, str(self.path))
         self.vocab_size = self.tokenizer.vocab_size
+        self.model_config = SimpleNamespace(vocab_size=self.vocab_size, architecture=RUNTIME)
         vocab = C.llama_model_get_vocab(self.model)
         self.eos_ids = {t for t in range(self.vocab_size) if C.llama_vocab_is_eog(vocab, t)}
-        self.batch = C.llama_batch_init(n_batch, 0, 1)
+        self.generation = GenerationDefaults(eos_token_ids=sorted(self.eos_ids))
+        self.device = torch.device("cpu")
+        self.batch = C.llama_batch_init(self.n_batch, 0, 1)
         self.sampler = Sampler()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -150,78 +174,21 @@ class LlamaCppEngine:
                 "num_preemptions": self.num_preemptions, "kv_cache_usage": u.usage,
                 "kv_blocks_used": u.used_tokens, "kv_blocks_total": u.token_capacity}
 
-    # ---- requests (thread-safe) ---------------------------------------------------------------
-    def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
-                    *, messages: list[dict] | None = None, request_id: str | None = None,
-                    callback: Callback | None = None, reject_invalid: bool = False,
-                    cap_max_tokens: bool = True, tools: list[dict] | None = None) -> str:
-        """As LLMEngine.add_request; a constraint (response_format, forced tool calls) is refused."""
-        params = (params or SamplingParams()).resolve()
-        if params.constraint is not None:
-            raise InvalidRequestError("constrained decoding (response_format, forced tool calls) is not "
-                                      "available on the llama.cpp runtime yet")
-        bad_bias = sorted(t for t in (params.logit_bias or {}) if t >= self.vocab_size)
-        if bad_bias:
-            raise ValueError(f"logit_bias names token ids outside the vocabulary (size {self.vocab_size}): {bad_bias[:5]}")
-        if messages is not None:
-            ids = self.tokenizer.encode_chat(messages, tools=tools)
-        elif isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif prompt is not None:
-            ids = [int(t) for t in prompt]
-        else:
-            raise ValueError("give a prompt (text or token ids) or messages")
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        with self._lock:
-            rid = request_id
-            while rid is None or (request_id is None and rid in self._live):
-                rid = f"req-{next(self._ids)}"
-            if rid in self._live:
-                raise ValueError(f"request id {rid!r} is already in use")
-            error = self._validate(ids, None if cap_max_tokens else params.max_tokens)
-            if error is not None and reject_invalid:
-                raise error
-            seq = Sequence(rid, ids, params, self.eos_ids, detok, callback, generator)
-            if error is not None:
-                seq.finish("error", error=str(error), flush=False)
-            self._live.add(rid)
-            self._incoming.append(seq)
-            self._work.notify_all()
-        return rid
+    # ---- requests (thread-safe): the engine's own intake -------------------------------------
+    # Validation, request ids, the ContextLengthError, invalid requests finishing with "error" and
+    # cancellation are LLMEngine's code, run on this object (it has the attributes that code reads:
+    # tokenizer, generation, model_config.vocab_size, device, max_model_len, the queue and its lock),
+    # so both runtimes refuse and cancel alike. A constraint reaches ``compile``, which refuses it.
+    add_request = LLMEngine.add_request
+    cancel = LLMEngine.cancel
+    has_unfinished = LLMEngine.has_unfinished
+    wait_for_work = LLMEngine.wait_for_work
+    generate = LLMEngine.generate
+    _validate = LLMEngine._validate
 
     def compile(self, constraint):
         raise InvalidRequestError("constrained decoding (response_format, forced tool calls) is not available "
                                   "on the llama.cpp runtime yet")
-
-    def _validate(self, ids: list[int], max_tokens: int | None) -> InvalidRequestError | None:
-        if not ids:
-            return InvalidRequestError("the prompt is empty")
-        if len(ids) >= self.max_model_len or (max_tokens is not None and len(ids) + max_tokens > self.max_model_len):
-            wanted = "one generated token" if max_tokens is None else f"max_tokens {max_tokens}"
-            return ContextLengthError(
-                f"the prompt has {len(ids)} tokens; with {wanted} it does not fit this model's max_model_len "
-                f"{self.max_model_len} (at most {self.max_model_len - 1} prompt tokens plus one generated token)",
-                max_model_len=self.max_model_len, prompt_tokens=len(ids), completion_tokens=max_tokens or 1)
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            return InvalidRequestError(f"token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
-        return None
-
-    def cancel(self, request_id: str) -> bool:
-        with self._lock:
-            if request_id not in self._live:
-                return False
-            self._cancels.add(request_id)
-            return True
-
-    def has_unfinished(self) -> bool:
-        with self._lock:
-            return bool(self._live)
-
-    def wait_for_work(self, timeout: float | None = None) -> bool:
-        with self._work:
-            return self._work.wait_for(lambda: bool(self._live), timeout)
 
     # ---- the loop (one thread) ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -331,19 +298,6 @@ class LlamaCppEngine:
                 except Exception:
                     log.exception("stream callback of %s raised; ignoring", rid)
         return outputs
-
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run prompts (texts or token-id lists) to completion: warm-up, tests and the bench."""
-        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        ids = [self.add_request(p, params) for p in prompts]
-        pending, done = set(ids), {}
-        while pending:
-            for out in self.step():
-                if out.request_id in pending:
-                    done[out.request_id] = out
-                    pending.discard(out.request_id)
-        return [done[i] for i in ids]
 
     def close(self) -> None:
         """Free llama.cpp's context, batch and model (the worker calls this at unload)."""
