@@ -34,6 +34,10 @@ from bench.host import loadavg  # noqa: E402
 def quantize(src: Path, dst: Path, ftype: int, threads: int) -> Path:
     import llama_cpp as C
 
+    from services.inference_worker.llamacpp.engine import init_backend
+
+    init_backend()  # llama.cpp's log to Python's logging, before the quantizer talks
+
     params = C.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
     if C.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:

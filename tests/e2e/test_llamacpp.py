@@ -5,9 +5,6 @@ stream through the gateway with the official openai client, and find the llama.c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -32,18 +29,11 @@ def platform(tmp_path_factory):
         up.stop()
 
 
-def strata(up: Up, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "STRATA_API_KEY": up.api_key, "STRATA_DATA_DIR": str(up.data_dir),
-           "STRATA_MODEL_STORE_URL": up.url("model-store")}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 def test_push_deploy_chat_stream_and_see_the_runtime(platform, tmp_path):
     gguf_file = write_random_gguf(tmp_path / "tiny.Q8_0.gguf", "q8_0", seed=5)
-    pushed = strata(platform, "model", "push", str(gguf_file), "--name", "tiny-gguf")
+    pushed = platform.strata("model", "push", str(gguf_file), "--name", "tiny-gguf")
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    deployed = strata(platform, "deploy", "tiny-gguf", "--context", "256", "--load-timeout", "120")
+    deployed = platform.strata("deploy", "tiny-gguf", "--context", "256", "--load-timeout", "120")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
     client = openai.OpenAI(base_url=platform.url("api-gateway") + "/v1", api_key=platform.api_key)
@@ -62,10 +52,10 @@ def test_push_deploy_chat_stream_and_see_the_runtime(platform, tmp_path):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny-gguf", prompt="x" * 400, max_tokens=5)
 
-    listed = strata(platform, "deployments", "--json")
+    listed = platform.strata("deployments", "--json")
     assert listed.returncode == 0, listed.stderr
     [replica] = [r for d in json.loads(listed.stdout)["deployments"] if d["model_ref"] == "tiny-gguf" for r in d["replicas"]]
     assert replica["runtime"] == "llama.cpp" and replica["status"] == "ready"
-    receipt = strata(platform, "receipt", chat.id.removeprefix("chatcmpl-"))
+    receipt = platform.strata("receipt", chat.id.removeprefix("chatcmpl-"))
     assert receipt.returncode == 0, receipt.stdout + receipt.stderr
     assert '"runtime":"llama.cpp"' in receipt.stdout.replace(" ", "") and "inference.completed" in receipt.stdout

@@ -40,7 +40,8 @@ _backend_once = threading.Lock()
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
+    """Once per process: llama.cpp's backends, with its log routed to Python's (``_log_to_python``)."""
     global _backend_ready
     with _backend_once:
         if not _backend_ready:
@@ -102,7 +103,7 @@ class LlamaCppEngine:
         ``kv_type``: the cache cells' type, f16 (llama.cpp's default, what fit counts) or f32; ``flash_attn``: None
         lets llama.cpp decide (on CPU it takes its flash-attention kernel, which rounds through f16); False with
         f32 cells gives the engine's fp32 logits to ~1e-4 (the tests compare them)."""
-        _init_backend()
+        init_backend()
         self.path = Path(path)
         mparams = C.llama_model_default_params()
         _errors.clear()
