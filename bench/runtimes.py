@@ -60,6 +60,17 @@ def decode_tok_s(engine, prompt: list[int], new_tokens: int) -> float:
     return (new_tokens - 1) / (stamps[-1] - stamps[0])
 
 
+def aggregate_tok_s(engine, prompt: list[int], new_tokens: int, n: int) -> float:
+    """``n`` requests submitted together (distinct prompts): generated tokens / wall time, prefill included."""
+    from services.inference_worker.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate([prompt[i:] + prompt[:i] for i in range(n)], params)
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    return n * new_tokens / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--concurrent", type=int, default=8, help="also: this many requests decoded together (0: skip)")
     ap.add_argument("--variants", default="engine-fp32,engine-bf16,llama.cpp-F16,llama.cpp-Q8_0,llama.cpp-Q4_K_M")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -98,29 +110,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {params / 1e6:.0f}M parameters; "
               f"written in {time.perf_counter() - t0:.1f}s; {args.threads} threads; load average {loadavg()}")
         engines = {}
+        slots = max(1, args.concurrent)
+        # room for every request at once on both runtimes: no one waits for cache, so the rows compare decoding
+        blocks = slots * -(-context // 16) + 1
+        kv_bytes = slots * context * 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * 2
         for v in wanted:
             runtime, _, kind = v.partition("-")
             if runtime == "engine":
                 engines[v] = LLMEngine.from_pretrained(ckpt, EngineConfig(device="cpu", dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[kind],
-                                                                        num_blocks=64))
+                                                                        num_blocks=blocks))
             else:
-                engines[v] = LlamaCppEngine(files[kind], max_model_len=context, max_num_seqs=1, n_threads=args.threads)
+                engines[v] = LlamaCppEngine(files[kind], max_model_len=context, max_num_seqs=slots,
+                                            kv_cache_bytes=kv_bytes, n_threads=args.threads)
         prompt = list(range(300, 300 + args.prompt_tokens)) if args.vocab > 300 + args.prompt_tokens else [65] * args.prompt_tokens
         for e in engines.values():  # warm-up: lazy initialisation and first-touch of the weights
             decode_tok_s(e, prompt, 4)
         runs: dict[str, list[float]] = {v: [] for v in engines}
+        together: dict[str, list[float]] = {v: [] for v in engines}
         loads = []
         for r in range(args.repeat):
             for v, e in engines.items():
                 runs[v].append(decode_tok_s(e, prompt, args.new_tokens))
+                if args.concurrent > 1:
+                    together[v].append(aggregate_tok_s(e, prompt, args.new_tokens, args.concurrent))
                 loads.append(os.getloadavg()[0])
-                print(f"  run {r + 1} {v}: {runs[v][-1]:.1f} tok/s (load {loads[-1]:.2f})", flush=True)
+                more = f", {args.concurrent} together {together[v][-1]:.1f} tok/s" if together[v] else ""
+                print(f"  run {r + 1} {v}: {runs[v][-1]:.1f} tok/s{more} (load {loads[-1]:.2f})", flush=True)
         base = max(runs.get("engine-fp32", [0]) or [0])
-        print(f"\n| runtime | batch-1 decode tok/s (best of {args.repeat}) | all runs | x engine fp32 |")
-        print("|---|---|---|---|")
+        n = args.concurrent
+        print(f"\n| runtime | batch-1 decode tok/s (best of {args.repeat}) | all runs | x engine fp32 | "
+              f"{n} requests together: tok/s, whole run (best) |")
+        print("|---|---|---|---|---|")
         for v, xs in runs.items():
             ratio = f"{max(xs) / base:.2f}x" if base else "-"
-            print(f"| {v} | {max(xs):.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {ratio} |")
+            agg = f"{max(together[v]):.1f}" if together[v] else "-"
+            print(f"| {v} | {max(xs):.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {ratio} | {agg} |")
         print(f"\nload average during the runs: {min(loads):.2f}..{max(loads):.2f}; now {loadavg()}")
         for e in engines.values():
             close = getattr(e, "close", None)
@@ -129,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         engines.clear()
         gc.collect()
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "load": loads, "threads": args.threads, "parameters": params,
+        args.json.write_text(json.dumps({"runs": runs, "together": together, "concurrent": args.concurrent, "load": loads, "threads": args.threads, "parameters": params,
                                          "shape": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")}},
                                         indent=2))
     return 0

@@ -21,11 +21,12 @@ def test_runtimes_bench_prints_every_runtime(tmp_path):
     proc = subprocess.run(
         [sys.executable, "bench/runtimes.py", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
          "--intermediate", "128", "--vocab", "320", "--prompt-tokens", "8", "--new-tokens", "6", "--repeat", "1",
-         "--threads", "1", "--json", str(out)],
+         "--threads", "1", "--concurrent", "3", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("engine-fp32", "engine-bf16", "llama.cpp-F16", "llama.cpp-Q8_0", "llama.cpp-Q4_K_M"):
-        assert re.search(rf"\| {re.escape(row)} \| [0-9.]+ \|", proc.stdout), proc.stdout
+        assert re.search(rf"\| {re.escape(row)} \| [0-9.]+ \| .* \| [0-9.]+ \|$", proc.stdout, re.M), proc.stdout
     assert "load average during the runs" in proc.stdout
     report = json.loads(out.read_text())
     assert all(len(v) == 1 and v[0] > 0 for v in report["runs"].values())
+    assert all(len(v) == 1 and v[0] > 0 for v in report["together"].values())
