@@ -10,7 +10,8 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 from shared import rpc, subjects  # noqa: E402
-from shared.events import DeployReady, InferenceCompleted  # noqa: E402
+from shared.events import (DeployFailed, DeployReady, DeployUnloaded, InferenceCompleted, Source,  # noqa: E402
+                           UndeployRequested)
 from shared.inference import LoadedModels, LoadedModelsRequest  # noqa: E402
 from tests.inference_worker.conftest import make_worker  # noqa: E402
 from tests.inference_worker.test_serving import stream  # noqa: E402
@@ -44,3 +45,27 @@ async def test_a_gguf_deploys_on_llama_cpp_and_serves_replies_streams_and_events
         loaded = await rpc.call(bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels)
         [dep] = loaded.deployments
         assert (dep.runtime, dep.max_model_len, dep.state) == ("llama.cpp", 128, "ready")
+        # undeploy: drained, then llama.cpp's context and model are freed (not left to the GC)
+        [held] = service.worker.deployments.ready("tiny-gguf")  # type: ignore[attr-defined]
+        engine = held.loop.engine
+        await bus_client.emit(UndeployRequested(model_ref="tiny-gguf"), source=Source(service="cli", node="laptop"))
+        await bus_client.wait(DeployUnloaded, deployment_id=scheduled.deployment_id)
+        assert engine.ctx is None and engine.model is None
+
+
+async def test_a_gguf_llama_cpp_cannot_load_fails_its_deploy_with_llama_cpps_reason(nats_server, tmp_path, bus_client):
+    import gguf
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    w = gguf.GGUFWriter(str(d / "bad.gguf"), "llama")  # a readable header, but no vocabulary at all
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    service = make_worker(nats_server.url, tmp_path / "worker", {"bad": d})
+    async with service.running():
+        scheduled = await bus_client.schedule("bad", context_length=64)
+        failed = await bus_client.wait(DeployFailed, deployment_id=scheduled.deployment_id)
+        assert failed.reason.startswith("InvalidGguf: bad.gguf: llama.cpp could not load this GGUF: "), failed.reason
