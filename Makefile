@@ -16,6 +16,7 @@ test: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(PY) bench/engine.py --new-tokens 32 --repeat 2
 	$(PY) bench/runtimes.py --repeat 2
+	$(PY) bench/runtimes_http.py --repeat 2
 	$(PY) bench/attention_ref.py
 	$(PY) bench/gateway_app.py
 	$(PY) bench/gateway_quota.py
