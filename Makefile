@@ -15,6 +15,8 @@ test: $(VENV)/.test-installed
 # The CPU benchmarks, a few minutes in all (docs/benchmarks.md has each one's figures and full command).
 bench: $(VENV)/.test-installed
 	$(PY) bench/engine.py --new-tokens 32 --repeat 2
+	$(PY) bench/runtimes.py --repeat 2
+	$(PY) bench/runtimes_http.py --repeat 2
 	$(PY) bench/attention_ref.py
 	$(PY) bench/grammar.py --rounds 3
 	$(PY) bench/gateway_app.py

@@ -280,13 +280,13 @@ async def _deployments(nc, args) -> int:
     if args.json:
         return _dump(result)
     table = Table(title="deployments")
-    for col in ("deployment", "model", "state", "replica", "status", "node", "device", "predicted", "measured", "booked"):
+    for col in ("deployment", "model", "state", "replica", "status", "node", "device", "runtime", "predicted", "measured", "booked"):
         table.add_column(col)
     for d in result.deployments:
         for r in d.replicas:
             first = r.index == 0
             table.add_row(d.deployment_id[:12] if first else "", f"{d.model_ref} (v{d.model.version})" if first else "",
                           d.state if first else "", str(r.index), r.status, r.node_id or "-", r.device or "-",
-                          _gb(r.predicted_bytes), _gb(r.measured_peak), _gb(r.booked_bytes))
+                          r.runtime or "-", _gb(r.predicted_bytes), _gb(r.measured_peak), _gb(r.booked_bytes))
     _console().print(table if result.deployments else "no deployments")
     return 0

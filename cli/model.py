@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="models in model-store: push, ls, show, alias, rm, pull, verify")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
 
-    push = _cmd(msub, "push", "upload a checkpoint directory (safetensors + config.json) as a new version", _push)
+    push = _cmd(msub, "push", "upload a checkpoint directory (safetensors + config.json), or a .gguf file, as a new version", _push)
     push.add_argument("dir", type=Path)
     push.add_argument("--name", required=True)
     push.add_argument("--dataset", action="append", default=[], metavar="DIGEST", help="lineage: a dataset it was trained on (repeatable)")
@@ -106,8 +106,8 @@ def _size(path: Path) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    if not args.dir.is_dir():
-        raise StrataError(f"{args.dir}: not a directory")
+    if not (args.dir.is_dir() or (args.dir.is_file() and args.dir.suffix == ".gguf")):
+        raise StrataError(f"{args.dir}: not a directory or a .gguf file")
     client = _client(args)
     with _progress(f"push {args.name}", _size(args.dir)) as advance:
         pushed = client.push_model(args.dir, args.name, datasets=args.dataset, license=args.license, progress=advance)

@@ -78,6 +78,11 @@ class ModelMetadata(_Frozen):
     num_experts_per_tok: int | None = Field(default=None, description="MoE: experts each token is routed to")
     moe_intermediate_size: int | None = Field(default=None, description="MoE: one expert's intermediate size where it is not "
                                               "intermediate_size (Qwen3-MoE; Mixtral's experts use intermediate_size)")
+    # GGUF (llama.cpp's format): read from the file's header at push; unset for safetensors checkpoints
+    format: str | None = Field(default=None, description="the weights' file format: 'gguf'; unset means safetensors")
+    quantization: str | None = Field(default=None, description="GGUF general.file_type, e.g. F16, Q8_0, Q4_K_M")
+    bytes_by_type: dict[str, int] | None = Field(default=None, description="GGUF: tensor bytes by ggml type (F32, Q8_0, ...)")
+    chat_template: str | None = Field(default=None, description="GGUF: tokenizer.chat_template")
 
     @model_serializer(mode="wrap")
     def _as_made(self, handler: SerializerFunctionWrapHandler):  # unannotated, so the JSON schema stays the model's
@@ -90,7 +95,8 @@ class ModelMetadata(_Frozen):
         return data
 
 
-_ADDED = ("runtime", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+_ADDED = ("runtime", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "format", "quantization",
+          "bytes_by_type", "chat_template")
 
 
 class FileEntry(_Frozen):

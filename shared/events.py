@@ -325,6 +325,7 @@ class DeployReady(WorkerEvent):
     load_seconds: float = Field(ge=0)
     dtype: str | None = Field(default=None, description="the dtype the engine computes in (which weights answered)")
     quantize: str | None = Field(default=None, description="weight-only quantization of the served weights; None: none")
+    runtime: str | None = Field(default=None, description="what serves it: strata-engine or llama.cpp (None from a worker before #17)")
 
 
 class DeployFailed(WorkerEvent):
@@ -371,6 +372,7 @@ class InferenceCompleted(ServedRequest):
     api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
     client_request_id: str | None = Field(default=None, max_length=128,
                                           description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
+    runtime: str | None = Field(default=None, description="what ran it: strata-engine or llama.cpp (None from a worker before #17)")
 
 
 class EmbeddingsCompleted(ServedRequest):

@@ -294,6 +294,7 @@ class LoadedDeployment(BaseModel):
     reason: str | None = Field(default=None, description="why the load failed (state 'failed')")
     max_model_len: int | None = Field(default=None, ge=1, description=(
         "the most tokens (prompt plus completion) one request may hold; None from a worker before #18, or while loading"))
+    runtime: str | None = Field(default=None, description="strata-engine or llama.cpp; None from a worker before #17, or while loading")
 
 
 class LoadedModels(BaseModel):

@@ -118,7 +118,10 @@ class StoreClient:
 
     def push_model(self, directory: Path, name: str, *, datasets: list[str] | None = None, license: str | None = None,
                    progress: Progress | None = None) -> PushedModel:
-        files = local_files(directory)
+        if directory.is_file():  # one .gguf file: llama.cpp's format holds config, weights and tokenizer
+            directory, files = directory.parent, [directory]
+        else:
+            files = local_files(directory)
         check_files_listing([f.relative_to(directory).as_posix() for f in files], model=True)
         entries = self.upload_files(directory, files, progress)
         body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license)

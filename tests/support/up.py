@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -64,6 +65,13 @@ class Up:
     def api_key(self) -> str:
         """The admin API key `strata up` made at its first start."""
         return key_file(self.data_dir).read_text().strip()
+
+    def strata(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        """A `strata` command against this platform, as its admin (the key, data dir and model-store URL)."""
+        env = {**os.environ, "STRATA_API_KEY": self.api_key, "STRATA_DATA_DIR": str(self.data_dir),
+               "STRATA_MODEL_STORE_URL": self.url("model-store")}
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
 
     def health(self, name: str) -> httpx.Response:
         return httpx.get(f"http://127.0.0.1:{self.ports[name]}/healthz", timeout=2)

@@ -90,6 +90,7 @@ class ModelShape(BaseModel):
     num_experts: int | None = Field(default=None, ge=1, description="MoE: experts per layer; None for a dense model")
     num_experts_per_tok: int | None = Field(default=None, ge=1, description="MoE: experts each token goes through")
     expert_intermediate_size: int | None = Field(default=None, ge=1, description="MoE: one expert's intermediate size")
+    format: str | None = Field(default=None, description="'gguf': llama.cpp's fit (fit_gguf.py); None: safetensors")
 
     @property
     def moe(self) -> bool:
@@ -104,13 +105,15 @@ class ModelShape(BaseModel):
             raise Invalid(f"model metadata lacks {', '.join(missing)}: cannot predict its memory")
         num_heads = get("num_heads")
         head_dim = get("head_dim") or get("hidden_size") // num_heads
+        gguf = get("format") == "gguf"  # its dtype is a ggml type (Q8_0, Q4_K), counted as stored by fit_gguf
         return cls(
-            architecture=get("architecture"), dtype=dtype_name(get("dtype")), parameters=get("parameters"),
+            architecture=get("architecture"), dtype=get("dtype") if gguf else dtype_name(get("dtype")), parameters=get("parameters"),
             weight_bytes=get("weight_bytes"), num_layers=get("num_layers"), hidden_size=get("hidden_size"),
             intermediate_size=get("intermediate_size"), num_heads=num_heads,
             num_kv_heads=get("num_kv_heads") or num_heads, head_dim=head_dim, vocab_size=get("vocab_size"),
             context_length=get("context_length"), num_experts=get("num_experts"), num_experts_per_tok=get("num_experts_per_tok"),
             expert_intermediate_size=get("moe_intermediate_size") or get("intermediate_size"),
+            format=get("format"),
         )
 
 
@@ -202,6 +205,10 @@ def predict(
     quantize: str | None = None,
     params: FitParams = FitParams(),
 ) -> FitEstimate:
+    if shape.format == "gguf":
+        from services.hardware_inventory.domain.fit_gguf import predict_gguf
+
+        return predict_gguf(shape, device_kind, context_length=context_length, batch=batch, dtype=dtype)
     if batch < 1:
         raise Invalid(f"batch must be >= 1, got {batch}")
     context = context_length or shape.context_length

@@ -57,6 +57,7 @@ class Replica(BaseModel):
     kv_cache_bytes: int = 0
     generation: int = Field(default=0, description="how many times this replica was placed")
     measured_peak: int | None = None
+    runtime: str | None = Field(default=None, description="what serves it (deploy.ready's runtime): strata-engine or llama.cpp")
 
     @property
     def holds_memory(self) -> bool:

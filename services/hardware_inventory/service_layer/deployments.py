@@ -198,7 +198,8 @@ class Deployments:
             replica = _replica_on(deployment, event.node_id, event.device)
             if deployment is None or replica is None or replica.status == "ready":
                 raise Unchanged(None)
-            updated = replica.model_copy(update={"status": "ready", "measured_peak": event.measured.peak})
+            updated = replica.model_copy(update={"status": "ready", "measured_peak": event.measured.peak,
+                                                 "runtime": event.runtime})
             placed = _with_replica(deployment, updated).model_copy(update={"last_used": utcnow()})
             return allocations.model_copy(update={"deployments": {**allocations.deployments, deployment.deployment_id: placed}}), (placed, replica)
 

@@ -1,5 +1,6 @@
-"""One loaded model: its engine, the one thread that steps it, and the bridge from the engine's
-per-request callbacks (called on that thread) to asyncio queues (read on the event loop)."""
+"""One loaded model: its runtime (the engine or llama.cpp: adapters/runtime.py), the one thread that
+steps it, and the bridge from its per-request callbacks (called on that thread) to asyncio queues (read
+on the event loop)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from services.inference_worker.engine import LLMEngine, SamplingParams, StreamEvent
+from services.inference_worker.adapters.runtime import Runtime, runtime_name
+from services.inference_worker.engine import SamplingParams, StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ class LoopStats:
 
 @dataclass
 class EngineLoop:
-    engine: LLMEngine
+    engine: Runtime
     name: str = "model"
     stats: LoopStats = field(default_factory=LoopStats)
 
@@ -41,9 +43,9 @@ class EngineLoop:
             if not self.engine.wait_for_work(timeout=0.1):
                 continue
             try:
-                before = len(self.engine.scheduler.running)
+                before = self.engine.stats()["num_running"]
                 self.engine.step()
-                running = max(before, len(self.engine.scheduler.running))
+                running = max(before, self.engine.stats()["num_running"])
             except Exception:  # the engine already fails the batch's requests; keep the loop alive
                 log.exception("engine step of %s failed", self.name)
                 continue
@@ -72,9 +74,18 @@ class EngineLoop:
     def cancel(self, request_id: str) -> bool:
         return self.engine.cancel(request_id)
 
+    @property
+    def runtime(self) -> str:
+        return runtime_name(self.engine)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop stepping (callers finish or cancel requests first) and let go of the engine."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self.engine.fail_embeddings("the model is being unloaded")  # their waiters would otherwise wait forever
+        fail = getattr(self.engine, "fail_embeddings", None)  # the llama.cpp runtime embeds nothing
+        if fail is not None:
+            fail("the model is being unloaded")  # their waiters would otherwise wait forever
+        close = getattr(self.engine, "close", None)
+        if close is not None and not self._thread.is_alive():  # llama.cpp's memory is not the GC's to free
+            close()

@@ -88,6 +88,11 @@ class LLMEngine:
         return self.runner.dtype
 
     @property
+    def can_generate(self) -> bool:
+        """False for an embedding checkpoint saved without its LM head."""
+        return self.ckpt.model.can_generate
+
+    @property
     def weights_bytes(self) -> int:
         # the state dict, not parameters(): quantized weights and their scales are buffers
         return sum(t.numel() * t.element_size() for t in self.ckpt.model.state_dict().values())

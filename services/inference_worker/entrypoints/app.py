@@ -202,7 +202,8 @@ class Worker:
         return LoadedModels(node_id=self.node_id, deployments=[
             LoadedDeployment(deployment_id=d.deployment_id, replica=d.replica, model=d.model, aliases=list(d.aliases),
                              device=d.device, state=d.state, requests_in_flight=len(d.inflight), reason=d.reason,
-                             max_model_len=d.loop.engine.max_model_len if d.loop is not None else None)
+                             max_model_len=d.loop.engine.max_model_len if d.loop is not None else None,
+                             runtime=d.loop.runtime if d.loop is not None else None)
             for d in self.deployments.by_key.values()])
 
     def _spawn(self, coro) -> None:

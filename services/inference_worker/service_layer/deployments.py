@@ -25,6 +25,8 @@ from shared.events import (
 from services.inference_worker.adapters.artifacts import Artifact, ArtifactSource
 from services.inference_worker.adapters.engine_loop import EngineLoop
 from services.inference_worker.adapters.memory import MemoryProbe
+from services.inference_worker.adapters.runtime import Runtime, gguf_file, runtime_of
+from shared.architectures import LLAMACPP
 
 log = logging.getLogger(__name__)
 
@@ -134,27 +136,19 @@ class Deployments:
             await self.on_serving(dep.model.name, True)
         await self.publish(DeployReady(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id,
                                        device=dep.device, measured=measured, load_seconds=dep.load_seconds,
-                                       **served_weights(loop.engine)))
+                                       runtime=loop.runtime, **served_weights(loop.engine)))
         if dep.unload_requested:
             await self.unload(dep.key)
 
     def _load(self, artifact: Artifact, event: DeployScheduled) -> tuple[EngineLoop, MeasuredMemory]:
-        """On a worker thread: load, warm up and measure."""
-        from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
+        """On a worker thread: load (with the runtime the files' format calls for), warm up and measure."""
+        from services.inference_worker.engine import SamplingParams
 
         opts = self.options
-        device = torch.device(event.device)
-        probe = MemoryProbe(device).start()
-        kv_bytes = event.kv_cache_bytes or opts.default_kv_cache_bytes
-        config = EngineConfig(device=event.device, dtype=event.dtype, quantize=event.quantize, kv_cache_bytes=kv_bytes,
-                              max_num_seqs=opts.max_num_seqs)
-        engine = LLMEngine.from_pretrained(artifact.path, config)
-        if event.context_length < engine.max_model_len:
-            engine.max_model_len = event.context_length  # what was booked, not what the model allows
-        if event.embedding_pooling is not None:  # the deploy's choice wins over the checkpoint's
-            engine.pooling = event.embedding_pooling
+        probe = MemoryProbe(torch.device(event.device)).start()
+        engine = self._engine(artifact, event)
         # warm-up: one real prefill + decode, so the first user does not pay for lazy initialisation
-        if engine.ckpt.model.can_generate:
+        if getattr(engine, "can_generate", True):
             warm = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=opts.warmup_tokens, temperature=0))[0]
             if warm.finish_reason == "error":
                 raise RuntimeError(f"warm-up generation failed: {warm.error}")
@@ -162,6 +156,27 @@ class Deployments:
             engine.embed([[1, 2, 3]])
         measured = probe.measure(engine.weights_bytes, engine.cache_usage().total_bytes)
         return EngineLoop(engine, name=f"{artifact.model.name}:{artifact.model.version}"), measured
+
+    def _engine(self, artifact: Artifact, event: DeployScheduled) -> Runtime:
+        opts = self.options
+        kv_bytes = event.kv_cache_bytes or opts.default_kv_cache_bytes
+        if runtime_of(artifact.path) == LLAMACPP:
+            from services.inference_worker.llamacpp import LlamaCppEngine
+
+            if not event.device.startswith("cpu"):
+                raise RuntimeError(f"the llama.cpp runtime is built for CPU here; {event.device} was asked")
+            return LlamaCppEngine(gguf_file(artifact.path), max_model_len=event.context_length,
+                                  kv_cache_bytes=kv_bytes, max_num_seqs=opts.max_num_seqs)
+        from services.inference_worker.engine import EngineConfig, LLMEngine
+
+        config = EngineConfig(device=event.device, dtype=event.dtype, quantize=event.quantize, kv_cache_bytes=kv_bytes,
+                              max_num_seqs=opts.max_num_seqs)
+        engine = LLMEngine.from_pretrained(artifact.path, config)
+        if event.context_length < engine.max_model_len:
+            engine.max_model_len = event.context_length  # what was booked, not what the model allows
+        if event.embedding_pooling is not None:  # the deploy's choice wins over the checkpoint's
+            engine.pooling = event.embedding_pooling
+        return engine
 
     # ---- undeploy -------------------------------------------------------------------------
     def matching(self, *, deployment_id: str | None = None, ref: ModelRef | None = None,

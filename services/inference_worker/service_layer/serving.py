@@ -278,7 +278,7 @@ class Server:
                 e2e_seconds=m.e2e or 0.0, finish_reason=final.finish_reason or "stop",
                 prompt_commitment=commit(request.prompt_bytes(), salt), output_sha256=sha256(output),
                 api_key_id=request.api_key_id,
-                client_request_id=request.client_request_id))
+                client_request_id=request.client_request_id, runtime=dep.loop.runtime if dep.loop else None))
         except Exception:  # the reply already went out; a lost event is logged, not raised into nothing
             log.exception("could not publish the inference event of %s", request.request_id)
 

@@ -26,6 +26,7 @@ from shared.catalog import CATALOG_BUCKET, ResolvedDataset, ResolvedModel
 from shared.errors import Conflict
 
 from services.model_store.domain.checks import SafetensorsSummary
+from services.model_store.domain.gguf import GgufSummary
 
 CAS_ATTEMPTS = 50
 
@@ -38,6 +39,7 @@ class BlobInfo(BaseModel):
     size: int
     head: str = ""  # hex of the first bytes, for the pickle sniff of a blob pushed under another name
     safetensors: SafetensorsSummary | None = None
+    gguf: GgufSummary | None = None  # a .gguf file's header (added with GGUF support)
 
 
 def enc(name: str) -> str:

@@ -81,11 +81,13 @@ def check_files_listing(paths: Iterable[str], *, model: bool) -> None:
         seen.add(path)
     if not seen:
         raise Invalid("no files: a manifest lists at least one file")
+    if model and any(p.endswith(".gguf") for p in seen):
+        return  # a GGUF model: the file's own header is its config (domain/gguf.py checks the set)
     if model:
         if "config.json" not in seen:
             raise Invalid("config.json: missing; an LLM checkpoint needs its config.json at the top of the directory")
         if not any(p.endswith(".safetensors") for p in seen):
-            raise Invalid("no .safetensors file: a model's weights must be in safetensors format")
+            raise Invalid("no .safetensors file: a model's weights must be in safetensors format (or one GGUF file)")
 
 
 def inspect_safetensors(path: str, stream: BinaryIO, file_size: int) -> SafetensorsSummary:

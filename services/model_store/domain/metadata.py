@@ -6,11 +6,12 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from shared.architectures import runtime_for, supported
+from shared.architectures import runtime_for, runtime_for_gguf, supported
 from shared.catalog import ModelMetadata
 from shared.errors import Invalid
 
 from services.model_store.domain.checks import SafetensorsSummary
+from services.model_store.domain.gguf import GgufSummary, check_gguf_set, first_part
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
@@ -76,6 +77,34 @@ def model_metadata(config: dict[str, Any], summaries: Iterable[SafetensorsSummar
 
 def warnings(metadata: ModelMetadata) -> list[str]:
     """What a push stores but should say: an architecture no runtime serves (fit and deploy refuse it)."""
+    if metadata.runtime is None and metadata.format == "gguf":
+        return [f"llama.cpp is not known to load GGUF architecture {metadata.architecture!r}; fit and deploy will refuse it"]
     if metadata.runtime is None:
         return [f"no runtime serves {metadata.architecture}; supported: {supported()}"]
     return []
+
+
+def gguf_metadata(summaries: dict[str, GgufSummary]) -> ModelMetadata:
+    """A GGUF model's metadata: the figures from its (first part's) header, the tensors over every part."""
+    check_gguf_set(summaries)
+    path, head = first_part(summaries)
+    if head.architecture is None:
+        raise Invalid(f"{path}: has no general.architecture: not a model GGUF")
+    by_type: dict[str, int] = {}
+    for s in summaries.values():
+        for t, n in s.bytes_by_type.items():
+            by_type[t] = by_type.get(t, 0) + n
+    dominant = max(by_type, key=lambda t: by_type[t]) if by_type else "unknown"
+    heads = head.num_heads
+    return ModelMetadata(
+        architecture=head.architecture, model_type=head.architecture,
+        parameters=sum(s.parameters for s in summaries.values()), dtype=dominant,
+        num_layers=head.num_layers, hidden_size=head.hidden_size, intermediate_size=head.intermediate_size,
+        num_heads=heads, num_kv_heads=head.num_kv_heads or heads,
+        head_dim=head.key_length or (head.hidden_size // heads if head.hidden_size and heads else None),
+        vocab_size=head.vocab_size, context_length=head.context_length,
+        weight_bytes=sum(s.data_bytes for s in summaries.values()),
+        runtime=runtime_for_gguf(head.architecture), num_experts=head.num_experts,
+        num_experts_per_tok=head.num_experts_per_tok,
+        format="gguf", quantization=head.file_type or dominant, bytes_by_type=by_type, chat_template=head.chat_template,
+    )

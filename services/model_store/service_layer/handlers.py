@@ -25,7 +25,8 @@ from services.model_store.adapters.blobs import BlobStore
 from services.model_store.adapters.catalog_kv import CatalogKV, StoredModel, dec, enc
 from services.model_store.adapters.index import CatalogIndex
 from services.model_store.domain.checks import check_files_listing
-from services.model_store.domain.metadata import MAX_CONFIG_BYTES, model_metadata, parse_config, warnings
+from services.model_store.domain.gguf import is_gguf
+from services.model_store.domain.metadata import MAX_CONFIG_BYTES, gguf_metadata, model_metadata, parse_config, warnings
 from services.model_store.domain.signing import Signer
 from services.model_store.service_layer.ingest import Ingest, is_safetensors
 
@@ -48,15 +49,20 @@ class ModelStore:
     # -- models -------------------------------------------------------------------------------
     async def register_model(self, request: PushModelRequest) -> PushedModel:
         check_files_listing([f.path for f in request.files], model=True)
-        summaries = []
+        summaries, ggufs = [], {}
         for entry in request.files:
             info = await self.ingest.info_for(entry.sha256, entry.path, entry.size)
             if is_safetensors(entry.path):
                 assert info.safetensors is not None
                 summaries.append(info.safetensors)
+            elif is_gguf(entry.path):
+                assert info.gguf is not None
+                ggufs[entry.path] = info.gguf
         by_path = {f.path: f for f in request.files}
-        config = parse_config(await self._read(by_path["config.json"]))
-        metadata = model_metadata(config, summaries)
+        if ggufs:  # llama.cpp's format: the header is the config (a config.json beside it is kept as data)
+            metadata = gguf_metadata(ggufs)
+        else:
+            metadata = model_metadata(parse_config(await self._read(by_path["config.json"])), summaries)
         for digest in request.datasets:
             if not digest.startswith("sha256:") or await self._dataset(digest) is None:
                 raise Invalid(f"dataset {digest!r} is not registered (strata dataset add PATH first)")

@@ -16,6 +16,7 @@ from shared.errors import InsufficientStorage, Invalid, NotFound
 from services.model_store.adapters.blobs import BlobStore
 from services.model_store.adapters.catalog_kv import BlobInfo, CatalogKV
 from services.model_store.domain.checks import check_path, inspect_safetensors, refuse_pickle, sniff_pickle
+from services.model_store.domain.gguf import inspect_gguf, is_gguf
 from services.model_store.service_layer.space import SpaceGuard
 
 HEAD_BYTES = 16
@@ -32,9 +33,10 @@ def check_content(path: str, file: Path, size: int) -> BlobInfo:
         head = f.read(HEAD_BYTES)
         f.seek(0)
         summary = inspect_safetensors(path, f, size) if is_safetensors(path) else None
-    if summary is None:
+    gguf = inspect_gguf(path, file) if is_gguf(path) else None
+    if summary is None and gguf is None:
         sniff_pickle(path, head)
-    return BlobInfo(size=size, head=head.hex(), safetensors=summary)
+    return BlobInfo(size=size, head=head.hex(), safetensors=summary, gguf=gguf)
 
 
 class Ingest:
@@ -107,8 +109,9 @@ class Ingest:
     async def _store(self, sha256: str, file: Path, size: int, path: str | None) -> BlobInfo:
         info = check_content(path or f"sha256:{sha256}", file, size) if path else BlobInfo(size=size, head=_head(file))
         known = await self.kv.get_blob_info(sha256)
-        if known is not None and known.safetensors is not None and info.safetensors is None:
-            info = known  # keep what an earlier upload as .safetensors learnt
+        if known is not None and (known.safetensors is not None and info.safetensors is None
+                                  or known.gguf is not None and info.gguf is None):
+            info = known  # keep what an earlier upload as .safetensors or .gguf learnt
         if await self.blobs.size(sha256) != size:
             await self.blobs.put_path(sha256, file)
         await self.kv.put_blob_info(sha256, info)
@@ -122,9 +125,9 @@ class Ingest:
         if stored != size:
             raise Invalid(f"{path}: listed as {size} bytes but the stored blob sha256:{sha256} has {stored}")
         info = await self.kv.get_blob_info(sha256)
-        if info is None or (is_safetensors(path) and info.safetensors is None):
+        if info is None or (is_safetensors(path) and info.safetensors is None) or (is_gguf(path) and info.gguf is None):
             info = await self._recheck(sha256, path, size)
-        elif not is_safetensors(path):
+        elif not is_safetensors(path) and not is_gguf(path):
             sniff_pickle(path, bytes.fromhex(info.head))
         return info
 

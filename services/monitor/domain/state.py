@@ -43,6 +43,7 @@ class DeploymentState:
     state: str = "requested"
     reason: str | None = None
     updated: float = 0.0
+    runtime: str | None = None  # what deploy.ready said serves it
 
 
 @dataclass
@@ -94,6 +95,7 @@ class FleetState:
                 dep = self._deployment(data.deployment_id, data.model.name, state, at)
                 dep.version, dep.node_id, dep.reason = data.model.version, data.node_id, None
                 dep.device = getattr(data, "device", dep.device)
+                dep.runtime = getattr(data, "runtime", None) or dep.runtime
             case DeployFailed():
                 dep = self._deployment(data.deployment_id, data.model.name if data.model else "?", "failed", at)
                 dep.node_id, dep.reason = data.node_id, data.reason

@@ -40,6 +40,7 @@ class DeploymentView(BaseModel):
     device: str | None
     state: str
     reason: str | None
+    runtime: str | None = None  # strata-engine or llama.cpp, from deploy.ready (#17)
 
 
 class Point(BaseModel):
@@ -166,7 +167,7 @@ def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: floa
     ]
     deployments = [
         DeploymentView(deployment_id=d.deployment_id, model=d.model, version=d.version, node_id=d.node_id,
-                       device=d.device, state=d.state, reason=d.reason)
+                       device=d.device, state=d.state, reason=d.reason, runtime=d.runtime)
         for d in sorted(state.deployments.values(), key=lambda d: (d.model, d.deployment_id))
     ]
     ledger = state.ledger

@@ -156,7 +156,8 @@ function render(s) {
   const points = renderModels(s.models);
   renderNodes(s.nodes);
   renderTable("#deployments", s.deployments.map((d) => [
-    d.model, d.version == null ? "–" : `v${d.version}`, badge(d.state), d.node_id ?? "–", d.device ?? "–"]), "no deployments");
+    d.model, d.version == null ? "–" : `v${d.version}`, badge(d.state), d.node_id ?? "–", d.device ?? "–",
+    d.runtime ?? "–"]), "no deployments");
   renderTable("#dead-letters", Object.entries(s.dead_letters).map(([svc, n]) => [svc, String(n)]), "no dead letters");
   renderLedger(s.ledger);
   const history = s.models.length ? s.models[0].series : [];
