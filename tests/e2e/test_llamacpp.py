@@ -51,6 +51,12 @@ def test_push_deploy_chat_stream_and_see_the_runtime(platform, tmp_path):
     assert text.usage.completion_tokens <= 5
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny-gguf", prompt="x" * 400, max_tokens=5)
+    # what this runtime does not do yet is refused, saying so, not failed
+    with pytest.raises(openai.BadRequestError, match="llama.cpp runtime"):
+        client.chat.completions.create(model="tiny-gguf", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="llama.cpp runtime"):
+        client.embeddings.create(model="tiny-gguf", input="hi")
 
     listed = platform.strata("deployments", "--json")
     assert listed.returncode == 0, listed.stderr

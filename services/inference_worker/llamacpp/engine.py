@@ -147,6 +147,7 @@ class LlamaCppEngine:
         self._incoming: list[Sequence] = []
         self._cancels: set[str] = set()
         self._live: set[str] = set()
+        self._embeddings: list = []  # LLMEngine.wait_for_work reads it; this runtime embeds nothing (yet)
         self._waiting: deque[Sequence] = deque()
         self._running: dict[str, _Slot] = {}
         self._free_ids = list(range(self.max_num_seqs))
@@ -180,6 +181,7 @@ class LlamaCppEngine:
     # cancellation are LLMEngine's code, run on this object (it has the attributes that code reads:
     # tokenizer, generation, model_config.vocab_size, device, max_model_len, the queue and its lock),
     # so both runtimes refuse and cancel alike. A constraint reaches ``compile``, which refuses it.
+    can_embed = False  # /v1/embeddings on this runtime: not yet
     add_request = LLMEngine.add_request
     cancel = LLMEngine.cancel
     has_unfinished = LLMEngine.has_unfinished
