@@ -14,3 +14,14 @@ def platform(tmp_path):
         yield up
     finally:
         up.stop()
+
+
+@pytest.fixture(scope="module")
+def bare_platform(tmp_path_factory):
+    """A real `strata up` without the built-in model, up before the module's first test, one per module."""
+    up = Up(tmp_path_factory.mktemp("platform") / "data", "--no-builtin")
+    try:
+        up.wait_for("Strata is up", timeout=90)
+        yield up
+    finally:
+        up.stop()

@@ -20,13 +20,8 @@ PROMPT = "Once upon a time there was a small model that"
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    up = Up(tmp_path_factory.mktemp("families") / "data", "--no-builtin")
-    try:
-        up.wait_for("Strata is up", timeout=90)
-        yield up
-    finally:
-        up.stop()
+def platform(bare_platform):
+    return bare_platform
 
 
 def strata(up: Up, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

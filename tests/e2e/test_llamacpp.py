@@ -14,19 +14,13 @@ pytest.importorskip("gguf")
 import openai  # noqa: E402
 
 from tests.support.gguf_model import write_random_gguf  # noqa: E402
-from tests.support.up import Up  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    up = Up(tmp_path_factory.mktemp("gguf-e2e") / "data", "--no-builtin")
-    try:
-        up.wait_for("Strata is up", timeout=90)
-        yield up
-    finally:
-        up.stop()
+def platform(bare_platform):
+    return bare_platform
 
 
 def test_push_deploy_chat_stream_and_see_the_runtime(platform, tmp_path):

@@ -259,12 +259,7 @@ class LLMEngine:
                 with self._lock:
                     self._live.discard(rid)
                 outputs.append(seq.output())
-            event = seq.take_event()
-            if event is not None and seq.callback is not None:
-                try:
-                    seq.callback(event)
-                except Exception:
-                    log.exception("stream callback of %s raised; ignoring", rid)
+            seq.stream()
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None

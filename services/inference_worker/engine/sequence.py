@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import enum
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .sampling import SamplingParams, TokenLogprob
 from .tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
 
 
 class Status(enum.Enum):
@@ -215,3 +218,13 @@ class Sequence:
         return RequestOutput(self.request_id, self.prompt_ids, list(self.output_ids), self.text,
                              self.finished, self.finish_reason, self.error,
                              None if self.logprobs is None else list(self.logprobs), self.metrics)
+
+    def stream(self) -> None:
+        """Send the delta since the last event to the request's callback; a callback that raises is
+        logged and ignored, so one client's bug never takes the engine's step down."""
+        event = self.take_event()
+        if event is not None and self.callback is not None:
+            try:
+                self.callback(event)
+            except Exception:
+                log.exception("stream callback of %s raised; ignoring", self.request_id)

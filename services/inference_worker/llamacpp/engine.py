@@ -28,7 +28,7 @@ import torch
 
 import llama_cpp as C
 
-from services.inference_worker.engine import GenerationDefaults, InvalidRequestError, LLMEngine, SamplingParams, StreamEvent
+from services.inference_worker.engine import GenerationDefaults, InvalidRequestError, LLMEngine, SamplingParams
 from services.inference_worker.engine.sampling import Sampler
 from services.inference_worker.engine.sequence import RequestOutput, Sequence
 from services.inference_worker.llamacpp.vocab import tokenizer_for
@@ -299,12 +299,7 @@ class LlamaCppEngine:
                 with self._lock:
                     self._live.discard(rid)
                 outputs.append(seq.output())
-            event: StreamEvent | None = seq.take_event()
-            if event is not None and seq.callback is not None:
-                try:
-                    seq.callback(event)
-                except Exception:
-                    log.exception("stream callback of %s raised; ignoring", rid)
+            seq.stream()
         return outputs
 
     def close(self) -> None:
