@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--concurrent", type=int, default=8, help="also: this many requests decoded together (0: skip)")
-    ap.add_argument("--variants", default="engine-fp32,engine-bf16,llama.cpp-F16,llama.cpp-Q8_0,llama.cpp-Q4_K_M")
+    ap.add_argument("--variants", default="engine-fp32,engine-bf16,llama.cpp-F16,llama.cpp-Q8_0,llama.cpp-Q4_K_M",
+                    help="also engine-int8, engine-int4 (weight-only, bf16 compute)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         for v in wanted:
             runtime, _, kind = v.partition("-")
             if runtime == "engine":
-                engines[v] = LLMEngine.from_pretrained(ckpt, EngineConfig(device="cpu", dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[kind],
+                # int8/int4: weight-only quantized linears computing in bf16 (engine/quant.py), beside Q8_0/Q4_K_M
+                dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(kind, "bfloat16")
+                weights = kind if kind in ("int8", "int4") else None
+                engines[v] = LLMEngine.from_pretrained(ckpt, EngineConfig(device="cpu", dtype=dtype, quantize=weights,
                                                                         num_blocks=blocks))
             else:
                 engines[v] = LlamaCppEngine(files[kind], max_model_len=context, max_num_seqs=slots,
