@@ -27,7 +27,7 @@ their sha256 only, and a salted commitment to the prompt whose salt goes only to
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
                       model_validator)
@@ -49,7 +49,25 @@ JOBS_STREAM = "JOBS"
 RESULTS_STREAM = "RESULTS"
 
 
-class ChatMessage(BaseModel):
+class _OptionalOnWire(BaseModel):
+    """Fields added after the first release travel only when they differ from their default: a peer from
+    before them forbids unknown fields (or hands every key to a chat template), and would refuse or
+    render differently what carried them. ``wire_optional`` names them."""
+
+    wire_optional: ClassVar[tuple[str, ...]] = ()
+
+    # unannotated return: the JSON schema (AsyncAPI) stays the model's own
+    @model_serializer(mode="wrap")
+    def _optional_only_when_set(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        data = handler(self)
+        for name in self.wire_optional:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
+
+
+class ChatMessage(_OptionalOnWire):
+    wire_optional = ("tool_calls", "tool_call_id")  # a plain message keeps its two keys
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = Field(default=None, description="none only on an assistant message that has tool_calls")
     tool_calls: list[ToolCall] | None = Field(default=None, description="an assistant message's calls")
@@ -63,19 +81,11 @@ class ChatMessage(BaseModel):
             raise ValueError("only assistant messages carry tool_calls")
         return self
 
-    @model_serializer(mode="wrap")
-    def _compact(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
-        """Plain messages keep their old two keys on the wire (and in what a chat template sees)."""
-        data = handler(self)
-        for name in ("tool_calls", "tool_call_id"):
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
 
-
-class SamplingOptions(BaseModel):
+class SamplingOptions(_OptionalOnWire):
     """The engine's sampling parameters. Unset values take the model's generation_config.json."""
 
+    wire_optional = WIRE_OPTIONAL
     model_config = ConfigDict(extra="forbid")
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -110,19 +120,9 @@ class SamplingOptions(BaseModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         return value
 
-    # unannotated return: the JSON schema (AsyncAPI) stays the model's own
-    @model_serializer(mode="wrap")
-    def _extensions_only_when_set(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
-        """The fields #18 added travel only when set: a worker from before them forbids unknown
-        fields, and would refuse every request that carried them."""
-        data = handler(self)
-        for name in WIRE_OPTIONAL:
-            if getattr(self, name) == type(self).model_fields[name].default:
-                data.pop(name, None)
-        return data
 
-
-class InferenceRequest(BaseModel):
+class InferenceRequest(_OptionalOnWire):
+    wire_optional = REQUEST_WIRE_OPTIONAL
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
     model: str = Field(min_length=1, description="NAME, NAME:VERSION or NAME@ALIAS")
@@ -151,14 +151,6 @@ class InferenceRequest(BaseModel):
             raise ValueError("tools need 'messages': a completion prompt has no chat template to render them")
         check_tools(self.tools, self.tool_choice)
         return self
-
-    @model_serializer(mode="wrap")
-    def _extensions_only_when_set(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
-        data = handler(self)
-        for name in REQUEST_WIRE_OPTIONAL:
-            if getattr(self, name) is None:
-                data.pop(name, None)
-        return data
 
     def prompt_bytes(self) -> bytes:
         """What the event's prompt commitment covers (shared/prompt_commitment.py)."""

@@ -56,7 +56,7 @@ def _grammar(kind: str, spec: str) -> str:
     if kind == "grammar":
         return spec if spec.lstrip().startswith("{") else llguidance.LLMatcher.grammar_from_lark(spec)
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_STYLE)
+        spec = '{"type": "object"}'
     try:
         schema = json.loads(spec)
     except ValueError as e:
