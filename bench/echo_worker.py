@@ -24,6 +24,13 @@ class EchoEngine:
 
     tokenizer = None
     max_model_len = 1 << 20
+    can_generate, can_embed = True, False
+
+    def fail_embeddings(self, reason: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def __init__(self) -> None:
         from types import SimpleNamespace

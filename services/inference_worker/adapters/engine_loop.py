@@ -83,9 +83,6 @@ class EngineLoop:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        fail = getattr(self.engine, "fail_embeddings", None)  # the llama.cpp runtime embeds nothing
-        if fail is not None:
-            fail("the model is being unloaded")  # their waiters would otherwise wait forever
-        close = getattr(self.engine, "close", None)
-        if close is not None and not self._thread.is_alive():  # llama.cpp's memory is not the GC's to free
-            close()
+        self.engine.fail_embeddings("the model is being unloaded")  # their waiters would otherwise wait forever
+        if not self._thread.is_alive():  # llama.cpp's memory is not the GC's to free
+            self.engine.close()

@@ -21,6 +21,12 @@ from services.inference_worker.engine.sequence import Callback
 class Runtime(Protocol):
     tokenizer: Tokenizer | None
     max_model_len: int
+    can_generate: bool  # False: an embedding checkpoint without its LM head
+    can_embed: bool  # False: /v1/embeddings is refused, naming the runtime
+
+    def fail_embeddings(self, reason: str) -> None: ...  # at unload: queued embeddings end with this error
+
+    def close(self) -> None: ...  # at unload, after the loop stopped: memory the GC does not own
 
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
                     messages: list[dict] | None = None, request_id: str | None = None, callback: Callback | None = None,

@@ -87,6 +87,11 @@ class LLMEngine:
     def dtype(self) -> torch.dtype:
         return self.runner.dtype
 
+    can_embed = True
+
+    def close(self) -> None:
+        """Nothing to free by hand: the tensors go with the engine."""
+
     @property
     def can_generate(self) -> bool:
         """False for an embedding checkpoint saved without its LM head."""

@@ -181,7 +181,11 @@ class LlamaCppEngine:
     # cancellation are LLMEngine's code, run on this object (it has the attributes that code reads:
     # tokenizer, generation, model_config.vocab_size, device, max_model_len, the queue and its lock),
     # so both runtimes refuse and cancel alike. A constraint reaches ``compile``, which refuses it.
+    can_generate = True
     can_embed = False  # /v1/embeddings on this runtime: not yet
+
+    def fail_embeddings(self, reason: str) -> None:
+        """None are ever queued here."""
     add_request = LLMEngine.add_request
     cancel = LLMEngine.cancel
     has_unfinished = LLMEngine.has_unfinished

@@ -148,7 +148,7 @@ class Deployments:
         probe = MemoryProbe(torch.device(event.device)).start()
         engine = self._engine(artifact, event)
         # warm-up: one real prefill + decode, so the first user does not pay for lazy initialisation
-        if getattr(engine, "can_generate", True):
+        if engine.can_generate:
             warm = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=opts.warmup_tokens, temperature=0))[0]
             if warm.finish_reason == "error":
                 raise RuntimeError(f"warm-up generation failed: {warm.error}")

@@ -67,7 +67,7 @@ class Embedder:
         dep = self.deployments.pick(parse_ref(request.model))
         assert dep.loop is not None
         engine = dep.loop.engine
-        if not getattr(engine, "can_embed", True):
+        if not engine.can_embed:
             raise errors.Invalid(f"{dep.model.name} runs on the {dep.loop.runtime} runtime, which does not serve "
                                  "embeddings yet: deploy its safetensors checkpoint on the engine for /v1/embeddings")
         hidden = engine.model_config.hidden_size

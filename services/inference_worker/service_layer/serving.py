@@ -179,7 +179,7 @@ class Server:
             raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
         assert dep.loop is not None
-        if not getattr(dep.loop.engine, "can_generate", True):  # an embedding checkpoint without its LM head
+        if not dep.loop.engine.can_generate:
             raise errors.Invalid(f"{dep.model.name} is an embedding model (its checkpoint has no LM head): "
                                  "it answers /v1/embeddings only")
         # the caller's trace continues here (W3C traceparent in the NATS headers); the span is not made
