@@ -9,7 +9,7 @@ also each Triton kernel vs torch eager / torch.compile and paged attention vs SD
 Every sequence produces exactly --new-tokens greedy tokens (eos ignored on both sides).
 - decode tok/s: tokens after the prefill / the time they took. Strata: per-token host timestamps from
   the engine's stream callbacks (the engine samples to host ints, so a token is done when streamed);
-  HF: a run of --new-tokens minus a run of new_tokens/8 (same prompt: the prefill cancels out).
+  HF: the same, from a streamer's timestamps (first new token, the prefill's, to the last).
 - whole-run tok/s: tokens / wall time of the whole call, prefill included.
 - ITL: inter-token latency, the gaps between a request's consecutive tokens (all requests pooled).
 - roofline (batch 1): copy bandwidth / bytes read per token, where the bytes are every parameter but
@@ -322,9 +322,8 @@ def run_rows(args, path: Path, dtype, batches: list[int], hf, copy_gbs: float, r
                    itl_p50_ms=1e3 * percentile(gaps, 50), itl_p99_ms=1e3 * percentile(gaps, 99),
                    itl_samples=len(gaps))
         for hb in benches:
-            full = min(x[0] for x in times[hb.v.name])
-            short = min(x[1] for x in times[hb.v.name])
-            whole, decode = hb.rates(full, short, b)
+            whole, decode = hb.rates(min(x[0] for x in times[hb.v.name]),
+                                     min(x[1] for x in times[hb.v.name]), b)
             row.setdefault("hf", {})[hb.v.name] = {"whole": whole, "decode": decode}
         rows.append(row)
         report["rows"] = rows

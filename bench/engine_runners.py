@@ -139,21 +139,38 @@ def hf_variants(hf, device: str, compile_: bool) -> list[HFVariant]:
     return out
 
 
+class _TokenClock:
+    """A transformers streamer that only notes when each put() arrives: generate() puts the prompt
+    first, then each step's new tokens as soon as that step's sampling is done."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, _tokens) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 class HFBench:
-    """Times hf.generate for one variant. Decode throughput is the difference between a run of
-    new_tokens and one of a few tokens: the same prompt, so the prefill cancels out. The static cache
-    keeps the largest length it was built with, so the short run reuses the compiled graphs."""
+    """Times hf.generate for one variant. Decode time runs from the first new token (the prefill's)
+    to the last, as a streamer sees them arrive, so it is measured in the same run as the whole time;
+    differencing a long and a short run instead came out negative under load on tiny models."""
 
     def __init__(self, hf, variant: HFVariant, device: str, new_tokens: int):
+        if new_tokens < 2:
+            raise ValueError("a decode rate needs at least 2 new tokens")
         self.hf, self.v, self.device, self.new_tokens = hf, variant, device, new_tokens
-        self.short = max(1, new_tokens // 8)
         self.warm_s: float | None = None
         self.graphs = 0
 
-    def _generate(self, ids, n: int) -> float:
+    def _generate(self, ids) -> tuple[float, float]:
         gen = self.v.generation_config  # all settings on it: transformers 5 warns about a mix
+        n = self.new_tokens
         gen.do_sample, gen.pad_token_id, gen.max_new_tokens, gen.min_new_tokens = False, 0, n, n
-        kw = dict(attention_mask=torch.ones_like(ids), generation_config=gen)
+        clock = _TokenClock()
+        kw = dict(attention_mask=torch.ones_like(ids), generation_config=gen, streamer=clock)
         swap = self.v.compiled_forward is not None
         if swap:  # an instance attribute shadows the class's forward for this call only
             self.hf.forward = self.v.compiled_forward
@@ -169,15 +186,16 @@ class HFBench:
                 del self.hf.forward
         if out.shape[1] - ids.shape[1] != n:
             raise RuntimeError(f"HF generated {out.shape[1] - ids.shape[1]} tokens, asked {n}")
-        return dt
+        if len(clock.times) != n + 1:  # the prompt, then one put per new token
+            raise RuntimeError(f"HF streamed {len(clock.times) - 1} steps for {n} tokens")
+        return dt, clock.times[-1] - clock.times[1]
 
     def warm(self, ids) -> None:
-        """The full length first (it sizes the static cache and compiles), then both lengths again."""
+        """Twice at full length: the first sizes the static cache and compiles."""
         graphs = dynamo_graphs()
         t = time.perf_counter()
-        self._generate(ids, self.new_tokens)
-        self._generate(ids, self.new_tokens)
-        self._generate(ids, self.short)
+        self._generate(ids)
+        self._generate(ids)
         self.warm_s = time.perf_counter() - t
         self.graphs = dynamo_graphs() - graphs
 
@@ -188,12 +206,9 @@ class HFBench:
         return f"yes, {self.graphs} graph(s)" if self.graphs > 0 else "NO (dynamo compiled no graph)"
 
     def run(self, ids) -> tuple[float, float]:
-        """(seconds for new_tokens, seconds for the short run)."""
-        return self._generate(ids, self.new_tokens), self._generate(ids, self.short)
+        """(seconds for the whole run, seconds from the first new token to the last)."""
+        return self._generate(ids)
 
-    def rates(self, full_s: float, short_s: float, batch: int) -> tuple[float, float]:
-        """(whole-run tok/s, decode-only tok/s) from the best full and short times."""
-        whole = batch * self.new_tokens / full_s
-        decode = (batch * (self.new_tokens - self.short) / (full_s - short_s)
-                  if full_s > short_s else float("nan"))
-        return whole, decode
+    def rates(self, whole_s: float, decode_s: float, batch: int) -> tuple[float, float]:
+        """(whole-run tok/s, decode-only tok/s) from the best times."""
+        return batch * self.new_tokens / whole_s, batch * (self.new_tokens - 1) / decode_s

@@ -115,9 +115,12 @@ async def test_prometheus_scrapes_every_service_and_sees_the_engine_under_load(p
             return now and all(float(s["value"][1]) == 0 for s in now)
 
         await until("the running gauge back at 0", idle, timeout=30)
-        chats = await query(http, prometheus,
-                            'sum(strata_http_requests_total{service="api-gateway",route="/v1/chat/completions",status="200"})')
-        assert chats and float(chats[0]["value"][1]) >= 4
+        # each target is scraped on its own clock: the gateway's last scrape may predate the streams'
+        # ends that the worker's already shows, so wait for the gateway's counter too
+        chats = await until("the gateway's counter scraped after the streams ended", lambda: query(
+            http, prometheus, 'sum(strata_http_requests_total{service="api-gateway",'
+                              'route="/v1/chat/completions",status="200"}) >= 4'), timeout=30)
+        assert float(chats[0]["value"][1]) >= 4
         # a counter is first scraped at whatever it holds, and rate() cannot see that first step: once
         # the monitor's series is in Prometheus, one more wave makes the recording rule's rate show
         await until("the monitor's request counter scraped", lambda: query(
