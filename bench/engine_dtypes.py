@@ -3,7 +3,8 @@
     python bench/engine_dtypes.py                       # the issue's 254M-param Llama shape, bf16 checkpoint
     python bench/engine_dtypes.py --variants bf16,int8 --rounds 3
 
-For each variant (fp32, fp16, bf16: explicit dtypes; auto: what a deploy without a dtype gets, the
+For each variant (fp32, fp16, bf16: explicit dtypes; bf16-plain: bf16 without the oneDNN prepacking of
+engine/cpu_linear.py, the code before it; auto: what a deploy without a dtype gets, the
 node's fastest 16-bit dtype; int8: weight-only int8 linears with bf16 activations):
 - batch-1 decode tok/s (bench/engine_runners.StrataBench: per-token host stamps after the prefill);
 - share of bandwidth: bytes one decode step reads (weights as stored, int8 included, plus the KV cache
@@ -23,6 +24,7 @@ here: llama.cpp is not installed on this machine, so the rows say "not measured"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -41,12 +43,26 @@ from bench.engine import make_checkpoint, parse_args as engine_args  # noqa: E40
 from bench.engine_runners import StrataBench  # noqa: E402
 from bench.host import loadavg  # noqa: E402
 from bench.roofline import copy_bandwidth_gbs, kv_bytes_per_token, weight_bytes_read_per_step  # noqa: E402
+import services.inference_worker.engine.cpu_linear as cpu_linear  # noqa: E402
 
 # the issue's shape: 254M parameters (hidden 1024, 16 layers, 16/8 heads, vocab 32000)
 SHAPE = ["--hidden", "1024", "--layers", "16", "--heads", "16", "--kv-heads", "8", "--intermediate", "2816",
          "--vocab", "32000", "--max-position", "2048"]
 VARIANTS = {"fp32": ("float32", None), "fp16": ("float16", None), "bf16": ("bfloat16", None),
-            "auto": (None, None), "int8": (None, "int8"), "int4": (None, "int4")}
+            "bf16-plain": ("bfloat16", None), "auto": (None, None), "int8": (None, "int8"), "int4": (None, "int4")}
+UNPACKED = {"bf16-plain"}  # bf16 with plain F.linear weights: engine/cpu_linear.py's prepacking turned off
+
+
+@contextlib.contextmanager
+def prepacking(on: bool):
+    """Load with or without engine/cpu_linear.py's oneDNN prepacking of the bf16 linears."""
+    saved = cpu_linear.can_pack
+    if not on:
+        cpu_linear.can_pack = lambda: False
+    try:
+        yield
+    finally:
+        cpu_linear.can_pack = saved
 
 
 def step_and_matmul_ms(bench: StrataBench, prompt: list[int], steps: int = 16) -> tuple[float, float]:
@@ -72,7 +88,7 @@ def linears_once(model: nn.Module):
     """A function that puts one row through every linear of the model in layer order, and the head."""
     from services.inference_worker.engine.quant import MODULES
 
-    kinds = (nn.Linear, *MODULES.values())
+    kinds = (nn.Linear, cpu_linear.PackedLinear, *MODULES.values())
     linears = [m for m in model.modules() if isinstance(m, kinds) and not _router(m, model)]
     head = model.embed.weight if model.lm_head is None else None  # tied: compute_logits reads the embedding
     dtype = model.norm.dtype
@@ -138,8 +154,9 @@ def main(argv=None) -> dict:
     benches = {}
     for name in names:
         dtype, quantize = VARIANTS[name]
-        benches[name] = StrataBench(path, "cpu", dtype, args.concurrent, args.prompt_tokens, args.new_tokens,
-                                    quantize=quantize)
+        with prepacking(name not in UNPACKED):
+            benches[name] = StrataBench(path, "cpu", dtype, args.concurrent, args.prompt_tokens, args.new_tokens,
+                                        quantize=quantize)
         benches[name].warm(prompts[:1])
     keys = ("tok_s", "agg_tok_s", "step_ms", "matmul_ms")
     figures: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in names}

@@ -15,6 +15,7 @@ from .dtypes import default_dtype
 from .errors import (CheckpointError, ConfigError, MissingFileError, MissingTensorError,
                      PickleCheckpointError, ShapeMismatchError, UnexpectedTensorError)
 from .model import Transformer
+from .cpu_linear import pack_model
 from .quant import parse_quantize, quantize_model
 from .weights import hf_weight_names, is_norm, split_rows
 from .tokenizer import Tokenizer
@@ -64,6 +65,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     model = model.to(dtype=dtype).to_empty(device=device)
     load_weights(model, cfg, files, path)
     quantize_model(model, quantize)  # after loading: quantized from the checkpoint's own values
+    pack_model(model)  # last: the linears left in bf16 on CPU, in oneDNN's layout
     model.eval().requires_grad_(False)
     model.init_rope(max_seq_len or cfg.max_position_embeddings)
     return Checkpoint(path, cfg, model, tokenizer, generation)

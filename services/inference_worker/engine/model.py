@@ -58,13 +58,18 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor | None,
                 meta: AttentionMetadata) -> Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm == "full":  # OLMo 2: over the whole projection, before the heads split
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k = q.reshape(T, self.n_heads, self.head_dim), k.reshape(T, self.n_kv, self.head_dim)
-        if self.qk_norm == "head":
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        qkv = self.qkv(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm is None:  # q and k side by side in qkv: one RoPE call rotates both heads' sets
+            qk = _rope(qkv[:, :self.q_size + self.kv_size].view(T, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+            q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        else:
+            if self.qk_norm == "full":  # OLMo 2: over the whole projection, before the heads split
+                q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k = q.reshape(T, self.n_heads, self.head_dim), k.reshape(T, self.n_kv, self.head_dim)
+            if self.qk_norm == "head":
+                q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         v = v.reshape(T, self.n_kv, self.head_dim)
         if kv is not None:  # kv: [2, num_blocks, block_size, n_kv, head_dim]
             kv[0].view(-1, self.n_kv, self.head_dim).index_copy_(0, meta.slot_mapping, k)
@@ -215,8 +220,8 @@ class Transformer(nn.Module):
         return positions + self.max_seq_len * (seq_len > long_from)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()
+        head = F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
+        logits = head.float()
         if self.cfg.logits_scale != 1.0:
             logits = logits / self.cfg.logits_scale
         if self.cfg.final_softcap:

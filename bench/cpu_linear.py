@@ -1,0 +1,92 @@
+"""The CPU linear a decode step is made of, four ways, on weights bigger than the last-level cache
+(issue #24): how fast each streams the weights at 1, 4 and 8 rows, next to a plain copy's bandwidth.
+
+- bf16 prepacked: the engine's CPU bf16 path (engine/cpu_linear.py, oneDNN's blocked layout);
+- bf16 plain: ``F.linear`` on the [N, K] weight, as before;
+- fp16 plain: ``F.linear`` in fp16 (torch's gemv at 1 row, a slow gemm past it);
+- fp32 plain.
+
+Each way runs over its own list of [N, K] weights (N x K the bench model's gate/up shape by default)
+totalling --mb per dtype, so every product reads its weights from memory, as a decode step does. The
+ways alternate within every round; best of --rounds per way and row count.
+
+    python bench/cpu_linear.py [--n 5632 --k 1024 --mb 256 --rounds 5 --threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.host import loadavg  # noqa: E402
+from bench.roofline import copy_bandwidth_gbs  # noqa: E402
+from services.inference_worker.engine.cpu_linear import can_pack, pack_weight, packed_linear  # noqa: E402
+
+ROWS = (1, 4, 8)
+
+
+def ways(n: int, k: int, mb: int) -> dict:
+    """name -> (weights, product): each list holds --mb of that dtype's weights."""
+    def weights(dtype):
+        count = max(2, mb * 2**20 // (n * k * torch.empty((), dtype=dtype).element_size()))
+        return [torch.empty(n, k, dtype=dtype).uniform_(-0.05, 0.05) for _ in range(count)]
+
+    out = {}
+    if can_pack():
+        out["bf16 prepacked"] = ([pack_weight(w) for w in weights(torch.bfloat16)],
+                                 lambda x, w: packed_linear(x, w, None))
+    out["bf16 plain"] = (weights(torch.bfloat16), F.linear)
+    out["fp16 plain"] = (weights(torch.float16), F.linear)
+    out["fp32 plain"] = (weights(torch.float32), F.linear)
+    return out
+
+
+def seconds(product, xs, ws) -> float:
+    t0 = time.perf_counter()
+    for w in ws:
+        product(xs, w)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=5632)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--mb", type=int, default=256, help="weights per way, MiB (more than the LLC)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    bw, how = copy_bandwidth_gbs("cpu")
+    print(f"# CPU linear, [{args.n}, {args.k}] weights, {args.mb} MiB per way, {args.threads} thread(s); "
+          f"torch {torch.__version__}; load {loadavg()}")
+    print(f"copy bandwidth: {bw:.1f} GB/s ({how})")
+    if not can_pack():
+        print("bf16 prepacked: not available here (no oneDNN bf16: needs avx512_bf16 or AMX)")
+    table = ways(args.n, args.k, args.mb)
+    xs = {(name, r): torch.randn(r, args.k).to(ws[0].dtype) for name, (ws, _) in table.items() for r in ROWS}
+    best = {(name, r): float("inf") for name in table for r in ROWS}
+    for name, (ws, product) in table.items():  # warm-up: first-call dispatch
+        for r in ROWS:
+            product(xs[name, r], ws[0])
+    for _ in range(args.rounds):
+        for r in ROWS:
+            for name, (ws, product) in table.items():
+                best[name, r] = min(best[name, r], seconds(product, xs[name, r], ws))
+    print("\n| way | " + " | ".join(f"{r} row{'s' * (r > 1)}: GB/s streamed" for r in ROWS) + " |")
+    print("|---|" + "---|" * len(ROWS))
+    for name, (ws, _) in table.items():
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        cells = [f"{nbytes / best[name, r] / 1e9:.1f} ({100 * nbytes / best[name, r] / 1e9 / bw:.0f} %)" for r in ROWS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\n(%: of the copy bandwidth above; best of {args.rounds}, ways alternating; load {loadavg()})")
+
+
+if __name__ == "__main__":
+    main()
