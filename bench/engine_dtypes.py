@@ -58,7 +58,7 @@ def prepacking(on: bool):
     """Load with or without engine/cpu_linear.py's oneDNN prepacking of the bf16 linears."""
     saved = cpu_linear.can_pack
     if not on:
-        cpu_linear.can_pack = lambda: False
+        cpu_linear.can_pack = lambda dtype: False
     try:
         yield
     finally:

@@ -70,6 +70,8 @@ def weight_bytes_read_per_step(model: nn.Module, tied_embeddings: bool, experts_
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size() * (experts_read if p.dim() == 3 else 1)
+    # an fbgemm fp16 pack (engine/cpu_linear.py) is not in the state dict
+    total += sum(getattr(m, "nbytes", 0) for m in model.modules() if getattr(m, "fbgemm", None) is not None)
     embed = sum(m.weight.numel() * m.weight.element_size()
                 for m in model.modules() if isinstance(m, nn.Embedding))
     return int(total if tied_embeddings else total - embed), embed

@@ -1,10 +1,13 @@
-"""bf16 linears on CPU with their weights prepacked once, at load, in oneDNN's blocked layout.
+"""16-bit linears on CPU with their weights prepacked once, at load, for a GEMM library's own layout.
 
-torch's plain ``F.linear`` in bf16 repacks (or walks unpacked) the weight on every call: on the
-2-core AVX-512 VM of issue #24 it streamed a decode step's weights at about 10 GB/s at batch 1, where
-the same product on a prepacked weight (``torch.ops.mkldnn._reorder_linear_weight``, the layout
-inductor's CPU freezing uses) streamed 15 GB/s, and 13–19 GB/s at 4–8 rows (bench/cpu_linear.py).
-Same bytes, same bf16 math with fp32 accumulation; only the memory order differs.
+torch's plain ``F.linear`` repacks (or walks unpacked) the weight on every call. On the 2-core AVX-512
+VM of issue #24, streaming a decode step's weights from memory (bench/cpu_linear.py):
+- bf16: plain about 10 GB/s at 1 row; prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``,
+  the layout inductor's CPU freezing uses) about 15 GB/s, and 13–19 GB/s at 4–8 rows;
+- fp16: plain runs a gemv at 1 row (fast) but falls to 2–5 GB/s at 4–8 rows; prepacked for fbgemm
+  (``quantized.linear_prepack_fp16``: fp16 weights, fp32 activations and accumulation) about 22 GB/s
+  at 1 row and 10–16 GB/s at 4–8.
+Same values (bf16 stays bf16; fp16 stays fp16), same 2 bytes a weight; only the memory order differs.
 
 Packed: the decoder's q/k/v, o, gate/up and down projections and an untied output head. Kept plain:
 a tied output head (its weight is also the embedding table, which is gathered by row), MoE experts,
@@ -24,47 +27,62 @@ PACKED_LINEARS = ("qkv", "o", "gate_up", "down", "lm_head")
 
 
 @functools.cache
-def can_pack() -> bool:
-    """oneDNN is built in and this CPU has native bf16 dot products (avx512_bf16 or AMX)."""
+def can_pack(dtype: torch.dtype) -> bool:
+    """bf16: oneDNN is built in and this CPU has native bf16 dot products (avx512_bf16 or AMX).
+    fp16: torch is built with fbgemm (x86 with AVX2)."""
     try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):  # a torch without these private ops
-        return False
-
-
-def pack_weight(weight: Tensor) -> Tensor:
-    """[N, K] bf16 -> the same values in oneDNN's blocked layout (an opaque ``torch._mkldnn`` tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-
-
-def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if dtype == torch.bfloat16:
+            return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if dtype == torch.float16:
+            return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+                torch.ops.quantized, "linear_prepack_fp16")
+    except (AttributeError, RuntimeError):  # a torch without these ops
+        pass
+    return False
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear whose weight lives in oneDNN's layout. ``weight`` is that opaque tensor: it has a
-    shape, dtype and byte count, but no strided storage to index."""
+    """An nn.Linear whose weight lives in a GEMM library's layout, opaque to everything else:
+    ``nbytes`` is what it holds (the state dict does not see an fbgemm pack)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", pack_weight(linear.weight))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, w.dtype
+        self.nbytes = w.numel() * w.element_size()
+        if w.dtype == torch.bfloat16:
+            self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, None))
+            self.register_buffer("bias", None if b is None else b.clone())
+            self.fbgemm = None
+        else:  # fbgemm takes fp32 and keeps fp16: the same values, since they came from fp16
+            self.fbgemm = torch.ops.quantized.linear_prepack_fp16(w.float(), None if b is None else b.float())
 
     def forward(self, x: Tensor) -> Tensor:
-        return packed_linear(x, self.weight, self.bias)
+        if self.fbgemm is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.fbgemm).to(x.dtype)
 
 
 def pack_model(model: nn.Module) -> int:
-    """Replace the bf16 CPU nn.Linear layers named in PACKED_LINEARS in place; returns how many."""
+    """Replace the 16-bit CPU nn.Linear layers named in PACKED_LINEARS in place; returns how many."""
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in PACKED_LINEARS
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16]
-    if not targets or not can_pack():
-        return 0
+               and m.weight.device.type == "cpu" and can_pack(m.weight.dtype)]
     with torch.no_grad():
         for name, linear in targets:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, PackedLinear(linear))
-    log.info("prepacked %d bf16 linear layers for oneDNN", len(targets))
+    if targets:
+        log.info("prepacked %d %s linear layers", len(targets), str(targets[0][1].weight.dtype).removeprefix("torch."))
     return len(targets)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as held: the state dict (quantized weights and their scales are
+    buffers; a tensor shared under two names counts once) plus what fbgemm packs hold."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total + sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear) and m.fbgemm is not None)

@@ -16,6 +16,7 @@ import torch
 
 from .block_manager import BlockManager, CacheUsage, freeing_window
 from .config import EngineConfig
+from .cpu_linear import model_bytes
 from .embedding import (POOLINGS, EmbeddingCancelled, EmbeddingJob, EmbeddingOutput, PagedCache, checkpoint_pooling,
                         run_slice)
 from .errors import ContextLengthError, InvalidRequestError
@@ -99,8 +100,7 @@ class LLMEngine:
 
     @property
     def weights_bytes(self) -> int:
-        # the state dict, not parameters(): quantized weights and their scales are buffers
-        return sum(t.numel() * t.element_size() for t in self.ckpt.model.state_dict().values())
+        return model_bytes(self.ckpt.model)
 
     def cache_usage(self) -> CacheUsage:
         return self.block_manager.usage()
