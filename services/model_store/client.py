@@ -18,6 +18,7 @@ from shared.catalog import (
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
 from shared.errors import BlobCorrupt, Invalid, StrataError, Unavailable, from_code
+from shared.model_source import ModelSource
 
 from services.model_store.domain.checks import check_files_listing
 from services.model_store.fetch import VerificationError, verify_manifest
@@ -117,14 +118,17 @@ class StoreClient:
         return entries
 
     def push_model(self, directory: Path, name: str, *, datasets: list[str] | None = None, license: str | None = None,
-                   progress: Progress | None = None) -> PushedModel:
+                   progress: Progress | None = None, files: list[Path] | None = None,
+                   source: ModelSource | None = None) -> PushedModel:
+        """``files``: only these files under ``directory`` (an import's selection), else every one;
+        ``source``: where an import or a conversion came from (kept in the signed manifest)."""
         if directory.is_file():  # one .gguf file: llama.cpp's format holds config, weights and tokenizer
             directory, files = directory.parent, [directory]
-        else:
+        elif files is None:
             files = local_files(directory)
         check_files_listing([f.relative_to(directory).as_posix() for f in files], model=True)
         entries = self.upload_files(directory, files, progress)
-        body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license)
+        body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license, source=source)
         return PushedModel.model_validate(self._call("POST", "/v1/models", json=body.model_dump(mode="json")).json())
 
     def add_dataset(self, path: Path, name: str, *, license: str | None = None, source: str | None = None,
