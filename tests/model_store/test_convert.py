@@ -95,6 +95,21 @@ async def test_a_safetensors_model_converted_to_q4_k_m_keeps_its_lineage_and_gen
     assert len(out.token_ids) == 8 and out.finish_reason == "length" and isinstance(out.text, str)
 
 
+def test_an_f16_gguf_is_quantized_as_is(live_store, tmp_path, capsys):
+    (tmp_path / "g").mkdir()
+    f16 = write_random_gguf(tmp_path / "g" / "tiny.F16.gguf", "f16", **SHAPE)
+    url = ("--url", live_store.url)
+    assert strata(capsys, "model", "push", str(f16), "--name", "tiny", *url)[0] == 0
+    code, out, err = strata(capsys, "model", "convert", "tiny", "--to", "gguf", "--quant", "q8_0", "--name", "tiny-q8", *url)
+    assert code == 0 and out.startswith("converted tiny:1 -> tiny-q8:1"), err
+    client = StoreClient(live_store.url)
+    derived = client.resolve("tiny-q8").manifest
+    assert derived.metadata.quantization == "Q8_0" and derived.source.derived_from == client.resolve("tiny:1").model.digest
+    assert derived.source.recipe.startswith("GGUF F16 -> Q8_0 (llama.cpp quantize")
+    code, _, err = strata(capsys, "model", "convert", "tiny", "--to", "gguf", "--quant", "f16", *url)
+    assert code == 1 and "tiny:1 is already a GGUF F16" in err
+
+
 def test_what_cannot_be_converted_faithfully_is_refused_and_nothing_is_stored(live_store, tmp_path, capsys):
     url = ("--url", live_store.url)
     client = StoreClient(live_store.url)
