@@ -204,6 +204,7 @@ def model_facts(store: LedgerStore, ref: str, tree_head: dict[str, Any] | None) 
         name=m["name"], version=m["version"], digest=m["digest"], architecture=m["architecture"], parameters=m["parameters"],
         training_record=m["training_record"], license=m["license"], registered_at=_iso(m["time_ms"]), leaf_index=m["idx"],
         leaf_hash=leaf["leaf_hash"].hex(), tree_head=tree_head,
+        source=_source(store, m["digest"]),
         datasets=[DatasetFacts(digest=d["digest"], name=d["name"], source=d["source"], license=d["license"], leaf_index=d["leaf_index"])
                   for d in _datasets(store, m["digest"])],
     )
