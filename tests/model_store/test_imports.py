@@ -69,6 +69,8 @@ def test_an_ollama_model_is_imported_with_its_layers_and_source(live_store, tmp_
     assert code == 0 and (tmp_path / "pulled" / "ollama" / "params.json").read_bytes() == PARAMS
     code, out, _ = strata(capsys, "model", "import", "ollama:tiny:q8", *url)
     assert code == 0 and out.startswith("already imported as tiny-q8:1")
+    code, out, _ = strata(capsys, "model", "show", "tiny-q8", *url)
+    assert code == 0 and "source: ollama registry.ollama.ai/library/tiny q8" in out
     # the default tag is latest, and --name names it
     make_ollama_model(root, "tiny", "latest", {"model": gguf_bytes})
     code, out, _ = strata(capsys, "model", "import", "ollama:tiny", "--name", "mine", *url)
