@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
+
 from cli import main as cli_main
 from shared.events import ModelId, ModelRegistered, Source, make_event
 from shared.model_source import ModelSource
@@ -52,6 +54,11 @@ async def test_a_conversion_chain_is_answered_both_ways_and_an_import_names_its_
         both = capsys.readouterr().err
         assert await cli("ledger", "export", "llama-q4:1", "--format", "cyclonedx", "--nats-url", url) == 0
         bom = json.loads(capsys.readouterr().out)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=ledger_service.http), base_url="http://ledger") as http:
+            over_http = await http.get("/lineage/models/llama@nosuch")
+            found = await http.get(f"/lineage/models/{F16.digest}")
+    assert over_http.status_code == 404 and over_http.json()["error"]["code"] == "not_found"
+    assert found.status_code == 200 and [d["digest"] for d in found.json()["models"][0]["derivatives"]] == [Q4.digest]
     assert [(p["name"], p["version"], p["digest"]) for p in q4["derived_from"]] == [
         ("llama", 2, F16.digest), ("llama", 1, IMPORTED.digest)]
     assert q4["derived_from"][-1]["source"]["resolved"] == "a" * 40
