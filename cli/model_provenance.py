@@ -45,7 +45,7 @@ def _import(args: argparse.Namespace) -> int:
         name = args.name or plan.name
         client = _client(args)
         with _progress(f"import {name}", sum(f.stat().st_size for f in plan.files)) as advance:
-            pushed = client.push_model(plan.directory, name, files=plan.files, source=plan.source,
+            pushed = client.push_model(plan.directory, name, files=plan.files, source=plan.source, known_sha256=plan.checked_sha256,
                                        license=args.license or plan.license, progress=advance)
     m = pushed.model
     verb = "imported" if pushed.created else "already imported as"

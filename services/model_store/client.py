@@ -101,12 +101,16 @@ class StoreClient:
         return ResolvedDataset.model_validate(self._call("GET", f"/v1/datasets/{ref}").json())
 
     # -- writes -------------------------------------------------------------------------------
-    def upload_files(self, directory: Path, files: list[Path], progress: Progress | None = None) -> list[FileEntry]:
-        """Hash every file, then upload those the store does not hold yet (deduplicated by digest)."""
+    def upload_files(self, directory: Path, files: list[Path], progress: Progress | None = None,
+                     known_sha256: dict[str, str] | None = None) -> list[FileEntry]:
+        """Hash every file, then upload those the store does not hold yet (deduplicated by digest).
+        ``known_sha256``: path -> hex digest the caller has just checked (an import): not hashed again;
+        model-store hashes what it receives and refuses an upload whose content is not that digest."""
         entries = []
         for file in files:
-            sha = sha256_file(file)
-            entry = FileEntry(path=file.relative_to(directory).as_posix(), sha256=sha, size=file.stat().st_size)
+            path = file.relative_to(directory).as_posix()
+            sha = (known_sha256 or {}).get(path) or sha256_file(file)
+            entry = FileEntry(path=path, sha256=sha, size=file.stat().st_size)
             entries.append(entry)
             head = self.http.head(f"/v1/blobs/{sha}")
             if head.status_code == 200 and int(head.headers.get("x-blob-size", -1)) == entry.size:
@@ -119,7 +123,7 @@ class StoreClient:
 
     def push_model(self, directory: Path, name: str, *, datasets: list[str] | None = None, license: str | None = None,
                    progress: Progress | None = None, files: list[Path] | None = None,
-                   source: ModelSource | None = None) -> PushedModel:
+                   source: ModelSource | None = None, known_sha256: dict[str, str] | None = None) -> PushedModel:
         """``files``: only these files under ``directory`` (an import's selection), else every one;
         ``source``: where an import or a conversion came from (kept in the signed manifest)."""
         if directory.is_file():  # one .gguf file: llama.cpp's format holds config, weights and tokenizer
@@ -127,7 +131,7 @@ class StoreClient:
         elif files is None:
             files = local_files(directory)
         check_files_listing([f.relative_to(directory).as_posix() for f in files], model=True)
-        entries = self.upload_files(directory, files, progress)
+        entries = self.upload_files(directory, files, progress, known_sha256)
         body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license, source=source)
         return PushedModel.model_validate(self._call("POST", "/v1/models", json=body.model_dump(mode="json")).json())
 

@@ -48,8 +48,14 @@ def test_an_ollama_model_is_imported_with_its_layers_and_source(live_store, tmp_
                                                        "license": LICENSE, "system": b"You are tiny."})
     monkeypatch.setenv("OLLAMA_MODELS", str(root))
     url = ("--url", live_store.url)
+    from services.model_store import client as client_module
+
+    hashed_again, sha256_file = [], client_module.sha256_file
+    monkeypatch.setattr(client_module, "sha256_file", lambda path, progress=None: hashed_again.append(path.name))
     code, out, err = strata(capsys, "model", "import", "ollama:tiny:q8", *url)
     assert code == 0, err
+    assert hashed_again == []  # each layer was hashed once, when it was checked against its digest
+    monkeypatch.setattr(client_module, "sha256_file", sha256_file)
     assert out.startswith("imported tiny-q8:1 sha256:") and "from ollama:tiny:q8" in out
 
     resolved = StoreClient(live_store.url).resolve("tiny-q8:1")
@@ -203,3 +209,15 @@ def test_a_hugging_face_import_that_cannot_be_checked_stores_nothing(live_store,
     code, _, err = strata(capsys, "model", "import", ref, "--url", live_store.url)
     assert code == 1 and expect in err, err
     assert_nothing_stored(live_store.url, *files.values())
+
+
+def test_a_file_that_changed_after_its_check_is_refused_by_the_store(live_store, tmp_path, gguf_bytes):
+    from shared.errors import Invalid
+
+    (tmp_path / "m").mkdir()
+    gguf = tmp_path / "m" / "model.gguf"
+    gguf.write_bytes(gguf_bytes)
+    checked = hashlib.sha256(b"what the file held when it was checked").hexdigest()
+    with pytest.raises(Invalid, match=f"not the declared {checked}"):
+        StoreClient(live_store.url).push_model(gguf.parent, "changed", files=[gguf], known_sha256={"model.gguf": checked})
+    assert_nothing_stored(live_store.url, gguf_bytes)

@@ -26,6 +26,12 @@ class ImportPlan:
     license: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def checked_sha256(self) -> dict[str, str]:
+        """Path -> sha256 hex of the files whose sha256 the import checked: the push need not hash them again."""
+        return {path: d.removeprefix("sha256:") for path, d in self.source.digests.items()
+                if d.startswith("sha256:") and (self.directory / path) in self.files}
+
 
 def hash_file(path: Path, algorithm: str = "sha256", prefix: bytes = b"") -> str:
     digest = hashlib.new(algorithm)
