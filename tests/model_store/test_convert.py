@@ -163,8 +163,31 @@ def test_the_writer_refuses_tensors_and_settings_it_does_not_know(tmp_path):
     with pytest.raises(Unconvertible, match="tensors the Llama conversion does not know: model.layers.0.self_attn.q_proj.bias"):
         write_llama_gguf(ckpt, tmp_path / "bias.gguf", "f16")
     assert not (tmp_path / "bias.gguf").exists()
+    del tensors["model.layers.0.self_attn.q_proj.bias"], tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(Unconvertible, match="tensor model.layers.1.mlp.down_proj.weight is missing"):
+        write_llama_gguf(ckpt, tmp_path / "short.gguf", "f16")
+    assert not (tmp_path / "short.gguf").exists()
     tok = json.loads((ckpt / "tokenizer.json").read_text())
     tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": []}
     (ckpt / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(Unconvertible, match="the pre-tokenizer is not GPT-2's byte-level split"):
         write_llama_gguf(ckpt, tmp_path / "pre.gguf", "f16")
+
+
+def test_a_bf16_checkpoint_converts_to_the_same_f16_weights(tmp_path):
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=2)
+    f32 = load_file(str(ckpt / "model.safetensors"))
+    save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in f32.items()}, str(ckpt / "model.safetensors"))
+    out = write_llama_gguf(ckpt, tmp_path / "bf16.F16.gguf", "f16")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    down = tensors["blk.1.ffn_down.weight"]
+    assert down.tensor_type == gguf.GGMLQuantizationType.F16
+    expected = torch.from_numpy(f32["model.layers.1.mlp.down_proj.weight"]).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(np.asarray(down.data).reshape(expected.shape).astype(np.float32), expected.astype(np.float16).astype(np.float32))

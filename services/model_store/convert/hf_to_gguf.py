@@ -13,6 +13,8 @@ rather than written wrong.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +34,24 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensors(ckpt: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint as numpy (BF16, which numpy lacks, read through torch as float32)."""
+def _tensors(ckpt: Path) -> _Tensors:
+    """The checkpoint's tensors, each read from its safetensors file when the writer asks for it."""
     from safetensors import safe_open
 
-    out: dict[str, np.ndarray] = {}
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                t = st.get_tensor(key)
-                out[key] = (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
-    return out
+            loaders.update({key: partial(_load, f, key) for key in st.keys()})
+    return _Tensors(loaders)
+
+
+def _load(file: Path, key: str) -> np.ndarray:
+    """One tensor as numpy (BF16, which numpy lacks, through torch as float32)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as st:
+        t = st.get_tensor(key)
+    return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
 
 
 def check_convertible(cfg: dict, tok: dict) -> None:
@@ -74,7 +83,7 @@ def write_llama_gguf(ckpt: Path, out: Path, ftype: str = "f32", *, chat_template
     return write_gguf(cfg, tok, tok_cfg, _tensors(ckpt), out, ftype, chat_template, name)
 
 
-def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: dict[str, np.ndarray], out: Path, ftype: str,
+def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray], out: Path, ftype: str,
            chat_template: str | None, name: str, split_max_tensors: int = 0) -> Path:
     """``split_max_tensors`` > 0: gguf-split's layout, OUT-0000N-of-0000M.gguf (``out`` is then a name prefix)."""
     import gguf
@@ -129,7 +138,7 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: dict[str, np.ndarray], o
             q = gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
-    hf = _Tracked(hf)
+    hf = _Tensors.of(hf)
     put("token_embd.weight", hf["model.embed_tokens.weight"])
     put("output_norm.weight", hf["model.norm.weight"])
     if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings"):
@@ -157,13 +166,29 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: dict[str, np.ndarray], o
     return out
 
 
-class _Tracked(dict):
-    """The checkpoint's tensors, remembering which were read: one left unread is a tensor the writer does not know."""
+class _Tensors(Mapping):
+    """Tensors by HF name, loaded on access (the writer keeps the F16 copies; one F32 tensor at a time is
+    in memory besides), remembering which were read: one left unread is a tensor the writer does not know."""
 
-    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
-        super().__init__(tensors)
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]]) -> None:
+        self.loaders = loaders
         self.read: set[str] = set()
 
+    @classmethod
+    def of(cls, tensors: Mapping[str, np.ndarray]) -> _Tensors:
+        return tensors if isinstance(tensors, _Tensors) else cls({k: partial(tensors.__getitem__, k) for k in tensors})
+
     def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.loaders:
+            raise Unconvertible(f"tensor {key} is missing from the checkpoint's safetensors files")
         self.read.add(key)
-        return super().__getitem__(key)
+        return self.loaders[key]()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loaders)
+
+    def __len__(self) -> int:
+        return len(self.loaders)
