@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import httpx
 from shared import endpoints, http_tls
 from shared.apikeys import local_key
 from shared.catalog import (
-    AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
+    NAME_PATTERN, AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
 from shared.errors import BlobCorrupt, Invalid, StrataError, Unavailable, from_code
@@ -126,6 +127,8 @@ class StoreClient:
                    source: ModelSource | None = None, known_sha256: dict[str, str] | None = None) -> PushedModel:
         """``files``: only these files under ``directory`` (an import's selection), else every one;
         ``source``: where an import or a conversion came from (kept in the signed manifest)."""
+        if not re.fullmatch(NAME_PATTERN, name):  # before any upload, so a bad name leaves no blobs behind
+            raise Invalid(f"model name {name!r}: expected letters, digits, '.', '_', '-' (up to 128), starting with a letter or digit")
         if directory.is_file():  # one .gguf file: llama.cpp's format holds config, weights and tokenizer
             directory, files = directory.parent, [directory]
         elif files is None:

@@ -101,6 +101,7 @@ def _corrupt(root: Path, data: bytes) -> None:
     ("projector", "ollama:tiny", "application/vnd.ollama.image.projector, which Strata cannot serve"),
     ("not a manifest", "ollama:tiny", "is not an Ollama manifest"),
     ("bad name", "ollama:../etc", "expected ollama:NAME[:TAG]"),
+    ("bad store name", "ollama:tiny --name=-x", "model name '-x': expected letters"),
 ])
 def test_an_ollama_import_that_cannot_be_checked_stores_nothing(live_store, tmp_path, capsys, monkeypatch, gguf_bytes,
                                                                 case, ref, expect):
@@ -120,7 +121,7 @@ def test_an_ollama_import_that_cannot_be_checked_stores_nothing(live_store, tmp_
     if case == "not a manifest":
         manifest.write_text(json.dumps({"layers": "none"}))
     monkeypatch.setenv("OLLAMA_MODELS", str(root))
-    code, out, err = strata(capsys, "model", "import", ref, "--url", live_store.url)
+    code, out, err = strata(capsys, "model", "import", *ref.split(), "--url", live_store.url)
     assert code == 1 and expect in err, err
     assert_nothing_stored(live_store.url, gguf_bytes, TEMPLATE)
 
