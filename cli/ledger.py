@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lineage = _with_nats(sub.add_parser("lineage", help="from an answer to its model, datasets, deployment, node and device (or --dataset D)"))
     lineage.add_argument("request_id", nargs="?")
     lineage.add_argument("--dataset", help="list the models trained on this dataset digest and the inferences they served")
+    lineage.add_argument("--model", help="a model version's origin (import source, or what it was converted from) and its derivatives")
     lineage.add_argument("--json", action="store_true")
     lineage.set_defaults(func=_lineage)
 
@@ -260,8 +261,10 @@ def _chat_prompt_bytes(path: Path) -> bytes:
 def _lineage(args: argparse.Namespace) -> int:
     from services.provenance_ledger.entrypoints.api import DatasetRef, RequestRef
 
-    if (args.request_id is None) == (args.dataset is None):
-        return _fail("give a REQUEST_ID or --dataset DIGEST")
+    if sum(x is not None for x in (args.request_id, args.dataset, args.model)) != 1:
+        return _fail("give a REQUEST_ID, --dataset DIGEST or --model REF")
+    if args.model:
+        return _model_lineage(args)
     if args.dataset:
         result = _call(args, "dataset_lineage", DatasetRef(digest=args.dataset), dict[str, Any])
         if args.json:
@@ -287,6 +290,28 @@ def _lineage(args: argparse.Namespace) -> int:
     print(f"deploy    {r['deployment']['deployment_id']}  " + ", ".join(f"{e['type']}@{e['leaf_index']}" for e in r["deployment"]["events"]))
     dev = r["device"]
     print(f"node      {r['node']['node_id']} ({r['node'].get('hostname') or '?'})  device {dev['id']} {dev.get('name', '')}".rstrip())
+    return 0
+
+
+def _model_lineage(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.entrypoints.api import ModelLineageRef
+
+    result = _call(args, "model_lineage", ModelLineageRef(ref=args.model), dict[str, Any])
+    if args.json:
+        _print_json(result)
+        return 0
+    for m in result["models"]:
+        print(f"model     {m.get('name')}:{m.get('version')}  {m['digest']}  (leaf {m.get('leaf_index')})")
+        src = m.get("source")
+        if src and src["kind"] != "conversion":
+            resolved = f" = {src['resolved']}" if src.get("resolved") else ""
+            print(f"source    {src['kind']} {src['name']} {src['reference']}{resolved}  ({len(src['digests'])} digests checked)")
+        for parent in m["derived_from"]:
+            print(f"from      {parent.get('name')}:{parent.get('version')}  {parent['digest']}" + ("" if parent["in_ledger"] else "  (not in the ledger)"))
+        if src and src.get("recipe"):
+            print(f"recipe    {src['recipe']}")
+        for child in m["derivatives"]:
+            print(f"derived   {child.get('name')}:{child.get('version')}  {child['digest']}  {child.get('recipe') or ''}".rstrip())
     return 0
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -20,7 +21,7 @@ out = Console(soft_wrap=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    model = sub.add_parser("model", help="models in model-store: push, ls, show, alias, rm, pull, verify")
+    model = sub.add_parser("model", help="models in model-store: push, import, convert, ls, show, alias, rm, pull, verify")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
 
     push = _cmd(msub, "push", "upload a checkpoint directory (safetensors + config.json), or a .gguf file, as a new version", _push)
@@ -54,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("ref")
     verify.add_argument("--key", type=Path, help="trusted public key (PEM or the JSON of /v1/public-key)")
 
+    from cli.model_provenance import register as register_provenance
+
+    register_provenance(msub, _cmd)  # import, convert
+
     dataset = sub.add_parser("dataset", help="datasets in model-store: add, ls, show")
     dsub = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     add = _cmd(dsub, "add", "register a file or directory as a dataset", _dataset_add)
@@ -81,7 +86,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
     try:
         return func(args)
     except StrataError as exc:
-        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)  # a message's [..] is text
         return 1
 
 
@@ -142,6 +147,9 @@ def _show(args: argparse.Namespace) -> int:
     out.print_json(man.metadata.model_dump_json())
     out.print(f"license: {man.license or '-'}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}")
     out.print(f"training record: {'yes' if man.training_record else 'no'}   signed by key {resolved.signature['signatures'][0]['keyid'][:16]}…")
+    if src := man.source:  # an import's origin or a conversion's source version
+        out.print(f"source: {src.kind} {src.name} {src.reference}" + (f" ({src.derived_from or src.resolved})" if src.derived_from or src.resolved else ""),
+                  highlight=False)
     for f in man.files:
         out.print(f"  {f.sha256[:12]}  {_bytes(f.size):>10}  {f.path}", highlight=False)
     return 0

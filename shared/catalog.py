@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from shared.errors import Invalid
 from shared.events import ModelId, utcnow
+from shared.model_source import ModelSource
 
 SERVICE = "model-store"
 BLOB_BUCKET = "strata-blobs"
@@ -115,6 +116,16 @@ class ModelManifest(_Frozen):
     datasets: list[str] = Field(default=[], description="lineage: digests of the datasets it was trained on")
     training_record: dict[str, Any] | None = None
     created: datetime = Field(default_factory=utcnow)
+    source: ModelSource | None = Field(default=None, description="an import's or a conversion's origin (shared/model_source.py)")
+
+    @model_serializer(mode="wrap")
+    def _without_no_source(self, handler: SerializerFunctionWrapHandler):  # unannotated: the schema stays the model's
+        """``source`` was added after manifests were first signed: left out while unset, so a manifest
+        without one dumps (and hashes, and verifies) byte for byte as before."""
+        data = handler(self)
+        if self.source is None:
+            data.pop("source", None)
+        return data
 
 
 class DatasetManifest(_Frozen):
@@ -234,6 +245,8 @@ class PushModelRequest(BaseModel):
     training_record: dict[str, Any] | None = Field(
         default=None, description="defaults to the content of training_record.json when the files include one"
     )
+    source: ModelSource | None = Field(default=None, description="an import's or a conversion's origin; a conversion's "
+                                       "derived_from must be a version in this store")
 
 
 class PushedModel(ResolvedModel):

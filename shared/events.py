@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared import subjects
+from shared.model_source import ModelSource
 
 
 def new_id() -> str:
@@ -424,6 +425,7 @@ class ModelRegistered(ModelStoreEvent):
     datasets: list[str] = Field(default=[], description="dataset digests (lineage)")
     training_record: str | None = Field(default=None, description="digest of the training record")
     license: str | None = None
+    source: ModelSource | None = Field(default=None, description="lineage of an import or a conversion (derived_from)")
 
 
 class ModelSigned(ModelStoreEvent):

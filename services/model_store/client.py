@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ import httpx
 from shared import endpoints, http_tls
 from shared.apikeys import local_key
 from shared.catalog import (
-    AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
+    NAME_PATTERN, AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
 from shared.errors import BlobCorrupt, Invalid, StrataError, Unavailable, from_code
+from shared.model_source import ModelSource
 
 from services.model_store.domain.checks import check_files_listing
 from services.model_store.fetch import VerificationError, verify_manifest
@@ -100,12 +102,16 @@ class StoreClient:
         return ResolvedDataset.model_validate(self._call("GET", f"/v1/datasets/{ref}").json())
 
     # -- writes -------------------------------------------------------------------------------
-    def upload_files(self, directory: Path, files: list[Path], progress: Progress | None = None) -> list[FileEntry]:
-        """Hash every file, then upload those the store does not hold yet (deduplicated by digest)."""
+    def upload_files(self, directory: Path, files: list[Path], progress: Progress | None = None,
+                     known_sha256: dict[str, str] | None = None) -> list[FileEntry]:
+        """Hash every file, then upload those the store does not hold yet (deduplicated by digest).
+        ``known_sha256``: path -> hex digest the caller has just checked (an import): not hashed again;
+        model-store hashes what it receives and refuses an upload whose content is not that digest."""
         entries = []
         for file in files:
-            sha = sha256_file(file)
-            entry = FileEntry(path=file.relative_to(directory).as_posix(), sha256=sha, size=file.stat().st_size)
+            path = file.relative_to(directory).as_posix()
+            sha = (known_sha256 or {}).get(path) or sha256_file(file)
+            entry = FileEntry(path=path, sha256=sha, size=file.stat().st_size)
             entries.append(entry)
             head = self.http.head(f"/v1/blobs/{sha}")
             if head.status_code == 200 and int(head.headers.get("x-blob-size", -1)) == entry.size:
@@ -117,14 +123,19 @@ class StoreClient:
         return entries
 
     def push_model(self, directory: Path, name: str, *, datasets: list[str] | None = None, license: str | None = None,
-                   progress: Progress | None = None) -> PushedModel:
+                   progress: Progress | None = None, files: list[Path] | None = None,
+                   source: ModelSource | None = None, known_sha256: dict[str, str] | None = None) -> PushedModel:
+        """``files``: only these files under ``directory`` (an import's selection), else every one;
+        ``source``: where an import or a conversion came from (kept in the signed manifest)."""
+        if not re.fullmatch(NAME_PATTERN, name):  # before any upload, so a bad name leaves no blobs behind
+            raise Invalid(f"model name {name!r}: expected letters, digits, '.', '_', '-' (up to 128), starting with a letter or digit")
         if directory.is_file():  # one .gguf file: llama.cpp's format holds config, weights and tokenizer
             directory, files = directory.parent, [directory]
-        else:
+        elif files is None:
             files = local_files(directory)
         check_files_listing([f.relative_to(directory).as_posix() for f in files], model=True)
-        entries = self.upload_files(directory, files, progress)
-        body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license)
+        entries = self.upload_files(directory, files, progress, known_sha256)
+        body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license, source=source)
         return PushedModel.model_validate(self._call("POST", "/v1/models", json=body.model_dump(mode="json")).json())
 
     def add_dataset(self, path: Path, name: str, *, license: str | None = None, source: str | None = None,

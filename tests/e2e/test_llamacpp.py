@@ -59,3 +59,33 @@ def test_push_deploy_chat_stream_and_see_the_runtime(platform, tmp_path):
     receipt = platform.strata("receipt", chat.id.removeprefix("chatcmpl-"))
     assert receipt.returncode == 0, receipt.stdout + receipt.stderr
     assert '"runtime":"llama.cpp"' in receipt.stdout.replace(" ", "") and "inference.completed" in receipt.stdout
+
+
+def test_a_safetensors_model_converted_to_q4_k_m_serves_with_its_lineage_to_the_source(platform, tmp_path, monkeypatch):
+    from tests.support.gguf_model import write_random_pair
+    from tests.support.local_caches import make_hf_snapshot
+
+    ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, seed=6)
+    make_hf_snapshot(tmp_path / "hub", "acme/tiny-e2e", {p.name: p.read_bytes() for p in ckpt.iterdir()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    imported = platform.strata("model", "import", "hf:acme/tiny-e2e")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    converted = platform.strata("model", "convert", "tiny-e2e", "--to", "gguf", "--quant", "q4_k_m", "--name", "tiny-e2e-q4")
+    assert converted.returncode == 0 and "-> tiny-e2e-q4:1" in converted.stdout, converted.stdout + converted.stderr
+    deployed = platform.strata("deploy", "tiny-e2e-q4", "--context", "256", "--load-timeout", "120")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    client = openai.OpenAI(base_url=platform.url("api-gateway") + "/v1", api_key=platform.api_key)
+    chat = client.chat.completions.create(model="tiny-e2e-q4", messages=[{"role": "user", "content": "Call me Ishmael."}],
+                                          max_tokens=8, temperature=0)
+    assert 0 < chat.usage.completion_tokens <= 8
+    answer = platform.strata("lineage", chat.id.removeprefix("chatcmpl-"), "--json")
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    model = json.loads(answer.stdout)["model"]
+    assert (model["name"], model["source"]["kind"], model["source"]["name"]) == ("tiny-e2e-q4", "conversion", "tiny-e2e")
+    origin = platform.strata("lineage", "--model", "tiny-e2e-q4", "--json")
+    assert origin.returncode == 0, origin.stdout + origin.stderr
+    [parent] = json.loads(origin.stdout)["models"][0]["derived_from"]
+    assert parent["digest"] == model["source"]["derived_from"] and parent["source"]["name"] == "acme/tiny-e2e"
+    undeployed = platform.strata("undeploy", "tiny-e2e-q4")
+    assert undeployed.returncode == 0, undeployed.stdout + undeployed.stderr

@@ -38,3 +38,22 @@ def test_an_export_that_does_not_validate_is_a_typed_error_that_names_what_faile
         exports.validate_cyclonedx({"bomFormat": "CycloneDX", "specVersion": "1.6", "components": [{"type": "ai-thing"}]})
     assert isinstance(caught.value, errors.StrataError) and caught.value.code == "export_invalid"
     assert "CycloneDX 1.6" in caught.value.message
+
+
+def test_a_converted_or_imported_model_names_its_source_in_both_exports():
+    from shared.model_source import ModelSource
+
+    parent = "sha256:" + "ef" * 32
+    converted = MODEL.model_copy(update={"source": ModelSource(
+        kind="conversion", name="llama", reference="1", derived_from=parent, digests={"model.safetensors": "sha256:" + "11" * 32},
+        recipe="safetensors -> GGUF F16 -> Q4_K_M")})
+    imported = MODEL.model_copy(update={"source": ModelSource(
+        kind="huggingface", name="acme/llama", reference="main", resolved="a" * 40, digests={"config.json": "git-sha1:" + "b" * 40})})
+    dep = exports.in_toto_statement(converted)["predicate"]["buildDefinition"]["resolvedDependencies"][0]
+    assert dep["digest"] == {"sha256": "ef" * 32} and dep["annotations"]["relation"] == "converted-from" and dep["name"] == "llama:1"
+    dep = exports.in_toto_statement(imported)["predicate"]["buildDefinition"]["resolvedDependencies"][0]
+    assert dep["uri"] == "https://huggingface.co/acme/llama/tree/" + "a" * 40 and dep["digest"] == {"gitCommit": "a" * 40}
+    (ancestor,) = exports.cyclonedx_ml_bom(converted)["components"][0]["pedigree"]["ancestors"]  # validates (strict 1.6)
+    assert ancestor["hashes"] == [{"alg": "SHA-256", "content": "ef" * 32}] and ancestor["version"] == "1"
+    (ancestor,) = exports.cyclonedx_ml_bom(imported)["components"][0]["pedigree"]["ancestors"]
+    assert ancestor["externalReferences"] == [{"type": "distribution", "url": "https://huggingface.co/acme/llama/tree/" + "a" * 40}]

@@ -17,6 +17,7 @@ from shared.catalog import (
     manifest_digest, parse_ref,
 )
 from shared.errors import Invalid, NotFound
+from shared.model_source import ModelSource
 from shared.events import (
     DatasetRegistered, EventData, ModelAliased, ModelDeleted, ModelId, ModelRegistered, ModelSigned,
 )
@@ -66,6 +67,8 @@ class ModelStore:
         for digest in request.datasets:
             if not digest.startswith("sha256:") or await self._dataset(digest) is None:
                 raise Invalid(f"dataset {digest!r} is not registered (strata dataset add PATH first)")
+        if request.source is not None and request.source.derived_from is not None:
+            await self._check_derived_from(request.source)
         record = request.training_record
         if record is None and TRAINING_RECORD in by_path:
             try:
@@ -75,14 +78,15 @@ class ModelStore:
             if not isinstance(record, dict):
                 raise Invalid(f"{TRAINING_RECORD}: must be a JSON object")
         files = sorted(request.files, key=lambda f: f.path)
-        content = dict(files=files, metadata=metadata, license=request.license, datasets=request.datasets, training_record=record)
+        content = dict(files=files, metadata=metadata, license=request.license, datasets=request.datasets, training_record=record,
+                       source=request.source)
         said = warnings(metadata)
         for existing in await self._versions(request.name):
             m = existing.manifest
             # runtime is what push decides, not content: a manifest from before the field is the same version
             same_meta = m.metadata.model_copy(update={"runtime": metadata.runtime})
             if canonical_json(_dump(dict(files=m.files, metadata=same_meta, license=m.license, datasets=m.datasets,
-                                         training_record=m.training_record))) == canonical_json(_dump(content)):
+                                         training_record=m.training_record, source=m.source))) == canonical_json(_dump(content)):
                 return PushedModel(**existing.model_dump(), created=False, warnings=said)
         version = await self.kv.allocate_version(request.name)
         manifest = ModelManifest(name=request.name, version=version, **content)
@@ -93,7 +97,7 @@ class ModelStore:
         record_digest = "sha256:" + hashlib.sha256(canonical_json(record)).hexdigest() if record else None
         await self.publish(ModelRegistered(
             model=model, architecture=metadata.architecture, parameters=metadata.parameters,
-            datasets=request.datasets, training_record=record_digest, license=request.license,
+            datasets=request.datasets, training_record=record_digest, license=request.license, source=request.source,
         ), event_id=f"model.registered.{model.digest}")
         await self.publish(ModelSigned(model=model, key_id=self.signer.key_id), event_id=f"model.signed.{model.digest}")
         if said:
@@ -229,6 +233,16 @@ class ModelStore:
         return DatasetList(datasets=self.index.datasets())
 
     # -- helpers ------------------------------------------------------------------------------
+    async def _check_derived_from(self, source: ModelSource) -> None:
+        """A conversion names its source by name, version and manifest digest: all three must be a version here."""
+        try:
+            found = await self.resolve(f"{source.name}:{source.reference}")
+        except (NotFound, Invalid):
+            found = None
+        if found is None or found.model.digest != source.derived_from:
+            raise Invalid(f"source {source.name}:{source.reference} ({source.derived_from}) is not a version in this store: "
+                          "a conversion's derived_from must name the version it was made from")
+
     async def _dataset(self, digest: str) -> ResolvedDataset | None:
         return self.index.dataset(digest) or await self.kv.get_dataset(digest)
 

@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS model_datasets (
     model_digest TEXT NOT NULL, dataset_digest TEXT NOT NULL, PRIMARY KEY (model_digest, dataset_digest)
 );
 CREATE INDEX IF NOT EXISTS model_datasets_dataset ON model_datasets(dataset_digest);
+CREATE TABLE IF NOT EXISTS model_sources (
+    model_digest TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, reference TEXT NOT NULL, resolved TEXT,
+    derived_from TEXT, digests TEXT, recipe TEXT
+);
+CREATE INDEX IF NOT EXISTS model_sources_derived_from ON model_sources(derived_from);
 CREATE TABLE IF NOT EXISTS datasets (
     digest TEXT PRIMARY KEY, idx INTEGER NOT NULL, event_id TEXT NOT NULL, time_ms INTEGER NOT NULL,
     name TEXT, source TEXT, license TEXT, files INTEGER
@@ -91,6 +96,7 @@ def _insert(table: str, columns: tuple[str, ...], verb: str = "INSERT OR IGNORE"
 _insert("inferences", ("request_id", "idx", "event_id", "time_ms", "model_name", "model_version", "model_digest", "deployment_id", "node_id", "device"))
 _insert("models", ("digest", "idx", "event_id", "time_ms", "name", "version", "architecture", "parameters", "training_record", "license"))
 _insert("model_datasets", ("model_digest", "dataset_digest"))
+_insert("model_sources", ("model_digest", "kind", "name", "reference", "resolved", "derived_from", "digests", "recipe"))
 _insert("datasets", ("digest", "idx", "event_id", "time_ms", "name", "source", "license", "files"))
 _insert("deployments", ("deployment_id", "event_type", "idx", "event_id", "time_ms", "model_digest", "node_id", "device"))
 _insert("nodes", ("node_id", "idx", "event_id", "time_ms", "hostname", "devices"))

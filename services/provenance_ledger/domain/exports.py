@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from shared.errors import StrataError
+from shared.model_source import CONVERSION, HUGGINGFACE, OLLAMA, ModelSource
 
 IN_TOTO_STATEMENT = "https://in-toto.io/Statement/v1"
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
@@ -57,6 +58,37 @@ class ModelFacts(BaseModel):
     leaf_hash: str
     datasets: list[DatasetFacts] = []
     tree_head: dict[str, Any] | None = None
+    source: ModelSource | None = None
+
+
+def source_location(source: ModelSource) -> str | None:
+    """Where an import came from, as the address its tool fetched it from (a conversion's is the ledger's)."""
+    if source.kind == HUGGINGFACE:
+        return f"https://huggingface.co/{source.name}/tree/{source.resolved or source.reference}"
+    if source.kind == OLLAMA:
+        host, _, path = source.name.partition("/")
+        return f"https://{host}/v2/{path}/manifests/{source.reference}"
+    return f"{LEDGER_URN}:model:{source.derived_from}" if source.derived_from else None
+
+
+def source_digest(source: ModelSource) -> dict[str, str]:
+    """The one digest that names the whole source: the version converted from, the Ollama manifest, the hub commit."""
+    if source.kind == CONVERSION and source.derived_from:
+        return digest_set(source.derived_from)
+    if source.kind == OLLAMA and "manifest" in source.digests:
+        return digest_set(source.digests["manifest"])
+    if source.kind == HUGGINGFACE and source.resolved:
+        return {"gitCommit": source.resolved}
+    return {}
+
+
+def _source_dependency(source: ModelSource) -> dict[str, Any]:
+    """The source as an in-toto ResourceDescriptor: a converted-from model or an imported-from repository."""
+    relation = "converted-from" if source.kind == CONVERSION else f"imported-from-{source.kind}"
+    annotations = {"relation": relation, "reference": source.reference, "files": source.digests,
+                   **({"recipe": source.recipe} if source.recipe else {})}
+    return {"uri": source_location(source) or f"{LEDGER_URN}:source:{source.kind}:{source.name}", "name": f"{source.name}:{source.reference}",
+            **({"digest": source_digest(source)} if source_digest(source) else {}), "annotations": annotations}
 
 
 def digest_set(digest: str) -> dict[str, str]:
@@ -136,6 +168,8 @@ def in_toto_statement(model: ModelFacts) -> dict[str, Any]:
                                            "source": None if ds.source is None or is_iri(ds.source) else ds.source}.items() if v is not None}}
         for ds in model.datasets
     ]
+    if model.source is not None:
+        dependencies.insert(0, _source_dependency(model.source))
     byproducts = [{"name": "ledger-leaf", "uri": f"{LEDGER_URN}:leaf:{model.leaf_index}", "digest": {"sha256": model.leaf_hash},
                    "annotations": {"leaf_index": model.leaf_index, **({"tree_head": model.tree_head} if model.tree_head else {})}}]
     if model.training_record:
@@ -211,6 +245,7 @@ def cyclonedx_ml_bom(model: ModelFacts) -> dict[str, Any]:
             "considerations": {"useCases": ["served by Strata; every inference is recorded in the provenance ledger"]},
         },
         "properties": properties,
+        **({"pedigree": {"ancestors": [_ancestor(model.source)]}} if model.source else {}),
     }
     bom = {
         "$schema": "http://cyclonedx.org/schema/bom-1.6.schema.json",
@@ -225,3 +260,17 @@ def cyclonedx_ml_bom(model: ModelFacts) -> dict[str, Any]:
     }
     validate_cyclonedx(bom)
     return bom
+
+
+def _ancestor(source: ModelSource) -> dict[str, Any]:
+    """A CycloneDX pedigree ancestor: the version it was converted from, or the repository it was imported from."""
+    digest = source_digest(source)
+    hashes = [{"alg": "SHA-256", "content": digest["sha256"]}] if "sha256" in digest else []
+    location = source_location(source)
+    properties = [{"name": "strata:source_kind", "value": source.kind},
+                  *({"name": f"strata:source_file:{path}", "value": d} for path, d in sorted(source.digests.items()))]
+    if source.recipe:
+        properties.append({"name": "strata:recipe", "value": source.recipe})
+    return {"type": "machine-learning-model", "name": source.name, "version": source.reference, **({"hashes": hashes} if hashes else {}),
+            **({"externalReferences": [{"type": "distribution", "url": location}]} if location and source.kind != CONVERSION else {}),
+            "properties": properties}

@@ -68,6 +68,12 @@ def index_rows(event: Event[Any], index: int, time_ms: int) -> list[IndexRow]:
             "license": d.license,
         })]
         rows += [IndexRow("model_datasets", {"model_digest": d.model.digest, "dataset_digest": ds}) for ds in d.datasets]
+        if d.source is not None:  # an import's origin, or a conversion's source version (derived_from)
+            rows.append(IndexRow("model_sources", {
+                "model_digest": d.model.digest, "kind": d.source.kind, "name": d.source.name,
+                "reference": d.source.reference, "resolved": d.source.resolved, "derived_from": d.source.derived_from,
+                "digests": d.source.digests, "recipe": d.source.recipe,
+            }))
         return rows
     if isinstance(d, DatasetRegistered):
         return [IndexRow("datasets", {**base, "digest": d.digest, "name": d.name, "source": d.source, "license": d.license, "files": len(d.files)})]

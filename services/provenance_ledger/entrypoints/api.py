@@ -58,6 +58,10 @@ class RequestRef(BaseModel):
     request_id: str = Field(min_length=1)
 
 
+class ModelLineageRef(BaseModel):
+    ref: str = Field(min_length=1, description="NAME, NAME:VERSION, NAME@ALIAS or a manifest digest")
+
+
 class DatasetRef(BaseModel):
     digest: str = Field(min_length=1)
 

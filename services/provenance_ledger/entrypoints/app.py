@@ -20,7 +20,7 @@ from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.entrypoints.access import only_requests_of, receipt_caller
 from services.provenance_ledger.entrypoints.api import (
     AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, DatasetRef, Empty, ExportRequest,
-    HeadResponse, InclusionProof, InclusionRequest, LedgerStats, PublicKey, RequestRef,
+    HeadResponse, InclusionProof, InclusionRequest, LedgerStats, ModelLineageRef, PublicKey, RequestRef,
 )
 from services.provenance_ledger.service_layer import queries
 from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger
@@ -283,6 +283,11 @@ def _routes(service: Service, app: LedgerApp) -> None:
     async def dataset(digest: str) -> dict[str, Any]:
         return queries.dataset_lineage(app.lg.store, digest)
 
+    @http.get("/lineage/models/{ref}", tags=["lineage"], dependencies=reader, responses=read_missing,
+              summary="a model version's origin (import source, or the versions it was converted from) and its derivatives")
+    async def model_lineage(ref: str) -> dict[str, Any]:
+        return queries.model_lineage(app.lg.store, ModelLineageRef(ref=ref).ref)
+
     @http.get("/audit", response_model=list[AuditEntry], tags=["lineage"], dependencies=reader,
               responses=error_responses(errors.Invalid, errors.Unavailable, auth=True))
     async def audit(since: str | None = None, model: str | None = None, type: str | None = None, limit: int = Query(1000, ge=1, le=100_000)) -> list[AuditEntry]:
@@ -323,6 +328,9 @@ def _rpcs(service: Service, app: LedgerApp) -> None:
     async def dataset_lineage(req: DatasetRef) -> dict[str, Any]:
         return queries.dataset_lineage(app.lg.store, req.digest)
 
+    async def model_lineage(req: ModelLineageRef) -> dict[str, Any]:
+        return queries.model_lineage(app.lg.store, req.ref)
+
     async def audit(req: AuditRequest) -> list[dict[str, Any]]:
         return [e.model_dump() for e in app.audit(req)]
 
@@ -338,7 +346,8 @@ def _rpcs(service: Service, app: LedgerApp) -> None:
     for op, request_type, handler in [
         ("head", Empty, head), ("checkpoint", Empty, checkpoint), ("inclusion", InclusionRequest, inclusion),
         ("consistency", ConsistencyRequest, consistency), ("receipt", RequestRef, receipt), ("verify", Empty, verify),
-        ("lineage", RequestRef, lineage), ("dataset_lineage", DatasetRef, dataset_lineage), ("audit", AuditRequest, audit),
+        ("lineage", RequestRef, lineage), ("dataset_lineage", DatasetRef, dataset_lineage),
+        ("model_lineage", ModelLineageRef, model_lineage), ("audit", AuditRequest, audit),
         ("export", ExportRequest, export), ("public_key", Empty, public_key), ("stats", Empty, stats),
     ]:
         service.rpc(op, request_type)(handler)

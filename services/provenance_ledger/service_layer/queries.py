@@ -73,11 +73,50 @@ def _datasets(store: LedgerStore, model_digest: str) -> list[dict[str, Any]]:
 def _model_view(store: LedgerStore, digest: str, fallback: dict[str, Any] | None = None) -> dict[str, Any]:
     rows = store.query("SELECT * FROM models WHERE digest = ?", (digest,))
     if not rows:
-        return {**(fallback or {}), "digest": digest, "in_ledger": False, "datasets": []}
+        return {**(fallback or {}), "digest": digest, "in_ledger": False, "datasets": [], "source": None}
     m = rows[0]
     return {"name": m["name"], "version": m["version"], "digest": m["digest"], "architecture": m["architecture"],
             "parameters": m["parameters"], "training_record": m["training_record"], "license": m["license"],
-            "registered_at": _iso(m["time_ms"]), "leaf_index": m["idx"], "in_ledger": True, "datasets": _datasets(store, digest)}
+            "registered_at": _iso(m["time_ms"]), "leaf_index": m["idx"], "in_ledger": True, "datasets": _datasets(store, digest),
+            "source": _source(store, digest)}
+
+
+def _source(store: LedgerStore, model_digest: str) -> dict[str, Any] | None:
+    rows = store.query("SELECT * FROM model_sources WHERE model_digest = ?", (model_digest,))
+    if not rows:
+        return None
+    s = rows[0]
+    return {"kind": s["kind"], "name": s["name"], "reference": s["reference"], "resolved": s["resolved"],
+            "derived_from": s["derived_from"], "digests": json.loads(s["digests"] or "{}"), "recipe": s["recipe"]}
+
+
+MAX_DERIVATION_DEPTH = 32
+
+
+def model_lineage(store: LedgerStore, ref: str) -> dict[str, Any]:
+    """A model version's origin and derivations: where it came from (an import's source, or the chain of
+    versions it was converted from, oldest last) and which versions were converted from it."""
+    versions = resolve_model(store, ref)
+    if not versions:
+        raise errors.NotFound(f"no model.registered for {ref!r} in the ledger")
+    out = []
+    for m in versions:
+        view = _model_view(store, m["digest"])
+        chain, seen, step = [], {m["digest"]}, view["source"]
+        while step and step.get("derived_from") and len(chain) < MAX_DERIVATION_DEPTH:
+            parent = step["derived_from"]
+            if parent in seen:
+                break
+            seen.add(parent)
+            chain.append(_model_view(store, parent, {"name": step["name"], "version": int(step["reference"]) if step["reference"].isdigit() else None}))
+            step = chain[-1].get("source")
+        view["derived_from"] = chain
+        view["derivatives"] = [
+            {**_model_view(store, d["model_digest"]), "recipe": d["recipe"]}
+            for d in store.query("SELECT model_digest, recipe FROM model_sources WHERE derived_from = ? ORDER BY model_digest", (m["digest"],))
+        ]
+        out.append(view)
+    return {"ref": ref, "models": out}
 
 
 def request_lineage(store: LedgerStore, request_id: str) -> dict[str, Any]:
@@ -165,6 +204,7 @@ def model_facts(store: LedgerStore, ref: str, tree_head: dict[str, Any] | None) 
         name=m["name"], version=m["version"], digest=m["digest"], architecture=m["architecture"], parameters=m["parameters"],
         training_record=m["training_record"], license=m["license"], registered_at=_iso(m["time_ms"]), leaf_index=m["idx"],
         leaf_hash=leaf["leaf_hash"].hex(), tree_head=tree_head,
+        source=_source(store, m["digest"]),
         datasets=[DatasetFacts(digest=d["digest"], name=d["name"], source=d["source"], license=d["license"], leaf_index=d["leaf_index"])
                   for d in _datasets(store, m["digest"])],
     )

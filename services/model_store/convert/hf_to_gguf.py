@@ -1,0 +1,194 @@
+"""A Hugging Face Llama checkpoint (config.json, *.safetensors, a byte-level BPE tokenizer.json) as one
+GGUF file, with no llama.cpp: what `strata model convert --to gguf` runs before llama.cpp's quantizer.
+
+llama.cpp's own convert_hf_to_gguf.py is not installed with the llama-cpp-python wheel and refuses a
+tokenizer whose pre-tokenizer hash it does not know. This writes the one family it has tests for: the
+Llama tensor names, the q/k row permutation that llama.cpp's RoPE expects (HF stores rotate-half
+order), the hyper-parameters, and a GPT-2-style byte-level BPE vocabulary with its merges, special
+tokens and chat template. Anything else (another architecture, rope scaling, biases, a SentencePiece
+or differently pre-tokenized vocabulary, a tensor it does not know) is refused with ``Unconvertible``
+rather than written wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import Invalid
+
+FTYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+class Unconvertible(Invalid):
+    """A checkpoint this writer would not convert faithfully."""
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half q/k rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf.py's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensors(ckpt: Path) -> _Tensors:
+    """The checkpoint's tensors, each read from its safetensors file when the writer asks for it."""
+    from safetensors import safe_open
+
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            loaders.update({key: partial(_load, f, key) for key in st.keys()})
+    return _Tensors(loaders)
+
+
+def _load(file: Path, key: str) -> np.ndarray:
+    """One tensor as numpy (BF16, which numpy lacks, through torch as float32)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as st:
+        t = st.get_tensor(key)
+    return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
+
+
+def check_convertible(cfg: dict, tok: dict) -> None:
+    """Refuse what ``_write`` would get wrong: only the Llama family with a GPT-2 byte-level BPE tokenizer."""
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise Unconvertible(f"config.json: architecture {arch} cannot be converted to GGUF here (only {', '.join(ARCHITECTURES)})")
+    for key in ("rope_scaling", "attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise Unconvertible(f"config.json: {key}={cfg[key]!r} is not supported by the GGUF conversion (plain Llama only)")
+    model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise Unconvertible(f"tokenizer.json: a {model.get('type')} tokenizer; only byte-level BPE is converted")
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        raise Unconvertible("tokenizer.json: the pre-tokenizer is not GPT-2's byte-level split (ByteLevel, use_regex, "
+                            f"no prefix space) but {json.dumps(pre)[:200]}; llama.cpp would tokenize it differently")
+
+
+def write_llama_gguf(ckpt: Path, out: Path, ftype: str = "f32", *, chat_template: str | None = None,
+                     name: str = "tiny-llama") -> Path:
+    """The HF checkpoint directory ``ckpt`` (config.json, safetensors, tokenizer.json) as one GGUF."""
+    for required in ("config.json", "tokenizer.json"):
+        if not (ckpt / required).is_file():
+            raise Unconvertible(f"{required}: missing; the GGUF conversion needs the config and a tokenizer.json")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    check_convertible(cfg, tok)
+    tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text()) if (ckpt / "tokenizer_config.json").exists() else {}
+    return write_gguf(cfg, tok, tok_cfg, _tensors(ckpt), out, ftype, chat_template, name)
+
+
+def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray], out: Path, ftype: str,
+           chat_template: str | None, name: str, split_max_tensors: int = 0) -> Path:
+    """``split_max_tensors`` > 0: gguf-split's layout, OUT-0000N-of-0000M.gguf (``out`` is then a name prefix)."""
+    import gguf
+
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or hidden // n_head
+    w = gguf.GGUFWriter(str(out), "llama", split_max_tensors=split_max_tensors)
+    w.add_name(name)
+    w.add_file_type(FTYPES[ftype])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+    w.add_vocab_size(cfg["vocab_size"])
+    # the vocabulary in id order, as llama.cpp's "gpt2" (byte-level BPE) tokenizer reads it
+    vocab = dict(tok["model"]["vocab"])
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    special = {a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg["vocab_size"])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    for key, setter in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id)):
+        value = tok_cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value in vocab:
+            setter(vocab[value])
+    w.add_add_bos_token(bool(tok_cfg.get("add_bos_token", False)))
+    template = chat_template or tok_cfg.get("chat_template")
+    if template:
+        w.add_chat_template(template)
+    def put(name: str, array: np.ndarray) -> None:
+        # 1-d tensors (norms) stay f32, as llama.cpp's converter keeps them
+        if array.ndim == 1 or ftype == "f32":
+            w.add_tensor(name, np.ascontiguousarray(array.astype(np.float32)))
+        elif ftype == "f16":
+            w.add_tensor(name, np.ascontiguousarray(array.astype(np.float16)))
+        else:  # Q8_0, quantized by the gguf package's own numpy reference
+            q = gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    hf = _Tensors.of(hf)
+    put("token_embd.weight", hf["model.embed_tokens.weight"])
+    put("output_norm.weight", hf["model.norm.weight"])
+    if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings"):
+        put("output.weight", hf["lm_head.weight"])
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        put(f"blk.{i}.attn_norm.weight", hf[p + "input_layernorm.weight"])
+        put(f"blk.{i}.attn_q.weight", _permute(hf[p + "self_attn.q_proj.weight"], n_head))
+        put(f"blk.{i}.attn_k.weight", _permute(hf[p + "self_attn.k_proj.weight"], n_kv))
+        put(f"blk.{i}.attn_v.weight", hf[p + "self_attn.v_proj.weight"])
+        put(f"blk.{i}.attn_output.weight", hf[p + "self_attn.o_proj.weight"])
+        put(f"blk.{i}.ffn_norm.weight", hf[p + "post_attention_layernorm.weight"])
+        put(f"blk.{i}.ffn_gate.weight", hf[p + "mlp.gate_proj.weight"])
+        put(f"blk.{i}.ffn_up.weight", hf[p + "mlp.up_proj.weight"])
+        put(f"blk.{i}.ffn_down.weight", hf[p + "mlp.down_proj.weight"])
+    left = sorted(set(hf) - hf.read - ({"lm_head.weight"} if cfg.get("tie_word_embeddings") else set()))
+    if left:
+        w.close()
+        out.unlink(missing_ok=True)
+        raise Unconvertible(f"tensors the Llama conversion does not know: {', '.join(left[:5])}{' …' if len(left) > 5 else ''}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+class _Tensors(Mapping):
+    """Tensors by HF name, loaded on access (the writer keeps the F16 copies; one F32 tensor at a time is
+    in memory besides), remembering which were read: one left unread is a tensor the writer does not know."""
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]]) -> None:
+        self.loaders = loaders
+        self.read: set[str] = set()
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, np.ndarray]) -> _Tensors:
+        return tensors if isinstance(tensors, _Tensors) else cls({k: partial(tensors.__getitem__, k) for k in tensors})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.loaders:
+            raise Unconvertible(f"tensor {key} is missing from the checkpoint's safetensors files")
+        self.read.add(key)
+        return self.loaders[key]()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loaders)
+
+    def __len__(self) -> int:
+        return len(self.loaders)
