@@ -119,3 +119,21 @@ def _run(engine, rid):
         for out in engine.step():
             if out.request_id == rid:
                 return out
+
+
+def test_device_placement_of_the_layers():
+    """CPU offloads nothing (a CUDA build of llama.cpp would otherwise put every layer on the GPU);
+    cuda[:N] offloads every layer to that one GPU, or says how to get a build that can."""
+    import llama_cpp as C
+
+    from services.inference_worker.llamacpp.engine import offload_params
+
+    assert offload_params("cpu").n_gpu_layers == 0
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        offload_params("rocm:0")
+    if C.llama_supports_gpu_offload():
+        p = offload_params("cuda:1")
+        assert (p.n_gpu_layers, p.main_gpu, p.split_mode) == (0x7FFFFFFF, 1, C.LLAMA_SPLIT_MODE_NONE)
+    else:  # this machine's build: the refusal names the build option
+        with pytest.raises(RuntimeError, match="GGML_CUDA=on"):
+            offload_params("cuda:0")

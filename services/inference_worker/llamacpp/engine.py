@@ -92,20 +92,40 @@ class CacheFigures:
         return self.used_tokens / self.token_capacity if self.token_capacity else 0.0
 
 
+def offload_params(device: str):
+    """Model parameters that put every layer on ``device``. On CPU nothing is offloaded, even where
+    llama.cpp was built with CUDA (its default would offload all layers)."""
+    mparams = C.llama_model_default_params()
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        mparams.n_gpu_layers = 0
+        return mparams
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"the llama.cpp runtime runs on cpu or cuda[:N]; {device!r} was asked")
+    if not C.llama_supports_gpu_offload():
+        raise RuntimeError(f"{device} was asked, but this worker's llama.cpp is built for CPU only: reinstall "
+                           "llama-cpp-python with CMAKE_ARGS=\"-DGGML_CUDA=on\" for GPU offload")
+    mparams.n_gpu_layers = 0x7FFFFFFF  # more than any model has: all of them
+    mparams.main_gpu = int(index or 0)
+    mparams.split_mode = C.LLAMA_SPLIT_MODE_NONE  # the one GPU that placement chose, not a split over all
+    return mparams
+
+
 class LlamaCppEngine:
     runtime = RUNTIME
 
     def __init__(self, path: str | Path, *, max_model_len: int | None = None, kv_cache_bytes: int | None = None,
                  max_num_seqs: int = 8, n_threads: int | None = None, n_batch: int = 512, kv_type: str = "f16",
-                 flash_attn: bool | None = None) -> None:
+                 flash_attn: bool | None = None, device: str = "cpu") -> None:
         """``kv_cache_bytes``: the KV cache over every sequence, as fit booked it (default: max_model_len
         tokens x min(max_num_seqs, 4)); ``max_model_len``: the most one request may hold (default: the GGUF's);
         ``kv_type``: the cache cells' type, f16 (llama.cpp's default, what fit counts) or f32; ``flash_attn``: None
         lets llama.cpp decide (on CPU it takes its flash-attention kernel, which rounds through f16); False with
-        f32 cells gives the engine's fp32 logits to ~1e-4 (the tests compare them)."""
+        f32 cells gives the engine's fp32 logits to ~1e-4 (the tests compare them); ``device``: ``cpu``, or
+        ``cuda[:N]`` to offload every layer to that GPU (a llama.cpp built with CUDA; README, GGUF models)."""
         init_backend()
         self.path = Path(path)
-        mparams = C.llama_model_default_params()
+        mparams = offload_params(device)
         _errors.clear()
         self.model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:

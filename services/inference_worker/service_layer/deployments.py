@@ -163,10 +163,8 @@ class Deployments:
         if runtime_of(artifact.path) == LLAMACPP:
             from services.inference_worker.llamacpp import LlamaCppEngine
 
-            if not event.device.startswith("cpu"):
-                raise RuntimeError(f"the llama.cpp runtime is built for CPU here; {event.device} was asked")
             return LlamaCppEngine(gguf_file(artifact.path), max_model_len=event.context_length,
-                                  kv_cache_bytes=kv_bytes, max_num_seqs=opts.max_num_seqs)
+                                  kv_cache_bytes=kv_bytes, max_num_seqs=opts.max_num_seqs, device=event.device)
         from services.inference_worker.engine import EngineConfig, LLMEngine
 
         config = EngineConfig(device=event.device, dtype=event.dtype, quantize=event.quantize, kv_cache_bytes=kv_bytes,
