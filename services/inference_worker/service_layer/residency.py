@@ -54,9 +54,11 @@ class LiveMemory:
             import torch
 
             return torch.cuda.mem_get_info(torch.device(device))[0]
-        import psutil
+        from services.hardware_inventory.adapters.probe import parse_meminfo  # the node agent's own reading
 
-        return psutil.virtual_memory().available
+        with open("/proc/meminfo") as f:
+            meminfo = parse_meminfo(f.read())
+        return meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
 
 
 def footprint(dep: Deployment) -> int:
