@@ -50,6 +50,7 @@ class EventData(BaseModel):
 
 
 EmbeddingPooling = Literal["last", "mean"]  # services/inference_worker/engine/embedding.py
+DEFAULT_KEEP_ALIVE_S = 300.0  # an on-demand deployment's idle time before unloading, unless its deploy says
 
 
 class Source(BaseModel):
@@ -230,7 +231,7 @@ class DeployScheduled(InventoryEvent):
     booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
     embedding_pooling: EmbeddingPooling | None = Field(default=None, description="as DeployRequested's")
     on_demand: bool = Field(default=False, description="as DeployRequested's: loaded by its first request, not now")
-    keep_alive_s: float = Field(default=300.0, ge=0, description="on-demand: idle seconds before it is unloaded")
+    keep_alive_s: float = Field(default=DEFAULT_KEEP_ALIVE_S, ge=0, description="on-demand: idle seconds before it is unloaded")
 
 
 class DeployRejected(InventoryEvent):
@@ -292,7 +293,8 @@ class DeployRequested(ClientEvent):
         "how /v1/embeddings pools the hidden states; None: as the checkpoint's sentence-transformers config says, else last token"))
     on_demand: bool = Field(default=False, description="not loaded at deploy: the first request loads it, an idle "
                             "keep-alive unloads it, and it is evicted (least recently used) when memory is needed")
-    keep_alive_s: float | None = Field(default=None, ge=0, description="on-demand: idle seconds before unloading; None: 300")
+    keep_alive_s: float | None = Field(default=None, ge=0, description="on-demand: idle seconds before unloading; "
+                                       "None: DEFAULT_KEEP_ALIVE_S")
 
 
 class UndeployRequested(ClientEvent):
