@@ -120,3 +120,68 @@ async def test_a_load_that_fails_is_a_clear_error_and_nothing_stays_loaded(nats_
         assert failed.reason in reply.error.message
         assert not (await listing(bus_client))[s.deployment_id].loaded
         assert not bus_client.of(ModelLoaded)
+
+
+@pytest.fixture
+def held_load():
+    """Make the worker's next loads wait for ``release.set()`` (on the load thread), and say when one waits."""
+    import threading
+
+    release, waiting = threading.Event(), threading.Event()
+
+    def hold(worker_service):
+        deployments = worker_service.worker.deployments
+        original = deployments._load
+
+        def slow(artifact, event):
+            waiting.set()
+            assert release.wait(30), "the test never released the load"
+            return original(artifact, event)
+
+        deployments._load = slow
+
+    yield hold, release, waiting
+    release.set()
+
+
+async def test_past_the_load_time_out_the_request_is_told_to_retry_and_the_load_goes_on(nats_server, tmp_path, bus_client,
+                                                                                       ckpts, held_load):
+    hold, release, waiting = held_load
+    service = make_worker(nats_server.url, tmp_path / "worker", {"tiny": ckpts["tiny"]}, load_timeout_s=0.2)
+    async with service.running():
+        hold(service)
+        s = await bus_client.schedule("tiny", on_demand=True, context_length=128, booked_bytes=64 * MB)
+        await bus_client.wait(DeployReady, deployment_id=s.deployment_id)
+        reply = await bus_client.request("tiny", **BODY)
+        assert not reply.ok and reply.error.code == "model_loading"
+        assert "tiny:1 is still loading on node-a after 0.2s" in reply.error.message and "retry" in reply.error.message
+        release.set()
+        await bus_client.wait(ModelLoaded, deployment_id=s.deployment_id)  # the load went on without a waiter
+        assert (await bus_client.request("tiny", **BODY)).ok
+        assert len(bus_client.of(ModelLoaded)) == 1
+
+
+async def test_a_stream_waits_for_the_load_and_can_be_cancelled_meanwhile(nats_server, tmp_path, bus_client,
+                                                                                         ckpts, held_load):
+    import asyncio
+
+    from shared.inference import CANCEL_SUBJECT, InferenceCancel
+    from tests.inference_worker.test_serving import stream
+
+    hold, release, waiting = held_load
+    service = make_worker(nats_server.url, tmp_path / "worker", {"tiny": ckpts["tiny"]})
+    async with service.running():
+        hold(service)
+        s = await bus_client.schedule("tiny", on_demand=True, context_length=128, booked_bytes=64 * MB)
+        await bus_client.wait(DeployReady, deployment_id=s.deployment_id)
+        long = dict(prompt="The quick", sampling={"max_tokens": 100, "temperature": 0},
+                    request_id="lazy-stream")
+        streaming = asyncio.ensure_future(stream(bus_client, "tiny", **long))
+        assert await asyncio.to_thread(waiting.wait, 10)  # the load started, held
+        await bus_client.nc.publish(CANCEL_SUBJECT, InferenceCancel(request_id="lazy-stream").model_dump_json().encode())
+        await wait_for(lambda: "lazy-stream" in service.worker.server.cancelled_early, what="the cancel noted")
+        release.set()
+        messages = await streaming
+        assert messages[0].kind == "started" and messages[-1].kind == "end", messages
+        assert messages[-1].finish_reason == "cancelled"  # it never ran its 100 tokens
+        assert not service.worker.server.cancelled_early and not service.worker.server.waiting_for_load

@@ -135,7 +135,8 @@ class Deployments:
             if deployment_id in allocations.deployments:
                 raise Unchanged(Placed(scheduled=[(allocations.deployments[deployment_id], r) for r in allocations.deployments[deployment_id].replicas]))
             evicted: list[Deployment] = []
-            candidates = sorted((d for d in allocations.deployments.values() if d.state == "ready"), key=lambda d: d.last_used)
+            candidates = sorted((d for d in allocations.deployments.values() if d.state == "ready" and not d.on_demand),
+                                key=lambda d: d.last_used)  # on-demand ones book nothing: evicting them frees nothing here
             while True:
                 slots = placement.slots(nodes, allocations, self.nodes.telemetry, self.config.utilisation_cap)
                 try:

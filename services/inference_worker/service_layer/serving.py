@@ -63,6 +63,7 @@ class Server:
         self.inflight: dict[str, Deployment] = {}  # request id -> the deployment running it
         self.choices: dict[str, list[str]] = {}  # request id -> its choices' engine ids
         self.cancelled_early: set[str] = set()  # cancelled while being prepared, before the engine had it
+        self.waiting_for_load: set[str] = set()  # waiting for an on-demand model to load
         self.journal = journal
 
     async def report_cut_short(self) -> int:
@@ -87,11 +88,15 @@ class Server:
             async def tick() -> None:
                 await send(_msg(Keepalive(request_id=request.request_id)))
 
+            self.waiting_for_load.add(request.request_id)
             try:
                 await self.residency.load_for(request.model, request.request_id, tick if request.stream or request.keepalive else None)
             except errors.StrataError as exc:
+                self.cancelled_early.discard(request.request_id)
                 await self._send_error(send, request.stream, request.request_id, exc)
                 return
+            finally:
+                self.waiting_for_load.discard(request.request_id)
         if not request.stream:
             async def keepalive() -> None:
                 await send(_msg(Keepalive(request_id=request.request_id)))
@@ -106,6 +111,9 @@ class Server:
         await self._stream(request, headers, send)
 
     def cancel(self, request_id: str) -> bool:
+        if request_id in self.waiting_for_load:  # cancelled as soon as the engine has it
+            self.cancelled_early.add(request_id)
+            return True
         dep = self.inflight.get(request_id)
         if not (dep and dep.loop):
             return False
