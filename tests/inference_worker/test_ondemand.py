@@ -185,3 +185,16 @@ async def test_a_stream_waits_for_the_load_and_can_be_cancelled_meanwhile(nats_s
         assert messages[0].kind == "started" and messages[-1].kind == "end", messages
         assert messages[-1].finish_reason == "cancelled"  # it never ran its 100 tokens
         assert not service.worker.server.cancelled_early and not service.worker.server.waiting_for_load
+
+
+async def test_an_embeddings_request_loads_an_on_demand_model_too(nats_server, tmp_path, bus_client, ckpts):
+    from shared.embeddings import EmbeddingRequest, embed
+
+    service = make_worker(nats_server.url, tmp_path / "worker", {"tiny": ckpts["tiny"]})
+    async with service.running():
+        s = await bus_client.schedule("tiny", on_demand=True, context_length=128, booked_bytes=64 * MB)
+        await bus_client.wait(DeployReady, deployment_id=s.deployment_id)
+        vectors = await embed(bus_client.nc, EmbeddingRequest(model="tiny", inputs=["Call me Ishmael."]))
+        assert vectors.reply.count == 1
+        loaded = await bus_client.wait(ModelLoaded, deployment_id=s.deployment_id)
+        assert loaded.request_id == vectors.reply.request_id

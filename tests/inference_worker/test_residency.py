@@ -259,3 +259,28 @@ async def test_always_on_deployments_are_not_residency_s_business(setup):
     assert residency.resident() == []
     clock.now += 10_000
     assert await residency.reap() == []
+
+
+def test_a_warm_up_that_fails_closes_the_half_built_engine():
+    """llama.cpp's memory is not the GC's: a load that fails after the engine was built frees it by hand."""
+    from types import SimpleNamespace
+
+    from services.inference_worker.service_layer.deployments import Deployments
+
+    closed = []
+
+    class Broken:
+        can_generate = True
+
+        def generate(self, prompts, params):
+            return [SimpleNamespace(finish_reason="error", error="ggml_abort")]
+
+        def close(self) -> None:
+            closed.append(True)
+
+    deployments = Deployments("node-a", None, None, None)  # type: ignore[arg-type]
+    deployments._engine = lambda artifact, event: Broken()  # type: ignore[method-assign]
+    scheduled = SimpleNamespace(device="cpu")
+    with pytest.raises(RuntimeError, match="warm-up generation failed: ggml_abort"):
+        deployments._load(SimpleNamespace(model=model_id("m")), scheduled)  # type: ignore[arg-type]
+    assert closed == [True]

@@ -171,10 +171,14 @@ class Deployments:
         try:
             async with self._load_lock:
                 loop, measured = await asyncio.to_thread(self._load, dep.artifact, dep.scheduled)
-        except BaseException:
-            await asyncio.to_thread(_release_memory, dep.device)
-            raise
-        dep.loop, dep.measured, dep.load_seconds = loop.start(), measured, time.monotonic() - started
+        except Exception as exc:
+            failure = exc
+        else:
+            dep.loop, dep.measured, dep.load_seconds = loop.start(), measured, time.monotonic() - started
+            return
+        failure.__traceback__ = None  # its frames hold the half-built engine: freed with the collection below
+        await asyncio.to_thread(_release_memory, dep.device)
+        raise failure
 
     async def unload_resident(self, dep: Deployment) -> None:
         """Free an on-demand deployment's engine; the deployment stays ready (unloaded)."""
@@ -186,11 +190,18 @@ class Deployments:
 
     def _load(self, artifact: Artifact, event: DeployScheduled) -> tuple[EngineLoop, MeasuredMemory]:
         """On a worker thread: load (with the runtime the files' format calls for), warm up and measure."""
+        probe = MemoryProbe(torch.device(event.device)).start()
+        engine = self._engine(artifact, event)
+        try:
+            return self._warm_up(engine, artifact, probe)
+        except BaseException:
+            engine.close()  # llama.cpp's memory is not the GC's to free: a failed warm-up leaves nothing behind
+            raise
+
+    def _warm_up(self, engine: Runtime, artifact: Artifact, probe: MemoryProbe) -> tuple[EngineLoop, MeasuredMemory]:
         from services.inference_worker.engine import SamplingParams
 
         opts = self.options
-        probe = MemoryProbe(torch.device(event.device)).start()
-        engine = self._engine(artifact, event)
         # warm-up: one real prefill + decode, so the first user does not pay for lazy initialisation
         if engine.can_generate:
             warm = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=opts.warmup_tokens, temperature=0))[0]

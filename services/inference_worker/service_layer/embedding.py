@@ -71,7 +71,8 @@ class Embedder:
         if dep.loop is None:  # on-demand and unloaded: its first request loads it (service_layer/residency.py)
             if self.residency is None:
                 raise errors.Unavailable(f"{dep.model.name} is not loaded on this worker, retry")
-            await self.residency.hold_loaded(dep, rid)
+            keepalive = Keepalive(request_id=rid).model_dump_json().encode()
+            await self.residency.hold_loaded(dep, rid, lambda: send(keepalive))  # the caller hears we live meanwhile
         assert dep.loop is not None
         engine = dep.loop.engine
         if not engine.can_embed:
