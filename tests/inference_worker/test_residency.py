@@ -94,10 +94,11 @@ def test_the_least_recently_used_idle_ones_are_chosen_until_the_load_fits():
 
 def test_a_model_with_a_request_in_flight_is_never_chosen():
     d = FakeDeployments()
-    busy, idle = resident(d, "busy", 40, 1.0, inflight=1), resident(d, "idle", 40, 2.0)
-    assert victims(50, 20, [busy, idle]) == [idle]  # the older one is busy: the younger goes
-    with pytest.raises(errors.Unavailable, match=r"busy:1 \(1 in flight\)"):
-        victims(100, 20, [busy, idle])
+    busy, idle = resident(d, "busy", 40 * MB, 1.0, inflight=1), resident(d, "idle", 40 * MB, 2.0)
+    assert victims(50 * MB, 20 * MB, [busy, idle]) == [idle]  # the older one is busy: the younger goes
+    with pytest.raises(errors.Unavailable, match=r"it needs 104.9 MB, and 62.9 MB would be free with every idle on-demand "
+                                                 r"model unloaded \(busy ones, never evicted: busy:1 \(1 in flight\)\)"):
+        victims(100 * MB, 20 * MB, [busy, idle])
 
 
 def test_keep_alive_expiry_counts_from_the_last_use_and_not_while_busy():

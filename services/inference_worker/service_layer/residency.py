@@ -79,9 +79,9 @@ def victims(need: int, free: int, resident: Iterable[Deployment]) -> list[Deploy
         free += footprint(dep)
     if need > free:
         busy = [d for d in resident if d.inflight]
-        held = ", ".join(f"{d.model.name}:{d.model.version} ({len(d.inflight)} in flight)" for d in busy) or "nothing evictable"
-        raise errors.Unavailable(f"not enough memory to load it: needs {need} B, {free} B could be freed "
-                                 f"(loaded on-demand models with requests in flight: {held}); retry when they finish")
+        held = ", ".join(f"{d.model.name}:{d.model.version} ({len(d.inflight)} in flight)" for d in busy) or "none"
+        raise errors.Unavailable(f"not enough memory to load it: it needs {_mb(need)}, and {_mb(max(free, 0))} would be free "
+                                 f"with every idle on-demand model unloaded (busy ones, never evicted: {held})")
     return chosen
 
 
@@ -230,6 +230,10 @@ class Residency:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
         await asyncio.gather(*self._loads.values(), return_exceptions=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _name(dep: Deployment) -> str:
