@@ -285,3 +285,35 @@ def test_a_warm_up_that_fails_closes_the_half_built_engine():
     with pytest.raises(RuntimeError, match="warm-up generation failed: ggml_abort"):
         deployments._load(SimpleNamespace(model=model_id("m")), scheduled)  # type: ignore[arg-type]
     assert closed == [True]
+
+
+async def test_a_model_a_request_reaches_during_an_eviction_is_not_evicted_after_all(setup):
+    """Eviction picks one victim at a time: the next one is chosen again after each unload."""
+    deployments, events, clock, make = setup
+    a, b, c = deployments.add("a", 40 * MB), deployments.add("b", 40 * MB), deployments.add("c", 80 * MB)
+    residency = make(budget=100 * MB)
+    await residency.load_for("a", "r1")
+    clock.now += 1
+    await residency.load_for("b", "r2")
+    original = deployments.unload_resident
+
+    async def unload_then_b_gets_a_request(dep):
+        await original(dep)
+        b.inflight.add("arrived-meanwhile")  # while a was unloading
+
+    deployments.unload_resident = unload_then_b_gets_a_request  # type: ignore[method-assign]
+    with pytest.raises(errors.Unavailable, match="busy ones, never evicted: b:1"):
+        await residency.load_for("c", "r3")
+    assert a.loop is None and b.loop is not None and c.loop is None
+
+
+async def test_a_load_whose_event_cannot_be_published_still_answers(setup):
+    deployments, events, clock, make = setup
+    dep = deployments.add("m", 10 * MB)
+
+    async def nats_away(_data) -> None:
+        raise ConnectionError("nats: connection closed")
+
+    residency = Residency(deployments, nats_away, "node-a", Budget(100 * MB), clock=clock)  # type: ignore[arg-type]
+    await residency.load_for("m", "r1")
+    assert dep.loop is not None

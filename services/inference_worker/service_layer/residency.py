@@ -163,15 +163,19 @@ class Residency:
             evicted: list[str] = []
             try:
                 need = footprint(dep)
-                for victim in victims(need, self.memory.free(dep.device, self.resident(dep.device)), self.resident(dep.device)):
-                    await self.unload(victim, "evicted", for_deployment=dep.deployment_id)
-                    evicted.append(victim.deployment_id)
+                while True:  # one victim at a time: a request may reach the next one while this one unloads
+                    resident = self.resident(dep.device)
+                    chosen = victims(need, self.memory.free(dep.device, resident), resident)
+                    if not chosen:
+                        break
+                    await self.unload(chosen[0], "evicted", for_deployment=dep.deployment_id)
+                    evicted.append(chosen[0].deployment_id)
                 started = time.monotonic()
                 await self.deployments.load_resident(dep)
             except Exception as exc:
                 reason = exc.message if isinstance(exc, errors.StrataError) else failure_reason(exc)
                 log.warning("on-demand load of %s failed: %s", _name(dep), reason)
-                await self.publish(ModelLoadFailed(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
+                await self._tell(ModelLoadFailed(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
                                                    node_id=self.node_id, reason=reason, request_id=request_id))
                 if isinstance(exc, errors.Unavailable):
                     raise errors.Unavailable(f"cannot load {_name(dep)} on {self.node_id}: {reason}") from None
@@ -183,7 +187,7 @@ class Residency:
             self.touch(dep)
             assert dep.loop is not None and dep.measured is not None
             log.info("loaded on-demand %s in %.2fs%s", _name(dep), seconds, f" (evicted {', '.join(evicted)})" if evicted else "")
-            await self.publish(ModelLoaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
+            await self._tell(ModelLoaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
                                            node_id=self.node_id, device=dep.device, measured=dep.measured,
                                            load_seconds=seconds, runtime=dep.loop.runtime, request_id=request_id,
                                            evicted=evicted))
@@ -199,7 +203,7 @@ class Residency:
         await self.deployments.unload_resident(dep)
         seconds = time.monotonic() - started
         log.info("unloaded on-demand %s (%s, idle %.1fs) in %.2fs", _name(dep), reason, idle, seconds)
-        await self.publish(ModelUnloaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
+        await self._tell(ModelUnloaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
                                          node_id=self.node_id, device=dep.device, reason=reason, idle_seconds=idle,
                                          freed_bytes=freed, unload_seconds=seconds, for_deployment=for_deployment))
 
@@ -212,6 +216,14 @@ class Residency:
                     await self.unload(dep, "idle")
                     gone.append(dep)
         return gone
+
+    async def _tell(self, event: ModelLoaded | ModelUnloaded | ModelLoadFailed) -> None:
+        """Publish a load or unload; one that cannot be sent (NATS away) is logged, and the load or
+        unload it reports stands: the request waiting on it is answered all the same."""
+        try:
+            await self.publish(event)
+        except Exception:
+            log.exception("could not publish %s for %s", event.TYPE, event.deployment_id)
 
     # ---- the keep-alive clock -----------------------------------------------------------
     def start(self) -> None:
