@@ -198,3 +198,27 @@ async def test_an_embeddings_request_loads_an_on_demand_model_too(nats_server, t
         assert vectors.reply.count == 1
         loaded = await bus_client.wait(ModelLoaded, deployment_id=s.deployment_id)
         assert loaded.request_id == vectors.reply.request_id
+
+
+async def test_a_reply_waiting_for_a_load_gets_keepalives_meanwhile(nats_server, tmp_path, bus_client, ckpts, held_load):
+    """The gateway's client takes silence for a dead worker: a long load keeps it told."""
+    from shared.inference import InferenceRequest
+    from shared.inference_client import is_keepalive
+    from shared.rpc import RpcReply
+
+    hold, release, waiting = held_load
+    service = make_worker(nats_server.url, tmp_path / "worker", {"tiny": ckpts["tiny"]})
+    async with service.running():
+        hold(service)
+        s = await bus_client.schedule("tiny", on_demand=True, context_length=128, booked_bytes=64 * MB)
+        await bus_client.wait(DeployReady, deployment_id=s.deployment_id)
+        inbox = bus_client.nc.new_inbox()
+        sub = await bus_client.nc.subscribe(inbox)
+        request = InferenceRequest(model="tiny", keepalive=True, **BODY)
+        await bus_client.nc.publish(subjects.inference_request("tiny"), request.model_dump_json().encode(), reply=inbox)
+        first = await sub.next_msg(timeout=10)
+        assert is_keepalive(first.data) and not bus_client.of(ModelLoaded)  # told while the load is held
+        release.set()
+        while is_keepalive((msg := await sub.next_msg(timeout=20)).data):
+            pass
+        assert RpcReply.model_validate_json(msg.data).ok

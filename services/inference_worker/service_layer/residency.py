@@ -22,6 +22,7 @@ from typing import Protocol
 from shared import errors
 from shared.catalog import parse_ref
 from shared.events import ModelLoaded, ModelLoadFailed, ModelUnloaded, UnloadReason
+from shared.inference import KEEPALIVE_S
 from services.inference_worker.service_layer.deployments import Deployment, Deployments, Publish, failure_reason
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class Residency:
             dep.inflight.discard(request_id)
 
     async def ensure_loaded(self, dep: Deployment, request_id: str | None = None,
-                            on_tick: Callable[[], Awaitable[None]] | None = None, tick_s: float = 2.0) -> None:
+                            on_tick: Callable[[], Awaitable[None]] | None = None, tick_s: float = KEEPALIVE_S) -> None:
         """Return once ``dep`` is loaded; its caller must already count in ``dep.inflight`` (so it is
         not evicted the moment it is loaded). Concurrent first requests wait on one load. Raises
         ModelLoadFailed (the reason) or ModelLoading (past ``load_timeout_s``; the load goes on)."""

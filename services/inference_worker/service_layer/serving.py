@@ -85,9 +85,7 @@ class Server:
             await self._send_error(send, _wants_stream(raw), _request_id(raw), exc)
             return
         if self.residency is not None:  # an unloaded on-demand model loads first, with keepalives while it does
-            async def tick() -> None:
-                await send(_msg(Keepalive(request_id=request.request_id)))
-
+            tick = lambda: send(_msg(Keepalive(request_id=request.request_id)))  # noqa: E731
             self.waiting_for_load.add(request.request_id)
             try:
                 await self.residency.load_for(request.model, request.request_id, tick if request.stream or request.keepalive else None)
