@@ -73,7 +73,6 @@ def test_on_demand_loads_at_the_first_chat_unloads_when_idle_and_loads_again(bar
     client.chat.completions.create(model="lazy-gguf", **CHAT)
     warm = time.monotonic() - started
     print(f"\nthrough the gateway: first chat {cold:.3f}s (with load), after unload {reloaded:.3f}s, warm {warm:.3f}s")
-    assert replica(platform, "lazy-gguf")[1]["loaded"] is True
 
 
 def test_a_load_with_no_room_is_a_clear_error_and_nothing_stays_loaded(tmp_path, monkeypatch):
