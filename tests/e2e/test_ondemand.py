@@ -29,6 +29,12 @@ def replica(platform: Up, ref: str) -> tuple[dict, dict]:
     return deployment, deployment["replicas"][0]
 
 
+def ledger_types(platform: Up, model: str) -> list[str]:
+    audit = platform.strata("audit", "--model", model, "--json")
+    assert audit.returncode == 0, audit.stderr
+    return [row["type"] for row in json.loads(audit.stdout)]
+
+
 def until(check, timeout: float = 60.0, what: str = "condition"):
     """Poll a `strata` query until it says what the test waits for (each poll is a CLI call, ~1 s)."""
     deadline = time.monotonic() + timeout
@@ -73,6 +79,10 @@ def test_on_demand_loads_at_the_first_chat_unloads_when_idle_and_loads_again(bar
     client.chat.completions.create(model="lazy-gguf", **CHAT)
     warm = time.monotonic() - started
     print(f"\nthrough the gateway: first chat {cold:.3f}s (with load), after unload {reloaded:.3f}s, warm {warm:.3f}s")
+    # the ledger logs every load and unload with the deployment's other events
+    types = until(lambda: (t := ledger_types(platform, "lazy-gguf")).count("deploy.model_loaded") >= 2 and t,
+                  what="two loads in the ledger")
+    assert types.index("deploy.ready") < types.index("deploy.model_loaded") < types.index("deploy.model_unloaded")
 
 
 def test_a_load_with_no_room_is_a_clear_error_and_nothing_stays_loaded(tmp_path, monkeypatch):

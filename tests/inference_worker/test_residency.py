@@ -317,3 +317,45 @@ async def test_a_load_whose_event_cannot_be_published_still_answers(setup):
     residency = Residency(deployments, nats_away, "node-a", Budget(100 * MB), clock=clock)  # type: ignore[arg-type]
     await residency.load_for("m", "r1")
     assert dep.loop is not None
+
+
+class Device:
+    """A device whose free memory is what the resident on-demand models leave of ``total`` (as LiveMemory
+    reads it): an always-on load draws on it too."""
+
+    shared_with_always_on = True
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def free(self, device: str, resident: list[Deployment]) -> int:
+        return self.total - sum(footprint(d) for d in resident)
+
+
+async def test_an_always_on_load_evicts_idle_on_demand_models_it_needs_the_memory_of(setup):
+    deployments, events, clock, make = setup
+    a, b = deployments.add("a", 40 * MB), deployments.add("b", 40 * MB)
+    residency = Residency(deployments, lambda e: _append(events, e), "node-a", Device(100 * MB), clock=clock)  # type: ignore[arg-type]
+    await residency.load_for("a", "r1")
+    clock.now += 1
+    await residency.load_for("b", "r2")
+    await residency.room_for_always_on("cpu", 50 * MB, "dep-big")
+    assert a.loop is None and b.loop is not None  # the least recently used made way, and only it
+    [evicted] = [e for e in events if isinstance(e, ModelUnloaded)]
+    assert evicted.reason == "evicted" and evicted.for_deployment == "dep-big"
+    b.inflight.add("busy")
+    await residency.room_for_always_on("cpu", 90 * MB, "dep-bigger")  # busy: not evicted, and the load goes ahead
+    assert b.loop is not None
+
+
+async def test_a_fixed_on_demand_budget_is_not_the_always_on_models_business(setup):
+    deployments, events, clock, make = setup
+    a = deployments.add("a", 40 * MB)
+    residency = make(budget=50 * MB)
+    await residency.load_for("a", "r1")
+    await residency.room_for_always_on("cpu", 10_000 * MB, "dep-big")
+    assert a.loop is not None
+
+
+async def _append(events: list, event) -> None:
+    events.append(event)

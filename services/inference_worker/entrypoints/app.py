@@ -86,6 +86,7 @@ class Worker:
         self.residency = Residency(self.deployments, self.service.publish, self.node_id,
                                    Budget(budget) if budget is not None else None,
                                    load_timeout_s=self.options.load_timeout_s, tick_s=self.options.keep_alive_tick_s)
+        self.deployments.make_room = self.residency.room_for_always_on
         self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
                              journal=journal, residency=self.residency)
         self.embedder = Embedder(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,

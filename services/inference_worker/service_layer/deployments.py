@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "draining", "failed"]
 Publish = Callable[[EventData], Awaitable[object]]
 OnServing = Callable[[str, bool], Awaitable[None]]  # (model name, serving now?)
+MakeRoom = Callable[[str, int, str], Awaitable[None]]  # (device, bytes, deployment id): residency.py's eviction
 DRAIN_TIMEOUT_S = 60.0
 
 
@@ -90,6 +91,7 @@ class Deployments:
         self._load_lock = asyncio.Lock()  # one load at a time: memory figures must not mix
         self._tasks: set[asyncio.Task[None]] = set()  # unloads
         self._loads: set[asyncio.Task[None]] = set()
+        self.make_room: MakeRoom | None = None  # before an always-on load: idle on-demand models make way
 
     # ---- queries --------------------------------------------------------------------------
     def ready(self, name: str) -> list[Deployment]:
@@ -134,6 +136,8 @@ class Deployments:
             if dep.on_demand:  # fetched and verified now; loaded by its first request
                 await self._serve_unloaded(dep, artifact)
                 return
+            if self.make_room is not None:
+                await self.make_room(dep.device, dep.booked_bytes, dep.deployment_id)
             async with self._load_lock:
                 loop, measured = await asyncio.to_thread(self._load, artifact, event)
         except Exception as exc:  # every failure ends in deploy.failed, never in a dead worker

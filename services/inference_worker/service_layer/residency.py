@@ -31,6 +31,8 @@ LOAD_TIMEOUT_S = 120.0
 
 
 class Memory(Protocol):
+    shared_with_always_on: bool  # True: always-on loads draw on the same memory (they evict idle on-demand ones too)
+
     def free(self, device: str, resident: list[Deployment]) -> int:
         """Bytes a load may use on ``device`` now, with ``resident`` the on-demand models loaded there."""
         ...
@@ -38,6 +40,8 @@ class Memory(Protocol):
 
 class Budget:
     """A fixed share of the device for on-demand models (the worker's ``ondemand_memory_bytes``)."""
+
+    shared_with_always_on = False
 
     def __init__(self, bytes_: int) -> None:
         self.bytes = bytes_
@@ -49,6 +53,8 @@ class Budget:
 class LiveMemory:
     """What the device has free now (the loaded models are already out of it): RAM for the CPU, the
     CUDA allocator's free memory for a GPU."""
+
+    shared_with_always_on = True
 
     def free(self, device: str, resident: list[Deployment]) -> int:
         if device.startswith("cuda"):
@@ -161,23 +167,15 @@ class Residency:
         async with self._lock:
             if dep.loop is not None:
                 return
-            evicted: list[str] = []
             try:
-                need = footprint(dep)
-                while True:  # one victim at a time: a request may reach the next one while this one unloads
-                    resident = self.resident(dep.device)
-                    chosen = victims(need, self.memory.free(dep.device, resident), resident)
-                    if not chosen:
-                        break
-                    await self.unload(chosen[0], "evicted", for_deployment=dep.deployment_id)
-                    evicted.append(chosen[0].deployment_id)
+                evicted = await self._make_room(dep.device, footprint(dep), dep.deployment_id)
                 started = time.monotonic()
                 await self.deployments.load_resident(dep)
             except Exception as exc:
                 reason = exc.message if isinstance(exc, errors.StrataError) else failure_reason(exc)
                 log.warning("on-demand load of %s failed: %s", _name(dep), reason)
                 await self._tell(ModelLoadFailed(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
-                                                   node_id=self.node_id, reason=reason, request_id=request_id))
+                                                 node_id=self.node_id, reason=reason, request_id=request_id))
                 if isinstance(exc, errors.Unavailable):
                     raise errors.Unavailable(f"cannot load {_name(dep)} on {self.node_id}: {reason}") from None
                 raise errors.ModelLoadFailed(f"could not load {_name(dep)} on {self.node_id}: {reason}") from None
@@ -189,9 +187,34 @@ class Residency:
             assert dep.loop is not None and dep.measured is not None
             log.info("loaded on-demand %s in %.2fs%s", _name(dep), seconds, f" (evicted {', '.join(evicted)})" if evicted else "")
             await self._tell(ModelLoaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
-                                           node_id=self.node_id, device=dep.device, measured=dep.measured,
-                                           load_seconds=seconds, runtime=dep.loop.runtime, request_id=request_id,
-                                           evicted=evicted))
+                                         node_id=self.node_id, device=dep.device, measured=dep.measured,
+                                         load_seconds=seconds, runtime=dep.loop.runtime, request_id=request_id,
+                                         evicted=evicted))
+
+    async def _make_room(self, device: str, need: int, for_deployment: str) -> list[str]:
+        """Unload the least recently used idle on-demand models until ``need`` fits; their ids."""
+        evicted: list[str] = []
+        while True:  # one victim at a time: a request may reach the next one while this one unloads
+            resident = self.resident(device)
+            chosen = victims(need, self.memory.free(device, resident), resident)
+            if not chosen:
+                return evicted
+            await self.unload(chosen[0], "evicted", for_deployment=for_deployment)
+            evicted.append(chosen[0].deployment_id)
+
+    async def room_for_always_on(self, device: str, need: int, deployment_id: str) -> None:
+        """Before an always-on deployment loads: evict idle on-demand models it needs the memory of.
+        Its placement booked the memory, so it loads even if busy ones leave too little (said in the log)."""
+        if not self.memory.shared_with_always_on:
+            return
+        async with self._lock:
+            try:
+                evicted = await self._make_room(device, need, deployment_id)
+            except errors.Unavailable as exc:
+                log.warning("loading %s without the room it needs: %s", deployment_id, exc.message)
+                return
+        if evicted:
+            log.info("evicted %s for always-on %s", ", ".join(evicted), deployment_id)
 
     # ---- unloading ----------------------------------------------------------------------
     async def unload(self, dep: Deployment, reason: UnloadReason, for_deployment: str | None = None) -> None:
@@ -205,8 +228,8 @@ class Residency:
         seconds = time.monotonic() - started
         log.info("unloaded on-demand %s (%s, idle %.1fs) in %.2fs", _name(dep), reason, idle, seconds)
         await self._tell(ModelUnloaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
-                                         node_id=self.node_id, device=dep.device, reason=reason, idle_seconds=idle,
-                                         freed_bytes=freed, unload_seconds=seconds, for_deployment=for_deployment))
+                                       node_id=self.node_id, device=dep.device, reason=reason, idle_seconds=idle,
+                                       freed_bytes=freed, unload_seconds=seconds, for_deployment=for_deployment))
 
     async def reap(self) -> list[Deployment]:
         """Unload each loaded on-demand deployment past its keep-alive; returns them."""
