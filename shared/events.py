@@ -388,7 +388,8 @@ class ModelUnloaded(WorkerEvent):
 
 
 class ModelLoadFailed(WorkerEvent):
-    """Loading an on-demand deployment failed or took too long; nothing of it stays in memory."""
+    """Loading an on-demand deployment failed, or found no room (busy models hold it); nothing of it
+    stays in memory. A load past the worker's time-out is not a failure: it goes on."""
 
     TYPE = "deploy.model_load_failed"
     deployment_id: str

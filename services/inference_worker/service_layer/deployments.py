@@ -20,7 +20,8 @@ import torch
 from shared.catalog import ModelRef
 from shared.errors import NotFound, Unavailable
 from shared.events import (
-    DeployFailed, DeployLoading, DeployReady, DeployScheduled, DeployUnloaded, EventData, MeasuredMemory, ModelId,
+    DEFAULT_KEEP_ALIVE_S, DeployFailed, DeployLoading, DeployReady, DeployScheduled, DeployUnloaded, EventData, MeasuredMemory,
+    ModelId,
 )
 from services.inference_worker.adapters.artifacts import Artifact, ArtifactSource
 from services.inference_worker.adapters.engine_loop import EngineLoop
@@ -64,7 +65,7 @@ class Deployment:
     unload_requested: bool = False
     # on-demand (service_layer/residency.py): "ready" with no loop until a request loads it
     on_demand: bool = False
-    keep_alive_s: float = 300.0
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     booked_bytes: int = 0  # the fit's booking: what a load is expected to need
     last_used: float = 0.0  # the residency clock's time of the last request's start or end
     artifact: Artifact | None = None  # fetched and verified at deploy: loads read it
