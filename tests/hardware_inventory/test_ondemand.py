@@ -79,3 +79,19 @@ async def _with(cluster: Cluster, deployment_id: str, **fields):
 
 async def _corrections(cluster: Cluster):
     return [c for c in await cluster.registry.inventory.state.corrections() if c.device_kind == "cpu"]
+
+
+async def test_the_node_agent_counts_an_on_demand_model_as_loaded_only_while_it_is():
+    from services.hardware_inventory.service_layer.agent import Agent
+    from tests.inference_worker.conftest import model_id
+
+    agent = Agent(None, "cpu-8", None, 5.0)  # type: ignore[arg-type]  # no probe or publish: only its bookkeeping
+    agent._node_id = "cpu-8"
+    model, zero = model_id("lazy"), MeasuredMemory(weights=0, kv_cache=0, peak=0)
+    common = dict(deployment_id="lazy-1", model=model, node_id="cpu-8", device="cpu")
+    await agent.on_deploy_event(make_event(DeployReady(**common, measured=zero, load_seconds=0, on_demand=True), WORKER))
+    assert agent.loaded == set()  # deployed, not loaded: its heartbeat does not list it
+    await agent.on_deploy_event(make_event(ModelLoaded(**common, measured=zero, load_seconds=0.1), WORKER))
+    assert agent.loaded == {"lazy-1"}
+    await agent.on_deploy_event(make_event(ModelUnloaded(**common, reason="evicted"), WORKER))
+    assert agent.loaded == set()
