@@ -113,9 +113,11 @@ async def test_a_load_that_fails_is_a_clear_error_and_nothing_stays_loaded(nats_
         await bus_client.wait(DeployReady, deployment_id=s.deployment_id)
         reply = await bus_client.request("corrupt", **BODY)
         assert not reply.ok and reply.error.code == "model_load_failed"
-        assert "could not load corrupt:1 on node-a: " in reply.error.message
+        assert "could not load corrupt:1 on node-a: " in reply.error.message, reply.error.message
         if runtime == "strata-engine":
             assert "bad checkpoint" in reply.error.message and "safetensors" in reply.error.message  # names the file
+        else:
+            assert "tiny.Q8_0.gguf: llama.cpp could not load this GGUF" in reply.error.message
         failed = await bus_client.wait(ModelLoadFailed, deployment_id=s.deployment_id)
         assert failed.reason in reply.error.message
         assert not (await listing(bus_client))[s.deployment_id].loaded
