@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--load-timeout", type=float, default=600.0, help="seconds to wait for the workers to load it (default 600)")
     deploy.add_argument("--embedding-pooling", choices=["last", "mean"],
                         help="how /v1/embeddings pools (default: the checkpoint's sentence-transformers config, else last token)")
+    deploy.add_argument("--on-demand", action="store_true", help="load it at its first request, not now; unload it when idle "
+                        "(--keep-alive); the least recently used on-demand model is evicted when another needs the memory")
+    deploy.add_argument("--keep-alive", type=_duration, metavar="DURATION",
+                        help="on-demand: idle time before unloading, e.g. 30s, 5m, 1h, 0 (default 5m)")
     _shape_args(deploy)
     deploy.set_defaults(func=lambda a: _run(a, _deploy))
 
@@ -59,6 +63,23 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the linear layers (default: none)")
     p.add_argument("--constraint", "-c", action="append", default=[], type=_constraint, metavar="KEY=VALUE",
                    help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V")
+
+
+def _duration(text: str) -> float:
+    """``30``, ``30s``, ``5m``, ``1h`` (Ollama's keep-alive spellings, negative ones aside) as seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    number, unit = text.strip(), "s"
+    for suffix in sorted(units, key=len, reverse=True):
+        if number.endswith(suffix):
+            number, unit = number[: -len(suffix)], suffix
+            break
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 30s, 5m or 1h, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -192,7 +213,11 @@ async def _deploy(nc, args) -> int:
 
     request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
                               context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype,
-                              embedding_pooling=args.embedding_pooling, quantize=args.quantize)
+                              embedding_pooling=args.embedding_pooling, quantize=args.quantize,
+                              on_demand=args.on_demand, keep_alive_s=args.keep_alive)
+    if args.keep_alive is not None and not args.on_demand:
+        print("strata deploy: --keep-alive is for on-demand deployments (add --on-demand)", file=sys.stderr)
+        return 2
     event = make_event(request, Source(service="cli", node=socket.gethostname()))
     heard: asyncio.Queue = asyncio.Queue()
 
@@ -251,11 +276,28 @@ def _deployed(args, deployment_id: str, scheduled: list, ready: dict) -> int:
         table.add_column(col)
     for s in sorted(scheduled, key=lambda s: s.replica):
         r = ready.get((s.node_id, s.device))
+        status = ("ready (on-demand, not loaded)" if r.on_demand else "ready") if r else "placed"
         table.add_row(str(s.replica), s.node_id, s.device, s.dtype or "", str(s.context_length), _gb(s.predicted_bytes),
-                      _gb(s.booked_bytes), "ready" if r else "placed", _gb(r.measured.peak) if r else "-",
-                      f"{r.load_seconds:.1f}s" if r else "-")
+                      _gb(s.booked_bytes), status, _gb(r.measured.peak) if r and not r.on_demand else "-",
+                      f"{r.load_seconds:.1f}s" if r and not r.on_demand else "-")
     _console().print(table)
     return 0
+
+
+def _on_demand(deployment) -> str:
+    """``keep-alive 5m`` for an on-demand deployment, ``-`` for an always-loaded one."""
+    if not deployment.on_demand:
+        return "-"
+    s = deployment.keep_alive_s
+    return f"keep-alive {s / 3600:g}h" if s >= 3600 and s % 3600 == 0 else \
+        f"keep-alive {s / 60:g}m" if s >= 60 and s % 60 == 0 else f"keep-alive {s:g}s"
+
+
+def _status(deployment, replica) -> str:
+    """An on-demand replica's status says whether its weights are in memory now."""
+    if not deployment.on_demand or replica.status != "ready":
+        return replica.status
+    return "ready, loaded" if replica.loaded else "ready, unloaded"
 
 
 async def _undeploy(nc, args) -> int:
@@ -280,13 +322,15 @@ async def _deployments(nc, args) -> int:
     if args.json:
         return _dump(result)
     table = Table(title="deployments")
-    for col in ("deployment", "model", "state", "replica", "status", "node", "device", "runtime", "predicted", "measured", "booked"):
+    for col in ("deployment", "model", "state", "on-demand", "replica", "status", "node", "device", "runtime", "predicted",
+                "measured", "booked"):
         table.add_column(col)
     for d in result.deployments:
         for r in d.replicas:
             first = r.index == 0
             table.add_row(d.deployment_id[:12] if first else "", f"{d.model_ref} (v{d.model.version})" if first else "",
-                          d.state if first else "", str(r.index), r.status, r.node_id or "-", r.device or "-",
-                          r.runtime or "-", _gb(r.predicted_bytes), _gb(r.measured_peak), _gb(r.booked_bytes))
+                          d.state if first else "", _on_demand(d) if first else "", str(r.index), _status(d, r),
+                          r.node_id or "-", r.device or "-", r.runtime or "-", _gb(r.predicted_bytes), _gb(r.measured_peak),
+                          _gb(r.booked_bytes))
     _console().print(table if result.deployments else "no deployments")
     return 0

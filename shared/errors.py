@@ -54,6 +54,19 @@ class Unavailable(StrataError):
     code, http_status = "unavailable", 503
 
 
+class ModelLoading(Unavailable):
+    """An on-demand model did not finish loading within the worker's load time-out; the load goes on,
+    so a retry soon finds it loaded."""
+
+    code = "model_loading"
+
+
+class ModelLoadFailed(StrataError):
+    """An on-demand model could not be loaded (the reason says why); nothing of it stays in memory."""
+
+    code, http_status = "model_load_failed", 500
+
+
 class InsufficientStorage(StrataError):
     """not enough free space to store it: the message says how many bytes it needs and how many are free"""
 
@@ -74,6 +87,7 @@ class BlobCorrupt(StrataError):
 BY_CODE: dict[str, type[StrataError]] = {
     cls.code: cls
     for cls in (StrataError, Invalid, ContextLengthExceeded, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable, InsufficientStorage,
+                ModelLoading, ModelLoadFailed,
                 BlobCorrupt)
 }
 

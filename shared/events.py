@@ -51,6 +51,7 @@ class EventData(BaseModel):
 
 
 EmbeddingPooling = Literal["last", "mean"]  # services/inference_worker/engine/embedding.py
+DEFAULT_KEEP_ALIVE_S = 300.0  # an on-demand deployment's idle time before unloading, unless its deploy says
 
 
 class Source(BaseModel):
@@ -230,6 +231,8 @@ class DeployScheduled(InventoryEvent):
     kv_cache_bytes: int = Field(default=0, ge=0, description="size the KV cache to this (what was booked)")
     booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
     embedding_pooling: EmbeddingPooling | None = Field(default=None, description="as DeployRequested's")
+    on_demand: bool = Field(default=False, description="as DeployRequested's: loaded by its first request, not now")
+    keep_alive_s: float = Field(default=DEFAULT_KEEP_ALIVE_S, ge=0, description="on-demand: idle seconds before it is unloaded")
 
 
 class DeployRejected(InventoryEvent):
@@ -289,6 +292,10 @@ class DeployRequested(ClientEvent):
     quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4; None: none")
     embedding_pooling: EmbeddingPooling | None = Field(default=None, description=(
         "how /v1/embeddings pools the hidden states; None: as the checkpoint's sentence-transformers config says, else last token"))
+    on_demand: bool = Field(default=False, description="not loaded at deploy: the first request loads it, an idle "
+                            "keep-alive unloads it, and it is evicted (least recently used) when memory is needed")
+    keep_alive_s: float | None = Field(default=None, ge=0, description="on-demand: idle seconds before unloading; "
+                                       "None: DEFAULT_KEEP_ALIVE_S")
 
 
 class UndeployRequested(ClientEvent):
@@ -327,6 +334,8 @@ class DeployReady(WorkerEvent):
     dtype: str | None = Field(default=None, description="the dtype the engine computes in (which weights answered)")
     quantize: str | None = Field(default=None, description="weight-only quantization of the served weights; None: none")
     runtime: str | None = Field(default=None, description="what serves it: strata-engine or llama.cpp (None from a worker before #17)")
+    on_demand: bool = Field(default=False, description="serving but not loaded: measured and load_seconds are 0 "
+                            "until deploy.model_loaded")
 
 
 class DeployFailed(WorkerEvent):
@@ -342,6 +351,54 @@ class DeployUnloaded(WorkerEvent):
     deployment_id: str
     model: ModelId
     node_id: str
+
+
+UnloadReason = Literal["idle", "evicted"]  # undeploy and shutdown say deploy.unloaded, as for any deployment
+
+
+class ModelLoaded(WorkerEvent):
+    """An on-demand deployment was loaded (by a request); its deployment stays deployed when unloaded."""
+
+    TYPE = "deploy.model_loaded"
+    deployment_id: str
+    replica: int = Field(default=0, ge=0)
+    model: ModelId
+    node_id: str
+    device: str
+    measured: MeasuredMemory
+    load_seconds: float = Field(ge=0)
+    runtime: str | None = None
+    request_id: str | None = Field(default=None, description="the request whose arrival loaded it")
+    evicted: list[str] = Field(default=[], description="deployment ids unloaded to make room for it")
+
+
+class ModelUnloaded(WorkerEvent):
+    """An on-demand deployment's model left memory; the next request loads it again."""
+
+    TYPE = "deploy.model_unloaded"
+    deployment_id: str
+    replica: int = Field(default=0, ge=0)
+    model: ModelId
+    node_id: str
+    device: str
+    reason: UnloadReason
+    idle_seconds: float = Field(default=0.0, ge=0)
+    freed_bytes: int = Field(default=0, ge=0, description="its footprint (measured peak)")
+    unload_seconds: float = Field(default=0.0, ge=0)
+    for_deployment: str | None = Field(default=None, description="evicted: the deployment that needed the memory")
+
+
+class ModelLoadFailed(WorkerEvent):
+    """Loading an on-demand deployment failed, or found no room (busy models hold it); nothing of it
+    stays in memory. A load past the worker's time-out is not a failure: it goes on."""
+
+    TYPE = "deploy.model_load_failed"
+    deployment_id: str
+    replica: int = Field(default=0, ge=0)
+    model: ModelId
+    node_id: str
+    reason: str
+    request_id: str | None = None
 
 
 class ServedRequest(WorkerEvent):

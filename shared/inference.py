@@ -287,6 +287,9 @@ class LoadedDeployment(BaseModel):
     max_model_len: int | None = Field(default=None, ge=1, description=(
         "the most tokens (prompt plus completion) one request may hold; None from a worker before #18, or while loading"))
     runtime: str | None = Field(default=None, description="strata-engine or llama.cpp; None from a worker before #17, or while loading")
+    on_demand: bool = Field(default=False, description="loaded by requests, unloaded after keep_alive_s idle")
+    loaded: bool = Field(default=True, description="whether its weights are in memory (False: on-demand, unloaded)")
+    keep_alive_s: float | None = Field(default=None, ge=0, description="on-demand: idle seconds before unloading")
 
 
 class LoadedModels(BaseModel):

@@ -178,3 +178,12 @@ def test_the_wire_omits_the_new_sampling_fields_unless_set_so_workers_before_the
     assert InferenceRequest.model_validate_json(plain.model_dump_json()).sampling.cap_max_tokens is False
     capped = ChatCompletionRequest.model_validate({**body, "cap_max_tokens": True}).to_inference("r2")
     assert InferenceRequest.model_validate_json(capped.model_dump_json()).sampling.cap_max_tokens is True
+
+
+def test_on_demand_load_errors_are_openai_errors_that_say_whether_to_retry():
+    loading = to_openai(errors.from_code("model_loading", "m:1 is still loading on n1 after 120s; retry shortly"))
+    assert loading.status == 503 and loading.headers.get("Retry-After")
+    assert loading.body.error.code == "model_loading" and loading.body.error.type == "server_error"
+    failed = to_openai(errors.from_code("model_load_failed", "could not load m:1 on n1: bad checkpoint: ..."))
+    assert failed.status == 500 and failed.retry_after_s is None
+    assert failed.body.error.code == "model_load_failed" and "bad checkpoint" in failed.body.error.message

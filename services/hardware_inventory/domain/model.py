@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from services.hardware_inventory.domain.fit import ModelShape
-from shared.events import DeviceInfo, EmbeddingPooling, ModelId, utcnow
+from shared.events import DEFAULT_KEEP_ALIVE_S, DeviceInfo, EmbeddingPooling, ModelId, utcnow
 
 Policy = Literal["binpack", "spread"]
 NodeStatus = Literal["alive", "lost"]
@@ -58,6 +58,8 @@ class Replica(BaseModel):
     generation: int = Field(default=0, description="how many times this replica was placed")
     measured_peak: int | None = None
     runtime: str | None = Field(default=None, description="what serves it (deploy.ready's runtime): strata-engine or llama.cpp")
+    loaded: bool | None = Field(default=None, description="on-demand: whether its weights are in memory now "
+                                "(deploy.model_loaded / model_unloaded); None: not on-demand, or not heard yet")
 
     @property
     def holds_memory(self) -> bool:
@@ -78,6 +80,8 @@ class Deployment(BaseModel):
     policy: Policy = "binpack"
     policy_exclusions: dict[str, str] = Field(default={}, description="admission policy: label selector -> why this model is kept off its nodes")
     replicas: list[Replica]
+    on_demand: bool = Field(default=False, description="loaded by requests on its worker; its replicas book no memory here")
+    keep_alive_s: float = Field(default=DEFAULT_KEEP_ALIVE_S, ge=0, description="on-demand: idle seconds before unloading")
     created: datetime = Field(default_factory=utcnow)
     last_used: datetime = Field(default_factory=utcnow)
 
@@ -95,16 +99,16 @@ class Allocations(BaseModel):
     deployments: dict[str, Deployment] = {}
 
     def booked(self, node_id: str, device: str) -> int:
-        return sum(
+        return sum(  # on-demand replicas share what is left, their worker evicting the least recently used
             r.booked_bytes for d in self.deployments.values() for r in d.replicas
-            if r.holds_memory and r.node_id == node_id and r.device == device
+            if r.holds_memory and r.node_id == node_id and r.device == device and not d.on_demand
         )
 
     def pending_load(self, node_id: str, device: str) -> int:
         """Booked but not yet loaded: not yet visible in the node's live free memory."""
         return sum(
             r.booked_bytes for d in self.deployments.values() for r in d.replicas
-            if r.status == "scheduled" and r.node_id == node_id and r.device == device
+            if r.status == "scheduled" and r.node_id == node_id and r.device == device and not d.on_demand
         )
 
     def by_ref(self, model_ref: str) -> list[Deployment]:

@@ -35,7 +35,8 @@ from shared.apikey_http import protect
 from shared.assignments import Assigned, AssignedRequest
 from shared.config import Settings
 from shared.events import (
-    DeployFailed, DeployReady, DeployRequested, DeployUnloaded, Event, NodeHeartbeat, NodeRegistered, UndeployRequested,
+    DeployFailed, DeployReady, DeployRequested, DeployUnloaded, Event, ModelLoaded, ModelUnloaded, NodeHeartbeat, NodeRegistered,
+    UndeployRequested,
     parse_event,
 )
 from shared.http_errors import error_responses
@@ -158,6 +159,14 @@ def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> 
     @consumer.on(DeployReady)
     async def deploy_ready(event: Event[DeployReady]) -> None:
         await parts()[1].ready(event.data)
+
+    @consumer.on(ModelLoaded)
+    async def model_loaded(event: Event[ModelLoaded]) -> None:
+        await parts()[1].residency(event.data)
+
+    @consumer.on(ModelUnloaded)
+    async def model_unloaded(event: Event[ModelUnloaded]) -> None:
+        await parts()[1].residency(event.data)
 
     @consumer.on(DeployFailed)
     async def deploy_failed(event: Event[DeployFailed]) -> None:

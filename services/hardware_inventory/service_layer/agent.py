@@ -13,7 +13,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from services.hardware_inventory.adapters.probe import ProbeResult, ProbeSource
-from shared.events import DeployReady, DeployReleased, DeployUnloaded, Event, NodeHeartbeat, NodeRegistered
+from shared.events import (
+    DeployReady, DeployReleased, DeployUnloaded, Event, ModelLoaded, ModelUnloaded, NodeHeartbeat, NodeRegistered,
+)
 
 log = logging.getLogger(__name__)
 REANNOUNCE_EVERY = 60
@@ -77,9 +79,9 @@ class Agent:
         data = event.data
         if getattr(data, "node_id", None) != self._node_id:
             return
-        if isinstance(data, DeployReady):
+        if isinstance(data, ModelLoaded) or (isinstance(data, DeployReady) and not data.on_demand):
             self.loaded.add(data.deployment_id)
-        elif isinstance(data, (DeployUnloaded, DeployReleased)):
+        elif isinstance(data, (DeployUnloaded, DeployReleased, ModelUnloaded)):
             self.loaded.discard(data.deployment_id)
 
 

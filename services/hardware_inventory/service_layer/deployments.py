@@ -27,7 +27,10 @@ from services.hardware_inventory.service_layer.views import (
 )
 from shared import errors
 from shared.catalog import ResolvedModel
-from shared.events import DeployReady, DeployRejected, DeployReleased, DeployScheduled, EventData, new_id, utcnow
+from shared.events import (
+    DEFAULT_KEEP_ALIVE_S, DeployReady, DeployRejected, DeployReleased, DeployScheduled, EventData, MeasuredMemory, ModelLoaded,
+    ModelUnloaded, new_id, utcnow,
+)
 
 log = logging.getLogger(__name__)
 Publish = Callable[..., Awaitable[object]]
@@ -122,7 +125,8 @@ class Deployments:
         deployment = Deployment(
             deployment_id=deployment_id, model_ref=request.model_ref, model=resolved.model, shape=shape, context_length=context,
             batch=request.batch, dtype=request.dtype, quantize=request.quantize, constraints=request.constraints,
-            embedding_pooling=request.embedding_pooling,
+            embedding_pooling=request.embedding_pooling, on_demand=request.on_demand,
+            keep_alive_s=DEFAULT_KEEP_ALIVE_S if request.keep_alive_s is None else request.keep_alive_s,
             policy_exclusions=decision.exclusions if decision else {},
             policy=request.policy or self.config.policy, replicas=[Replica(index=i, status="pending") for i in range(request.replicas)],
         )
@@ -131,7 +135,8 @@ class Deployments:
             if deployment_id in allocations.deployments:
                 raise Unchanged(Placed(scheduled=[(allocations.deployments[deployment_id], r) for r in allocations.deployments[deployment_id].replicas]))
             evicted: list[Deployment] = []
-            candidates = sorted((d for d in allocations.deployments.values() if d.state == "ready"), key=lambda d: d.last_used)
+            candidates = sorted((d for d in allocations.deployments.values() if d.state == "ready" and not d.on_demand),
+                                key=lambda d: d.last_used)  # on-demand ones book nothing: evicting them frees nothing here
             while True:
                 slots = placement.slots(nodes, allocations, self.nodes.telemetry, self.config.utilisation_cap)
                 try:
@@ -198,8 +203,8 @@ class Deployments:
             replica = _replica_on(deployment, event.node_id, event.device)
             if deployment is None or replica is None or replica.status == "ready":
                 raise Unchanged(None)
-            updated = replica.model_copy(update={"status": "ready", "measured_peak": event.measured.peak,
-                                                 "runtime": event.runtime})
+            updated = replica.model_copy(update={"status": "ready", "measured_peak": event.measured.peak or None,
+                                                 "runtime": event.runtime, "loaded": False if event.on_demand else None})
             placed = _with_replica(deployment, updated).model_copy(update={"last_used": utcnow()})
             return allocations.model_copy(update={"deployments": {**allocations.deployments, deployment.deployment_id: placed}}), (placed, replica)
 
@@ -208,8 +213,34 @@ class Deployments:
             log.info("deploy.ready for %s on %s: no such scheduled replica (undeployed or moved)", event.deployment_id, event.node_id)
             return
         deployment, replica = found
+        if not event.on_demand:  # an on-demand one is measured at each load (deploy.model_loaded)
+            await self._learn(deployment, replica, event.measured)
+
+    async def residency(self, event: ModelLoaded | ModelUnloaded) -> None:
+        """An on-demand replica loaded (with its measured memory, learned from as at deploy.ready) or unloaded."""
+        loaded = isinstance(event, ModelLoaded)
+
+        def mark(allocations: Allocations) -> tuple[Allocations, tuple[Deployment, Replica] | None]:
+            deployment = allocations.deployments.get(event.deployment_id)
+            replica = _replica_on(deployment, event.node_id, event.device)
+            if deployment is None or replica is None or replica.loaded is loaded:
+                raise Unchanged(None)
+            update: dict = {"loaded": loaded}
+            if isinstance(event, ModelLoaded):
+                update.update(measured_peak=event.measured.peak, runtime=event.runtime)
+            placed = _with_replica(deployment, replica.model_copy(update=update))
+            if loaded:
+                placed = placed.model_copy(update={"last_used": utcnow()})
+            return allocations.model_copy(update={"deployments": {**allocations.deployments, deployment.deployment_id: placed}}), (placed, replica)
+
+        found = await self.state.change_allocations(mark)
+        if found is not None and isinstance(event, ModelLoaded):
+            await self._learn(*found, event.measured)
+
+    async def _learn(self, deployment: Deployment, replica: Replica, measured: MeasuredMemory) -> None:
+        """The worker's measurement after a load corrects the fit of this architecture on this device kind."""
         for tell in self.on_measured:
-            tell(deployment.shape.architecture, replica.device_kind, replica.predicted_bytes / event.measured.peak)
+            tell(deployment.shape.architecture, replica.device_kind, replica.predicted_bytes / measured.peak)
         raw = predict(deployment.shape, replica.device_kind, context_length=deployment.context_length,  # type: ignore[arg-type]
                       batch=deployment.batch, dtype=replica.dtype, quantize=deployment.quantize)
         key = correction_key(deployment.shape.architecture, raw.dtype, raw.device_kind)
@@ -219,7 +250,6 @@ class Deployments:
             base = current or Correction(architecture=deployment.shape.architecture, dtype=raw.dtype, device_kind=raw.device_kind)
             if sample in base.applied:
                 raise Unchanged(base)
-            measured = event.measured
             try:
                 learned = base.learn(raw, replica.predicted_bytes, measured.weights, measured.kv_cache, measured.peak, sample)
             except IgnoredMeasurement as ignored:
@@ -228,10 +258,10 @@ class Deployments:
 
         outcome = await self.state.change(f"correction.{key}", Correction, learn)
         if isinstance(outcome, IgnoredMeasurement):
-            log.warning("not learning from the measurement of %s on %s: %s", event.deployment_id, event.node_id, outcome)
+            log.warning("not learning from the measurement of %s on %s: %s", deployment.deployment_id, replica.node_id, outcome)
             return
         log.info("%s: predicted %d B, measured %d B (error %+.1f%%); factors now w=%.3f o=%.3f",
-                 key, replica.predicted_bytes, event.measured.peak, 100 * (outcome.last_error or 0),
+                 key, replica.predicted_bytes, measured.peak, 100 * (outcome.last_error or 0),
                  outcome.weights_factor, outcome.overhead_factor)
 
     async def worker_let_go(self, deployment_id: str, node_id: str, why: str, *, failed: bool) -> None:
@@ -356,6 +386,6 @@ def _scheduled(deployment: Deployment, replica: Replica) -> DeployScheduled:
         # on CPU without a dtype asked for, the worker picks its fastest 16-bit dtype (same bytes as booked)
         dtype=deployment.dtype or (replica.dtype if replica.device_kind != "cpu" else None),
         quantize=deployment.quantize, batch=deployment.batch, kv_cache_bytes=replica.kv_cache_bytes, booked_bytes=replica.booked_bytes,
-        embedding_pooling=deployment.embedding_pooling,
+        embedding_pooling=deployment.embedding_pooling, on_demand=deployment.on_demand, keep_alive_s=deployment.keep_alive_s,
     )
 

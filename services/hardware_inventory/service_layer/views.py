@@ -85,6 +85,8 @@ class DeployRequest(BaseModel):
     quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4")
     deployment_id: str | None = None
     embedding_pooling: EmbeddingPooling | None = None
+    on_demand: bool = False
+    keep_alive_s: float | None = Field(default=None, ge=0)
 
 
 class DeployOutcome(BaseModel):

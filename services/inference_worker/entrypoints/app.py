@@ -28,6 +28,7 @@ from services.inference_worker.adapters.inflight_journal import InflightJournal
 from services.inference_worker.service_layer.deployments import Deployments, EngineOptions
 from services.inference_worker.service_layer.embedding import Embedder
 from services.inference_worker.service_layer.jobs import JobOptions, JobRunner
+from services.inference_worker.service_layer.residency import LOAD_TIMEOUT_S, Budget, Residency
 from services.inference_worker.service_layer.serving import Server
 
 log = logging.getLogger("inference-worker")
@@ -40,6 +41,9 @@ class WorkerOptions:
     max_inflight: int = 256  # requests admitted on this worker; beyond: 'unavailable' (overloaded, retry)
     engine: EngineOptions = field(default_factory=EngineOptions)
     jobs: JobOptions = field(default_factory=JobOptions)
+    load_timeout_s: float = LOAD_TIMEOUT_S  # an on-demand model's first request waits this long for its load
+    ondemand_memory_bytes: int | None = None  # memory for on-demand models; None: what the device has free
+    keep_alive_tick_s: float = 0.25  # how often idle on-demand models are looked for
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> WorkerOptions:
@@ -52,7 +56,9 @@ class WorkerOptions:
         kv = get("kv_cache_bytes", None)
         return cls(max_inflight=get("max_inflight", 256),
                    engine=EngineOptions(max_num_seqs=get("max_num_seqs", 64), default_kv_cache_bytes=kv),
-                   jobs=JobOptions(ack_wait_s=get("job_ack_wait", 30.0, float), concurrency=get("job_concurrency", 8)))
+                   jobs=JobOptions(ack_wait_s=get("job_ack_wait", 30.0, float), concurrency=get("job_concurrency", 8)),
+                   load_timeout_s=get("load_timeout", LOAD_TIMEOUT_S, float),
+                   ondemand_memory_bytes=get("ondemand_memory_bytes", None))
 
 
 class Worker:
@@ -63,6 +69,7 @@ class Worker:
         self.server: Server | None = None
         self.embedder: Embedder | None = None
         self.jobs: JobRunner | None = None
+        self.residency: Residency | None = None
         self.stopping = False
         self._subs: dict[str, Subscription] = {}
         self._embed_subs: dict[str, Subscription] = {}
@@ -75,9 +82,16 @@ class Worker:
         artifacts = self._artifacts or ModelStoreSource(nc, self.service.settings.service_dir / "cache")
         self.deployments = Deployments(self.node_id, artifacts, self.service.publish, self._serving, self.options.engine)
         journal = InflightJournal(self.service.settings.service_dir / "inflight.jsonl")
+        budget = self.options.ondemand_memory_bytes
+        self.residency = Residency(self.deployments, self.service.publish, self.node_id,
+                                   Budget(budget) if budget is not None else None,
+                                   load_timeout_s=self.options.load_timeout_s, tick_s=self.options.keep_alive_tick_s)
+        self.deployments.make_room = self.residency.room_for_always_on
         self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
-                             journal=journal)
-        self.embedder = Embedder(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight)
+                             journal=journal, residency=self.residency)
+        self.embedder = Embedder(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
+                                 residency=self.residency)
+        self.residency.start()
         if cut := await self.server.report_cut_short():
             log.warning("published inference.failed for %d request(s) an earlier worker on this node left unfinished", cut)
         js = nc.jetstream()
@@ -126,6 +140,8 @@ class Worker:
         while self.server.inflight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.residency is not None:
+            await self.residency.stop()
         await self.deployments.shutdown()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
@@ -203,7 +219,8 @@ class Worker:
             LoadedDeployment(deployment_id=d.deployment_id, replica=d.replica, model=d.model, aliases=list(d.aliases),
                              device=d.device, state=d.state, requests_in_flight=len(d.inflight), reason=d.reason,
                              max_model_len=d.loop.engine.max_model_len if d.loop is not None else None,
-                             runtime=d.loop.runtime if d.loop is not None else None)
+                             runtime=d.loop.runtime if d.loop is not None else None, on_demand=d.on_demand,
+                             loaded=d.loop is not None, keep_alive_s=d.keep_alive_s if d.on_demand else None)
             for d in self.deployments.by_key.values()])
 
     def _spawn(self, coro) -> None:

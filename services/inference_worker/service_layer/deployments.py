@@ -20,7 +20,8 @@ import torch
 from shared.catalog import ModelRef
 from shared.errors import NotFound, Unavailable
 from shared.events import (
-    DeployFailed, DeployLoading, DeployReady, DeployScheduled, DeployUnloaded, EventData, MeasuredMemory, ModelId,
+    DEFAULT_KEEP_ALIVE_S, DeployFailed, DeployLoading, DeployReady, DeployScheduled, DeployUnloaded, EventData, MeasuredMemory,
+    ModelId,
 )
 from services.inference_worker.adapters.artifacts import Artifact, ArtifactSource
 from services.inference_worker.adapters.engine_loop import EngineLoop
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "draining", "failed"]
 Publish = Callable[[EventData], Awaitable[object]]
 OnServing = Callable[[str, bool], Awaitable[None]]  # (model name, serving now?)
+MakeRoom = Callable[[str, int, str], Awaitable[None]]  # (device, bytes, deployment id): residency.py's eviction
 DRAIN_TIMEOUT_S = 60.0
 
 
@@ -61,6 +63,13 @@ class Deployment:
     reason: str | None = None
     inflight: set[str] = field(default_factory=set)
     unload_requested: bool = False
+    # on-demand (service_layer/residency.py): "ready" with no loop until a request loads it
+    on_demand: bool = False
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    booked_bytes: int = 0  # the fit's booking: what a load is expected to need
+    last_used: float = 0.0  # the residency clock's time of the last request's start or end
+    artifact: Artifact | None = None  # fetched and verified at deploy: loads read it
+    scheduled: DeployScheduled | None = None
 
     def matches(self, ref: ModelRef) -> bool:
         if ref.name != self.model.name:
@@ -83,20 +92,22 @@ class Deployments:
         self._load_lock = asyncio.Lock()  # one load at a time: memory figures must not mix
         self._tasks: set[asyncio.Task[None]] = set()  # unloads
         self._loads: set[asyncio.Task[None]] = set()
+        self.make_room: MakeRoom | None = None  # before an always-on load: idle on-demand models make way
 
     # ---- queries --------------------------------------------------------------------------
     def ready(self, name: str) -> list[Deployment]:
         return [d for d in self.by_key.values() if d.state == "ready" and d.model.name == name]
 
     def pick(self, ref: ModelRef) -> Deployment:
-        """The ready deployment with the fewest requests in flight that serves ``ref``."""
+        """The ready deployment with the fewest requests in flight that serves ``ref`` (an on-demand
+        one may be unloaded: its ``loop`` is None until residency.py loads it)."""
         candidates = [d for d in self.ready(ref.name) if d.matches(ref)]
         if not candidates:
             held = sorted({f"{d.model.name}:{d.model.version}" for d in self.ready(ref.name)})
             if held:
                 raise NotFound(f"{ref} is not deployed on this worker (it serves {', '.join(held)})")
             raise Unavailable(f"{ref.name} is being unloaded on this worker, retry")
-        return min(candidates, key=lambda d: len(d.inflight))
+        return min(candidates, key=lambda d: (d.loop is None, len(d.inflight)))  # a loaded one before an unloaded one
 
     # ---- deploy ---------------------------------------------------------------------------
     def schedule(self, event: DeployScheduled) -> bool:
@@ -110,7 +121,9 @@ class Deployments:
         if held is not None and (held.state != "failed" or held.generation >= event.generation):
             return False
         dep = Deployment(key=key, deployment_id=event.deployment_id, replica=event.replica,
-                         generation=event.generation, model=event.model, device=event.device)
+                         generation=event.generation, model=event.model, device=event.device, on_demand=event.on_demand,
+                         keep_alive_s=event.keep_alive_s, booked_bytes=event.booked_bytes or event.predicted_bytes,
+                         scheduled=event)
         self.by_key[key] = dep
         self._spawn(self._deploy(dep, event), self._loads)
         return True
@@ -121,6 +134,11 @@ class Deployments:
         started = time.monotonic()
         try:
             artifact = await self.artifacts.fetch(dep.model, event.model_ref or f"{dep.model.name}:{dep.model.version}")
+            if dep.on_demand:  # fetched and verified now; loaded by its first request
+                await self._serve_unloaded(dep, artifact)
+                return
+            if self.make_room is not None:
+                await self.make_room(dep.device, dep.booked_bytes, dep.deployment_id)
             async with self._load_lock:
                 loop, measured = await asyncio.to_thread(self._load, artifact, event)
         except Exception as exc:  # every failure ends in deploy.failed, never in a dead worker
@@ -140,13 +158,55 @@ class Deployments:
         if dep.unload_requested:
             await self.unload(dep.key)
 
+    async def _serve_unloaded(self, dep: Deployment, artifact: Artifact) -> None:
+        dep.artifact, dep.aliases, dep.state = artifact, artifact.aliases, "ready"
+        if len(self.ready(dep.model.name)) == 1:
+            await self.on_serving(dep.model.name, True)
+        await self.publish(DeployReady(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id,
+                                       device=dep.device, measured=MeasuredMemory(weights=0, kv_cache=0, peak=0),
+                                       load_seconds=0.0, runtime=runtime_of(artifact.path), on_demand=True))
+        if dep.unload_requested:
+            await self.unload(dep.key)
+
+    async def load_resident(self, dep: Deployment) -> None:
+        """Load an on-demand deployment now (residency.py decides when). On failure nothing stays:
+        the half-built engine is dropped and its memory released."""
+        assert dep.artifact is not None and dep.scheduled is not None
+        started = time.monotonic()
+        try:
+            async with self._load_lock:
+                loop, measured = await asyncio.to_thread(self._load, dep.artifact, dep.scheduled)
+        except Exception as exc:
+            failure = exc
+        else:
+            dep.loop, dep.measured, dep.load_seconds = loop.start(), measured, time.monotonic() - started
+            return
+        failure.__traceback__ = None  # its frames hold the half-built engine: freed with the collection below
+        await asyncio.to_thread(_release_memory, dep.device)
+        raise failure
+
+    async def unload_resident(self, dep: Deployment) -> None:
+        """Free an on-demand deployment's engine; the deployment stays ready (unloaded)."""
+        loop, dep.loop = dep.loop, None  # no new request picks this engine from here on
+        if loop is not None:
+            await asyncio.to_thread(loop.stop)
+            del loop
+            await asyncio.to_thread(_release_memory, dep.device)
+
     def _load(self, artifact: Artifact, event: DeployScheduled) -> tuple[EngineLoop, MeasuredMemory]:
         """On a worker thread: load (with the runtime the files' format calls for), warm up and measure."""
+        probe = MemoryProbe(torch.device(event.device)).start()
+        engine = self._engine(artifact, event)
+        try:
+            return self._warm_up(engine, artifact, probe)
+        except BaseException:
+            engine.close()  # llama.cpp's memory is not the GC's to free: a failed warm-up leaves nothing behind
+            raise
+
+    def _warm_up(self, engine: Runtime, artifact: Artifact, probe: MemoryProbe) -> tuple[EngineLoop, MeasuredMemory]:
         from services.inference_worker.engine import SamplingParams
 
         opts = self.options
-        probe = MemoryProbe(torch.device(event.device)).start()
-        engine = self._engine(artifact, event)
         # warm-up: one real prefill + decode, so the first user does not pay for lazy initialisation
         if engine.can_generate:
             warm = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=opts.warmup_tokens, temperature=0))[0]

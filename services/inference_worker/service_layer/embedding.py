@@ -24,6 +24,7 @@ from shared.rpc import ErrorBody, RpcReply
 from services.inference_worker.engine import ContextLengthError, InvalidRequestError
 from services.inference_worker.engine.embedding import EmbeddingCancelled, EmbeddingOutput, truncate
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
+from services.inference_worker.service_layer.residency import Residency
 from services.inference_worker.service_layer.serving import parse_request
 from services.inference_worker.service_layer.telemetry import GENAI, ended, tracer
 
@@ -33,8 +34,10 @@ Publish = Callable[[EventData], Awaitable[object]]
 
 
 class Embedder:
-    def __init__(self, deployments: Deployments, node_id: str, publish: Publish, *, max_inflight: int = 256) -> None:
+    def __init__(self, deployments: Deployments, node_id: str, publish: Publish, *, max_inflight: int = 256,
+                 residency: Residency | None = None) -> None:
         self.deployments, self.node_id, self.publish = deployments, node_id, publish
+        self.residency = residency
         self.max_inflight = max_inflight  # beyond: 'unavailable' (overloaded, retry), as for generations
         # request id -> its deployment and engine job (None while its inputs are being tokenized)
         self.running: dict[str, tuple[Deployment, Future[EmbeddingOutput] | None]] = {}
@@ -65,6 +68,11 @@ class Embedder:
         if rid in self.running:
             raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
+        if dep.loop is None:  # on-demand and unloaded: its first request loads it (service_layer/residency.py)
+            if self.residency is None:
+                raise errors.Unavailable(f"{dep.model.name} is not loaded on this worker, retry")
+            keepalive = Keepalive(request_id=rid).model_dump_json().encode()
+            await self.residency.hold_loaded(dep, rid, lambda: send(keepalive))  # the caller hears we live meanwhile
         assert dep.loop is not None
         engine = dep.loop.engine
         if not engine.can_embed:
@@ -86,6 +94,8 @@ class Embedder:
             finally:
                 dep.inflight.discard(rid)
                 self.running.pop(rid, None)
+                if self.residency is not None:
+                    self.residency.touch(dep)
             vectors = out.vectors if request.dimensions is None else truncate(out.vectors, request.dimensions)
             encoded = [encode_vector(v) for v in vectors.numpy()]
             for part in parts(request.request_id, encoded):

@@ -35,6 +35,7 @@ from services.inference_worker.adapters.inflight_journal import InflightJournal
 from services.inference_worker.engine import StreamEvent
 from services.inference_worker.service_layer.choices import Finals, engine_ids, to_params
 from services.inference_worker.service_layer.deployments import Deployment, Deployments
+from services.inference_worker.service_layer.residency import Residency
 from services.inference_worker.service_layer.telemetry import GENAI, ended, engine_spans, tracer
 from services.inference_worker.service_layer.admission import Run, prepare, submit
 from services.inference_worker.service_layer.tool_use import ChoiceStream
@@ -55,12 +56,14 @@ class Outcome:
 
 class Server:
     def __init__(self, deployments: Deployments, node_id: str, publish: Publish, *, max_inflight: int = 256,
-                 journal: InflightJournal | None = None) -> None:
+                 journal: InflightJournal | None = None, residency: Residency | None = None) -> None:
         self.deployments, self.node_id, self.publish = deployments, node_id, publish
+        self.residency = residency
         self.max_inflight = max_inflight
         self.inflight: dict[str, Deployment] = {}  # request id -> the deployment running it
         self.choices: dict[str, list[str]] = {}  # request id -> its choices' engine ids
         self.cancelled_early: set[str] = set()  # cancelled while being prepared, before the engine had it
+        self.waiting_for_load: set[str] = set()  # waiting for an on-demand model to load
         self.journal = journal
 
     async def report_cut_short(self) -> int:
@@ -81,6 +84,17 @@ class Server:
         except errors.StrataError as exc:  # only a bad body is parsed twice, to answer in its own shape
             await self._send_error(send, _wants_stream(raw), _request_id(raw), exc)
             return
+        if self.residency is not None:  # an unloaded on-demand model loads first, with keepalives while it does
+            tick = lambda: send(_msg(Keepalive(request_id=request.request_id)))  # noqa: E731
+            self.waiting_for_load.add(request.request_id)
+            try:
+                await self.residency.load_for(request.model, request.request_id, tick if request.stream or request.keepalive else None)
+            except errors.StrataError as exc:
+                self.cancelled_early.discard(request.request_id)
+                await self._send_error(send, request.stream, request.request_id, exc)
+                return
+            finally:
+                self.waiting_for_load.discard(request.request_id)
         if not request.stream:
             async def keepalive() -> None:
                 await send(_msg(Keepalive(request_id=request.request_id)))
@@ -95,6 +109,9 @@ class Server:
         await self._stream(request, headers, send)
 
     def cancel(self, request_id: str) -> bool:
+        if request_id in self.waiting_for_load:  # cancelled as soon as the engine has it
+            self.cancelled_early.add(request_id)
+            return True
         dep = self.inflight.get(request_id)
         if not (dep and dep.loop):
             return False
@@ -178,6 +195,10 @@ class Server:
         if rid in self.inflight:
             raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
+        if dep.loop is None:  # on-demand and unloaded (a batch job, or evicted since handle() loaded it)
+            if self.residency is None:
+                raise errors.Unavailable(f"{dep.model.name} is not loaded on this worker, retry")
+            await self.residency.hold_loaded(dep, rid)
         assert dep.loop is not None
         if not dep.loop.engine.can_generate:
             raise errors.Invalid(f"{dep.model.name} is an embedding model (its checkpoint has no LM head): "
@@ -195,6 +216,7 @@ class Server:
             ids = engine_ids(rid, request.sampling.n)
             events: asyncio.Queue[StreamEvent] = asyncio.Queue()
             self.inflight[rid] = dep  # counted, and cancellable, while its grammar compiles
+            dep.inflight.add(rid)  # and never evicted (on-demand) from here on
             try:
                 # a grammar compiles (100 ms and more for a large schema) off the event loop
                 guided = bool(request.tools) or request.sampling.response_format is not None
@@ -204,6 +226,7 @@ class Server:
             except BaseException:
                 self.inflight.pop(rid, None)
                 self.cancelled_early.discard(rid)
+                self._release(dep, rid)
                 raise
             if rid in self.cancelled_early:
                 for eid in ids:  # each ends at the engine's next step with finish_reason "cancelled"
@@ -241,7 +264,7 @@ class Server:
                 self.inflight.pop(rid, None)
                 self.choices.pop(rid, None)
                 self.cancelled_early.discard(rid)
-                dep.inflight.discard(rid)
+                self._release(dep, rid)
                 if self.journal is not None:
                     self.journal.ended(rid)
                 with trace.use_span(span, end_on_exit=False):  # the inference event continues this trace
@@ -283,6 +306,11 @@ class Server:
             log.exception("could not publish the inference event of %s", request.request_id)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _release(self, dep: Deployment, rid: str) -> None:
+        dep.inflight.discard(rid)
+        if self.residency is not None:
+            self.residency.touch(dep)  # an on-demand model's keep-alive counts from the last request's end
+
     def _reply(self, request: InferenceRequest, run: Run, finals: Finals, texts: list[str], lps: list[list],
                salt: str) -> InferenceReply:
         m = finals.merged().metrics

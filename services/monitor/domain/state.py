@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from services.monitor.domain.traffic import Rollup, Traffic
 from shared.events import (
     DeadLetter, DeployFailed, DeployLoading, DeployReady, DeployRejected, DeployReleased, DeployRequested,
-    DeployScheduled, DeployUnloaded, DeviceInfo, Event, InferenceCompleted, InferenceFailed, LedgerCheckpoint,
+    DeployScheduled, DeployUnloaded, DeviceInfo, Event, InferenceCompleted, InferenceFailed, LedgerCheckpoint, ModelLoaded,
+    ModelUnloaded,
     NodeHeartbeat, NodeLost, NodeRegistered, NodeReturned, TamperDetected, UndeployRequested,
 )
 
@@ -44,6 +45,7 @@ class DeploymentState:
     reason: str | None = None
     updated: float = 0.0
     runtime: str | None = None  # what deploy.ready said serves it
+    loaded: bool | None = None  # on-demand: in memory now (deploy.model_loaded / model_unloaded); None: not on-demand
 
 
 @dataclass
@@ -95,6 +97,12 @@ class FleetState:
                 dep = self._deployment(data.deployment_id, data.model.name, state, at)
                 dep.version, dep.node_id, dep.reason = data.model.version, data.node_id, None
                 dep.device = getattr(data, "device", dep.device)
+                dep.runtime = getattr(data, "runtime", None) or dep.runtime
+                dep.loaded = False if getattr(data, "on_demand", False) else None
+            case ModelLoaded() | ModelUnloaded():
+                dep = self._deployment(data.deployment_id, data.model.name, "ready", at)
+                dep.version, dep.node_id, dep.device = data.model.version, data.node_id, data.device
+                dep.loaded = isinstance(data, ModelLoaded)
                 dep.runtime = getattr(data, "runtime", None) or dep.runtime
             case DeployFailed():
                 dep = self._deployment(data.deployment_id, data.model.name if data.model else "?", "failed", at)

@@ -41,6 +41,7 @@ class DeploymentView(BaseModel):
     state: str
     reason: str | None
     runtime: str | None = None  # strata-engine or llama.cpp, from deploy.ready (#17)
+    loaded: bool | None = None  # on-demand: whether its weights are in memory; None: not on-demand
 
 
 class Point(BaseModel):
@@ -167,7 +168,8 @@ def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: floa
     ]
     deployments = [
         DeploymentView(deployment_id=d.deployment_id, model=d.model, version=d.version, node_id=d.node_id,
-                       device=d.device, state=d.state, reason=d.reason, runtime=d.runtime)
+                       device=d.device, state=d.state, reason=d.reason, runtime=d.runtime,
+                       loaded=d.loaded)
         for d in sorted(state.deployments.values(), key=lambda d: (d.model, d.deployment_id))
     ]
     ledger = state.ledger

@@ -19,7 +19,10 @@ from shared.events import (
     EmbeddingsCompleted,
     Event,
     InferenceCompleted,
+    ModelLoaded,
+    ModelLoadFailed,
     ModelRegistered,
+    ModelUnloaded,
     NodeRegistered,
 )
 
@@ -77,7 +80,8 @@ def index_rows(event: Event[Any], index: int, time_ms: int) -> list[IndexRow]:
         return rows
     if isinstance(d, DatasetRegistered):
         return [IndexRow("datasets", {**base, "digest": d.digest, "name": d.name, "source": d.source, "license": d.license, "files": len(d.files)})]
-    if isinstance(d, (DeployScheduled, DeployLoading, DeployReady, DeployUnloaded, DeployFailed)):
+    if isinstance(d, (DeployScheduled, DeployLoading, DeployReady, DeployUnloaded, DeployFailed, ModelLoaded, ModelUnloaded,
+                      ModelLoadFailed)):
         return [IndexRow("deployments", {
             **base, "deployment_id": d.deployment_id, "event_type": event.type,
             "model_digest": d.model.digest if d.model else None, "node_id": d.node_id,

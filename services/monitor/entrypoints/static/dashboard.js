@@ -157,7 +157,7 @@ function render(s) {
   renderNodes(s.nodes);
   renderTable("#deployments", s.deployments.map((d) => [
     d.model, d.version == null ? "–" : `v${d.version}`, badge(d.state), d.node_id ?? "–", d.device ?? "–",
-    d.runtime ?? "–"]), "no deployments");
+    d.runtime ?? "–", d.loaded == null ? "–" : (d.loaded ? "loaded" : "unloaded")]), "no deployments");
   renderTable("#dead-letters", Object.entries(s.dead_letters).map(([svc, n]) => [svc, String(n)]), "no dead letters");
   renderLedger(s.ledger);
   const history = s.models.length ? s.models[0].series : [];
