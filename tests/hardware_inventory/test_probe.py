@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from services.hardware_inventory.adapters.probe import StaticProbe, SystemProbe, parse_cpu_model, parse_meminfo
+from services.hardware_inventory.adapters.probe import StaticProbe, SystemProbe, parse_cpu_model
+from shared.host_memory import parse_meminfo
 from services.hardware_inventory.config import InventoryConfig
 from shared.errors import Invalid
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from shared.errors import Invalid
 from shared.events import DeviceInfo
+from shared.host_memory import parse_meminfo
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +103,6 @@ def _read(path: str) -> str:
         return Path(path).read_text()
     except OSError:
         return ""
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """``/proc/meminfo`` in bytes (the file says kB, meaning KiB)."""
-    result = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            result[name.strip()] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-    return result
 
 
 def parse_cpu_model(text: str) -> str:

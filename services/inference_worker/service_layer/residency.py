@@ -21,6 +21,7 @@ from typing import Protocol
 
 from shared import errors
 from shared.catalog import parse_ref
+from shared.host_memory import available_bytes
 from shared.events import ModelLoaded, ModelLoadFailed, ModelUnloaded, UnloadReason
 from shared.inference import KEEPALIVE_S
 from services.inference_worker.service_layer.deployments import Deployment, Deployments, Publish, failure_reason
@@ -61,11 +62,7 @@ class LiveMemory:
             import torch
 
             return torch.cuda.mem_get_info(torch.device(device))[0]
-        from services.hardware_inventory.adapters.probe import parse_meminfo  # the node agent's own reading
-
-        with open("/proc/meminfo") as f:
-            meminfo = parse_meminfo(f.read())
-        return meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
+        return available_bytes()
 
 
 def footprint(dep: Deployment) -> int:
