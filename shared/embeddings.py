@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared import errors, subjects
 from shared.catalog import parse_ref
 from shared.events import ModelId, new_id
-from shared.inference import SILENCE_TIMEOUT_S
+from shared.inference import SILENCE_TIMEOUT_S, Attribution
 from shared.inference_client import WorkerLost, _Call
 from shared.prompt_commitment import SALT_PATTERN
 from shared.rpc import ErrorBody, RpcReply
@@ -38,7 +38,7 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 PART_BYTES = 256 * 1024  # base64 carried per EmbeddingPart
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(Attribution, BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
     model: str = Field(min_length=1, description="NAME, NAME:VERSION or NAME@ALIAS")
@@ -121,7 +121,7 @@ async def embed(nc: Client, request: EmbeddingRequest, *, silence_timeout_s: flo
     ``NotFound`` when no worker serves the model, ``WorkerLost`` / ``DeadlineExceeded`` as
     ``inference_client.complete`` does."""
     vectors: list[str] = []
-    subject = subjects.embedding_request(parse_ref(request.model).name)
+    subject = subjects.embedding_request(parse_ref(request.model).name, attributed=request.attributed)
     async with _Call(nc, request, silence_timeout_s, deadline_s, subject=subject) as call:  # type: ignore[arg-type]
         while True:
             data = await call.next()

@@ -121,7 +121,22 @@ class SamplingOptions(_OptionalOnWire):
         return value
 
 
-class InferenceRequest(_OptionalOnWire):
+class Attribution:
+    """api_key_id and client_request_id: which API key asked, and the caller's own id. The api-gateway
+    sets them, and only its subjects may carry them (subjects.ATTRIBUTED)."""
+
+    ATTRIBUTION_FIELDS = ("api_key_id", "client_request_id")
+
+    def claimed_attribution(self) -> str | None:
+        """The first attribution field set, None when the request names no key."""
+        return next((f for f in self.ATTRIBUTION_FIELDS if getattr(self, f) is not None), None)
+
+    @property
+    def attributed(self) -> bool:
+        return self.claimed_attribution() is not None
+
+
+class InferenceRequest(Attribution, _OptionalOnWire):
     wire_optional = REQUEST_WIRE_OPTIONAL
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)

@@ -77,8 +77,9 @@ class DeadlineExceeded(errors.StrataError):
 
 def request_subject(request: InferenceRequest) -> str:
     """``infer.request.<model name>``: versions and aliases are resolved by the worker, so the
-    subject carries only the name."""
-    return subjects.inference_request(parse_ref(request.model).name)
+    subject carries only the name. A request that names the API key that asked goes on the model's
+    attributed subject, which only the api-gateway may publish to (subjects.ATTRIBUTED)."""
+    return subjects.inference_request(parse_ref(request.model).name, attributed=request.attributed)
 
 
 def trace_headers() -> dict[str, str]:

@@ -37,6 +37,9 @@ from shared.events import EventData
 from shared.inference import CANCEL_SUBJECT, JOBS_STREAM, RESULTS_STREAM
 
 CLIENT, APP, OPERATOR, ADMIN = "client", "app", "operator", "admin"
+# A model's request subjects with nothing after the model: the attributed ones (subjects.ATTRIBUTED, one
+# token more) are the api-gateway's alone.
+PLAIN_REQUESTS = ("infer.request.*", "infer.embed.*")
 USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
 INBOX = "_INBOX"
 INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = "strata-inventory", "strata-api-keys", "strata-quotas"
@@ -115,14 +118,14 @@ NEEDS: dict[str, Needs] = {
     CLIENT: Needs(
         looks_up=(subjects.EVENTS_STREAM, RESULTS_STREAM),
         reads=(subjects.EVENTS_STREAM, RESULTS_STREAM),
-        publish=("rpc.>", "infer.request.>", "infer.embed.>", "infer.jobs.>", CANCEL_SUBJECT),
+        publish=("rpc.>", *PLAIN_REQUESTS, "infer.jobs.>", CANCEL_SUBJECT),
         subscribe=(subjects.EVENTS_ALL, subjects.LIVE_ALL),
     ),
     # A user's program: requests, embeddings and jobs, and the results of jobs (RESULTS), replies on its own inbox
     # prefix. No event, RPC, cancel or stream change: the CLI's `client` reach, less all but inference.
     # RESULTS is not fenced per request id: an app program can read every job's result (operations.md).
     APP: Needs(looks_up=(RESULTS_STREAM,), reads=(RESULTS_STREAM,),
-               publish=("infer.request.>", "infer.embed.>", "infer.jobs.>")),
+               publish=(*PLAIN_REQUESTS, "infer.jobs.>")),
     # `strata key`: the one writer of API key records.
     OPERATOR: Needs(looks_up=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
                     publish=(f"$KV.{API_KEYS_BUCKET}.>",)),

@@ -50,7 +50,9 @@ class Channel:
 
 CHANNELS = (
     Channel("infer.request", "infer.request.{model}", "A NATS request (request-reply) to the workers that serve "
-            "the model (a queue group per model). No responders: the model is not deployed.",
+            "the model (a queue group per model). No responders: the model is not deployed. api_key_id and "
+            "client_request_id are refused here (403): a request naming an API key goes on "
+            "infer.request.{model}.gateway, which only the api-gateway may publish to.",
             ("InferenceRequest",), "receive", ("model",), reply="infer.request.reply"),
     Channel("infer.request.reply", None, "The requester's inbox: with stream false one InferenceResult (keepalive "
             "messages before it with keepalive true); with stream true started, chunks, then one end or error.",

@@ -27,13 +27,19 @@ def token(name: str) -> str:
     return "".join(f"%{ord(c):02X}" if c in ".*>%" or c.isspace() else c for c in name)
 
 
-def inference_request(model_name: str) -> str:
-    return f"infer.request.{token(model_name)}"
+# The last token of an attributed request's subject: one that names the API key that asked (api_key_id,
+# client_request_id). Only the api-gateway may publish there (nats_auth: the others get one token after
+# the model's prefix), so a NATS program cannot charge another key's quota or be logged as it.
+ATTRIBUTED = "gateway"
 
 
-def embedding_request(model_name: str) -> str:
+def inference_request(model_name: str, *, attributed: bool = False) -> str:
+    return f"infer.request.{token(model_name)}" + (f".{ATTRIBUTED}" if attributed else "")
+
+
+def embedding_request(model_name: str, *, attributed: bool = False) -> str:
     """``infer.embed.<model>``: embeddings (shared/embeddings.py), served next to ``infer.request.<model>``."""
-    return f"infer.embed.{token(model_name)}"
+    return f"infer.embed.{token(model_name)}" + (f".{ATTRIBUTED}" if attributed else "")
 
 
 def inference_job(model_name: str) -> str:

@@ -53,14 +53,15 @@ def served(ckpts):  # noqa: F811
     loop.stop()
 
 
-async def run(embedder: Embedder, request: EmbeddingRequest | bytes, subject_model: str = "tiny") -> list[bytes]:
+async def run(embedder: Embedder, request: EmbeddingRequest | bytes, subject_model: str = "tiny", *,
+              attributed: bool = False) -> list[bytes]:
     sent: list[bytes] = []
 
     async def send(body: bytes) -> None:
         sent.append(body)
 
     raw = request if isinstance(request, bytes) else request.model_dump_json().encode()
-    await embedder.handle(raw, None, subject_model, send)
+    await embedder.handle(raw, None, subject_model, send, attributed=attributed)
     return sent
 
 
@@ -68,7 +69,7 @@ async def test_keepalives_while_waiting_then_the_parts_then_one_reply_and_the_ev
     embedder, dep, events = served
     monkeypatch.setattr(contract, "PART_BYTES", 700)  # a 64-float vector is 344 base64 characters: 2 a part
     request = EmbeddingRequest(model="tiny", inputs=TEXTS * 2, client_request_id="c-1")
-    task = asyncio.ensure_future(run(embedder, request))
+    task = asyncio.ensure_future(run(embedder, request, attributed=True))  # as from the gateway: it names the caller's id
     await asyncio.sleep(1.3)  # the engine is not stepping: the request waits, and says it is alive
     assert not task.done() and request.request_id in dep.inflight, "an unload would wait for it"
     dep.loop.start()
@@ -131,7 +132,7 @@ async def test_a_request_sent_to_another_models_subject_is_refused(served):
 async def test_a_cancel_or_an_unload_answers_a_waiting_request_with_unavailable(served):
     embedder, dep, events = served
     request = EmbeddingRequest(model="tiny", inputs=TEXTS)
-    task = asyncio.ensure_future(run(embedder, request))
+    task = asyncio.ensure_future(run(embedder, request, attributed=True))  # as from the gateway: it names the caller's id
     await asyncio.sleep(0.2)
     assert embedder.cancel(request.request_id), "infer.cancel reaches the engine job"
     sent = await asyncio.wait_for(task, 10)

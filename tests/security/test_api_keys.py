@@ -21,6 +21,7 @@ import pytest
 from cli.main import main as strata
 from shared.apikey_store import RECHECK_S, KeyStore, ensure_admin_key
 from shared.apikeys import ApiKeyRecord, bearer_token, hash_key, key_id, record_for
+from shared import subjects
 from shared.events import InferenceCompleted
 from shared.service import Service
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
@@ -191,6 +192,44 @@ async def test_token_quota_is_charged_a_real_workers_usage(nats_server, tmp_path
             error = refusal.response.json()["error"]
             assert error["code"] == "rate_limit_exceeded" and "tokens_per_minute quota of 6" in error["message"]
             assert 1 <= int(refusal.response.headers["retry-after"]) <= 600
+    await bus.nc.close()
+
+
+async def test_only_the_gateway_says_which_key_asked(nats_server, tmp_path, ckpts):  # noqa: F811
+    """api_key_id and client_request_id are the gateway's to set: a NATS program that claims them on a
+    model's own subjects (to charge another key's quota, or be logged as it) is refused with the reason,
+    for an answer, an embedding and a batch job alike; nothing is run and no inference.completed names the
+    key. Only the gateway may publish on the attributed subjects (tests/security/test_nats_auth.py)."""
+    from shared.embeddings import EmbeddingRequest
+    from shared.inference import InferenceRequest
+    from shared.inference_client import complete
+    from shared.inference_jobs import job_result, submit_job
+    from shared.rpc import RpcReply
+
+    bus = await connect_bus(nats_server.url, "node-a")
+    async with make_worker(nats_server.url, tmp_path / "worker", ckpts).running():
+        await deployed(bus, "tiny")
+        claims = {"api_key_id": "victim-key", "client_request_id": "theirs"}
+        for field, value in claims.items():
+            for subject, body in (
+                    (subjects.inference_request("tiny"), InferenceRequest(model="tiny", prompt="hi", **{field: value})),
+                    (subjects.embedding_request("tiny"), EmbeddingRequest(model="tiny", inputs=["hi"], **{field: value}))):
+                msg = await bus.nc.request(subject, body.model_dump_json().encode(), timeout=30)
+                reply = RpcReply.model_validate_json(msg.data)
+                assert not reply.ok and reply.error.code == "forbidden", (subject, msg.data)
+                assert f"{field} is set by the api-gateway only" in reply.error.message
+        job = InferenceRequest(model="tiny", prompt="hi", api_key_id="victim-key")
+        await submit_job(bus.nc.jetstream(), job)
+        result = None
+        for _ in range(100):
+            if (result := await job_result(bus.nc.jetstream(), job.request_id)) is not None:
+                break
+            await asyncio.sleep(0.2)
+        assert result is not None and not result.ok and result.error.code == "forbidden"
+        plain = InferenceRequest(model="tiny", prompt="hi", sampling={"max_tokens": 2})  # claims nothing: served
+        assert (await complete(bus.nc, plain)).usage.completion_tokens == 2
+        await bus.wait(InferenceCompleted, request_id=plain.request_id)  # the worker's events arrive in order
+        assert bus.of(InferenceCompleted, api_key_id="victim-key") == [] and bus.of(InferenceCompleted, client_request_id="theirs") == []
     await bus.nc.close()
 
 

@@ -182,7 +182,8 @@ async def test_the_app_credential_sends_inference_and_reads_results_and_nothing_
     with pytest.raises(nats.errors.NoRespondersError):  # allowed, only nobody serves model m here
         await nc.request(subjects.inference_request("m"), b"{}", timeout=2)
     refused_pub = ["evt.deploy.requested", "rpc.model-store.health", "infer.cancel", "infer.results.r2",
-                   "$JS.API.STREAM.DELETE.JOBS", "$JS.API.STREAM.PURGE.RESULTS", "$KV.strata-api-keys.x"]
+                   "$JS.API.STREAM.DELETE.JOBS", "$JS.API.STREAM.PURGE.RESULTS", "$KV.strata-api-keys.x",
+                   "infer.request.m.gateway", "infer.embed.m.gateway"]  # the gateway's: they name the API key that asked
     for subject in refused_pub:
         await nc.publish(subject, b"{}")
     refused_sub = ["_INBOX.>", "_INBOX.client.x", "_INBOX.api-gateway.>", "infer.request.>", "infer.results.>", "evt.>"]
@@ -194,6 +195,24 @@ async def test_the_app_credential_sends_inference_and_reads_results_and_nothing_
         [f'nats: permissions violation for publish to "{s.lower()}"' for s in refused_pub]
         + [f'nats: permissions violation for subscription to "{s.lower()}"' for s in refused_sub])
     await nc.close()
+
+
+async def test_only_the_gateway_may_send_requests_that_name_an_api_key(secured_nats):
+    """An attributed request (api_key_id, client_request_id: shared/inference_client.request_subject)
+    travels on its model's gateway subject; the CLI's client role, like an app, may use only the plain one."""
+    attributed = [subjects.inference_request("m", attributed=True), subjects.embedding_request("m", attributed=True)]
+    assert attributed == ["infer.request.m.gateway", "infer.embed.m.gateway"]
+    gateway, gateway_errors = await connect_as(secured_nats.url_for("api-gateway"))
+    client, client_errors = await connect_as(secured_nats.url)  # anonymous: the client role
+    for subject in attributed:
+        await gateway.publish(subject, b"{}")
+        await client.publish(subject, b"{}")
+    await flushed(gateway)
+    await flushed(client)
+    await wait_for(lambda: len(client_errors.violations()) == 2)
+    assert gateway_errors.violations() == []
+    await gateway.close()
+    await client.close()
 
 
 # -- what each service needs, it may do -------------------------------------------------------

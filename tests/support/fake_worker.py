@@ -63,7 +63,9 @@ class FakeWorker:
     async def start(self) -> FakeWorker:
         self.nc = await nats.connect(self.nats_url)
         for name in self.models:
-            await self.nc.subscribe(subjects.inference_request(name), queue=f"model:{name}", cb=self._on_request)
+            for attributed in (False, True):  # the gateway's requests name the key that asked
+                await self.nc.subscribe(subjects.inference_request(name, attributed=attributed), queue=f"model:{name}",
+                                        cb=self._on_request)
         await self.nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
         await self.nc.subscribe(subjects.rpc("inference-worker", "models"), cb=self._on_models)
         await flushed(self.nc)

@@ -71,8 +71,7 @@ class Worker:
         self.jobs: JobRunner | None = None
         self.residency: Residency | None = None
         self.stopping = False
-        self._subs: dict[str, Subscription] = {}
-        self._embed_subs: dict[str, Subscription] = {}
+        self._subs: dict[str, list[Subscription]] = {}  # a model's request and embedding subjects, plain and attributed
         self._cancel_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reconciling: asyncio.Future[None] | None = None
@@ -130,10 +129,10 @@ class Worker:
         self.stopping = True
         if self._reconciling is not None:
             self._reconciling.cancel()
-        for sub in [*self._subs.values(), *self._embed_subs.values()]:
-            await sub.unsubscribe()
+        for subs in self._subs.values():
+            for sub in subs:
+                await sub.unsubscribe()
         self._subs.clear()
-        self._embed_subs.clear()
         assert self.jobs is not None and self.server is not None
         await self.jobs.stop_all()
         deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
@@ -171,25 +170,22 @@ class Worker:
         assert self.jobs is not None
         nc = self.service.broker.connection
         if serving and not self.stopping and name not in self._subs:
-            async def receive(msg: Msg) -> None:
-                self._spawn(self._on_request(name, msg))
+            self._subs[name] = []
+            for attributed in (False, True):  # attributed: from the api-gateway, naming the key that asked
+                for subject, embed in ((subjects.inference_request(name, attributed=attributed), False),
+                                       (subjects.embedding_request(name, attributed=attributed), True)):
+                    async def receive(msg: Msg, embed: bool = embed, attributed: bool = attributed) -> None:
+                        self._spawn(self._on_request(name, msg, embed=embed, attributed=attributed))
 
-            async def receive_embed(msg: Msg) -> None:
-                self._spawn(self._on_request(name, msg, embed=True))
-
-            self._subs[name] = await nc.subscribe(subjects.inference_request(name), queue=subjects.token(name), cb=receive)
-            self._embed_subs[name] = await nc.subscribe(subjects.embedding_request(name), queue=subjects.token(name),
-                                                        cb=receive_embed)
+                    self._subs[name].append(await nc.subscribe(subject, queue=subjects.token(name), cb=receive))
             await self.jobs.start(name)
         elif not serving:
-            for subs in (self._subs, self._embed_subs):
-                sub = subs.pop(name, None)
-                if sub is not None:
-                    await sub.unsubscribe()
+            for sub in self._subs.pop(name, []):
+                await sub.unsubscribe()
             self._spawn(self.jobs.stop(name))
 
     # ---- requests ---------------------------------------------------------------------------
-    async def _on_request(self, name: str, msg: Msg, embed: bool = False) -> None:
+    async def _on_request(self, name: str, msg: Msg, *, embed: bool, attributed: bool) -> None:
         assert self.server is not None and self.embedder is not None
         nc = self.service.broker.connection
         if not msg.reply:
@@ -200,7 +196,7 @@ class Worker:
             await nc.publish(msg.reply, data)
 
         try:
-            await (self.embedder if embed else self.server).handle(msg.data, msg.headers, name, send)
+            await (self.embedder if embed else self.server).handle(msg.data, msg.headers, name, send, attributed=attributed)
         except Exception:  # the reply inbox is gone or NATS is down: nothing left to tell the caller
             log.exception("request on %s failed", msg.subject)
 

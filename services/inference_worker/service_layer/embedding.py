@@ -47,11 +47,13 @@ class Embedder:
         dep, future = self.running.get(request_id, (None, None))
         return dep is not None and future is not None and dep.loop is not None and dep.loop.engine.cancel_embedding(future)
 
-    async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send) -> None:
-        """A request from ``infer.embed.<model>``: never raises; every failure is a typed reply."""
+    async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send, *,
+                     attributed: bool = False) -> None:
+        """A request from ``infer.embed.<model>`` (``attributed``: its gateway subject): never raises;
+        every failure is a typed reply."""
         request_id = ""
         try:
-            request = parse_request(raw, subject_model, EmbeddingRequest)
+            request = parse_request(raw, subject_model, EmbeddingRequest, attributed=attributed)
             request_id = request.request_id
             await self._embed(request, headers, send)
         except errors.StrataError as exc:

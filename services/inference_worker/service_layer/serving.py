@@ -77,10 +77,12 @@ class Server:
         return len(cut)
 
     # ---- entrypoints ------------------------------------------------------------------------
-    async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send) -> None:
-        """A request from ``infer.request.<model>``: never raises; every failure is a typed reply."""
+    async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send, *,
+                     attributed: bool = False) -> None:
+        """A request from ``infer.request.<model>`` (``attributed``: its gateway subject): never raises;
+        every failure is a typed reply."""
         try:
-            request = parse_request(raw, subject_model)
+            request = parse_request(raw, subject_model, attributed=attributed)
         except errors.StrataError as exc:  # only a bad body is parsed twice, to answer in its own shape
             await self._send_error(send, _wants_stream(raw), _request_id(raw), exc)
             return
@@ -353,12 +355,17 @@ class Server:
             await send(RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode())
 
 
-def parse_request(raw: bytes, subject_model: str | None, request_type: type[R] = InferenceRequest) -> R:  # type: ignore[assignment]
-    """A request (an InferenceRequest, or an EmbeddingRequest: service_layer/embedding.py) sent on its model's subject."""
+def parse_request(raw: bytes, subject_model: str | None, request_type: type[R] = InferenceRequest, *,  # type: ignore[assignment]
+                  attributed: bool = False) -> R:
+    """A request (an InferenceRequest, or an EmbeddingRequest: service_layer/embedding.py) sent on its
+    model's subject; only one sent on the attributed subject (the gateway's) may name an API key."""
     request = rpc.parse(raw, request_type)
     ref = parse_ref(request.model)  # type: ignore[attr-defined]
     if subject_model is not None and ref.name != subject_model:
         raise errors.Invalid(f"the request names model {ref.name!r} but was sent to the subject of {subject_model!r}")
+    claimed = request.claimed_attribution()  # type: ignore[attr-defined]
+    if claimed and not attributed:
+        raise errors.Forbidden(f"{claimed} is set by the api-gateway only: send the request without it")
     return request
 
 
