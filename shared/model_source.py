@@ -7,6 +7,8 @@ indexes it): one definition, imported by shared/catalog.py and shared/events.py 
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,3 +35,39 @@ class ModelSource(BaseModel):
     derived_from: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$",
                                      description="conversion: the manifest digest of the source version")
     recipe: str | None = Field(default=None, description="conversion: what was done, e.g. 'gguf q4_k_m (llama.cpp quantize)'")
+
+
+MAX_SOURCE_BYTES = 256 * 1024  # as JSON: it rides in model.registered, which must stay well under NATS' 1 MB max_payload
+_DIGEST_VALUE = re.compile(r"^(sha256:[0-9a-f]{64}|git-sha1:[0-9a-f]{40})$")
+
+
+def _control(text: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
+def claim_problem(source: ModelSource) -> str | None:
+    """What is wrong with a pushed ``source`` that model-store can tell without its catalog, or None.
+
+    Checked when a version is pushed, not when a stored manifest or a logged event is read (those were
+    signed or logged as they are and must still load): a conversion names the version it was made from;
+    only a conversion has ``derived_from`` or a ``recipe``, only a Hugging Face import a ``resolved``
+    commit; the text is printed by the CLIs, so no control characters; the digests are digests; and the
+    whole fits in model.registered."""
+    if source.kind == CONVERSION and source.derived_from is None:
+        return "a conversion must name the version it was made from (derived_from, its manifest digest)"
+    if source.kind != CONVERSION and (source.derived_from is not None or source.recipe is not None):
+        return f"only a conversion has derived_from or a recipe, not a {source.kind} import"
+    if source.kind != HUGGINGFACE and source.resolved is not None:
+        return f"only a huggingface import has a resolved commit, not a {source.kind} source"
+    texts = [("name", source.name), ("reference", source.reference), ("resolved", source.resolved or ""),
+             ("recipe", source.recipe or ""), *(("digests path", path) for path in source.digests)]
+    for field, text in texts:
+        if _control(text):
+            return f"the {field} {text[:80]!r} has a control character"
+    for path, digest in source.digests.items():
+        if not _DIGEST_VALUE.match(digest):
+            return f"digests[{path[:80]!r}] = {digest[:80]!r}: expected sha256:<64 hex> or git-sha1:<40 hex>"
+    size = len(source.model_dump_json())
+    if size > MAX_SOURCE_BYTES:
+        return f"the source is too large ({size} bytes as JSON, at most {MAX_SOURCE_BYTES})"
+    return None

@@ -1,0 +1,58 @@
+"""Adversarial pushes of a ``source``: model-store signs what it accepts, and the ledger indexes it as
+lineage, so a claim that does not hold together (a conversion naming no source version, an import that
+says it was derived from something, a conversion whose source digests are not its source's files,
+text that a terminal would execute, a claim too large for model.registered) is refused before
+anything is allocated or published, with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from services.model_store.client import StoreClient  # noqa: E402
+from shared.errors import Invalid  # noqa: E402
+from shared.model_source import ModelSource  # noqa: E402
+from tests.support.gguf_model import write_random_gguf  # noqa: E402
+
+
+def _pushed(live_store, tmp_path):
+    client = StoreClient(live_store.url)
+    (tmp_path / "g").mkdir()
+    gguf = write_random_gguf(tmp_path / "g" / "tiny.F16.gguf", "f16")
+    real = client.push_model(gguf, "tiny")
+    return client, gguf, real
+
+
+def test_a_source_claim_that_does_not_hold_together_is_refused(live_store, tmp_path):
+    client, gguf, real = _pushed(live_store, tmp_path)
+    files = {f.path: "sha256:" + f.sha256 for f in real.manifest.files}
+    good = ModelSource(kind="conversion", name="tiny", reference="1", derived_from=real.model.digest, digests=files,
+                       recipe="GGUF F16 -> Q8_0")
+    cases = {
+        "a conversion that names no source version": (good.model_copy(update={"derived_from": None}),
+                                                      "a conversion must name the version it was made from"),
+        "an import that claims to be derived": (ModelSource(kind="ollama", name="registry.ollama.ai/library/tiny",
+                                                            reference="latest", derived_from=real.model.digest),
+                                                "only a conversion has derived_from"),
+        "an import with a recipe": (ModelSource(kind="huggingface", name="acme/tiny", reference="main", recipe="trust me"),
+                                    "only a conversion has"),
+        "source digests that are not the source's files": (
+            good.model_copy(update={"digests": {"model.gguf": "sha256:" + "1" * 64}}),
+            "are not the files of tiny:1"),
+        "a terminal escape in the name": (ModelSource(kind="huggingface", name="acme/\x1b]8;;http://evil\x07x", reference="main"),
+                                          "control character"),
+        "a digest that is not a digest": (ModelSource(kind="huggingface", name="acme/tiny", reference="main",
+                                                      digests={"config.json": "whatever"}),
+                                          "expected sha256:<64 hex> or git-sha1:<40 hex>"),
+        "a source too large for model.registered": (
+            ModelSource(kind="huggingface", name="acme/tiny", reference="main",
+                        digests={f"shard-{i:06d}-" + "x" * 200: "sha256:" + "2" * 64 for i in range(20_000)}),
+            "too large"),
+    }
+    for case, (source, expect) in cases.items():
+        with pytest.raises(Invalid, match=expect):
+            client.push_model(gguf, "tiny", source=source)
+        assert [m.model.version for m in client.list_models().models] == [1], case
+    converted = client.push_model(gguf, "tiny", source=good)  # what holds together is still accepted
+    assert converted.created and converted.manifest.source == good
