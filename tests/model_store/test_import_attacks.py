@@ -1,0 +1,37 @@
+"""`strata model import` against a hostile or changing local cache: what the import checked is what
+model-store stores, or nothing is stored; a malformed layer is a clear error, not a traceback or a
+memory blowup."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from services.model_store.client import StoreClient  # noqa: E402
+from services.model_store.imports.huggingface import read_huggingface  # noqa: E402
+from shared.errors import Invalid  # noqa: E402
+from tests.model_store.conftest import make_checkpoint  # noqa: E402
+from tests.model_store.test_imports import assert_nothing_stored  # noqa: E402
+from tests.support.local_caches import make_hf_snapshot  # noqa: E402
+
+
+def test_a_git_blob_swapped_after_its_check_is_refused_by_the_store(live_store, tmp_path):
+    """config.json and the tokenizer are git blobs (checked by their sha1): one rewritten between the
+    import's check and the upload must not be stored under a source that names the checked sha1."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
+    files = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    cache = tmp_path / "hf" / "hub"
+    snapshot, _ = make_hf_snapshot(cache, "acme/tiny", files)
+    plan = read_huggingface("acme/tiny", cache=cache)
+    assert plan.source.digests["config.json"].startswith("git-sha1:")
+    swapped = json.dumps({**json.loads(files["config.json"]), "num_hidden_layers": 99}).encode()
+    (snapshot / "config.json").resolve().write_bytes(swapped)  # another process rewrites the blob
+    with pytest.raises(Invalid, match="not the declared"):
+        StoreClient(live_store.url).push_model(plan.directory, plan.name, files=plan.files, source=plan.source,
+                                               known_sha256=plan.checked_sha256)
+    assert_nothing_stored(live_store.url, swapped)
+    assert plan.checked_sha256["config.json"] == hashlib.sha256(files["config.json"]).hexdigest()
