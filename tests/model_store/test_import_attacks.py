@@ -35,3 +35,22 @@ def test_a_git_blob_swapped_after_its_check_is_refused_by_the_store(live_store, 
                                                known_sha256=plan.checked_sha256)
     assert_nothing_stored(live_store.url, swapped)
     assert plan.checked_sha256["config.json"] == hashlib.sha256(files["config.json"]).hexdigest()
+
+
+@pytest.mark.parametrize("case, params, expect", [
+    ("deeply nested", b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+    ("huge", b'{"stop": ["' + b"x" * (2 * 1024 * 1024) + b'"]}', "too large"),
+])
+def test_a_hostile_params_layer_is_a_clear_error_and_stores_nothing(live_store, tmp_path, capsys, monkeypatch, case, params, expect):
+    from cli.main import main
+    from tests.support.gguf_model import write_random_gguf
+    from tests.support.local_caches import make_ollama_model
+
+    gguf_bytes = write_random_gguf(tmp_path / "tiny.gguf", "f16").read_bytes()
+    root = tmp_path / "ollama"
+    make_ollama_model(root, "tiny", "latest", {"model": gguf_bytes, "params": params})
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    code = main(["model", "import", "ollama:tiny", "--url", live_store.url])
+    err = capsys.readouterr().err
+    assert code == 1 and "params layer" in err and expect in err, err
+    assert_nothing_stored(live_store.url, gguf_bytes, params)

@@ -32,6 +32,8 @@ GGUF_LAYER = MEDIA_PREFIX + "model"
 # layer kind -> file name in the pushed model (the kinds that may occur more than once get a number)
 FILE_FOR = {"template": "ollama/template", "params": "ollama/params.json", "system": "ollama/system",
             "messages": "ollama/messages.json", "license": "LICENSE"}
+MAX_PARAMS_BYTES = 1024 * 1024  # Ollama's params are a few options; more is not read into memory
+LICENSE_TITLE_BYTES = 64 * 1024  # the license's first line is looked for in this much of it
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DIGEST = r"^sha256:[0-9a-f]{64}$"
 
@@ -110,7 +112,8 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
         if kind == "params":
             _check_params(ref, blob)
         if kind == "license" and license_text is None:
-            license_text = blob.read_text(errors="replace")
+            with blob.open("rb") as f:  # only the title is read here: the whole text is pushed as LICENSE
+                license_text = f.read(LICENSE_TITLE_BYTES).decode(errors="replace")
         digests[target] = layer.digest
         link = staging / target
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +125,14 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
 
 
 def _check_params(ref: str, blob: Path) -> None:
+    size = blob.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise Invalid(f"ollama:{ref}: the params layer {blob} is too large ({size} bytes, at most {MAX_PARAMS_BYTES}); "
+                      "nothing was imported")
     try:
         params = json.loads(blob.read_bytes())
+    except RecursionError:
+        raise Invalid(f"ollama:{ref}: the params layer {blob} is nested too deeply to be Ollama's parameters") from None
     except ValueError as exc:
         raise Invalid(f"ollama:{ref}: the params layer {blob} is not JSON ({exc})") from None
     if not isinstance(params, dict):
