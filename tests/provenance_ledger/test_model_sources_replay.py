@@ -1,0 +1,53 @@
+"""The model_sources index is derived from the log: a ledger file that logged model.registered events
+with a ``source`` before it had the index (a ledger upgraded after model-store, or one whose index
+entry failed) answers their lineage after a restart, as a ledger that indexed them live does."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from services.provenance_ledger.service_layer.ledger import DB_FILE
+from shared.events import ModelId
+from shared.model_source import ModelSource
+from tests.provenance_ledger.conftest import publish_all, sha, wait_ingested
+from tests.provenance_ledger.test_model_sources import F16, IMPORTED, Q4, cli, conversion, registered
+from tests.support.helpers import make_service
+
+PLAIN = ModelId(name="plain", version=1, digest=sha("manifest plain v1"))
+
+
+async def test_the_model_sources_index_is_rebuilt_from_the_log_on_restart(nats_server, js, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STRATA_LEDGER_CHECKPOINT_SECONDS", "0.5")
+    data = tmp_path / "data"
+    hf = ModelSource(kind="huggingface", name="acme/llama", reference="main", resolved="a" * 40,
+                     digests={"model.safetensors": sha("weights")})
+    events = [registered(IMPORTED, hf), registered(F16, conversion(IMPORTED, "safetensors -> GGUF F16")),
+              registered(Q4, conversion(F16, "GGUF F16 -> Q4_K_M")), registered(PLAIN, None)]
+    url = js._nc.connected_url.geturl()
+    first = make_service("provenance-ledger", nats_server.url, data)
+    async with first.running():
+        await publish_all(js, events)
+        await wait_ingested(first, {e.id for e in events})
+        assert await cli("lineage", "--model", "llama-q4:1", "--json", "--nats-url", url) == 0
+        live = json.loads(capsys.readouterr().out)
+    db_path = next(data.rglob(DB_FILE))
+    db = sqlite3.connect(db_path)
+    indexed_live = db.execute("SELECT * FROM model_sources ORDER BY model_digest").fetchall()
+    # the file as a ledger from before the index left it: the leaves hold the source, the index does not
+    db.execute("DROP TABLE model_sources")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    second = make_service("provenance-ledger", nats_server.url, data)
+    async with second.running():
+        assert await cli("lineage", "--model", "llama-q4:1", "--json", "--nats-url", url) == 0
+        replayed = json.loads(capsys.readouterr().out)
+        assert await cli("lineage", "--model", IMPORTED.digest, "--json", "--nats-url", url) == 0
+        root = json.loads(capsys.readouterr().out)["models"][0]
+    db = sqlite3.connect(db_path)
+    indexed_again = db.execute("SELECT * FROM model_sources ORDER BY model_digest").fetchall()
+    db.close()
+    assert len(indexed_live) == 3 and indexed_again == indexed_live
+    assert replayed == live and [p["digest"] for p in replayed["models"][0]["derived_from"]] == [F16.digest, IMPORTED.digest]
+    assert root["source"]["kind"] == "huggingface" and [d["digest"] for d in root["derivatives"]] == [F16.digest]
