@@ -91,6 +91,8 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or hidden // n_head
+    vocab, tokens = _vocabulary(tok, cfg["vocab_size"])
+    special = {a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
     w = gguf.GGUFWriter(str(out), "llama", split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_file_type(FTYPES[ftype])
@@ -106,18 +108,12 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     w.add_vocab_size(cfg["vocab_size"])
-    # the vocabulary in id order, as llama.cpp's "gpt2" (byte-level BPE) tokenizer reads it
-    vocab = dict(tok["model"]["vocab"])
-    for added in tok.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    special = {a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg["vocab_size"])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL if t in vocab else gguf.TokenType.UNUSED
+                       for t in tokens])
     w.add_token_merges(merges)
     for key, setter in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id)):
         value = tok_cfg.get(key)
@@ -164,6 +160,23 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def _vocabulary(tok: dict, vocab_size: int) -> tuple[dict[str, int], list[str]]:
+    """(token -> id, the tokens in id order) as llama.cpp's "gpt2" tokenizer reads them: by position, so
+    each token is at its id, an unused id is a [PAD<id>] (as llama.cpp's converter writes it), and two
+    tokens for one id or an id past the embedding's ``vocab_size`` rows are refused, not shifted."""
+    vocab = dict(tok["model"]["vocab"])
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    by_id: dict[int, str] = {}
+    for token, id_ in vocab.items():
+        if not isinstance(id_, int) or isinstance(id_, bool) or not 0 <= id_ < vocab_size:
+            raise Unconvertible(f"tokenizer.json: token {token[:40]!r} has id {id_!r}, outside config.json's vocab_size {vocab_size}")
+        if id_ in by_id:
+            raise Unconvertible(f"tokenizer.json: tokens {by_id[id_][:40]!r} and {token[:40]!r} both have id {id_}")
+        by_id[id_] = token
+    return vocab, [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
 
 
 class _Tensors(Mapping):

@@ -1,0 +1,50 @@
+"""The GGUF writer's vocabulary: llama.cpp reads the token list by position, so token id N must be at
+position N. A tokenizer whose ids have a gap, two tokens for one id, or an id past the embedding's
+rows must be written by id (a gap padded) or refused, never shifted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from services.model_store.convert.hf_to_gguf import Unconvertible, write_llama_gguf  # noqa: E402
+from tests.support.gguf_model import write_random_pair  # noqa: E402
+
+
+def _tokens(path) -> list[str]:
+    field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+    return [bytes(field.parts[i]).decode() for i in field.data]
+
+
+def _edit_tokenizer(ckpt, edit) -> dict:
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    edit(tok)
+    (ckpt / "tokenizer.json").write_text(json.dumps(tok))
+    return tok
+
+
+def test_a_vocabulary_with_a_gap_is_written_by_id(tmp_path):
+    ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=1)
+    tok = _edit_tokenizer(ckpt, lambda t: t["model"]["vocab"].pop("&"))  # id 5 is unused
+    out = write_llama_gguf(ckpt, tmp_path / "gap.gguf", "f16")
+    tokens = _tokens(out)
+    by_id = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
+    assert len(tokens) == json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    assert [t for t, i in by_id.items() if tokens[i] != t] == []  # every token at its id
+    assert tokens[5] == "[PAD5]"
+
+
+@pytest.mark.parametrize("case, edit, expect", [
+    ("two tokens for one id", lambda t: t["added_tokens"].append({"id": 5, "content": "<|x|>", "special": True}), "id 5"),
+    ("an id past the embedding", lambda t: t["added_tokens"].append({"id": 9999, "content": "<|x|>", "special": True}),
+     "vocab_size"),
+])
+def test_a_vocabulary_that_cannot_be_written_by_id_is_refused(tmp_path, case, edit, expect):
+    ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=1)
+    _edit_tokenizer(ckpt, edit)
+    with pytest.raises(Unconvertible, match=expect):
+        write_llama_gguf(ckpt, tmp_path / "bad.gguf", "f16")
+    assert not (tmp_path / "bad.gguf").exists()
