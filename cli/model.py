@@ -145,13 +145,13 @@ def _show(args: argparse.Namespace) -> int:
     m, man = resolved.model, resolved.manifest
     out.print(f"[bold]{m.name}:{m.version}[/bold]  {m.digest}  aliases: {', '.join(resolved.aliases) or '-'}", highlight=False)
     out.print_json(man.metadata.model_dump_json())
-    out.print(f"license: {man.license or '-'}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}")
+    out.print(f"license: {escape(man.license or '-')}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}")
     out.print(f"training record: {'yes' if man.training_record else 'no'}   signed by key {resolved.signature['signatures'][0]['keyid'][:16]}…")
     if src := man.source:  # an import's origin or a conversion's source version
-        out.print(f"source: {src.kind} {src.name} {src.reference}" + (f" ({src.derived_from or src.resolved})" if src.derived_from or src.resolved else ""),
-                  highlight=False)
+        out.print(escape(f"source: {src.kind} {src.name} {src.reference}" + (f" ({src.derived_from or src.resolved})" if src.derived_from or src.resolved else "")),
+                  highlight=False)  # the pusher's text: printed as text, not as markup
     for f in man.files:
-        out.print(f"  {f.sha256[:12]}  {_bytes(f.size):>10}  {f.path}", highlight=False)
+        out.print(f"  {f.sha256[:12]}  {_bytes(f.size):>10}  {escape(f.path)}", highlight=False)
     return 0
 
 

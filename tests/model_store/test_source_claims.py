@@ -56,3 +56,17 @@ def test_a_source_claim_that_does_not_hold_together_is_refused(live_store, tmp_p
         assert [m.model.version for m in client.list_models().models] == [1], case
     converted = client.push_model(gguf, "tiny", source=good)  # what holds together is still accepted
     assert converted.created and converted.manifest.source == good
+
+
+def test_show_prints_a_source_as_text(live_store, tmp_path, capsys):
+    """A source's text is the pusher's: `strata model show` prints it as text, not as rich markup
+    (a stray closing tag crashed it for everyone who looked at the version)."""
+    from cli.main import main
+
+    client, gguf, _ = _pushed(live_store, tmp_path)
+    source = ModelSource(kind="huggingface", name="acme/[/]tiny[bold]", reference="[red]main", resolved="a" * 40)
+    pushed = client.push_model(gguf, "tiny", source=source, license="[/]AN OLLAMA LICENSE'S FIRST LINE")
+    code = main(["model", "show", f"tiny:{pushed.model.version}", "--url", live_store.url])
+    out = capsys.readouterr().out
+    assert code == 0 and f"source: huggingface acme/[/]tiny[bold] [red]main ({'a' * 40})" in out, out
+    assert "license: [/]AN OLLAMA LICENSE'S FIRST LINE" in out
