@@ -51,3 +51,24 @@ async def test_the_model_sources_index_is_rebuilt_from_the_log_on_restart(nats_s
     assert len(indexed_live) == 3 and indexed_again == indexed_live
     assert replayed == live and [p["digest"] for p in replayed["models"][0]["derived_from"]] == [F16.digest, IMPORTED.digest]
     assert root["source"]["kind"] == "huggingface" and [d["digest"] for d in root["derivatives"]] == [F16.digest]
+
+
+async def test_lineage_of_forged_sources_answers_instead_of_failing(ledger_service, js, capsys):
+    """model.registered is model-store's, but the ledger logs what the bus carries: a source whose
+    reference is a non-ASCII digit, or two versions that each claim to be made from the other, are
+    answered (the cycle cut where it closes), not an internal error or an endless walk."""
+    a = ModelId(name="a", version=1, digest=sha("manifest a"))
+    b = ModelId(name="b", version=1, digest=sha("manifest b"))
+    odd = ModelId(name="odd", version=1, digest=sha("manifest odd"))
+    events = [registered(a, conversion(b, "forged")), registered(b, conversion(a, "forged")),
+              registered(odd, ModelSource(kind="conversion", name="a", reference="\u00b2", derived_from=a.digest, recipe="x"))]
+    url = js._nc.connected_url.geturl()
+    async with ledger_service.running():
+        await publish_all(js, events)
+        await wait_ingested(ledger_service, {e.id for e in events})
+        assert await cli("lineage", "--model", "odd", "--json", "--nats-url", url) == 0
+        chain = json.loads(capsys.readouterr().out)["models"][0]["derived_from"]
+        assert await cli("lineage", "--model", "a", "--json", "--nats-url", url) == 0
+        cycle = json.loads(capsys.readouterr().out)["models"][0]
+    assert [p["digest"] for p in chain] == [a.digest, b.digest]
+    assert [p["digest"] for p in cycle["derived_from"]] == [b.digest] and [d["digest"] for d in cycle["derivatives"]] == [b.digest, odd.digest]
