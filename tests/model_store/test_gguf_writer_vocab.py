@@ -48,3 +48,16 @@ def test_a_vocabulary_that_cannot_be_written_by_id_is_refused(tmp_path, case, ed
     with pytest.raises(Unconvertible, match=expect):
         write_llama_gguf(ckpt, tmp_path / "bad.gguf", "f16")
     assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.parametrize("key, value", [("intermediate_size", 999), ("num_attention_heads", 3), ("vocab_size", 300),
+                                        ("num_key_value_heads", 4), ("head_dim", 8)])
+def test_a_config_that_does_not_match_the_tensors_is_refused(tmp_path, key, value):
+    """llama.cpp sizes its tensors from the GGUF's hyper-parameters and refuses a file whose tensors
+    differ, at deploy time; the writer refuses it when it converts, naming the tensor and the setting."""
+    ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=1)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(Unconvertible, match=r"(has shape \(.*\), but config.json says \(|config.json: a head dimension of 21 is odd)"):
+        write_llama_gguf(ckpt, tmp_path / "bad.gguf", "f16")
+    assert not (tmp_path / "bad.gguf").exists()

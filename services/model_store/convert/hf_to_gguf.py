@@ -135,21 +135,38 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
     hf = _Tensors.of(hf)
-    put("token_embd.weight", hf["model.embed_tokens.weight"])
-    put("output_norm.weight", hf["model.norm.weight"])
-    if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings"):
-        put("output.weight", hf["lm_head.weight"])
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        put(f"blk.{i}.attn_norm.weight", hf[p + "input_layernorm.weight"])
-        put(f"blk.{i}.attn_q.weight", _permute(hf[p + "self_attn.q_proj.weight"], n_head))
-        put(f"blk.{i}.attn_k.weight", _permute(hf[p + "self_attn.k_proj.weight"], n_kv))
-        put(f"blk.{i}.attn_v.weight", hf[p + "self_attn.v_proj.weight"])
-        put(f"blk.{i}.attn_output.weight", hf[p + "self_attn.o_proj.weight"])
-        put(f"blk.{i}.ffn_norm.weight", hf[p + "post_attention_layernorm.weight"])
-        put(f"blk.{i}.ffn_gate.weight", hf[p + "mlp.gate_proj.weight"])
-        put(f"blk.{i}.ffn_up.weight", hf[p + "mlp.up_proj.weight"])
-        put(f"blk.{i}.ffn_down.weight", hf[p + "mlp.down_proj.weight"])
+    vocab_size, ffn, q_rows, kv_rows = cfg["vocab_size"], cfg["intermediate_size"], n_head * head_dim, n_kv * head_dim
+
+    def get(key: str, *shape: int) -> np.ndarray:
+        """``key``, whose shape must be what the hyper-parameters written above make llama.cpp expect."""
+        array = hf[key]
+        if tuple(array.shape) != shape:
+            raise Unconvertible(f"tensor {key} has shape {tuple(array.shape)}, but config.json says {shape} (vocab_size "
+                                f"{vocab_size}, hidden_size {hidden}, intermediate_size {ffn}, {n_head} heads, {n_kv} "
+                                f"key/value heads of {head_dim}); llama.cpp would refuse the GGUF")
+        return array
+
+    if head_dim % 2:
+        raise Unconvertible(f"config.json: a head dimension of {head_dim} is odd; RoPE rotates pairs")
+    try:
+        put("token_embd.weight", get("model.embed_tokens.weight", vocab_size, hidden))
+        put("output_norm.weight", get("model.norm.weight", hidden))
+        if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings"):
+            put("output.weight", get("lm_head.weight", vocab_size, hidden))
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            put(f"blk.{i}.attn_norm.weight", get(p + "input_layernorm.weight", hidden))
+            put(f"blk.{i}.attn_q.weight", _permute(get(p + "self_attn.q_proj.weight", q_rows, hidden), n_head))
+            put(f"blk.{i}.attn_k.weight", _permute(get(p + "self_attn.k_proj.weight", kv_rows, hidden), n_kv))
+            put(f"blk.{i}.attn_v.weight", get(p + "self_attn.v_proj.weight", kv_rows, hidden))
+            put(f"blk.{i}.attn_output.weight", get(p + "self_attn.o_proj.weight", hidden, q_rows))
+            put(f"blk.{i}.ffn_norm.weight", get(p + "post_attention_layernorm.weight", hidden))
+            put(f"blk.{i}.ffn_gate.weight", get(p + "mlp.gate_proj.weight", ffn, hidden))
+            put(f"blk.{i}.ffn_up.weight", get(p + "mlp.up_proj.weight", ffn, hidden))
+            put(f"blk.{i}.ffn_down.weight", get(p + "mlp.down_proj.weight", hidden, ffn))
+    except Unconvertible:
+        out.unlink(missing_ok=True)
+        raise
     left = sorted(set(hf) - hf.read - ({"lm_head.weight"} if cfg.get("tie_word_embeddings") else set()))
     if left:
         w.close()
