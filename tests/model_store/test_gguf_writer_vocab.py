@@ -61,3 +61,20 @@ def test_a_config_that_does_not_match_the_tensors_is_refused(tmp_path, key, valu
     with pytest.raises(Unconvertible, match=r"(has shape \(.*\), but config.json says \(|config.json: a head dimension of 21 is odd)"):
         write_llama_gguf(ckpt, tmp_path / "bad.gguf", "f16")
     assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.parametrize("file, content, expect", [
+    ("tokenizer.json", "[]", "tokenizer.json: not a JSON object"),
+    ("tokenizer.json", "[" * 100_000 + "]" * 100_000, "tokenizer.json: not a JSON object"),
+    ("tokenizer.json", "{not json", "tokenizer.json: not valid JSON"),
+    ("tokenizer.json", '{"model": ["BPE"], "pre_tokenizer": {"type": "ByteLevel"}}', "tokenizer.json: a list tokenizer"),
+    ("tokenizer_config.json", '"a string"', "tokenizer_config.json: not a JSON object"),
+    ("config.json", '{"architectures": ["LlamaForCausalLM"]}', "config.json: num_attention_heads is missing"),
+])
+def test_a_malformed_checkpoint_is_a_clear_refusal(tmp_path, file, content, expect):
+    """The checkpoint converted may be anyone's push: its JSON is refused with Unconvertible, not a traceback."""
+    ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=1)
+    (ckpt / file).write_text(content)
+    with pytest.raises(Unconvertible, match=expect):
+        write_llama_gguf(ckpt, tmp_path / "bad.gguf", "f16")
+    assert not (tmp_path / "bad.gguf").exists()

@@ -54,8 +54,31 @@ def _load(file: Path, key: str) -> np.ndarray:
     return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
 
 
+def _json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (anyone's push): an object, or Unconvertible saying why not."""
+    try:
+        value = json.loads(path.read_bytes())
+    except RecursionError:
+        raise Unconvertible(f"{path.name}: not a JSON object (nested too deeply)") from None
+    except ValueError as exc:
+        raise Unconvertible(f"{path.name}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise Unconvertible(f"{path.name}: not a JSON object")
+    return value
+
+
 def check_convertible(cfg: dict, tok: dict) -> None:
     """Refuse what ``_write`` would get wrong: only the Llama family with a GPT-2 byte-level BPE tokenizer."""
+    for key in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "vocab_size"):
+        value = cfg.get(key)
+        if value is None:
+            raise Unconvertible(f"config.json: {key} is missing; the GGUF conversion writes it")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise Unconvertible(f"config.json: {key}={value!r} is not a positive integer")
+    for key in ("num_key_value_heads", "head_dim"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise Unconvertible(f"config.json: {key}={value!r} is not a positive integer")
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise Unconvertible(f"config.json: architecture {arch} cannot be converted to GGUF here (only {', '.join(ARCHITECTURES)})")
@@ -63,9 +86,17 @@ def check_convertible(cfg: dict, tok: dict) -> None:
         if cfg.get(key):
             raise Unconvertible(f"config.json: {key}={cfg[key]!r} is not supported by the GGUF conversion (plain Llama only)")
     model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    if not isinstance(model, dict):
+        raise Unconvertible(f"tokenizer.json: a {type(model).__name__} tokenizer model; only byte-level BPE is converted")
     if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise Unconvertible(f"tokenizer.json: a {model.get('type')} tokenizer; only byte-level BPE is converted")
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+    merges, added = model.get("merges", []), tok.get("added_tokens", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m))
+                                               for m in merges):
+        raise Unconvertible("tokenizer.json: model.merges is not a list of merges (\"a b\" or [\"a\", \"b\"])")
+    if not isinstance(added, list) or not all(isinstance(a, dict) and isinstance(a.get("content"), str) for a in added):
+        raise Unconvertible("tokenizer.json: added_tokens is not a list of tokens with a content and an id")
+    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
         raise Unconvertible("tokenizer.json: the pre-tokenizer is not GPT-2's byte-level split (ByteLevel, use_regex, "
                             f"no prefix space) but {json.dumps(pre)[:200]}; llama.cpp would tokenize it differently")
 
@@ -76,10 +107,9 @@ def write_llama_gguf(ckpt: Path, out: Path, ftype: str = "f32", *, chat_template
     for required in ("config.json", "tokenizer.json"):
         if not (ckpt / required).is_file():
             raise Unconvertible(f"{required}: missing; the GGUF conversion needs the config and a tokenizer.json")
-    cfg = json.loads((ckpt / "config.json").read_text())
-    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    cfg, tok = _json_object(ckpt / "config.json"), _json_object(ckpt / "tokenizer.json")
     check_convertible(cfg, tok)
-    tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text()) if (ckpt / "tokenizer_config.json").exists() else {}
+    tok_cfg = _json_object(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").exists() else {}
     return write_gguf(cfg, tok, tok_cfg, _tensors(ckpt), out, ftype, chat_template, name)
 
 
@@ -118,7 +148,7 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     for key, setter in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id)):
         value = tok_cfg.get(key)
         value = value.get("content") if isinstance(value, dict) else value
-        if value in vocab:
+        if isinstance(value, str) and value in vocab:
             setter(vocab[value])
     w.add_add_bos_token(bool(tok_cfg.get("add_bos_token", False)))
     template = chat_template or tok_cfg.get("chat_template")
@@ -185,7 +215,7 @@ def _vocabulary(tok: dict, vocab_size: int) -> tuple[dict[str, int], list[str]]:
     tokens for one id or an id past the embedding's ``vocab_size`` rows are refused, not shifted."""
     vocab = dict(tok["model"]["vocab"])
     for added in tok.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
+        vocab[added["content"]] = added.get("id")
     by_id: dict[int, str] = {}
     for token, id_ in vocab.items():
         if not isinstance(id_, int) or isinstance(id_, bool) or not 0 <= id_ < vocab_size:
