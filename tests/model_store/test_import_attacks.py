@@ -54,3 +54,34 @@ def test_a_hostile_params_layer_is_a_clear_error_and_stores_nothing(live_store, 
     err = capsys.readouterr().err
     assert code == 1 and "params layer" in err and expect in err, err
     assert_nothing_stored(live_store.url, gguf_bytes, params)
+
+
+def test_cache_layouts_that_point_outside_the_cache_are_refused(tmp_path):
+    """Names, tags, revisions and links that would reach outside the caches' own blobs: each a clear error."""
+    import os
+
+    from services.model_store.imports.ollama import read_ollama
+    from shared.errors import NotFound, StrataError
+    from tests.support.local_caches import make_ollama_model
+
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"not yours")
+    root = tmp_path / "ollama"
+    make_ollama_model(root, "tiny", "latest", {"model": b"GGUF"})
+    for ref in ("../../x", "tiny:../../x", "tiny:..", "a/b/c/d", "tiny:\x00", "/etc/passwd"):
+        with pytest.raises(Invalid, match="expected ollama:NAME"):
+            read_ollama(ref, tmp_path / "staging", root)
+    cache = tmp_path / "hf" / "hub"
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=4)
+    snapshot, commit = make_hf_snapshot(cache, "acme/tiny", {p.name: p.read_bytes() for p in ckpt.iterdir()})
+    for ref in ("acme/tiny@main/../../../x", "../acme@main", "acme/tiny/x", "acme/tiny@/etc"):
+        with pytest.raises(Invalid, match="expected hf:ORG/NAME"):
+            read_huggingface(ref, cache=cache)
+    (cache / "models--acme--tiny" / "refs" / "evil").write_text("../../../../secret")
+    with pytest.raises(NotFound, match="has no snapshot of it"):
+        read_huggingface("acme/tiny@evil", cache=cache)
+    weights = snapshot / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(os.path.relpath(secret, weights.parent))  # a snapshot link out of blobs/
+    with pytest.raises(StrataError, match="not a link into the cache's blobs/"):
+        read_huggingface("acme/tiny", cache=cache)
