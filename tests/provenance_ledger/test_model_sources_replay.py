@@ -72,3 +72,21 @@ async def test_lineage_of_forged_sources_answers_instead_of_failing(ledger_servi
         cycle = json.loads(capsys.readouterr().out)["models"][0]
     assert [p["digest"] for p in chain] == [a.digest, b.digest]
     assert [p["digest"] for p in cycle["derived_from"]] == [b.digest] and [d["digest"] for d in cycle["derivatives"]] == [b.digest, odd.digest]
+
+
+async def test_lineage_prints_a_logged_source_without_its_terminal_escapes(ledger_service, js, capsys):
+    """model-store refuses control characters in a source now, but the log holds whatever was published:
+    `strata lineage --model` shows them escaped, never sends them to the terminal."""
+    forged = ModelId(name="forged", version=1, digest=sha("manifest forged"))
+    source = ModelSource(kind="huggingface", name="acme/\x1b]8;;http://evil\x07tiny", reference="main\x1b[2J", resolved="a" * 40)
+    event = registered(forged, source)
+    child = registered(ModelId(name="child", version=1, digest=sha("manifest child")),
+                       ModelSource(kind="conversion", name="forged", reference="1", derived_from=forged.digest, recipe="q4\x1b[31m"))
+    url = js._nc.connected_url.geturl()
+    async with ledger_service.running():
+        await publish_all(js, [event, child])
+        await wait_ingested(ledger_service, {event.id, child.id})
+        assert await cli("lineage", "--model", "forged", "--nats-url", url) == 0
+        table = capsys.readouterr().out
+    assert "\x1b" not in table and "\x07" not in table
+    assert "source    huggingface acme/\\x1b]8;;http://evil\\x07tiny main\\x1b[2J" in table and "q4\\x1b[31m" in table
