@@ -41,10 +41,22 @@ def test_a_source_claim_that_does_not_hold_together_is_refused(live_store, tmp_p
             good.model_copy(update={"digests": {"model.gguf": "sha256:" + "1" * 64}}),
             "are not the files of tiny:1"),
         "a terminal escape in the name": (ModelSource(kind="huggingface", name="acme/\x1b]8;;http://evil\x07x", reference="main"),
-                                          "control character"),
+                                          "is not a Hugging Face repository id"),
+        "a terminal escape in the recipe": (good.model_copy(update={"recipe": "q4\x1b]8;;http://evil\x07"}), "control character"),
         "a digest that is not a digest": (ModelSource(kind="huggingface", name="acme/tiny", reference="main",
                                                       digests={"config.json": "whatever"}),
                                           "expected sha256:<64 hex> or git-sha1:<40 hex>"),
+        "a hub name that is not ORG/NAME": (ModelSource(kind="huggingface", name="acme/ti ny", reference="main"),
+                                            "not a Hugging Face repository id"),
+        "a hub revision with a path in it": (ModelSource(kind="huggingface", name="acme/tiny", reference="../../main"),
+                                             "not a revision"),
+        "a resolved commit that is not one": (ModelSource(kind="huggingface", name="acme/tiny", reference="main", resolved="HEAD"),
+                                              "not a commit"),
+        "an ollama name without its host and namespace": (ModelSource(kind="ollama", name="tiny", reference="latest"),
+                                                          "not an Ollama HOST/NAMESPACE/NAME"),
+        "an ollama tag with a space": (ModelSource(kind="ollama", name="registry.ollama.ai/library/tiny", reference="a b"),
+                                       "not an Ollama tag"),
+        "a conversion whose version is not a number": (good.model_copy(update={"reference": "1@prod"}), "not a version number"),
         "a source too large for model.registered": (
             ModelSource(kind="huggingface", name="acme/tiny", reference="main",
                         digests={f"shard-{i:06d}-" + "x" * 200: "sha256:" + "2" * 64 for i in range(20_000)}),
@@ -59,14 +71,14 @@ def test_a_source_claim_that_does_not_hold_together_is_refused(live_store, tmp_p
 
 
 def test_show_prints_a_source_as_text(live_store, tmp_path, capsys):
-    """A source's text is the pusher's: `strata model show` prints it as text, not as rich markup
-    (a stray closing tag crashed it for everyone who looked at the version)."""
+    """A license (an Ollama license layer's first line) is the pusher's text: `strata model show` prints
+    it as text, not as rich markup (a stray closing tag crashed show for everyone who looked)."""
     from cli.main import main
 
     client, gguf, _ = _pushed(live_store, tmp_path)
-    source = ModelSource(kind="huggingface", name="acme/[/]tiny[bold]", reference="[red]main", resolved="a" * 40)
+    source = ModelSource(kind="huggingface", name="acme/tiny", reference="main", resolved="a" * 40)
     pushed = client.push_model(gguf, "tiny", source=source, license="[/]AN OLLAMA LICENSE'S FIRST LINE")
     code = main(["model", "show", f"tiny:{pushed.model.version}", "--url", live_store.url])
     out = capsys.readouterr().out
-    assert code == 0 and f"source: huggingface acme/[/]tiny[bold] [red]main ({'a' * 40})" in out, out
+    assert code == 0 and f"source: huggingface acme/tiny main ({'a' * 40})" in out, out
     assert "license: [/]AN OLLAMA LICENSE'S FIRST LINE" in out
