@@ -90,3 +90,25 @@ async def test_lineage_prints_a_logged_source_without_its_terminal_escapes(ledge
         table = capsys.readouterr().out
     assert "\x1b" not in table and "\x07" not in table
     assert "source    huggingface acme/\\x1b]8;;http://evil\\x07tiny main\\x1b[2J" in table and "q4\\x1b[31m" in table
+
+
+async def test_a_logged_source_that_is_no_address_still_exports(ledger_service, js, capsys):
+    """The exports turn an import's source into the address it came from; a logged source whose name is
+    no repository id (model-store refuses one now; the log holds what was published) still exports, its
+    name percent-encoded, rather than failing the CycloneDX validation for that model forever."""
+    odd_hf = ModelId(name="odd-hf", version=1, digest=sha("manifest odd-hf"))
+    odd_ollama = ModelId(name="odd-ollama", version=1, digest=sha("manifest odd-ollama"))
+    events = [registered(odd_hf, ModelSource(kind="huggingface", name="acme/ti ny<x>", reference="ma in", resolved="a" * 40)),
+              registered(odd_ollama, ModelSource(kind="ollama", name="no-slash", reference="x y"))]
+    url = js._nc.connected_url.geturl()
+    async with ledger_service.running():
+        await publish_all(js, events)
+        await wait_ingested(ledger_service, {e.id for e in events})
+        boms = []
+        for name in ("odd-hf:1", "odd-ollama:1"):
+            for fmt in ("cyclonedx", "in-toto"):
+                assert await cli("ledger", "export", name, "--format", fmt, "--nats-url", url) == 0, capsys.readouterr().err
+                boms.append(capsys.readouterr().out)
+    assert "https://huggingface.co/acme/ti%20ny%3Cx%3E/tree/" + "a" * 40 in boms[0]
+    assert "https://huggingface.co/acme/ti%20ny%3Cx%3E/tree/" + "a" * 40 in boms[1]
+    assert "manifests/x%20y" in boms[2] and "manifests/x%20y" in boms[3]
