@@ -85,3 +85,17 @@ def test_cache_layouts_that_point_outside_the_cache_are_refused(tmp_path):
     weights.symlink_to(os.path.relpath(secret, weights.parent))  # a snapshot link out of blobs/
     with pytest.raises(StrataError, match="not a link into the cache's blobs/"):
         read_huggingface("acme/tiny", cache=cache)
+
+
+def test_an_oversized_ollama_manifest_is_refused_before_it_is_read(tmp_path):
+    """A manifest is a few hundred bytes; a huge file in its place (a hostile or shared models directory)
+    is refused by its size, not read into memory."""
+    from services.model_store.imports.ollama import MAX_MANIFEST_BYTES, read_ollama
+    from tests.support.local_caches import make_ollama_model
+
+    root = tmp_path / "ollama"
+    manifest = make_ollama_model(root, "tiny", "latest", {"model": b"GGUF"})
+    with manifest.open("r+b") as f:
+        f.truncate(MAX_MANIFEST_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(Invalid, match=f"is too large for an Ollama manifest \\({MAX_MANIFEST_BYTES + 1} bytes"):
+        read_ollama("tiny", tmp_path / "staging", root)

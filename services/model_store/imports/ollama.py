@@ -32,6 +32,7 @@ GGUF_LAYER = MEDIA_PREFIX + "model"
 # layer kind -> file name in the pushed model (the kinds that may occur more than once get a number)
 FILE_FOR = {"template": "ollama/template", "params": "ollama/params.json", "system": "ollama/system",
             "messages": "ollama/messages.json", "license": "LICENSE"}
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # a manifest lists a handful of layers in a few hundred bytes
 MAX_PARAMS_BYTES = 1024 * 1024  # Ollama's params are a few options; more is not read into memory
 LICENSE_TITLE_BYTES = 64 * 1024  # the license's first line is looked for in this much of it
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -81,6 +82,10 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
         known = f" (its tags here: {', '.join(tags)})" if tags else ""
         raise NotFound(f"ollama:{ref}: no manifest {manifest_path}{known}; `ollama pull {name}:{tag}` first, "
                        "or point OLLAMA_MODELS at the models directory")
+    size = manifest_path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise Invalid(f"ollama:{ref}: {manifest_path} is too large for an Ollama manifest ({size} bytes, at most "
+                      f"{MAX_MANIFEST_BYTES}); nothing was imported")
     raw = manifest_path.read_bytes()
     try:
         manifest = OllamaManifest.model_validate_json(raw)
