@@ -19,7 +19,10 @@ CONVERSION = "conversion"
 
 
 class ModelSource(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # extra="allow": a source written by a later version (one more field) still parses and dumps back as it was,
+    # so a newer model.registered is logged rather than dead-lettered, and a newer manifest still hashes as signed;
+    # a push may not add fields of its own (shared/catalog.py PushModelRequest refuses unknown ones).
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     kind: Literal["ollama", "huggingface", "conversion"]
     name: str = Field(min_length=1, description=(

@@ -82,3 +82,15 @@ def test_show_prints_a_source_as_text(live_store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and f"source: huggingface acme/tiny main ({'a' * 40})" in out, out
     assert "license: [/]AN OLLAMA LICENSE'S FIRST LINE" in out
+
+
+def test_a_push_may_not_add_source_fields_of_its_own(live_store, tmp_path):
+    """ModelSource keeps a later version's fields when it reads one; a push adding any is refused."""
+    import httpx
+
+    client, gguf, real = _pushed(live_store, tmp_path)
+    body = {"name": "tiny", "files": [f.model_dump() for f in real.manifest.files],
+            "source": {"kind": "huggingface", "name": "acme/tiny", "reference": "main", "trusted": True}}
+    r = httpx.post(f"{live_store.url}/v1/models", json=body)
+    assert r.status_code in (400, 422) and "unknown source field(s): trusted" in r.text, r.text
+    assert [m.model.version for m in client.list_models().models] == [1]

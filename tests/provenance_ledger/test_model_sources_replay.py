@@ -112,3 +112,20 @@ async def test_a_logged_source_that_is_no_address_still_exports(ledger_service, 
     assert "https://huggingface.co/acme/ti%20ny%3Cx%3E/tree/" + "a" * 40 in boms[0]
     assert "https://huggingface.co/acme/ti%20ny%3Cx%3E/tree/" + "a" * 40 in boms[1]
     assert "manifests/x%20y" in boms[2] and "manifests/x%20y" in boms[3]
+
+
+async def test_a_source_with_a_field_added_later_is_logged_not_dead_lettered(ledger_service, js, capsys):
+    """Events evolve additively (EventData ignores fields it does not know): a model.registered from a
+    newer model-store whose source has one more field must still be a leaf of the log, its known
+    fields indexed, not dead-lettered, which would leave the registration out of the ledger."""
+    newer = ModelId(name="newer", version=1, digest=sha("manifest newer"))
+    event = registered(newer, ModelSource(kind="huggingface", name="acme/tiny", reference="main", resolved="a" * 40))
+    envelope = json.loads(event.to_bytes())
+    envelope["data"]["source"]["license_url"] = "https://example.org/LICENSE"  # a field of a later version
+    url = js._nc.connected_url.geturl()
+    async with ledger_service.running():
+        await js.publish(event.subject, json.dumps(envelope).encode(), headers={"Nats-Msg-Id": event.id})
+        await wait_ingested(ledger_service, {event.id}, timeout=10)
+        assert await cli("lineage", "--model", "newer", "--json", "--nats-url", url) == 0
+        found = json.loads(capsys.readouterr().out)["models"][0]
+    assert found["source"]["name"] == "acme/tiny" and found["source"]["resolved"] == "a" * 40
