@@ -99,3 +99,24 @@ def test_an_oversized_ollama_manifest_is_refused_before_it_is_read(tmp_path):
         f.truncate(MAX_MANIFEST_BYTES + 1)  # sparse: no disk used
     with pytest.raises(Invalid, match=f"is too large for an Ollama manifest \\({MAX_MANIFEST_BYTES + 1} bytes"):
         read_ollama("tiny", tmp_path / "staging", root)
+
+
+def test_an_ollama_license_title_carries_no_terminal_escapes(live_store, tmp_path, capsys, monkeypatch):
+    """The license layer is the model author's text (pulled from a registry): its first line becomes the
+    manifest's license field, which `strata model show` prints, so control characters are left out of it
+    (the whole text is still the LICENSE file, byte for byte)."""
+    from cli.main import main
+    from tests.support.gguf_model import write_random_gguf
+    from tests.support.local_caches import make_ollama_model
+
+    gguf_bytes = write_random_gguf(tmp_path / "tiny.gguf", "f16").read_bytes()
+    license_text = b"\x1b[2J\x1b]8;;http://evil.example\x07FREE LICENSE\x1b]8;;\x07\r\n\nterms\n"
+    root = tmp_path / "ollama"
+    make_ollama_model(root, "tiny", "latest", {"model": gguf_bytes, "license": license_text})
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    assert main(["model", "import", "ollama:tiny", "--url", live_store.url]) == 0, capsys.readouterr().err
+    manifest = StoreClient(live_store.url).resolve("tiny").manifest
+    assert manifest.license == "[2J]8;;http://evil.exampleFREE LICENSE]8;;"
+    assert main(["model", "show", "tiny", "--url", live_store.url]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+    assert "LICENSE" in {f.path for f in manifest.files}

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -148,5 +149,7 @@ def _license_title(text: str | None) -> str | None:
     """The manifest's short license field: the license text's first line (the whole text is the LICENSE file)."""
     if not text:
         return None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    # the model author's text, printed by `strata model show`: no control characters (terminal escapes)
+    printable = ["".join(c for c in line if unicodedata.category(c) not in ("Cc", "Cf")).strip() for line in text.splitlines()]
+    first = next((line for line in printable if line), "")
     return first[:200] or None
