@@ -68,13 +68,13 @@ def test_cache_layouts_that_point_outside_the_cache_are_refused(tmp_path):
     secret.write_bytes(b"not yours")
     root = tmp_path / "ollama"
     make_ollama_model(root, "tiny", "latest", {"model": b"GGUF"})
-    for ref in ("../../x", "tiny:../../x", "tiny:..", "a/b/c/d", "tiny:\x00", "/etc/passwd"):
+    for ref in ("../../x", "tiny:../../x", "tiny:..", "a/b/c/d", "tiny:\x00", "/etc/passwd", "tiny\n", "tiny:latest\n"):
         with pytest.raises(Invalid, match="expected ollama:NAME"):
             read_ollama(ref, tmp_path / "staging", root)
     cache = tmp_path / "hf" / "hub"
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=4)
     snapshot, commit = make_hf_snapshot(cache, "acme/tiny", {p.name: p.read_bytes() for p in ckpt.iterdir()})
-    for ref in ("acme/tiny@main/../../../x", "../acme@main", "acme/tiny/x", "acme/tiny@/etc"):
+    for ref in ("acme/tiny@main/../../../x", "../acme@main", "acme/tiny/x", "acme/tiny@/etc", "acme/tiny\n", "acme/tiny@main\n"):
         with pytest.raises(Invalid, match="expected hf:ORG/NAME"):
             read_huggingface(ref, cache=cache)
     (cache / "models--acme--tiny" / "refs" / "evil").write_text("../../../../secret")

@@ -39,7 +39,7 @@ def parse_hf_name(ref: str) -> tuple[str, str]:
     repo, _, revision = ref.partition("@")
     revision = revision or "main"
     parts = repo.split("/")
-    if not 1 <= len(parts) <= 2 or not all(_PART.match(p) for p in parts) or not _REVISION.match(revision) or ".." in revision:
+    if not 1 <= len(parts) <= 2 or not all(_PART.fullmatch(p) for p in parts) or not _REVISION.fullmatch(revision) or ".." in revision:
         raise Invalid(f"hf:{ref}: expected hf:ORG/NAME[@REVISION], letters, digits, '.', '_', '-'")
     return repo, revision
 

@@ -61,7 +61,7 @@ def parse_ollama_name(ref: str) -> tuple[str, str, str, str]:
     """``NAME``, ``NAME:TAG``, ``NAMESPACE/NAME[:TAG]`` or ``HOST/NAMESPACE/NAME[:TAG]`` -> (host, namespace, name, tag)."""
     path, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", DEFAULT_TAG)
     parts = path.split("/")
-    if len(parts) > 3 or not all(_PART.match(p) for p in parts) or not _PART.match(tag):
+    if len(parts) > 3 or not all(_PART.fullmatch(p) for p in parts) or not _PART.fullmatch(tag):  # fullmatch: `$` admits a trailing newline
         raise Invalid(f"ollama:{ref}: expected ollama:NAME[:TAG] (NAME may be NAMESPACE/NAME), letters, digits, '.', '_', '-'")
     host, namespace = DEFAULT_HOST, DEFAULT_NAMESPACE
     if len(parts) == 3:
