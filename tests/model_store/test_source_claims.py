@@ -6,6 +6,8 @@ anything is allocated or published, with a clear error."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest.importorskip("gguf")
@@ -62,9 +64,15 @@ def test_a_source_claim_that_does_not_hold_together_is_refused(live_store, tmp_p
                         digests={f"shard-{i:06d}-" + "x" * 200: "sha256:" + "2" * 64 for i in range(20_000)}),
             "too large"),
     }
+    import httpx
+
+    body = {"name": "tiny", "files": [f.model_dump() for f in real.manifest.files]}
     for case, (source, expect) in cases.items():
-        with pytest.raises(Invalid, match=expect):
+        with pytest.raises(Invalid, match=expect):  # the client refuses what it can tell before uploading ...
             client.push_model(gguf, "tiny", source=source)
+        r = httpx.post(f"{live_store.url}/v1/models", json={**body, "source": source.model_dump(mode="json")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid", (case, r.text)  # ... model-store all of it
+        assert re.search(expect, r.json()["error"]["message"]), (case, r.text)
         assert [m.model.version for m in client.list_models().models] == [1], case
     converted = client.push_model(gguf, "tiny", source=good)  # what holds together is still accepted
     assert converted.created and converted.manifest.source == good
@@ -94,3 +102,17 @@ def test_a_push_may_not_add_source_fields_of_its_own(live_store, tmp_path):
     r = httpx.post(f"{live_store.url}/v1/models", json=body)
     assert r.status_code in (400, 422) and "unknown source field(s): trusted" in r.text, r.text
     assert [m.model.version for m in client.list_models().models] == [1]
+
+
+def test_a_source_the_store_would_refuse_uploads_nothing(live_store, tmp_path):
+    """The client checks the claim before any upload (as it does the name): refused, no orphan blobs."""
+    import hashlib
+
+    import httpx
+
+    (tmp_path / "g").mkdir()
+    gguf = write_random_gguf(tmp_path / "g" / "tiny.F16.gguf", "f16")
+    bad = ModelSource(kind="huggingface", name="acme/tiny", reference="main", digests={"a\x1b[2J.json": "git-sha1:" + "0" * 40})
+    with pytest.raises(Invalid, match="control character"):
+        StoreClient(live_store.url).push_model(gguf, "tiny", source=bad)
+    assert httpx.head(f"{live_store.url}/v1/blobs/{hashlib.sha256(gguf.read_bytes()).hexdigest()}").status_code == 404
