@@ -120,3 +120,19 @@ def test_an_ollama_license_title_carries_no_terminal_escapes(live_store, tmp_pat
     assert main(["model", "show", "tiny", "--url", live_store.url]) == 0
     assert "\x1b" not in capsys.readouterr().out
     assert "LICENSE" in {f.path for f in manifest.files}
+
+
+def test_a_ref_file_that_is_no_commit_is_neither_read_whole_nor_echoed(tmp_path):
+    """refs/<revision> holds a 40-hex commit: one that names a large file (or a secret) is refused
+    without reading it all, and the error quotes only its start."""
+    from shared.errors import NotFound
+
+    cache = tmp_path / "hf" / "hub"
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=5)
+    make_hf_snapshot(cache, "acme/tiny", {p.name: p.read_bytes() for p in ckpt.iterdir()})
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "A" * 70 + "\nTHE-SECRET-PART\n" + "B" * 10_000_000)
+    (cache / "models--acme--tiny" / "refs" / "evil").symlink_to(secret)
+    with pytest.raises(NotFound) as caught:
+        read_huggingface("acme/tiny@evil", cache=cache)
+    assert "THE-SECRET-PART" not in caught.value.message and len(caught.value.message) < 400

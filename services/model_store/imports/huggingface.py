@@ -66,14 +66,15 @@ def read_huggingface(ref: str, gguf_file: str | None = None, cache: Path | None 
 def _commit(folder: Path, repo: str, revision: str) -> str:
     ref_file = folder / "refs" / revision
     if ref_file.is_file():
-        commit = ref_file.read_text().strip()
+        with ref_file.open("rb") as f:  # a commit hash: more is not read, nor echoed in the error below
+            commit = f.read(256).decode(errors="replace").strip()
     elif _COMMIT.match(revision):
         commit = revision
     else:
         refs = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file())
         raise NotFound(f"hf:{repo}@{revision}: no such revision in the cache (refs here: {', '.join(refs) or 'none'})")
     if not _COMMIT.match(commit) or not (folder / "snapshots" / commit).is_dir():
-        raise NotFound(f"hf:{repo}@{revision}: the cache names commit {commit!r} but has no snapshot of it")
+        raise NotFound(f"hf:{repo}@{revision}: the cache names commit {commit[:64]!r} but has no snapshot of it")
     return commit
 
 
