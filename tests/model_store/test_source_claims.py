@@ -90,6 +90,10 @@ def test_show_prints_a_source_as_text(live_store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and f"source: huggingface acme/tiny main ({'a' * 40})" in out, out
     assert "license: [/]AN OLLAMA LICENSE'S FIRST LINE" in out
+    escaped = client.push_model(gguf, "tiny", license="MIT\x1b[2J\x1b]8;;http://evil\x07")  # a license pushed as is
+    assert main(["model", "show", f"tiny:{escaped.model.version}", "--url", live_store.url]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "license: MIT\\x1b[2J\\x1b]8;;http://evil\\x07" in out, out
 
 
 def test_a_push_may_not_add_source_fields_of_its_own(live_store, tmp_path):
