@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -301,18 +302,23 @@ def _model_lineage(args: argparse.Namespace) -> int:
         _print_json(result)
         return 0
     for m in result["models"]:
-        print(f"model     {m.get('name')}:{m.get('version')}  {m['digest']}  (leaf {m.get('leaf_index')})")
+        _print_text(f"model     {m.get('name')}:{m.get('version')}  {m['digest']}  (leaf {m.get('leaf_index')})")
         src = m.get("source")
         if src and src["kind"] != "conversion":
             resolved = f" = {src['resolved']}" if src.get("resolved") else ""
-            print(f"source    {src['kind']} {src['name']} {src['reference']}{resolved}  ({len(src['digests'])} digests checked)")
+            _print_text(f"source    {src['kind']} {src['name']} {src['reference']}{resolved}  ({len(src['digests'])} digests checked)")
         for parent in m["derived_from"]:
-            print(f"from      {parent.get('name')}:{parent.get('version')}  {parent['digest']}" + ("" if parent["in_ledger"] else "  (not in the ledger)"))
+            _print_text(f"from      {parent.get('name')}:{parent.get('version')}  {parent['digest']}" + ("" if parent["in_ledger"] else "  (not in the ledger)"))
         if src and src.get("recipe"):
-            print(f"recipe    {src['recipe']}")
+            _print_text(f"recipe    {src['recipe']}")
         for child in m["derivatives"]:
-            print(f"derived   {child.get('name')}:{child.get('version')}  {child['digest']}  {child.get('recipe') or ''}".rstrip())
+            _print_text(f"derived   {child.get('name')}:{child.get('version')}  {child['digest']}  {child.get('recipe') or ''}".rstrip())
     return 0
+
+
+def _print_text(line: str) -> None:
+    """A line of logged text (a pusher's, or whatever was published): control characters escaped, not sent to the terminal."""
+    print("".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf") else c for c in line))
 
 
 @_errors_to_exit

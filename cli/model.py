@@ -4,6 +4,7 @@ and register datasets, through model-store's HTTP API (--url, or STRATA_MODEL_ST
 from __future__ import annotations
 
 import argparse
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,11 @@ def _cmd(sub: argparse._SubParsersAction, name: str, help: str, func: Callable[[
     return p
 
 
+def _text(text: str) -> str:
+    """A pusher's text for rich: its [..] as text, its control characters (terminal escapes) escaped."""
+    return escape("".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf") else c for c in text))
+
+
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
@@ -145,13 +151,13 @@ def _show(args: argparse.Namespace) -> int:
     m, man = resolved.model, resolved.manifest
     out.print(f"[bold]{m.name}:{m.version}[/bold]  {m.digest}  aliases: {', '.join(resolved.aliases) or '-'}", highlight=False)
     out.print_json(man.metadata.model_dump_json())
-    out.print(f"license: {man.license or '-'}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}")
+    out.print(f"license: {_text(man.license or '-')}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}")
     out.print(f"training record: {'yes' if man.training_record else 'no'}   signed by key {resolved.signature['signatures'][0]['keyid'][:16]}…")
     if src := man.source:  # an import's origin or a conversion's source version
-        out.print(f"source: {src.kind} {src.name} {src.reference}" + (f" ({src.derived_from or src.resolved})" if src.derived_from or src.resolved else ""),
-                  highlight=False)
+        out.print(_text(f"source: {src.kind} {src.name} {src.reference}" + (f" ({src.derived_from or src.resolved})" if src.derived_from or src.resolved else "")),
+                  highlight=False)  # the pusher's text: printed as text, not as markup
     for f in man.files:
-        out.print(f"  {f.sha256[:12]}  {_bytes(f.size):>10}  {f.path}", highlight=False)
+        out.print(f"  {f.sha256[:12]}  {_bytes(f.size):>10}  {_text(f.path)}", highlight=False)
     return 0
 
 

@@ -31,6 +31,8 @@ def register(msub: argparse._SubParsersAction, cmd) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from cli.model import _client, _progress, err, out
     from services.model_store.imports.huggingface import read_huggingface
     from services.model_store.imports.ollama import read_ollama
@@ -51,7 +53,7 @@ def _import(args: argparse.Namespace) -> int:
     verb = "imported" if pushed.created else "already imported as"
     out.print(f"{verb} {m.name}:{m.version} {m.digest} from {args.source}", highlight=False)
     for note in [*plan.notes, *pushed.warnings]:
-        err.print(f"[yellow]note[/yellow]: {note}", highlight=False)
+        err.print(f"[yellow]note[/yellow]: {escape(note)}", highlight=False)
     return 0
 
 

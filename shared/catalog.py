@@ -27,7 +27,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from shared.errors import Invalid
 from shared.events import ModelId, utcnow
@@ -247,6 +247,16 @@ class PushModelRequest(BaseModel):
     )
     source: ModelSource | None = Field(default=None, description="an import's or a conversion's origin; a conversion's "
                                        "derived_from must be a version in this store")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_fields_known(cls, value: Any) -> Any:
+        """ModelSource keeps fields it does not know (a later version's); a push may not add any."""
+        if isinstance(value, dict) and (unknown := sorted(set(value) - set(ModelSource.model_fields))):
+            raise ValueError(f"unknown source field(s): {', '.join(unknown)}")
+        if isinstance(value, ModelSource) and value.model_extra:
+            raise ValueError(f"unknown source field(s): {', '.join(sorted(value.model_extra))}")
+        return value
 
 
 class PushedModel(ResolvedModel):

@@ -19,7 +19,7 @@ from shared.catalog import (
     PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
 )
 from shared.errors import BlobCorrupt, Invalid, StrataError, Unavailable, from_code
-from shared.model_source import ModelSource
+from shared.model_source import ModelSource, claim_problem
 
 from services.model_store.domain.checks import check_files_listing
 from services.model_store.fetch import VerificationError, verify_manifest
@@ -129,6 +129,8 @@ class StoreClient:
         ``source``: where an import or a conversion came from (kept in the signed manifest)."""
         if not re.fullmatch(NAME_PATTERN, name):  # before any upload, so a bad name leaves no blobs behind
             raise Invalid(f"model name {name!r}: expected letters, digits, '.', '_', '-' (up to 128), starting with a letter or digit")
+        if source is not None and (problem := claim_problem(source)):  # what model-store would refuse, refused before any upload
+            raise Invalid(f"source: {problem}")
         if directory.is_file():  # one .gguf file: llama.cpp's format holds config, weights and tokenizer
             directory, files = directory.parent, [directory]
         elif files is None:

@@ -54,8 +54,31 @@ def _load(file: Path, key: str) -> np.ndarray:
     return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
 
 
+def _json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (anyone's push): an object, or Unconvertible saying why not."""
+    try:
+        value = json.loads(path.read_bytes())
+    except RecursionError:
+        raise Unconvertible(f"{path.name}: not a JSON object (nested too deeply)") from None
+    except ValueError as exc:
+        raise Unconvertible(f"{path.name}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise Unconvertible(f"{path.name}: not a JSON object")
+    return value
+
+
 def check_convertible(cfg: dict, tok: dict) -> None:
     """Refuse what ``_write`` would get wrong: only the Llama family with a GPT-2 byte-level BPE tokenizer."""
+    for key in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "vocab_size"):
+        value = cfg.get(key)
+        if value is None:
+            raise Unconvertible(f"config.json: {key} is missing; the GGUF conversion writes it")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise Unconvertible(f"config.json: {key}={value!r} is not a positive integer")
+    for key in ("num_key_value_heads", "head_dim"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise Unconvertible(f"config.json: {key}={value!r} is not a positive integer")
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise Unconvertible(f"config.json: architecture {arch} cannot be converted to GGUF here (only {', '.join(ARCHITECTURES)})")
@@ -63,9 +86,17 @@ def check_convertible(cfg: dict, tok: dict) -> None:
         if cfg.get(key):
             raise Unconvertible(f"config.json: {key}={cfg[key]!r} is not supported by the GGUF conversion (plain Llama only)")
     model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    if not isinstance(model, dict):
+        raise Unconvertible(f"tokenizer.json: a {type(model).__name__} tokenizer model; only byte-level BPE is converted")
     if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise Unconvertible(f"tokenizer.json: a {model.get('type')} tokenizer; only byte-level BPE is converted")
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+    merges, added = model.get("merges", []), tok.get("added_tokens", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m))
+                                               for m in merges):
+        raise Unconvertible("tokenizer.json: model.merges is not a list of merges (\"a b\" or [\"a\", \"b\"])")
+    if not isinstance(added, list) or not all(isinstance(a, dict) and isinstance(a.get("content"), str) for a in added):
+        raise Unconvertible("tokenizer.json: added_tokens is not a list of tokens with a content and an id")
+    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
         raise Unconvertible("tokenizer.json: the pre-tokenizer is not GPT-2's byte-level split (ByteLevel, use_regex, "
                             f"no prefix space) but {json.dumps(pre)[:200]}; llama.cpp would tokenize it differently")
 
@@ -76,10 +107,9 @@ def write_llama_gguf(ckpt: Path, out: Path, ftype: str = "f32", *, chat_template
     for required in ("config.json", "tokenizer.json"):
         if not (ckpt / required).is_file():
             raise Unconvertible(f"{required}: missing; the GGUF conversion needs the config and a tokenizer.json")
-    cfg = json.loads((ckpt / "config.json").read_text())
-    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    cfg, tok = _json_object(ckpt / "config.json"), _json_object(ckpt / "tokenizer.json")
     check_convertible(cfg, tok)
-    tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text()) if (ckpt / "tokenizer_config.json").exists() else {}
+    tok_cfg = _json_object(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").exists() else {}
     return write_gguf(cfg, tok, tok_cfg, _tensors(ckpt), out, ftype, chat_template, name)
 
 
@@ -91,6 +121,8 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or hidden // n_head
+    vocab, tokens = _vocabulary(tok, cfg["vocab_size"])
+    special = {a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
     w = gguf.GGUFWriter(str(out), "llama", split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_file_type(FTYPES[ftype])
@@ -106,23 +138,17 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     w.add_vocab_size(cfg["vocab_size"])
-    # the vocabulary in id order, as llama.cpp's "gpt2" (byte-level BPE) tokenizer reads it
-    vocab = dict(tok["model"]["vocab"])
-    for added in tok.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    special = {a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg["vocab_size"])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL if t in vocab else gguf.TokenType.UNUSED
+                       for t in tokens])
     w.add_token_merges(merges)
     for key, setter in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id)):
         value = tok_cfg.get(key)
         value = value.get("content") if isinstance(value, dict) else value
-        if value in vocab:
+        if isinstance(value, str) and value in vocab:
             setter(vocab[value])
     w.add_add_bos_token(bool(tok_cfg.get("add_bos_token", False)))
     template = chat_template or tok_cfg.get("chat_template")
@@ -139,21 +165,38 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
     hf = _Tensors.of(hf)
-    put("token_embd.weight", hf["model.embed_tokens.weight"])
-    put("output_norm.weight", hf["model.norm.weight"])
-    if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings"):
-        put("output.weight", hf["lm_head.weight"])
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        put(f"blk.{i}.attn_norm.weight", hf[p + "input_layernorm.weight"])
-        put(f"blk.{i}.attn_q.weight", _permute(hf[p + "self_attn.q_proj.weight"], n_head))
-        put(f"blk.{i}.attn_k.weight", _permute(hf[p + "self_attn.k_proj.weight"], n_kv))
-        put(f"blk.{i}.attn_v.weight", hf[p + "self_attn.v_proj.weight"])
-        put(f"blk.{i}.attn_output.weight", hf[p + "self_attn.o_proj.weight"])
-        put(f"blk.{i}.ffn_norm.weight", hf[p + "post_attention_layernorm.weight"])
-        put(f"blk.{i}.ffn_gate.weight", hf[p + "mlp.gate_proj.weight"])
-        put(f"blk.{i}.ffn_up.weight", hf[p + "mlp.up_proj.weight"])
-        put(f"blk.{i}.ffn_down.weight", hf[p + "mlp.down_proj.weight"])
+    vocab_size, ffn, q_rows, kv_rows = cfg["vocab_size"], cfg["intermediate_size"], n_head * head_dim, n_kv * head_dim
+
+    def get(key: str, *shape: int) -> np.ndarray:
+        """``key``, whose shape must be what the hyper-parameters written above make llama.cpp expect."""
+        array = hf[key]
+        if tuple(array.shape) != shape:
+            raise Unconvertible(f"tensor {key} has shape {tuple(array.shape)}, but config.json says {shape} (vocab_size "
+                                f"{vocab_size}, hidden_size {hidden}, intermediate_size {ffn}, {n_head} heads, {n_kv} "
+                                f"key/value heads of {head_dim}); llama.cpp would refuse the GGUF")
+        return array
+
+    if head_dim % 2:
+        raise Unconvertible(f"config.json: a head dimension of {head_dim} is odd; RoPE rotates pairs")
+    try:
+        put("token_embd.weight", get("model.embed_tokens.weight", vocab_size, hidden))
+        put("output_norm.weight", get("model.norm.weight", hidden))
+        if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings"):
+            put("output.weight", get("lm_head.weight", vocab_size, hidden))
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            put(f"blk.{i}.attn_norm.weight", get(p + "input_layernorm.weight", hidden))
+            put(f"blk.{i}.attn_q.weight", _permute(get(p + "self_attn.q_proj.weight", q_rows, hidden), n_head))
+            put(f"blk.{i}.attn_k.weight", _permute(get(p + "self_attn.k_proj.weight", kv_rows, hidden), n_kv))
+            put(f"blk.{i}.attn_v.weight", get(p + "self_attn.v_proj.weight", kv_rows, hidden))
+            put(f"blk.{i}.attn_output.weight", get(p + "self_attn.o_proj.weight", hidden, q_rows))
+            put(f"blk.{i}.ffn_norm.weight", get(p + "post_attention_layernorm.weight", hidden))
+            put(f"blk.{i}.ffn_gate.weight", get(p + "mlp.gate_proj.weight", ffn, hidden))
+            put(f"blk.{i}.ffn_up.weight", get(p + "mlp.up_proj.weight", ffn, hidden))
+            put(f"blk.{i}.ffn_down.weight", get(p + "mlp.down_proj.weight", hidden, ffn))
+    except Unconvertible:
+        out.unlink(missing_ok=True)
+        raise
     left = sorted(set(hf) - hf.read - ({"lm_head.weight"} if cfg.get("tie_word_embeddings") else set()))
     if left:
         w.close()
@@ -164,6 +207,23 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def _vocabulary(tok: dict, vocab_size: int) -> tuple[dict[str, int], list[str]]:
+    """(token -> id, the tokens in id order) as llama.cpp's "gpt2" tokenizer reads them: by position, so
+    each token is at its id, an unused id is a [PAD<id>] (as llama.cpp's converter writes it), and two
+    tokens for one id or an id past the embedding's ``vocab_size`` rows are refused, not shifted."""
+    vocab = dict(tok["model"]["vocab"])
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added.get("id")
+    by_id: dict[int, str] = {}
+    for token, id_ in vocab.items():
+        if not isinstance(id_, int) or isinstance(id_, bool) or not 0 <= id_ < vocab_size:
+            raise Unconvertible(f"tokenizer.json: token {token[:40]!r} has id {id_!r}, outside config.json's vocab_size {vocab_size}")
+        if id_ in by_id:
+            raise Unconvertible(f"tokenizer.json: tokens {by_id[id_][:40]!r} and {token[:40]!r} both have id {id_}")
+        by_id[id_] = token
+    return vocab, [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
 
 
 class _Tensors(Mapping):

@@ -25,21 +25,29 @@ class ImportPlan:
     source: ModelSource
     license: str | None = None
     notes: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # path -> sha256 hex taken while checking a file by another digest
 
     @property
     def checked_sha256(self) -> dict[str, str]:
-        """Path -> sha256 hex of the files whose sha256 the import checked: the push need not hash them again."""
-        return {path: d.removeprefix("sha256:") for path, d in self.source.digests.items()
-                if d.startswith("sha256:") and (self.directory / path) in self.files}
+        """Path -> sha256 hex of every file as the import checked it: the push declares these, so model-store
+        refuses a file whose content changed after the check (it hashes what it receives)."""
+        named = {path: d.removeprefix("sha256:") for path, d in self.source.digests.items() if d.startswith("sha256:")}
+        return {path: hex_ for path, hex_ in {**self.sha256, **named}.items() if (self.directory / path) in self.files}
 
 
 def hash_file(path: Path, algorithm: str = "sha256", prefix: bytes = b"") -> str:
-    digest = hashlib.new(algorithm)
+    return hash_file_and_sha256(path, algorithm, prefix)[0]
+
+
+def hash_file_and_sha256(path: Path, algorithm: str = "sha256", prefix: bytes = b"") -> tuple[str, str]:
+    """(the ``algorithm`` digest of ``prefix`` + the content, the content's sha256), in one read."""
+    digest, sha = hashlib.new(algorithm), hashlib.sha256()
     digest.update(prefix)
     with path.open("rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
-    return digest.hexdigest()
+            sha.update(block)
+    return digest.hexdigest(), sha.hexdigest()
 
 
 def check_sha256(path: Path, expected_hex: str, label: str) -> None:

@@ -20,7 +20,7 @@ from shared.model_source import HUGGINGFACE, ModelSource
 
 from services.model_store.client import local_files
 from services.model_store.domain.checks import PICKLE_SUFFIXES
-from services.model_store.imports import ImportPlan, hash_file, store_name
+from services.model_store.imports import ImportPlan, hash_file_and_sha256, store_name
 
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -39,7 +39,7 @@ def parse_hf_name(ref: str) -> tuple[str, str]:
     repo, _, revision = ref.partition("@")
     revision = revision or "main"
     parts = repo.split("/")
-    if not 1 <= len(parts) <= 2 or not all(_PART.match(p) for p in parts) or not _REVISION.match(revision) or ".." in revision:
+    if not 1 <= len(parts) <= 2 or not all(_PART.fullmatch(p) for p in parts) or not _REVISION.fullmatch(revision) or ".." in revision:
         raise Invalid(f"hf:{ref}: expected hf:ORG/NAME[@REVISION], letters, digits, '.', '_', '-'")
     return repo, revision
 
@@ -54,24 +54,27 @@ def read_huggingface(ref: str, gguf_file: str | None = None, cache: Path | None 
     snapshot = folder / "snapshots" / commit
     present = local_files(snapshot)
     files = _select(repo, snapshot, present, gguf_file)
-    digests = {f.relative_to(snapshot).as_posix(): _check_blob(repo, folder, f) for f in files}
+    checked = {f.relative_to(snapshot).as_posix(): _check_blob(repo, folder, f) for f in files}
+    digests = {path: digest for path, (digest, _) in checked.items()}
     is_gguf = files[0].suffix == ".gguf"
     notes = [] if is_gguf else [f"left out (pickle): {p.relative_to(snapshot)}" for p in present if p.suffix.lower() in PICKLE_SUFFIXES]
     source = ModelSource(kind=HUGGINGFACE, name=repo, reference=revision, resolved=commit, digests=digests)
-    return ImportPlan(directory=snapshot, files=files, name=store_name(repo.split("/")[-1]), source=source, notes=notes)
+    return ImportPlan(directory=snapshot, files=files, name=store_name(repo.split("/")[-1]), source=source, notes=notes,
+                      sha256={path: sha for path, (_, sha) in checked.items()})
 
 
 def _commit(folder: Path, repo: str, revision: str) -> str:
     ref_file = folder / "refs" / revision
     if ref_file.is_file():
-        commit = ref_file.read_text().strip()
+        with ref_file.open("rb") as f:  # a commit hash: more is not read, nor echoed in the error below
+            commit = f.read(256).decode(errors="replace").strip()
     elif _COMMIT.match(revision):
         commit = revision
     else:
         refs = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file())
         raise NotFound(f"hf:{repo}@{revision}: no such revision in the cache (refs here: {', '.join(refs) or 'none'})")
     if not _COMMIT.match(commit) or not (folder / "snapshots" / commit).is_dir():
-        raise NotFound(f"hf:{repo}@{revision}: the cache names commit {commit!r} but has no snapshot of it")
+        raise NotFound(f"hf:{repo}@{revision}: the cache names commit {commit[:64]!r} but has no snapshot of it")
     return commit
 
 
@@ -95,21 +98,22 @@ def _select(repo: str, snapshot: Path, present: list[Path], gguf_file: str | Non
                   f"repository (files: {', '.join(sorted(names)) or 'none'})")
 
 
-def _check_blob(repo: str, folder: Path, file: Path) -> str:
-    """The file's blob, checked against its name: ``sha256:`` for an LFS blob, ``git-sha1:`` for a git blob."""
+def _check_blob(repo: str, folder: Path, file: Path) -> tuple[str, str]:
+    """The file's blob, checked against its name: (``sha256:`` for an LFS blob, ``git-sha1:`` for a git blob;
+    the content's sha256 as read in that check, which the push declares so a later change is refused)."""
     blob = file.resolve()
     label = f"hf:{repo} {file.name}"
     if blob.parent != (folder / "blobs").resolve():
         raise Invalid(f"{label}: not a link into the cache's blobs/ ({blob}), so it cannot be checked against the hub's digest")
     if _SHA256.match(blob.name):
-        actual = hash_file(blob)
+        actual, sha = hash_file_and_sha256(blob)
         kind = "sha256"
     elif _COMMIT.match(blob.name):
-        actual = hash_file(blob, "sha1", f"blob {blob.stat().st_size}\0".encode())
+        actual, sha = hash_file_and_sha256(blob, "sha1", f"blob {blob.stat().st_size}\0".encode())
         kind = "git-sha1"
     else:
         raise Invalid(f"{label}: blob name {blob.name!r} is neither a sha256 nor a git sha1")
     if actual != blob.name:
         raise Invalid(f"{label}: the blob {blob} hashes to {kind}:{actual}, but the cache names it {blob.name} "
                       "(corrupt or half-written; download it again)")
-    return f"{kind}:{actual}"
+    return f"{kind}:{actual}", sha

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,6 +33,9 @@ GGUF_LAYER = MEDIA_PREFIX + "model"
 # layer kind -> file name in the pushed model (the kinds that may occur more than once get a number)
 FILE_FOR = {"template": "ollama/template", "params": "ollama/params.json", "system": "ollama/system",
             "messages": "ollama/messages.json", "license": "LICENSE"}
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # a manifest lists a handful of layers in a few hundred bytes
+MAX_PARAMS_BYTES = 1024 * 1024  # Ollama's params are a few options; more is not read into memory
+LICENSE_TITLE_BYTES = 64 * 1024  # the license's first line is looked for in this much of it
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DIGEST = r"^sha256:[0-9a-f]{64}$"
 
@@ -57,7 +61,7 @@ def parse_ollama_name(ref: str) -> tuple[str, str, str, str]:
     """``NAME``, ``NAME:TAG``, ``NAMESPACE/NAME[:TAG]`` or ``HOST/NAMESPACE/NAME[:TAG]`` -> (host, namespace, name, tag)."""
     path, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", DEFAULT_TAG)
     parts = path.split("/")
-    if len(parts) > 3 or not all(_PART.match(p) for p in parts) or not _PART.match(tag):
+    if len(parts) > 3 or not all(_PART.fullmatch(p) for p in parts) or not _PART.fullmatch(tag):  # fullmatch: `$` admits a trailing newline
         raise Invalid(f"ollama:{ref}: expected ollama:NAME[:TAG] (NAME may be NAMESPACE/NAME), letters, digits, '.', '_', '-'")
     host, namespace = DEFAULT_HOST, DEFAULT_NAMESPACE
     if len(parts) == 3:
@@ -79,6 +83,10 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
         known = f" (its tags here: {', '.join(tags)})" if tags else ""
         raise NotFound(f"ollama:{ref}: no manifest {manifest_path}{known}; `ollama pull {name}:{tag}` first, "
                        "or point OLLAMA_MODELS at the models directory")
+    size = manifest_path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise Invalid(f"ollama:{ref}: {manifest_path} is too large for an Ollama manifest ({size} bytes, at most "
+                      f"{MAX_MANIFEST_BYTES}); nothing was imported")
     raw = manifest_path.read_bytes()
     try:
         manifest = OllamaManifest.model_validate_json(raw)
@@ -110,7 +118,8 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
         if kind == "params":
             _check_params(ref, blob)
         if kind == "license" and license_text is None:
-            license_text = blob.read_text(errors="replace")
+            with blob.open("rb") as f:  # only the title is read here: the whole text is pushed as LICENSE
+                license_text = f.read(LICENSE_TITLE_BYTES).decode(errors="replace")
         digests[target] = layer.digest
         link = staging / target
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +131,14 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
 
 
 def _check_params(ref: str, blob: Path) -> None:
+    size = blob.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise Invalid(f"ollama:{ref}: the params layer {blob} is too large ({size} bytes, at most {MAX_PARAMS_BYTES}); "
+                      "nothing was imported")
     try:
         params = json.loads(blob.read_bytes())
+    except RecursionError:
+        raise Invalid(f"ollama:{ref}: the params layer {blob} is nested too deeply to be Ollama's parameters") from None
     except ValueError as exc:
         raise Invalid(f"ollama:{ref}: the params layer {blob} is not JSON ({exc})") from None
     if not isinstance(params, dict):
@@ -134,5 +149,7 @@ def _license_title(text: str | None) -> str | None:
     """The manifest's short license field: the license text's first line (the whole text is the LICENSE file)."""
     if not text:
         return None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    # the model author's text, printed by `strata model show`: no control characters (terminal escapes)
+    printable = ["".join(c for c in line if unicodedata.category(c) not in ("Cc", "Cf")).strip() for line in text.splitlines()]
+    first = next((line for line in printable if line), "")
     return first[:200] or None

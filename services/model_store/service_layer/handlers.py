@@ -17,7 +17,7 @@ from shared.catalog import (
     manifest_digest, parse_ref,
 )
 from shared.errors import Invalid, NotFound
-from shared.model_source import ModelSource
+from shared.model_source import CONVERSION, ModelSource, claim_problem
 from shared.events import (
     DatasetRegistered, EventData, ModelAliased, ModelDeleted, ModelId, ModelRegistered, ModelSigned,
 )
@@ -67,8 +67,8 @@ class ModelStore:
         for digest in request.datasets:
             if not digest.startswith("sha256:") or await self._dataset(digest) is None:
                 raise Invalid(f"dataset {digest!r} is not registered (strata dataset add PATH first)")
-        if request.source is not None and request.source.derived_from is not None:
-            await self._check_derived_from(request.source)
+        if request.source is not None:
+            await self._check_source(request.source)
         record = request.training_record
         if record is None and TRAINING_RECORD in by_path:
             try:
@@ -233,8 +233,14 @@ class ModelStore:
         return DatasetList(datasets=self.index.datasets())
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _check_derived_from(self, source: ModelSource) -> None:
-        """A conversion names its source by name, version and manifest digest: all three must be a version here."""
+    async def _check_source(self, source: ModelSource) -> None:
+        """A pushed source is signed into the manifest and indexed by the ledger as lineage: refuse a claim
+        that does not hold together (shared/model_source.py claim_problem), and a conversion's that names
+        no version here by name, version and manifest digest, or whose source digests are not its files."""
+        if problem := claim_problem(source):
+            raise Invalid(f"source: {problem}")
+        if source.kind != CONVERSION:
+            return
         try:
             found = await self.resolve(f"{source.name}:{source.reference}")
         except (NotFound, Invalid):
@@ -242,6 +248,10 @@ class ModelStore:
         if found is None or found.model.digest != source.derived_from:
             raise Invalid(f"source {source.name}:{source.reference} ({source.derived_from}) is not a version in this store: "
                           "a conversion's derived_from must name the version it was made from")
+        files = {f.path: "sha256:" + f.sha256 for f in found.manifest.files}
+        if source.digests != files:
+            raise Invalid(f"source {source.name}:{source.reference}: its digests are not the files of "
+                          f"{found.model.name}:{found.model.version} (a conversion lists the files it was made from)")
 
     async def _dataset(self, digest: str) -> ResolvedDataset | None:
         return self.index.dataset(digest) or await self.kv.get_dataset(digest)

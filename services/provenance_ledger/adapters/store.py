@@ -7,13 +7,18 @@ durable against power loss too, since the ingest acknowledges events only after 
 Schema version 2 (``PRAGMA user_version``, #19): ``leaves.event_id`` is no longer UNIQUE, since an id
 reused with other content is a leaf of its own (``conflict_of`` names the first leaf with that id). A
 file of version 1 is migrated when it is opened: its leaves are copied into the new table unchanged.
+
+Schema version 3 (#17): the ``model_sources`` index. It is derived from the log, so a file of an earlier
+version (whose ledger may have logged model.registered events with a ``source`` it did not index) is
+marked ``pending_backfill``; the ledger re-derives the rows from those leaves (``backfill``), and only
+then is the file marked version 3, so a crash midway redoes it at the next start.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -117,23 +122,58 @@ class LeafRow(NamedTuple):
     conflict_of: int | None = None
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+BACKFILL = {"model_sources": "model.registered"}  # index tables added after v2 -> the leaf type they derive from
 _V1_COLUMNS = "idx, event_id, type, time_ms, source_service, model_name, model_version, model_digest, stream_seq, data, leaf_hash"
 
 
 class LedgerStore:
     def __init__(self, path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> None:
         self.path = path
+        self.pending_backfill: dict[str, str] = {}  # index table -> leaf type, to re-derive from the log (backfill)
         if readonly:
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={synchronous}")
+            before = self.db.execute("PRAGMA user_version").fetchone()[0]
+            had_leaves = self._has_leaves()
             self._migrate()
             self.db.executescript(SCHEMA)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if had_leaves and before < SCHEMA_VERSION:
+                self.pending_backfill = dict(BACKFILL)  # user_version is set by backfill_done
+            else:
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.db.row_factory = sqlite3.Row
+
+    def _has_leaves(self) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leaves'").fetchone() is not None
+
+    def backfill(self, rows_of: Callable[[str, bytes, int, int], Iterable[IndexRow]]) -> int:
+        """Re-derive the ``pending_backfill`` index tables from their leaves (``rows_of(type, data, idx, time_ms)``),
+        in one transaction that also marks the file as this schema version. Returns the rows written."""
+        tables = self.pending_backfill
+        if not tables:
+            return 0
+        db, written = self.db, 0
+        types = sorted(set(tables.values()))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            sql = f"SELECT type, data, idx, time_ms FROM leaves WHERE type IN ({','.join('?' * len(types))}) ORDER BY idx"
+            for leaf in db.execute(sql, types).fetchall():
+                for row in rows_of(leaf[0], leaf[1], leaf[2], leaf[3]):
+                    if row.table in tables:
+                        insert, columns = _INDEX_SQL[row.table]
+                        db.execute(insert, [_sql_value(row.values.get(c)) for c in columns])
+                        written += 1
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.pending_backfill = {}
+        return written
 
     def close(self) -> None:
         self.db.close()

@@ -10,6 +10,7 @@ import json
 import re
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel
 
@@ -63,11 +64,12 @@ class ModelFacts(BaseModel):
 
 def source_location(source: ModelSource) -> str | None:
     """Where an import came from, as the address its tool fetched it from (a conversion's is the ledger's)."""
+    # percent-encoded: model-store checks the names it accepts, but the log holds whatever was published
     if source.kind == HUGGINGFACE:
-        return f"https://huggingface.co/{source.name}/tree/{source.resolved or source.reference}"
+        return f"https://huggingface.co/{quote(source.name)}/tree/{quote(source.resolved or source.reference, safe='')}"
     if source.kind == OLLAMA:
         host, _, path = source.name.partition("/")
-        return f"https://{host}/v2/{path}/manifests/{source.reference}"
+        return f"https://{quote(host, safe='')}/v2/{quote(path)}/manifests/{quote(source.reference, safe='')}"
     return f"{LEDGER_URN}:model:{source.derived_from}" if source.derived_from else None
 
 

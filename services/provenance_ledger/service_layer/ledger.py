@@ -15,16 +15,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.provenance_ledger.adapters.keys import load_or_create_key
 from services.provenance_ledger.adapters.store import LeafRow, LedgerStore
-from services.provenance_ledger.domain.canonical import leaf_bytes, parse_leaf
+from services.provenance_ledger.domain.canonical import canonical_json, leaf_bytes, parse_leaf
 from services.provenance_ledger.domain.lineage import IndexRow, index_rows, model_key
 from services.provenance_ledger.domain.merkle import MerkleTree, ProofError, leaf_hash
 from services.provenance_ledger.domain.receipt import Receipt
 from services.provenance_ledger.domain.tree_head import TreeHead, datetime_to_ms, key_id, public_pem, sign_head
 from services.provenance_ledger.domain.verify import StoredLeaf, VerifyReport, verify_log
 from shared import errors
-from shared.events import Event, LedgerCheckpoint
+from shared.events import Event, LedgerCheckpoint, parse_event
 
 log = logging.getLogger(__name__)
+
+
+def _index_rows_of_leaf(event_type: str, data: bytes, index: int, time_ms: int) -> list[IndexRow]:
+    """A logged leaf's index rows, as the ingest derived them (one that cannot be read is skipped, as there)."""
+    try:
+        return index_rows(parse_event(canonical_json(parse_leaf(data).event)), index, time_ms)
+    except Exception:
+        log.exception("lineage index failed for leaf %d (%s) while deriving the index from the log", index, event_type)
+        return []
 DB_FILE = "ledger.sqlite3"
 
 
@@ -64,6 +73,9 @@ class Ledger:
         directory.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(directory)
         ledger = cls(LedgerStore(directory / DB_FILE, synchronous=synchronous), key, policy or CheckpointPolicy())
+        if ledger.store.pending_backfill:  # an index table newer than the file: derive it from the leaves
+            tables = ", ".join(ledger.store.pending_backfill)
+            log.info("ledger index: %d %s rows derived from the log (%s)", ledger.store.backfill(_index_rows_of_leaf), tables, directory)
         ledger.tree.extend(ledger.store.leaf_hashes())
         ledger.stats.conflicts = ledger.store.conflict_count()  # counted in the file: it survives a restart
         # A quick start-up check: stored hashes against every signed head (the full verify re-hashes).

@@ -108,7 +108,8 @@ def model_lineage(store: LedgerStore, ref: str) -> dict[str, Any]:
             if parent in seen:
                 break
             seen.add(parent)
-            chain.append(_model_view(store, parent, {"name": step["name"], "version": int(step["reference"]) if step["reference"].isdigit() else None}))
+            version = int(step["reference"]) if step["reference"].isascii() and step["reference"].isdigit() else None  # '²'.isdigit()
+            chain.append(_model_view(store, parent, {"name": step["name"], "version": version}))
             step = chain[-1].get("source")
         view["derived_from"] = chain
         view["derivatives"] = [
