@@ -47,8 +47,14 @@ def stack():
 @pytest.fixture(scope="module")
 def admin_key(stack):
     """The stack starts with no API key: make an admin key with the CLI inside the gateway's container."""
-    made = pc.podman("exec", stack["api-gateway"], "strata", "key", "create", "--name", "compose-test", "--scope", "admin")
-    return made.stdout.strip()
+    deadline = time.monotonic() + 90
+    while True:  # aardvark-dns may miss a lookup while containers are still joining the network
+        made = pc.podman("exec", stack["api-gateway"], "strata", "key", "create", "--name", "compose-test", "--scope", "admin",
+                         check=False)
+        if made.returncode == 0:
+            return made.stdout.strip()
+        assert time.monotonic() < deadline, f"strata key create in the gateway's container: {made.stderr.strip()[-1500:]}"
+        time.sleep(3)
 
 
 def strata(key: str, data_dir, *args: str) -> subprocess.CompletedProcess[str]:
