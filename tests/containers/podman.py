@@ -95,8 +95,8 @@ def logs_of(name: str, lines: int = 30) -> str:
 
 
 def down() -> list[str]:
-    """Stop and remove everything the project made (containers, its network, its volumes); returns what
-    is still there afterwards (empty when all went)."""
+    """Stop and remove everything the project made (containers, its network, its volumes: podman-compose
+    1.0.3's `down -v` leaves the network); returns what is still there afterwards (empty when all went)."""
     compose("down", "-v", timeout=300)
     for name in containers().values():  # anything podman-compose left behind
         podman("rm", "-f", "-v", name, check=False, timeout=120)
@@ -105,5 +105,7 @@ def down() -> list[str]:
         podman("volume", "rm", "-f", volume, check=False)
     podman("network", "rm", "-f", f"{PROJECT}_default", check=False)
     left = list(containers().values())
+    if podman("network", "exists", f"{PROJECT}_default", check=False).returncode == 0:
+        left.append(f"network {PROJECT}_default")
     left += podman("volume", "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}", check=False).stdout.split()
     return left
