@@ -55,6 +55,8 @@ if HAS_TRITON:
     # Kernels reduce with these instead of tl.sum / tl.max; on a GPU they are the same objects.
     tsum = _callable_in_interpreter(tl.sum)
     tmax = _callable_in_interpreter(tl.max)
+else:  # the kernels that reduce with them are defined only with Triton; their files still import
+    tsum = tmax = None
 
 
 def check_device(*tensors: torch.Tensor) -> None:
