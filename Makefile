@@ -17,6 +17,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/engine.py --new-tokens 32 --repeat 2
 	$(PY) bench/runtimes.py --repeat 2
 	$(PY) bench/runtimes_http.py --repeat 2
+	$(PY) bench/cpu_linear.py --rounds 3
 	$(PY) bench/attention_ref.py
 	$(PY) bench/grammar.py --rounds 3
 	$(PY) bench/gateway_app.py

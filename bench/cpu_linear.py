@@ -1,7 +1,8 @@
 """The CPU linear a decode step is made of, four ways, on weights bigger than the last-level cache
 (issue #24): how fast each streams the weights at 1, 4 and 8 rows, next to a plain copy's bandwidth.
 
-- bf16 prepacked: the engine's CPU bf16 path (engine/cpu_linear.py, oneDNN's blocked layout);
+- bf16 / fp16 prepacked: the engine's CPU paths (engine/cpu_linear.py: oneDNN's blocked layout for
+  bf16, fbgemm's packed fp16 with fp32 accumulation);
 - bf16 plain: ``F.linear`` on the [N, K] weight, as before;
 - fp16 plain: ``F.linear`` in fp16 (torch's gemv at 1 row, a slow gemm past it);
 - fp32 plain.
@@ -26,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.host import loadavg  # noqa: E402
 from bench.roofline import copy_bandwidth_gbs  # noqa: E402
-from services.inference_worker.engine.cpu_linear import can_pack, pack_weight, packed_linear  # noqa: E402
+from services.inference_worker.engine.cpu_linear import PackedLinear, can_pack  # noqa: E402
 
 ROWS = (1, 4, 8)
 
@@ -37,10 +38,18 @@ def ways(n: int, k: int, mb: int) -> dict:
         count = max(2, mb * 2**20 // (n * k * torch.empty((), dtype=dtype).element_size()))
         return [torch.empty(n, k, dtype=dtype).uniform_(-0.05, 0.05) for _ in range(count)]
 
+    def packed(dtype):
+        linears = []
+        for w in weights(dtype):
+            linear = torch.nn.Linear(k, n, bias=False, dtype=dtype, device="meta").to_empty(device="cpu")
+            linear.weight.data = w
+            linears.append(PackedLinear(linear))
+        return linears
+
     out = {}
-    if can_pack():
-        out["bf16 prepacked"] = ([pack_weight(w) for w in weights(torch.bfloat16)],
-                                 lambda x, w: packed_linear(x, w, None))
+    for dtype, name in ((torch.bfloat16, "bf16 prepacked (oneDNN)"), (torch.float16, "fp16 prepacked (fbgemm)")):
+        if can_pack(dtype):
+            out[name] = (packed(dtype), lambda x, m: m(x))
     out["bf16 plain"] = (weights(torch.bfloat16), F.linear)
     out["fp16 plain"] = (weights(torch.float16), F.linear)
     out["fp32 plain"] = (weights(torch.float32), F.linear)
@@ -67,10 +76,11 @@ def main() -> None:
     print(f"# CPU linear, [{args.n}, {args.k}] weights, {args.mb} MiB per way, {args.threads} thread(s); "
           f"torch {torch.__version__}; load {loadavg()}")
     print(f"copy bandwidth: {bw:.1f} GB/s ({how})")
-    if not can_pack():
-        print("bf16 prepacked: not available here (no oneDNN bf16: needs avx512_bf16 or AMX)")
+    for dtype, needs in ((torch.bfloat16, "oneDNN with avx512_bf16 or AMX"), (torch.float16, "a torch built with fbgemm")):
+        if not can_pack(dtype):
+            print(f"{dtype} prepacked: not available here (needs {needs})")
     table = ways(args.n, args.k, args.mb)
-    xs = {(name, r): torch.randn(r, args.k).to(ws[0].dtype) for name, (ws, _) in table.items() for r in ROWS}
+    xs = {(name, r): torch.randn(r, args.k).to(ws[0].dtype) for name, (ws, _) in table.items() for r in ROWS}  # PackedLinear has .dtype too
     best = {(name, r): float("inf") for name in table for r in ROWS}
     for name, (ws, product) in table.items():  # warm-up: first-call dispatch
         for r in ROWS:
@@ -82,7 +92,7 @@ def main() -> None:
     print("\n| way | " + " | ".join(f"{r} row{'s' * (r > 1)}: GB/s streamed" for r in ROWS) + " |")
     print("|---|" + "---|" * len(ROWS))
     for name, (ws, _) in table.items():
-        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        nbytes = sum(w.nbytes if isinstance(w, PackedLinear) else w.numel() * w.element_size() for w in ws)
         cells = [f"{nbytes / best[name, r] / 1e9:.1f} ({100 * nbytes / best[name, r] / 1e9 / bw:.0f} %)" for r in ROWS]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n(%: of the copy bandwidth above; best of {args.rounds}, ways alternating; load {loadavg()})")
