@@ -14,6 +14,7 @@ from torch import nn
 
 from bench.engine_runners import decode_run
 from bench.roofline import kv_bytes_per_token, percentile, weight_bytes_read_per_step
+from services.inference_worker.engine.cpu_linear import can_pack
 
 ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
@@ -125,3 +126,15 @@ def test_grammar_bench_prints_a_row_per_batch_size():
     for batch in (1, 3):  # free and guided ms/step, overhead, the mask alone in ms and per row
         assert re.search(rf"^\s+{batch}\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}%\s+{NUMBER}\s+{NUMBER}$", proc.stdout, re.M), proc.stdout
     assert "load average before" in proc.stdout and "load average after" in proc.stdout
+
+
+def test_cpu_linear_bench_prints_every_way_at_every_row_count():
+    proc = subprocess.run([sys.executable, "bench/cpu_linear.py", "--n", "64", "--k", "32", "--mb", "1", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ways = ["bf16 plain", "fp16 plain", "fp32 plain"] + [
+        name for dt, name in ((torch.bfloat16, "bf16 prepacked (oneDNN)"), (torch.float16, "fp16 prepacked (fbgemm)"))
+        if can_pack(dt)]
+    for way in ways:
+        assert re.search(rf"\| {re.escape(way)} \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \|",
+                         proc.stdout), proc.stdout
