@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import Invalid
+from services.model_store.domain.checks import json_object
 
 FTYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -57,14 +58,9 @@ def _load(file: Path, key: str) -> np.ndarray:
 def _json_object(path: Path) -> dict:
     """A checkpoint's JSON file (anyone's push): an object, or Unconvertible saying why not."""
     try:
-        value = json.loads(path.read_bytes())
-    except RecursionError:
-        raise Unconvertible(f"{path.name}: not a JSON object (nested too deeply)") from None
+        return json_object(path.read_bytes())
     except ValueError as exc:
-        raise Unconvertible(f"{path.name}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise Unconvertible(f"{path.name}: not a JSON object")
-    return value
+        raise Unconvertible(f"{path.name}: {exc}") from None
 
 
 def check_convertible(cfg: dict, tok: dict) -> None:

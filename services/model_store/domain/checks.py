@@ -170,3 +170,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"key {key!r} appears twice")
         result[key] = value
     return result
+
+
+def json_object(raw: bytes) -> dict:
+    """A JSON object from someone else's file; ValueError saying why it is not one (never a
+    RecursionError traceback for a deeply nested document)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ValueError("not a JSON object (nested too deeply)") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value

@@ -12,7 +12,6 @@ top), so all of them are content-addressed and listed in the signed manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import unicodedata
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.errors import Invalid, NotFound
 from shared.model_source import OLLAMA, ModelSource
 
+from services.model_store.domain.checks import json_object
 from services.model_store.imports import ImportPlan, check_sha256, store_name
 
 DEFAULT_HOST = "registry.ollama.ai"
@@ -136,13 +136,9 @@ def _check_params(ref: str, blob: Path) -> None:
         raise Invalid(f"ollama:{ref}: the params layer {blob} is too large ({size} bytes, at most {MAX_PARAMS_BYTES}); "
                       "nothing was imported")
     try:
-        params = json.loads(blob.read_bytes())
-    except RecursionError:
-        raise Invalid(f"ollama:{ref}: the params layer {blob} is nested too deeply to be Ollama's parameters") from None
+        json_object(blob.read_bytes())
     except ValueError as exc:
-        raise Invalid(f"ollama:{ref}: the params layer {blob} is not JSON ({exc})") from None
-    if not isinstance(params, dict):
-        raise Invalid(f"ollama:{ref}: the params layer {blob} is not a JSON object")
+        raise Invalid(f"ollama:{ref}: the params layer {blob} is {exc}") from None
 
 
 def _license_title(text: str | None) -> str | None:
