@@ -60,6 +60,7 @@ T = TypeVar("T")
 MODELS_SUBJECT = subjects.rpc("inference-worker", "models")
 _NO_RESPONDERS = "503"
 _stream_message: TypeAdapter[Any] = TypeAdapter(StreamMessage)
+CANCEL_FLUSH_S = 5.0  # how long a cancel may take to reach nats-server on a busy machine (see settle)
 _background: set[asyncio.Task[None]] = set()  # cancel publishes outlive a cancelled caller
 
 
@@ -298,8 +299,10 @@ def _loaded(raw: bytes) -> list[LoadedDeployment]:
     return [d for d in loaded.deployments if d.state == "ready"]
 
 
-async def settle(timeout_s: float = 2.0) -> None:
-    """Wait (briefly) for pending clean-ups, such as a cancelled stream's InferenceCancel, to go out."""
+async def settle(timeout_s: float = CANCEL_FLUSH_S + 1) -> None:
+    """Wait for pending clean-ups, such as a cancelled stream's InferenceCancel, to go out: it returns as
+    soon as they have. The bound only matters when NATS does not answer; a caller that then blocks (the
+    chat's input()) would strand a cancel still in nats-py's buffer, so it outlasts the cancel's flush."""
     pending = {t for t in _background if not t.done()}
     if pending:
         await asyncio.wait(pending, timeout=timeout_s)
@@ -309,7 +312,7 @@ async def _send_cancel(nc: Client, cancel_message: InferenceCancel) -> None:
     with contextlib.suppress(Exception):
         if nc.is_connected:
             await nc.publish(CANCEL_SUBJECT, cancel_message.model_dump_json().encode())
-            await nc.flush(timeout=2)
+            await nc.flush(timeout=CANCEL_FLUSH_S)
 
 
 async def _unsubscribe(sub: Any) -> None:
