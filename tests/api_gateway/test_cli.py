@@ -70,6 +70,9 @@ async def test_ctrl_c_in_chat_stops_the_answer_and_cancels_it(nats_server, worke
         sys.executable, "-m", "cli.main", "chat", "tiny", "--nats-url", nats_server.url,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a terminal's foreground program gets Ctrl-C; a test run started in the background (`cmd &` in a
+        # script) passes SIGINT down ignored, and the chat would never see it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         proc.stdin.write(b"hi\n")
