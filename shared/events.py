@@ -356,14 +356,19 @@ class DeployUnloaded(WorkerEvent):
 UnloadReason = Literal["idle", "evicted"]  # undeploy and shutdown say deploy.unloaded, as for any deployment
 
 
-class ModelLoaded(WorkerEvent):
-    """An on-demand deployment was loaded (by a request); its deployment stays deployed when unloaded."""
+class OnDemandEvent(WorkerEvent):
+    """What every on-demand load and unload event names: the replica it happened to."""
 
-    TYPE = "deploy.model_loaded"
     deployment_id: str
     replica: int = Field(default=0, ge=0)
     model: ModelId
     node_id: str
+
+
+class ModelLoaded(OnDemandEvent):
+    """An on-demand deployment was loaded (by a request); its deployment stays deployed when unloaded."""
+
+    TYPE = "deploy.model_loaded"
     device: str
     measured: MeasuredMemory
     load_seconds: float = Field(ge=0)
@@ -372,14 +377,10 @@ class ModelLoaded(WorkerEvent):
     evicted: list[str] = Field(default=[], description="deployment ids unloaded to make room for it")
 
 
-class ModelUnloaded(WorkerEvent):
+class ModelUnloaded(OnDemandEvent):
     """An on-demand deployment's model left memory; the next request loads it again."""
 
     TYPE = "deploy.model_unloaded"
-    deployment_id: str
-    replica: int = Field(default=0, ge=0)
-    model: ModelId
-    node_id: str
     device: str
     reason: UnloadReason
     idle_seconds: float = Field(default=0.0, ge=0)
@@ -388,15 +389,11 @@ class ModelUnloaded(WorkerEvent):
     for_deployment: str | None = Field(default=None, description="evicted: the deployment that needed the memory")
 
 
-class ModelLoadFailed(WorkerEvent):
+class ModelLoadFailed(OnDemandEvent):
     """Loading an on-demand deployment failed, or found no room (busy models hold it); nothing of it
     stays in memory. A load past the worker's time-out is not a failure: it goes on."""
 
     TYPE = "deploy.model_load_failed"
-    deployment_id: str
-    replica: int = Field(default=0, ge=0)
-    model: ModelId
-    node_id: str
     reason: str
     request_id: str | None = None
 
