@@ -77,28 +77,25 @@ def paged_decode_attention_ref(
     _check(q, k_cache, v_cache, block_tables, context_lens, window, softcap)
     B, n_q, d = q.shape
     _, block_size, n_kv, _ = k_cache.shape
-    group = n_q // n_kv
     blocks, masked, n_slots = _plan(block_tables, context_lens, window, block_size, k_cache.shape[0])
-    invalid = masked[:, :, None]
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:
-        # Slots outside the context or the window may hold anything, NaN included (a cache from
-        # torch.empty, a reused block), and a masked NaN still poisons the sum (0 * NaN), so
-        # zero them.
-        rows = cache.index_select(0, blocks).view(B, n_slots, n_kv * d).masked_fill_(invalid, 0.0)
-        return rows.view(B, n_slots, n_kv, d).transpose(1, 2).float()  # [B, n_kv, slots, d]
-
-    k, v = gather(k_cache), gather(v_cache)
+    # On CPU this function is the serving path, and a decode step runs it once a layer: each torch op
+    # here costs a few microseconds whatever its size, so it is written in as few ops as it takes (#24).
+    # Gathered slots outside the context or the window may hold anything, NaN included (a cache from
+    # torch.empty, a reused block). A K slot's score is overwritten by the mask; a V slot is
+    # multiplied by its zero weight, and 0 * NaN is NaN, so V's are zeroed.
+    k = k_cache.index_select(0, blocks).view(B, n_slots, n_kv, d).float()
+    v = v_cache.index_select(0, blocks).view(B, n_slots, n_kv * d).masked_fill_(masked[:, :, None], 0.0)
+    v = v.view(B, n_slots, n_kv, d).float()
     # GQA without repeating K/V: the `group` query heads that share kv head h (q head i uses kv
     # head i // group) become `group` query rows of that head.
-    qf = q.float().reshape(B, n_kv, group, d)
-    scores = (qf @ k.transpose(-1, -2)) * scale  # [B, n_kv, group, slots]
+    qf = q.view(B, n_kv, n_q // n_kv, d).float()
+    scores = torch.matmul(qf, k.permute(0, 2, 3, 1)).mul_(scale)  # [B, n_kv, group, slots]
     if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    probs = scores.masked_fill(masked[:, None, None, :], float("-inf")).softmax(-1)
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    probs = scores.masked_fill_(masked[:, None, None, :], float("-inf")).softmax(-1)
     # an empty context (context_len 0) masks every slot: its softmax is 0/0, the answer is zeros
-    out = probs.nan_to_num_(0.0) @ v
-    return out.reshape(B, n_q, d).to(q.dtype)
+    out = torch.matmul(probs.nan_to_num_(0.0), v.transpose(1, 2))
+    return out.view(B, n_q, d).to(q.dtype)
 
 
 # The last plan and what it was made from. Every layer of one decode step passes the same block_tables
