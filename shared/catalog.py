@@ -22,13 +22,13 @@ checkpoint directory, and verifies every digest and the signature before it retu
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from shared.canonical import canonical_json  # model-store's callers import it from here, too
 from shared.errors import Invalid
 from shared.events import ModelId, utcnow
 from shared.model_source import ModelSource
@@ -136,13 +136,6 @@ class DatasetManifest(_Frozen):
     license: str | None = None
     description: str | None = None
     created: datetime = Field(default_factory=utcnow)
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no spaces, UTF-8: the bytes every digest and signature is computed over."""
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def manifest_digest(manifest: ModelManifest | DatasetManifest | dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ the CLI and hardware-inventory's admission policy verify with the functions here
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from typing import Any
 
@@ -20,9 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.catalog import (
     DATASET_PREDICATE_TYPE, DSSE_PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, DatasetManifest, ModelManifest,
-    PublicKey, ResolvedModel, canonical_json, manifest_digest,
+    PublicKey, ResolvedModel, manifest_digest,
 )
+from shared.canonical import canonical_json
 from shared.errors import StrataError
+from shared.signing_keys import key_id
 
 
 class VerificationError(StrataError):
@@ -45,11 +46,6 @@ def statement(manifest: ModelManifest | DatasetManifest) -> dict[str, Any]:
         "predicateType": predicate_type,
         "predicate": manifest.model_dump(mode="json"),
     }
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
 
 
 def public_key_info(public: Ed25519PublicKey) -> PublicKey:

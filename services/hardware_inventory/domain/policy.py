@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.catalog import ModelManifest, ResolvedModel
-from shared.dsse import VerificationError, envelope_key_ids, key_id, verify_resolved
+from shared.dsse import VerificationError, envelope_key_ids, verify_resolved
 from shared.errors import StrataError
 from shared.events import PolicyRuleResult
+from shared.signing_keys import key_id
 
 SIGNATURE, DATASETS, LICENSES = "require_signature", "require_datasets", "allowed_licenses"
 

@@ -6,18 +6,17 @@ uses; the names are re-exported here for model-store's callers.
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.catalog import DSSE_PAYLOAD_TYPE, DatasetManifest, ModelManifest, PublicKey, canonical_json
+from shared.canonical import canonical_json
+from shared.catalog import DSSE_PAYLOAD_TYPE, DatasetManifest, ModelManifest, PublicKey
 from shared.dsse import (  # noqa: F401  (re-exported)
-    VerificationError, key_id, load_public_key, pae, public_key_info, statement, verify_envelope,
+    VerificationError, load_public_key, pae, public_key_info, statement, verify_envelope,
 )
-from shared.errors import StrataError
+from shared.signing_keys import key_id, load_or_create_private_key
 
 
 class Signer:
@@ -30,25 +29,7 @@ class Signer:
 
     @classmethod
     def load_or_create(cls, path: Path) -> Signer:
-        if not path.exists():
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-            try:
-                os.link(tmp, path)  # atomic: of two processes starting together, the first key wins
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise StrataError(f"{path}: not an Ed25519 private key")
-        return cls(key)
+        return cls(load_or_create_private_key(path))
 
     def public_key_info(self) -> PublicKey:
         return public_key_info(self.public)

@@ -1,7 +1,7 @@
 """The bytes of a leaf: canonical JSON, the same on every machine.
 
-A leaf is ``{"event": <the envelope as published>, "index": <leaf index>}`` serialised with sorted
-keys, no whitespace and UTF-8 (``ensure_ascii=False``). The envelope is the event exactly as it was
+A leaf is ``{"event": <the envelope as published>, "index": <leaf index>}`` as canonical JSON
+(shared/canonical.py: sorted keys, no whitespace, UTF-8 with ``ensure_ascii=False``). The envelope is the event exactly as it was
 published (parsed from the stored bytes and re-serialised, so key order and spacing of the publisher
 do not matter). The index inside the leaf binds each event to its position: a row moved to another
 place in storage says so itself, and a receipt cannot be replayed for another index.
@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
+from shared.canonical import canonical_json
+
 LEAF_FORMAT = "strata.ledger.leaf.v1"
 _PLAIN, _MARKED = {"event", "index"}, {"event", "index", "conflict_of"}
 
@@ -25,10 +27,6 @@ class Leaf(NamedTuple):
     event: dict[str, Any]
     index: int
     conflict_of: int | None  # the first leaf with this event id, when this one reuses it with other content
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def leaf_bytes(envelope: dict[str, Any], index: int, conflict_of: int | None = None) -> bytes:

@@ -2,19 +2,20 @@
 
 The signed bytes are a fixed, versioned text so any tool can rebuild them:
 ``strata.ledger.sth.v1\\n<key id>\\n<tree size>\\n<root hash hex>\\n<timestamp ms>\\n``. The key id is
-the first 16 bytes (hex) of SHA-256 over the raw 32-byte public key.
+``short_key_id`` (shared/signing_keys.py): the first 16 bytes (hex) of SHA-256 over the raw 32-byte public key.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 from datetime import datetime, timedelta, timezone
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
+
+from shared.signing_keys import short_key_id
 
 STH_FORMAT = "strata.ledger.sth.v1"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -51,12 +52,6 @@ def ms_to_datetime(ms: int) -> datetime:
     return _EPOCH + ms * _MS
 
 
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:32]
-
-
 def public_pem(public_key: Ed25519PublicKey) -> str:
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
@@ -72,7 +67,7 @@ def load_public_pem(pem: str | bytes) -> Ed25519PublicKey:
 
 
 def sign_head(private_key: Ed25519PrivateKey, tree_size: int, root: bytes, timestamp_ms: int) -> TreeHead:
-    kid = key_id(private_key.public_key())
+    kid = short_key_id(private_key.public_key())
     root_hex = root.hex()
     signature = private_key.sign(signed_bytes(kid, tree_size, root_hex, timestamp_ms))
     return TreeHead(
@@ -83,8 +78,8 @@ def sign_head(private_key: Ed25519PrivateKey, tree_size: int, root: bytes, times
 
 def head_signature_problem(head: TreeHead, public_key: Ed25519PublicKey) -> str | None:
     """None when ``head`` carries a valid signature by ``public_key``; else why not."""
-    if head.key_id != key_id(public_key):
-        return f"signed by key {head.key_id}, not by this ledger key {key_id(public_key)}"
+    if head.key_id != short_key_id(public_key):
+        return f"signed by key {head.key_id}, not by this ledger key {short_key_id(public_key)}"
     try:
         signature = base64.b64decode(head.signature, validate=True)
     except ValueError:

@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse, Response
 from services.provenance_ledger.adapters.ingest import ACK_WAIT_S, EventIngest
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.tree_head import key_id, ms_to_datetime
+from services.provenance_ledger.domain.tree_head import ms_to_datetime
 from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.entrypoints.access import only_requests_of, receipt_caller
 from services.provenance_ledger.entrypoints.api import (
@@ -32,6 +32,7 @@ from shared.config import Settings
 from shared.events import LedgerCheckpoint, TamperDetected
 from shared.http_errors import error_responses
 from shared.service import Service
+from shared.signing_keys import short_key_id
 
 log = logging.getLogger(__name__)
 NAME = "provenance-ledger"
@@ -160,7 +161,7 @@ class LedgerApp:
         return [AuditEntry(**r) for r in rows]
 
     def public_key(self) -> PublicKey:
-        return PublicKey(pem=self.lg.public_key_pem, key_id=key_id(self.lg.key.public_key()))
+        return PublicKey(pem=self.lg.public_key_pem, key_id=short_key_id(self.lg.key.public_key()))
 
     def stats(self) -> LedgerStats:
         lg, ing = self.lg, self.ingest

@@ -15,14 +15,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.provenance_ledger.adapters.keys import load_or_create_key
 from services.provenance_ledger.adapters.store import LeafRow, LedgerStore
-from services.provenance_ledger.domain.canonical import canonical_json, leaf_bytes, parse_leaf
+from services.provenance_ledger.domain.canonical import leaf_bytes, parse_leaf
 from services.provenance_ledger.domain.lineage import IndexRow, index_rows, model_key
 from services.provenance_ledger.domain.merkle import MerkleTree, ProofError, leaf_hash
 from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.tree_head import TreeHead, datetime_to_ms, key_id, public_pem, sign_head
+from services.provenance_ledger.domain.tree_head import TreeHead, datetime_to_ms, public_pem, sign_head
 from services.provenance_ledger.domain.verify import StoredLeaf, VerifyReport, verify_log
 from shared import errors
+from shared.canonical import canonical_json
 from shared.events import Event, LedgerCheckpoint, parse_event
+from shared.signing_keys import short_key_id
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class Ledger:
 
     @property
     def key_id(self) -> str:
-        return key_id(self.key.public_key())
+        return short_key_id(self.key.public_key())
 
     @property
     def public_key_pem(self) -> str:
