@@ -46,7 +46,6 @@ DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 ALIAS_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 _REF = re.compile(rf"^(?P<name>{NAME_PATTERN})(?::(?P<version>[0-9]{{1,9}})|@(?P<alias>{ALIAS_PATTERN}))?$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
@@ -163,10 +162,6 @@ def parse_ref(ref: str) -> ModelRef:
     return ModelRef(name=match["name"], version=int(version) if version else None, alias=match["alias"])
 
 
-def is_sha256_hex(value: str) -> bool:
-    return bool(_SHA256.match(value))
-
-
 # -- RPC bodies ------------------------------------------------------------------------------
 
 
@@ -278,11 +273,6 @@ class AliasResult(BaseModel):
     model: ModelId
     alias: str
     previous_version: int | None = None
-
-
-class DeleteRequest(BaseModel):
-    ref: str = Field(min_length=1)
-    all_versions: bool = Field(default=False, description="with a bare NAME: delete every version")
 
 
 class DeleteResult(BaseModel):

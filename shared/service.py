@@ -113,10 +113,6 @@ class Service:
         self.consumer = bus.EventConsumer(service=self.name, durable=durable or self.name, filter_subject=filter_subject, **options)
         return self.consumer
 
-    async def log_event(self, event: Event[Any]) -> None:
-        """Seen and acknowledged; for reactions whose real behaviour another issue brings."""
-        logging.getLogger(self.name).debug("received %s %s from %s", event.type, event.id, event.source.service)
-
     async def publish(self, data: EventData, *, event_id: str | None = None) -> Event[Any]:
         """Publish one of this service's own events (each event type has exactly one publisher)."""
         if data.PUBLISHER != self.name:

@@ -25,7 +25,7 @@ def run_to_end(sch: Scheduler, seqs, max_steps: int = 500) -> list[int]:
         sch.add(s)
     used = []
     for _ in range(max_steps):
-        if not sch.has_work():
+        if not (sch.waiting or sch.running):
             return used
         batch = sch.schedule()
         owned = [b for s in sch.running for b in s.block_table if b != NULL_BLOCK]

@@ -6,7 +6,6 @@ reads a JSON file (``STRATA_INVENTORY_PROBE_FILE``) so that tests and demos scri
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -188,7 +187,3 @@ def nvml_utilisation() -> list[tuple[DeviceInfo, float]]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def write_probe(path: Path, probe: ProbeResult) -> None:
-    path.write_text(json.dumps(probe.model_dump(mode="json"), indent=2))
