@@ -29,13 +29,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from shared import subjects
 from shared.errors import Invalid
 from shared.events import ModelId, utcnow
 from shared.model_source import ModelSource
 
 SERVICE = "model-store"
-BLOB_BUCKET = "strata-blobs"
-CATALOG_BUCKET = "strata-catalog"
+BLOB_BUCKET, CATALOG_BUCKET = subjects.BLOB_BUCKET, subjects.CATALOG_BUCKET
 
 # In-toto / DSSE shapes, the ones OpenSSF model-signing uses.
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
