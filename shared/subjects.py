@@ -31,6 +31,17 @@ def is_event(subject: str) -> bool:
     return subject.startswith(("evt.", "live."))
 
 
+def matches(pattern: str, subject: str) -> bool:
+    """Whether a subscription on ``pattern`` (NATS wildcards ``*`` and ``>``) hears ``subject``."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(want) == len(got)
+
+
 def events_of(domain: str) -> str:
     """Every persistent event of one domain: ``evt.<domain>.>``."""
     return f"evt.{domain}.>"

@@ -18,6 +18,7 @@ contract names it without importing it, so that shared/ never imports a service.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,7 +43,7 @@ def resolve(ref: str | TypeRef) -> Any:
 
 def type_name(ref: str | TypeRef) -> str:
     if isinstance(ref, str):
-        return ref.rpartition(":")[2]
+        return re.sub(r"[\w.]+:", "", ref)  # "list[module:AuditEntry]" -> "list[AuditEntry]"
     return getattr(ref, "__name__", None) or str(ref).replace("typing.", "")
 
 

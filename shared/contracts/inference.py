@@ -13,7 +13,7 @@ SERVICE = "inference-worker"
 _WORKER = "services.inference_worker.service_layer.worker:Worker"
 
 MODELS = RpcOp(SERVICE, "models", LoadedModelsRequest, LoadedModels, f"{_WORKER}.loaded",
-               "what this worker holds; every worker answers (no queue group) and the caller gathers them",
+               "what this worker holds",
                every_replica=True)
 
 DEPLOYS = Consumes(f"{SERVICE}-{{node}}", subjects.DEPLOY_EVENTS, {
