@@ -13,7 +13,7 @@ RPC subjects (``rpc.model-store.<op>``), each a ``shared.rpc`` typed call:
 - ``dataset``     DatasetRequest -> ResolvedDataset (by digest or name)
 - ``public_key``  PublicKeyRequest -> PublicKey
 
-Worker side: ``services.model_store.fetch.fetch_model(nc, ref_or_resolved, cache_dir, *, public_key=None)
+Worker side: ``shared.model_fetch.fetch_model(nc, ref_or_resolved, cache_dir, *, public_key=None)
 -> LocalModel(path, resolved)`` pulls the blobs into ``cache_dir/blobs/<sha256>``, materialises the
 checkpoint directory, and verifies every digest and the signature before it returns
 (``VerificationError`` names the file otherwise).
