@@ -101,7 +101,7 @@ async def bench_end_to_end(dirpath: Path, raws: list[bytes]) -> float | str:
         js = nc.jetstream()
         await bus.ensure_streams(js)
         for b in range(0, len(raws), 500):  # fill the stream first: this measures the ledger's side
-            await asyncio.gather(*(js.publish("evt.inference.completed", r) for r in raws[b : b + 500]))
+            await asyncio.gather(*(js.publish(InferenceCompleted.subject(), r) for r in raws[b : b + 500]))
         ledger = Ledger.open(dirpath / "ledger")
         ingest = EventIngest(nc, ledger, batch=BATCH)
         start = time.perf_counter()

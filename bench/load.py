@@ -131,7 +131,7 @@ async def deploy(nats_url: str, data_dir: Path, timings: dict) -> float:
 async def warm_fetch(nats_url: str, cache: Path) -> float:
     import nats
 
-    from services.model_store.fetch import fetch_model
+    from shared.model_fetch import fetch_model
 
     nc = await nats.connect(nats_url)
     try:

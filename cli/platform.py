@@ -113,29 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def subject_table() -> str:
-    from shared.events import EventData
+    from shared.contracts.subjects_doc import subjects_markdown
 
-    rows = [
-        f"| `{cls.subject()}` | {cls.PUBLISHER} | {cls.VERSION} | {'yes' if cls.PERSISTENT else 'no (live telemetry)'} |"
-        for _, cls in sorted(EventData.registry.items())
-    ]
-    return "\n".join([
-        "# Subject ownership",
-        "",
-        "Generated from `shared/events.py` (each event class's `PUBLISHER`) by `strata subjects`.",
-        "Each event type has exactly one publisher; `Service.publish` refuses any other, and the NATS",
-        "permissions (per-service credentials) are to enforce the same table on the server.",
-        "",
-        "| subject | publisher | schema version | kept in EVENTS |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "Other subjects: `infer.request.<model>` (request-reply to workers; `infer.request.<model>.gateway`",
-        "and `infer.embed.<model>.gateway`: requests that name the API key that asked, the api-gateway's only), `infer.jobs.<model>` (batch",
-        "jobs), `rpc.<service>.<op>` (service RPC, e.g. `rpc.model-store.health`), `dlq.<service>` (dead",
-        "letters, stream DEADLETTER).",
-        "",
-    ])
+    return subjects_markdown()
 
 
 async def _health(nats_url: str | None, timeout: float, data_dir: Path | None = None) -> int:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from fastapi import FastAPI, Security
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nats.errors import Error as NatsError
@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from shared import errors
 from shared.apikey_store import KeyStore
 from shared.apikeys import ApiKeyRecord, Scope
-from shared.service import Health, Service
+from shared.service import Health, Service, service_of
 
 AuthMode = Literal["open", "api-keys"]
 bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", bearerFormat="sk-strata-…",
@@ -110,6 +110,7 @@ def protect(service: Service, *, create_bucket: bool = False, local_keys: list[s
         await auth.start(service.broker.connection.jetstream(), create=create_bucket, local_keys=local_keys)
 
     service.on_start(open_api_keys)
+    service.provide(auth)  # module-level routes find it: Depends(require("admin"))
     service.http.description = f"{service.http.description} {OPEN_ROUTES_NOTE}".strip()
     if health:
         drop_route(service.http, "/healthz")
@@ -122,6 +123,17 @@ def protect(service: Service, *, create_bucket: bool = False, local_keys: list[s
             return JSONResponse(body.model_dump(mode="json"), status_code=200 if base.status == "ok" else 503)
 
     return auth
+
+
+def require(scope: Scope) -> Callable[..., Awaitable[ApiKeyRecord | None]]:
+    """``KeyAuth.require`` for module-level routes: the key store of the service that serves the route
+    (``protect`` provides it)."""
+
+    async def api_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> ApiKeyRecord | None:
+        return await service_of(request).part(KeyAuth).check(credentials.credentials if credentials else None, scope)
+
+    api_key.__name__ = f"require_{scope}_key"
+    return api_key
 
 
 def drop_route(app: FastAPI, path: str) -> None:

@@ -13,7 +13,7 @@ RPC subjects (``rpc.model-store.<op>``), each a ``shared.rpc`` typed call:
 - ``dataset``     DatasetRequest -> ResolvedDataset (by digest or name)
 - ``public_key``  PublicKeyRequest -> PublicKey
 
-Worker side: ``services.model_store.fetch.fetch_model(nc, ref_or_resolved, cache_dir, *, public_key=None)
+Worker side: ``shared.model_fetch.fetch_model(nc, ref_or_resolved, cache_dir, *, public_key=None)
 -> LocalModel(path, resolved)`` pulls the blobs into ``cache_dir/blobs/<sha256>``, materialises the
 checkpoint directory, and verifies every digest and the signature before it returns
 (``VerificationError`` names the file otherwise).
@@ -28,14 +28,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from shared import subjects
 from shared.canonical import canonical_json  # model-store's callers import it from here, too
 from shared.errors import Invalid
 from shared.events import ModelId, utcnow
 from shared.model_source import ModelSource
 
 SERVICE = "model-store"
-BLOB_BUCKET = "strata-blobs"
-CATALOG_BUCKET = "strata-catalog"
+BLOB_BUCKET, CATALOG_BUCKET = subjects.BLOB_BUCKET, subjects.CATALOG_BUCKET
 
 # In-toto / DSSE shapes, the ones OpenSSF model-signing uses.
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

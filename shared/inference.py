@@ -32,6 +32,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
                       model_validator)
 
+from shared import subjects
 from shared.events import ModelId, new_id
 from shared.prompt_commitment import SALT_PATTERN, prompt_bytes
 from shared.structured import MAX_TOOLS, ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice, check_tools
@@ -44,9 +45,8 @@ WIRE_OPTIONAL = ("presence_penalty", "frequency_penalty", "repetition_penalty", 
 REQUEST_WIRE_OPTIONAL = ("tools", "tool_choice", "parallel_tool_calls")
 KEEPALIVE_S = 1.0
 SILENCE_TIMEOUT_S = 10.0
-CANCEL_SUBJECT = "infer.cancel"
-JOBS_STREAM = "JOBS"
-RESULTS_STREAM = "RESULTS"
+CANCEL_SUBJECT = subjects.CANCEL
+JOBS_STREAM, RESULTS_STREAM = subjects.JOBS_STREAM, subjects.RESULTS_STREAM
 
 
 class _OptionalOnWire(BaseModel):

@@ -24,9 +24,9 @@ RESULTS_MAX_AGE_S = 24 * 3600.0
 
 def job_stream_configs(replicas: int = 1) -> list[StreamConfig]:
     return [
-        StreamConfig(name=JOBS_STREAM, subjects=["infer.jobs.>"], retention=RetentionPolicy.WORK_QUEUE,
+        StreamConfig(name=JOBS_STREAM, subjects=[subjects.INFERENCE_JOBS_ALL], retention=RetentionPolicy.WORK_QUEUE,
                      storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas),
-        StreamConfig(name=RESULTS_STREAM, subjects=["infer.results.>"], retention=RetentionPolicy.LIMITS,
+        StreamConfig(name=RESULTS_STREAM, subjects=[subjects.INFERENCE_RESULTS_ALL], retention=RetentionPolicy.LIMITS,
                      storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW_S, max_age=RESULTS_MAX_AGE_S,
                      max_msgs_per_subject=1, num_replicas=replicas),
     ]

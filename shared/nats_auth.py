@@ -1,8 +1,8 @@
-"""Per-role NATS credentials and permissions, derived from the subject ownership table.
+"""Per-role NATS credentials and permissions, derived from the service contracts (shared/contracts).
 
 Each service connects as its own user. It may publish only the events whose ``PUBLISHER`` it is
 (``shared/events.py``, the table in infra/SUBJECTS.md), its dead letters, the RPCs and inference
-subjects it calls, and writes to the KV buckets / object stores it owns. Its JetStream API access is
+subjects its contract calls and sends, and writes to the KV buckets / object stores it owns. Its JetStream API access is
 stream info on what it looks up and consumers on what it reads, never on another role's durables;
 no service may create, update or delete a stream, KV bucket or object store, nor purge one it does not
 alone write (model-store purges its blob store's partial objects). ``admin`` is
@@ -33,25 +33,21 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from shared import subjects
 from shared.catalog import BLOB_BUCKET, CATALOG_BUCKET
 from shared.config import SERVICES
+from shared.contracts import Contract, contracts
 from shared.events import EventData
-from shared.inference import CANCEL_SUBJECT, JOBS_STREAM, RESULTS_STREAM
+from shared.inference import JOBS_STREAM, RESULTS_STREAM
 
 CLIENT, APP, OPERATOR, ADMIN = "client", "app", "operator", "admin"
 # A model's request subjects with nothing after the model: the attributed ones (subjects.ATTRIBUTED, one
 # token more) are the api-gateway's alone.
-PLAIN_REQUESTS = ("infer.request.*", "infer.embed.*")
+PLAIN_REQUESTS = (subjects.inference_requests(any_suffix=False), subjects.embedding_requests(any_suffix=False))
 USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
 INBOX = "_INBOX"
-INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = "strata-inventory", "strata-api-keys", "strata-quotas"
+INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = subjects.INVENTORY_BUCKET, subjects.API_KEYS_BUCKET, subjects.QUOTAS_BUCKET
 EVENT_STREAMS = (subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM)
 
 
-def kv_stream(bucket: str) -> str:
-    return f"KV_{bucket}"
-
-
-def obj_stream(bucket: str) -> str:
-    return f"OBJ_{bucket}"
+kv_stream, obj_stream = subjects.kv_stream, subjects.obj_stream
 
 
 # Every stream, KV bucket and object store the platform uses: `strata up` creates them as ADMIN
@@ -72,63 +68,36 @@ class Needs:
     purges: tuple[str, ...] = ()  # streams it may purge: only a store it alone writes (its partial objects)
 
 
-_EVENTS, _DEAD = subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM
+def needs_of(contract: Contract) -> Needs:
+    """A service's needs, from its contract: the streams of its events and stores, the durables it names,
+    its stores' writes, the RPC ops it calls and what it sends, its core subscriptions."""
+    streams = (*contract.event_streams, *(store.stream for store in contract.stores))
+    return Needs(
+        looks_up=streams, reads=streams,
+        durables=tuple((c.stream, c.durable) for c in contract.consumes if "{" not in c.durable),
+        publish=tuple(dict.fromkeys((*(s.writes for s in contract.stores if s.writes), *(op.subject for op in contract.calls),
+                                     *contract.sends))),
+        subscribe=tuple(dict.fromkeys(s.permission for s in contract.subscriptions)),
+        purges=tuple(store.stream for store in contract.stores if store.purges),
+    )
+
+
 NEEDS: dict[str, Needs] = {
-    "model-store": Needs(
-        looks_up=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET), kv_stream(API_KEYS_BUCKET)),
-        reads=(*EVENT_STREAMS, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET), kv_stream(API_KEYS_BUCKET)),
-        publish=(f"$KV.{CATALOG_BUCKET}.>", f"$O.{BLOB_BUCKET}.>"),
-        # The Object Store removes an object's chunks (a put that failed part-way, a replaced or deleted
-        # blob) with a purge filtered to the chunks' subject. NATS cannot restrict the filter, so this
-        # lets model-store purge its whole blob store: no more than its writes to $O.strata-blobs.> allow.
-        purges=(obj_stream(BLOB_BUCKET),),
-    ),
-    "hardware-inventory": Needs(
-        looks_up=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET)),
-        reads=(*EVENT_STREAMS, kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET)),
-        durables=((_EVENTS, "hardware-inventory"), (_EVENTS, "hardware-inventory-nodes")),
-        publish=(f"$KV.{INVENTORY_BUCKET}.>", subjects.rpc("model-store", "resolve")),
-        subscribe=("evt.deploy.>", subjects.event("node.heartbeat", persistent=False)),
-    ),
-    "inference-worker": Needs(
-        looks_up=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, obj_stream(BLOB_BUCKET)),
-        # Reads blobs (never writes them): a worker cannot change what it is about to verify. Its durables
-        # are named per node and per model (inference-worker-<node>, jobs-<model>): not listed here.
-        reads=(*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, obj_stream(BLOB_BUCKET)),
-        publish=(subjects.rpc("model-store", "resolve"), subjects.rpc("model-store", "public_key"),
-                 subjects.rpc("hardware-inventory", "assigned"), "infer.results.>"),
-        subscribe=("infer.request.>", "infer.embed.>", CANCEL_SUBJECT),
-    ),
-    "provenance-ledger": Needs(
-        reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)), looks_up=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET)),
-        durables=((_EVENTS, "provenance-ledger-log"),),
-    ),
-    "monitor": Needs(
-        durables=((_EVENTS, "monitor"), (_DEAD, "monitor-dead-letters")),
-        subscribe=(subjects.event("node.heartbeat", persistent=False),),
-    ),
-    "api-gateway": Needs(
-        looks_up=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
-        # Reads the API keys, never writes them: a compromised edge must not mint an admin key.
-        reads=(*EVENT_STREAMS, kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET), RESULTS_STREAM),
-        publish=(f"$KV.{QUOTAS_BUCKET}.>", "infer.request.>", "infer.embed.>", "infer.jobs.>", CANCEL_SUBJECT,
-                 subjects.rpc("inference-worker", "models")),
-        subscribe=(subjects.event("inference.completed"),),  # token reservations are settled from these
-    ),
+    **{service: needs_of(contract) for service, contract in contracts().items()},
     CLIENT: Needs(
         looks_up=(subjects.EVENTS_STREAM, RESULTS_STREAM),
         reads=(subjects.EVENTS_STREAM, RESULTS_STREAM),
-        publish=("rpc.>", *PLAIN_REQUESTS, "infer.jobs.>", CANCEL_SUBJECT),
+        publish=(subjects.RPC_ALL, *PLAIN_REQUESTS, subjects.INFERENCE_JOBS_ALL, subjects.CANCEL),
         subscribe=(subjects.EVENTS_ALL, subjects.LIVE_ALL),
     ),
     # A user's program: requests, embeddings and jobs, and the results of jobs (RESULTS), replies on its own inbox
     # prefix. No event, RPC, cancel or stream change: the CLI's `client` reach, less all but inference.
     # RESULTS is not fenced per request id: an app program can read every job's result (operations.md).
     APP: Needs(looks_up=(RESULTS_STREAM,), reads=(RESULTS_STREAM,),
-               publish=(*PLAIN_REQUESTS, "infer.jobs.>")),
+               publish=(*PLAIN_REQUESTS, subjects.INFERENCE_JOBS_ALL)),
     # `strata key`: the one writer of API key records.
     OPERATOR: Needs(looks_up=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
-                    publish=(f"$KV.{API_KEYS_BUCKET}.>",)),
+                    publish=(subjects.kv_writes(API_KEYS_BUCKET),)),
     # `strata up`'s bootstrap credential: creates, updates and deletes streams, buckets and object stores.
     ADMIN: Needs(looks_up=(), reads=(), publish=("$JS.API.>",)),
 }
@@ -209,7 +178,7 @@ def permissions(role: str) -> Permissions:
         subscribe.append(f"{inbox_prefix(role)}.>")
     if role in SERVICE_ROLES:
         publish.append(subjects.dead_letter(role))
-        subscribe.append(f"rpc.{role}.>")
+        subscribe.append(subjects.rpc_all(role))
     return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)),
                        tuple(dict.fromkeys(others_durables(role))), tuple(subscribe_deny))
 
@@ -225,7 +194,7 @@ def may_purge(role: str, stream: str) -> bool:
 
 
 def may_write_api_keys(role: str) -> bool:
-    return f"$KV.{API_KEYS_BUCKET}.>" in permissions(role).publish
+    return subjects.kv_writes(API_KEYS_BUCKET) in permissions(role).publish
 
 
 # -- credentials on disk -----------------------------------------------------------------------
@@ -340,8 +309,8 @@ def permissions_table() -> str:
     rows = []
     for role in ROLES:
         perms, needs = permissions(role), NEEDS[role]
-        events = [s for s in perms.publish if s.startswith(("evt.", "live."))]
-        other = [s for s in perms.publish if not s.startswith(("evt.", "live.", "$JS.", f"{INBOX}."))]
+        events = [s for s in perms.publish if subjects.is_event(s)]
+        other = [s for s in perms.publish if not subjects.is_event(s) and not s.startswith(("$JS.", f"{INBOX}."))]
         stream_admin = ("**create, update, delete every stream and bucket**" if may_administer(role)
                         else f"purge {cell(list(needs.purges))}" if needs.purges else "none")
         consumers = cell(list(needs.reads)) if needs.reads else "—"

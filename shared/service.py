@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
+from shared.contracts import Contract, resolve
 from shared.events import Event, EventData, Source, make_event
 from shared.service_metrics import HttpMetrics, ServiceMetrics
 from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip_http_telemetry
@@ -29,6 +30,7 @@ from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip
 VERSION = "0.1.0"
 Hook = Callable[[], Awaitable[None]]
 RpcHandler = Callable[[Any], Awaitable[Any]]
+P = TypeVar("P")
 
 
 class ConsumerHealth(BaseModel):
@@ -72,6 +74,8 @@ class Service:
         self.metrics.counters("strata_events", "Events this service's consumer took, by outcome", ["outcome"],
                               self._consumer_counts)
         self.ready = False
+        self._parts: dict[type, object] = {}  # what the start hooks built: provide() / part()
+        self.http.state.service = self  # module-level routes reach the parts through the request (part_of)
         self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)
         self._started = time.monotonic()
         self._on_start: list[Hook] = []
@@ -121,9 +125,10 @@ class Service:
         await bus.publish(self.broker, event)
         return event
 
-    def rpc(self, op: str, request_type: type[BaseModel]) -> Callable[[RpcHandler], RpcHandler]:
+    def rpc(self, op: str, request_type: type[BaseModel], *, every_replica: bool = False) -> Callable[[RpcHandler], RpcHandler]:
         """Serve ``rpc.<service>.<op>``: ``@service.rpc("resolve", ResolveRequest)`` over
-        ``async def resolve(request) -> result``; errors go back typed (see shared/rpc.py)."""
+        ``async def resolve(request) -> result``; errors go back typed (see shared/rpc.py).
+        ``every_replica``: no queue group, every replica answers (the caller gathers the replies)."""
 
         def register(handler: RpcHandler) -> RpcHandler:
             async def receive(msg: NatsMessage) -> bytes:
@@ -133,10 +138,45 @@ class Service:
                 return reply
 
             receive.__name__ = f"rpc_{op}"
-            self.broker.subscriber(subjects.rpc(self.name, op), queue=self.name, title=f"{self.name}:{op}")(receive)
+            queue = None if every_replica else self.name
+            self.broker.subscriber(subjects.rpc(self.name, op), queue=queue, title=f"{self.name}:{op}")(receive)
             return handler
 
         return register
+
+    def serve(self, contract: Contract) -> None:
+        """Serve the contract's RPC ops, each by the handler named next to it: a module-level
+        ``async def op(service, request)``, or ``Class.method`` of a part this service provides."""
+        for op in contract.rpc:
+            self.rpc(op.op, resolve(op.request), every_replica=op.every_replica)(self._bind(op.handler))
+
+    def _bind(self, handler: str) -> RpcHandler:
+        module, _, qualname = handler.partition(":")
+        owner, _, method = qualname.rpartition(".")
+        if not owner:
+            function = resolve(handler)
+            return lambda request: function(self, request)
+        cls = resolve(f"{module}:{owner}")
+        return lambda request: getattr(self.part(cls), method)(request)
+
+    # -- started parts -------------------------------------------------------------------------
+    def provide(self, part: object, *, as_type: type | None = None) -> None:
+        """Hold a part the start built (a service-layer object), for ``part()`` and the handlers."""
+        self._parts[as_type or type(part)] = part
+
+    def withdraw(self, kind: type[P]) -> P | None:
+        """Stop holding a part (at stop): handlers answer "not started yet" again."""
+        return self._parts.pop(kind, None)  # type: ignore[return-value]
+
+    def part(self, kind: type[P]) -> P:
+        """The started part of that type; while the service starts (or after it stopped): 503."""
+        found = self._parts.get(kind)
+        if found is None:
+            raise errors.Unavailable(f"{self.name} is starting: not started yet ({kind.__name__})")
+        return found  # type: ignore[return-value]
+
+    def has(self, kind: type) -> bool:
+        return kind in self._parts
 
     # -- metrics -----------------------------------------------------------------------------
     async def _metrics_http(self) -> Response:
@@ -235,6 +275,21 @@ def run(service: Service) -> None:
     # Server.run, not asyncio.run(serve()): it honours loop="auto" (uvloop when it is installed,
     # with httptools for HTTP), which roughly halves the per-request CPU of the NATS and HTTP paths.
     uvicorn.Server(config).run()
+
+
+def part_of(kind: type[P]) -> Callable[[Request], P]:
+    """A FastAPI dependency: the service's started part of that type (503 while it starts), so that
+    routes can be module-level: ``store: ModelStore = Depends(part_of(ModelStore))``."""
+
+    def started_part(request: Request) -> P:
+        return request.app.state.service.part(kind)
+
+    started_part.__name__ = f"started_{kind.__name__}"
+    return started_part
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
 
 
 def load(service_name: str, settings: Settings | None = None) -> Service:

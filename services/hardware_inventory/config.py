@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from services.hardware_inventory.domain.model import Policy
+from shared import subjects
 
 Role = Literal["agent", "registry"]
 
@@ -20,7 +21,7 @@ class InventoryConfig(BaseModel):
     policy: Policy = "binpack"
     probe_file: Path | None = Field(default=None, description="a scripted node (StaticProbe) instead of this machine")
     labels: dict[str, str] = {}
-    bucket: str = "strata-inventory"
+    bucket: str = subjects.INVENTORY_BUCKET
     utilisation_cap: dict[str, float] = Field(
         default={"cuda": 0.92, "cpu": 0.85},
         description="share of a device's memory the registry books; the rest stays for the OS and others",

@@ -22,7 +22,7 @@ from shared.errors import BlobCorrupt, Invalid, StrataError, Unavailable, from_c
 from shared.model_source import ModelSource, claim_problem
 
 from services.model_store.domain.checks import check_files_listing
-from services.model_store.fetch import VerificationError, verify_manifest
+from shared.model_fetch import VerificationError, verify_manifest
 
 DEFAULT_URL = "http://127.0.0.1:8002"
 CHUNK = 1024 * 1024

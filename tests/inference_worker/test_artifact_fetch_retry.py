@@ -11,7 +11,7 @@ import pytest
 from nats.js.errors import ServiceUnavailableError
 
 from services.inference_worker.adapters.artifacts import ModelStoreSource
-from services.model_store import fetch
+from shared import model_fetch as fetch
 from shared import bus
 from shared.events import ModelId
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.model_store.service_layer.handlers import ModelStore
+
 import json
 
 import httpx
@@ -29,7 +31,7 @@ async def test_first_start_registers_the_builtin_model_with_its_lineage(nats_ser
     data = tmp_path / "data"
     service = make_service("model-store", nats_server.url, data)
     async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://s") as client:
-        await eventually(lambda: service.model_store().index.alias("strata-builtin-kjv", "prod") == 1, what="built-in model aliased prod")
+        await eventually(lambda: service.part(ModelStore).index.alias("strata-builtin-kjv", "prod") == 1, what="built-in model aliased prod")
         model = (await client.get("/v1/models/strata-builtin-kjv@prod")).json()
         datasets = (await client.get("/v1/datasets")).json()["datasets"]
         assert [d["manifest"]["name"] for d in datasets] == ["kjv-corpus"]
@@ -40,7 +42,7 @@ async def test_first_start_registers_the_builtin_model_with_its_lineage(nats_ser
         await client.delete("/v1/models/strata-builtin-kjv@prod")
     service = make_service("model-store", nats_server.url, data)
     async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://s") as client:
-        assert await builtin.register_builtin(service.model_store()) is None
+        assert await builtin.register_builtin(service.part(ModelStore)) is None
         assert (await client.get("/v1/models")).json() == {"models": []}
 
 
@@ -48,8 +50,8 @@ async def test_no_checkpoint_yet_registers_nothing(nats_server, tmp_path, monkey
     monkeypatch.setattr(builtin, "MODEL_DIR", tmp_path / "absent")
     service = make_service("model-store", nats_server.url, tmp_path / "data")
     async with service.running():
-        assert await builtin.register_builtin(service.model_store()) is None
-        assert service.model_store().index.models() == []
+        assert await builtin.register_builtin(service.part(ModelStore)) is None
+        assert service.part(ModelStore).index.models() == []
 
 
 async def test_a_broken_builtin_checkpoint_is_not_registered_and_is_retried_next_start(nats_server, tmp_path, monkeypatch):
@@ -58,7 +60,7 @@ async def test_a_broken_builtin_checkpoint_is_not_registered_and_is_retried_next
     (builtin.MODEL_DIR / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     service = make_service("model-store", nats_server.url, tmp_path / "data")
     async with service.running():
-        store = service.model_store()
+        store = service.part(ModelStore)
         assert await builtin.register_builtin(store) is None  # refused: logged, nothing registered
         assert store.index.models() == []
         make_checkpoint(builtin.MODEL_DIR, seed=1)  # fixed: the next start registers it

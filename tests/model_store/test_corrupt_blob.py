@@ -17,9 +17,9 @@ import pytest
 
 from cli.main import main
 from shared.errors import StrataError
-from services.model_store.adapters.blobs import BlobStore
+from shared.blob_store import BlobStore
 from services.model_store.client import StoreClient
-from services.model_store.fetch import fetch_model
+from shared.model_fetch import fetch_model
 from tests.model_store.conftest import change_last_chunk, lose_chunk, make_checkpoint
 from tests.model_store.test_verify_fetch import http, pushed
 from tests.support.helpers import make_service

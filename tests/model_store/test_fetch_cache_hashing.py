@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from services.model_store import fetch
+from shared import model_fetch as fetch
 
 
 def _blob(blob_dir, content: bytes) -> str:

@@ -23,7 +23,7 @@ import httpx
 import nats
 import pytest
 
-from services.model_store.adapters.blobs import BlobStore
+from shared.blob_store import BlobStore
 from services.model_store.client import StoreClient
 from services.model_store.service_layer.ingest import Ingest
 from services.model_store.service_layer.space import SpaceGuard

@@ -15,7 +15,7 @@ pytest.importorskip("gguf")
 from cli.main import main  # noqa: E402
 from shared.architectures import LLAMACPP  # noqa: E402
 from shared.catalog import PushModelRequest  # noqa: E402
-from services.model_store.fetch import fetch_model  # noqa: E402
+from shared.model_fetch import fetch_model  # noqa: E402
 from tests.model_store.conftest import upload_dir  # noqa: E402
 from tests.support.gguf_model import CHAT_TEMPLATE, write_random_gguf  # noqa: E402
 from tests.support.helpers import make_service  # noqa: E402

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.model_store.service_layer.handlers import ModelStore
+
 import asyncio
 
 import httpx
@@ -33,14 +35,14 @@ async def test_replicas_share_versions_aliases_and_deletes(nats_server, tmp_path
         versions = await asyncio.gather(*(push(ca if i % 2 else cb, fs) for i, fs in enumerate(files)))
         assert sorted(versions) == [1, 2, 3, 4, 5, 6]  # compare-and-set on KV: no version handed out twice
 
-        await eventually(lambda: len(b.model_store().index.models("shared")) == 6, what="replica b's index has all six")
+        await eventually(lambda: len(b.part(ModelStore).index.models("shared")) == 6, what="replica b's index has all six")
         await ca.post("/v1/aliases", json={"ref": "shared:3", "alias": "canary"})
         assert (await cb.get("/v1/models/shared@canary")).json()["model"]["version"] == 3  # KV fallback or index
         assert (await cb.delete("/v1/models/shared/aliases/canary")).status_code == 204
         assert (await cb.delete("/v1/models/shared/aliases/canary")).status_code == 404
-        await eventually(lambda: a.model_store().index.alias("shared", "canary") is None, what="alias removal reaches a")
+        await eventually(lambda: a.part(ModelStore).index.alias("shared", "canary") is None, what="alias removal reaches a")
         await cb.delete("/v1/models/shared:6")
-        await eventually(lambda: a.model_store().index.model("shared", 6) is None, what="delete reaches a")
+        await eventually(lambda: a.part(ModelStore).index.model("shared", 6) is None, what="delete reaches a")
         assert (await ca.get("/v1/models/shared")).json()["model"]["version"] == 5
         config = await cb.get("/v1/models/shared:1/files/config.json")
         assert config.status_code == 200 and config.content == (dirs[0] / "config.json").read_bytes()

@@ -4,6 +4,8 @@ still resolve, verify and deduplicate."""
 
 from __future__ import annotations
 
+from services.model_store.service_layer.handlers import ModelStore
+
 import hashlib
 import json
 
@@ -14,7 +16,7 @@ from cli.main import main
 from shared import rpc, subjects
 from shared.architectures import ENGINE, supported
 from shared.catalog import CATALOG_BUCKET, ModelManifest, PushedModel, PushModelRequest, ResolvedModel, ResolveRequest, canonical_json
-from services.model_store.fetch import fetch_model
+from shared.model_fetch import fetch_model
 from tests.model_store.conftest import make_checkpoint, upload_dir
 from tests.support.helpers import eventually, make_service
 
@@ -74,9 +76,9 @@ async def test_a_manifest_from_before_the_runtime_field_resolves_verifies_and_de
             del stored["manifest"]["metadata"]["runtime"]
             old_digest = "sha256:" + hashlib.sha256(canonical_json(stored["manifest"])).hexdigest()
             stored["model"]["digest"] = old_digest
-            stored["signature"] = service.model_store().signer.sign(ModelManifest.model_validate(stored["manifest"]))
+            stored["signature"] = service.part(ModelStore).signer.sign(ModelManifest.model_validate(stored["manifest"]))
             await kv.put("model.tiny.1", json.dumps(stored).encode())
-            await eventually(lambda: service.model_store().index.model("tiny", 1).model.digest == old_digest, what="index follows KV")
+            await eventually(lambda: service.part(ModelStore).index.model("tiny", 1).model.digest == old_digest, what="index follows KV")
 
             resolved = await rpc.call(nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref="tiny:1"), ResolvedModel)
             assert resolved.model.digest == old_digest and resolved.manifest.metadata.runtime is None

@@ -13,7 +13,7 @@ import pytest
 
 from bench.model_store import LIMIT_ABOVE_BASELINE, reset_peak, rss, write_checkpoint
 from services.model_store.client import StoreClient
-from services.model_store.fetch import fetch_model
+from shared.model_fetch import fetch_model
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak RSS")
 

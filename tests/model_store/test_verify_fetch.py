@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.model_store.service_layer.handlers import ModelStore
+
 import json
 
 import httpx
@@ -14,7 +16,7 @@ from shared.catalog import (
 )
 from shared.events import parse_event
 from services.model_store.domain.signing import Signer
-from services.model_store.fetch import VerificationError, fetch_model, verify_manifest
+from shared.model_fetch import VerificationError, fetch_model, verify_manifest
 from tests.model_store.conftest import make_checkpoint, upload_dir
 from tests.support.helpers import eventually, make_service
 
@@ -94,7 +96,7 @@ async def test_changed_manifest_is_caught_before_any_blob_is_fetched(nats_server
             stored["manifest"]["files"][0]["sha256"] = "0" * 64
             stored["model"]["digest"] = manifest_digest(ModelManifest.model_validate(stored["manifest"]))
             await kv.put("model.tiny.1", json.dumps(stored).encode())
-            await eventually(lambda: service.model_store().index.model("tiny", 1).manifest.files[0].sha256 == "0" * 64, what="index follows KV")
+            await eventually(lambda: service.part(ModelStore).index.model("tiny", 1).manifest.files[0].sha256 == "0" * 64, what="index follows KV")
             with pytest.raises(VerificationError, match="differs from the one that was signed"):
                 await fetch_model(nc, "tiny:1", tmp_path / "cache")
             # 4. a signature by another key

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from services.hardware_inventory.domain.correction import Correction
 from services.hardware_inventory.domain.model import Allocations, NodeRecord
+from shared import subjects
 from shared.errors import Conflict
 from shared.nats_auth import INVENTORY_BUCKET
 
@@ -56,9 +57,8 @@ class InventoryState:
         """The keys under ``prefix`` (deleted ones included: their reads are None). From the stream's
         subject counts, not ``kv.keys()``: that makes a consumer per call, and the liveness check lists
         the nodes several times a second; under load the consumers piled up to the server's limit."""
-        info = await self.js.stream_info(f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.{prefix}>")
-        start = len(f"$KV.{self.bucket}.")
-        return [subject[start:] for subject in (info.state.subjects or {})]
+        info = await self.js.stream_info(subjects.kv_stream(self.bucket), subjects_filter=subjects.kv_writes(self.bucket, prefix))
+        return [subjects.kv_key_of(self.bucket, subject) for subject in (info.state.subjects or {})]
 
     async def read(self, key: str, model: type[T]) -> tuple[T | None, int]:
         """The value and its revision (0: the key does not exist)."""

@@ -30,7 +30,7 @@ from services.hardware_inventory.service_layer.views import (
     CorrectionList, DeploymentList, DeployOutcome, DeployRequest, Empty, FitReport, FitRequest, NodeList, NodeView,
     UndeployOutcome, UndeployRequest, node_view,
 )
-from shared import bus, errors
+from shared import bus, errors, subjects
 from shared.apikey_http import protect
 from shared.assignments import Assigned, AssignedRequest
 from shared.config import Settings
@@ -84,7 +84,7 @@ def _agent(service: Service, inventory: Inventory, source: ProbeSource) -> None:
     agent = Agent(source, service.settings.node_id, service.publish, inventory.config.heartbeat_interval_s)
     inventory.agent = agent
 
-    @service.broker.subscriber("evt.deploy.>", title=f"{NAME}:agent-deploys")
+    @service.broker.subscriber(subjects.DEPLOY_EVENTS, title=f"{NAME}:agent-deploys")
     async def deploy_events(msg: NatsMessage) -> None:
         with contextlib.suppress(Exception):  # someone else's malformed event is not the agent's business
             await agent.on_deploy_event(parse_event(msg.raw_message.data, msg.raw_message.subject))
@@ -95,7 +95,7 @@ def _agent(service: Service, inventory: Inventory, source: ProbeSource) -> None:
 
 def _registry(service: Service, inventory: Inventory, catalog: ModelCatalog) -> None:
     config = inventory.config
-    consumer = service.consume("evt.deploy.>", durable=NAME)
+    consumer = service.consume(subjects.DEPLOY_EVENTS, durable=NAME)
     node_events = bus.EventConsumer(service=NAME, durable=f"{NAME}-nodes", filter_subject=NodeRegistered.subject())
 
     def parts() -> tuple[NodeTable, Deployments]:

@@ -36,7 +36,7 @@ class ModelStoreSource:
         self.nc, self.cache_dir = nc, cache_dir
 
     async def fetch(self, model: ModelId, ref: str) -> Artifact:
-        from services.model_store.fetch import VerificationError, fetch_model
+        from shared.model_fetch import VerificationError, fetch_model
 
         # A clustered model-store stream electing a leader answers 503 for a moment: a deploy waits it
         # out rather than failing (a failed replica stays failed). Fetching again reuses what is cached.

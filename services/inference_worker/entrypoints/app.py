@@ -234,7 +234,7 @@ def create_service(settings: Settings | None = None, *, artifacts: ArtifactSourc
     worker = Worker(service, artifacts, options or WorkerOptions.from_env())
     service.worker = worker  # type: ignore[attr-defined]  # for tests and introspection
     # Every worker must see every deploy event, so each node has a durable of its own.
-    consumer = service.consume("evt.deploy.>", durable=f"{NAME}-{subjects.token(service.settings.node_id)}")
+    consumer = service.consume(subjects.DEPLOY_EVENTS, durable=f"{NAME}-{subjects.token(service.settings.node_id)}")
     consumer.on(DeployScheduled)(worker.on_scheduled)
     consumer.on(UndeployRequested)(worker.on_undeploy)
     consumer.on(DeployReleased)(worker.on_released)

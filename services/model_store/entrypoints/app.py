@@ -1,7 +1,8 @@
 """model-store: signed, content-addressed models and datasets. It reacts to no event.
 
 Wiring only: open the Object Store, the KV catalog, the SQLite index and the signing key once NATS
-is connected, keep the index in step with KV, serve the read RPCs and the HTTP API.
+is connected and provide the ModelStore they make, keep the index in step with KV, serve the contract's
+RPC ops (entrypoints/rpc.py) and the HTTP API (entrypoints/http.py).
 """
 
 from __future__ import annotations
@@ -10,20 +11,15 @@ import asyncio
 import logging
 import os
 
-from prometheus_client import Counter
-
-from shared.catalog import (
-    DatasetList, DatasetRequest, ListRequest, ModelList, PublicKey, PublicKeyRequest, ResolvedDataset, ResolvedModel,
-    ResolveRequest,
-)
 from shared.apikey_http import protect
 from shared.config import Settings, nats_store_dir
-from shared.errors import Unavailable
+from shared.contracts.model_store import CONTRACT, SERVICE
 from shared.service import Service
 
-from services.model_store.adapters.blobs import BlobStore
+from shared.blob_store import BlobStore
 from services.model_store.adapters.catalog_kv import CatalogKV
 from services.model_store.adapters.index import CatalogIndex
+from services.model_store.adapters.metrics import BlobTraffic
 from services.model_store.domain.signing import Signer
 from services.model_store.entrypoints.http import router
 from services.model_store.service_layer.handlers import ModelStore
@@ -40,15 +36,8 @@ def builtin_enabled() -> bool:
 
 
 def create_service(settings: Settings | None = None) -> Service:
-    service = Service("model-store", settings, description="Models and datasets: blobs, manifests, versions, aliases, signatures.")
-    state: dict[str, object] = {}
+    service = Service(SERVICE, settings, description="Models and datasets: blobs, manifests, versions, aliases, signatures.")
     tasks: list[asyncio.Task[None]] = []
-
-    def store() -> ModelStore:
-        found = state.get("store")
-        if found is None:
-            raise Unavailable("model-store is starting: its catalog is not open yet")
-        return found  # type: ignore[return-value]
 
     @service.on_start
     async def open_catalog() -> None:
@@ -64,7 +53,7 @@ def create_service(settings: Settings | None = None) -> Service:
         caught_up = asyncio.Event()
         tasks.append(asyncio.create_task(_follow_catalog(kv, index, caught_up)))
         await asyncio.wait_for(caught_up.wait(), INDEX_SYNC_TIMEOUT_S)
-        state["store"] = model_store
+        service.provide(model_store)
         if builtin_enabled():
             from services.model_store.service_layer.builtin import register_builtin
 
@@ -76,35 +65,14 @@ def create_service(settings: Settings | None = None) -> Service:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)  # a stop never hangs on a task that ignores its cancel
-        found = state.pop("store", None)
-        if isinstance(found, ModelStore):
+        found = service.withdraw(ModelStore)
+        if found is not None:
             found.index.close()
 
-    @service.rpc("resolve", ResolveRequest)
-    async def resolve(request: ResolveRequest) -> ResolvedModel:
-        return await store().resolve(request.ref)
-
-    @service.rpc("list", ListRequest)
-    async def list_models(request: ListRequest) -> ModelList:
-        return await store().list_models(request.name)
-
-    @service.rpc("datasets", ListRequest)
-    async def list_datasets(_request: ListRequest) -> DatasetList:
-        return await store().list_datasets()
-
-    @service.rpc("dataset", DatasetRequest)
-    async def dataset(request: DatasetRequest) -> ResolvedDataset:
-        return await store().dataset(request.ref)
-
-    @service.rpc("public_key", PublicKeyRequest)
-    async def public_key(_request: PublicKeyRequest) -> PublicKey:
-        return store().signer.public_key_info()
-
-    blob_bytes = Counter("strata_model_store_blob_bytes", "Blob bytes uploaded (in) and served (out)",
-                         ["service", "direction"], registry=service.metrics.registry)
-    service.http.include_router(router(store, admin=protect(service).require("admin"),
-                                       count_bytes=lambda d, n: blob_bytes.labels(service.name, d).inc(n)))
-    service.model_store = store  # type: ignore[attr-defined]  # tests reach the use cases through it
+    service.serve(CONTRACT)
+    protect(service)
+    service.provide(BlobTraffic(service.name, service.metrics.registry))
+    service.http.include_router(router)
     return service
 
 

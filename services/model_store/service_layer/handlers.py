@@ -22,7 +22,7 @@ from shared.events import (
     DatasetRegistered, EventData, ModelAliased, ModelDeleted, ModelId, ModelRegistered, ModelSigned,
 )
 
-from services.model_store.adapters.blobs import BlobStore
+from shared.blob_store import BlobStore
 from services.model_store.adapters.catalog_kv import CatalogKV, StoredModel, dec, enc
 from services.model_store.adapters.index import CatalogIndex
 from services.model_store.domain.checks import check_files_listing

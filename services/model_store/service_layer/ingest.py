@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from shared.errors import InsufficientStorage, Invalid, NotFound
 
-from services.model_store.adapters.blobs import BlobStore
+from shared.blob_store import BlobStore
 from services.model_store.adapters.catalog_kv import BlobInfo, CatalogKV
 from services.model_store.domain.checks import check_path, inspect_safetensors, refuse_pickle, sniff_pickle
 from services.model_store.domain.gguf import inspect_gguf, is_gguf

@@ -111,7 +111,7 @@ def read_dead_letter(data: bytes, subject: str) -> DeadLetter:
     try:
         return DeadLetter.model_validate_json(data)
     except ValidationError:  # still a dead letter: count it under the subject's service
-        return DeadLetter(service=subject.removeprefix("dlq.") or "unknown", consumer="?", subject=subject,
+        return DeadLetter(service=subjects.dead_letter_service(subject) or "unknown", consumer="?", subject=subject,
                           reason="unreadable dead-letter record", deliveries=0, payload=data.decode("utf-8", errors="replace"))
 
 
