@@ -3,6 +3,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# llama-cpp-python compiles llama.cpp: portable (AVX2), not tuned to this CPU. A native build on a Xeon
+# with AMX segfaulted in llama_decode on a Q4_K_M model (tests/model_store/test_convert.py, 2026-12-06),
+# and the container images carry the same wheel to other CPUs. Set CMAKE_ARGS to build otherwise.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: run test bench install clean
 

@@ -7,6 +7,7 @@
 # the pip cache: llama-cpp-python is not compiled again once `make test` has built it). Run setup.sh first.
 # Prints each image's build time and size; BUILD_TIMES=FILE also writes them there.
 set -euo pipefail
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"  # llama.cpp built portable, as the Makefile does
 cd "$(dirname "$0")/../.."
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian-bookworm:min}
 PYTHON=${PYTHON:-.venv/bin/python}
