@@ -11,11 +11,12 @@ import asyncio
 
 from nats.aio.client import Client
 
+from builtin_model import MODEL_NAME
 from shared import errors, rpc, subjects
 from shared.catalog import ResolvedModel, ResolveRequest
 from shared.inference_client import deployed_models
 
-BUILTIN_REF = "strata-builtin-kjv@prod"
+BUILTIN_REF = f"{MODEL_NAME}@prod"
 
 
 async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 120.0) -> str:
