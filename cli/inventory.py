@@ -275,13 +275,20 @@ def _status(deployment, replica) -> str:
     return "ready, loaded" if replica.loaded else "ready, unloaded"
 
 
-async def _undeploy(nc, args) -> int:
+async def undeploy(nc, *, model_ref: str | None = None, deployment_id: str | None = None, timeout: float):
+    """Undeploy every deployment of ``model_ref`` (or the one ``deployment_id``) and free its memory:
+    what `strata undeploy` and `strata up`'s built-in deploy both do. NotFound when there is none."""
     from services.hardware_inventory.service_layer.views import UndeployOutcome, UndeployRequest
 
+    request = UndeployRequest(model_ref=model_ref, deployment_id=deployment_id)
+    return await runner.call(nc, SERVICE, "undeploy", request, UndeployOutcome, timeout=timeout)
+
+
+async def _undeploy(nc, args) -> int:
     if not args.ref and not args.deployment_id:
         print("strata undeploy: name a model (REF) or a deployment (--id)", file=sys.stderr)
         return 2
-    result = await _call(nc, args, "undeploy", UndeployRequest(model_ref=args.ref, deployment_id=args.deployment_id), UndeployOutcome)
+    result = await undeploy(nc, model_ref=args.ref, deployment_id=args.deployment_id, timeout=args.timeout)
     if args.json:
         return runner.print_json(result)
     print(f"undeployed {len(result.released)}: {', '.join(result.released)}")
