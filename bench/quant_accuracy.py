@@ -21,11 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from services.inference_worker.builtin.config import BOS, EOS, TrainConfig  # noqa: E402
-from services.inference_worker.builtin.data import load_corpus, split_chapters  # noqa: E402
+from builtin_model import MODEL_DIR as MODEL  # noqa: E402
+from builtin_model.config import BOS, EOS, TrainConfig  # noqa: E402
+from builtin_model.data import load_corpus, split_chapters  # noqa: E402
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-
-MODEL = Path(__file__).resolve().parents[1] / "services/inference_worker/builtin/model"
 
 
 def held_out() -> list[tuple[str, list[str]]]:

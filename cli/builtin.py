@@ -11,47 +11,43 @@ import asyncio
 
 from nats.aio.client import Client
 
-from shared import errors, rpc, subjects
+from builtin_model import MODEL_NAME
+from cli import runner
+from cli.inventory import undeploy
+from shared import errors
 from shared.catalog import ResolvedModel, ResolveRequest
 from shared.inference_client import deployed_models
 
-BUILTIN_REF = "strata-builtin-kjv@prod"
+BUILTIN_REF = f"{MODEL_NAME}@prod"
 
 
 async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 120.0) -> str:
     """Returns a line for the user: serving, or why not."""
-    from services.hardware_inventory.service_layer.views import (
-        DeployOutcome,
-        DeployRequest,
-        Empty,
-        NodeList,
-        UndeployOutcome,
-        UndeployRequest,
-    )
+    from services.hardware_inventory.service_layer.views import DeployOutcome, DeployRequest, Empty, NodeList
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     resolved = None
     while resolved is None:
         try:
-            resolved = await rpc.call(nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref=ref), ResolvedModel)
+            resolved = await runner.call(nc, "model-store", "resolve", ResolveRequest(ref=ref), ResolvedModel)
         except (errors.NotFound, errors.Unavailable) as exc:
             if loop.time() > deadline:
                 return f"built-in model not deployed: {ref} is not in the model store ({exc.message})"
             await asyncio.sleep(0.5)
     name = resolved.model.name
     # This machine's agent registers its node a moment after the services report healthy.
-    while not (await rpc.call(nc, subjects.rpc("hardware-inventory", "nodes"), Empty(), NodeList)).nodes:
+    while not (await runner.call(nc, "hardware-inventory", "nodes", Empty(), NodeList)).nodes:
         if loop.time() > deadline:
             return "built-in model not deployed: no node registered with hardware-inventory"
         await asyncio.sleep(0.5)
     if await _served(nc, name):
         return f"built-in model {name} is already serving"
     try:  # a booking left from an earlier run: its worker is gone, so it would hold memory forever
-        await rpc.call(nc, subjects.rpc("hardware-inventory", "undeploy"), UndeployRequest(model_ref=name), UndeployOutcome, timeout=15)
+        await undeploy(nc, model_ref=name, timeout=15)
     except errors.NotFound:
         pass
-    outcome = await rpc.call(nc, subjects.rpc("hardware-inventory", "deploy"), DeployRequest(model_ref=ref), DeployOutcome, timeout=30)
+    outcome = await runner.call(nc, "hardware-inventory", "deploy", DeployRequest(model_ref=ref), DeployOutcome, timeout=30)
     if not outcome.scheduled:
         return f"built-in model not deployed: {outcome.reason}"
     while not await _served(nc, name):

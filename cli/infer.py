@@ -11,11 +11,12 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from cli import connection
+from cli import connection, runner
 from shared import embeddings, errors, inference_client
 from shared.inference import ChatMessage, Chunk, End, InferenceRequest, SamplingOptions
 
 EXIT_COMMANDS = ("/exit", "/quit")
+CONNECT_OPTIONS = {"connect_timeout": 3, "max_reconnect_attempts": 2}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +55,11 @@ def _sampling(args: argparse.Namespace) -> SamplingOptions:
 
 
 async def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    return await connection.connect(args.nats_url, args.data_dir, connect_timeout=3, max_reconnect_attempts=2)
+    return await connection.connect(args.nats_url, args.data_dir, **CONNECT_OPTIONS)
+
+
+def _run(args: argparse.Namespace, command: runner.Command) -> int:
+    return _guard(lambda: runner.run(args, command, error_line=lambda exc, connected: f"error: {exc.message}", **CONNECT_OPTIONS))
 
 
 async def _answer(nc, request: InferenceRequest, out: TextIO) -> tuple[str, End]:  # type: ignore[no-untyped-def]
@@ -71,39 +76,35 @@ async def _answer(nc, request: InferenceRequest, out: TextIO) -> tuple[str, End]
 
 
 def _complete(args: argparse.Namespace) -> int:
-    async def run() -> int:
-        nc = await _connect(args)
-        try:
-            request = InferenceRequest(model=args.ref, prompt=args.prompt, sampling=_sampling(args), stream=args.stream)
-            if args.stream:
-                await _answer(nc, request, sys.stdout)
-            else:
-                sys.stdout.write((await inference_client.complete(nc, request)).text)
-            sys.stdout.write("\n")
-            return 0
-        finally:
-            await inference_client.settle()  # a Ctrl-C'd stream's InferenceCancel goes out before we close
-            await nc.close()
+    return _run(args, _complete_on)
 
-    return _guard(lambda: asyncio.run(run()))
+
+async def _complete_on(nc, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    try:
+        request = InferenceRequest(model=args.ref, prompt=args.prompt, sampling=_sampling(args), stream=args.stream)
+        if args.stream:
+            await _answer(nc, request, sys.stdout)
+        else:
+            sys.stdout.write((await inference_client.complete(nc, request)).text)
+        sys.stdout.write("\n")
+        return 0
+    finally:
+        await inference_client.settle()  # a Ctrl-C'd stream's InferenceCancel goes out before the runner closes
 
 
 def _embed(args: argparse.Namespace) -> int:
-    async def run() -> int:
-        nc = await _connect(args)
-        try:
-            request = embeddings.EmbeddingRequest(model=args.ref, inputs=args.texts, dimensions=args.dimensions)
-            result = await embeddings.embed(nc, request)
-        finally:
-            await nc.close()
-        for index, vector in enumerate(result.vectors):
-            print(json.dumps({"index": index, "embedding": embeddings.decode_vector(vector)}))
-        reply = result.reply
-        print(f"{reply.model.name}:{reply.model.version}, {reply.pooling} pooling, {reply.dimensions} dimensions, "
-              f"{reply.prompt_tokens} tokens", file=sys.stderr)
-        return 0
+    return _run(args, _embed_on)
 
-    return _guard(lambda: asyncio.run(run()))
+
+async def _embed_on(nc, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    request = embeddings.EmbeddingRequest(model=args.ref, inputs=args.texts, dimensions=args.dimensions)
+    result = await embeddings.embed(nc, request)
+    for index, vector in enumerate(result.vectors):
+        print(json.dumps({"index": index, "embedding": embeddings.decode_vector(vector)}))
+    reply = result.reply
+    print(f"{reply.model.name}:{reply.model.version}, {reply.pooling} pooling, {reply.dimensions} dimensions, "
+          f"{reply.prompt_tokens} tokens", file=sys.stderr)
+    return 0
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cli import connection
+from cli import runner
 from shared.quantization import QUANTIZATIONS
 
 SERVICE = "hardware-inventory"
@@ -18,8 +16,7 @@ SERVICE = "hardware-inventory"
 
 def register(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        connection.add_options(p)
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the registry")
+        runner.add_options(p, timeout=10.0, waits_for="the registry")
         p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
         return p
 
@@ -102,31 +99,15 @@ def _constraint(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
-def _run(args: argparse.Namespace, command: Callable[[Any, argparse.Namespace], Awaitable[int]]) -> int:
-    return asyncio.run(_with_nats(args, command))
+def _run(args: argparse.Namespace, command: runner.Command) -> int:
+    def error_line(exc, connected: bool) -> str:  # a failed connection's code adds nothing to its message
+        return f"strata {args.command}: {f'{exc.code}: ' if connected else ''}{exc.message}"
 
-
-async def _with_nats(args: argparse.Namespace, command) -> int:
-    from shared.errors import StrataError
-
-    try:
-        nc = await connection.connect(args.nats_url, args.data_dir, connect_timeout=min(args.timeout, 5), allow_reconnect=False)
-    except StrataError as exc:
-        print(f"strata {args.command}: {exc.message}", file=sys.stderr)
-        return 1
-    try:
-        return await command(nc, args)
-    except StrataError as exc:
-        print(f"strata {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        await nc.close()
+    return runner.run(args, command, error_line=error_line, connect_timeout=min(args.timeout, 5), allow_reconnect=False)
 
 
 async def _call(nc, args, op: str, request, result_type):
-    from shared import rpc, subjects
-
-    return await rpc.call(nc, subjects.rpc(SERVICE, op), request, result_type, timeout=args.timeout)
+    return await runner.call(nc, SERVICE, op, request, result_type, timeout=args.timeout)
 
 
 def _gb(n: int | None) -> str:
@@ -139,11 +120,6 @@ def _console():
     return Console(width=160)
 
 
-def _dump(model) -> int:
-    print(json.dumps(model.model_dump(mode="json"), indent=2))
-    return 0
-
-
 async def _nodes(nc, args) -> int:
     from rich.table import Table
 
@@ -151,7 +127,7 @@ async def _nodes(nc, args) -> int:
 
     result = await _call(nc, args, "nodes", Empty(), NodeList)
     if args.json:
-        return _dump(result)
+        return runner.print_json(result)
     table = Table(title="nodes")
     for col in ("node", "status", "host", "device", "name", "total", "booked", "available", "util", "last beat", "labels"):
         table.add_column(col, justify="right" if col in ("total", "booked", "available", "util") else "left")
@@ -180,7 +156,7 @@ async def _fit(nc, args) -> int:
     report = await _call(nc, args, "fit", FitRequest(model_ref=args.ref, context_length=args.context, batch=args.batch,
                                                       dtype=args.dtype, quantize=args.quantize, constraints=_constraints(args)), FitReport)
     if args.json:
-        _dump(report)
+        runner.print_json(report)
         return 1 if report.refused else 0
     if report.refused:
         print(f"strata fit: {report.model.name}:{report.model.version} ({report.architecture}): refused: {report.refused}", file=sys.stderr)
@@ -266,9 +242,8 @@ def _say_placed(placed, replicas: int) -> None:
 
 def _deployed(args, deployment_id: str, scheduled: list, ready: dict) -> int:
     if args.json:
-        print(json.dumps([{**s.model_dump(mode="json"), "ready": (r := ready.get((s.node_id, s.device))) and r.model_dump(mode="json")}
-                          for s in scheduled], indent=2))
-        return 0
+        return runner.print_json([{**s.model_dump(mode="json"), "ready": (r := ready.get((s.node_id, s.device))) and r.model_dump(mode="json")}
+                                  for s in scheduled])
     from rich.table import Table
 
     table = Table(title=f"deployment {deployment_id}: {args.ref}")
@@ -300,15 +275,22 @@ def _status(deployment, replica) -> str:
     return "ready, loaded" if replica.loaded else "ready, unloaded"
 
 
-async def _undeploy(nc, args) -> int:
+async def undeploy(nc, *, model_ref: str | None = None, deployment_id: str | None = None, timeout: float):
+    """Undeploy every deployment of ``model_ref`` (or the one ``deployment_id``) and free its memory:
+    what `strata undeploy` and `strata up`'s built-in deploy both do. NotFound when there is none."""
     from services.hardware_inventory.service_layer.views import UndeployOutcome, UndeployRequest
 
+    request = UndeployRequest(model_ref=model_ref, deployment_id=deployment_id)
+    return await runner.call(nc, SERVICE, "undeploy", request, UndeployOutcome, timeout=timeout)
+
+
+async def _undeploy(nc, args) -> int:
     if not args.ref and not args.deployment_id:
         print("strata undeploy: name a model (REF) or a deployment (--id)", file=sys.stderr)
         return 2
-    result = await _call(nc, args, "undeploy", UndeployRequest(model_ref=args.ref, deployment_id=args.deployment_id), UndeployOutcome)
+    result = await undeploy(nc, model_ref=args.ref, deployment_id=args.deployment_id, timeout=args.timeout)
     if args.json:
-        return _dump(result)
+        return runner.print_json(result)
     print(f"undeployed {len(result.released)}: {', '.join(result.released)}")
     return 0
 
@@ -320,7 +302,7 @@ async def _deployments(nc, args) -> int:
 
     result = await _call(nc, args, "deployments", Empty(), DeploymentList)
     if args.json:
-        return _dump(result)
+        return runner.print_json(result)
     table = Table(title="deployments")
     for col in ("deployment", "model", "state", "on-demand", "replica", "status", "node", "device", "runtime", "predicted",
                 "measured", "booked"):

@@ -8,17 +8,14 @@ file it connects without credentials (a server started with --insecure-nats, or 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.table import Column, Table
 
-from cli import connection
+from cli import connection, runner
 from shared import nats_auth
 from shared.apikey_store import KeyStore
 from shared.apikeys import SCOPES, ApiKeyRecord
@@ -26,7 +23,6 @@ from shared.errors import StrataError, Unavailable
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-T = TypeVar("T")
 SHOWN = {"id", "name", "scopes", "requests_per_minute", "tokens_per_minute", "created", "revoked", "revoked_at"}
 
 
@@ -53,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _cmd(sub: argparse._SubParsersAction, name: str, help: str,
          func: Callable[[argparse.Namespace, KeyStore], Awaitable[int]]) -> argparse.ArgumentParser:
     p = connection.add_options(sub.add_parser(name, help=help))
-    p.set_defaults(func=lambda args: _run(func, args, create_bucket=name == "create"))
+    command = _on_store(func, create_bucket=name == "create")
+    p.set_defaults(func=lambda args: runner.run(args, command, error_line=_error_line, role=nats_auth.OPERATOR,
+                                                 denied_what="may not manage API keys"))
     return p
 
 
@@ -64,28 +62,19 @@ def _positive(text: str) -> int:
     return value
 
 
-def _run(func: Callable[[argparse.Namespace, KeyStore], Awaitable[int]], args: argparse.Namespace, *, create_bucket: bool) -> int:
-    async def work(store: KeyStore) -> int:
-        return await func(args, store)
-
-    try:
-        return asyncio.run(with_store(args.nats_url, args.data_dir, work, create_bucket=create_bucket))
-    except StrataError as exc:
-        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
-        return 1
-
-
-async def with_store(nats_url: str | None, data_dir: Path | None, work: Callable[[KeyStore], Awaitable[T]], *,
-                     create_bucket: bool) -> T:
-    """Run ``work`` on the key store, connected as the operator when its credential is there; a
-    refusal by the server ends it at once with a clear error."""
-    async def on_nats(nc: Any) -> T:
+def _on_store(func: Callable[[argparse.Namespace, KeyStore], Awaitable[int]], *, create_bucket: bool) -> runner.Command:
+    """``func`` on the key store; connected as the operator when its credential is there (runner.run)."""
+    async def command(nc: Any, args: argparse.Namespace) -> int:
         try:
-            return await work(await KeyStore.open(nc.jetstream(), create=create_bucket))
+            return await func(args, await KeyStore.open(nc.jetstream(), create=create_bucket))
         except NatsError as exc:
             raise Unavailable(f"NATS failed while managing API keys ({type(exc).__name__}: {exc})") from None
 
-    return await connection.run_as(nats_url, data_dir, nats_auth.OPERATOR, on_nats, "may not manage API keys")
+    return command
+
+
+def _error_line(exc: StrataError, connected: bool) -> str:
+    return f"error ({exc.code}): {exc.message}"
 
 
 def _shown(record: ApiKeyRecord) -> dict[str, Any]:
@@ -99,8 +88,7 @@ def _quota(value: int | None) -> str:
 async def _create(args: argparse.Namespace, store: KeyStore) -> int:
     key, record = await store.create(args.name, [args.scope], requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
     if args.json:
-        print(json.dumps({"key": key, **_shown(record)}, indent=2))
-        return 0
+        return runner.print_json({"key": key, **_shown(record)})
     print(key)  # alone on stdout: KEY=$(strata key create --name ci) works
     err.print(f"created API key [bold]{record.id}[/bold] ({record.name}): scopes {', '.join(record.scopes)}; "
               f"{_quota(record.requests_per_minute)} requests/min, {_quota(record.tokens_per_minute)} tokens/min. "
@@ -114,8 +102,7 @@ async def _ls(args: argparse.Namespace, store: KeyStore) -> int:
         err.print(f"[yellow]warning[/yellow]: skipped {len(unreadable)} unreadable record(s) in the key bucket "
                   f"(not API key records; they grant nothing): {', '.join(unreadable)}", highlight=False, soft_wrap=True)
     if args.json:
-        print(json.dumps([_shown(r) for r in records], indent=2))
-        return 0
+        return runner.print_json([_shown(r) for r in records])
     table = Table(Column("id", no_wrap=True), "name", "scopes", Column("requests/min", no_wrap=True),
                   Column("tokens/min", no_wrap=True), "created", "revoked")
     for r in records:

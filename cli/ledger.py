@@ -6,7 +6,6 @@ verify --data-dir` checks a ledger's files with no service running."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from cli import connection
+from cli import runner
 from shared.config import DEFAULT_DATA_DIR
 
 SERVICE = "provenance-ledger"
@@ -29,20 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--data-dir", type=Path, help="check this data dir's ledger files directly (no service needed)")
     _with_nats(verify, data_dir=False)
     verify.add_argument("--json", action="store_true")
-    verify.set_defaults(func=_verify)
+    verify.set_defaults(func=lambda a: _verify_files(a) if a.data_dir is not None else _nats(a, _verify))
 
     head = _with_nats(lsub.add_parser("head", help="the current tree size and root, and the latest signed tree head"))
     head.add_argument("--sign", action="store_true", help="sign a fresh tree head now")
     head.add_argument("--json", action="store_true")
-    head.set_defaults(func=_head)
+    head.set_defaults(func=lambda a: _nats(a, _head))
 
     export = _with_nats(lsub.add_parser("export", help="a model's provenance as in-toto/SLSA or a CycloneDX 1.6 ML-BOM"))
     export.add_argument("ref", help="NAME, NAME:VERSION, NAME@ALIAS or a manifest digest")
     export.add_argument("--format", choices=["in-toto", "cyclonedx"], default="in-toto")
-    export.set_defaults(func=_export)
+    export.set_defaults(func=lambda a: _nats(a, _export))
 
     key = _with_nats(lsub.add_parser("public-key", help="print the ledger's public key (PEM): strata ledger public-key > ledger.pub"))
-    key.set_defaults(func=_public_key)
+    key.set_defaults(func=lambda a: _nats(a, _public_key))
 
     rebuild = lsub.add_parser("rebuild", help="set the ledger's file aside so the next start replays the EVENTS stream into a new one")
     rebuild.add_argument("--data-dir", type=Path, default=Path(os.environ.get("STRATA_DATA_DIR", DEFAULT_DATA_DIR)))
@@ -72,27 +71,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--type", help="only this event type, e.g. inference.completed")
     audit.add_argument("--limit", type=int, default=1000)
     audit.add_argument("--json", action="store_true")
-    audit.set_defaults(func=_audit)
+    audit.set_defaults(func=lambda a: _nats(a, _audit))
 
 
 def _with_nats(p: argparse.ArgumentParser, *, data_dir: bool = True) -> argparse.ArgumentParser:
-    connection.add_options(p, data_dir=data_dir)
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the ledger's answer")
-    return p
+    return runner.add_options(p, timeout=30.0, waits_for="the ledger's answer", data_dir=data_dir)
 
 
-def _call(args: argparse.Namespace, op: str, request: Any, result_type: Any) -> Any:
-    from shared import rpc, subjects
+def _nats(args: argparse.Namespace, command: runner.Command) -> int:
+    # `ledger verify --data-dir` never gets here: that data dir is the ledger's files, read directly
+    return runner.run(args, command, error_line=_error_line, allow_reconnect=False)
 
-    async def go() -> Any:
-        # `ledger verify --data-dir` never gets here: that data dir is the ledger's files, read directly
-        nc = await connection.connect(args.nats_url, getattr(args, "data_dir", None), allow_reconnect=False)
-        try:
-            return await rpc.call(nc, subjects.rpc(SERVICE, op), request, result_type, timeout=args.timeout)
-        finally:
-            await nc.close()
 
-    return asyncio.run(go())
+def _error_line(exc: Any, connected: bool = True) -> str:
+    return f"strata: {exc.code}: {exc.message}"
+
+
+async def _call(nc: Any, args: argparse.Namespace, op: str, request: Any, result_type: Any) -> Any:
+    return await runner.call(nc, SERVICE, op, request, result_type, timeout=args.timeout)
 
 
 def _fail(message: str) -> int:
@@ -101,33 +97,39 @@ def _fail(message: str) -> int:
 
 
 def _errors_to_exit(func: Any) -> Any:
+    """For the commands that need no NATS (their files are here): an error is the same line as run's."""
     def wrapper(args: argparse.Namespace) -> int:
         from shared import errors
 
         try:
             return func(args)
         except errors.StrataError as exc:
-            return _fail(f"{exc.code}: {exc.message}")
+            print(_error_line(exc), file=sys.stderr)
+            return 1
 
     wrapper.__name__ = func.__name__
     return wrapper
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    runner.print_json(obj, sort_keys=True)
 
 
 @_errors_to_exit
-def _verify(args: argparse.Namespace) -> int:
+def _verify_files(args: argparse.Namespace) -> int:
+    from services.provenance_ledger.service_layer.ledger import verify_store
+
+    return _report(args, verify_store(args.data_dir / SERVICE))
+
+
+async def _verify(nc: Any, args: argparse.Namespace) -> int:
     from services.provenance_ledger.domain.verify import VerifyReport
     from services.provenance_ledger.entrypoints.api import Empty
 
-    if args.data_dir is not None:
-        from services.provenance_ledger.service_layer.ledger import verify_store
+    return _report(args, await _call(nc, args, "verify", Empty(), VerifyReport))
 
-        report = verify_store(args.data_dir / SERVICE)
-    else:
-        report = _call(args, "verify", Empty(), VerifyReport)
+
+def _report(args: argparse.Namespace, report: Any) -> int:
     if args.json:
         _print_json(report.model_dump())
     else:
@@ -140,14 +142,13 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
-@_errors_to_exit
-def _head(args: argparse.Namespace) -> int:
+async def _head(nc: Any, args: argparse.Namespace) -> int:
     from services.provenance_ledger.domain.tree_head import TreeHead
     from services.provenance_ledger.entrypoints.api import Empty, HeadResponse
 
     if args.sign:
-        _call(args, "checkpoint", Empty(), TreeHead)
-    head = _call(args, "head", Empty(), HeadResponse)
+        await _call(nc, args, "checkpoint", Empty(), TreeHead)
+    head = await _call(nc, args, "head", Empty(), HeadResponse)
     if args.json:
         _print_json(head.model_dump(mode="json"))
         return 0
@@ -160,19 +161,17 @@ def _head(args: argparse.Namespace) -> int:
     return 0
 
 
-@_errors_to_exit
-def _export(args: argparse.Namespace) -> int:
+async def _export(nc: Any, args: argparse.Namespace) -> int:
     from services.provenance_ledger.entrypoints.api import ExportRequest
 
-    _print_json(_call(args, "export", ExportRequest(ref=args.ref, format=args.format), dict[str, Any]))
+    _print_json(await _call(nc, args, "export", ExportRequest(ref=args.ref, format=args.format), dict[str, Any]))
     return 0
 
 
-@_errors_to_exit
-def _public_key(args: argparse.Namespace) -> int:
+async def _public_key(nc: Any, args: argparse.Namespace) -> int:
     from services.provenance_ledger.entrypoints.api import Empty, PublicKey
 
-    print(_call(args, "public_key", Empty(), PublicKey).pem, end="")
+    print((await _call(nc, args, "public_key", Empty(), PublicKey)).pem, end="")
     return 0
 
 
@@ -199,10 +198,14 @@ def _receipt(args: argparse.Namespace) -> int:
         return _verify_receipt(Path(args.args[1]), args.key, args)
     if len(args.args) != 1:
         return _fail("usage: strata receipt REQUEST_ID")
+    return _nats(args, _fetch_receipt)
+
+
+async def _fetch_receipt(nc: Any, args: argparse.Namespace) -> int:
     from services.provenance_ledger.domain.receipt import Receipt
     from services.provenance_ledger.entrypoints.api import RequestRef
 
-    receipt = _call(args, "receipt", RequestRef(request_id=args.args[0]), Receipt)
+    receipt = await _call(nc, args, "receipt", RequestRef(request_id=args.args[0]), Receipt)
     print(receipt.model_dump_json(indent=2))
     return 0
 
@@ -258,27 +261,32 @@ def _chat_prompt_bytes(path: Path) -> bytes:
     return request.to_inference("receipt").prompt_bytes()
 
 
-@_errors_to_exit
 def _lineage(args: argparse.Namespace) -> int:
-    from services.provenance_ledger.entrypoints.api import DatasetRef, RequestRef
-
     if sum(x is not None for x in (args.request_id, args.dataset, args.model)) != 1:
         return _fail("give a REQUEST_ID, --dataset DIGEST or --model REF")
-    if args.model:
-        return _model_lineage(args)
-    if args.dataset:
-        result = _call(args, "dataset_lineage", DatasetRef(digest=args.dataset), dict[str, Any])
-        if args.json:
-            _print_json(result)
-            return 0
-        ds = result["dataset"]
-        print(f"dataset {ds['name'] or '?'} {ds['digest']}" + ("" if ds["in_ledger"] else " (its dataset.registered is not in the ledger)"))
-        for m in result["models"]:
-            print(f"  model {m.get('name')}:{m.get('version')} {m['digest']}  {len(m['inferences'])} inference(s)")
-            for i in m["inferences"]:
-                print(f"    {i['time']}  request {i['request_id']}  leaf {i['leaf_index']}  {i['node_id']}/{i['device']}")
+    return _nats(args, _model_lineage if args.model else _dataset_lineage if args.dataset else _request_lineage)
+
+
+async def _dataset_lineage(nc: Any, args: argparse.Namespace) -> int:
+    from services.provenance_ledger.entrypoints.api import DatasetRef
+
+    result = await _call(nc, args, "dataset_lineage", DatasetRef(digest=args.dataset), dict[str, Any])
+    if args.json:
+        _print_json(result)
         return 0
-    r = _call(args, "lineage", RequestRef(request_id=args.request_id), dict[str, Any])
+    ds = result["dataset"]
+    print(f"dataset {ds['name'] or '?'} {ds['digest']}" + ("" if ds["in_ledger"] else " (its dataset.registered is not in the ledger)"))
+    for m in result["models"]:
+        print(f"  model {m.get('name')}:{m.get('version')} {m['digest']}  {len(m['inferences'])} inference(s)")
+        for i in m["inferences"]:
+            print(f"    {i['time']}  request {i['request_id']}  leaf {i['leaf_index']}  {i['node_id']}/{i['device']}")
+    return 0
+
+
+async def _request_lineage(nc: Any, args: argparse.Namespace) -> int:
+    from services.provenance_ledger.entrypoints.api import RequestRef
+
+    r = await _call(nc, args, "lineage", RequestRef(request_id=args.request_id), dict[str, Any])
     if args.json:
         _print_json(r)
         return 0
@@ -294,10 +302,10 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_lineage(args: argparse.Namespace) -> int:
+async def _model_lineage(nc: Any, args: argparse.Namespace) -> int:
     from services.provenance_ledger.entrypoints.api import ModelLineageRef
 
-    result = _call(args, "model_lineage", ModelLineageRef(ref=args.model), dict[str, Any])
+    result = await _call(nc, args, "model_lineage", ModelLineageRef(ref=args.model), dict[str, Any])
     if args.json:
         _print_json(result)
         return 0
@@ -321,11 +329,10 @@ def _print_text(line: str) -> None:
     print("".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf") else c for c in line))
 
 
-@_errors_to_exit
-def _audit(args: argparse.Namespace) -> int:
+async def _audit(nc: Any, args: argparse.Namespace) -> int:
     from services.provenance_ledger.entrypoints.api import AuditRequest
 
-    rows = _call(args, "audit", AuditRequest(since=args.since, model=args.model, type=args.type, limit=args.limit), list[dict[str, Any]])
+    rows = await _call(nc, args, "audit", AuditRequest(since=args.since, model=args.model, type=args.type, limit=args.limit), list[dict[str, Any]])
     if args.json:
         _print_json(rows)
         return 0

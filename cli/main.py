@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # every option after `train` belongs to the trainer's own parser
-        from services.inference_worker.builtin.train import main as train_main
+        from builtin_model.train import main as train_main
 
         return train_main(argv[1:]) or 0
     args = parser().parse_args(argv)

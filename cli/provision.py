@@ -10,7 +10,6 @@ in replicas, never emptied.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
@@ -23,7 +22,7 @@ from services.api_gateway.adapters.quota_counters import quota_bucket_config
 from services.hardware_inventory.adapters.state import inventory_bucket_config
 from services.model_store.adapters.blobs import blob_store_config
 from services.model_store.adapters.catalog_kv import catalog_bucket_config
-from cli import connection
+from cli import connection, runner
 from shared import bus, errors, inference_jobs, nats_auth, replication
 from shared.apikey_store import api_keys_bucket_config
 
@@ -44,23 +43,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = connection.add_options(sub.add_parser(
         "provision", help="create every stream and bucket, as the NATS admin credential (strata up does this itself)"))
     p.add_argument("--replicas", type=int, default=None, help="copies of each stream (default $STRATA_STREAM_REPLICAS or 1)")
-    p.set_defaults(func=lambda args: asyncio.run(_provision(args)))
+    p.set_defaults(func=_provision)
     perms = sub.add_parser("permissions", help="print each NATS role's permissions (the table in docs/operations.md)")
     perms.set_defaults(func=lambda args: print(nats_auth.permissions_table(), end=""))
 
 
-async def _provision(args: argparse.Namespace) -> int:
-    async def work(nc: Any) -> None:
-        await provision(nc.jetstream(timeout=10), replicas)
-
+def _provision(args: argparse.Namespace) -> int:
     try:
         replicas = args.replicas or replication.stream_replicas()
-        await connection.run_as(args.nats_url, args.data_dir, nats_auth.ADMIN, work, "may not create streams (use the admin credential)")
-    except (errors.StrataError, ValueError, NatsError) as exc:
+    except ValueError as exc:
         print(f"strata provision: {exc}", file=sys.stderr)
         return 1
-    print(f"provisioned {len(nats_auth.ALL_STREAMS)} streams and buckets ({replicas} replica(s)): {', '.join(nats_auth.ALL_STREAMS)}")
-    return 0
+
+    async def command(nc: Any, args: argparse.Namespace) -> int:
+        try:
+            await provision(nc.jetstream(timeout=10), replicas)
+        except NatsError as exc:
+            raise errors.Unavailable(str(exc)) from None
+        print(f"provisioned {len(nats_auth.ALL_STREAMS)} streams and buckets ({replicas} replica(s)): {', '.join(nats_auth.ALL_STREAMS)}")
+        return 0
+
+    return runner.run(args, command, error_line=lambda exc, connected: f"strata provision: {exc.message}", role=nats_auth.ADMIN,
+                      denied_what="may not create streams (use the admin credential)")
 
 
 async def _object_store(js: JetStreamContext, config: ObjectStoreConfig) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from builtin_model import MODEL_NAME
 from cli import natsd
 from cli.connection import redacted
 from cli.up_options import ROLE_ENV, UpOptions, lock_data_dir
@@ -270,7 +271,7 @@ class Supervisor:
                     cacert = f"--cacert {self.https.ca} " if self.https and self.https.ca else ""
                     self.say(f"strata up: try  curl {cacert}{auth}{self._scheme()}://{self.options.host}:"
                              f"{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}/v1/models  "
-                             "or  strata chat strata-builtin-kjv")
+                             f"or  strata chat {MODEL_NAME}")
             else:
                 served.cancel()
         except Exception as exc:  # the platform stays up; the user learns why nothing is served

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.model_store.service_layer.builtin import DEFAULT_NAME as MODEL_NAME  # the name the built-in is registered under
+from builtin_model import MODEL_NAME  # the name the built-in is registered under
 from tests.support.fake_worker import Script
 
 README = Path(__file__).resolve().parents[2] / "README.md"

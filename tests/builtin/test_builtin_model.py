@@ -17,10 +17,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
-from services.inference_worker.builtin import artifact as A  # noqa: E402
-from services.inference_worker.builtin import config as C  # noqa: E402
-from services.inference_worker.builtin import data as D  # noqa: E402
-from services.inference_worker.builtin import train as T  # noqa: E402
+from builtin_model import artifact as A  # noqa: E402
+from builtin_model import config as C  # noqa: E402
+from builtin_model import data as D  # noqa: E402
+from builtin_model import train as T  # noqa: E402
 
 SHIPPED = T.SHIPPED_MODEL_DIR
 

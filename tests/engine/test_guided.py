@@ -137,11 +137,9 @@ def test_a_schema_without_additional_properties_gets_only_its_own_keys(engines):
 
 def test_the_built_in_model_answers_in_the_schema():
     """The model `strata up` serves out of the box (trained on the KJV, 256 tokens of context)."""
-    from pathlib import Path
-
+    from builtin_model import MODEL_DIR as model_dir
     from services.inference_worker.engine import EngineConfig, LLMEngine
 
-    model_dir = Path(__file__).resolve().parents[2] / "services" / "inference_worker" / "builtin" / "model"
     engine = LLMEngine.from_pretrained(model_dir, EngineConfig(device="cpu", dtype="float32", num_blocks=64))
     schema = {"type": "object", "required": ["book", "chapter"], "properties": {
         "book": {"enum": ["Genesis", "Exodus", "Psalms"]}, "chapter": {"type": "integer", "minimum": 1, "maximum": 150}}}

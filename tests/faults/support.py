@@ -16,6 +16,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
+from builtin_model import MODEL_DIR
 from cli.natsd import free_port
 from shared import bus, subjects
 from shared.events import (
@@ -25,7 +26,7 @@ from shared.service import Service
 from tests.support.helpers import eventually, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILTIN_CKPT = ROOT / "services" / "inference_worker" / "builtin" / "model"
+BUILTIN_CKPT = MODEL_DIR
 MODEL = ModelId(name="fault-model", version=1, digest="sha256:" + "fa" * 32)
 WORKER_SOURCE = Source(service="inference-worker", node="node-fault")
 INVENTORY = Source(service="hardware-inventory", node="node-fault")

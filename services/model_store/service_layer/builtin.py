@@ -10,15 +10,12 @@ import json
 import logging
 from pathlib import Path
 
+from builtin_model import CORPUS_DIR, MODEL_DIR, MODEL_NAME
 from shared.catalog import FileEntry, PushDatasetRequest, PushedModel, PushModelRequest
 
 from services.model_store.service_layer.handlers import ModelStore
 
 log = logging.getLogger("model-store")
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "inference_worker" / "builtin"
-CORPUS_DIR = BUILTIN_DIR / "corpus"
-MODEL_DIR = BUILTIN_DIR / "model"
-DEFAULT_NAME = "strata-builtin-kjv"
 CORPUS_FILES = ("kjv.txt", "README.md", "LICENSE")
 CLAIM_KEY = "builtin.registered"
 
@@ -63,7 +60,7 @@ async def _register(store: ModelStore, corpus_dir: Path, model_dir: Path) -> Pus
         datasets.append(dataset.digest)
     record_path = model_dir / "training_record.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else None
-    name = (record or {}).get("model_name") or DEFAULT_NAME
+    name = (record or {}).get("model_name") or MODEL_NAME
     paths = sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     entries = [await _add(store, p, p.relative_to(model_dir).as_posix()) for p in paths]
     pushed = await store.register_model(PushModelRequest(

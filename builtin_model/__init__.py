@@ -3,6 +3,9 @@ James Bible), so that a fresh machine has a real model to serve with no download
 
 ``MODEL_DIR`` is the shipped checkpoint (HF format, with ``training_record.json``);
 ``train.main(argv)`` is what ``strata train`` runs to reproduce it. See README.md.
+
+This module is the model's name and paths, and nothing else: model-store and the CLI import it
+without the training code (which needs torch).
 """
 
 from pathlib import Path

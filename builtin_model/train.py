@@ -271,7 +271,7 @@ def train(
             "format": RECORD_FORMAT,
             "model_name": MODEL_NAME,
             "corpus": {
-                "file": "services/inference_worker/builtin/corpus/kjv.txt",
+                "file": "builtin_model/corpus/kjv.txt",
                 "sha256": sha256_bytes(text.encode("ascii")),
                 "bytes": len(text),
                 "source": "King James Version (1611), from Debian package bible-kjv-text 4.38 "

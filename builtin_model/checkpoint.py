@@ -109,9 +109,9 @@ class _EngineBackend(_Backend):
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from ..engine.config import ModelConfig
-        from ..engine.model import AttentionMetadata, PrefillChunk, Transformer
-        from ..engine.weights import hf_weight_names
+        from services.inference_worker.engine.config import ModelConfig
+        from services.inference_worker.engine.model import AttentionMetadata, PrefillChunk, Transformer
+        from services.inference_worker.engine.weights import hf_weight_names
 
         self._meta_cls, self._chunk_cls = AttentionMetadata, PrefillChunk
         self.cfg = ModelConfig.from_dict(config, source="builtin train config")
