@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
-from shared.contracts import Contract, resolve
+from shared.contracts import Consumes, Contract, Subscription, resolve
 from shared.events import Event, EventData, Source, make_event
 from shared.service_metrics import HttpMetrics, ServiceMetrics
 from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip_http_telemetry
@@ -153,6 +153,21 @@ class Service:
         ``async def op(service, request)``, or ``Class.method`` of a part this service provides."""
         for op in contract.rpc:
             self.rpc(op.op, resolve(op.request), every_replica=op.every_replica)(self._bind(op.handler))
+
+    def handle(self, consumes: Consumes, consumer: bus.EventConsumer) -> None:
+        """Route a declared consumer's events to the handlers the contract names for them."""
+        for event_type, handler in consumes.handlers.items():
+            consumer.on(event_type)(self._bind(handler))
+
+    def subscribe(self, subscription: Subscription, *, title: str) -> None:
+        """A declared core subscription that lasts as long as the service (FastStream documents it)."""
+        handle = self._bind(subscription.handler)
+
+        async def receive(msg: NatsMessage) -> None:
+            await handle(msg)
+
+        receive.__name__ = title.replace("-", "_")
+        self.broker.subscriber(subscription.subject, queue=subscription.queue, title=f"{self.name}:{title}")(receive)
 
     def _bind(self, handler: str) -> RpcHandler:
         module, _, qualname = handler.partition(":")
