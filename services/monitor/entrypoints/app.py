@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from services.monitor.adapters.replay import ReplayPass, replay_until_ack_floor
 from services.monitor.config import MonitorConfig
-from services.monitor.domain.alerts import load_rules
+from services.monitor.adapters.rules_file import load_rules
 from services.monitor.service_layer.monitor import Clock, Monitor
 from services.monitor.service_layer.views import RuleView, Snapshot
 from shared import subjects
