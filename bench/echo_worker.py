@@ -85,12 +85,13 @@ def run_worker() -> None:
     """``strata serve inference-worker`` with the EchoEngine, which deploys itself at start."""
     from services.inference_worker.adapters.artifacts import LocalSource
     from services.inference_worker.entrypoints.app import create_service
+    from services.inference_worker.service_layer.worker import Worker
     from shared.config import Settings
     from shared.events import DeployScheduled
     from shared.service import run
 
     service = create_service(Settings.from_env("inference-worker"), artifacts=LocalSource({MODEL: Path(".")}))
-    worker = service.worker  # type: ignore[attr-defined]
+    worker = service.part(Worker)
 
     async def deploy_echo() -> None:  # runs after worker.start (hooks run in order)
         worker.deployments._load = echo_load

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.api_gateway.domain import render  # noqa: E402
 from services.api_gateway.domain.requests import ChatCompletionRequest  # noqa: E402
 from services.api_gateway.entrypoints.app import create_service  # noqa: E402
+from services.api_gateway.service_layer.handlers import Gateway  # noqa: E402
 from services.api_gateway.service_layer.handlers import Caller  # noqa: E402
 from shared.events import ModelId, new_id  # noqa: E402
 from shared.inference import InferenceReply, InferenceRequest, Usage  # noqa: E402
@@ -41,7 +42,7 @@ async def answer(request: InferenceRequest) -> InferenceReply:
 
 def gateway_app():
     service = create_service()
-    gateway = service.gateway  # type: ignore[attr-defined]
+    gateway = service.part(Gateway)
 
     async def anyone(_key: str | None) -> Caller:  # the key store lives in NATS: not here
         return Caller(key=None)

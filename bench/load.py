@@ -88,6 +88,7 @@ def read_gbps(path: Path) -> float:
 async def deploy(nats_url: str, data_dir: Path, timings: dict) -> float:
     """A real inference-worker loads the pushed model: DeployScheduled → DeployReady, in seconds."""
     from services.inference_worker.entrypoints.app import WorkerOptions, create_service
+    from services.inference_worker.service_layer.worker import Worker
     from services.inference_worker.service_layer.deployments import EngineOptions
     from services.model_store.client import StoreClient  # noqa: F401  (import cost outside the timing)
     from shared.events import DeployReady, DeployScheduled
@@ -99,7 +100,7 @@ async def deploy(nats_url: str, data_dir: Path, timings: dict) -> float:
     bus = await connect_bus(nats_url, "load-node")
     try:
         async with service.running():
-            deps = service.worker.deployments  # type: ignore[attr-defined]
+            deps = service.part(Worker).deployments
             fetch, load = deps.artifacts.fetch, deps._load
 
             async def timed_fetch(model, ref):

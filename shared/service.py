@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
 from shared.config import SERVICES, Settings, module_name
-from shared.contracts import Contract, resolve
+from shared.contracts import Consumes, Contract, Subscription, contracts, resolve
 from shared.events import Event, EventData, Source, make_event
 from shared.service_metrics import HttpMetrics, ServiceMetrics
 from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip_http_telemetry
@@ -107,7 +108,25 @@ class Service:
         doc = spec.to_specification().to_jsonable()
         for extend in self.asyncapi_extensions:
             extend(doc)
+        self._document_declared(doc)
         return doc
+
+    def _document_declared(self, doc: dict[str, Any]) -> None:
+        """The contract's core subscriptions that no channel shows yet (those made with nats-py at run
+        time, such as the gateway's inference.completed): a channel each, naming its handler."""
+        contract = contracts().get(self.name)
+        if contract is None:
+            return
+        channels = doc.setdefault("channels", {})
+        known = {channel.get("address") for channel in channels.values()}
+        for sub in contract.subscriptions:
+            if sub.subject not in known:
+                parameters = re.findall(r"{(\w+)}", sub.subject)
+                channels[f"{self.name}:{sub.subject}"] = {
+                    "address": sub.subject, "description": f"{sub.purpose} (handled by {sub.handler})",
+                    **({"parameters": {p: {"description": f"the {p}, as one subject token"} for p in parameters}}
+                       if parameters else {}),
+                }
 
     # -- events ------------------------------------------------------------------------------
     def consume(self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any) -> bus.EventConsumer:
@@ -149,6 +168,21 @@ class Service:
         ``async def op(service, request)``, or ``Class.method`` of a part this service provides."""
         for op in contract.rpc:
             self.rpc(op.op, resolve(op.request), every_replica=op.every_replica)(self._bind(op.handler))
+
+    def handle(self, consumes: Consumes, consumer: bus.EventConsumer) -> None:
+        """Route a declared consumer's events to the handlers the contract names for them."""
+        for event_type, handler in consumes.handlers.items():
+            consumer.on(event_type)(self._bind(handler))
+
+    def subscribe(self, subscription: Subscription, *, title: str) -> None:
+        """A declared core subscription that lasts as long as the service (FastStream documents it)."""
+        handle = self._bind(subscription.handler)
+
+        async def receive(msg: NatsMessage) -> None:
+            await handle(msg)
+
+        receive.__name__ = title.replace("-", "_")
+        self.broker.subscriber(subscription.subject, queue=subscription.queue, title=f"{self.name}:{title}")(receive)
 
     def _bind(self, handler: str) -> RpcHandler:
         module, _, qualname = handler.partition(":")

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
-from shared.inference import (CANCEL_SUBJECT, InferenceCancel, InferenceReply, InferenceRequest, StreamMessage)
+from shared import subjects
+from shared.inference import (InferenceCancel, InferenceReply, InferenceRequest, StreamMessage)
 from shared.rpc import RpcReply
 
 REF = "#/components/schemas/{model}"
@@ -48,21 +49,27 @@ class Channel:
     reply: str | None = None  # the key of the channel the worker answers on
 
 
+def _key(pattern: str) -> str:
+    """A channel's key: its subject up to the first parameter (``infer.request.{model}``: ``infer.request``)."""
+    return pattern.split(".{", 1)[0]
+
+
+_REPLY = f"{_key(subjects.INFERENCE_REQUEST_PATTERN)}.reply"
 CHANNELS = (
-    Channel("infer.request", "infer.request.{model}", "A NATS request (request-reply) to the workers that serve "
+    Channel(_key(subjects.INFERENCE_REQUEST_PATTERN), subjects.INFERENCE_REQUEST_PATTERN, "A NATS request (request-reply) to the workers that serve "
             "the model (a queue group per model). No responders: the model is not deployed. api_key_id and "
             "client_request_id are refused here (403): a request naming an API key goes on "
             "infer.request.{model}.gateway, which only the api-gateway may publish to.",
-            ("InferenceRequest",), "receive", ("model",), reply="infer.request.reply"),
-    Channel("infer.request.reply", None, "The requester's inbox: with stream false one InferenceResult (keepalive "
+            ("InferenceRequest",), "receive", ("model",), reply=_REPLY),
+    Channel(_REPLY, None, "The requester's inbox: with stream false one InferenceResult (keepalive "
             "messages before it with keepalive true); with stream true started, chunks, then one end or error.",
             ("InferenceResult", "StreamMessage"), "send"),
-    Channel("infer.jobs", "infer.jobs.{model}", "A batch job: a JetStream publish into the JOBS stream (Nats-Msg-Id: "
+    Channel(_key(subjects.INFERENCE_JOB_PATTERN), subjects.INFERENCE_JOB_PATTERN, "A batch job: a JetStream publish into the JOBS stream (Nats-Msg-Id: "
             "the request id). Set request_id: the result is stored under it.", ("InferenceRequest",), "receive", ("model",)),
-    Channel("infer.results", "infer.results.{request_id}", "A job's result, kept a day in the RESULTS stream: read it "
+    Channel(_key(subjects.INFERENCE_RESULT_PATTERN), subjects.INFERENCE_RESULT_PATTERN, "A job's result, kept a day in the RESULTS stream: read it "
             "with a consumer filtered to this subject, or the stream's last message on it.",
             ("InferenceResult",), "send", ("request_id",)),
-    Channel("infer.cancel", CANCEL_SUBJECT, "Stops a request wherever it runs.", ("InferenceCancel",), "receive"),
+    Channel(subjects.CANCEL, subjects.CANCEL, "Stops a request wherever it runs.", ("InferenceCancel",), "receive"),
 )
 PARAMETERS = {"model": f"the model's name (not NAME:VERSION), as {TOKEN}",
               "request_id": f"the job's request_id, as {TOKEN}"}

@@ -1,4 +1,6 @@
-"""monitor's contract: it hears every event, heartbeat and dead letter, and offers HTTP only."""
+"""monitor's contract: it hears every event, heartbeat and dead letter, and offers HTTP only. Its
+entrypoint (services/monitor/entrypoints/app.py) holds events back until its state is rebuilt, then hands
+each to the Monitor method named here."""
 
 from __future__ import annotations
 
@@ -7,13 +9,13 @@ from shared.contracts import Consumes, Contract, Subscription
 from shared.events import DeadLetter, EventData, NodeHeartbeat
 
 SERVICE = "monitor"
-_APP = "services.monitor.entrypoints.app"
+_MONITOR = "services.monitor.service_layer.monitor:Monitor"
 
-EVENTS = Consumes(SERVICE, subjects.EVENTS_ALL, {EventData: f"{_APP}:on_event"},
+EVENTS = Consumes(SERVICE, subjects.EVENTS_ALL, {EventData: f"{_MONITOR}.on_event"},
                   purpose="every event, into metrics, alerts and the dashboard's state")
-DEAD_LETTERS = Consumes("monitor-dead-letters", subjects.DEADLETTER_ALL, {DeadLetter: f"{_APP}:count_dead_letters"},
+DEAD_LETTERS = Consumes("monitor-dead-letters", subjects.DEADLETTER_ALL, {DeadLetter: f"{_MONITOR}.on_dead_letter"},
                         stream=subjects.DEADLETTER_STREAM, purpose="every service's dead letters, counted")
-HEARTBEATS = Subscription(NodeHeartbeat.subject(), f"{_APP}:on_heartbeat", "node telemetry (every monitor hears it)")
+HEARTBEATS = Subscription(NodeHeartbeat.subject(), f"{_MONITOR}.on_heartbeat", "node telemetry (every monitor hears it)")
 
 CONTRACT = Contract(
     SERVICE, "Metrics, alerts and the live dashboard.",

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from services.inference_worker.service_layer.worker import Worker
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, tokenizer_dir  # noqa: F401  (fixtures)
@@ -29,7 +30,7 @@ async def stack(nats_server, tmp_path, ckpts):  # noqa: F811
             await deployed(bus, "tiny")
             with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
                 engine = LLMEngine.from_pretrained(ckpts["tiny"], EngineConfig(device="cpu", dtype="float32", num_blocks=64))
-                stack.worker = worker.worker  # type: ignore[attr-defined]
+                stack.worker = worker.part(Worker)  # type: ignore[attr-defined]
                 yield gateway, engine
     finally:
         await bus.nc.close()

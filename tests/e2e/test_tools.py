@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, Field
 
+from services.inference_worker.service_layer.worker import Worker
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, build_checkpoint, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.inference_worker.conftest import ckpts, connect_bus, deployed, make_worker  # noqa: F401  (fixtures)
@@ -289,7 +290,7 @@ async def test_review_findings_on_admission(nats_server, tmp_path, tool_ckpts, m
                                                       tool_choice="required", seed=1, temperature=1.0, max_tokens=300)
         check_calls(forced.choices[0].message.tool_calls)
 
-        server = stack.worker.worker.server  # type: ignore[attr-defined]
+        server = stack.worker.part(Worker).server  # type: ignore[attr-defined]
         loop, compiling, release = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
         real = serving.prepare
 

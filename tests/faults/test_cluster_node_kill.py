@@ -11,6 +11,7 @@ import nats
 import pytest
 
 from cli.cluster import LocalCluster
+from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from services.provenance_ledger.service_layer.ledger import Ledger
 from shared import subjects
 from shared.service import Service
@@ -60,7 +61,7 @@ async def test_kill_9_one_node_of_a_3_node_cluster(cluster, tmp_path, fault_summ
 
             await eventually(lambda: all(counting.calls[e] for e in tally.acked), 60,
                              "the foundation consumer handling every acknowledged event")
-            lg = ledger.ledger_app.ledger
+            lg = ledger.part(LedgerApp).ledger
             await eventually(lambda: all(in_ledger(lg, e) for e in tally.acked), 60,
                              "the ledger logging every acknowledged event")
             await asyncio.sleep(1.0)  # a redelivery would show up here

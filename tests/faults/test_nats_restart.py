@@ -10,6 +10,7 @@ import asyncio
 import httpx
 import pytest
 
+from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from services.provenance_ledger.service_layer.ledger import Ledger
 from shared.service import Service
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
@@ -73,7 +74,7 @@ async def test_restart_nats_server_under_load(nats_server, tmp_path, fault_summa
                 # every acknowledged event handled exactly once by both pull consumers
                 await eventually(lambda: all(counting.calls[e] for e in tally.acked), 60,
                                  "the foundation consumer handling every acknowledged event")
-                lg = ledger.ledger_app.ledger
+                lg = ledger.part(LedgerApp).ledger
                 await eventually(lambda: all(in_ledger(lg, e) for e in tally.acked), 60,
                                  "the ledger logging every acknowledged event")
                 await asyncio.sleep(1.0)  # a redelivery of an event acked before the restart would show now

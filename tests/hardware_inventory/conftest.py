@@ -12,6 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from services.hardware_inventory.service_layer.registry import Registry
 from services.hardware_inventory.config import InventoryConfig
 from services.hardware_inventory.entrypoints.app import create_inventory
 from shared import errors
@@ -90,7 +91,7 @@ class Cluster:
 
     @property
     def deployments(self):
-        return self.registry.inventory.deployments
+        return self.registry.part(Registry).deployments
 
     async def start_agent(self, node_id: str) -> Service:
         path = self.tmp / f"{node_id}.json"
@@ -119,8 +120,8 @@ class Cluster:
 
     async def wait_nodes(self, n: int = 3) -> None:
         async def alive():
-            nodes = await self.registry.inventory.state.nodes()
-            return [x for x in nodes if x.status == "alive" and x.node_id in self.registry.inventory.nodes.telemetry]
+            nodes = await self.registry.part(Registry).state.nodes()
+            return [x for x in nodes if x.status == "alive" and x.node_id in self.registry.part(Registry).nodes.telemetry]
 
         result = []
 

@@ -10,7 +10,7 @@ pytest.importorskip("gguf")
 from shared.errors import Invalid  # noqa: E402
 from services.hardware_inventory.domain.fit import ModelShape, predict, refusal  # noqa: E402
 from services.hardware_inventory.domain.fit_gguf import compute_buffer  # noqa: E402
-from services.model_store.domain.gguf import inspect_gguf  # noqa: E402
+from services.model_store.adapters.gguf_file import inspect_gguf  # noqa: E402
 from services.model_store.domain.metadata import gguf_metadata  # noqa: E402
 from tests.support.gguf_model import write_random_gguf  # noqa: E402
 

@@ -8,6 +8,7 @@ import json
 import httpx
 
 from cli import main as cli_main
+from services.hardware_inventory.service_layer.registry import Registry
 from shared import subjects
 from shared.events import DeadLetter
 from tests.hardware_inventory.conftest import Cluster
@@ -156,4 +157,4 @@ async def test_a_malformed_deploy_request_is_dead_lettered_with_the_reason(clust
             break
         await asyncio.sleep(0.05)
     assert found and found[0].service == "hardware-inventory" and "replicas" in found[0].reason
-    assert not (await cluster.registry.inventory.state.allocations()).deployments
+    assert not (await cluster.registry.part(Registry).state.allocations()).deployments

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.hardware_inventory.service_layer.registry import Registry
 from services.hardware_inventory.service_layer.views import DeployRequest
 from shared import bus
 from shared.events import DeployReady, MeasuredMemory, ModelLoaded, ModelUnloaded, Source, make_event
@@ -17,7 +18,7 @@ ON_CPU_8 = {"node": "cpu-8", "device": "cpu"}
 
 
 async def replica(cluster: Cluster, deployment_id: str):
-    return (await cluster.registry.inventory.state.allocations()).deployments[deployment_id].replicas[0]
+    return (await cluster.registry.part(Registry).state.allocations()).deployments[deployment_id].replicas[0]
 
 
 async def until(check, what: str, timeout: float = 10.0):
@@ -42,7 +43,7 @@ async def test_on_demand_replicas_share_a_node_and_follow_their_workers_loads(cl
     lazy = [await cluster.deployments.deploy(DeployRequest(model_ref="small", constraints=ON_CPU_8, on_demand=True,
                                                            keep_alive_s=30)) for _ in range(4)]
     assert all(o.scheduled for o in lazy), [o.reason for o in lazy]  # they book nothing: the worker evicts
-    allocations = await cluster.registry.inventory.state.allocations()
+    allocations = await cluster.registry.part(Registry).state.allocations()
     assert allocations.booked("cpu-8", "cpu") == 0
     dep = lazy[0].deployment
     assert dep.on_demand and dep.keep_alive_s == 30
@@ -78,7 +79,7 @@ async def _with(cluster: Cluster, deployment_id: str, **fields):
 
 
 async def _corrections(cluster: Cluster):
-    return [c for c in await cluster.registry.inventory.state.corrections() if c.device_kind == "cpu"]
+    return [c for c in await cluster.registry.part(Registry).state.corrections() if c.device_kind == "cpu"]
 
 
 async def test_the_node_agent_counts_an_on_demand_model_as_loaded_only_while_it_is():

@@ -260,4 +260,4 @@ def test_the_service_stops_at_start_on_an_invalid_file_and_starts_without_one(tm
         create_service(settings)
     assert str(path) in str(stopped.value.code) and "allowed_licences" in str(stopped.value.code)
     path.unlink()
-    assert create_service(settings).inventory.admission is None
+    assert not create_service(settings).has(AdmissionPolicy)

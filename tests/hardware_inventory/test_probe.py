@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from services.hardware_inventory.service_layer.registry import Registry
 from services.hardware_inventory.adapters.probe import StaticProbe, SystemProbe, parse_cpu_model
 from shared.host_memory import parse_meminfo
 from services.hardware_inventory.config import InventoryConfig
@@ -55,8 +56,8 @@ async def test_strata_up_runs_both_roles_in_one_process_and_this_machine_joins(n
     monkeypatch.delenv("STRATA_INVENTORY_PROBE_FILE", raising=False)
     service = make_service("hardware-inventory", nats_server.url, tmp_path, node_id="this-box")
     async with service.running():
-        nodes = service.inventory.nodes
+        nodes = service.part(Registry).nodes
         await eventually(lambda: "this-box" in nodes.telemetry and nodes.telemetry["this-box"].ram_free > 0, what="a heartbeat")
-        [record] = await service.inventory.state.nodes()
+        [record] = await service.part(Registry).state.nodes()
     assert record.node_id == "this-box" and record.status == "alive" and record.devices[0].kind == "cpu"
     assert record.heartbeat_interval_s == 0.2 and record.ram_total > 0

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.hardware_inventory.service_layer.registry import Registry
 from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared import bus
 from shared.events import DeployReady, DeployRequested, MeasuredMemory, Source, make_event
@@ -62,7 +63,7 @@ async def test_live_free_memory_from_heartbeats_steers_placement_and_is_named_wh
     path.write_text(json.dumps(busy))
 
     def heard() -> bool:
-        device = cluster.registry.inventory.nodes.telemetry["gpu-24"].devices.get("cuda:0")
+        device = cluster.registry.part(Registry).nodes.telemetry["gpu-24"].devices.get("cuda:0")
         return device is not None and device.memory_free == GB // 2
 
     await eventually(heard, what="a heartbeat with the little free memory")
@@ -107,7 +108,7 @@ async def test_rejections_name_the_numbers_and_the_cause(cluster: Cluster):
     await cluster.store.broker.stop()  # model-store goes away
     down = await deploy(cluster, model_ref="tiny")
     assert down.code == "unavailable" and "model-store unavailable" in down.reason
-    assert not (await cluster.registry.inventory.state.allocations()).deployments
+    assert not (await cluster.registry.part(Registry).state.allocations()).deployments
 
 
 async def test_concurrent_requests_never_book_the_same_memory_twice(cluster: Cluster):
@@ -119,18 +120,18 @@ async def test_concurrent_requests_never_book_the_same_memory_twice(cluster: Clu
 
     # half through the event stream (both replicas consume), half straight at both replicas at once
     events = [make_event(DeployRequested(model_ref="llama3-8b", constraints={"device": "cuda"}), CLIENT) for _ in range(10)]
-    direct = [(cluster.registries[i % 2].inventory.deployments.deploy(
+    direct = [(cluster.registries[i % 2].part(Registry).deployments.deploy(
         DeployRequest(model_ref="llama3-8b", constraints={"device": "cuda"}))) for i in range(10)]
     outcomes = (await asyncio.gather(*(bus.publish(cluster.registry.broker, e) for e in events), *direct))[10:]
     await eventually(lambda: len(cluster.of("deploy.scheduled")) + len(cluster.of("deploy.rejected")) == 20, timeout=30,
                      what="an answer to each of the 20 requests")
     assert len(cluster.of("deploy.scheduled")) == expected
     assert sum(o.scheduled for o in outcomes) <= expected
-    allocations = await cluster.registry.inventory.state.allocations()
+    allocations = await cluster.registry.part(Registry).state.allocations()
     for (node, device), cap in capacity.items():
         assert allocations.booked(node, device) <= cap
     assert second.consumer.stats.handled + cluster.registry.consumer.stats.handled >= 10
-    conflicts = cluster.registry.inventory.state.conflicts + second.inventory.state.conflicts
+    conflicts = cluster.registry.part(Registry).state.conflicts + second.part(Registry).state.conflicts
     print(f"compare-and-set conflicts resolved: {conflicts}")
     rejected = cluster.of("deploy.rejected")[0].reason
     assert "no device fits" in rejected and "free of" in rejected
@@ -148,7 +149,7 @@ async def test_a_lost_node_is_announced_and_its_deployments_move_then_it_returns
     assert (moved.deployment_id, moved.node_id, moved.device) == (outcome.deployment_id, "gpu-80", "cuda:0")
     released = cluster.of("deploy.released", deployment_id=outcome.deployment_id)
     assert released[0].node_id == "gpu-24" and "lost" in released[0].reason
-    allocations = await cluster.registry.inventory.state.allocations()
+    allocations = await cluster.registry.part(Registry).state.allocations()
     assert allocations.booked("gpu-24", "cuda:0") == 0 and allocations.booked("gpu-80", "cuda:0") > 0
     await cluster.start_agent("gpu-24")
     await eventually(lambda: cluster.of("node.returned", node_id="gpu-24"), timeout=10, what="node.returned")
@@ -161,7 +162,7 @@ async def test_a_lost_node_whose_deployment_fits_nowhere_else_says_so(cluster: C
     await eventually(lambda: cluster.of("deploy.rejected", deployment_id=outcome.deployment_id), timeout=10, what="rejection")
     rejected = cluster.of("deploy.rejected", deployment_id=outcome.deployment_id)[0]
     assert rejected.replica == 0 and "cannot be placed again" in rejected.reason and "gpu-24/cuda:0: node lost" in rejected.reason
-    assert (await cluster.registry.inventory.state.allocations()).deployments[outcome.deployment_id].state == "degraded"
+    assert (await cluster.registry.part(Registry).state.allocations()).deployments[outcome.deployment_id].state == "degraded"
     await cluster.start_agent("gpu-24")  # back: the waiting replica is placed again
     await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=outcome.deployment_id, generation=1), timeout=10,
                      what="the waiting replica placed on the returned node")
@@ -186,7 +187,7 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
         await bus.publish(cluster.registry.broker, event)
 
     await ready(first)
-    state = cluster.registry.inventory.state
+    state = cluster.registry.part(Registry).state
     await eventually(lambda: state.kv is not None, what="state")
 
     async def correction():
@@ -224,7 +225,7 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
 
 
 async def test_undeploy_frees_the_allocation(cluster: Cluster):
-    state = cluster.registry.inventory.state
+    state = cluster.registry.part(Registry).state
     a = await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})
     assert (await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})).code == "no_fit"
     assert (await state.allocations()).booked("gpu-24", "cuda:0") > 18 * GB
@@ -237,7 +238,7 @@ async def test_undeploy_frees_the_allocation(cluster: Cluster):
 
 async def test_optional_lru_eviction_makes_room_from_the_least_recently_used_ready_deployment(cluster: Cluster):
     lru = await cluster.start_registry(evict_lru=True)
-    deployments = lru.inventory.deployments
+    deployments = lru.part(Registry).deployments
     gpu24 = {"node": "gpu-24", "device": "cuda"}
     old = await deployments.deploy(DeployRequest(model_ref="small", constraints=gpu24))
     new = await deployments.deploy(DeployRequest(model_ref="small", constraints=gpu24))
@@ -249,7 +250,7 @@ async def test_optional_lru_eviction_makes_room_from_the_least_recently_used_rea
                                             device=r.device, load_seconds=1, measured=MeasuredMemory(weights=weights, kv_cache=1, peak=r.predicted_bytes)))
     big = await deployments.deploy(DeployRequest(model_ref="llama3-8b", constraints=gpu24))
     assert big.scheduled
-    left = (await lru.inventory.state.allocations()).deployments
+    left = (await lru.part(Registry).state.allocations()).deployments
     assert set(left) == {big.deployment_id}  # 18.7 GB on a 22 GB card: both small ones had to go, oldest first
     await eventually(lambda: len(cluster.of("deploy.released")) == 2, what="evictions announced")
     assert [e.deployment_id for e in cluster.of("deploy.released")] == [old.deployment_id, new.deployment_id]
@@ -265,7 +266,7 @@ async def test_a_deploys_embedding_pooling_travels_to_the_workers_scheduled_even
     await bus.publish(cluster.registry.broker, make_event(requested, CLIENT))
     await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=requested.deployment_id), what="deploy.scheduled")
     assert cluster.of("deploy.scheduled", deployment_id=requested.deployment_id)[0].embedding_pooling == "mean"
-    stored = (await cluster.registry.inventory.state.allocations()).deployments[requested.deployment_id]
+    stored = (await cluster.registry.part(Registry).state.allocations()).deployments[requested.deployment_id]
     assert stored.embedding_pooling == "mean"
     plain = await deploy(cluster, model_ref="tiny")
     await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=plain.deployment_id), what="deploy.scheduled")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from cli import main as cli_main
+from services.hardware_inventory.service_layer.registry import Registry
 from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared.events import DeployReady, MeasuredMemory
 from tests.hardware_inventory.conftest import Cluster
@@ -42,20 +43,20 @@ async def test_redeploys_and_a_registry_restart_keep_the_same_context(cluster: C
         tokens = replica.kv_cache_bytes // (await cluster.deployments.fit(FitRequest(model_ref="small"))).estimates["cuda"].raw.kv_bytes_per_token
         seen.append((deployment.context_length, replica.kv_cache_bytes, tokens))
         await cluster.deployments.undeploy(None, deployment.deployment_id)
-    [correction] = [c for c in await cluster.registry.inventory.state.corrections() if c.device_kind == "cuda"]
+    [correction] = [c for c in await cluster.registry.part(Registry).state.corrections() if c.device_kind == "cuda"]
     assert correction.samples == 4 and correction.overhead_factor < 1  # it did learn, from the terms it predicts
     assert len(set(seen)) == 1, seen  # 256 -> 224 -> 176 -> 144 was the bug
     context, _, tokens = seen[0]
     assert tokens == context + 16  # the KV cache holds the whole context, and the engine's null block
 
     restarted = await cluster.start_registry()  # a fresh process: what it knows comes from KV
-    outcome = await restarted.inventory.deployments.deploy(DeployRequest(model_ref="small", constraints=H100))
+    outcome = await restarted.part(Registry).deployments.deploy(DeployRequest(model_ref="small", constraints=H100))
     replica = outcome.deployment.replicas[0]
     assert (outcome.deployment.context_length, replica.kv_cache_bytes) == seen[0][:2]
 
 
 async def test_a_measurement_too_small_or_too_far_off_is_ignored_and_not_stored(cluster: Cluster, capsys):
-    state = cluster.registry.inventory.state
+    state = cluster.registry.part(Registry).state
     # the built-in model on a CPU: the process grew by 17.5 MiB, the formula said 208 MiB (+1091 %)
     await deploy_and_measure(cluster, "tiny", {"device": "cpu"}, peak=int(17.5 * MiB), weights=8 * MiB)
     # a big model whose report counted another process's memory in

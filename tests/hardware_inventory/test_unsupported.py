@@ -3,6 +3,7 @@ naming the supported ones, before anything is booked or sent to a worker."""
 
 from __future__ import annotations
 
+from services.hardware_inventory.service_layer.registry import Registry
 from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared.architectures import unsupported_reason
 from tests.hardware_inventory.conftest import Cluster
@@ -39,12 +40,12 @@ async def test_deploy_refuses_it_before_anything_is_booked_or_sent_to_a_worker(c
     assert rejected.reason == REASON
     # events leave the registry in order: a placement would have come before its rejection
     assert worker_heard == [] and not cluster.of("deploy.scheduled")
-    assert rejected.deployment_id not in (await cluster.registry.inventory.state.allocations()).deployments
+    assert rejected.deployment_id not in (await cluster.registry.part(Registry).state.allocations()).deployments
 
     outcome = await cluster.deployments.deploy(DeployRequest(model_ref="unservable"))
     assert (outcome.scheduled, outcome.code, outcome.reason) == (False, "unsupported", REASON)
     async with Http(cluster.registry.http) as http:
         answer = await http.post("/deployments", json={"model_ref": "unservable"})
     assert answer.status_code == 400 and answer.json()["error"]["message"] == REASON
-    assert (await cluster.registry.inventory.state.allocations()).deployments == {}
+    assert (await cluster.registry.part(Registry).state.allocations()).deployments == {}
     assert worker_heard == []

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from services.inference_worker.service_layer.worker import Worker
 from shared import subjects
 from shared.inference import JOBS_STREAM, RESULTS_STREAM, InferenceRequest
 from shared.inference_jobs import job_result, submit_job
@@ -44,13 +45,13 @@ async def test_jobs_are_processed_once_across_two_workers_and_duplicates_give_on
         # a late duplicate, past the duplicate window (another message id): skipped, not run again
         await js.publish(subjects.inference_job("tiny"), jobs[1].model_dump_json().encode(), stream=JOBS_STREAM,
                          headers={"Nats-Msg-Id": "another-id"})
-        await eventually(lambda: (a.worker.jobs.processed + b.worker.jobs.processed) == 8 and _drained(js), 10,
+        await eventually(lambda: (a.part(Worker).jobs.processed + b.part(Worker).jobs.processed) == 8 and _drained(js), 10,
                          "the late duplicate acknowledged")
         await asyncio.sleep(0.3)
         info = await js.stream_info(RESULTS_STREAM)
         assert info.state.messages == 8
-        assert a.worker.jobs.processed + b.worker.jobs.processed == 8
-        assert a.worker.jobs.processed > 0 and b.worker.jobs.processed > 0  # the consumer is shared
+        assert a.part(Worker).jobs.processed + b.part(Worker).jobs.processed == 8
+        assert a.part(Worker).jobs.processed > 0 and b.part(Worker).jobs.processed > 0  # the consumer is shared
 
 
 _pending: dict[str, int] = {}

@@ -10,6 +10,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from services.inference_worker.service_layer.worker import Worker
 from services.inference_worker.service_layer.deployments import EngineOptions
 from shared import subjects
 from shared.inference import InferenceReply, InferenceRequest, Keepalive
@@ -77,7 +78,7 @@ async def test_a_queued_non_stream_request_gets_keepalives_then_one_reply_only_w
     occupying = InferenceRequest(model="long", prompt="It was", sampling={"max_tokens": 4000, "temperature": 0})
     first = asyncio.ensure_future(nc.request(subjects.inference_request("long"), occupying.model_dump_json().encode(),
                                              timeout=60))
-    loop = worker.worker.deployments.by_key["dep-long/0"].loop
+    loop = worker.part(Worker).deployments.by_key["dep-long/0"].loop
     await eventually(lambda: loop.stats.tokens > 0, 10, "the long request generating")
     # the plain one queues first, so it has waited at least as long as the other when that one's keepalive comes
     plain = await Replies(short("Call me", keepalive=False)).send(nc)

@@ -8,6 +8,7 @@ import time
 import pytest
 from nats.errors import NoRespondersError
 
+from services.inference_worker.service_layer.worker import Worker
 from shared import rpc, subjects
 from shared.events import DeployFailed, DeployLoading, DeployReady, DeployReleased, DeployUnloaded, UndeployRequested, Source
 from shared.inference import InferenceRequest, LoadedModels, LoadedModelsRequest
@@ -78,7 +79,7 @@ async def test_two_models_at_once_then_undeploy_one(worker, bus_client):
     await bus_client.wait(DeployUnloaded, deployment_id="dep-tiny")
     listing = await rpc.call(bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels)
     assert listing.deployments == []
-    await wait_for(lambda: not worker.worker._subs, what="request subscriptions gone")
+    await wait_for(lambda: not worker.part(Worker)._subs, what="request subscriptions gone")
 
 
 async def test_int8_deploy_serves_quantized_weights_and_says_so(worker, bus_client):

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
+from services.inference_worker.service_layer.worker import Worker
 from shared import rpc, subjects  # noqa: E402
 from shared.events import (DeployFailed, DeployReady, DeployUnloaded, InferenceCompleted, Source,  # noqa: E402
                            UndeployRequested)
@@ -46,7 +47,7 @@ async def test_a_gguf_deploys_on_llama_cpp_and_serves_replies_streams_and_events
         [dep] = loaded.deployments
         assert (dep.runtime, dep.max_model_len, dep.state) == ("llama.cpp", 128, "ready")
         # undeploy: drained, then llama.cpp's context and model are freed (not left to the GC)
-        [held] = service.worker.deployments.ready("tiny-gguf")  # type: ignore[attr-defined]
+        [held] = service.part(Worker).deployments.ready("tiny-gguf")  # type: ignore[attr-defined]
         engine = held.loop.engine
         await bus_client.emit(UndeployRequested(model_ref="tiny-gguf"), source=Source(service="cli", node="laptop"))
         await bus_client.wait(DeployUnloaded, deployment_id=scheduled.deployment_id)

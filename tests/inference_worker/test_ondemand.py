@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from services.inference_worker.service_layer.worker import Worker
 from shared import rpc, subjects
 from shared.events import DeployReady, ModelLoaded, ModelLoadFailed, ModelUnloaded, Source, UndeployRequested, DeployUnloaded
 from shared.inference import LoadedModels, LoadedModelsRequest
@@ -132,7 +133,7 @@ def held_load():
     release, waiting = threading.Event(), threading.Event()
 
     def hold(worker_service):
-        deployments = worker_service.worker.deployments
+        deployments = worker_service.part(Worker).deployments
         original = deployments._load
 
         def slow(artifact, event):
@@ -181,12 +182,12 @@ async def test_a_stream_waits_for_the_load_and_can_be_cancelled_meanwhile(nats_s
         streaming = asyncio.ensure_future(stream(bus_client, "tiny", **long))
         assert await asyncio.to_thread(waiting.wait, 10)  # the load started, held
         await bus_client.nc.publish(CANCEL_SUBJECT, InferenceCancel(request_id="lazy-stream").model_dump_json().encode())
-        await wait_for(lambda: "lazy-stream" in service.worker.server.cancelled_early, what="the cancel noted")
+        await wait_for(lambda: "lazy-stream" in service.part(Worker).server.cancelled_early, what="the cancel noted")
         release.set()
         messages = await streaming
         assert messages[0].kind == "started" and messages[-1].kind == "end", messages
         assert messages[-1].finish_reason == "cancelled"  # it never ran its 100 tokens
-        assert not service.worker.server.cancelled_early and not service.worker.server.waiting_for_load
+        assert not service.part(Worker).server.cancelled_early and not service.part(Worker).server.waiting_for_load
 
 
 async def test_an_embeddings_request_loads_an_on_demand_model_too(nats_server, tmp_path, bus_client, ckpts):

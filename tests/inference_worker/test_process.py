@@ -15,6 +15,7 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
+from services.inference_worker.service_layer.worker import Worker
 from shared import subjects
 from shared.catalog import PushModelRequest, ResolvedModel
 from shared.events import ModelId, DeployReady, DeployScheduled, DeployUnloaded, InferenceCompleted
@@ -121,8 +122,8 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
         assert await job_result(js, "long-job") is None
         # another worker, fetching through the real model-store adapter (no artifact override)
         other = make_worker(nats_server.url, tmp_path / "w2", {}, node_id="node-b")
-        other.worker._artifacts = None
-        other.worker.options.jobs.ack_wait_s = 2.0
+        other.part(Worker)._artifacts = None
+        other.part(Worker).options.jobs.ack_wait_s = 2.0
         async with other.running():
             await deploy(bus_client, pushed.model, "dep-b", "node-b")
             result = None
@@ -132,7 +133,7 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
                 await asyncio.sleep(0.05)
             assert result is not None and result.ok, result
             assert result.result["usage"]["completion_tokens"] == LONG
-            assert other.worker.jobs.processed == 1
+            assert other.part(Worker).jobs.processed == 1
     finally:
         stop(proc)
 
@@ -142,7 +143,7 @@ async def test_a_tampered_blob_or_another_digest_fails_the_deploy_before_loading
     from shared.events import DeployFailed
 
     worker = make_worker(nats_server.url, tmp_path / "w", {}, node_id="node-v")
-    worker.worker._artifacts = None  # the real adapter: model-store's verified fetch
+    worker.part(Worker)._artifacts = None  # the real adapter: model-store's verified fetch
     async with worker.running():
         # someone with write access rewrote the weights in the Object Store
         weights = next(f for f in pushed.manifest.files if f.path == "model.safetensors")
@@ -161,7 +162,7 @@ async def test_a_tampered_blob_or_another_digest_fails_the_deploy_before_loading
         failed = await bus_client.wait(DeployFailed, deployment_id="dep-forged")
         assert failed.reason.startswith("verification failed") and pushed.model.digest in failed.reason
         assert not bus_client.of(DeployReady)
-        listing = await worker.worker.loaded(None)
+        listing = await worker.part(Worker).loaded(None)
         assert {d.state for d in listing.deployments} == {"failed"}
 
 
@@ -173,7 +174,7 @@ async def test_a_queued_stream_gets_started_and_keepalives_until_its_turn(nats_s
         await deploy(bus_client, model_id("long"), "dep-long", "node-a", context=4096)
         first = asyncio.ensure_future(bus_client.request("long", prompt="It was",  # seconds of work ahead
                                                          sampling={"max_tokens": 4000, "temperature": 0}))
-        loop = worker.worker.deployments.by_key["dep-long/0"].loop
+        loop = worker.part(Worker).deployments.by_key["dep-long/0"].loop
         await eventually(lambda: loop.stats.tokens > 0, 10, "the long request generating")
         req = InferenceRequest(model="long", stream=True, prompt="Call me", sampling={"max_tokens": 2})
         inbox = bus_client.nc.new_inbox()

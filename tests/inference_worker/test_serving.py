@@ -9,6 +9,7 @@ import hashlib
 import pytest
 from pydantic import TypeAdapter
 
+from services.inference_worker.service_layer.worker import Worker
 from shared import subjects
 from shared.events import InferenceCompleted, InferenceFailed
 from shared.prompt_commitment import commit, prompt_bytes
@@ -115,7 +116,7 @@ async def test_concurrent_requests_share_engine_steps(worker, bus_client, refere
         bus_client.request("tiny", prompt=p, sampling={"max_tokens": tokens, "temperature": 0})
         for p in ["It was", "Call me", "The quick", "A paged"][:n]))
     assert all(r.ok and r.result["usage"]["completion_tokens"] == tokens for r in replies)
-    loop = worker.worker.deployments.by_key["dep-tiny/0"].loop
+    loop = worker.part(Worker).deployments.by_key["dep-tiny/0"].loop
     assert loop.stats.peak_running > 1
     assert loop.stats.steps < n * tokens  # one step served several requests
     for r, p in zip(replies, ["It was", "Call me", "The quick", "A paged"]):  # batching changes nothing
@@ -124,7 +125,7 @@ async def test_concurrent_requests_share_engine_steps(worker, bus_client, refere
 
 async def test_cancel_mid_stream_frees_the_cache_at_once(worker, bus_client):
     await deployed(bus_client, "tiny")
-    engine = worker.worker.deployments.by_key["dep-tiny/0"].loop.engine
+    engine = worker.part(Worker).deployments.by_key["dep-tiny/0"].loop.engine
     rid = "cancel-me"
     sent = False
 
@@ -184,7 +185,7 @@ async def test_overload_answers_unavailable(nats_server, tmp_path, ckpts, bus_cl
         slow = asyncio.ensure_future(bus_client.request("tiny", prompt="It was", sampling={"max_tokens": 200, "temperature": 0}))
         await asyncio.sleep(0)
         from tests.support.helpers import eventually
-        await eventually(lambda: service.worker.server.inflight, 10, "the first request running")
+        await eventually(lambda: service.part(Worker).server.inflight, 10, "the first request running")
         second = await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 1})
         assert not second.ok and second.error.code == "unavailable" and "retry" in second.error.message
         assert (await slow).ok

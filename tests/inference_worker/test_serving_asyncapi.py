@@ -33,6 +33,10 @@ def test_the_serving_channels_and_operations_are_documented(doc):
         "inference-worker:infer.jobs": "infer.jobs.{model}",
         "inference-worker:infer.results": "infer.results.{request_id}",
         "inference-worker:infer.cancel": "infer.cancel",
+        # the rest of the worker's declared subscriptions (shared/contracts/inference.py), named by their subject
+        "inference-worker:infer.request.{model}.gateway": "infer.request.{model}.gateway",
+        "inference-worker:infer.embed.{model}": "infer.embed.{model}",
+        "inference-worker:infer.embed.{model}.gateway": "infer.embed.{model}.gateway",
     }
     request = doc["operations"]["inference-worker:infer.request"]
     assert request["action"] == "receive"

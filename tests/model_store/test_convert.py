@@ -15,6 +15,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
 from cli.main import main  # noqa: E402
+from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from services.model_store.client import StoreClient  # noqa: E402
 from services.model_store.convert.hf_to_gguf import Unconvertible, write_llama_gguf  # noqa: E402
 from shared.errors import Invalid  # noqa: E402
@@ -66,7 +67,7 @@ async def test_a_safetensors_model_converted_to_q4_k_m_keeps_its_lineage_and_gen
                                                "--quant", "q4_k_m", "--threads", "1", *url)
         assert code == 0 and "already converted tiny-llama:1 -> tiny-llama:2" in out
 
-        store = ledger.ledger_app.lg.store  # type: ignore[attr-defined]
+        store = ledger.part(LedgerApp).lg.store  # type: ignore[attr-defined]
         await eventually(lambda: model_lineage(store, "tiny-llama:2")["models"][0]["derived_from"][:1]
                          and model_lineage(store, "tiny-llama:2")["models"][0]["derived_from"][0]["in_ledger"],
                          20, "the conversion's model.registered and its source's in the ledger")

@@ -56,7 +56,7 @@ async def running(nats_server, tmp_path: Path, monitor_config: MonitorConfig) ->
     publisher = await Publisher.connect(nats_server.url)
     async with service.running():
         async with Http(service.http) as http:
-            server = Running(service, service.monitor, publisher, http, str(http.base_url).rstrip("/"))
+            server = Running(service, service.part(Monitor), publisher, http, str(http.base_url).rstrip("/"))
             yield server
     await publisher.close()
 

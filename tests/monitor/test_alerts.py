@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.monitor.config import MonitorConfig
-from services.monitor.domain.alerts import load_rules
+from services.monitor.adapters.rules_file import load_rules
 from shared import errors
 from shared.events import AlertFiring, AlertResolved, parse_event
 from tests.monitor.conftest import Running, fast_config, until

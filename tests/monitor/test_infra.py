@@ -11,7 +11,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.monitor.config import MonitorConfig
-from services.monitor.domain.alerts import load_rules
+from services.monitor.adapters.rules_file import load_rules
 from services.monitor.service_layer.monitor import Monitor
 from shared.events import (
     DeadLetter, DeployFailed, DeployReady, LedgerCheckpoint, MeasuredMemory, NodeHeartbeat, NodeRegistered, Source, make_event,

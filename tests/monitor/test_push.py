@@ -7,7 +7,7 @@ import math
 import time
 
 from services.monitor.config import MonitorConfig
-from services.monitor.domain.alerts import load_rules
+from services.monitor.adapters.rules_file import load_rules
 from services.monitor.service_layer.monitor import Monitor
 from shared.events import Source, make_event
 from tests.monitor.script import completed

@@ -29,7 +29,7 @@ ANOTHER = TINY.model_copy(update={"name": "another", "version": 1})
 
 def make(nats_url: str, data_dir: Path, durable: str = "monitor") -> tuple[Service, Monitor]:
     service = create_monitor(settings_for("monitor", nats_url, data_dir), fast_config(events_durable=durable))
-    return service, service.monitor  # type: ignore[attr-defined]
+    return service, service.part(Monitor)
 
 
 def requests(monitor: Monitor) -> list[tuple]:

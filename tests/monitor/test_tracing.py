@@ -11,6 +11,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.monitor.service_layer.monitor import Monitor
 from services.inference_worker.service_layer import serving
 from services.inference_worker.service_layer.telemetry import GenAiMetrics
 from services.monitor.entrypoints.app import create_monitor
@@ -52,7 +53,7 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
                 response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4})
             assert response.status_code == 200, response.text
-        await until(lambda: monitor.monitor.state.traffic.count(), "the inference event at the monitor", timeout=30)
+        await until(lambda: monitor.part(Monitor).state.traffic.count(), "the inference event at the monitor", timeout=30)
         await until(lambda: any(s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER
                                 for s in spans.get_finished_spans()), "the monitor's consumer span")
         await until(lambda: any(s.name == "ledger append inference.completed" for s in spans.get_finished_spans()),

@@ -11,6 +11,7 @@ from typing import Any
 import nats
 import pytest
 
+from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from shared import bus
 from shared.events import (
     DatasetRegistered, DeployLoading, DeployReady, DeployRequested, DeployScheduled, DeviceInfo, Event,
@@ -95,7 +96,7 @@ def ledger_service(nats_server, tmp_path, monkeypatch) -> Service:
 
 
 def ledger_of(service: Service):
-    return service.ledger_app.lg  # type: ignore[attr-defined]
+    return service.part(LedgerApp).lg  # type: ignore[attr-defined]
 
 
 def non_checkpoint_ids(service: Service) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from services.provenance_ledger.adapters.ingest import EventIngest
 from services.provenance_ledger.service_layer.ledger import Incoming, Ledger
 from shared import subjects
@@ -70,7 +71,7 @@ async def test_a_malformed_event_is_dead_lettered_and_not_logged(ledger_service,
         await js.publish("evt.inference.completed", b'{"id": "bad-1", "type": "inference.completed", "garbage": true}')
         await publish_all(js, run.events)
         await wait_ingested(ledger_service, run.ids)
-        await eventually(lambda: ledger_service.ledger_app.ingest.dead_lettered == 1, 10, "the dead letter")
+        await eventually(lambda: ledger_service.part(LedgerApp).ingest.dead_lettered == 1, 10, "the dead letter")
         assert "bad-1" not in non_checkpoint_ids(ledger_service)
         info = await js.stream_info(subjects.DEADLETTER_STREAM)
         letter = DeadLetter.model_validate_json((await js.get_msg(subjects.DEADLETTER_STREAM, info.state.last_seq)).data)
@@ -86,11 +87,11 @@ async def test_malformed_bytes_near_the_nats_limit_are_dead_lettered_with_a_capp
         await js.publish("evt.inference.completed", b'"' + b"\\x" * 350_000 + b'"')  # a 1.05 MB dead-letter record, uncapped
         await publish_all(js, run.events)
         await wait_ingested(ledger_service, run.ids)
-        await eventually(lambda: ledger_service.ledger_app.ingest.dead_lettered == 1, 10, "the dead letter")
+        await eventually(lambda: ledger_service.part(LedgerApp).ingest.dead_lettered == 1, 10, "the dead letter")
         info = await js.stream_info(subjects.DEADLETTER_STREAM)
         letter = DeadLetter.model_validate_json((await js.get_msg(subjects.DEADLETTER_STREAM, info.state.last_seq)).data)
         assert letter.truncated and letter.payload_bytes == 700_002 and letter.consumer == "provenance-ledger-log"
-        assert ledger_service.ledger_app.ingest.failures == 0
+        assert ledger_service.part(LedgerApp).ingest.failures == 0
 
 
 async def test_a_lost_ledger_file_is_rebuilt_by_replaying_the_stream_with_its_signed_heads(nats_server, js, tmp_path, monkeypatch):
@@ -101,7 +102,7 @@ async def test_a_lost_ledger_file_is_rebuilt_by_replaying_the_stream_with_its_si
     async with service.running():
         await publish_all(js, run.events)
         await wait_ingested(service, run.ids)
-        head = await service.ledger_app.checkpoint()
+        head = await service.part(LedgerApp).checkpoint()
         await eventually(lambda: ledger_of(service).size > head.tree_size, 10, "the checkpoint event logged")
         size, root = ledger_of(service).size, ledger_of(service).root()
     for f in (data / "provenance-ledger").glob("ledger.sqlite3*"):
@@ -112,5 +113,5 @@ async def test_a_lost_ledger_file_is_rebuilt_by_replaying_the_stream_with_its_si
         ledger = ledger_of(rebuilt)
         assert ledger.root(size) == root
         assert any(h.tree_size == head.tree_size and h.root_hash == head.root_hash for h in ledger.store.heads())
-        report = await rebuilt.ledger_app.verify()
+        report = await rebuilt.part(LedgerApp).verify()
         assert report.ok, report.problems

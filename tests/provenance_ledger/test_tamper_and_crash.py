@@ -16,6 +16,7 @@ import pytest
 
 from cli import main as cli_main
 from cli.natsd import free_port
+from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from services.provenance_ledger.service_layer.ledger import DB_FILE, Ledger, verify_store
 from shared import bus, subjects
 from shared.events import InferenceCompleted, ModelId, Source, make_event
@@ -32,7 +33,7 @@ async def signed_ledger(ledger_service, js, tmp_path) -> Path:
     async with ledger_service.running():
         await publish_all(js, run.events)
         await wait_ingested(ledger_service, run.ids)
-        await ledger_service.ledger_app.checkpoint()
+        await ledger_service.part(LedgerApp).checkpoint()
     return ledger_service.settings.service_dir
 
 

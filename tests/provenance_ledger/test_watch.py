@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 
+from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from services.monitor.entrypoints.app import create_monitor
 from services.provenance_ledger.service_layer.ledger import DB_FILE
 from services.provenance_ledger.service_layer.watch import WatchSettings
@@ -53,7 +54,7 @@ async def test_a_leaf_altered_while_the_ledger_was_down_is_published_at_the_next
                          "ledger.tamper_detected for leaf 10")
         await eventually(lambda: any(a.rule == "ledger_tamper" for a in alerts), 20, "the monitor's ledger_tamper alert")
         await eventually(lambda: "ledger-verify" not in ledger.catching_up, 20, "the start-up verify to finish")
-        assert ledger.ledger_app.stats().tamper_suspected
+        assert ledger.part(LedgerApp).stats().tamper_suspected
     assert len([t for t in tamper if t.index == 10]) == 1
 
 
@@ -68,14 +69,14 @@ async def test_the_periodic_check_rehashes_new_leaves_reports_each_finding_once_
         await wait_ingested(ledger_service, first.ids)
         size = lg.size
         await eventually(lambda: (lg.store.verified_size() or 0) >= size, 20, "a clean pass recorded as the marker")
-        assert ledger_service.ledger_app.stats().verified_size >= size
+        assert ledger_service.part(LedgerApp).stats().verified_size >= size
         await publish_all(js, second.events)
         await wait_ingested(ledger_service, second.ids)
         new = next(r["idx"] for r in lg.store.query("SELECT idx FROM leaves WHERE type = 'inference.completed' ORDER BY idx DESC LIMIT 1"))
         flip_a_byte(ledger_service.settings.service_dir / DB_FILE, new)
         await eventually(lambda: any(t.index == new for t in tamper), 20, f"ledger.tamper_detected for leaf {new}")
-        passes = ledger_service.ledger_app.watch.passes
-        await eventually(lambda: ledger_service.ledger_app.watch.passes >= passes + 3, 20, "three more periodic passes")
+        passes = ledger_service.part(LedgerApp).watch.passes
+        await eventually(lambda: ledger_service.part(LedgerApp).watch.passes >= passes + 3, 20, "three more periodic passes")
     assert len([t for t in tamper if t.index == new]) == 1, "one event per finding, not one per period"
 
 

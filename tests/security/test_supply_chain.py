@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from services.inference_worker.service_layer.worker import Worker
 from services.model_store.domain.signing import Signer
 from shared import rpc, subjects
 from shared.catalog import CATALOG_BUCKET, ModelManifest, ResolvedModel, ResolveRequest, manifest_digest
@@ -49,7 +50,7 @@ async def _deploy_fails(bus, model, deployment_id: str, node_id: str) -> str:
 
 async def test_a_rewritten_manifest_or_a_foreign_signature_ends_in_deploy_failed(nats_server, tmp_path, pushed, bus_client):  # noqa: F811
     worker = make_worker(nats_server.url, tmp_path / "w", {}, node_id="node-sc")
-    worker.worker._artifacts = None  # the real adapter: model-store's verified fetch
+    worker.part(Worker)._artifacts = None  # the real adapter: model-store's verified fetch
     async with worker.running():
         # 1. the manifest (its license) rewritten together with its digest: the signature no longer covers it
         def relicense(stored: dict) -> None:
@@ -71,6 +72,6 @@ async def test_a_rewritten_manifest_or_a_foreign_signature_ends_in_deploy_failed
         assert reason.startswith("verification failed") and "no valid signature by model-store key" in reason, reason
 
         assert not bus_client.of(DeployReady)
-        listing = await worker.worker.loaded(None)
+        listing = await worker.part(Worker).loaded(None)
         assert {d.state for d in listing.deployments} == {"failed"}
         assert not list((tmp_path / "w").rglob("*.safetensors"))  # nothing of it was even kept in the cache

@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared import errors
 from shared.apikey_http import AuthMode, KeyAuth, bearer, drop_route, protect
 from shared.config import Settings
-from shared.events import InferenceCompleted, new_id
+from shared.contracts import api_gateway as contract
+from shared.events import new_id
 from shared.inference import End, InferenceRequest
 from shared.prompt_commitment import SALT_HEADER
 from shared.replication import stream_replicas
@@ -78,7 +79,7 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     # it); STRATA_API_KEYS are honoured by this gateway alone.
     auth = protect(service, create_bucket=True, local_keys=config.seed_keys, health=False)
     gateway = Gateway(config, lambda: service.broker.connection, auth)
-    service.gateway = gateway  # type: ignore[attr-defined]  # tests reach the key store through it
+    service.provide(gateway)
     app = service.http
 
     @service.on_start
@@ -87,7 +88,7 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
         # `strata up` provisions the bucket (cli/provision.py); where NATS has no users, it is made here if missing.
         gateway.metering.counters = await KvQuotaCounters.open(nc.jetstream(), stream_replicas(), create=True)
         # every replica, no queue group: the one holding a request's reservation settles it
-        await nc.subscribe(InferenceCompleted.subject(), cb=gateway.metering.on_completed)
+        await nc.subscribe(contract.COMPLETIONS.subject, cb=gateway.metering.on_completed)
 
     _install_errors(app, service.metrics)
     _replace_health(service, gateway, auth)

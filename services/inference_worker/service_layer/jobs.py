@@ -57,7 +57,7 @@ class JobRunner:
 
         async def take(msgs: list) -> None:
             for msg in msgs:
-                task = asyncio.ensure_future(self._process(name, msg))
+                task = asyncio.ensure_future(self.process(name, msg))
                 model.running.add(task)
                 task.add_done_callback(model.running.discard)
                 task.add_done_callback(lambda _t: slots.release())
@@ -77,7 +77,7 @@ class JobRunner:
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(n) for n in list(self.models)))
 
-    async def _process(self, name: str, msg) -> None:
+    async def process(self, name: str, msg) -> None:
         try:
             request = parse_request(msg.data, name)
         except errors.StrataError as exc:

@@ -10,7 +10,6 @@ so an unreadable GGUF is refused at upload and nothing is stored.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -53,25 +52,8 @@ def is_gguf(path: str) -> bool:
     return path.endswith(".gguf")
 
 
-def inspect_gguf(path: str, file: Path) -> GgufSummary:
-    """Read and check a GGUF header; Invalid (starting with ``path``) when it cannot be read."""
-    with file.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise Invalid(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover - gguf is a model-store dependency
-        raise Invalid(f"{path}: GGUF files need the 'gguf' package on model-store") from None
-    try:
-        reader = GGUFReader(str(file), "r")
-        return _summary(path, reader, file.stat().st_size)
-    except Invalid:
-        raise
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors on a broken header
-        raise Invalid(f"{path}: not a readable GGUF file: {type(exc).__name__}: {exc}") from None
-
-
-def _summary(path: str, reader: Any, size: int) -> GgufSummary:
+def summary(path: str, reader: Any, size: int) -> GgufSummary:
+    """What a GGUF header (a ``gguf.GGUFReader`` over it) says, checked; ``path`` names the file in errors."""
     from gguf import GGMLQuantizationType, LlamaFileType
 
     def value(key: str) -> Any:

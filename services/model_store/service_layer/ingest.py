@@ -16,7 +16,8 @@ from shared.errors import InsufficientStorage, Invalid, NotFound
 from shared.blob_store import BlobStore
 from services.model_store.adapters.catalog_kv import BlobInfo, CatalogKV
 from services.model_store.domain.checks import check_path, inspect_safetensors, refuse_pickle, sniff_pickle
-from services.model_store.domain.gguf import inspect_gguf, is_gguf
+from services.model_store.adapters.gguf_file import inspect_gguf
+from services.model_store.domain.gguf import is_gguf
 from services.model_store.service_layer.space import SpaceGuard
 
 HEAD_BYTES = 16

@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.monitor.domain.state import FleetState
@@ -40,21 +38,17 @@ class RuleFile(BaseModel):
     rules: list[Rule]
 
 
-def load_rules(path: Path) -> list[Rule]:
-    """The rules of a YAML file; a bad file is a clear error naming the file and the field."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise errors.Invalid(f"cannot read alert rules from {path}: {exc}") from None
+def parse_rules(raw: object, source: str) -> list[Rule]:
+    """The rules of a parsed YAML document; a bad one is a clear error naming ``source`` and the field."""
     try:
         rules = RuleFile.model_validate(raw).rules
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise errors.Invalid(f"invalid alert rules in {path}: {first['msg']} at {where}") from None
+        raise errors.Invalid(f"invalid alert rules in {source}: {first['msg']} at {where}") from None
     names = [r.name for r in rules]
     if len(names) != len(set(names)):
-        raise errors.Invalid(f"invalid alert rules in {path}: rule names must be unique")
+        raise errors.Invalid(f"invalid alert rules in {source}: rule names must be unique")
     return rules
 
 

@@ -25,19 +25,20 @@ from pydantic import ValidationError
 
 from services.monitor.adapters.replay import ReplayPass, replay_until_ack_floor
 from services.monitor.config import MonitorConfig
-from services.monitor.domain.alerts import load_rules
+from services.monitor.adapters.rules_file import load_rules
 from services.monitor.service_layer.monitor import Clock, Monitor
 from services.monitor.service_layer.views import RuleView, Snapshot
 from shared import subjects
+from shared.contracts import monitor as contract
 from shared.config import Settings
-from shared.events import DeadLetter, Event, NodeHeartbeat, parse_event
+from shared.events import DeadLetter, Event, parse_event
 from shared.pull import PullLoop
 from shared.service import Service
 
 log = logging.getLogger(__name__)
-NAME = "monitor"
+NAME = contract.SERVICE
 STATIC = Path(__file__).parent / "static"
-DEAD_LETTER_DURABLE = "monitor-dead-letters"
+DEAD_LETTER_DURABLE = contract.DEAD_LETTERS.durable
 SSE_STREAM_MAX_S = 20.0  # a stream ends after this and the browser reconnects: a shutdown never waits on one
 
 
@@ -48,7 +49,7 @@ def create_service(settings: Settings | None = None) -> Service:
 def create_monitor(settings: Settings | None, config: MonitorConfig, *, clock: Clock = time.time) -> Service:
     service = Service(NAME, settings, description="Metrics, alerts and the live dashboard.")
     monitor = Monitor(config, load_rules(config.rules_file), service.publish, clock)
-    service.monitor = monitor  # type: ignore[attr-defined]  # reachable from tests
+    service.provide(monitor)
     live = asyncio.Event()  # set once the state is rebuilt from EVENTS: until then no event is handled, no rule evaluated
     _consume(service, monitor, config, live)
     _background(service, monitor, config, live)
@@ -58,7 +59,7 @@ def create_monitor(settings: Settings | None, config: MonitorConfig, *, clock: C
 
 def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: asyncio.Event) -> None:
     # It hears every event: 64 a fetch, handled in order, costs it a third less CPU per event than one at a time.
-    consumer = service.consume(subjects.EVENTS_ALL, durable=config.events_durable, batch_size=64)
+    consumer = service.consume(contract.EVENTS.filter, durable=config.events_durable, batch_size=64)
 
     @consumer.on_any
     async def on_event(event: Event) -> None:
@@ -71,7 +72,7 @@ def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: as
     _consume_dead_letters(service, monitor, live)
     _restore(service, monitor, consumer.durable, live)
 
-    @service.broker.subscriber(NodeHeartbeat.subject(), title=f"{NAME}:heartbeats")  # no queue: every monitor hears every beat
+    @service.broker.subscriber(contract.HEARTBEATS.subject, title=f"{NAME}:heartbeats")  # no queue: every monitor hears every beat
     async def heartbeat(msg: NatsMessage) -> None:
         try:
             event = parse_event(msg.raw_message.data, msg.raw_message.subject)

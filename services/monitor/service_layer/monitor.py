@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from services.monitor.adapters.replay import ReplayPass, ReplayProgress
 from services.monitor.config import MonitorConfig
 from services.monitor.domain.alerts import AlertEngine, Rule, Transition
-from services.monitor.domain.metrics import Metrics
+from services.monitor.adapters.metrics import Metrics
 from services.monitor.domain.state import FleetState
 from services.monitor.domain.traffic import Traffic
 from services.monitor.service_layer.views import RuleView, Snapshot, rules_view, snapshot

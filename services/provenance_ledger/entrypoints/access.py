@@ -10,28 +10,23 @@ instead (docs/operations.md).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from fastapi import Security
+from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
 
 from shared import errors
 from shared.apikey_http import KeyAuth, bearer
 from shared.apikeys import ApiKeyRecord
+from shared.service import service_of
 
 
-def receipt_caller(auth: KeyAuth) -> Callable[..., Awaitable[ApiKeyRecord | None]]:
+async def receipt_caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> ApiKeyRecord | None:
     """A FastAPI dependency: the caller's key record if it may read receipts at all (``read``, or
     ``inference`` for its own), None in open mode; 401 / 403 otherwise."""
-
-    async def receipt_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> ApiKeyRecord | None:
-        key = credentials.credentials if credentials else None
-        try:
-            return await auth.check(key, "read")
-        except errors.Forbidden:
-            return await auth.check(key, "inference")
-
-    return receipt_key
+    auth, key = service_of(request).part(KeyAuth), credentials.credentials if credentials else None
+    try:
+        return await auth.check(key, "read")
+    except errors.Forbidden:
+        return await auth.check(key, "inference")
 
 
 def only_requests_of(caller: ApiKeyRecord | None) -> str | None:

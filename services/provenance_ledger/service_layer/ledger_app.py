@@ -1,0 +1,184 @@
+"""The running ledger: its Ledger, its event ingest and its tamper watch, once started; one method per
+RPC op of the ledger's contract (shared/contracts/provenance_ledger.py), which the HTTP routes call too."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from datetime import datetime
+from typing import Any
+
+from services.provenance_ledger.adapters.ingest import ACK_WAIT_S, EventIngest
+from services.provenance_ledger.domain import exports
+from services.provenance_ledger.domain.receipt import Receipt
+from services.provenance_ledger.domain.tree_head import ms_to_datetime
+from services.provenance_ledger.domain.verify import VerifyReport
+from services.provenance_ledger.service_layer import queries
+from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger
+from services.provenance_ledger.service_layer.views import (
+    AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, ExportRequest, HeadResponse, InclusionProof,
+    InclusionRequest, LedgerStats, PublicKey,
+)
+from services.provenance_ledger.service_layer.watch import TamperWatch, WatchSettings
+from shared import errors
+from shared.events import LedgerCheckpoint, TamperDetected
+from shared.service import Service
+from shared.signing_keys import short_key_id
+
+log = logging.getLogger(__name__)
+NAME = "provenance-ledger"
+MAX_TAMPER_EVENTS = 10
+
+
+def _policy() -> CheckpointPolicy:
+    return CheckpointPolicy(
+        every_events=int(os.environ.get("STRATA_LEDGER_CHECKPOINT_EVENTS", 1000)),
+        every_seconds=float(os.environ.get("STRATA_LEDGER_CHECKPOINT_SECONDS", 10)),
+    )
+
+
+class LedgerApp:
+    """The running ledger: the service, its Ledger and its ingest; the API handlers below call it."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.ledger: Ledger | None = None
+        self.ingest: EventIngest | None = None
+        self.watch: TamperWatch | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._reported: set[tuple[int, str]] = set()  # findings already published: each one once
+
+    @property
+    def lg(self) -> Ledger:
+        if self.ledger is None:
+            raise errors.Unavailable("the ledger is starting")
+        return self.ledger
+
+    async def start(self) -> None:
+        watch_settings = WatchSettings.from_env()  # a bad setting stops the start, with its name
+        self.ledger = Ledger.open(self.service.settings.service_dir, _policy())
+        if self.ledger.tamper is not None:
+            await self.report_tamper(self.ledger.tamper)
+        self.watch = TamperWatch(self.service.settings.service_dir, self.ledger, self.report_tamper, watch_settings)
+        self.service.catching_up.add("ledger-verify")  # /healthz names it until the start-up pass is done
+        self._watching = asyncio.create_task(self.watch.run(lambda: self.service.catching_up.discard("ledger-verify")),
+                                             name="ledger-verify")
+        # After a crash, the batch it had fetched but not acknowledged comes back only after the ack wait:
+        # a shorter one (STRATA_LEDGER_ACK_WAIT_SECONDS) catches up sooner, a redelivery is appended once.
+        ack_wait = float(os.environ.get("STRATA_LEDGER_ACK_WAIT_SECONDS", ACK_WAIT_S))
+        self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME, ack_wait_s=ack_wait,
+                                  after_commit=self.checkpoint_if_due)
+        await self.ingest.start()
+
+    async def stop(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)  # a pass in its thread finishes first
+        if self.ingest is not None:
+            await self.ingest.stop()
+        if self.ledger is not None:
+            self.ledger.close()
+        log.info("ledger stopped")
+
+    async def checkpoint_if_due(self) -> None:
+        if self.ledger is not None and self.ledger.checkpoint_due():
+            await self.checkpoint()
+
+    async def checkpoint(self) -> Any:
+        head = self.lg.sign()
+        try:
+            await self.service.publish(LedgerCheckpoint(
+                tree_size=head.tree_size, root_hash=head.root_hash, signature=head.signature,
+                key_id=head.key_id, signed_at=head.signed_at,
+            ))
+        except Exception:  # the head is kept either way; the next one is published
+            log.exception("could not publish the checkpoint at size %d", head.tree_size)
+        return head
+
+    async def report_tamper(self, report: VerifyReport) -> None:
+        """Publish each finding once (by leaf index and kind), at most MAX_TAMPER_EVENTS per report:
+        the periodic verify sees a finding again at every pass until someone repairs the file."""
+        new = [p for p in report.problems if (p.index, p.kind) not in self._reported][:MAX_TAMPER_EVENTS]
+        for problem in new:
+            self._reported.add((problem.index, problem.kind))
+            log.error("ledger tamper: leaf %d %s: %s", problem.index, problem.kind, problem.detail)
+            try:
+                await self.service.publish(TamperDetected(index=problem.index, reason=f"{problem.kind}: {problem.detail}"))
+            except Exception:
+                log.exception("could not publish tamper_detected")
+
+    async def verify(self) -> VerifyReport:
+        """The full verify on demand: the same pass as the periodic full one (it moves the marker too)."""
+        if self.watch is None:
+            raise errors.Unavailable("the ledger is starting")
+        return await self.watch.check(full=True)
+
+    # -- API ---------------------------------------------------------------------------------
+    def head(self) -> HeadResponse:
+        lg = self.lg
+        return HeadResponse(tree_size=lg.size, root_hash=lg.root().hex(), signed=lg.latest_head())
+
+    def inclusion(self, req: InclusionRequest) -> InclusionProof:
+        lg = self.lg
+        index = req.index if req.index is not None else lg.index_of(req.event_id or "")
+        if index >= lg.size:
+            raise errors.NotFound(f"no leaf at index {index} (the log has {lg.size})")
+        head = None
+        if req.tree_size is None:
+            head = lg.head_covering(index)
+            size = head.tree_size
+        else:
+            size = req.tree_size
+            head = next((h for h in lg.store.heads() if h.tree_size == size), None)
+        proof = lg.inclusion(index, size)
+        return InclusionProof(leaf_index=index, tree_size=size, leaf_hash=lg.tree.leaf(index).hex(),
+                              root_hash=lg.root(size).hex(), proof=[p.hex() for p in proof], tree_head=head)
+
+    def consistency(self, req: ConsistencyRequest) -> ConsistencyProof:
+        lg = self.lg
+        second = lg.size if req.second is None else req.second
+        proof = lg.consistency(req.first, second)
+        return ConsistencyProof(first=req.first, second=second, first_root=lg.root(req.first).hex(),
+                                second_root=lg.root(second).hex(), proof=[p.hex() for p in proof])
+
+    def export(self, req: ExportRequest) -> dict[str, Any]:
+        head = self.lg.latest_head()
+        facts = queries.model_facts(self.lg.store, req.ref, head.model_dump() if head else None)
+        return exports.in_toto_statement(facts) if req.format == "in-toto" else exports.cyclonedx_ml_bom(facts)
+
+    def audit(self, req: AuditRequest) -> list[AuditEntry]:
+        since = queries.parse_since(req.since) if req.since else None
+        rows = queries.audit(self.lg.store, since_ms=since, model=req.model, event_type=req.type, limit=req.limit)
+        return [AuditEntry(**r) for r in rows]
+
+    def public_key(self) -> PublicKey:
+        return PublicKey(pem=self.lg.public_key_pem, key_id=short_key_id(self.lg.key.public_key()))
+
+    def stats(self) -> LedgerStats:
+        lg, ing = self.lg, self.ingest
+        verified = lg.store.verified()
+        return LedgerStats(
+            tree_size=lg.size, appended=lg.stats.appended, duplicates=lg.stats.duplicates, conflicts=lg.stats.conflicts,
+            batches=lg.stats.batches, dead_lettered=ing.dead_lettered if ing else 0, ingest_running=bool(ing and ing.running),
+            ingest_failures=ing.failures if ing else 0, last_error=ing.last_error if ing else None, tamper_suspected=lg.tamper is not None,
+            verified_size=verified["size"] if verified else None, verified_at=_when(verified["at_ms"]) if verified else None,
+            full_verify_at=_when(verified["full_at_ms"]) if verified else None,
+        )
+
+    # -- the ops that read the store ------------------------------------------------------------
+    def receipt(self, request_id: str, made_with: str | None = None) -> Receipt:
+        return self.lg.receipt(request_id, made_with=made_with)
+
+    def request_lineage(self, request_id: str) -> dict[str, Any]:
+        return queries.request_lineage(self.lg.store, request_id)
+
+    def dataset_lineage(self, digest: str) -> dict[str, Any]:
+        return queries.dataset_lineage(self.lg.store, digest)
+
+    def model_lineage(self, ref: str) -> dict[str, Any]:
+        return queries.model_lineage(self.lg.store, ref)
+
+
+def _when(ms: int | None) -> datetime | None:
+    return ms_to_datetime(ms) if ms is not None else None

@@ -1,0 +1,103 @@
+"""The house rules the service contracts (shared/contracts) stand on, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from shared.contracts import contracts, resolve
+from shared.contracts.subjects_doc import subjects_markdown
+from shared.events import EventData
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ROOT / "services"
+# What a platform subject, stream or bucket name looks like in a string: evt., live., dlq., infer., rpc.,
+# $KV.<bucket>, $O.<store>, KV_/OBJ_<bucket>, or a bucket's name (the JetStream API's own $JS. is NATS's).
+SUBJECT_LITERAL = re.compile(r"^(evt|live|dlq|infer|rpc)\.[\w*>{}%-]|^\$(KV|O)\.|^(KV|OBJ)_|^strata-(catalog|blobs|inventory|"
+                             r"api-keys|quotas)$")
+# Folders whose code is not the platform's (tests, and the CLI, which the lead moves onto the contracts next).
+SCANNED = ("services", "shared", "bench")
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_no_service_imports_another_services_internals():
+    found = []
+    for path in _python_files("services"):
+        own = path.relative_to(SERVICES).parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(ROOT)}: {name}" for name in names
+                      if name.startswith("services.") and name.split(".")[1] != own]
+    assert found == [], "a service takes what it needs from shared/ (its contracts), never from another service"
+
+
+def test_every_declared_handler_and_type_exists():
+    for contract in contracts().values():
+        for handler in contract.handlers():
+            assert callable(resolve(handler)), handler
+            assert inspect.iscoroutinefunction(resolve(handler)), f"{handler} is not async"
+        for op in contract.rpc:
+            assert isinstance(resolve(op.request), type), op.subject
+
+
+def test_each_op_is_declared_once_and_each_subscription_has_a_subject():
+    subjects = [op.subject for c in contracts().values() for op in c.rpc]
+    assert len(subjects) == len(set(subjects))
+    for contract in contracts().values():
+        assert all(s.subject and s.permission for s in contract.subscriptions), contract.service
+
+
+def test_each_contract_publishes_only_its_own_events():
+    for service, contract in contracts().items():
+        assert all(cls.PUBLISHER == service for cls in contract.publishes)
+    assert {cls for c in contracts().values() for cls in c.publishes} == \
+        {cls for cls in EventData.registry.values() if cls.PUBLISHER in contracts()}
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr):  # an f-string: its literal head ("evt.{x}" starts with "evt.")
+            head = node.values[0]
+            if isinstance(head, ast.Constant) and isinstance(head.value, str):
+                found.append((node.lineno, head.value + "{"))
+            for value in node.values:  # its literal parts are walked as constants too: skip them there
+                docstrings.add(id(value))
+    return found
+
+
+@pytest.mark.parametrize("folder", SCANNED)
+def test_no_subject_stream_or_bucket_literal_outside_shared_subjects(folder):
+    found = [f"{path.relative_to(ROOT)}:{line}: {text!r}" for path in _python_files(folder)
+             if path != ROOT / "shared" / "subjects.py" for line, text in _string_literals(path)
+             if SUBJECT_LITERAL.search(text)]
+    assert found == [], "take subjects, streams and buckets from shared/subjects.py"
+
+
+def test_subjects_md_is_current():
+    assert (ROOT / "infra" / "SUBJECTS.md").read_text() == subjects_markdown(), \
+        "regenerate with: strata subjects > infra/SUBJECTS.md"
+
+
+def test_subjects_md_names_every_subscription_and_op_with_its_handler():
+    text = (ROOT / "infra" / "SUBJECTS.md").read_text()
+    for contract in contracts().values():
+        for op in contract.rpc:
+            assert f"`{op.subject}`" in text and f"`{op.handler}`" in text, op.subject
+        for sub in contract.subscriptions:
+            assert f"`{sub.handler}`" in text, sub.subject
+    assert "`infer.request.{model}`" in text and "`infer.cancel`" in text
