@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from services.model_store.service_layer.handlers import ModelStore
-
 import json
 
 import httpx
 
+from services.model_store.service_layer.handlers import ModelStore
 from services.model_store.service_layer import builtin
 from tests.model_store.conftest import make_checkpoint
 from tests.support.helpers import eventually, make_service

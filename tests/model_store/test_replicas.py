@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from services.model_store.service_layer.handlers import ModelStore
-
 import asyncio
 
 import httpx
 import nats
 import pytest
 
+from services.model_store.service_layer.handlers import ModelStore
 from shared import errors, rpc, subjects
 from shared.catalog import DatasetList, DatasetRequest, ListRequest, ModelList, PushModelRequest, ResolvedDataset
 from tests.model_store.conftest import make_checkpoint, upload_dir

@@ -4,8 +4,6 @@ still resolve, verify and deduplicate."""
 
 from __future__ import annotations
 
-from services.model_store.service_layer.handlers import ModelStore
-
 import hashlib
 import json
 
@@ -13,6 +11,7 @@ import httpx
 import nats
 
 from cli.main import main
+from services.model_store.service_layer.handlers import ModelStore
 from shared import rpc, subjects
 from shared.architectures import ENGINE, supported
 from shared.catalog import CATALOG_BUCKET, ModelManifest, PushedModel, PushModelRequest, ResolvedModel, ResolveRequest, canonical_json

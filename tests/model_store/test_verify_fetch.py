@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from services.model_store.service_layer.handlers import ModelStore
-
 import json
 
 import httpx
 import nats
 import pytest
 
+from services.model_store.service_layer.handlers import ModelStore
 from shared import rpc, subjects
 from shared.catalog import (
     BLOB_BUCKET, ModelManifest, PublicKey, PublicKeyRequest, PushModelRequest, ResolvedModel, manifest_digest,
