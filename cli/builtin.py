@@ -8,6 +8,7 @@ is gone) and deploy it through hardware-inventory, then wait until a worker serv
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from nats.aio.client import Client
 
@@ -59,3 +60,22 @@ async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 1
 
 async def _served(nc: Client, name: str) -> bool:
     return any(model.name == name for model in await deployed_models(nc))
+
+
+async def serve_builtin_while_up(nc: Client, stopping: asyncio.Event, say: Callable[[str], None],
+                                 try_it: Callable[[], str]) -> None:
+    """`strata up`'s built-in deploy: ``serve_builtin`` until it answers or `strata up` stops, its line
+    for the user and, once serving, how to try it (``try_it``). The platform stays up whatever happens."""
+    try:
+        served = asyncio.create_task(serve_builtin(nc))
+        stopped = asyncio.create_task(stopping.wait())
+        await asyncio.wait({served, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if served.done():
+            say(f"strata up: {served.result()}")
+            if served.result().endswith("serving"):
+                say(f"strata up: try  {try_it()}")
+        else:
+            served.cancel()
+    except Exception as exc:  # the user learns why nothing is served
+        say(f"strata up: could not deploy the built-in model: {type(exc).__name__}: {exc}")

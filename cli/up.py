@@ -1,148 +1,52 @@
 """`strata up`: start NATS and every service as its own OS process, and keep them running.
 
-Each child runs in its own process group and dies with the supervisor (PR_SET_PDEATHSIG), so neither
-Ctrl-C nor SIGTERM nor a killed supervisor leaves an orphan behind. A child that crashes is restarted
-with exponential back-off. Output lines are prefixed with the child's name.
+The parts: the child processes (cli/processes.py), what is made over NATS before any service starts
+(cli/bootstrap.py) and the built-in model's deploy once all are healthy (cli/builtin.py). The
+Supervisor here decides what runs, with which settings, and in which order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
+import functools
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from builtin_model import MODEL_NAME
 from cli import natsd
+from cli.bootstrap import bootstrap_api_key, provision_streams
 from cli.connection import redacted
+from cli.processes import Child, ProcessGroup
 from cli.up_options import ROLE_ENV, UpOptions, lock_data_dir
-from shared import endpoints, http_tls, nats_auth, nats_tls, replication
+from shared import endpoints, http_tls, nats_auth, nats_tls
 from shared.config import DEFAULT_PORTS, env_name, nats_store_dir, node_id
 
-PR_SET_PDEATHSIG = 1
-STOP_GRACE_S = 10.0
-BACKOFF_START_S, BACKOFF_MAX_S, STABLE_AFTER_S = 0.5, 30.0, 60.0
 BUILTIN_NEEDS = ("model-store", "hardware-inventory", "inference-worker")
-COLOURS = ["36", "32", "33", "35", "34", "31", "96", "92"]
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    health_url: str
-    colour: str
-    process: asyncio.subprocess.Process | None = None
-    restarts: int = 0
-    started_at: float = 0.0
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class Supervisor:
     def __init__(self, options: UpOptions) -> None:
         self.options = options
-        self.stopping = asyncio.Event()
-        self.children: list[Child] = []
-        self.tty = sys.stdout.isatty()
+        self.processes = ProcessGroup(self.say)
+        self.stopping = self.processes.stopping
         self.credentials: dict[str, nats_auth.Credential] = {}  # empty: NATS without auth
         self.nats_ca: Path | None = options.nats_tls_ca  # the CA every child trusts for NATS (STRATA_NATS_CA)
         self.nats_tls = False
         self.https: http_tls.ServerTls | None = None  # what every service serves HTTPS with; None: plain HTTP
 
-    # -- output ------------------------------------------------------------------------------
+    # -- output and children -----------------------------------------------------------------
     def say(self, text: str) -> None:
         print(text, flush=True)
 
-    def _prefix(self, child: Child) -> str:
-        label = f"{child.name:<18}|"
-        return f"\033[{child.colour}m{label}\033[0m " if self.tty else f"{label} "
-
-    async def _pump(self, child: Child, stream: asyncio.StreamReader) -> None:
-        prefix = self._prefix(child)
-        while line := await stream.readline():
-            sys.stdout.write(prefix + line.decode(errors="replace"))
-            sys.stdout.flush()
-
-    # -- children ----------------------------------------------------------------------------
-    async def _spawn(self, child: Child) -> None:
-        child.process = await asyncio.create_subprocess_exec(
-            *child.argv, env=child.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent,
-        )
-        child.started_at = time.monotonic()
-        assert child.process.stdout is not None
-        child.tasks.append(asyncio.create_task(self._pump(child, child.process.stdout)))
-
-    async def _keep_alive(self, child: Child) -> None:
-        backoff = BACKOFF_START_S
-        while not self.stopping.is_set():
-            await self._spawn(child)
-            assert child.process is not None
-            code = await child.process.wait()
-            if self.stopping.is_set():
-                return
-            if time.monotonic() - child.started_at > STABLE_AFTER_S:
-                backoff = BACKOFF_START_S
-            child.restarts += 1
-            self.say(f"{self._prefix(child)}exited with code {code}; restarting in {backoff:.1f}s (restart {child.restarts})")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
-
     def _add(self, name: str, argv: list[str], env: dict[str, str], health_url: str) -> Child:
-        child = Child(name, argv, env, health_url, COLOURS[len(self.children) % len(COLOURS)])
-        self.children.append(child)
-        child.tasks.append(asyncio.create_task(self._keep_alive(child)))
-        return child
+        return self.processes.add(name, argv, env, health_url)
 
-    async def _stop_all(self) -> None:
-        self.stopping.set()
-        for child in reversed(self.children):  # services first, NATS last
-            proc = child.process
-            if proc is None or proc.returncode is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except asyncio.TimeoutError:
-                self.say(f"{self._prefix(child)}did not stop in {STOP_GRACE_S:.0f}s; killing")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        for child in self.children:
-            for task in child.tasks:
-                task.cancel()
-            await asyncio.gather(*child.tasks, return_exceptions=True)
-
-    # -- health ------------------------------------------------------------------------------
     async def _wait_healthy(self, children: list[Child], timeout_s: float) -> list[Child]:
-        """Returns the children still unhealthy when the time is up (empty when all are healthy)."""
-        deadline = time.monotonic() + timeout_s
-        pending = list(children)
-        async with httpx.AsyncClient(timeout=1.0, verify=http_tls.health_check_verify(self.https)) as client:
-            while pending and time.monotonic() < deadline and not self.stopping.is_set():
-                for child in list(pending):
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await client.get(child.health_url)).status_code == 200:
-                            pending.remove(child)
-                if pending:
-                    await asyncio.sleep(0.2)
-        return pending
+        return await self.processes.wait_healthy(children, timeout_s, http_tls.health_check_verify(self.https))
 
     # -- the whole run -----------------------------------------------------------------------
     def _check_ports(self) -> str | None:
@@ -181,7 +85,7 @@ class Supervisor:
             nats_url = opts.nats_url or await self._start_nats()
             if nats_url is None:
                 return 1
-            if opts.role == "all" and (problem := await self._provision(nats_url)):
+            if opts.role == "all" and (problem := await provision_streams(functools.partial(self._connect, nats_url))):
                 self.say(problem)
                 if opts.nats_url is None:
                     return 1  # our own NATS: the admin credential is ours, so this is a real failure
@@ -193,7 +97,7 @@ class Supervisor:
                          "(--no-api-key starts with the HTTP APIs open)")
                 return 1
             self._start_services(nats_url, node)
-            services = [c for c in self.children if c.name != "nats"]
+            services = [c for c in self.processes.children if c.name != "nats"]
             unhealthy = await self._wait_healthy(services, opts.wait_timeout_s)
             if self.stopping.is_set():
                 return 0
@@ -211,39 +115,11 @@ class Supervisor:
         finally:
             self.say("strata up: stopping")
             endpoints.remove(opts.data_dir)
-            await self._stop_all()
+            await self.processes.stop_all()
             self.say("strata up: stopped")
 
-    async def _provision(self, nats_url: str) -> str | None:
-        """Every stream and bucket, made with the bootstrap credential: the services may not (cli/provision.py)."""
-        from cli.provision import provision
-
-        try:
-            nc = await self._connect(nats_url, nats_auth.ADMIN, max_reconnect_attempts=2)
-            try:
-                await provision(nc.jetstream(), replication.stream_replicas())
-            finally:
-                await nc.close()
-        except Exception as exc:  # e.g. an external NATS where this machine holds no admin credential
-            return (f"strata up: could not create the streams and buckets: {type(exc).__name__}: {exc} "
-                    "(where NATS has users, run `strata provision` with its admin credential)")
-        return None
-
     async def _bootstrap_api_key(self, nats_url: str) -> str:
-        """At the first start, an admin API key into the data dir: every HTTP API closes at once."""
-        from shared.apikey_store import KeyStore, ensure_admin_key
-        from shared.apikeys import key_file
-
-        path = key_file(self.options.data_dir)
-        nc = await self._connect(nats_url, nats_auth.OPERATOR, max_reconnect_attempts=2)
-        try:
-            made = await ensure_admin_key(await KeyStore.open(nc.jetstream(), create=True), path)
-        finally:
-            await nc.close()
-        if made:
-            return (f"strata up: made an admin API key, in {path} (mode 0600); the strata commands here use it. "
-                    f"HTTP callers send  Authorization: Bearer $(cat {path})")
-        return f"strata up: API keys in force (strata key ls){'; the admin key made at first start is in ' + str(path) if path.exists() else ''}"
+        return await bootstrap_api_key(functools.partial(self._connect, nats_url), self.options.data_dir)
 
     async def _connect(self, nats_url: str, role: str, **options: Any):  # type: ignore[no-untyped-def]
         """The supervisor's own NATS connection, as ``role`` where NATS has users, over TLS where it has that."""
@@ -254,30 +130,23 @@ class Supervisor:
                                   tls=nats_tls.client_context(self.nats_ca), **options)
 
     async def _serve_builtin(self, nats_url: str) -> None:
-        from cli.builtin import serve_builtin
-        from shared.apikeys import key_file
+        from cli.builtin import serve_builtin_while_up
 
         nc = await self._connect(nats_url, nats_auth.CLIENT, max_reconnect_attempts=-1)
         try:
-            served = asyncio.create_task(serve_builtin(nc))
-            stopped = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait({served, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if served.done():
-                self.say(f"strata up: {served.result()}")
-                if served.result().endswith("serving"):
-                    key = key_file(self.options.data_dir)
-                    auth = f"-H \"Authorization: Bearer $(cat {key})\" " if key.exists() else ""
-                    cacert = f"--cacert {self.https.ca} " if self.https and self.https.ca else ""
-                    self.say(f"strata up: try  curl {cacert}{auth}{self._scheme()}://{self.options.host}:"
-                             f"{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}/v1/models  "
-                             f"or  strata chat {MODEL_NAME}")
-            else:
-                served.cancel()
-        except Exception as exc:  # the platform stays up; the user learns why nothing is served
-            self.say(f"strata up: could not deploy the built-in model: {type(exc).__name__}: {exc}")
+            await serve_builtin_while_up(nc, self.stopping, self.say, self._try_builtin)
         finally:
             await nc.close()
+
+    def _try_builtin(self) -> str:
+        from shared.apikeys import key_file
+
+        key = key_file(self.options.data_dir)
+        auth = f"-H \"Authorization: Bearer $(cat {key})\" " if key.exists() else ""
+        cacert = f"--cacert {self.https.ca} " if self.https and self.https.ca else ""
+        return (f"curl {cacert}{auth}{self._scheme()}://{self.options.host}:"
+                f"{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}/v1/models  "
+                f"or  strata chat {MODEL_NAME}")
 
     async def _start_nats(self) -> str | None:
         opts = self.options
@@ -366,7 +235,7 @@ class Supervisor:
         role = "" if self.options.role == "all" else f" as a {self.options.role}"
         lines = [f"Strata is up{role} in {seconds:.1f}s on node {node} (data dir {self.options.data_dir})",
                  f"  {'nats':<20}{redacted(nats_url)}{self._nats_security()}"]
-        for child in self.children:
+        for child in self.processes.children:
             if child.name != "nats":
                 base = child.health_url.removesuffix("/healthz")
                 lines.append(f"  {child.name:<20}{base}  (API docs {base}/docs)")
@@ -376,7 +245,7 @@ class Supervisor:
         self.say("\n".join(lines))
 
     def _endpoints(self, nats_url: str) -> endpoints.Endpoints:
-        urls = {c.name: endpoints.local(c.health_url.removesuffix("/healthz")) for c in self.children if c.name != "nats"}
+        urls = {c.name: endpoints.local(c.health_url.removesuffix("/healthz")) for c in self.processes.children if c.name != "nats"}
         ca = self.https.ca if self.https is not None else None
         return endpoints.Endpoints(urls=urls, ca=str(ca.resolve()) if ca else None,
                                    nats=nats_auth.without_credentials(nats_url))
