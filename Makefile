@@ -14,6 +14,7 @@ run: $(VENV)/.run-installed
 	$(VENV)/bin/strata up
 
 test: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 3 --dist loadfile
 
 # The CPU benchmarks, a few minutes in all (docs/benchmarks.md has each one's figures and full command).

@@ -76,11 +76,16 @@ def main() -> None:
     print(f"# CPU linear, [{args.n}, {args.k}] weights, {args.mb} MiB per way, {args.threads} thread(s); "
           f"torch {torch.__version__}; load {loadavg()}")
     print(f"copy bandwidth: {bw:.1f} GB/s ({how})")
-    for dtype, needs in ((torch.bfloat16, "oneDNN with avx512_bf16 or AMX"), (torch.float16, "a torch built with fbgemm")):
+    for dtype, needs in (
+        (torch.bfloat16, "oneDNN with avx512_bf16 or AMX"),
+        (torch.float16, "a torch built with fbgemm"),
+    ):
         if not can_pack(dtype):
             print(f"{dtype} prepacked: not available here (needs {needs})")
     table = ways(args.n, args.k, args.mb)
-    xs = {(name, r): torch.randn(r, args.k).to(ws[0].dtype) for name, (ws, _) in table.items() for r in ROWS}  # PackedLinear has .dtype too
+    xs = {
+        (name, r): torch.randn(r, args.k).to(ws[0].dtype) for name, (ws, _) in table.items() for r in ROWS
+    }  # PackedLinear has .dtype too
     best = {(name, r): float("inf") for name in table for r in ROWS}
     for name, (ws, product) in table.items():  # warm-up: first-call dispatch
         for r in ROWS:

@@ -15,7 +15,6 @@ default, so the matmuls are small and the small ops show), bf16, one torch threa
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

@@ -72,7 +72,9 @@ def echo_load(artifact, event):
     from services.inference_worker.adapters.engine_loop import EngineLoop
     from shared.events import MeasuredMemory
 
-    return EngineLoop(EchoEngine(), name=f"{MODEL}:{artifact.model.version}"), MeasuredMemory(weights=0, kv_cache=0, peak=0)
+    return EngineLoop(EchoEngine(), name=f"{MODEL}:{artifact.model.version}"), MeasuredMemory(
+        weights=0, kv_cache=0, peak=0
+    )
 
 
 def echo_model():
@@ -95,9 +97,18 @@ def run_worker() -> None:
 
     async def deploy_echo() -> None:  # runs after worker.start (hooks run in order)
         worker.deployments._load = echo_load
-        worker.deployments.schedule(DeployScheduled(
-            deployment_id="bench-echo", model=echo_model(), node_id=worker.node_id, device="cpu",
-            predicted_bytes=1, context_length=2048, model_ref=MODEL, dtype="float32"))
+        worker.deployments.schedule(
+            DeployScheduled(
+                deployment_id="bench-echo",
+                model=echo_model(),
+                node_id=worker.node_id,
+                device="cpu",
+                predicted_bytes=1,
+                context_length=2048,
+                model_ref=MODEL,
+                dtype="float32",
+            )
+        )
 
     service.on_start(deploy_echo)
     run(service)

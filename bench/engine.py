@@ -374,19 +374,21 @@ def print_roofline(ours, rows, batches, names, copy_gbs, args, report) -> None:
     report["roofline"] = {"weights_bytes": weights, "embedding_bytes": embed, "kv_bytes_per_ctx": kv_tok,
                           "mean_context": mean_ctx, "bytes_per_token": per_token, "tok_s": roof}
     tied = "; it is tied to lm_head, so read whole" if mc.tie_word_embeddings else ""
-    print(f"\n## Batch-1 decode vs the memory-bandwidth roofline\nbytes per token: weights "
-          f"{weights / 1e9:.3f} GB (every parameter but the {embed / 1e9:.3f} GB embedding table, "
-          f"which is only gathered{tied}"
-          f"{f'; of the experts, the {mc.num_experts_per_tok} of {mc.num_experts} a token is routed to' if mc.num_experts else ''})"
-          f" + KV cache {kv_tok * mean_ctx / 1e6:.2f} MB at the mean decode context {mean_ctx:.0f} = "
-          f"{per_token / 1e9:.3f} GB; bandwidth {copy_gbs:.0f} GB/s (copy) -> roofline {roof:.1f} tok/s")
+    print(
+        f"\n## Batch-1 decode vs the memory-bandwidth roofline\nbytes per token: weights "
+        f"{weights / 1e9:.3f} GB (every parameter but the {embed / 1e9:.3f} GB embedding table, "
+        f"which is only gathered{tied}"
+        f"{f'; of the experts, the {mc.num_experts_per_tok} of {mc.num_experts}' if mc.num_experts else ''}"
+        f"{' a token is routed to' if mc.num_experts else ''})"
+        f" + KV cache {kv_tok * mean_ctx / 1e6:.2f} MB at the mean decode context {mean_ctx:.0f} = "
+        f"{per_token / 1e9:.3f} GB; bandwidth {copy_gbs:.0f} GB/s (copy) -> roofline {roof:.1f} tok/s"
+    )
     one = next((r for r in rows if r["batch"] == 1), None)
     if one is None:
         print("(no batch-1 row: add 1 to --batch-sizes)")
         return
     print("| engine | decode tok/s | % of roofline |\n|---|---|---|")
-    entries = [("strata", one["strata_decode"])] + [
-        (n, one.get("hf", {}).get(n, {}).get("decode")) for n in names]
+    entries = [("strata", one["strata_decode"])] + [(n, one.get("hf", {}).get(n, {}).get("decode")) for n in names]
     for name, v in entries:
         pct = None if v is None else 100 * v / roof
         report["roofline"][f"{name}_pct"] = pct
@@ -404,14 +406,18 @@ def print_batched(rows, batches, report) -> None:
     if not big:
         return
     print("\n## Batched decode through the continuous-batching engine (all requests added at once)")
-    print("| concurrent requests | decode tok/s | x batch-1 decode | ITL p50 ms | ITL p99 ms | "
-          "whole-run tok/s | gaps |\n|---|---|---|---|---|---|---|")
+    print(
+        "| concurrent requests | decode tok/s | x batch-1 decode | ITL p50 ms | ITL p99 ms | "
+        "whole-run tok/s | gaps |\n|---|---|---|---|---|---|---|"
+    )
     for r in big:
         x = r["strata_decode"] / one["strata_decode"] if one else None
         r["x_batch1"] = x
-        print(f"| {r['batch']} | {fmt(r['strata_decode'])} | {fmt(x, '.1f')}{'' if x is None else 'x'} | "
-              f"{fmt(r['itl_p50_ms'], '.2f')} | {fmt(r['itl_p99_ms'], '.2f')} | {fmt(r['strata_whole'])} | "
-              f"{r['itl_samples']} |")
+        print(
+            f"| {r['batch']} | {fmt(r['strata_decode'])} | {fmt(x, '.1f')}{'' if x is None else 'x'} | "
+            f"{fmt(r['itl_p50_ms'], '.2f')} | {fmt(r['itl_p99_ms'], '.2f')} | {fmt(r['strata_whole'])} | "
+            f"{r['itl_samples']} |"
+        )
     print("target (issue #11, GPU, 64 requests): >= 15x batch-1 decode throughput", flush=True)
 
 

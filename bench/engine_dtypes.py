@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -171,28 +170,51 @@ def main(argv=None) -> dict:
         print(f"round {r + 1}/{args.rounds} done; load {loadavg()}", flush=True)
     cfg = benches[names[0]].engine.model_config
     report = {"load": loadavg(), "copy_gbs": copy_gbs, "rows": {}}
-    print(f"\nmodel{' (--shape)' if args.shape else ''}: Llama hidden {cfg.hidden_size}, {cfg.num_layers} layers, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
-          f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size} (random weights, bf16 checkpoint); "
-          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens; median of {args.rounds} rounds")
-    print("| variant | dtype | batch-1 tok/s | step ms | its matmuls ms | fixed overhead ms | bytes/step MB | share of bandwidth "
-          f"| aggregate tok/s at {args.concurrent} |")
+    print(
+        f"\nmodel{' (--shape)' if args.shape else ''}: Llama hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+        f"heads {cfg.num_heads}/{cfg.num_kv_heads}, "
+        f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size} (random weights, bf16 checkpoint); "
+        f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens; median of {args.rounds} rounds"
+    )
+    print(
+        "| variant | dtype | batch-1 tok/s | step ms | its matmuls ms | fixed overhead ms | bytes/step MB "
+        "| share of bandwidth "
+        f"| aggregate tok/s at {args.concurrent} |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         eng, f = benches[name].engine, figures[name]
         tok_s, agg, step_ms, mm = (statistics.median(f[k]) for k in keys)
         weights, _ = weight_bytes_read_per_step(eng.ckpt.model, cfg.tie_word_embeddings)
         elem = torch.empty((), dtype=eng.dtype).element_size()
-        kv = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, elem) * (args.prompt_tokens + args.new_tokens // 2)
+        kv = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, elem) * (
+            args.prompt_tokens + args.new_tokens // 2
+        )
         share = (weights + kv) * tok_s / (copy_gbs * 1e9)
-        row = dict(dtype=str(eng.dtype).removeprefix("torch."), quantize=eng.ecfg.quantize, tok_s=tok_s, step_ms=step_ms,
-                   matmul_ms=mm, overhead_ms=step_ms - mm, bytes_per_step=weights + kv, share=share, agg_tok_s=agg)
+        row = dict(
+            dtype=str(eng.dtype).removeprefix("torch."),
+            quantize=eng.ecfg.quantize,
+            tok_s=tok_s,
+            step_ms=step_ms,
+            matmul_ms=mm,
+            overhead_ms=step_ms - mm,
+            bytes_per_step=weights + kv,
+            share=share,
+            agg_tok_s=agg,
+        )
         report["rows"][name] = row
-        print(f"| Strata {name} | {row['dtype']}{' + ' + row['quantize'] + ' weights' if row['quantize'] else ''} | {tok_s:.1f} | {step_ms:.1f} "
-              f"| {mm:.1f} | {step_ms - mm:.1f} | {(weights + kv) / 1e6:.0f} | {100 * share:.0f} % | {agg:.1f} |")
+        print(
+            f"| Strata {name} | {row['dtype']}{' + ' + row['quantize'] + ' weights' if row['quantize'] else ''} "
+            f"| {tok_s:.1f} | {step_ms:.1f} "
+            f"| {mm:.1f} | {step_ms - mm:.1f} | {(weights + kv) / 1e6:.0f} | {100 * share:.0f} % | {agg:.1f} |"
+        )
     for gguf, rate in llama_cpp_rows(args).items():
         report["rows"][f"llama.cpp {gguf}"] = rate
-        print(f"| llama.cpp {gguf} | | {'not measured (llama.cpp not installed here)' if rate is None else f'{rate:.1f}'} "
-              "| | | | | | |")
+        print(
+            f"| llama.cpp {gguf} | "
+            f"| {'not measured (llama.cpp not installed here)' if rate is None else f'{rate:.1f}'} "
+            "| | | | | | |"
+        )
     print(f"load at the end: {loadavg()}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

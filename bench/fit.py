@@ -57,10 +57,17 @@ def shape_of(path: Path) -> ModelShape:
             by_dtype[t["dtype"]] = by_dtype.get(t["dtype"], 0) + n * SAFETENSORS_DTYPES[t["dtype"]]
     heads = cfg["num_attention_heads"]
     return ModelShape(
-        architecture=cfg["architectures"][0], dtype=dtype_name(max(by_dtype, key=by_dtype.get)), parameters=params,
-        weight_bytes=sum(by_dtype.values()), num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab_size=cfg["vocab_size"],
+        architecture=cfg["architectures"][0],
+        dtype=dtype_name(max(by_dtype, key=by_dtype.get)),
+        parameters=params,
+        weight_bytes=sum(by_dtype.values()),
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
         context_length=cfg["max_position_embeddings"],
     )
 
@@ -70,8 +77,15 @@ def make_checkpoint(name: str, root: Path, dtype: torch.dtype = torch.bfloat16) 
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5, "bos_token_id": 1,
-           "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch."), **SHAPES[name]}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        **SHAPES[name],
+    }
     path = root / f"fit-{name}"
     if (path / "config.json").exists():
         return path
@@ -80,15 +94,26 @@ def make_checkpoint(name: str, root: Path, dtype: torch.dtype = torch.bfloat16) 
     hd = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * hd
     z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
-    save_file({"model.embed_tokens.weight": z(v, h), "model.norm.weight": z(h), "lm_head.weight": z(v, h)},
-              str(path / "model-00000.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": z(v, h), "model.norm.weight": z(h), "lm_head.weight": z(v, h)},
+        str(path / "model-00000.safetensors"),
+    )
     for layer in range(n):
         p = f"model.layers.{layer}."
-        save_file({p + "input_layernorm.weight": z(h), p + "post_attention_layernorm.weight": z(h),
-                   p + "self_attn.q_proj.weight": z(h, h), p + "self_attn.k_proj.weight": z(kv, h),
-                   p + "self_attn.v_proj.weight": z(kv, h), p + "self_attn.o_proj.weight": z(h, h),
-                   p + "mlp.gate_proj.weight": z(i, h), p + "mlp.up_proj.weight": z(i, h), p + "mlp.down_proj.weight": z(h, i)},
-                  str(path / f"model-{layer + 1:05d}.safetensors"))
+        save_file(
+            {
+                p + "input_layernorm.weight": z(h),
+                p + "post_attention_layernorm.weight": z(h),
+                p + "self_attn.q_proj.weight": z(h, h),
+                p + "self_attn.k_proj.weight": z(kv, h),
+                p + "self_attn.v_proj.weight": z(kv, h),
+                p + "self_attn.o_proj.weight": z(h, h),
+                p + "mlp.gate_proj.weight": z(i, h),
+                p + "mlp.up_proj.weight": z(i, h),
+                p + "mlp.down_proj.weight": z(h, i),
+            },
+            str(path / f"model-{layer + 1:05d}.safetensors"),
+        )
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{k}": k for k in range(3, v)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -116,8 +141,18 @@ def measure(path: Path, device: str, dtype: str | None, context: int, batch: int
     else:
         before = rss_bytes("VmRSS")
     blocks = batch * -(-context // 16)
-    engine = LLMEngine.from_pretrained(path, EngineConfig(device=device, dtype=dtype, num_blocks=blocks, block_size=16,
-                                                          max_num_seqs=batch, max_num_batched_tokens=4096, max_model_len=context))
+    engine = LLMEngine.from_pretrained(
+        path,
+        EngineConfig(
+            device=device,
+            dtype=dtype,
+            num_blocks=blocks,
+            block_size=16,
+            max_num_seqs=batch,
+            max_num_batched_tokens=4096,
+            max_model_len=context,
+        ),
+    )
     vocab = engine.ckpt.config.vocab_size
     prompts = [[3 + (k * 7919 + j) % (vocab - 3) for j in range(context - 8)] for k in range(batch)]
     engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
@@ -125,9 +160,15 @@ def measure(path: Path, device: str, dtype: str | None, context: int, batch: int
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = rss_bytes("VmHWM") - before  # the high-water mark includes whatever ran before: measure one setting per process on CPU
-    measured = {"weights": engine.weights_bytes, "kv_cache": engine.cache_usage().num_blocks * engine.cache_usage().bytes_per_block,
-                "peak": peak, "dtype": str(engine.dtype).removeprefix("torch.")}
+        peak = (
+            rss_bytes("VmHWM") - before
+        )  # the high-water mark includes whatever ran before: measure one setting per process on CPU
+    measured = {
+        "weights": engine.weights_bytes,
+        "kv_cache": engine.cache_usage().num_blocks * engine.cache_usage().bytes_per_block,
+        "peak": peak,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+    }
     del engine
     gc.collect()
     return measured
@@ -150,21 +191,39 @@ def main(argv: list[str] | None = None) -> int:
     shape = shape_of(path)
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     card = torch.cuda.get_device_name() if kind == "cuda" else platform.processor() or platform.machine()
-    print(f"# {path.name}: {shape.architecture}, {shape.parameters / 1e9:.3f} B params, {shape.dtype}, on {card}; "
-          f"torch {torch.__version__}")
-    print(f"{'context':>8} {'batch':>5} {'pred weights':>13} {'pred KV':>10} {'pred act+ws':>12} {'predicted':>11} "
-          f"{'meas weights':>13} {'meas KV':>10} {'measured peak':>14} {'error':>8}")
+    print(
+        f"# {path.name}: {shape.architecture}, {shape.parameters / 1e9:.3f} B params, {shape.dtype}, on {card}; "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"{'context':>8} {'batch':>5} {'pred weights':>13} {'pred KV':>10} {'pred act+ws':>12} {'predicted':>11} "
+        f"{'meas weights':>13} {'meas KV':>10} {'measured peak':>14} {'error':>8}"
+    )
     rows = []
     for context in [int(c) for c in args.contexts.split(",")]:
         for batch in [int(b) for b in args.batches.split(",")]:
             est = predict(shape, kind, context_length=min(context, shape.context_length), batch=batch, dtype=args.dtype)
             m = measure(path, args.device, args.dtype, est.context_length, batch)
             error = (est.total - m["peak"]) / m["peak"]
-            rows.append({"checkpoint": path.name, "device": card, "context": est.context_length, "batch": batch,
-                         "predicted": est.total, "predicted_terms": est.model_dump(), "measured": m, "error": error})
-            print(f"{est.context_length:>8} {batch:>5} {est.weights / 1e9:>10.3f} GB {est.kv_cache / 1e9:>7.3f} GB "
-                  f"{(est.activations + est.workspace) / 1e9:>9.3f} GB {est.total / 1e9:>8.3f} GB {m['weights'] / 1e9:>10.3f} GB "
-                  f"{m['kv_cache'] / 1e9:>7.3f} GB {m['peak'] / 1e9:>11.3f} GB {100 * error:>+7.1f}%", flush=True)
+            rows.append(
+                {
+                    "checkpoint": path.name,
+                    "device": card,
+                    "context": est.context_length,
+                    "batch": batch,
+                    "predicted": est.total,
+                    "predicted_terms": est.model_dump(),
+                    "measured": m,
+                    "error": error,
+                }
+            )
+            print(
+                f"{est.context_length:>8} {batch:>5} {est.weights / 1e9:>10.3f} GB {est.kv_cache / 1e9:>7.3f} GB "
+                f"{(est.activations + est.workspace) / 1e9:>9.3f} GB {est.total / 1e9:>8.3f} GB "
+                f"{m['weights'] / 1e9:>10.3f} GB "
+                f"{m['kv_cache'] / 1e9:>7.3f} GB {m['peak'] / 1e9:>11.3f} GB {100 * error:>+7.1f}%",
+                flush=True,
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
     worst = max(abs(r["error"]) for r in rows)

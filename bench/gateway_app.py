@@ -29,15 +29,26 @@ from services.api_gateway.service_layer.handlers import Caller  # noqa: E402
 from shared.events import ModelId, new_id  # noqa: E402
 from shared.inference import InferenceReply, InferenceRequest, Usage  # noqa: E402
 
-BODY = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}).encode()
-HEADERS = [(b"host", b"bench"), (b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode()),
-           (b"authorization", b"Bearer sk-strata-bench")]
+BODY = json.dumps(
+    {"model": "echo", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
+).encode()
+HEADERS = [
+    (b"host", b"bench"),
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(BODY)).encode()),
+    (b"authorization", b"Bearer sk-strata-bench"),
+]
 MODEL = ModelId(name="echo", version=1, digest="sha256:" + "ab" * 32)
 
 
 async def answer(request: InferenceRequest) -> InferenceReply:
-    return InferenceReply(request_id=request.request_id, model=MODEL, text="hi", finish_reason="stop",
-                          usage=Usage(prompt_tokens=1, completion_tokens=1))
+    return InferenceReply(
+        request_id=request.request_id,
+        model=MODEL,
+        text="hi",
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=1),
+    )
 
 
 def gateway_app():
@@ -56,15 +67,32 @@ async def bare_app(scope, receive, send) -> None:
     chat = ChatCompletionRequest.model_validate_json(body)
     reply = await answer(chat.to_inference(new_id()))
     out = render.chat_completion(reply, chat.model).model_dump_json().encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": out})
 
 
 async def one(app) -> None:
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-             "headers": HEADERS, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": HEADERS,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
     sent = False
 
     async def receive():
@@ -100,8 +128,10 @@ async def main_async(args) -> None:
     best = {name: min([await cpu_ms(app, args.requests) for _ in range(args.repeat)]) for name, app in apps.items()}
     for name, ms in best.items():
         print(f"{name:<22} {ms:.3f} ms CPU per request (best of {args.repeat} x {args.requests})")
-    print(f"framework and middleware: +{best['gateway app'] - best['bare ASGI, same work']:.3f} ms "
-          f"({best['gateway app'] / best['bare ASGI, same work']:.2f}x the bare work)")
+    print(
+        f"framework and middleware: +{best['gateway app'] - best['bare ASGI, same work']:.3f} ms "
+        f"({best['gateway app'] / best['bare ASGI, same work']:.2f}x the bare work)"
+    )
 
 
 def main() -> None:

@@ -63,14 +63,19 @@ async def main_async(args: argparse.Namespace) -> None:
             shapes = {"1 at a time": [one_key], f"{args.concurrency} at once, one key": [one_key] * args.concurrency,
                       f"{args.concurrency} at once, {args.concurrency} keys": many}
             await run(kv, [one_key], 200)  # warm-up
-            print(f"{'':<28} {'in-memory (rules only)':>24} {'JetStream KV (shared)':>24}  per request: wall / gateway CPU")
+            print(
+                f"{'':<28} {'in-memory (rules only)':>24} {'JetStream KV (shared)':>24}"
+                "  per request: wall / gateway CPU"
+            )
             for name, keys in shapes.items():
                 local = await run(InMemoryQuotaCounters(), keys, args.requests)
                 before = kv.conflicts
                 shared = await run(kv, keys, args.requests)
-                print(f"{name:<28} {local[0]:>8.3f} / {local[1]:.3f} ms     {shared[0]:>8.3f} / {shared[1]:.3f} ms  "
-                      f"(+{shared[0] - local[0]:.3f} ms wall, +{shared[1] - local[1]:.3f} ms CPU; "
-                      f"{(kv.conflicts - before) / args.requests:.2f} CAS retries per request)")
+                print(
+                    f"{name:<28} {local[0]:>8.3f} / {local[1]:.3f} ms     {shared[0]:>8.3f} / {shared[1]:.3f} ms  "
+                    f"(+{shared[0] - local[0]:.3f} ms wall, +{shared[1] - local[1]:.3f} ms CPU; "
+                    f"{(kv.conflicts - before) / args.requests:.2f} CAS retries per request)"
+                )
             await nc.close()
         finally:
             server.stop()

@@ -52,9 +52,17 @@ def make_checkpoint(args, root: Path) -> Path:
     path = root / "grammar-bench"
     train_tokenizer(args.vocab, root, args.max_files)
     vocab = json.loads((root / "tokenizer.json").read_text())["model"]["vocab"]
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab) + 2, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                                   num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-                                   max_position_embeddings=4096, bos_token_id=0, eos_token_id=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(vocab) + 2,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -114,16 +122,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         path = make_checkpoint(args, Path(tmp))
-        print(f"checkpoint: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers "
-              f"(tokenizer trained in {time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
-        engine = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", max_num_seqs=64,
-                                                              kv_cache_bytes=256 << 20))
+        print(
+            f"checkpoint: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers "
+            f"(tokenizer trained in {time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}"
+        )
+        engine = LLMEngine.from_pretrained(
+            path, EngineConfig(device="cpu", dtype="float32", max_num_seqs=64, kv_cache_bytes=256 << 20)
+        )
         t0 = time.perf_counter()
         engine.compile(Constraint("json_schema", json.dumps(SCHEMA)))
         print(f"first compile of the schema (tokenizer view + grammar): {(time.perf_counter() - t0) * 1e3:.0f} ms")
         print(f"load average before: {loadavg()}")
-        print(f"{'batch':>5} {'free ms/step':>13} {'guided ms/step':>15} {'overhead':>9} "
-              f"{'mask alone ms':>14} {'mask us/row':>12}")
+        print(
+            f"{'batch':>5} {'free ms/step':>13} {'guided ms/step':>15} {'overhead':>9} "
+            f"{'mask alone ms':>14} {'mask us/row':>12}"
+        )
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             free, guided, raw = [], [], []
             decode_ms_per_step(engine, batch, 4, False)  # warm-up

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.provenance_ledger.adapters.store import LeafRow, LedgerStore  # noqa: E402
+from services.provenance_ledger.adapters.store import LeafRow  # noqa: E402
 from services.provenance_ledger.domain.canonical import leaf_bytes  # noqa: E402
 from services.provenance_ledger.domain.merkle import MerkleTree, leaf_hash  # noqa: E402
 from services.provenance_ledger.domain.tree_head import sign_head  # noqa: E402
@@ -43,10 +43,22 @@ def events(n: int) -> list[bytes]:
     out = []
     for i in range(n):
         data = InferenceCompleted(
-            request_id=f"r-{i}", trace_id=f"{i:032x}", model=MODEL, deployment_id="dep", node_id="bench", device="cuda:0",
-            prompt_tokens=100, completion_tokens=50, queue_seconds=0.001, time_to_first_token_seconds=0.02,
-            time_per_output_token_seconds=0.01, e2e_seconds=0.5, finish_reason="stop",
-            prompt_commitment=hashlib.sha256(b"p%d" % i).hexdigest(), output_sha256=hashlib.sha256(b"o%d" % i).hexdigest())
+            request_id=f"r-{i}",
+            trace_id=f"{i:032x}",
+            model=MODEL,
+            deployment_id="dep",
+            node_id="bench",
+            device="cuda:0",
+            prompt_tokens=100,
+            completion_tokens=50,
+            queue_seconds=0.001,
+            time_to_first_token_seconds=0.02,
+            time_per_output_token_seconds=0.01,
+            e2e_seconds=0.5,
+            finish_reason="stop",
+            prompt_commitment=hashlib.sha256(b"p%d" % i).hexdigest(),
+            output_sha256=hashlib.sha256(b"o%d" % i).hexdigest(),
+        )
         out.append(make_event(data, SOURCE).to_bytes())
     return out
 
@@ -63,7 +75,9 @@ def bench_sqlite_baseline(dirpath: Path, raws: list[bytes]) -> float:
     start = time.perf_counter()
     for b in range(0, len(raws), BATCH):
         db.execute("BEGIN")
-        db.executemany("INSERT INTO t VALUES (?,?,?)", ((b + i, f"id-{b + i}", r) for i, r in enumerate(raws[b : b + BATCH])))
+        db.executemany(
+            "INSERT INTO t VALUES (?,?,?)", ((b + i, f"id-{b + i}", r) for i, r in enumerate(raws[b : b + BATCH]))
+        )
         db.execute("COMMIT")
     elapsed = time.perf_counter() - start
     db.close()
@@ -125,7 +139,14 @@ def build_log(directory: Path, n: int) -> float:
     for b in range(0, n, 10_000):
         rows = []
         for i in range(b, min(n, b + 10_000)):
-            envelope = {"id": f"e{i}", "type": "bench.leaf", "source": {"service": "bench", "node": "b"}, "time": "2025-01-01T00:00:00Z", "version": 1, "data": {"i": i}}
+            envelope = {
+                "id": f"e{i}",
+                "type": "bench.leaf",
+                "source": {"service": "bench", "node": "b"},
+                "time": "2025-01-01T00:00:00Z",
+                "version": 1,
+                "data": {"i": i},
+            }
             data = leaf_bytes(envelope, i)
             h = leaf_hash(data)
             tree.append(h)
@@ -158,7 +179,10 @@ def main() -> int:
     ap.add_argument("--verify-leaves", type=int, default=1_000_000)
     ap.add_argument("--no-nats", action="store_true")
     args = ap.parse_args()
-    print(f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus; events {args.events:,}, batch {BATCH}")
+    print(
+        f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus; "
+        f"events {args.events:,}, batch {BATCH}"
+    )
     raws = events(args.events)
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
@@ -171,7 +195,12 @@ def main() -> int:
         rows.append(("ledger parse+append+commit", f"{t:.2f}s", rate(args.events, t)))
         if not args.no_nats:
             t2 = asyncio.run(bench_end_to_end(d / "e2e", raws))
-            rows.append(("end to end: JetStream -> ingest -> commit -> ack", *((f"{t2:.2f}s", rate(args.events, t2)) if isinstance(t2, float) else ("-", t2))))
+            rows.append(
+                (
+                    "end to end: JetStream -> ingest -> commit -> ack",
+                    *((f"{t2:.2f}s", rate(args.events, t2)) if isinstance(t2, float) else ("-", t2)),
+                )
+            )
         n = args.verify_leaves
         t = bench_plain_insert(d / "plain-big.sqlite3", n)
         rows.append((f"sqlite insert loop, {n:,} rows (baseline)", f"{t:.2f}s", rate(n, t)))

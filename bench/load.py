@@ -156,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     from tests.model_store.conftest import LiveStore
     from tests.support.nats import NatsServer
 
-    print(f"model load: python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs, load {loadavg()}",
-          flush=True)
+    print(
+        f"model load: python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"load {loadavg()}",
+        flush=True,
+    )
     out: dict = {"sha256_memory_GBps": sha256_memory_gbps()}
     print(f"hashlib.sha256 in memory (baseline): {out['sha256_memory_GBps']:.2f} GB/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="strata-bench-load-", dir=os.environ.get("STRATA_BENCH_TMP")) as tmp:
@@ -167,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = make_checkpoint(tmp_path, args.mb)
         size = sum(f.stat().st_size for f in ckpt.iterdir())
         out["checkpoint_bytes"] = size
-        print(f"checkpoint: {size / 1e9:.2f} GB in {sorted(f.name for f in ckpt.iterdir())} "
-              f"(made in {time.perf_counter() - t0:.1f}s)", flush=True)
+        print(
+            f"checkpoint: {size / 1e9:.2f} GB in {sorted(f.name for f in ckpt.iterdir())} "
+            f"(made in {time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
         weights = max(ckpt.glob("*.safetensors"), key=lambda f: f.stat().st_size)
         out["file_read_GBps"] = read_gbps(weights)
         print(f"sequential read of the weights file (page cache): {out['file_read_GBps']:.2f} GB/s", flush=True)
@@ -192,19 +198,30 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             nats_server.stop()
     verify_gbps = size / verify_s / 1e9
-    out.update(deploy_total_s=total, fetch_s=timings["fetch_s"], load_s=timings["load_s"], verify_s=warm_fetch_s,
-               verify_GBps=verify_gbps, fetch_GBps=size / timings["fetch_s"] / 1e9, load_after=loadavg())
+    out.update(
+        deploy_total_s=total,
+        fetch_s=timings["fetch_s"],
+        load_s=timings["load_s"],
+        verify_s=warm_fetch_s,
+        verify_GBps=verify_gbps,
+        fetch_GBps=size / timings["fetch_s"] / 1e9,
+        load_after=loadavg(),
+    )
     other = total - timings["fetch_s"] - timings["load_s"]
-    print(f"\n| phase | seconds | GB/s | baseline |\n|---|---|---|---|\n"
-          f"| deploy-scheduled → deploy-ready | {total:.2f} | | |\n"
-          f"| fetch (Object Store → cache, sha256 inline) | {timings['fetch_s']:.2f} | {out['fetch_GBps']:.2f} | |\n"
-          f"| load (safetensors → engine, warm-up, measure) | {timings['load_s']:.2f} | | |\n"
-          f"| events, queueing, the rest | {other:.2f} | | |\n"
-          f"| verify (warm-cache fetch: re-hash of every blob + signature) | {verify_s:.2f} | {verify_gbps:.2f} | "
-          f"sha256 in memory {out['sha256_memory_GBps']:.2f} GB/s ({verify_gbps / out['sha256_memory_GBps']:.2f}x) |",
-          flush=True)
-    print(f"\ndigest check {verify_gbps:.2f} GB/s: target ≥ {TARGET_VERIFY_GBPS} GB/s "
-          f"{'met' if verify_gbps >= TARGET_VERIFY_GBPS else 'NOT met'}; load {loadavg()}")
+    print(
+        f"\n| phase | seconds | GB/s | baseline |\n|---|---|---|---|\n"
+        f"| deploy-scheduled → deploy-ready | {total:.2f} | | |\n"
+        f"| fetch (Object Store → cache, sha256 inline) | {timings['fetch_s']:.2f} | {out['fetch_GBps']:.2f} | |\n"
+        f"| load (safetensors → engine, warm-up, measure) | {timings['load_s']:.2f} | | |\n"
+        f"| events, queueing, the rest | {other:.2f} | | |\n"
+        f"| verify (warm-cache fetch: re-hash of every blob + signature) | {verify_s:.2f} | {verify_gbps:.2f} | "
+        f"sha256 in memory {out['sha256_memory_GBps']:.2f} GB/s ({verify_gbps / out['sha256_memory_GBps']:.2f}x) |",
+        flush=True,
+    )
+    print(
+        f"\ndigest check {verify_gbps:.2f} GB/s: target ≥ {TARGET_VERIFY_GBPS} GB/s "
+        f"{'met' if verify_gbps >= TARGET_VERIFY_GBPS else 'NOT met'}; load {loadavg()}"
+    )
     if args.json:
         out["model"] = str(out["model"])
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))

@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             size = write_checkpoint(checkpoint, args.mb)
             with LiveStore(nats_server.url, tmp_path / "data") as store:
                 client = StoreClient(store.url, timeout=600)
-                print(f"model-store streaming benchmark: {size / 1e6:.0f} MB safetensors file, peak RSS = VmHWM", flush=True)
+                print(
+                    f"model-store streaming benchmark: {size / 1e6:.0f} MB safetensors file, peak RSS = VmHWM",
+                    flush=True,
+                )
                 rows = [measure("push", size, lambda: client.push_model(checkpoint, "big"))]
                 rows.append(measure("pull", size, lambda: client.pull("big:1", tmp_path / "pulled")))
 

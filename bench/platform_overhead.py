@@ -208,10 +208,28 @@ def py_spy(folder: str, phase: str, pids: dict[str, int], seconds: float) -> lis
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() else "-" for c in phase).strip("-")
-    return [subprocess.Popen([exe, "record", "--rate", "400", "--duration", str(max(1, int(seconds) - 1)), "--format", "raw",
-                              "--output", str(out / f"{tag}-{name}.txt"), "--pid", str(pid)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for name, pid in pids.items() if name != "nats-server"]
+    return [
+        subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--rate",
+                "400",
+                "--duration",
+                str(max(1, int(seconds) - 1)),
+                "--format",
+                "raw",
+                "--output",
+                str(out / f"{tag}-{name}.txt"),
+                "--pid",
+                str(pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+        if name != "nats-server"
+    ]
 
 
 async def measure(url: str, args, label: str, base: dict, pids: dict[str, int]) -> dict:
@@ -219,7 +237,11 @@ async def measure(url: str, args, label: str, base: dict, pids: dict[str, int]) 
 
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
     headers = {} if args.open else {"authorization": f"Bearer {API_KEY}"}
-    client_cm = RawClient(url, headers) if args.client == "raw" else httpx.AsyncClient(limits=limits, timeout=30, headers=headers)
+    client_cm = (
+        RawClient(url, headers)
+        if args.client == "raw"
+        else httpx.AsyncClient(limits=limits, timeout=30, headers=headers)
+    )
     async with client_cm as client:
         await wait_ready(client, url)
         await sequential(client, url, args.warmup)
@@ -234,14 +256,32 @@ async def measure(url: str, args, label: str, base: dict, pids: dict[str, int]) 
         cpu = {name: (cpu_seconds(pid) - cpu0[name]) / max(done, 1) * 1e3 for name, pid in pids.items()}
         cpu["load generator"] = (time.process_time() - client0) / max(done, 1) * 1e3
     p50, p99 = pct(lat, 50) * 1e3, pct(lat, 99) * 1e3
-    row = {"phase": label, "client": args.client, "p50_ms": p50, "p99_ms": p99, "p50_added_ms": p50 - base["p50_ms"],
-           "p99_added_ms": p99 - base["p99_ms"], "rps": rps, "requests": done, "errors": errors,
-           "concurrency": args.concurrency, "load_before": load_before, "load_after": loadavg(),
-           "cpu_ms_per_request": cpu}
-    print(f"{label:<28} p50 {p50:7.2f} ms (+{row['p50_added_ms']:.2f})  p99 {p99:7.2f} ms (+{row['p99_added_ms']:.2f})  "
-          f"{rps:7.0f} req/s at c={args.concurrency} ({done} ok, {errors} failed)  load {row['load_after']}", flush=True)
-    print(f"{'':<28} CPU ms per request: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
-          + f" (sum {sum(cpu.values()):.2f})", flush=True)
+    row = {
+        "phase": label,
+        "client": args.client,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p50_added_ms": p50 - base["p50_ms"],
+        "p99_added_ms": p99 - base["p99_ms"],
+        "rps": rps,
+        "requests": done,
+        "errors": errors,
+        "concurrency": args.concurrency,
+        "load_before": load_before,
+        "load_after": loadavg(),
+        "cpu_ms_per_request": cpu,
+    }
+    print(
+        f"{label:<28} p50 {p50:7.2f} ms (+{row['p50_added_ms']:.2f})  p99 {p99:7.2f} ms (+{row['p99_added_ms']:.2f})  "
+        f"{rps:7.0f} req/s at c={args.concurrency} ({done} ok, {errors} failed)  load {row['load_after']}",
+        flush=True,
+    )
+    print(
+        f"{'':<28} CPU ms per request: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+        + f" (sum {sum(cpu.values()):.2f})",
+        flush=True,
+    )
     return row
 
 
@@ -250,10 +290,13 @@ async def main_async(args) -> list[dict]:
 
     rows = []
     base_lat = await in_process(args.warmup + args.requests)
-    base_lat = base_lat[args.warmup:]
+    base_lat = base_lat[args.warmup :]
     base = {"p50_ms": pct(base_lat, 50) * 1e3, "p99_ms": pct(base_lat, 99) * 1e3}
-    print(f"{'in-process Server.complete':<28} p50 {base['p50_ms']:7.3f} ms  p99 {base['p99_ms']:7.3f} ms  "
-          f"mean {statistics.mean(base_lat) * 1e3:.3f} ms  load {loadavg()}", flush=True)
+    print(
+        f"{'in-process Server.complete':<28} p50 {base['p50_ms']:7.3f} ms  p99 {base['p99_ms']:7.3f} ms  "
+        f"mean {statistics.mean(base_lat) * 1e3:.3f} ms  load {loadavg()}",
+        flush=True,
+    )
     rows.append({"phase": "in-process baseline", **base})
 
     with tempfile.TemporaryDirectory(prefix="strata-bench-platform-") as tmp:
@@ -266,23 +309,48 @@ async def main_async(args) -> list[dict]:
             prof.mkdir(parents=True, exist_ok=True)
         try:
             gw_port = free_port()
-            env = {**os.environ, "STRATA_NATS_URL": nats.url, "STRATA_DATA_DIR": str(tmpdir / "data"),
-                   "STRATA_NODE_ID": "bench-node", "STRATA_API_GATEWAY_PORT": str(gw_port),
-                   "STRATA_API_GATEWAY_MAX_IN_FLIGHT": str(max(256, args.concurrency * 2)),
-                   "STRATA_INFERENCE_WORKER_PORT": str(free_port()), "STRATA_MONITOR_PORT": str(free_port()),
-                   "STRATA_PROVENANCE_LEDGER_PORT": str(free_port()), "PYTHONPATH": str(ROOT),
-                   **({} if args.open else {"STRATA_API_KEYS": API_KEY})}
-            procs.append(spawn([str(ROOT / "bench" / "echo_worker.py")], env, tmpdir / "worker.log",
-                               prof / "worker.prof" if prof else None))
-            procs.append(spawn(["-m", "cli.main", "serve", "api-gateway"], env, tmpdir / "gateway.log",
-                               prof / "gateway.prof" if prof else None))
+            env = {
+                **os.environ,
+                "STRATA_NATS_URL": nats.url,
+                "STRATA_DATA_DIR": str(tmpdir / "data"),
+                "STRATA_NODE_ID": "bench-node",
+                "STRATA_API_GATEWAY_PORT": str(gw_port),
+                "STRATA_API_GATEWAY_MAX_IN_FLIGHT": str(max(256, args.concurrency * 2)),
+                "STRATA_INFERENCE_WORKER_PORT": str(free_port()),
+                "STRATA_MONITOR_PORT": str(free_port()),
+                "STRATA_PROVENANCE_LEDGER_PORT": str(free_port()),
+                "PYTHONPATH": str(ROOT),
+                **({} if args.open else {"STRATA_API_KEYS": API_KEY}),
+            }
+            procs.append(
+                spawn(
+                    [str(ROOT / "bench" / "echo_worker.py")],
+                    env,
+                    tmpdir / "worker.log",
+                    prof / "worker.prof" if prof else None,
+                )
+            )
+            procs.append(
+                spawn(
+                    ["-m", "cli.main", "serve", "api-gateway"],
+                    env,
+                    tmpdir / "gateway.log",
+                    prof / "gateway.prof" if prof else None,
+                )
+            )
             url = f"http://127.0.0.1:{gw_port}"
             pids = {"nats-server": nats.process.pid, "worker": procs[0].pid, "gateway": procs[1].pid}
             rows.append(await measure(url, args, "gateway→NATS→worker", base, pids))
             if not args.skip_consumers:
                 for name in ("provenance-ledger", "monitor"):
-                    procs.append(spawn(["-m", "cli.main", "serve", name], env, tmpdir / f"{name}.log",
-                                       prof / f"{name}.prof" if prof else None))
+                    procs.append(
+                        spawn(
+                            ["-m", "cli.main", "serve", name],
+                            env,
+                            tmpdir / f"{name}.log",
+                            prof / f"{name}.prof" if prof else None,
+                        )
+                    )
                     pids[name] = procs[-1].pid
                 await asyncio.sleep(args.settle)  # they start and catch up on the events so far
                 rows.append(await measure(url, args, "+ ledger + monitor", base, pids))
@@ -305,17 +373,32 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=50_000)
     ap.add_argument("--settle", type=float, default=8.0, help="seconds for ledger and monitor to start")
     ap.add_argument("--skip-consumers", action="store_true", help="no ledger/monitor phase")
-    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                    help="load generator: a lean asyncio HTTP/1.1 client (default) or httpx.AsyncClient")
-    ap.add_argument("--open", action="store_true",
-                    help="no API key (the gateway's open mode); by default every request carries a key, as under strata up")
-    ap.add_argument("--profile", help="write cProfile output of each service process (gateway, worker, ledger, monitor) into this folder")
-    ap.add_argument("--py-spy", metavar="DIR", help="sample each service process with py-spy during the throughput runs, into DIR")
+    ap.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator: a lean asyncio HTTP/1.1 client (default) or httpx.AsyncClient",
+    )
+    ap.add_argument(
+        "--open",
+        action="store_true",
+        help="no API key (the gateway's open mode); by default every request carries a key, as under strata up",
+    )
+    ap.add_argument(
+        "--profile",
+        help="write cProfile output of each service process (gateway, worker, ledger, monitor) into this folder",
+    )
+    ap.add_argument(
+        "--py-spy", metavar="DIR", help="sample each service process with py-spy during the throughput runs, into DIR"
+    )
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
-    print(f"platform overhead: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, client {args.client}, "
-          f"{'open (no API key)' if args.open else 'an API key on every request'}, "
-          f"load {loadavg()}", flush=True)
+    print(
+        f"platform overhead: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, client {args.client}, "
+        f"{'open (no API key)' if args.open else 'an API key on every request'}, "
+        f"load {loadavg()}",
+        flush=True,
+    )
     rows = asyncio.run(main_async(args))
     for row in rows[1:]:
         met = [k for k, target in TARGETS.items() if (row[k] >= target if k == "rps" else row[k] <= target)]

@@ -70,12 +70,18 @@ def main() -> None:
     same = sum(x == y for x, y in zip(a, b))
     prefix = sum(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)) for x, y in zip(a, b))
     ppl_base, ppl_quant = perplexity(base, chapters), perplexity(quant, chapters)
-    print(f"load {os.getloadavg()[0]:.1f}; built-in model, {len(chapters)} held-out chapters, torch {torch.__version__}")
-    print(f"greedy agreement, {args.quantize} vs bf16: {same}/{len(prompts)} continuations identical "
-          f"({args.tokens} tokens each); {prefix}/{len(prompts) * args.tokens} tokens "
-          f"({100 * prefix / (len(prompts) * args.tokens):.1f} %) before the first divergence")
-    print(f"held-out perplexity: bf16 {ppl_base:.3f}, {args.quantize} {ppl_quant:.3f} "
-          f"({100 * (ppl_quant / ppl_base - 1):+.2f} %)")
+    print(
+        f"load {os.getloadavg()[0]:.1f}; built-in model, {len(chapters)} held-out chapters, torch {torch.__version__}"
+    )
+    print(
+        f"greedy agreement, {args.quantize} vs bf16: {same}/{len(prompts)} continuations identical "
+        f"({args.tokens} tokens each); {prefix}/{len(prompts) * args.tokens} tokens "
+        f"({100 * prefix / (len(prompts) * args.tokens):.1f} %) before the first divergence"
+    )
+    print(
+        f"held-out perplexity: bf16 {ppl_base:.3f}, {args.quantize} {ppl_quant:.3f} "
+        f"({100 * (ppl_quant / ppl_base - 1):+.2f} %)"
+    )
 
 
 if __name__ == "__main__":

@@ -99,17 +99,30 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         t0 = time.perf_counter()
         context = max(256, args.prompt_tokens + args.new_tokens + 8)
-        ckpt, ggufs = write_random_pair(root, ("f16",), seed=0, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                                        kv_heads=args.kv_heads, intermediate=args.intermediate, context=context,
-                                        vocab_size=args.vocab)
+        ckpt, ggufs = write_random_pair(
+            root,
+            ("f16",),
+            seed=0,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            intermediate=args.intermediate,
+            context=context,
+            vocab_size=args.vocab,
+        )
         files = {"F16": ggufs["f16"]}
         if "llama.cpp-Q8_0" in wanted:
             files["Q8_0"] = quantize(ggufs["f16"], root / "model.Q8_0.gguf", 7, args.threads)
         if "llama.cpp-Q4_K_M" in wanted:
             files["Q4_K_M"] = quantize(ggufs["f16"], root / "model.Q4_K_M.gguf", 15, args.threads)
-        params = sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(str(ckpt / "model.safetensors")).values())
-        print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {params / 1e6:.0f}M parameters; "
-              f"written in {time.perf_counter() - t0:.1f}s; {args.threads} threads; load average {loadavg()}")
+        params = sum(
+            t.numel() for t in __import__("safetensors.torch").torch.load_file(str(ckpt / "model.safetensors")).values()
+        )
+        print(
+            f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {params / 1e6:.0f}M parameters; "
+            f"written in {time.perf_counter() - t0:.1f}s; {args.threads} threads; load average {loadavg()}"
+        )
         engines = {}
         slots = max(1, args.concurrent)
         # room for every request at once on both runtimes: no one waits for cache, so the rows compare decoding
@@ -121,12 +134,22 @@ def main(argv: list[str] | None = None) -> int:
                 # int8/int4: weight-only quantized linears computing in bf16 (engine/quant.py), beside Q8_0/Q4_K_M
                 dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(kind, "bfloat16")
                 weights = kind if kind in ("int8", "int4") else None
-                engines[v] = LLMEngine.from_pretrained(ckpt, EngineConfig(device="cpu", dtype=dtype, quantize=weights,
-                                                                        num_blocks=blocks))
+                engines[v] = LLMEngine.from_pretrained(
+                    ckpt, EngineConfig(device="cpu", dtype=dtype, quantize=weights, num_blocks=blocks)
+                )
             else:
-                engines[v] = LlamaCppEngine(files[kind], max_model_len=context, max_num_seqs=slots,
-                                            kv_cache_bytes=kv_bytes, n_threads=args.threads)
-        prompt = list(range(300, 300 + args.prompt_tokens)) if args.vocab > 300 + args.prompt_tokens else [65] * args.prompt_tokens
+                engines[v] = LlamaCppEngine(
+                    files[kind],
+                    max_model_len=context,
+                    max_num_seqs=slots,
+                    kv_cache_bytes=kv_bytes,
+                    n_threads=args.threads,
+                )
+        prompt = (
+            list(range(300, 300 + args.prompt_tokens))
+            if args.vocab > 300 + args.prompt_tokens
+            else [65] * args.prompt_tokens
+        )
         for e in engines.values():  # warm-up: lazy initialisation and first-touch of the weights
             decode_tok_s(e, prompt, 4)
         runs: dict[str, list[float]] = {v: [] for v in engines}
@@ -142,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  run {r + 1} {v}: {runs[v][-1]:.1f} tok/s{more} (load {loads[-1]:.2f})", flush=True)
         base = max(runs.get("engine-fp32", [0]) or [0])
         n = args.concurrent
-        print(f"\n| runtime | batch-1 decode tok/s (best of {args.repeat}) | all runs | x engine fp32 | "
-              f"{n} requests together: tok/s, whole run (best) |")
+        print(
+            f"\n| runtime | batch-1 decode tok/s (best of {args.repeat}) | all runs | x engine fp32 | "
+            f"{n} requests together: tok/s, whole run (best) |"
+        )
         print("|---|---|---|---|---|")
         for v, xs in runs.items():
             ratio = f"{max(xs) / base:.2f}x" if base else "-"
@@ -157,9 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         engines.clear()
         gc.collect()
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "together": together, "concurrent": args.concurrent, "load": loads, "threads": args.threads, "parameters": params,
-                                         "shape": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")}},
-                                        indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "runs": runs,
+                    "together": together,
+                    "concurrent": args.concurrent,
+                    "load": loads,
+                    "threads": args.threads,
+                    "parameters": params,
+                    "shape": {
+                        k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+                    },
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

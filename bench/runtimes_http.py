@@ -15,7 +15,6 @@ Needs llama-cpp-python's server extras (sse-starlette, starlette-context, pydant
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import subprocess
@@ -108,13 +107,37 @@ def main(argv: list[str] | None = None) -> int:
                 if done.returncode != 0:
                     raise SystemExit(f"strata {' '.join(cmd)} failed: {done.stdout}{done.stderr}")
             port = natsd.free_port()
-            peer = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file), "--port", str(port),
-                                     "--n_ctx", "1024", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                                     "--interrupt_requests", "False"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            peer = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    str(gguf_file),
+                    "--port",
+                    str(port),
+                    "--n_ctx",
+                    "1024",
+                    "--n_threads",
+                    str(args.threads),
+                    "--n_threads_batch",
+                    str(args.threads),
+                    "--interrupt_requests",
+                    "False",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             wait_http(f"http://127.0.0.1:{port}/v1/models")
             servers = {
-                "strata gateway (llama.cpp runtime)": (openai.OpenAI(base_url=up.url("api-gateway") + "/v1", api_key=up.api_key, timeout=600), "bench-gguf"),
-                "llama-cpp-python server": (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600), "bench"),
+                "strata gateway (llama.cpp runtime)": (
+                    openai.OpenAI(base_url=up.url("api-gateway") + "/v1", api_key=up.api_key, timeout=600),
+                    "bench-gguf",
+                ),
+                "llama-cpp-python server": (
+                    openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600),
+                    "bench",
+                ),
             }
             for client, model in servers.values():  # warm-up
                 one_stream(client, model, 8)
@@ -124,15 +147,26 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (client, model) in servers.items():
                     ttft, n, rate = one_stream(client, model, args.new_tokens)
                     single[name].append(rate)
-                    print(f"  run {r + 1} {name}: 1 stream {rate:.1f} tok/s ({n} chunks, ttft {ttft:.2f}s), load {loadavg()}", flush=True)
+                    print(
+                        f"  run {r + 1} {name}: 1 stream {rate:.1f} tok/s ({n} chunks, ttft {ttft:.2f}s), "
+                        f"load {loadavg()}",
+                        flush=True,
+                    )
                     if args.concurrent > 1:
                         agg[name].append(concurrent(client, model, args.new_tokens, args.concurrent))
                         a, t = agg[name][-1]
-                        print(f"  run {r + 1} {name}: {args.concurrent} streams {a:.1f} tok/s aggregate, mean ttft {t:.2f}s, "
-                              f"load {loadavg()}", flush=True)
+                        print(
+                            f"  run {r + 1} {name}: {args.concurrent} streams {a:.1f} tok/s aggregate, "
+                            f"mean ttft {t:.2f}s, "
+                            f"load {loadavg()}",
+                            flush=True,
+                        )
             n = args.concurrent
             print(f"\n{args.quant}, hidden {args.hidden}, {args.layers} layers, {args.threads} llama.cpp threads each")
-            print(f"| server | 1 stream decode tok/s (best) | {n} streams aggregate tok/s (best) | mean TTFT at {n} (s, best) |")
+            print(
+                f"| server | 1 stream decode tok/s (best) | {n} streams aggregate tok/s (best) "
+                f"| mean TTFT at {n} (s, best) |"
+            )
             print("|---|---|---|---|")
             for name in servers:
                 best = max(agg[name]) if agg[name] else (0.0, 0.0)

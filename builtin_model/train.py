@@ -42,8 +42,30 @@ from . import MODEL_NAME
 from . import MODEL_DIR as SHIPPED_MODEL_DIR
 from .artifact import compare_weights
 from .checkpoint import _Backend, count_parameters, hf_config, init_hf_state, make_backend
-from .config import ARTIFACT_FILES, ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RECORD_FORMAT, RECORD_NAME, SPECIAL_TOKENS, SYSTEM, TrainConfig, TrainError, USER
-from .data import build_documents, encode_stream, load_corpus, sha256_bytes, sha256_file, split_chapters, train_tokenizer
+from .config import (
+    ARTIFACT_FILES,
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATE,
+    EOS,
+    PAD,
+    RECORD_FORMAT,
+    RECORD_NAME,
+    SPECIAL_TOKENS,
+    SYSTEM,
+    TrainConfig,
+    TrainError,
+    USER,
+)
+from .data import (
+    build_documents,
+    encode_stream,
+    load_corpus,
+    sha256_bytes,
+    sha256_file,
+    split_chapters,
+    train_tokenizer,
+)
 
 # --------------------------------------------------------------------------------------------
 # training
@@ -63,10 +85,9 @@ def _eval_windows(stream, seq_len: int, n: int):
 
     usable = stream.numel() - seq_len - 1
     if usable <= 0:
-        raise TrainError(f"the validation split ({stream.numel()} tokens) is shorter than "
-                         f"seq_len {seq_len}")
+        raise TrainError(f"the validation split ({stream.numel()} tokens) is shorter than seq_len {seq_len}")
     starts = torch.linspace(0, usable, n).long()
-    return torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
 
 
 def _loss(backend: _Backend, batch):
@@ -83,7 +104,7 @@ def _evaluate(backend: _Backend, windows, chunk: int = 8) -> float:
     total = 0.0
     with torch.no_grad():
         for i in range(0, windows.size(0), chunk):
-            part = windows[i:i + chunk]
+            part = windows[i : i + chunk]
             total += _loss(backend, part).item() * part.size(0)
     backend.module.train()
     return total / windows.size(0)
@@ -95,8 +116,10 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_dir() and not overwrite:
         clash = [n for n in (*ARTIFACT_FILES, RECORD_NAME) if (out_dir / n).exists()]
         if clash:
-            raise TrainError(f"output directory {out_dir} already holds a checkpoint "
-                             f"({', '.join(clash)}); pass overwrite=True (--force) to replace it")
+            raise TrainError(
+                f"output directory {out_dir} already holds a checkpoint "
+                f"({', '.join(clash)}); pass overwrite=True (--force) to replace it"
+            )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
@@ -113,12 +136,20 @@ def trainer_digest() -> str:
 
 def _git_commit() -> dict[str, Any]:
     try:
-        root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=HERE,
-                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(HERE)], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout
+        root = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=HERE, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", str(HERE)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return {"git_commit": commit, "builtin_dir_dirty": bool(dirty.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "builtin_dir_dirty": None}
@@ -143,8 +174,7 @@ def train(
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TrainError(f"unknown training option(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(fields))}")
+        raise TrainError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     if steps is not None:
         overrides["steps"] = steps
     if seed is not None:
@@ -167,16 +197,17 @@ def train(
         chapters = split_chapters(text)
         tok = train_tokenizer(text, cfg.vocab_size)
         tok_json = tok.to_str()
-        train_docs, val_docs = build_documents(chapters, cfg.chat_every, cfg.val_every,
-                                               cfg.chat_reply_verses)
+        train_docs, val_docs = build_documents(chapters, cfg.chat_every, cfg.val_every, cfg.chat_reply_verses)
         train_stream = encode_stream(tok, train_docs)
         val_stream = encode_stream(tok, val_docs)
         if train_stream.numel() <= cfg.seq_len + 1:
             raise TrainError(f"seq_len {cfg.seq_len} is longer than the training stream")
         val_windows = _eval_windows(val_stream, cfg.seq_len, cfg.eval_batches * 4)
-        say(f"corpus {len(text)} bytes, {len(chapters)} chapters; tokenizer vocab "
+        say(
+            f"corpus {len(text)} bytes, {len(chapters)} chapters; tokenizer vocab "
             f"{tok.get_vocab_size()}; train {train_stream.numel()} tokens, "
-            f"val {val_stream.numel()} tokens")
+            f"val {val_stream.numel()} tokens"
+        )
 
         # model -----------------------------------------------------------------------------
         bos_id, eos_id, pad_id = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
@@ -187,15 +218,19 @@ def train(
         model = backend.module
         model.train()
         n_params = count_parameters(model)
-        say(f"model: {n_params} parameters ({backend.name}); {cfg.steps} steps of "
-            f"{cfg.batch_size}x{cfg.seq_len} tokens")
+        say(
+            f"model: {n_params} parameters ({backend.name}); {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens"
+        )
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=1e-8,
+            foreach=False,
+        )
 
         data_gen = torch.Generator().manual_seed(cfg.seed)
         max_start = train_stream.numel() - cfg.seq_len - 1
@@ -219,18 +254,22 @@ def train(
             window_losses.append(loss.item())
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 mean = sum(window_losses) / len(window_losses)
-                curve.append({"step": step + 1, "train_loss": round(mean, 5), "lr": lr,
-                              "elapsed_s": round(time.perf_counter() - t_train, 2)})
+                curve.append(
+                    {
+                        "step": step + 1,
+                        "train_loss": round(mean, 5),
+                        "lr": lr,
+                        "elapsed_s": round(time.perf_counter() - t_train, 2),
+                    }
+                )
                 window_losses = []
-                say(f"step {step + 1:5d}  loss {mean:.4f}  lr {lr:.2e}  "
-                    f"{time.perf_counter() - t_train:6.1f}s")
+                say(f"step {step + 1:5d}  loss {mean:.4f}  lr {lr:.2e}  {time.perf_counter() - t_train:6.1f}s")
         train_seconds = time.perf_counter() - t_train
         val_loss = _evaluate(backend, val_windows)
 
         # checkpoint ------------------------------------------------------------------------
         save_dtype = getattr(torch, cfg.save_dtype)
-        state = {k: v.detach().to(save_dtype).contiguous()
-                 for k, v in sorted(backend.hf_state_dict().items())}
+        state = {k: v.detach().to(save_dtype).contiguous() for k, v in sorted(backend.hf_state_dict().items())}
         if cfg.save_dtype != "float32":  # the validation loss of the weights as shipped
             backend.load_hf_state({k: v.float() for k, v in state.items()})
             val_loss_saved = _evaluate(backend, val_windows)
@@ -240,33 +279,38 @@ def train(
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         _write_json(out / "config.json", config)
         (out / "tokenizer.json").write_text(tok_json)
-        _write_json(out / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "unk_token": None,
-            "additional_special_tokens": [SYSTEM, USER, ASSISTANT],
-            "add_bos_token": False,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": cfg.seq_len,
-            "chat_template": CHAT_TEMPLATE,
-        })
-        _write_json(out / "generation_config.json", {
-            "bos_token_id": bos_id,
-            "eos_token_id": eos_id,
-            "pad_token_id": pad_id,
-            "do_sample": True,
-            "temperature": 0.8,
-            "top_p": 0.95,
-            "max_new_tokens": 128,
-        })
+        _write_json(
+            out / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "pad_token": PAD,
+                "unk_token": None,
+                "additional_special_tokens": [SYSTEM, USER, ASSISTANT],
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": cfg.seq_len,
+                "chat_template": CHAT_TEMPLATE,
+            },
+        )
+        _write_json(
+            out / "generation_config.json",
+            {
+                "bos_token_id": bos_id,
+                "eos_token_id": eos_id,
+                "pad_token_id": pad_id,
+                "do_sample": True,
+                "temperature": 0.8,
+                "top_p": 0.95,
+                "max_new_tokens": 128,
+            },
+        )
 
         import tokenizers
 
-        files = {n: {"sha256": sha256_file(out / n), "bytes": (out / n).stat().st_size}
-                 for n in ARTIFACT_FILES}
+        files = {n: {"sha256": sha256_file(out / n), "bytes": (out / n).stat().st_size} for n in ARTIFACT_FILES}
         record = {
             "format": RECORD_FORMAT,
             "model_name": MODEL_NAME,
@@ -274,8 +318,7 @@ def train(
                 "file": "builtin_model/corpus/kjv.txt",
                 "sha256": sha256_bytes(text.encode("ascii")),
                 "bytes": len(text),
-                "source": "King James Version (1611), from Debian package bible-kjv-text 4.38 "
-                          "(see corpus/README.md)",
+                "source": "King James Version (1611), from Debian package bible-kjv-text 4.38 (see corpus/README.md)",
                 "license": "public domain",
                 "chapters": len(chapters),
                 "train_documents": len(train_docs),
@@ -299,8 +342,7 @@ def train(
             "final_train_loss": curve[-1]["train_loss"],
             "val_loss": round(val_loss, 5),
             "val_loss_saved_dtype": round(val_loss_saved, 5),
-            "wall_time_s": {"train_loop": round(train_seconds, 2),
-                            "total": round(time.perf_counter() - t_start, 2)},
+            "wall_time_s": {"train_loop": round(train_seconds, 2), "total": round(time.perf_counter() - t_start, 2)},
             "cpu_time_s": round(time.process_time() - cpu_start, 2),
             "environment": {
                 "python": platform.python_version(),
@@ -324,8 +366,10 @@ def train(
             ),
         }
         _write_json(out / RECORD_NAME, record)
-        say(f"val loss {val_loss:.4f} ({cfg.save_dtype}: {val_loss_saved:.4f}); wrote {out} "
-            f"in {record['wall_time_s']['total']:.1f}s")
+        say(
+            f"val loss {val_loss:.4f} ({cfg.save_dtype}: {val_loss_saved:.4f}); wrote {out} "
+            f"in {record['wall_time_s']['total']:.1f}s"
+        )
         return record
     finally:
         torch.set_num_threads(prev_threads)
@@ -361,24 +405,36 @@ def build_parser(prog: str = "strata train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train Strata's built-in model (a small Llama) on the bundled public-domain "
-                    "King James Bible text and write an HF-format checkpoint with its training "
-                    "record. The defaults reproduce the shipped model in under 2 minutes (about "
-                    "80 s) on 2 CPU cores.")
-    p.add_argument("--out", default=".strata/builtin-model",
-                   help="output directory (default: %(default)s)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite a checkpoint already in --out")
+        "King James Bible text and write an HF-format checkpoint with its training "
+        "record. The defaults reproduce the shipped model in under 2 minutes (about "
+        "80 s) on 2 CPU cores.",
+    )
+    p.add_argument("--out", default=".strata/builtin-model", help="output directory (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (%(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch CPU threads; bitwise-identical weights are promised only for "
-                        "the same value (%(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any other hyper-parameter, e.g. --set lr=1e-3 "
-                        f"(keys: {', '.join(f.name for f in dataclasses.fields(TrainConfig))})")
-    p.add_argument("--compare", metavar="DIR", nargs="?", const=str(SHIPPED_MODEL_DIR),
-                   help="after training, compare the weights with those in DIR (default: the "
-                        "shipped model) and exit 1 if they differ")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch CPU threads; bitwise-identical weights are promised only for the same value (%(default)s)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any other hyper-parameter, e.g. --set lr=1e-3 "
+        f"(keys: {', '.join(f.name for f in dataclasses.fields(TrainConfig))})",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="DIR",
+        nargs="?",
+        const=str(SHIPPED_MODEL_DIR),
+        help="after training, compare the weights with those in DIR (default: the "
+        "shipped model) and exit 1 if they differ",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the result")
     return p
 
@@ -390,8 +446,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in types:
-            raise TrainError(f"--set {pair!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(types)}")
+            raise TrainError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
         typ = types[key]
         try:
             if typ is bool:
@@ -416,13 +471,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "strata train") -> int:
         for k in ("steps", "seed", "threads"):
             if k in overrides:
                 raise TrainError(f"use --{k} instead of --set {k}=...")
-        record = train(args.out, steps=args.steps, seed=args.seed, threads=args.threads,
-                       overwrite=args.force, log=None if args.quiet else print, **overrides)
+        record = train(
+            args.out,
+            steps=args.steps,
+            seed=args.seed,
+            threads=args.threads,
+            overwrite=args.force,
+            log=None if args.quiet else print,
+            **overrides,
+        )
     except TrainError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{prog}: wrote {args.out}  (val loss {record['val_loss_saved_dtype']}, "
-          f"{record['wall_time_s']['total']}s)")
+    print(f"{prog}: wrote {args.out}  (val loss {record['val_loss_saved_dtype']}, {record['wall_time_s']['total']}s)")
     if args.compare:
         result = compare_weights(args.out, args.compare)
         if result.get("identical"):

@@ -16,7 +16,7 @@ from builtin_model import MODEL_NAME
 from cli import runner
 from cli.inventory import undeploy
 from shared import errors
-from shared.catalog import ResolvedModel, ResolveRequest
+from shared.contracts import hardware_inventory, model_store
 from shared.inference_client import deployed_models
 
 BUILTIN_REF = f"{MODEL_NAME}@prod"
@@ -24,21 +24,19 @@ BUILTIN_REF = f"{MODEL_NAME}@prod"
 
 async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 120.0) -> str:
     """Returns a line for the user: serving, or why not."""
-    from services.hardware_inventory.service_layer.views import DeployOutcome, DeployRequest, Empty, NodeList
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     resolved = None
     while resolved is None:
         try:
-            resolved = await runner.call(nc, "model-store", "resolve", ResolveRequest(ref=ref), ResolvedModel)
+            resolved = await runner.call(nc, model_store.RESOLVE, ref=ref)
         except (errors.NotFound, errors.Unavailable) as exc:
             if loop.time() > deadline:
                 return f"built-in model not deployed: {ref} is not in the model store ({exc.message})"
             await asyncio.sleep(0.5)
     name = resolved.model.name
     # This machine's agent registers its node a moment after the services report healthy.
-    while not (await runner.call(nc, "hardware-inventory", "nodes", Empty(), NodeList)).nodes:
+    while not (await runner.call(nc, hardware_inventory.NODES)).nodes:
         if loop.time() > deadline:
             return "built-in model not deployed: no node registered with hardware-inventory"
         await asyncio.sleep(0.5)
@@ -48,7 +46,7 @@ async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 1
         await undeploy(nc, model_ref=name, timeout=15)
     except errors.NotFound:
         pass
-    outcome = await runner.call(nc, "hardware-inventory", "deploy", DeployRequest(model_ref=ref), DeployOutcome, timeout=30)
+    outcome = await runner.call(nc, hardware_inventory.DEPLOY, model_ref=ref, timeout=30)
     if not outcome.scheduled:
         return f"built-in model not deployed: {outcome.reason}"
     while not await _served(nc, name):
@@ -62,8 +60,9 @@ async def _served(nc: Client, name: str) -> bool:
     return any(model.name == name for model in await deployed_models(nc))
 
 
-async def serve_builtin_while_up(nc: Client, stopping: asyncio.Event, say: Callable[[str], None],
-                                 try_it: Callable[[], str]) -> None:
+async def serve_builtin_while_up(
+    nc: Client, stopping: asyncio.Event, say: Callable[[str], None], try_it: Callable[[], str]
+) -> None:
     """`strata up`'s built-in deploy: ``serve_builtin`` until it answers or `strata up` stops, its line
     for the user and, once serving, how to try it (``try_it``). The platform stays up whatever happens."""
     try:

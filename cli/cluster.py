@@ -102,7 +102,9 @@ class ClusterNotReady(RuntimeError):
 class LocalCluster:
     """N nats-server processes on one host, clustered with JetStream. Use as a context manager."""
 
-    def __init__(self, base_dir: Path, size: int = 3, host: str = "127.0.0.1", cluster_name: str = CLUSTER_NAME) -> None:
+    def __init__(
+        self, base_dir: Path, size: int = 3, host: str = "127.0.0.1", cluster_name: str = CLUSTER_NAME
+    ) -> None:
         self.specs = {spec.name: spec for spec in plan(base_dir, size, host)}
         self.cluster_name = cluster_name
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -134,8 +136,9 @@ class LocalCluster:
         if (proc := self.processes.get(name)) is not None and proc.poll() is None:
             return
         log = spec.log_file.open("ab")
-        self.processes[name] = subprocess.Popen([str(natsd.binary()), "-c", str(spec.config_file)],
-                                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.processes[name] = subprocess.Popen(
+            [str(natsd.binary()), "-c", str(spec.config_file)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
         log.close()
 
     def stop_server(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:

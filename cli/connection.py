@@ -121,7 +121,9 @@ async def connect(nats_url: str | None, data_dir: Path | None = None, *, role: s
     return nc
 
 
-async def run_as(nats_url: str | None, data_dir: Path | None, role: str, work: Callable[[Any], Awaitable[T]], denied_what: str) -> T:
+async def run_as(
+    nats_url: str | None, data_dir: Path | None, role: str, work: Callable[[Any], Awaitable[T]], denied_what: str
+) -> T:
     """Connect as ``role`` (its credential from the data dir where there) and run ``work(nc)``. A
     permission violation (the server's asynchronous -ERR) ends the work at once with Forbidden, instead
     of the time-out that the refused request would otherwise turn into."""
@@ -132,14 +134,20 @@ async def run_as(nats_url: str | None, data_dir: Path | None, role: str, work: C
             denied.set_result(str(exc))
 
     # max_reconnect_attempts=1: nats-py retries even a first connect that many times (0 means forever)
-    nc = await connect(nats_url, data_dir, role=role, error_cb=on_error, allow_reconnect=False, max_reconnect_attempts=1)
+    nc = await connect(
+        nats_url, data_dir, role=role, error_cb=on_error, allow_reconnect=False, max_reconnect_attempts=1
+    )
     try:
         task = asyncio.ensure_future(work(nc))
         await asyncio.wait({task, denied}, return_when=asyncio.FIRST_COMPLETED)
         if denied.done() and not task.done():
             task.cancel()
             credential = nats_auth.auth_dir(data_dir or default_data_dir()) / f"{role}.json"
-            hint = "" if credential.exists() else f" (there is no {role} credential at {credential}: pass --data-dir of the `strata up`)"
+            hint = (
+                ""
+                if credential.exists()
+                else f" (there is no {role} credential at {credential}: pass --data-dir of the `strata up`)"
+            )
             raise errors.Forbidden(f"permission denied: this NATS user {denied_what}{hint}: {denied.result()}")
         return task.result()
     finally:
@@ -165,9 +173,11 @@ def _why(nats_url: str, exc: BaseException) -> errors.StrataError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return errors.Unavailable(
             f"cannot reach {where}: its TLS certificate is not trusted ({exc.verify_message}); set "
-            f"{nats_tls.CA_ENV} to the CA that signed it, or --data-dir to the data dir of the `strata up` that made it")
+            f"{nats_tls.CA_ENV} to the CA that signed it, or --data-dir to the data dir of the `strata up` that made it"
+        )
     if _refusal(exc):
         return errors.Unauthorized(
             f"{where} refused the connection (authorization violation): give a credential as nats://USER:PASSWORD@HOST, "
-            f"or {nats_auth.USER_ENV}/{nats_auth.PASSWORD_ENV}, or --data-dir of the `strata up` that runs it")
+            f"or {nats_auth.USER_ENV}/{nats_auth.PASSWORD_ENV}, or --data-dir of the `strata up` that runs it"
+        )
     return errors.Unavailable(f"cannot reach {where}: {exc or type(exc).__name__}")

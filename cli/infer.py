@@ -20,7 +20,9 @@ CONNECT_OPTIONS = {"connect_timeout": 3, "max_reconnect_attempts": 2}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    chat = sub.add_parser("chat", help="chat with a deployed model (streams; /exit or Ctrl-D leaves, Ctrl-C stops an answer)")
+    chat = sub.add_parser(
+        "chat", help="chat with a deployed model (streams; /exit or Ctrl-D leaves, Ctrl-C stops an answer)"
+    )
     chat.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
     chat.add_argument("--system", help="a system message that starts the conversation")
     _common(chat)
@@ -29,8 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     complete = sub.add_parser("complete", help="complete one prompt with a deployed model")
     complete.add_argument("ref", metavar="REF", help="NAME, NAME:VERSION or NAME@ALIAS")
     complete.add_argument("prompt")
-    complete.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                          help="print tokens as they arrive (default) or the whole answer at the end")
+    complete.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print tokens as they arrive (default) or the whole answer at the end",
+    )
     _common(complete)
     complete.set_defaults(func=_complete)
 
@@ -59,7 +65,9 @@ async def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _run(args: argparse.Namespace, command: runner.Command) -> int:
-    return _guard(lambda: runner.run(args, command, error_line=lambda exc, connected: f"error: {exc.message}", **CONNECT_OPTIONS))
+    return _guard(
+        lambda: runner.run(args, command, error_line=lambda exc, connected: f"error: {exc.message}", **CONNECT_OPTIONS)
+    )
 
 
 async def _answer(nc, request: InferenceRequest, out: TextIO) -> tuple[str, End]:  # type: ignore[no-untyped-def]
@@ -102,8 +110,11 @@ async def _embed_on(nc, args: argparse.Namespace) -> int:  # type: ignore[no-unt
     for index, vector in enumerate(result.vectors):
         print(json.dumps({"index": index, "embedding": embeddings.decode_vector(vector)}))
     reply = result.reply
-    print(f"{reply.model.name}:{reply.model.version}, {reply.pooling} pooling, {reply.dimensions} dimensions, "
-          f"{reply.prompt_tokens} tokens", file=sys.stderr)
+    print(
+        f"{reply.model.name}:{reply.model.version}, {reply.pooling} pooling, {reply.dimensions} dimensions, "
+        f"{reply.prompt_tokens} tokens",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -122,7 +133,10 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1
         try:
-            print(f"chatting with {args.ref} ({EXIT_COMMANDS[0]} or Ctrl-D to leave, Ctrl-C stops an answer)", file=sys.stderr)
+            print(
+                f"chatting with {args.ref} ({EXIT_COMMANDS[0]} or Ctrl-D to leave, Ctrl-C stops an answer)",
+                file=sys.stderr,
+            )
             while True:
                 try:
                     line = input("> ")

@@ -9,6 +9,8 @@ import sys
 from typing import Any
 
 from cli import runner
+from shared.contracts import RpcOp
+from shared.contracts import hardware_inventory as inventory
 from shared.quantization import QUANTIZATIONS
 
 SERVICE = "hardware-inventory"
@@ -28,22 +30,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     _shape_args(fit)
     fit.set_defaults(func=lambda a: _run(a, _fit))
 
-    deploy = common(sub.add_parser("deploy", help="place a model and wait until every replica is loaded (or say why not)"))
+    deploy = common(
+        sub.add_parser("deploy", help="place a model and wait until every replica is loaded (or say why not)")
+    )
     deploy.add_argument("ref", help="NAME, NAME:VERSION or NAME@ALIAS")
     deploy.add_argument("--replicas", type=_positive, default=1)
     deploy.add_argument("--policy", choices=["binpack", "spread"])
-    deploy.add_argument("--no-wait", action="store_true", help="return once every replica is placed, before the workers load it")
-    deploy.add_argument("--load-timeout", type=float, default=600.0, help="seconds to wait for the workers to load it (default 600)")
-    deploy.add_argument("--embedding-pooling", choices=["last", "mean"],
-                        help="how /v1/embeddings pools (default: the checkpoint's sentence-transformers config, else last token)")
-    deploy.add_argument("--on-demand", action="store_true", help="load it at its first request, not now; unload it when idle "
-                        "(--keep-alive); the least recently used on-demand model is evicted when another needs the memory")
-    deploy.add_argument("--keep-alive", type=_duration, metavar="DURATION",
-                        help="on-demand: idle time before unloading, e.g. 30s, 5m, 1h, 0 (default 5m)")
+    deploy.add_argument(
+        "--no-wait", action="store_true", help="return once every replica is placed, before the workers load it"
+    )
+    deploy.add_argument(
+        "--load-timeout", type=float, default=600.0, help="seconds to wait for the workers to load it (default 600)"
+    )
+    deploy.add_argument(
+        "--embedding-pooling",
+        choices=["last", "mean"],
+        help="how /v1/embeddings pools (default: the checkpoint's sentence-transformers config, else last token)",
+    )
+    deploy.add_argument(
+        "--on-demand",
+        action="store_true",
+        help="load it at its first request, not now; unload it when idle "
+        "(--keep-alive); the least recently used on-demand model is evicted when another needs the memory",
+    )
+    deploy.add_argument(
+        "--keep-alive",
+        type=_duration,
+        metavar="DURATION",
+        help="on-demand: idle time before unloading, e.g. 30s, 5m, 1h, 0 (default 5m)",
+    )
     _shape_args(deploy)
     deploy.set_defaults(func=lambda a: _run(a, _deploy))
 
-    undeploy = common(sub.add_parser("undeploy", help="undeploy every deployment of a model (or one, by --id) and free its memory"))
+    undeploy = common(
+        sub.add_parser("undeploy", help="undeploy every deployment of a model (or one, by --id) and free its memory")
+    )
     undeploy.add_argument("ref", nargs="?", help="NAME, NAME:VERSION or NAME@ALIAS")
     undeploy.add_argument("--id", dest="deployment_id", help="one deployment id")
     undeploy.set_defaults(func=lambda a: _run(a, _undeploy))
@@ -55,11 +76,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=_positive, help="context length in tokens (default: the model's)")
     p.add_argument("--batch", type=_positive, default=1, help="sequences at full context at once")
-    p.add_argument("--dtype", help="compute dtype (default: a 16-bit checkpoint's on GPU, on CPU the node's fastest "
-                   "16-bit dtype for a 16-bit checkpoint; float32 only for an fp32 checkpoint on CPU or on request)")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the linear layers (default: none)")
-    p.add_argument("--constraint", "-c", action="append", default=[], type=_constraint, metavar="KEY=VALUE",
-                   help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V")
+    p.add_argument(
+        "--dtype",
+        help="compute dtype (default: a 16-bit checkpoint's on GPU, on CPU the node's fastest "
+        "16-bit dtype for a 16-bit checkpoint; float32 only for an fp32 checkpoint on CPU or on request)",
+    )
+    p.add_argument(
+        "--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the linear layers (default: none)"
+    )
+    p.add_argument(
+        "--constraint",
+        "-c",
+        action="append",
+        default=[],
+        type=_constraint,
+        metavar="KEY=VALUE",
+        help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V",
+    )
 
 
 def _duration(text: str) -> float:
@@ -106,8 +139,8 @@ def _run(args: argparse.Namespace, command: runner.Command) -> int:
     return runner.run(args, command, error_line=error_line, connect_timeout=min(args.timeout, 5), allow_reconnect=False)
 
 
-async def _call(nc, args, op: str, request, result_type):
-    return await runner.call(nc, SERVICE, op, request, result_type, timeout=args.timeout)
+async def _call(nc, args, op: RpcOp, **fields):
+    return await runner.call(nc, op, timeout=args.timeout, **fields)
 
 
 def _gb(n: int | None) -> str:
@@ -123,23 +156,42 @@ def _console():
 async def _nodes(nc, args) -> int:
     from rich.table import Table
 
-    from services.hardware_inventory.service_layer.views import Empty, NodeList
-
-    result = await _call(nc, args, "nodes", Empty(), NodeList)
+    result = await _call(nc, args, inventory.NODES)
     if args.json:
         return runner.print_json(result)
     table = Table(title="nodes")
-    for col in ("node", "status", "host", "device", "name", "total", "booked", "available", "util", "last beat", "labels"):
+    for col in (
+        "node",
+        "status",
+        "host",
+        "device",
+        "name",
+        "total",
+        "booked",
+        "available",
+        "util",
+        "last beat",
+        "labels",
+    ):
         table.add_column(col, justify="right" if col in ("total", "booked", "available", "util") else "left")
     for view in result.nodes:
         n = view.node
         for i, d in enumerate(n.devices):
             util = view.utilisation.get(d.id)
             beat = "-" if view.seconds_since_heartbeat is None else f"{view.seconds_since_heartbeat:.1f}s ago"
-            table.add_row(n.node_id if i == 0 else "", ("[green]" if n.status == "alive" else "[red]") + n.status if i == 0 else "",
-                          n.hostname if i == 0 else "", d.id, d.name, _gb(d.memory_total), _gb(view.booked.get(d.id, 0)),
-                          _gb(view.available.get(d.id)), "-" if util is None else f"{util:.0%}", beat if i == 0 else "",
-                          ",".join(f"{k}={v}" for k, v in n.labels.items()) if i == 0 else "")
+            table.add_row(
+                n.node_id if i == 0 else "",
+                ("[green]" if n.status == "alive" else "[red]") + n.status if i == 0 else "",
+                n.hostname if i == 0 else "",
+                d.id,
+                d.name,
+                _gb(d.memory_total),
+                _gb(view.booked.get(d.id, 0)),
+                _gb(view.available.get(d.id)),
+                "-" if util is None else f"{util:.0%}",
+                beat if i == 0 else "",
+                ",".join(f"{k}={v}" for k, v in n.labels.items()) if i == 0 else "",
+            )
     _console().print(table if result.nodes else "no nodes registered")
     return 0
 
@@ -151,31 +203,73 @@ def _constraints(args) -> dict[str, str]:
 async def _fit(nc, args) -> int:
     from rich.table import Table
 
-    from services.hardware_inventory.service_layer.views import FitReport, FitRequest
-
-    report = await _call(nc, args, "fit", FitRequest(model_ref=args.ref, context_length=args.context, batch=args.batch,
-                                                      dtype=args.dtype, quantize=args.quantize, constraints=_constraints(args)), FitReport)
+    report = await _call(
+        nc,
+        args,
+        inventory.FIT,
+        model_ref=args.ref,
+        context_length=args.context,
+        batch=args.batch,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        constraints=_constraints(args),
+    )
     if args.json:
         runner.print_json(report)
         return 1 if report.refused else 0
     if report.refused:
-        print(f"strata fit: {report.model.name}:{report.model.version} ({report.architecture}): refused: {report.refused}", file=sys.stderr)
+        print(
+            f"strata fit: {report.model.name}:{report.model.version} ({report.architecture}): refused: {report.refused}",
+            file=sys.stderr,
+        )
         return 1
     console = _console()
-    terms = Table(title=f"{report.model.name}:{report.model.version} ({report.architecture}), context {report.context_length} x batch {report.batch}")
-    for col in ("device kind", "dtype", "weights", "KV cache", "activations", "workspace", "formula", "corrected", "+ runtime", "booked", "correction"):
+    terms = Table(
+        title=f"{report.model.name}:{report.model.version} ({report.architecture}), context {report.context_length} x batch {report.batch}"
+    )
+    for col in (
+        "device kind",
+        "dtype",
+        "weights",
+        "KV cache",
+        "activations",
+        "workspace",
+        "formula",
+        "corrected",
+        "+ runtime",
+        "booked",
+        "correction",
+    ):
         terms.add_column(col, justify="left" if col in ("device kind", "dtype", "correction") else "right")
     for kind, e in report.estimates.items():
         r = e.corrected
-        terms.add_row(kind, r.dtype + (f" + {r.quantize}" if r.quantize else ""), _gb(r.weights), _gb(r.kv_cache), _gb(r.activations), _gb(r.workspace), _gb(e.raw_total),
-                      _gb(e.total), _gb(r.runtime_overhead), _gb(e.booked), e.correction_note)
+        terms.add_row(
+            kind,
+            r.dtype + (f" + {r.quantize}" if r.quantize else ""),
+            _gb(r.weights),
+            _gb(r.kv_cache),
+            _gb(r.activations),
+            _gb(r.workspace),
+            _gb(e.raw_total),
+            _gb(e.total),
+            _gb(r.runtime_overhead),
+            _gb(e.booked),
+            e.correction_note,
+        )
     console.print(terms)
     rows = Table(title="verdict per device")
     for col in ("node", "device", "name", "needs", "available", "usable", "verdict"):
         rows.add_column(col, justify="right" if col in ("needs", "available", "usable") else "left")
     for row in report.rows:
-        rows.add_row(row.node_id, row.device, row.name, _gb(row.need), _gb(max(row.available, 0)), _gb(row.capacity),
-                     ("[green]" if row.fits else "[red]") + row.reason)
+        rows.add_row(
+            row.node_id,
+            row.device,
+            row.name,
+            _gb(row.need),
+            _gb(max(row.available, 0)),
+            _gb(row.capacity),
+            ("[green]" if row.fits else "[red]") + row.reason,
+        )
     console.print(rows)
     return 0
 
@@ -184,13 +278,22 @@ async def _deploy(nc, args) -> int:
     """Publish deploy.requested, then follow the deployment: every replica placed (or the rejection),
     then, unless --no-wait, every replica loaded by its worker (deploy.ready) or the first failure
     (deploy.failed, with the worker's reason: exit 1)."""
-    from shared import bus
+    from shared import bus, subjects
     from shared.events import DeployRequested, Source, make_event, parse_event
 
-    request = DeployRequested(model_ref=args.ref, replicas=args.replicas, constraints=_constraints(args),
-                              context_length=args.context, batch=args.batch, policy=args.policy, dtype=args.dtype,
-                              embedding_pooling=args.embedding_pooling, quantize=args.quantize,
-                              on_demand=args.on_demand, keep_alive_s=args.keep_alive)
+    request = DeployRequested(
+        model_ref=args.ref,
+        replicas=args.replicas,
+        constraints=_constraints(args),
+        context_length=args.context,
+        batch=args.batch,
+        policy=args.policy,
+        dtype=args.dtype,
+        embedding_pooling=args.embedding_pooling,
+        quantize=args.quantize,
+        on_demand=args.on_demand,
+        keep_alive_s=args.keep_alive,
+    )
     if args.keep_alive is not None and not args.on_demand:
         print("strata deploy: --keep-alive is for on-demand deployments (add --on-demand)", file=sys.stderr)
         return 2
@@ -203,7 +306,7 @@ async def _deploy(nc, args) -> int:
             await heard.put(answer)
 
     followed = ["scheduled", "rejected"] if args.no_wait else ["scheduled", "rejected", "ready", "failed"]
-    subs = [await nc.subscribe(f"evt.deploy.{name}", cb=on_event) for name in followed]
+    subs = [await nc.subscribe(subjects.event(f"deploy.{name}"), cb=on_event) for name in followed]
     await bus.publish_js(nc.jetstream(), event)
     placed: dict[tuple[str, str], Any] = {}  # (node, device) -> deploy.scheduled
     ready: dict[tuple[str, str], Any] = {}  # (node, device) -> deploy.ready
@@ -219,15 +322,25 @@ async def _deploy(nc, args) -> int:
                 print(f"rejected: {data.reason}", file=sys.stderr)
                 return 1
             if answer.type == "deploy.failed":
-                print(f"strata deploy: the replica on {data.node_id} failed to load: {data.reason} "
-                      f"(deployment {request.deployment_id}; `strata deployments` shows it)", file=sys.stderr)
+                print(
+                    f"strata deploy: the replica on {data.node_id} failed to load: {data.reason} "
+                    f"(deployment {request.deployment_id}; `strata deployments` shows it)",
+                    file=sys.stderr,
+                )
                 return 1
             (placed if answer.type == "deploy.scheduled" else ready)[(data.node_id, data.device)] = data
     except TimeoutError:
-        waiting = f"{SERVICE} to place it" if phase == "placement" else f"the workers to load it ({len(ready)} of {request.replicas} ready)"
+        waiting = (
+            f"{SERVICE} to place it"
+            if phase == "placement"
+            else f"the workers to load it ({len(ready)} of {request.replicas} ready)"
+        )
         limit = args.timeout if phase == "placement" else args.load_timeout
-        print(f"strata deploy: waited {limit:g}s for {waiting} (deployment {request.deployment_id}; "
-              "`strata deployments` shows where it is)", file=sys.stderr)
+        print(
+            f"strata deploy: waited {limit:g}s for {waiting} (deployment {request.deployment_id}; "
+            "`strata deployments` shows where it is)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         for sub in subs:
@@ -237,24 +350,54 @@ async def _deploy(nc, args) -> int:
 
 def _say_placed(placed, replicas: int) -> None:
     where = ", ".join(f"{s.node_id}/{s.device}" for s in placed)
-    print(f"placed {replicas} replica(s) on {where}; waiting for the workers to load it (--no-wait returns here)", file=sys.stderr)
+    print(
+        f"placed {replicas} replica(s) on {where}; waiting for the workers to load it (--no-wait returns here)",
+        file=sys.stderr,
+    )
 
 
 def _deployed(args, deployment_id: str, scheduled: list, ready: dict) -> int:
     if args.json:
-        return runner.print_json([{**s.model_dump(mode="json"), "ready": (r := ready.get((s.node_id, s.device))) and r.model_dump(mode="json")}
-                                  for s in scheduled])
+        return runner.print_json(
+            [
+                {
+                    **s.model_dump(mode="json"),
+                    "ready": (r := ready.get((s.node_id, s.device))) and r.model_dump(mode="json"),
+                }
+                for s in scheduled
+            ]
+        )
     from rich.table import Table
 
     table = Table(title=f"deployment {deployment_id}: {args.ref}")
-    for col in ("replica", "node", "device", "dtype", "context", "predicted", "booked", "status", "measured peak", "load"):
+    for col in (
+        "replica",
+        "node",
+        "device",
+        "dtype",
+        "context",
+        "predicted",
+        "booked",
+        "status",
+        "measured peak",
+        "load",
+    ):
         table.add_column(col)
     for s in sorted(scheduled, key=lambda s: s.replica):
         r = ready.get((s.node_id, s.device))
         status = ("ready (on-demand, not loaded)" if r.on_demand else "ready") if r else "placed"
-        table.add_row(str(s.replica), s.node_id, s.device, s.dtype or "", str(s.context_length), _gb(s.predicted_bytes),
-                      _gb(s.booked_bytes), status, _gb(r.measured.peak) if r and not r.on_demand else "-",
-                      f"{r.load_seconds:.1f}s" if r and not r.on_demand else "-")
+        table.add_row(
+            str(s.replica),
+            s.node_id,
+            s.device,
+            s.dtype or "",
+            str(s.context_length),
+            _gb(s.predicted_bytes),
+            _gb(s.booked_bytes),
+            status,
+            _gb(r.measured.peak) if r and not r.on_demand else "-",
+            f"{r.load_seconds:.1f}s" if r and not r.on_demand else "-",
+        )
     _console().print(table)
     return 0
 
@@ -264,8 +407,13 @@ def _on_demand(deployment) -> str:
     if not deployment.on_demand:
         return "-"
     s = deployment.keep_alive_s
-    return f"keep-alive {s / 3600:g}h" if s >= 3600 and s % 3600 == 0 else \
-        f"keep-alive {s / 60:g}m" if s >= 60 and s % 60 == 0 else f"keep-alive {s:g}s"
+    return (
+        f"keep-alive {s / 3600:g}h"
+        if s >= 3600 and s % 3600 == 0
+        else f"keep-alive {s / 60:g}m"
+        if s >= 60 and s % 60 == 0
+        else f"keep-alive {s:g}s"
+    )
 
 
 def _status(deployment, replica) -> str:
@@ -278,10 +426,7 @@ def _status(deployment, replica) -> str:
 async def undeploy(nc, *, model_ref: str | None = None, deployment_id: str | None = None, timeout: float):
     """Undeploy every deployment of ``model_ref`` (or the one ``deployment_id``) and free its memory:
     what `strata undeploy` and `strata up`'s built-in deploy both do. NotFound when there is none."""
-    from services.hardware_inventory.service_layer.views import UndeployOutcome, UndeployRequest
-
-    request = UndeployRequest(model_ref=model_ref, deployment_id=deployment_id)
-    return await runner.call(nc, SERVICE, "undeploy", request, UndeployOutcome, timeout=timeout)
+    return await runner.call(nc, inventory.UNDEPLOY, model_ref=model_ref, deployment_id=deployment_id, timeout=timeout)
 
 
 async def _undeploy(nc, args) -> int:
@@ -298,21 +443,41 @@ async def _undeploy(nc, args) -> int:
 async def _deployments(nc, args) -> int:
     from rich.table import Table
 
-    from services.hardware_inventory.service_layer.views import DeploymentList, Empty
-
-    result = await _call(nc, args, "deployments", Empty(), DeploymentList)
+    result = await _call(nc, args, inventory.DEPLOYMENTS)
     if args.json:
         return runner.print_json(result)
     table = Table(title="deployments")
-    for col in ("deployment", "model", "state", "on-demand", "replica", "status", "node", "device", "runtime", "predicted",
-                "measured", "booked"):
+    for col in (
+        "deployment",
+        "model",
+        "state",
+        "on-demand",
+        "replica",
+        "status",
+        "node",
+        "device",
+        "runtime",
+        "predicted",
+        "measured",
+        "booked",
+    ):
         table.add_column(col)
     for d in result.deployments:
         for r in d.replicas:
             first = r.index == 0
-            table.add_row(d.deployment_id[:12] if first else "", f"{d.model_ref} (v{d.model.version})" if first else "",
-                          d.state if first else "", _on_demand(d) if first else "", str(r.index), _status(d, r),
-                          r.node_id or "-", r.device or "-", r.runtime or "-", _gb(r.predicted_bytes), _gb(r.measured_peak),
-                          _gb(r.booked_bytes))
+            table.add_row(
+                d.deployment_id[:12] if first else "",
+                f"{d.model_ref} (v{d.model.version})" if first else "",
+                d.state if first else "",
+                _on_demand(d) if first else "",
+                str(r.index),
+                _status(d, r),
+                r.node_id or "-",
+                r.device or "-",
+                r.runtime or "-",
+                _gb(r.predicted_bytes),
+                _gb(r.measured_peak),
+                _gb(r.booked_bytes),
+            )
     _console().print(table if result.deployments else "no deployments")
     return 0

@@ -16,6 +16,8 @@ from typing import Any
 
 from cli import runner
 from shared.config import DEFAULT_DATA_DIR
+from shared.contracts import RpcOp
+from shared.contracts import provenance_ledger as ledger_ops
 
 SERVICE = "provenance-ledger"
 
@@ -35,33 +37,59 @@ def register(sub: argparse._SubParsersAction) -> None:
     head.add_argument("--json", action="store_true")
     head.set_defaults(func=lambda a: _nats(a, _head))
 
-    export = _with_nats(lsub.add_parser("export", help="a model's provenance as in-toto/SLSA or a CycloneDX 1.6 ML-BOM"))
+    export = _with_nats(
+        lsub.add_parser("export", help="a model's provenance as in-toto/SLSA or a CycloneDX 1.6 ML-BOM")
+    )
     export.add_argument("ref", help="NAME, NAME:VERSION, NAME@ALIAS or a manifest digest")
     export.add_argument("--format", choices=["in-toto", "cyclonedx"], default="in-toto")
     export.set_defaults(func=lambda a: _nats(a, _export))
 
-    key = _with_nats(lsub.add_parser("public-key", help="print the ledger's public key (PEM): strata ledger public-key > ledger.pub"))
+    key = _with_nats(
+        lsub.add_parser("public-key", help="print the ledger's public key (PEM): strata ledger public-key > ledger.pub")
+    )
     key.set_defaults(func=lambda a: _nats(a, _public_key))
 
-    rebuild = lsub.add_parser("rebuild", help="set the ledger's file aside so the next start replays the EVENTS stream into a new one")
+    rebuild = lsub.add_parser(
+        "rebuild", help="set the ledger's file aside so the next start replays the EVENTS stream into a new one"
+    )
     rebuild.add_argument("--data-dir", type=Path, default=Path(os.environ.get("STRATA_DATA_DIR", DEFAULT_DATA_DIR)))
     rebuild.set_defaults(func=_rebuild)
 
-    receipt = _with_nats(sub.add_parser("receipt", help="strata receipt REQUEST_ID > receipt.json | strata receipt verify FILE --key ledger.pub"))
+    receipt = _with_nats(
+        sub.add_parser(
+            "receipt", help="strata receipt REQUEST_ID > receipt.json | strata receipt verify FILE --key ledger.pub"
+        )
+    )
     receipt.add_argument("args", nargs="+", metavar="REQUEST_ID | verify FILE")
     receipt.add_argument("--key", type=Path, help="the ledger's public key (PEM), for verify")
     prompt = receipt.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="verify: also check that the receipt commits to this completion prompt (needs --salt)")
-    prompt.add_argument("--prompt-file", type=Path, help="verify: the same, the prompt read from a file (UTF-8, exactly as sent)")
-    prompt.add_argument("--messages-file", type=Path, help="verify: the same for a chat: a JSON list of {role, content} messages, or the chat request body "
-                        "(its messages and tools)")
+    prompt.add_argument(
+        "--prompt", help="verify: also check that the receipt commits to this completion prompt (needs --salt)"
+    )
+    prompt.add_argument(
+        "--prompt-file", type=Path, help="verify: the same, the prompt read from a file (UTF-8, exactly as sent)"
+    )
+    prompt.add_argument(
+        "--messages-file",
+        type=Path,
+        help="verify: the same for a chat: a JSON list of {role, content} messages, or the chat request body "
+        "(its messages and tools)",
+    )
     receipt.add_argument("--salt", help="verify: the x-strata-prompt-salt your request's reply carried")
     receipt.set_defaults(func=_receipt)
 
-    lineage = _with_nats(sub.add_parser("lineage", help="from an answer to its model, datasets, deployment, node and device (or --dataset D)"))
+    lineage = _with_nats(
+        sub.add_parser(
+            "lineage", help="from an answer to its model, datasets, deployment, node and device (or --dataset D)"
+        )
+    )
     lineage.add_argument("request_id", nargs="?")
-    lineage.add_argument("--dataset", help="list the models trained on this dataset digest and the inferences they served")
-    lineage.add_argument("--model", help="a model version's origin (import source, or what it was converted from) and its derivatives")
+    lineage.add_argument(
+        "--dataset", help="list the models trained on this dataset digest and the inferences they served"
+    )
+    lineage.add_argument(
+        "--model", help="a model version's origin (import source, or what it was converted from) and its derivatives"
+    )
     lineage.add_argument("--json", action="store_true")
     lineage.set_defaults(func=_lineage)
 
@@ -87,8 +115,8 @@ def _error_line(exc: Any, connected: bool = True) -> str:
     return f"strata: {exc.code}: {exc.message}"
 
 
-async def _call(nc: Any, args: argparse.Namespace, op: str, request: Any, result_type: Any) -> Any:
-    return await runner.call(nc, SERVICE, op, request, result_type, timeout=args.timeout)
+async def _call(nc: Any, args: argparse.Namespace, op: RpcOp, **fields: Any) -> Any:
+    return await runner.call(nc, op, timeout=args.timeout, **fields)
 
 
 def _fail(message: str) -> int:
@@ -98,6 +126,7 @@ def _fail(message: str) -> int:
 
 def _errors_to_exit(func: Any) -> Any:
     """For the commands that need no NATS (their files are here): an error is the same line as run's."""
+
     def wrapper(args: argparse.Namespace) -> int:
         from shared import errors
 
@@ -123,32 +152,32 @@ def _verify_files(args: argparse.Namespace) -> int:
 
 
 async def _verify(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.domain.verify import VerifyReport
-    from services.provenance_ledger.entrypoints.api import Empty
-
-    return _report(args, await _call(nc, args, "verify", Empty(), VerifyReport))
+    return _report(args, await _call(nc, args, ledger_ops.VERIFY))
 
 
 def _report(args: argparse.Namespace, report: Any) -> int:
     if args.json:
         _print_json(report.model_dump())
     else:
-        print(f"{report.leaves} leaves, {report.heads_checked} signed heads checked (latest signed size {report.latest_signed_size})")
+        print(
+            f"{report.leaves} leaves, {report.heads_checked} signed heads checked (latest signed size {report.latest_signed_size})"
+        )
         for p in report.problems:
             print(f"  leaf {p.index}: {p.kind}: {p.detail}")
         if report.problems_total > len(report.problems):
             print(f"  ... and {report.problems_total - len(report.problems)} more problems")
-        print("OK: the log matches every signed tree head" if report.ok else f"TAMPERED: {report.problems_total} problem(s)")
+        print(
+            "OK: the log matches every signed tree head"
+            if report.ok
+            else f"TAMPERED: {report.problems_total} problem(s)"
+        )
     return 0 if report.ok else 2
 
 
 async def _head(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.domain.tree_head import TreeHead
-    from services.provenance_ledger.entrypoints.api import Empty, HeadResponse
-
     if args.sign:
-        await _call(nc, args, "checkpoint", Empty(), TreeHead)
-    head = await _call(nc, args, "head", Empty(), HeadResponse)
+        await _call(nc, args, ledger_ops.CHECKPOINT)
+    head = await _call(nc, args, ledger_ops.HEAD)
     if args.json:
         _print_json(head.model_dump(mode="json"))
         return 0
@@ -162,16 +191,12 @@ async def _head(nc: Any, args: argparse.Namespace) -> int:
 
 
 async def _export(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.entrypoints.api import ExportRequest
-
-    _print_json(await _call(nc, args, "export", ExportRequest(ref=args.ref, format=args.format), dict[str, Any]))
+    _print_json(await _call(nc, args, ledger_ops.EXPORT, ref=args.ref, format=args.format))
     return 0
 
 
 async def _public_key(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.entrypoints.api import Empty, PublicKey
-
-    print((await _call(nc, args, "public_key", Empty(), PublicKey)).pem, end="")
+    print((await _call(nc, args, ledger_ops.PUBLIC_KEY)).pem, end="")
     return 0
 
 
@@ -186,7 +211,9 @@ def _rebuild(args: argparse.Namespace) -> int:
         src = Path(f"{db}{suffix}")
         if src.exists():
             src.rename(Path(f"{aside}{suffix}"))
-    print(f"moved {db} to {aside}; stop and start the ledger (strata serve provenance-ledger) to replay the EVENTS stream into a new log")
+    print(
+        f"moved {db} to {aside}; stop and start the ledger (strata serve provenance-ledger) to replay the EVENTS stream into a new log"
+    )
     return 0
 
 
@@ -202,10 +229,7 @@ def _receipt(args: argparse.Namespace) -> int:
 
 
 async def _fetch_receipt(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.domain.receipt import Receipt
-    from services.provenance_ledger.entrypoints.api import RequestRef
-
-    receipt = await _call(nc, args, "receipt", RequestRef(request_id=args.args[0]), Receipt)
+    receipt = await _call(nc, args, ledger_ops.RECEIPT, request_id=args.args[0])
     print(receipt.model_dump_json(indent=2))
     return 0
 
@@ -222,10 +246,14 @@ def _verify_receipt(path: Path, key: Path, args: argparse.Namespace) -> int:
     except ReceiptInvalid as exc:
         print(f"INVALID: {exc}")
         return 2
-    except ValueError as exc:  # a messages file that is not a list of {role, content} (ReceiptInvalid is answered above)
+    except (
+        ValueError
+    ) as exc:  # a messages file that is not a list of {role, content} (ReceiptInvalid is answered above)
         return _fail(str(exc))
-    print(f"OK: request {check.request_id} is leaf {check.leaf_index} of the signed tree of size {check.tree_size} (key {check.key_id})"
-          + ("; the prompt matches its commitment" if check.prompt_checked else ""))
+    print(
+        f"OK: request {check.request_id} is leaf {check.leaf_index} of the signed tree of size {check.tree_size} (key {check.key_id})"
+        + ("; the prompt matches its commitment" if check.prompt_checked else "")
+    )
     return 0
 
 
@@ -268,14 +296,15 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 async def _dataset_lineage(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.entrypoints.api import DatasetRef
-
-    result = await _call(nc, args, "dataset_lineage", DatasetRef(digest=args.dataset), dict[str, Any])
+    result = await _call(nc, args, ledger_ops.DATASET_LINEAGE, digest=args.dataset)
     if args.json:
         _print_json(result)
         return 0
     ds = result["dataset"]
-    print(f"dataset {ds['name'] or '?'} {ds['digest']}" + ("" if ds["in_ledger"] else " (its dataset.registered is not in the ledger)"))
+    print(
+        f"dataset {ds['name'] or '?'} {ds['digest']}"
+        + ("" if ds["in_ledger"] else " (its dataset.registered is not in the ledger)")
+    )
     for m in result["models"]:
         print(f"  model {m.get('name')}:{m.get('version')} {m['digest']}  {len(m['inferences'])} inference(s)")
         for i in m["inferences"]:
@@ -284,28 +313,34 @@ async def _dataset_lineage(nc: Any, args: argparse.Namespace) -> int:
 
 
 async def _request_lineage(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.entrypoints.api import RequestRef
-
-    r = await _call(nc, args, "lineage", RequestRef(request_id=args.request_id), dict[str, Any])
+    r = await _call(nc, args, ledger_ops.LINEAGE, request_id=args.request_id)
     if args.json:
         _print_json(r)
         return 0
     inf, m = r["inference"], r["model"]
-    print(f"request   {r['request_id']}  (leaf {inf['leaf_index']}, {inf['time']}, {inf.get('completion_tokens')} tokens, {inf.get('finish_reason')})")
-    print(f"model     {m.get('name')}:{m.get('version')}  manifest {m['digest']}" + ("" if m["in_ledger"] else "  (model.registered not in the ledger)"))
+    print(
+        f"request   {r['request_id']}  (leaf {inf['leaf_index']}, {inf['time']}, {inf.get('completion_tokens')} tokens, {inf.get('finish_reason')})"
+    )
+    print(
+        f"model     {m.get('name')}:{m.get('version')}  manifest {m['digest']}"
+        + ("" if m["in_ledger"] else "  (model.registered not in the ledger)")
+    )
     print(f"training  record {m.get('training_record') or '-'}  architecture {m.get('architecture') or '-'}")
     for ds in m.get("datasets", []):
         print(f"dataset   {ds.get('name') or '?'}  {ds['digest']}  license {ds.get('license') or '-'}")
-    print(f"deploy    {r['deployment']['deployment_id']}  " + ", ".join(f"{e['type']}@{e['leaf_index']}" for e in r["deployment"]["events"]))
+    print(
+        f"deploy    {r['deployment']['deployment_id']}  "
+        + ", ".join(f"{e['type']}@{e['leaf_index']}" for e in r["deployment"]["events"])
+    )
     dev = r["device"]
-    print(f"node      {r['node']['node_id']} ({r['node'].get('hostname') or '?'})  device {dev['id']} {dev.get('name', '')}".rstrip())
+    print(
+        f"node      {r['node']['node_id']} ({r['node'].get('hostname') or '?'})  device {dev['id']} {dev.get('name', '')}".rstrip()
+    )
     return 0
 
 
 async def _model_lineage(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.entrypoints.api import ModelLineageRef
-
-    result = await _call(nc, args, "model_lineage", ModelLineageRef(ref=args.model), dict[str, Any])
+    result = await _call(nc, args, ledger_ops.MODEL_LINEAGE, ref=args.model)
     if args.json:
         _print_json(result)
         return 0
@@ -314,13 +349,20 @@ async def _model_lineage(nc: Any, args: argparse.Namespace) -> int:
         src = m.get("source")
         if src and src["kind"] != "conversion":
             resolved = f" = {src['resolved']}" if src.get("resolved") else ""
-            _print_text(f"source    {src['kind']} {src['name']} {src['reference']}{resolved}  ({len(src['digests'])} digests checked)")
+            _print_text(
+                f"source    {src['kind']} {src['name']} {src['reference']}{resolved}  ({len(src['digests'])} digests checked)"
+            )
         for parent in m["derived_from"]:
-            _print_text(f"from      {parent.get('name')}:{parent.get('version')}  {parent['digest']}" + ("" if parent["in_ledger"] else "  (not in the ledger)"))
+            _print_text(
+                f"from      {parent.get('name')}:{parent.get('version')}  {parent['digest']}"
+                + ("" if parent["in_ledger"] else "  (not in the ledger)")
+            )
         if src and src.get("recipe"):
             _print_text(f"recipe    {src['recipe']}")
         for child in m["derivatives"]:
-            _print_text(f"derived   {child.get('name')}:{child.get('version')}  {child['digest']}  {child.get('recipe') or ''}".rstrip())
+            _print_text(
+                f"derived   {child.get('name')}:{child.get('version')}  {child['digest']}  {child.get('recipe') or ''}".rstrip()
+            )
     return 0
 
 
@@ -330,16 +372,23 @@ def _print_text(line: str) -> None:
 
 
 async def _audit(nc: Any, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.entrypoints.api import AuditRequest
-
-    rows = await _call(nc, args, "audit", AuditRequest(since=args.since, model=args.model, type=args.type, limit=args.limit), list[dict[str, Any]])
+    rows = await _call(
+        nc, args, ledger_ops.AUDIT, since=args.since, model=args.model, type=args.type, limit=args.limit,
+        reply=list[dict[str, Any]],  # printed as the rows came, not re-serialised
+    )
     if args.json:
         _print_json(rows)
         return 0
     print(f"{'LEAF':>7}  {'TIME':<24}  {'TYPE':<26}  {'SOURCE':<18}  SUMMARY")
     for r in rows:
         d = r["data"]
-        summary = d.get("request_id") or d.get("deployment_id") or (d.get("model") or {}).get("digest") or d.get("model_ref") or ""
+        summary = (
+            d.get("request_id")
+            or d.get("deployment_id")
+            or (d.get("model") or {}).get("digest")
+            or d.get("model_ref")
+            or ""
+        )
         print(f"{r['leaf_index']:>7}  {r['time'][:24]:<24}  {r['type']:<26}  {r['source']:<18}  {summary}")
     print(f"{len(rows)} event(s)")
     return 0

@@ -22,13 +22,26 @@ out = Console(soft_wrap=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    model = sub.add_parser("model", help="models in model-store: push, import, convert, ls, show, alias, rm, pull, verify")
+    model = sub.add_parser(
+        "model", help="models in model-store: push, import, convert, ls, show, alias, rm, pull, verify"
+    )
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
 
-    push = _cmd(msub, "push", "upload a checkpoint directory (safetensors + config.json), or a .gguf file, as a new version", _push)
+    push = _cmd(
+        msub,
+        "push",
+        "upload a checkpoint directory (safetensors + config.json), or a .gguf file, as a new version",
+        _push,
+    )
     push.add_argument("dir", type=Path)
     push.add_argument("--name", required=True)
-    push.add_argument("--dataset", action="append", default=[], metavar="DIGEST", help="lineage: a dataset it was trained on (repeatable)")
+    push.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="DIGEST",
+        help="lineage: a dataset it was trained on (repeatable)",
+    )
     push.add_argument("--license")
 
     ls = _cmd(msub, "ls", "list models and versions", _ls)
@@ -73,19 +86,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     dshow.add_argument("ref")
 
 
-def _cmd(sub: argparse._SubParsersAction, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+def _cmd(
+    sub: argparse._SubParsersAction, name: str, help: str, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help)
     p.add_argument("--url", help="model-store HTTP API (default $STRATA_MODEL_STORE_URL or http://127.0.0.1:8002)")
     p.add_argument("--api-key", help="an admin API key for push, alias, rm and dataset add (default $STRATA_API_KEY)")
-    p.add_argument("--https-ca", type=Path, metavar="FILE",
-                   help="the CA (PEM) of an HTTPS model-store (default $STRATA_HTTP_CA, else DATA_DIR/http/tls/ca.pem)")
+    p.add_argument(
+        "--https-ca",
+        type=Path,
+        metavar="FILE",
+        help="the CA (PEM) of an HTTPS model-store (default $STRATA_HTTP_CA, else DATA_DIR/http/tls/ca.pem)",
+    )
     p.set_defaults(func=lambda args: _run(func, args))
     return p
 
 
 def _text(text: str) -> str:
     """A pusher's text for rich: its [..] as text, its control characters (terminal escapes) escaped."""
-    return escape("".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf") else c for c in text))
+    return escape(
+        "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+    )
 
 
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -104,7 +125,13 @@ def _client(args: argparse.Namespace):
 
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
@@ -137,8 +164,17 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     table = Table("name", "version", "aliases", "architecture", "params", "dtype", "size", "digest", "created")
     for s in listing.models:
-        table.add_row(s.model.name, str(s.model.version), ",".join(s.aliases), s.architecture, _count(s.parameters),
-                      s.dtype, _bytes(s.size), s.model.digest[7:19], s.created.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            s.model.name,
+            str(s.model.version),
+            ",".join(s.aliases),
+            s.architecture,
+            _count(s.parameters),
+            s.dtype,
+            _bytes(s.size),
+            s.model.digest[7:19],
+            s.created.strftime("%Y-%m-%d %H:%M"),
+        )
     _print_table(table)
     return 0
 
@@ -149,13 +185,24 @@ def _show(args: argparse.Namespace) -> int:
         print(resolved.model_dump_json(indent=2))
         return 0
     m, man = resolved.model, resolved.manifest
-    out.print(f"[bold]{m.name}:{m.version}[/bold]  {m.digest}  aliases: {', '.join(resolved.aliases) or '-'}", highlight=False)
+    out.print(
+        f"[bold]{m.name}:{m.version}[/bold]  {m.digest}  aliases: {', '.join(resolved.aliases) or '-'}", highlight=False
+    )
     out.print_json(man.metadata.model_dump_json())
-    out.print(f"license: {_text(man.license or '-')}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}")
-    out.print(f"training record: {'yes' if man.training_record else 'no'}   signed by key {resolved.signature['signatures'][0]['keyid'][:16]}…")
+    out.print(
+        f"license: {_text(man.license or '-')}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}"
+    )
+    out.print(
+        f"training record: {'yes' if man.training_record else 'no'}   signed by key {resolved.signature['signatures'][0]['keyid'][:16]}…"
+    )
     if src := man.source:  # an import's origin or a conversion's source version
-        out.print(_text(f"source: {src.kind} {src.name} {src.reference}" + (f" ({src.derived_from or src.resolved})" if src.derived_from or src.resolved else "")),
-                  highlight=False)  # the pusher's text: printed as text, not as markup
+        out.print(
+            _text(
+                f"source: {src.kind} {src.name} {src.reference}"
+                + (f" ({src.derived_from or src.resolved})" if src.derived_from or src.resolved else "")
+            ),
+            highlight=False,
+        )  # the pusher's text: printed as text, not as markup
     for f in man.files:
         out.print(f"  {f.sha256[:12]}  {_bytes(f.size):>10}  {_text(f.path)}", highlight=False)
     return 0
@@ -181,20 +228,27 @@ def _pull(args: argparse.Namespace) -> int:
     resolved = client.resolve(args.ref)
     total = sum(f.size for f in resolved.manifest.files)
     with _progress(f"pull {resolved.model.name}:{resolved.model.version}", total) as advance:
-        resolved = client.pull(f"{resolved.model.name}:{resolved.model.version}", args.dir, public_key=_key(args), progress=advance)
-    out.print(f"pulled {resolved.model.name}:{resolved.model.version} into {args.dir} (signature and {len(resolved.manifest.files)} digests verified)", highlight=False)
+        resolved = client.pull(
+            f"{resolved.model.name}:{resolved.model.version}", args.dir, public_key=_key(args), progress=advance
+        )
+    out.print(
+        f"pulled {resolved.model.name}:{resolved.model.version} into {args.dir} (signature and {len(resolved.manifest.files)} digests verified)",
+        highlight=False,
+    )
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from services.model_store.fetch import VerificationError
+    from shared.model_fetch import VerificationError
 
     client = _client(args)
     try:
         resolved = client.resolve(args.ref)
         total = sum(f.size for f in resolved.manifest.files)
         with _progress(f"verify {resolved.model.name}:{resolved.model.version}", total) as advance:
-            resolved, problems = client.verify(f"{resolved.model.name}:{resolved.model.version}", public_key=_key(args), progress=advance)
+            resolved, problems = client.verify(
+                f"{resolved.model.name}:{resolved.model.version}", public_key=_key(args), progress=advance
+            )
     except VerificationError as exc:
         err.print(f"[red]FAILED[/red] {exc.message}", highlight=False)
         return 1
@@ -203,7 +257,10 @@ def _verify(args: argparse.Namespace) -> int:
         for problem in problems:
             err.print(f"[red]FAILED[/red] {problem}", highlight=False)
         return 1
-    out.print(f"OK {m.name}:{m.version} {m.digest}: signature valid, {len(resolved.manifest.files)} blobs match", highlight=False)
+    out.print(
+        f"OK {m.name}:{m.version} {m.digest}: signature valid, {len(resolved.manifest.files)} blobs match",
+        highlight=False,
+    )
     return 0
 
 
@@ -228,8 +285,9 @@ def _dataset_add(args: argparse.Namespace) -> int:
         raise StrataError(f"{args.path}: no such file or directory")
     name = args.name or args.path.resolve().name
     with _progress(f"dataset {name}", _size(args.path)) as advance:
-        pushed = _client(args).add_dataset(args.path, name, license=args.license, source=args.source,
-                                           description=args.description, progress=advance)
+        pushed = _client(args).add_dataset(
+            args.path, name, license=args.license, source=args.source, description=args.description, progress=advance
+        )
     verb = "registered" if pushed.created else "already registered:"
     out.print(f"{verb} dataset {pushed.manifest.name} {pushed.digest}", highlight=False)
     return 0
@@ -239,8 +297,15 @@ def _dataset_ls(args: argparse.Namespace) -> int:
     table = Table("name", "digest", "files", "size", "license", "source", "created")
     for d in _client(args).datasets().datasets:
         m = d.manifest
-        table.add_row(m.name, d.digest, str(len(m.files)), _bytes(sum(f.size for f in m.files)), m.license or "-",
-                      m.source or "-", m.created.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            m.name,
+            d.digest,
+            str(len(m.files)),
+            _bytes(sum(f.size for f in m.files)),
+            m.license or "-",
+            m.source or "-",
+            m.created.strftime("%Y-%m-%d %H:%M"),
+        )
     _print_table(table)
     return 0
 
@@ -268,4 +333,3 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f}{unit}"
     return str(n)
-

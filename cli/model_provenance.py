@@ -22,7 +22,12 @@ def register(msub: argparse._SubParsersAction, cmd) -> None:
     imp.add_argument("--file", help="hf: the .gguf to import when the repository has several")
     imp.add_argument("--license", help="default: an Ollama license layer's first line")
 
-    conv = cmd(msub, "convert", "convert a version to GGUF (f16, q8_0, q4_k_m): a new signed version with lineage to it", _convert)
+    conv = cmd(
+        msub,
+        "convert",
+        "convert a version to GGUF (f16, q8_0, q4_k_m): a new signed version with lineage to it",
+        _convert,
+    )
     conv.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]")
     conv.add_argument("--to", choices=["gguf"], required=True)
     conv.add_argument("--quant", choices=QUANTS, required=True)
@@ -47,8 +52,15 @@ def _import(args: argparse.Namespace) -> int:
         name = args.name or plan.name
         client = _client(args)
         with _progress(f"import {name}", sum(f.stat().st_size for f in plan.files)) as advance:
-            pushed = client.push_model(plan.directory, name, files=plan.files, source=plan.source, known_sha256=plan.checked_sha256,
-                                       license=args.license or plan.license, progress=advance)
+            pushed = client.push_model(
+                plan.directory,
+                name,
+                files=plan.files,
+                source=plan.source,
+                known_sha256=plan.checked_sha256,
+                license=args.license or plan.license,
+                progress=advance,
+            )
     m = pushed.model
     verb = "imported" if pushed.created else "already imported as"
     out.print(f"{verb} {m.name}:{m.version} {m.digest} from {args.source}", highlight=False)
@@ -73,10 +85,19 @@ def _convert(args: argparse.Namespace) -> int:
         name = args.name or resolved.model.name
         size = result.path.stat().st_size
         with _progress(f"push {name}", size) as advance:
-            pushed = client.push_model(result.path, name, source=result.source, license=resolved.manifest.license,
-                                       datasets=resolved.manifest.datasets, progress=advance)
+            pushed = client.push_model(
+                result.path,
+                name,
+                source=result.source,
+                license=resolved.manifest.license,
+                datasets=resolved.manifest.datasets,
+                progress=advance,
+            )
     m = pushed.model
     verb = "converted" if pushed.created else "already converted"
-    out.print(f"{verb} {ref} -> {m.name}:{m.version} {m.digest} ({result.quantization}, {size} bytes "
-              f"in {result.seconds:.2f}s: F16 {result.f16_seconds:.2f}s, quantize {result.quantize_seconds:.2f}s)", highlight=False)
+    out.print(
+        f"{verb} {ref} -> {m.name}:{m.version} {m.digest} ({result.quantization}, {size} bytes "
+        f"in {result.seconds:.2f}s: F16 {result.f16_seconds:.2f}s, quantize {result.quantize_seconds:.2f}s)",
+        highlight=False,
+    )
     return 0

@@ -19,18 +19,38 @@ from shared import endpoints, http_tls
 from shared.config import DEFAULT_PORTS
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORTS['monitor']}"
-STATE_COLOURS = {"ready": "green", "up": "green", "ok": "green", "failed": "red", "rejected": "red", "lost": "red",
-                 "critical": "red", "warning": "yellow", "loading": "yellow", "scheduled": "yellow", "requested": "yellow"}
+STATE_COLOURS = {
+    "ready": "green",
+    "up": "green",
+    "ok": "green",
+    "failed": "red",
+    "rejected": "red",
+    "lost": "red",
+    "critical": "red",
+    "warning": "yellow",
+    "loading": "yellow",
+    "scheduled": "yellow",
+    "requested": "yellow",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    top = sub.add_parser("top", help="live view of nodes, deployments, traffic, alerts and the ledger (from the monitor)")
-    top.add_argument("--url", help="the monitor's HTTP address (default $STRATA_MONITOR_URL, else where "
-                     f"`strata up` serves it here, else {DEFAULT_URL})")
+    top = sub.add_parser(
+        "top", help="live view of nodes, deployments, traffic, alerts and the ledger (from the monitor)"
+    )
+    top.add_argument(
+        "--url",
+        help="the monitor's HTTP address (default $STRATA_MONITOR_URL, else where "
+        f"`strata up` serves it here, else {DEFAULT_URL})",
+    )
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
-    top.add_argument("--https-ca", type=Path, metavar="FILE",
-                     help="the CA (PEM) of an HTTPS monitor (default $STRATA_HTTP_CA, else DATA_DIR/http/tls/ca.pem)")
+    top.add_argument(
+        "--https-ca",
+        type=Path,
+        metavar="FILE",
+        help="the CA (PEM) of an HTTPS monitor (default $STRATA_HTTP_CA, else DATA_DIR/http/tls/ca.pem)",
+    )
     top.set_defaults(func=_top)
 
 
@@ -47,8 +67,10 @@ def _top(args: argparse.Namespace) -> int:
             try:
                 console.print(render(_fetch(http)))
             except httpx.HTTPError as exc:
-                print(f"strata top: the monitor at {args.url}: {http_tls.failure(exc, args.url) or f'did not answer: {exc}'}",
-                      file=sys.stderr)
+                print(
+                    f"strata top: the monitor at {args.url}: {http_tls.failure(exc, args.url) or f'did not answer: {exc}'}",
+                    file=sys.stderr,
+                )
                 return 1
             return 0
         with Live(Text("connecting…"), console=console, screen=False, auto_refresh=False) as live:
@@ -61,7 +83,10 @@ def _top(args: argparse.Namespace) -> int:
                             live.stop()
                             print(f"strata top: the monitor at {args.url}: {reason}", file=sys.stderr)
                             return 1
-                        live.update(Text(f"the monitor at {args.url} did not answer ({exc}); retrying…", style="red"), refresh=True)
+                        live.update(
+                            Text(f"the monitor at {args.url} did not answer ({exc}); retrying…", style="red"),
+                            refresh=True,
+                        )
                     time.sleep(args.interval)
             except KeyboardInterrupt:
                 return 0
@@ -107,8 +132,17 @@ def render(s: dict) -> Group:
     for column in ("model", "req/s", "tok/s", "p50", "p95", "p99", "TTFT p50", "requests", "failed"):
         models.add_column(column, justify="left" if column == "model" else "right")
     for m in s["models"]:
-        models.add_row(m["model_name"], f"{m['requests_per_s']:.2f}", f"{m['tokens_per_s']:.1f}", _secs(m["p50_s"]),
-                       _secs(m["p95_s"]), _secs(m["p99_s"]), _secs(m["ttft_p50_s"]), str(m["requests"]), str(m["failed"]))
+        models.add_row(
+            m["model_name"],
+            f"{m['requests_per_s']:.2f}",
+            f"{m['tokens_per_s']:.1f}",
+            _secs(m["p50_s"]),
+            _secs(m["p95_s"]),
+            _secs(m["p99_s"]),
+            _secs(m["ttft_p50_s"]),
+            str(m["requests"]),
+            str(m["failed"]),
+        )
 
     nodes = Table(expand=True)
     for column in ("node", "status", "device", "memory used", "", "busy"):
@@ -121,19 +155,32 @@ def render(s: dict) -> Group:
                 continue
             used = d["memory_total"] - d["memory_free"]
             busy = "–" if d["utilisation"] is None else f"{d['utilisation']:.0%}"
-            nodes.add_row(*head, f"{d['id']} {d['name']}", _bar(used / d["memory_total"] if d["memory_total"] else 0),
-                          f"{_bytes(used)} / {_bytes(d['memory_total'])}", busy)
+            nodes.add_row(
+                *head,
+                f"{d['id']} {d['name']}",
+                _bar(used / d["memory_total"] if d["memory_total"] else 0),
+                f"{_bytes(used)} / {_bytes(d['memory_total'])}",
+                busy,
+            )
 
     deployments = Table(expand=True)
     for column in ("model", "version", "state", "node", "device"):
         deployments.add_column(column)
     for d in s["deployments"]:
-        deployments.add_row(d["model"], "–" if d["version"] is None else f"v{d['version']}", _badge(d["state"]),
-                            d["node_id"] or "–", d["device"] or "–")
+        deployments.add_row(
+            d["model"],
+            "–" if d["version"] is None else f"v{d['version']}",
+            _badge(d["state"]),
+            d["node_id"] or "–",
+            d["device"] or "–",
+        )
 
     ledger = s["ledger"]
-    head = (f"tree size {ledger['tree_size']}  root {str(ledger['root_hash'])[:16]}…  key {ledger['key_id']}  lag {ledger['lag'] if ledger['lag'] is not None else 'unknown'}"
-            if ledger["tree_size"] is not None else "no signed head yet")
+    head = (
+        f"tree size {ledger['tree_size']}  root {str(ledger['root_hash'])[:16]}…  key {ledger['key_id']}  lag {ledger['lag'] if ledger['lag'] is not None else 'unknown'}"
+        if ledger["tree_size"] is not None
+        else "no signed head yet"
+    )
     if ledger["tamper_detected"]:
         head += f"  TAMPER DETECTED ×{ledger['tamper_detected']}"
     dead = ", ".join(f"{svc}: {n}" for svc, n in s["dead_letters"].items()) or "none"

@@ -25,33 +25,68 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--role", choices=("all", "node"), default="all",
                     help="all: NATS and every service; node: only the inventory agent and an inference-worker, "
                          "joining the cluster at --nats-url (nats://user:password@host:4222 passes credentials)")
-    up.add_argument("--services", type=_service_list, default=None, help="comma-separated subset to run (default: the role's)")
+    up.add_argument(
+        "--services", type=_service_list, default=None, help="comma-separated subset to run (default: the role's)"
+    )
     up.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for every service to be healthy")
-    up.add_argument("--no-builtin", dest="serve_builtin", action="store_false",
-                    help="do not deploy the built-in model once the services are healthy")
-    up.add_argument("--insecure-nats", dest="secure_nats", action="store_false",
-                    help="start nats-server without per-service users and permissions (not for shared machines)")
-    up.add_argument("--nats-tls", action="store_true",
-                    help="require TLS of every NATS connection, with a CA and server certificate generated once "
-                         "into DATA_DIR/nats/tls/ (the services and the CLI on this machine trust that CA)")
-    up.add_argument("--nats-tls-cert", type=Path, metavar="FILE", help="serve NATS TLS with this certificate (PEM) instead")
+    up.add_argument(
+        "--no-builtin",
+        dest="serve_builtin",
+        action="store_false",
+        help="do not deploy the built-in model once the services are healthy",
+    )
+    up.add_argument(
+        "--insecure-nats",
+        dest="secure_nats",
+        action="store_false",
+        help="start nats-server without per-service users and permissions (not for shared machines)",
+    )
+    up.add_argument(
+        "--nats-tls",
+        action="store_true",
+        help="require TLS of every NATS connection, with a CA and server certificate generated once "
+        "into DATA_DIR/nats/tls/ (the services and the CLI on this machine trust that CA)",
+    )
+    up.add_argument(
+        "--nats-tls-cert", type=Path, metavar="FILE", help="serve NATS TLS with this certificate (PEM) instead"
+    )
     up.add_argument("--nats-tls-key", type=Path, metavar="FILE", help="the private key (PEM) of --nats-tls-cert")
-    up.add_argument("--nats-tls-ca", type=Path, metavar="FILE",
-                    help="the CA (PEM) the services trust for NATS (default with --nats-tls-cert: the system's roots)")
-    up.add_argument("--https", action="store_true",
-                    help="serve every HTTP API over HTTPS, with a CA and server certificate generated once into "
-                         "DATA_DIR/http/tls/ (the strata commands here trust that CA). Plain HTTP is the default, "
-                         "for local development on 127.0.0.1; use HTTPS when API keys cross a network")
+    up.add_argument(
+        "--nats-tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="the CA (PEM) the services trust for NATS (default with --nats-tls-cert: the system's roots)",
+    )
+    up.add_argument(
+        "--https",
+        action="store_true",
+        help="serve every HTTP API over HTTPS, with a CA and server certificate generated once into "
+        "DATA_DIR/http/tls/ (the strata commands here trust that CA). Plain HTTP is the default, "
+        "for local development on 127.0.0.1; use HTTPS when API keys cross a network",
+    )
     up.add_argument("--https-cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM) instead")
     up.add_argument("--https-key", type=Path, metavar="FILE", help="the private key (PEM) of --https-cert")
-    up.add_argument("--https-ca", type=Path, metavar="FILE",
-                    help="the CA (PEM) that signed --https-cert, for clients here (default: the system's roots)")
-    up.add_argument("--no-api-key", dest="api_keys", action="store_false",
-                    help="do not make an admin API key at first start: every HTTP API stays open until "
-                         "`strata key create` makes one (throwaway machines only)")
-    up.add_argument("--policy", type=Path, metavar="FILE", dest="admission_policy",
-                    help="admission policy for deploys (see infra/policy.example.yaml); trusted_keys take model-store's "
-                         "public key (GET /v1/public-key), never its private signing key")
+    up.add_argument(
+        "--https-ca",
+        type=Path,
+        metavar="FILE",
+        help="the CA (PEM) that signed --https-cert, for clients here (default: the system's roots)",
+    )
+    up.add_argument(
+        "--no-api-key",
+        dest="api_keys",
+        action="store_false",
+        help="do not make an admin API key at first start: every HTTP API stays open until "
+        "`strata key create` makes one (throwaway machines only)",
+    )
+    up.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        dest="admission_policy",
+        help="admission policy for deploys (see infra/policy.example.yaml); trusted_keys take model-store's "
+        "public key (GET /v1/public-key), never its private signing key",
+    )
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (strata up runs each this way)")
@@ -73,7 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _port_pair(text: str) -> tuple[str, int]:
     name, sep, port = text.partition("=")
     if not sep or name not in DEFAULT_PORTS or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected SERVICE=PORT with SERVICE one of {', '.join(SERVICES)}; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected SERVICE=PORT with SERVICE one of {', '.join(SERVICES)}; got {text!r}"
+        )
     return name, int(port)
 
 
@@ -90,19 +127,36 @@ def _up(args: argparse.Namespace) -> int:
     from cli.up_options import ROLES, UpOptions
 
     if args.role == "node" and not args.nats_url:
-        print("strata up: --role node joins an existing cluster: give its address with --nats-url nats://HOST:4222",
-              file=sys.stderr)
+        print(
+            "strata up: --role node joins an existing cluster: give its address with --nats-url nats://HOST:4222",
+            file=sys.stderr,
+        )
         return 2
-    return up(UpOptions(
-        data_dir=args.data_dir, nats_url=args.nats_url, nats_port=args.nats_port,
-        nats_monitor_port=args.nats_monitor_port, host=args.host, ports=dict(args.port),
-        services=args.services or ROLES[args.role], wait_timeout_s=args.wait_timeout, role=args.role,
-        serve_builtin=args.serve_builtin and args.role == "all", secure_nats=args.secure_nats,
-        nats_tls=args.nats_tls, nats_tls_cert=args.nats_tls_cert, nats_tls_key=args.nats_tls_key,
-        nats_tls_ca=args.nats_tls_ca, admission_policy=args.admission_policy,
-        api_keys=args.api_keys, https=args.https, https_cert=args.https_cert, https_key=args.https_key,
-        https_ca=args.https_ca,
-    ))
+    return up(
+        UpOptions(
+            data_dir=args.data_dir,
+            nats_url=args.nats_url,
+            nats_port=args.nats_port,
+            nats_monitor_port=args.nats_monitor_port,
+            host=args.host,
+            ports=dict(args.port),
+            services=args.services or ROLES[args.role],
+            wait_timeout_s=args.wait_timeout,
+            role=args.role,
+            serve_builtin=args.serve_builtin and args.role == "all",
+            secure_nats=args.secure_nats,
+            nats_tls=args.nats_tls,
+            nats_tls_cert=args.nats_tls_cert,
+            nats_tls_key=args.nats_tls_key,
+            nats_tls_ca=args.nats_tls_ca,
+            admission_policy=args.admission_policy,
+            api_keys=args.api_keys,
+            https=args.https,
+            https_cert=args.https_cert,
+            https_key=args.https_key,
+            https_ca=args.https_ca,
+        )
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -122,7 +122,9 @@ class ProcessGroup:
             if time.monotonic() - child.started_at > STABLE_AFTER_S:
                 backoff = BACKOFF_START_S
             child.restarts += 1
-            self.say(f"{self.prefix(child)}exited with code {code}; restarting in {backoff:.1f}s (restart {child.restarts})")
+            self.say(
+                f"{self.prefix(child)}exited with code {code}; restarting in {backoff:.1f}s (restart {child.restarts})"
+            )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)

@@ -18,13 +18,13 @@ from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError
 
+from cli import connection, runner
 from services.api_gateway.adapters.quota_counters import quota_bucket_config
 from services.hardware_inventory.adapters.state import inventory_bucket_config
-from services.model_store.adapters.blobs import blob_store_config
 from services.model_store.adapters.catalog_kv import catalog_bucket_config
-from cli import connection, runner
 from shared import bus, errors, inference_jobs, nats_auth, replication
 from shared.apikey_store import api_keys_bucket_config
+from shared.blob_store import blob_store_config
 
 
 async def provision(js: JetStreamContext, replicas: int = 1) -> None:
@@ -42,7 +42,9 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = connection.add_options(sub.add_parser(
         "provision", help="create every stream and bucket, as the NATS admin credential (strata up does this itself)"))
-    p.add_argument("--replicas", type=int, default=None, help="copies of each stream (default $STRATA_STREAM_REPLICAS or 1)")
+    p.add_argument(
+        "--replicas", type=int, default=None, help="copies of each stream (default $STRATA_STREAM_REPLICAS or 1)"
+    )
     p.set_defaults(func=_provision)
     perms = sub.add_parser("permissions", help="print each NATS role's permissions (the table in docs/operations.md)")
     perms.set_defaults(func=lambda args: print(nats_auth.permissions_table(), end=""))
@@ -60,11 +62,18 @@ def _provision(args: argparse.Namespace) -> int:
             await provision(nc.jetstream(timeout=10), replicas)
         except NatsError as exc:
             raise errors.Unavailable(str(exc)) from None
-        print(f"provisioned {len(nats_auth.ALL_STREAMS)} streams and buckets ({replicas} replica(s)): {', '.join(nats_auth.ALL_STREAMS)}")
+        print(
+            f"provisioned {len(nats_auth.ALL_STREAMS)} streams and buckets ({replicas} replica(s)): {', '.join(nats_auth.ALL_STREAMS)}"
+        )
         return 0
 
-    return runner.run(args, command, error_line=lambda exc, connected: f"strata provision: {exc.message}", role=nats_auth.ADMIN,
-                      denied_what="may not create streams (use the admin credential)")
+    return runner.run(
+        args,
+        command,
+        error_line=lambda exc, connected: f"strata provision: {exc.message}",
+        role=nats_auth.ADMIN,
+        denied_what="may not create streams (use the admin credential)",
+    )
 
 
 async def _object_store(js: JetStreamContext, config: ObjectStoreConfig) -> None:

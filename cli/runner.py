@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from cli import connection
+from shared.contracts import RpcOp
 from shared.errors import StrataError
 
 T = TypeVar("T")
@@ -26,15 +27,24 @@ Command = Callable[[Any, argparse.Namespace], Awaitable[int]]
 ErrorLine = Callable[[StrataError, bool], str]
 
 
-def add_options(p: argparse.ArgumentParser, *, timeout: float, waits_for: str, data_dir: bool = True) -> argparse.ArgumentParser:
+def add_options(
+    p: argparse.ArgumentParser, *, timeout: float, waits_for: str, data_dir: bool = True
+) -> argparse.ArgumentParser:
     """``--nats-url``, ``--data-dir`` (unless the command has its own) and ``--timeout``."""
     connection.add_options(p, data_dir=data_dir)
     p.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for {waits_for}")
     return p
 
 
-def run(args: argparse.Namespace, command: Command, *, error_line: ErrorLine, role: str | None = None,
-        denied_what: str = "", **connect_options: Any) -> int:
+def run(
+    args: argparse.Namespace,
+    command: Command,
+    *,
+    error_line: ErrorLine,
+    role: str | None = None,
+    denied_what: str = "",
+    **connect_options: Any,
+) -> int:
     """Run ``command`` on a NATS connection: as ``role`` (see connection.run_as: a permission violation
     ends it at once with Forbidden), else as the data dir's client."""
     connected = False
@@ -53,7 +63,9 @@ def run(args: argparse.Namespace, command: Command, *, error_line: ErrorLine, ro
         return 1
 
 
-async def _connected(args: argparse.Namespace, work: Callable[[Any], Awaitable[T]], connect_options: dict[str, Any]) -> T:
+async def _connected(
+    args: argparse.Namespace, work: Callable[[Any], Awaitable[T]], connect_options: dict[str, Any]
+) -> T:
     nc = await connection.connect(args.nats_url, getattr(args, "data_dir", None), **connect_options)
     try:
         return await work(nc)
@@ -61,11 +73,14 @@ async def _connected(args: argparse.Namespace, work: Callable[[Any], Awaitable[T
         await nc.close()
 
 
-async def call(nc: Any, service: str, op: str, request: Any, reply_type: Any, *, timeout: float = 5.0) -> Any:
-    """One RPC op of ``service``: its reply, or the StrataError it answered."""
-    from shared import rpc, subjects
+async def call(nc: Any, op: RpcOp, *, timeout: float = 5.0, reply: Any = None, **fields: Any) -> Any:
+    """One RPC op, as a service's contract declares it (shared/contracts): the request is made from
+    ``fields``; returns the reply (typed as the contract says, or as ``reply``) or raises the
+    StrataError the service answered."""
+    from shared import rpc
 
-    return await rpc.call(nc, subjects.rpc(service, op), request, reply_type, timeout=timeout)
+    request = op.request_type()(**fields)
+    return await rpc.call(nc, op.subject, request, reply or op.reply_type(), timeout=timeout)
 
 
 def print_json(value: Any, *, sort_keys: bool = False) -> int:

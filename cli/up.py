@@ -55,7 +55,9 @@ class Supervisor:
             wanted = {"nats": self.options.nats_port, "nats monitoring": self.options.nats_monitor_port, **wanted}
         for name, port in wanted.items():
             if natsd.port_in_use(port, self.options.host):
-                flag = {"nats": "--nats-port", "nats monitoring": "--nats-monitor-port"}.get(name, f"--port {name}=PORT")
+                flag = {"nats": "--nats-port", "nats monitoring": "--nats-monitor-port"}.get(
+                    name, f"--port {name}=PORT"
+                )
                 return f"port {port} for {name} is already in use; free it or choose another with {flag}"
         return None
 
@@ -69,8 +71,10 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stopping.set)
         opts.data_dir.mkdir(parents=True, exist_ok=True)
         if (holder := lock_data_dir(opts.data_dir)) is not None:
-            self.say(f"strata up: the data dir {opts.data_dir} is in use by another strata up ({holder}): stop it, "
-                     "or give this one its own --data-dir (two on one JetStream store would corrupt it)")
+            self.say(
+                f"strata up: the data dir {opts.data_dir} is in use by another strata up ({holder}): stop it, "
+                "or give this one its own --data-dir (two on one JetStream store would corrupt it)"
+            )
             return 2
         try:
             self.https = self._http_tls()
@@ -93,8 +97,10 @@ class Supervisor:
             try:
                 key_note = await self._bootstrap_api_key(nats_url) if opts.api_keys and opts.role == "all" else None
             except Exception as exc:  # e.g. an external NATS whose credential may not write the key bucket
-                self.say(f"strata up: could not make the admin API key: {type(exc).__name__}: {exc} "
-                         "(--no-api-key starts with the HTTP APIs open)")
+                self.say(
+                    f"strata up: could not make the admin API key: {type(exc).__name__}: {exc} "
+                    "(--no-api-key starts with the HTTP APIs open)"
+                )
                 return 1
             self._start_services(nats_url, node)
             services = [c for c in self.processes.children if c.name != "nats"]
@@ -102,7 +108,9 @@ class Supervisor:
             if self.stopping.is_set():
                 return 0
             if unhealthy:
-                self.say(f"strata up: not healthy after {opts.wait_timeout_s:.0f}s: {', '.join(c.name for c in unhealthy)}")
+                self.say(
+                    f"strata up: not healthy after {opts.wait_timeout_s:.0f}s: {', '.join(c.name for c in unhealthy)}"
+                )
                 return 1
             self._print_endpoints(nats_url, node, time.monotonic() - started)
             endpoints.write(opts.data_dir, self._endpoints(nats_url))  # the strata commands here find them
@@ -126,8 +134,12 @@ class Supervisor:
         import nats
 
         credential = self.credentials.get(role)
-        return await nats.connect(credential.url(nats_url) if credential else nats_url, inbox_prefix=nats_auth.inbox_prefix(role),
-                                  tls=nats_tls.client_context(self.nats_ca), **options)
+        return await nats.connect(
+            credential.url(nats_url) if credential else nats_url,
+            inbox_prefix=nats_auth.inbox_prefix(role),
+            tls=nats_tls.client_context(self.nats_ca),
+            **options,
+        )
 
     async def _serve_builtin(self, nats_url: str) -> None:
         from cli.builtin import serve_builtin_while_up
@@ -144,9 +156,11 @@ class Supervisor:
         key = key_file(self.options.data_dir)
         auth = f"-H \"Authorization: Bearer $(cat {key})\" " if key.exists() else ""
         cacert = f"--cacert {self.https.ca} " if self.https and self.https.ca else ""
-        return (f"curl {cacert}{auth}{self._scheme()}://{self.options.host}:"
-                f"{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}/v1/models  "
-                f"or  strata chat {MODEL_NAME}")
+        return (
+            f"curl {cacert}{auth}{self._scheme()}://{self.options.host}:"
+            f"{self.options.ports.get('api-gateway', DEFAULT_PORTS['api-gateway'])}/v1/models  "
+            f"or  strata chat {MODEL_NAME}"
+        )
 
     async def _start_nats(self) -> str | None:
         opts = self.options
@@ -228,13 +242,19 @@ class Supervisor:
         assert self.https is not None
         if self.https.ca is None:
             return f"certificate {self.https.cert}, checked against the system's roots"
-        here = "the strata commands here trust it; " if self.https.ca == http_tls.tls_dir(self.options.data_dir) / "ca.pem" else ""
+        here = (
+            "the strata commands here trust it; "
+            if self.https.ca == http_tls.tls_dir(self.options.data_dir) / "ca.pem"
+            else ""
+        )
         return f"CA {self.https.ca} ({here}other clients: --https-ca, {http_tls.CA_ENV} or curl --cacert)"
 
     def _print_endpoints(self, nats_url: str, node: str, seconds: float) -> None:
         role = "" if self.options.role == "all" else f" as a {self.options.role}"
-        lines = [f"Strata is up{role} in {seconds:.1f}s on node {node} (data dir {self.options.data_dir})",
-                 f"  {'nats':<20}{redacted(nats_url)}{self._nats_security()}"]
+        lines = [
+            f"Strata is up{role} in {seconds:.1f}s on node {node} (data dir {self.options.data_dir})",
+            f"  {'nats':<20}{redacted(nats_url)}{self._nats_security()}",
+        ]
         for child in self.processes.children:
             if child.name != "nats":
                 base = child.health_url.removesuffix("/healthz")
@@ -245,17 +265,24 @@ class Supervisor:
         self.say("\n".join(lines))
 
     def _endpoints(self, nats_url: str) -> endpoints.Endpoints:
-        urls = {c.name: endpoints.local(c.health_url.removesuffix("/healthz")) for c in self.processes.children if c.name != "nats"}
+        urls = {
+            c.name: endpoints.local(c.health_url.removesuffix("/healthz"))
+            for c in self.processes.children
+            if c.name != "nats"
+        }
         ca = self.https.ca if self.https is not None else None
-        return endpoints.Endpoints(urls=urls, ca=str(ca.resolve()) if ca else None,
-                                   nats=nats_auth.without_credentials(nats_url))
+        return endpoints.Endpoints(
+            urls=urls, ca=str(ca.resolve()) if ca else None, nats=nats_auth.without_credentials(nats_url)
+        )
 
     def _nats_security(self) -> str:
         notes = []
         if self.credentials:
             folder = nats_auth.auth_dir(self.options.data_dir)
-            notes.append(f"a user per service; the CLI here uses {folder / 'client.json'}, "
-                         f"your own programs {folder / 'app.json'} (README, 'Over NATS')")
+            notes.append(
+                f"a user per service; the CLI here uses {folder / 'client.json'}, "
+                f"your own programs {folder / 'app.json'} (README, 'Over NATS')"
+            )
         if self.nats_tls:
             notes.append(f"TLS, CA {self.nats_ca}" if self.nats_ca else "TLS")
         return f"  ({'; '.join(notes)})" if notes else ""

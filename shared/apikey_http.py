@@ -43,15 +43,21 @@ class KeyAuth:
         self.store: KeyStore | None = None
         self.log = logging.getLogger(service)
 
-    async def start(self, js: JetStreamContext, *, create: bool = False, local_keys: list[str] | None = None) -> KeyStore:
+    async def start(
+        self, js: JetStreamContext, *, create: bool = False, local_keys: list[str] | None = None
+    ) -> KeyStore:
         self.store = store = await KeyStore.open(js, create=create, local_keys=local_keys)
         if store.local:
-            self.log.info("honouring %d API key(s) from STRATA_API_KEYS (here only; `strata key` manages the shared ones)",
-                          len(store.local))
+            self.log.info(
+                "honouring %d API key(s) from STRATA_API_KEYS (here only; `strata key` manages the shared ones)",
+                len(store.local),
+            )
         if await store.is_empty(fresh=True):
             self.log.warning(
                 "NO API KEY IS CONFIGURED: %s is OPEN and answers anyone. Create one (`strata key create --name "
-                "admin --scope admin`) or set STRATA_API_KEYS before exposing it beyond this machine.", self.service)
+                "admin --scope admin`) or set STRATA_API_KEYS before exposing it beyond this machine.",
+                self.service,
+            )
         return store
 
     async def open_mode(self) -> bool:
@@ -70,7 +76,9 @@ class KeyAuth:
         try:
             return await self._check(self.store, key, scope)
         except NatsError as exc:  # the keys live in JetStream: without NATS no key can be checked
-            raise errors.Unavailable(f"NATS is not reachable, so the API key cannot be checked ({type(exc).__name__})") from None
+            raise errors.Unavailable(
+                f"NATS is not reachable, so the API key cannot be checked ({type(exc).__name__})"
+            ) from None
 
     @staticmethod
     async def _check(store: KeyStore, key: str | None, scope: Scope) -> ApiKeyRecord | None:
@@ -80,8 +88,10 @@ class KeyAuth:
                 if record.revoked:
                     raise errors.Unauthorized(f"this API key ({record.id}) was revoked")
                 if not record.grants(scope):
-                    raise errors.Forbidden(f"API key {record.id} ({record.name}) has scopes {', '.join(record.scopes)}; "
-                                           f"this route needs '{scope}'")
+                    raise errors.Forbidden(
+                        f"API key {record.id} ({record.name}) has scopes {', '.join(record.scopes)}; "
+                        f"this route needs '{scope}'"
+                    )
                 return record
         if await store.is_empty():
             return None
@@ -99,8 +109,9 @@ class KeyAuth:
         return api_key
 
 
-def protect(service: Service, *, create_bucket: bool = False, local_keys: list[str] | None = None,
-            health: bool = True) -> KeyAuth:
+def protect(
+    service: Service, *, create_bucket: bool = False, local_keys: list[str] | None = None, health: bool = True
+) -> KeyAuth:
     """Open the key store in an on_start hook, document the rule, and (``health``) report the auth
     mode on /healthz. No service writes a key: `strata up` creates the bucket and `strata key` fills it;
     ``create_bucket`` (the gateway) makes a missing bucket where NATS has no users and nobody provisioned."""
@@ -115,8 +126,13 @@ def protect(service: Service, *, create_bucket: bool = False, local_keys: list[s
     if health:
         drop_route(service.http, "/healthz")
 
-        @service.http.get("/healthz", response_model=AuthHealth, tags=["health"], summary="health and auth mode (open)",
-                          responses={503: {"model": AuthHealth, "description": "starting, or NATS not connected (degraded)"}})
+        @service.http.get(
+            "/healthz",
+            response_model=AuthHealth,
+            tags=["health"],
+            summary="health and auth mode (open)",
+            responses={503: {"model": AuthHealth, "description": "starting, or NATS not connected (degraded)"}},
+        )
         async def healthz() -> JSONResponse:
             base = service.health()
             body = AuthHealth(**base.model_dump(), auth=await auth.mode())
@@ -129,7 +145,9 @@ def require(scope: Scope) -> Callable[..., Awaitable[ApiKeyRecord | None]]:
     """``KeyAuth.require`` for module-level routes: the key store of the service that serves the route
     (``protect`` provides it)."""
 
-    async def api_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> ApiKeyRecord | None:
+    async def api_key(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)
+    ) -> ApiKeyRecord | None:
         return await service_of(request).part(KeyAuth).check(credentials.credentials if credentials else None, scope)
 
     api_key.__name__ = f"require_{scope}_key"

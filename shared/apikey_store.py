@@ -14,7 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import (
+    BucketNotFoundError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -152,12 +158,20 @@ class KeyStore:
         self._records.pop(record.id, None)
         return True
 
-    async def create(self, name: str, scopes: list[Scope] | None = None, *, requests_per_minute: int | None = None,
-                     tokens_per_minute: int | None = None) -> tuple[str, ApiKeyRecord]:
+    async def create(
+        self,
+        name: str,
+        scopes: list[Scope] | None = None,
+        *,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+    ) -> tuple[str, ApiKeyRecord]:
         """Make a new key, store its hash, and return the key: the only time it is ever seen."""
         for _ in range(3):  # two keys sharing 48 bits of hash is a 2^-48 event; try again rather than fail
             key = new_key()
-            record = record_for(key, name, scopes, requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
+            record = record_for(
+                key, name, scopes, requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute
+            )
             if await self.add(record):
                 return key, record
         raise errors.Conflict("could not find a free key id")

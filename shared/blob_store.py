@@ -43,7 +43,9 @@ class BlobStore:
         self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, create: bool = False, bucket: str = BLOB_BUCKET, replicas: int = 1) -> BlobStore:
+    async def open(
+        cls, js: JetStreamContext, *, create: bool = False, bucket: str = BLOB_BUCKET, replicas: int = 1
+    ) -> BlobStore:
         """Open the bucket; ``create`` (model-store only) makes it when missing."""
         try:
             store = await js.object_store(bucket)
@@ -70,8 +72,10 @@ class BlobStore:
         except APIError as exc:
             if not _out_of_room(exc):
                 raise
-            raise InsufficientStorage(f"blob sha256:{sha256}: JetStream refused it part-way ({exc.description}); "
-                                      "the chunks it had taken were removed") from None
+            raise InsufficientStorage(
+                f"blob sha256:{sha256}: JetStream refused it part-way ({exc.description}); "
+                "the chunks it had taken were removed"
+            ) from None
         return info.size or 0
 
     async def room(self) -> int | None:
@@ -106,22 +110,29 @@ class BlobStore:
         # A pull consumer asks for FETCH_BATCH chunks at a time, so at most that much is ever in
         # flight, however slow the reader. (A push/ordered consumer, as nats-py's get uses, drops
         # messages once a slow reader's buffer fills, and the download then stalls.)
-        config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-                                inactive_threshold=30.0, mem_storage=True)
-        sub = await self._js.pull_subscribe(subject, stream=OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), config=config)
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0, mem_storage=True
+        )
+        sub = await self._js.pull_subscribe(
+            subject, stream=OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), config=config
+        )
         try:
             stored = (await sub.consumer_info()).num_pending
             expected_chunks = info.chunks or stored  # a record without a count: the size and digest still tell
             if stored != expected_chunks:
                 # said now: waiting for a chunk that is gone would read as an outage after FETCH_TIMEOUT_S
-                raise BlobCorrupt.of(sha256, f"it was stored as {expected_chunks} chunks, the Object Store holds {stored}")
+                raise BlobCorrupt.of(
+                    sha256, f"it was stored as {expected_chunks} chunks, the Object Store holds {stored}"
+                )
             check = _RecordCheck(sha256, info.size, info.digest)
             held: bytes | None = None
             while check.chunks < expected_chunks:
                 try:
                     batch = await sub.fetch(min(FETCH_BATCH, expected_chunks - check.chunks), timeout=FETCH_TIMEOUT_S)
                 except NatsTimeoutError:
-                    raise Unavailable(f"blob sha256:{sha256}: no data from the Object Store for {FETCH_TIMEOUT_S}s") from None
+                    raise Unavailable(
+                        f"blob sha256:{sha256}: no data from the Object Store for {FETCH_TIMEOUT_S}s"
+                    ) from None
                 for msg in batch:
                     check.add(msg.data)
                     if held is not None:
@@ -185,14 +196,18 @@ class _RecordCheck:
             raise BlobCorrupt.of(self.sha256, f"its chunks hold {self.received} bytes, it was stored with {self.size}")
         recorded = _digest_bytes(self.recorded_digest)
         if recorded is not None and self.digest.digest() != recorded:
-            raise BlobCorrupt.of(self.sha256, f"its chunks have digest sha256:{self.digest.hexdigest()}, "
-                                              f"it was stored with sha256:{recorded.hex()}")
+            raise BlobCorrupt.of(
+                self.sha256,
+                f"its chunks have digest sha256:{self.digest.hexdigest()}, it was stored with sha256:{recorded.hex()}",
+            )
 
 
 def _out_of_room(exc: APIError) -> bool:
     if exc.err_code in OUT_OF_ROOM_CODES:
         return True
-    return exc.err_code == STORE_FAILED_CODE and any(reason in (exc.description or "") for reason in OUT_OF_ROOM_REASONS)
+    return exc.err_code == STORE_FAILED_CODE and any(
+        reason in (exc.description or "") for reason in OUT_OF_ROOM_REASONS
+    )
 
 
 def _digest_bytes(recorded: str | None) -> bytes | None:
@@ -200,5 +215,5 @@ def _digest_bytes(recorded: str | None) -> bytes | None:
     differ); None when the record has none."""
     if not recorded or not recorded.upper().startswith(OBJ_DIGEST_TYPE):
         return None
-    text = recorded[len(OBJ_DIGEST_TYPE):]
+    text = recorded[len(OBJ_DIGEST_TYPE) :]
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

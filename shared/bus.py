@@ -269,13 +269,24 @@ class EventConsumer:
     async def _handle_batch(self, batch: list[Any]) -> None:
         for raw in batch:  # in stream order, one at a time, each settled on its own
             ctx = propagate.extract(raw.headers or {})
-            with _tracer.start_as_current_span(f"{raw.subject} process", context=ctx, kind=trace.SpanKind.CONSUMER,
-                                               attributes={"messaging.system": "nats", "messaging.destination.name": raw.subject,
-                                                           "messaging.consumer.group.name": self.durable}):
+            with _tracer.start_as_current_span(
+                f"{raw.subject} process",
+                context=ctx,
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": raw.subject,
+                    "messaging.consumer.group.name": self.durable,
+                },
+            ):
                 try:
                     await self._process(raw)
-                except Exception as exc:  # e.g. the dead-letter publish while NATS is away: it comes back after ack_wait
-                    log.warning("%s: %s left unacknowledged: %s: %s", self.durable, raw.subject, type(exc).__name__, exc)
+                except (
+                    Exception
+                ) as exc:  # e.g. the dead-letter publish while NATS is away: it comes back after ack_wait
+                    log.warning(
+                        "%s: %s left unacknowledged: %s: %s", self.durable, raw.subject, type(exc).__name__, exc
+                    )
 
     async def _process(self, raw: Any) -> None:
         """Handle one JetStream message and settle it: ack, nak with back-off, or dead letter + term."""
@@ -296,11 +307,26 @@ class EventConsumer:
         except Exception as exc:  # any handler failure is retried, then dead-lettered: never lost
             reason = f"{type(exc).__name__}: {exc}"
             if deliveries >= self.max_deliver:
-                log.error("%s: %s %s failed %d times, dead-lettered: %s", self.service, event.type, event.id, deliveries, reason)
+                log.error(
+                    "%s: %s %s failed %d times, dead-lettered: %s",
+                    self.service,
+                    event.type,
+                    event.id,
+                    deliveries,
+                    reason,
+                )
                 await self._dead_letter(raw, f"handler failed {deliveries} times: {reason}", deliveries, event.id)
                 await raw.term()
             else:
-                log.warning("%s: %s %s failed (delivery %d/%d): %s", self.service, event.type, event.id, deliveries, self.max_deliver, reason)
+                log.warning(
+                    "%s: %s %s failed (delivery %d/%d): %s",
+                    self.service,
+                    event.type,
+                    event.id,
+                    deliveries,
+                    self.max_deliver,
+                    reason,
+                )
                 self.stats.retried += 1
                 await raw.nak(delay=self.retry_delay_s * 2 ** (deliveries - 1))
             return
@@ -310,7 +336,9 @@ class EventConsumer:
         await raw.ack()
 
     async def _dead_letter(self, raw: Any, reason: str, deliveries: int, event_id: str | None) -> None:
-        await pull.dead_letter(self._js, raw, service=self.service, consumer=self.durable, reason=reason, event_id=event_id)
+        await pull.dead_letter(
+            self._js, raw, service=self.service, consumer=self.durable, reason=reason, event_id=event_id
+        )
         self.stats.dead_lettered += 1
 
 

@@ -7,7 +7,8 @@ the catalog (names, versions, aliases, manifests, signatures) lives in the KV bu
 
 RPC subjects (``rpc.model-store.<op>``), each a ``shared.rpc`` typed call:
 
-- ``resolve``     ResolveRequest -> ResolvedModel   (NotFound for an unknown name/version/alias, Invalid for a malformed ref)
+- ``resolve``     ResolveRequest -> ResolvedModel   (NotFound for an unknown name/version/alias, Invalid for a
+                  malformed ref)
 - ``list``        ListRequest -> ModelList
 - ``datasets``    ListRequest -> DatasetList
 - ``dataset``     DatasetRequest -> ResolvedDataset (by digest or name)
@@ -71,17 +72,28 @@ class ModelMetadata(_Frozen):
     weight_bytes: int = Field(ge=0, description="bytes of tensor data over every safetensors file")
     tie_word_embeddings: bool = False
     # added later (see _ADDED): a manifest from before them has none of these keys
-    runtime: str | None = Field(default=None, description=(
-        "what serves it (shared/architectures.py), decided at push: null when nothing did then, "
-        "or in a manifest from before this field; readers then check the architecture"))
-    num_experts: int | None = Field(default=None, description="MoE: experts per layer (num_local_experts or num_experts)")
+    runtime: str | None = Field(
+        default=None,
+        description=(
+            "what serves it (shared/architectures.py), decided at push: null when nothing did then, "
+            "or in a manifest from before this field; readers then check the architecture"
+        ),
+    )
+    num_experts: int | None = Field(
+        default=None, description="MoE: experts per layer (num_local_experts or num_experts)"
+    )
     num_experts_per_tok: int | None = Field(default=None, description="MoE: experts each token is routed to")
-    moe_intermediate_size: int | None = Field(default=None, description="MoE: one expert's intermediate size where it is not "
-                                              "intermediate_size (Qwen3-MoE; Mixtral's experts use intermediate_size)")
+    moe_intermediate_size: int | None = Field(
+        default=None,
+        description="MoE: one expert's intermediate size where it is not "
+        "intermediate_size (Qwen3-MoE; Mixtral's experts use intermediate_size)",
+    )
     # GGUF (llama.cpp's format): read from the file's header at push; unset for safetensors checkpoints
     format: str | None = Field(default=None, description="the weights' file format: 'gguf'; unset means safetensors")
     quantization: str | None = Field(default=None, description="GGUF general.file_type, e.g. F16, Q8_0, Q4_K_M")
-    bytes_by_type: dict[str, int] | None = Field(default=None, description="GGUF: tensor bytes by ggml type (F32, Q8_0, ...)")
+    bytes_by_type: dict[str, int] | None = Field(
+        default=None, description="GGUF: tensor bytes by ggml type (F32, Q8_0, ...)"
+    )
     chat_template: str | None = Field(default=None, description="GGUF: tokenizer.chat_template")
 
     @model_serializer(mode="wrap")
@@ -95,8 +107,16 @@ class ModelMetadata(_Frozen):
         return data
 
 
-_ADDED = ("runtime", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "format", "quantization",
-          "bytes_by_type", "chat_template")
+_ADDED = (
+    "runtime",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "format",
+    "quantization",
+    "bytes_by_type",
+    "chat_template",
+)
 
 
 class FileEntry(_Frozen):
@@ -115,7 +135,9 @@ class ModelManifest(_Frozen):
     datasets: list[str] = Field(default=[], description="lineage: digests of the datasets it was trained on")
     training_record: dict[str, Any] | None = None
     created: datetime = Field(default_factory=utcnow)
-    source: ModelSource | None = Field(default=None, description="an import's or a conversion's origin (shared/model_source.py)")
+    source: ModelSource | None = Field(
+        default=None, description="an import's or a conversion's origin (shared/model_source.py)"
+    )
 
     @model_serializer(mode="wrap")
     def _without_no_source(self, handler: SerializerFunctionWrapHandler):  # unannotated: the schema stays the model's
@@ -233,8 +255,10 @@ class PushModelRequest(BaseModel):
     training_record: dict[str, Any] | None = Field(
         default=None, description="defaults to the content of training_record.json when the files include one"
     )
-    source: ModelSource | None = Field(default=None, description="an import's or a conversion's origin; a conversion's "
-                                       "derived_from must be a version in this store")
+    source: ModelSource | None = Field(
+        default=None,
+        description="an import's or a conversion's origin; a conversion's derived_from must be a version in this store",
+    )
 
     @field_validator("source", mode="before")
     @classmethod
@@ -249,7 +273,9 @@ class PushModelRequest(BaseModel):
 
 class PushedModel(ResolvedModel):
     created: bool = Field(description="false when an identical version already existed and was returned")
-    warnings: list[str] = Field(default=[], description="stored, but e.g. no runtime serves its architecture: fit and deploy will refuse it")
+    warnings: list[str] = Field(
+        default=[], description="stored, but e.g. no runtime serves its architecture: fit and deploy will refuse it"
+    )
 
 
 class PushDatasetRequest(BaseModel):
@@ -265,7 +291,9 @@ class PushedDataset(ResolvedDataset):
 
 
 class AliasRequest(BaseModel):
-    ref: str = Field(min_length=1, description="the version the alias should point at: NAME:VERSION, NAME@ALIAS or NAME")
+    ref: str = Field(
+        min_length=1, description="the version the alias should point at: NAME:VERSION, NAME@ALIAS or NAME"
+    )
     alias: str = Field(pattern=f"^{ALIAS_PATTERN}$")
 
 

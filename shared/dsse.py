@@ -72,12 +72,19 @@ def load_pem_public_key(pem: str | bytes) -> Ed25519PublicKey:
 def envelope_key_ids(envelope: dict[str, Any]) -> list[str]:
     """The key ids the envelope's signatures claim (unverified: for messages)."""
     signatures = envelope.get("signatures") if isinstance(envelope, dict) else None
-    return [str(s.get("keyid")) for s in signatures if isinstance(s, dict) and s.get("keyid")] if isinstance(signatures, list) else []
+    return (
+        [str(s.get("keyid")) for s in signatures if isinstance(s, dict) and s.get("keyid")]
+        if isinstance(signatures, list)
+        else []
+    )
 
 
 def verify_envelope(
-    envelope: dict[str, Any], manifest: ModelManifest | DatasetManifest, public: Ed25519PublicKey,
-    *, signer: str = "model-store key",
+    envelope: dict[str, Any],
+    manifest: ModelManifest | DatasetManifest,
+    public: Ed25519PublicKey,
+    *,
+    signer: str = "model-store key",
 ) -> None:
     """Raise VerificationError unless the envelope is a valid signature, by this key, of this manifest."""
     what = f"{manifest.kind} {manifest.name}" + (f":{manifest.version}" if manifest.kind == "model" else "")
@@ -119,5 +126,7 @@ def verify_resolved(resolved: ResolvedModel, public: Ed25519PublicKey, *, signer
         raise VerificationError(f"{model.name}:{model.version}: the manifest is for {manifest.name}:{manifest.version}")
     digest = manifest_digest(manifest)
     if digest != model.digest:
-        raise VerificationError(f"{model.name}:{model.version}: the manifest's digest is {digest}, not {model.digest}: it was changed")
+        raise VerificationError(
+            f"{model.name}:{model.version}: the manifest's digest is {digest}, not {model.digest}: it was changed"
+        )
     verify_envelope(resolved.signature, manifest, public, signer=signer)

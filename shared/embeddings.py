@@ -44,9 +44,13 @@ class EmbeddingRequest(Attribution, BaseModel):
     model: str = Field(min_length=1, description="NAME, NAME:VERSION or NAME@ALIAS")
     inputs: list[str | list[int]] = Field(min_length=1, max_length=MAX_INPUTS,
                                           description="texts (tokenized by the model's tokenizer) or token-id lists")
-    dimensions: int | None = Field(default=None, ge=1, description="Matryoshka: keep the first N components, renormalised")
+    dimensions: int | None = Field(
+        default=None, ge=1, description="Matryoshka: keep the first N components, renormalised"
+    )
     api_key_id: str | None = Field(default=None, max_length=64, description="set by the gateway, copied into the event")
-    client_request_id: str | None = Field(default=None, max_length=128, description="set by the gateway, correlation only")
+    client_request_id: str | None = Field(
+        default=None, max_length=128, description="set by the gateway, correlation only"
+    )
 
     def input_bytes(self) -> bytes:
         return input_bytes(self.inputs)
@@ -70,8 +74,11 @@ class EmbeddingReply(BaseModel):
     dimensions: int = Field(ge=1)
     pooling: str
     prompt_tokens: int = Field(ge=0)
-    prompt_salt: str | None = Field(default=None, pattern=SALT_PATTERN,
-                                    description="the salt of the inputs' commitment in inference.embedded: for the requester alone")
+    prompt_salt: str | None = Field(
+        default=None,
+        pattern=SALT_PATTERN,
+        description="the salt of the inputs' commitment in inference.embedded: for the requester alone",
+    )
 
 
 class Embeddings(BaseModel):
@@ -115,8 +122,13 @@ def parts(request_id: str, vectors: list[str]) -> list[EmbeddingPart]:
     return out
 
 
-async def embed(nc: Client, request: EmbeddingRequest, *, silence_timeout_s: float = SILENCE_TIMEOUT_S,
-                deadline_s: float | None = None) -> Embeddings:
+async def embed(
+    nc: Client,
+    request: EmbeddingRequest,
+    *,
+    silence_timeout_s: float = SILENCE_TIMEOUT_S,
+    deadline_s: float | None = None,
+) -> Embeddings:
     """Send ``request`` and gather the vectors and the reply. Raises the worker's typed error,
     ``NotFound`` when no worker serves the model, ``WorkerLost`` / ``DeadlineExceeded`` as
     ``inference_client.complete`` does."""
@@ -145,11 +157,26 @@ async def embed(nc: Client, request: EmbeddingRequest, *, silence_timeout_s: flo
             try:
                 result = EmbeddingReply.model_validate(reply.result)
             except ValidationError as exc:
-                raise WorkerLost(f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}") from None
+                raise WorkerLost(
+                    f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}"
+                ) from None
             if result.count != len(vectors):
-                raise WorkerLost(f"the worker sent {len(vectors)} vectors for {request.request_id} but says {result.count}")
+                raise WorkerLost(
+                    f"the worker sent {len(vectors)} vectors for {request.request_id} but says {result.count}"
+                )
             return Embeddings(reply=result, vectors=vectors)
 
 
-__all__ = ["MAX_INPUTS", "EmbeddingPart", "EmbeddingReply", "EmbeddingRequest", "Embeddings", "decode_vector",
-           "embed", "encode_vector", "input_bytes", "parts", "vectors_sha256"]
+__all__ = [
+    "MAX_INPUTS",
+    "EmbeddingPart",
+    "EmbeddingReply",
+    "EmbeddingRequest",
+    "Embeddings",
+    "decode_vector",
+    "embed",
+    "encode_vector",
+    "input_bytes",
+    "parts",
+    "vectors_sha256",
+]

@@ -86,9 +86,21 @@ class BlobCorrupt(StrataError):
 
 BY_CODE: dict[str, type[StrataError]] = {
     cls.code: cls
-    for cls in (StrataError, Invalid, ContextLengthExceeded, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, Unavailable, InsufficientStorage,
-                ModelLoading, ModelLoadFailed,
-                BlobCorrupt)
+    for cls in (
+        StrataError,
+        Invalid,
+        ContextLengthExceeded,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        TooLarge,
+        Unavailable,
+        InsufficientStorage,
+        ModelLoading,
+        ModelLoadFailed,
+        BlobCorrupt,
+    )
 }
 
 

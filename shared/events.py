@@ -183,7 +183,9 @@ class NodeRegistered(InventoryEvent):
     cpu_model: str
     cpu_cores: int = Field(ge=1)
     ram_total: int = Field(ge=0)
-    devices: list[DeviceInfo] = Field(default=[], description="placement targets: the CPU ('cpu', its RAM) and each GPU")
+    devices: list[DeviceInfo] = Field(
+        default=[], description="placement targets: the CPU ('cpu', its RAM) and each GPU"
+    )
     labels: dict[str, str] = {}
     disk_total: int = Field(default=0, ge=0, description="bytes on the data dir's file system")
     disk_free: int = Field(default=0, ge=0)
@@ -224,15 +226,22 @@ class DeployScheduled(InventoryEvent):
     replica: int = Field(default=0, ge=0)
     replicas: int = Field(default=1, ge=1)
     generation: int = Field(default=0, ge=0, description="bumped each time the replica is placed again")
-    dtype: str | None = Field(default=None, description="the dtype to compute in; None: the worker's default "
-                              "(on CPU its fastest 16-bit dtype for a 16-bit checkpoint)")
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8, int4); None: none")
+    dtype: str | None = Field(
+        default=None,
+        description="the dtype to compute in; None: the worker's default "
+        "(on CPU its fastest 16-bit dtype for a 16-bit checkpoint)",
+    )
+    quantize: str | None = Field(
+        default=None, description="weight-only quantization of the linear layers (int8, int4); None: none"
+    )
     batch: int = Field(default=1, ge=1)
     kv_cache_bytes: int = Field(default=0, ge=0, description="size the KV cache to this (what was booked)")
     booked_bytes: int = Field(default=0, ge=0, description="predicted_bytes plus the runtime overhead")
     embedding_pooling: EmbeddingPooling | None = Field(default=None, description="as DeployRequested's")
     on_demand: bool = Field(default=False, description="as DeployRequested's: loaded by its first request, not now")
-    keep_alive_s: float = Field(default=DEFAULT_KEEP_ALIVE_S, ge=0, description="on-demand: idle seconds before it is unloaded")
+    keep_alive_s: float = Field(
+        default=DEFAULT_KEEP_ALIVE_S, ge=0, description="on-demand: idle seconds before it is unloaded"
+    )
 
 
 class DeployRejected(InventoryEvent):
@@ -240,7 +249,9 @@ class DeployRejected(InventoryEvent):
     deployment_id: str
     model_ref: str
     reason: str
-    replica: int | None = Field(default=None, description="set when one replica of a placed deployment could not be placed again")
+    replica: int | None = Field(
+        default=None, description="set when one replica of a placed deployment could not be placed again"
+    )
 
 
 class PolicyRuleResult(BaseModel):
@@ -287,15 +298,29 @@ class DeployRequested(ClientEvent):
     context_length: int | None = Field(default=None, ge=1)
     batch: int = Field(default=1, ge=1, le=4096, description="sequences served at full context at once")
     policy: Literal["binpack", "spread"] | None = Field(default=None, description="None: the registry's default")
-    dtype: str | None = Field(default=None, description="compute dtype; None: the checkpoint's if 16-bit (on CPU the "
-                              "node's fastest 16-bit dtype), else bf16 on GPU and float32 on CPU")
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4; None: none")
-    embedding_pooling: EmbeddingPooling | None = Field(default=None, description=(
-        "how /v1/embeddings pools the hidden states; None: as the checkpoint's sentence-transformers config says, else last token"))
-    on_demand: bool = Field(default=False, description="not loaded at deploy: the first request loads it, an idle "
-                            "keep-alive unloads it, and it is evicted (least recently used) when memory is needed")
-    keep_alive_s: float | None = Field(default=None, ge=0, description="on-demand: idle seconds before unloading; "
-                                       "None: DEFAULT_KEEP_ALIVE_S")
+    dtype: str | None = Field(
+        default=None,
+        description="compute dtype; None: the checkpoint's if 16-bit (on CPU the "
+        "node's fastest 16-bit dtype), else bf16 on GPU and float32 on CPU",
+    )
+    quantize: str | None = Field(
+        default=None, description="weight-only quantization of the linear layers: int8 or int4; None: none"
+    )
+    embedding_pooling: EmbeddingPooling | None = Field(
+        default=None,
+        description=(
+            "how /v1/embeddings pools the hidden states; "
+            "None: as the checkpoint's sentence-transformers config says, else last token"
+        ),
+    )
+    on_demand: bool = Field(
+        default=False,
+        description="not loaded at deploy: the first request loads it, an idle "
+        "keep-alive unloads it, and it is evicted (least recently used) when memory is needed",
+    )
+    keep_alive_s: float | None = Field(
+        default=None, ge=0, description="on-demand: idle seconds before unloading; None: DEFAULT_KEEP_ALIVE_S"
+    )
 
 
 class UndeployRequested(ClientEvent):
@@ -333,9 +358,12 @@ class DeployReady(WorkerEvent):
     load_seconds: float = Field(ge=0)
     dtype: str | None = Field(default=None, description="the dtype the engine computes in (which weights answered)")
     quantize: str | None = Field(default=None, description="weight-only quantization of the served weights; None: none")
-    runtime: str | None = Field(default=None, description="what serves it: strata-engine or llama.cpp (None from a worker before #17)")
-    on_demand: bool = Field(default=False, description="serving but not loaded: measured and load_seconds are 0 "
-                            "until deploy.model_loaded")
+    runtime: str | None = Field(
+        default=None, description="what serves it: strata-engine or llama.cpp (None from a worker before #17)"
+    )
+    on_demand: bool = Field(
+        default=False, description="serving but not loaded: measured and load_seconds are 0 until deploy.model_loaded"
+    )
 
 
 class DeployFailed(WorkerEvent):
@@ -420,14 +448,23 @@ class InferenceCompleted(ServedRequest):
     e2e_seconds: float = Field(ge=0)
     finish_reason: str
     prompt_commitment: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$",
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
         description="HMAC-SHA256 of the prompt keyed by a per-request salt that only the requester gets "
-                    "(shared/prompt_commitment.py); None only in version-1 events, which carried a bare prompt_sha256")
+        "(shared/prompt_commitment.py); None only in version-1 events, which carried a bare prompt_sha256",
+    )
     output_sha256: str
-    api_key_id: str | None = Field(default=None, max_length=64, description="the public id of the API key that asked (token quotas)")
-    client_request_id: str | None = Field(default=None, max_length=128,
-                                          description="the caller's own id (x-request-id at the gateway): correlation only, not unique")
-    runtime: str | None = Field(default=None, description="what ran it: strata-engine or llama.cpp (None from a worker before #17)")
+    api_key_id: str | None = Field(
+        default=None, max_length=64, description="the public id of the API key that asked (token quotas)"
+    )
+    client_request_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="the caller's own id (x-request-id at the gateway): correlation only, not unique",
+    )
+    runtime: str | None = Field(
+        default=None, description="what ran it: strata-engine or llama.cpp (None from a worker before #17)"
+    )
 
 
 class EmbeddingsCompleted(ServedRequest):
@@ -441,9 +478,16 @@ class EmbeddingsCompleted(ServedRequest):
     dimensions: int = Field(ge=1)
     pooling: str
     e2e_seconds: float = Field(ge=0)
-    prompt_commitment: str = Field(pattern=r"^[0-9a-f]{64}$", description=(
-        "HMAC-SHA256, keyed by the requester's salt, of the inputs as one JSON array (shared/embeddings.input_bytes)"))
-    output_sha256: str = Field(description="sha256 of the returned vectors' float32 little-endian bytes, in input order")
+    prompt_commitment: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description=(
+            "HMAC-SHA256, keyed by the requester's salt, of the inputs as one JSON array "
+            "(shared/embeddings.input_bytes)"
+        ),
+    )
+    output_sha256: str = Field(
+        description="sha256 of the returned vectors' float32 little-endian bytes, in input order"
+    )
     api_key_id: str | None = Field(default=None, max_length=64)
     client_request_id: str | None = Field(default=None, max_length=128)
 

@@ -19,8 +19,24 @@ from shared import endpoints, tls
 from shared.config import data_dir_from_env
 from shared.tls import ServerTls, TlsSetupError
 
-__all__ = ["CA_ENV", "CERT_ENV", "KEY_ENV", "UNTRUSTED", "ServerTls", "TlsSetupError", "client_verify", "ensure_generated",
-           "failure", "given", "health_check_verify", "is_loopback", "served", "server_env", "tls_dir", "trusted_ca"]
+__all__ = [
+    "CA_ENV",
+    "CERT_ENV",
+    "KEY_ENV",
+    "UNTRUSTED",
+    "ServerTls",
+    "TlsSetupError",
+    "client_verify",
+    "ensure_generated",
+    "failure",
+    "given",
+    "health_check_verify",
+    "is_loopback",
+    "served",
+    "server_env",
+    "tls_dir",
+    "trusted_ca",
+]
 
 CERT_ENV = "STRATA_HTTP_TLS_CERT"
 KEY_ENV = "STRATA_HTTP_TLS_KEY"
@@ -64,8 +80,9 @@ def served(environ: Mapping[str, str] | None = None) -> ServerTls | None:
 
 
 # -- the client side ------------------------------------------------------------------------------
-def trusted_ca(ca: Path | None = None, data_dir: Path | None = None,
-               environ: Mapping[str, str] | None = None) -> Path | None:
+def trusted_ca(
+    ca: Path | None = None, data_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
     """``ca``, else ``STRATA_HTTP_CA``, else the CA of what ``strata up`` serves here (shared/endpoints.py:
     generated or ``--https-ca``), else the data dir's generated ``http/tls/ca.pem`` where it exists."""
     env = os.environ if environ is None else environ
@@ -80,8 +97,9 @@ def trusted_ca(ca: Path | None = None, data_dir: Path | None = None,
     return generated if generated.is_file() else None
 
 
-def client_verify(ca: Path | None = None, data_dir: Path | None = None,
-                  environ: Mapping[str, str] | None = None) -> ssl.SSLContext | bool:
+def client_verify(
+    ca: Path | None = None, data_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> ssl.SSLContext | bool:
     """httpx's ``verify=``: a context that trusts only the CA ``trusted_ca`` finds, else True (the system's
     roots). TlsSetupError when the CA named does not exist."""
     context = tls.client_context(trusted_ca(ca, data_dir, environ), env_name=CA_ENV, what=WHAT)

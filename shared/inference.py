@@ -96,19 +96,43 @@ class SamplingOptions(_OptionalOnWire):
     stop_token_ids: list[int] = Field(default=[], max_length=64)
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n alternatives per token")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="OpenAI's, over the generated tokens")
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="OpenAI's, over the generated tokens")
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description=(
-        "transformers'/vLLM's, over prompt and generated tokens: 1 is off, above 1 discourages repeats"))
-    logit_bias: dict[int, float] | None = Field(default=None, max_length=1024, description=(
-        "token id -> bias in [-100, 100] added to its logit; an id outside the model's vocabulary is refused"))
-    min_p: float | None = Field(default=None, ge=0, le=1, description="drop tokens below min_p x the top token's probability")
-    n: int = Field(default=1, ge=1, le=MAX_N, description=(
-        "choices, sampled together in one batch; choice 0 uses ``seed``, choice i > 0 a seed derived from it and i"))
-    cap_max_tokens: bool = Field(default=False, description=(
-        "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
-        "true: max_tokens is lowered to what the context leaves after the prompt"))
-    response_format: ResponseFormat | None = Field(default=None, description=(
-        "OpenAI's: json_object or json_schema output, enforced token by token by a grammar"))
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="OpenAI's, over the generated tokens"
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description=("transformers'/vLLM's, over prompt and generated tokens: 1 is off, above 1 discourages repeats"),
+    )
+    logit_bias: dict[int, float] | None = Field(
+        default=None,
+        max_length=1024,
+        description=(
+            "token id -> bias in [-100, 100] added to its logit; an id outside the model's vocabulary is refused"
+        ),
+    )
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, description="drop tokens below min_p x the top token's probability"
+    )
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_N,
+        description=(
+            "choices, sampled together in one batch; choice 0 uses ``seed``, choice i > 0 a seed derived from it and i"
+        ),
+    )
+    cap_max_tokens: bool = Field(
+        default=False,
+        description=(
+            "false: a prompt plus max_tokens over the model's context is refused (context_length_exceeded); "
+            "true: max_tokens is lowered to what the context leaves after the prompt"
+        ),
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description=("OpenAI's: json_object or json_schema output, enforced token by token by a grammar")
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -145,17 +169,37 @@ class InferenceRequest(Attribution, _OptionalOnWire):
     prompt: str | None = None
     sampling: SamplingOptions = SamplingOptions()
     stream: bool = False
-    keepalive: bool = Field(default=False, description="with stream false: keepalive messages before the one reply, "
-                            "at least every KEEPALIVE_S, so the caller can tell a dead worker from a long answer")
-    api_key_id: str | None = Field(default=None, max_length=64,
-                                   description="set by the gateway: the public id of the caller's API key, copied into inference.completed")
-    client_request_id: str | None = Field(default=None, max_length=128, description=(
-        "set by the gateway: the caller's own id (its x-request-id header), copied into inference.completed for "
-        "correlation only; ``request_id`` is always made by the gateway, so two callers can never share one"))
-    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS, description=(
-        "OpenAI's: functions the model may call (chat only; rendered by the model's chat template)"))
-    tool_choice: ToolChoice | None = Field(default=None, description=(
-        "auto (the default with tools), none, required, or a named function; required and named are enforced by a grammar"))
+    keepalive: bool = Field(
+        default=False,
+        description="with stream false: keepalive messages before the one reply, "
+        "at least every KEEPALIVE_S, so the caller can tell a dead worker from a long answer",
+    )
+    api_key_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="set by the gateway: the public id of the caller's API key, copied into inference.completed",
+    )
+    client_request_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description=(
+            "set by the gateway: the caller's own id (its x-request-id header), copied into inference.completed for "
+            "correlation only; ``request_id`` is always made by the gateway, so two callers can never share one"
+        ),
+    )
+    tools: list[Tool] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TOOLS,
+        description=("OpenAI's: functions the model may call (chat only; rendered by the model's chat template)"),
+    )
+    tool_choice: ToolChoice | None = Field(
+        default=None,
+        description=(
+            "auto (the default with tools), none, required, or a named function; "
+            "required and named are enforced by a grammar"
+        ),
+    )
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call per answer")
 
     @model_validator(mode="after")
@@ -169,13 +213,21 @@ class InferenceRequest(Attribution, _OptionalOnWire):
 
     def prompt_bytes(self) -> bytes:
         """What the event's prompt commitment covers (shared/prompt_commitment.py)."""
-        return prompt_bytes(prompt=self.prompt, messages=[m.model_dump() for m in self.messages] if self.messages else None,
-                            tools=[t.model_dump(exclude_none=True) for t in self.tools]
-                            if self.tools and self.tool_choice != "none" else None)  # "none": never in the prompt
+        return prompt_bytes(
+            prompt=self.prompt,
+            messages=[m.model_dump() for m in self.messages] if self.messages else None,
+            tools=[t.model_dump(exclude_none=True) for t in self.tools]
+            if self.tools and self.tool_choice != "none"
+            else None,
+        )  # "none": never in the prompt
 
 
-PromptSalt = Field(default=None, pattern=SALT_PATTERN, description="the salt of this request's prompt commitment in "
-                   "inference.completed: for the requester alone, to verify its receipt (None from a worker before #19)")
+PromptSalt = Field(
+    default=None,
+    pattern=SALT_PATTERN,
+    description="the salt of this request's prompt commitment in "
+    "inference.completed: for the requester alone, to verify its receipt (None from a worker before #19)",
+)
 
 
 class Usage(BaseModel):
@@ -247,8 +299,12 @@ class Chunk(BaseModel):
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
     choice: int = Field(default=0, ge=0, description="which of the request's n choices this text belongs to")
-    tool_calls: list[ToolCallDelta] | None = Field(default=None, description=(
-        "with tools: the pieces of the model's tool calls in this chunk (``text`` is then only the content)"))
+    tool_calls: list[ToolCallDelta] | None = Field(
+        default=None,
+        description=(
+            "with tools: the pieces of the model's tool calls in this chunk (``text`` is then only the content)"
+        ),
+    )
 
 
 class ChoiceEnd(BaseModel):
@@ -299,9 +355,17 @@ class LoadedDeployment(BaseModel):
     state: Literal["loading", "ready", "draining", "failed"]
     requests_in_flight: int = 0
     reason: str | None = Field(default=None, description="why the load failed (state 'failed')")
-    max_model_len: int | None = Field(default=None, ge=1, description=(
-        "the most tokens (prompt plus completion) one request may hold; None from a worker before #18, or while loading"))
-    runtime: str | None = Field(default=None, description="strata-engine or llama.cpp; None from a worker before #17, or while loading")
+    max_model_len: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "the most tokens (prompt plus completion) one request may hold; "
+            "None from a worker before #18, or while loading"
+        ),
+    )
+    runtime: str | None = Field(
+        default=None, description="strata-engine or llama.cpp; None from a worker before #17, or while loading"
+    )
     on_demand: bool = Field(default=False, description="loaded by requests, unloaded after keep_alive_s idle")
     loaded: bool = Field(default=True, description="whether its weights are in memory (False: on-demand, unloaded)")
     keep_alive_s: float | None = Field(default=None, ge=0, description="on-demand: idle seconds before unloading")

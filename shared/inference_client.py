@@ -187,11 +187,16 @@ class _Call:
                 return parse(data)
             except ValidationError as exc:
                 if not expected(data):
-                    log.warning("ignoring a malformed message for %s: %s", self.request.request_id, exc.errors()[0]["msg"])
+                    log.warning(
+                        "ignoring a malformed message for %s: %s", self.request.request_id, exc.errors()[0]["msg"]
+                    )
 
 
 async def stream(
-    nc: Client, request: InferenceRequest, *, silence_timeout_s: float = SILENCE_TIMEOUT_S,
+    nc: Client,
+    request: InferenceRequest,
+    *,
+    silence_timeout_s: float = SILENCE_TIMEOUT_S,
     deadline_s: float | None = None,
 ) -> AsyncIterator[Started | Chunk | End]:
     """Send ``request`` (as a streaming request) and yield what the worker sends, keepalives aside."""
@@ -213,8 +218,13 @@ async def stream(
                 return
 
 
-async def complete(nc: Client, request: InferenceRequest, *, silence_timeout_s: float = SILENCE_TIMEOUT_S,
-                   deadline_s: float | None = None) -> InferenceReply:
+async def complete(
+    nc: Client,
+    request: InferenceRequest,
+    *,
+    silence_timeout_s: float = SILENCE_TIMEOUT_S,
+    deadline_s: float | None = None,
+) -> InferenceReply:
     """Send ``request`` and return the whole answer: one reply message, with keepalives before it
     while the worker is busy, so a dead worker is noticed in seconds rather than at the deadline."""
     request = request.model_copy(update={"stream": False, "keepalive": True})
@@ -227,7 +237,9 @@ async def complete(nc: Client, request: InferenceRequest, *, silence_timeout_s: 
         try:
             return InferenceReply.model_validate(reply.result)
         except ValidationError as exc:
-            raise WorkerLost(f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}") from None
+            raise WorkerLost(
+                f"the worker's reply to {request.request_id} is malformed: {exc.errors()[0]['msg']}"
+            ) from None
 
 
 def is_keepalive(data: bytes) -> bool:
@@ -249,8 +261,12 @@ class DeployedModel(BaseModel):
     name: str
     versions: list[ModelId]
     replicas: int
-    max_model_len: int | None = Field(default=None, description=(
-        "the smallest context of the replicas that say theirs (any of them may serve a request); None if none says"))
+    max_model_len: int | None = Field(
+        default=None,
+        description=(
+            "the smallest context of the replicas that say theirs (any of them may serve a request); None if none says"
+        ),
+    )
 
 
 async def deployed_models(nc: Client, *, window_s: float = 0.3, quiet_s: float = 0.05) -> list[DeployedModel]:

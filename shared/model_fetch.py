@@ -54,7 +54,9 @@ async def fetch_model(
     if isinstance(ref_or_resolved, ResolvedModel):
         resolved = ref_or_resolved
     else:
-        resolved = await rpc.call(nc, model_store.RESOLVE.subject, ResolveRequest(ref=ref_or_resolved), ResolvedModel, timeout=timeout)
+        resolved = await rpc.call(
+            nc, model_store.RESOLVE.subject, ResolveRequest(ref=ref_or_resolved), ResolvedModel, timeout=timeout
+        )
     if public_key is None:
         public_key = await rpc.call(nc, model_store.PUBLIC_KEY.subject, PublicKeyRequest(), PublicKey, timeout=timeout)
     verify_manifest(resolved, public_key)
@@ -75,7 +77,9 @@ async def fetch_model(
                 try:
                     actual, size = await store.download(entry.sha256, f)
                 except NotFound:
-                    raise VerificationError(f"{entry.path}: blob sha256:{entry.sha256} is missing from the store") from None
+                    raise VerificationError(
+                        f"{entry.path}: blob sha256:{entry.sha256} is missing from the store"
+                    ) from None
             if actual != entry.sha256 or size != entry.size:
                 raise VerificationError(
                     f"{entry.path}: content from the store hashes to sha256:{actual} ({size} bytes), "

@@ -28,19 +28,35 @@ class ModelSource(BaseModel):
     name: str = Field(min_length=1, description=(
         "ollama: registry/namespace/name (registry.ollama.ai/library/llama3.2); huggingface: ORG/NAME; "
         "conversion: the source model's name in the store"))
-    reference: str = Field(min_length=1, description=(
-        "ollama: the tag; huggingface: the revision asked for (main, a tag or a commit); conversion: the source version"))
+    reference: str = Field(
+        min_length=1,
+        description=(
+            "ollama: the tag; huggingface: the revision asked for (main, a tag or a commit); "
+            "conversion: the source version"
+        ),
+    )
     resolved: str | None = Field(default=None, description="huggingface: the snapshot's commit the revision named")
-    digests: dict[str, str] = Field(default={}, description=(
-        "what the source named each imported file by, checked at import: ollama 'manifest' and each layer's "
-        "sha256:...; huggingface each path's blob (sha256:... for LFS files, git-sha1:... for others); "
-        "conversion: the source's files"))
-    derived_from: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$",
-                                     description="conversion: the manifest digest of the source version")
-    recipe: str | None = Field(default=None, description="conversion: what was done, e.g. 'gguf q4_k_m (llama.cpp quantize)'")
+    digests: dict[str, str] = Field(
+        default={},
+        description=(
+            "what the source named each imported file by, checked at import: ollama 'manifest' and each layer's "
+            "sha256:...; huggingface each path's blob (sha256:... for LFS files, git-sha1:... for others); "
+            "conversion: the source's files"
+        ),
+    )
+    derived_from: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="conversion: the manifest digest of the source version",
+    )
+    recipe: str | None = Field(
+        default=None, description="conversion: what was done, e.g. 'gguf q4_k_m (llama.cpp quantize)'"
+    )
 
 
-MAX_SOURCE_BYTES = 256 * 1024  # as JSON: it rides in model.registered, which must stay well under NATS' 1 MB max_payload
+MAX_SOURCE_BYTES = (
+    256 * 1024
+)  # as JSON: it rides in model.registered, which must stay well under NATS' 1 MB max_payload
 _DIGEST_VALUE = re.compile(r"(sha256:[0-9a-f]{64}|git-sha1:[0-9a-f]{40})")
 # what the importers accept (services/model_store/imports): the exports turn these into addresses, so they must be names
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -71,8 +87,13 @@ def claim_problem(source: ModelSource) -> str | None:
         return f"only a huggingface import has a resolved commit, not a {source.kind} source"
     if problem := _shape_problem(source):
         return problem
-    texts = [("name", source.name), ("reference", source.reference), ("resolved", source.resolved or ""),
-             ("recipe", source.recipe or ""), *(("digests path", path) for path in source.digests)]
+    texts = [
+        ("name", source.name),
+        ("reference", source.reference),
+        ("resolved", source.resolved or ""),
+        ("recipe", source.recipe or ""),
+        *(("digests path", path) for path in source.digests),
+    ]
     for field, text in texts:
         if _control(text):
             return f"the {field} {text[:80]!r} has a control character"

@@ -43,7 +43,11 @@ CLIENT, APP, OPERATOR, ADMIN = "client", "app", "operator", "admin"
 PLAIN_REQUESTS = (subjects.inference_requests(any_suffix=False), subjects.embedding_requests(any_suffix=False))
 USER_ENV, PASSWORD_ENV = "STRATA_NATS_USER", "STRATA_NATS_PASSWORD"
 INBOX = "_INBOX"
-INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = subjects.INVENTORY_BUCKET, subjects.API_KEYS_BUCKET, subjects.QUOTAS_BUCKET
+INVENTORY_BUCKET, API_KEYS_BUCKET, QUOTAS_BUCKET = (
+    subjects.INVENTORY_BUCKET,
+    subjects.API_KEYS_BUCKET,
+    subjects.QUOTAS_BUCKET,
+)
 EVENT_STREAMS = (subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM)
 
 
@@ -52,8 +56,16 @@ kv_stream, obj_stream = subjects.kv_stream, subjects.obj_stream
 
 # Every stream, KV bucket and object store the platform uses: `strata up` creates them as ADMIN
 # (cli/provision.py) before any service starts; nobody else may create, change or delete one.
-ALL_STREAMS = (*EVENT_STREAMS, JOBS_STREAM, RESULTS_STREAM, kv_stream(CATALOG_BUCKET), obj_stream(BLOB_BUCKET),
-               kv_stream(INVENTORY_BUCKET), kv_stream(API_KEYS_BUCKET), kv_stream(QUOTAS_BUCKET))
+ALL_STREAMS = (
+    *EVENT_STREAMS,
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    kv_stream(CATALOG_BUCKET),
+    obj_stream(BLOB_BUCKET),
+    kv_stream(INVENTORY_BUCKET),
+    kv_stream(API_KEYS_BUCKET),
+    kv_stream(QUOTAS_BUCKET),
+)
 
 
 @dataclass(frozen=True)
@@ -73,10 +85,18 @@ def needs_of(contract: Contract) -> Needs:
     its stores' writes, the RPC ops it calls and what it sends, its core subscriptions."""
     streams = (*contract.event_streams, *(store.stream for store in contract.stores))
     return Needs(
-        looks_up=streams, reads=streams,
+        looks_up=streams,
+        reads=streams,
         durables=tuple((c.stream, c.durable) for c in contract.consumes if "{" not in c.durable),
-        publish=tuple(dict.fromkeys((*(s.writes for s in contract.stores if s.writes), *(op.subject for op in contract.calls),
-                                     *contract.sends))),
+        publish=tuple(
+            dict.fromkeys(
+                (
+                    *(s.writes for s in contract.stores if s.writes),
+                    *(op.subject for op in contract.calls),
+                    *contract.sends,
+                )
+            )
+        ),
         subscribe=tuple(dict.fromkeys(s.permission for s in contract.subscriptions)),
         purges=tuple(store.stream for store in contract.stores if store.purges),
     )
@@ -93,11 +113,15 @@ NEEDS: dict[str, Needs] = {
     # A user's program: requests, embeddings and jobs, and the results of jobs (RESULTS), replies on its own inbox
     # prefix. No event, RPC, cancel or stream change: the CLI's `client` reach, less all but inference.
     # RESULTS is not fenced per request id: an app program can read every job's result (operations.md).
-    APP: Needs(looks_up=(RESULTS_STREAM,), reads=(RESULTS_STREAM,),
-               publish=(*PLAIN_REQUESTS, subjects.INFERENCE_JOBS_ALL)),
+    APP: Needs(
+        looks_up=(RESULTS_STREAM,), reads=(RESULTS_STREAM,), publish=(*PLAIN_REQUESTS, subjects.INFERENCE_JOBS_ALL)
+    ),
     # `strata key`: the one writer of API key records.
-    OPERATOR: Needs(looks_up=(kv_stream(API_KEYS_BUCKET),), reads=(kv_stream(API_KEYS_BUCKET),),
-                    publish=(subjects.kv_writes(API_KEYS_BUCKET),)),
+    OPERATOR: Needs(
+        looks_up=(kv_stream(API_KEYS_BUCKET),),
+        reads=(kv_stream(API_KEYS_BUCKET),),
+        publish=(subjects.kv_writes(API_KEYS_BUCKET),),
+    ),
     # `strata up`'s bootstrap credential: creates, updates and deletes streams, buckets and object stores.
     ADMIN: Needs(looks_up=(), reads=(), publish=("$JS.API.>",)),
 }
@@ -137,11 +161,17 @@ def jetstream_api(needs: Needs) -> list[str]:
     api += [f"$JS.API.STREAM.INFO.{stream}" for stream in dict.fromkeys((*needs.looks_up, *needs.reads))]
     for stream in needs.reads:
         api += [
-            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
-            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
-            f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
-            f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
-            f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
+            f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.ACK.{stream}.>",
+            f"$JS.FC.{stream}.>",
         ]
     api += [f"$JS.API.STREAM.PURGE.{stream}" for stream in needs.purges]
     return api
@@ -156,9 +186,14 @@ def others_durables(role: str) -> list[str]:
         for stream, durable in needs.durables:
             if owner == role or stream not in reads:
                 continue
-            denied += [f"$JS.API.CONSUMER.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
-                       f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
-                       f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.ACK.{stream}.{durable}.>"]
+            denied += [
+                f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+                f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                f"$JS.ACK.{stream}.{durable}.>",
+            ]
     return denied
 
 
@@ -179,8 +214,12 @@ def permissions(role: str) -> Permissions:
     if role in SERVICE_ROLES:
         publish.append(subjects.dead_letter(role))
         subscribe.append(subjects.rpc_all(role))
-    return Permissions(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)),
-                       tuple(dict.fromkeys(others_durables(role))), tuple(subscribe_deny))
+    return Permissions(
+        tuple(dict.fromkeys(publish)),
+        tuple(dict.fromkeys(subscribe)),
+        tuple(dict.fromkeys(others_durables(role))),
+        tuple(subscribe_deny),
+    )
 
 
 def may_administer(role: str) -> bool:
@@ -288,8 +327,10 @@ def with_credentials(nats_url: str, user: str, password: str) -> str:
 
 def without_credentials(nats_url: str) -> str:
     """Each server of a URL list without its ``user:password@`` (for files that hold no secret)."""
-    return ",".join(urlunsplit(urlsplit(u.strip())._replace(netloc=urlsplit(u.strip()).netloc.rpartition("@")[2]))
-                    for u in nats_url.split(","))
+    return ",".join(
+        urlunsplit(urlsplit(u.strip())._replace(netloc=urlsplit(u.strip()).netloc.rpartition("@")[2]))
+        for u in nats_url.split(",")
+    )
 
 
 def with_env_credentials(nats_url: str, environ: dict[str, str] | None = None) -> str:
@@ -303,6 +344,7 @@ def with_env_credentials(nats_url: str, environ: dict[str, str] | None = None) -
 def permissions_table() -> str:
     """Each role's NATS permissions as a Markdown table (`strata permissions`; docs/operations.md holds
     this exact text, checked by a test)."""
+
     def cell(items: list[str]) -> str:
         return ", ".join(f"`{i}`" for i in items) or "—"
 
@@ -311,15 +353,27 @@ def permissions_table() -> str:
         perms, needs = permissions(role), NEEDS[role]
         events = [s for s in perms.publish if subjects.is_event(s)]
         other = [s for s in perms.publish if not subjects.is_event(s) and not s.startswith(("$JS.", f"{INBOX}."))]
-        stream_admin = ("**create, update, delete every stream and bucket**" if may_administer(role)
-                        else f"purge {cell(list(needs.purges))}" if needs.purges else "none")
+        stream_admin = (
+            "**create, update, delete every stream and bucket**"
+            if may_administer(role)
+            else f"purge {cell(list(needs.purges))}"
+            if needs.purges
+            else "none"
+        )
         consumers = cell(list(needs.reads)) if needs.reads else "—"
         own = cell([f"{stream}/{durable}" for stream, durable in needs.durables])
-        rows.append(f"| {role} | {cell(events)} | {cell(other)} | {cell(list(perms.subscribe))} | {stream_admin} "
-                    f"| {cell(list(needs.looks_up))} | {consumers} | {own} |")
-    return "\n".join([
-        "| role | events it publishes | other subjects it publishes | it subscribes | stream administration "
-        "| streams it looks up | streams it consumes or reads | durables only it may touch |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-    ]) + "\n"
+        rows.append(
+            f"| {role} | {cell(events)} | {cell(other)} | {cell(list(perms.subscribe))} | {stream_admin} "
+            f"| {cell(list(needs.looks_up))} | {consumers} | {own} |"
+        )
+    return (
+        "\n".join(
+            [
+                "| role | events it publishes | other subjects it publishes | it subscribes | stream administration "
+                "| streams it looks up | streams it consumes or reads | durables only it may touch |",
+                "|---|---|---|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+        + "\n"
+    )

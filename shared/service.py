@@ -66,14 +66,20 @@ class Service:
         # FastAPI's HTTP server span where spans are recorded (TraceContext carries the caller's trace
         # where they are not); never its per-operation spans, which cost CPU on every request for little;
         # its HTTP metrics only where they are exported.
-        self.http = FastAPI(title=f"Strata {name}", version=VERSION, description=description, lifespan=self._lifespan,
-                            telemetry={"operation_spans": False, "metrics": metrics_exported(), "exclude": skip_http_telemetry})
+        self.http = FastAPI(
+            title=f"Strata {name}",
+            version=VERSION,
+            description=description,
+            lifespan=self._lifespan,
+            telemetry={"operation_spans": False, "metrics": metrics_exported(), "exclude": skip_http_telemetry},
+        )
         self.http.add_middleware(TraceContext)
         self.metrics = ServiceMetrics(name)
         self.http.add_middleware(HttpMetrics, metrics=self.metrics)
         self.consumer: bus.EventConsumer | None = None
-        self.metrics.counters("strata_events", "Events this service's consumer took, by outcome", ["outcome"],
-                              self._consumer_counts)
+        self.metrics.counters(
+            "strata_events", "Events this service's consumer took, by outcome", ["outcome"], self._consumer_counts
+        )
         self.ready = False
         self._parts: dict[type, object] = {}  # what the start hooks built: provide() / part()
         self.http.state.service = self  # module-level routes reach the parts through the request (part_of)
@@ -89,9 +95,15 @@ class Service:
         http_errors.typed_internal_errors(self.http, name)
         self.broker.subscriber(subjects.rpc(name, "health"), queue=name, title=f"{name}:health")(self._health_rpc)
         self._document_own_events()
-        self.http.get("/metrics", tags=["health"], summary="Prometheus exposition of this service's metrics",
-                      response_class=Response)(self._metrics_http)
-        self.http.get("/asyncapi.json", tags=["health"], summary="AsyncAPI document of this service's NATS interface")(self.asyncapi)
+        self.http.get(
+            "/metrics",
+            tags=["health"],
+            summary="Prometheus exposition of this service's metrics",
+            response_class=Response,
+        )(self._metrics_http)
+        self.http.get("/asyncapi.json", tags=["health"], summary="AsyncAPI document of this service's NATS interface")(
+            self.asyncapi
+        )
 
     # -- documentation ---------------------------------------------------------------------
     def _document_own_events(self) -> None:
@@ -99,7 +111,9 @@ class Service:
         for data_cls in EventData.registry.values():
             if data_cls.PUBLISHER == self.name:
                 self.broker.publisher(
-                    data_cls.subject(), schema=Event[data_cls], title=f"{self.name}:{data_cls.TYPE}",  # type: ignore[valid-type]
+                    data_cls.subject(),
+                    schema=Event[data_cls],
+                    title=f"{self.name}:{data_cls.TYPE}",  # type: ignore[valid-type]
                     description=(data_cls.__doc__ or data_cls.TYPE).strip(),
                 )
 
@@ -123,17 +137,25 @@ class Service:
             if sub.subject not in known:
                 parameters = re.findall(r"{(\w+)}", sub.subject)
                 channels[f"{self.name}:{sub.subject}"] = {
-                    "address": sub.subject, "description": f"{sub.purpose} (handled by {sub.handler})",
-                    **({"parameters": {p: {"description": f"the {p}, as one subject token"} for p in parameters}}
-                       if parameters else {}),
+                    "address": sub.subject,
+                    "description": f"{sub.purpose} (handled by {sub.handler})",
+                    **(
+                        {"parameters": {p: {"description": f"the {p}, as one subject token"} for p in parameters}}
+                        if parameters
+                        else {}
+                    ),
                 }
 
     # -- events ------------------------------------------------------------------------------
-    def consume(self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any) -> bus.EventConsumer:
+    def consume(
+        self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any
+    ) -> bus.EventConsumer:
         """This service's durable consumer. Register handlers on it with ``@consumer.on(EventType)``."""
         if self.consumer is not None:
             raise RuntimeError(f"{self.name} already has a consumer")
-        self.consumer = bus.EventConsumer(service=self.name, durable=durable or self.name, filter_subject=filter_subject, **options)
+        self.consumer = bus.EventConsumer(
+            service=self.name, durable=durable or self.name, filter_subject=filter_subject, **options
+        )
         return self.consumer
 
     async def publish(self, data: EventData, *, event_id: str | None = None) -> Event[Any]:
@@ -144,7 +166,9 @@ class Service:
         await bus.publish(self.broker, event)
         return event
 
-    def rpc(self, op: str, request_type: type[BaseModel], *, every_replica: bool = False) -> Callable[[RpcHandler], RpcHandler]:
+    def rpc(
+        self, op: str, request_type: type[BaseModel], *, every_replica: bool = False
+    ) -> Callable[[RpcHandler], RpcHandler]:
         """Serve ``rpc.<service>.<op>``: ``@service.rpc("resolve", ResolveRequest)`` over
         ``async def resolve(request) -> result``; errors go back typed (see shared/rpc.py).
         ``every_replica``: no queue group, every replica answers (the caller gathers the replies)."""
@@ -218,8 +242,12 @@ class Service:
 
     def _consumer_counts(self):
         stats = self.consumer.stats if self.consumer else bus.ConsumerStats()
-        return [(["handled"], stats.handled), (["ignored"], stats.ignored),
-                (["retried"], stats.retried), (["dead_lettered"], stats.dead_lettered)]
+        return [
+            (["handled"], stats.handled),
+            (["ignored"], stats.ignored),
+            (["retried"], stats.retried),
+            (["dead_lettered"], stats.dead_lettered),
+        ]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def on_start(self, hook: Hook) -> Hook:
@@ -263,13 +291,23 @@ class Service:
         if self.consumer is not None:
             c, s = self.consumer, self.consumer.stats
             consumer = ConsumerHealth(
-                durable=c.durable, filter_subject=c.filter_subject, handled=s.handled, ignored=s.ignored,
-                retried=s.retried, dead_lettered=s.dead_lettered, by_type=dict(s.by_type),
+                durable=c.durable,
+                filter_subject=c.filter_subject,
+                handled=s.handled,
+                ignored=s.ignored,
+                retried=s.retried,
+                dead_lettered=s.dead_lettered,
+                by_type=dict(s.by_type),
             )
         status = "starting" if not self.ready else "ok" if connected else "degraded"
         return Health(
-            service=self.name, node=self.settings.node_id, version=VERSION, status=status,
-            nats_connected=connected, uptime_s=round(time.monotonic() - self._started, 3), consumer=consumer,
+            service=self.name,
+            node=self.settings.node_id,
+            version=VERSION,
+            status=status,
+            nats_connected=connected,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            consumer=consumer,
             catching_up=sorted(self.catching_up),
         )
 
@@ -299,9 +337,14 @@ def run(service: Service) -> None:
     except http_tls.TlsSetupError as exc:
         raise SystemExit(f"{service.name}: cannot serve HTTPS: {exc}") from None
     config = uvicorn.Config(
-        service.http, host=service.settings.http_host, port=service.settings.http_port,
-        log_level="warning", access_log=False, lifespan="on",
-        ssl_certfile=str(https.cert) if https else None, ssl_keyfile=str(https.key) if https else None,
+        service.http,
+        host=service.settings.http_host,
+        port=service.settings.http_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        ssl_certfile=str(https.cert) if https else None,
+        ssl_keyfile=str(https.key) if https else None,
         # An idle keep-alive TLS client never answers the server's close_notify, and asyncio waits 30 s for it
         # before the connection counts as closed: without a bound, such a client holds up every stop.
         timeout_graceful_shutdown=HTTPS_STOP_WAIT_S if https else None,
@@ -332,4 +375,3 @@ def load(service_name: str, settings: Settings | None = None) -> Service:
     """Build a service by name from ``services/<name>/entrypoints/app.py:create_service``."""
     module = importlib.import_module(f"{module_name(service_name)}.entrypoints.app")
     return module.create_service(settings)
-

@@ -56,23 +56,50 @@ def _key(pattern: str) -> str:
 
 _REPLY = f"{_key(subjects.INFERENCE_REQUEST_PATTERN)}.reply"
 CHANNELS = (
-    Channel(_key(subjects.INFERENCE_REQUEST_PATTERN), subjects.INFERENCE_REQUEST_PATTERN, "A NATS request (request-reply) to the workers that serve "
-            "the model (a queue group per model). No responders: the model is not deployed. api_key_id and "
-            "client_request_id are refused here (403): a request naming an API key goes on "
-            "infer.request.{model}.gateway, which only the api-gateway may publish to.",
-            ("InferenceRequest",), "receive", ("model",), reply=_REPLY),
-    Channel(_REPLY, None, "The requester's inbox: with stream false one InferenceResult (keepalive "
-            "messages before it with keepalive true); with stream true started, chunks, then one end or error.",
-            ("InferenceResult", "StreamMessage"), "send"),
-    Channel(_key(subjects.INFERENCE_JOB_PATTERN), subjects.INFERENCE_JOB_PATTERN, "A batch job: a JetStream publish into the JOBS stream (Nats-Msg-Id: "
-            "the request id). Set request_id: the result is stored under it.", ("InferenceRequest",), "receive", ("model",)),
-    Channel(_key(subjects.INFERENCE_RESULT_PATTERN), subjects.INFERENCE_RESULT_PATTERN, "A job's result, kept a day in the RESULTS stream: read it "
-            "with a consumer filtered to this subject, or the stream's last message on it.",
-            ("InferenceResult",), "send", ("request_id",)),
+    Channel(
+        _key(subjects.INFERENCE_REQUEST_PATTERN),
+        subjects.INFERENCE_REQUEST_PATTERN,
+        "A NATS request (request-reply) to the workers that serve "
+        "the model (a queue group per model). No responders: the model is not deployed. api_key_id and "
+        "client_request_id are refused here (403): a request naming an API key goes on "
+        "infer.request.{model}.gateway, which only the api-gateway may publish to.",
+        ("InferenceRequest",),
+        "receive",
+        ("model",),
+        reply=_REPLY,
+    ),
+    Channel(
+        _REPLY,
+        None,
+        "The requester's inbox: with stream false one InferenceResult (keepalive "
+        "messages before it with keepalive true); with stream true started, chunks, then one end or error.",
+        ("InferenceResult", "StreamMessage"),
+        "send",
+    ),
+    Channel(
+        _key(subjects.INFERENCE_JOB_PATTERN),
+        subjects.INFERENCE_JOB_PATTERN,
+        "A batch job: a JetStream publish into the JOBS stream (Nats-Msg-Id: "
+        "the request id). Set request_id: the result is stored under it.",
+        ("InferenceRequest",),
+        "receive",
+        ("model",),
+    ),
+    Channel(
+        _key(subjects.INFERENCE_RESULT_PATTERN),
+        subjects.INFERENCE_RESULT_PATTERN,
+        "A job's result, kept a day in the RESULTS stream: read it "
+        "with a consumer filtered to this subject, or the stream's last message on it.",
+        ("InferenceResult",),
+        "send",
+        ("request_id",),
+    ),
     Channel(subjects.CANCEL, subjects.CANCEL, "Stops a request wherever it runs.", ("InferenceCancel",), "receive"),
 )
-PARAMETERS = {"model": f"the model's name (not NAME:VERSION), as {TOKEN}",
-              "request_id": f"the job's request_id, as {TOKEN}"}
+PARAMETERS = {
+    "model": f"the model's name (not NAME:VERSION), as {TOKEN}",
+    "request_id": f"the job's request_id, as {TOKEN}",
+}
 
 
 def schemas() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -97,18 +124,23 @@ def add_serving_channels(doc: dict[str, Any], service: str) -> None:
     for ch in CHANNELS:
         key = f"{service}:{ch.key}"
         doc.setdefault("channels", {})[key] = {
-            "address": ch.address, "description": ch.description,
+            "address": ch.address,
+            "description": ch.description,
             "messages": {m: {"$ref": f"#/components/messages/serving:{m}"} for m in ch.messages},
             **({"parameters": {p: {"description": PARAMETERS[p]} for p in ch.parameters}} if ch.parameters else {}),
         }
         if ch.key in replies:  # described by the reply of the operation it answers
             continue
-        operation: dict[str, Any] = {"action": ch.action, "channel": {"$ref": f"#/channels/{key}"},
-                                     "messages": [{"$ref": f"#/channels/{key}/messages/{m}"} for m in ch.messages]}
+        operation: dict[str, Any] = {
+            "action": ch.action,
+            "channel": {"$ref": f"#/channels/{key}"},
+            "messages": [{"$ref": f"#/channels/{key}/messages/{m}"} for m in ch.messages],
+        }
         if ch.reply:
             reply = next(c for c in CHANNELS if c.key == ch.reply)
-            operation["reply"] = {"address": {"location": "$message.header#/reply_to"},
-                                  "channel": {"$ref": f"#/channels/{service}:{reply.key}"},
-                                  "messages": [{"$ref": f"#/channels/{service}:{reply.key}/messages/{m}"}
-                                               for m in reply.messages]}
+            operation["reply"] = {
+                "address": {"location": "$message.header#/reply_to"},
+                "channel": {"$ref": f"#/channels/{service}:{reply.key}"},
+                "messages": [{"$ref": f"#/channels/{service}:{reply.key}/messages/{m}"} for m in reply.messages],
+            }
         doc.setdefault("operations", {})[key] = operation

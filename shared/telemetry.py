@@ -145,7 +145,9 @@ def setup_metrics(service: str, node: str) -> MeterProvider | None:
     exporter = _exporter("metrics")
     if exporter is None:
         return None
-    provider = MeterProvider(resource=_resource(service, node), metric_readers=[PeriodicExportingMetricReader(exporter)])
+    provider = MeterProvider(
+        resource=_resource(service, node), metric_readers=[PeriodicExportingMetricReader(exporter)]
+    )
     metrics.set_meter_provider(provider)
     return provider
 

@@ -60,7 +60,9 @@ def given(cert: Path, key: Path, ca: Path | None = None, *, what: str) -> Server
         if ca is not None:
             x509.load_pem_x509_certificates(ca.read_bytes())
     except (OSError, ValueError, TypeError) as exc:
-        raise TlsSetupError(f"cannot use the {what} TLS files ({cert}, {key}{', ' + str(ca) if ca else ''}): {exc}") from None
+        raise TlsSetupError(
+            f"cannot use the {what} TLS files ({cert}, {key}{', ' + str(ca) if ca else ''}): {exc}"
+        ) from None
     if _public(certificate.public_key()) != _public(private.public_key()):
         raise TlsSetupError(f"the key {key} does not belong to the certificate {cert}")
     return ServerTls(cert=cert, key=key, ca=ca)
@@ -132,24 +134,47 @@ def _make_ca(now: datetime, what: str) -> tuple[x509.Certificate, ec.EllipticCur
     cert = (
         _builder(name, name, key.public_key(), now, CA_VALID)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return cert, key
 
 
-def _make_server(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, names: list[str],
-                 now: datetime, what: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _make_server(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, names: list[str], now: datetime, what: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         _builder(_name(f"strata {what} server"), ca_cert.subject, key.public_key(), now, SERVER_VALID)
         .add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -157,10 +182,14 @@ def _make_server(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, 
     return cert, key
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, now: datetime,
-             valid: timedelta) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, now: datetime, valid: timedelta
+) -> x509.CertificateBuilder:
     return (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))  # a little clock skew between machines
         .not_valid_after(now + valid)
@@ -169,8 +198,9 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurve
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Strata"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Strata"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
 
 
 def _public(key: object) -> bytes:
@@ -178,8 +208,9 @@ def _public(key: object) -> bytes:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 def _write_public(path: Path, cert: x509.Certificate) -> None:

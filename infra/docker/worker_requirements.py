@@ -30,4 +30,10 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     cpu = "--cpu" in args
     paths = [a for a in args if a != "--cpu"]
-    print("\n".join(requirements(Path(paths[0] if paths else "pyproject.toml"), {"triton"} if cpu else PROVIDED_BY_THE_BASE_IMAGE)))
+    print(
+        "\n".join(
+            requirements(
+                Path(paths[0] if paths else "pyproject.toml"), {"triton"} if cpu else PROVIDED_BY_THE_BASE_IMAGE
+            )
+        )
+    )

@@ -26,10 +26,14 @@ class InventoryConfig(BaseModel):
         default={"cuda": 0.92, "cpu": 0.85},
         description="share of a device's memory the registry books; the rest stays for the OS and others",
     )
-    default_context: int | None = Field(default=None, ge=1, description="context when a request names none; None: the model's own")
+    default_context: int | None = Field(
+        default=None, ge=1, description="context when a request names none; None: the model's own"
+    )
     evict_lru: bool = Field(default=False, description="evict the least recently used deployments to make room")
     rpc_timeout_s: float = 5.0
-    admission_policy: Path | None = Field(default=None, description="the admission policy file (YAML); None or a missing file: no policy")
+    admission_policy: Path | None = Field(
+        default=None, description="the admission policy file (YAML); None or a missing file: no policy"
+    )
 
     @field_validator("roles")
     @classmethod
@@ -44,8 +48,14 @@ class InventoryConfig(BaseModel):
         values: dict[str, object] = {}
         if roles := env.get("STRATA_INVENTORY_ROLES"):
             values["roles"] = frozenset(r.strip() for r in roles.split(",") if r.strip())
-        for key, name in (("heartbeat_interval_s", "HEARTBEAT_S"), ("missed_beats", "MISSED_BEATS"), ("policy", "POLICY"),
-                          ("probe_file", "PROBE_FILE"), ("bucket", "BUCKET"), ("default_context", "DEFAULT_CONTEXT")):
+        for key, name in (
+            ("heartbeat_interval_s", "HEARTBEAT_S"),
+            ("missed_beats", "MISSED_BEATS"),
+            ("policy", "POLICY"),
+            ("probe_file", "PROBE_FILE"),
+            ("bucket", "BUCKET"),
+            ("default_context", "DEFAULT_CONTEXT"),
+        ):
             if value := env.get(f"STRATA_INVENTORY_{name}"):
                 values[key] = value
         if labels := env.get("STRATA_INVENTORY_LABELS"):  # zone=a,rack=3

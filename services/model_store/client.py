@@ -15,8 +15,19 @@ import httpx
 from shared import endpoints, http_tls
 from shared.apikeys import local_key
 from shared.catalog import (
-    NAME_PATTERN, AliasResult, DatasetList, DeleteResult, FileEntry, ModelList, PublicKey, PushDatasetRequest, PushedDataset,
-    PushedModel, PushModelRequest, ResolvedDataset, ResolvedModel,
+    NAME_PATTERN,
+    AliasResult,
+    DatasetList,
+    DeleteResult,
+    FileEntry,
+    ModelList,
+    PublicKey,
+    PushDatasetRequest,
+    PushedDataset,
+    PushedModel,
+    PushModelRequest,
+    ResolvedDataset,
+    ResolvedModel,
 )
 from shared.errors import BlobCorrupt, Invalid, StrataError, Unavailable, from_code
 from shared.model_source import ModelSource, claim_problem
@@ -44,7 +55,8 @@ def api_key_headers(api_key: str | None = None) -> dict[str, str]:
 def local_files(directory: Path) -> list[Path]:
     """Every regular file under ``directory``, hidden ones (.git, .cache) left out."""
     return sorted(
-        p for p in directory.rglob("*")
+        p
+        for p in directory.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
 
@@ -60,8 +72,9 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
 
 
 class StoreClient:
-    def __init__(self, url: str | None = None, timeout: float = 60.0, api_key: str | None = None,
-                 ca: Path | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, timeout: float = 60.0, api_key: str | None = None, ca: Path | None = None
+    ) -> None:
         """``ca``: the CA an HTTPS model-store's certificate is checked against (default: shared/http_tls.py
         trusted_ca, i.e. $STRATA_HTTP_CA or the data dir's generated one, else the system's roots)."""
         self.url = (url or default_url()).rstrip("/")
@@ -69,8 +82,12 @@ class StoreClient:
             verify = http_tls.client_verify(ca)
         except http_tls.TlsSetupError as exc:
             raise Invalid(str(exc)) from None
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), headers=api_key_headers(api_key),
-                                 verify=verify)
+        self.http = httpx.Client(
+            base_url=self.url,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            headers=api_key_headers(api_key),
+            verify=verify,
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -102,8 +119,13 @@ class StoreClient:
         return ResolvedDataset.model_validate(self._call("GET", f"/v1/datasets/{ref}").json())
 
     # -- writes -------------------------------------------------------------------------------
-    def upload_files(self, directory: Path, files: list[Path], progress: Progress | None = None,
-                     known_sha256: dict[str, str] | None = None) -> list[FileEntry]:
+    def upload_files(
+        self,
+        directory: Path,
+        files: list[Path],
+        progress: Progress | None = None,
+        known_sha256: dict[str, str] | None = None,
+    ) -> list[FileEntry]:
         """Hash every file, then upload those the store does not hold yet (deduplicated by digest).
         ``known_sha256``: path -> hex digest the caller has just checked (an import): not hashed again;
         model-store hashes what it receives and refuses an upload whose content is not that digest."""
@@ -118,18 +140,37 @@ class StoreClient:
                 if progress:
                     progress(entry.size)
                 continue
-            self._call("PUT", f"/v1/blobs/{sha}", params={"path": entry.path}, content=_read_chunks(file, progress),
-                       headers={"content-length": str(entry.size), "content-type": "application/octet-stream"})
+            self._call(
+                "PUT",
+                f"/v1/blobs/{sha}",
+                params={"path": entry.path},
+                content=_read_chunks(file, progress),
+                headers={"content-length": str(entry.size), "content-type": "application/octet-stream"},
+            )
         return entries
 
-    def push_model(self, directory: Path, name: str, *, datasets: list[str] | None = None, license: str | None = None,
-                   progress: Progress | None = None, files: list[Path] | None = None,
-                   source: ModelSource | None = None, known_sha256: dict[str, str] | None = None) -> PushedModel:
+    def push_model(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        datasets: list[str] | None = None,
+        license: str | None = None,
+        progress: Progress | None = None,
+        files: list[Path] | None = None,
+        source: ModelSource | None = None,
+        known_sha256: dict[str, str] | None = None,
+    ) -> PushedModel:
         """``files``: only these files under ``directory`` (an import's selection), else every one;
         ``source``: where an import or a conversion came from (kept in the signed manifest)."""
         if not re.fullmatch(NAME_PATTERN, name):  # before any upload, so a bad name leaves no blobs behind
-            raise Invalid(f"model name {name!r}: expected letters, digits, '.', '_', '-' (up to 128), starting with a letter or digit")
-        if source is not None and (problem := claim_problem(source)):  # what model-store would refuse, refused before any upload
+            raise Invalid(
+                f"model name {name!r}: expected letters, digits, '.', '_', '-' (up to 128), "
+                "starting with a letter or digit"
+            )
+        if source is not None and (
+            problem := claim_problem(source)
+        ):  # what model-store would refuse, refused before any upload
             raise Invalid(f"source: {problem}")
         if directory.is_file():  # one .gguf file: llama.cpp's format holds config, weights and tokenizer
             directory, files = directory.parent, [directory]
@@ -140,19 +181,31 @@ class StoreClient:
         body = PushModelRequest(name=name, files=entries, datasets=datasets or [], license=license, source=source)
         return PushedModel.model_validate(self._call("POST", "/v1/models", json=body.model_dump(mode="json")).json())
 
-    def add_dataset(self, path: Path, name: str, *, license: str | None = None, source: str | None = None,
-                    description: str | None = None, progress: Progress | None = None) -> PushedDataset:
+    def add_dataset(
+        self,
+        path: Path,
+        name: str,
+        *,
+        license: str | None = None,
+        source: str | None = None,
+        description: str | None = None,
+        progress: Progress | None = None,
+    ) -> PushedDataset:
         directory, files = (path, local_files(path)) if path.is_dir() else (path.parent, [path])
         check_files_listing([f.relative_to(directory).as_posix() for f in files], model=False)
         entries = self.upload_files(directory, files, progress)
         body = PushDatasetRequest(name=name, files=entries, license=license, source=source, description=description)
-        return PushedDataset.model_validate(self._call("POST", "/v1/datasets", json=body.model_dump(mode="json")).json())
+        return PushedDataset.model_validate(
+            self._call("POST", "/v1/datasets", json=body.model_dump(mode="json")).json()
+        )
 
     def set_alias(self, ref: str, alias: str) -> AliasResult:
         return AliasResult.model_validate(self._call("POST", "/v1/aliases", json={"ref": ref, "alias": alias}).json())
 
     def delete(self, ref: str, all_versions: bool = False) -> DeleteResult:
-        return DeleteResult.model_validate(self._call("DELETE", f"/v1/models/{ref}", params={"all_versions": all_versions}).json())
+        return DeleteResult.model_validate(
+            self._call("DELETE", f"/v1/models/{ref}", params={"all_versions": all_versions}).json()
+        )
 
     # -- downloads, verified ------------------------------------------------------------------
     def blob_chunks(self, sha256: str) -> Iterator[bytes]:
@@ -181,9 +234,13 @@ class StoreClient:
             return exc
         except StrataError:
             pass
-        return Unavailable(f"model-store at {self.url}: the download of sha256:{sha256} broke off after {received} bytes")
+        return Unavailable(
+            f"model-store at {self.url}: the download of sha256:{sha256} broke off after {received} bytes"
+        )
 
-    def pull(self, ref: str, dest: Path, *, public_key: PublicKey | None = None, progress: Progress | None = None) -> ResolvedModel:
+    def pull(
+        self, ref: str, dest: Path, *, public_key: PublicKey | None = None, progress: Progress | None = None
+    ) -> ResolvedModel:
         """Download a model into ``dest``; the signature is checked first, each file's digest as it lands."""
         resolved = self.resolve(ref)
         verify_manifest(resolved, public_key or self.public_key())
@@ -205,13 +262,18 @@ class StoreClient:
                         if progress:
                             progress(len(chunk))
                 if digest.hexdigest() != entry.sha256:
-                    raise VerificationError(f"{entry.path}: downloaded content hashes to sha256:{digest.hexdigest()}, the signed manifest says sha256:{entry.sha256}")
+                    raise VerificationError(
+                        f"{entry.path}: downloaded content hashes to sha256:{digest.hexdigest()}, "
+                        f"the signed manifest says sha256:{entry.sha256}"
+                    )
                 os.replace(partial, target)
             finally:
                 partial.unlink(missing_ok=True)
         return resolved
 
-    def verify(self, ref: str, *, public_key: PublicKey | None = None, progress: Progress | None = None) -> tuple[ResolvedModel, list[str]]:
+    def verify(
+        self, ref: str, *, public_key: PublicKey | None = None, progress: Progress | None = None
+    ) -> tuple[ResolvedModel, list[str]]:
         """Check the signature, then stream every blob and hash it. Returns (model, problems)."""
         resolved = self.resolve(ref)
         verify_manifest(resolved, public_key or self.public_key())
@@ -228,7 +290,10 @@ class StoreClient:
                 problems.append(f"{entry.path}: {exc.message}")
                 continue
             if digest.hexdigest() != entry.sha256 or size != entry.size:
-                problems.append(f"{entry.path}: stored content hashes to sha256:{digest.hexdigest()} ({size} bytes); the signed manifest says sha256:{entry.sha256} ({entry.size} bytes)")
+                problems.append(
+                    f"{entry.path}: stored content hashes to sha256:{digest.hexdigest()} ({size} bytes); "
+                    f"the signed manifest says sha256:{entry.sha256} ({entry.size} bytes)"
+                )
         return resolved, problems
 
 

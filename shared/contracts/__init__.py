@@ -41,6 +41,15 @@ def resolve(ref: str | TypeRef) -> Any:
     return found
 
 
+def resolve_type(ref: str | TypeRef) -> Any:
+    """A request or reply type: a model, ``module:Name``, ``list[module:Name]`` or ``dict``."""
+    if ref == "dict":
+        return dict[str, Any]
+    if isinstance(ref, str) and ref.startswith("list[") and ref.endswith("]"):
+        return list[resolve(ref[5:-1])]  # type: ignore[misc]
+    return resolve(ref)
+
+
 def type_name(ref: str | TypeRef) -> str:
     if isinstance(ref, str):
         return re.sub(r"[\w.]+:", "", ref)  # "list[module:AuditEntry]" -> "list[AuditEntry]"
@@ -65,6 +74,12 @@ class RpcOp:
     @property
     def subject(self) -> str:
         return subjects.rpc(self.service, self.op)
+
+    def request_type(self) -> Any:
+        return resolve_type(self.request)
+
+    def reply_type(self) -> Any:
+        return resolve_type(self.reply)
 
 
 @dataclass(frozen=True)
@@ -144,26 +159,38 @@ class Contract:
     @property
     def publishes(self) -> list[type[EventData]]:
         """Its events: those whose PUBLISHER it is (shared/events.py, the one definition of that)."""
-        return sorted((c for c in EventData.registry.values() if c.PUBLISHER == self.service), key=lambda c: c.subject())
+        return sorted(
+            (c for c in EventData.registry.values() if c.PUBLISHER == self.service), key=lambda c: c.subject()
+        )
 
     def op(self, name: str) -> RpcOp:
         return next(op for op in self.rpc if op.op == name)
 
     def handlers(self) -> list[str]:
         """Every handler it names (tests check that each exists)."""
-        return [*(op.handler for op in self.rpc), *(h for c in self.consumes for h in c.handlers.values()),
-                *(s.handler for s in self.subscriptions)]
+        return [
+            *(op.handler for op in self.rpc),
+            *(h for c in self.consumes for h in c.handlers.values()),
+            *(s.handler for s in self.subscriptions),
+        ]
 
 
 def contracts() -> dict[str, Contract]:
     """Every service's contract, by service name, in shared/config.py's SERVICES order."""
     from shared.config import SERVICES
     from shared.contracts import (
-        api_gateway, hardware_inventory, inference, model_store, monitor, provenance_ledger,
+        api_gateway,
+        hardware_inventory,
+        inference,
+        model_store,
+        monitor,
+        provenance_ledger,
     )
 
-    found = {c.CONTRACT.service: c.CONTRACT for c in (model_store, hardware_inventory, inference, provenance_ledger,
-                                                      monitor, api_gateway)}
+    found = {
+        c.CONTRACT.service: c.CONTRACT
+        for c in (model_store, hardware_inventory, inference, provenance_ledger, monitor, api_gateway)
+    }
     return {name: found[name] for name in SERVICES}
 
 

@@ -36,17 +36,22 @@ EMBEDDINGS = Subscription(subjects.EMBEDDING_REQUEST_PATTERN, f"{_WORKER}.on_req
 ATTRIBUTED_EMBEDDINGS = Subscription(subjects.ATTRIBUTED_EMBEDDING_PATTERN, f"{_WORKER}.on_request",
                                      "the api-gateway's embedding requests", _PER_MODEL,
                                      permits=subjects.embedding_requests())
-CANCELS = Subscription(subjects.CANCEL, f"{_WORKER}.on_cancel", "stop a request wherever it runs (every worker hears it)")
+CANCELS = Subscription(
+    subjects.CANCEL, f"{_WORKER}.on_cancel", "stop a request wherever it runs (every worker hears it)"
+)
 
 CONTRACT = Contract(
-    SERVICE, "Loads the models scheduled on its node and serves them.",
+    SERVICE,
+    "Loads the models scheduled on its node and serves them.",
     rpc=(MODELS,),
     consumes=(DEPLOYS, JOBS),
     subscriptions=(REQUESTS, ATTRIBUTED_REQUESTS, EMBEDDINGS, ATTRIBUTED_EMBEDDINGS, CANCELS),
     # Reads blobs (never writes them): a worker cannot change what it is about to verify.
-    stores=(Store(subjects.JOBS_STREAM, "stream", purpose="batch jobs, a work queue"),
-            Store(subjects.RESULTS_STREAM, "stream", purpose="the jobs' results, kept a day"),
-            Store(subjects.BLOB_BUCKET, "object", purpose="model files, fetched and verified")),
+    stores=(
+        Store(subjects.JOBS_STREAM, "stream", purpose="batch jobs, a work queue"),
+        Store(subjects.RESULTS_STREAM, "stream", purpose="the jobs' results, kept a day"),
+        Store(subjects.BLOB_BUCKET, "object", purpose="model files, fetched and verified"),
+    ),
     calls=(model_store.RESOLVE, model_store.PUBLIC_KEY, hardware_inventory.ASSIGNED),
     sends=(subjects.INFERENCE_RESULTS_ALL,),
     client="shared.inference_client:InferenceClient",

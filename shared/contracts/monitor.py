@@ -15,10 +15,13 @@ EVENTS = Consumes(SERVICE, subjects.EVENTS_ALL, {EventData: f"{_MONITOR}.on_even
                   purpose="every event, into metrics, alerts and the dashboard's state")
 DEAD_LETTERS = Consumes("monitor-dead-letters", subjects.DEADLETTER_ALL, {DeadLetter: f"{_MONITOR}.on_dead_letter"},
                         stream=subjects.DEADLETTER_STREAM, purpose="every service's dead letters, counted")
-HEARTBEATS = Subscription(NodeHeartbeat.subject(), f"{_MONITOR}.on_heartbeat", "node telemetry (every monitor hears it)")
+HEARTBEATS = Subscription(
+    NodeHeartbeat.subject(), f"{_MONITOR}.on_heartbeat", "node telemetry (every monitor hears it)"
+)
 
 CONTRACT = Contract(
-    SERVICE, "Metrics, alerts and the live dashboard.",
+    SERVICE,
+    "Metrics, alerts and the live dashboard.",
     consumes=(EVENTS, DEAD_LETTERS),
     subscriptions=(HEARTBEATS,),
 )

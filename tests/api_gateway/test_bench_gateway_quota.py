@@ -15,7 +15,10 @@ def test_quota_bench_measures_the_shared_counters_against_the_rules_alone():
     proc = subprocess.run([sys.executable, "bench/gateway_quota.py", "--requests", "64", "--concurrency", "4"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = re.findall(r"^(1 at a time|4 at once, one key|4 at once, 4 keys) .* \(\+([0-9.]+) ms wall, \+(-?[0-9.]+) ms CPU",
-                      proc.stdout, re.M)
+    rows = re.findall(
+        r"^(1 at a time|4 at once, one key|4 at once, 4 keys) .* \(\+([0-9.]+) ms wall, \+(-?[0-9.]+) ms CPU",
+        proc.stdout,
+        re.M,
+    )
     assert [r[0] for r in rows] == ["1 at a time", "4 at once, one key", "4 at once, 4 keys"], proc.stdout
     assert all(float(wall) > 0 for _, wall, _ in rows), proc.stdout

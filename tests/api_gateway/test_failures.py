@@ -72,17 +72,22 @@ async def test_invalid_chat_parameters_are_400_naming_the_parameter(gateway, wor
 async def test_invalid_completion_parameters(gateway, workers):
     await workers()
     client = gateway.client()
-    for body, param, words in (({"prompt": ["a", "b"]}, "prompt", "exactly one prompt"), ({"logprobs": 9}, "logprobs", "5"),
-                               ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-                               ({"echo": True, "logprobs": 1}, None, "echo with logprobs is not supported"),
-                               ({"suffix": "x"}, "suffix", "suffix is not supported"),
-                               ({"best_of": 2}, "best_of", "best_of above 1 is not supported")):
+    for body, param, words in (
+        ({"prompt": ["a", "b"]}, "prompt", "exactly one prompt"),
+        ({"logprobs": 9}, "logprobs", "5"),
+        ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"echo": True, "logprobs": 1}, None, "echo with logprobs is not supported"),
+        ({"suffix": "x"}, "suffix", "suffix is not supported"),
+        ({"best_of": 2}, "best_of", "best_of above 1 is not supported"),
+    ):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.completions.create(model="tiny", prompt="p", extra_body=body)
         assert error_of(caught.value)["param"] == param
         assert words in error_of(caught.value)["message"], error_of(caught.value)
     async with httpx.AsyncClient() as http:
-        response = await http.post(f"{gateway.v1}/completions", content=b"{not json", headers={"content-type": "application/json"})
+        response = await http.post(
+            f"{gateway.v1}/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -173,9 +178,16 @@ async def test_client_disconnect_cancels_the_generation(gateway, workers):
     """The cancel names the gateway's own id for the request, never the caller's x-request-id."""
     worker = await workers({"tiny": Script(delay_s=0.2, tokens=["t"] * 100)})
     async with httpx.AsyncClient() as http:
-        async with http.stream("POST", f"{gateway.v1}/chat/completions", json={
-            "model": "tiny", "messages": HI, "stream": True,
-        }, headers={"x-request-id": "leaves-early"}) as response:
+        async with http.stream(
+            "POST",
+            f"{gateway.v1}/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": HI,
+                "stream": True,
+            },
+            headers={"x-request-id": "leaves-early"},
+        ) as response:
             ours = response.headers["x-strata-request-id"]
             async for line in response.aiter_lines():
                 if '"content":"t"' in line:
@@ -184,10 +196,17 @@ async def test_client_disconnect_cancels_the_generation(gateway, workers):
 
     async with httpx.AsyncClient(timeout=0.5) as http:  # non-stream: the client gives up waiting
         with pytest.raises(httpx.ReadTimeout):
-            await http.post(f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p", "max_tokens": 50},
-                            headers={"x-request-id": "gives-up"})
+            await http.post(
+                f"{gateway.v1}/completions",
+                json={"model": "tiny", "prompt": "p", "max_tokens": 50},
+                headers={"x-request-id": "gives-up"},
+            )
     [gave_up] = [r.request_id for r in worker.requests if r.client_request_id == "gives-up"]
-    await eventually(lambda: any(c.request_id == gave_up for c in worker.cancels), 10, "InferenceCancel after a non-stream client left")
+    await eventually(
+        lambda: any(c.request_id == gave_up for c in worker.cancels),
+        10,
+        "InferenceCancel after a non-stream client left",
+    )
     assert not any(c.request_id in ("leaves-early", "gives-up") for c in worker.cancels)
     async with httpx.AsyncClient() as http:  # both slots came back
         for _ in range(100):

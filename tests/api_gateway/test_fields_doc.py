@@ -14,7 +14,10 @@ from services.api_gateway.domain.requests import ChatCompletionRequest, Completi
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "api-fields.md"
 ROUTES = {"chat": ChatCompletionRequest, "completions": CompletionRequest, "embeddings": EmbeddingsRequest}
-BASE = {"chat": {"model": "m", "messages": [{"role": "user", "content": "x"}]}, "completions": {"model": "m", "prompt": "x"}}
+BASE = {
+    "chat": {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+    "completions": {"model": "m", "prompt": "x"},
+}
 REFUSED = {"suffix": "x", "best_of": 2, "functions": [], "function_call": "auto"}
 
 
@@ -38,8 +41,12 @@ def test_every_model_field_is_in_the_table_and_nothing_else_is_called_supported(
 
 @pytest.mark.parametrize("route", ["chat", "completions"])  # embeddings refuses nothing it knows
 def test_fields_the_table_calls_refused_are_refused(route):
-    refused = [f for fields, routes, status in rows() if route in routes and ("refused" in status or status == "1 only")
-               for f in fields]
+    refused = [
+        f
+        for fields, routes, status in rows()
+        if route in routes and ("refused" in status or status == "1 only")
+        for f in fields
+    ]
     assert refused
     for field in refused:
         with pytest.raises(ValidationError):

@@ -20,7 +20,9 @@ async def test_models_chat_and_completion(gateway, workers):
     assert sorted(m.id for m in models.data) == ["other.v2", "tiny"]
     assert all(m.object == "model" and m.owned_by == "strata" for m in models.data)
 
-    chat = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, seed=7)
+    chat = await client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, seed=7
+    )
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == "Hello, world!"
@@ -30,12 +32,19 @@ async def test_models_chat_and_completion(gateway, workers):
     sent = worker.requests[-1]
     assert sent.messages[0].content == "hi" and sent.sampling.temperature == 0 and sent.sampling.seed == 7
 
-    text = await client.completions.create(model="tiny", prompt="Say", max_tokens=2, stop=["\n"], extra_body={"top_k": 5})
+    text = await client.completions.create(
+        model="tiny", prompt="Say", max_tokens=2, stop=["\n"], extra_body={"top_k": 5}
+    )
     assert text.object == "text_completion"
     assert text.choices[0].text == "Hello,"
     assert text.choices[0].finish_reason == "length"
     sent = worker.requests[-1]
-    assert sent.prompt == "Say" and sent.sampling.max_tokens == 2 and sent.sampling.stop == ["\n"] and sent.sampling.top_k == 5
+    assert (
+        sent.prompt == "Say"
+        and sent.sampling.max_tokens == 2
+        and sent.sampling.stop == ["\n"]
+        and sent.sampling.top_k == 5
+    )
 
     dotted = await client.chat.completions.create(model="other.v2", messages=[{"role": "user", "content": "hi"}])
     assert dotted.choices[0].message.content == "x"
@@ -45,9 +54,14 @@ async def test_max_completion_tokens_logprobs_and_content_parts(gateway, workers
     worker = await workers()
     client = gateway.client()
     chat = await client.chat.completions.create(
-        model="tiny", max_completion_tokens=3, logprobs=True, top_logprobs=2,
-        messages=[{"role": "developer", "content": "be brief"},
-                  {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        model="tiny",
+        max_completion_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
     )
     sent = worker.requests[-1]
     assert sent.sampling.max_tokens == 3 and sent.sampling.logprobs == 2
@@ -66,8 +80,10 @@ async def test_trace_context_travels_and_every_answer_names_its_request(gateway,
     client = gateway.client()
     caller_trace = "0af7651916cd43dd8448eb211c80319c"
     raw = await client.chat.completions.with_raw_response.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}],
-        extra_headers={"traceparent": f"00-{caller_trace}-b7ad6b7169203331-01"})
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"traceparent": f"00-{caller_trace}-b7ad6b7169203331-01"},
+    )
     ours = raw.headers["x-strata-request-id"]
     assert ours and worker.requests[-1].request_id == ours and worker.requests[-1].client_request_id is None
     assert raw.headers["x-request-id"] == ours, "a caller that sent no id of its own gets ours there too"
@@ -76,8 +92,12 @@ async def test_trace_context_travels_and_every_answer_names_its_request(gateway,
     assert worker.headers[-1]["traceparent"].split("-")[1] == caller_trace
 
     async with httpx.AsyncClient() as http:
-        bad = await http.post(f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p"}, headers={"x-request-id": "x" * 200})
-        missing = await http.post(f"{gateway.v1}/completions", json={"model": "missing", "prompt": "p"}, headers={"x-request-id": "r-404"})
+        bad = await http.post(
+            f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p"}, headers={"x-request-id": "x" * 200}
+        )
+        missing = await http.post(
+            f"{gateway.v1}/completions", json={"model": "missing", "prompt": "p"}, headers={"x-request-id": "r-404"}
+        )
     assert bad.status_code == 400 and "x-request-id" in bad.json()["error"]["message"]
     assert missing.status_code == 404 and missing.headers["x-request-id"] == "r-404"
     assert missing.headers["x-strata-request-id"] not in ("", "r-404")
@@ -89,8 +109,12 @@ async def test_the_gateway_makes_the_request_id_and_keeps_the_callers_for_correl
     correlation field; the gateway makes the request id, unique per request."""
     worker = await workers()
     client = gateway.client()
-    answers = [await client.completions.with_raw_response.create(model="tiny", prompt="p", extra_headers={"x-request-id": "dup-1"})
-               for _ in range(2)]
+    answers = [
+        await client.completions.with_raw_response.create(
+            model="tiny", prompt="p", extra_headers={"x-request-id": "dup-1"}
+        )
+        for _ in range(2)
+    ]
     sent = [r.request_id for r in worker.requests]
     assert len(set(sent)) == 2 and "dup-1" not in sent, sent
     ours = [a.headers["x-strata-request-id"] for a in answers]
@@ -106,7 +130,10 @@ async def test_chat_stream_chunks_in_order_with_usage(gateway, workers):
     await workers({"tiny": Script(delay_s=0.01)})
     client = gateway.client()
     stream = await client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True},
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -127,9 +154,15 @@ async def test_completion_stream_and_raw_sse(gateway, workers):
     assert chunks[-1].choices[0].finish_reason == "length"
 
     async with httpx.AsyncClient() as http:
-        async with http.stream("POST", f"{gateway.v1}/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-        }) as response:
+        async with http.stream(
+            "POST",
+            f"{gateway.v1}/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+            },
+        ) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             assert response.headers["x-request-id"]

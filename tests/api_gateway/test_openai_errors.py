@@ -39,12 +39,17 @@ async def test_a_body_over_the_limit_is_413_naming_it_and_never_retried(gateway,
     assert f"at most {MAX_BODY_BYTES} bytes" in str(error["message"]), error
     # a chunked body declares no length: it is measured once read
     async def pieces():
-        for piece in (b'{"model": "tiny", "messages": [{"role": "user", "content": "', b"y" * (MAX_BODY_BYTES + 1), b'"}]}'):
+        for piece in (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "',
+            b"y" * (MAX_BODY_BYTES + 1),
+            b'"}]}',
+        ):
             yield piece
 
     async with httpx.AsyncClient() as http:
-        chunked = await http.post(f"{gateway.v1}/chat/completions", headers={"content-type": "application/json"},
-                                  content=pieces())
+        chunked = await http.post(
+            f"{gateway.v1}/chat/completions", headers={"content-type": "application/json"}, content=pieces()
+        )
     assert chunked.status_code == 413 and openai_error(chunked)["code"] == "request_too_large"
     assert worker.requests == [], "nothing over the limit reached a worker"
     ok = await client.completions.create(model="tiny", prompt="x" * (MAX_BODY_BYTES - 1024))
@@ -64,7 +69,10 @@ async def test_every_error_path_answers_openais_shape(gateway, workers):
     v1, chat = gateway.v1, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
     async with httpx.AsyncClient() as http:
         cases = {
-            "not json": (await http.post(f"{v1}/chat/completions", content=b"{", headers={"content-type": "application/json"}), 400),
+            "not json": (
+                await http.post(f"{v1}/chat/completions", content=b"{", headers={"content-type": "application/json"}),
+                400,
+            ),
             "not declared json": (await http.post(f"{v1}/chat/completions", content=b"{}"), 400),
             "unknown field": (await http.post(f"{v1}/chat/completions", json={**chat, "bogus": 1}), 400),
             "bad value": (await http.post(f"{v1}/chat/completions", json={**chat, "temperature": 9}), 400),
@@ -82,8 +90,13 @@ async def test_every_error_path_answers_openais_shape(gateway, workers):
     # each one counted as a refusal, by reason, at /metrics (#21: refused is not failed)
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"{gateway.v1.removesuffix('/v1')}/metrics")).text
-    refusals = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
-                if f.name == "strata_gateway_refusals" for s in f.samples if s.name.endswith("_total")}
+    refusals = {
+        s.labels["reason"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "strata_gateway_refusals"
+        for s in f.samples
+        if s.name.endswith("_total")
+    }
     assert refusals == {"validation": 6, "not_found": 3}, refusals
 
 
@@ -92,10 +105,15 @@ def test_each_refusal_has_its_reason_and_a_failure_of_ours_none():
     from services.api_gateway.domain.quotas import QuotaExceeded
 
     reasons = {
-        errors.Unauthorized("no key"): "auth", errors.Forbidden("scope"): "auth",
-        QuotaExceeded("tokens", retry_after_s=3): "quota", Overloaded("busy"): "overload",
-        errors.Unavailable("workers full"): "overload", errors.ContextLengthExceeded.of(256, 300, 1): "context",
-        errors.NotFound("absent"): "not_found", errors.Invalid("bad"): "validation", errors.TooLarge("big"): "validation",
+        errors.Unauthorized("no key"): "auth",
+        errors.Forbidden("scope"): "auth",
+        QuotaExceeded("tokens", retry_after_s=3): "quota",
+        Overloaded("busy"): "overload",
+        errors.Unavailable("workers full"): "overload",
+        errors.ContextLengthExceeded.of(256, 300, 1): "context",
+        errors.NotFound("absent"): "not_found",
+        errors.Invalid("bad"): "validation",
+        errors.TooLarge("big"): "validation",
         errors.StrataError("bug"): None,
     }
     for exc, reason in reasons.items():
@@ -144,15 +162,23 @@ def test_check_body_size_raises_too_large_naming_the_limit():
 
 def test_context_length_exceeded_in_openais_words_and_shape():
     exc = errors.ContextLengthExceeded.of(4096, 4000, 200)
-    assert exc.message == ("This model's maximum context length is 4096 tokens. However, you requested 4200 tokens "
-                           "(4000 in the messages, 200 in the completion). Please reduce the length of the messages or completion.")
+    assert exc.message == (
+        "This model's maximum context length is 4096 tokens. However, you requested 4200 tokens "
+        "(4000 in the messages, 200 in the completion). Please reduce the length of the messages or completion."
+    )
     assert errors.from_code(exc.code, exc.message).__class__ is errors.ContextLengthExceeded, "it survives the NATS hop"
     error = to_openai(exc)
     assert error.status == 400 and error.retry_after_s is None
-    assert error.body.error.model_dump() == {"message": exc.message, "type": "invalid_request_error",
-                                             "param": "messages", "code": "context_length_exceeded"}
+    assert error.body.error.model_dump() == {
+        "message": exc.message,
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
     too_large = to_openai(errors.TooLarge("big"))
-    assert too_large.status == 413 and too_large.retry_after_s is None and too_large.body.error.code == "request_too_large"
+    assert (
+        too_large.status == 413 and too_large.retry_after_s is None and too_large.body.error.code == "request_too_large"
+    )
 
 
 def test_the_wire_omits_the_new_sampling_fields_unless_set_so_workers_before_them_still_parse_requests():
@@ -164,11 +190,21 @@ def test_the_wire_omits_the_new_sampling_fields_unless_set_so_workers_before_the
     from services.api_gateway.domain.requests import ChatCompletionRequest
     from shared.inference import WIRE_OPTIONAL, InferenceRequest, SamplingOptions
 
-    added = {"cap_max_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "n"}
+    added = {
+        "cap_max_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "min_p",
+        "n",
+    }
     assert added <= set(WIRE_OPTIONAL)
-    before = create_model("SamplingBefore18", __config__=ConfigDict(extra="forbid"),
-                          **{name: (f.annotation, f) for name, f in SamplingOptions.model_fields.items()
-                             if name not in added})
+    before = create_model(
+        "SamplingBefore18",
+        __config__=ConfigDict(extra="forbid"),
+        **{name: (f.annotation, f) for name, f in SamplingOptions.model_fields.items() if name not in added},
+    )
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     plain = ChatCompletionRequest.model_validate(body).to_inference("r1")
     sent = plain.model_dump(mode="json")["sampling"]

@@ -9,7 +9,12 @@ import asyncio
 import nats
 import pytest
 
-from services.api_gateway.adapters.quota_counters import QUOTA_TTL_S, KvQuotaCounters, QuotaStoreUnavailable, quota_bucket_config
+from services.api_gateway.adapters.quota_counters import (
+    QUOTA_TTL_S,
+    KvQuotaCounters,
+    QuotaStoreUnavailable,
+    quota_bucket_config,
+)
 from services.api_gateway.domain import quotas
 from services.api_gateway.domain.quotas import QuotaExceeded
 from shared.apikeys import record_for
@@ -34,8 +39,9 @@ async def test_racing_replicas_lose_no_update(nats_server):
         second = await KvQuotaCounters.open(b.jetstream())
         assert (await first.kv.status()).ttl == QUOTA_TTL_S, "the gateway made the bucket from quota_bucket_config"
         key = record_for("k", "ci", tokens_per_minute=1000)
-        await asyncio.gather(*(counters.change(key.id, lambda u: quotas.admit(u, key, 7, NOW))
-                               for counters in [first, second] * 20))
+        await asyncio.gather(
+            *(counters.change(key.id, lambda u: quotas.admit(u, key, 7, NOW)) for counters in [first, second] * 20)
+        )
         usage, revision = await first._read(key.id)
         assert usage is not None and usage.tokens is not None and usage.tokens.level == 1000 - 40 * 7
         assert first.conflicts + second.conflicts > 0, "the writers did race"

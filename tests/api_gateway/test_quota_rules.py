@@ -26,7 +26,9 @@ class Clock:
 
 
 def completion(prompt: str = "p", max_tokens: int | None = 40, request_id: str = "r1") -> InferenceRequest:
-    return InferenceRequest(request_id=request_id, model="tiny", prompt=prompt, sampling=SamplingOptions(max_tokens=max_tokens))
+    return InferenceRequest(
+        request_id=request_id, model="tiny", prompt=prompt, sampling=SamplingOptions(max_tokens=max_tokens)
+    )
 
 
 def tokens_left(counters: InMemoryQuotaCounters, key_id: str) -> float:
@@ -42,7 +44,9 @@ def test_buckets_refill_up_to_a_minute_and_say_when():
     assert bucket.at_time(5000, 60).level == 60, "never more than a minute's worth"
     assert bucket.at_time(999, 60).level == 0, "a replica whose clock is behind refills nothing"
     assert bucket.at_time(1010, 30).level == 5, "a lowered limit refills at its own rate"
-    assert bucket.adjusted(-100).wait_for(500) == pytest.approx(160), "more than a minute's worth waits for a full bucket"
+    assert bucket.adjusted(-100).wait_for(500) == pytest.approx(160), (
+        "more than a minute's worth waits for a full bucket"
+    )
     assert bucket.adjusted(1000).level == 60
     assert [whole_seconds(s) for s in (0.0, 0.2, 1.0, 1.01, 29.5)] == [1, 1, 1, 2, 30]
 
@@ -81,13 +85,20 @@ def test_a_request_larger_than_the_quota_runs_alone_on_a_full_bucket_and_leaves_
 
 def test_the_prompt_bound_counts_bytes_and_frames_and_a_missing_max_tokens_gets_the_cap():
     assert quotas.prompt_token_bound(completion("héllo")) == 6 + quotas.PROMPT_FRAME_TOKENS
-    chat = InferenceRequest(model="tiny", messages=[ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")])
+    chat = InferenceRequest(
+        model="tiny", messages=[ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
+    )
     assert quotas.prompt_token_bound(chat) == quotas.PROMPT_FRAME_TOKENS + (8 + 6 + 8) + (2 + 4 + 8)
     bounded, reserved = quotas.bounded(chat, 4096)
     assert bounded.sampling.max_tokens == 4096 and reserved == quotas.prompt_token_bound(chat) + 4096
-    assert quotas.bounded(completion(max_tokens=7), 4096) == (completion(max_tokens=7), 1 + quotas.PROMPT_FRAME_TOKENS + 7)
+    assert quotas.bounded(completion(max_tokens=7), 4096) == (
+        completion(max_tokens=7),
+        1 + quotas.PROMPT_FRAME_TOKENS + 7,
+    )
     three = completion(max_tokens=7).model_copy(update={"sampling": SamplingOptions(max_tokens=7, n=3)})
-    assert quotas.bounded(three, 4096)[1] == 1 + quotas.PROMPT_FRAME_TOKENS + 3 * 7  # n choices reserve n times max_tokens
+    assert (
+        quotas.bounded(three, 4096)[1] == 1 + quotas.PROMPT_FRAME_TOKENS + 3 * 7
+    )  # n choices reserve n times max_tokens
 
 
 async def test_concurrent_reservations_cannot_overspend_and_settling_refunds():
@@ -116,7 +127,9 @@ async def test_a_request_without_max_tokens_is_capped_and_unmetered_keys_are_lef
     metering = Metering(max_tokens_cap=64, clock=Clock())
     metering.counters = InMemoryQuotaCounters()
     capped, hold = await metering.reserve(record_for("k", "ci", tokens_per_minute=1000), completion(max_tokens=None))
-    assert capped.sampling.max_tokens == 64 and hold is not None and hold.reserved == 1 + quotas.PROMPT_FRAME_TOKENS + 64
+    assert (
+        capped.sampling.max_tokens == 64 and hold is not None and hold.reserved == 1 + quotas.PROMPT_FRAME_TOKENS + 64
+    )
     request = completion(max_tokens=None)
     assert await metering.reserve(record_for("u", "free"), request) == (request, None)
     assert await metering.reserve(None, request) == (request, None)
@@ -159,4 +172,7 @@ async def test_counters_out_of_reach_refuse_a_metered_key_and_a_lost_refund_keep
 
 def test_what_counts_as_a_request_that_ran_nothing():
     assert all(ran_nothing(e) for e in (errors.NotFound("absent"), errors.Unavailable("full"), errors.Invalid("bad")))
-    assert not any(ran_nothing(e) for e in (errors.StrataError("the client disconnected"), TimeoutError(), asyncio.CancelledError()))
+    assert not any(
+        ran_nothing(e)
+        for e in (errors.StrataError("the client disconnected"), TimeoutError(), asyncio.CancelledError())
+    )

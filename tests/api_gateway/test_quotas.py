@@ -69,7 +69,9 @@ async def test_settling_refunds_what_a_request_did_not_use(nats_server, gateway,
     client = gateway.client(api_key=await make_key(nats_server.url, tokens_per_minute=1000))
     for stream in (False, True, False, True):
         if stream:
-            chunks = [c async for c in await client.completions.create(model="tiny", prompt="p", max_tokens=900, stream=True)]
+            chunks = [
+                c async for c in await client.completions.create(model="tiny", prompt="p", max_tokens=900, stream=True)
+            ]
             assert "".join(c.choices[0].text for c in chunks) == "Hello, world!"
         else:
             assert (await client.completions.create(model="tiny", prompt="p", max_tokens=900)).usage.total_tokens == 9
@@ -77,7 +79,9 @@ async def test_settling_refunds_what_a_request_did_not_use(nats_server, gateway,
         await client.completions.create(model="absent", prompt="p", max_tokens=900)
     assert await served_tokens(client, max_tokens=900) == 9, "a 404 gives its whole reservation back"
 
-    async with client.completions.with_streaming_response.create(model="slow", prompt="p", max_tokens=900, stream=True) as response:
+    async with client.completions.with_streaming_response.create(
+        model="slow", prompt="p", max_tokens=900, stream=True
+    ) as response:
         async for line in response.iter_lines():
             if '"text":"t"' in line:
                 break  # one token, then hang up
@@ -100,8 +104,11 @@ async def test_a_quota_store_out_of_reach_fails_closed_with_503(nats_server, gat
     await nc.jetstream().delete_stream(f"KV_{QUOTAS_BUCKET}")
     await nc.close()
     async with httpx.AsyncClient() as http:
-        refused = await http.post(f"{gateway.v1}/completions", json={"model": "tiny", "prompt": "p"},
-                                  headers={"Authorization": f"Bearer {limited}"})
+        refused = await http.post(
+            f"{gateway.v1}/completions",
+            json={"model": "tiny", "prompt": "p"},
+            headers={"Authorization": f"Bearer {limited}"},
+        )
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
     assert refused.json()["error"]["code"] == "quota_store_unavailable"
     assert "quota" in refused.json()["error"]["message"]

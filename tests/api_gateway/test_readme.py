@@ -65,6 +65,8 @@ async def test_python_example_as_printed(keyed_gateway, workers):
 async def test_curl_example_as_printed(keyed_gateway, workers):
     await workers({MODEL_NAME: Script()})
     script = as_printed(blocks("sh")[0], *keyed_gateway)
-    done = await asyncio.to_thread(subprocess.run, ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=30)
+    done = await asyncio.to_thread(
+        subprocess.run, ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     assert f'"id":"{MODEL_NAME}"' in done.stdout and '"content":"Hello, world!"' in done.stdout

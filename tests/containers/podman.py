@@ -100,12 +100,16 @@ def down() -> list[str]:
     compose("down", "-v", timeout=300)
     for name in containers().values():  # anything podman-compose left behind
         podman("rm", "-f", "-v", name, check=False, timeout=120)
-    volumes = podman("volume", "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}", check=False).stdout.split()
+    volumes = podman(
+        "volume", "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}", check=False
+    ).stdout.split()
     for volume in volumes:
         podman("volume", "rm", "-f", volume, check=False)
     podman("network", "rm", "-f", f"{PROJECT}_default", check=False)
     left = list(containers().values())
     if podman("network", "exists", f"{PROJECT}_default", check=False).returncode == 0:
         left.append(f"network {PROJECT}_default")
-    left += podman("volume", "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}", check=False).stdout.split()
+    left += podman(
+        "volume", "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}", check=False
+    ).stdout.split()
     return left

@@ -49,19 +49,38 @@ def admin_key(stack):
     """The stack starts with no API key: make an admin key with the CLI inside the gateway's container."""
     deadline = time.monotonic() + 90
     while True:  # aardvark-dns may miss a lookup while containers are still joining the network
-        made = pc.podman("exec", stack["api-gateway"], "strata", "key", "create", "--name", "compose-test", "--scope", "admin",
-                         check=False)
+        made = pc.podman(
+            "exec",
+            stack["api-gateway"],
+            "strata",
+            "key",
+            "create",
+            "--name",
+            "compose-test",
+            "--scope",
+            "admin",
+            check=False,
+        )
         if made.returncode == 0:
             return made.stdout.strip()
-        assert time.monotonic() < deadline, f"strata key create in the gateway's container: {made.stderr.strip()[-1500:]}"
+        assert time.monotonic() < deadline, (
+            f"strata key create in the gateway's container: {made.stderr.strip()[-1500:]}"
+        )
         time.sleep(3)
 
 
 def strata(key: str, data_dir, *args: str) -> subprocess.CompletedProcess[str]:
     """The host's `strata` CLI against the stack's published ports."""
-    env = {**os.environ, "STRATA_API_KEY": key, "STRATA_DATA_DIR": str(data_dir), "STRATA_MODEL_STORE_URL": STORE,
-           "STRATA_NATS_URL": "nats://127.0.0.1:4222"}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "STRATA_API_KEY": key,
+        "STRATA_DATA_DIR": str(data_dir),
+        "STRATA_MODEL_STORE_URL": STORE,
+        "STRATA_NATS_URL": "nats://127.0.0.1:4222",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def test_every_service_is_healthy(stack):
@@ -80,8 +99,20 @@ def test_a_model_on_both_nodes_answers_the_openai_client_and_the_ledger_keeps_th
     checkpoint, _ = write_random_pair(tmp_path / "model", ftypes=())
     pushed = strata(admin_key, tmp_path / "cli", "model", "push", str(checkpoint), "--name", MODEL)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    deployed = strata(admin_key, tmp_path / "cli", "deploy", MODEL, "--replicas", "2", "--policy", "spread",
-                      "--context", "256", "--load-timeout", "300")
+    deployed = strata(
+        admin_key,
+        tmp_path / "cli",
+        "deploy",
+        MODEL,
+        "--replicas",
+        "2",
+        "--policy",
+        "spread",
+        "--context",
+        "256",
+        "--load-timeout",
+        "300",
+    )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
     import openai
@@ -91,10 +122,14 @@ def test_a_model_on_both_nodes_answers_the_openai_client_and_the_ledger_keeps_th
     with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {admin_key}"}) as http:
         for i in range(40):
             raw = client.chat.completions.with_raw_response.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Hello {i}"}], max_tokens=8, temperature=0)
+                model=MODEL, messages=[{"role": "user", "content": f"Hello {i}"}], max_tokens=8, temperature=0
+            )
             chat, request_id = raw.parse(), raw.headers["x-strata-request-id"]
             assert chat.choices[0].message.role == "assistant" and 0 < chat.usage.completion_tokens <= 8
-            receipt = until(f"the ledger's receipt of {request_id}", lambda: http.get(f"{LEDGER}/receipts/{request_id}"))
+            receipt = until(
+                f"the ledger's receipt of {request_id}",
+                lambda request_id=request_id: http.get(f"{LEDGER}/receipts/{request_id}"),
+            )
             event = receipt["event"]["data"]
             assert event["model"]["name"] == MODEL and event["request_id"] == request_id
             assert event["output_sha256"] == hashlib.sha256(chat.choices[0].message.content.encode()).hexdigest()
@@ -115,8 +150,9 @@ def test_prometheus_scrapes_the_monitor(stack):
     targets = httpx.get(f"{PROMETHEUS}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
     health = {t["labels"]["instance"]: t["health"] for t in targets}
     assert health["monitor:8001"] == "up", health
-    series = httpx.get(f"{PROMETHEUS}/api/v1/query", params={"query": 'strata_http_requests_total{service="monitor"}'},
-                       timeout=5).json()["data"]["result"]
+    series = httpx.get(
+        f"{PROMETHEUS}/api/v1/query", params={"query": 'strata_http_requests_total{service="monitor"}'}, timeout=5
+    ).json()["data"]["result"]
     assert series, "the monitor's own metrics are not in Prometheus"
 
 

@@ -45,12 +45,16 @@ def test_holds_no_secret(image):
     history = pc.podman("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
     assert not SECRET_NAME.search(history.replace("PIP_NO_INDEX", "")), history
     assert "sk-strata-" not in history
-    found = pc.podman("run", "--rm", "--user", "root", "--entrypoint", "sh", image, "-c", SCAN, check=False, timeout=300)
+    found = pc.podman(
+        "run", "--rm", "--user", "root", "--entrypoint", "sh", image, "-c", SCAN, check=False, timeout=300
+    )
     assert found.stdout.split() == [], f"secrets in {image}: {found.stdout}"
     assert found.returncode in (0, 1), found.stderr  # grep's 1: nothing found
 
 
 def test_the_scan_finds_a_planted_key():
     planted = "printf -- '-----BEGIN EC PRIVATE KEY-----\\nMHcCAQEE\\n' > /tmp/leak.pem; touch /tmp/api-key; "
-    found = pc.podman("run", "--rm", "--user", "root", "--entrypoint", "sh", STRATA_IMAGES[0], "-c", planted + SCAN, check=False)
+    found = pc.podman(
+        "run", "--rm", "--user", "root", "--entrypoint", "sh", STRATA_IMAGES[0], "-c", planted + SCAN, check=False
+    )
     assert sorted(found.stdout.split()) == ["/tmp/api-key", "/tmp/leak.pem"], found.stdout + found.stderr

@@ -18,7 +18,9 @@ from cli.cluster import LocalCluster, plan, render_server
 from shared.config import DEFAULT_PORTS, SERVICES
 from shared.replication import stream_replicas
 
-yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of transformers/huggingface_hub) is needed to read the files")
+yaml = pytest.importorskip(
+    "yaml", reason="PyYAML (a dependency of transformers/huggingface_hub) is needed to read the files"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NATS_DIR, K8S_DIR = ROOT / "infra" / "nats", ROOT / "infra" / "k8s"
@@ -28,8 +30,13 @@ STRATA_COMMAND = re.compile(r"^serve$")
 
 
 def nats_config_ok(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(natsd.binary()), "-t", "-c", str(path)], capture_output=True, text=True,
-                          env={**os.environ, **NATS_ENV}, timeout=30)
+    return subprocess.run(
+        [str(natsd.binary()), "-t", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **NATS_ENV},
+        timeout=30,
+    )
 
 
 # -- NATS --------------------------------------------------------------------------------------------
@@ -73,15 +80,18 @@ def test_stream_replicas_setting():
 # -- docker-compose.yml ------------------------------------------------------------------------------
 def test_compose_matches_the_compose_spec_schema():
     jsonschema = pytest.importorskip("jsonschema")
-    resources = pytest.importorskip("check_jsonschema.builtin_schemas.vendor",
-                                    reason="check-jsonschema (PyPI) vendors the compose-spec schema")
+    resources = pytest.importorskip(
+        "check_jsonschema.builtin_schemas.vendor", reason="check-jsonschema (PyPI) vendors the compose-spec schema"
+    )
     from importlib.resources import files
 
     schema = json.loads((files(resources) / "compose-spec.json").read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
     assert [e.message for e in validator.iter_errors(COMPOSE)] == []
     broken = copy.deepcopy(COMPOSE)
-    broken["services"]["api-gateway"]["helthcheck"] = broken["services"]["api-gateway"].pop("healthcheck")  # a typo is caught
+    broken["services"]["api-gateway"]["helthcheck"] = broken["services"]["api-gateway"].pop(
+        "healthcheck"
+    )  # a typo is caught
     assert list(validator.iter_errors(broken))
 
 
@@ -93,7 +103,9 @@ def strata_services() -> dict[str, dict]:
 def test_compose_runs_every_strata_service_and_two_cpu_workers():
     served = {spec["command"][1] for spec in strata_services().values()}
     assert served == set(SERVICES)
-    cpu_workers = [n for n, s in strata_services().items() if s["command"][1] == "inference-worker" and not s.get("profiles")]
+    cpu_workers = [
+        n for n, s in strata_services().items() if s["command"][1] == "inference-worker" and not s.get("profiles")
+    ]
     assert len(cpu_workers) == 2
 
 
@@ -121,8 +133,11 @@ def test_nodes_pair_an_agent_and_a_worker_on_one_node_id():
             if role == "agent":
                 assert env["STRATA_INVENTORY_ROLES"] == "agent"
     assert by_node and all(roles == {"agent", "inference-worker"} for roles in by_node.values()), by_node
-    registry = [s for s in strata_services().values()
-                if s["command"][1] == "hardware-inventory" and "STRATA_NODE_ID" not in s["environment"]]
+    registry = [
+        s
+        for s in strata_services().values()
+        if s["command"][1] == "hardware-inventory" and "STRATA_NODE_ID" not in s["environment"]
+    ]
     assert [s["environment"]["STRATA_INVENTORY_ROLES"] for s in registry] == ["registry"]
 
 
@@ -130,7 +145,9 @@ def test_nats_cluster_routes_resolve_to_compose_services_with_three_replicas():
     routes = re.findall(r"nats-route://([\w-]+):(\d+)", (NATS_DIR / "cluster.conf").read_text())
     nats_services = {n for n, s in COMPOSE["services"].items() if "cluster.conf" in " ".join(s.get("command", []))}
     assert {host for host, _ in routes} == nats_services and len(nats_services) == 3
-    assert {s["environment"]["NATS_SERVER_NAME"] for n, s in COMPOSE["services"].items() if n in nats_services} == nats_services
+    assert {
+        s["environment"]["NATS_SERVER_NAME"] for n, s in COMPOSE["services"].items() if n in nats_services
+    } == nats_services
     for spec in strata_services().values():
         env = spec["environment"]
         assert env["STRATA_STREAM_REPLICAS"] == "3"
@@ -180,7 +197,9 @@ def test_dockerfile_targets_named_by_compose_exist():
 def test_the_cuda_image_keeps_its_torch():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("worker_requirements", ROOT / "infra" / "docker" / "worker_requirements.py")
+    spec = importlib.util.spec_from_file_location(
+        "worker_requirements", ROOT / "infra" / "docker" / "worker_requirements.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     reqs = module.requirements(ROOT / "pyproject.toml")
@@ -202,8 +221,10 @@ def workloads() -> list[tuple[str, dict]]:
 
 
 def test_manifests_match_the_kubernetes_schemas():
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (PyPI) bundles the schemas")
-    for path, doc in manifests():
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (PyPI) bundles the schemas"
+    )
+    for _path, doc in manifests():
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
     broken = copy.deepcopy(workloads()[0][1])
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["paht"] = "/x"
@@ -243,8 +264,9 @@ def test_every_strata_service_runs_with_healthz_probes_on_its_port():
             assert ports["http"] == DEFAULT_PORTS[service], f"{path}: {service}"
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 get = container[probe]["httpGet"]
-                assert get["path"] == "/healthz" and ports.get(get["port"], get["port"]) == DEFAULT_PORTS[service], \
+                assert get["path"] == "/healthz" and ports.get(get["port"], get["port"]) == DEFAULT_PORTS[service], (
                     f"{path}: {service} {probe}"
+                )
             env = {e["name"] for e in container.get("env", [])}
             assert "STRATA_NATS_URL" in env, f"{path}: {service} reads the NATS URL from the strata-nats Secret"
     assert served == set(SERVICES)
@@ -254,7 +276,11 @@ def test_services_target_named_container_ports():
     for path, doc in manifests():
         if doc["kind"] != "Service":
             continue
-        pods = [d for _, d in workloads() if doc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        pods = [
+            d
+            for _, d in workloads()
+            if doc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         names = {p["name"] for d in pods for c in d["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
         for port in doc["spec"]["ports"]:
             assert port["targetPort"] in names, f"{path}: {doc['metadata']['name']} -> {port['targetPort']}"

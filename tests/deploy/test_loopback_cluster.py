@@ -123,31 +123,46 @@ async def test_two_node_sets_on_a_3_node_cluster_both_serve_a_2_replica_deployme
                 assert info.cluster is not None and len(info.cluster.replicas or []) == 2  # a leader and two followers
 
                 ckpt = build_checkpoint(tmp_path / "ckpt" / "tiny", tokenizer_dir, seed=1, num_hidden_layers=1).path
-                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=store.http), base_url="http://store") as client:
+                async with httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=store.http), base_url="http://store"
+                ) as client:
                     files = await upload_dir(client, ckpt)
-                    pushed = await client.post("/v1/models", json=PushModelRequest(name="tiny", files=files).model_dump(mode="json"))
+                    pushed = await client.post(
+                        "/v1/models", json=PushModelRequest(name="tiny", files=files).model_dump(mode="json")
+                    )
                     assert pushed.status_code == 201, pushed.text
 
                 async def alive_nodes() -> set[str]:
-                    listing = await rpc.call(observer, subjects.rpc("hardware-inventory", "nodes"), Empty(), NodeList, timeout=5)
-                    return {v.node.node_id for v in listing.nodes if v.node.status == "alive" and v.seconds_since_heartbeat is not None}
+                    listing = await rpc.call(
+                        observer, subjects.rpc("hardware-inventory", "nodes"), Empty(), NodeList, timeout=5
+                    )
+                    return {
+                        v.node.node_id
+                        for v in listing.nodes
+                        if v.node.status == "alive" and v.seconds_since_heartbeat is not None
+                    }
 
                 deadline = asyncio.get_running_loop().time() + NODE_BOOT_S
                 while not {n.node_id for n in nodes} <= await alive_nodes() or None in {n.node_id for n in nodes}:
                     for node in nodes:
                         assert node.process.poll() is None, f"strata up --role node exited:\n{node.output()}"
-                    assert asyncio.get_running_loop().time() < deadline, "the agents did not register:\n" + \
-                        "\n".join(n.output() for n in nodes)
+                    assert asyncio.get_running_loop().time() < deadline, "the agents did not register:\n" + "\n".join(
+                        n.output() for n in nodes
+                    )
                     await asyncio.sleep(0.5)
                 node_ids = {n.node_id for n in nodes}
                 assert len(node_ids) == 2, "each node set has its own identity"
 
-                request = DeployRequested(model_ref="tiny", replicas=2, context_length=128, dtype="float32",
-                                          constraints={"device": "cpu"})
+                request = DeployRequested(
+                    model_ref="tiny", replicas=2, context_length=128, dtype="float32", constraints={"device": "cpu"}
+                )
                 event = make_event(request, CLIENT)
                 await bus.publish_js(observer.jetstream(), event)
-                await eventually(lambda: len({r.node_id for r in events.of(DeployReady, deployment_id=request.deployment_id)}) == 2,
-                                 NODE_BOOT_S, "deploy.ready from both nodes")
+                await eventually(
+                    lambda: len({r.node_id for r in events.of(DeployReady, deployment_id=request.deployment_id)}) == 2,
+                    NODE_BOOT_S,
+                    "deploy.ready from both nodes",
+                )
                 assert {r.node_id for r in events.of(DeployReady, deployment_id=request.deployment_id)} == node_ids
 
                 with serve_gateway(cluster.urls[2], tmp_path / "gateway", TEST_CONFIG) as gateway:
@@ -155,17 +170,24 @@ async def test_two_node_sets_on_a_3_node_cluster_both_serve_a_2_replica_deployme
                     served_by: set[str] = set()
                     for i in range(40):  # the queue group picks a replica at random: both answer within a few
                         answer = await client.chat.completions.create(
-                            model="tiny", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=2, temperature=0)
+                            model="tiny",
+                            messages=[{"role": "user", "content": f"hello {i}"}],
+                            max_tokens=2,
+                            temperature=0,
+                        )
                         assert answer.choices[0].message.role == "assistant"
-                        await eventually(lambda: len(events.of(InferenceCompleted)) > i, 30, f"inference.completed #{i}")
+                        await eventually(
+                            lambda i=i: len(events.of(InferenceCompleted)) > i, 30, f"inference.completed #{i}"
+                        )
                         served_by = {c.node_id for c in events.of(InferenceCompleted)}
                         if served_by == node_ids:
                             break
                     assert served_by == node_ids, f"only {served_by} answered"
     except TimeoutError as exc:
-        raise AssertionError(f"stuck past {TEST_BUDGET_S}s (the await is in the traceback above); events seen: "
-                             f"{sorted({e.type for e in events.seen})}; the node sets' logs:\n"
-                             + "\n".join(n.output() for n in nodes)) from exc
+        raise AssertionError(
+            f"stuck past {TEST_BUDGET_S}s (the await is in the traceback above); events seen: "
+            f"{sorted({e.type for e in events.seen})}; the node sets' logs:\n" + "\n".join(n.output() for n in nodes)
+        ) from exc
     finally:
         for node in nodes:
             node.stop()

@@ -80,8 +80,9 @@ async def _inputs_and_formats(gateway, engine: LLMEngine) -> None:
     big = await client.embeddings.create(model="tiny", input=texts, encoding_format="float")  # written off the loop
     assert [d.index for d in big.data] == list(range(2048))
     some = [0, 777, 2047]
-    np.testing.assert_allclose([big.data[i].embedding for i in some], engine.embed([texts[i] for i in some]).vectors.numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        [big.data[i].embedding for i in some], engine.embed([texts[i] for i in some]).vectors.numpy(), atol=1e-5
+    )
 
     # Matryoshka dimensions: the first 16 components, renormalised
     short = await client.embeddings.create(model="tiny", input=TEXTS, dimensions=16)
@@ -92,8 +93,11 @@ async def _inputs_and_formats(gateway, engine: LLMEngine) -> None:
 
 async def _receipt(gateway, bus) -> None:
     async with httpx.AsyncClient(base_url=gateway.v1, timeout=30) as http:
-        answer = await http.post("/embeddings", json={"model": "tiny", "input": TEXTS, "encoding_format": "base64"},
-                                 headers={"Authorization": "Bearer sk-none", "x-request-id": "mine-1"})
+        answer = await http.post(
+            "/embeddings",
+            json={"model": "tiny", "input": TEXTS, "encoding_format": "base64"},
+            headers={"Authorization": "Bearer sk-none", "x-request-id": "mine-1"},
+        )
     assert answer.status_code == 200
     request_id, salt = answer.headers["x-strata-request-id"], answer.headers[SALT_HEADER]
     event = await bus.wait(EmbeddingsCompleted, request_id=request_id)
@@ -149,7 +153,9 @@ async def test_a_deploys_embedding_pooling_overrides_the_checkpoints(nats_server
     try:
         async with worker.running():
             await deployed(bus, "other", embedding_pooling="mean")
-            engine = LLMEngine.from_pretrained(ckpts["other"], EngineConfig(device="cpu", dtype="float32", num_blocks=64))
+            engine = LLMEngine.from_pretrained(
+                ckpts["other"], EngineConfig(device="cpu", dtype="float32", num_blocks=64)
+            )
             got = await embed(bus.nc, EmbeddingRequest(model="other", inputs=TEXTS))
             assert got.reply.pooling == "mean" and engine.pooling == "last"
             vectors = np.array([np.frombuffer(base64.b64decode(v), dtype="<f4") for v in got.vectors])
@@ -189,8 +195,12 @@ async def test_a_token_quota_reserves_the_inputs_bound_and_is_charged_what_was_e
         assert int(refused.value.response.headers["retry-after"]) >= 1
 
 
-async def test_an_embedding_only_checkpoint_deploys_embeds_and_refuses_to_generate(nats_server, tmp_path, ckpts,  # noqa: F811
-                                                                                   tokenizer_dir):  # noqa: F811
+async def test_an_embedding_only_checkpoint_deploys_embeds_and_refuses_to_generate(
+    nats_server,
+    tmp_path,
+    ckpts,  # noqa: F811
+    tokenizer_dir,
+):  # noqa: F811
     """A Qwen3-Embedding-style checkpoint whose files have no LM head: it loads (warmed up by an embedding),
     answers /v1/embeddings as the engine computes them, and a chat request to it is a clear 400."""
     from tests.engine.test_embeddings import bare_decoder_checkpoint
@@ -205,9 +215,14 @@ async def test_an_embedding_only_checkpoint_deploys_embeds_and_refuses_to_genera
                 client = gateway.client()
                 got = await client.embeddings.create(model="embedder", input=TEXTS)
                 engine = LLMEngine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", num_blocks=32))
-                np.testing.assert_allclose([d.embedding for d in got.data], engine.embed(TEXTS).vectors.numpy(), atol=1e-5)
+                np.testing.assert_allclose(
+                    [d.embedding for d in got.data], engine.embed(TEXTS).vectors.numpy(), atol=1e-5
+                )
                 with pytest.raises(openai.BadRequestError) as refused:
                     await client.chat.completions.create(model="embedder", messages=[{"role": "user", "content": "hi"}])
-                assert "embedding model" in refused.value.body["message"] and "/v1/embeddings" in refused.value.body["message"]
+                assert (
+                    "embedding model" in refused.value.body["message"]
+                    and "/v1/embeddings" in refused.value.body["message"]
+                )
     finally:
         await bus.nc.close()

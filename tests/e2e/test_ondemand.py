@@ -69,8 +69,12 @@ def test_on_demand_loads_at_the_first_chat_unloads_when_idle_and_loads_again(bar
     cold = time.monotonic() - started
     assert 0 < first.usage.completion_tokens <= 6
     # it was loaded by that chat; the keep-alive (2 s idle) then unloads it
-    until(lambda: replica(platform, "lazy-gguf")[1]["loaded"] is False and replica(platform, "lazy-gguf")[1]["measured_peak"],
-          what="the idle unload")
+    until(
+        lambda: (
+            replica(platform, "lazy-gguf")[1]["loaded"] is False and replica(platform, "lazy-gguf")[1]["measured_peak"]
+        ),
+        what="the idle unload",
+    )
     started = time.monotonic()
     again = client.chat.completions.create(model="lazy-gguf", **CHAT)
     reloaded = time.monotonic() - started
@@ -80,8 +84,10 @@ def test_on_demand_loads_at_the_first_chat_unloads_when_idle_and_loads_again(bar
     warm = time.monotonic() - started
     print(f"\nthrough the gateway: first chat {cold:.3f}s (with load), after unload {reloaded:.3f}s, warm {warm:.3f}s")
     # the ledger logs every load and unload with the deployment's other events
-    types = until(lambda: (t := ledger_types(platform, "lazy-gguf")).count("deploy.model_loaded") >= 2 and t,
-                  what="two loads in the ledger")
+    types = until(
+        lambda: (t := ledger_types(platform, "lazy-gguf")).count("deploy.model_loaded") >= 2 and t,
+        what="two loads in the ledger",
+    )
     assert types.index("deploy.ready") < types.index("deploy.model_loaded") < types.index("deploy.model_unloaded")
 
 

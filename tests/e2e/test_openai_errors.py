@@ -41,7 +41,9 @@ def assert_context_error(exc: openai.APIStatusError, completion: int | None = No
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["code"] == "context_length_exceeded"
     message = error["message"]
-    assert message.startswith(f"This model's maximum context length is {CONTEXT} tokens. However, you requested "), message
+    assert message.startswith(f"This model's maximum context length is {CONTEXT} tokens. However, you requested "), (
+        message
+    )
     assert message.endswith("Please reduce the length of the messages or completion."), message
     if completion is not None:
         assert f" in the messages, {completion} in the completion)" in message, message
@@ -87,20 +89,33 @@ async def test_prompt_plus_max_tokens_over_the_context_is_refused_unless_capping
         await client.completions.create(model="tiny", prompt="It was", max_tokens=CONTEXT, stream=True)
     assert_context_error(caught.value, completion=CONTEXT)
 
-    capped = await client.chat.completions.create(model="tiny", messages=short, max_tokens=CONTEXT, temperature=0,
-                                                  extra_body={"cap_max_tokens": True})
+    capped = await client.chat.completions.create(
+        model="tiny", messages=short, max_tokens=CONTEXT, temperature=0, extra_body={"cap_max_tokens": True}
+    )
     assert capped.choices[0].finish_reason == "length"
     assert capped.usage.prompt_tokens + capped.usage.completion_tokens == CONTEXT
-    filled = await client.chat.completions.create(model="tiny", messages=short, temperature=0)  # no max_tokens: up to the context
-    assert filled.usage.prompt_tokens + filled.usage.completion_tokens <= CONTEXT and filled.usage.completion_tokens >= 1
+    filled = await client.chat.completions.create(
+        model="tiny", messages=short, temperature=0
+    )  # no max_tokens: up to the context
+    assert (
+        filled.usage.prompt_tokens + filled.usage.completion_tokens <= CONTEXT and filled.usage.completion_tokens >= 1
+    )
 
 
 async def test_litellm_raises_context_window_exceeded(stack):
     litellm = pytest.importorskip("litellm")
     for stream in (False, True):
         with pytest.raises(litellm.ContextWindowExceededError):
-            response = await asyncio.to_thread(litellm.completion, model="openai/tiny", api_base=stack.v1, api_key="sk-none",
-                                               messages=CHAT_LONG, max_tokens=4, stream=stream, num_retries=0)
+            response = await asyncio.to_thread(
+                litellm.completion,
+                model="openai/tiny",
+                api_base=stack.v1,
+                api_key="sk-none",
+                messages=CHAT_LONG,
+                max_tokens=4,
+                stream=stream,
+                num_retries=0,
+            )
             if stream:
                 for _ in response:
                     pass
@@ -111,11 +126,21 @@ async def test_models_carry_max_model_len_and_retrieve_works(stack):
     listed = (await client.models.list()).data
     assert [(m.id, m.model_extra["max_model_len"]) for m in listed] == [("tiny", CONTEXT)]
     one = await client.models.retrieve("tiny")
-    assert one.id == "tiny" and one.object == "model" and one.owned_by == "strata" and one.model_extra["max_model_len"] == CONTEXT
+    assert (
+        one.id == "tiny"
+        and one.object == "model"
+        and one.owned_by == "strata"
+        and one.model_extra["max_model_len"] == CONTEXT
+    )
     sync = openai.OpenAI(base_url=stack.v1, api_key="sk-none", max_retries=0, timeout=30)
     assert (await asyncio.to_thread(sync.models.retrieve, "tiny")).id == "tiny"
     with pytest.raises(openai.NotFoundError) as caught:
         await client.models.retrieve("absent")
     error = caught.value.response.json()["error"]
-    assert error == {"message": error["message"], "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert error == {
+        "message": error["message"],
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
     assert "absent" in error["message"]

@@ -99,8 +99,12 @@ async def test_prometheus_scrapes_every_service_and_sees_the_engine_under_load(p
         assert {s["metric"]["service_name"] for s in up} == set(SERVICES)
 
         async def busy():
-            running = await query(http, prometheus, f'max_over_time(strata:num_requests_running{{model_name="{MODEL}"}}[1m]) > 0')
-            kv = await query(http, prometheus, f'max_over_time(strata:kv_cache_usage_perc{{model_name="{MODEL}"}}[1m]) > 0')
+            running = await query(
+                http, prometheus, f'max_over_time(strata:num_requests_running{{model_name="{MODEL}"}}[1m]) > 0'
+            )
+            kv = await query(
+                http, prometheus, f'max_over_time(strata:kv_cache_usage_perc{{model_name="{MODEL}"}}[1m]) > 0'
+            )
             return running and kv
 
         seen = None
@@ -117,16 +121,26 @@ async def test_prometheus_scrapes_every_service_and_sees_the_engine_under_load(p
         await until("the running gauge back at 0", idle, timeout=30)
         # each target is scraped on its own clock: the gateway's last scrape may predate the streams'
         # ends that the worker's already shows, so wait for the gateway's counter too
-        chats = await until("the gateway's counter scraped after the streams ended", lambda: query(
-            http, prometheus, 'sum(strata_http_requests_total{service="api-gateway",'
-                              'route="/v1/chat/completions",status="200"}) >= 4'), timeout=30)
+        chats = await until(
+            "the gateway's counter scraped after the streams ended",
+            lambda: query(
+                http,
+                prometheus,
+                'sum(strata_http_requests_total{service="api-gateway",route="/v1/chat/completions",status="200"}) >= 4',
+            ),
+            timeout=30,
+        )
         assert float(chats[0]["value"][1]) >= 4
         # a counter is first scraped at whatever it holds, and rate() cannot see that first step: once
         # the monitor's series is in Prometheus, one more wave makes the recording rule's rate show
-        await until("the monitor's request counter scraped", lambda: query(
-            http, prometheus, f'strata:request_success_total{{model_name="{MODEL}"}}'))
+        await until(
+            "the monitor's request counter scraped",
+            lambda: query(http, prometheus, f'strata:request_success_total{{model_name="{MODEL}"}}'),
+        )
         await asyncio.sleep(1.5)  # a scrape of the counter before the next wave lands
         await asyncio.gather(*(one(100 + i) for i in range(4)))
-        rate = await until("the recording rule over the monitor's counters",
-                           lambda: query(http, prometheus, f'model_name:strata_requests:rate1m{{model_name="{MODEL}"}} > 0'))
+        rate = await until(
+            "the recording rule over the monitor's counters",
+            lambda: query(http, prometheus, f'model_name:strata_requests:rate1m{{model_name="{MODEL}"}} > 0'),
+        )
         assert rate

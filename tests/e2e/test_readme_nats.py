@@ -51,7 +51,9 @@ def test_the_readme_program_gets_a_reply_and_a_job_result_from_a_real_stack(plat
                          capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     lines = re.findall(r"^(request|job) choice (\d+): (.+)$", run.stdout, re.M)
-    assert [(via, int(i)) for via, i, _ in lines] == [("request", 0), ("request", 1), ("job", 0), ("job", 1)], run.stdout
+    assert [(via, int(i)) for via, i, _ in lines] == [("request", 0), ("request", 1), ("job", 0), ("job", 1)], (
+        run.stdout
+    )
     assert all(ast.literal_eval(text).strip() for _, _, text in lines), run.stdout  # each of the n choices has text
 
     # The schemas the README points at are served where it says.

@@ -29,7 +29,9 @@ async def stack(nats_server, tmp_path, ckpts):  # noqa: F811
         async with worker.running():
             await deployed(bus, "tiny")
             with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
-                engine = LLMEngine.from_pretrained(ckpts["tiny"], EngineConfig(device="cpu", dtype="float32", num_blocks=64))
+                engine = LLMEngine.from_pretrained(
+                    ckpts["tiny"], EngineConfig(device="cpu", dtype="float32", num_blocks=64)
+                )
                 stack.worker = worker.part(Worker)  # type: ignore[attr-defined]
                 yield gateway, engine
     finally:
@@ -57,28 +59,60 @@ async def test_penalties_and_min_p_change_the_output_as_the_engine_does(nats_ser
             assert want != plain, fields  # the penalty visibly changes a random-weight model's output
             openai_fields = {k: v for k, v in fields.items() if k != "repetition_penalty"}
             extra = {"repetition_penalty": fields["repetition_penalty"]} if "repetition_penalty" in fields else None
-            got = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60, temperature=0,
-                                                  extra_body=extra, **openai_fields)
+            got = await client.completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=60, temperature=0, extra_body=extra, **openai_fields
+            )
             assert got.choices[0].text == want
-            stream = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60, temperature=0, stream=True,
-                                                     extra_body=extra, **openai_fields)
+            stream = await client.completions.create(
+                model="tiny",
+                prompt=PROMPT,
+                max_tokens=60,
+                temperature=0,
+                stream=True,
+                extra_body=extra,
+                **openai_fields,
+            )
             assert await streamed(stream) == want
-            sync = await asyncio.to_thread(sync_client(gateway).completions.create, model="tiny", prompt=PROMPT, max_tokens=60,
-                                           temperature=0, extra_body=extra, **openai_fields)
+            sync = await asyncio.to_thread(
+                sync_client(gateway).completions.create,
+                model="tiny",
+                prompt=PROMPT,
+                max_tokens=60,
+                temperature=0,
+                extra_body=extra,
+                **openai_fields,
+            )
             assert sync.choices[0].text == want
 
         chat_plain = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0)
-        chat = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0,
-                                                    presence_penalty=2, extra_body={"repetition_penalty": 1.5})
+        chat = await client.chat.completions.create(
+            model="tiny",
+            messages=CHAT,
+            max_tokens=40,
+            temperature=0,
+            presence_penalty=2,
+            extra_body={"repetition_penalty": 1.5},
+        )
         assert chat.choices[0].message.content != chat_plain.choices[0].message.content
-        chunks = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0, stream=True,
-                                                      presence_penalty=2, extra_body={"repetition_penalty": 1.5})
-        assert "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices]) == chat.choices[0].message.content
+        chunks = await client.chat.completions.create(
+            model="tiny",
+            messages=CHAT,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+            presence_penalty=2,
+            extra_body={"repetition_penalty": 1.5},
+        )
+        assert (
+            "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+            == chat.choices[0].message.content
+        )
 
         want = text_of(engine, PROMPT, max_tokens=30, temperature=1.5, seed=11, min_p=0.3)
         assert want != text_of(engine, PROMPT, max_tokens=30, temperature=1.5, seed=11)
-        got = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=1.5, seed=11,
-                                              extra_body={"min_p": 0.3})
+        got = await client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=30, temperature=1.5, seed=11, extra_body={"min_p": 0.3}
+        )
         assert got.choices[0].text == want
 
 
@@ -87,19 +121,27 @@ async def test_logit_bias_forces_or_bans_a_token_and_an_id_outside_the_vocabular
         client = gateway.client()
         token = engine.tokenizer.encode(" fox")[-1]
         piece = engine.tokenizer.decode([token])
-        got = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=1.0, seed=3,
-                                              logit_bias={str(token): 100})
+        got = await client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=5, temperature=1.0, seed=3, logit_bias={str(token): 100}
+        )
         assert got.choices[0].text == piece * 5
-        chat = await asyncio.to_thread(sync_client(gateway).chat.completions.create, model="tiny", messages=CHAT, max_tokens=4,
-                                       logit_bias={str(token): 100})
+        chat = await asyncio.to_thread(
+            sync_client(gateway).chat.completions.create,
+            model="tiny",
+            messages=CHAT,
+            max_tokens=4,
+            logit_bias={str(token): 100},
+        )
         assert chat.choices[0].message.content == piece * 4
-        stream = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, logit_bias={str(token): 100},
-                                                 stream=True)
+        stream = await client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=5, logit_bias={str(token): 100}, stream=True
+        )
         assert await streamed(stream) == piece * 5
 
         greedy = engine.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0))[0].token_ids[0]
-        banned = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=0,
-                                                 logit_bias={str(greedy): -100}, logprobs=0)
+        banned = await client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=1, temperature=0, logit_bias={str(greedy): -100}, logprobs=0
+        )
         assert banned.choices[0].logprobs.tokens[0] != engine.tokenizer.decode([greedy])
 
         vocab = engine.model_config.vocab_size
@@ -116,11 +158,21 @@ async def test_echo_puts_the_prompt_before_the_completion(nats_server, tmp_path,
         got = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, echo=True)
         assert got.choices[0].text == PROMPT + want
         assert got.usage.completion_tokens == 8 and got.usage.prompt_tokens == len(engine.tokenizer.encode(PROMPT))
-        sync = await asyncio.to_thread(sync_client(gateway).completions.create, model="tiny", prompt=[PROMPT], max_tokens=8,
-                                       temperature=0, echo=True)
+        sync = await asyncio.to_thread(
+            sync_client(gateway).completions.create,
+            model="tiny",
+            prompt=[PROMPT],
+            max_tokens=8,
+            temperature=0,
+            echo=True,
+        )
         assert sync.choices[0].text == PROMPT + want
-        chunks = [c async for c in await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0,
-                                                                    echo=True, stream=True)]
+        chunks = [
+            c
+            async for c in await client.completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, echo=True, stream=True
+            )
+        ]
         assert chunks[0].choices[0].text == PROMPT
         assert "".join(c.choices[0].text for c in chunks) == PROMPT + want
         plain = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, echo=False)
@@ -135,22 +187,39 @@ async def test_n_choices_each_with_its_own_seed_in_one_request(nats_server, tmp_
 
     async with stack(nats_server, tmp_path, ckpts) as (gateway, engine):
         client = gateway.client()
-        outs = engine.generate([PROMPT] * 3, [SamplingParams(max_tokens=12, temperature=1.0, seed=choice_seed(5, i))
-                                              for i in range(3)])
+        outs = engine.generate(
+            [PROMPT] * 3, [SamplingParams(max_tokens=12, temperature=1.0, seed=choice_seed(5, i)) for i in range(3)]
+        )
         got = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=5, n=3)
         assert [c.index for c in got.choices] == [0, 1, 2]
         assert [c.text for c in got.choices] == [o.text for o in outs]
         assert len({c.text for c in got.choices}) == 3  # the choices differ
         assert got.usage.completion_tokens == sum(len(o.token_ids) for o in outs)
         assert got.usage.prompt_tokens == len(outs[0].prompt_token_ids)
-        again = await asyncio.to_thread(sync_client(gateway).completions.create, model="tiny", prompt=PROMPT, max_tokens=12,
-                                        temperature=1.0, seed=5, n=3)
+        again = await asyncio.to_thread(
+            sync_client(gateway).completions.create,
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=1.0,
+            seed=5,
+            n=3,
+        )
         assert [c.text for c in again.choices] == [o.text for o in outs]  # a seeded request is reproducible
         one = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=5)
         assert one.choices[0].text == outs[0].text  # n=1 is choice 0
 
-        stream = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=5, n=3,
-                                                 stream=True, echo=True, stream_options={"include_usage": True})
+        stream = await client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=1.0,
+            seed=5,
+            n=3,
+            stream=True,
+            echo=True,
+            stream_options={"include_usage": True},
+        )
         texts, finishes, usage = {}, {}, None
         async for chunk in stream:
             usage = chunk.usage or usage
@@ -161,11 +230,14 @@ async def test_n_choices_each_with_its_own_seed_in_one_request(nats_server, tmp_
         assert finishes == {i: o.finish_reason for i, o in enumerate(outs)}
         assert usage.completion_tokens == got.usage.completion_tokens
 
-        chat = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10, temperature=1.0, seed=9, n=2)
+        chat = await client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=10, temperature=1.0, seed=9, n=2
+        )
         assert [c.index for c in chat.choices] == [0, 1]
         assert chat.choices[0].message.content != chat.choices[1].message.content
-        chunks = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10, temperature=1.0, seed=9, n=2,
-                                                      stream=True)
+        chunks = await client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=10, temperature=1.0, seed=9, n=2, stream=True
+        )
         contents: dict[int, str] = {}
         async for chunk in chunks:
             for c in chunk.choices:

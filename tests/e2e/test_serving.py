@@ -27,7 +27,9 @@ async def test_two_models_served_at_once_and_greedy_equals_the_engine(nats_serve
             client = gateway.client()
             assert sorted(m.id for m in (await client.models.list()).data) == ["other", "tiny"]
 
-            reference = LLMEngine.from_pretrained(ckpts["tiny"], EngineConfig(device="cpu", dtype="float32", num_blocks=64))
+            reference = LLMEngine.from_pretrained(
+                ckpts["tiny"], EngineConfig(device="cpu", dtype="float32", num_blocks=64)
+            )
             prompt = "Once upon a time there was"
             expected = reference.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
             got = await client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
@@ -35,11 +37,14 @@ async def test_two_models_served_at_once_and_greedy_equals_the_engine(nats_serve
             assert got.choices[0].finish_reason == "length"
             assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(expected.prompt_token_ids), 8)
 
-            streamed = await client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+            streamed = await client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True
+            )
             assert "".join([c.choices[0].text async for c in streamed]) == expected.text
 
-            chat = await client.chat.completions.create(model="other", messages=[{"role": "user", "content": "Call me Ishmael."}],
-                                                        max_tokens=5, temperature=0)
+            chat = await client.chat.completions.create(
+                model="other", messages=[{"role": "user", "content": "Call me Ishmael."}], max_tokens=5, temperature=0
+            )
             assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
             assert chat.system_fingerprint.startswith("other:1/")
 
@@ -51,14 +56,25 @@ async def test_two_models_served_at_once_and_greedy_equals_the_engine(nats_serve
 async def deploy_on(bus, model: ModelId, node_id: str) -> DeployReady:
     """Schedule ``model`` on ``node_id`` as hardware-inventory would, and wait until it is ready."""
     deployment_id = f"dep-{node_id}"
-    await bus.emit(DeployScheduled(deployment_id=deployment_id, model=model, node_id=node_id, device="cpu", predicted_bytes=1,
-                                   context_length=2048, model_ref=model.name, kv_cache_bytes=KV_BYTES, dtype="float32"))
+    await bus.emit(
+        DeployScheduled(
+            deployment_id=deployment_id,
+            model=model,
+            node_id=node_id,
+            device="cpu",
+            predicted_bytes=1,
+            context_length=2048,
+            model_ref=model.name,
+            kv_cache_bytes=KV_BYTES,
+            dtype="float32",
+        )
+    )
     return await bus.wait(DeployReady, timeout=90, deployment_id=deployment_id)
 
 
-
 async def test_killing_a_worker_mid_stream_errors_the_client_and_the_other_replica_serves(
-        nats_server, tmp_path, pushed):  # noqa: F811
+    nats_server, tmp_path, pushed
+):  # noqa: F811
     import asyncio
     import signal
 
@@ -66,12 +82,16 @@ async def test_killing_a_worker_mid_stream_errors_the_client_and_the_other_repli
     procs = {node: spawn_worker(nats_server.url, tmp_path / node, node) for node in ("node-1", "node-2")}
     try:
         await asyncio.gather(*(deploy_on(bus, pushed.model, node) for node in procs))
-        with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG.model_copy(update={"silence_timeout_s": 3.0})) as gateway:
+        with serve_gateway(
+            nats_server.url, tmp_path / "gw", TEST_CONFIG.model_copy(update={"silence_timeout_s": 3.0})
+        ) as gateway:
             client = gateway.client()
             models = (await client.models.list()).data
             assert [m.id for m in models] == ["long"]
 
-            stream = await client.completions.create(model="long", prompt="It was", max_tokens=LONG, temperature=0, stream=True)
+            stream = await client.completions.create(
+                model="long", prompt="It was", max_tokens=LONG, temperature=0, stream=True
+            )
             received = [await anext(aiter(stream))]
             counts = await in_flight_by_node(bus.nc, workers=2, model="long")
             serving = [node for node, n in counts.items() if n > 0]

@@ -110,8 +110,14 @@ def test_dtype_bench_prints_a_row_per_variant_and_the_llama_cpp_hook(tmp_path):
          "--prompt-tokens", "8", "--new-tokens", "4", "--concurrent", "2", "--json", str(out_json)],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for variant, dtype in (("bf16", "bfloat16"), ("int8", "bfloat16 \\+ int8 weights"), ("int4", "bfloat16 \\+ int4 weights")):
-        assert re.search(rf"\| Strata {variant} \| {dtype} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| -?{NUMBER} \|", proc.stdout), proc.stdout
+    for variant, dtype in (
+        ("bf16", "bfloat16"),
+        ("int8", "bfloat16 \\+ int8 weights"),
+        ("int4", "bfloat16 \\+ int4 weights"),
+    ):
+        assert re.search(
+            rf"\| Strata {variant} \| {dtype} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| -?{NUMBER} \|", proc.stdout
+        ), proc.stdout
     assert "| llama.cpp Q8_0 | | not measured" in proc.stdout
     rows = json.loads(out_json.read_text())["rows"]
     assert rows["int8"]["bytes_per_step"] < rows["bf16"]["bytes_per_step"] and rows["llama.cpp F16"] is None
@@ -119,22 +125,53 @@ def test_dtype_bench_prints_a_row_per_variant_and_the_llama_cpp_hook(tmp_path):
 
 def test_grammar_bench_prints_a_row_per_batch_size():
     proc = subprocess.run(
-        [sys.executable, "bench/grammar.py", "--vocab", "400", "--hidden", "64", "--layers", "1", "--batch-sizes", "1,3",
-         "--new-tokens", "4", "--rounds", "1", "--max-files", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180)
+        [
+            sys.executable,
+            "bench/grammar.py",
+            "--vocab",
+            "400",
+            "--hidden",
+            "64",
+            "--layers",
+            "1",
+            "--batch-sizes",
+            "1,3",
+            "--new-tokens",
+            "4",
+            "--rounds",
+            "1",
+            "--max-files",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for batch in (1, 3):  # free and guided ms/step, overhead, the mask alone in ms and per row
-        assert re.search(rf"^\s+{batch}\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}%\s+{NUMBER}\s+{NUMBER}$", proc.stdout, re.M), proc.stdout
+        assert re.search(
+            rf"^\s+{batch}\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}%\s+{NUMBER}\s+{NUMBER}$", proc.stdout, re.M
+        ), proc.stdout
     assert "load average before" in proc.stdout and "load average after" in proc.stdout
 
 
 def test_cpu_linear_bench_prints_every_way_at_every_row_count():
-    proc = subprocess.run([sys.executable, "bench/cpu_linear.py", "--n", "64", "--k", "32", "--mb", "1", "--rounds", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "bench/cpu_linear.py", "--n", "64", "--k", "32", "--mb", "1", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ways = ["bf16 plain", "fp16 plain", "fp32 plain"] + [
-        name for dt, name in ((torch.bfloat16, "bf16 prepacked (oneDNN)"), (torch.float16, "fp16 prepacked (fbgemm)"))
-        if can_pack(dt)]
+        name
+        for dt, name in ((torch.bfloat16, "bf16 prepacked (oneDNN)"), (torch.float16, "fp16 prepacked (fbgemm)"))
+        if can_pack(dt)
+    ]
     for way in ways:
-        assert re.search(rf"\| {re.escape(way)} \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \|",
-                         proc.stdout), proc.stdout
+        assert re.search(
+            rf"\| {re.escape(way)} \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \|",
+            proc.stdout,
+        ), proc.stdout

@@ -1,5 +1,6 @@
-"""16-bit linears prepacked for oneDNN (bf16) and fbgemm (fp16) (engine/cpu_linear.py): the product against the fp32 reference
-over odd shapes, and an engine loaded with packing against the same engine without it."""
+"""16-bit linears prepacked for oneDNN (bf16) and fbgemm (fp16) (engine/cpu_linear.py): the product against the
+fp32 reference over odd shapes, and an engine loaded with packing against the same engine without it."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,13 @@ from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingPa
 
 from .conftest import PROMPTS
 
+
 def needs_pack(dtype):
-    return pytest.mark.skipif(not cpu_linear.can_pack(dtype), reason=f"no prepacked {dtype} GEMM here "
-                              "(bf16: oneDNN with avx512_bf16 or AMX; fp16: a torch built with fbgemm)")
+    return pytest.mark.skipif(
+        not cpu_linear.can_pack(dtype),
+        reason=f"no prepacked {dtype} GEMM here "
+        "(bf16: oneDNN with avx512_bf16 or AMX; fp16: a torch built with fbgemm)",
+    )
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(dt, marks=needs_pack(dt)) for dt in (torch.bfloat16, torch.float16)])
@@ -32,7 +37,7 @@ def test_packed_linear_matches_the_fp32_reference(dtype, rows, n, k, bias):
     ref = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
     assert out.shape == (rows, n) and out.dtype == dtype
     # the only rounding is the 16-bit output (bf16: 8 bits of mantissa, fp16: 11)
-    tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    tol = 2**-7 if dtype == torch.bfloat16 else 2**-10
     assert torch.allclose(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
@@ -67,6 +72,7 @@ def test_packed_engine_agrees_with_the_plain_engine(dtype, ckpts, monkeypatch):
     err = (a - b).abs().max().item()
     assert err < 0.05 * b.std().item(), f"packed vs plain {dtype} logits differ by {err}"
     params = SamplingParams(max_tokens=8, temperature=0)
-    same = sum(x.token_ids == y.token_ids for x, y in zip(packed.generate(PROMPTS, params),
-                                                         plain.generate(PROMPTS, params)))
+    same = sum(
+        x.token_ids == y.token_ids for x, y in zip(packed.generate(PROMPTS, params), plain.generate(PROMPTS, params))
+    )
     assert same >= len(PROMPTS) - 1  # bf16 accumulation order may flip one near-tie

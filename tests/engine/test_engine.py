@@ -7,7 +7,13 @@ import threading
 import pytest
 import torch
 
-from services.inference_worker.engine import ContextLengthError, EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+from services.inference_worker.engine import (
+    ContextLengthError,
+    EngineConfig,
+    InvalidRequestError,
+    LLMEngine,
+    SamplingParams,
+)
 from .conftest import PROMPTS
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -22,8 +28,9 @@ def run_all(eng: LLMEngine) -> dict:
 
 def test_preemption_completes_every_request_with_same_tokens(ckpts, engines):
     big = engines("llama")
-    small = LLMEngine.from_pretrained(ckpts("llama").path, EngineConfig(
-        device="cpu", num_blocks=12, block_size=4))  # 48 tokens for 5 requests of ~35
+    small = LLMEngine.from_pretrained(
+        ckpts("llama").path, EngineConfig(device="cpu", num_blocks=12, block_size=4)
+    )  # 48 tokens for 5 requests of ~35
     assert small.max_model_len == 48
     greedy = SamplingParams(max_tokens=20, temperature=0)
     seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=11)
@@ -31,8 +38,10 @@ def test_preemption_completes_every_request_with_same_tokens(ckpts, engines):
     params = [greedy, seeded, greedy, seeded, greedy]
     expected = [o.token_ids for o in big.generate(prompts, params)]
     streams = {}
-    rids = [small.add_request(p, sp, callback=lambda e: streams.setdefault(e.request_id, []).append(e))
-            for p, sp in zip(prompts, params)]
+    rids = [
+        small.add_request(p, sp, callback=lambda e: streams.setdefault(e.request_id, []).append(e))
+        for p, sp in zip(prompts, params)
+    ]
     done = run_all(small)
     assert small.scheduler.num_preemptions > 0
     assert any(done[r].metrics.num_preemptions for r in rids)
@@ -44,8 +53,7 @@ def test_preemption_completes_every_request_with_same_tokens(ckpts, engines):
 
 
 def test_request_too_long_for_cache_fails_clearly_others_complete(ckpts):
-    eng = LLMEngine.from_pretrained(ckpts("llama").path, EngineConfig(device="cpu", num_blocks=4,
-                                                                      block_size=4))
+    eng = LLMEngine.from_pretrained(ckpts("llama").path, EngineConfig(device="cpu", num_blocks=4, block_size=4))
     long_prompt = " ".join(PROMPTS)
     outs = eng.generate([long_prompt, "It was"], SamplingParams(max_tokens=50, temperature=0))
     assert outs[0].finish_reason == "error" and outs[0].token_ids == []
@@ -77,8 +85,12 @@ def test_reject_invalid_raises_before_queueing_and_cap_max_tokens_false_checks_t
         eng.add_request([], SamplingParams(), reject_invalid=True)
     assert not eng.has_unfinished(), "nothing refused was queued"
     fits = eng.add_request(ids, SamplingParams(max_tokens=6, temperature=0), reject_invalid=True, cap_max_tokens=False)
-    capped = eng.add_request(ids, SamplingParams(max_tokens=7, temperature=0), reject_invalid=True)  # the context cuts it
-    refused = eng.add_request(ids, SamplingParams(max_tokens=7), cap_max_tokens=False)  # not raised: finishes with error
+    capped = eng.add_request(
+        ids, SamplingParams(max_tokens=7, temperature=0), reject_invalid=True
+    )  # the context cuts it
+    refused = eng.add_request(
+        ids, SamplingParams(max_tokens=7), cap_max_tokens=False
+    )  # not raised: finishes with error
     done = run_all(eng)
     assert done[fits].finish_reason == "length" and len(done[fits].token_ids) == 6
     assert done[capped].finish_reason == "length" and len(done[capped].token_ids) == 6
@@ -88,8 +100,7 @@ def test_reject_invalid_raises_before_queueing_and_cap_max_tokens_false_checks_t
 def test_cancel_frees_blocks_and_reports_cancelled(engines):
     eng = engines("llama")
     events = []
-    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=200, temperature=0),
-                          callback=events.append)
+    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=200, temperature=0), callback=events.append)
     other = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0))
     for _ in range(3):
         eng.step()
@@ -119,10 +130,9 @@ def test_max_tokens_and_stop_token_ids(engines):
     assert base.finish_reason == "length" and len(base.token_ids) == 24
     stop_id = base.token_ids[7]
     cut = base.token_ids.index(stop_id)
-    out = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0,
-                                                    stop_token_ids=[stop_id]))[0]
+    out = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id]))[0]
     assert out.finish_reason == "stop"
-    assert out.token_ids == base.token_ids[:cut + 1]
+    assert out.token_ids == base.token_ids[: cut + 1]
     assert out.text == eng.tokenizer.decode(base.token_ids[:cut])  # the stop token is not text
 
 
@@ -130,12 +140,13 @@ def test_stop_string_cut_and_never_streamed(engines):
     eng = engines("qwen2")
     base = eng.generate([PROMPTS[2]], SamplingParams(max_tokens=32, temperature=0))[0]
     text = base.text
-    start = next(i for i in range(8, len(text) - 3) if "\ufffd" not in text[i:i + 3])
-    stop = text[start:start + 3]
-    expected = text[:text.find(stop)]
+    start = next(i for i in range(8, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    stop = text[start : start + 3]
+    expected = text[: text.find(stop)]
     events = []
-    eng.add_request(PROMPTS[2], SamplingParams(max_tokens=32, temperature=0, stop=["@@never@@", stop]),
-                    callback=events.append)
+    eng.add_request(
+        PROMPTS[2], SamplingParams(max_tokens=32, temperature=0, stop=["@@never@@", stop]), callback=events.append
+    )
     (out,) = run_all(eng).values()
     assert out.finish_reason == "stop" and out.text == expected
     assert len(out.token_ids) < 32
@@ -161,8 +172,7 @@ def test_seed_reproducible_regardless_of_batch(engines):
     eng = engines("llama")
     p = SamplingParams(max_tokens=16, temperature=1.0, seed=1234)
     alone = eng.generate([PROMPTS[0]], p)[0].token_ids
-    others = [SamplingParams(max_tokens=16, temperature=1.0, seed=7),
-              SamplingParams(max_tokens=16, temperature=0.7)]
+    others = [SamplingParams(max_tokens=16, temperature=1.0, seed=7), SamplingParams(max_tokens=16, temperature=0.7)]
     batch = eng.generate([PROMPTS[1], PROMPTS[0], PROMPTS[3]], [others[0], p, others[1]])
     assert batch[1].token_ids == alone
     other_seed = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=99))
@@ -174,8 +184,10 @@ def test_seed_reproducible_regardless_of_batch(engines):
 def test_top_k_1_and_tiny_top_p_equal_greedy(engines):
     eng = engines("qwen2")
     greedy = [o.token_ids for o in eng.generate(PROMPTS[:3], SamplingParams(max_tokens=16, temperature=0))]
-    for p in (SamplingParams(max_tokens=16, temperature=1.5, top_k=1),
-              SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6)):
+    for p in (
+        SamplingParams(max_tokens=16, temperature=1.5, top_k=1),
+        SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6),
+    ):
         assert [o.token_ids for o in eng.generate(PROMPTS[:3], p)] == greedy
 
 

@@ -50,8 +50,10 @@ def test_json_object_parses_when_it_finishes(engines, tokenizer_dir):
     towards '"' and '}' (ids from the tokenizer) lets them finish; the grammar keeps the rest valid."""
     engine = engines("llama")
     favoured = {engine.tokenizer.token_to_id(t): 8.0 for t in ('"', "}")}
-    params = [SamplingParams(max_tokens=120, temperature=1.0, seed=s, logit_bias=favoured, constraint=Constraint("json"))
-              for s in range(12)]
+    params = [
+        SamplingParams(max_tokens=120, temperature=1.0, seed=s, logit_bias=favoured, constraint=Constraint("json"))
+        for s in range(12)
+    ]
     outs = engine.generate(["It was"] * len(params), params)
     for out in outs:
         assert out.finish_reason == "stop", (out.text, out.error)
@@ -61,8 +63,10 @@ def test_json_object_parses_when_it_finishes(engines, tokenizer_dir):
 def test_a_length_cut_leaves_a_valid_prefix_and_says_length(engines):
     engine = engines("llama")
     long = {"type": "object", "properties": {"s": {"type": "string", "minLength": 30}}, "required": ["s"]}
-    out = engine.generate("It was", SamplingParams(max_tokens=5, temperature=1.0, seed=3,
-                                                    constraint=Constraint("json_schema", json.dumps(long))))[0]
+    out = engine.generate(
+        "It was",
+        SamplingParams(max_tokens=5, temperature=1.0, seed=3, constraint=Constraint("json_schema", json.dumps(long))),
+    )[0]
     assert out.finish_reason == "length" and out.text.startswith('{"s"'), out.text
 
 
@@ -78,17 +82,22 @@ def test_free_rows_in_a_constrained_batch_are_unchanged(engines):
 def test_a_lark_grammar_bounds_the_answer(engines):
     engine = engines("llama")
     grammar = Constraint("grammar", 'start: "yes" | "no" | "maybe so"')
-    outs = engine.generate(PROMPTS, [SamplingParams(max_tokens=20, temperature=1.0, seed=s, constraint=grammar)
-                                     for s in range(len(PROMPTS))])
+    outs = engine.generate(
+        PROMPTS,
+        [SamplingParams(max_tokens=20, temperature=1.0, seed=s, constraint=grammar) for s in range(len(PROMPTS))],
+    )
     assert {o.text for o in outs} <= {"yes", "no", "maybe so"}
     assert all(o.finish_reason == "stop" for o in outs)
 
 
-@pytest.mark.parametrize("constraint, reason", [
-    (Constraint("json_schema", '{"type": "nonsense"}'), "nonsense"),
-    (Constraint("json_schema", '[1, 2]'), "not a JSON object"),
-    (Constraint("grammar", "start: undefined_rule"), "undefined_rule"),
-])
+@pytest.mark.parametrize(
+    "constraint, reason",
+    [
+        (Constraint("json_schema", '{"type": "nonsense"}'), "nonsense"),
+        (Constraint("json_schema", '[1, 2]'), "not a JSON object"),
+        (Constraint("grammar", "start: undefined_rule"), "undefined_rule"),
+    ],
+)
 def test_a_grammar_that_cannot_compile_is_refused_with_its_reason(engines, constraint, reason):
     engine = engines("llama")
     params = SamplingParams(max_tokens=4, constraint=constraint)
@@ -102,12 +111,16 @@ def test_a_grammar_that_cannot_compile_is_refused_with_its_reason(engines, const
 def test_objects_that_list_properties_are_closed_unless_they_say_otherwise():
     from services.inference_worker.engine.guided import closed
 
-    schema = {"type": "object", "properties": {
-        "a": {"type": "object", "properties": {"x": {"type": "integer"}}},
-        "b": {"type": "object", "properties": {}, "additionalProperties": True},
-        "c": {"type": "array", "items": {"type": "object", "properties": {"y": {"type": "string"}}}},
-        "d": {"allOf": [{"type": "object", "properties": {"z": {"type": "integer"}}}]},
-        "properties": {"type": "object"}}}  # a property named "properties" is a name, not a keyword
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"x": {"type": "integer"}}},
+            "b": {"type": "object", "properties": {}, "additionalProperties": True},
+            "c": {"type": "array", "items": {"type": "object", "properties": {"y": {"type": "string"}}}},
+            "d": {"allOf": [{"type": "object", "properties": {"z": {"type": "integer"}}}]},
+            "properties": {"type": "object"},
+        },
+    }  # a property named "properties" is a name, not a keyword
     out = closed(schema)
     assert out["additionalProperties"] is False
     assert out["properties"]["a"]["additionalProperties"] is False
@@ -118,8 +131,11 @@ def test_objects_that_list_properties_are_closed_unless_they_say_otherwise():
     assert schema["properties"]["a"] == {"type": "object", "properties": {"x": {"type": "integer"}}}  # not mutated
 
     # review finding: closing these changed what they accept (and made some unsatisfiable)
-    union = {"type": "object", "properties": {"c": {"type": "string"}},
-             "anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}]}
+    union = {
+        "type": "object",
+        "properties": {"c": {"type": "string"}},
+        "anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}],
+    }
     assert closed(union) == union
     assert "additionalProperties" not in closed({"type": "object", "properties": {"a": {}}, "required": ["a", "b"]})
     assert "additionalProperties" not in closed({"type": "object", "properties": {"a": {}}, "$ref": "#/$defs/x"})
@@ -129,8 +145,10 @@ def test_a_schema_without_additional_properties_gets_only_its_own_keys(engines):
     """A random-weight model would otherwise invent keys: 'valid' JSON Schema, useless arguments."""
     engine = engines("llama")
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
-    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=s, constraint=Constraint("json_schema", json.dumps(schema)))
-              for s in range(8)]
+    params = [
+        SamplingParams(max_tokens=60, temperature=1.0, seed=s, constraint=Constraint("json_schema", json.dumps(schema)))
+        for s in range(8)
+    ]
     for out in engine.generate(["It was"] * len(params), params):
         assert out.finish_reason == "stop" and set(json.loads(out.text)) == {"n"}, out.text
 
@@ -141,12 +159,22 @@ def test_the_built_in_model_answers_in_the_schema():
     from services.inference_worker.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine.from_pretrained(model_dir, EngineConfig(device="cpu", dtype="float32", num_blocks=64))
-    schema = {"type": "object", "required": ["book", "chapter"], "properties": {
-        "book": {"enum": ["Genesis", "Exodus", "Psalms"]}, "chapter": {"type": "integer", "minimum": 1, "maximum": 150}}}
-    params = [SamplingParams(max_tokens=40, temperature=0.8, seed=s, constraint=Constraint("json_schema", json.dumps(schema)))
-              for s in range(6)]
-    outs = [engine.generate(engine.tokenizer.encode_chat([{"role": "user", "content": "Where is it written?"}]), p)[0]
-            for p in params]
+    schema = {
+        "type": "object",
+        "required": ["book", "chapter"],
+        "properties": {
+            "book": {"enum": ["Genesis", "Exodus", "Psalms"]},
+            "chapter": {"type": "integer", "minimum": 1, "maximum": 150},
+        },
+    }
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.8, seed=s, constraint=Constraint("json_schema", json.dumps(schema)))
+        for s in range(6)
+    ]
+    outs = [
+        engine.generate(engine.tokenizer.encode_chat([{"role": "user", "content": "Where is it written?"}]), p)[0]
+        for p in params
+    ]
     for out in outs:
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), schema)
@@ -159,19 +187,27 @@ def test_a_grammar_past_the_limits_at_its_first_mask_is_refused_before_it_starts
     engine = engines("llama")
     schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": NESTED}}, "required": ["s"]}
     with pytest.raises(GrammarError, match="too (complex|expensive) to enforce"):
-        engine.add_request("It was", SamplingParams(max_tokens=8, constraint=Constraint("json_schema", json.dumps(schema))),
-                           reject_invalid=True)
+        engine.add_request(
+            "It was",
+            SamplingParams(max_tokens=8, constraint=Constraint("json_schema", json.dumps(schema))),
+            reject_invalid=True,
+        )
 
 
 def test_a_limit_hit_mid_answer_fails_the_request_and_is_not_served_again_from_the_cache(engines):
     """Review finding: the failed matcher's mask allows only EOS, which used to end the answer as a "stop"
     with broken JSON, and the cached grammar then failed every later copy at once."""
     engine = engines("llama")
-    schema = {"type": "object", "properties": {"first": {"type": "boolean"}, "s": {"type": "string", "pattern": NESTED}},
-              "required": ["first", "s"]}
+    schema = {
+        "type": "object",
+        "properties": {"first": {"type": "boolean"}, "s": {"type": "string", "pattern": NESTED}},
+        "required": ["first", "s"],
+    }
     constraint = Constraint("json_schema", json.dumps(schema))
     for seed in range(2):
-        out = engine.generate("It was", SamplingParams(max_tokens=60, temperature=1.0, seed=seed, constraint=constraint))[0]
+        out = engine.generate(
+            "It was", SamplingParams(max_tokens=60, temperature=1.0, seed=seed, constraint=constraint)
+        )[0]
         # failed mid-answer, or (on a slow machine) refused at its warm-up mask: an error either way, never a stop
         assert out.finish_reason == "error", (out.finish_reason, out.text)
         assert re.search("constrained decoding failed|too (complex|expensive) to enforce", out.error), out.error
@@ -185,6 +221,8 @@ def test_a_row_whose_mask_blows_the_step_budget_fails_alone(engines, monkeypatch
     constraint = Constraint("json_schema", json.dumps(SCHEMA))
     engine.compile(constraint)  # compiled and warmed within the budget first
     monkeypatch.setattr(guided, "MASK_BUDGET_S", 0.0)  # then every step is over it
-    free, bound = engine.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=6, temperature=0), schema_params()])
+    free, bound = engine.generate(
+        [PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=6, temperature=0), schema_params()]
+    )
     assert free.finish_reason == "length" and len(free.token_ids) == 6
     assert bound.finish_reason == "error" and "over the budget" in bound.error

@@ -18,7 +18,8 @@ V = 12
 
 
 def openai_penalties(logits: torch.Tensor, output: list[int], presence: float, frequency: float) -> torch.Tensor:
-    """https://platform.openai.com/docs/advanced-usage: mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence."""
+    """https://platform.openai.com/docs/advanced-usage:
+    mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence."""
     counts = torch.zeros(logits.shape[-1])
     for t in output:
         counts[t] += 1
@@ -40,7 +41,9 @@ PARAMS = [
     SamplingParams(temperature=0, repetition_penalty=1.7).resolve(),
     SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=0.8).resolve(),
     SamplingParams(temperature=0).resolve(),  # no field: the plain argmax
-    SamplingParams(temperature=0, repetition_penalty=0.6, frequency_penalty=-1.0, logit_bias={3: 2.5, 8: -100}).resolve(),
+    SamplingParams(
+        temperature=0, repetition_penalty=0.6, frequency_penalty=-1.0, logit_bias={3: 2.5, 8: -100}
+    ).resolve(),
 ]
 
 
@@ -65,11 +68,14 @@ def test_the_penalties_change_greedy_choices():
     assert moved > 20
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.7, repetition_penalty=1.4, presence_penalty=0.5, frequency_penalty=0.3),
-    SamplingParams(temperature=1.3, min_p=0.2),
-    SamplingParams(temperature=0.9, top_p=0.8, min_p=0.1, logit_bias={0: 1.5}),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, repetition_penalty=1.4, presence_penalty=0.5, frequency_penalty=0.3),
+        SamplingParams(temperature=1.3, min_p=0.2),
+        SamplingParams(temperature=0.9, top_p=0.8, min_p=0.1, logit_bias={0: 1.5}),
+    ],
+)
 def test_sampled_distribution_equals_the_oracle(params):
     torch.manual_seed(1)
     logits = torch.randn(V) * 2
@@ -92,8 +98,9 @@ def test_sampled_distribution_equals_the_oracle(params):
 def test_logit_bias_100_forces_a_token_and_minus_100_bans_one():
     torch.manual_seed(2)
     logits = torch.randn(64, V) * 5
-    params = [SamplingParams(temperature=1.0, logit_bias={5: 100}).resolve()] * 32 + \
-             [SamplingParams(temperature=0, logit_bias={int(t): -100}).resolve() for t in logits[32:].argmax(-1)]
+    params = [SamplingParams(temperature=1.0, logit_bias={5: 100}).resolve()] * 32 + [
+        SamplingParams(temperature=0, logit_bias={int(t): -100}).resolve() for t in logits[32:].argmax(-1)
+    ]
     ids, lps = Sampler()(logits, params, [None] * 64)
     assert ids[:32] == [5] * 32
     assert all(ids[i] != int(logits[i].argmax()) for i in range(32, 64))
@@ -102,8 +109,14 @@ def test_logit_bias_100_forces_a_token_and_minus_100_bans_one():
 def test_penalty_without_history_is_refused_and_bad_values_raise():
     with pytest.raises(ValueError, match="prompt and generated"):
         Sampler()(torch.zeros(1, V), [SamplingParams(presence_penalty=1).resolve()], [None])
-    for bad in (dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
-                dict(min_p=1.5), dict(logit_bias={1: 101}), dict(logit_bias={-1: 1})):
+    for bad in (
+        dict(repetition_penalty=0),
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=-3),
+        dict(min_p=1.5),
+        dict(logit_bias={1: 101}),
+        dict(logit_bias={-1: 1}),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -115,9 +128,14 @@ def test_engine_repetition_penalty_greedy_equals_transformers_generate(ckpts, en
         ids = eng.tokenizer.encode(prompt)
         out = eng.generate([prompt], SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.8))[0]
         with torch.no_grad():
-            ref = ck.hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, repetition_penalty=1.8,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
-        assert out.token_ids[:len(ref)] == ref
+            ref = ck.hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=24,
+                do_sample=False,
+                repetition_penalty=1.8,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )[0, len(ids) :].tolist()
+        assert out.token_ids[: len(ref)] == ref
         plain = eng.generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0]
         changed += plain.token_ids != out.token_ids
     assert changed >= 2  # the penalty visibly changes a random-weight model's output

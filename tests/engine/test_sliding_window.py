@@ -10,7 +10,6 @@ from services.inference_worker import kernels
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
 from services.inference_worker.engine.block_manager import NULL_BLOCK, BlockManager, freeing_window
 from services.inference_worker.engine.scheduler import Scheduler
-from services.inference_worker.engine.sequence import Status
 
 from .conftest import PROMPTS, build_checkpoint, hf_greedy
 from .test_units import seq

@@ -1,7 +1,6 @@
 """Unit tests without a model: block manager, scheduler, sampler, stop-string streaming."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from services.inference_worker.engine.block_manager import BlockManager
@@ -96,7 +95,10 @@ def test_sampler_distribution_and_seeds():
     assert set(sampler(logits, topk, [None] * 4000)[0]) == {0, 1}
     one = logits[:1]
     p = [SamplingParams(temperature=1.0, seed=5).resolve()]
-    draws = lambda s: [sampler(one, p, [g])[0][0] for g in [torch.Generator().manual_seed(s)] for _ in range(20)]
+
+    def draws(s):
+        return [sampler(one, p, [g])[0][0] for g in [torch.Generator().manual_seed(s)] for _ in range(20)]
+
     assert draws(5) == draws(5) and draws(5) != draws(6)
 
 

@@ -136,9 +136,9 @@ class EventWatch:
             event = make_event(DeployScheduled(
                 deployment_id=f"dep-{node_id}", model=MODEL, node_id=node_id, device="cpu", predicted_bytes=1,
                 context_length=256, model_ref=f"{MODEL.name}:1", kv_cache_bytes=KV_BYTES, dtype="float32"), INVENTORY)
-            await js.publish(event.subject, event.to_bytes(), stream=subjects.EVENTS_STREAM, headers={"Nats-Msg-Id": event.id})
-        await eventually(lambda: {r.node_id for r in self.of(DeployReady)} >= set(node_ids), timeout,
-                         f"deploy.ready from {node_ids}")
-
-
-
+            await js.publish(
+                event.subject, event.to_bytes(), stream=subjects.EVENTS_STREAM, headers={"Nats-Msg-Id": event.id}
+            )
+        await eventually(
+            lambda: {r.node_id for r in self.of(DeployReady)} >= set(node_ids), timeout, f"deploy.ready from {node_ids}"
+        )

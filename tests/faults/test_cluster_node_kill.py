@@ -75,8 +75,16 @@ async def test_kill_9_one_node_of_a_3_node_cluster(cluster, tmp_path, fault_summ
             health = {s.name: s.health().status for s in (publisher, counting.service, ledger)}
 
         lost, duplicated = exactly_once(tally.acked, counting.calls)
-        fault_summary("cluster-node-kill", sent=SENT, answered=len(tally.acked), errored=len(tally.failed),
-                      lost=lost + ledger_missing, duplicated=duplicated, replicas=after.config.num_replicas, current=current)
+        fault_summary(
+            "cluster-node-kill",
+            sent=SENT,
+            answered=len(tally.acked),
+            errored=len(tally.failed),
+            lost=lost + ledger_missing,
+            duplicated=duplicated,
+            replicas=after.config.num_replicas,
+            current=current,
+        )
         assert lost == 0 and ledger_missing == 0 and duplicated == 0
         assert after.cluster.leader != victim
         assert after.config.num_replicas == 3 and current == 2

@@ -17,7 +17,7 @@ import pytest
 
 from cli import main as cli_main
 from cli.natsd import free_port
-from services.provenance_ledger.entrypoints.api import Empty, HeadResponse
+from services.provenance_ledger.service_layer.views import Empty, HeadResponse
 from services.provenance_ledger.service_layer.ledger import DB_FILE
 from shared import rpc, subjects
 from shared.service import Service

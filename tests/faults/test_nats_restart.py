@@ -15,7 +15,7 @@ from services.provenance_ledger.service_layer.ledger import Ledger
 from shared.service import Service
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.faults.support import (
-    MODEL, CountingConsumer, EventWatch, PublishTally, completed_event, exactly_once, spawn_worker, stop_process,
+    CountingConsumer, EventWatch, PublishTally, completed_event, exactly_once, spawn_worker, stop_process,
 )
 from tests.faults.test_worker_kill import one_request
 from tests.support.helpers import eventually, make_service, settings_for

@@ -22,8 +22,28 @@ def test_fails(fault_summary):
 def test_lines_reach_the_terminal_summary_from_xdist_workers_even_when_a_case_fails(tmp_path):
     (tmp_path / "test_demo.py").write_text(CASES)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "tests.faults.summary", "-p", "no:cacheprovider",
-                          "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "2",
+            "-p",
+            "tests.faults.summary",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1, run.stdout + run.stderr  # one case failed
     summary = run.stdout.split("fault suite", 1)[1]
     assert "fault=demo-ok sent=3 answered=3 errored=0 lost=0\n" in summary

@@ -32,7 +32,9 @@ async def one_request(client, i: int) -> tuple[str, str]:
         if i % 2 == 0:
             reply = await client.completions.create(model=MODEL.name, prompt=prompt, max_tokens=48, temperature=0)
             return "answered", reply.id.removeprefix("cmpl-")
-        stream = await client.completions.create(model=MODEL.name, prompt=prompt, max_tokens=48, temperature=0, stream=True)
+        stream = await client.completions.create(
+            model=MODEL.name, prompt=prompt, max_tokens=48, temperature=0, stream=True
+        )
         finish, request_id = None, None
         async for chunk in stream:
             request_id = chunk.id.removeprefix("cmpl-")
@@ -51,8 +53,10 @@ async def one_request(client, i: int) -> tuple[str, str]:
 async def test_kill_9_a_worker_under_load(nats_server, tmp_path, fault_summary):
     watch = await EventWatch.connect(nats_server.url)
     # two sequences at a time per worker: the 40 requests queue up, so the kill always lands on work
-    procs = {node: spawn_worker(nats_server.url, tmp_path / node, node, STRATA_INFERENCE_WORKER_MAX_NUM_SEQS="2")
-             for node in ("node-1", "node-2")}
+    procs = {
+        node: spawn_worker(nats_server.url, tmp_path / node, node, STRATA_INFERENCE_WORKER_MAX_NUM_SEQS="2")
+        for node in ("node-1", "node-2")
+    }
     try:
         await watch.deploy(list(procs))
         with serve_gateway(nats_server.url, tmp_path / "gateway", GATEWAY) as gateway:
@@ -73,17 +77,28 @@ async def test_kill_9_a_worker_under_load(nats_server, tmp_path, fault_summary):
         kinds = Counter(kind for kind, _ in outcomes)
         answered_ids = [detail for kind, detail in outcomes if kind == "answered"]
         # each answered request was completed by exactly one worker (its inference.completed event)
-        await eventually(lambda: {c.request_id for c in watch.of(InferenceCompleted)} >= set(answered_ids), 20,
-                         "an inference.completed event for every answered request")
+        await eventually(
+            lambda: {c.request_id for c in watch.of(InferenceCompleted)} >= set(answered_ids),
+            20,
+            "an inference.completed event for every answered request",
+        )
         completions = Counter(c.request_id for c in watch.of(InferenceCompleted))
         twice = [rid for rid in answered_ids if completions[rid] != 1]
         lost = kinds["lost"] + len(twice)
-        fault_summary("worker-kill", sent=SENT, answered=kinds["answered"], errored=kinds["errored"], lost=lost,
-                      in_flight_on_victim=carrying.get(victim, 0), after_kill_ok=sum(k == "answered" for k, _ in after))
+        fault_summary(
+            "worker-kill",
+            sent=SENT,
+            answered=kinds["answered"],
+            errored=kinds["errored"],
+            lost=lost,
+            in_flight_on_victim=carrying.get(victim, 0),
+            after_kill_ok=sum(k == "answered" for k, _ in after),
+        )
         assert lost == 0, ([o for o in outcomes if o[0] == "lost"], twice)
         assert kinds["answered"] + kinds["errored"] == SENT
         assert {detail for kind, detail in outcomes if kind == "errored"} <= {"502", "503", "504"} | {
-            d for k, d in outcomes if k == "errored" and d.startswith("stream:")}
+            d for k, d in outcomes if k == "errored" and d.startswith("stream:")
+        }
         assert [kind for kind, _ in after] == ["answered"] * 4, after
         assert listed == [MODEL.name]
         assert procs[next(n for n in procs if n != victim)].poll() is None, "the survivor is still running"

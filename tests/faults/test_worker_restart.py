@@ -43,7 +43,9 @@ async def test_a_killed_worker_comes_back_with_its_models_and_reports_the_reques
     worker = spawn_worker(nats_server.url, tmp_path / NODE, NODE)
     try:
         async with registry.running():
-            await eventually(lambda: watch.of(DeployReady, node_id=NODE), 90, "the first load (reconciled from the registry)")
+            await eventually(
+                lambda: watch.of(DeployReady, node_id=NODE), 90, "the first load (reconciled from the registry)"
+            )
             streams = [asyncio.create_task(_stream_long(watch, i)) for i in range(3)]
             await eventually(lambda: len(_started) >= 3, 60, "three requests streaming")
             worker.send_signal(signal.SIGKILL)
@@ -52,13 +54,22 @@ async def test_a_killed_worker_comes_back_with_its_models_and_reports_the_reques
 
             worker = spawn_worker(nats_server.url, tmp_path / NODE, NODE)  # the supervisor's restart
             await eventually(lambda: len(watch.of(DeployReady, node_id=NODE)) == 2, 90, "the model loaded again")
-            answer = await complete(watch.nc, InferenceRequest(model=MODEL.name, prompt="And God said",
-                                                               sampling=SamplingOptions(max_tokens=2, temperature=0)))
+            answer = await complete(
+                watch.nc,
+                InferenceRequest(
+                    model=MODEL.name, prompt="And God said", sampling=SamplingOptions(max_tokens=2, temperature=0)
+                ),
+            )
             assert answer.usage.completion_tokens == 2
-            await eventually(lambda: {f.request_id for f in watch.of(InferenceFailed)} >= set(_started), 30,
-                             "inference.failed for each request the kill cut")
+            await eventually(
+                lambda: {f.request_id for f in watch.of(InferenceFailed)} >= set(_started),
+                30,
+                "inference.failed for each request the kill cut",
+            )
             failed = {f.request_id: f for f in watch.of(InferenceFailed)}
-            assert all(failed[rid].node_id == NODE and "stopped (killed or crashed)" in failed[rid].reason for rid in _started)
+            assert all(
+                failed[rid].node_id == NODE and "stopped (killed or crashed)" in failed[rid].reason for rid in _started
+            )
             assert registry.asked == [NODE, NODE]  # type: ignore[attr-defined]
     finally:
         stop_process(worker)
@@ -69,7 +80,9 @@ _started: list[str] = []
 
 
 async def _stream_long(watch: EventWatch, i: int) -> None:
-    request = InferenceRequest(model=MODEL.name, prompt=f"In the beginning {i}", sampling=SamplingOptions(max_tokens=200, temperature=0))
+    request = InferenceRequest(
+        model=MODEL.name, prompt=f"In the beginning {i}", sampling=SamplingOptions(max_tokens=200, temperature=0)
+    )
     async for _message in stream(watch.nc, request, silence_timeout_s=5):
         if request.request_id not in _started:
             _started.append(request.request_id)

@@ -60,7 +60,9 @@ async def test_envelope_round_trip_through_jetstream_with_msg_id_and_trace_conte
     service = make_service(nats_server.url, tmp_path)
     async with service.running():
         with trace.get_tracer("tests").start_as_current_span("request") as span:
-            event = await service.publish(DeployRejected(deployment_id="d1", model_ref="tiny@prod", reason="no node fits"))
+            event = await service.publish(
+                DeployRejected(deployment_id="d1", model_ref="tiny@prod", reason="no node fits")
+            )
     stored = await js.get_msg(subjects.EVENTS_STREAM, 1)
     assert stored.subject == "evt.deploy.rejected"
     assert parse_event(stored.data, stored.subject) == event
@@ -72,10 +74,19 @@ async def test_envelope_round_trip_through_jetstream_with_msg_id_and_trace_conte
 async def test_a_service_publishes_only_its_own_event_types(nats_server, tmp_path):
     service = make_service(nats_server.url, tmp_path)
     async with service.running():
-        with pytest.raises(PermissionError, match="hardware-inventory may not publish deploy.ready: only inference-worker does"):
-            await service.publish(DeployReady(deployment_id="d", model=ModelId(name="m", version=1, digest="x"),
-                                              node_id="n", device="cpu", load_seconds=1,
-                                              measured=MeasuredMemory(weights=1, kv_cache=1, peak=2)))
+        with pytest.raises(
+            PermissionError, match="hardware-inventory may not publish deploy.ready: only inference-worker does"
+        ):
+            await service.publish(
+                DeployReady(
+                    deployment_id="d",
+                    model=ModelId(name="m", version=1, digest="x"),
+                    node_id="n",
+                    device="cpu",
+                    load_seconds=1,
+                    measured=MeasuredMemory(weights=1, kv_cache=1, peak=2),
+                )
+            )
 
 
 async def test_a_duplicate_publish_is_stored_once(nats_server, tmp_path, js):
@@ -131,7 +142,9 @@ async def test_a_service_start_leaves_streams_alone_and_provisioning_repairs_a_c
     provisioning, as the bootstrap credential, brings it back to the platform's config."""
     from cli.provision import provision
 
-    await js.update_stream(StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL], duplicate_window=1.0))
+    await js.update_stream(
+        StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL], duplicate_window=1.0)
+    )
     await bus.ensure_streams(js)
     assert (await js.stream_info(subjects.EVENTS_STREAM)).config.duplicate_window == 1.0
     await provision(js)
@@ -142,7 +155,9 @@ async def test_a_service_start_leaves_streams_alone_and_provisioning_repairs_a_c
 
 
 @BATCH_SIZES
-async def test_malformed_events_are_dead_lettered_with_reason_and_consuming_goes_on(batch_size, nats_server, tmp_path, js):
+async def test_malformed_events_are_dead_lettered_with_reason_and_consuming_goes_on(
+    batch_size, nats_server, tmp_path, js
+):
     service = make_service(nats_server.url, tmp_path)
     seen: list[Event] = []
     service.consume("evt.deploy.>", batch_size=batch_size).on(DeployRequested)(lambda e: _record(seen, e))
@@ -166,7 +181,9 @@ async def test_malformed_events_are_dead_lettered_with_reason_and_consuming_goes
 
 
 @BATCH_SIZES
-async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lettered(batch_size, nats_server, tmp_path, js):
+async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lettered(
+    batch_size, nats_server, tmp_path, js
+):
     service = make_service(nats_server.url, tmp_path)
     attempts: dict[str, int] = {}
     poison = make_event(DeployRequested(model_ref="poison"), SOURCE)
@@ -177,7 +194,9 @@ async def test_a_failing_handler_is_redelivered_up_to_max_deliver_then_dead_lett
         if event.data.model_ref == "poison":
             raise RuntimeError("cannot place model 'poison'")
 
-    service.consume("evt.deploy.>", max_deliver=3, retry_delay_s=0.05, batch_size=batch_size).on(DeployRequested)(handler)
+    service.consume("evt.deploy.>", max_deliver=3, retry_delay_s=0.05, batch_size=batch_size).on(DeployRequested)(
+        handler
+    )
     async with service.running():
         await bus.publish(service.broker, poison)
         await bus.publish(service.broker, after)
@@ -210,13 +229,17 @@ async def test_a_transient_failure_is_retried_and_then_handled_once(batch_size, 
 
 
 @BATCH_SIZES
-async def test_bytes_that_break_a_json_decoder_are_dead_lettered_once_and_consuming_goes_on(batch_size, nats_server, tmp_path, js):
+async def test_bytes_that_break_a_json_decoder_are_dead_lettered_once_and_consuming_goes_on(
+    batch_size, nats_server, tmp_path, js
+):
     """#20 item 5: 50,000 nested '[' raised RecursionError inside FastStream's decoding in the inventory
     and the worker: 22 tracebacks across redeliveries, and no dead letter."""
     service = make_service(nats_server.url, tmp_path)
     seen: list[str] = []
     service.consume("evt.deploy.>", batch_size=batch_size).on(DeployRequested)(lambda e: _record(seen, e))
-    await js.publish("evt.deploy.requested", b"[" * 50_000, headers={"Nats-Msg-Id": "deep-1", "content-type": "application/json"})
+    await js.publish(
+        "evt.deploy.requested", b"[" * 50_000, headers={"Nats-Msg-Id": "deep-1", "content-type": "application/json"}
+    )
     await js.publish("evt.deploy.requested", make_event(DeployRequested(model_ref="after"), SOURCE).to_bytes())
     async with service.running():
         await eventually(lambda: seen == ["after"], what="the event after the deep one")
@@ -285,8 +308,11 @@ async def test_a_batched_consumer_resumes_after_nats_restarts(nats_server, tmp_p
                 await bus.publish(publisher.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
             await eventually(lambda: len(seen) == 3, what="the events before the restart")
             nats_server.restart()
-            await eventually(lambda: publisher.broker.connection.is_connected and service.broker.connection.is_connected,
-                             timeout=20, what="both reconnected")
+            await eventually(
+                lambda: publisher.broker.connection.is_connected and service.broker.connection.is_connected,
+                timeout=20,
+                what="both reconnected",
+            )
             for _ in range(3):
                 await bus.publish(publisher.broker, make_event(DeployRequested(model_ref="tiny"), SOURCE))
             await eventually(lambda: len(seen) == 6, timeout=20, what="the events after the restart")
@@ -297,7 +323,9 @@ async def test_other_event_types_under_the_filter_are_acknowledged_not_retried(n
     service = make_service(nats_server.url, tmp_path)
     service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record([], e))
     async with service.running():
-        await bus.publish(service.broker, make_event(DeployRejected(deployment_id="d", model_ref="m", reason="no fit"), SOURCE))
+        await bus.publish(
+            service.broker, make_event(DeployRejected(deployment_id="d", model_ref="m", reason="no fit"), SOURCE)
+        )
         await eventually(lambda: service.consumer.stats.ignored == 1)
         # counted, then acknowledged: the ack reaches the server a moment after the count
         for _ in range(100):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shared.canonical import NotCanonical, canonical_json
 from shared.errors import Invalid
 
+
 # What both earlier definitions computed (shared/catalog.py's without allow_nan, the ledger's with it):
 # for every value they both accepted, the bytes must stay these, or stored digests and leaves break.
 def _before(value):
@@ -32,11 +33,16 @@ def test_the_bytes_are_those_of_before(value):
 
 def test_known_bytes():
     value = {"z": [1, 2.5, None, True], "a": {"é": "ü\u2028\n\"", "b": -0.0}, "m": 10**20}
-    assert canonical_json(value) == '{"a":{"b":-0.0,"é":"ü\u2028\\n\\""},"m":100000000000000000000,"z":[1,2.5,null,true]}'.encode()
+    assert (
+        canonical_json(value)
+        == '{"a":{"b":-0.0,"é":"ü\u2028\\n\\""},"m":100000000000000000000,"z":[1,2.5,null,true]}'.encode()
+    )
 
 
 @pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
 def test_nan_and_infinity_are_refused_clearly(number):
     with pytest.raises(NotCanonical, match="NaN and ±Infinity have no JSON form") as caught:
         canonical_json({"training_record": {"loss": number}})
-    assert isinstance(caught.value, ValueError) and isinstance(caught.value, Invalid)  # a 400, and what callers caught before
+    assert isinstance(caught.value, ValueError) and isinstance(
+        caught.value, Invalid
+    )  # a 400, and what callers caught before

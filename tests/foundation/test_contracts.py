@@ -17,10 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "services"
 # What a platform subject, stream or bucket name looks like in a string: evt., live., dlq., infer., rpc.,
 # $KV.<bucket>, $O.<store>, KV_/OBJ_<bucket>, or a bucket's name (the JetStream API's own $JS. is NATS's).
-SUBJECT_LITERAL = re.compile(r"^(evt|live|dlq|infer|rpc)\.[\w*>{}%-]|^\$(KV|O)\.|^(KV|OBJ)_|^strata-(catalog|blobs|inventory|"
-                             r"api-keys|quotas)$")
+SUBJECT_LITERAL = re.compile(
+    r"^(evt|live|dlq|infer|rpc)\.[\w*>{}%-]|^\$(KV|O)\.|^(KV|OBJ)_|^strata-(catalog|blobs|inventory|"
+    r"api-keys|quotas)$"
+)
 # Folders whose code is not the platform's (tests, and the CLI, which the lead moves onto the contracts next).
-SCANNED = ("services", "shared", "bench")
+SCANNED = ("services", "shared", "bench", "cli")
 
 
 def _python_files(*folders: str) -> list[Path]:
@@ -32,10 +34,18 @@ def test_no_service_imports_another_services_internals():
     for path in _python_files("services"):
         own = path.relative_to(SERVICES).parts[0]
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            found += [f"{path.relative_to(ROOT)}: {name}" for name in names
-                      if name.startswith("services.") and name.split(".")[1] != own]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            found += [
+                f"{path.relative_to(ROOT)}: {name}"
+                for name in names
+                if name.startswith("services.") and name.split(".")[1] != own
+            ]
     assert found == [], "a service takes what it needs from shared/ (its contracts), never from another service"
 
 
@@ -58,15 +68,21 @@ def test_each_op_is_declared_once_and_each_subscription_has_a_subject():
 def test_each_contract_publishes_only_its_own_events():
     for service, contract in contracts().items():
         assert all(cls.PUBLISHER == service for cls in contract.publishes)
-    assert {cls for c in contracts().values() for cls in c.publishes} == \
-        {cls for cls in EventData.registry.values() if cls.PUBLISHER in contracts()}
+    assert {cls for c in contracts().values() for cls in c.publishes} == {
+        cls for cls in EventData.registry.values() if cls.PUBLISHER in contracts()
+    }
 
 
 def _string_literals(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
@@ -82,15 +98,20 @@ def _string_literals(path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("folder", SCANNED)
 def test_no_subject_stream_or_bucket_literal_outside_shared_subjects(folder):
-    found = [f"{path.relative_to(ROOT)}:{line}: {text!r}" for path in _python_files(folder)
-             if path != ROOT / "shared" / "subjects.py" for line, text in _string_literals(path)
-             if SUBJECT_LITERAL.search(text)]
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {text!r}"
+        for path in _python_files(folder)
+        if path != ROOT / "shared" / "subjects.py"
+        for line, text in _string_literals(path)
+        if SUBJECT_LITERAL.search(text)
+    ]
     assert found == [], "take subjects, streams and buckets from shared/subjects.py"
 
 
 def test_subjects_md_is_current():
-    assert (ROOT / "infra" / "SUBJECTS.md").read_text() == subjects_markdown(), \
+    assert (ROOT / "infra" / "SUBJECTS.md").read_text() == subjects_markdown(), (
         "regenerate with: strata subjects > infra/SUBJECTS.md"
+    )
 
 
 def test_subjects_md_names_every_subscription_and_op_with_its_handler():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import endpoints, http_tls
 from services.model_store import client
+from shared import endpoints, http_tls
 
 
 @pytest.mark.parametrize(("served", "reached"), [
@@ -24,7 +24,9 @@ def test_a_bind_everything_address_is_reached_over_loopback(served, reached):
 def test_written_read_and_removed(tmp_path):
     assert endpoints.read(tmp_path) is None
     endpoints.write(tmp_path, endpoints.Endpoints(urls={"model-store": "https://127.0.0.1:9002"}, ca="/x/ca.pem"))
-    assert endpoints.read(tmp_path) == endpoints.Endpoints(urls={"model-store": "https://127.0.0.1:9002"}, ca="/x/ca.pem")
+    assert endpoints.read(tmp_path) == endpoints.Endpoints(
+        urls={"model-store": "https://127.0.0.1:9002"}, ca="/x/ca.pem"
+    )
     assert not list(tmp_path.glob("*.tmp"))
     endpoints.remove(tmp_path)
     endpoints.remove(tmp_path)  # twice: no error
@@ -44,7 +46,9 @@ def test_the_environment_wins_then_the_file_then_the_default(tmp_path, monkeypat
     assert client.default_url() == client.DEFAULT_URL
     endpoints.write(tmp_path, endpoints.Endpoints(urls={"model-store": "https://127.0.0.1:9002"}))
     assert client.default_url() == "https://127.0.0.1:9002"
-    assert endpoints.url("monitor", "STRATA_MONITOR_URL", "http://127.0.0.1:8005") == "http://127.0.0.1:8005"  # not served
+    assert (
+        endpoints.url("monitor", "STRATA_MONITOR_URL", "http://127.0.0.1:8005") == "http://127.0.0.1:8005"
+    )  # not served
     monkeypatch.setenv("STRATA_MODEL_STORE_URL", "http://elsewhere:1")
     assert client.default_url() == "http://elsewhere:1"
 

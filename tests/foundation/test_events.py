@@ -22,7 +22,9 @@ SOURCE = Source(service="model-store", node="node-a")
 
 def registered() -> Event[ModelRegistered]:
     model = ModelId(name="tiny", version=3, digest="sha256:" + "ab" * 32)
-    return make_event(ModelRegistered(model=model, architecture="LlamaForCausalLM", parameters=1234, datasets=["sha256:cd"]), SOURCE)
+    return make_event(
+        ModelRegistered(model=model, architecture="LlamaForCausalLM", parameters=1234, datasets=["sha256:cd"]), SOURCE
+    )
 
 
 def test_envelope_round_trip_keeps_every_field_and_the_typed_data():
@@ -117,8 +119,16 @@ def test_dtype_and_quantize_are_additive_on_deploy_events():
     from shared.events import DeployReady, DeployRequested, MeasuredMemory, ModelId, Source, make_event, parse_event
 
     model = ModelId(name="m", version=1, digest="sha256:" + "0" * 64)
-    ready = DeployReady(deployment_id="d", model=model, node_id="n", device="cpu", load_seconds=1.0,
-                        measured=MeasuredMemory(weights=1, kv_cache=1, peak=2), dtype="bfloat16", quantize="int8")
+    ready = DeployReady(
+        deployment_id="d",
+        model=model,
+        node_id="n",
+        device="cpu",
+        load_seconds=1.0,
+        measured=MeasuredMemory(weights=1, kv_cache=1, peak=2),
+        dtype="bfloat16",
+        quantize="int8",
+    )
     raw = make_event(ready, Source(service="inference-worker", node="n")).model_dump_json().encode()
     assert parse_event(raw).data.quantize == "int8"
     leaf = parse_leaf(leaf_bytes(json.loads(raw), 0))

@@ -112,8 +112,12 @@ async def echo(nc: Client, msg: Msg, request: InferenceRequest) -> None:
         await nc.publish(msg.reply, reply_for(request))
         return
     rid = request.request_id
-    for message in (Started(request_id=rid, model=MODEL), Chunk(request_id=rid, index=0, text=request.prompt or ""),
-                    Keepalive(request_id=rid), End(request_id=rid, finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1))):
+    for message in (
+        Started(request_id=rid, model=MODEL),
+        Chunk(request_id=rid, index=0, text=request.prompt or ""),
+        Keepalive(request_id=rid),
+        End(request_id=rid, finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1)),
+    ):
         await nc.publish(msg.reply, message.model_dump_json().encode())
         await asyncio.sleep(random.uniform(0, 0.01))
 
@@ -130,8 +134,10 @@ async def streamed_text(nc: Client, request: InferenceRequest) -> tuple[str, str
 
 # ---- (a) many requests, one subscription ---------------------------------------------------------
 
+
 async def test_concurrent_completes_and_streams_share_one_reply_subscription_and_each_get_their_own_answer(
-        caller, responder_nc):
+    caller, responder_nc
+):
     await serve(responder_nc, echo, caller)
     nc = caller.nc
     # nats-server's monitoring endpoint would show the connection's subscriptions, but the nats_server
@@ -149,8 +155,9 @@ async def test_concurrent_completes_and_streams_share_one_reply_subscription_and
     sampler = asyncio.create_task(sample())
     completes = [ask(f"complete {i}") for i in range(50)]
     streams = [ask(f"stream {i}") for i in range(20)]
-    results = await asyncio.wait_for(asyncio.gather(
-        *(complete(nc, r) for r in completes), *(streamed_text(nc, r) for r in streams)), 30)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(complete(nc, r) for r in completes), *(streamed_text(nc, r) for r in streams)), 30
+    )
     sampling.set()
     await sampler
 
@@ -167,6 +174,7 @@ async def test_concurrent_completes_and_streams_share_one_reply_subscription_and
 
 
 # ---- (b) a reply to a request that is over ----------------------------------------------------
+
 
 async def test_a_second_reply_to_a_finished_request_is_dropped_and_reaches_no_later_request(caller, responder_nc):
     first_reply_to: list[str] = []
@@ -217,14 +225,18 @@ async def test_a_reply_after_the_callers_deadline_is_dropped_and_reaches_no_late
 
 # ---- (c) complete(): keepalives, silence, typed errors, malformed messages, no responder ---------
 
+
 @pytest.fixture
 async def fake_worker(nats_server, caller):
-    worker = await FakeWorker(nats_server.url, {
-        "patient": Script(tokens=["a", "b", "c", "d", "e"], delay_s=0.5, keepalive_s=0.25),  # 2.5 s, keepalives
-        "silent": Script(delay_s=0.3, die_after=0),  # takes the request, then never says a word
-        "fading": Script(delay_s=0.5, keepalive_s=0.25, die_after=2),  # keepalives for 1 s, then silence
-        "overloaded": Script(overloaded=True),
-    }).start()
+    worker = await FakeWorker(
+        nats_server.url,
+        {
+            "patient": Script(tokens=["a", "b", "c", "d", "e"], delay_s=0.5, keepalive_s=0.25),  # 2.5 s, keepalives
+            "silent": Script(delay_s=0.3, die_after=0),  # takes the request, then never says a word
+            "fading": Script(delay_s=0.5, keepalive_s=0.25, die_after=2),  # keepalives for 1 s, then silence
+            "overloaded": Script(overloaded=True),
+        },
+    ).start()
     await heard_by(caller)
     yield worker
     await worker.stop()
@@ -257,12 +269,15 @@ async def test_complete_raises_unavailable_for_an_overloaded_workers_error_reply
         await complete(caller.nc, ask("hi", model="overloaded"))
 
 
-@pytest.mark.parametrize("body, raised, message", [
-    (RpcReply(ok=False, error=ErrorBody(code="unavailable", message="draining")), errors.Unavailable, "draining"),
-    (RpcReply(ok=False, error=ErrorBody(code="invalid", message="bad sampling")), errors.Invalid, "bad sampling"),
-    (RpcReply(ok=False), errors.StrataError, "without saying why"),
-    (RpcReply(ok=True, result={"text": "no model, no usage"}), WorkerLost, "malformed"),
-])
+@pytest.mark.parametrize(
+    "body, raised, message",
+    [
+        (RpcReply(ok=False, error=ErrorBody(code="unavailable", message="draining")), errors.Unavailable, "draining"),
+        (RpcReply(ok=False, error=ErrorBody(code="invalid", message="bad sampling")), errors.Invalid, "bad sampling"),
+        (RpcReply(ok=False), errors.StrataError, "without saying why"),
+        (RpcReply(ok=True, result={"text": "no model, no usage"}), WorkerLost, "malformed"),
+    ],
+)
 async def test_complete_raises_the_typed_error_of_a_failed_or_broken_reply(caller, responder_nc, body, raised, message):
     async def answer(nc: Client, msg: Msg, request: InferenceRequest) -> None:
         await nc.publish(msg.reply, body.model_dump_json().encode())
@@ -294,6 +309,7 @@ async def test_complete_without_a_responder_raises_not_found_at_once_and_cancels
     cancels: list[bytes] = []
     spy = await nats.connect(nats_server.url)
     try:
+
         async def on_cancel(msg: Msg) -> None:
             cancels.append(msg.data)
 
@@ -313,10 +329,14 @@ async def test_complete_without_a_responder_raises_not_found_at_once_and_cancels
 
 # ---- (d) leaving early -------------------------------------------------------------------------
 
-async def test_cancelling_a_complete_publishes_one_inference_cancel_with_its_request_id(caller, fake_worker, nats_server):
+
+async def test_cancelling_a_complete_publishes_one_inference_cancel_with_its_request_id(
+    caller, fake_worker, nats_server
+):
     cancels: list[InferenceCancel] = []
     spy = await nats.connect(nats_server.url)
     try:
+
         async def on_cancel(msg: Msg) -> None:
             cancels.append(InferenceCancel.model_validate_json(msg.data))
 

@@ -17,7 +17,9 @@ PINNED = json.loads((Path(__file__).parent / "data" / "nats_permissions.json").r
 def test_every_role_keeps_its_pinned_permissions():
     assert sorted(PINNED) == sorted(nats_auth.ROLES)
     for role in nats_auth.ROLES:
-        assert _plain(nats_auth.permissions(role)) == {k: _as_set(v) for k, v in PINNED[role]["permissions"].items()}, role
+        assert _plain(nats_auth.permissions(role)) == {k: _as_set(v) for k, v in PINNED[role]["permissions"].items()}, (
+            role
+        )
         assert _plain(nats_auth.NEEDS[role]) == {k: _as_set(v) for k, v in PINNED[role]["needs"].items()}, role
 
 

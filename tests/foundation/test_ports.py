@@ -10,12 +10,17 @@ import sys
 
 from cli import natsd
 
-PICK = "import json; from cli import natsd; print(json.dumps([natsd.free_port() for _ in range(150)]), flush=True); input()"
+PICK = (
+    "import json; from cli import natsd; "
+    "print(json.dumps([natsd.free_port() for _ in range(150)]), flush=True); input()"
+)
 
 
 def test_parallel_processes_never_get_the_same_port_and_none_from_the_ephemeral_range():
-    workers = [subprocess.Popen([sys.executable, "-c", PICK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for _ in range(4)]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", PICK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     try:
         picked = [json.loads(w.stdout.readline()) for w in workers]  # each still holds its ports
     finally:

@@ -51,7 +51,9 @@ async def test_rpc_returns_the_typed_result_and_the_typed_errors(nats_server, tm
             reply = rpc.RpcReply.model_validate_json((await nc.request(subject, b'{"nom": 1}', timeout=5)).data)
             assert not reply.ok and reply.error.code == "invalid" and "name" in reply.error.message
             deep = rpc.RpcReply.model_validate_json((await nc.request(subject, b"[" * 50_000, timeout=5)).data)
-            assert not deep.ok and deep.error.code == "invalid", deep  # not a RecursionError in the decoder, and no silence
+            assert not deep.ok and deep.error.code == "invalid", (
+                deep
+            )  # not a RecursionError in the decoder, and no silence
             health = await nc.request(subjects.rpc("model-store", "health"), b"[" * 50_000, timeout=5)
             assert b'"service":"model-store"' in health.data.replace(b" ", b"")
             with pytest.raises(errors.Unavailable, match="no service answers rpc.model-store.nothing"):

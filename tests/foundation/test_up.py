@@ -39,7 +39,10 @@ def test_up_brings_every_service_to_healthy_and_sigterm_leaves_no_process(strata
         body = up.health(name).json()
         assert body["status"] == "ok" and body["service"] == name and body["nats_connected"]
     # the first start made an admin key: every HTTP API is closed, and the key opens the admin routes
-    assert up.health("api-gateway").json()["auth"] == "api-keys" and (up.data_dir / "api-key").stat().st_mode & 0o777 == 0o600
+    assert (
+        up.health("api-gateway").json()["auth"] == "api-keys"
+        and (up.data_dir / "api-key").stat().st_mode & 0o777 == 0o600
+    )
     checkpoint = up.url("provenance-ledger") + "/checkpoint"
     assert httpx.post(checkpoint, timeout=10).status_code == 401
     assert httpx.post(checkpoint, headers={"Authorization": f"Bearer {up.api_key}"}, timeout=10).status_code == 200
@@ -47,8 +50,21 @@ def test_up_brings_every_service_to_healthy_and_sigterm_leaves_no_process(strata
     assert len(children) == len(SERVICES) + 1
     assert sum("nats-server" in cmd for cmd in children.values()) == 1
 
-    cli = subprocess.run([sys.executable, "-m", "cli.main", "health", "--nats-url", f"nats://127.0.0.1:{up.nats_port}",
-                          "--data-dir", str(up.data_dir)], capture_output=True, text=True, timeout=30)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "health",
+            "--nats-url",
+            f"nats://127.0.0.1:{up.nats_port}",
+            "--data-dir",
+            str(up.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert cli.stdout.count(" ok ") == len(SERVICES)
 
@@ -73,13 +89,26 @@ def test_a_second_strata_up_on_the_same_data_dir_is_refused_and_the_cli_finds_th
     assert f"nats://127.0.0.1:{first.nats_port}" in recorded
 
     env = {k: v for k, v in os.environ.items() if k != "STRATA_NATS_URL"}
-    cli = subprocess.run([sys.executable, "-m", "cli.main", "health"], capture_output=True, text=True, timeout=30,
-                         env={**env, "STRATA_DATA_DIR": str(first.data_dir)})  # the data dir alone points at the stack
+    cli = subprocess.run(
+        [sys.executable, "-m", "cli.main", "health"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "STRATA_DATA_DIR": str(first.data_dir)},
+    )  # the data dir alone points at the stack
     assert cli.returncode == 0 and cli.stdout.count(" ok ") == len(SERVICES), cli.stdout + cli.stderr
     assert "no running strata up" not in cli.stderr
-    elsewhere = subprocess.run([sys.executable, "-m", "cli.main", "health", "--timeout", "1"], capture_output=True, text=True,
-                               timeout=30, env={**env, "STRATA_DATA_DIR": str(tmp_path / "nothing-here")})
-    assert "no running strata up recorded in" in elsewhere.stderr and "using NATS at nats://127.0.0.1:4222" in elsewhere.stderr
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "cli.main", "health", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "STRATA_DATA_DIR": str(tmp_path / "nothing-here")},
+    )
+    assert (
+        "no running strata up recorded in" in elsewhere.stderr
+        and "using NATS at nats://127.0.0.1:4222" in elsewhere.stderr
+    )
 
 
 def test_a_crashed_service_is_restarted(strata_up):
@@ -126,8 +155,12 @@ def test_a_port_in_use_is_named_with_the_flag_that_changes_it(strata_up, tmp_pat
 
 def test_health_without_nats_says_so_quickly():
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "cli.main", "health", "--nats-url", f"nats://127.0.0.1:{natsd.free_port()}"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "health", "--nats-url", f"nats://127.0.0.1:{natsd.free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "cannot reach NATS" in result.stderr
     assert time.monotonic() - started < 20

@@ -38,12 +38,21 @@ def malformed(cls: type[EventData]) -> st.SearchStrategy[bytes]:
     fields = sorted(cls.model_fields)
     as_json = lambda e: json.dumps(e).encode()  # noqa: E731
     wrong_types = st.fixed_dictionaries({f: junk for f in fields}).map(lambda d: as_json(envelope(cls, d)))
-    missing = st.sets(st.sampled_from(fields), min_size=1).map(lambda gone: as_json(envelope(cls, {f: "x" for f in fields if f not in gone}))) \
-        if fields else st.just(as_json(envelope(cls, None)))
-    huge_strings = st.tuples(huge, st.sampled_from(fields or ["x"])).map(  # one field: under NATS's 1 MiB
-        lambda pair: as_json(envelope(cls, {pair[1]: pair[0]}, id=pair[0][:100])))
+    missing = (
+        st.sets(st.sampled_from(fields), min_size=1).map(
+            lambda gone: as_json(envelope(cls, {f: "x" for f in fields if f not in gone}))
+        )
+        if fields
+        else st.just(as_json(envelope(cls, None)))
+    )
+    huge_strings = st.tuples(
+        huge, st.sampled_from(fields or ["x"])
+    ).map(  # one field: under NATS's 1 MiB
+        lambda pair: as_json(envelope(cls, {pair[1]: pair[0]}, id=pair[0][:100]))
+    )
     bad_envelope = st.sampled_from(["id", "source", "time", "version", "type"]).flatmap(
-        lambda key: junk.map(lambda v: as_json(envelope(cls, {}, **{key: v}))))
+        lambda key: junk.map(lambda v: as_json(envelope(cls, {}, **{key: v})))
+    )
     raw = st.binary(max_size=2_000)
     return st.one_of(wrong_types, missing, huge_strings, bad_envelope, raw)
 
@@ -51,8 +60,12 @@ def malformed(cls: type[EventData]) -> st.SearchStrategy[bytes]:
 def collect(cls: type[EventData]) -> list[bytes]:
     found: list[bytes] = []
 
-    @settings(max_examples=EXAMPLES_PER_TYPE, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=EXAMPLES_PER_TYPE,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(malformed(cls))
     def gather(payload: bytes) -> None:
         found.append(payload)
@@ -101,7 +114,9 @@ async def test_malformed_events_of_every_type_are_dead_lettered_and_consuming_go
         letters: list[DeadLetter] = []
         want = len(sent) - valid_sent
         while len(letters) < want:
-            letters += [DeadLetter.model_validate_json(m.data) for m in await dead.fetch(want - len(letters), timeout=10)]
+            letters += [
+                DeadLetter.model_validate_json(m.data) for m in await dead.fetch(want - len(letters), timeout=10)
+            ]
         reasons = sorted(letter.reason for letter in letters)
         assert reasons == sorted(r for r in expected.values() if r is not None)
         assert all(letter.consumer == "fuzz" and letter.reason for letter in letters)
@@ -110,7 +125,8 @@ async def test_malformed_events_of_every_type_are_dead_lettered_and_consuming_go
         valid_ids = {json.loads(sent[i][1])["id"] for i, reason in expected.items() if reason is None}
         assert sorted(handled) == sorted(valid_ids | {good.id})
         assert {cls.TYPE for cls in PERSISTENT} <= {json.loads(p)["type"] for _, p in sent if _is_json_object(p)} | {
-            s.removeprefix("evt.") for s, _ in sent}  # every type was exercised
+            s.removeprefix("evt.") for s, _ in sent
+        }  # every type was exercised
     finally:
         await nc.close()
         await consumer.stop()

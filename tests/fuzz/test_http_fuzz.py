@@ -111,7 +111,9 @@ def _undeclared_server_error(target: Target) -> Callable[..., Any]:
     return not_a_server_error_unless_deliberate
 
 
-def seeded(strategy: SearchStrategy[schemathesis.Case], known: dict[str, list[Any]]) -> SearchStrategy[schemathesis.Case]:
+def seeded(
+    strategy: SearchStrategy[schemathesis.Case], known: dict[str, list[Any]]
+) -> SearchStrategy[schemathesis.Case]:
     """Valid cases, half of them with the ``known`` values planted where a parameter or field of that name is."""
     if not known:
         return strategy
@@ -150,10 +152,20 @@ def fuzz(target: Target, base_url: str) -> list[str]:
             if mode.is_positive:
                 strategy = seeded(strategy, target.known)
 
-            @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=False,
-                      phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                             HealthCheck.data_too_large, HealthCheck.large_base_example])
+            @settings(
+                max_examples=EXAMPLES,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                print_blob=False,
+                phases=[Phase.explicit, Phase.generate, Phase.shrink],
+                suppress_health_check=[
+                    HealthCheck.too_slow,
+                    HealthCheck.filter_too_much,
+                    HealthCheck.data_too_large,
+                    HealthCheck.large_base_example,
+                ],
+            )
             @given(case=strategy)
             def run(case: schemathesis.Case) -> None:
                 response = case.call(base_url=base_url, session=session, timeout=REQUEST_TIMEOUT_S)
@@ -173,7 +185,9 @@ def fuzz(target: Target, base_url: str) -> list[str]:
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.service)
-async def test_no_operation_answers_with_an_undeclared_server_error(target: Target, nats_server, tmp_path: Path, monkeypatch):
+async def test_no_operation_answers_with_an_undeclared_server_error(
+    target: Target, nats_server, tmp_path: Path, monkeypatch
+):
     monkeypatch.setenv("STRATA_MODEL_STORE_BUILTIN", "0")  # the built-in model's upload is not what is tested here
     async with AsyncExitStack() as stack:
         if target.prepare is not None:

@@ -83,20 +83,29 @@ async def test_the_fuzz_status_check_fails_an_undeclared_typed_error_only(declar
         assert all(f.startswith("GET /things/{name}") and "Received: 404" in f for f in failures), failures
 
 
-async def test_a_body_fastapi_cannot_read_answers_the_typed_400_and_other_http_errors_keep_theirs(nats_server, tmp_path: Path):
-    async with serving(probe(nats_server.url, tmp_path, declared=True)) as url, httpx.AsyncClient(base_url=url) as client:
+async def test_a_body_fastapi_cannot_read_answers_the_typed_400_and_other_http_errors_keep_theirs(
+    nats_server, tmp_path: Path
+):
+    async with (
+        serving(probe(nats_server.url, tmp_path, declared=True)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
         unreadable = await client.post("/things", content=b"\xff\xfe{", headers={"content-type": "application/json"})
         assert unreadable.status_code == 400
         assert unreadable.json() == {"error": {"code": "invalid", "message": "There was an error parsing the body"}}
         unknown = await client.get("/no-such-route")
         assert (unknown.status_code, unknown.json()) == (404, {"detail": "Not Found"})
         wrong_shape = await client.post("/things", json={"nom": "x"})
-        assert wrong_shape.status_code == 422  # a body that breaks the schema: FastAPI's validation answer, declared by it
+        assert (
+            wrong_shape.status_code == 422
+        )  # a body that breaks the schema: FastAPI's validation answer, declared by it
 
 
 # -- what the services document ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", DOCUMENTED)
-def test_every_error_status_a_service_documents_has_a_description_and_the_typed_body(name: str, nats_server, tmp_path: Path, monkeypatch):
+def test_every_error_status_a_service_documents_has_a_description_and_the_typed_body(
+    name: str, nats_server, tmp_path: Path, monkeypatch
+):
     monkeypatch.setenv("STRATA_MODEL_STORE_BUILTIN", "0")
     schema = make_service(name, nats_server.url, tmp_path).http.openapi()
     error_statuses = 0

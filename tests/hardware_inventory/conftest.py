@@ -28,10 +28,24 @@ BEAT_S = 0.2
 MISSED_BEATS = 10
 
 
-def metadata(layers, hidden, inter, heads, kv, vocab, context, params, dtype="BF16", architecture="LlamaForCausalLM") -> ModelMetadata:
-    return ModelMetadata(architecture=architecture, model_type="llama", parameters=params, dtype=dtype,
-                         num_layers=layers, hidden_size=hidden, intermediate_size=inter, num_heads=heads, num_kv_heads=kv,
-                         head_dim=hidden // heads, vocab_size=vocab, context_length=context, weight_bytes=params * 2)
+def metadata(
+    layers, hidden, inter, heads, kv, vocab, context, params, dtype="BF16", architecture="LlamaForCausalLM"
+) -> ModelMetadata:
+    return ModelMetadata(
+        architecture=architecture,
+        model_type="llama",
+        parameters=params,
+        dtype=dtype,
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hidden // heads,
+        vocab_size=vocab,
+        context_length=context,
+        weight_bytes=params * 2,
+    )
 
 
 MODELS = {
@@ -45,12 +59,28 @@ MODELS = {
 
 def probe(node_id: str, ram_gb: int, gpus: list[tuple[str, int]] = (), labels: dict | None = None) -> dict:
     return {
-        "node_id": node_id, "hostname": f"host-{node_id}", "cpu_model": "Scripted CPU", "cpu_cores": 8,
-        "ram_total": ram_gb * GB, "ram_free": ram_gb * GB, "disk_total": 500 * GB, "disk_free": 400 * GB,
+        "node_id": node_id,
+        "hostname": f"host-{node_id}",
+        "cpu_model": "Scripted CPU",
+        "cpu_cores": 8,
+        "ram_total": ram_gb * GB,
+        "ram_free": ram_gb * GB,
+        "disk_total": 500 * GB,
+        "disk_free": 400 * GB,
         "labels": labels or {},
-        "gpus": [{"id": f"cuda:{i}", "kind": "cuda", "name": name, "memory_total": mem * GB, "memory_free": mem * GB,
-                  "uuid": f"GPU-{node_id}-{i}", "compute_capability": "9.0" if "H100" in name else "8.9", "driver": "550.54"}
-                 for i, (name, mem) in enumerate(gpus)],
+        "gpus": [
+            {
+                "id": f"cuda:{i}",
+                "kind": "cuda",
+                "name": name,
+                "memory_total": mem * GB,
+                "memory_free": mem * GB,
+                "uuid": f"GPU-{node_id}-{i}",
+                "compute_capability": "9.0" if "H100" in name else "8.9",
+                "driver": "550.54",
+            }
+            for i, (name, mem) in enumerate(gpus)
+        ],
     }
 
 
@@ -70,7 +100,9 @@ def model_store(nats_url: str, tmp_path: Path) -> Service:
         if name not in MODELS:
             raise errors.NotFound(f"no model named {name!r}")
         manifest = ModelManifest(name=name, version=1, files=[], metadata=MODELS[name])
-        return ResolvedModel(model=ModelId(name=name, version=1, digest=f"sha256:{name:0>64}"[:71]), manifest=manifest, signature={})
+        return ResolvedModel(
+            model=ModelId(name=name, version=1, digest=f"sha256:{name:0>64}"[:71]), manifest=manifest, signature={}
+        )
 
     return service
 
@@ -108,7 +140,9 @@ class Cluster:
         await stack.aclose()
 
     async def start_registry(self, **overrides) -> Service:
-        config = InventoryConfig(roles={"registry"}, heartbeat_interval_s=BEAT_S, missed_beats=MISSED_BEATS, **overrides)
+        config = InventoryConfig(
+            roles={"registry"}, heartbeat_interval_s=BEAT_S, missed_beats=MISSED_BEATS, **overrides
+        )
         name = f"registry-{len(self.registries)}"
         registry = create_inventory(settings_for("hardware-inventory", self.nats_url, self.tmp / name, name), config)
         await self.stack.enter_async_context(registry.running())
@@ -116,12 +150,18 @@ class Cluster:
         return registry
 
     def of(self, event_type: str, **match) -> list:
-        return [e.data for e in self.events if e.type == event_type and all(getattr(e.data, k) == v for k, v in match.items())]
+        return [
+            e.data
+            for e in self.events
+            if e.type == event_type and all(getattr(e.data, k) == v for k, v in match.items())
+        ]
 
     async def wait_nodes(self, n: int = 3) -> None:
         async def alive():
             nodes = await self.registry.part(Registry).state.nodes()
-            return [x for x in nodes if x.status == "alive" and x.node_id in self.registry.part(Registry).nodes.telemetry]
+            return [
+                x for x in nodes if x.status == "alive" and x.node_id in self.registry.part(Registry).nodes.telemetry
+            ]
 
         result = []
 

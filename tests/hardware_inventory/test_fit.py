@@ -43,7 +43,10 @@ def test_cpu_serves_a_16_bit_checkpoint_in_16_bits_and_float32_on_request():
     assert cpu.dtype == "bfloat16" and cpu.weights == 16_060_522_496 and cpu.kv_bytes_per_token == 131_072
     f32 = predict(LLAMA3_8B, "cpu", context_length=2048, dtype="float32")
     assert f32.weights == 2 * 16_060_522_496 and f32.kv_bytes_per_token == 262_144
-    assert predict(LLAMA3_8B.model_copy(update={"dtype": "float32", "weight_bytes": 2 * 16_060_522_496}), "cpu").dtype == "float32"
+    assert (
+        predict(LLAMA3_8B.model_copy(update={"dtype": "float32", "weight_bytes": 2 * 16_060_522_496}), "cpu").dtype
+        == "float32"
+    )
 
 
 def test_int8_counts_one_byte_per_quantized_weight():
@@ -55,8 +58,14 @@ def test_int8_counts_one_byte_per_quantized_weight():
     assert q8.quantize == "int8" and q8.dtype == "bfloat16"
     assert q8.weights == 16_060_522_496 - linear + 2 * rows
     assert q8.kv_cache == predict(LLAMA3_8B, "cuda", context_length=2048).kv_cache  # the cache is not quantized
-    assert predict(LLAMA3_8B.model_copy(update={"dtype": "float32", "weight_bytes": 2 * 16_060_522_496}), "cpu",
-                   quantize="int8").dtype == "bfloat16"  # the CPU int8 kernel is fast with bf16 activations
+    assert (
+        predict(
+            LLAMA3_8B.model_copy(update={"dtype": "float32", "weight_bytes": 2 * 16_060_522_496}),
+            "cpu",
+            quantize="int8",
+        ).dtype
+        == "bfloat16"
+    )  # the CPU int8 kernel is fast with bf16 activations
     q4 = predict(LLAMA3_8B, "cuda", context_length=2048, quantize="int4")
     assert q4.weights == 16_060_522_496 - 2 * linear + linear // 2 + linear // 8  # bf16 scale + zero per 32
     with pytest.raises(Invalid, match="unsupported quantization"):
@@ -75,18 +84,46 @@ def test_the_runtime_push_recorded_decides_else_the_architecture_as_served_now()
     assert refusal(meta("NopeForCausalLM", runtime=ENGINE)) is None  # push recorded a runtime that serves it
     assert refusal(meta("LlamaForCausalLM", runtime=None)) is None  # none at push time; served now
     assert refusal(meta("LlamaForCausalLM")) is None  # a manifest from before the field: by its architecture
-    assert refusal(meta("FalconForCausalLM")) == refusal(meta("FalconForCausalLM", runtime=None)) == unsupported_reason(["FalconForCausalLM"])
-    assert refusal(meta("FalconForCausalLM", runtime="some-runtime-not-here")) == unsupported_reason(["FalconForCausalLM"])
+    assert (
+        refusal(meta("FalconForCausalLM"))
+        == refusal(meta("FalconForCausalLM", runtime=None))
+        == unsupported_reason(["FalconForCausalLM"])
+    )
+    assert refusal(meta("FalconForCausalLM", runtime="some-runtime-not-here")) == unsupported_reason(
+        ["FalconForCausalLM"]
+    )
     assert "supported: LlamaForCausalLM, " in refusal(meta("FalconForCausalLM"))
 
 
 # Mixtral-8x7B: 8 experts of intermediate 14336 per layer, 2 per token.
-MIXTRAL = LLAMA3_8B.model_copy(update={"architecture": "MixtralForCausalLM", "vocab_size": 32000, "context_length": 32768,
-                                       "num_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_size": 14336})
+MIXTRAL = LLAMA3_8B.model_copy(
+    update={
+        "architecture": "MixtralForCausalLM",
+        "vocab_size": 32000,
+        "context_length": 32768,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "expert_intermediate_size": 14336,
+    }
+)
 # Qwen3-30B-A3B: 128 experts of 768, 8 per token; intermediate_size (6144) is the dense MLP's.
-QWEN3_MOE = ModelShape(architecture="Qwen3MoeForCausalLM", dtype="bfloat16", parameters=30_532_122_624, weight_bytes=61_064_245_248,
-                       num_layers=48, hidden_size=2048, intermediate_size=6144, num_heads=32, num_kv_heads=4, head_dim=128,
-                       vocab_size=151936, context_length=40960, num_experts=128, num_experts_per_tok=8, expert_intermediate_size=768)
+QWEN3_MOE = ModelShape(
+    architecture="Qwen3MoeForCausalLM",
+    dtype="bfloat16",
+    parameters=30_532_122_624,
+    weight_bytes=61_064_245_248,
+    num_layers=48,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_heads=32,
+    num_kv_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    context_length=40960,
+    num_experts=128,
+    num_experts_per_tok=8,
+    expert_intermediate_size=768,
+)
 
 
 def test_moe_activations_count_each_routed_copy_one_expert_at_a_time_and_the_router():
@@ -96,7 +133,9 @@ def test_moe_activations_count_each_routed_copy_one_expert_at_a_time_and_the_rou
     mixtral = predict(MIXTRAL, "cuda", context_length=8192)
     moe = 2 * 5 * 4096 + 3 * 14336 + 3 * 8
     assert mixtral.activations == 4096 * (3 * 4096 + (32 + 2 * 8) * 128 + moe) * 2 + 2 * 256 * 32000 * 4
-    dense = predict(MIXTRAL.model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda", context_length=8192)
+    dense = predict(
+        MIXTRAL.model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda", context_length=8192
+    )
     assert mixtral.activations - dense.activations == 4096 * (moe - 3 * 14336) * 2  # the routed copies, the router
     qwen = predict(QWEN3_MOE, "cuda", context_length=4096)  # 8 copies of a 2048 row outweigh a 768-wide expert
     moe = 8 * 5 * 2048 + 3 * 768 + 3 * 128
@@ -105,11 +144,14 @@ def test_moe_activations_count_each_routed_copy_one_expert_at_a_time_and_the_rou
     assert qwen.weights == 61_064_245_248  # every expert's weights: what the checkpoint holds
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"context_length": 100_000}, "exceeds the model's maximum of 8192"),
-    ({"batch": 0}, "batch must be >= 1"),
-    ({"dtype": "float7"}, "unsupported dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"context_length": 100_000}, "exceeds the model's maximum of 8192"),
+        ({"batch": 0}, "batch must be >= 1"),
+        ({"dtype": "float7"}, "unsupported dtype"),
+    ],
+)
 def test_bad_prediction_inputs_are_refused_with_the_reason(kwargs, message):
     with pytest.raises(Invalid, match=message):
         predict(LLAMA3_8B, "cuda", **kwargs)
@@ -131,7 +173,9 @@ def test_a_measurement_moves_the_next_prediction_to_it_and_the_error_shrinks():
     assert abs(corrected.total - measured_peak) / measured_peak < 0.001
     c2 = c1.learn(raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0")
     assert abs(c2.last_error) < abs(c1.last_error) and abs(c2.last_error) < 0.001
-    assert c2.learn(raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0") is c2  # idempotent per sample
+    assert (
+        c2.learn(raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0") is c2
+    )  # idempotent per sample
     # the correction carries over to another context length of the same kind of model
     other = c2.apply(predict(LLAMA3_8B, "cuda", context_length=2048))
     assert other.total > predict(LLAMA3_8B, "cuda", context_length=2048).total
@@ -159,9 +203,20 @@ def test_an_implausible_measurement_is_refused_and_factors_are_clamped():
     assert low.overhead_factor == MIN_FACTOR == 0.5
 
 
-TINY_F32 = ModelShape(architecture="LlamaForCausalLM", dtype="float32", num_layers=4, hidden_size=256, intermediate_size=768,
-                      num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=32000, context_length=256, weight_bytes=48_000_000,
-                      parameters=12_000_000)
+TINY_F32 = ModelShape(
+    architecture="LlamaForCausalLM",
+    dtype="float32",
+    num_layers=4,
+    hidden_size=256,
+    intermediate_size=768,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    vocab_size=32000,
+    context_length=256,
+    weight_bytes=48_000_000,
+    parameters=12_000_000,
+)
 
 
 def test_a_measurement_too_small_to_mean_anything_is_ignored():

@@ -43,11 +43,21 @@ async def test_cli_deploy_waits_for_each_replica_to_load_and_says_why_one_failed
     async def scripted_worker(msg) -> None:
         placed = parse_event(msg.data, msg.subject).data
         if placed.model_ref == "small":
-            outcome = DeployReady(deployment_id=placed.deployment_id, model=placed.model, node_id=placed.node_id, device=placed.device,
-                                  measured=MeasuredMemory(weights=2 * 10**9, kv_cache=10**8, peak=3 * 10**9), load_seconds=1.5)
+            outcome = DeployReady(
+                deployment_id=placed.deployment_id,
+                model=placed.model,
+                node_id=placed.node_id,
+                device=placed.device,
+                measured=MeasuredMemory(weights=2 * 10**9, kv_cache=10**8, peak=3 * 10**9),
+                load_seconds=1.5,
+            )
         elif placed.model_ref == "tiny":
-            outcome = DeployFailed(deployment_id=placed.deployment_id, model=placed.model, node_id=placed.node_id,
-                                   reason="unsupported architecture 'NopeForCausalLM'")
+            outcome = DeployFailed(
+                deployment_id=placed.deployment_id,
+                model=placed.model,
+                node_id=placed.node_id,
+                reason="unsupported architecture 'NopeForCausalLM'",
+            )
         else:
             return
         answered.append(placed.model_ref)
@@ -72,18 +82,24 @@ async def test_http_api_answers_with_numbers_and_typed_errors(cluster: Cluster):
         nodes = (await http.get("/nodes")).json()["nodes"]
         assert {n["node"]["node_id"] for n in nodes} == {"cpu-8", "gpu-24", "gpu-80"}
         h100 = next(n for n in nodes if n["node"]["node_id"] == "gpu-80")
-        assert h100["node"]["devices"][1]["name"] == "NVIDIA H100 80GB HBM3" and h100["available"]["cuda:0"] == int(80e9 * 0.92)
+        assert h100["node"]["devices"][1]["name"] == "NVIDIA H100 80GB HBM3" and h100["available"]["cuda:0"] == int(
+            80e9 * 0.92
+        )
         assert (await http.get("/nodes/nope")).status_code == 404
         fit = (await http.get("/fit", params={"model_ref": "llama3-8b", "context_length": 8192})).json()
         assert fit["estimates"]["cuda"]["raw"]["weights"] == 16_060_522_496
         assert fit["estimates"]["cuda"]["raw"]["kv_bytes_per_token"] == 131_072
         verdicts = {(r["node_id"], r["device"]): r["fits"] for r in fit["rows"]}
         assert verdicts[("gpu-24", "cuda:0")] and verdicts[("gpu-80", "cuda:0")] and not verdicts[("cpu-8", "cpu")]
-        q8 = (await http.get("/fit", params={"model_ref": "llama3-8b", "context_length": 8192, "quantize": "int8"})).json()
+        q8 = (
+            await http.get("/fit", params={"model_ref": "llama3-8b", "context_length": 8192, "quantize": "int8"})
+        ).json()
         assert q8["estimates"]["cuda"]["raw"]["quantize"] == "int8"
         assert q8["estimates"]["cuda"]["raw"]["weights"] < 0.6 * 16_060_522_496  # the linears at a byte a weight
 
-        created = await http.post("/deployments", json={"model_ref": "small", "replicas": 2, "constraints": {"device": "cuda"}})
+        created = await http.post(
+            "/deployments", json={"model_ref": "small", "replicas": 2, "constraints": {"device": "cuda"}}
+        )
         assert created.status_code == 201 and len(created.json()["deployment"]["replicas"]) == 2
         bad = await http.post("/deployments", json={"model_ref": "small", "constraints": {"gpu.prodcut": "H100"}})
         assert bad.status_code == 400 and "unknown constraint key" in bad.json()["error"]["message"]
@@ -139,8 +155,14 @@ async def test_cli_commands(cluster: Cluster, capsys):
 
 async def test_a_malformed_deploy_request_is_dead_lettered_with_the_reason(cluster: Cluster):
     js = cluster.nc.jetstream()
-    raw = {"id": "bad-1", "type": "deploy.requested", "source": {"service": "cli", "node": "x"}, "version": 1,
-           "time": "2025-01-01T00:00:00Z", "data": {"model_ref": "small", "replicas": 0}}
+    raw = {
+        "id": "bad-1",
+        "type": "deploy.requested",
+        "source": {"service": "cli", "node": "x"},
+        "version": 1,
+        "time": "2025-01-01T00:00:00Z",
+        "data": {"model_ref": "small", "replicas": 0},
+    }
     await js.publish("evt.deploy.requested", json.dumps(raw).encode(), headers={"Nats-Msg-Id": "bad-1"})
 
     async def letters():
@@ -148,8 +170,14 @@ async def test_a_malformed_deploy_request_is_dead_lettered_with_the_reason(clust
             info = await js.stream_info(subjects.DEADLETTER_STREAM)
         except Exception:
             return []
-        return [DeadLetter.model_validate_json((await js.get_msg(subjects.DEADLETTER_STREAM, s)).data)
-                for s in range(info.state.first_seq, info.state.last_seq + 1)] if info.state.messages else []
+        return (
+            [
+                DeadLetter.model_validate_json((await js.get_msg(subjects.DEADLETTER_STREAM, s)).data)
+                for s in range(info.state.first_seq, info.state.last_seq + 1)
+            ]
+            if info.state.messages
+            else []
+        )
 
     for _ in range(100):
         found = await letters()

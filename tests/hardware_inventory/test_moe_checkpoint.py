@@ -21,9 +21,17 @@ LAYERS, EXPERTS, PER_TOKEN, HIDDEN, INTER = 2, 4, 2, 64, 96
 def mixtral(tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.MixtralConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
-                                        num_experts_per_tok=PER_TOKEN, max_position_embeddings=256)
+    config = transformers.MixtralConfig(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=PER_TOKEN,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("mixtral")
     transformers.MixtralForCausalLM(config).save_pretrained(directory)
@@ -46,9 +54,14 @@ def tensor_bytes(directory, select) -> int:
 
 async def test_an_moe_checkpoints_weights_term_counts_every_expert(nats_server, tmp_path, mixtral):
     service = make_service("model-store", nats_server.url, tmp_path / "data")
-    async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://store") as client:
+    async with (
+        service.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://store") as client,
+    ):
         files = [f for f in await upload_dir(client, mixtral) if f.path != "generation_config.json"]
-        answer = await client.post("/v1/models", json=PushModelRequest(name="mixtral", files=files).model_dump(mode="json"))
+        answer = await client.post(
+            "/v1/models", json=PushModelRequest(name="mixtral", files=files).model_dump(mode="json")
+        )
     assert answer.status_code == 201, answer.text
     meta = ResolvedModel.model_validate(answer.json()).manifest.metadata
     assert (meta.runtime, meta.num_experts, meta.num_experts_per_tok) == (ENGINE, EXPERTS, PER_TOKEN)
@@ -58,7 +71,9 @@ async def test_an_moe_checkpoints_weights_term_counts_every_expert(nats_server, 
     estimate = predict(ModelShape.from_metadata(meta), "cuda")
     assert estimate.weights == tensor_bytes(mixtral, lambda name: True) >= experts
     assert estimate.weights - experts == tensor_bytes(mixtral, lambda name: ".experts." not in name)
-    dense = predict(ModelShape.from_metadata(meta).model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda")
+    dense = predict(
+        ModelShape.from_metadata(meta).model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda"
+    )
     assert estimate.activations > dense.activations  # both routed experts' activations, and the router's logits
 
 
@@ -68,15 +83,28 @@ async def test_the_booked_kv_cache_holds_the_whole_context_in_the_engine(nats_se
     from services.inference_worker.engine import EngineConfig, LLMEngine
     from tests.engine.conftest import build_checkpoint
 
-    checkpoint = build_checkpoint(tmp_path / "ckpt", tokenizer_dir, arch="mixtral", intermediate_size=64,
-                                  num_local_experts=4, num_experts_per_tok=2).path
+    checkpoint = build_checkpoint(
+        tmp_path / "ckpt",
+        tokenizer_dir,
+        arch="mixtral",
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ).path
     service = make_service("model-store", nats_server.url, tmp_path / "data")
-    async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://store") as client:
+    async with (
+        service.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://store") as client,
+    ):
         files = [f for f in await upload_dir(client, checkpoint) if f.path != "generation_config.json"]
-        answer = await client.post("/v1/models", json=PushModelRequest(name="mixtral", files=files).model_dump(mode="json"))
+        answer = await client.post(
+            "/v1/models", json=PushModelRequest(name="mixtral", files=files).model_dump(mode="json")
+        )
     meta = ResolvedModel.model_validate(answer.json()).manifest.metadata
     for context in (128, 100):
         estimate = predict(ModelShape.from_metadata(meta), "cpu", context_length=context)
-        engine = LLMEngine.from_pretrained(checkpoint, EngineConfig(device="cpu", dtype=estimate.dtype,
-                                                                 kv_cache_bytes=estimate.kv_cache, max_model_len=context))
+        engine = LLMEngine.from_pretrained(
+            checkpoint,
+            EngineConfig(device="cpu", dtype=estimate.dtype, kv_cache_bytes=estimate.kv_cache, max_model_len=context),
+        )
         assert engine.max_model_len == context, (context, engine.runner.num_blocks)

@@ -34,14 +34,20 @@ async def until(check, what: str, timeout: float = 10.0):
 
 
 async def test_on_demand_replicas_share_a_node_and_follow_their_workers_loads(cluster: Cluster):
-    always = [await cluster.deployments.deploy(DeployRequest(model_ref="small", constraints=ON_CPU_8)) for _ in range(4)]
+    always = [
+        await cluster.deployments.deploy(DeployRequest(model_ref="small", constraints=ON_CPU_8)) for _ in range(4)
+    ]
     fitting = sum(o.scheduled for o in always)
     assert 0 < fitting < 4  # always-on: the node holds only so many
     for o in always:
         if o.scheduled:
             await cluster.deployments.undeploy(None, o.deployment_id)
-    lazy = [await cluster.deployments.deploy(DeployRequest(model_ref="small", constraints=ON_CPU_8, on_demand=True,
-                                                           keep_alive_s=30)) for _ in range(4)]
+    lazy = [
+        await cluster.deployments.deploy(
+            DeployRequest(model_ref="small", constraints=ON_CPU_8, on_demand=True, keep_alive_s=30)
+        )
+        for _ in range(4)
+    ]
     assert all(o.scheduled for o in lazy), [o.reason for o in lazy]  # they book nothing: the worker evicts
     allocations = await cluster.registry.part(Registry).state.allocations()
     assert allocations.booked("cpu-8", "cpu") == 0
@@ -53,22 +59,53 @@ async def test_on_demand_replicas_share_a_node_and_follow_their_workers_loads(cl
 
     r = dep.replicas[0]
     zero = MeasuredMemory(weights=0, kv_cache=0, peak=0)
-    await bus.publish(cluster.registry.broker, make_event(DeployReady(
-        deployment_id=dep.deployment_id, model=dep.model, node_id=r.node_id, device=r.device, measured=zero, load_seconds=0,
-        on_demand=True), WORKER))
+    await bus.publish(
+        cluster.registry.broker,
+        make_event(
+            DeployReady(
+                deployment_id=dep.deployment_id,
+                model=dep.model,
+                node_id=r.node_id,
+                device=r.device,
+                measured=zero,
+                load_seconds=0,
+                on_demand=True,
+            ),
+            WORKER,
+        ),
+    )
     ready = await until(lambda: _with(cluster, dep.deployment_id, status="ready"), "ready")
     assert ready.loaded is False and ready.measured_peak is None  # nothing measured, nothing learned: not loaded
 
     measured = MeasuredMemory(weights=r.predicted_bytes // 2, kv_cache=r.kv_cache_bytes, peak=r.predicted_bytes)
-    await bus.publish(cluster.registry.broker, make_event(ModelLoaded(
-        deployment_id=dep.deployment_id, model=dep.model, node_id=r.node_id, device=r.device, measured=measured,
-        load_seconds=1.0, runtime="strata-engine"), WORKER))
+    await bus.publish(
+        cluster.registry.broker,
+        make_event(
+            ModelLoaded(
+                deployment_id=dep.deployment_id,
+                model=dep.model,
+                node_id=r.node_id,
+                device=r.device,
+                measured=measured,
+                load_seconds=1.0,
+                runtime="strata-engine",
+            ),
+            WORKER,
+        ),
+    )
     loaded = await until(lambda: _with(cluster, dep.deployment_id, loaded=True), "loaded")
     assert loaded.measured_peak == r.predicted_bytes and loaded.runtime == "strata-engine"
     await until(lambda: _corrections(cluster), "a correction learned from the load's measurement")
 
-    await bus.publish(cluster.registry.broker, make_event(ModelUnloaded(
-        deployment_id=dep.deployment_id, model=dep.model, node_id=r.node_id, device=r.device, reason="idle"), WORKER))
+    await bus.publish(
+        cluster.registry.broker,
+        make_event(
+            ModelUnloaded(
+                deployment_id=dep.deployment_id, model=dep.model, node_id=r.node_id, device=r.device, reason="idle"
+            ),
+            WORKER,
+        ),
+    )
     unloaded = await until(lambda: _with(cluster, dep.deployment_id, loaded=False), "unloaded")
     assert unloaded.status == "ready"  # still deployed: the next request loads it
 
@@ -90,7 +127,9 @@ async def test_the_node_agent_counts_an_on_demand_model_as_loaded_only_while_it_
     agent._node_id = "cpu-8"
     model, zero = model_id("lazy"), MeasuredMemory(weights=0, kv_cache=0, peak=0)
     common = dict(deployment_id="lazy-1", model=model, node_id="cpu-8", device="cpu")
-    await agent.on_deploy_event(make_event(DeployReady(**common, measured=zero, load_seconds=0, on_demand=True), WORKER))
+    await agent.on_deploy_event(
+        make_event(DeployReady(**common, measured=zero, load_seconds=0, on_demand=True), WORKER)
+    )
     assert agent.loaded == set()  # deployed, not loaded: its heartbeat does not list it
     await agent.on_deploy_event(make_event(ModelLoaded(**common, measured=zero, load_seconds=0.1), WORKER))
     assert agent.loaded == {"lazy-1"}

@@ -15,7 +15,9 @@ def test_keep_alive_durations(text, seconds):
     assert _duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text, why", [("5 minutes", "expected a duration"), ("-1s", "must be >= 0"), ("m", "expected")])
+@pytest.mark.parametrize(
+    "text, why", [("5 minutes", "expected a duration"), ("-1s", "must be >= 0"), ("m", "expected")]
+)
 def test_a_bad_keep_alive_says_what_is_expected(text, why):
     with pytest.raises(argparse.ArgumentTypeError, match=why):
         _duration(text)

@@ -118,13 +118,18 @@ def test_a_model_without_datasets_fails_the_dataset_rule():
 # -- allowed_licenses -------------------------------------------------------------------------
 
 def test_licenses_are_compared_case_insensitively():
-    r = result(evaluate(policy(allowed_licenses=["apache-2.0", "mit"]), resolved(manifest(license="MIT"), None)), "allowed_licenses")
+    r = result(
+        evaluate(policy(allowed_licenses=["apache-2.0", "mit"]), resolved(manifest(license="MIT"), None)),
+        "allowed_licenses",
+    )
     assert r.passed
 
 
 def test_a_license_outside_the_list_fails_naming_it_and_the_list():
     decision = evaluate(policy(allowed_licenses=["apache-2.0", "mit"]), resolved(manifest(license="proprietary"), None))
-    assert decision.reason == "policy: allowed_licenses: license 'proprietary' is not allowed (allowed: apache-2.0, mit)"
+    assert (
+        decision.reason == "policy: allowed_licenses: license 'proprietary' is not allowed (allowed: apache-2.0, mit)"
+    )
 
 
 def test_a_model_with_no_license_fails_saying_so():
@@ -139,10 +144,15 @@ def test_no_rules_admit_everything_and_report_nothing():
 
 # -- node_labels --------------------------------------------------------------------------------
 
+
 def test_a_model_over_a_label_limit_is_kept_off_those_nodes_but_admitted():
-    rules = {"node_labels": {"tier=edge": {"max_parameters": 1_000_000, "max_weight_bytes": 10**9},
-                             "zone=eu,tier=core": {"allowed_licenses": ["apache-2.0"]},
-                             "tier=big": {"max_parameters": 10**12}}}
+    rules = {
+        "node_labels": {
+            "tier=edge": {"max_parameters": 1_000_000, "max_weight_bytes": 10**9},
+            "zone=eu,tier=core": {"allowed_licenses": ["apache-2.0"]},
+            "tier=big": {"max_parameters": 10**12},
+        }
+    }
     decision = evaluate(policy(**rules), resolved(manifest(), None))
     assert decision.admitted
     assert set(decision.exclusions) == {"tier=edge", "zone=eu,tier=core"}
@@ -163,9 +173,13 @@ def test_when_every_eligible_node_is_excluded_the_label_rule_rejects_naming_the_
     assert some_left.admitted
     none_left = decision.no_node_left([{"tier": "EDGE", "zone": "a"}, {"tier": "edge"}])
     assert not none_left.admitted
-    assert none_left.reason.startswith("policy: node_labels[tier=edge]: over max_parameters 1,000 (the model has 12,000,000)")
+    assert none_left.reason.startswith(
+        "policy: node_labels[tier=edge]: over max_parameters 1,000 (the model has 12,000,000)"
+    )
     assert "every eligible node (2) is labelled tier=edge" in none_left.reason
-    assert decision.no_node_left([]).admitted  # no node at all is placement's "no nodes are registered", not the policy's
+    assert decision.no_node_left(
+        []
+    ).admitted  # no node at all is placement's "no nodes are registered", not the policy's
 
 
 def test_selectors_need_every_label():
@@ -176,15 +190,24 @@ def test_selectors_need_every_label():
 def test_placement_skips_excluded_nodes_and_says_why_when_nothing_else_fits():
     def node(node_id: str, ram: int, labels: dict) -> NodeRecord:
         cpu = DeviceInfo(id="cpu", kind="cpu", name="cpu", memory_total=ram, memory_free=ram)
-        return NodeRecord(node_id=node_id, hostname=node_id, cpu_model="x", cpu_cores=1, ram_total=ram, devices=[cpu], labels=labels)
+        return NodeRecord(
+            node_id=node_id, hostname=node_id, cpu_model="x", cpu_cores=1, ram_total=ram, devices=[cpu], labels=labels
+        )
 
     shape = ModelShape.from_metadata(MODELS["tiny"])
     need = lambda kind: predict(shape, kind, context_length=256)  # noqa: E731
     exclusions = {"tier=edge": "over max_parameters 100"}
-    slots = placement.slots([node("edge", 4 * GB, {"tier": "edge"}), node("core", 64 * GB, {"tier": "core"})], Allocations(), {}, {"cpu": 0.85})
+    slots = placement.slots(
+        [node("edge", 4 * GB, {"tier": "edge"}), node("core", 64 * GB, {"tier": "core"})],
+        Allocations(),
+        {},
+        {"cpu": 0.85},
+    )
     assert placement.place(1, slots, need, {}, "binpack")[0].node_id == "edge"  # binpack's choice without the policy
     assert placement.place(1, slots, need, {}, "binpack", exclusions=exclusions)[0].node_id == "core"
-    small = placement.slots([node("edge", 4 * GB, {"tier": "edge"}), node("core", GB // 10, {})], Allocations(), {}, {"cpu": 0.85})
+    small = placement.slots(
+        [node("edge", 4 * GB, {"tier": "edge"}), node("core", GB // 10, {})], Allocations(), {}, {"cpu": 0.85}
+    )
     with pytest.raises(placement.NoFit) as nofit:
         placement.place(1, small, need, {}, "binpack", exclusions=exclusions)
     assert "edge/cpu: excluded by policy node_labels[tier=edge] (over max_parameters 100)" in nofit.value.reason
@@ -192,6 +215,7 @@ def test_placement_skips_excluded_nodes_and_says_why_when_nothing_else_fits():
 
 
 # -- the file ---------------------------------------------------------------------------------
+
 
 def write_key(path, signer: Signer) -> str:
     path.write_text(signer.public_key_info().pem)
@@ -201,9 +225,11 @@ def write_key(path, signer: Signer) -> str:
 def test_a_file_with_every_rule_loads_with_its_digest_and_keys(tmp_path, store_key, other_key):
     (tmp_path / "keys").mkdir()
     write_key(tmp_path / "keys" / "store.pem", store_key)
-    text = (f"require_signature: true\ntrusted_keys:\n  - keys/store.pem\n  - |\n"
-            + "".join(f"    {line}\n" for line in other_key.public_key_info().pem.splitlines())
-            + "require_datasets: true\nallowed_licenses: [MIT]\nnode_labels:\n  tier=edge: {max_parameters: 5}\n")
+    text = (
+        "require_signature: true\ntrusted_keys:\n  - keys/store.pem\n  - |\n"
+        + "".join(f"    {line}\n" for line in other_key.public_key_info().pem.splitlines())
+        + "require_datasets: true\nallowed_licenses: [MIT]\nnode_labels:\n  tier=edge: {max_parameters: 5}\n"
+    )
     path = tmp_path / "policy.yaml"
     path.write_text(text)
     loaded = load_policy(path)
@@ -218,17 +244,29 @@ def test_a_missing_file_is_no_policy(tmp_path):
     assert load_policy(tmp_path / "nope.yaml") is None
 
 
-@pytest.mark.parametrize("text, names", [
-    ("require_signatures: true\n", "require_signatures: Extra inputs are not permitted"),
-    ("node_labels:\n  tier=edge: {max_params: 5}\n", "node_labels.tier=edge.max_params: Extra inputs are not permitted"),
-    ("node_labels:\n  edge: {max_parameters: 5}\n", "node_labels: Value error, label selector 'edge' is not LABEL=VALUE"),
-    ("allowed_licenses: mit\n", "allowed_licenses: Input should be a valid list"),
-    ("require_signature: true\n", "require_signature needs at least one entry in trusted_keys"),
-    ("require_datasets: [true\n", "not valid YAML"),
-    ("- require_datasets\n", "expected a mapping of rules at the top, found list"),
-    ("trusted_keys: [missing.pem]\n", "trusted_keys[0]: "),
-    ("trusted_keys: ['-----BEGIN PUBLIC KEY-----\n\n  garbage\n\n  -----END PUBLIC KEY-----']\n", "trusted_keys[0]: not a PEM public key"),
-])
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("require_signatures: true\n", "require_signatures: Extra inputs are not permitted"),
+        (
+            "node_labels:\n  tier=edge: {max_params: 5}\n",
+            "node_labels.tier=edge.max_params: Extra inputs are not permitted",
+        ),
+        (
+            "node_labels:\n  edge: {max_parameters: 5}\n",
+            "node_labels: Value error, label selector 'edge' is not LABEL=VALUE",
+        ),
+        ("allowed_licenses: mit\n", "allowed_licenses: Input should be a valid list"),
+        ("require_signature: true\n", "require_signature needs at least one entry in trusted_keys"),
+        ("require_datasets: [true\n", "not valid YAML"),
+        ("- require_datasets\n", "expected a mapping of rules at the top, found list"),
+        ("trusted_keys: [missing.pem]\n", "trusted_keys[0]: "),
+        (
+            "trusted_keys: ['-----BEGIN PUBLIC KEY-----\n\n  garbage\n\n  -----END PUBLIC KEY-----']\n",
+            "trusted_keys[0]: not a PEM public key",
+        ),
+    ],
+)
 def test_an_invalid_file_is_an_error_naming_the_file_and_the_key(tmp_path, text, names):
     path = tmp_path / "policy.yaml"
     path.write_text(text)
@@ -238,8 +276,11 @@ def test_an_invalid_file_is_an_error_naming_the_file_and_the_key(tmp_path, text,
 
 
 def test_a_trusted_key_that_is_not_ed25519_is_refused(tmp_path):
-    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     (tmp_path / "ec.pem").write_bytes(pem)
     (tmp_path / "policy.yaml").write_text("trusted_keys: [ec.pem]\n")
     with pytest.raises(PolicyFileError, match=r"trusted_keys\[0\]: not an Ed25519 public key"):

@@ -33,7 +33,9 @@ async def _resign_in_catalog(nc, model: ResolvedModel, attacker: Signer) -> None
     stored["signature"] = attacker.sign(model.manifest)
     await kv.put(key, json.dumps(stored).encode())
     for _ in range(200):  # model-store's index follows the KV bucket
-        served = await rpc.call(nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref=model.model.name), ResolvedModel)
+        served = await rpc.call(
+            nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref=model.model.name), ResolvedModel
+        )
         if served.signature == stored["signature"]:
             return
         await asyncio.sleep(0.05)
@@ -43,7 +45,9 @@ async def _resign_in_catalog(nc, model: ResolvedModel, attacker: Signer) -> None
 async def test_policy_end_to_end_with_model_store_registry_and_ledger(nats_server, tmp_path, monkeypatch):
     other_key = Signer.load_or_create(tmp_path / "attacker.pem")
     monkeypatch.setenv("STRATA_MODEL_STORE_BUILTIN", "0")
-    monkeypatch.setitem(NODES, "edge-4", probe("edge-4", 4, labels={"tier": "edge"}))  # binpack's choice, but for the policy
+    monkeypatch.setitem(
+        NODES, "edge-4", probe("edge-4", 4, labels={"tier": "edge"})
+    )  # binpack's choice, but for the policy
     monkeypatch.setitem(NODES, "core-64", probe("core-64", 64, labels={"tier": "core"}))
     store = make_service("model-store", nats_server.url, tmp_path / "store")
     ledger = make_service("provenance-ledger", nats_server.url, tmp_path / "ledger")
@@ -68,15 +72,25 @@ async def test_policy_end_to_end_with_model_store_registry_and_ledger(nats_serve
             (tmp_path / "corpus").mkdir()
             (tmp_path / "corpus" / "verses.txt").write_text("In the beginning\n")
             files = await upload_dir(client, tmp_path / "corpus")
-            r = await client.post("/v1/datasets", json=PushDatasetRequest(name="corpus", files=files).model_dump(mode="json"))
+            r = await client.post(
+                "/v1/datasets", json=PushDatasetRequest(name="corpus", files=files).model_dump(mode="json")
+            )
             assert r.status_code == 201, r.text
             dataset = r.json()["digest"]
             files = await upload_dir(client, checkpoint)
             pushed = {}
-            for name, license, datasets in (("good", "MIT", [dataset]), ("nodata", "MIT", []), ("gpl", "GPL-3.0", [dataset]),
-                                            ("forged", "MIT", [dataset])):
-                r = await client.post("/v1/models", json=PushModelRequest(name=name, files=files, license=license,
-                                                                          datasets=datasets).model_dump(mode="json"))
+            for name, license, datasets in (
+                ("good", "MIT", [dataset]),
+                ("nodata", "MIT", []),
+                ("gpl", "GPL-3.0", [dataset]),
+                ("forged", "MIT", [dataset]),
+            ):
+                r = await client.post(
+                    "/v1/models",
+                    json=PushModelRequest(name=name, files=files, license=license, datasets=datasets).model_dump(
+                        mode="json"
+                    ),
+                )
                 assert r.status_code == 201, r.text
                 pushed[name] = ResolvedModel.model_validate(r.json())
             store_pem = (await client.get("/v1/public-key")).json()["pem"]
@@ -85,8 +99,10 @@ async def test_policy_end_to_end_with_model_store_registry_and_ledger(nats_serve
         # 2. the policy: model-store's key (a file next to the policy), datasets, licenses, an edge limit
         (tmp_path / "store.pem").write_text(store_pem)
         policy_file = tmp_path / "policy.yaml"
-        policy_file.write_text("require_signature: true\ntrusted_keys: [store.pem]\nrequire_datasets: true\n"
-                               "allowed_licenses: [mit, apache-2.0]\nnode_labels:\n  tier=edge: {max_parameters: 100}\n")
+        policy_file.write_text(
+            "require_signature: true\ntrusted_keys: [store.pem]\nrequire_datasets: true\n"
+            "allowed_licenses: [mit, apache-2.0]\nnode_labels:\n  tier=edge: {max_parameters: 100}\n"
+        )
         digest = "sha256:" + hashlib.sha256(policy_file.read_bytes()).hexdigest()
         cluster = Cluster(nats_server.url, tmp_path, stack)
         registry = await cluster.start_registry(admission_policy=policy_file)
@@ -97,27 +113,51 @@ async def test_policy_end_to_end_with_model_store_registry_and_ledger(nats_serve
 
         async def outcome(deployment_id: str):
             def decided():
-                return [e for e in events if getattr(e.data, "deployment_id", None) == deployment_id
-                        and e.type in ("policy.decided", "deploy.scheduled", "deploy.rejected")]
-            await eventually(lambda: len(decided()) == 2, timeout=20, what=f"policy.decided and the outcome of {deployment_id}")
+                return [
+                    e
+                    for e in events
+                    if getattr(e.data, "deployment_id", None) == deployment_id
+                    and e.type in ("policy.decided", "deploy.scheduled", "deploy.rejected")
+                ]
+
+            await eventually(
+                lambda: len(decided()) == 2, timeout=20, what=f"policy.decided and the outcome of {deployment_id}"
+            )
             policy_event, result = decided()  # in this order: the decision before what it led to
             assert policy_event.type == "policy.decided" and policy_event.data.policy_digest == digest
             return policy_event.data, result
 
         # 3. a compliant model, by event: admitted, and kept off the edge node binpack would have chosen
-        await bus.publish(registry.broker, make_event(DeployRequested(deployment_id="dep-good", model_ref="good"), CLIENT))
+        await bus.publish(
+            registry.broker, make_event(DeployRequested(deployment_id="dep-good", model_ref="good"), CLIENT)
+        )
         decision, result = await outcome("dep-good")
         assert decision.admitted and decision.model == pushed["good"].model and all(r.passed for r in decision.rules)
-        assert [r.rule for r in decision.rules] == ["require_signature", "require_datasets", "allowed_licenses", "node_labels[tier=edge]"]
+        assert [r.rule for r in decision.rules] == [
+            "require_signature",
+            "require_datasets",
+            "allowed_licenses",
+            "node_labels[tier=edge]",
+        ]
         assert result.type == "deploy.scheduled" and result.data.node_id == "core-64"
 
         # 4. each rule broken once: deploy.rejected naming the rule, and a policy.decided that says rejected
-        broken = {"dep-nodata": ("nodata", {}, "policy: require_datasets: the model declares no training datasets"),
-                  "dep-forged": ("forged", {}, "policy: require_signature: no valid signature by a trusted key"),
-                  "dep-edge": ("good", {"label.tier": "edge"}, "policy: node_labels[tier=edge]: over max_parameters 100 (the model has 640)")}
+        broken = {
+            "dep-nodata": ("nodata", {}, "policy: require_datasets: the model declares no training datasets"),
+            "dep-forged": ("forged", {}, "policy: require_signature: no valid signature by a trusted key"),
+            "dep-edge": (
+                "good",
+                {"label.tier": "edge"},
+                "policy: node_labels[tier=edge]: over max_parameters 100 (the model has 640)",
+            ),
+        }
         for deployment_id, (ref, constraints, _) in broken.items():
-            await bus.publish(registry.broker, make_event(DeployRequested(deployment_id=deployment_id, model_ref=ref,
-                                                                          constraints=constraints), CLIENT))
+            await bus.publish(
+                registry.broker,
+                make_event(
+                    DeployRequested(deployment_id=deployment_id, model_ref=ref, constraints=constraints), CLIENT
+                ),
+            )
         async with Http(registry.http) as http:  # by HTTP: 403 with the same reason
             r = await http.post("/deployments", json={"model_ref": "gpl", "deployment_id": "dep-gpl"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
@@ -134,7 +174,10 @@ async def test_policy_end_to_end_with_model_store_registry_and_ledger(nats_serve
         assert "every eligible node (1) is labelled tier=edge" in cluster_reason(events, "dep-edge")
 
         # 5. the ledger recorded every decision as a leaf
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=ledger.http), base_url="http://ledger") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=ledger.http), base_url="http://ledger"
+        ) as client:
+
             async def recorded() -> dict:
                 r = await client.get("/audit", params={"type": "policy.decided"})
                 return {e["data"]["deployment_id"]: e for e in r.json()}
@@ -151,7 +194,9 @@ async def test_policy_end_to_end_with_model_store_registry_and_ledger(nats_serve
             assert entries["dep-good"]["data"]["admitted"] and not entries["dep-gpl"]["data"]["admitted"]
             assert entries["dep-gpl"]["data"]["policy_digest"] == digest
             leaf = (await client.get(f"/leaves/{entries['dep-forged']['leaf_index']}")).json()
-            assert leaf["event"]["type"] == "policy.decided" and leaf["event"]["id"] == entries["dep-forged"]["event_id"]
+            assert (
+                leaf["event"]["type"] == "policy.decided" and leaf["event"]["id"] == entries["dep-forged"]["event_id"]
+            )
             assert {"rule": "require_signature", "passed": False}.items() <= leaf["event"]["data"]["rules"][0].items()
 
 

@@ -22,9 +22,19 @@ def test_this_machine_probes_as_a_valid_node(tmp_path):
 
 
 def test_proc_parsers():
-    meminfo = "MemTotal:       16318032 kB\nMemFree:         1234 kB\nMemAvailable:    8000000 kB\nHugePages_Total:       0\n"
-    assert parse_meminfo(meminfo) == {"MemTotal": 16318032 * 1024, "MemFree": 1234 * 1024, "MemAvailable": 8000000 * 1024, "HugePages_Total": 0}
-    assert parse_cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 9654 96-Core Processor\n") == "AMD EPYC 9654 96-Core Processor"
+    meminfo = (
+        "MemTotal:       16318032 kB\nMemFree:         1234 kB\nMemAvailable:    8000000 kB\nHugePages_Total:       0\n"
+    )
+    assert parse_meminfo(meminfo) == {
+        "MemTotal": 16318032 * 1024,
+        "MemFree": 1234 * 1024,
+        "MemAvailable": 8000000 * 1024,
+        "HugePages_Total": 0,
+    }
+    assert (
+        parse_cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+        == "AMD EPYC 9654 96-Core Processor"
+    )
     assert parse_cpu_model("") == "unknown CPU"
 
 
@@ -38,9 +48,15 @@ def test_a_scripted_probe_is_checked_when_it_is_loaded(tmp_path):
 
 
 def test_roles_and_settings_come_from_the_environment(tmp_path):
-    config = InventoryConfig.from_env({"STRATA_INVENTORY_ROLES": "agent", "STRATA_INVENTORY_HEARTBEAT_S": "0.5",
-                                       "STRATA_INVENTORY_MISSED_BEATS": "4", "STRATA_INVENTORY_POLICY": "spread",
-                                       "STRATA_INVENTORY_LABELS": "zone=a,rack=3"})
+    config = InventoryConfig.from_env(
+        {
+            "STRATA_INVENTORY_ROLES": "agent",
+            "STRATA_INVENTORY_HEARTBEAT_S": "0.5",
+            "STRATA_INVENTORY_MISSED_BEATS": "4",
+            "STRATA_INVENTORY_POLICY": "spread",
+            "STRATA_INVENTORY_LABELS": "zone=a,rack=3",
+        }
+    )
     assert config.roles == {"agent"} and config.heartbeat_interval_s == 0.5 and config.missed_beats == 4
     assert config.policy == "spread" and config.labels == {"zone": "a", "rack": "3"}
     assert InventoryConfig.from_env({}).roles == {"agent", "registry"}
@@ -57,7 +73,9 @@ async def test_strata_up_runs_both_roles_in_one_process_and_this_machine_joins(n
     service = make_service("hardware-inventory", nats_server.url, tmp_path, node_id="this-box")
     async with service.running():
         nodes = service.part(Registry).nodes
-        await eventually(lambda: "this-box" in nodes.telemetry and nodes.telemetry["this-box"].ram_free > 0, what="a heartbeat")
+        await eventually(
+            lambda: "this-box" in nodes.telemetry and nodes.telemetry["this-box"].ram_free > 0, what="a heartbeat"
+        )
         [record] = await service.part(Registry).state.nodes()
     assert record.node_id == "this-box" and record.status == "alive" and record.devices[0].kind == "cpu"
     assert record.heartbeat_interval_s == 0.2 and record.ram_total > 0

@@ -39,7 +39,11 @@ async def test_placement_follows_the_policy_and_the_constraints(cluster: Cluster
     assert len({r.node_id for r in two.deployment.replicas}) == 3  # replicas go to distinct nodes first
     await eventually(lambda: len(cluster.of("deploy.scheduled")) == 8, what="8 deploy.scheduled events")
     scheduled = cluster.of("deploy.scheduled", deployment_id=on_h100.deployment_id)[0]
-    assert scheduled.node_id == "gpu-80" and scheduled.kv_cache_bytes > 0 and scheduled.booked_bytes > scheduled.predicted_bytes
+    assert (
+        scheduled.node_id == "gpu-80"
+        and scheduled.kv_cache_bytes > 0
+        and scheduled.booked_bytes > scheduled.predicted_bytes
+    )
     on_cpu_event = cluster.of("deploy.scheduled", deployment_id=on_cpu.deployment_id)[0]
     assert on_cpu_event.dtype is None and on_cpu_event.quantize is None  # the CPU worker picks its fastest 16-bit dtype
 
@@ -68,7 +72,9 @@ async def test_live_free_memory_from_heartbeats_steers_placement_and_is_named_wh
 
     await eventually(heard, what="a heartbeat with the little free memory")
     binpack = await deploy(cluster, model_ref="tiny", policy="binpack")
-    assert [(r.node_id, r.device) for r in binpack.deployment.replicas] == [("gpu-80", "cuda:0")]  # not the tightest GPU now
+    assert [(r.node_id, r.device) for r in binpack.deployment.replicas] == [
+        ("gpu-80", "cuda:0")
+    ]  # not the tightest GPU now
     pinned = await deploy(cluster, model_ref="small", constraints={"node": "gpu-24", "device": "cuda"})
     assert not pinned.scheduled and pinned.code == "no_fit"
     assert "gpu-24/cuda:0: 0.50 GB free" in pinned.reason, pinned.reason
@@ -81,11 +87,16 @@ async def test_assigned_answers_a_starting_worker_with_what_its_node_holds(clust
     placed = await deploy(cluster, model_ref="tiny", replicas=2, policy="binpack")
     nodes = {r.node_id for r in placed.deployment.replicas}
     for node in ("cpu-8", "gpu-24", "gpu-80"):
-        answer = await rpc.call(cluster.nc, subjects.rpc("hardware-inventory", "assigned"), AssignedRequest(node_id=node), Assigned)
+        answer = await rpc.call(
+            cluster.nc, subjects.rpc("hardware-inventory", "assigned"), AssignedRequest(node_id=node), Assigned
+        )
         expected = [r for r in placed.deployment.replicas if r.node_id == node]
         assert [(s.deployment_id, s.replica, s.device, s.generation) for s in answer.scheduled] == [
-            (placed.deployment_id, r.index, r.device, r.generation) for r in expected], node
-        assert all(s.kv_cache_bytes > 0 and s.context_length == placed.deployment.context_length for s in answer.scheduled)
+            (placed.deployment_id, r.index, r.device, r.generation) for r in expected
+        ], node
+        assert all(
+            s.kv_cache_bytes > 0 and s.context_length == placed.deployment.context_length for s in answer.scheduled
+        )
     assert len(nodes) == 2
 
 
@@ -119,12 +130,23 @@ async def test_concurrent_requests_never_book_the_same_memory_twice(cluster: Clu
     assert expected == 4  # one on the 24 GB card, three on the 80 GB H100
 
     # half through the event stream (both replicas consume), half straight at both replicas at once
-    events = [make_event(DeployRequested(model_ref="llama3-8b", constraints={"device": "cuda"}), CLIENT) for _ in range(10)]
-    direct = [(cluster.registries[i % 2].part(Registry).deployments.deploy(
-        DeployRequest(model_ref="llama3-8b", constraints={"device": "cuda"}))) for i in range(10)]
+    events = [
+        make_event(DeployRequested(model_ref="llama3-8b", constraints={"device": "cuda"}), CLIENT) for _ in range(10)
+    ]
+    direct = [
+        (
+            cluster.registries[i % 2]
+            .part(Registry)
+            .deployments.deploy(DeployRequest(model_ref="llama3-8b", constraints={"device": "cuda"}))
+        )
+        for i in range(10)
+    ]
     outcomes = (await asyncio.gather(*(bus.publish(cluster.registry.broker, e) for e in events), *direct))[10:]
-    await eventually(lambda: len(cluster.of("deploy.scheduled")) + len(cluster.of("deploy.rejected")) == 20, timeout=30,
-                     what="an answer to each of the 20 requests")
+    await eventually(
+        lambda: len(cluster.of("deploy.scheduled")) + len(cluster.of("deploy.rejected")) == 20,
+        timeout=30,
+        what="an answer to each of the 20 requests",
+    )
     assert len(cluster.of("deploy.scheduled")) == expected
     assert sum(o.scheduled for o in outcomes) <= expected
     allocations = await cluster.registry.part(Registry).state.allocations()
@@ -159,13 +181,24 @@ async def test_a_lost_node_is_announced_and_its_deployments_move_then_it_returns
 async def test_a_lost_node_whose_deployment_fits_nowhere_else_says_so(cluster: Cluster):
     outcome = await deploy(cluster, model_ref="small", constraints={"label.zone": "b"})
     await cluster.stop_agent("gpu-24")
-    await eventually(lambda: cluster.of("deploy.rejected", deployment_id=outcome.deployment_id), timeout=10, what="rejection")
+    await eventually(
+        lambda: cluster.of("deploy.rejected", deployment_id=outcome.deployment_id), timeout=10, what="rejection"
+    )
     rejected = cluster.of("deploy.rejected", deployment_id=outcome.deployment_id)[0]
-    assert rejected.replica == 0 and "cannot be placed again" in rejected.reason and "gpu-24/cuda:0: node lost" in rejected.reason
-    assert (await cluster.registry.part(Registry).state.allocations()).deployments[outcome.deployment_id].state == "degraded"
+    assert (
+        rejected.replica == 0
+        and "cannot be placed again" in rejected.reason
+        and "gpu-24/cuda:0: node lost" in rejected.reason
+    )
+    assert (await cluster.registry.part(Registry).state.allocations()).deployments[
+        outcome.deployment_id
+    ].state == "degraded"
     await cluster.start_agent("gpu-24")  # back: the waiting replica is placed again
-    await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=outcome.deployment_id, generation=1), timeout=10,
-                     what="the waiting replica placed on the returned node")
+    await eventually(
+        lambda: cluster.of("deploy.scheduled", deployment_id=outcome.deployment_id, generation=1),
+        timeout=10,
+        what="the waiting replica placed on the returned node",
+    )
 
 
 async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
@@ -180,10 +213,17 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
 
     async def ready(outcome):
         r = outcome.deployment.replicas[0]
-        event = make_event(DeployReady(deployment_id=outcome.deployment_id, model=outcome.deployment.model, node_id=r.node_id,
-                                       device=r.device, load_seconds=1.5,
-                                       measured=MeasuredMemory(weights=weights, kv_cache=r.kv_cache_bytes, peak=measured)),
-                           Source(service="inference-worker", node=r.node_id))
+        event = make_event(
+            DeployReady(
+                deployment_id=outcome.deployment_id,
+                model=outcome.deployment.model,
+                node_id=r.node_id,
+                device=r.device,
+                load_seconds=1.5,
+                measured=MeasuredMemory(weights=weights, kv_cache=r.kv_cache_bytes, peak=measured),
+            ),
+            Source(service="inference-worker", node=r.node_id),
+        )
         await bus.publish(cluster.registry.broker, event)
 
     await ready(first)
@@ -202,7 +242,9 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
     fit_after = await cluster.deployments.fit(FitRequest(model_ref="small"))
     assert fit_after.estimates["cuda"].total > fit_before.estimates["cuda"].total
     assert abs(fit_after.estimates["cuda"].total - measured) / measured < 0.01
-    assert fit_after.estimates["cpu"].total == fit_before.estimates["cpu"].total  # another device kind learns separately
+    assert (
+        fit_after.estimates["cpu"].total == fit_before.estimates["cpu"].total
+    )  # another device kind learns separately
 
     second = await deploy(cluster, model_ref="small", constraints={"gpu.product": "H100"})
     assert second.deployment.replicas[0].predicted_bytes > predicted
@@ -217,8 +259,13 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
     assert deployment.state == "ready" and deployment.replicas[0].measured_peak == measured
     # each replica's booking against its measurement, at /metrics
     text = cluster.registry.metrics.exposition().decode()
-    fit = {s.name: s.value for f in text_string_to_metric_families(text) if f.name == "strata_inventory_booked_to_measured_ratio"
-           for s in f.samples if s.labels.get("device_kind") == "cuda" and "le" not in s.labels}
+    fit = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "strata_inventory_booked_to_measured_ratio"
+        for s in f.samples
+        if s.labels.get("device_kind") == "cuda" and "le" not in s.labels
+    }
     booked = (predicted, second.deployment.replicas[0].predicted_bytes)
     assert fit["strata_inventory_booked_to_measured_ratio_count"] == 2
     assert fit["strata_inventory_booked_to_measured_ratio_sum"] == pytest.approx(sum(b / measured for b in booked))
@@ -227,7 +274,9 @@ async def test_measured_memory_corrects_the_next_prediction(cluster: Cluster):
 async def test_undeploy_frees_the_allocation(cluster: Cluster):
     state = cluster.registry.part(Registry).state
     a = await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})
-    assert (await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})).code == "no_fit"
+    assert (
+        await deploy(cluster, model_ref="llama3-8b", constraints={"node": "gpu-24", "device": "cuda"})
+    ).code == "no_fit"
     assert (await state.allocations()).booked("gpu-24", "cuda:0") > 18 * GB
     released = await cluster.deployments.undeploy("llama3-8b", None)
     assert released == [a.deployment_id]
@@ -246,15 +295,26 @@ async def test_optional_lru_eviction_makes_room_from_the_least_recently_used_rea
     weights = (await deployments.fit(FitRequest(model_ref="small"))).estimates["cuda"].raw.weights
     for outcome in (old, new):  # both loaded; `old` first, so it is the least recently used
         r = outcome.deployment.replicas[0]
-        await deployments.ready(DeployReady(deployment_id=outcome.deployment_id, model=outcome.deployment.model, node_id=r.node_id,
-                                            device=r.device, load_seconds=1, measured=MeasuredMemory(weights=weights, kv_cache=1, peak=r.predicted_bytes)))
+        await deployments.ready(
+            DeployReady(
+                deployment_id=outcome.deployment_id,
+                model=outcome.deployment.model,
+                node_id=r.node_id,
+                device=r.device,
+                load_seconds=1,
+                measured=MeasuredMemory(weights=weights, kv_cache=1, peak=r.predicted_bytes),
+            )
+        )
     big = await deployments.deploy(DeployRequest(model_ref="llama3-8b", constraints=gpu24))
     assert big.scheduled
     left = (await lru.part(Registry).state.allocations()).deployments
     assert set(left) == {big.deployment_id}  # 18.7 GB on a 22 GB card: both small ones had to go, oldest first
     await eventually(lambda: len(cluster.of("deploy.released")) == 2, what="evictions announced")
     assert [e.deployment_id for e in cluster.of("deploy.released")] == [old.deployment_id, new.deployment_id]
-    assert "evicted (least recently used) for llama3-8b" in cluster.of("deploy.released", deployment_id=old.deployment_id)[0].reason
+    assert (
+        "evicted (least recently used) for llama3-8b"
+        in cluster.of("deploy.released", deployment_id=old.deployment_id)[0].reason
+    )
     without = await cluster.deployments.deploy(DeployRequest(model_ref="llama3-8b", constraints=gpu24))
     assert without.code == "no_fit"  # the default registry never evicts
 
@@ -264,7 +324,9 @@ async def test_a_deploys_embedding_pooling_travels_to_the_workers_scheduled_even
     deploy.scheduled, through the stored deployment (so a replica placed again keeps it)."""
     requested = DeployRequested(model_ref="tiny", embedding_pooling="mean")
     await bus.publish(cluster.registry.broker, make_event(requested, CLIENT))
-    await eventually(lambda: cluster.of("deploy.scheduled", deployment_id=requested.deployment_id), what="deploy.scheduled")
+    await eventually(
+        lambda: cluster.of("deploy.scheduled", deployment_id=requested.deployment_id), what="deploy.scheduled"
+    )
     assert cluster.of("deploy.scheduled", deployment_id=requested.deployment_id)[0].embedding_pooling == "mean"
     stored = (await cluster.registry.part(Registry).state.allocations()).deployments[requested.deployment_id]
     assert stored.embedding_pooling == "mean"

@@ -40,7 +40,10 @@ async def test_redeploys_and_a_registry_restart_keep_the_same_context(cluster: C
     seen = []
     for _ in range(4):
         deployment, replica = await deploy_and_measure(cluster, "small", H100, overhead_seen=0.8)
-        tokens = replica.kv_cache_bytes // (await cluster.deployments.fit(FitRequest(model_ref="small"))).estimates["cuda"].raw.kv_bytes_per_token
+        tokens = (
+            replica.kv_cache_bytes
+            // (await cluster.deployments.fit(FitRequest(model_ref="small"))).estimates["cuda"].raw.kv_bytes_per_token
+        )
         seen.append((deployment.context_length, replica.kv_cache_bytes, tokens))
         await cluster.deployments.undeploy(None, deployment.deployment_id)
     [correction] = [c for c in await cluster.registry.part(Registry).state.corrections() if c.device_kind == "cuda"]
@@ -64,7 +67,9 @@ async def test_a_measurement_too_small_or_too_far_off_is_ignored_and_not_stored(
     await deploy_and_measure(cluster, "small", H100, peak=4 * small.total)
     corrections = await state.corrections()
     assert sorted((c.device_kind, c.samples, c.ignored) for c in corrections) == [("cpu", 0, 1), ("cuda", 0, 1)]
-    assert all((c.weights_factor, c.overhead_factor) == (1.0, 1.0) for c in corrections)  # nothing learned, no figures kept
+    assert all(
+        (c.weights_factor, c.overhead_factor) == (1.0, 1.0) for c in corrections
+    )  # nothing learned, no figures kept
 
     fit = await cluster.deployments.fit(FitRequest(model_ref="tiny"))
     assert fit.estimates["cpu"].corrected == fit.estimates["cpu"].raw

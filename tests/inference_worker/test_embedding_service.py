@@ -69,14 +69,16 @@ async def test_keepalives_while_waiting_then_the_parts_then_one_reply_and_the_ev
     embedder, dep, events = served
     monkeypatch.setattr(contract, "PART_BYTES", 700)  # a 64-float vector is 344 base64 characters: 2 a part
     request = EmbeddingRequest(model="tiny", inputs=TEXTS * 2, client_request_id="c-1")
-    task = asyncio.ensure_future(run(embedder, request, attributed=True))  # as from the gateway: it names the caller's id
+    task = asyncio.ensure_future(
+        run(embedder, request, attributed=True)
+    )  # as from the gateway: it names the caller's id
     await asyncio.sleep(1.3)  # the engine is not stepping: the request waits, and says it is alive
     assert not task.done() and request.request_id in dep.inflight, "an unload would wait for it"
     dep.loop.start()
     sent = await asyncio.wait_for(task, 30)
     keepalives = [b for b in sent if is_keepalive(b)]
     assert len(keepalives) >= 2, "every KEEPALIVE_S / 2"
-    rest = sent[len(keepalives):]
+    rest = sent[len(keepalives) :]
     parts = [EmbeddingPart.model_validate_json(b) for b in rest[:-1]]
     assert [p.start for p in parts] == [0, 2, 4] and sum(len(p.vectors) for p in parts) == 6
     rpc = RpcReply.model_validate_json(rest[-1])
@@ -105,15 +107,22 @@ async def test_dimensions_cut_and_renormalise(served, reference):
     np.testing.assert_allclose(got, head / np.linalg.norm(head, axis=1, keepdims=True), atol=1e-6)
 
 
-@pytest.mark.parametrize("body, code, words", [
-    (EmbeddingRequest(model="tiny", inputs=[[5] * 600]), "context_length_exceeded", "maximum context length is 512"),
-    (EmbeddingRequest(model="tiny", inputs=["ok", []]), "invalid", "input 1 is empty"),
-    (EmbeddingRequest(model="tiny", inputs=[[10**7]]), "invalid", "outside the vocabulary"),
-    (EmbeddingRequest(model="tiny", inputs=["a"], dimensions=65), "invalid", "over this model's 64"),
-    (EmbeddingRequest(model="tiny:2", inputs=["a"]), "not_found", "not deployed on this worker"),
-    (b'{"model": "tiny", "inputs": []}', "invalid", "invalid EmbeddingRequest"),
-    (b'{"model": "tiny", "inputs": ["a"], "pooling": "mean"}', "invalid", "Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "body, code, words",
+    [
+        (
+            EmbeddingRequest(model="tiny", inputs=[[5] * 600]),
+            "context_length_exceeded",
+            "maximum context length is 512",
+        ),
+        (EmbeddingRequest(model="tiny", inputs=["ok", []]), "invalid", "input 1 is empty"),
+        (EmbeddingRequest(model="tiny", inputs=[[10**7]]), "invalid", "outside the vocabulary"),
+        (EmbeddingRequest(model="tiny", inputs=["a"], dimensions=65), "invalid", "over this model's 64"),
+        (EmbeddingRequest(model="tiny:2", inputs=["a"]), "not_found", "not deployed on this worker"),
+        (b'{"model": "tiny", "inputs": []}', "invalid", "invalid EmbeddingRequest"),
+        (b'{"model": "tiny", "inputs": ["a"], "pooling": "mean"}', "invalid", "Extra inputs are not permitted"),
+    ],
+)
 async def test_refusals_are_typed_replies_and_publish_nothing(served, body, code, words):
     embedder, dep, events = served
     dep.loop.start()
@@ -132,7 +141,9 @@ async def test_a_request_sent_to_another_models_subject_is_refused(served):
 async def test_a_cancel_or_an_unload_answers_a_waiting_request_with_unavailable(served):
     embedder, dep, events = served
     request = EmbeddingRequest(model="tiny", inputs=TEXTS)
-    task = asyncio.ensure_future(run(embedder, request, attributed=True))  # as from the gateway: it names the caller's id
+    task = asyncio.ensure_future(
+        run(embedder, request, attributed=True)
+    )  # as from the gateway: it names the caller's id
     await asyncio.sleep(0.2)
     assert embedder.cancel(request.request_id), "infer.cancel reaches the engine job"
     sent = await asyncio.wait_for(task, 10)

@@ -45,8 +45,11 @@ async def test_jobs_are_processed_once_across_two_workers_and_duplicates_give_on
         # a late duplicate, past the duplicate window (another message id): skipped, not run again
         await js.publish(subjects.inference_job("tiny"), jobs[1].model_dump_json().encode(), stream=JOBS_STREAM,
                          headers={"Nats-Msg-Id": "another-id"})
-        await eventually(lambda: (a.part(Worker).jobs.processed + b.part(Worker).jobs.processed) == 8 and _drained(js), 10,
-                         "the late duplicate acknowledged")
+        await eventually(
+            lambda: (a.part(Worker).jobs.processed + b.part(Worker).jobs.processed) == 8 and _drained(js),
+            10,
+            "the late duplicate acknowledged",
+        )
         await asyncio.sleep(0.3)
         info = await js.stream_info(RESULTS_STREAM)
         assert info.state.messages == 8
@@ -86,8 +89,9 @@ async def test_a_bad_job_gets_a_typed_result_or_a_dead_letter(worker, bus_client
     js = bus_client.nc.jetstream()
     await deployed(bus_client, "tiny")
     await js.publish(subjects.inference_job("tiny"), b'{"request_id": "bad-1", "model": "tiny"}', stream=JOBS_STREAM)
-    await js.publish(subjects.inference_job("tiny"), b'{"request_id": "pin-1", "model": "tiny:9", "prompt": "x"}',
-                     stream=JOBS_STREAM)
+    await js.publish(
+        subjects.inference_job("tiny"), b'{"request_id": "pin-1", "model": "tiny:9", "prompt": "x"}', stream=JOBS_STREAM
+    )
     await js.publish(subjects.inference_job("tiny"), b"garbage", stream=JOBS_STREAM)
     for _ in range(200):
         if await job_result(js, "bad-1") and await job_result(js, "pin-1"):

@@ -33,7 +33,9 @@ class Replies:
 
         inbox = nc.new_inbox()
         await nc.subscribe(inbox, cb=collect)
-        await nc.publish(subjects.inference_request(self.request.model), self.request.model_dump_json().encode(), reply=inbox)
+        await nc.publish(
+            subjects.inference_request(self.request.model), self.request.model_dump_json().encode(), reply=inbox
+        )
         await flushed(nc)
         return self
 
@@ -59,8 +61,9 @@ class Replies:
 
 
 def short(prompt: str, keepalive: bool) -> InferenceRequest:
-    return InferenceRequest(model="long", prompt=prompt, keepalive=keepalive,
-                            sampling={"max_tokens": 2, "temperature": 0})
+    return InferenceRequest(
+        model="long", prompt=prompt, keepalive=keepalive, sampling={"max_tokens": 2, "temperature": 0}
+    )
 
 
 @pytest.fixture
@@ -76,8 +79,9 @@ async def test_a_queued_non_stream_request_gets_keepalives_then_one_reply_only_w
     worker = one_seat
     nc = bus_client.nc
     occupying = InferenceRequest(model="long", prompt="It was", sampling={"max_tokens": 4000, "temperature": 0})
-    first = asyncio.ensure_future(nc.request(subjects.inference_request("long"), occupying.model_dump_json().encode(),
-                                             timeout=60))
+    first = asyncio.ensure_future(
+        nc.request(subjects.inference_request("long"), occupying.model_dump_json().encode(), timeout=60)
+    )
     loop = worker.part(Worker).deployments.by_key["dep-long/0"].loop
     await eventually(lambda: loop.stats.tokens > 0, 10, "the long request generating")
     # the plain one queues first, so it has waited at least as long as the other when that one's keepalive comes

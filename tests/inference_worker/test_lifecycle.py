@@ -10,7 +10,15 @@ from nats.errors import NoRespondersError
 
 from services.inference_worker.service_layer.worker import Worker
 from shared import rpc, subjects
-from shared.events import DeployFailed, DeployLoading, DeployReady, DeployReleased, DeployUnloaded, UndeployRequested, Source
+from shared.events import (
+    DeployFailed,
+    DeployLoading,
+    DeployReady,
+    DeployReleased,
+    DeployUnloaded,
+    UndeployRequested,
+    Source,
+)
 from shared.inference import InferenceRequest, LoadedModels, LoadedModelsRequest
 from tests.inference_worker.conftest import deployed, model_id, wait_for
 
@@ -37,7 +45,9 @@ async def test_other_nodes_deployments_are_ignored_and_redelivery_does_not_load_
     await bus_client.schedule("other", "dep-elsewhere", node_id="node-b")
     await deployed(bus_client, "tiny")
     await bus_client.schedule("tiny")  # the same deployment again (a new event id)
-    listing = await rpc.call(bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels)
+    listing = await rpc.call(
+        bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels
+    )
     assert [d.deployment_id for d in listing.deployments] == ["dep-tiny"]
     assert listing.node_id == "node-a" and listing.deployments[0].state == "ready"
     assert listing.deployments[0].model == model_id("tiny")
@@ -45,8 +55,10 @@ async def test_other_nodes_deployments_are_ignored_and_redelivery_does_not_load_
     assert not bus_client.of(DeployLoading, deployment_id="dep-elsewhere")
 
 
-@pytest.mark.parametrize("name, reason", [("unknown", "unsupported architecture"), ("corrupt", "bad checkpoint"),
-                                          ("missing", "no local checkpoint")])
+@pytest.mark.parametrize(
+    "name, reason",
+    [("unknown", "unsupported architecture"), ("corrupt", "bad checkpoint"), ("missing", "no local checkpoint")],
+)
 async def test_a_bad_checkpoint_fails_the_deploy_and_the_worker_serves_on(worker, bus_client, name, reason):
     await deployed(bus_client, "tiny")
     await bus_client.schedule(name)
@@ -69,15 +81,23 @@ async def test_two_models_at_once_then_undeploy_one(worker, bus_client):
     assert unloaded.model == model_id("other")
     started = time.monotonic()
     with pytest.raises(NoRespondersError):  # not deployed: an immediate answer, not a time-out
-        await bus_client.nc.request(subjects.inference_request("other"),
-                                    InferenceRequest(model="other", prompt="x").model_dump_json().encode(), timeout=5)
+        await bus_client.nc.request(
+            subjects.inference_request("other"),
+            InferenceRequest(model="other", prompt="x").model_dump_json().encode(),
+            timeout=5,
+        )
     assert time.monotonic() - started < 1.0
     assert (await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 1})).ok
     # a release from the inventory (e.g. the node was evicted) unloads as well
-    await bus_client.emit(DeployReleased(deployment_id="dep-tiny", model=model_id("tiny"), node_id="node-a",
-                                         device="cpu", reason="evicted"))
+    await bus_client.emit(
+        DeployReleased(
+            deployment_id="dep-tiny", model=model_id("tiny"), node_id="node-a", device="cpu", reason="evicted"
+        )
+    )
     await bus_client.wait(DeployUnloaded, deployment_id="dep-tiny")
-    listing = await rpc.call(bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels)
+    listing = await rpc.call(
+        bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels
+    )
     assert listing.deployments == []
     await wait_for(lambda: not worker.part(Worker)._subs, what="request subscriptions gone")
 

@@ -72,7 +72,9 @@ def test_a_prompt_longer_than_the_batch_is_prefilled_in_chunks(exact, tmp_path):
     try:
         assert small.n_batch == 16
         prompts = ["a long prompt of more than sixteen tokens, " * 2, "short"]
-        assert [o.token_ids for o in small.generate(prompts, GREEDY)] == [o.token_ids for o in exact.generate(prompts, GREEDY)]
+        assert [o.token_ids for o in small.generate(prompts, GREEDY)] == [
+            o.token_ids for o in exact.generate(prompts, GREEDY)
+        ]
     finally:
         small.close()
 

@@ -26,7 +26,9 @@ def gguf_dir(tmp_path_factory):
     return d
 
 
-async def test_a_gguf_deploys_on_llama_cpp_and_serves_replies_streams_and_events(nats_server, tmp_path, bus_client, gguf_dir):
+async def test_a_gguf_deploys_on_llama_cpp_and_serves_replies_streams_and_events(
+    nats_server, tmp_path, bus_client, gguf_dir
+):
     service = make_worker(nats_server.url, tmp_path / "worker", {"tiny-gguf": gguf_dir})
     async with service.running():
         scheduled = await bus_client.schedule("tiny-gguf", context_length=128, kv_cache_bytes=1 << 20)
@@ -43,7 +45,9 @@ async def test_a_gguf_deploys_on_llama_cpp_and_serves_replies_streams_and_events
         assert done.runtime == "llama.cpp" and done.completion_tokens == reply.result["usage"]["completion_tokens"]
         too_long = await bus_client.request("tiny-gguf", prompt="x" * 200, sampling={"max_tokens": 4})
         assert not too_long.ok and too_long.error.code == "context_length_exceeded"
-        loaded = await rpc.call(bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels)
+        loaded = await rpc.call(
+            bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels
+        )
         [dep] = loaded.deployments
         assert (dep.runtime, dep.max_model_len, dep.state) == ("llama.cpp", 128, "ready")
         # undeploy: drained, then llama.cpp's context and model are freed (not left to the GC)

@@ -11,7 +11,15 @@ import pytest
 
 from services.inference_worker.service_layer.worker import Worker
 from shared import rpc, subjects
-from shared.events import DeployReady, ModelLoaded, ModelLoadFailed, ModelUnloaded, Source, UndeployRequested, DeployUnloaded
+from shared.events import (
+    DeployReady,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelUnloaded,
+    Source,
+    UndeployRequested,
+    DeployUnloaded,
+)
 from shared.inference import LoadedModels, LoadedModelsRequest
 from tests.inference_worker.conftest import make_worker, wait_for
 
@@ -20,7 +28,9 @@ BODY = dict(prompt="The quick", sampling={"max_tokens": 3, "temperature": 0})
 
 
 async def listing(bus_client) -> dict[str, object]:
-    loaded = await rpc.call(bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels)
+    loaded = await rpc.call(
+        bus_client.nc, subjects.rpc("inference-worker", "models"), LoadedModelsRequest(), LoadedModels
+    )
     return {d.deployment_id: d for d in loaded.deployments}
 
 
@@ -53,11 +63,14 @@ def sources(runtime, request, ckpts):
     return {"tiny": gguf / "tiny", "other": gguf / "tiny", "corrupt": gguf / "corrupt"}
 
 
-async def test_loaded_by_its_first_request_unloaded_when_idle_and_loaded_again(nats_server, tmp_path, bus_client, sources,
-                                                                                  runtime):
+async def test_loaded_by_its_first_request_unloaded_when_idle_and_loaded_again(
+    nats_server, tmp_path, bus_client, sources, runtime
+):
     service = make_worker(nats_server.url, tmp_path / "worker", sources)
     async with service.running():
-        scheduled = await bus_client.schedule("tiny", on_demand=True, keep_alive_s=0.5, context_length=128, booked_bytes=64 * MB)
+        scheduled = await bus_client.schedule(
+            "tiny", on_demand=True, keep_alive_s=0.5, context_length=128, booked_bytes=64 * MB
+        )
         ready = await bus_client.wait(DeployReady, deployment_id=scheduled.deployment_id)
         assert ready.on_demand and ready.measured.peak == 0  # serving, nothing loaded
         dep = (await listing(bus_client))[scheduled.deployment_id]
@@ -78,12 +91,16 @@ async def test_loaded_by_its_first_request_unloaded_when_idle_and_loaded_again(n
 
         again = await bus_client.request("tiny", **BODY)
         assert again.ok and again.result["text"] == reply.result["text"]  # the same weights, greedy
-        await wait_for(lambda: len(bus_client.of(ModelLoaded, deployment_id=scheduled.deployment_id)) == 2, what="a second load")
+        await wait_for(
+            lambda: len(bus_client.of(ModelLoaded, deployment_id=scheduled.deployment_id)) == 2, what="a second load"
+        )
         started = time.monotonic()
         assert (await bus_client.request("tiny", **BODY)).ok
         warm = time.monotonic() - started
-        print(f"\n{loaded.runtime}: load {loaded.load_seconds:.3f}s, unload {unloaded.unload_seconds:.3f}s, "
-              f"first request {cold:.3f}s (with load), warm {warm:.3f}s")
+        print(
+            f"\n{loaded.runtime}: load {loaded.load_seconds:.3f}s, unload {unloaded.unload_seconds:.3f}s, "
+            f"first request {cold:.3f}s (with load), warm {warm:.3f}s"
+        )
 
 
 async def test_with_memory_for_one_the_least_recently_used_is_evicted(nats_server, tmp_path, bus_client, sources):
@@ -91,7 +108,9 @@ async def test_with_memory_for_one_the_least_recently_used_is_evicted(nats_serve
     service = make_worker(nats_server.url, tmp_path / "worker", sources, ondemand_memory_bytes=512 * MB)
     async with service.running():
         for name in ("tiny", "other"):
-            s = await bus_client.schedule(name, on_demand=True, keep_alive_s=300, context_length=128, booked_bytes=512 * MB)
+            s = await bus_client.schedule(
+                name, on_demand=True, keep_alive_s=300, context_length=128, booked_bytes=512 * MB
+            )
             await bus_client.wait(DeployReady, deployment_id=s.deployment_id)
         assert (await bus_client.request("tiny", **BODY)).ok
         assert (await bus_client.request("other", **BODY)).ok
@@ -106,8 +125,9 @@ async def test_with_memory_for_one_the_least_recently_used_is_evicted(nats_serve
         await bus_client.wait(DeployUnloaded, deployment_id="dep-tiny")
 
 
-async def test_a_load_that_fails_is_a_clear_error_and_nothing_stays_loaded(nats_server, tmp_path, bus_client, sources,
-                                                                           runtime):
+async def test_a_load_that_fails_is_a_clear_error_and_nothing_stays_loaded(
+    nats_server, tmp_path, bus_client, sources, runtime
+):
     service = make_worker(nats_server.url, tmp_path / "worker", sources)
     async with service.running():
         s = await bus_client.schedule("corrupt", on_demand=True, context_length=128, booked_bytes=64 * MB)
@@ -147,8 +167,9 @@ def held_load():
     release.set()
 
 
-async def test_past_the_load_time_out_the_request_is_told_to_retry_and_the_load_goes_on(nats_server, tmp_path, bus_client,
-                                                                                       ckpts, held_load):
+async def test_past_the_load_time_out_the_request_is_told_to_retry_and_the_load_goes_on(
+    nats_server, tmp_path, bus_client, ckpts, held_load
+):
     hold, release, waiting = held_load
     service = make_worker(nats_server.url, tmp_path / "worker", {"tiny": ckpts["tiny"]}, load_timeout_s=0.2)
     async with service.running():
@@ -164,8 +185,9 @@ async def test_past_the_load_time_out_the_request_is_told_to_retry_and_the_load_
         assert len(bus_client.of(ModelLoaded)) == 1
 
 
-async def test_a_stream_waits_for_the_load_and_can_be_cancelled_meanwhile(nats_server, tmp_path, bus_client,
-                                                                                         ckpts, held_load):
+async def test_a_stream_waits_for_the_load_and_can_be_cancelled_meanwhile(
+    nats_server, tmp_path, bus_client, ckpts, held_load
+):
     import asyncio
 
     from shared.inference import CANCEL_SUBJECT, InferenceCancel
@@ -177,11 +199,12 @@ async def test_a_stream_waits_for_the_load_and_can_be_cancelled_meanwhile(nats_s
         hold(service)
         s = await bus_client.schedule("tiny", on_demand=True, context_length=128, booked_bytes=64 * MB)
         await bus_client.wait(DeployReady, deployment_id=s.deployment_id)
-        long = dict(prompt="The quick", sampling={"max_tokens": 100, "temperature": 0},
-                    request_id="lazy-stream")
+        long = dict(prompt="The quick", sampling={"max_tokens": 100, "temperature": 0}, request_id="lazy-stream")
         streaming = asyncio.ensure_future(stream(bus_client, "tiny", **long))
         assert await asyncio.to_thread(waiting.wait, 10)  # the load started, held
-        await bus_client.nc.publish(CANCEL_SUBJECT, InferenceCancel(request_id="lazy-stream").model_dump_json().encode())
+        await bus_client.nc.publish(
+            CANCEL_SUBJECT, InferenceCancel(request_id="lazy-stream").model_dump_json().encode()
+        )
         await wait_for(lambda: "lazy-stream" in service.part(Worker).server.cancelled_early, what="the cancel noted")
         release.set()
         messages = await streaming
@@ -203,7 +226,9 @@ async def test_an_embeddings_request_loads_an_on_demand_model_too(nats_server, t
         assert loaded.request_id == vectors.reply.request_id
 
 
-async def test_a_reply_waiting_for_a_load_gets_keepalives_meanwhile(nats_server, tmp_path, bus_client, ckpts, held_load):
+async def test_a_reply_waiting_for_a_load_gets_keepalives_meanwhile(
+    nats_server, tmp_path, bus_client, ckpts, held_load
+):
     """The gateway's client takes silence for a dead worker: a long load keeps it told."""
     from shared.inference import InferenceRequest
     from shared.inference_client import is_keepalive

@@ -82,7 +82,9 @@ async def test_sigterm_finishes_the_stream_in_flight_then_unloads_and_exits(nats
     try:
         ready = await deploy(bus_client, pushed.model, "dep-sub", "node-sub")
         assert ready.measured.weights > 0 and ready.model.digest == pushed.model.digest  # fetched, verified, loaded
-        req = InferenceRequest(model="long", stream=True, prompt="It was", sampling={"max_tokens": LONG, "temperature": 0})
+        req = InferenceRequest(
+            model="long", stream=True, prompt="It was", sampling={"max_tokens": LONG, "temperature": 0}
+        )
         inbox = bus_client.nc.new_inbox()
         sub = await bus_client.nc.subscribe(inbox)
         await bus_client.nc.publish(subjects.inference_request("long"), req.model_dump_json().encode(), reply=inbox)
@@ -108,8 +110,9 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
     proc = spawn_worker(nats_server.url, tmp_path / "w1", "node-sub")
     try:
         await deploy(bus_client, pushed.model, "dep-sub", "node-sub")
-        job = InferenceRequest(request_id="long-job", model="long", prompt="It was",
-                               sampling={"max_tokens": LONG, "temperature": 0})
+        job = InferenceRequest(
+            request_id="long-job", model="long", prompt="It was", sampling={"max_tokens": LONG, "temperature": 0}
+        )
         await submit_job(js, job)
         for _ in range(300):
             info = await js.consumer_info(JOBS_STREAM, durable_name("long"))
@@ -138,7 +141,9 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
         stop(proc)
 
 
-async def test_a_tampered_blob_or_another_digest_fails_the_deploy_before_loading(nats_server, tmp_path, pushed, bus_client):
+async def test_a_tampered_blob_or_another_digest_fails_the_deploy_before_loading(
+    nats_server, tmp_path, pushed, bus_client
+):
     from shared.catalog import BLOB_BUCKET
     from shared.events import DeployFailed
 
@@ -150,15 +155,33 @@ async def test_a_tampered_blob_or_another_digest_fails_the_deploy_before_loading
         store = await bus_client.nc.jetstream().object_store(BLOB_BUCKET)
         original = (await store.get(weights.sha256)).data
         await store.put(weights.sha256, original[:-1] + bytes([original[-1] ^ 0x01]))
-        await bus_client.emit(DeployScheduled(deployment_id="dep-tampered", model=pushed.model, node_id="node-v",
-                                              device="cpu", predicted_bytes=1, context_length=64, kv_cache_bytes=KV_BYTES))
+        await bus_client.emit(
+            DeployScheduled(
+                deployment_id="dep-tampered",
+                model=pushed.model,
+                node_id="node-v",
+                device="cpu",
+                predicted_bytes=1,
+                context_length=64,
+                kv_cache_bytes=KV_BYTES,
+            )
+        )
         failed = await bus_client.wait(DeployFailed, deployment_id="dep-tampered")
         assert failed.reason.startswith("verification failed") and "model.safetensors" in failed.reason
         await store.put(weights.sha256, original)  # repaired: what fails now is the digest alone
         # a deployment naming another digest than model-store serves for that version
         forged = pushed.model.model_copy(update={"digest": "sha256:" + "0" * 64})
-        await bus_client.emit(DeployScheduled(deployment_id="dep-forged", model=forged, node_id="node-v", device="cpu",
-                                              predicted_bytes=1, context_length=64, kv_cache_bytes=KV_BYTES))
+        await bus_client.emit(
+            DeployScheduled(
+                deployment_id="dep-forged",
+                model=forged,
+                node_id="node-v",
+                device="cpu",
+                predicted_bytes=1,
+                context_length=64,
+                kv_cache_bytes=KV_BYTES,
+            )
+        )
         failed = await bus_client.wait(DeployFailed, deployment_id="dep-forged")
         assert failed.reason.startswith("verification failed") and pushed.model.digest in failed.reason
         assert not bus_client.of(DeployReady)
@@ -172,8 +195,13 @@ async def test_a_queued_stream_gets_started_and_keepalives_until_its_turn(nats_s
     worker = make_worker(nats_server.url, tmp_path / "w", {"long": long_ckpt}, engine=EngineOptions(max_num_seqs=1))
     async with worker.running():
         await deploy(bus_client, model_id("long"), "dep-long", "node-a", context=4096)
-        first = asyncio.ensure_future(bus_client.request("long", prompt="It was",  # seconds of work ahead
-                                                         sampling={"max_tokens": 4000, "temperature": 0}))
+        first = asyncio.ensure_future(
+            bus_client.request(
+                "long",
+                prompt="It was",  # seconds of work ahead
+                sampling={"max_tokens": 4000, "temperature": 0},
+            )
+        )
         loop = worker.part(Worker).deployments.by_key["dep-long/0"].loop
         await eventually(lambda: loop.stats.tokens > 0, 10, "the long request generating")
         req = InferenceRequest(model="long", stream=True, prompt="Call me", sampling={"max_tokens": 2})
@@ -184,5 +212,5 @@ async def test_a_queued_stream_gets_started_and_keepalives_until_its_turn(nats_s
         while not kinds or kinds[-1] not in ("end", "error"):
             kinds.append(STREAM.validate_json((await sub.next_msg(timeout=30)).data).kind)
         assert kinds[0] == "started" and kinds[-1] == "end"
-        assert kinds[1:kinds.index("chunk")].count("keepalive") >= 1  # waited behind the long request, not silent
+        assert kinds[1 : kinds.index("chunk")].count("keepalive") >= 1  # waited behind the long request, not silent
         assert (await first).ok

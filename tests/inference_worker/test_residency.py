@@ -39,8 +39,18 @@ class FakeDeployments:
         self.unloads: list[str] = []
 
     def add(self, name: str, booked: int, *, keep_alive_s: float = 60.0, on_demand: bool = True) -> Deployment:
-        dep = Deployment(key=f"dep-{name}/0", deployment_id=f"dep-{name}", replica=0, generation=0, model=model_id(name),
-                         device="cpu", state="ready", on_demand=on_demand, keep_alive_s=keep_alive_s, booked_bytes=booked)
+        dep = Deployment(
+            key=f"dep-{name}/0",
+            deployment_id=f"dep-{name}",
+            replica=0,
+            generation=0,
+            model=model_id(name),
+            device="cpu",
+            state="ready",
+            on_demand=on_demand,
+            keep_alive_s=keep_alive_s,
+            booked_bytes=booked,
+        )
         self.by_key[dep.key] = dep
         return dep
 
@@ -56,7 +66,10 @@ class FakeDeployments:
             await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        dep.loop, dep.measured = Loop(), MeasuredMemory(weights=dep.booked_bytes // 2, kv_cache=0, peak=dep.booked_bytes)
+        dep.loop, dep.measured = (
+            Loop(),
+            MeasuredMemory(weights=dep.booked_bytes // 2, kv_cache=0, peak=dep.booked_bytes),
+        )
 
     async def unload_resident(self, dep: Deployment) -> None:
         self.unloads.append(dep.deployment_id)
@@ -96,8 +109,11 @@ def test_a_model_with_a_request_in_flight_is_never_chosen():
     d = FakeDeployments()
     busy, idle = resident(d, "busy", 40 * MB, 1.0, inflight=1), resident(d, "idle", 40 * MB, 2.0)
     assert victims(50 * MB, 20 * MB, [busy, idle]) == [idle]  # the older one is busy: the younger goes
-    with pytest.raises(errors.Unavailable, match=r"it needs 104.9 MB, and 62.9 MB would be free with every idle on-demand "
-                                                 r"model unloaded \(busy ones, never evicted: busy:1 \(1 in flight\)\)"):
+    with pytest.raises(
+        errors.Unavailable,
+        match=r"it needs 104.9 MB, and 62.9 MB would be free with every idle on-demand "
+        r"model unloaded \(busy ones, never evicted: busy:1 \(1 in flight\)\)",
+    ):
         victims(100 * MB, 20 * MB, [busy, idle])
 
 
@@ -144,7 +160,9 @@ async def test_idle_past_keep_alive_unloads_and_the_next_request_loads_again(set
     clock.now += 1.0
     assert await residency.reap() == [dep] and dep.loop is None
     [unloaded] = [e for e in events if isinstance(e, ModelUnloaded)]
-    assert unloaded.reason == "idle" and unloaded.idle_seconds == pytest.approx(30.0) and unloaded.freed_bytes == 10 * MB
+    assert (
+        unloaded.reason == "idle" and unloaded.idle_seconds == pytest.approx(30.0) and unloaded.freed_bytes == 10 * MB
+    )
     await residency.load_for("m", "r2")
     assert deployments.loads == ["dep-m", "dep-m"] and dep.loop is not None
 
@@ -193,10 +211,14 @@ async def test_a_failed_load_is_a_clear_error_and_leaves_nothing_loaded(setup):
     dep = deployments.add("m", 10 * MB)
     residency = make()
     deployments.fail = RuntimeError("model.safetensors is truncated")
-    with pytest.raises(errors.ModelLoadFailed, match="could not load m:1 on node-a: RuntimeError: model.safetensors is truncated"):
+    with pytest.raises(
+        errors.ModelLoadFailed, match="could not load m:1 on node-a: RuntimeError: model.safetensors is truncated"
+    ):
         await residency.load_for("m", "r1")
     assert dep.loop is None and not dep.inflight and residency.resident() == []
-    assert [e.reason for e in events if isinstance(e, ModelLoadFailed)] == ["RuntimeError: model.safetensors is truncated"]
+    assert [e.reason for e in events if isinstance(e, ModelLoadFailed)] == [
+        "RuntimeError: model.safetensors is truncated"
+    ]
     deployments.fail = None  # fixed: the next request loads it
     await residency.load_for("m", "r2")
     assert dep.loop is not None

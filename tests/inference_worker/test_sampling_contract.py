@@ -20,22 +20,30 @@ def test_fields_reach_the_engine_params_and_absent_fields_keep_the_fast_path():
     request = parse_request(raw(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, min_p=0.1,
                                 logit_bias={"7": 100, "3": -100}), "tiny")
     params = to_params(request.sampling)
-    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty, params.min_p) == (0.5, -1, 1.2, 0.1)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty, params.min_p) == (
+        0.5,
+        -1,
+        1.2,
+        0.1,
+    )
     assert params.logit_bias == {7: 100.0, 3: -100.0} and params.penalized
     old = to_params(parse_request(raw(temperature=0), "tiny").sampling)
     assert not old.penalized and old.logit_bias is None and old.min_p == 0
 
 
-@pytest.mark.parametrize(("sampling", "words"), [
-    ({"logit_bias": {"-1": 5}}, ">= 0"),
-    ({"logit_bias": {"5": 100.5}}, "[-100, 100]"),
-    ({"logit_bias": {"x": 1}}, "valid integer"),
-    ({"repetition_penalty": 0}, "greater than 0"),
-    ({"presence_penalty": 2.1}, "less than or equal to 2"),
-    ({"min_p": -0.1}, "greater than or equal to 0"),
-    ({"n": 17}, "less than or equal to 16"),
-    ({"n": 0}, "greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    ("sampling", "words"),
+    [
+        ({"logit_bias": {"-1": 5}}, ">= 0"),
+        ({"logit_bias": {"5": 100.5}}, "[-100, 100]"),
+        ({"logit_bias": {"x": 1}}, "valid integer"),
+        ({"repetition_penalty": 0}, "greater than 0"),
+        ({"presence_penalty": 2.1}, "less than or equal to 2"),
+        ({"min_p": -0.1}, "greater than or equal to 0"),
+        ({"n": 17}, "less than or equal to 16"),
+        ({"n": 0}, "greater than or equal to 1"),
+    ],
+)
 def test_bad_values_are_refused_by_the_worker(sampling, words):
     with pytest.raises(errors.Invalid) as caught:
         parse_request(raw(**sampling), "tiny")

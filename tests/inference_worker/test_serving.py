@@ -11,7 +11,7 @@ from pydantic import TypeAdapter
 
 from services.inference_worker.service_layer.worker import Worker
 from shared import subjects
-from shared.events import InferenceCompleted, InferenceFailed
+from shared.events import InferenceCompleted
 from shared.prompt_commitment import commit, prompt_bytes
 from shared.inference import CANCEL_SUBJECT, InferenceCancel, InferenceRequest, StreamMessage
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
@@ -31,7 +31,9 @@ async def stream(bus_client, name: str, on_message=None, **body) -> list:
     req = InferenceRequest(model=name, stream=True, **body)
     inbox = bus_client.nc.new_inbox()
     sub = await bus_client.nc.subscribe(inbox)
-    await bus_client.nc.publish(subjects.inference_request(name.split(":")[0]), req.model_dump_json().encode(), reply=inbox)
+    await bus_client.nc.publish(
+        subjects.inference_request(name.split(":")[0]), req.model_dump_json().encode(), reply=inbox
+    )
     messages = []
     try:
         while True:
@@ -80,8 +82,12 @@ async def test_stream_chunks_end_with_usage_and_the_event_continues_the_trace(wo
     req = InferenceRequest(model="tiny", stream=True, prompt=prompt, sampling={"max_tokens": 10, "temperature": 0})
     inbox = bus_client.nc.new_inbox()
     sub = await bus_client.nc.subscribe(inbox)
-    await bus_client.nc.publish(subjects.inference_request("tiny"), req.model_dump_json().encode(), reply=inbox,
-                                headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"})
+    await bus_client.nc.publish(
+        subjects.inference_request("tiny"),
+        req.model_dump_json().encode(),
+        reply=inbox,
+        headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"},
+    )
     messages = []
     while not messages or messages[-1].kind not in ("end", "error"):
         messages.append(STREAM.validate_json((await sub.next_msg(timeout=20)).data))
@@ -112,9 +118,12 @@ async def test_stream_chunks_end_with_usage_and_the_event_continues_the_trace(wo
 async def test_concurrent_requests_share_engine_steps(worker, bus_client, reference):
     await deployed(bus_client, "tiny")
     n, tokens = 4, 24
-    replies = await asyncio.gather(*(
-        bus_client.request("tiny", prompt=p, sampling={"max_tokens": tokens, "temperature": 0})
-        for p in ["It was", "Call me", "The quick", "A paged"][:n]))
+    replies = await asyncio.gather(
+        *(
+            bus_client.request("tiny", prompt=p, sampling={"max_tokens": tokens, "temperature": 0})
+            for p in ["It was", "Call me", "The quick", "A paged"][:n]
+        )
+    )
     assert all(r.ok and r.result["usage"]["completion_tokens"] == tokens for r in replies)
     loop = worker.part(Worker).deployments.by_key["dep-tiny/0"].loop
     assert loop.stats.peak_running > 1
@@ -136,8 +145,14 @@ async def test_cancel_mid_stream_frees_the_cache_at_once(worker, bus_client):
             assert engine.cache_usage().used_blocks > 0
             await bus_client.nc.publish(CANCEL_SUBJECT, InferenceCancel(request_id=rid).model_dump_json().encode())
 
-    messages = await stream(bus_client, "tiny", cancel_after_first_chunk, request_id=rid, prompt="It was",
-                            sampling={"max_tokens": 240, "temperature": 0})
+    messages = await stream(
+        bus_client,
+        "tiny",
+        cancel_after_first_chunk,
+        request_id=rid,
+        prompt="It was",
+        sampling={"max_tokens": 240, "temperature": 0},
+    )
     end = messages[-1]
     assert end.kind == "end" and end.finish_reason == "cancelled"
     assert end.usage.completion_tokens < 240
@@ -152,11 +167,16 @@ async def test_typed_errors_never_crash_the_worker(worker, bus_client):
     from shared.rpc import RpcReply
 
     async def raw(body: bytes) -> RpcReply:
-        return RpcReply.model_validate_json((await nc.request(subjects.inference_request("tiny"), body, timeout=10)).data)
+        return RpcReply.model_validate_json(
+            (await nc.request(subjects.inference_request("tiny"), body, timeout=10)).data
+        )
 
-    for body, needle in [(b"not json", "invalid InferenceRequest"), (b'{"model": "tiny"}', "exactly one"),
-                         (b'{"model": "tiny", "prompt": "x", "sampling": {"top_p": 7}}', "sampling.top_p"),
-                         (b'{"model": "other", "prompt": "x"}', "subject")]:
+    for body, needle in [
+        (b"not json", "invalid InferenceRequest"),
+        (b'{"model": "tiny"}', "exactly one"),
+        (b'{"model": "tiny", "prompt": "x", "sampling": {"top_p": 7}}', "sampling.top_p"),
+        (b'{"model": "other", "prompt": "x"}', "subject"),
+    ]:
         reply = await raw(body)
         assert not reply.ok and reply.error.code == "invalid" and needle in reply.error.message, (body, reply)
     pinned = await bus_client.request("tiny:2", prompt="x")
@@ -165,12 +185,18 @@ async def test_typed_errors_never_crash_the_worker(worker, bus_client):
     assert not alias.ok and alias.error.code == "not_found"
     too_long = await bus_client.request("tiny", prompt="The quick brown fox " * 100)  # context_length is 256
     assert not too_long.ok and too_long.error.code == "context_length_exceeded"
-    assert too_long.error.message.startswith("This model's maximum context length is 256 tokens. However, you requested ")
+    assert too_long.error.message.startswith(
+        "This model's maximum context length is 256 tokens. However, you requested "
+    )
     streamed = await stream(bus_client, "tiny", prompt="The quick brown fox " * 100)  # refused before "started"
     assert [m.kind for m in streamed] == ["error"] and streamed[0].error.code == "context_length_exceeded"
     over = await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 256})
-    assert not over.ok and over.error.code == "context_length_exceeded" and "256 in the completion" in over.error.message
-    capped = await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 256, "cap_max_tokens": True, "temperature": 0})
+    assert (
+        not over.ok and over.error.code == "context_length_exceeded" and "256 in the completion" in over.error.message
+    )
+    capped = await bus_client.request(
+        "tiny", prompt="x", sampling={"max_tokens": 256, "cap_max_tokens": True, "temperature": 0}
+    )
     assert capped.ok and capped.result["finish_reason"] == "length"
     assert capped.result["usage"]["prompt_tokens"] + capped.result["usage"]["completion_tokens"] == 256
     messages = await stream(bus_client, "tiny:3", prompt="x")
@@ -182,9 +208,12 @@ async def test_overload_answers_unavailable(nats_server, tmp_path, ckpts, bus_cl
     service = make_worker(nats_server.url, tmp_path / "w", ckpts, max_inflight=1)
     async with service.running():
         await deployed(bus_client, "tiny")
-        slow = asyncio.ensure_future(bus_client.request("tiny", prompt="It was", sampling={"max_tokens": 200, "temperature": 0}))
+        slow = asyncio.ensure_future(
+            bus_client.request("tiny", prompt="It was", sampling={"max_tokens": 200, "temperature": 0})
+        )
         await asyncio.sleep(0)
         from tests.support.helpers import eventually
+
         await eventually(lambda: service.part(Worker).server.inflight, 10, "the first request running")
         second = await bus_client.request("tiny", prompt="x", sampling={"max_tokens": 1})
         assert not second.ok and second.error.code == "unavailable" and "retry" in second.error.message

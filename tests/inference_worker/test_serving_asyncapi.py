@@ -63,12 +63,19 @@ def test_the_schemas_are_the_pydantic_models_and_check_what_a_client_sends(doc):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({"model": "m", "prompt": "x", "sampling": {"n": 0}}, schema)
 
-    reply = InferenceReply(request_id="r", model={"name": "m", "version": 1, "digest": "sha256:" + "0" * 64}, text="t", finish_reason="length",
-                           usage=Usage(prompt_tokens=1, completion_tokens=2))
+    reply = InferenceReply(
+        request_id="r",
+        model={"name": "m", "version": 1, "digest": "sha256:" + "0" * 64},
+        text="t",
+        finish_reason="length",
+        usage=Usage(prompt_tokens=1, completion_tokens=2),
+    )
     result = InferenceResult(ok=True, result=reply).model_dump(mode="json")
     jsonschema.validate(result, payload(doc, "infer.results", "InferenceResult"))
-    jsonschema.validate({"kind": "chunk", "request_id": "r", "index": 0, "text": "x"},
-                        payload(doc, "infer.request.reply", "StreamMessage"))
+    jsonschema.validate(
+        {"kind": "chunk", "request_id": "r", "index": 0, "text": "x"},
+        payload(doc, "infer.request.reply", "StreamMessage"),
+    )
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"kind": "chunk", "request_id": "r"}, payload(doc, "infer.request.reply", "StreamMessage"))
 

@@ -17,7 +17,12 @@ from shared.structured import FunctionDef
 
 TWO_CALLS = ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
              '<tool_call>\n{"name": "f", "arguments": {"x": 2}}\n</tool_call>')
-TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+    }
+]
 CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
@@ -29,7 +34,7 @@ def test_parallel_tool_calls_false_keeps_an_answer_s_first_call_whole_and_stream
     stream: ChoiceStream = use.stream()
     deltas = []
     for i in range(0, len(TWO_CALLS), 5):
-        deltas += stream.feed(TWO_CALLS[i:i + 5], i + 5 >= len(TWO_CALLS))[1] or []
+        deltas += stream.feed(TWO_CALLS[i : i + 5], i + 5 >= len(TWO_CALLS))[1] or []
     assert {d.index for d in deltas} == set(range(calls))
 
 
@@ -38,12 +43,18 @@ def body_bytes(tmp_path, body) -> bytes:
     return _prompt_to_check(argparse.Namespace(prompt=None, prompt_file=None, messages_file=tmp_path / "body.json"))
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL]},
-     {"role": "tool", "tool_call_id": "call_1", "content": "ok"}],  # no content key, as OpenAI allows
-    [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
-    [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ok"},
+        ],  # no content key, as OpenAI allows
+        [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    ],
+)
 def test_receipt_verify_recomputes_what_the_worker_committed_to(tmp_path, messages):
     for extra in ({}, {"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "none"}):
         body = {"model": "m", "messages": messages, **extra}

@@ -50,9 +50,9 @@ SCRIPT = textwrap.dedent(
                   dict(GELU=True, BLOCK=1024), arch)
             build(pa._partition_kernel,
                   dict(q_ptr=P, k_ptr=P, v_ptr=P, bt_ptr="*i32", ctx_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
-                       acc_ptr="*fp32", scale="fp32", window=i32, softcap="fp32", q_stride_b=i32, q_stride_h=i32, k_stride_blk=i32,
-                       k_stride_slot=i32, k_stride_h=i32, v_stride_blk=i32, v_stride_slot=i32, v_stride_h=i32,
-                       bt_stride_b=i32, n_parts=i32),
+                       acc_ptr="*fp32", scale="fp32", window=i32, softcap="fp32", q_stride_b=i32, q_stride_h=i32,
+                       k_stride_blk=i32, k_stride_slot=i32, k_stride_h=i32, v_stride_blk=i32, v_stride_slot=i32,
+                       v_stride_h=i32, bt_stride_b=i32, n_parts=i32),
                   dict(GROUP=7, BLOCK_G=8, HEAD_DIM=80, BLOCK_D=128, PAGE_SIZE=16, PARTITION_SIZE=256, BLOCK_N=8,
                        USE_SOFTCAP=True),
                   arch, num_warps=8)
@@ -69,7 +69,5 @@ SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm80_and_sm90():
     pytest.importorskip("triton.backends.nvidia", reason="triton has no NVIDIA backend here")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
-    )
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]

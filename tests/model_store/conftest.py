@@ -36,15 +36,20 @@ def _no_builtin(monkeypatch):
     monkeypatch.setenv("STRATA_MODEL_STORE_BUILTIN", "0")
 
 
-def make_checkpoint(directory: Path, seed: int = 0, *, extra: dict[str, str] | None = None, config: dict | None = None) -> Path:
+def make_checkpoint(
+    directory: Path, seed: int = 0, *, extra: dict[str, str] | None = None, config: dict | None = None
+) -> Path:
     """A tiny random-weight checkpoint; ``config`` overrides keys of CONFIG (e.g. its architectures)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    save_file({
-        "model.embed_tokens.weight": rng.standard_normal((32, 8)).astype(np.float32),
-        "model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float16),
-        "lm_head.weight": rng.standard_normal((32, 8)).astype(np.float32),
-    }, str(directory / "model.safetensors"))
+    save_file(
+        {
+            "model.embed_tokens.weight": rng.standard_normal((32, 8)).astype(np.float32),
+            "model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float16),
+            "lm_head.weight": rng.standard_normal((32, 8)).astype(np.float32),
+        },
+        str(directory / "model.safetensors"),
+    )
     (directory / "config.json").write_text(json.dumps({**CONFIG, **(config or {})}))
     (directory / "tokenizer.json").write_text('{"version": "1.0"}')
     for name, text in (extra or {}).items():
@@ -54,15 +59,22 @@ def make_checkpoint(directory: Path, seed: int = 0, *, extra: dict[str, str] | N
 
 def file_entries(directory: Path) -> list[FileEntry]:
     return [
-        FileEntry(path=p.relative_to(directory).as_posix(), sha256=hashlib.sha256(p.read_bytes()).hexdigest(), size=p.stat().st_size)
-        for p in sorted(directory.rglob("*")) if p.is_file()
+        FileEntry(
+            path=p.relative_to(directory).as_posix(),
+            sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
+            size=p.stat().st_size,
+        )
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
     ]
 
 
 async def upload_dir(client: httpx.AsyncClient, directory: Path) -> list[FileEntry]:
     entries = file_entries(directory)
     for entry in entries:
-        r = await client.put(f"/v1/blobs/{entry.sha256}", params={"path": entry.path}, content=(directory / entry.path).read_bytes())
+        r = await client.put(
+            f"/v1/blobs/{entry.sha256}", params={"path": entry.path}, content=(directory / entry.path).read_bytes()
+        )
         assert r.status_code == 200, r.text
     return entries
 

@@ -29,18 +29,32 @@ async def test_first_start_registers_the_builtin_model_with_its_lineage(nats_ser
     record = fake_builtin(tmp_path, monkeypatch)
     data = tmp_path / "data"
     service = make_service("model-store", nats_server.url, data)
-    async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://s") as client:
-        await eventually(lambda: service.part(ModelStore).index.alias("strata-builtin-kjv", "prod") == 1, what="built-in model aliased prod")
+    async with (
+        service.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://s") as client,
+    ):
+        await eventually(
+            lambda: service.part(ModelStore).index.alias("strata-builtin-kjv", "prod") == 1,
+            what="built-in model aliased prod",
+        )
         model = (await client.get("/v1/models/strata-builtin-kjv@prod")).json()
         datasets = (await client.get("/v1/datasets")).json()["datasets"]
         assert [d["manifest"]["name"] for d in datasets] == ["kjv-corpus"]
         assert model["manifest"]["datasets"] == [datasets[0]["digest"]]
         assert model["manifest"]["training_record"] == record
-        assert {f["path"] for f in model["manifest"]["files"]} == {"config.json", "model.safetensors", "tokenizer.json", "training_record.json"}
+        assert {f["path"] for f in model["manifest"]["files"]} == {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "training_record.json",
+        }
         # the user deletes it: a restart does not bring it back (only a first start registers it)
         await client.delete("/v1/models/strata-builtin-kjv@prod")
     service = make_service("model-store", nats_server.url, data)
-    async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://s") as client:
+    async with (
+        service.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http), base_url="http://s") as client,
+    ):
         assert await builtin.register_builtin(service.part(ModelStore)) is None
         assert (await client.get("/v1/models")).json() == {"models": []}
 
@@ -53,7 +67,9 @@ async def test_no_checkpoint_yet_registers_nothing(nats_server, tmp_path, monkey
         assert service.part(ModelStore).index.models() == []
 
 
-async def test_a_broken_builtin_checkpoint_is_not_registered_and_is_retried_next_start(nats_server, tmp_path, monkeypatch):
+async def test_a_broken_builtin_checkpoint_is_not_registered_and_is_retried_next_start(
+    nats_server, tmp_path, monkeypatch
+):
     fake_builtin(tmp_path, monkeypatch)
     monkeypatch.setenv("STRATA_MODEL_STORE_BUILTIN", "0")  # this test drives the registration itself
     (builtin.MODEL_DIR / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")

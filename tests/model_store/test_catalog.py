@@ -39,7 +39,13 @@ async def test_push_list_resolve_by_version_and_alias(nats_server, tmp_path):
             v1, v2 = ResolvedModel.model_validate(first.json()), ResolvedModel.model_validate(second.json())
             assert (v1.model.version, v2.model.version) == (1, 2)
             meta = v1.manifest.metadata
-            assert (meta.architecture, meta.num_layers, meta.num_heads, meta.num_kv_heads, meta.head_dim) == ("LlamaForCausalLM", 1, 2, 1, 4)
+            assert (meta.architecture, meta.num_layers, meta.num_heads, meta.num_kv_heads, meta.head_dim) == (
+                "LlamaForCausalLM",
+                1,
+                2,
+                1,
+                4,
+            )
             assert meta.parameters == 32 * 8 * 2 + 16 * 8 and meta.weight_bytes == 32 * 8 * 4 * 2 + 16 * 8 * 2
             assert meta.dtype == "F32" and meta.context_length == 64
             assert v1.model.digest == manifest_digest(v1.manifest)
@@ -56,12 +62,20 @@ async def test_push_list_resolve_by_version_and_alias(nats_server, tmp_path):
             assert by_alias.json()["model"]["version"] == 2 and by_alias.json()["aliases"] == ["prod"]
 
             listed = await rpc.call(nc, subjects.rpc("model-store", "list"), ListRequest(), ModelList)
-            assert [(m.model.name, m.model.version, m.aliases) for m in listed.models] == [("tiny", 1, []), ("tiny", 2, ["prod"])]
+            assert [(m.model.name, m.model.version, m.aliases) for m in listed.models] == [
+                ("tiny", 1, []),
+                ("tiny", 2, ["prod"]),
+            ]
             key = await rpc.call(nc, subjects.rpc("model-store", "public_key"), PublicKeyRequest(), PublicKey)
             assert (await client.get("/v1/public-key")).json()["key_id"] == key.key_id
 
-            for ref, error in (("nope", errors.NotFound), ("tiny:9", errors.NotFound), ("tiny@canary", errors.NotFound),
-                               ("tiny:zero", errors.Invalid), ("bad name", errors.Invalid)):
+            for ref, error in (
+                ("nope", errors.NotFound),
+                ("tiny:9", errors.NotFound),
+                ("tiny@canary", errors.NotFound),
+                ("tiny:zero", errors.Invalid),
+                ("bad name", errors.Invalid),
+            ):
                 with pytest.raises(error):
                     await rpc.call(nc, resolve, ResolveRequest(ref=ref), ResolvedModel)
             assert (await client.get("/v1/models/tiny:9")).status_code == 404
@@ -95,7 +109,10 @@ async def test_restart_with_wiped_index_lists_every_model(nats_server, tmp_path)
     async with service.running(), http(service) as client:
         listed = (await client.get("/v1/models")).json()["models"]
         assert [(m["model"]["name"], m["model"]["version"], m["aliases"]) for m in listed] == [
-            ("alpha", 1, []), ("beta", 1, ["prod"]), ("beta", 2, [])]
+            ("alpha", 1, []),
+            ("beta", 1, ["prod"]),
+            ("beta", 2, []),
+        ]
         assert (await client.get("/v1/models/beta@prod")).json()["model"]["version"] == 1
 
 
@@ -105,7 +122,10 @@ async def test_delete_collects_unreferenced_blobs_and_keeps_shared_ones(nats_ser
         a = (await push(client, make_checkpoint(tmp_path / "a", seed=1), "tiny")).json()
         b = (await push(client, make_checkpoint(tmp_path / "b", seed=2), "tiny")).json()
         await client.post("/v1/aliases", json={"ref": "tiny:1", "alias": "prod"})
-        shas = lambda m: {f["path"]: f["sha256"] for f in m["manifest"]["files"]}
+
+        def shas(m):
+            return {f["path"]: f["sha256"] for f in m["manifest"]["files"]}
+
         assert shas(a)["config.json"] == shas(b)["config.json"]
         bare = await client.delete("/v1/models/tiny")
         assert bare.status_code == 400 and "names no version" in bare.json()["error"]["message"]

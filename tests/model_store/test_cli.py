@@ -27,19 +27,26 @@ def test_dataset_push_ls_show_alias_pull_verify_rm(live_store, tmp_path, capsys)
     digest = out.split()[-1]
 
     source = make_checkpoint(tmp_path / "ckpt", seed=4)
-    code, out, err = strata(capsys, "model", "push", str(source), "--name", "tiny", "--dataset", digest, "--license", "mit", *url)
+    code, out, err = strata(
+        capsys, "model", "push", str(source), "--name", "tiny", "--dataset", digest, "--license", "mit", *url
+    )
     assert code == 0 and out.startswith("registered tiny:1 sha256:"), err
     assert "push tiny" in err  # the progress bar
     code, out, _ = strata(capsys, "model", "push", str(source), "--name", "tiny", *url)
     assert code == 0 and "registered tiny:1" not in out  # different lineage -> a new version
-    code, out, _ = strata(capsys, "model", "push", str(source), "--name", "tiny", "--dataset", digest, "--license", "mit", *url)
+    code, out, _ = strata(
+        capsys, "model", "push", str(source), "--name", "tiny", "--dataset", digest, "--license", "mit", *url
+    )
     assert out.startswith("already registered as tiny:1")
 
     code, out, _ = strata(capsys, "model", "alias", "tiny:1", "prod", *url)
     assert code == 0 and "tiny@prod -> 1" in out
     code, out, _ = strata(capsys, "model", "ls", "--json", *url)
     listed = json.loads(out)["models"]
-    assert [(m["model"]["version"], m["aliases"], m["datasets"]) for m in listed] == [(1, ["prod"], [digest]), (2, [], [])]
+    assert [(m["model"]["version"], m["aliases"], m["datasets"]) for m in listed] == [
+        (1, ["prod"], [digest]),
+        (2, [], []),
+    ]
     code, out, _ = strata(capsys, "model", "ls", *url)
     assert code == 0 and "tiny" in out and "LlamaForCausalLM" in out
     code, out, _ = strata(capsys, "model", "show", "tiny@prod", *url)
@@ -56,7 +63,9 @@ def test_dataset_push_ls_show_alias_pull_verify_rm(live_store, tmp_path, capsys)
     assert code == 0 and out.startswith("OK tiny:1")
 
     # a flipped byte in the stored weights: verify fails naming the file
-    asyncio.run(flip_last_byte(live_store.nats_url, json.loads(strata(capsys, "model", "show", "tiny:1", "--json", *url)[1])))
+    asyncio.run(
+        flip_last_byte(live_store.nats_url, json.loads(strata(capsys, "model", "show", "tiny:1", "--json", *url)[1]))
+    )
     code, out, err = strata(capsys, "model", "verify", "tiny:1", *url)
     assert code == 1 and "FAILED model.safetensors: stored content hashes to" in err
     code, _, err = strata(capsys, "model", "pull", "tiny:1", str(tmp_path / "again"), *url)

@@ -52,7 +52,11 @@ async def test_a_safetensors_model_converted_to_q4_k_m_keeps_its_lineage_and_gen
         code, out, err = await asyncio.to_thread(strata, capsys, "model", "convert", "tiny-llama", "--to", "gguf",
                                                  "--quant", "q4_k_m", "--threads", "1", *url)
         assert code == 0, err
-        assert re.match(r"converted tiny-llama:1 -> tiny-llama:2 sha256:[0-9a-f]{64} \(Q4_K_M, \d+ bytes in [\d.]+s: F16 [\d.]+s, quantize [\d.]+s\)", out), out
+        assert re.match(
+            r"converted tiny-llama:1 -> tiny-llama:2 sha256:[0-9a-f]{64} "
+            r"\(Q4_K_M, \d+ bytes in [\d.]+s: F16 [\d.]+s, quantize [\d.]+s\)",
+            out,
+        ), out
         client = StoreClient(live_store.url)
         source, derived = client.resolve("tiny-llama:1"), client.resolve("tiny-llama:2")
         meta = derived.manifest.metadata
@@ -60,29 +64,55 @@ async def test_a_safetensors_model_converted_to_q4_k_m_keeps_its_lineage_and_gen
         assert set(meta.bytes_by_type) >= {"Q4_K", "Q6_K", "F32"}
         s = derived.manifest.source
         assert (s.kind, s.name, s.reference, s.derived_from) == ("conversion", "tiny-llama", "1", source.model.digest)
-        assert s.digests["model.safetensors"] == f"sha256:{next(f.sha256 for f in source.manifest.files if f.path == 'model.safetensors')}"
+        assert (
+            s.digests["model.safetensors"]
+            == f"sha256:{next(f.sha256 for f in source.manifest.files if f.path == 'model.safetensors')}"
+        )
         assert "llama.cpp quantize" in s.recipe
         # converting again gives the same bytes: the same version
-        code, out, _ = await asyncio.to_thread(strata, capsys, "model", "convert", "tiny-llama:1", "--to", "gguf",
-                                               "--quant", "q4_k_m", "--threads", "1", *url)
+        code, out, _ = await asyncio.to_thread(
+            strata,
+            capsys,
+            "model",
+            "convert",
+            "tiny-llama:1",
+            "--to",
+            "gguf",
+            "--quant",
+            "q4_k_m",
+            "--threads",
+            "1",
+            *url,
+        )
         assert code == 0 and "already converted tiny-llama:1 -> tiny-llama:2" in out
 
         store = ledger.part(LedgerApp).lg.store  # type: ignore[attr-defined]
-        await eventually(lambda: model_lineage(store, "tiny-llama:2")["models"][0]["derived_from"][:1]
-                         and model_lineage(store, "tiny-llama:2")["models"][0]["derived_from"][0]["in_ledger"],
-                         20, "the conversion's model.registered and its source's in the ledger")
+        await eventually(
+            lambda: (
+                model_lineage(store, "tiny-llama:2")["models"][0]["derived_from"][:1]
+                and model_lineage(store, "tiny-llama:2")["models"][0]["derived_from"][0]["in_ledger"]
+            ),
+            20,
+            "the conversion's model.registered and its source's in the ledger",
+        )
         nats_url = ("--nats-url", nats_server.url)
-        code, out, err = await asyncio.to_thread(strata, capsys, "lineage", "--model", "tiny-llama:2", "--json", *nats_url)
+        code, out, err = await asyncio.to_thread(
+            strata, capsys, "lineage", "--model", "tiny-llama:2", "--json", *nats_url
+        )
         assert code == 0, err
         down = json.loads(out)["models"][0]
-        code, out, _ = await asyncio.to_thread(strata, capsys, "lineage", "--model", "tiny-llama:1", "--json", *nats_url)
+        code, out, _ = await asyncio.to_thread(
+            strata, capsys, "lineage", "--model", "tiny-llama:1", "--json", *nats_url
+        )
         up = json.loads(out)["models"][0]
         code, table, _ = await asyncio.to_thread(strata, capsys, "lineage", "--model", "tiny-llama:2", *nats_url)
     assert down["digest"] == derived.model.digest and down["source"]["kind"] == "conversion"
     parent = down["derived_from"][0]
     assert (parent["name"], parent["version"], parent["digest"]) == ("tiny-llama", 1, source.model.digest)
     assert parent["source"]["kind"] == "huggingface" and parent["source"]["name"] == "acme/tiny-llama"
-    assert [d["digest"] for d in up["derivatives"]] == [derived.model.digest] and "Q4_K_M" in up["derivatives"][0]["recipe"]
+    assert [d["digest"] for d in up["derivatives"]] == [derived.model.digest] and "Q4_K_M" in up["derivatives"][0][
+        "recipe"
+    ]
     assert f"from      tiny-llama:1  {source.model.digest}" in table and "recipe    safetensors -> GGUF F16" in table
 
     pulled = tmp_path / "pulled"
@@ -101,11 +131,15 @@ def test_an_f16_gguf_is_quantized_as_is(live_store, tmp_path, capsys):
     f16 = write_random_gguf(tmp_path / "g" / "tiny.F16.gguf", "f16", **SHAPE)
     url = ("--url", live_store.url)
     assert strata(capsys, "model", "push", str(f16), "--name", "tiny", *url)[0] == 0
-    code, out, err = strata(capsys, "model", "convert", "tiny", "--to", "gguf", "--quant", "q8_0", "--name", "tiny-q8", *url)
+    code, out, err = strata(
+        capsys, "model", "convert", "tiny", "--to", "gguf", "--quant", "q8_0", "--name", "tiny-q8", *url
+    )
     assert code == 0 and out.startswith("converted tiny:1 -> tiny-q8:1"), err
     client = StoreClient(live_store.url)
     derived = client.resolve("tiny-q8").manifest
-    assert derived.metadata.quantization == "Q8_0" and derived.source.derived_from == client.resolve("tiny:1").model.digest
+    assert (
+        derived.metadata.quantization == "Q8_0" and derived.source.derived_from == client.resolve("tiny:1").model.digest
+    )
     assert derived.source.recipe.startswith("GGUF F16 -> Q8_0 (llama.cpp quantize")
     code, _, err = strata(capsys, "model", "convert", "tiny", "--to", "gguf", "--quant", "f16", *url)
     assert code == 1 and "tiny:1 is already a GGUF F16" in err
@@ -131,7 +165,11 @@ def test_what_cannot_be_converted_faithfully_is_refused_and_nothing_is_stored(li
     assert code == 1 and "tiny-q8:1 is already Q8_0: quantizing it again loses quality" in err
     code, _, err = strata(capsys, "model", "convert", "nosuch", "--to", "gguf", "--quant", "q4_k_m", *url)
     assert code == 1 and "no model named 'nosuch'" in err
-    assert sorted((m.model.name, m.model.version) for m in client.list_models().models) == [("llama", 1), ("qwen", 1), ("tiny-q8", 1)]
+    assert sorted((m.model.name, m.model.version) for m in client.list_models().models) == [
+        ("llama", 1),
+        ("qwen", 1),
+        ("tiny-q8", 1),
+    ]
 
 
 def test_a_conversion_must_name_a_version_of_this_store_as_its_source(live_store, tmp_path):
@@ -143,7 +181,9 @@ def test_a_conversion_must_name_a_version_of_this_store_as_its_source(live_store
     with pytest.raises(Invalid, match=r"source tiny:1 \(sha256:0{64}\) is not a version in this store"):
         client.push_model(gguf, "tiny", source=forged)
     with pytest.raises(Invalid, match="is not a version in this store"):
-        client.push_model(gguf, "tiny", source=forged.model_copy(update={"reference": "7", "derived_from": real.digest}))
+        client.push_model(
+            gguf, "tiny", source=forged.model_copy(update={"reference": "7", "derived_from": real.digest})
+        )
     assert [m.model.version for m in client.list_models().models] == [1]
 
 
@@ -161,7 +201,9 @@ def test_the_writer_refuses_tensors_and_settings_it_does_not_know(tmp_path):
     tensors = load_file(str(ckpt / "model.safetensors"))
     tensors["model.layers.0.self_attn.q_proj.bias"] = tensors["model.norm.weight"]
     save_file(tensors, str(ckpt / "model.safetensors"))
-    with pytest.raises(Unconvertible, match="tensors the Llama conversion does not know: model.layers.0.self_attn.q_proj.bias"):
+    with pytest.raises(
+        Unconvertible, match="tensors the Llama conversion does not know: model.layers.0.self_attn.q_proj.bias"
+    ):
         write_llama_gguf(ckpt, tmp_path / "bias.gguf", "f16")
     assert not (tmp_path / "bias.gguf").exists()
     del tensors["model.layers.0.self_attn.q_proj.bias"], tensors["model.layers.1.mlp.down_proj.weight"]
@@ -191,4 +233,6 @@ def test_a_bf16_checkpoint_converts_to_the_same_f16_weights(tmp_path):
     down = tensors["blk.1.ffn_down.weight"]
     assert down.tensor_type == gguf.GGMLQuantizationType.F16
     expected = torch.from_numpy(f32["model.layers.1.mlp.down_proj.weight"]).to(torch.bfloat16).float().numpy()
-    assert np.array_equal(np.asarray(down.data).reshape(expected.shape).astype(np.float32), expected.astype(np.float16).astype(np.float32))
+    assert np.array_equal(
+        np.asarray(down.data).reshape(expected.shape).astype(np.float32), expected.astype(np.float16).astype(np.float32)
+    )

@@ -66,7 +66,9 @@ class Platform:
     def stream_bytes(self) -> int:
         """The blob store's bytes in JetStream, read with the admin credential."""
         async def read() -> int:
-            nc = await nats.connect(self.nats.url_for(nats_auth.ADMIN), inbox_prefix=nats_auth.inbox_prefix(nats_auth.ADMIN))
+            nc = await nats.connect(
+                self.nats.url_for(nats_auth.ADMIN), inbox_prefix=nats_auth.inbox_prefix(nats_auth.ADMIN)
+            )
             try:
                 return (await nc.jetstream().stream_info(BLOB_STREAM)).state.bytes
             finally:
@@ -106,14 +108,19 @@ def random_file(directory: Path, name: str, size: int) -> tuple[Path, str]:
 
 def put_blob(store: LiveStore, path: Path, sha256: str, *, declared: bool = True) -> httpx.Response:
     """As `strata model push` uploads (streamed, with its content-length), or chunked without one."""
+
     def body() -> Iterator[bytes]:
         with path.open("rb") as f:
             while block := f.read(MB):
                 yield block
 
     length = {"content-length": str(path.stat().st_size)} if declared else {}
-    return httpx.put(f"{store.url}/v1/blobs/{sha256}", content=body(), timeout=60,
-                     headers={**length, "content-type": "application/octet-stream"})
+    return httpx.put(
+        f"{store.url}/v1/blobs/{sha256}",
+        content=body(),
+        timeout=60,
+        headers={**length, "content-type": "application/octet-stream"},
+    )
 
 
 def assert_nothing_left_and_a_small_push_works(platform: Platform, stream_bytes: int, tmp_path: Path) -> None:
@@ -163,7 +170,10 @@ def test_a_push_past_the_blob_stores_jetstream_limit_is_refused_before_it_is_rea
         r = put_blob(store, path, sha)
         assert r.status_code == 507, (r.status_code, r.text[:300])
         message = r.json()["error"]["message"]
-        assert message == f"not enough space for {12 * MB} bytes: the blob store's JetStream limits leave {8 * MB} bytes free"
+        assert (
+            message
+            == f"not enough space for {12 * MB} bytes: the blob store's JetStream limits leave {8 * MB} bytes free"
+        )
         path, sha = random_file(tmp_path, "fits.bin", 6 * MB)
         assert put_blob(store, path, sha).status_code == 200
 

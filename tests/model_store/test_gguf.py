@@ -41,12 +41,26 @@ async def test_a_gguf_is_pushed_signed_and_described_from_its_header(nats_server
         body = r.json()
         meta = body["manifest"]["metadata"]
         assert body["warnings"] == []
-        assert (meta["format"], meta["architecture"], meta["quantization"], meta["runtime"]) == ("gguf", "llama", "Q8_0", LLAMACPP)
+        assert (meta["format"], meta["architecture"], meta["quantization"], meta["runtime"]) == (
+            "gguf",
+            "llama",
+            "Q8_0",
+            LLAMACPP,
+        )
         assert meta["context_length"] == 256 and meta["chat_template"] == CHAT_TEMPLATE
-        assert (meta["num_layers"], meta["hidden_size"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]) == (2, 64, 4, 2, 16)
+        assert (meta["num_layers"], meta["hidden_size"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]) == (
+            2,
+            64,
+            4,
+            2,
+            16,
+        )
         assert meta["vocab_size"] == 264  # 256 bytes, 3 merged tokens, 5 special tokens
         assert meta["parameters"] == 264 * 64 * 2 + 2 * (64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 128 + 2 * 64) + 64
-        assert set(meta["bytes_by_type"]) == {"Q8_0", "F32"} and sum(meta["bytes_by_type"].values()) == meta["weight_bytes"]
+        assert (
+            set(meta["bytes_by_type"]) == {"Q8_0", "F32"}
+            and sum(meta["bytes_by_type"].values()) == meta["weight_bytes"]
+        )
         assert body["manifest"]["files"][0]["path"] == "tiny.Q8_0.gguf"
         # the same bytes again: the same version; then a worker's fetch checks the signature and digest
         again = await push(client, d, "tiny-gguf")

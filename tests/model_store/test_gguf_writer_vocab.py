@@ -37,11 +37,21 @@ def test_a_vocabulary_with_a_gap_is_written_by_id(tmp_path):
     assert tokens[5] == "[PAD5]"
 
 
-@pytest.mark.parametrize("case, edit, expect", [
-    ("two tokens for one id", lambda t: t["added_tokens"].append({"id": 5, "content": "<|x|>", "special": True}), "id 5"),
-    ("an id past the embedding", lambda t: t["added_tokens"].append({"id": 9999, "content": "<|x|>", "special": True}),
-     "vocab_size"),
-])
+@pytest.mark.parametrize(
+    "case, edit, expect",
+    [
+        (
+            "two tokens for one id",
+            lambda t: t["added_tokens"].append({"id": 5, "content": "<|x|>", "special": True}),
+            "id 5",
+        ),
+        (
+            "an id past the embedding",
+            lambda t: t["added_tokens"].append({"id": 9999, "content": "<|x|>", "special": True}),
+            "vocab_size",
+        ),
+    ],
+)
 def test_a_vocabulary_that_cannot_be_written_by_id_is_refused(tmp_path, case, edit, expect):
     ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=1)
     _edit_tokenizer(ckpt, edit)
@@ -50,27 +60,44 @@ def test_a_vocabulary_that_cannot_be_written_by_id_is_refused(tmp_path, case, ed
     assert not (tmp_path / "bad.gguf").exists()
 
 
-@pytest.mark.parametrize("key, value", [("intermediate_size", 999), ("num_attention_heads", 3), ("vocab_size", 300),
-                                        ("num_key_value_heads", 4), ("head_dim", 8)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("intermediate_size", 999),
+        ("num_attention_heads", 3),
+        ("vocab_size", 300),
+        ("num_key_value_heads", 4),
+        ("head_dim", 8),
+    ],
+)
 def test_a_config_that_does_not_match_the_tensors_is_refused(tmp_path, key, value):
     """llama.cpp sizes its tensors from the GGUF's hyper-parameters and refuses a file whose tensors
     differ, at deploy time; the writer refuses it when it converts, naming the tensor and the setting."""
     ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=1)
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, key: value}))
-    with pytest.raises(Unconvertible, match=r"(has shape \(.*\), but config.json says \(|config.json: a head dimension of 21 is odd)"):
+    with pytest.raises(
+        Unconvertible, match=r"(has shape \(.*\), but config.json says \(|config.json: a head dimension of 21 is odd)"
+    ):
         write_llama_gguf(ckpt, tmp_path / "bad.gguf", "f16")
     assert not (tmp_path / "bad.gguf").exists()
 
 
-@pytest.mark.parametrize("file, content, expect", [
-    ("tokenizer.json", "[]", "tokenizer.json: not a JSON object"),
-    ("tokenizer.json", "[" * 100_000 + "]" * 100_000, "tokenizer.json: not a JSON object"),
-    ("tokenizer.json", "{not json", "tokenizer.json: not valid JSON"),
-    ("tokenizer.json", '{"model": ["BPE"], "pre_tokenizer": {"type": "ByteLevel"}}', "tokenizer.json: a list tokenizer"),
-    ("tokenizer_config.json", '"a string"', "tokenizer_config.json: not a JSON object"),
-    ("config.json", '{"architectures": ["LlamaForCausalLM"]}', "config.json: num_attention_heads is missing"),
-])
+@pytest.mark.parametrize(
+    "file, content, expect",
+    [
+        ("tokenizer.json", "[]", "tokenizer.json: not a JSON object"),
+        ("tokenizer.json", "[" * 100_000 + "]" * 100_000, "tokenizer.json: not a JSON object"),
+        ("tokenizer.json", "{not json", "tokenizer.json: not valid JSON"),
+        (
+            "tokenizer.json",
+            '{"model": ["BPE"], "pre_tokenizer": {"type": "ByteLevel"}}',
+            "tokenizer.json: a list tokenizer",
+        ),
+        ("tokenizer_config.json", '"a string"', "tokenizer_config.json: not a JSON object"),
+        ("config.json", '{"architectures": ["LlamaForCausalLM"]}', "config.json: num_attention_heads is missing"),
+    ],
+)
 def test_a_malformed_checkpoint_is_a_clear_refusal(tmp_path, file, content, expect):
     """The checkpoint converted may be anyone's push: its JSON is refused with Unconvertible, not a traceback."""
     ckpt, _ = write_random_pair(tmp_path / "made", ftypes=(), seed=1)

@@ -41,7 +41,9 @@ def test_a_git_blob_swapped_after_its_check_is_refused_by_the_store(live_store, 
     ("deeply nested", b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
     ("huge", b'{"stop": ["' + b"x" * (2 * 1024 * 1024) + b'"]}', "too large"),
 ])
-def test_a_hostile_params_layer_is_a_clear_error_and_stores_nothing(live_store, tmp_path, capsys, monkeypatch, case, params, expect):
+def test_a_hostile_params_layer_is_a_clear_error_and_stores_nothing(
+    live_store, tmp_path, capsys, monkeypatch, case, params, expect
+):
     from cli.main import main
     from tests.support.gguf_model import write_random_gguf
     from tests.support.local_caches import make_ollama_model
@@ -74,7 +76,14 @@ def test_cache_layouts_that_point_outside_the_cache_are_refused(tmp_path):
     cache = tmp_path / "hf" / "hub"
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=4)
     snapshot, commit = make_hf_snapshot(cache, "acme/tiny", {p.name: p.read_bytes() for p in ckpt.iterdir()})
-    for ref in ("acme/tiny@main/../../../x", "../acme@main", "acme/tiny/x", "acme/tiny@/etc", "acme/tiny\n", "acme/tiny@main\n"):
+    for ref in (
+        "acme/tiny@main/../../../x",
+        "../acme@main",
+        "acme/tiny/x",
+        "acme/tiny@/etc",
+        "acme/tiny\n",
+        "acme/tiny@main\n",
+    ):
         with pytest.raises(Invalid, match="expected hf:ORG/NAME"):
             read_huggingface(ref, cache=cache)
     (cache / "models--acme--tiny" / "refs" / "evil").write_text("../../../../secret")

@@ -145,7 +145,9 @@ def test_a_hugging_face_safetensors_snapshot_is_imported_with_its_revision(live_
     assert code == 0 and out.startswith("imported tiny-chat:1"), err
     assert "left out (pickle): pytorch_model.bin" in err
     m = StoreClient(live_store.url).resolve("tiny-chat:1").manifest
-    assert sorted(f.path for f in m.files) == ["README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(f.path for f in m.files) == [
+        "README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]
     assert m.metadata.architecture == "LlamaForCausalLM" and m.metadata.format is None
     src = m.source
     assert (src.kind, src.name, src.reference, src.resolved) == ("huggingface", "acme/tiny-chat", "main", commit)
@@ -156,11 +158,14 @@ def test_a_hugging_face_safetensors_snapshot_is_imported_with_its_revision(live_
         code, out, err = strata(capsys, "model", "import", f"hf:acme/tiny-chat@{rev}", *url)
         assert code == 0, err
     versions = StoreClient(live_store.url).list_models("tiny-chat").models
-    assert [StoreClient(live_store.url).resolve(f"tiny-chat:{v.model.version}").manifest.source.reference
-            for v in versions] == ["main", "v1.0", commit]
+    assert [
+        StoreClient(live_store.url).resolve(f"tiny-chat:{v.model.version}").manifest.source.reference for v in versions
+    ] == ["main", "v1.0", commit]
 
 
-def test_a_hugging_face_gguf_repository_is_imported_and_several_ggufs_need_file(live_store, tmp_path, capsys, monkeypatch, gguf_bytes):
+def test_a_hugging_face_gguf_repository_is_imported_and_several_ggufs_need_file(
+    live_store, tmp_path, capsys, monkeypatch, gguf_bytes
+):
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     make_hf_snapshot(cache, "acme/tiny-GGUF", {"tiny.F16.gguf": gguf_bytes, "README.md": b"# gguf\n"})
@@ -182,17 +187,22 @@ def test_a_hugging_face_gguf_repository_is_imported_and_several_ggufs_need_file(
     assert [f.path for f in StoreClient(live_store.url).resolve("two-GGUF").manifest.files] == ["b.gguf"]
 
 
-@pytest.mark.parametrize("case, ref, expect", [
-    ("unknown repo", "hf:acme/nosuch", "not in the Hugging Face cache"),
-    ("unknown revision", "hf:acme/tiny@v9", "no such revision in the cache (refs here: main)"),
-    ("corrupt lfs blob", "hf:acme/tiny", "hashes to sha256:"),
-    ("corrupt git blob", "hf:acme/tiny", "hashes to git-sha1:"),
-    ("copied, not linked", "hf:acme/tiny", "not a link into the cache's blobs/"),
-    ("neither", "hf:acme/tiny", "neither a safetensors checkpoint"),
-    ("bad name", "hf:acme/../x", "expected hf:ORG/NAME[@REVISION]"),
-    ("bad source kind", "s3:acme/tiny", "expected ollama:NAME[:TAG] or hf:ORG/NAME[@REVISION]"),
-])
-def test_a_hugging_face_import_that_cannot_be_checked_stores_nothing(live_store, tmp_path, capsys, monkeypatch, case, ref, expect):
+@pytest.mark.parametrize(
+    "case, ref, expect",
+    [
+        ("unknown repo", "hf:acme/nosuch", "not in the Hugging Face cache"),
+        ("unknown revision", "hf:acme/tiny@v9", "no such revision in the cache (refs here: main)"),
+        ("corrupt lfs blob", "hf:acme/tiny", "hashes to sha256:"),
+        ("corrupt git blob", "hf:acme/tiny", "hashes to git-sha1:"),
+        ("copied, not linked", "hf:acme/tiny", "not a link into the cache's blobs/"),
+        ("neither", "hf:acme/tiny", "neither a safetensors checkpoint"),
+        ("bad name", "hf:acme/../x", "expected hf:ORG/NAME[@REVISION]"),
+        ("bad source kind", "s3:acme/tiny", "expected ollama:NAME[:TAG] or hf:ORG/NAME[@REVISION]"),
+    ],
+)
+def test_a_hugging_face_import_that_cannot_be_checked_stores_nothing(
+    live_store, tmp_path, capsys, monkeypatch, case, ref, expect
+):
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     files = _hf_checkpoint_files(tmp_path)
@@ -220,5 +230,7 @@ def test_a_file_that_changed_after_its_check_is_refused_by_the_store(live_store,
     gguf.write_bytes(gguf_bytes)
     checked = hashlib.sha256(b"what the file held when it was checked").hexdigest()
     with pytest.raises(Invalid, match=f"not the declared {checked}"):
-        StoreClient(live_store.url).push_model(gguf.parent, "changed", files=[gguf], known_sha256={"model.gguf": checked})
+        StoreClient(live_store.url).push_model(
+            gguf.parent, "changed", files=[gguf], known_sha256={"model.gguf": checked}
+        )
     assert_nothing_stored(live_store.url, gguf_bytes)

@@ -22,7 +22,9 @@ def test_a_manifest_from_before_source_hashes_as_it_was_signed():
     assert manifest.source is None
     assert canonical_json(manifest) == SIGNED_BEFORE_SOURCE and manifest_digest(manifest) == DIGEST_THEN
     # and one with a source is a different manifest, whose source is part of what is hashed
-    sourced = manifest.model_copy(update={"source": ModelSource(kind="ollama", name="registry.ollama.ai/library/tiny", reference="latest")})
+    sourced = manifest.model_copy(
+        update={"source": ModelSource(kind="ollama", name="registry.ollama.ai/library/tiny", reference="latest")}
+    )
     again = ModelManifest.model_validate_json(canonical_json(sourced))
     assert again.source == sourced.source and manifest_digest(again) == manifest_digest(sourced) != DIGEST_THEN
 
@@ -31,9 +33,21 @@ def test_a_manifest_whose_source_has_a_later_field_still_hashes_as_signed():
     """A newer model-store's source with one more field: read and dumped back unchanged, so its digest holds."""
     import json
 
-    source = {"derived_from": None, "digests": {}, "kind": "ollama", "license_url": "https://example.org/L",
-              "name": "registry.ollama.ai/library/tiny", "recipe": None, "reference": "latest", "resolved": None}
-    later = json.dumps({**json.loads(SIGNED_BEFORE_SOURCE), "source": source}, sort_keys=True, separators=(",", ":"),
-                       ensure_ascii=False).encode()
+    source = {
+        "derived_from": None,
+        "digests": {},
+        "kind": "ollama",
+        "license_url": "https://example.org/L",
+        "name": "registry.ollama.ai/library/tiny",
+        "recipe": None,
+        "reference": "latest",
+        "resolved": None,
+    }
+    later = json.dumps(
+        {**json.loads(SIGNED_BEFORE_SOURCE), "source": source},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
     manifest = ModelManifest.model_validate_json(later)
     assert canonical_json(manifest) == later and manifest.source.model_extra == {"license_url": "https://example.org/L"}

@@ -34,12 +34,16 @@ async def test_replicas_share_versions_aliases_and_deletes(nats_server, tmp_path
         versions = await asyncio.gather(*(push(ca if i % 2 else cb, fs) for i, fs in enumerate(files)))
         assert sorted(versions) == [1, 2, 3, 4, 5, 6]  # compare-and-set on KV: no version handed out twice
 
-        await eventually(lambda: len(b.part(ModelStore).index.models("shared")) == 6, what="replica b's index has all six")
+        await eventually(
+            lambda: len(b.part(ModelStore).index.models("shared")) == 6, what="replica b's index has all six"
+        )
         await ca.post("/v1/aliases", json={"ref": "shared:3", "alias": "canary"})
         assert (await cb.get("/v1/models/shared@canary")).json()["model"]["version"] == 3  # KV fallback or index
         assert (await cb.delete("/v1/models/shared/aliases/canary")).status_code == 204
         assert (await cb.delete("/v1/models/shared/aliases/canary")).status_code == 404
-        await eventually(lambda: a.part(ModelStore).index.alias("shared", "canary") is None, what="alias removal reaches a")
+        await eventually(
+            lambda: a.part(ModelStore).index.alias("shared", "canary") is None, what="alias removal reaches a"
+        )
         await cb.delete("/v1/models/shared:6")
         await eventually(lambda: a.part(ModelStore).index.model("shared", 6) is None, what="delete reaches a")
         assert (await ca.get("/v1/models/shared")).json()["model"]["version"] == 5
@@ -53,8 +57,15 @@ async def test_replicas_share_versions_aliases_and_deletes(nats_server, tmp_path
         try:
             listed = await rpc.call(nc, subjects.rpc("model-store", "list"), ListRequest(name="shared"), ModelList)
             assert [m.model.version for m in listed.models] == [1, 2, 3, 4, 5]
-            assert (await rpc.call(nc, subjects.rpc("model-store", "datasets"), ListRequest(), DatasetList)).datasets == []
+            assert (
+                await rpc.call(nc, subjects.rpc("model-store", "datasets"), ListRequest(), DatasetList)
+            ).datasets == []
             with pytest.raises(errors.NotFound):
-                await rpc.call(nc, subjects.rpc("model-store", "dataset"), DatasetRequest(ref="sha256:" + "0" * 64), ResolvedDataset)
+                await rpc.call(
+                    nc,
+                    subjects.rpc("model-store", "dataset"),
+                    DatasetRequest(ref="sha256:" + "0" * 64),
+                    ResolvedDataset,
+                )
         finally:
             await nc.close()

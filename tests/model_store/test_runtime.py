@@ -14,7 +14,15 @@ from cli.main import main
 from services.model_store.service_layer.handlers import ModelStore
 from shared import rpc, subjects
 from shared.architectures import ENGINE, supported
-from shared.catalog import CATALOG_BUCKET, ModelManifest, PushedModel, PushModelRequest, ResolvedModel, ResolveRequest, canonical_json
+from shared.catalog import (
+    CATALOG_BUCKET,
+    ModelManifest,
+    PushedModel,
+    PushModelRequest,
+    ResolvedModel,
+    ResolveRequest,
+    canonical_json,
+)
 from shared.model_fetch import fetch_model
 from tests.model_store.conftest import make_checkpoint, upload_dir
 from tests.support.helpers import eventually, make_service
@@ -45,10 +53,14 @@ async def test_a_push_nothing_can_serve_is_stored_with_runtime_null_and_a_warnin
         # stored like any model: it resolves, runtime null in the signed manifest
         nc = await nats.connect(nats_server.url)
         try:
-            resolved = await rpc.call(nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref="nope"), ResolvedModel)
+            resolved = await rpc.call(
+                nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref="nope"), ResolvedModel
+            )
         finally:
             await nc.close()
-        assert resolved.manifest.metadata.architecture == "NopeForCausalLM" and resolved.manifest.metadata.runtime is None
+        assert (
+            resolved.manifest.metadata.architecture == "NopeForCausalLM" and resolved.manifest.metadata.runtime is None
+        )
         assert resolved.model.digest == body["model"]["digest"]
 
 
@@ -69,7 +81,8 @@ async def test_a_manifest_from_before_the_runtime_field_resolves_verifies_and_de
         assert (await push(client, source, "tiny")).status_code == 201
         nc = await nats.connect(nats_server.url)
         try:
-            # rewrite version 1 as a model-store before the field wrote it: no "runtime" key, digest and signature over that
+            # rewrite version 1 as a model-store before the field wrote it: no "runtime" key, digest and signature
+            # over that
             kv = await nc.jetstream().key_value(CATALOG_BUCKET)
             stored = json.loads((await kv.get("model.tiny.1")).value)
             del stored["manifest"]["metadata"]["runtime"]
@@ -77,9 +90,14 @@ async def test_a_manifest_from_before_the_runtime_field_resolves_verifies_and_de
             stored["model"]["digest"] = old_digest
             stored["signature"] = service.part(ModelStore).signer.sign(ModelManifest.model_validate(stored["manifest"]))
             await kv.put("model.tiny.1", json.dumps(stored).encode())
-            await eventually(lambda: service.part(ModelStore).index.model("tiny", 1).model.digest == old_digest, what="index follows KV")
+            await eventually(
+                lambda: service.part(ModelStore).index.model("tiny", 1).model.digest == old_digest,
+                what="index follows KV",
+            )
 
-            resolved = await rpc.call(nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref="tiny:1"), ResolvedModel)
+            resolved = await rpc.call(
+                nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref="tiny:1"), ResolvedModel
+            )
             assert resolved.model.digest == old_digest and resolved.manifest.metadata.runtime is None
             assert "runtime" not in json.loads(resolved.model_dump_json())["manifest"]["metadata"]
             local = await fetch_model(nc, "tiny:1", tmp_path / "cache")  # digest and signature still verify
@@ -89,4 +107,9 @@ async def test_a_manifest_from_before_the_runtime_field_resolves_verifies_and_de
         again = await push(client, source, "tiny")  # the same files: the old version, not a new one
         assert again.status_code == 200, again.text
         pushed = PushedModel.model_validate(again.json())
-        assert (pushed.created, pushed.model.version, pushed.model.digest, pushed.warnings) == (False, 1, old_digest, [])
+        assert (pushed.created, pushed.model.version, pushed.model.digest, pushed.warnings) == (
+            False,
+            1,
+            old_digest,
+            [],
+        )

@@ -15,7 +15,9 @@ from bench.model_store import LIMIT_ABOVE_BASELINE, reset_peak, rss, write_check
 from services.model_store.client import StoreClient
 from shared.model_fetch import fetch_model
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak RSS")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak RSS"
+)
 
 
 def peak_above_baseline(run) -> int:
@@ -42,7 +44,12 @@ def test_300_mb_file_goes_in_and_out_in_bounded_memory(live_store, tmp_path):
             await nc.close()
 
     fetched = peak_above_baseline(lambda: asyncio.run(fetch()))
-    for copy in (tmp_path / "pulled" / "model.safetensors", next((tmp_path / "cache" / "models" / "big").iterdir()) / "model.safetensors"):
+    for copy in (
+        tmp_path / "pulled" / "model.safetensors",
+        next((tmp_path / "cache" / "models" / "big").iterdir()) / "model.safetensors",
+    ):
         assert filecmp.cmp(copy, checkpoint / "model.safetensors", shallow=False) and copy.stat().st_size == size
     for phase, above in (("push", pushed), ("pull", pulled), ("fetch", fetched)):
-        assert above < LIMIT_ABOVE_BASELINE, f"{phase}: peak RSS {above / 1e6:.0f} MB above baseline for a {size / 1e6:.0f} MB file"
+        assert above < LIMIT_ABOVE_BASELINE, (
+            f"{phase}: peak RSS {above / 1e6:.0f} MB above baseline for a {size / 1e6:.0f} MB file"
+        )

@@ -82,11 +82,15 @@ async def test_changed_manifest_is_caught_before_any_blob_is_fetched(nats_server
             key = await rpc.call(nc, subjects.rpc("model-store", "public_key"), PublicKeyRequest(), PublicKey)
             verify_manifest(model, key)
             # 1. the manifest changed but the digest kept: the digest no longer matches
-            changed = model.model_copy(update={"manifest": model.manifest.model_copy(update={"license": "proprietary"})})
+            changed = model.model_copy(
+                update={"manifest": model.manifest.model_copy(update={"license": "proprietary"})}
+            )
             with pytest.raises(VerificationError, match="the manifest's digest is .* it was changed"):
                 await fetch_model(nc, changed, tmp_path / "cache")
             # 2. the manifest and its digest changed together: the signature no longer covers it
-            rewritten = changed.model_copy(update={"model": changed.model.model_copy(update={"digest": manifest_digest(changed.manifest)})})
+            rewritten = changed.model_copy(
+                update={"model": changed.model.model_copy(update={"digest": manifest_digest(changed.manifest)})}
+            )
             with pytest.raises(VerificationError, match="differs from the one that was signed"):
                 await fetch_model(nc, rewritten, tmp_path / "cache")
             # 3. the same, rewritten in the KV catalog itself, as a resolver would serve it
@@ -95,7 +99,10 @@ async def test_changed_manifest_is_caught_before_any_blob_is_fetched(nats_server
             stored["manifest"]["files"][0]["sha256"] = "0" * 64
             stored["model"]["digest"] = manifest_digest(ModelManifest.model_validate(stored["manifest"]))
             await kv.put("model.tiny.1", json.dumps(stored).encode())
-            await eventually(lambda: service.part(ModelStore).index.model("tiny", 1).manifest.files[0].sha256 == "0" * 64, what="index follows KV")
+            await eventually(
+                lambda: service.part(ModelStore).index.model("tiny", 1).manifest.files[0].sha256 == "0" * 64,
+                what="index follows KV",
+            )
             with pytest.raises(VerificationError, match="differs from the one that was signed"):
                 await fetch_model(nc, "tiny:1", tmp_path / "cache")
             # 4. a signature by another key
@@ -120,7 +127,12 @@ async def test_cached_blob_corrupted_on_disk_is_fetched_again(nats_server, tmp_p
             data = bytearray(weights.read_bytes())
             data[-1] ^= 0xFF
             weights.unlink()  # hard link: rewrite the blob itself
-            blob = tmp_path / "cache" / "blobs" / next(f.sha256 for f in local.resolved.manifest.files if f.path == "model.safetensors")
+            blob = (
+                tmp_path
+                / "cache"
+                / "blobs"
+                / next(f.sha256 for f in local.resolved.manifest.files if f.path == "model.safetensors")
+            )
             blob.write_bytes(bytes(data))
             again = await fetch_model(nc, "tiny", tmp_path / "cache")
             assert (again.path / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
@@ -143,14 +155,39 @@ async def test_events_registered_signed_aliased_deleted_dataset(nats_server, tmp
             corpus.mkdir()
             (corpus / "text.txt").write_text("in the beginning")
             files = await upload_dir(client, corpus)
-            ds = await client.post("/v1/datasets", json={"name": "bible", "files": [f.model_dump() for f in files], "license": "public domain", "source": "debian"})
+            ds = await client.post(
+                "/v1/datasets",
+                json={
+                    "name": "bible",
+                    "files": [f.model_dump() for f in files],
+                    "license": "public domain",
+                    "source": "debian",
+                },
+            )
             assert ds.status_code == 201, ds.text
             digest = ds.json()["digest"]
-            again = await client.post("/v1/datasets", json={"name": "bible", "files": [f.model_dump() for f in files], "license": "public domain", "source": "debian"})
+            again = await client.post(
+                "/v1/datasets",
+                json={
+                    "name": "bible",
+                    "files": [f.model_dump() for f in files],
+                    "license": "public domain",
+                    "source": "debian",
+                },
+            )
             assert again.status_code == 200 and again.json()["digest"] == digest
-            model = await pushed(client, make_checkpoint(tmp_path / "src", seed=1, extra={"training_record.json": '{"steps": 3}'}), datasets=[digest])
+            model = await pushed(
+                client,
+                make_checkpoint(tmp_path / "src", seed=1, extra={"training_record.json": '{"steps": 3}'}),
+                datasets=[digest],
+            )
             assert model.manifest.datasets == [digest] and model.manifest.training_record == {"steps": 3}
-            unknown = await client.post("/v1/models", json=PushModelRequest(name="x", files=model.manifest.files, datasets=["sha256:" + "1" * 64]).model_dump(mode="json"))
+            unknown = await client.post(
+                "/v1/models",
+                json=PushModelRequest(name="x", files=model.manifest.files, datasets=["sha256:" + "1" * 64]).model_dump(
+                    mode="json"
+                ),
+            )
             assert unknown.status_code == 400 and "is not registered" in unknown.text
             await client.post("/v1/aliases", json={"ref": "tiny:1", "alias": "prod"})
             await client.delete("/v1/models/tiny:1")
@@ -165,4 +202,3 @@ async def test_events_registered_signed_aliased_deleted_dataset(nats_server, tmp
         finally:
             await sub.unsubscribe()
             await nc.close()
-

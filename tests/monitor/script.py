@@ -47,19 +47,35 @@ class Publisher:
             await flushed(self.nc)
 
     async def dead_letter(self, service: str, reason: str = "handler failed 5 times: boom") -> None:
-        letter = DeadLetter(service=service, consumer=service, subject="evt.x.y", reason=reason, deliveries=5, payload="{}")
+        letter = DeadLetter(
+            service=service, consumer=service, subject="evt.x.y", reason=reason, deliveries=5, payload="{}"
+        )
         await self.nc.jetstream().publish(subjects.dead_letter(service), letter.model_dump_json().encode())
 
     async def close(self) -> None:
         await self.nc.close()
 
 
-def completed(i: int, *, e2e: float = 0.4, model: ModelId = TINY, tokens: int = 20, at_node: str = "gpu-1") -> InferenceCompleted:
+def completed(
+    i: int, *, e2e: float = 0.4, model: ModelId = TINY, tokens: int = 20, at_node: str = "gpu-1"
+) -> InferenceCompleted:
     return InferenceCompleted(
-        request_id=f"r{i}", trace_id=None, model=model, deployment_id="dep-tiny", node_id=at_node, device="cuda:0",
-        prompt_tokens=12, completion_tokens=tokens, queue_seconds=0.01, time_to_first_token_seconds=0.05,
-        time_per_output_token_seconds=0.015, e2e_seconds=e2e, finish_reason="stop" if i % 5 else "length",
-        prompt_commitment="0" * 64, output_sha256="1" * 64)
+        request_id=f"r{i}",
+        trace_id=None,
+        model=model,
+        deployment_id="dep-tiny",
+        node_id=at_node,
+        device="cuda:0",
+        prompt_tokens=12,
+        completion_tokens=tokens,
+        queue_seconds=0.01,
+        time_to_first_token_seconds=0.05,
+        time_per_output_token_seconds=0.015,
+        e2e_seconds=e2e,
+        finish_reason="stop" if i % 5 else "length",
+        prompt_commitment="0" * 64,
+        output_sha256="1" * 64,
+    )
 
 
 def failed(i: int, model: str = "tiny@prod") -> InferenceFailed:
@@ -68,27 +84,70 @@ def failed(i: int, model: str = "tiny@prod") -> InferenceFailed:
 
 async def fleet(p: Publisher) -> None:
     """Two nodes (a CPU box and a GPU box), beating."""
-    await p.send(NodeRegistered(node_id="cpu-1", hostname="box-a", cpu_model="Xeon", cpu_cores=16, ram_total=64 * GiB, devices=[CPU]))
-    await p.send(NodeRegistered(node_id="gpu-1", hostname="box-b", cpu_model="EPYC", cpu_cores=32, ram_total=128 * GiB, devices=[CPU, GPU]))
+    await p.send(
+        NodeRegistered(
+            node_id="cpu-1", hostname="box-a", cpu_model="Xeon", cpu_cores=16, ram_total=64 * GiB, devices=[CPU]
+        )
+    )
+    await p.send(
+        NodeRegistered(
+            node_id="gpu-1", hostname="box-b", cpu_model="EPYC", cpu_cores=32, ram_total=128 * GiB, devices=[CPU, GPU]
+        )
+    )
     await beat(p)
 
 
 async def beat(p: Publisher) -> None:
     await p.send(NodeHeartbeat(node_id="cpu-1", ram_free=40 * GiB, devices=[CPU], utilisation={"cpu": 0.25}))
-    await p.send(NodeHeartbeat(node_id="gpu-1", ram_free=90 * GiB, devices=[CPU, GPU], utilisation={"cpu": 0.1, "cuda:0": 0.72},
-                               loaded_models=["dep-tiny"]))  # what agents send: deployment ids
+    await p.send(
+        NodeHeartbeat(
+            node_id="gpu-1",
+            ram_free=90 * GiB,
+            devices=[CPU, GPU],
+            utilisation={"cpu": 0.1, "cuda:0": 0.72},
+            loaded_models=["dep-tiny"],
+        )
+    )  # what agents send: deployment ids
 
 
 async def deployments(p: Publisher) -> None:
     """tiny is placed and ready on the GPU; broken fails to load."""
     await p.send(DeployRequested(deployment_id="dep-tiny", model_ref="tiny@prod"))
-    await p.send(DeployScheduled(deployment_id="dep-tiny", model=TINY, node_id="gpu-1", device="cuda:0", predicted_bytes=GiB, context_length=2048))
+    await p.send(
+        DeployScheduled(
+            deployment_id="dep-tiny",
+            model=TINY,
+            node_id="gpu-1",
+            device="cuda:0",
+            predicted_bytes=GiB,
+            context_length=2048,
+        )
+    )
     await p.send(DeployLoading(deployment_id="dep-tiny", model=TINY, node_id="gpu-1", device="cuda:0"))
-    await p.send(DeployReady(deployment_id="dep-tiny", model=TINY, node_id="gpu-1", device="cuda:0",
-                             measured=MeasuredMemory(weights=GiB, kv_cache=GiB // 2, peak=2 * GiB), load_seconds=1.5))
+    await p.send(
+        DeployReady(
+            deployment_id="dep-tiny",
+            model=TINY,
+            node_id="gpu-1",
+            device="cuda:0",
+            measured=MeasuredMemory(weights=GiB, kv_cache=GiB // 2, peak=2 * GiB),
+            load_seconds=1.5,
+        )
+    )
     await p.send(DeployRequested(deployment_id="dep-broken", model_ref="broken"))
-    await p.send(DeployScheduled(deployment_id="dep-broken", model=BROKEN, node_id="cpu-1", device="cpu", predicted_bytes=GiB, context_length=512))
-    await p.send(DeployFailed(deployment_id="dep-broken", model=BROKEN, node_id="cpu-1", reason="signature does not verify"))
+    await p.send(
+        DeployScheduled(
+            deployment_id="dep-broken",
+            model=BROKEN,
+            node_id="cpu-1",
+            device="cpu",
+            predicted_bytes=GiB,
+            context_length=512,
+        )
+    )
+    await p.send(
+        DeployFailed(deployment_id="dep-broken", model=BROKEN, node_id="cpu-1", reason="signature does not verify")
+    )
 
 
 async def traffic(p: Publisher, n: int = 30, *, spread_s: float = 60.0) -> None:
@@ -100,8 +159,15 @@ async def traffic(p: Publisher, n: int = 30, *, spread_s: float = 60.0) -> None:
 
 
 async def ledger(p: Publisher, size: int = 57) -> None:
-    await p.send(LedgerCheckpoint(tree_size=size, root_hash="f0" * 32, signature="c2lnbmF0dXJl", key_id="ed25519:abc123",
-                                  signed_at=datetime.now(timezone.utc)))
+    await p.send(
+        LedgerCheckpoint(
+            tree_size=size,
+            root_hash="f0" * 32,
+            signature="c2lnbmF0dXJl",
+            key_id="ed25519:abc123",
+            signed_at=datetime.now(timezone.utc),
+        )
+    )
 
 
 async def scripted_run(p: Publisher) -> None:
@@ -110,4 +176,3 @@ async def scripted_run(p: Publisher) -> None:
     await traffic(p)
     await ledger(p)
     await p.dead_letter("model-store")
-

@@ -67,7 +67,9 @@ async def watched(running: Running) -> Alerts:
     return alerts
 
 
-async def test_node_lost_fires_on_the_event_and_on_silence_and_resolves_on_a_heartbeat(running: Running, watched: Alerts):
+async def test_node_lost_fires_on_the_event_and_on_silence_and_resolves_on_a_heartbeat(
+    running: Running, watched: Alerts
+):
     p = running.publisher
     await fleet(p)
     await until(lambda: len(running.monitor.state.nodes) == 2, "the fleet")
@@ -85,10 +87,15 @@ async def test_node_lost_fires_on_the_event_and_on_silence_and_resolves_on_a_hea
     # silence alone (no node.lost: the inventory may be down as well) fires after silence_s
     await until(lambda: len(watched.of("node_lost", AlertFiring)) >= 3, "both nodes silent for 3 s", timeout=10)
     assert {frozenset(e.labels.items()) for e in watched.of("node_lost", AlertFiring)[1:]} == {
-        frozenset({("node", "cpu-1")}), frozenset({("node", "gpu-1")})}
+        frozenset({("node", "cpu-1")}),
+        frozenset({("node", "gpu-1")}),
+    }
     await beat(p)
     await expect(running, watched, "node_lost", AlertResolved, 3)
-    assert (await rule_state(running, "node_lost"))["state"] in ("ok", "firing")  # silence may begin again on a slow box
+    assert (await rule_state(running, "node_lost"))["state"] in (
+        "ok",
+        "firing",
+    )  # silence may begin again on a slow box
 
 
 async def test_deploy_failed_fires_and_resolves_when_the_deployment_becomes_ready(running: Running, watched: Alerts):
@@ -97,14 +104,24 @@ async def test_deploy_failed_fires_and_resolves_when_the_deployment_becomes_read
     assert fired.labels["deployment"] == "dep-broken" and "signature does not verify" in fired.summary
     p = running.publisher
     await p.send(DeployLoading(deployment_id="dep-broken", model=BROKEN, node_id="cpu-1", device="cpu"))
-    await p.send(DeployReady(deployment_id="dep-broken", model=BROKEN, node_id="cpu-1", device="cpu",
-                             measured=MeasuredMemory(weights=1, kv_cache=1, peak=2), load_seconds=1.0))
+    await p.send(
+        DeployReady(
+            deployment_id="dep-broken",
+            model=BROKEN,
+            node_id="cpu-1",
+            device="cpu",
+            measured=MeasuredMemory(weights=1, kv_cache=1, peak=2),
+            load_seconds=1.0,
+        )
+    )
     [resolved] = await expect(running, watched, "deploy_failed", AlertResolved)
     assert resolved.labels == fired.labels
     assert (await rule_state(running, "deploy_failed"))["state"] == "ok"
 
 
-async def test_p95_latency_above_the_slo_fires_and_resolves_when_the_window_is_fast_again(running: Running, watched: Alerts):
+async def test_p95_latency_above_the_slo_fires_and_resolves_when_the_window_is_fast_again(
+    running: Running, watched: Alerts
+):
     p = running.publisher
     for i in range(5):
         await p.send(completed(i, e2e=3.0))
@@ -147,7 +164,9 @@ async def test_dead_letters_fire_per_service_and_resolve_after_the_window(runnin
 
 
 async def test_ledger_verification_failure_fires_and_resolves_after_the_window(running: Running, watched: Alerts):
-    await running.publisher.send(TamperDetected(index=41, reason="leaf_hash: leaf 41 does not hash to the stored value"))
+    await running.publisher.send(
+        TamperDetected(index=41, reason="leaf_hash: leaf 41 does not hash to the stored value")
+    )
     [fired] = await expect(running, watched, "ledger_tamper", AlertFiring)
     assert "leaf 41" in fired.summary and fired.severity == "critical"
     await expect(running, watched, "ledger_tamper", AlertResolved)
@@ -184,5 +203,11 @@ def test_a_bad_rules_file_is_a_clear_error(tmp_path: Path):
 
 def test_the_shipped_rules_file_loads_and_covers_every_kind():
     rules = load_rules(MonitorConfig().rules_file)
-    assert {r.kind for r in rules} == {"node_lost", "deploy_failed", "latency_p95", "error_rate", "dead_letters", "ledger_tamper"}
-
+    assert {r.kind for r in rules} == {
+        "node_lost",
+        "deploy_failed",
+        "latency_p95",
+        "error_rate",
+        "dead_letters",
+        "ledger_tamper",
+    }

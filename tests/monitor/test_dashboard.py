@@ -17,8 +17,18 @@ from tests.monitor.script import ledger, scripted_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 
 async def chromium(tmp_path: Path, url: str, *args: str, budget_ms: int = 5000) -> str:
@@ -30,10 +40,19 @@ async def chromium(tmp_path: Path, url: str, *args: str, budget_ms: int = 5000) 
     for _ in range(3):
         profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"  # a fresh one for every launch
         proc = await asyncio.create_subprocess_exec(
-            CHROMIUM, *FLAGS, "--enable-logging=stderr", "--log-level=0", f"--user-data-dir={profile}",
-            f"--virtual-time-budget={budget_ms}", *args, url,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True)  # its own process group: a kill reaches the renderer and GPU processes too
+            CHROMIUM,
+            *FLAGS,
+            "--enable-logging=stderr",
+            "--log-level=0",
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            *args,
+            url,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )  # its own process group: a kill reaches the renderer and GPU processes too
         try:
             out, err = await asyncio.wait_for(proc.communicate(), 45)
         except TimeoutError:
@@ -70,8 +89,16 @@ def body_data(dom: str) -> dict[str, str]:
 async def test_the_dashboard_renders_a_scripted_run_in_headless_chromium(running: Running, tmp_path: Path):
     await scripted_run(running.publisher)
     state = running.monitor.state
-    await until(lambda: state.ledger.tree_size == 57 and state.traffic.count() == 31 and state.dead_letter_totals
-                and state.nodes.get("gpu-1") and state.nodes["gpu-1"].utilisation, "the scripted run to arrive")
+    await until(
+        lambda: (
+            state.ledger.tree_size == 57
+            and state.traffic.count() == 31
+            and state.dead_letter_totals
+            and state.nodes.get("gpu-1")
+            and state.nodes["gpu-1"].utilisation
+        ),
+        "the scripted run to arrive",
+    )
     await until(lambda: running.monitor.alerts.firing(), "the failed deployment's alert")
 
     dom = await chromium(tmp_path, running.url + "/?max_s=1", "--dump-dom")
@@ -84,14 +111,15 @@ async def test_the_dashboard_renders_a_scripted_run_in_headless_chromium(running
     assert "signature does not verify" in dom  # the firing deploy_failed alert
     assert "f0f0f0f0" in dom and "ed25519:abc123" in dom  # the ledger's signed head
     assert "model-store" in dom  # its dead letter
-    assert "loaded: tiny:2" in dom and "dep-tiny" not in dom.split('id="nodes"')[1].split("</section>")[0], \
+    assert "loaded: tiny:2" in dom and "dep-tiny" not in dom.split('id="nodes"')[1].split("</section>")[0], (
         "node cards name the models they hold, not deployment ids"
+    )
     # the time axis is labelled with clock times, not only "-295s" and "now"
     assert len(re.findall(r'<text[^>]*class="tick"[^>]*>\d\d:\d\d:\d\d</text>', dom)) >= 3 * 3
     # p99 is drawn dashed, so a p95 equal to it still shows; and below the p99 in the drawing order
     p95 = dom.index('data-series="p95_s"')
     p99 = dom.index('data-series="p99_s"')
-    p99_path = dom[dom.rindex("<path", 0, p99):dom.index(">", p99)]
+    p99_path = dom[dom.rindex("<path", 0, p99) : dom.index(">", p99)]
     assert p99 < p95 and re.search(r'stroke-dasharray="[^"]+"', p99_path), p99_path
 
     shot = tmp_path / "dashboard.png"

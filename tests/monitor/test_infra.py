@@ -14,7 +14,15 @@ from services.monitor.config import MonitorConfig
 from services.monitor.adapters.rules_file import load_rules
 from services.monitor.service_layer.monitor import Monitor
 from shared.events import (
-    DeadLetter, DeployFailed, DeployReady, LedgerCheckpoint, MeasuredMemory, NodeHeartbeat, NodeRegistered, Source, make_event,
+    DeadLetter,
+    DeployFailed,
+    DeployReady,
+    LedgerCheckpoint,
+    MeasuredMemory,
+    NodeHeartbeat,
+    NodeRegistered,
+    Source,
+    make_event,
 )
 from tests.monitor.script import BROKEN, CPU, GPU, TINY, completed, failed
 
@@ -23,6 +31,7 @@ INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 def exposed_sample_names() -> set[str]:
     """The sample names of a monitor that has seen one of everything (no NATS needed: plain domain)."""
+
     async def publish(_data) -> None:
         return None
 
@@ -30,10 +39,17 @@ def exposed_sample_names() -> set[str]:
     src = Source(service="t", node="n")
     for data in (
         NodeRegistered(node_id="gpu-1", hostname="b", cpu_model="x", cpu_cores=1, ram_total=1, devices=[CPU, GPU]),
-        DeployReady(deployment_id="d", model=TINY, node_id="gpu-1", device="cuda:0",
-                    measured=MeasuredMemory(weights=1, kv_cache=1, peak=1), load_seconds=1),
+        DeployReady(
+            deployment_id="d",
+            model=TINY,
+            node_id="gpu-1",
+            device="cuda:0",
+            measured=MeasuredMemory(weights=1, kv_cache=1, peak=1),
+            load_seconds=1,
+        ),
         DeployFailed(deployment_id="e", model=BROKEN, node_id="gpu-1", reason="x"),
-        completed(1), failed(1),
+        completed(1),
+        failed(1),
         LedgerCheckpoint(tree_size=3, root_hash="00", signature="s", key_id="k", signed_at=datetime.now(timezone.utc)),
     ):
         monitor.state.apply(make_event(data, src))
@@ -64,8 +80,16 @@ def test_prometheus_config_scrapes_the_monitor_and_its_rules_use_exposed_metrics
 def test_grafana_dashboard_has_the_dashboards_panels_and_queries_exposed_metrics():
     dashboard = json.loads((INFRA / "grafana" / "dashboards" / "strata.json").read_text())
     titles = {p["title"] for p in dashboard["panels"]}
-    for expected in ("Firing alerts", "Request rate", "End-to-end latency (p50 / p95 / p99)", "Tokens / s",
-                     "Device memory used", "Deployments by state", "Ledger: signed tree size and lag", "Dead letters per service"):
+    for expected in (
+        "Firing alerts",
+        "Request rate",
+        "End-to-end latency (p50 / p95 / p99)",
+        "Tokens / s",
+        "Device memory used",
+        "Deployments by state",
+        "Ledger: signed tree size and lag",
+        "Dead letters per service",
+    ):
         assert expected in titles
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

@@ -31,6 +31,9 @@ def test_an_on_demand_deployment_shows_loaded_then_unloaded():
     assert loaded_state(state)["lazy-1"] is True
     view = {d.deployment_id: d for d in snapshot(state, AlertEngine([]), time.time(), 60, 10).deployments}["lazy-1"]
     assert (view.state, view.runtime) == ("ready", "llama.cpp")
-    state.apply(make_event(ModelUnloaded(deployment_id="lazy-1", model=MODEL, node_id="n1", device="cpu", reason="idle"),
-                           WORKER))
+    state.apply(
+        make_event(
+            ModelUnloaded(deployment_id="lazy-1", model=MODEL, node_id="n1", device="cpu", reason="idle"), WORKER
+        )
+    )
     assert loaded_state(state)["lazy-1"] is False

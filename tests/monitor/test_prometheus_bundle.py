@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool missing: .ci/run installs Debian's prometheus package (apt-get install prometheus)")
+    PROMTOOL is None,
+    reason="promtool missing: .ci/run installs Debian's prometheus package (apt-get install prometheus)",
+)
 
 
 def container_files(service: str, root: Path) -> Path:
@@ -53,8 +55,11 @@ def test_prometheus_scrapes_every_strata_process_compose_runs():
     config = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())
     scraped = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert all(job["metrics_path"] == "/metrics" for job in config["scrape_configs"])
-    expected = {f"{name}:{DEFAULT_PORTS[spec['command'][1]]}" for name, spec in COMPOSE["services"].items()
-                if spec.get("command", [None])[0] == "serve" and not spec.get("profiles")}
+    expected = {
+        f"{name}:{DEFAULT_PORTS[spec['command'][1]]}"
+        for name, spec in COMPOSE["services"].items()
+        if spec.get("command", [None])[0] == "serve" and not spec.get("profiles")
+    }
     assert len(expected) >= 9 and scraped == expected, scraped ^ expected
 
 
@@ -70,11 +75,17 @@ def test_recording_rules_pass_their_promtool_unit_tests():
 def test_grafana_provisioning_has_a_prometheus_datasource_and_a_provider_for_the_dashboard(tmp_path):
     fs = container_files("grafana", tmp_path)
     provisioning = fs / "etc/grafana/provisioning"
-    datasources = [d for f in sorted((provisioning / "datasources").glob("*.yml"))
-                   for d in yaml.safe_load(f.read_text())["datasources"]]
+    datasources = [
+        d
+        for f in sorted((provisioning / "datasources").glob("*.yml"))
+        for d in yaml.safe_load(f.read_text())["datasources"]
+    ]
     assert [(d["type"], d["url"]) for d in datasources] == [("prometheus", "http://prometheus:9090")]
-    providers = [p for f in sorted((provisioning / "dashboards").glob("*.yml"))
-                 for p in yaml.safe_load(f.read_text())["providers"]]
+    providers = [
+        p
+        for f in sorted((provisioning / "dashboards").glob("*.yml"))
+        for p in yaml.safe_load(f.read_text())["providers"]
+    ]
     assert len(providers) == 1 and providers[0]["type"] == "file"
     dashboards = fs / providers[0]["options"]["path"].lstrip("/")
     assert (dashboards / "strata.json").is_file(), f"the provider reads {dashboards}, which lacks strata.json"
@@ -83,8 +94,9 @@ def test_grafana_provisioning_has_a_prometheus_datasource_and_a_provider_for_the
     assert panels and all(p["datasource"]["type"] == "prometheus" for p in panels)
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None,
-                    reason="prometheus missing: .ci/run installs Debian's prometheus package")
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="prometheus missing: .ci/run installs Debian's prometheus package"
+)
 async def test_a_real_prometheus_scrapes_the_monitor_and_records_the_rules(running, tmp_path):
     """Debian's prometheus, with infra/prometheus's config (scrape target pointed at this monitor,
     intervals shortened) and rules, scrapes a scripted run and evaluates the recording rules."""
@@ -107,8 +119,15 @@ async def test_a_real_prometheus_scrapes_the_monitor_and_records_the_rules(runni
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
         await scripted_run(running.publisher)
@@ -133,7 +152,7 @@ async def test_a_real_prometheus_scrapes_the_monitor_and_records_the_rules(runni
             assert [t["health"] for t in targets] == ["up"], targets
             up = await query(client, 'up{job="strata-monitor"}')
             assert list(up.values()) == [1.0]
-            assert (await query(client, "strata:request_success_total"))  # the monitor's counters, scraped
+            assert await query(client, "strata:request_success_total")  # the monitor's counters, scraped
     finally:
         proc.terminate()
         proc.wait(timeout=10)

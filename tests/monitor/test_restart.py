@@ -16,7 +16,14 @@ from services.monitor.entrypoints.app import create_monitor
 from services.monitor.service_layer.monitor import Monitor
 from shared import subjects
 from shared.events import (
-    AlertFiring, DeployReady, DeployRequested, DeployScheduled, DeployUnloaded, InferenceCompleted, InferenceFailed, MeasuredMemory,
+    AlertFiring,
+    DeployReady,
+    DeployRequested,
+    DeployScheduled,
+    DeployUnloaded,
+    InferenceCompleted,
+    InferenceFailed,
+    MeasuredMemory,
 )
 from shared.service import Service
 from tests.monitor.conftest import Http, fast_config, until
@@ -34,8 +41,10 @@ def make(nats_url: str, data_dir: Path, durable: str = "monitor") -> tuple[Servi
 
 def requests(monitor: Monitor) -> list[tuple]:
     """Every second of requests the monitor holds: its counts, tokens and latency histograms."""
-    return [(model, second, r.requests, r.failed, r.completion_tokens, r.e2e, r.ttft)
-            for model, second, r in monitor.state.traffic.held()]
+    return [
+        (model, second, r.requests, r.failed, r.completion_tokens, r.e2e, r.ttft)
+        for model, second, r in monitor.state.traffic.held()
+    ]
 
 
 async def firings(p: Publisher) -> int:
@@ -61,8 +70,13 @@ async def test_a_restarted_monitor_shows_what_a_monitor_that_never_stopped_shows
             await fleet(p)
             await deployments(p)
             await traffic(p, 20)
-            await until(lambda: first.state.traffic.count() == reference.state.traffic.count() == 21
-                        and len(first.state.deployments) == 2, "both monitors to hear the first run")
+            await until(
+                lambda: (
+                    first.state.traffic.count() == reference.state.traffic.count() == 21
+                    and len(first.state.deployments) == 2
+                ),
+                "both monitors to hear the first run",
+            )
             assert first.replay_progress.status == "first_start"  # no durable yet: it delivers everything
             # both monitors fire the broken deployment's alert before the first one stops (it may stop
             # before its next evaluation otherwise, and the count below would depend on timing)
@@ -75,10 +89,26 @@ async def test_a_restarted_monitor_shows_what_a_monitor_that_never_stopped_shows
 
         # while the monitor is down: a new deployment, a change to an old one, more requests
         await p.send(DeployRequested(deployment_id="dep-another", model_ref="another"))
-        await p.send(DeployScheduled(deployment_id="dep-another", model=ANOTHER, node_id="cpu-1", device="cpu",
-                                     predicted_bytes=GiB, context_length=512))
-        await p.send(DeployReady(deployment_id="dep-another", model=ANOTHER, node_id="cpu-1", device="cpu",
-                                 measured=MeasuredMemory(weights=GiB, kv_cache=GiB, peak=2 * GiB), load_seconds=0.5))
+        await p.send(
+            DeployScheduled(
+                deployment_id="dep-another",
+                model=ANOTHER,
+                node_id="cpu-1",
+                device="cpu",
+                predicted_bytes=GiB,
+                context_length=512,
+            )
+        )
+        await p.send(
+            DeployReady(
+                deployment_id="dep-another",
+                model=ANOTHER,
+                node_id="cpu-1",
+                device="cpu",
+                measured=MeasuredMemory(weights=GiB, kv_cache=GiB, peak=2 * GiB),
+                load_seconds=0.5,
+            )
+        )
         await p.send(DeployUnloaded(deployment_id="dep-tiny", model=TINY, node_id="gpu-1"))
         for i in range(10):  # no failure among them: the error-rate alert stays quiet
             await p.send(completed(20 + i))
@@ -91,16 +121,22 @@ async def test_a_restarted_monitor_shows_what_a_monitor_that_never_stopped_shows
             assert progress.status == "done" and progress.skipped == 0
             assert progress.events >= 2 + 7 + 21  # registrations, deployments, the first run's requests
             await p.send(completed(99))  # a marker after everything: once both have it, neither has more to come
-            await until(lambda: reference.state.traffic.count() == 32 and again.state.traffic.count() == 32,
-                        "both monitors to hear the marker")
+            await until(
+                lambda: reference.state.traffic.count() == 32 and again.state.traffic.count() == 32,
+                "both monitors to hear the marker",
+            )
 
             assert requests(again) == requests(reference)
-            assert again.state.window(time.time(), again.requests_window_s()).requests == 32  # 20 + 1 failed, 10, the marker: none twice, none missed
+            assert (
+                again.state.window(time.time(), again.requests_window_s()).requests == 32
+            )  # 20 + 1 failed, 10, the marker: none twice, none missed
             assert again.snapshot().deployments == reference.snapshot().deployments
             states = {d.deployment_id: d.state for d in again.snapshot().deployments}
             assert states == {"dep-tiny": "unloaded", "dep-broken": "failed", "dep-another": "ready"}
             assert sorted(again.state.nodes) == ["cpu-1", "gpu-1"]
-            assert again.state.deployments_by_state() == reference.state.deployments_by_state()  # the strata:deployments gauge
+            assert (
+                again.state.deployments_by_state() == reference.state.deployments_by_state()
+            )  # the strata:deployments gauge
 
             # the broken deployment's alert, fired once by each monitor before, is not fired again by the restarted one
             assert [rule.name for rule, _ in again.alerts.firing()] == ["deploy_failed"]
@@ -148,15 +184,18 @@ async def test_a_malformed_message_in_the_stream_is_skipped_by_the_replay(nats_s
         await p.send(DeployRequested(deployment_id="dep-a", model_ref="a"))
         await p.nc.jetstream().publish(DeployRequested.subject(), b"{not an event", stream=subjects.EVENTS_STREAM)
         await p.send(DeployRequested(deployment_id="dep-b", model_ref="b"))
-        await until(lambda: len(first.state.deployments) == 2 and first_service.consumer.stats.dead_lettered == 1,
-                    "both deployments, and the malformed one dead-lettered")
+        await until(
+            lambda: len(first.state.deployments) == 2 and first_service.consumer.stats.dead_lettered == 1,
+            "both deployments, and the malformed one dead-lettered",
+        )
 
     again_service, again = make(nats_server.url, tmp_path)
     with caplog.at_level(logging.WARNING, logger="services.monitor.adapters.replay"):
         async with again_service.running():
             await until(lambda: replay_over(again), "the replay")
             assert again.replay_progress.status == "done"
-            # the two deployments (and the alert.firing about the dead letter, where the first monitor got to publish it)
+            # the two deployments (and the alert.firing about the dead letter, where the first monitor got to publish
+            # it)
             assert again.replay_progress.skipped == 1 and again.replay_progress.events in (2, 3)
             assert sorted(again.state.deployments) == ["dep-a", "dep-b"]
             await p.send(DeployRequested(deployment_id="dep-c", model_ref="c"))  # and the durable carries on
@@ -176,7 +215,9 @@ async def test_a_replay_that_fails_says_so_and_leaves_the_monitor_running():
     assert progress.events == 0 and progress.seconds is not None
 
 
-async def test_requests_are_replayed_only_from_the_windows_start_and_deployments_from_the_beginning(nats_server, tmp_path: Path):
+async def test_requests_are_replayed_only_from_the_windows_start_and_deployments_from_the_beginning(
+    nats_server, tmp_path: Path
+):
     """The plan: every rare event type from the first message, the request events from a start time
     (the stream's own clock) on; read by a real server."""
     _service, monitor = make(nats_server.url, tmp_path)
@@ -196,7 +237,14 @@ async def test_requests_are_replayed_only_from_the_windows_start_and_deployments
     await p.send(completed(20))  # after the floor: the durable's, not the replay's
     js = p.nc.jetstream()
     progress, seen = ReplayProgress(), []
-    await replay(js, subjects.EVENTS_STREAM, 8, [ReplayPass(rare.subjects), ReplayPass(recent.subjects, cut)], seen.append, progress)
+    await replay(
+        js,
+        subjects.EVENTS_STREAM,
+        8,
+        [ReplayPass(rare.subjects), ReplayPass(recent.subjects, cut)],
+        seen.append,
+        progress,
+    )
     assert [e.type for e in seen] == ["deploy.requested"] + ["inference.completed"] * 3
     assert [e.data.request_id for e in seen[1:]] == ["r10", "r11", "r12"]
     assert progress.events == 4
@@ -226,14 +274,18 @@ async def test_a_restarted_monitor_keeps_the_dead_letter_counts_and_counts_none_
 
     again_service, again = make(nats_server.url, tmp_path)
     async with again_service.running(), Http(again_service.http) as http:
-        await until(lambda: again.state.dead_letter_totals == {"model-store": 2, "provenance-ledger": 2}, "the counts back")
+        await until(
+            lambda: again.state.dead_letter_totals == {"model-store": 2, "provenance-ledger": 2}, "the counts back"
+        )
         progress = again.dead_letter_replay
         assert progress.status == "done" and progress.events == 3  # read back; the fourth delivered by the durable
         state = (await http.get("/api/state")).json()
         assert state["dead_letters"] == {"model-store": 2, "provenance-ledger": 2}
         assert state["dead_letter_replay"]["events"] == 3
         metrics = (await http.get("/metrics")).text
-        assert counter_total(metrics, "strata:dead_letters_total") == 1  # a new process's counter: only what it was delivered
+        assert (
+            counter_total(metrics, "strata:dead_letters_total") == 1
+        )  # a new process's counter: only what it was delivered
         await asyncio.sleep(0.3)  # several evaluations and deliveries: nothing is counted twice
         assert again.state.dead_letter_totals == {"model-store": 2, "provenance-ledger": 2}
     await p.close()

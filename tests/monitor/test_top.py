@@ -10,17 +10,31 @@ from tests.monitor.conftest import Running, until
 from tests.monitor.script import scripted_run
 
 
-async def test_strata_top_once_shows_nodes_deployments_models_alerts_and_the_ledger(running: Running, capsys, monkeypatch):
+async def test_strata_top_once_shows_nodes_deployments_models_alerts_and_the_ledger(
+    running: Running, capsys, monkeypatch
+):
     monkeypatch.setenv("COLUMNS", "160")  # rich would squeeze the tables into pytest's 80 columns
     await scripted_run(running.publisher)
-    await until(lambda: running.monitor.state.ledger.tree_size == 57 and running.monitor.state.traffic.count() == 31, "the run")
+    await until(
+        lambda: running.monitor.state.ledger.tree_size == 57 and running.monitor.state.traffic.count() == 31, "the run"
+    )
     await until(lambda: running.monitor.alerts.firing(), "an alert")
     # the CLI is synchronous: run it in a thread while this loop keeps serving the monitor
     code = await asyncio.to_thread(cli_main.main, ["top", "--url", running.url, "--once"])
     out = capsys.readouterr().out
     assert code == 0
-    for expected in ("gpu-1", "cuda:0 NVIDIA H100", "tiny", "broken", "failed", "ready", "deploy_failed",
-                     "signature does not verify", "tree size 57", "model-store: 1"):
+    for expected in (
+        "gpu-1",
+        "cuda:0 NVIDIA H100",
+        "tiny",
+        "broken",
+        "failed",
+        "ready",
+        "deploy_failed",
+        "signature does not verify",
+        "tree size 57",
+        "model-store: 1",
+    ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
 
 

@@ -51,13 +51,24 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
         await deployed(bus, "tiny")
         with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
-                response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4})
+                response = await http.post(
+                    "/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 4}
+                )
             assert response.status_code == 200, response.text
-        await until(lambda: monitor.part(Monitor).state.traffic.count(), "the inference event at the monitor", timeout=30)
-        await until(lambda: any(s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER
-                                for s in spans.get_finished_spans()), "the monitor's consumer span")
-        await until(lambda: any(s.name == "ledger append inference.completed" for s in spans.get_finished_spans()),
-                    "the ledger's append span")
+        await until(
+            lambda: monitor.part(Monitor).state.traffic.count(), "the inference event at the monitor", timeout=30
+        )
+        await until(
+            lambda: any(
+                s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER
+                for s in spans.get_finished_spans()
+            ),
+            "the monitor's consumer span",
+        )
+        await until(
+            lambda: any(s.name == "ledger append inference.completed" for s in spans.get_finished_spans()),
+            "the ledger's append span",
+        )
     await bus.nc.close()
 
     finished = spans.get_finished_spans()
@@ -71,7 +82,9 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
     names = {s.name for s in in_trace}
     worker_span = next(s for s in in_trace if s.name == "inference tiny")
     assert worker_span.parent is not None  # continued from the gateway's NATS request, not a new root
-    consumer = [s for s in in_trace if s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER]
+    consumer = [
+        s for s in in_trace if s.name.startswith("evt.inference.completed") and s.kind == trace.SpanKind.CONSUMER
+    ]
     assert consumer, f"the monitor's consumer span is not in the gateway's trace: {sorted(names)}"
     # the trace id the worker wrote into the inference event (for the ledger's records) is the same trace
     [completed] = [e.data for e in bus.events if e.type == "inference.completed"]
@@ -100,7 +113,11 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
     # ... and on the worker's metrics
     data = genai.get_metrics_data()
     points = {m.name: m.data.data_points for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
-    for name in ("gen_ai.server.request.duration", "gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token"):
+    for name in (
+        "gen_ai.server.request.duration",
+        "gen_ai.server.time_to_first_token",
+        "gen_ai.server.time_per_output_token",
+    ):
         [point] = points[name]
         assert point.count == 1 and point.attributes["gen_ai.request.model"] == "tiny", name
     usage = {p.attributes["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"]}
@@ -108,7 +125,8 @@ async def test_one_inference_is_one_trace_across_gateway_worker_and_monitor(nats
 
 
 async def test_without_an_exporter_nothing_is_recorded_and_the_callers_trace_still_reaches_the_event(
-        nats_server, tmp_path, ckpts, monkeypatch):  # noqa: F811
+    nats_server, tmp_path, ckpts, monkeypatch
+):  # noqa: F811
     """The default (no OTEL_* exporter): spans are not recorded, yet the caller's traceparent still travels
     gateway -> worker, so the inference event names the caller's trace."""
     monkeypatch.setattr(RecordWhenExported, "exporting", False)
@@ -119,8 +137,11 @@ async def test_without_an_exporter_nothing_is_recorded_and_the_callers_trace_sti
         await deployed(bus, "tiny")
         with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
-                response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Once upon", "max_tokens": 2},
-                                           headers={"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"})
+                response = await http.post(
+                    "/v1/completions",
+                    json={"model": "tiny", "prompt": "Once upon", "max_tokens": 2},
+                    headers={"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"},
+                )
             assert response.status_code == 200, response.text
         await until(lambda: any(e.type == "inference.completed" for e in bus.events), "the inference event", timeout=30)
     await bus.nc.close()

@@ -95,7 +95,8 @@ def test_one_request_stamped_far_in_the_future_does_not_hide_the_others():
     traffic.record("m", 4_000_000_000.0, True, 1.0)  # a publisher's clock in the next century
     for second in range(990, 1000):
         traffic.record("m", second, True, 1.0)
-    assert traffic.window(1_000.0, 60, "m").requests == 11  # the ten, and the future one (at or after the window's start)
+    # the ten, and the future one (at or after the window's start)
+    assert traffic.window(1_000.0, 60, "m").requests == 11
 
 
 def test_the_fleet_state_names_models_with_traffic_or_deployments():
@@ -118,5 +119,10 @@ def test_a_window_built_from_blocks_and_seconds_equals_the_sum_of_its_seconds():
             if model == "x" and second >= since:
                 want.merge(rollup)
         got = traffic.window(now, seconds, "x")
-        assert (got.requests, got.failed, got.completion_tokens, got.e2e, got.ttft) == \
-               (want.requests, want.failed, want.completion_tokens, want.e2e, want.ttft)
+        assert (got.requests, got.failed, got.completion_tokens, got.e2e, got.ttft) == (
+            want.requests,
+            want.failed,
+            want.completion_tokens,
+            want.e2e,
+            want.ttft,
+        )

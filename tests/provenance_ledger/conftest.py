@@ -49,30 +49,106 @@ def scripted_events(inferences: int = 20) -> ScriptedRun:
     src = lambda service: Source(service=service, node=NODE)  # noqa: E731
     run = ScriptedRun()
     add = lambda data, service: run.events.append(make_event(data, src(service)))  # noqa: E731
-    add(NodeRegistered(node_id=NODE, hostname="gpu-box", cpu_model="EPYC", cpu_cores=16, ram_total=2**36,
-                       devices=[DeviceInfo(id=DEVICE, kind="cuda", name="NVIDIA H100", memory_total=80 * 2**30, memory_free=79 * 2**30,
-                                           uuid="GPU-1234", compute_capability="9.0", driver="550.54")]), "hardware-inventory")
-    add(DatasetRegistered(name="tiny-shakespeare", digest=DATASET, files={"input.txt": "ab" * 32}, source="https://example.org/ts", license="public-domain"), "model-store")
-    add(DatasetRegistered(name="gutenberg", digest=OTHER_DATASET, files={"a.txt": "cd" * 32}, license="public-domain"), "model-store")
-    add(ModelRegistered(model=MODEL, architecture="LlamaForCausalLM", parameters=1_000_000, datasets=[DATASET, OTHER_DATASET],
-                        training_record=TRAINING_RECORD, license="apache-2.0"), "model-store")
+    add(
+        NodeRegistered(
+            node_id=NODE,
+            hostname="gpu-box",
+            cpu_model="EPYC",
+            cpu_cores=16,
+            ram_total=2**36,
+            devices=[
+                DeviceInfo(
+                    id=DEVICE,
+                    kind="cuda",
+                    name="NVIDIA H100",
+                    memory_total=80 * 2**30,
+                    memory_free=79 * 2**30,
+                    uuid="GPU-1234",
+                    compute_capability="9.0",
+                    driver="550.54",
+                )
+            ],
+        ),
+        "hardware-inventory",
+    )
+    add(
+        DatasetRegistered(
+            name="tiny-shakespeare",
+            digest=DATASET,
+            files={"input.txt": "ab" * 32},
+            source="https://example.org/ts",
+            license="public-domain",
+        ),
+        "model-store",
+    )
+    add(
+        DatasetRegistered(name="gutenberg", digest=OTHER_DATASET, files={"a.txt": "cd" * 32}, license="public-domain"),
+        "model-store",
+    )
+    add(
+        ModelRegistered(
+            model=MODEL,
+            architecture="LlamaForCausalLM",
+            parameters=1_000_000,
+            datasets=[DATASET, OTHER_DATASET],
+            training_record=TRAINING_RECORD,
+            license="apache-2.0",
+        ),
+        "model-store",
+    )
     add(DeployRequested(deployment_id="dep-1", model_ref="tiny:1"), "client")
-    add(DeployScheduled(deployment_id="dep-1", model=MODEL, node_id=NODE, device=DEVICE, predicted_bytes=2**30, context_length=2048), "hardware-inventory")
+    add(
+        DeployScheduled(
+            deployment_id="dep-1", model=MODEL, node_id=NODE, device=DEVICE, predicted_bytes=2**30, context_length=2048
+        ),
+        "hardware-inventory",
+    )
     add(DeployLoading(deployment_id="dep-1", model=MODEL, node_id=NODE, device=DEVICE), "inference-worker")
-    add(DeployReady(deployment_id="dep-1", model=MODEL, node_id=NODE, device=DEVICE, measured=MeasuredMemory(weights=2**29, kv_cache=2**28, peak=2**30), load_seconds=1.5), "inference-worker")
+    add(
+        DeployReady(
+            deployment_id="dep-1",
+            model=MODEL,
+            node_id=NODE,
+            device=DEVICE,
+            measured=MeasuredMemory(weights=2**29, kv_cache=2**28, peak=2**30),
+            load_seconds=1.5,
+        ),
+        "inference-worker",
+    )
     for i in range(inferences):
-        add(inference_completed(f"req-{i}", prompt=f"p{i}", salt=new_salt(), prompt_tokens=10 + i, trace_id=f"{i:032x}"), "inference-worker")
+        add(
+            inference_completed(
+                f"req-{i}", prompt=f"p{i}", salt=new_salt(), prompt_tokens=10 + i, trace_id=f"{i:032x}"
+            ),
+            "inference-worker",
+        )
     return run
 
 
-def inference_completed(request_id: str, *, prompt: str, salt: str, api_key_id: str | None = None, **fields: Any) -> InferenceCompleted:
+def inference_completed(
+    request_id: str, *, prompt: str, salt: str, api_key_id: str | None = None, **fields: Any
+) -> InferenceCompleted:
     """A worker's event for one request on the scripted deployment, committing to ``prompt`` with ``salt``."""
     defaults: dict[str, Any] = dict(
-        model=MODEL, deployment_id="dep-1", node_id=NODE, device=DEVICE, prompt_tokens=10, completion_tokens=20, queue_seconds=0.001,
-        time_to_first_token_seconds=0.02, time_per_output_token_seconds=0.01, e2e_seconds=0.3, finish_reason="stop",
-        output_sha256=hashlib.sha256(f"answer to {prompt}".encode()).hexdigest())
-    return InferenceCompleted(request_id=request_id, prompt_commitment=commit(prompt_bytes(prompt=prompt), salt), api_key_id=api_key_id,
-                              **{**defaults, **fields})
+        model=MODEL,
+        deployment_id="dep-1",
+        node_id=NODE,
+        device=DEVICE,
+        prompt_tokens=10,
+        completion_tokens=20,
+        queue_seconds=0.001,
+        time_to_first_token_seconds=0.02,
+        time_per_output_token_seconds=0.01,
+        e2e_seconds=0.3,
+        finish_reason="stop",
+        output_sha256=hashlib.sha256(f"answer to {prompt}".encode()).hexdigest(),
+    )
+    return InferenceCompleted(
+        request_id=request_id,
+        prompt_commitment=commit(prompt_bytes(prompt=prompt), salt),
+        api_key_id=api_key_id,
+        **{**defaults, **fields},
+    )
 
 
 async def publish_all(js, events: list[Event[Any]], *, msg_id: bool = True) -> None:

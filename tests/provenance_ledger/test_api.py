@@ -15,9 +15,17 @@ from cli import main as cli_main
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.merkle import verify_consistency, verify_inclusion
 from services.provenance_ledger.domain.receipt import Receipt, ReceiptInvalid, verify_receipt
-from services.provenance_ledger.entrypoints.api import Empty, RequestRef
+from services.provenance_ledger.service_layer.views import Empty, RequestRef
 from shared import errors, rpc, subjects
-from tests.provenance_ledger.conftest import DATASET, MODEL, OTHER_DATASET, TRAINING_RECORD, publish_all, scripted_events, wait_ingested
+from tests.provenance_ledger.conftest import (
+    DATASET,
+    MODEL,
+    OTHER_DATASET,
+    TRAINING_RECORD,
+    publish_all,
+    scripted_events,
+    wait_ingested,
+)
 from tests.support.live import serve_on_loop
 
 
@@ -61,7 +69,9 @@ def changed(doc, path, value):
     return doc
 
 
-async def test_a_receipt_verifies_offline_and_fails_when_any_field_of_it_is_changed(ledger_service, js, tmp_path, capsys):
+async def test_a_receipt_verifies_offline_and_fails_when_any_field_of_it_is_changed(
+    ledger_service, js, tmp_path, capsys
+):
     run = scripted_events(20)
     url = js._nc.connected_url.geturl()
     async with serving(ledger_service) as http:
@@ -110,19 +120,39 @@ async def test_proofs_heads_and_typed_errors_over_http_and_rpc(ledger_service, j
         size = signed["tree_size"]
         for index in (0, 3, size - 1):
             p = (await http.get("/proof/inclusion", params={"index": index, "tree_size": size})).json()
-            assert verify_inclusion(bytes.fromhex(p["leaf_hash"]), index, size, [bytes.fromhex(x) for x in p["proof"]], bytes.fromhex(signed["root_hash"]))
+            assert verify_inclusion(
+                bytes.fromhex(p["leaf_hash"]),
+                index,
+                size,
+                [bytes.fromhex(x) for x in p["proof"]],
+                bytes.fromhex(signed["root_hash"]),
+            )
             assert p["tree_head"]["signature"] == signed["signature"]
         by_id = (await http.get("/proof/inclusion", params={"event_id": run.events[4].id})).json()
         assert by_id["leaf_index"] == 4 and by_id["tree_head"] is not None
         c = (await http.get("/proof/consistency", params={"first": 5, "second": size})).json()
-        assert verify_consistency(5, size, bytes.fromhex(c["first_root"]), bytes.fromhex(signed["root_hash"]), [bytes.fromhex(x) for x in c["proof"]])
+        assert verify_consistency(
+            5,
+            size,
+            bytes.fromhex(c["first_root"]),
+            bytes.fromhex(signed["root_hash"]),
+            [bytes.fromhex(x) for x in c["proof"]],
+        )
         assert (await http.get("/leaves/2")).json()["event"]["id"] == run.events[2].id
         assert "/receipts/{request_id}" in (await http.get("/openapi.json")).json()["paths"]
         for url, params, status in [
-            ("/proof/inclusion", {"index": 10_000}, 404), ("/proof/inclusion", {}, 400), ("/proof/inclusion", {"index": 1, "event_id": "x"}, 400),
-            ("/proof/inclusion", {"event_id": "nope"}, 404), ("/proof/consistency", {"first": 10_000}, 400), ("/receipts/nope", {}, 404),
-            ("/leaves/99999", {}, 404), ("/lineage/requests/nope", {}, 404), ("/lineage/datasets/nope", {}, 404),
-            ("/exports/nope", {}, 404), ("/audit", {"since": "yesterday-ish"}, 400), ("/exports/tiny", {"format": "spdx"}, 422),
+            ("/proof/inclusion", {"index": 10_000}, 404),
+            ("/proof/inclusion", {}, 400),
+            ("/proof/inclusion", {"index": 1, "event_id": "x"}, 400),
+            ("/proof/inclusion", {"event_id": "nope"}, 404),
+            ("/proof/consistency", {"first": 10_000}, 400),
+            ("/receipts/nope", {}, 404),
+            ("/leaves/99999", {}, 404),
+            ("/lineage/requests/nope", {}, 404),
+            ("/lineage/datasets/nope", {}, 404),
+            ("/exports/nope", {}, 404),
+            ("/audit", {"since": "yesterday-ish"}, 400),
+            ("/exports/tiny", {"format": "spdx"}, 422),
         ]:
             r = await http.get(url, params=params)
             assert r.status_code == status, (url, params, r.text)
@@ -131,7 +161,9 @@ async def test_proofs_heads_and_typed_errors_over_http_and_rpc(ledger_service, j
         assert key["pem"].startswith("-----BEGIN PUBLIC KEY-----")
         with pytest.raises(errors.NotFound, match="no inference.completed for request 'nope'"):
             await rpc.call(nc, subjects.rpc("provenance-ledger", "receipt"), RequestRef(request_id="nope"), Receipt)
-        reply = rpc.RpcReply.model_validate_json((await nc.request(subjects.rpc("provenance-ledger", "inclusion"), b'{"index": -1}', timeout=5)).data)
+        reply = rpc.RpcReply.model_validate_json(
+            (await nc.request(subjects.rpc("provenance-ledger", "inclusion"), b'{"index": -1}', timeout=5)).data
+        )
         assert not reply.ok and reply.error.code == "invalid"
 
 
@@ -151,15 +183,28 @@ async def test_lineage_answers_both_directions_and_audit_lists_a_models_events(l
         assert "not_found" in capsys.readouterr().err
         assert await cli("audit", "--since", "1h", "--model", "tiny", "--json", "--nats-url", url) == 0
         audit = json.loads(capsys.readouterr().out)
-        assert await cli("audit", "--since", "1h", "--model", "tiny:1", "--type", "inference.completed", "--nats-url", url) == 0
+        assert (
+            await cli("audit", "--since", "1h", "--model", "tiny:1", "--type", "inference.completed", "--nats-url", url)
+            == 0
+        )
         audit_table = capsys.readouterr().out
         assert await cli("audit", "--since", "2999-01-01", "--model", MODEL.digest, "--json", "--nats-url", url) == 0
         assert json.loads(capsys.readouterr().out) == []
     m = lineage["model"]
     assert (m["name"], m["version"], m["digest"], m["training_record"]) == ("tiny", 1, MODEL.digest, TRAINING_RECORD)
-    assert {d["digest"] for d in m["datasets"]} == {DATASET, OTHER_DATASET} and all(d["in_ledger"] for d in m["datasets"])
-    assert [e["type"] for e in lineage["deployment"]["events"]] == ["deploy.scheduled", "deploy.loading", "deploy.ready"]
-    assert lineage["node"]["hostname"] == "gpu-box" and lineage["device"]["name"] == "NVIDIA H100" and lineage["device"]["uuid"] == "GPU-1234"
+    assert {d["digest"] for d in m["datasets"]} == {DATASET, OTHER_DATASET} and all(
+        d["in_ledger"] for d in m["datasets"]
+    )
+    assert [e["type"] for e in lineage["deployment"]["events"]] == [
+        "deploy.scheduled",
+        "deploy.loading",
+        "deploy.ready",
+    ]
+    assert (
+        lineage["node"]["hostname"] == "gpu-box"
+        and lineage["device"]["name"] == "NVIDIA H100"
+        and lineage["device"]["uuid"] == "GPU-1234"
+    )
     assert lineage["inference"]["request_id"] == "req-3"
     assert "tiny:1" in table and "NVIDIA H100" in table and "tiny-shakespeare" in table
     assert [mm["digest"] for mm in by_dataset["models"]] == [MODEL.digest]
@@ -183,7 +228,10 @@ async def test_exports_validate_against_their_schemas(ledger_service, js, capsys
         bom = json.loads(capsys.readouterr().out)
         assert await cli("ledger", "export", "nope", "--nats-url", url) == 1
     exports.validate_in_toto(statement)
-    assert statement["_type"] == "https://in-toto.io/Statement/v1" and statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert (
+        statement["_type"] == "https://in-toto.io/Statement/v1"
+        and statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    )
     assert statement["subject"][0]["digest"] == {"sha256": MODEL.digest.split(":")[1]}
     materials = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
     assert {m["digest"]["sha256"] for m in materials} == {DATASET.split(":")[1], OTHER_DATASET.split(":")[1]}
@@ -196,6 +244,8 @@ async def test_exports_validate_against_their_schemas(ledger_service, js, capsys
     with pytest.raises(exports.ExportInvalid):
         exports.validate_cyclonedx({**bom, "components": [{**model, "type": "ai-thing"}]})
     with pytest.raises(exports.ExportInvalid):
-        exports.validate_in_toto({**statement, "predicate": {"buildDefinition": {}, "runDetails": {"builder": {"id": "x"}}}})
+        exports.validate_in_toto(
+            {**statement, "predicate": {"buildDefinition": {}, "runDetails": {"builder": {"id": "x"}}}}
+        )
     with pytest.raises(exports.ExportInvalid):
         exports.validate_in_toto({k: v for k, v in statement.items() if k != "subject"})

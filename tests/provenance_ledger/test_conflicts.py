@@ -34,7 +34,9 @@ async def test_an_event_id_reused_with_other_content_is_its_own_leaf_marked_as_a
         ledger = ledger_of(ledger_service)
         rows = rows_with_id(ledger_service, first.id)
         assert len(rows) == 2, "the reused id with other content must be a leaf of its own"
-        (first_event, first_index, first_mark), (second_event, second_index, second_mark) = (parse_leaf(r["data"]) for r in rows)
+        (first_event, first_index, first_mark), (second_event, second_index, second_mark) = (
+            parse_leaf(r["data"]) for r in rows
+        )
         assert first_event["data"]["deployment_id"] == "dep-1" and first_mark is None
         assert second_event["data"]["deployment_id"] == "dep-2" and second_mark == first_index
         assert ledger.stats.conflicts == 1 and ledger.stats.duplicates == 1
@@ -72,7 +74,10 @@ def test_a_ledger_file_from_before_conflict_leaves_opens_keeps_its_leaves_and_ta
     db.execute(V1_LEAVES)
     for i, e in enumerate(old):
         data = leaf_bytes(e.model_dump(mode="json"), i)
-        db.execute("INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?)", (i, e.id, e.type, 0, "client", None, None, None, i + 1, data, leaf_hash(data)))
+        db.execute(
+            "INSERT INTO leaves VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (i, e.id, e.type, 0, "client", None, None, None, i + 1, data, leaf_hash(data)),
+        )
     db.commit()
     db.close()
     ledger = Ledger.open(directory)

@@ -27,7 +27,10 @@ async def test_an_embeddings_event_has_a_receipt_that_verifies_and_commits_to_th
         request_id="emb-1", model=MODEL, deployment_id="dep-1", node_id=NODE, device=DEVICE, inputs=2, prompt_tokens=9,
         dimensions=64, pooling="last", e2e_seconds=0.01, prompt_commitment=commit(input_bytes(INPUTS), salt),
         output_sha256=hashlib.sha256(b"vectors").hexdigest()), Source(service="inference-worker", node=NODE))
-    async with serve_on_loop(ledger_service.http, lifespan="on") as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with (
+        serve_on_loop(ledger_service.http, lifespan="on") as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
         await publish_all(js, [*run.events, embedded])
         await wait_ingested(ledger_service, {*run.ids, embedded.id})
         pem = (await http.get("/public-key")).text

@@ -45,7 +45,9 @@ async def test_a_redelivered_batch_whose_ack_was_lost_is_appended_once(nats_serv
         async def process(self, msgs):
             if not self.lost:  # commit, then "crash" before acking: the server redelivers
                 self.lost = len(msgs)
-                self.ledger.append_batch([Incoming(m.data, parse_event(m.data, m.subject), m.metadata.sequence.stream) for m in msgs])
+                self.ledger.append_batch(
+                    [Incoming(m.data, parse_event(m.data, m.subject), m.metadata.sequence.stream) for m in msgs]
+                )
                 return
             await super().process(msgs)
 
@@ -54,7 +56,9 @@ async def test_a_redelivered_batch_whose_ack_was_lost_is_appended_once(nats_serv
     await publish_all(js, run.events)
     await ingest.start()
     try:
-        await eventually(lambda: ingest.lost and ledger.stats.duplicates >= ingest.lost, 15, "the unacked batch redelivered")
+        await eventually(
+            lambda: ingest.lost and ledger.stats.duplicates >= ingest.lost, 15, "the unacked batch redelivered"
+        )
         info = await js.consumer_info(subjects.EVENTS_STREAM, "redelivery-test")
         await eventually(lambda: ledger.size == len(run.events), 5, "the ledger size")
     finally:
@@ -74,27 +78,39 @@ async def test_a_malformed_event_is_dead_lettered_and_not_logged(ledger_service,
         await eventually(lambda: ledger_service.part(LedgerApp).ingest.dead_lettered == 1, 10, "the dead letter")
         assert "bad-1" not in non_checkpoint_ids(ledger_service)
         info = await js.stream_info(subjects.DEADLETTER_STREAM)
-        letter = DeadLetter.model_validate_json((await js.get_msg(subjects.DEADLETTER_STREAM, info.state.last_seq)).data)
-        assert letter.service == "provenance-ledger" and "invalid envelope" in letter.reason and "bad-1" in letter.payload
+        letter = DeadLetter.model_validate_json(
+            (await js.get_msg(subjects.DEADLETTER_STREAM, info.state.last_seq)).data
+        )
+        assert (
+            letter.service == "provenance-ledger" and "invalid envelope" in letter.reason and "bad-1" in letter.payload
+        )
 
 
-async def test_malformed_bytes_near_the_nats_limit_are_dead_lettered_with_a_capped_copy_and_ingest_goes_on(ledger_service, js):
+async def test_malformed_bytes_near_the_nats_limit_are_dead_lettered_with_a_capped_copy_and_ingest_goes_on(
+    ledger_service, js
+):
     """#20 item 5: the ledger had its own dead-letter writer, which copied the whole payload: a record for
     ~1 MB of garbage was over NATS's 1 MiB limit, its publish failed, and the batch came back forever.
     Every consumer now uses shared/pull.dead_letter (the payload capped at 64 KiB)."""
     run = scripted_events(2)
     async with ledger_service.running():
-        await js.publish("evt.inference.completed", b'"' + b"\\x" * 350_000 + b'"')  # a 1.05 MB dead-letter record, uncapped
+        await js.publish(
+            "evt.inference.completed", b'"' + b"\\x" * 350_000 + b'"'
+        )  # a 1.05 MB dead-letter record, uncapped
         await publish_all(js, run.events)
         await wait_ingested(ledger_service, run.ids)
         await eventually(lambda: ledger_service.part(LedgerApp).ingest.dead_lettered == 1, 10, "the dead letter")
         info = await js.stream_info(subjects.DEADLETTER_STREAM)
-        letter = DeadLetter.model_validate_json((await js.get_msg(subjects.DEADLETTER_STREAM, info.state.last_seq)).data)
+        letter = DeadLetter.model_validate_json(
+            (await js.get_msg(subjects.DEADLETTER_STREAM, info.state.last_seq)).data
+        )
         assert letter.truncated and letter.payload_bytes == 700_002 and letter.consumer == "provenance-ledger-log"
         assert ledger_service.part(LedgerApp).ingest.failures == 0
 
 
-async def test_a_lost_ledger_file_is_rebuilt_by_replaying_the_stream_with_its_signed_heads(nats_server, js, tmp_path, monkeypatch):
+async def test_a_lost_ledger_file_is_rebuilt_by_replaying_the_stream_with_its_signed_heads(
+    nats_server, js, tmp_path, monkeypatch
+):
     monkeypatch.setenv("STRATA_LEDGER_CHECKPOINT_SECONDS", "0.2")
     run = scripted_events(10)
     data = tmp_path / "data"

@@ -54,19 +54,29 @@ async def test_a_conversion_chain_is_answered_both_ways_and_an_import_names_its_
         both = capsys.readouterr().err
         assert await cli("ledger", "export", "llama-q4:1", "--format", "cyclonedx", "--nats-url", url) == 0
         bom = json.loads(capsys.readouterr().out)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=ledger_service.http), base_url="http://ledger") as http:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=ledger_service.http), base_url="http://ledger"
+        ) as http:
             over_http = await http.get("/lineage/models/llama@nosuch")
             found = await http.get(f"/lineage/models/{F16.digest}")
     assert over_http.status_code == 404 and over_http.json()["error"]["code"] == "not_found"
     assert found.status_code == 200 and [d["digest"] for d in found.json()["models"][0]["derivatives"]] == [Q4.digest]
     assert [(p["name"], p["version"], p["digest"]) for p in q4["derived_from"]] == [
-        ("llama", 2, F16.digest), ("llama", 1, IMPORTED.digest)]
+        ("llama", 2, F16.digest),
+        ("llama", 1, IMPORTED.digest),
+    ]
     assert q4["derived_from"][-1]["source"]["resolved"] == "a" * 40
-    assert root["source"]["kind"] == "huggingface" and root["source"]["digests"]["config.json"] == "git-sha1:" + "b" * 40
+    assert (
+        root["source"]["kind"] == "huggingface" and root["source"]["digests"]["config.json"] == "git-sha1:" + "b" * 40
+    )
     assert [d["digest"] for d in root["derivatives"]] == [F16.digest] and root["derived_from"] == []
     assert "from      llama:2" in table and "from      llama:1" in table and "recipe    GGUF F16 -> Q4_K_M" in table
     (ancestor,) = bom["components"][0]["pedigree"]["ancestors"]
-    assert (ancestor["name"], ancestor["version"], ancestor["hashes"][0]["content"]) == ("llama", "2", F16.digest.removeprefix("sha256:"))
+    assert (ancestor["name"], ancestor["version"], ancestor["hashes"][0]["content"]) == (
+        "llama",
+        "2",
+        F16.digest.removeprefix("sha256:"),
+    )
     assert "not_found" in missing and "give a REQUEST_ID, --dataset DIGEST or --model REF" in both
 
 

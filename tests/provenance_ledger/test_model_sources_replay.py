@@ -17,13 +17,24 @@ from tests.support.helpers import make_service
 PLAIN = ModelId(name="plain", version=1, digest=sha("manifest plain v1"))
 
 
-async def test_the_model_sources_index_is_rebuilt_from_the_log_on_restart(nats_server, js, tmp_path, monkeypatch, capsys):
+async def test_the_model_sources_index_is_rebuilt_from_the_log_on_restart(
+    nats_server, js, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("STRATA_LEDGER_CHECKPOINT_SECONDS", "0.5")
     data = tmp_path / "data"
-    hf = ModelSource(kind="huggingface", name="acme/llama", reference="main", resolved="a" * 40,
-                     digests={"model.safetensors": sha("weights")})
-    events = [registered(IMPORTED, hf), registered(F16, conversion(IMPORTED, "safetensors -> GGUF F16")),
-              registered(Q4, conversion(F16, "GGUF F16 -> Q4_K_M")), registered(PLAIN, None)]
+    hf = ModelSource(
+        kind="huggingface",
+        name="acme/llama",
+        reference="main",
+        resolved="a" * 40,
+        digests={"model.safetensors": sha("weights")},
+    )
+    events = [
+        registered(IMPORTED, hf),
+        registered(F16, conversion(IMPORTED, "safetensors -> GGUF F16")),
+        registered(Q4, conversion(F16, "GGUF F16 -> Q4_K_M")),
+        registered(PLAIN, None),
+    ]
     url = js._nc.connected_url.geturl()
     first = make_service("provenance-ledger", nats_server.url, data)
     async with first.running():
@@ -49,7 +60,10 @@ async def test_the_model_sources_index_is_rebuilt_from_the_log_on_restart(nats_s
     indexed_again = db.execute("SELECT * FROM model_sources ORDER BY model_digest").fetchall()
     db.close()
     assert len(indexed_live) == 3 and indexed_again == indexed_live
-    assert replayed == live and [p["digest"] for p in replayed["models"][0]["derived_from"]] == [F16.digest, IMPORTED.digest]
+    assert replayed == live and [p["digest"] for p in replayed["models"][0]["derived_from"]] == [
+        F16.digest,
+        IMPORTED.digest,
+    ]
     assert root["source"]["kind"] == "huggingface" and [d["digest"] for d in root["derivatives"]] == [F16.digest]
 
 
@@ -60,8 +74,13 @@ async def test_lineage_of_forged_sources_answers_instead_of_failing(ledger_servi
     a = ModelId(name="a", version=1, digest=sha("manifest a"))
     b = ModelId(name="b", version=1, digest=sha("manifest b"))
     odd = ModelId(name="odd", version=1, digest=sha("manifest odd"))
-    events = [registered(a, conversion(b, "forged")), registered(b, conversion(a, "forged")),
-              registered(odd, ModelSource(kind="conversion", name="a", reference="\u00b2", derived_from=a.digest, recipe="x"))]
+    events = [
+        registered(a, conversion(b, "forged")),
+        registered(b, conversion(a, "forged")),
+        registered(
+            odd, ModelSource(kind="conversion", name="a", reference="\u00b2", derived_from=a.digest, recipe="x")
+        ),
+    ]
     url = js._nc.connected_url.geturl()
     async with ledger_service.running():
         await publish_all(js, events)
@@ -71,17 +90,23 @@ async def test_lineage_of_forged_sources_answers_instead_of_failing(ledger_servi
         assert await cli("lineage", "--model", "a", "--json", "--nats-url", url) == 0
         cycle = json.loads(capsys.readouterr().out)["models"][0]
     assert [p["digest"] for p in chain] == [a.digest, b.digest]
-    assert [p["digest"] for p in cycle["derived_from"]] == [b.digest] and [d["digest"] for d in cycle["derivatives"]] == [b.digest, odd.digest]
+    assert [p["digest"] for p in cycle["derived_from"]] == [b.digest] and [
+        d["digest"] for d in cycle["derivatives"]
+    ] == [b.digest, odd.digest]
 
 
 async def test_lineage_prints_a_logged_source_without_its_terminal_escapes(ledger_service, js, capsys):
     """model-store refuses control characters in a source now, but the log holds whatever was published:
     `strata lineage --model` shows them escaped, never sends them to the terminal."""
     forged = ModelId(name="forged", version=1, digest=sha("manifest forged"))
-    source = ModelSource(kind="huggingface", name="acme/\x1b]8;;http://evil\x07tiny", reference="main\x1b[2J", resolved="a" * 40)
+    source = ModelSource(
+        kind="huggingface", name="acme/\x1b]8;;http://evil\x07tiny", reference="main\x1b[2J", resolved="a" * 40
+    )
     event = registered(forged, source)
-    child = registered(ModelId(name="child", version=1, digest=sha("manifest child")),
-                       ModelSource(kind="conversion", name="forged", reference="1", derived_from=forged.digest, recipe="q4\x1b[31m"))
+    child = registered(
+        ModelId(name="child", version=1, digest=sha("manifest child")),
+        ModelSource(kind="conversion", name="forged", reference="1", derived_from=forged.digest, recipe="q4\x1b[31m"),
+    )
     url = js._nc.connected_url.geturl()
     async with ledger_service.running():
         await publish_all(js, [event, child])
@@ -98,8 +123,10 @@ async def test_a_logged_source_that_is_no_address_still_exports(ledger_service, 
     name percent-encoded, rather than failing the CycloneDX validation for that model forever."""
     odd_hf = ModelId(name="odd-hf", version=1, digest=sha("manifest odd-hf"))
     odd_ollama = ModelId(name="odd-ollama", version=1, digest=sha("manifest odd-ollama"))
-    events = [registered(odd_hf, ModelSource(kind="huggingface", name="acme/ti ny<x>", reference="ma in", resolved="a" * 40)),
-              registered(odd_ollama, ModelSource(kind="ollama", name="no-slash", reference="x y"))]
+    events = [
+        registered(odd_hf, ModelSource(kind="huggingface", name="acme/ti ny<x>", reference="ma in", resolved="a" * 40)),
+        registered(odd_ollama, ModelSource(kind="ollama", name="no-slash", reference="x y")),
+    ]
     url = js._nc.connected_url.geturl()
     async with ledger_service.running():
         await publish_all(js, events)
@@ -107,7 +134,9 @@ async def test_a_logged_source_that_is_no_address_still_exports(ledger_service, 
         boms = []
         for name in ("odd-hf:1", "odd-ollama:1"):
             for fmt in ("cyclonedx", "in-toto"):
-                assert await cli("ledger", "export", name, "--format", fmt, "--nats-url", url) == 0, capsys.readouterr().err
+                assert await cli("ledger", "export", name, "--format", fmt, "--nats-url", url) == 0, (
+                    capsys.readouterr().err
+                )
                 boms.append(capsys.readouterr().out)
     assert "https://huggingface.co/acme/ti%20ny%3Cx%3E/tree/" + "a" * 40 in boms[0]
     assert "https://huggingface.co/acme/ti%20ny%3Cx%3E/tree/" + "a" * 40 in boms[1]

@@ -20,15 +20,32 @@ from tests.provenance_ledger.test_api import serving
 
 SECRET = "my password is hunter2"
 WORKER = Source(service="inference-worker", node="node-a")
-LEAF_CONTENT = ["/receipts/req-alice", "/leaves/0", "/audit", "/lineage/requests/req-alice", "/lineage/datasets/x", "/exports/tiny"]
-PUBLIC = ["/head", "/heads", "/public-key", "/proof/consistency?first=1", "/proof/inclusion?index=0", "/stats", "/healthz"]
+LEAF_CONTENT = [
+    "/receipts/req-alice",
+    "/leaves/0",
+    "/audit",
+    "/lineage/requests/req-alice",
+    "/lineage/datasets/x",
+    "/exports/tiny",
+]
+PUBLIC = [
+    "/head",
+    "/heads",
+    "/public-key",
+    "/proof/consistency?first=1",
+    "/proof/inclusion?index=0",
+    "/stats",
+    "/healthz",
+]
 
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def test_a_guessed_prompt_cannot_be_confirmed_and_each_key_sees_what_its_scope_allows(ledger_service, js, tmp_path, capsys):
+async def test_a_guessed_prompt_cannot_be_confirmed_and_each_key_sees_what_its_scope_allows(
+    ledger_service, js, tmp_path, capsys
+):
     keys = await KeyStore.open(js, create=True)
     auditor, _ = await keys.create("auditor", ["read"])
     alice, alice_record = await keys.create("alice", ["inference"])
@@ -36,7 +53,9 @@ async def test_a_guessed_prompt_cannot_be_confirmed_and_each_key_sees_what_its_s
     salt = new_salt()
     run = scripted_events(1)
     mine = make_event(inference_completed("req-alice", prompt=SECRET, salt=salt, api_key_id=alice_record.id), WORKER)
-    theirs = make_event(inference_completed("req-bob", prompt="hello", salt=new_salt(), api_key_id=bob_record.id), WORKER)
+    theirs = make_event(
+        inference_completed("req-bob", prompt="hello", salt=new_salt(), api_key_id=bob_record.id), WORKER
+    )
     async with serving(ledger_service) as http:
         await publish_all(js, [*run.events, mine, theirs])
         await wait_ingested(ledger_service, {*run.ids, mine.id, theirs.id})
@@ -108,9 +127,16 @@ def test_the_receipt_prompt_check_refuses_a_bad_salt_a_missing_salt_and_a_bad_me
     receipt.write_text("{}")
     key.write_text("not a key")
     (tmp_path / "m.json").write_text('{"role": "user"}')
-    assert cli_main.main(["receipt", "verify", str(receipt), "--key", str(key), "--messages-file", str(tmp_path / "m.json")]) == 1
+    assert (
+        cli_main.main(
+            ["receipt", "verify", str(receipt), "--key", str(key), "--messages-file", str(tmp_path / "m.json")]
+        )
+        == 1
+    )
     assert "list of" in capsys.readouterr().err
-    from services.provenance_ledger.domain.receipt import _check_prompt  # an event from before #19 has no receipt fixture here
+    from services.provenance_ledger.domain.receipt import (
+        _check_prompt,
+    )  # an event from before #19 has no receipt fixture here
 
     with pytest.raises(ReceiptInvalid, match="no prompt commitment"):
         _check_prompt({"prompt_sha256": "0" * 64}, b"p", new_salt())

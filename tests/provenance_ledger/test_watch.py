@@ -52,14 +52,17 @@ async def test_a_leaf_altered_while_the_ledger_was_down_is_published_at_the_next
     async with monitor.running(), ledger.running():  # no POST /verify, no RPC verify: only the start
         await eventually(lambda: any(t.index == 10 and t.reason.startswith("changed") for t in tamper), 20,
                          "ledger.tamper_detected for leaf 10")
-        await eventually(lambda: any(a.rule == "ledger_tamper" for a in alerts), 20, "the monitor's ledger_tamper alert")
+        await eventually(
+            lambda: any(a.rule == "ledger_tamper" for a in alerts), 20, "the monitor's ledger_tamper alert"
+        )
         await eventually(lambda: "ledger-verify" not in ledger.catching_up, 20, "the start-up verify to finish")
         assert ledger.part(LedgerApp).stats().tamper_suspected
     assert len([t for t in tamper if t.index == 10]) == 1
 
 
 async def test_the_periodic_check_rehashes_new_leaves_reports_each_finding_once_and_keeps_a_marker(
-        ledger_service, js, monkeypatch):
+    ledger_service, js, monkeypatch
+):
     monkeypatch.setenv("STRATA_LEDGER_VERIFY_SECONDS", "0.2")
     tamper = await collect(js._nc, subjects.event(TamperDetected.TYPE))
     first, second = scripted_events(5), scripted_events(5)
@@ -72,11 +75,18 @@ async def test_the_periodic_check_rehashes_new_leaves_reports_each_finding_once_
         assert ledger_service.part(LedgerApp).stats().verified_size >= size
         await publish_all(js, second.events)
         await wait_ingested(ledger_service, second.ids)
-        new = next(r["idx"] for r in lg.store.query("SELECT idx FROM leaves WHERE type = 'inference.completed' ORDER BY idx DESC LIMIT 1"))
+        new = next(
+            r["idx"]
+            for r in lg.store.query(
+                "SELECT idx FROM leaves WHERE type = 'inference.completed' ORDER BY idx DESC LIMIT 1"
+            )
+        )
         flip_a_byte(ledger_service.settings.service_dir / DB_FILE, new)
         await eventually(lambda: any(t.index == new for t in tamper), 20, f"ledger.tamper_detected for leaf {new}")
         passes = ledger_service.part(LedgerApp).watch.passes
-        await eventually(lambda: ledger_service.part(LedgerApp).watch.passes >= passes + 3, 20, "three more periodic passes")
+        await eventually(
+            lambda: ledger_service.part(LedgerApp).watch.passes >= passes + 3, 20, "three more periodic passes"
+        )
     assert len([t for t in tamper if t.index == new]) == 1, "one event per finding, not one per period"
 
 

@@ -45,8 +45,16 @@ def test_a_record_keeps_only_the_hash_and_a_short_public_id():
     inference = record_for(key, "app")
     assert inference.grants("inference") and not inference.grants("admin")
     legacy = ApiKeyRecord.model_validate({"key_hash": "a" * 64, "name": "old", "created": "2024-01-01T00:00:00Z"})
-    assert legacy.scopes == ["inference"] and legacy.requests_per_minute is None, "a pre-scope record stays a gateway key"
-    assert [bearer_token(h) for h in ("Bearer k", "bearer  k ", "Basic k", "Bearer", None)] == ["k", "k", None, None, None]
+    assert legacy.scopes == ["inference"] and legacy.requests_per_minute is None, (
+        "a pre-scope record stays a gateway key"
+    )
+    assert [bearer_token(h) for h in ("Bearer k", "bearer  k ", "Basic k", "Bearer", None)] == [
+        "k",
+        "k",
+        None,
+        None,
+        None,
+    ]
 
 
 # -- live services --------------------------------------------------------------------------
@@ -75,7 +83,8 @@ async def test_admin_routes_need_an_admin_key_and_reads_stay_open(nats_server, t
     with contextlib.ExitStack() as stack:
         store_url, inventory_url, ledger_url = (
             stack.enter_context(serve(make_service(name, nats_server.url, tmp_path / name)))
-            for name in ("model-store", "hardware-inventory", "provenance-ledger"))
+            for name in ("model-store", "hardware-inventory", "provenance-ledger")
+        )
         async with httpx.AsyncClient(timeout=30) as http:
             # open mode: no key exists yet, so every route answers, and every service says so
             for url in (store_url, inventory_url, ledger_url):
@@ -90,25 +99,48 @@ async def test_admin_routes_need_an_admin_key_and_reads_stay_open(nats_server, t
                 revoked, _ = await keys.create("old", ["admin"])
                 await keys.revoke(key_id(revoked))
             for url in (store_url, inventory_url, ledger_url):  # readers find the new bucket by themselves
+
                 async def closed(u: str = url) -> bool:
                     return (await http.get(f"{u}/healthz")).json()["auth"] == "api-keys"
+
                 await _until(closed, f"{url} to see the keys")
 
-            routes = [("PUT", f"{store_url}/v1/blobs/{sha}", {"content": blob}),
-                      ("POST", f"{inventory_url}/deployments", {"json": {"model_ref": "absent:1"}}),
-                      ("POST", f"{ledger_url}/checkpoint", {})]
+            routes = [
+                ("PUT", f"{store_url}/v1/blobs/{sha}", {"content": blob}),
+                ("POST", f"{inventory_url}/deployments", {"json": {"model_ref": "absent:1"}}),
+                ("POST", f"{ledger_url}/checkpoint", {}),
+            ]
             for method, url, body in routes:
-                for key, status, words in ((None, 401, "missing API key"), ("sk-strata-wrong", 401, "incorrect API key"),
-                                           (revoked, 401, "revoked"), (inference, 403, "needs 'admin'")):
+                for key, status, words in (
+                    (None, 401, "missing API key"),
+                    ("sk-strata-wrong", 401, "incorrect API key"),
+                    (revoked, 401, "revoked"),
+                    (inference, 403, "needs 'admin'"),
+                ):
                     answer = await http.request(method, url, headers=bearer(key), **body)
-                    assert answer.status_code == status and words in answer.json()["error"]["message"], (url, key, answer.text)
-            assert (await http.put(f"{store_url}/v1/blobs/{sha}", content=blob, headers=bearer(admin))).status_code == 200
+                    assert answer.status_code == status and words in answer.json()["error"]["message"], (
+                        url,
+                        key,
+                        answer.text,
+                    )
+            assert (
+                await http.put(f"{store_url}/v1/blobs/{sha}", content=blob, headers=bearer(admin))
+            ).status_code == 200
             assert (await http.post(f"{ledger_url}/checkpoint", headers=bearer(admin))).status_code == 200
-            deploy = await http.post(f"{inventory_url}/deployments", json={"model_ref": "absent:1"}, headers=bearer(admin))
+            deploy = await http.post(
+                f"{inventory_url}/deployments", json={"model_ref": "absent:1"}, headers=bearer(admin)
+            )
             assert deploy.status_code not in (401, 403), deploy.text  # past auth, the registry answers on the model
-            undeploy = await http.delete(f"{inventory_url}/deployments", params={"model_ref": "absent:1"}, headers=bearer(inference))
+            undeploy = await http.delete(
+                f"{inventory_url}/deployments", params={"model_ref": "absent:1"}, headers=bearer(inference)
+            )
             assert undeploy.status_code == 403
-            for url in (f"{store_url}/v1/models", f"{inventory_url}/deployments", f"{ledger_url}/head", f"{store_url}/healthz"):
+            for url in (
+                f"{store_url}/v1/models",
+                f"{inventory_url}/deployments",
+                f"{ledger_url}/head",
+                f"{store_url}/healthz",
+            ):
                 assert (await http.get(url)).status_code == 200, url  # reads and health stay open
 
             spec = (await http.get(f"{store_url}/openapi.json")).json()
@@ -169,8 +201,13 @@ async def test_token_quota_is_charged_a_real_workers_usage(nats_server, tmp_path
             key, record = await keys.create("metered", tokens_per_minute=6)
         with serve_gateway(nats_server.url, tmp_path / "gw", TEST_CONFIG) as gateway:
             client = gateway.client(api_key=key)
-            first = await client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4, temperature=0,
-                                                    extra_headers={"x-request-id": "mine-1"})
+            first = await client.completions.create(
+                model="tiny",
+                prompt="Once upon a time",
+                max_tokens=4,
+                temperature=0,
+                extra_headers={"x-request-id": "mine-1"},
+            )
             used = first.usage.prompt_tokens + first.usage.completion_tokens
             assert used > 6
             done = await bus.wait(InferenceCompleted, api_key_id=record.id, timeout=30)  # the worker copied the ids
@@ -212,8 +249,9 @@ async def test_only_the_gateway_says_which_key_asked(nats_server, tmp_path, ckpt
         claims = {"api_key_id": "victim-key", "client_request_id": "theirs"}
         for field, value in claims.items():
             for subject, body in (
-                    (subjects.inference_request("tiny"), InferenceRequest(model="tiny", prompt="hi", **{field: value})),
-                    (subjects.embedding_request("tiny"), EmbeddingRequest(model="tiny", inputs=["hi"], **{field: value}))):
+                (subjects.inference_request("tiny"), InferenceRequest(model="tiny", prompt="hi", **{field: value})),
+                (subjects.embedding_request("tiny"), EmbeddingRequest(model="tiny", inputs=["hi"], **{field: value})),
+            ):
                 msg = await bus.nc.request(subject, body.model_dump_json().encode(), timeout=30)
                 reply = RpcReply.model_validate_json(msg.data)
                 assert not reply.ok and reply.error.code == "forbidden", (subject, msg.data)
@@ -229,7 +267,10 @@ async def test_only_the_gateway_says_which_key_asked(nats_server, tmp_path, ckpt
         plain = InferenceRequest(model="tiny", prompt="hi", sampling={"max_tokens": 2})  # claims nothing: served
         assert (await complete(bus.nc, plain)).usage.completion_tokens == 2
         await bus.wait(InferenceCompleted, request_id=plain.request_id)  # the worker's events arrive in order
-        assert bus.of(InferenceCompleted, api_key_id="victim-key") == [] and bus.of(InferenceCompleted, client_request_id="theirs") == []
+        assert (
+            bus.of(InferenceCompleted, api_key_id="victim-key") == []
+            and bus.of(InferenceCompleted, client_request_id="theirs") == []
+        )
     await bus.nc.close()
 
 
@@ -290,7 +331,9 @@ async def test_cli_create_ls_revoke_round_trip(nats_server, tmp_path, capsys):
         assert code == 0 and key.startswith("sk-strata-") and "only time the key is shown" in err
         code, out, _ = await cli(capsys, "key", "create", "--name", "ops", "--scope", "admin", "--json", *common)
         made = json.loads(out)
-        assert made["scopes"] == ["admin"] and made["requests_per_minute"] is None and made["key"].startswith("sk-strata-")
+        assert (
+            made["scopes"] == ["admin"] and made["requests_per_minute"] is None and made["key"].startswith("sk-strata-")
+        )
         code, out, _ = await cli(capsys, "key", "ls", "--json", *common)
         listed = {r["name"]: r for r in json.loads(out)}
         assert set(listed) == {"ci", "ops"} and listed["ci"]["id"] == key_id(key)
@@ -342,7 +385,9 @@ async def test_cli_uses_the_operator_credential_on_an_auth_enabled_server(secure
     service = make_service("model-store", secured_nats.url_for("model-store"), tmp_path / "store")
     with serve(service) as url:
         async with httpx.AsyncClient(timeout=30) as http:
-            refused = await http.post(f"{url}/v1/aliases", json={"ref": "m:1", "alias": "prod"}, headers=bearer(inference_key))
+            refused = await http.post(
+                f"{url}/v1/aliases", json={"ref": "m:1", "alias": "prod"}, headers=bearer(inference_key)
+            )
     assert refused.status_code == 403, refused.text
     assert [v for v in secured_nats.violations() if 'user:client"' not in v] == []
 

@@ -120,7 +120,9 @@ async def test_the_gateway_serves_the_openai_client_over_https_with_the_generate
             assert "tiny" in [m.id for m in (await client.models.list()).data]
             chat = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
             assert chat.choices[0].message.content == "Hello, world!"
-            stranger = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", http_client=http, max_retries=0)
+            stranger = openai.AsyncOpenAI(
+                base_url=f"{gateway.url}/v1", api_key="sk-wrong", http_client=http, max_retries=0
+            )
             with pytest.raises(openai.AuthenticationError):
                 await stranger.models.list()
     finally:
@@ -158,12 +160,17 @@ def test_the_cli_says_in_one_line_when_it_does_not_trust_the_certificate(gateway
     assert code == 1 and http_tls.UNTRUSTED in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(capsys, "top", "--once", "--url", gateway.url)
     assert code == 1 and err.strip() == f"strata top: the monitor at {gateway.url}: {http_tls.UNTRUSTED}"
-    code, _, err = cli(capsys, "model", "ls", "--url", gateway.url, "--https-ca", str(tmp := data_dir / "missing-ca.pem"))
+    code, _, err = cli(
+        capsys, "model", "ls", "--url", gateway.url, "--https-ca", str(tmp := data_dir / "missing-ca.pem")
+    )
     assert code == 1 and str(tmp) in err and http_tls.CA_ENV in err
     # Trusted (--https-ca, $STRATA_HTTP_CA, the data dir's ca.pem): the TLS handshake passes and the gateway
     # answers (401: this CLI sends no key), so the error is about the request, not the certificate.
-    for args, env in ((["--https-ca", str(https.ca)], {}), ([], {http_tls.CA_ENV: str(https.ca)}),
-                      ([], {"STRATA_DATA_DIR": str(data_dir)})):
+    for args, env in (
+        (["--https-ca", str(https.ca)], {}),
+        ([], {http_tls.CA_ENV: str(https.ca)}),
+        ([], {"STRATA_DATA_DIR": str(data_dir)}),
+    ):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         code, _, err = cli(capsys, "model", "ls", "--url", gateway.url, *args)
@@ -200,8 +207,11 @@ def test_given_certificates_are_used_as_is_and_checked(tmp_path, data_dir):
     supervisor = Supervisor(UpOptions(data_dir=data_dir, https_cert=own.cert, https_key=own.key, https_ca=own.ca))
     given = supervisor._http_tls()
     assert given == http_tls.ServerTls(cert=own.cert, key=own.key, ca=own.ca)
-    assert http_tls.server_env(given) == {http_tls.CERT_ENV: str(own.cert), http_tls.KEY_ENV: str(own.key),
-                                          http_tls.CA_ENV: str(own.ca)}
+    assert http_tls.server_env(given) == {
+        http_tls.CERT_ENV: str(own.cert),
+        http_tls.KEY_ENV: str(own.key),
+        http_tls.CA_ENV: str(own.ca),
+    }
     assert not http_tls.tls_dir(data_dir).exists(), "nothing generated when certificates are given"
     with pytest.raises(http_tls.TlsSetupError, match="does not belong to the certificate"):
         http_tls.given(own.cert, other.key)
@@ -215,8 +225,10 @@ def test_given_certificates_are_used_as_is_and_checked(tmp_path, data_dir):
 def test_a_bad_certificate_stops_run_with_a_clear_message(tmp_path, monkeypatch, https):
     service = Service("provenance-ledger", settings_for("provenance-ledger", "nats://127.0.0.1:1", tmp_path))
     missing = tmp_path / "missing.pem"
-    for cert, key, expected in ((missing, https.key, str(missing)),
-                                (https.cert, http_tls.ensure_generated(tmp_path / "x").key, "does not belong")):
+    for cert, key, expected in (
+        (missing, https.key, str(missing)),
+        (https.cert, http_tls.ensure_generated(tmp_path / "x").key, "does not belong"),
+    ):
         monkeypatch.setenv(http_tls.CERT_ENV, str(cert))
         monkeypatch.setenv(http_tls.KEY_ENV, str(key))
         with pytest.raises(SystemExit) as stopped:
@@ -224,9 +236,13 @@ def test_a_bad_certificate_stops_run_with_a_clear_message(tmp_path, monkeypatch,
         assert isinstance(stopped.value.code, str) and expected in stopped.value.code
         assert stopped.value.code.startswith("provenance-ledger: cannot serve HTTPS")
 
-    as_up_runs_it = subprocess.run([sys.executable, "-m", "cli.main", "serve", "provenance-ledger"], capture_output=True,
-                                   text=True, timeout=60, env=child_env(**{http_tls.CERT_ENV: str(missing),
-                                                                           http_tls.KEY_ENV: str(https.key)}))
+    as_up_runs_it = subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", "provenance-ledger"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(**{http_tls.CERT_ENV: str(missing), http_tls.KEY_ENV: str(https.key)}),
+    )
     assert as_up_runs_it.returncode == 1 and "Traceback" not in as_up_runs_it.stderr
     assert str(missing) in as_up_runs_it.stderr.strip().splitlines()[-1]
 
@@ -263,7 +279,9 @@ def test_strata_up_with_https_serves_every_api_over_https_and_the_cli_trusts_it(
         assert code == 0 and '"models"' in out, err
         # no --url at all: the CLI finds the https URL, its port and the CA in what strata up wrote
         served = endpoints.read(data_dir)
-        assert served is not None and served.urls == {"model-store": url} and served.ca == str((tls / "ca.pem").resolve())
+        assert (
+            served is not None and served.urls == {"model-store": url} and served.ca == str((tls / "ca.pem").resolve())
+        )
         code, out, err = cli(capsys, "model", "ls", "--json")
         assert code == 0 and '"models"' in out, err
     finally:

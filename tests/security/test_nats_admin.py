@@ -26,7 +26,9 @@ from tests.support.helpers import flushed
 
 pytestmark = pytest.mark.timeout(120)
 STREAMS = nats_auth.ALL_STREAMS
-OTHER_DURABLES = [(stream, durable, owner) for owner, needs in nats_auth.NEEDS.items() for stream, durable in needs.durables]
+OTHER_DURABLES = [
+    (stream, durable, owner) for owner, needs in nats_auth.NEEDS.items() for stream, durable in needs.durables
+]
 
 
 async def _stream_configs(server) -> dict[str, tuple[StreamConfig, int]]:
@@ -53,8 +55,10 @@ async def test_the_monitor_cannot_shrink_events_or_make_it_store_prompts(secured
     nc, errors = await connect_as(secured_nats.url_for("monitor"))
     js = nc.jetstream(timeout=1)
     config = (await js.stream_info(subjects.EVENTS_STREAM)).config
-    for changed in (dataclasses.replace(config, max_msgs=1),
-                    dataclasses.replace(config, subjects=[*config.subjects, "infer.request.>"])):
+    for changed in (
+        dataclasses.replace(config, max_msgs=1),
+        dataclasses.replace(config, subjects=[*config.subjects, "infer.request.>"]),
+    ):
         with pytest.raises(nats.errors.TimeoutError):
             await js.update_stream(changed)
     await wait_for(lambda: len(errors.violations()) == 2)
@@ -81,13 +85,18 @@ async def test_every_role_is_refused_stream_administration_except_the_bootstrap_
         for stream, durable, owner in OTHER_DURABLES:
             if owner == role:
                 continue
-            for subject in (f"$JS.API.CONSUMER.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.evt.>",
-                            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
-                            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.ACK.{stream}.{durable}.1.1.1.1.1"):
+            for subject in (
+                f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.evt.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+                f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                f"$JS.ACK.{stream}.{durable}.1.1.1.1.1",
+            ):
                 await nc.publish(subject, b"{}", reply=nc.new_inbox())
                 sent.append(subject.lower())
         await flushed(nc)
-        await wait_for(lambda: len(errors.violations()) >= len(sent))
+        await wait_for(lambda errors=errors, sent=sent: len(errors.violations()) >= len(sent))
         refused[role] = sorted(errors.violations())
         await nc.close()
         expected = sorted(f'nats: permissions violation for publish to "{s}"' for s in sent)
@@ -97,13 +106,19 @@ async def test_every_role_is_refused_stream_administration_except_the_bootstrap_
 
 async def test_model_store_may_purge_its_blob_store_and_no_other_stream(secured_nats):
     """The one purge a non-admin role has: model-store removes its own partial objects' chunks (#20 item 3)."""
-    granted = [(role, stream) for role in nats_auth.ROLES if role != nats_auth.ADMIN
-               for stream in STREAMS if nats_auth.may_purge(role, stream)]
+    granted = [
+        (role, stream)
+        for role in nats_auth.ROLES
+        if role != nats_auth.ADMIN
+        for stream in STREAMS
+        if nats_auth.may_purge(role, stream)
+    ]
     blobs = nats_auth.obj_stream(BLOB_BUCKET)
     assert granted == [("model-store", blobs)]
     nc, errors = await connect_as(secured_nats.url_for("model-store"))
-    answer = await nc.request(f"$JS.API.STREAM.PURGE.{blobs}", json.dumps({"filter": f"$O.{BLOB_BUCKET}.C.none"}).encode(),
-                              timeout=5)
+    answer = await nc.request(
+        f"$JS.API.STREAM.PURGE.{blobs}", json.dumps({"filter": f"$O.{BLOB_BUCKET}.C.none"}).encode(), timeout=5
+    )
     assert json.loads(answer.data)["success"] is True, answer.data
     assert errors.violations() == []
     await nc.close()
@@ -115,9 +130,18 @@ async def test_a_role_cannot_take_over_another_services_durable_through_the_ephe
     monitor, _ = await connect_as(secured_nats.url_for("monitor"))
     await monitor.jetstream().pull_subscribe(subjects.EVENTS_ALL, durable="monitor", stream=subjects.EVENTS_STREAM)
     ledger, _ = await connect_as(secured_nats.url_for("provenance-ledger"))
-    body = {"stream_name": subjects.EVENTS_STREAM, "config": {"name": "monitor", "durable_name": "monitor",
-                                                             "filter_subject": "evt.nothing", "ack_policy": "explicit"}}
-    reply = await ledger.request(f"$JS.API.CONSUMER.CREATE.{subjects.EVENTS_STREAM}", json.dumps(body).encode(), timeout=5)
+    body = {
+        "stream_name": subjects.EVENTS_STREAM,
+        "config": {
+            "name": "monitor",
+            "durable_name": "monitor",
+            "filter_subject": "evt.nothing",
+            "ack_policy": "explicit",
+        },
+    }
+    reply = await ledger.request(
+        f"$JS.API.CONSUMER.CREATE.{subjects.EVENTS_STREAM}", json.dumps(body).encode(), timeout=5
+    )
     assert "error" in json.loads(reply.data), reply.data
     info = await monitor.jetstream().consumer_info(subjects.EVENTS_STREAM, "monitor")
     assert info.config.filter_subject == subjects.EVENTS_ALL
@@ -147,10 +171,12 @@ async def test_a_service_reads_only_its_own_replies(secured_nats):
     await monitor.subscribe(f"{nats_auth.inbox_prefix('api-gateway')}.>")
     await flushed(monitor)
     await wait_for(lambda: len(errors.violations()) == 2)
-    assert sorted(errors.violations()) == sorted([
-        'nats: permissions violation for subscription to "_inbox.>"',
-        'nats: permissions violation for subscription to "_inbox.api-gateway.>"',
-    ])
+    assert sorted(errors.violations()) == sorted(
+        [
+            'nats: permissions violation for subscription to "_inbox.>"',
+            'nats: permissions violation for subscription to "_inbox.api-gateway.>"',
+        ]
+    )
     # request-reply still works for each role, on its own prefix
     worker, _ = await connect_as(secured_nats.url_for("inference-worker"))
     gateway, gateway_errors = await connect_as(secured_nats.url_for("api-gateway"))
@@ -175,7 +201,9 @@ async def test_a_service_reads_only_its_own_replies(secured_nats):
         await nc.close()
 
 
-async def test_strata_provision_runs_as_admin_and_another_credential_is_refused_at_once(secured_nats, capsys, monkeypatch):
+async def test_strata_provision_runs_as_admin_and_another_credential_is_refused_at_once(
+    secured_nats, capsys, monkeypatch
+):
     from cli.main import main as strata
 
     common = ["provision", "--nats-url", secured_nats.url, "--data-dir", str(secured_nats.data_dir)]

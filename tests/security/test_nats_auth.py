@@ -50,8 +50,19 @@ def test_only_the_bootstrap_admin_may_create_change_or_delete_a_stream_and_each_
 # Each role's core subscriptions, pinned: a wider one (">", "evt.>", "infer.request.>") must fail here.
 SUBSCRIBE = {
     "model-store": ["_INBOX.model-store.>", "rpc.model-store.>"],
-    "hardware-inventory": ["evt.deploy.>", "live.node.heartbeat", "_INBOX.hardware-inventory.>", "rpc.hardware-inventory.>"],
-    "inference-worker": ["infer.request.>", "infer.embed.>", "infer.cancel", "_INBOX.inference-worker.>", "rpc.inference-worker.>"],
+    "hardware-inventory": [
+        "evt.deploy.>",
+        "live.node.heartbeat",
+        "_INBOX.hardware-inventory.>",
+        "rpc.hardware-inventory.>",
+    ],
+    "inference-worker": [
+        "infer.request.>",
+        "infer.embed.>",
+        "infer.cancel",
+        "_INBOX.inference-worker.>",
+        "rpc.inference-worker.>",
+    ],
     "provenance-ledger": ["_INBOX.provenance-ledger.>", "rpc.provenance-ledger.>"],
     "monitor": ["live.node.heartbeat", "_INBOX.monitor.>", "rpc.monitor.>"],
     "api-gateway": ["evt.inference.completed", "_INBOX.api-gateway.>", "rpc.api-gateway.>"],
@@ -74,7 +85,8 @@ def test_each_roles_subscriptions_are_exactly_what_it_needs():
     }
     # the client's _INBOX.> stops short of every other role's replies
     assert sorted(nats_auth.permissions("client").subscribe_deny) == sorted(
-        f"_INBOX.{r}.>" for r in nats_auth.ROLES if r != "client")
+        f"_INBOX.{r}.>" for r in nats_auth.ROLES if r != "client"
+    )
 
 
 def test_credentials_are_private_reused_and_rotated(tmp_path):
@@ -95,7 +107,10 @@ def test_credentials_are_private_reused_and_rotated(tmp_path):
 def test_env_credentials_go_into_every_url_unless_one_names_its_own():
     env = {nats_auth.USER_ENV: "monitor", nats_auth.PASSWORD_ENV: "s3cret"}
     assert nats_auth.with_env_credentials("nats://h:4222", env) == "nats://monitor:s3cret@h:4222"
-    assert nats_auth.with_env_credentials("nats://a:1,nats://b:2", env) == "nats://monitor:s3cret@a:1,nats://monitor:s3cret@b:2"
+    assert (
+        nats_auth.with_env_credentials("nats://a:1,nats://b:2", env)
+        == "nats://monitor:s3cret@a:1,nats://monitor:s3cret@b:2"
+    )
     assert nats_auth.with_env_credentials("nats://x:y@h:4222", env) == "nats://x:y@h:4222"
     assert nats_auth.with_env_credentials("nats://h:4222", {}) == "nats://h:4222"
 
@@ -119,7 +134,9 @@ async def test_a_worker_cannot_publish_model_registered(secured_nats):
         await nc.jetstream().publish("evt.model.registered", b"{}", timeout=1)
     await nc.close()
     assert await _events_in_stream(secured_nats) == 0
-    assert any('user:inference-worker"' in line and "evt.model.registered" in line for line in secured_nats.violations())
+    assert any(
+        'user:inference-worker"' in line and "evt.model.registered" in line for line in secured_nats.violations()
+    )
 
 
 async def test_the_gateway_cannot_publish_any_event(secured_nats):
@@ -128,7 +145,9 @@ async def test_the_gateway_cannot_publish_any_event(secured_nats):
         await nc.publish(subject, b"{}")
     await flushed(nc)
     await wait_for(lambda: len(errors.violations()) == len(EVENT_SUBJECTS))
-    assert sorted(errors.violations()) == sorted(f'nats: permissions violation for publish to "{s}"' for s in EVENT_SUBJECTS)
+    assert sorted(errors.violations()) == sorted(
+        f'nats: permissions violation for publish to "{s}"' for s in EVENT_SUBJECTS
+    )
     await nc.close()
 
 
@@ -139,10 +158,12 @@ async def test_a_service_cannot_read_what_is_not_its_business(secured_nats):
     await nc.publish("$KV.strata-catalog.model.x", b"{}")
     await flushed(nc)
     await wait_for(lambda: len(errors.violations()) == 2)
-    assert sorted(errors.violations()) == sorted([
-        'nats: permissions violation for publish to "$kv.strata-catalog.model.x"',
-        'nats: permissions violation for subscription to "infer.request.>"',
-    ])
+    assert sorted(errors.violations()) == sorted(
+        [
+            'nats: permissions violation for publish to "$kv.strata-catalog.model.x"',
+            'nats: permissions violation for subscription to "infer.request.>"',
+        ]
+    )
     await nc.close()
 
 
@@ -181,9 +202,17 @@ async def test_the_app_credential_sends_inference_and_reads_results_and_nothing_
     assert (await sub.next_msg(timeout=5)).data == b'{"ok": true}'
     with pytest.raises(nats.errors.NoRespondersError):  # allowed, only nobody serves model m here
         await nc.request(subjects.inference_request("m"), b"{}", timeout=2)
-    refused_pub = ["evt.deploy.requested", "rpc.model-store.health", "infer.cancel", "infer.results.r2",
-                   "$JS.API.STREAM.DELETE.JOBS", "$JS.API.STREAM.PURGE.RESULTS", "$KV.strata-api-keys.x",
-                   "infer.request.m.gateway", "infer.embed.m.gateway"]  # the gateway's: they name the API key that asked
+    refused_pub = [
+        "evt.deploy.requested",
+        "rpc.model-store.health",
+        "infer.cancel",
+        "infer.results.r2",
+        "$JS.API.STREAM.DELETE.JOBS",
+        "$JS.API.STREAM.PURGE.RESULTS",
+        "$KV.strata-api-keys.x",
+        "infer.request.m.gateway",
+        "infer.embed.m.gateway",
+    ]  # the gateway's: they name the API key that asked
     for subject in refused_pub:
         await nc.publish(subject, b"{}")
     refused_sub = ["_INBOX.>", "_INBOX.client.x", "_INBOX.api-gateway.>", "infer.request.>", "infer.results.>", "evt.>"]
@@ -193,7 +222,8 @@ async def test_the_app_credential_sends_inference_and_reads_results_and_nothing_
     await wait_for(lambda: len(errors.violations()) == len(refused_pub) + len(refused_sub))
     assert sorted(v.lower() for v in errors.violations()) == sorted(  # nats-py lowercases some subjects
         [f'nats: permissions violation for publish to "{s.lower()}"' for s in refused_pub]
-        + [f'nats: permissions violation for subscription to "{s.lower()}"' for s in refused_sub])
+        + [f'nats: permissions violation for subscription to "{s.lower()}"' for s in refused_sub]
+    )
     await nc.close()
 
 
@@ -256,8 +286,14 @@ async def test_every_service_works_under_its_own_user_push_deploy_infer(secured_
             assert b'"status":"ok"' in reply.data.replace(b" ", b""), (name, reply.data)
         outcome = await serve_builtin(client, timeout_s=150)
         assert outcome.endswith("is serving"), outcome
-        answer = await complete(client, InferenceRequest(model="strata-builtin-kjv", prompt="In the beginning",
-                                                         sampling=SamplingOptions(max_tokens=4, temperature=0)))
+        answer = await complete(
+            client,
+            InferenceRequest(
+                model="strata-builtin-kjv",
+                prompt="In the beginning",
+                sampling=SamplingOptions(max_tokens=4, temperature=0),
+            ),
+        )
         assert answer.usage.completion_tokens == 4 and answer.model.name == "strata-builtin-kjv"
         # embeddings (#18): the gateway and the client may ask, the worker answers on infer.embed.<model>
         gateway, gateway_errors = await connect_as(secured_nats.url_for("api-gateway"))
@@ -282,7 +318,13 @@ def test_the_durables_in_the_table_are_the_ones_the_services_use():
 
     owned = {role: set(needs.durables) for role, needs in nats_auth.NEEDS.items() if needs.durables}
     assert owned == {
-        "hardware-inventory": {(subjects.EVENTS_STREAM, "hardware-inventory"), (subjects.EVENTS_STREAM, "hardware-inventory-nodes")},
+        "hardware-inventory": {
+            (subjects.EVENTS_STREAM, "hardware-inventory"),
+            (subjects.EVENTS_STREAM, "hardware-inventory-nodes"),
+        },
         "provenance-ledger": {(subjects.EVENTS_STREAM, LEDGER_DURABLE)},
-        "monitor": {(subjects.EVENTS_STREAM, MonitorConfig().events_durable), (subjects.DEADLETTER_STREAM, DEAD_LETTER_DURABLE)},
+        "monitor": {
+            (subjects.EVENTS_STREAM, MonitorConfig().events_durable),
+            (subjects.DEADLETTER_STREAM, DEAD_LETTER_DURABLE),
+        },
     }

@@ -122,7 +122,10 @@ def test_given_certificates_are_checked_and_used_instead(tmp_path):
         nats_tls.given(own.cert, other.key)
     with pytest.raises(nats_tls.TlsSetupError, match="cannot use the NATS TLS files"):
         nats_tls.given(tmp_path / "missing.pem", own.key)
-    assert UpOptions(data_dir=tmp_path, nats_tls_cert=own.cert).problem() == "--nats-tls-cert and --nats-tls-key go together"
+    assert (
+        UpOptions(data_dir=tmp_path, nats_tls_cert=own.cert).problem()
+        == "--nats-tls-cert and --nats-tls-key go together"
+    )
     assert "--nats-tls-ca" in UpOptions(data_dir=tmp_path, nats_url="nats://h:4222", nats_tls=True).problem()
     with pytest.raises(nats_tls.TlsSetupError, match="does not exist"):
         nats_tls.client_context(tmp_path / "no-ca.pem")
@@ -134,30 +137,42 @@ async def test_given_certificates_serve_clients_that_trust_their_ca(tmp_path, mo
     monkeypatch.delenv(nats_tls.CA_ENV, raising=False)
     server = UpNats(tmp_path / "data", given).start()
     try:
-        nc = await nats.connect(server.url_for("client"), tls=nats_tls.client_context(own.ca), allow_reconnect=False,
-                                connect_timeout=5)
+        nc = await nats.connect(
+            server.url_for("client"), tls=nats_tls.client_context(own.ca), allow_reconnect=False, connect_timeout=5
+        )
         assert nc.is_connected
         await nc.close()
         with pytest.raises(ssl.SSLCertVerificationError):  # a CA that did not sign the given certificate
-            await nats.connect(server.url_for("client"), allow_reconnect=False, connect_timeout=5,
-                               tls=nats_tls.client_context(nats_tls.ensure_generated(tmp_path / "stranger").ca))
+            await nats.connect(
+                server.url_for("client"),
+                allow_reconnect=False,
+                connect_timeout=5,
+                tls=nats_tls.client_context(nats_tls.ensure_generated(tmp_path / "stranger").ca),
+            )
     finally:
         server.stop()
 
 
 # -- TLS on a real server ---------------------------------------------------------------------
-async def test_a_service_publishes_and_consumes_over_tls_and_the_cli_works_from_the_data_dir(tls_nats, data_dir, capsys):
+async def test_a_service_publishes_and_consumes_over_tls_and_the_cli_works_from_the_data_dir(
+    tls_nats, data_dir, capsys
+):
     service = make_service(LEDGER, tls_nats.url_for(LEDGER), data_dir / "services")
     async with service.running():
         client = await connection.connect(tls_nats.url, data_dir, allow_reconnect=False)  # client.json + ca.pem
         try:
             event = make_event(DeployRequested(model_ref="tiny"), Source(service="cli", node="node-t"))
-            await client.jetstream().publish(event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id}, timeout=10)
-            code, out, err = await cli(capsys, "ledger", "head", "--sign", "--json", "--nats-url", tls_nats.url,
-                                       "--data-dir", str(data_dir))
+            await client.jetstream().publish(
+                event.subject, event.to_bytes(), headers={"Nats-Msg-Id": event.id}, timeout=10
+            )
+            code, out, err = await cli(
+                capsys, "ledger", "head", "--sign", "--json", "--nats-url", tls_nats.url, "--data-dir", str(data_dir)
+            )
             assert code == 0, err
             assert json.loads(out)["tree_size"] >= 1  # the service consumed the event over TLS
-            checkpoints = await client.jetstream().pull_subscribe("evt.ledger.checkpoint", stream=subjects.EVENTS_STREAM)
+            checkpoints = await client.jetstream().pull_subscribe(
+                "evt.ledger.checkpoint", stream=subjects.EVENTS_STREAM
+            )
             [published] = await checkpoints.fetch(1, timeout=10)  # ... and published its checkpoint over TLS
             assert json.loads(published.data)["type"] == "ledger.checkpoint"
         finally:
@@ -201,15 +216,21 @@ async def test_a_plaintext_client_is_refused(tls_nats):
 
 
 # -- who may connect --------------------------------------------------------------------------
-async def test_no_anonymous_connections_but_the_cli_uses_the_data_dirs_credential(auth_nats, data_dir, tmp_path, capsys):
+async def test_no_anonymous_connections_but_the_cli_uses_the_data_dirs_credential(
+    auth_nats, data_dir, tmp_path, capsys
+):
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(auth_nats.url, allow_reconnect=False, connect_timeout=5)
     service = make_service(LEDGER, auth_nats.url_for(LEDGER), data_dir / "services")
     async with service.running():
-        code, out, err = await cli(capsys, "ledger", "head", "--json", "--nats-url", auth_nats.url, "--data-dir", str(data_dir))
+        code, out, err = await cli(
+            capsys, "ledger", "head", "--json", "--nats-url", auth_nats.url, "--data-dir", str(data_dir)
+        )
         assert code == 0, err
         assert json.loads(out)["tree_size"] == 0
-        code, out, err = await cli(capsys, "ledger", "head", "--nats-url", auth_nats.url, "--data-dir", str(tmp_path / "empty"))
+        code, out, err = await cli(
+            capsys, "ledger", "head", "--nats-url", auth_nats.url, "--data-dir", str(tmp_path / "empty")
+        )
         assert code == 1 and "authorization violation" in err and "--data-dir" in err
     assert auth_nats.log.read_text().count("authentication error") == 2  # the two anonymous attempts
 
@@ -236,9 +257,24 @@ def test_strata_up_with_nats_tls_brings_services_up_over_tls(data_dir):
         assert "TLS, CA" in "".join(up.lines)
         ca = nats_tls.tls_dir(data_dir) / "ca.pem"
         env_without_ca = {k: v for k, v in os.environ.items() if k != nats_tls.CA_ENV}
-        head = subprocess.run([sys.executable, "-m", "cli.main", "ledger", "head", "--json", "--data-dir", str(data_dir),
-                               "--nats-url", f"nats://127.0.0.1:{up.nats_port}"], capture_output=True, text=True,
-                              timeout=60, env=env_without_ca)
+        head = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cli.main",
+                "ledger",
+                "head",
+                "--json",
+                "--data-dir",
+                str(data_dir),
+                "--nats-url",
+                f"nats://127.0.0.1:{up.nats_port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env_without_ca,
+        )
         assert head.returncode == 0, head.stderr  # the CLI here: client.json and ca.pem from the data dir
         assert ca.is_file() and stat.S_IMODE((nats_tls.tls_dir(data_dir) / "server-key.pem").stat().st_mode) == 0o600
     finally:

@@ -34,8 +34,12 @@ async def _rewrite_catalog(nc, pushed_model: ResolvedModel, change) -> ResolvedM
     change(stored)
     await kv.put(key, json.dumps(stored).encode())
     for _ in range(200):  # model-store's index follows the KV bucket
-        served = await rpc.call(nc, subjects.rpc("model-store", "resolve"), ResolveRequest(ref=key.split(".", 1)[1].replace(".", ":")),
-                                ResolvedModel)
+        served = await rpc.call(
+            nc,
+            subjects.rpc("model-store", "resolve"),
+            ResolveRequest(ref=key.split(".", 1)[1].replace(".", ":")),
+            ResolvedModel,
+        )
         if served.model.digest == stored["model"]["digest"] and served.signature == stored["signature"]:
             return served
         await asyncio.sleep(0.05)
@@ -43,12 +47,23 @@ async def _rewrite_catalog(nc, pushed_model: ResolvedModel, change) -> ResolvedM
 
 
 async def _deploy_fails(bus, model, deployment_id: str, node_id: str) -> str:
-    await bus.emit(DeployScheduled(deployment_id=deployment_id, model=model, node_id=node_id, device="cpu",
-                                   predicted_bytes=1, context_length=64, kv_cache_bytes=KV_BYTES))
+    await bus.emit(
+        DeployScheduled(
+            deployment_id=deployment_id,
+            model=model,
+            node_id=node_id,
+            device="cpu",
+            predicted_bytes=1,
+            context_length=64,
+            kv_cache_bytes=KV_BYTES,
+        )
+    )
     return (await bus.wait(DeployFailed, deployment_id=deployment_id)).reason
 
 
-async def test_a_rewritten_manifest_or_a_foreign_signature_ends_in_deploy_failed(nats_server, tmp_path, pushed, bus_client):  # noqa: F811
+async def test_a_rewritten_manifest_or_a_foreign_signature_ends_in_deploy_failed(
+    nats_server, tmp_path, pushed, bus_client
+):  # noqa: F811
     worker = make_worker(nats_server.url, tmp_path / "w", {}, node_id="node-sc")
     worker.part(Worker)._artifacts = None  # the real adapter: model-store's verified fetch
     async with worker.running():

@@ -78,9 +78,14 @@ class FakeWorker:
             await self.nc.close()
 
     async def _on_models(self, msg: Msg) -> None:
-        result = LoadedModels(node_id="fake", deployments=[
-            LoadedDeployment(deployment_id=f"d-{n}", model=self.model_id(n), device="cpu", state="ready") for n in self.models
-        ] + [LoadedDeployment(deployment_id="d-broken", model=self.model_id("broken"), device="cpu", state="failed")])
+        result = LoadedModels(
+            node_id="fake",
+            deployments=[
+                LoadedDeployment(deployment_id=f"d-{n}", model=self.model_id(n), device="cpu", state="ready")
+                for n in self.models
+            ]
+            + [LoadedDeployment(deployment_id="d-broken", model=self.model_id("broken"), device="cpu", state="failed")],
+        )
         await msg.respond(RpcReply(ok=True, result=result.model_dump(mode="json")).model_dump_json().encode())
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -96,15 +101,28 @@ class FakeWorker:
 
     async def _publish_completed(self, request: InferenceRequest, name: str, finish: str, usage: Usage) -> None:
         event = InferenceCompleted(
-            request_id=request.request_id, model=self.model_id(name), deployment_id=f"d-{name}", node_id="fake", device="cpu",
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, queue_seconds=0,
-            time_to_first_token_seconds=0, time_per_output_token_seconds=0, e2e_seconds=0, finish_reason=finish,
+            request_id=request.request_id,
+            model=self.model_id(name),
+            deployment_id=f"d-{name}",
+            node_id="fake",
+            device="cpu",
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            queue_seconds=0,
+            time_to_first_token_seconds=0,
+            time_per_output_token_seconds=0,
+            e2e_seconds=0,
+            finish_reason=finish,
             prompt_commitment=commit(request.prompt_bytes(), self.salts.get(request.request_id, "00" * 32)),
-            output_sha256="0" * 64, api_key_id=request.api_key_id,
-            client_request_id=request.client_request_id)
+            output_sha256="0" * 64,
+            api_key_id=request.api_key_id,
+            client_request_id=request.client_request_id,
+        )
         self.completed.append(event)
-        await self.nc.publish(InferenceCompleted.subject(),  # type: ignore[union-attr]
-                              make_event(event, Source(service="inference-worker", node="fake")).to_bytes())
+        await self.nc.publish(
+            InferenceCompleted.subject(),  # type: ignore[union-attr]
+            make_event(event, Source(service="inference-worker", node="fake")).to_bytes(),
+        )
 
     def _cancelled(self, request_id: str) -> bool:
         return any(c.request_id == request_id for c in self.cancels)
@@ -131,7 +149,10 @@ class FakeWorker:
         finish = "length" if limit < len(script.tokens) else "stop"
         usage = Usage(prompt_tokens=5, completion_tokens=len(tokens))
         lp = request.sampling.logprobs
-        logprobs = [TokenLogprob(token=t, token_id=i, logprob=-0.5, top=[(t, -0.5)] * (lp or 0)) for i, t in enumerate(tokens)]
+        logprobs = [
+            TokenLogprob(token=t, token_id=i, logprob=-0.5, top=[(t, -0.5)] * (lp or 0)) for i, t in enumerate(tokens)
+        ]
+
         async def paced() -> bool:
             """Wait out one token's delay, with keepalives where asked for; False when cancelled."""
             waited = 0.0
@@ -152,8 +173,15 @@ class FakeWorker:
                 if not await paced():
                     tokens, finish = tokens[:i], "cancelled"
                     break
-            reply = InferenceReply(request_id=rid, model=self.model_id(name), text="".join(tokens), finish_reason=finish,
-                                   usage=usage, logprobs=logprobs[:len(tokens)] if lp is not None else None, prompt_salt=salt)
+            reply = InferenceReply(
+                request_id=rid,
+                model=self.model_id(name),
+                text="".join(tokens),
+                finish_reason=finish,
+                usage=usage,
+                logprobs=logprobs[: len(tokens)] if lp is not None else None,
+                prompt_salt=salt,
+            )
             await send(RpcReply(ok=True, result=reply.model_dump(mode="json")))
             await self._publish_completed(request, name, finish, Usage(prompt_tokens=5, completion_tokens=len(tokens)))
             return
@@ -162,10 +190,19 @@ class FakeWorker:
             if script.die_after is not None and i >= script.die_after:
                 return  # silence from now on: a dead worker sends nothing, not even keepalives
             if not await paced():
-                await send(End(request_id=rid, finish_reason="cancelled", usage=Usage(prompt_tokens=5, completion_tokens=i)))
+                await send(
+                    End(request_id=rid, finish_reason="cancelled", usage=Usage(prompt_tokens=5, completion_tokens=i))
+                )
                 await self._publish_completed(request, name, "cancelled", Usage(prompt_tokens=5, completion_tokens=i))
                 return
-            await send(Chunk(request_id=rid, index=i, text=token, token_ids=[i],
-                             logprobs=[logprobs[i]] if lp is not None else None))
+            await send(
+                Chunk(
+                    request_id=rid,
+                    index=i,
+                    text=token,
+                    token_ids=[i],
+                    logprobs=[logprobs[i]] if lp is not None else None,
+                )
+            )
         await send(End(request_id=rid, finish_reason=finish, usage=usage))
         await self._publish_completed(request, name, finish, usage)

@@ -33,10 +33,17 @@ def make_ollama_model(root: Path, name: str, tag: str, layers: dict[str, bytes],
     """``layers``: kind (model, template, params, license, system, ...) -> content. Returns the manifest's path."""
     config = json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()
     manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": ollama_blob(root, config), "size": len(config)},
-        "layers": [{"mediaType": OLLAMA_MEDIA + kind.split("#")[0], "digest": ollama_blob(root, data), "size": len(data)}
-                   for kind, data in layers.items()],
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": ollama_blob(root, config),
+            "size": len(config),
+        },
+        "layers": [
+            {"mediaType": OLLAMA_MEDIA + kind.split("#")[0], "digest": ollama_blob(root, data), "size": len(data)}
+            for kind, data in layers.items()
+        ],
     }
     path = root / "manifests" / host / namespace / name / tag
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,8 +55,9 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
 
 
-def make_hf_snapshot(cache: Path, repo: str, files: dict[str, bytes], *, commit: str | None = None,
-                     refs: tuple[str, ...] = ("main",)) -> tuple[Path, str]:
+def make_hf_snapshot(
+    cache: Path, repo: str, files: dict[str, bytes], *, commit: str | None = None, refs: tuple[str, ...] = ("main",)
+) -> tuple[Path, str]:
     """A snapshot of ``repo`` in the hub cache ``cache`` (HF_HOME/hub). Returns (snapshot dir, commit)."""
     folder = cache / ("models--" + repo.replace("/", "--"))
     commit = commit or hashlib.sha1(repr(sorted(files)).encode() + repo.encode()).hexdigest()

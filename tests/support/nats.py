@@ -36,7 +36,9 @@ class NatsServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {self.store_dir}/nats-server.log")
+                raise RuntimeError(
+                    f"nats-server exited with {self.process.returncode}; see {self.store_dir}/nats-server.log"
+                )
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return

@@ -114,8 +114,14 @@ class KvQuotaCounters:
                 return new
             except KeyWrongLastSequenceError:
                 self.conflicts += 1
-                await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))  # jitter: racing writers desynchronise
+                await asyncio.sleep(
+                    random.uniform(0, 0.002 * min(attempt + 1, 20))
+                )  # jitter: racing writers desynchronise
             except NatsError as exc:
-                raise QuotaStoreUnavailable(f"the quota counters cannot be reached, so a metered key cannot be "
-                                            f"held to its quota ({type(exc).__name__})") from None
-        raise QuotaStoreUnavailable(f"the quota counters of key {key_id} are still contended after {MAX_ATTEMPTS} attempts")
+                raise QuotaStoreUnavailable(
+                    f"the quota counters cannot be reached, so a metered key cannot be "
+                    f"held to its quota ({type(exc).__name__})"
+                ) from None
+        raise QuotaStoreUnavailable(
+            f"the quota counters of key {key_id} are still contended after {MAX_ATTEMPTS} attempts"
+        )

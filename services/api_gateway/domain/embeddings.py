@@ -42,7 +42,9 @@ class EmbeddingsRequest(BaseModel):
 
     @field_validator("input")
     @classmethod
-    def _inputs(cls, value: str | list[str] | list[int] | list[list[int]]) -> str | list[str] | list[int] | list[list[int]]:
+    def _inputs(
+        cls, value: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
         items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
         if not items:
             raise ValueError("input must not be empty: give a text, a list of texts or token ids")
@@ -67,8 +69,14 @@ class EmbeddingsRequest(BaseModel):
         return sum(len(x.encode()) + INPUT_FRAME_TOKENS if isinstance(x, str) else len(x) for x in self.inputs())
 
     def to_strata(self, request_id: str, api_key_id: str | None, client_request_id: str | None) -> EmbeddingRequest:
-        return EmbeddingRequest(request_id=request_id, model=self.model, inputs=self.inputs(), dimensions=self.dimensions,
-                                api_key_id=api_key_id, client_request_id=client_request_id)
+        return EmbeddingRequest(
+            request_id=request_id,
+            model=self.model,
+            inputs=self.inputs(),
+            dimensions=self.dimensions,
+            api_key_id=api_key_id,
+            client_request_id=client_request_id,
+        )
 
 
 class Embedding(BaseModel):
@@ -87,12 +95,20 @@ class EmbeddingsResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingsUsage
-    system_fingerprint: str | None = Field(default=None, description="the model version that answered: NAME:VERSION/DIGEST")
+    system_fingerprint: str | None = Field(
+        default=None, description="the model version that answered: NAME:VERSION/DIGEST"
+    )
 
 
 def render(result: Embeddings, model: str, encoding_format: str) -> EmbeddingsResponse:
-    data = [Embedding(index=i, embedding=v if encoding_format == "base64" else decode_vector(v))
-            for i, v in enumerate(result.vectors)]
+    data = [
+        Embedding(index=i, embedding=v if encoding_format == "base64" else decode_vector(v))
+        for i, v in enumerate(result.vectors)
+    ]
     tokens = result.reply.prompt_tokens
-    return EmbeddingsResponse(data=data, model=model, usage=EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens),
-                              system_fingerprint=fingerprint(result.reply.model))
+    return EmbeddingsResponse(
+        data=data,
+        model=model,
+        usage=EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens),
+        system_fingerprint=fingerprint(result.reply.model),
+    )

@@ -50,7 +50,9 @@ class Bucket(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     per_minute: int = Field(ge=1)
-    level: float = Field(description="may be negative: the debt of a request larger than the quota, or of usage over its reservation")
+    level: float = Field(
+        description="may be negative: the debt of a request larger than the quota, or of usage over its reservation"
+    )
     at: float
 
     @property
@@ -102,14 +104,19 @@ def admit(usage: KeyUsage | None, key: ApiKeyRecord, tokens: int, now: float) ->
     if reserved is not None and tokens > 0 and (wait := reserved.wait_for(tokens)) > 0:
         raise QuotaExceeded(
             f"API key {key.id} ({key.name}) is over its tokens_per_minute quota of {reserved.per_minute} tokens "
-            f"(this request reserves {tokens}: a bound on its prompt plus max_tokens); retry in {whole_seconds(wait)} s",
-            whole_seconds(wait))
+            f"(this request reserves {tokens}: a bound on its prompt plus max_tokens); "
+            f"retry in {whole_seconds(wait)} s",
+            whole_seconds(wait),
+        )
     if requests is not None and (wait := requests.wait_for(1)) > 0:
         raise QuotaExceeded(
             f"API key {key.id} ({key.name}) is over its requests_per_minute quota of {requests.per_minute} "
-            f"requests; retry in {whole_seconds(wait)} s", whole_seconds(wait))
-    return KeyUsage(requests=requests.adjusted(-1) if requests else None,
-                    tokens=reserved.adjusted(-tokens) if reserved else None)
+            f"requests; retry in {whole_seconds(wait)} s",
+            whole_seconds(wait),
+        )
+    return KeyUsage(
+        requests=requests.adjusted(-1) if requests else None, tokens=reserved.adjusted(-tokens) if reserved else None
+    )
 
 
 def settle(usage: KeyUsage | None, key: ApiKeyRecord, refund: int, now: float) -> KeyUsage:
@@ -126,12 +133,16 @@ def prompt_token_bound(request: InferenceRequest) -> int:
     covers at least one byte."""
     if request.messages is None:
         return len((request.prompt or "").encode()) + PROMPT_FRAME_TOKENS
-    return PROMPT_FRAME_TOKENS + sum(len(m.content.encode()) + len(m.role) + MESSAGE_FRAME_TOKENS for m in request.messages)
+    return PROMPT_FRAME_TOKENS + sum(
+        len(m.content.encode()) + len(m.role) + MESSAGE_FRAME_TOKENS for m in request.messages
+    )
 
 
 def bounded(request: InferenceRequest, max_tokens_cap: int) -> tuple[InferenceRequest, int]:
     """``request`` with a ``max_tokens`` (``max_tokens_cap`` where it had none: a reservation needs a
     bound, and the worker then enforces it), and the tokens it reserves: its prompt's bound plus that."""
     if request.sampling.max_tokens is None:
-        request = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": max_tokens_cap})})
+        request = request.model_copy(
+            update={"sampling": request.sampling.model_copy(update={"max_tokens": max_tokens_cap})}
+        )
     return request, prompt_token_bound(request) + (request.sampling.max_tokens or max_tokens_cap) * request.sampling.n

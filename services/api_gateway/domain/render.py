@@ -39,8 +39,15 @@ def completion_id(request_id: str) -> str:
 
 
 def _choices(reply: InferenceReply) -> list[Choice]:
-    return reply.choices or [Choice(index=0, text=reply.text, finish_reason=reply.finish_reason, logprobs=reply.logprobs,
-                                    tool_calls=reply.tool_calls)]
+    return reply.choices or [
+        Choice(
+            index=0,
+            text=reply.text,
+            finish_reason=reply.finish_reason,
+            logprobs=reply.logprobs,
+            tool_calls=reply.tool_calls,
+        )
+    ]
 
 
 def _message(choice: Choice) -> AssistantMessage:
@@ -51,9 +58,19 @@ def _message(choice: Choice) -> AssistantMessage:
 
 def chat_completion(reply: InferenceReply, model: str) -> ChatCompletion:
     return ChatCompletion(
-        id=chat_id(reply.request_id), created=now(), model=model, system_fingerprint=fingerprint(reply.model),
-        choices=[ChatChoice(index=c.index, message=_message(c), logprobs=chat_logprobs(c.logprobs),
-                            finish_reason=openai_finish(c.finish_reason)) for c in _choices(reply)],
+        id=chat_id(reply.request_id),
+        created=now(),
+        model=model,
+        system_fingerprint=fingerprint(reply.model),
+        choices=[
+            ChatChoice(
+                index=c.index,
+                message=_message(c),
+                logprobs=chat_logprobs(c.logprobs),
+                finish_reason=openai_finish(c.finish_reason),
+            )
+            for c in _choices(reply)
+        ],
         usage=OpenAIUsage.of(reply.usage),
     )
 
@@ -61,9 +78,19 @@ def chat_completion(reply: InferenceReply, model: str) -> ChatCompletion:
 def text_completion(reply: InferenceReply, model: str, echo: str = "") -> Completion:
     """``echo``: the prompt, when the caller asked for it before the completion."""
     return Completion(
-        id=completion_id(reply.request_id), created=now(), model=model, system_fingerprint=fingerprint(reply.model),
-        choices=[CompletionChoice(index=c.index, text=echo + c.text, logprobs=completion_logprobs(c.logprobs),
-                                  finish_reason=openai_finish(c.finish_reason)) for c in _choices(reply)],
+        id=completion_id(reply.request_id),
+        created=now(),
+        model=model,
+        system_fingerprint=fingerprint(reply.model),
+        choices=[
+            CompletionChoice(
+                index=c.index,
+                text=echo + c.text,
+                logprobs=completion_logprobs(c.logprobs),
+                finish_reason=openai_finish(c.finish_reason),
+            )
+            for c in _choices(reply)
+        ],
         usage=OpenAIUsage.of(reply.usage),
     )
 
@@ -90,8 +117,14 @@ class SseStream:
             self.served_by = message.model
             if self.chat:
                 return b"".join(sse(self._chat_chunk(Delta(role="assistant", content=""), i)) for i in range(self.n))
-            return b"".join(self._content(Chunk(request_id=self.request_id, index=0, text=self.echo, choice=i))
-                            for i in range(self.n)) if self.echo else b""
+            return (
+                b"".join(
+                    self._content(Chunk(request_id=self.request_id, index=0, text=self.echo, choice=i))
+                    for i in range(self.n)
+                )
+                if self.echo
+                else b""
+            )
         if isinstance(message, Chunk):
             return self._content(message)
         return self._end(message)
@@ -102,7 +135,9 @@ class SseStream:
 
     def _content(self, chunk: Chunk) -> bytes:
         if self.chat:
-            delta = Delta(content=chunk.text if chunk.text or not chunk.tool_calls else None, tool_calls=chunk.tool_calls)
+            delta = Delta(
+                content=chunk.text if chunk.text or not chunk.tool_calls else None, tool_calls=chunk.tool_calls
+            )
             return sse(self._chat_chunk(delta, chunk.choice, logprobs=chat_logprobs(chunk.logprobs)))
         offset = self.text_offsets.get(chunk.choice, 0)
         body = self._completion_chunk(chunk.text, chunk.choice, None, completion_logprobs(chunk.logprobs, offset))
@@ -114,27 +149,51 @@ class SseStream:
         out = b""
         for index, reason in ends:
             finish = openai_finish(reason)
-            out += sse(self._chat_chunk(Delta(), index, finish=finish) if self.chat
-                       else self._completion_chunk("", index, finish, None))
+            out += sse(
+                self._chat_chunk(Delta(), index, finish=finish)
+                if self.chat
+                else self._completion_chunk("", index, finish, None)
+            )
         if self.include_usage:
             usage = OpenAIUsage.of(end.usage)
             if self.chat:
-                out += sse(ChatCompletionChunk(id=chat_id(self.request_id), created=self.created, model=self.model,
-                                               system_fingerprint=fingerprint(self.served_by), choices=[], usage=usage))
+                out += sse(
+                    ChatCompletionChunk(
+                        id=chat_id(self.request_id),
+                        created=self.created,
+                        model=self.model,
+                        system_fingerprint=fingerprint(self.served_by),
+                        choices=[],
+                        usage=usage,
+                    )
+                )
             else:
-                out += sse(Completion(id=completion_id(self.request_id), created=self.created, model=self.model,
-                                      system_fingerprint=fingerprint(self.served_by), choices=[], usage=usage))
+                out += sse(
+                    Completion(
+                        id=completion_id(self.request_id),
+                        created=self.created,
+                        model=self.model,
+                        system_fingerprint=fingerprint(self.served_by),
+                        choices=[],
+                        usage=usage,
+                    )
+                )
         return out + SSE_DONE
 
     def _chat_chunk(self, delta: Delta, index: int, *, finish: str | None = None, logprobs=None) -> ChatCompletionChunk:  # type: ignore[no-untyped-def]
         return ChatCompletionChunk(
-            id=chat_id(self.request_id), created=self.created, model=self.model, system_fingerprint=fingerprint(self.served_by),
+            id=chat_id(self.request_id),
+            created=self.created,
+            model=self.model,
+            system_fingerprint=fingerprint(self.served_by),
             choices=[ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
         )
 
     def _completion_chunk(self, text: str, index: int, finish: str | None, logprobs) -> Completion:  # type: ignore[no-untyped-def]
         return Completion(
-            id=completion_id(self.request_id), created=self.created, model=self.model,
+            id=completion_id(self.request_id),
+            created=self.created,
+            model=self.model,
             system_fingerprint=fingerprint(self.served_by),
             choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
         )

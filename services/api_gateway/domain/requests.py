@@ -70,7 +70,9 @@ class _Common(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="extension (vLLM): 1 is off")
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024, description="token id -> bias in [-100, 100]")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=1024, description="token id -> bias in [-100, 100]"
+    )
     min_p: float | None = Field(default=None, ge=0, le=1, description="extension (vLLM)")
     response_format: ResponseFormat | None = None
     user: str | None = None
@@ -123,13 +125,23 @@ class _Common(BaseModel):
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
         return SamplingOptions(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []), logprobs=logprobs,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            logprobs=logprobs,
             cap_max_tokens=self.cap_max_tokens,
-            presence_penalty=self.presence_penalty or None, frequency_penalty=self.frequency_penalty or None,
-            repetition_penalty=self.repetition_penalty, min_p=self.min_p, n=self.n,
+            presence_penalty=self.presence_penalty or None,
+            frequency_penalty=self.frequency_penalty or None,
+            repetition_penalty=self.repetition_penalty,
+            min_p=self.min_p,
+            n=self.n,
             logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
-            response_format=self.response_format if self.response_format and self.response_format.type != "text" else None,
+            response_format=self.response_format
+            if self.response_format and self.response_format.type != "text"
+            else None,
         )
 
 
@@ -154,9 +166,13 @@ class ChatCompletionRequest(_Common):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return InferenceRequest(
-            request_id=request_id, model=self.model, messages=[m.to_strata() for m in self.messages],
-            sampling=self._sampling(max_tokens, logprobs), stream=self.stream,
-            tools=self.tools or None, tool_choice=self.tool_choice if self.tools else None,
+            request_id=request_id,
+            model=self.model,
+            messages=[m.to_strata() for m in self.messages],
+            sampling=self._sampling(max_tokens, logprobs),
+            stream=self.stream,
+            tools=self.tools or None,
+            tool_choice=self.tool_choice if self.tools else None,
             parallel_tool_calls=self.parallel_tool_calls if self.tools else None,
         )
 
@@ -186,8 +202,10 @@ class CompletionRequest(_Common):
     @model_validator(mode="after")
     def _echo_without_logprobs(self) -> CompletionRequest:
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported: the prompt tokens' logprobs are not computed; "
-                             "send echo or logprobs")
+            raise ValueError(
+                "echo with logprobs is not supported: the prompt tokens' logprobs are not computed; "
+                "send echo or logprobs"
+            )
         return self
 
     @field_validator("prompt")
@@ -200,6 +218,9 @@ class CompletionRequest(_Common):
     def to_inference(self, request_id: str) -> InferenceRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return InferenceRequest(
-            request_id=request_id, model=self.model, prompt=prompt,
-            sampling=self._sampling(self.max_tokens, self.logprobs), stream=self.stream,
+            request_id=request_id,
+            model=self.model,
+            prompt=prompt,
+            sampling=self._sampling(self.max_tokens, self.logprobs),
+            stream=self.stream,
         )

@@ -20,7 +20,11 @@ class OpenAIUsage(BaseModel):
 
     @classmethod
     def of(cls, usage: Usage) -> OpenAIUsage:
-        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens)
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        )
 
 
 # -- logprobs ------------------------------------------------------------------------------------
@@ -52,10 +56,17 @@ def _top(token: str, logprob: float) -> TopLogprob:
 def chat_logprobs(items: list[TokenLogprob] | None) -> ChatLogprobs | None:
     if items is None:
         return None
-    return ChatLogprobs(content=[
-        ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()), top_logprobs=[_top(s, lp) for s, lp in t.top])
-        for t in items
-    ])
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=list(t.token.encode()),
+                top_logprobs=[_top(s, lp) for s, lp in t.top],
+            )
+            for t in items
+        ]
+    )
 
 
 def completion_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> CompletionLogprobs | None:
@@ -66,8 +77,10 @@ def completion_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> Co
         offsets.append(at)
         at += len(t.token)
     return CompletionLogprobs(
-        tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
-        top_logprobs=[dict(t.top) for t in items], text_offset=offsets,
+        tokens=[t.token for t in items],
+        token_logprobs=[t.logprob for t in items],
+        top_logprobs=[dict(t.top) for t in items],
+        text_offset=offsets,
     )
 
 
@@ -150,8 +163,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "strata"
-    max_model_len: int | None = Field(default=None, description=(
-        "the most tokens (prompt plus completion) one request may hold, as vLLM names it; None if no worker said"))
+    max_model_len: int | None = Field(
+        default=None,
+        description=(
+            "the most tokens (prompt plus completion) one request may hold, as vLLM names it; None if no worker said"
+        ),
+    )
 
 
 class ModelList(BaseModel):

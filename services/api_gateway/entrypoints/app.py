@@ -38,7 +38,14 @@ from services.api_gateway.domain import render
 from services.api_gateway.domain.embeddings import EmbeddingsRequest, EmbeddingsResponse
 from services.api_gateway.domain.errors import OpenAIError, invalid, to_openai
 from services.api_gateway.domain.requests import ChatCompletionRequest, CompletionRequest
-from services.api_gateway.domain.responses import ChatCompletion, Completion, ErrorBody, ErrorDetail, ModelCard, ModelList
+from services.api_gateway.domain.responses import (
+    ChatCompletion,
+    Completion,
+    ErrorBody,
+    ErrorDetail,
+    ModelCard,
+    ModelList,
+)
 from services.api_gateway.adapters.quota_counters import KvQuotaCounters
 from services.api_gateway.service_layer import embeddings
 from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
@@ -53,15 +60,26 @@ REQUEST_ID_HEADER = "x-request-id"
 GATEWAY_REQUEST_ID_HEADER = "x-strata-request-id"  # the id the gateway made: the one in events and receipts
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody, "description": d} for s, d in (
-        (400, "invalid request; code context_length_exceeded: the prompt, or the prompt plus max_tokens, is over the "
-              "model's context (the message names both numbers)"), (401, "missing, unknown or revoked API key"),
-        (403, "the API key lacks the 'inference' scope"), (404, "model not deployed"),
+    s: {"model": ErrorBody, "description": d}
+    for s, d in (
+        (
+            400,
+            "invalid request; code context_length_exceeded: the prompt, or the prompt plus max_tokens, is over the "
+            "model's context (the message names both numbers)",
+        ),
+        (401, "missing, unknown or revoked API key"),
+        (403, "the API key lacks the 'inference' scope"),
+        (404, "model not deployed"),
         (413, "the body is over the gateway's limit (the message names it); do not retry it"),
-        (429, "the API key is over its requests_per_minute or tokens_per_minute quota, or the gateway is "
-              "overloaded (Retry-After: whole seconds)"),
-        (502, "the worker died"), (503, "workers overloaded, or the quota counters out of reach for a key with a quota (Retry-After)"),
-        (504, "timed out"))
+        (
+            429,
+            "the API key is over its requests_per_minute or tokens_per_minute quota, or the gateway is "
+            "overloaded (Retry-After: whole seconds)",
+        ),
+        (502, "the worker died"),
+        (503, "workers overloaded, or the quota counters out of reach for a key with a quota (Retry-After)"),
+        (504, "timed out"),
+    )
 }
 
 
@@ -73,8 +91,12 @@ class GatewayHealth(Health):
 
 def create_service(settings: Settings | None = None, config: GatewayConfig | None = None) -> Service:
     config = config or GatewayConfig.from_env()
-    service = Service("api-gateway", settings, description="OpenAI-compatible HTTP API in front of the workers. "
-                      "Every /v1 route needs an API key with the 'inference' scope (or 'admin'); /healthz is open.")
+    service = Service(
+        "api-gateway",
+        settings,
+        description="OpenAI-compatible HTTP API in front of the workers. "
+        "Every /v1 route needs an API key with the 'inference' scope (or 'admin'); /healthz is open.",
+    )
     # The gateway never writes a key (it makes the bucket only where NATS has no users and nothing provisioned
     # it); STRATA_API_KEYS are honoured by this gateway alone.
     auth = protect(service, create_bucket=True, local_keys=config.seed_keys, health=False)
@@ -93,9 +115,13 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     _install_errors(app, service.metrics)
     _replace_health(service, gateway, auth)
 
-    async def caller(request: Request, x_request_id: str | None = Header(
-            default=None, json_schema_extra={"pattern": _REQUEST_ID.pattern}),  # documented; checked below with a clear message
-            credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Caller:
+    async def caller(
+        request: Request,
+        x_request_id: str | None = Header(
+            default=None, json_schema_extra={"pattern": _REQUEST_ID.pattern}
+        ),  # documented; checked below with a clear message
+        credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+    ) -> Caller:
         """A new request id (the caller's x-request-id is checked, and kept only for correlation) and
         the API key's holder: one dependency, as each one FastAPI solves per request costs CPU on the
         hottest path."""
@@ -110,7 +136,9 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
         return await gateway.list_models(c)
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS, tags=["openai"])
-    async def retrieve_model(model_id: str, request: Request, response: Response, c: Caller = Depends(caller)) -> ModelCard:
+    async def retrieve_model(
+        model_id: str, request: Request, response: Response, c: Caller = Depends(caller)
+    ) -> ModelCard:
         response.headers.update(_id_headers(request))
         return await gateway.retrieve_model(c, model_id)
 
@@ -118,19 +146,31 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
 
     @inference.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "chat", body.include_usage)
+        return await _serve(
+            gateway, request, c, _inference_of(body, request, c), body.model, "chat", body.include_usage
+        )
 
     @inference.post("/v1/completions", response_model=Completion, responses=_ERRORS, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, c: Caller = Depends(caller)) -> Response:
-        return await _serve(gateway, request, c, _inference_of(body, request, c), body.model, "text_completion",
-                            body.include_usage, echo=body.echo)
+        return await _serve(
+            gateway,
+            request,
+            c,
+            _inference_of(body, request, c),
+            body.model,
+            "text_completion",
+            body.include_usage,
+            echo=body.echo,
+        )
 
     @inference.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, tags=["openai"])
     async def create_embeddings(body: EmbeddingsRequest, request: Request, c: Caller = Depends(caller)) -> Response:
         trace.get_current_span().update_name(f"embeddings {body.model}")
         # a client that hangs up cancels it: the worker hears an infer.cancel and its engine computes no more
-        reply, salt = await _unless_disconnected(request, embeddings.embed(
-            gateway, c, body, request.state.request_id, request.headers.get(REQUEST_ID_HEADER)))
+        reply, salt = await _unless_disconnected(
+            request,
+            embeddings.embed(gateway, c, body, request.state.request_id, request.headers.get(REQUEST_ID_HEADER)),
+        )
         headers = {**_id_headers(request), **({SALT_HEADER: salt} if salt else {})}
         return Response(reply, media_type="application/json", headers=headers)
 
@@ -143,16 +183,21 @@ def _id_headers(request: Request) -> dict[str, str]:
     one that is not a valid id)."""
     ours: str = getattr(request.state, "request_id", None) or new_id()
     theirs = request.headers.get(REQUEST_ID_HEADER)
-    return {GATEWAY_REQUEST_ID_HEADER: ours, REQUEST_ID_HEADER: theirs if theirs and _REQUEST_ID.match(theirs) else ours}
+    return {
+        GATEWAY_REQUEST_ID_HEADER: ours,
+        REQUEST_ID_HEADER: theirs if theirs and _REQUEST_ID.match(theirs) else ours,
+    }
 
 
 def _inference_of(body: ChatCompletionRequest | CompletionRequest, request: Request, c: Caller) -> InferenceRequest:
     return body.to_inference(request.state.request_id).model_copy(
-        update={"api_key_id": c.key_id, "client_request_id": request.headers.get(REQUEST_ID_HEADER)})
+        update={"api_key_id": c.key_id, "client_request_id": request.headers.get(REQUEST_ID_HEADER)}
+    )
 
 
-def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCredentials | None], Awaitable[Caller]],
-                    gateway: Gateway) -> type[APIRoute]:
+def _solved_by_hand(
+    caller: Callable[[Request, str | None, HTTPAuthorizationCredentials | None], Awaitable[Caller]], gateway: Gateway
+) -> type[APIRoute]:
     """The inference routes' class. FastAPI documents them from the endpoint's signature as usual, but
     its generic per-request solving of that signature was a quarter of the gateway's CPU under load
     (py-spy, docs/benchmarks.md §1). Here ``caller``, the routes' one dependency, is called with the
@@ -181,7 +226,9 @@ def _solved_by_hand(caller: Callable[[Request, str | None, HTTPAuthorizationCred
 def _parse_body(model: type[M], content_type: str | None, raw: bytes) -> M:
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
-        raise StarletteHTTPException(400, f"the body must be JSON with Content-Type: application/json (got {content_type or 'none'!r})")
+        raise StarletteHTTPException(
+            400, f"the body must be JSON with Content-Type: application/json (got {content_type or 'none'!r})"
+        )
     if not raw:
         raise StarletteHTTPException(400, "the request has no body: send a JSON object")
     try:
@@ -193,8 +240,16 @@ def _parse_body(model: type[M], content_type: str | None, raw: bytes) -> M:
         raise RequestValidationError(problems) from None
 
 
-async def _serve(gateway: Gateway, http: Request, caller: Caller, request: InferenceRequest, model: str,
-                 operation: Literal["chat", "text_completion"], include_usage: bool, echo: bool = False) -> Response:
+async def _serve(
+    gateway: Gateway,
+    http: Request,
+    caller: Caller,
+    request: InferenceRequest,
+    model: str,
+    operation: Literal["chat", "text_completion"],
+    include_usage: bool,
+    echo: bool = False,
+) -> Response:
     slot = gateway.admit()
     metering = gateway.metering
     try:
@@ -207,14 +262,24 @@ async def _serve(gateway: Gateway, http: Request, caller: Caller, request: Infer
     # cost ~10 % of the gateway's CPU per request.
     span = trace.get_current_span()
     span.update_name(f"{operation} {model}")
-    span.set_attributes({
-        "gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.system": "strata",
-        "strata.request_id": request.request_id,
-        **({"strata.client_request_id": request.client_request_id} if request.client_request_id else {}),
-        **{f"gen_ai.request.{k}": v for k, v in request.sampling.model_dump(exclude_none=True).items() if isinstance(v, int | float)},
-    })
+    span.set_attributes(
+        {
+            "gen_ai.operation.name": operation,
+            "gen_ai.request.model": model,
+            "gen_ai.system": "strata",
+            "strata.request_id": request.request_id,
+            **({"strata.client_request_id": request.client_request_id} if request.client_request_id else {}),
+            **{
+                f"gen_ai.request.{k}": v
+                for k, v in request.sampling.model_dump(exclude_none=True).items()
+                if isinstance(v, int | float)
+            },
+        }
+    )
     headers = _id_headers(http)
-    if (context := span.get_span_context()).is_valid:  # W3C: the caller finds the request's trace (and the ledger's records)
+    if (
+        context := span.get_span_context()
+    ).is_valid:  # W3C: the caller finds the request's trace (and the ledger's records)
         headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
     try:
         if request.stream:
@@ -234,14 +299,27 @@ async def _serve(gateway: Gateway, http: Request, caller: Caller, request: Infer
         headers[SALT_HEADER] = salt
     if not request.stream:
         slot.release()
-        await metering.settle(hold, reply.usage.total_tokens)  # before answering: the caller may spend the refund at once
-        _record_usage(span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason)
-        body = render.chat_completion(reply, model) if operation == "chat" else \
-            render.text_completion(reply, model, request.prompt or "" if echo else "")
+        await metering.settle(
+            hold, reply.usage.total_tokens
+        )  # before answering: the caller may spend the refund at once
+        _record_usage(
+            span, reply.model.name, reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.finish_reason
+        )
+        body = (
+            render.chat_completion(reply, model)
+            if operation == "chat"
+            else render.text_completion(reply, model, request.prompt or "" if echo else "")
+        )
         return Response(body.model_dump_json(), media_type="application/json", headers=headers)  # no dict in between
 
-    sse = render.SseStream(request_id=request.request_id, model=model, chat=operation == "chat", include_usage=include_usage,
-                           echo=request.prompt or "" if echo else "", n=request.sampling.n)
+    sse = render.SseStream(
+        request_id=request.request_id,
+        model=model,
+        chat=operation == "chat",
+        include_usage=include_usage,
+        echo=request.prompt or "" if echo else "",
+        n=request.sampling.n,
+    )
 
     async def events() -> AsyncIterator[bytes]:
         # A client that goes away cancels this generator at its await: the shared client's stream
@@ -251,8 +329,13 @@ async def _serve(gateway: Gateway, http: Request, caller: Caller, request: Infer
             while True:
                 if isinstance(message, End):
                     await metering.settle(hold, message.usage.total_tokens)
-                    _record_usage(span, started.model.name, message.usage.prompt_tokens,
-                                  message.usage.completion_tokens, message.finish_reason)
+                    _record_usage(
+                        span,
+                        started.model.name,
+                        message.usage.prompt_tokens,
+                        message.usage.completion_tokens,
+                        message.finish_reason,
+                    )
                 if piece := sse.render(message):
                     yield piece
                 if isinstance(message, End):
@@ -269,8 +352,12 @@ async def _serve(gateway: Gateway, http: Request, caller: Caller, request: Infer
         metering.settle_from_event(hold)  # a stream that ended without its ``end`` (no-op after a settle)
         await stream.aclose()  # type: ignore[attr-defined]
 
-    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(finish),
-                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        background=BackgroundTask(finish),
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _unless_disconnected(http: Request, work: Awaitable[T], poll_s: float = 0.2) -> T:
@@ -309,10 +396,14 @@ async def _unless_disconnected(http: Request, work: Awaitable[T], poll_s: float 
 
 
 def _record_usage(span: trace.Span, served: str, prompt: int, completion: int, finish: str) -> None:
-    span.set_attributes({
-        "gen_ai.response.model": served, "gen_ai.usage.input_tokens": prompt,
-        "gen_ai.usage.output_tokens": completion, "gen_ai.response.finish_reasons": [finish],
-    })
+    span.set_attributes(
+        {
+            "gen_ai.response.model": served,
+            "gen_ai.usage.input_tokens": prompt,
+            "gen_ai.usage.output_tokens": completion,
+            "gen_ai.response.finish_reasons": [finish],
+        }
+    )
 
 
 def _record_error(span: trace.Span, exc: BaseException) -> None:
@@ -323,9 +414,13 @@ def _record_error(span: trace.Span, exc: BaseException) -> None:
 def _install_errors(app: FastAPI, metrics: ServiceMetrics) -> None:
     """Every error, this gateway's or FastAPI's, in OpenAI's shape (replacing Service's default); the
     refusals (4xx, and overload) counted by reason at /metrics."""
-    refusals = Counter("strata_gateway_refusals", "Requests refused, by reason (auth, quota, overload, context, "
-                       "not_found, validation); failures of ours (5xx) are not refusals", ["service", "reason"],
-                       registry=metrics.registry)
+    refusals = Counter(
+        "strata_gateway_refusals",
+        "Requests refused, by reason (auth, quota, overload, context, "
+        "not_found, validation); failures of ours (5xx) are not refusals",
+        ["service", "reason"],
+        registry=metrics.registry,
+    )
 
     def respond(request: Request, error: OpenAIError) -> JSONResponse:
         if error.refusal is not None:
@@ -343,7 +438,9 @@ def _install_errors(app: FastAPI, metrics: ServiceMetrics) -> None:
         return respond(request, to_openai(errors.StrataError(f"internal error: {type(exc).__name__}")))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # e.g. a body that is not JSON at all
+    async def _http(
+        request: Request, exc: StarletteHTTPException
+    ) -> JSONResponse:  # e.g. a body that is not JSON at all
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = ErrorBody(error=ErrorDetail(message=str(exc.detail), type=kind))
         return respond(request, OpenAIError(status=exc.status_code, body=body))
@@ -371,6 +468,10 @@ def _replace_health(service: Service, gateway: Gateway, auth: KeyAuth) -> None:
     @service.http.get("/healthz", response_model=GatewayHealth, tags=["health"])
     async def health() -> JSONResponse:
         base = service.health()
-        body = GatewayHealth(**base.model_dump(), auth=await auth.mode(),
-                             in_flight=gateway.in_flight, max_in_flight=gateway.config.max_in_flight)
+        body = GatewayHealth(
+            **base.model_dump(),
+            auth=await auth.mode(),
+            in_flight=gateway.in_flight,
+            max_in_flight=gateway.config.max_in_flight,
+        )
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if base.status == "ok" else 503)

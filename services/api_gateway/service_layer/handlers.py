@@ -33,22 +33,40 @@ class GatewayConfig(BaseModel):
     # a reservation must outlive its request (and the wait for its settling event) in the quota counters
     request_timeout_s: float = Field(default=600.0, gt=0, lt=QUOTA_TTL_S - SETTLE_WAIT_S,
                                      description="the longest a whole request may take (504)")
-    silence_timeout_s: float = Field(default=SILENCE_TIMEOUT_S, gt=0, description="a worker silent this long is dead (502)")
-    seed_keys: list[str] = Field(default=[], description="raw keys this gateway alone honours as inference keys (STRATA_API_KEYS)")
-    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024, description=(
-        "the largest request body accepted (413 above it); never more than one NATS message carries (see body_limit)"))
-    quota_max_tokens: int = Field(default=4096, ge=1, description=(
-        "the max_tokens of a request without one, on a key with a tokens_per_minute quota: its reservation needs a bound"))
+    silence_timeout_s: float = Field(
+        default=SILENCE_TIMEOUT_S, gt=0, description="a worker silent this long is dead (502)"
+    )
+    seed_keys: list[str] = Field(
+        default=[], description="raw keys this gateway alone honours as inference keys (STRATA_API_KEYS)"
+    )
+    max_body_bytes: int = Field(
+        default=MAX_BODY_BYTES,
+        ge=1024,
+        description=(
+            "the largest request body accepted (413 above it); "
+            "never more than one NATS message carries (see body_limit)"
+        ),
+    )
+    quota_max_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description=(
+            "the max_tokens of a request without one, on a key with a tokens_per_minute quota: "
+            "its reservation needs a bound"
+        ),
+    )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> GatewayConfig:
         env = dict(os.environ if env is None else env)
         values: dict[str, object] = {}
-        for field, var in (("max_in_flight", "STRATA_API_GATEWAY_MAX_IN_FLIGHT"),
-                           ("request_timeout_s", "STRATA_API_GATEWAY_REQUEST_TIMEOUT_S"),
-                           ("silence_timeout_s", "STRATA_API_GATEWAY_SILENCE_TIMEOUT_S"),
-                           ("quota_max_tokens", "STRATA_API_GATEWAY_QUOTA_MAX_TOKENS"),
-                           ("max_body_bytes", "STRATA_API_GATEWAY_MAX_BODY_BYTES")):
+        for field, var in (
+            ("max_in_flight", "STRATA_API_GATEWAY_MAX_IN_FLIGHT"),
+            ("request_timeout_s", "STRATA_API_GATEWAY_REQUEST_TIMEOUT_S"),
+            ("silence_timeout_s", "STRATA_API_GATEWAY_SILENCE_TIMEOUT_S"),
+            ("quota_max_tokens", "STRATA_API_GATEWAY_QUOTA_MAX_TOKENS"),
+            ("max_body_bytes", "STRATA_API_GATEWAY_MAX_BODY_BYTES"),
+        ):
             if env.get(var):
                 values[field] = env[var]
         values["seed_keys"] = [k.strip() for k in env.get("STRATA_API_KEYS", "").split(",") if k.strip()]
@@ -109,12 +127,16 @@ class Gateway:
         """413 for a body over ``body_limit``, naming the limit: retrying it can never help."""
         limit = self.body_limit()
         if size > limit:
-            raise errors.TooLarge(f"the request body is {size} bytes; this gateway accepts at most {limit} bytes "
-                                  "(STRATA_API_GATEWAY_MAX_BODY_BYTES): shorten the prompt")
+            raise errors.TooLarge(
+                f"the request body is {size} bytes; this gateway accepts at most {limit} bytes "
+                "(STRATA_API_GATEWAY_MAX_BODY_BYTES): shorten the prompt"
+            )
 
     def admit(self) -> Slot:
         if self.in_flight >= self.config.max_in_flight:
-            raise Overloaded(f"the gateway is at its limit of {self.config.max_in_flight} requests in flight; retry shortly")
+            raise Overloaded(
+                f"the gateway is at its limit of {self.config.max_in_flight} requests in flight; retry shortly"
+            )
         self.in_flight += 1
         return Slot(self)
 
@@ -135,7 +157,10 @@ class Gateway:
     async def complete(self, request: InferenceRequest) -> InferenceReply:
         try:
             return await inference_client.complete(
-                self.nc, request, silence_timeout_s=self.config.silence_timeout_s, deadline_s=self.config.request_timeout_s,
+                self.nc,
+                request,
+                silence_timeout_s=self.config.silence_timeout_s,
+                deadline_s=self.config.request_timeout_s,
             )
         except errors.NotFound as exc:
             raise ModelNotDeployed(exc.message) from None
@@ -144,14 +169,19 @@ class Gateway:
         """Send a streaming request and wait for the worker to take it, so that not-deployed,
         overloaded and invalid answers still get their own HTTP status; then the rest streams."""
         stream = inference_client.stream(
-            self.nc, request, silence_timeout_s=self.config.silence_timeout_s, deadline_s=self.config.request_timeout_s,
+            self.nc,
+            request,
+            silence_timeout_s=self.config.silence_timeout_s,
+            deadline_s=self.config.request_timeout_s,
         )
         try:
             first = await anext(stream)
         except errors.NotFound as exc:
             raise ModelNotDeployed(exc.message) from None
         except StopAsyncIteration:
-            raise inference_client.WorkerLost(f"the worker ended request {request.request_id} without answering") from None
+            raise inference_client.WorkerLost(
+                f"the worker ended request {request.request_id} without answering"
+            ) from None
         if not isinstance(first, Started):
             await stream.aclose()  # type: ignore[attr-defined]
             raise inference_client.WorkerLost(f"the worker answered request {request.request_id} before starting it")

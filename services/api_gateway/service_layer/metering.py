@@ -71,7 +71,9 @@ def ran_nothing(exc: BaseException) -> bool:
 
 
 class Metering:
-    def __init__(self, max_tokens_cap: int, clock: Callable[[], float] = time.time, settle_wait_s: float = SETTLE_WAIT_S) -> None:
+    def __init__(
+        self, max_tokens_cap: int, clock: Callable[[], float] = time.time, settle_wait_s: float = SETTLE_WAIT_S
+    ) -> None:
         self.max_tokens_cap = max_tokens_cap
         self.counters: QuotaCounters | None = None  # set when the gateway starts (the counters live in NATS)
         self._clock = clock
@@ -88,7 +90,9 @@ class Metering:
         if key is not None and key.requests_per_minute is not None:
             await self._counters().change(key.id, lambda usage: quotas.admit(usage, key, 0, self._clock()))
 
-    async def reserve(self, key: ApiKeyRecord | None, request: InferenceRequest) -> tuple[InferenceRequest, Hold | None]:
+    async def reserve(
+        self, key: ApiKeyRecord | None, request: InferenceRequest
+    ) -> tuple[InferenceRequest, Hold | None]:
         """Count ``request`` and reserve its tokens, or raise QuotaExceeded (429) / QuotaStoreUnavailable
         (503). A key with a token quota gets its ``max_tokens`` bounded (``max_tokens_cap`` where unset)."""
         if key is None or not quotas.is_metered(key):
@@ -125,10 +129,17 @@ class Metering:
         if refund == 0:
             return
         try:
-            await self._counters().change(hold.key.id, lambda usage: quotas.settle(usage, hold.key, refund, self._clock()))
+            await self._counters().change(
+                hold.key.id, lambda usage: quotas.settle(usage, hold.key, refund, self._clock())
+            )
         except QuotaStoreUnavailable as exc:
-            log.warning("request %s: could not settle %d reserved tokens of key %s (it stays charged in full): %s",
-                        hold.request_id, hold.reserved, hold.key.id, exc.message)
+            log.warning(
+                "request %s: could not settle %d reserved tokens of key %s (it stays charged in full): %s",
+                hold.request_id,
+                hold.reserved,
+                hold.key.id,
+                exc.message,
+            )
 
     def settle_from_event(self, hold: Hold | None) -> None:
         """The request ended without telling this gateway what it used: settle when the worker's

@@ -29,7 +29,9 @@ def load_policy(path: Path) -> AdmissionPolicy | None:
     except yaml.YAMLError as exc:
         raise PolicyFileError(f"admission policy {path}: not valid YAML: {exc}") from None
     if not isinstance(content, dict):
-        raise PolicyFileError(f"admission policy {path}: expected a mapping of rules at the top, found {type(content).__name__}")
+        raise PolicyFileError(
+            f"admission policy {path}: expected a mapping of rules at the top, found {type(content).__name__}"
+        )
     try:
         rules = PolicyRules.model_validate(content)
     except ValidationError as exc:

@@ -37,7 +37,9 @@ class ProbeResult(BaseModel):
 
     def devices(self) -> list[DeviceInfo]:
         """Every placement target: the CPU (its RAM) and each GPU."""
-        cpu = DeviceInfo(id="cpu", kind="cpu", name=self.cpu_model, memory_total=self.ram_total, memory_free=self.ram_free)
+        cpu = DeviceInfo(
+            id="cpu", kind="cpu", name=self.cpu_model, memory_total=self.ram_total, memory_free=self.ram_free
+        )
         return [cpu, *self.gpus]
 
 
@@ -58,7 +60,9 @@ class StaticProbe:
         except FileNotFoundError:
             raise Invalid(f"probe file {self.path} does not exist") from None
         except ValidationError as exc:
-            raise Invalid(f"probe file {self.path} is not a valid probe: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+            raise Invalid(
+                f"probe file {self.path} is not a valid probe: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+            ) from None
 
 
 class SystemProbe:
@@ -78,10 +82,16 @@ class SystemProbe:
             utilisation["cpu"] = cpu
         utilisation.update({g.id: u for g, u in nvml_utilisation()})
         return ProbeResult(
-            hostname=socket.gethostname(), cpu_model=parse_cpu_model(_read("/proc/cpuinfo")),
-            cpu_cores=os.cpu_count() or 1, ram_total=meminfo.get("MemTotal", 0),
+            hostname=socket.gethostname(),
+            cpu_model=parse_cpu_model(_read("/proc/cpuinfo")),
+            cpu_cores=os.cpu_count() or 1,
+            ram_total=meminfo.get("MemTotal", 0),
             ram_free=meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
-            disk_total=disk.total, disk_free=disk.free, gpus=gpus, utilisation=utilisation, labels=self.labels,
+            disk_total=disk.total,
+            disk_free=disk.free,
+            gpus=gpus,
+            utilisation=utilisation,
+            labels=self.labels,
         )
 
     def _cpu_utilisation(self) -> float | None:
@@ -125,11 +135,18 @@ def torch_gpus() -> list[DeviceInfo]:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)
-            gpus.append(DeviceInfo(
-                id=f"cuda:{i}", kind="cuda", name=props.name, memory_total=total, memory_free=free,
-                uuid=str(getattr(props, "uuid", "")) or None, compute_capability=f"{props.major}.{props.minor}",
-                driver=torch.version.cuda and f"cuda {torch.version.cuda}",
-            ))
+            gpus.append(
+                DeviceInfo(
+                    id=f"cuda:{i}",
+                    kind="cuda",
+                    name=props.name,
+                    memory_total=total,
+                    memory_free=free,
+                    uuid=str(getattr(props, "uuid", "")) or None,
+                    compute_capability=f"{props.major}.{props.minor}",
+                    driver=torch.version.cuda and f"cuda {torch.version.cuda}",
+                )
+            )
         return gpus
     except Exception as exc:  # a broken driver must not stop a CPU node from joining
         log.warning("torch.cuda probe failed: %s", exc)
@@ -160,11 +177,18 @@ def nvml_gpus() -> list[DeviceInfo]:
             handle = nv.nvmlDeviceGetHandleByIndex(i)
             mem = nv.nvmlDeviceGetMemoryInfo(handle)
             major, minor = nv.nvmlDeviceGetCudaComputeCapability(handle)
-            gpus.append(DeviceInfo(
-                id=f"cuda:{i}", kind="cuda", name=_text(nv.nvmlDeviceGetName(handle)), memory_total=mem.total,
-                memory_free=mem.free, uuid=_text(nv.nvmlDeviceGetUUID(handle)),
-                compute_capability=f"{major}.{minor}", driver=driver,
-            ))
+            gpus.append(
+                DeviceInfo(
+                    id=f"cuda:{i}",
+                    kind="cuda",
+                    name=_text(nv.nvmlDeviceGetName(handle)),
+                    memory_total=mem.total,
+                    memory_free=mem.free,
+                    uuid=_text(nv.nvmlDeviceGetUUID(handle)),
+                    compute_capability=f"{major}.{minor}",
+                    driver=driver,
+                )
+            )
         return gpus
     except Exception as exc:
         log.warning("NVML probe failed: %s", exc)
@@ -177,8 +201,10 @@ def nvml_utilisation() -> list[tuple[DeviceInfo, float]]:
         return []
     try:
         return [
-            (DeviceInfo(id=f"cuda:{i}", kind="cuda", name="", memory_total=0, memory_free=0),
-             nv.nvmlDeviceGetUtilizationRates(nv.nvmlDeviceGetHandleByIndex(i)).gpu / 100)
+            (
+                DeviceInfo(id=f"cuda:{i}", kind="cuda", name="", memory_total=0, memory_free=0),
+                nv.nvmlDeviceGetUtilizationRates(nv.nvmlDeviceGetHandleByIndex(i)).gpu / 100,
+            )
             for i in range(nv.nvmlDeviceGetCount())
         ]
     except Exception:

@@ -57,7 +57,9 @@ class InventoryState:
         """The keys under ``prefix`` (deleted ones included: their reads are None). From the stream's
         subject counts, not ``kv.keys()``: that makes a consumer per call, and the liveness check lists
         the nodes several times a second; under load the consumers piled up to the server's limit."""
-        info = await self.js.stream_info(subjects.kv_stream(self.bucket), subjects_filter=subjects.kv_writes(self.bucket, prefix))
+        info = await self.js.stream_info(
+            subjects.kv_stream(self.bucket), subjects_filter=subjects.kv_writes(self.bucket, prefix)
+        )
         return [subjects.kv_key_of(self.bucket, subject) for subject in (info.state.subjects or {})]
 
     async def read(self, key: str, model: type[T]) -> tuple[T | None, int]:
@@ -88,7 +90,9 @@ class InventoryState:
                 return result
             except KeyWrongLastSequenceError:
                 self.conflicts += 1
-                await asyncio.sleep(random.uniform(0, 0.005 * min(attempt + 1, 20)))  # jitter: racing writers desynchronise
+                await asyncio.sleep(
+                    random.uniform(0, 0.005 * min(attempt + 1, 20))
+                )  # jitter: racing writers desynchronise
         raise Conflict(f"{key}: still conflicting after {MAX_ATTEMPTS} compare-and-set attempts")
 
     # -- typed views ---------------------------------------------------------------------------
@@ -115,4 +119,3 @@ class InventoryState:
 
 def node_key(node_id: str) -> str:
     return "node." + "".join(c if c.isalnum() or c in "-_" else "_" for c in node_id)
-

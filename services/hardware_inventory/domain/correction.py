@@ -69,7 +69,9 @@ class Correction(BaseModel):
     mean_abs_error: float | None = Field(default=None, description="mean |last_error| over every sample")
     ignored: int = Field(default=0, ge=0, description="measurements not learned from (too small, too far off)")
     last_ignored: str | None = Field(default=None, description="why the last ignored measurement was")
-    applied: list[str] = Field(default=[], description="deployment replicas already counted, learned or ignored (idempotence)")
+    applied: list[str] = Field(
+        default=[], description="deployment replicas already counted, learned or ignored (idempotence)"
+    )
 
     @property
     def key(self) -> str:
@@ -80,49 +82,73 @@ class Correction(BaseModel):
         if self.samples == 0:
             return estimate
         f = self.overhead_factor
-        return estimate.model_copy(update={
-            "weights": math.ceil(estimate.weights * self.weights_factor),
-            "activations": math.ceil(estimate.activations * f),
-            "workspace": math.ceil(estimate.workspace * f),
-        })
+        return estimate.model_copy(
+            update={
+                "weights": math.ceil(estimate.weights * self.weights_factor),
+                "activations": math.ceil(estimate.activations * f),
+                "workspace": math.ceil(estimate.workspace * f),
+            }
+        )
 
-    def learn(self, raw: FitEstimate, scheduled_total: int, measured_weights: int, measured_kv_cache: int,
-              measured_peak: int, sample_id: str) -> Correction:
+    def learn(
+        self,
+        raw: FitEstimate,
+        scheduled_total: int,
+        measured_weights: int,
+        measured_kv_cache: int,
+        measured_peak: int,
+        sample_id: str,
+    ) -> Correction:
         """Fold in one measurement, or raise IgnoredMeasurement. ``raw`` is the uncorrected formula for
         the deployment's settings, ``scheduled_total`` what was predicted (corrected) when it was scheduled."""
         if sample_id in self.applied:
             return self
         if measured_peak <= 0 or measured_weights + measured_kv_cache > measured_peak:
-            raise IgnoredMeasurement(f"implausible: weights {measured_weights} B and KV cache "
-                                     f"{measured_kv_cache} B exceed the peak of {measured_peak} B")
+            raise IgnoredMeasurement(
+                f"implausible: weights {measured_weights} B and KV cache "
+                f"{measured_kv_cache} B exceed the peak of {measured_peak} B"
+            )
         w_obs = _observed(measured_weights, raw.weights)
         o_obs = _observed(measured_peak - measured_weights - measured_kv_cache, raw.activations + raw.workspace)
         if w_obs is None and o_obs is None:
-            raise IgnoredMeasurement(f"too small to learn from: weights and overhead each under {_mib(MIN_MEANINGFUL_BYTES)} "
-                                     f"predicted or measured (peak {_mib(measured_peak)}, formula {_mib(raw.total)})")
+            raise IgnoredMeasurement(
+                f"too small to learn from: weights and overhead each under {_mib(MIN_MEANINGFUL_BYTES)} "
+                f"predicted or measured (peak {_mib(measured_peak)}, formula {_mib(raw.total)})"
+            )
         if not 1 / MAX_RATIO <= measured_peak / raw.total <= MAX_RATIO:
-            raise IgnoredMeasurement(f"too far from the formula: a peak of {_mib(measured_peak)} against {_mib(raw.total)} "
-                                     f"(more than {MAX_RATIO:g}x either way): the probe missed or double-counted memory")
+            raise IgnoredMeasurement(
+                f"too far from the formula: a peak of {_mib(measured_peak)} against {_mib(raw.total)} "
+                f"(more than {MAX_RATIO:g}x either way): the probe missed or double-counted memory"
+            )
         n = self.samples + 1
         alpha = max(1.0 / n, ALPHA)
         error = (scheduled_total - measured_peak) / measured_peak
-        mean = abs(error) if self.mean_abs_error is None else self.mean_abs_error + (abs(error) - self.mean_abs_error) / n
-        return self.model_copy(update={
-            "samples": n,
-            "weights_factor": self.weights_factor if w_obs is None else (1 - alpha) * self.weights_factor + alpha * w_obs,
-            "overhead_factor": self.overhead_factor if o_obs is None else (1 - alpha) * self.overhead_factor + alpha * o_obs,
-            "last_raw_error": (raw.total - measured_peak) / measured_peak,
-            "last_error": error,
-            "mean_abs_error": mean,
-            "applied": [*self.applied, sample_id][-256:],
-        })
+        mean = (
+            abs(error) if self.mean_abs_error is None else self.mean_abs_error + (abs(error) - self.mean_abs_error) / n
+        )
+        return self.model_copy(
+            update={
+                "samples": n,
+                "weights_factor": self.weights_factor
+                if w_obs is None
+                else (1 - alpha) * self.weights_factor + alpha * w_obs,
+                "overhead_factor": self.overhead_factor
+                if o_obs is None
+                else (1 - alpha) * self.overhead_factor + alpha * o_obs,
+                "last_raw_error": (raw.total - measured_peak) / measured_peak,
+                "last_error": error,
+                "mean_abs_error": mean,
+                "applied": [*self.applied, sample_id][-256:],
+            }
+        )
 
     def ignore(self, why: IgnoredMeasurement, sample_id: str) -> Correction:
         """Count a measurement that was not learned from; its figures are not kept."""
         if sample_id in self.applied:
             return self
-        return self.model_copy(update={"ignored": self.ignored + 1, "last_ignored": str(why),
-                                       "applied": [*self.applied, sample_id][-256:]})
+        return self.model_copy(
+            update={"ignored": self.ignored + 1, "last_ignored": str(why), "applied": [*self.applied, sample_id][-256:]}
+        )
 
 
 def note(raw: FitEstimate, correction: Correction | None) -> str:
@@ -135,9 +161,11 @@ def note(raw: FitEstimate, correction: Correction | None) -> str:
     factor = correction.apply(raw).total / raw.total
     plural = "" if correction.samples == 1 else "s"
     ignored = f", {correction.ignored} ignored" if correction.ignored else ""
-    return (f"corrected by x{factor:.2f} from {correction.samples} measurement{plural}{ignored} "
-            f"(weights x{correction.weights_factor:.2f}, activations and workspace x{correction.overhead_factor:.2f}, "
-            f"KV cache as booked); last error {100 * (correction.last_error or 0):+.1f}%")
+    return (
+        f"corrected by x{factor:.2f} from {correction.samples} measurement{plural}{ignored} "
+        f"(weights x{correction.weights_factor:.2f}, activations and workspace x{correction.overhead_factor:.2f}, "
+        f"KV cache as booked); last error {100 * (correction.last_error or 0):+.1f}%"
+    )
 
 
 def _observed(measured: int, predicted: int) -> float | None:

@@ -67,7 +67,7 @@ def refusal(meta: object) -> str | None:
     now (runtime null at push, or a manifest from before the field: the engine may have learnt it since)."""
     if getattr(meta, "runtime", None) in RUNTIMES:
         return None
-    architecture = getattr(meta, "architecture")
+    architecture = meta.architecture
     return None if runtime_for([architecture]) else unsupported_reason([architecture])
 
 
@@ -100,18 +100,31 @@ class ModelShape(BaseModel):
     def from_metadata(cls, meta: object) -> ModelShape:
         """From a ``shared.catalog.ModelMetadata``; Invalid names every figure the checkpoint lacks."""
         get = lambda name: getattr(meta, name, None)  # noqa: E731
-        missing = [n for n in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size", "context_length") if get(n) is None]
+        missing = [
+            n
+            for n in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size", "context_length")
+            if get(n) is None
+        ]
         if missing:
             raise Invalid(f"model metadata lacks {', '.join(missing)}: cannot predict its memory")
         num_heads = get("num_heads")
         head_dim = get("head_dim") or get("hidden_size") // num_heads
         gguf = get("format") == "gguf"  # its dtype is a ggml type (Q8_0, Q4_K), counted as stored by fit_gguf
         return cls(
-            architecture=get("architecture"), dtype=get("dtype") if gguf else dtype_name(get("dtype")), parameters=get("parameters"),
-            weight_bytes=get("weight_bytes"), num_layers=get("num_layers"), hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"), num_heads=num_heads,
-            num_kv_heads=get("num_kv_heads") or num_heads, head_dim=head_dim, vocab_size=get("vocab_size"),
-            context_length=get("context_length"), num_experts=get("num_experts"), num_experts_per_tok=get("num_experts_per_tok"),
+            architecture=get("architecture"),
+            dtype=get("dtype") if gguf else dtype_name(get("dtype")),
+            parameters=get("parameters"),
+            weight_bytes=get("weight_bytes"),
+            num_layers=get("num_layers"),
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_heads=num_heads,
+            num_kv_heads=get("num_kv_heads") or num_heads,
+            head_dim=head_dim,
+            vocab_size=get("vocab_size"),
+            context_length=get("context_length"),
+            num_experts=get("num_experts"),
+            num_experts_per_tok=get("num_experts_per_tok"),
             expert_intermediate_size=get("moe_intermediate_size") or get("intermediate_size"),
             format=get("format"),
         )
@@ -160,7 +173,9 @@ QUANTIZE = {"int8": (1.0, 0.0, 1), "int4": (0.5, 2 / 32, 0)}
 assert set(QUANTIZE) == set(QUANTIZATIONS)
 
 
-def compute_dtype(shape: ModelShape, device_kind: DeviceKind, dtype: str | None = None, quantize: str | None = None) -> str:
+def compute_dtype(
+    shape: ModelShape, device_kind: DeviceKind, dtype: str | None = None, quantize: str | None = None
+) -> str:
     """The dtype a worker computes in: as asked; else on CUDA the checkpoint's (sent to the worker as
     such); on CPU as the worker's engine/dtypes.py picks when the event leaves it open: a 16-bit
     checkpoint in 16 bits (fp16 or bf16, the same bytes), bf16 when quantized, else float32."""
@@ -231,10 +246,17 @@ def predict(
     blocks = batch * math.ceil(context / params.block_size) + 1
     kv_cache = per_token * blocks * params.block_size
     return FitEstimate(
-        device_kind=device_kind, dtype=run_dtype, quantize=quantize, context_length=context, batch=batch,
-        weights=weights, kv_cache=kv_cache, kv_bytes_per_token=per_token,
+        device_kind=device_kind,
+        dtype=run_dtype,
+        quantize=quantize,
+        context_length=context,
+        batch=batch,
+        weights=weights,
+        kv_cache=kv_cache,
+        kv_bytes_per_token=per_token,
         activations=activation_bytes(shape, size, context * batch, params),
-        workspace=WORKSPACE[device_kind], runtime_overhead=RUNTIME_OVERHEAD[device_kind],
+        workspace=WORKSPACE[device_kind],
+        runtime_overhead=RUNTIME_OVERHEAD[device_kind],
     )
 
 

@@ -57,9 +57,14 @@ class Replica(BaseModel):
     kv_cache_bytes: int = 0
     generation: int = Field(default=0, description="how many times this replica was placed")
     measured_peak: int | None = None
-    runtime: str | None = Field(default=None, description="what serves it (deploy.ready's runtime): strata-engine or llama.cpp")
-    loaded: bool | None = Field(default=None, description="on-demand: whether its weights are in memory now "
-                                "(deploy.model_loaded / model_unloaded); None: not on-demand, or not heard yet")
+    runtime: str | None = Field(
+        default=None, description="what serves it (deploy.ready's runtime): strata-engine or llama.cpp"
+    )
+    loaded: bool | None = Field(
+        default=None,
+        description="on-demand: whether its weights are in memory now "
+        "(deploy.model_loaded / model_unloaded); None: not on-demand, or not heard yet",
+    )
 
     @property
     def holds_memory(self) -> bool:
@@ -74,14 +79,22 @@ class Deployment(BaseModel):
     context_length: int
     batch: int = 1
     dtype: str | None = None
-    quantize: str | None = Field(default=None, description="weight-only quantization asked for (int8, int4); None: none")
+    quantize: str | None = Field(
+        default=None, description="weight-only quantization asked for (int8, int4); None: none"
+    )
     constraints: dict[str, str] = {}
     embedding_pooling: EmbeddingPooling | None = None
     policy: Policy = "binpack"
-    policy_exclusions: dict[str, str] = Field(default={}, description="admission policy: label selector -> why this model is kept off its nodes")
+    policy_exclusions: dict[str, str] = Field(
+        default={}, description="admission policy: label selector -> why this model is kept off its nodes"
+    )
     replicas: list[Replica]
-    on_demand: bool = Field(default=False, description="loaded by requests on its worker; its replicas book no memory here")
-    keep_alive_s: float = Field(default=DEFAULT_KEEP_ALIVE_S, ge=0, description="on-demand: idle seconds before unloading")
+    on_demand: bool = Field(
+        default=False, description="loaded by requests on its worker; its replicas book no memory here"
+    )
+    keep_alive_s: float = Field(
+        default=DEFAULT_KEEP_ALIVE_S, ge=0, description="on-demand: idle seconds before unloading"
+    )
     created: datetime = Field(default_factory=utcnow)
     last_used: datetime = Field(default_factory=utcnow)
 
@@ -100,14 +113,18 @@ class Allocations(BaseModel):
 
     def booked(self, node_id: str, device: str) -> int:
         return sum(  # on-demand replicas share what is left, their worker evicting the least recently used
-            r.booked_bytes for d in self.deployments.values() for r in d.replicas
+            r.booked_bytes
+            for d in self.deployments.values()
+            for r in d.replicas
             if r.holds_memory and r.node_id == node_id and r.device == device and not d.on_demand
         )
 
     def pending_load(self, node_id: str, device: str) -> int:
         """Booked but not yet loaded: not yet visible in the node's live free memory."""
         return sum(
-            r.booked_bytes for d in self.deployments.values() for r in d.replicas
+            r.booked_bytes
+            for d in self.deployments.values()
+            for r in d.replicas
             if r.status == "scheduled" and r.node_id == node_id and r.device == device and not d.on_demand
         )
 
@@ -116,4 +133,8 @@ class Allocations(BaseModel):
 
 
 def _same_model(deployment: Deployment, ref: str) -> bool:
-    return ref in (deployment.model.name, f"{deployment.model.name}:{deployment.model.version}", deployment.model.digest)
+    return ref in (
+        deployment.model.name,
+        f"{deployment.model.name}:{deployment.model.version}",
+        deployment.model.digest,
+    )

@@ -120,7 +120,12 @@ def capacity_of(device: DeviceInfo, utilisation_cap: dict[str, float]) -> int:
     return int(device.memory_total * utilisation_cap.get(device.kind, 0.9))
 
 
-def slots(nodes: Iterable[NodeRecord], allocations: Allocations, telemetry: dict[str, Telemetry], utilisation_cap: dict[str, float]) -> list[Slot]:
+def slots(
+    nodes: Iterable[NodeRecord],
+    allocations: Allocations,
+    telemetry: dict[str, Telemetry],
+    utilisation_cap: dict[str, float],
+) -> list[Slot]:
     """Every device of every node with its free room: usable capacity minus bookings, and never more
     than the live free memory (something outside Strata may use the card) minus bookings not yet loaded."""
     result = []
@@ -157,7 +162,11 @@ def place(
     for _ in range(replicas):
         fitting: list[tuple[tuple, Slot, FitEstimate]] = []
         for slot in candidates:
-            if slot.node.status != "alive" or slot.key in taken or constraint_mismatch(constraints, slot.node, slot.device):
+            if (
+                slot.node.status != "alive"
+                or slot.key in taken
+                or constraint_mismatch(constraints, slot.node, slot.device)
+            ):
                 continue
             if excluding_selector(exclusions, slot.node.labels):
                 continue
@@ -166,7 +175,13 @@ def place(
             if left < 0:
                 continue
             policy_score = left if policy == "binpack" else -left / max(slot.capacity, 1)
-            rank = (slot.device.kind != "cuda", slot.node.node_id in used, policy_score, slot.node.node_id, slot.device.id)
+            rank = (
+                slot.device.kind != "cuda",
+                slot.node.node_id in used,
+                policy_score,
+                slot.node.node_id,
+                slot.device.id,
+            )
             fitting.append((rank, slot, estimate))
         if not fitting:
             raise NoFit(explain(len(chosen), replicas, candidates, free, need, constraints, taken, exclusions))
@@ -178,8 +193,16 @@ def place(
     return chosen
 
 
-def explain(placed: int, replicas: int, candidates: list[Slot], free: dict, need: Callable[[str], FitEstimate],
-            constraints: dict[str, str], taken: set, exclusions: dict[str, str] | None = None) -> str:
+def explain(
+    placed: int,
+    replicas: int,
+    candidates: list[Slot],
+    free: dict,
+    need: Callable[[str], FitEstimate],
+    constraints: dict[str, str],
+    taken: set,
+    exclusions: dict[str, str] | None = None,
+) -> str:
     if not candidates:
         return "no nodes are registered"
     kinds = sorted({s.device.kind for s in candidates})
@@ -196,6 +219,9 @@ def explain(placed: int, replicas: int, candidates: list[Slot], free: dict, need
         elif slot.key in taken:
             lines.append(f"{where}: holds another replica")
         else:
-            lines.append(f"{where}: {gb(max(free[slot.key], 0))} free of {gb(slot.capacity)} usable, needs {gb(need(slot.device.kind).booked)}")
+            lines.append(
+                f"{where}: {gb(max(free[slot.key], 0))} free of {gb(slot.capacity)} usable, "
+                f"needs {gb(need(slot.device.kind).booked)}"
+            )
     head = f"no device fits replica {placed + 1} of {replicas}" if replicas > 1 else "no device fits"
     return f"{head} (needs {needs}): " + "; ".join(lines)

@@ -135,7 +135,9 @@ class AdmissionPolicy:
     source: str = "<policy>"
 
     @classmethod
-    def of(cls, rules: PolicyRules, keys: Iterable[TrustedKey] = (), raw: bytes = b"", source: str = "<policy>") -> AdmissionPolicy:
+    def of(
+        cls, rules: PolicyRules, keys: Iterable[TrustedKey] = (), raw: bytes = b"", source: str = "<policy>"
+    ) -> AdmissionPolicy:
         return cls(rules=rules, digest="sha256:" + hashlib.sha256(raw).hexdigest(), keys=tuple(keys), source=source)
 
 
@@ -182,11 +184,20 @@ def evaluate(policy: AdmissionPolicy, resolved: ResolvedModel) -> Decision:
         results.append(_signature(policy.keys, resolved))
     if rules.require_datasets:
         count = len(manifest.datasets)
-        results.append(PolicyRuleResult(rule=DATASETS, passed=count > 0,
-                                        reason=f"declares {count} training dataset(s)" if count else "the model declares no training datasets"))
+        results.append(
+            PolicyRuleResult(
+                rule=DATASETS,
+                passed=count > 0,
+                reason=f"declares {count} training dataset(s)" if count else "the model declares no training datasets",
+            )
+        )
     if rules.allowed_licenses is not None:
         why = license_problem(manifest.license, rules.allowed_licenses)
-        results.append(PolicyRuleResult(rule=LICENSES, passed=why is None, reason=why or f"license {manifest.license!r} is allowed"))
+        results.append(
+            PolicyRuleResult(
+                rule=LICENSES, passed=why is None, reason=why or f"license {manifest.license!r} is allowed"
+            )
+        )
     exclusions: dict[str, str] = {}
     for selector, limits in rules.node_labels.items():
         breaches = limits.breaches(manifest)
@@ -209,7 +220,9 @@ def _signature(keys: tuple[TrustedKey, ...], resolved: ResolvedModel) -> PolicyR
         except VerificationError as exc:
             problems.append(exc.message)
             continue
-        return PolicyRuleResult(rule=SIGNATURE, passed=True, reason=f"signed by trusted key {key.key_id[:16]}… ({key.source})")
+        return PolicyRuleResult(
+            rule=SIGNATURE, passed=True, reason=f"signed by trusted key {key.key_id[:16]}… ({key.source})"
+        )
     # Every key failed: a problem other than "not this key" (a changed manifest, a malformed envelope)
     # is the same for every key and says more than the key mismatch.
     specific = next((p for p in problems if "no valid signature" not in p), None)
@@ -217,5 +230,8 @@ def _signature(keys: tuple[TrustedKey, ...], resolved: ResolvedModel) -> PolicyR
         return PolicyRuleResult(rule=SIGNATURE, passed=False, reason=specific)
     claimed = ", ".join(k[:16] + "…" for k in envelope_key_ids(resolved.signature)) or "none"
     trusted = ", ".join(k.key_id[:16] + "…" for k in keys)
-    return PolicyRuleResult(rule=SIGNATURE, passed=False,
-                            reason=f"no valid signature by a trusted key (trusted: {trusted}; the envelope names: {claimed})")
+    return PolicyRuleResult(
+        rule=SIGNATURE,
+        passed=False,
+        reason=f"no valid signature by a trusted key (trusted: {trusted}; the envelope names: {claimed})",
+    )

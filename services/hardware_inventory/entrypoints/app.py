@@ -38,21 +38,37 @@ NAME = contract.SERVICE
 def create_service(settings: Settings | None = None) -> Service:
     try:
         return create_inventory(settings, InventoryConfig.from_env())
-    except PolicyFileError as exc:  # the process stops here, before it connects: one line that names the file and the key
+    except (
+        PolicyFileError
+    ) as exc:  # the process stops here, before it connects: one line that names the file and the key
         raise SystemExit(f"{NAME}: {exc.message}") from None
 
 
-def create_inventory(settings: Settings | None, config: InventoryConfig, *, probe: ProbeSource | None = None,
-                     catalog: ModelCatalog | None = None) -> Service:
+def create_inventory(
+    settings: Settings | None,
+    config: InventoryConfig,
+    *,
+    probe: ProbeSource | None = None,
+    catalog: ModelCatalog | None = None,
+) -> Service:
     service = Service(NAME, settings, description="Nodes, devices, memory fit and placement.")
     service.provide(config)
     if "registry" in config.roles:
         admission = _admission_policy(config)
         if admission is not None:
             service.provide(admission)
-        _registry(service, config, admission, catalog or RpcModelCatalog(lambda: service.broker.connection, config.rpc_timeout_s))
+        _registry(
+            service,
+            config,
+            admission,
+            catalog or RpcModelCatalog(lambda: service.broker.connection, config.rpc_timeout_s),
+        )
     if "agent" in config.roles:
-        source = probe or (StaticProbe(config.probe_file) if config.probe_file else SystemProbe(service.settings.data_dir, config.labels))
+        source = probe or (
+            StaticProbe(config.probe_file)
+            if config.probe_file
+            else SystemProbe(service.settings.data_dir, config.labels)
+        )
         agent = Agent(source, service.settings.node_id, service.publish, config.heartbeat_interval_s)
         service.provide(agent)
         service.subscribe(contract.AGENT_DEPLOYS, title="agent-deploys")
@@ -61,16 +77,26 @@ def create_inventory(settings: Settings | None, config: InventoryConfig, *, prob
     return service
 
 
-def _registry(service: Service, config: InventoryConfig, admission: AdmissionPolicy | None, catalog: ModelCatalog) -> None:
-    service.handle(contract.DEPLOY_CONSUMER, service.consume(contract.DEPLOY_CONSUMER.filter, durable=contract.DEPLOY_CONSUMER.durable))
-    node_events = bus.EventConsumer(service=NAME, durable=contract.NODE_CONSUMER.durable, filter_subject=contract.NODE_CONSUMER.filter)
+def _registry(
+    service: Service, config: InventoryConfig, admission: AdmissionPolicy | None, catalog: ModelCatalog
+) -> None:
+    service.handle(
+        contract.DEPLOY_CONSUMER,
+        service.consume(contract.DEPLOY_CONSUMER.filter, durable=contract.DEPLOY_CONSUMER.durable),
+    )
+    node_events = bus.EventConsumer(
+        service=NAME, durable=contract.NODE_CONSUMER.durable, filter_subject=contract.NODE_CONSUMER.filter
+    )
     service.handle(contract.NODE_CONSUMER, node_events)
     node_events.attach(service.broker)
     service.subscribe(contract.HEARTBEATS, title="heartbeats")  # no queue: every replica hears every beat
-    fit_error = Histogram("strata_inventory_booked_to_measured_ratio", "Memory booked for each loaded replica over "
-                          "its measured peak (under 1: booked too little)", ["service", "architecture", "device_kind"],
-                          buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 1, 1.02, 1.05, 1.1, 1.2, 1.5, 2),
-                          registry=service.metrics.registry)
+    fit_error = Histogram(
+        "strata_inventory_booked_to_measured_ratio",
+        "Memory booked for each loaded replica over its measured peak (under 1: booked too little)",
+        ["service", "architecture", "device_kind"],
+        buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 1, 1.02, 1.05, 1.1, 1.2, 1.5, 2),
+        registry=service.metrics.registry,
+    )
     tasks: list[asyncio.Task[None]] = []
 
     @service.on_start
@@ -108,8 +134,12 @@ def _admission_policy(config: InventoryConfig) -> AdmissionPolicy | None:
     if policy is None:
         log.info("admission policy %s does not exist: no policy, every model is admitted", config.admission_policy)
     else:
-        log.info("admission policy %s (%s): %s", policy.source, policy.digest[:19],
-                 ", ".join(policy.rules.model_dump(exclude_defaults=True)) or "no rules")
+        log.info(
+            "admission policy %s (%s): %s",
+            policy.source,
+            policy.digest[:19],
+            ", ".join(policy.rules.model_dump(exclude_defaults=True)) or "no rules",
+        )
     return policy
 
 

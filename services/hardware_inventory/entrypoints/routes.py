@@ -50,16 +50,28 @@ async def fit_http(registry: Started, model_ref: str = Query(min_length=1),
                                          quantize=quantize, constraints=constraints))
 
 
-@router.post("/deployments", response_model=DeployOutcome, status_code=201, tags=["deployments"], dependencies=ADMIN,
-             responses=error_responses((errors.Invalid, "a malformed request, or no runtime serves its architecture"),
-                                       (errors.Forbidden, "the admission policy refuses this model"), errors.NotFound,
-                                       (errors.Conflict, "no node has room for it, or concurrent changes did not settle"),
-                                       errors.Unavailable, auth=True))
+@router.post(
+    "/deployments",
+    response_model=DeployOutcome,
+    status_code=201,
+    tags=["deployments"],
+    dependencies=ADMIN,
+    responses=error_responses(
+        (errors.Invalid, "a malformed request, or no runtime serves its architecture"),
+        (errors.Forbidden, "the admission policy refuses this model"),
+        errors.NotFound,
+        (errors.Conflict, "no node has room for it, or concurrent changes did not settle"),
+        errors.Unavailable,
+        auth=True,
+    ),
+)
 async def deploy_http(registry: Started, request: DeployRequest) -> DeployOutcome:
     outcome = await registry.deploy(request)
     if not outcome.scheduled:
         error = {"no_fit": errors.Conflict, "unsupported": errors.Invalid}.get(outcome.code or "")
-        raise error(outcome.reason or "") if error else errors.from_code(outcome.code or "internal", outcome.reason or "")
+        raise (
+            error(outcome.reason or "") if error else errors.from_code(outcome.code or "internal", outcome.reason or "")
+        )
     return outcome
 
 
@@ -68,14 +80,24 @@ async def deployments_http(registry: Started) -> DeploymentList:
     return await registry.list_deployments()
 
 
-@router.delete("/deployments/{deployment_id}", response_model=UndeployOutcome, tags=["deployments"], dependencies=ADMIN,
-               responses=error_responses(errors.NotFound, errors.Conflict, errors.Unavailable, auth=True))
+@router.delete(
+    "/deployments/{deployment_id}",
+    response_model=UndeployOutcome,
+    tags=["deployments"],
+    dependencies=ADMIN,
+    responses=error_responses(errors.NotFound, errors.Conflict, errors.Unavailable, auth=True),
+)
 async def undeploy_one(registry: Started, deployment_id: str) -> UndeployOutcome:
     return await registry.undeploy(UndeployRequest(deployment_id=deployment_id))
 
 
-@router.delete("/deployments", response_model=UndeployOutcome, tags=["deployments"], dependencies=ADMIN,
-               responses=error_responses(errors.Invalid, errors.NotFound, errors.Conflict, errors.Unavailable, auth=True))
+@router.delete(
+    "/deployments",
+    response_model=UndeployOutcome,
+    tags=["deployments"],
+    dependencies=ADMIN,
+    responses=error_responses(errors.Invalid, errors.NotFound, errors.Conflict, errors.Unavailable, auth=True),
+)
 async def undeploy_model(registry: Started, model_ref: str) -> UndeployOutcome:
     return await registry.undeploy(UndeployRequest(model_ref=model_ref))
 

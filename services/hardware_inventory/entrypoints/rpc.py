@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from services.hardware_inventory.service_layer.registry import Registry
 from services.hardware_inventory.service_layer.views import (
-    CorrectionList, DeploymentList, DeployOutcome, DeployRequest, Empty, FitReport, FitRequest, NodeList, UndeployOutcome,
+    CorrectionList,
+    DeploymentList,
+    DeployOutcome,
+    DeployRequest,
+    Empty,
+    FitReport,
+    FitRequest,
+    NodeList,
+    UndeployOutcome,
     UndeployRequest,
 )
 from shared.assignments import Assigned, AssignedRequest

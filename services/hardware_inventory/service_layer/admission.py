@@ -32,6 +32,15 @@ async def admit(policy: AdmissionPolicy | None, resolved: ResolvedModel, *, depl
     decision = evaluate(policy, resolved)
     if decision.admitted:
         decision = decision.no_node_left(eligible_labels(nodes, constraints))
-    await emit(PolicyDecided(deployment_id=deployment_id, model=resolved.model, model_ref=model_ref, admitted=decision.admitted,
-                             rules=decision.results, policy_digest=policy.digest), f"{deployment_id}.policy")
+    await emit(
+        PolicyDecided(
+            deployment_id=deployment_id,
+            model=resolved.model,
+            model_ref=model_ref,
+            admitted=decision.admitted,
+            rules=decision.results,
+            policy_digest=policy.digest,
+        ),
+        f"{deployment_id}.policy",
+    )
     return decision

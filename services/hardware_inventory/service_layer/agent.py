@@ -22,7 +22,9 @@ REANNOUNCE_EVERY = 60
 
 
 class Agent:
-    def __init__(self, source: ProbeSource, node_id: str, publish: Callable[..., Awaitable[object]], interval_s: float) -> None:
+    def __init__(
+        self, source: ProbeSource, node_id: str, publish: Callable[..., Awaitable[object]], interval_s: float
+    ) -> None:
         self.source = source
         self.default_node_id = node_id
         self.publish = publish
@@ -51,21 +53,35 @@ class Agent:
 
     async def announce(self, probe: ProbeResult) -> None:
         self._static_facts = _facts(probe)
-        await self.publish(NodeRegistered(
-            node_id=self._node_id, hostname=probe.hostname, cpu_model=probe.cpu_model, cpu_cores=probe.cpu_cores,
-            ram_total=probe.ram_total, devices=probe.devices(), labels=probe.labels, disk_total=probe.disk_total,
-            disk_free=probe.disk_free, heartbeat_interval_s=self.interval_s,
-        ))
+        await self.publish(
+            NodeRegistered(
+                node_id=self._node_id,
+                hostname=probe.hostname,
+                cpu_model=probe.cpu_model,
+                cpu_cores=probe.cpu_cores,
+                ram_total=probe.ram_total,
+                devices=probe.devices(),
+                labels=probe.labels,
+                disk_total=probe.disk_total,
+                disk_free=probe.disk_free,
+                heartbeat_interval_s=self.interval_s,
+            )
+        )
 
     async def beat(self) -> None:
         probe = await asyncio.to_thread(self.source.probe)
         self.beats += 1
         if _facts(probe) != self._static_facts or self.beats % REANNOUNCE_EVERY == 0:
             await self.announce(probe)  # a GPU appeared or vanished, or a label changed
-        await self.publish(NodeHeartbeat(
-            node_id=self._node_id, ram_free=probe.ram_free, devices=probe.devices(), utilisation=probe.utilisation,
-            loaded_models=sorted(self.loaded),
-        ))
+        await self.publish(
+            NodeHeartbeat(
+                node_id=self._node_id,
+                ram_free=probe.ram_free,
+                devices=probe.devices(),
+                utilisation=probe.utilisation,
+                loaded_models=sorted(self.loaded),
+            )
+        )
 
     async def _beat_forever(self) -> None:
         while True:
@@ -86,5 +102,11 @@ class Agent:
 
 
 def _facts(probe: ProbeResult) -> tuple:
-    return (probe.hostname, probe.cpu_model, probe.cpu_cores, probe.ram_total, tuple(sorted(probe.labels.items())),
-            tuple((g.id, g.name, g.uuid, g.memory_total) for g in probe.gpus))
+    return (
+        probe.hostname,
+        probe.cpu_model,
+        probe.cpu_cores,
+        probe.ram_total,
+        tuple(sorted(probe.labels.items())),
+        tuple((g.id, g.name, g.uuid, g.memory_total) for g in probe.gpus),
+    )

@@ -21,7 +21,9 @@ Publish = Callable[..., Awaitable[object]]
 
 
 class NodeTable:
-    def __init__(self, state: InventoryState, publish: Publish, missed_beats: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, state: InventoryState, publish: Publish, missed_beats: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.state = state
         self.publish = publish
         self.missed_beats = missed_beats
@@ -35,9 +37,17 @@ class NodeTable:
         def upsert(current: NodeRecord | None) -> tuple[NodeRecord, bool]:
             returned = current is not None and current.status == "lost"
             record = NodeRecord(
-                node_id=event.node_id, hostname=event.hostname, cpu_model=event.cpu_model, cpu_cores=event.cpu_cores,
-                ram_total=event.ram_total, disk_total=event.disk_total, disk_free=event.disk_free, devices=event.devices,
-                labels=event.labels, heartbeat_interval_s=event.heartbeat_interval_s, status="alive",
+                node_id=event.node_id,
+                hostname=event.hostname,
+                cpu_model=event.cpu_model,
+                cpu_cores=event.cpu_cores,
+                ram_total=event.ram_total,
+                disk_total=event.disk_total,
+                disk_free=event.disk_free,
+                devices=event.devices,
+                labels=event.labels,
+                heartbeat_interval_s=event.heartbeat_interval_s,
+                status="alive",
                 registered_at=current.registered_at if current else utcnow(),
                 status_since=utcnow() if returned or current is None else current.status_since,
             )
@@ -65,15 +75,20 @@ class NodeTable:
                 self.telemetry[node_id] = Telemetry(ram_free=0, received_at=self.clock())
             return
         self.telemetry[node_id] = Telemetry(
-            ram_free=beat.ram_free, devices={d.id: d for d in beat.devices}, utilisation=beat.utilisation,
-            loaded_models=beat.loaded_models, received_at=self.clock(),
+            ram_free=beat.ram_free,
+            devices={d.id: d for d in beat.devices},
+            utilisation=beat.utilisation,
+            loaded_models=beat.loaded_models,
+            received_at=self.clock(),
         )
 
     async def _mark_returned(self, node_id: str) -> None:
         def back(current: NodeRecord | None) -> tuple[NodeRecord, str]:
             if current is None or current.status != "lost":
                 raise Unchanged(None)
-            return current.model_copy(update={"status": "alive", "status_since": utcnow()}), current.status_since.isoformat()
+            return current.model_copy(
+                update={"status": "alive", "status_since": utcnow()}
+            ), current.status_since.isoformat()
 
         lost_since = await self.state.change(node_key(node_id), NodeRecord, back)
         if lost_since is not None:
@@ -103,14 +118,18 @@ class NodeTable:
         def lose(current: NodeRecord | None) -> tuple[NodeRecord, str]:
             if current is None or current.status != "alive":
                 raise Unchanged(None)
-            return current.model_copy(update={"status": "lost", "status_since": utcnow()}), current.status_since.isoformat()
+            return current.model_copy(
+                update={"status": "lost", "status_since": utcnow()}
+            ), current.status_since.isoformat()
 
         alive_since = await self.state.change(node_key(node_id), NodeRecord, lose)
         if alive_since is None:
             return False  # another replica marked it first
         log.warning("node %s lost after %d missed heartbeats", node_id, missed)
         last_seen = utcnow() - timedelta(seconds=silent)
-        await self._publish(NodeLost(node_id=node_id, last_seen=last_seen, missed_beats=missed), f"lost.{node_id}.{alive_since}")
+        await self._publish(
+            NodeLost(node_id=node_id, last_seen=last_seen, missed_beats=missed), f"lost.{node_id}.{alive_since}"
+        )
         for hook in self.on_lost:
             await hook(node_id)
         return True

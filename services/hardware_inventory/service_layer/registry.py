@@ -46,7 +46,9 @@ class Registry:
         return await self.deployments.deploy(request)
 
     async def list_deployments(self) -> DeploymentList:
-        return DeploymentList(deployments=sorted((await self.state.allocations()).deployments.values(), key=lambda d: d.created))
+        return DeploymentList(
+            deployments=sorted((await self.state.allocations()).deployments.values(), key=lambda d: d.created)
+        )
 
     async def undeploy(self, request: UndeployRequest) -> UndeployOutcome:
         return UndeployOutcome(released=await self.deployments.undeploy(request.model_ref, request.deployment_id))

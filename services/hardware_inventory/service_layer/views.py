@@ -30,14 +30,23 @@ class EstimateView(BaseModel):
     raw_total: int
     total: int = Field(description="corrected prediction of the device peak")
     booked: int = Field(description="what a booking reserves: total plus runtime overhead")
-    correction: Correction | None = Field(default=None, description="the correction applied, if any measurement taught one")
+    correction: Correction | None = Field(
+        default=None, description="the correction applied, if any measurement taught one"
+    )
     correction_note: str = Field(default="", description="why the estimate is (not) corrected, in words")
 
     @classmethod
     def of(cls, raw: FitEstimate, correction: Correction | None) -> EstimateView:
         corrected = correction.apply(raw) if correction else raw
-        return cls(raw=raw, corrected=corrected, raw_total=raw.total, total=corrected.total, booked=corrected.booked,
-                   correction=correction if correction and correction.samples else None, correction_note=note(raw, correction))
+        return cls(
+            raw=raw,
+            corrected=corrected,
+            raw_total=raw.total,
+            total=corrected.total,
+            booked=corrected.booked,
+            correction=correction if correction and correction.samples else None,
+            correction_note=note(raw, correction),
+        )
 
 
 class FitRow(BaseModel):
@@ -66,8 +75,11 @@ class FitReport(BaseModel):
     model_ref: str
     model: ModelId
     architecture: str
-    refused: str | None = Field(default=None, description="why no device can serve it, whatever its memory (an architecture no "
-                                "runtime serves, naming those supported); then there are no estimates or rows")
+    refused: str | None = Field(
+        default=None,
+        description="why no device can serve it, whatever its memory (an architecture no "
+        "runtime serves, naming those supported); then there are no estimates or rows",
+    )
     context_length: int | None = None
     batch: int
     estimates: dict[str, EstimateView] = Field(description="per device kind")
@@ -82,7 +94,9 @@ class DeployRequest(BaseModel):
     batch: int = Field(default=1, ge=1, le=4096)
     policy: Policy | None = None
     dtype: str | None = None
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers: int8 or int4")
+    quantize: str | None = Field(
+        default=None, description="weight-only quantization of the linear layers: int8 or int4"
+    )
     deployment_id: str | None = None
     embedding_pooling: EmbeddingPooling | None = None
     on_demand: bool = False
@@ -94,8 +108,11 @@ class DeployOutcome(BaseModel):
     model_ref: str
     scheduled: bool
     reason: str | None = None
-    code: str | None = Field(default=None, description="why not: invalid, not_found, unavailable, unsupported (no runtime serves its "
-                             "architecture), no_fit or forbidden (the admission policy)")
+    code: str | None = Field(
+        default=None,
+        description="why not: invalid, not_found, unavailable, unsupported (no runtime serves its "
+        "architecture), no_fit or forbidden (the admission policy)",
+    )
     deployment: Deployment | None = None
 
 
@@ -120,10 +137,15 @@ class Empty(BaseModel):
     pass
 
 
-def node_view(node: NodeRecord, live: Telemetry | None, now: float, booked: dict[str, int], available: dict[str, int]) -> NodeView:
+def node_view(
+    node: NodeRecord, live: Telemetry | None, now: float, booked: dict[str, int], available: dict[str, int]
+) -> NodeView:
     return NodeView(
-        node=node, ram_free=live.ram_free if live else None, utilisation=live.utilisation if live else {},
+        node=node,
+        ram_free=live.ram_free if live else None,
+        utilisation=live.utilisation if live else {},
         loaded_models=live.loaded_models if live else [],
-        seconds_since_heartbeat=round(now - live.received_at, 3) if live else None, booked=booked, available=available,
+        seconds_since_heartbeat=round(now - live.received_at, 3) if live else None,
+        booked=booked,
+        available=available,
     )
-

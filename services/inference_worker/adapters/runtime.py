@@ -28,9 +28,18 @@ class Runtime(Protocol):
 
     def close(self) -> None: ...  # at unload, after the loop stopped: memory the GC does not own
 
-    def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
-                    messages: list[dict] | None = None, request_id: str | None = None, callback: Callback | None = None,
-                    reject_invalid: bool = False, cap_max_tokens: bool = True, tools: list[dict] | None = None) -> str: ...
+    def add_request(
+        self,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+        callback: Callback | None = None,
+        reject_invalid: bool = False,
+        cap_max_tokens: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str: ...
 
     def cancel(self, request_id: str) -> bool: ...
 

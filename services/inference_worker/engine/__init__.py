@@ -7,9 +7,19 @@
 from .block_manager import BlockManager, CacheUsage
 from .config import EngineConfig, ModelConfig
 from .engine import LLMEngine
-from .errors import (CheckpointError, ConfigError, ContextLengthError, InvalidRequestError, MissingFileError, MissingTensorError,
-                     PickleCheckpointError, ShapeMismatchError, TokenizerError,
-                     UnexpectedTensorError, UnsupportedArchitectureError)
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    InvalidRequestError,
+    MissingFileError,
+    MissingTensorError,
+    PickleCheckpointError,
+    ShapeMismatchError,
+    TokenizerError,
+    UnexpectedTensorError,
+    UnsupportedArchitectureError,
+)
 from .guided import Constraint, GrammarError
 from .loader import Checkpoint, GenerationDefaults, load_checkpoint
 from .sampling import SamplingParams, TokenLogprob
@@ -17,9 +27,32 @@ from .sequence import RequestMetrics, RequestOutput, StreamEvent
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = [
-    "BlockManager", "CacheUsage", "Checkpoint", "CheckpointError", "ConfigError", "Constraint", "ContextLengthError", "EngineConfig",
-    "GenerationDefaults", "GrammarError", "IncrementalDetokenizer", "InvalidRequestError", "LLMEngine", "MissingFileError",
-    "MissingTensorError", "ModelConfig", "PickleCheckpointError", "RequestMetrics", "RequestOutput",
-    "SamplingParams", "ShapeMismatchError", "StreamEvent", "TokenLogprob", "Tokenizer",
-    "TokenizerError", "UnexpectedTensorError", "UnsupportedArchitectureError", "load_checkpoint",
+    "BlockManager",
+    "CacheUsage",
+    "Checkpoint",
+    "CheckpointError",
+    "ConfigError",
+    "Constraint",
+    "ContextLengthError",
+    "EngineConfig",
+    "GenerationDefaults",
+    "GrammarError",
+    "IncrementalDetokenizer",
+    "InvalidRequestError",
+    "LLMEngine",
+    "MissingFileError",
+    "MissingTensorError",
+    "ModelConfig",
+    "PickleCheckpointError",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "ShapeMismatchError",
+    "StreamEvent",
+    "TokenLogprob",
+    "Tokenizer",
+    "TokenizerError",
+    "UnexpectedTensorError",
+    "UnsupportedArchitectureError",
+    "load_checkpoint",
 ]

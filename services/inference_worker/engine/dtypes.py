@@ -5,11 +5,13 @@
   a decode step is matrix-vector products and torch's CPU speed differs by dtype and by batch: on the
   2-core AVX-512 VM of issue #24, plain fp16 ran a batch-1 product at full bandwidth and plain bf16 at
   half, while at 8 rows fp16 fell to a fifth of bf16; with weights prepacked (cpu_linear.py) both
-  are within a factor 1.5 of each other at 1 and 8 rows, so the probe decides. Both are 2 bytes, so fit's booking is the same either way.
+  are within a factor 1.5 of each other at 1 and 8 rows, so the probe decides. Both are 2 bytes, so fit's
+  booking is the same either way.
 * CPU, weight-only quantized: bf16, the only activation dtype torch's int8 CPU kernel is fast with
   (kernels/int8_linear.py).
 * CPU, fp32 checkpoint: fp32. fp32 otherwise only on request (an explicit ``dtype``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,10 +45,12 @@ def fastest_cpu_half() -> torch.dtype:
     best of 3 each; the lower sum of the two wins. Logged with the timings."""
     seconds = {dt: _matmul_seconds(dt) for dt in HALF}
     best = min(seconds, key=seconds.get)
-    log.info("CPU 16-bit dtype for this node: %s (matmul probe, 1 + 8 rows over 64 MB: %s; torch threads %d)",
-             str(best).removeprefix("torch."),
-             ", ".join(f"{str(d).removeprefix('torch.')} {s * 1e3:.2f} ms" for d, s in seconds.items()),
-             torch.get_num_threads())
+    log.info(
+        "CPU 16-bit dtype for this node: %s (matmul probe, 1 + 8 rows over 64 MB: %s; torch threads %d)",
+        str(best).removeprefix("torch."),
+        ", ".join(f"{str(d).removeprefix('torch.')} {s * 1e3:.2f} ms" for d, s in seconds.items()),
+        torch.get_num_threads(),
+    )
     return best
 
 

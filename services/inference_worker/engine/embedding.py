@@ -198,7 +198,9 @@ def checkpoint_pooling(path: str | Path) -> str:
             try:
                 config = json.loads((path / str(module.get("path", "")) / "config.json").read_text())
             except (OSError, ValueError):
-                log.warning("%s: modules.json names a Pooling module without a readable config.json; pooling 'last'", path)
+                log.warning(
+                    "%s: modules.json names a Pooling module without a readable config.json; pooling 'last'", path
+                )
                 return "last"
             modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
             ours = [_ST_MODES[m] for m in modes if m in _ST_MODES]

@@ -122,13 +122,15 @@ class LLMEngine:
                     cap_max_tokens: bool = True, tools: list[dict] | None = None) -> str:
         """Queue a request: a text prompt, token ids, or chat ``messages`` (rendered with the
         checkpoint's chat template). Returns its id. An invalid request (empty, too long, unknown
-        token ids, a constraint whose grammar cannot compile: GrammarError) finishes at the next step with finish_reason "error" and a message; with
+        token ids, a constraint whose grammar cannot compile: GrammarError) finishes at the next step with
+        finish_reason "error" and a message; with
         ``reject_invalid`` it raises InvalidRequestError (ContextLengthError for a prompt over the
         context) here instead, before anything is queued. ``cap_max_tokens`` False makes a prompt plus
         ``max_tokens`` over max_model_len invalid too; True (the default) lets the context cut it. ``tools``
         (OpenAI's tool definitions) go to the chat template with ``messages``."""
         params = (params or SamplingParams()).resolve(
-            self.generation.temperature, self.generation.top_p, self.generation.top_k)
+            self.generation.temperature, self.generation.top_p, self.generation.top_k
+        )
         vocab = self.model_config.vocab_size
         bad_bias = sorted(t for t in (params.logit_bias or {}) if t >= vocab)
         if bad_bias:
@@ -150,8 +152,11 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) \
-            if self.tokenizer is not None else None
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            if self.tokenizer is not None
+            else None
+        )
         with self._lock:
             rid = request_id
             while rid is None or (request_id is None and rid in self._live):
@@ -191,10 +196,15 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; with {wanted} it does not fit this engine's max_model_len "
                 f"{self.max_model_len} (at most {self.max_model_len - 1} prompt tokens plus one generated token; "
                 f"KV cache holds {cap} tokens)",
-                max_model_len=self.max_model_len, prompt_tokens=len(ids), completion_tokens=max_tokens or 1)
+                max_model_len=self.max_model_len,
+                prompt_tokens=len(ids),
+                completion_tokens=max_tokens or 1,
+            )
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            return InvalidRequestError(f"token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}")
+            return InvalidRequestError(
+                f"token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}"
+            )
         return None
 
     def cancel(self, request_id: str) -> bool:
@@ -267,11 +277,11 @@ class LLMEngine:
             seq.stream()
         return outputs
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts (texts or token-id lists; a single one is accepted too) to completion."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -292,8 +302,10 @@ class LLMEngine:
         anything is queued."""
         how = pooling or self.pooling
         if how not in POOLINGS:
-            raise InvalidRequestError(f"this model pools with {how!r}, which the engine does not implement "
-                                      f"(it implements {', '.join(POOLINGS)})")
+            raise InvalidRequestError(
+                f"this model pools with {how!r}, which the engine does not implement "
+                f"(it implements {', '.join(POOLINGS)})"
+            )
         if not inputs:
             raise InvalidRequestError("there is nothing to embed")
         if self.tokenizer is None and any(isinstance(x, str) for x in inputs):
@@ -309,12 +321,17 @@ class LLMEngine:
         return job.future
 
     def _validate_embedding(self, i: int, ids: list[int]) -> InvalidRequestError | None:
-        """Why input ``i`` cannot be embedded, or None. It may fill the whole context: no token is generated after it."""
+        """Why input ``i`` cannot be embedded, or None. It may fill the whole context: no token is generated
+        after it."""
         if not ids:
             return InvalidRequestError(f"input {i} is empty (no tokens)")
         if len(ids) > self.max_model_len:
-            return ContextLengthError(f"input {i} has {len(ids)} tokens, over this engine's max_model_len {self.max_model_len}",
-                                      max_model_len=self.max_model_len, prompt_tokens=len(ids), completion_tokens=0)
+            return ContextLengthError(
+                f"input {i} has {len(ids)} tokens, over this engine's max_model_len {self.max_model_len}",
+                max_model_len=self.max_model_len,
+                prompt_tokens=len(ids),
+                completion_tokens=0,
+            )
         vocab = self.model_config.vocab_size
         if bad := [t for t in ids if not 0 <= t < vocab]:
             return InvalidRequestError(f"input {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")

@@ -67,8 +67,18 @@ def _grammar(kind: str, spec: str) -> str:
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_KEYS = ("items", "additionalItems", "additionalProperties", "unevaluatedProperties", "not", "if", "then", "else",
-                "contains", "propertyNames")
+_SCHEMA_KEYS = (
+    "items",
+    "additionalItems",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+)
 _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
 
 
@@ -94,12 +104,16 @@ def closed(schema, close_self: bool = True):
     branches_open = "properties" in out
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed(sub, close_self=key == "prefixItems" or key == "items" or not branches_open)
-                        for sub in out[key]]
+            out[key] = [
+                closed(sub, close_self=key == "prefixItems" or key == "items" or not branches_open) for sub in out[key]
+            ]
     props = out.get("properties")
-    plain = (isinstance(props, dict) and not _APPLICATORS & out.keys()
-             and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys()
-             and set(out.get("required") or []) <= set(props))
+    plain = (
+        isinstance(props, dict)
+        and not _APPLICATORS & out.keys()
+        and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys()
+        and set(out.get("required") or []) <= set(props)
+    )
     if close_self and plain:
         out["additionalProperties"] = False
     return out
@@ -158,9 +172,11 @@ class Guide:
             if warm.is_error():
                 raise GrammarError(_reason(warm.get_error(), "the grammar is too complex to enforce"))
             if slow:
-                raise GrammarError(f"the grammar is too expensive to enforce: its first token mask took "
-                                   f"{slow[0][1] * 1e3:.0f} ms, over the {MASK_BUDGET_S * 1e3:.0f} ms a step allows "
-                                   f"(very long const/enum strings or nested repetitions in a pattern)")
+                raise GrammarError(
+                    f"the grammar is too expensive to enforce: its first token mask took "
+                    f"{slow[0][1] * 1e3:.0f} ms, over the {MASK_BUDGET_S * 1e3:.0f} ms a step allows "
+                    f"(very long const/enum strings or nested repetitions in a pattern)"
+                )
         if compiled.is_error():
             raise GrammarError(_reason(compiled.get_error()))
         return compiled
@@ -172,8 +188,9 @@ class Guide:
             self._compiled.pop(constraint.grammar(), None)
 
 
-def allowed_tokens(matchers: list, vocab_size: int, device: torch.device,
-                   slow: list[tuple[int, float]] | None = None) -> Tensor | None:
+def allowed_tokens(
+    matchers: list, vocab_size: int, device: torch.device, slow: list[tuple[int, float]] | None = None
+) -> Tensor | None:
     """[B, vocab_size] bool, True where a row may sample the token (all True for a row without a
     matcher); None when no row is constrained. The matchers' tokenizer has n_vocab = vocab_size.
     ``slow`` gets (row, seconds) for each row whose mask took over MASK_BUDGET_S."""
@@ -182,7 +199,8 @@ def allowed_tokens(matchers: list, vocab_size: int, device: torch.device,
     words = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)
     for i, m in enumerate(matchers):
         if m is not None:
-            # the thread's CPU time, not the wall clock: a busy machine descheduling the thread is not the grammar's cost
+            # the thread's CPU time, not the wall clock: a busy machine descheduling the thread is not the
+            # grammar's cost
             row, started = words[i], time.thread_time()
             m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
             took = time.thread_time() - started
@@ -190,7 +208,9 @@ def allowed_tokens(matchers: list, vocab_size: int, device: torch.device,
                 slow.append((i, took))
     # unpacked where the logits are: a GPU gets 1/32 of the bytes a bool mask would take
     words = words.to(device, non_blocking=True)
-    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=device)) & 1  # bit j of word w: token 32w + j
+    bits = (
+        words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=device)
+    ) & 1  # bit j of word w: token 32w + j
     return bits.flatten(1)[:, :vocab_size].bool()
 
 

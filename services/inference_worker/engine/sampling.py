@@ -4,7 +4,9 @@ seeds, top-n logprobs; presence/frequency/repetition penalties, logit bias and g
 Every per-request parameter is a tensor over the batch; a batch where no request sets one skips it.
 Order (as vLLM's sampler): logit bias, repetition penalty (over prompt + output), presence and
 frequency penalties (over the output, as OpenAI documents them) on the raw logits, so greedy sees them
-too; then a constrained row's grammar mask (guided.py); then temperature, top-k, top-p, min-p. Logprobs stay those of the raw model logits."""
+too; then a constrained row's grammar mask (guided.py); then temperature, top-k, top-p, min-p. Logprobs
+stay those of the raw model logits."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 class SamplingParams:
     """Per-request generation settings. temperature/top_p/top_k left as None take the model's
     generation_config.json defaults (else 1.0 / 1.0 / disabled). temperature 0 is greedy."""
+
     max_tokens: int | None = 16  # None: until the context is full
     temperature: float | None = None
     top_p: float | None = None
@@ -73,10 +76,12 @@ class SamplingParams:
         """Fill unset fields from model defaults (generation_config.json)."""
         return replace(
             self,
-            temperature=self.temperature if self.temperature is not None else
-            (temperature if temperature is not None else 1.0),
+            temperature=self.temperature
+            if self.temperature is not None
+            else (temperature if temperature is not None else 1.0),
             top_p=self.top_p if self.top_p is not None else (top_p if top_p is not None else 1.0),
-            top_k=self.top_k if self.top_k is not None else (top_k if top_k is not None else 0))
+            top_k=self.top_k if self.top_k is not None else (top_k if top_k is not None else 0),
+        )
 
 
 @dataclass
@@ -112,8 +117,7 @@ def _counts(rows: list[list[int]], V: int, dev: torch.device) -> Tensor:
     return out.scatter_add_(1, ids, torch.ones(ids.shape, device=dev))[:, :V]
 
 
-def apply_penalties(logits: Tensor, params: list[SamplingParams],
-                    history: list[tuple[list[int], list[int]]]) -> Tensor:
+def apply_penalties(logits: Tensor, params: list[SamplingParams], history: list[tuple[list[int], list[int]]]) -> Tensor:
     """Logit bias, repetition, presence and frequency penalties on logits [B, V] (float, in place).
     history: each row's (prompt ids, generated ids)."""
     B, V = logits.shape
@@ -123,8 +127,11 @@ def apply_penalties(logits: Tensor, params: list[SamplingParams],
         for i, p in enumerate(params):
             for t, b in (p.logit_bias or {}).items():
                 rows.append(i), cols.append(t), vals.append(b)
-        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                          torch.tensor(vals, device=dev), accumulate=True)
+        logits.index_put_(
+            (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+            torch.tensor(vals, device=dev),
+            accumulate=True,
+        )
     if not any(p.penalized for p in params):
         return logits
     out = _counts([h[1] for h in history], V, dev)
@@ -149,11 +156,14 @@ class Sampler:
     """Samples one token per row. Random rows draw exponential noise (Gumbel-max equivalent:
     argmax(p / E) with E ~ Exp(1) samples from p), from the request's own generator when seeded."""
 
-    def __call__(self, logits: Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None],
-                 history: list[tuple[list[int], list[int]]] | None = None,
-                 allowed: Tensor | None = None,
-                 ) -> tuple[list[int], list[TokenLogprob | None]]:
+    def __call__(
+        self,
+        logits: Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        history: list[tuple[list[int], list[int]]] | None = None,
+        allowed: Tensor | None = None,
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
         """history: each row's (prompt ids, generated ids), needed when a row sets a penalty.
         allowed: [B, V] bool, the tokens each row's grammar permits (guided.allowed_tokens)."""
         logits = raw = logits.float()
@@ -179,8 +189,10 @@ class Sampler:
             ps = [p.top_p for p in params]
             if any(k < V for k in ks) or any(p < 1.0 for p in ps):
                 x = apply_top_k_top_p(
-                    x, tensor(ks, torch.long) if any(k < V for k in ks) else None,
-                    tensor(ps, torch.float32) if any(p < 1.0 for p in ps) else None)
+                    x,
+                    tensor(ks, torch.long) if any(k < V for k in ks) else None,
+                    tensor(ps, torch.float32) if any(p < 1.0 for p in ps) else None,
+                )
             if any(p.min_p > 0 for p in params):
                 x = apply_min_p(x, tensor([p.min_p for p in params], torch.float32))
             probs = x.softmax(dim=-1)

@@ -24,7 +24,10 @@ def create_service(settings: Settings | None = None, *, artifacts: ArtifactSourc
     service.provide(worker)
     # Every worker must see every deploy event, so each node has a durable of its own.
     deploys = contract.DEPLOYS
-    service.handle(deploys, service.consume(deploys.filter, durable=deploys.durable.format(node=subjects.token(service.settings.node_id))))
+    service.handle(
+        deploys,
+        service.consume(deploys.filter, durable=deploys.durable.format(node=subjects.token(service.settings.node_id))),
+    )
     service.serve(contract.CONTRACT)
     service.asyncapi_extensions.append(lambda doc: add_serving_channels(doc, NAME))
     service.on_start(worker.start)
@@ -36,17 +39,30 @@ def create_service(settings: Settings | None = None, *, artifacts: ArtifactSourc
 def _engine_gauges(service: Service, worker: Worker) -> None:
     """Each ready deployment's engine, live, under vLLM's metric names with our prefix (what
     autoscalers such as KEDA read): read from the engine's stats on every scrape."""
+
     def read(stat: str):
         deployments = worker.deployments.by_key.values() if worker.deployments else ()
-        return [([d.model.name, d.key], d.loop.engine.stats()[stat])
-                for d in deployments if d.state == "ready" and d.loop is not None]
+        return [
+            ([d.model.name, d.key], d.loop.engine.stats()[stat])
+            for d in deployments
+            if d.state == "ready" and d.loop is not None
+        ]
 
     labels = ["model_name", "deployment"]
     m = service.metrics
-    m.gauges("strata:num_requests_running", "Requests in the engine's running batch", labels,
-             lambda: read("num_running"))
+    m.gauges(
+        "strata:num_requests_running", "Requests in the engine's running batch", labels, lambda: read("num_running")
+    )
     m.gauges("strata:num_requests_waiting", "Requests queued for the engine", labels, lambda: read("num_waiting"))
-    m.gauges("strata:kv_cache_usage_perc", "Share of the KV cache's blocks in use (0..1)", labels,
-             lambda: read("kv_cache_usage"))
-    m.counters("strata:num_preemptions", "Sequences preempted for lack of KV-cache blocks", labels,
-               lambda: read("num_preemptions"))
+    m.gauges(
+        "strata:kv_cache_usage_perc",
+        "Share of the KV cache's blocks in use (0..1)",
+        labels,
+        lambda: read("kv_cache_usage"),
+    )
+    m.counters(
+        "strata:num_preemptions",
+        "Sequences preempted for lack of KV-cache blocks",
+        labels,
+        lambda: read("num_preemptions"),
+    )

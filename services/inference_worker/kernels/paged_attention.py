@@ -271,7 +271,9 @@ if HAS_TRITON:
         row = (b.to(tl.int64) * n_q + h) * n_parts + p
         m = tl.load(m_ptr + row, mask=p_mask, other=float("-inf"))
         l = tl.load(l_ptr + row, mask=p_mask, other=0.0)
-        acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + dd[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.load(
+            acc_ptr + row[:, None] * HEAD_DIM + dd[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0
+        )
 
         m_max = tmax(m, axis=0)
         m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: avoid inf - inf
@@ -340,16 +342,31 @@ def paged_decode_attention_triton(
     l = torch.empty_like(m)
     acc = torch.empty((B, n_q, n_parts, d), dtype=torch.float32, device=q.device)
     _partition_kernel[(B, n_kv, n_parts)](
-        q, k_cache, v_cache, block_tables, context_lens,
-        m, l, acc,
-        scale, window, 1.0 if softcap is None else float(softcap),
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        m,
+        l,
+        acc,
+        scale,
+        window,
+        1.0 if softcap is None else float(softcap),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
         n_parts,
-        GROUP=group, BLOCK_G=block_g,
-        HEAD_DIM=d, BLOCK_D=block_d,
+        GROUP=group,
+        BLOCK_G=block_g,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
         PAGE_SIZE=page_size,
         PARTITION_SIZE=partition_size,
         BLOCK_N=block_n,
@@ -357,11 +374,17 @@ def paged_decode_attention_triton(
         num_warps=8,
     )
     _reduce_kernel[(B, n_q)](
-        m, l, acc, context_lens, out,
+        m,
+        l,
+        acc,
+        context_lens,
+        out,
         window,
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         n_parts,
-        HEAD_DIM=d, BLOCK_D=block_d,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
         PARTITION_SIZE=partition_size,
         BLOCK_P=triton.next_power_of_2(n_parts),
     )

@@ -135,7 +135,11 @@ class LlamaCppEngine:
         self.max_model_len = min(max_model_len or trained, trained)
         self.max_num_seqs = max(1, min(max_num_seqs, 64))
         self.kv_type_bytes = KV_TYPES[kv_type][1]
-        kv = kv_cache_bytes // self.kv_bytes_per_token() if kv_cache_bytes else self.max_model_len * min(self.max_num_seqs, 4)
+        kv = (
+            kv_cache_bytes // self.kv_bytes_per_token()
+            if kv_cache_bytes
+            else self.max_model_len * min(self.max_num_seqs, 4)
+        )
         cparams = C.llama_context_default_params()
         cparams.n_ctx = max(kv, self.max_model_len)
         cparams.n_batch = cparams.n_ubatch = n_batch
@@ -143,7 +147,9 @@ class LlamaCppEngine:
         cparams.kv_unified = True  # one pool of cells shared by every sequence, booked per request
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type][0]
         if flash_attn is not None:
-            cparams.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cparams.flash_attn_type = (
+                C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         threads = n_threads or int(os.environ.get("STRATA_LLAMACPP_THREADS", 0)) or (os.cpu_count() or 1)
         cparams.n_threads = cparams.n_threads_batch = threads
         self.ctx = C.llama_init_from_model(self.model, cparams)
@@ -173,8 +179,14 @@ class LlamaCppEngine:
         self._free_ids = list(range(self.max_num_seqs))
         self._ids = itertools.count()
         self.num_preemptions = 0
-        log.info("llama.cpp ready: %s, %d KV cells for %d sequences, max_model_len %d, %d threads",
-                 self.path.name, self.n_ctx, self.max_num_seqs, self.max_model_len, threads)
+        log.info(
+            "llama.cpp ready: %s, %d KV cells for %d sequences, max_model_len %d, %d threads",
+            self.path.name,
+            self.n_ctx,
+            self.max_num_seqs,
+            self.max_model_len,
+            threads,
+        )
 
     # ---- what the worker reports --------------------------------------------------------------
     @property
@@ -192,9 +204,14 @@ class LlamaCppEngine:
 
     def stats(self) -> dict:
         u = self.cache_usage()
-        return {"num_running": len(self._running), "num_waiting": len(self._waiting),
-                "num_preemptions": self.num_preemptions, "kv_cache_usage": u.usage,
-                "kv_blocks_used": u.used_tokens, "kv_blocks_total": u.token_capacity}
+        return {
+            "num_running": len(self._running),
+            "num_waiting": len(self._waiting),
+            "num_preemptions": self.num_preemptions,
+            "kv_cache_usage": u.usage,
+            "kv_blocks_used": u.used_tokens,
+            "kv_blocks_total": u.token_capacity,
+        }
 
     # ---- requests (thread-safe): the engine's own intake -------------------------------------
     # Validation, request ids, the ContextLengthError, invalid requests finishing with "error" and
@@ -206,6 +223,7 @@ class LlamaCppEngine:
 
     def fail_embeddings(self, reason: str) -> None:
         """None are ever queued here."""
+
     add_request = LLMEngine.add_request
     cancel = LLMEngine.cancel
     has_unfinished = LLMEngine.has_unfinished
@@ -214,8 +232,9 @@ class LlamaCppEngine:
     _validate = LLMEngine._validate
 
     def compile(self, constraint):
-        raise InvalidRequestError("constrained decoding (response_format, forced tool calls) is not available "
-                                  "on the llama.cpp runtime yet")
+        raise InvalidRequestError(
+            "constrained decoding (response_format, forced tool calls) is not available on the llama.cpp runtime yet"
+        )
 
     # ---- the loop (one thread) ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -295,7 +314,9 @@ class LlamaCppEngine:
             ids, lps = logits.argmax(axis=1).tolist(), [None] * len(seqs)
         else:
             history = [(s.prompt_ids, s.output_ids) for s in seqs] if any(s.params.penalized for s in seqs) else None
-            ids, lps = self.sampler(torch.from_numpy(logits), [s.params for s in seqs], [s.generator for s in seqs], history)
+            ids, lps = self.sampler(
+                torch.from_numpy(logits), [s.params for s in seqs], [s.generator for s in seqs], history
+            )
         for seq, token, lp in zip(seqs, ids, lps):
             seq.append(token, lp, self.max_model_len)
         for seq in seqs:

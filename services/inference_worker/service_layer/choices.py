@@ -38,13 +38,29 @@ def format_constraint(response_format: ResponseFormat | None) -> Constraint | No
 
 def to_params(options: SamplingOptions, choice: int = 0, constraint: Constraint | None = None) -> SamplingParams:
     """``constraint``: the request's own (its forced tool call's), else its response_format's."""
-    extra = {k: v for k, v in (("presence_penalty", options.presence_penalty), ("frequency_penalty", options.frequency_penalty),
-                               ("repetition_penalty", options.repetition_penalty), ("logit_bias", options.logit_bias),
-                               ("min_p", options.min_p),
-                               ("constraint", constraint or format_constraint(options.response_format))) if v is not None}
-    return SamplingParams(max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
-                          top_k=options.top_k, seed=choice_seed(options.seed, choice), stop=list(options.stop),
-                          stop_token_ids=list(options.stop_token_ids), logprobs=options.logprobs, **extra)
+    extra = {
+        k: v
+        for k, v in (
+            ("presence_penalty", options.presence_penalty),
+            ("frequency_penalty", options.frequency_penalty),
+            ("repetition_penalty", options.repetition_penalty),
+            ("logit_bias", options.logit_bias),
+            ("min_p", options.min_p),
+            ("constraint", constraint or format_constraint(options.response_format)),
+        )
+        if v is not None
+    }
+    return SamplingParams(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        seed=choice_seed(options.seed, choice),
+        stop=list(options.stop),
+        stop_token_ids=list(options.stop_token_ids),
+        logprobs=options.logprobs,
+        **extra,
+    )
 
 
 class Finals:
@@ -65,7 +81,9 @@ class Finals:
         events = [e for e in self.events if e is not None]
         first = events[0]
         failed = next((e for e in events if e.finish_reason == "error"), None)
-        metrics = dataclasses.replace(first.metrics, num_generated_tokens=sum(e.metrics.num_generated_tokens for e in events))
+        metrics = dataclasses.replace(
+            first.metrics, num_generated_tokens=sum(e.metrics.num_generated_tokens for e in events)
+        )
         if failed is not None:
             return dataclasses.replace(first, finish_reason="error", error=failed.error, metrics=metrics)
         return dataclasses.replace(first, metrics=metrics)

@@ -20,7 +20,14 @@ import torch
 from shared.catalog import ModelRef
 from shared.errors import NotFound, Unavailable
 from shared.events import (
-    DEFAULT_KEEP_ALIVE_S, DeployFailed, DeployLoading, DeployReady, DeployScheduled, DeployUnloaded, EventData, MeasuredMemory,
+    DEFAULT_KEEP_ALIVE_S,
+    DeployFailed,
+    DeployLoading,
+    DeployReady,
+    DeployScheduled,
+    DeployUnloaded,
+    EventData,
+    MeasuredMemory,
     ModelId,
 )
 from services.inference_worker.adapters.artifacts import Artifact, ArtifactSource
@@ -84,8 +91,14 @@ def deployment_key(deployment_id: str, replica: int) -> str:
 
 
 class Deployments:
-    def __init__(self, node_id: str, artifacts: ArtifactSource, publish: Publish, on_serving: OnServing,
-                 options: EngineOptions | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        artifacts: ArtifactSource,
+        publish: Publish,
+        on_serving: OnServing,
+        options: EngineOptions | None = None,
+    ) -> None:
         self.node_id, self.artifacts, self.publish, self.on_serving = node_id, artifacts, publish, on_serving
         self.options = options or EngineOptions()
         self.by_key: dict[str, Deployment] = {}
@@ -120,17 +133,26 @@ class Deployments:
         held = self.by_key.get(key)
         if held is not None and (held.state != "failed" or held.generation >= event.generation):
             return False
-        dep = Deployment(key=key, deployment_id=event.deployment_id, replica=event.replica,
-                         generation=event.generation, model=event.model, device=event.device, on_demand=event.on_demand,
-                         keep_alive_s=event.keep_alive_s, booked_bytes=event.booked_bytes or event.predicted_bytes,
-                         scheduled=event)
+        dep = Deployment(
+            key=key,
+            deployment_id=event.deployment_id,
+            replica=event.replica,
+            generation=event.generation,
+            model=event.model,
+            device=event.device,
+            on_demand=event.on_demand,
+            keep_alive_s=event.keep_alive_s,
+            booked_bytes=event.booked_bytes or event.predicted_bytes,
+            scheduled=event,
+        )
         self.by_key[key] = dep
         self._spawn(self._deploy(dep, event), self._loads)
         return True
 
     async def _deploy(self, dep: Deployment, event: DeployScheduled) -> None:
-        await self.publish(DeployLoading(deployment_id=dep.deployment_id, model=dep.model,
-                                         node_id=self.node_id, device=dep.device))
+        await self.publish(
+            DeployLoading(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id, device=dep.device)
+        )
         started = time.monotonic()
         try:
             artifact = await self.artifacts.fetch(dep.model, event.model_ref or f"{dep.model.name}:{dep.model.version}")
@@ -144,17 +166,27 @@ class Deployments:
         except Exception as exc:  # every failure ends in deploy.failed, never in a dead worker
             dep.state, dep.reason = "failed", failure_reason(exc)
             log.warning("deploy %s of %s:%s failed: %s", dep.key, dep.model.name, dep.model.version, dep.reason)
-            await self.publish(DeployFailed(deployment_id=dep.deployment_id, model=dep.model,
-                                            node_id=self.node_id, reason=dep.reason))
+            await self.publish(
+                DeployFailed(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id, reason=dep.reason)
+            )
             return
         dep.loop, dep.measured, dep.aliases = loop.start(), measured, artifact.aliases
         dep.load_seconds = time.monotonic() - started
         dep.state = "ready"
         if len(self.ready(dep.model.name)) == 1:  # serving before it says ready: a client may act on it
             await self.on_serving(dep.model.name, True)
-        await self.publish(DeployReady(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id,
-                                       device=dep.device, measured=measured, load_seconds=dep.load_seconds,
-                                       runtime=loop.runtime, **served_weights(loop.engine)))
+        await self.publish(
+            DeployReady(
+                deployment_id=dep.deployment_id,
+                model=dep.model,
+                node_id=self.node_id,
+                device=dep.device,
+                measured=measured,
+                load_seconds=dep.load_seconds,
+                runtime=loop.runtime,
+                **served_weights(loop.engine),
+            )
+        )
         if dep.unload_requested:
             await self.unload(dep.key)
 
@@ -162,9 +194,18 @@ class Deployments:
         dep.artifact, dep.aliases, dep.state = artifact, artifact.aliases, "ready"
         if len(self.ready(dep.model.name)) == 1:
             await self.on_serving(dep.model.name, True)
-        await self.publish(DeployReady(deployment_id=dep.deployment_id, model=dep.model, node_id=self.node_id,
-                                       device=dep.device, measured=MeasuredMemory(weights=0, kv_cache=0, peak=0),
-                                       load_seconds=0.0, runtime=runtime_of(artifact.path), on_demand=True))
+        await self.publish(
+            DeployReady(
+                deployment_id=dep.deployment_id,
+                model=dep.model,
+                node_id=self.node_id,
+                device=dep.device,
+                measured=MeasuredMemory(weights=0, kv_cache=0, peak=0),
+                load_seconds=0.0,
+                runtime=runtime_of(artifact.path),
+                on_demand=True,
+            )
+        )
         if dep.unload_requested:
             await self.unload(dep.key)
 
@@ -223,12 +264,22 @@ class Deployments:
         if runtime_of(artifact.path) == LLAMACPP:
             from services.inference_worker.llamacpp import LlamaCppEngine
 
-            return LlamaCppEngine(gguf_file(artifact.path), max_model_len=event.context_length,
-                                  kv_cache_bytes=kv_bytes, max_num_seqs=opts.max_num_seqs, device=event.device)
+            return LlamaCppEngine(
+                gguf_file(artifact.path),
+                max_model_len=event.context_length,
+                kv_cache_bytes=kv_bytes,
+                max_num_seqs=opts.max_num_seqs,
+                device=event.device,
+            )
         from services.inference_worker.engine import EngineConfig, LLMEngine
 
-        config = EngineConfig(device=event.device, dtype=event.dtype, quantize=event.quantize, kv_cache_bytes=kv_bytes,
-                              max_num_seqs=opts.max_num_seqs)
+        config = EngineConfig(
+            device=event.device,
+            dtype=event.dtype,
+            quantize=event.quantize,
+            kv_cache_bytes=kv_bytes,
+            max_num_seqs=opts.max_num_seqs,
+        )
         engine = LLMEngine.from_pretrained(artifact.path, config)
         if event.context_length < engine.max_model_len:
             engine.max_model_len = event.context_length  # what was booked, not what the model allows
@@ -237,8 +288,9 @@ class Deployments:
         return engine
 
     # ---- undeploy -------------------------------------------------------------------------
-    def matching(self, *, deployment_id: str | None = None, ref: ModelRef | None = None,
-                 replica: int | None = None) -> list[Deployment]:
+    def matching(
+        self, *, deployment_id: str | None = None, ref: ModelRef | None = None, replica: int | None = None
+    ) -> list[Deployment]:
         out = []
         for d in self.by_key.values():
             if deployment_id is not None and d.deployment_id != deployment_id:
@@ -299,8 +351,10 @@ def served_weights(engine: object) -> dict[str, str | None]:
     """Which weights answer (deploy.ready, and so the ledger): the compute dtype and the quantization.
     None for an engine that has neither (the bench's EchoEngine)."""
     dtype = getattr(engine, "dtype", None)
-    return {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-            "quantize": getattr(getattr(engine, "ecfg", None), "quantize", None)}
+    return {
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "quantize": getattr(getattr(engine, "ecfg", None), "quantize", None),
+    }
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -45,10 +45,19 @@ class Embedder:
     def cancel(self, request_id: str) -> bool:
         """An ``infer.cancel`` (its caller went away): the engine computes no more of it."""
         dep, future = self.running.get(request_id, (None, None))
-        return dep is not None and future is not None and dep.loop is not None and dep.loop.engine.cancel_embedding(future)
+        return (
+            dep is not None and future is not None and dep.loop is not None and dep.loop.engine.cancel_embedding(future)
+        )
 
-    async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send, *,
-                     attributed: bool = False) -> None:
+    async def handle(
+        self,
+        raw: bytes,
+        headers: dict[str, str] | None,
+        subject_model: str | None,
+        send: Send,
+        *,
+        attributed: bool = False,
+    ) -> None:
         """A request from ``infer.embed.<model>`` (``attributed``: its gateway subject): never raises;
         every failure is a typed reply."""
         request_id = ""
@@ -57,16 +66,23 @@ class Embedder:
             request_id = request.request_id
             await self._embed(request, headers, send)
         except errors.StrataError as exc:
-            await send(RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode())
+            await send(
+                RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode()
+            )
         except Exception as exc:  # a bug: the caller still gets a typed answer, not a silence
             log.exception("embeddings request %s failed", request_id)
-            await send(RpcReply(ok=False, error=ErrorBody(code="internal", message=f"internal error: {type(exc).__name__}"))
-                       .model_dump_json().encode())
+            await send(
+                RpcReply(ok=False, error=ErrorBody(code="internal", message=f"internal error: {type(exc).__name__}"))
+                .model_dump_json()
+                .encode()
+            )
 
     async def _embed(self, request: EmbeddingRequest, headers: dict[str, str] | None, send: Send) -> None:
         rid = request.request_id
         if len(self.running) >= self.max_inflight:
-            raise errors.Unavailable(f"overloaded: {len(self.running)} embeddings requests in flight on this worker, retry")
+            raise errors.Unavailable(
+                f"overloaded: {len(self.running)} embeddings requests in flight on this worker, retry"
+            )
         if rid in self.running:
             raise errors.Conflict(f"request id {rid!r} is already running")
         dep = self.deployments.pick(parse_ref(request.model))
@@ -78,16 +94,26 @@ class Embedder:
         assert dep.loop is not None
         engine = dep.loop.engine
         if not engine.can_embed:
-            raise errors.Invalid(f"{dep.model.name} runs on the {dep.loop.runtime} runtime, which does not serve "
-                                 "embeddings yet: deploy its safetensors checkpoint on the engine for /v1/embeddings")
+            raise errors.Invalid(
+                f"{dep.model.name} runs on the {dep.loop.runtime} runtime, which does not serve "
+                "embeddings yet: deploy its safetensors checkpoint on the engine for /v1/embeddings"
+            )
         hidden = engine.model_config.hidden_size
         if request.dimensions is not None and request.dimensions > hidden:
-            raise errors.Invalid(f"dimensions {request.dimensions} is over this model's {hidden}: give at most {hidden}")
-        span = tracer.start_span(f"embeddings {dep.model.name}", context=propagate.extract(headers or {}),
-                                 kind=trace.SpanKind.SERVER)
+            raise errors.Invalid(
+                f"dimensions {request.dimensions} is over this model's {hidden}: give at most {hidden}"
+            )
+        span = tracer.start_span(
+            f"embeddings {dep.model.name}", context=propagate.extract(headers or {}), kind=trace.SpanKind.SERVER
+        )
         with ended(span):
-            span.set_attributes({"gen_ai.operation.name": "embeddings", "gen_ai.request.model": request.model,
-                                 "strata.request_id": request.request_id})
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "embeddings",
+                    "gen_ai.request.model": request.model,
+                    "strata.request_id": request.request_id,
+                }
+            )
             started = time.time()
             self.running[rid] = (dep, None)
             dep.inflight.add(rid)  # an unload drains it like a generation
@@ -103,9 +129,15 @@ class Embedder:
             for part in parts(request.request_id, encoded):
                 await send(part.model_dump_json().encode())
             salt = new_salt()
-            reply = EmbeddingReply(request_id=request.request_id, model=dep.model, count=len(encoded),
-                                   dimensions=vectors.shape[1], pooling=out.pooling,
-                                   prompt_tokens=sum(out.prompt_tokens), prompt_salt=salt)
+            reply = EmbeddingReply(
+                request_id=request.request_id,
+                model=dep.model,
+                count=len(encoded),
+                dimensions=vectors.shape[1],
+                pooling=out.pooling,
+                prompt_tokens=sum(out.prompt_tokens),
+                prompt_salt=salt,
+            )
             await send(RpcReply(ok=True, result=reply).model_dump_json().encode())
             span.set_attribute("gen_ai.usage.input_tokens", reply.prompt_tokens)
             trace_id = format(span.get_span_context().trace_id, "032x")
@@ -118,8 +150,10 @@ class Embedder:
         try:
             future = await asyncio.to_thread(dep.loop.engine.submit_embedding, request.inputs)
         except ContextLengthError as exc:
-            raise errors.ContextLengthExceeded(f"This model's maximum context length is {exc.max_model_len} tokens. "
-                                               f"However, {exc}. Please reduce the length of the input.") from None
+            raise errors.ContextLengthExceeded(
+                f"This model's maximum context length is {exc.max_model_len} tokens. "
+                f"However, {exc}. Please reduce the length of the input."
+            ) from None
         except InvalidRequestError as exc:
             raise errors.Invalid(str(exc)) from None
         self.running[request.request_id] = (dep, future)
@@ -141,16 +175,36 @@ class Embedder:
         except Exception as exc:
             raise errors.StrataError(f"the engine failed the embeddings: {type(exc).__name__}: {exc}") from None
 
-    async def _record(self, request: EmbeddingRequest, dep: Deployment, reply: EmbeddingReply, encoded: list[str],
-                      salt: str, trace_id: str, seconds: float) -> None:
+    async def _record(
+        self,
+        request: EmbeddingRequest,
+        dep: Deployment,
+        reply: EmbeddingReply,
+        encoded: list[str],
+        salt: str,
+        trace_id: str,
+        seconds: float,
+    ) -> None:
         GENAI.record_embeddings(request.model, dep.model.name, seconds, reply.prompt_tokens)
         try:
-            await self.publish(EmbeddingsCompleted(
-                request_id=request.request_id, trace_id=trace_id, model=dep.model, deployment_id=dep.deployment_id,
-                node_id=self.node_id, device=dep.device, inputs=reply.count, prompt_tokens=reply.prompt_tokens,
-                dimensions=reply.dimensions, pooling=reply.pooling, e2e_seconds=seconds,
-                prompt_commitment=commit(request.input_bytes(), salt), output_sha256=vectors_sha256(encoded),
-                api_key_id=request.api_key_id, client_request_id=request.client_request_id))
+            await self.publish(
+                EmbeddingsCompleted(
+                    request_id=request.request_id,
+                    trace_id=trace_id,
+                    model=dep.model,
+                    deployment_id=dep.deployment_id,
+                    node_id=self.node_id,
+                    device=dep.device,
+                    inputs=reply.count,
+                    prompt_tokens=reply.prompt_tokens,
+                    dimensions=reply.dimensions,
+                    pooling=reply.pooling,
+                    e2e_seconds=seconds,
+                    prompt_commitment=commit(request.input_bytes(), salt),
+                    output_sha256=vectors_sha256(encoded),
+                    api_key_id=request.api_key_id,
+                    client_request_id=request.client_request_id,
+                )
+            )
         except Exception:  # the reply already went out; a lost event is logged, not raised into nothing
             log.exception("could not publish the embeddings event of %s", request.request_id)
-

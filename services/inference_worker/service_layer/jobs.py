@@ -86,7 +86,13 @@ class JobRunner:
                 await self._store(rid, _error(exc))
                 await msg.ack()
             else:  # no id to file a result under: dead-letter it with the reason
-                await dead_letter(self.js, msg, service=SERVICE, consumer=msg.metadata.consumer or "", reason=f"invalid job: {exc.message}")
+                await dead_letter(
+                    self.js,
+                    msg,
+                    service=SERVICE,
+                    consumer=msg.metadata.consumer or "",
+                    reason=f"invalid job: {exc.message}",
+                )
                 await msg.term()
             return
         rid = request.request_id
@@ -103,7 +109,7 @@ class JobRunner:
             body = _error(exc)  # the last delivery: the client learns why instead of waiting forever
         except errors.StrataError as exc:
             body = _error(exc)
-        except Exception as exc:  # a bug: retried (bounded by max_deliver), never acked as done
+        except Exception:  # a bug: retried (bounded by max_deliver), never acked as done
             log.exception("job %s failed", rid)
             await msg.nak(delay=1.0)
             return
@@ -112,8 +118,9 @@ class JobRunner:
         self.processed += 1
 
     async def _store(self, request_id: str, body: bytes) -> None:
-        await self.js.publish(subjects.inference_result(request_id), body, stream=RESULTS_STREAM,
-                              headers={"Nats-Msg-Id": request_id})
+        await self.js.publish(
+            subjects.inference_result(request_id), body, stream=RESULTS_STREAM, headers={"Nats-Msg-Id": request_id}
+        )
 
 
 def _error(exc: errors.StrataError) -> bytes:

@@ -84,8 +84,10 @@ def victims(need: int, free: int, resident: Iterable[Deployment]) -> list[Deploy
     if need > free:
         busy = [d for d in resident if d.inflight]
         held = ", ".join(f"{d.model.name}:{d.model.version} ({len(d.inflight)} in flight)" for d in busy) or "none"
-        raise errors.Unavailable(f"not enough memory to load it: it needs {_mb(need)}, and {_mb(max(free, 0))} would be free "
-                                 f"with every idle on-demand model unloaded (busy ones, never evicted: {held})")
+        raise errors.Unavailable(
+            f"not enough memory to load it: it needs {_mb(need)}, and {_mb(max(free, 0))} would be free "
+            f"with every idle on-demand model unloaded (busy ones, never evicted: {held})"
+        )
     return chosen
 
 
@@ -96,8 +98,17 @@ def expired(resident: Iterable[Deployment], now: float) -> list[Deployment]:
 
 
 class Residency:
-    def __init__(self, deployments: Deployments, publish: Publish, node_id: str, memory: Memory | None = None, *,
-                 load_timeout_s: float = LOAD_TIMEOUT_S, clock: Clock = time.monotonic, tick_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        deployments: Deployments,
+        publish: Publish,
+        node_id: str,
+        memory: Memory | None = None,
+        *,
+        load_timeout_s: float = LOAD_TIMEOUT_S,
+        clock: Clock = time.monotonic,
+        tick_s: float = 0.25,
+    ) -> None:
         self.deployments, self.publish, self.node_id = deployments, publish, node_id
         self.memory = memory or LiveMemory()
         self.load_timeout_s, self.clock, self.tick_s = load_timeout_s, clock, tick_s
@@ -107,15 +118,20 @@ class Residency:
 
     # ---- queries ------------------------------------------------------------------------
     def resident(self, device: str | None = None) -> list[Deployment]:
-        return [d for d in self.deployments.by_key.values()
-                if d.on_demand and d.loop is not None and d.state == "ready" and (device is None or d.device == device)]
+        return [
+            d
+            for d in self.deployments.by_key.values()
+            if d.on_demand and d.loop is not None and d.state == "ready" and (device is None or d.device == device)
+        ]
 
     def touch(self, dep: Deployment) -> None:
         """A request started or ended: the keep-alive counts from now."""
         dep.last_used = self.clock()
 
     # ---- loading ------------------------------------------------------------------------
-    async def load_for(self, model_ref: str, request_id: str, on_tick: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def load_for(
+        self, model_ref: str, request_id: str, on_tick: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Before a request runs: load the on-demand deployment it would pick, if it is not loaded.
         A ref no deployment serves is left for the request's own path to refuse."""
         try:
@@ -125,7 +141,9 @@ class Residency:
         if dep.loop is None:
             await self.hold_loaded(dep, request_id, on_tick)
 
-    async def hold_loaded(self, dep: Deployment, request_id: str, on_tick: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def hold_loaded(
+        self, dep: Deployment, request_id: str, on_tick: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """``ensure_loaded`` with the request counted in flight meanwhile."""
         dep.inflight.add(request_id)
         try:
@@ -133,8 +151,13 @@ class Residency:
         finally:
             dep.inflight.discard(request_id)
 
-    async def ensure_loaded(self, dep: Deployment, request_id: str | None = None,
-                            on_tick: Callable[[], Awaitable[None]] | None = None, tick_s: float = KEEPALIVE_S) -> None:
+    async def ensure_loaded(
+        self,
+        dep: Deployment,
+        request_id: str | None = None,
+        on_tick: Callable[[], Awaitable[None]] | None = None,
+        tick_s: float = KEEPALIVE_S,
+    ) -> None:
         """Return once ``dep`` is loaded; its caller must already count in ``dep.inflight`` (so it is
         not evicted the moment it is loaded). Concurrent first requests wait on one load. Raises
         ModelLoadFailed (the reason) or ModelLoading (past ``load_timeout_s``; the load goes on)."""
@@ -149,8 +172,10 @@ class Residency:
         while not task.done():
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                raise errors.ModelLoading(f"{_name(dep)} is still loading on {self.node_id} after {self.load_timeout_s:g}s "
-                                          "(the worker's load time-out); the load goes on, retry shortly")
+                raise errors.ModelLoading(
+                    f"{_name(dep)} is still loading on {self.node_id} after {self.load_timeout_s:g}s "
+                    "(the worker's load time-out); the load goes on, retry shortly"
+                )
             await asyncio.wait([task], timeout=min(tick_s, left))  # the load is shared: never cancelled by a caller
             if not task.done() and on_tick is not None:
                 await on_tick()
@@ -171,8 +196,16 @@ class Residency:
             except Exception as exc:
                 reason = exc.message if isinstance(exc, errors.StrataError) else failure_reason(exc)
                 log.warning("on-demand load of %s failed: %s", _name(dep), reason)
-                await self._tell(ModelLoadFailed(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
-                                                 node_id=self.node_id, reason=reason, request_id=request_id))
+                await self._tell(
+                    ModelLoadFailed(
+                        deployment_id=dep.deployment_id,
+                        replica=dep.replica,
+                        model=dep.model,
+                        node_id=self.node_id,
+                        reason=reason,
+                        request_id=request_id,
+                    )
+                )
                 if isinstance(exc, errors.Unavailable):
                     raise errors.Unavailable(f"cannot load {_name(dep)} on {self.node_id}: {reason}") from None
                 raise errors.ModelLoadFailed(f"could not load {_name(dep)} on {self.node_id}: {reason}") from None
@@ -182,11 +215,26 @@ class Residency:
                 return
             self.touch(dep)
             assert dep.loop is not None and dep.measured is not None
-            log.info("loaded on-demand %s in %.2fs%s", _name(dep), seconds, f" (evicted {', '.join(evicted)})" if evicted else "")
-            await self._tell(ModelLoaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
-                                         node_id=self.node_id, device=dep.device, measured=dep.measured,
-                                         load_seconds=seconds, runtime=dep.loop.runtime, request_id=request_id,
-                                         evicted=evicted))
+            log.info(
+                "loaded on-demand %s in %.2fs%s",
+                _name(dep),
+                seconds,
+                f" (evicted {', '.join(evicted)})" if evicted else "",
+            )
+            await self._tell(
+                ModelLoaded(
+                    deployment_id=dep.deployment_id,
+                    replica=dep.replica,
+                    model=dep.model,
+                    node_id=self.node_id,
+                    device=dep.device,
+                    measured=dep.measured,
+                    load_seconds=seconds,
+                    runtime=dep.loop.runtime,
+                    request_id=request_id,
+                    evicted=evicted,
+                )
+            )
 
     async def _make_room(self, device: str, need: int, for_deployment: str) -> list[str]:
         """Unload the least recently used idle on-demand models until ``need`` fits; their ids."""
@@ -224,9 +272,20 @@ class Residency:
         await self.deployments.unload_resident(dep)
         seconds = time.monotonic() - started
         log.info("unloaded on-demand %s (%s, idle %.1fs) in %.2fs", _name(dep), reason, idle, seconds)
-        await self._tell(ModelUnloaded(deployment_id=dep.deployment_id, replica=dep.replica, model=dep.model,
-                                       node_id=self.node_id, device=dep.device, reason=reason, idle_seconds=idle,
-                                       freed_bytes=freed, unload_seconds=seconds, for_deployment=for_deployment))
+        await self._tell(
+            ModelUnloaded(
+                deployment_id=dep.deployment_id,
+                replica=dep.replica,
+                model=dep.model,
+                node_id=self.node_id,
+                device=dep.device,
+                reason=reason,
+                idle_seconds=idle,
+                freed_bytes=freed,
+                unload_seconds=seconds,
+                for_deployment=for_deployment,
+            )
+        )
 
     async def reap(self) -> list[Deployment]:
         """Unload each loaded on-demand deployment past its keep-alive; returns them."""

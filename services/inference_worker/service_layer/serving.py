@@ -72,13 +72,26 @@ class Server:
             return 0
         cut = self.journal.cut_short()
         for request_id, model_ref in cut:
-            await self.publish(InferenceFailed(request_id=request_id, model_ref=model_ref, node_id=self.node_id,
-                                               reason=f"the worker on {self.node_id} stopped (killed or crashed) before finishing it"))
+            await self.publish(
+                InferenceFailed(
+                    request_id=request_id,
+                    model_ref=model_ref,
+                    node_id=self.node_id,
+                    reason=f"the worker on {self.node_id} stopped (killed or crashed) before finishing it",
+                )
+            )
         return len(cut)
 
     # ---- entrypoints ------------------------------------------------------------------------
-    async def handle(self, raw: bytes, headers: dict[str, str] | None, subject_model: str | None, send: Send, *,
-                     attributed: bool = False) -> None:
+    async def handle(
+        self,
+        raw: bytes,
+        headers: dict[str, str] | None,
+        subject_model: str | None,
+        send: Send,
+        *,
+        attributed: bool = False,
+    ) -> None:
         """A request from ``infer.request.<model>`` (``attributed``: its gateway subject): never raises;
         every failure is a typed reply."""
         try:
@@ -90,7 +103,9 @@ class Server:
             tick = lambda: send(_msg(Keepalive(request_id=request.request_id)))  # noqa: E731
             self.waiting_for_load.add(request.request_id)
             try:
-                await self.residency.load_for(request.model, request.request_id, tick if request.stream or request.keepalive else None)
+                await self.residency.load_for(
+                    request.model, request.request_id, tick if request.stream or request.keepalive else None
+                )
             except errors.StrataError as exc:
                 self.cancelled_early.discard(request.request_id)
                 await self._send_error(send, request.stream, request.request_id, exc)
@@ -98,6 +113,7 @@ class Server:
             finally:
                 self.waiting_for_load.discard(request.request_id)
         if not request.stream:
+
             async def keepalive() -> None:
                 await send(_msg(Keepalive(request_id=request.request_id)))
 
@@ -122,8 +138,12 @@ class Server:
             return True
         return any([dep.loop.cancel(eid) for eid in self.choices[request_id]])
 
-    async def complete(self, request: InferenceRequest, headers: dict[str, str] | None = None,
-                       on_tick: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+    async def complete(
+        self,
+        request: InferenceRequest,
+        headers: dict[str, str] | None = None,
+        on_tick: Callable[[], Awaitable[None]] | None = None,
+    ) -> Outcome:
         """Run a request to its end (non-stream replies and batch jobs); raises a typed error when
         it cannot start or the engine failed it. ``on_tick`` runs at least every KEEPALIVE_S."""
         n = request.sampling.n
@@ -172,9 +192,19 @@ class Server:
                         continue
                     text, deltas = calls[choice].feed(event.text, event.finished) if calls else (event.text, None)
                     if event.token_ids or text or deltas:
-                        await send(_msg(Chunk(request_id=rid, index=index, text=text, token_ids=event.token_ids,
-                                              logprobs=self._logprobs(run.dep, event.logprobs, request), choice=choice,
-                                              tool_calls=deltas)))
+                        await send(
+                            _msg(
+                                Chunk(
+                                    request_id=rid,
+                                    index=index,
+                                    text=text,
+                                    token_ids=event.token_ids,
+                                    logprobs=self._logprobs(run.dep, event.logprobs, request),
+                                    choice=choice,
+                                    tool_calls=deltas,
+                                )
+                            )
+                        )
                         index += 1
                     if event.finished:
                         if event.finish_reason == "error":
@@ -186,10 +216,12 @@ class Server:
             await self._send_error(send, True, rid, exc)
 
     # ---- the core ---------------------------------------------------------------------------
-    async def _generate(self, request: InferenceRequest, headers: dict[str, str] | None, salt: str
-                        ) -> AsyncIterator[tuple[Run, int, StreamEvent | None]]:
+    async def _generate(
+        self, request: InferenceRequest, headers: dict[str, str] | None, salt: str
+    ) -> AsyncIterator[tuple[Run, int, StreamEvent | None]]:
         """Admit the request (its n choices) into an engine and yield (its run, choice, stream event)
-        (event None: nothing happened for KEEPALIVE_S). Publishes the inference event when the request ends, however it ends, with its
+        (event None: nothing happened for KEEPALIVE_S). Publishes the inference event when the request ends,
+        however it ends, with its
         prompt committed under ``salt`` (which the caller returns to the requester, never to the event)."""
         rid = request.request_id
         if len(self.inflight) >= self.max_inflight:
@@ -203,12 +235,15 @@ class Server:
             await self.residency.hold_loaded(dep, rid)
         assert dep.loop is not None
         if not dep.loop.engine.can_generate:
-            raise errors.Invalid(f"{dep.model.name} is an embedding model (its checkpoint has no LM head): "
-                                 "it answers /v1/embeddings only")
+            raise errors.Invalid(
+                f"{dep.model.name} is an embedding model (its checkpoint has no LM head): "
+                "it answers /v1/embeddings only"
+            )
         # the caller's trace continues here (W3C traceparent in the NATS headers); the span is not made
         # current: this generator's frames run in whichever task reads it
-        span = tracer.start_span(f"inference {dep.model.name}", context=propagate.extract(headers or {}),
-                                 kind=trace.SpanKind.SERVER)
+        span = tracer.start_span(
+            f"inference {dep.model.name}", context=propagate.extract(headers or {}), kind=trace.SpanKind.SERVER
+        )
         with ended(span):
             span.set_attribute("gen_ai.request.model", request.model)
             span.set_attribute("gen_ai.operation.name", "chat" if request.messages else "text_completion")
@@ -222,8 +257,11 @@ class Server:
             try:
                 # a grammar compiles (100 ms and more for a large schema) off the event loop
                 guided = bool(request.tools) or request.sampling.response_format is not None
-                run, params, messages = await asyncio.to_thread(prepare, request, dep, len(ids)) if guided \
+                run, params, messages = (
+                    await asyncio.to_thread(prepare, request, dep, len(ids))
+                    if guided
                     else prepare(request, dep, len(ids))
+                )
                 submit(request, run, ids, params, messages, events)
             except BaseException:
                 self.inflight.pop(rid, None)
@@ -270,16 +308,29 @@ class Server:
                 if self.journal is not None:
                     self.journal.ended(rid)
                 with trace.use_span(span, end_on_exit=False):  # the inference event continues this trace
-                    asyncio.ensure_future(self._record(request, dep, final, "".join("".join(t) for t in texts), trace_id,
-                                                              started, salt))
+                    asyncio.ensure_future(
+                        self._record(request, dep, final, "".join("".join(t) for t in texts), trace_id, started, salt)
+                    )
                 if final is not None:
-                    span.set_attributes({"gen_ai.response.model": dep.model.name,
-                                         "gen_ai.usage.input_tokens": final.metrics.num_prompt_tokens,
-                                         "gen_ai.usage.output_tokens": final.metrics.num_generated_tokens})
+                    span.set_attributes(
+                        {
+                            "gen_ai.response.model": dep.model.name,
+                            "gen_ai.usage.input_tokens": final.metrics.num_prompt_tokens,
+                            "gen_ai.usage.output_tokens": final.metrics.num_generated_tokens,
+                        }
+                    )
                     engine_spans(span, final.metrics)
 
-    async def _record(self, request: InferenceRequest, dep: Deployment, final: StreamEvent | None,
-                      output: str, trace_id: str, started: float, salt: str) -> None:
+    async def _record(
+        self,
+        request: InferenceRequest,
+        dep: Deployment,
+        final: StreamEvent | None,
+        output: str,
+        trace_id: str,
+        started: float,
+        salt: str,
+    ) -> None:
         # Scheduled before a non-stream reply is sent: one loop turn first, so that nats-py's flusher
         # writes the reply before this bookkeeping (metrics, the event) runs; it was ~0.1 ms of every reply.
         await asyncio.sleep(0)
@@ -287,23 +338,61 @@ class Server:
         try:
             if final is None or final.finish_reason == "error":
                 reason = final.error if final is not None and final.error else "the request was abandoned"
-                GENAI.record(operation, request.model, dep.model.name, time.time() - started, 0, 0, 0, 0,
-                             error="abandoned" if final is None else "engine_error")
-                await self.publish(InferenceFailed(request_id=request.request_id, trace_id=trace_id, model_ref=request.model,
-                                                   node_id=self.node_id, reason=reason, e2e_seconds=time.time() - started))
+                GENAI.record(
+                    operation,
+                    request.model,
+                    dep.model.name,
+                    time.time() - started,
+                    0,
+                    0,
+                    0,
+                    0,
+                    error="abandoned" if final is None else "engine_error",
+                )
+                await self.publish(
+                    InferenceFailed(
+                        request_id=request.request_id,
+                        trace_id=trace_id,
+                        model_ref=request.model,
+                        node_id=self.node_id,
+                        reason=reason,
+                        e2e_seconds=time.time() - started,
+                    )
+                )
                 return
             m = final.metrics
-            GENAI.record(operation, request.model, dep.model.name, m.e2e or 0.0, m.ttft or 0.0, m.tpot or 0.0,
-                         m.num_prompt_tokens, m.num_generated_tokens)
-            await self.publish(InferenceCompleted(
-                request_id=request.request_id, trace_id=trace_id, model=dep.model, deployment_id=dep.deployment_id,
-                node_id=self.node_id, device=dep.device, prompt_tokens=m.num_prompt_tokens,
-                completion_tokens=m.num_generated_tokens, queue_seconds=m.queue_time or 0.0,
-                time_to_first_token_seconds=m.ttft or 0.0, time_per_output_token_seconds=m.tpot or 0.0,
-                e2e_seconds=m.e2e or 0.0, finish_reason=final.finish_reason or "stop",
-                prompt_commitment=commit(request.prompt_bytes(), salt), output_sha256=sha256(output),
-                api_key_id=request.api_key_id,
-                client_request_id=request.client_request_id, runtime=dep.loop.runtime if dep.loop else None))
+            GENAI.record(
+                operation,
+                request.model,
+                dep.model.name,
+                m.e2e or 0.0,
+                m.ttft or 0.0,
+                m.tpot or 0.0,
+                m.num_prompt_tokens,
+                m.num_generated_tokens,
+            )
+            await self.publish(
+                InferenceCompleted(
+                    request_id=request.request_id,
+                    trace_id=trace_id,
+                    model=dep.model,
+                    deployment_id=dep.deployment_id,
+                    node_id=self.node_id,
+                    device=dep.device,
+                    prompt_tokens=m.num_prompt_tokens,
+                    completion_tokens=m.num_generated_tokens,
+                    queue_seconds=m.queue_time or 0.0,
+                    time_to_first_token_seconds=m.ttft or 0.0,
+                    time_per_output_token_seconds=m.tpot or 0.0,
+                    e2e_seconds=m.e2e or 0.0,
+                    finish_reason=final.finish_reason or "stop",
+                    prompt_commitment=commit(request.prompt_bytes(), salt),
+                    output_sha256=sha256(output),
+                    api_key_id=request.api_key_id,
+                    client_request_id=request.client_request_id,
+                    runtime=dep.loop.runtime if dep.loop else None,
+                )
+            )
         except Exception:  # the reply already went out; a lost event is logged, not raised into nothing
             log.exception("could not publish the inference event of %s", request.request_id)
 
@@ -313,28 +402,46 @@ class Server:
         if self.residency is not None:
             self.residency.touch(dep)  # an on-demand model's keep-alive counts from the last request's end
 
-    def _reply(self, request: InferenceRequest, run: Run, finals: Finals, texts: list[str], lps: list[list],
-               salt: str) -> InferenceReply:
+    def _reply(
+        self, request: InferenceRequest, run: Run, finals: Finals, texts: list[str], lps: list[list], salt: str
+    ) -> InferenceReply:
         m = finals.merged().metrics
         choices = []
         for i, e in enumerate(finals.events):
             text, calls, reason = texts[i], None, e.finish_reason or "stop"
             if run.tools is not None:
                 text, calls, reason = run.tools.parse(text, reason)
-            choices.append(Choice(index=i, text=text, finish_reason=reason, tool_calls=calls,
-                                  logprobs=self._logprobs(run.dep, lps[i], request)))
-        return InferenceReply(request_id=request.request_id, model=run.dep.model, text=choices[0].text,
-                              tool_calls=choices[0].tool_calls, finish_reason=choices[0].finish_reason,
-                              usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
-                              logprobs=choices[0].logprobs, prompt_salt=salt, choices=choices if len(choices) > 1 else None)
+            choices.append(
+                Choice(
+                    index=i,
+                    text=text,
+                    finish_reason=reason,
+                    tool_calls=calls,
+                    logprobs=self._logprobs(run.dep, lps[i], request),
+                )
+            )
+        return InferenceReply(
+            request_id=request.request_id,
+            model=run.dep.model,
+            text=choices[0].text,
+            tool_calls=choices[0].tool_calls,
+            finish_reason=choices[0].finish_reason,
+            usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
+            logprobs=choices[0].logprobs,
+            prompt_salt=salt,
+            choices=choices if len(choices) > 1 else None,
+        )
 
     @staticmethod
     def _end(request_id: str, finals: Finals) -> End:
         m = finals.merged().metrics
         reasons = [e.finish_reason or "stop" for e in finals.events if e is not None]
-        return End(request_id=request_id, finish_reason=reasons[0],
-                   usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
-                   choices=[ChoiceEnd(index=i, finish_reason=r) for i, r in enumerate(reasons)] if len(reasons) > 1 else None)
+        return End(
+            request_id=request_id,
+            finish_reason=reasons[0],
+            usage=Usage(prompt_tokens=m.num_prompt_tokens, completion_tokens=m.num_generated_tokens),
+            choices=[ChoiceEnd(index=i, finish_reason=r) for i, r in enumerate(reasons)] if len(reasons) > 1 else None,
+        )
 
     @staticmethod
     def _logprobs(dep: Deployment, lps: list, request: InferenceRequest) -> list[TokenLogprob] | None:
@@ -345,18 +452,34 @@ class Server:
         def piece(token_id: int) -> str:
             return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
 
-        return [TokenLogprob(token=piece(lp.token_id), token_id=lp.token_id, logprob=lp.logprob,
-                             top=[(piece(t), v) for t, v in lp.top]) for lp in lps]
+        return [
+            TokenLogprob(
+                token=piece(lp.token_id),
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top=[(piece(t), v) for t, v in lp.top],
+            )
+            for lp in lps
+        ]
 
     async def _send_error(self, send: Send, streaming: bool, request_id: str, exc: errors.StrataError) -> None:
         if streaming:
-            await send(_msg(StreamFailure(error=InferenceError(request_id=request_id, code=exc.code, message=exc.message))))
+            await send(
+                _msg(StreamFailure(error=InferenceError(request_id=request_id, code=exc.code, message=exc.message)))
+            )
         else:
-            await send(RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode())
+            await send(
+                RpcReply(ok=False, error=ErrorBody(code=exc.code, message=exc.message)).model_dump_json().encode()
+            )
 
 
-def parse_request(raw: bytes, subject_model: str | None, request_type: type[R] = InferenceRequest, *,  # type: ignore[assignment]
-                  attributed: bool = False) -> R:
+def parse_request(
+    raw: bytes,
+    subject_model: str | None,
+    request_type: type[R] = InferenceRequest,
+    *,  # type: ignore[assignment]
+    attributed: bool = False,
+) -> R:
     """A request (an InferenceRequest, or an EmbeddingRequest: service_layer/embedding.py) sent on its
     model's subject; only one sent on the attributed subject (the gateway's) may name an API key."""
     request = rpc.parse(raw, request_type)

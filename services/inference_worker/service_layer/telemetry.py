@@ -37,10 +37,16 @@ class GenAiMetrics:
         self.tokens.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
         self.tokens.record(completion_tokens, {**attrs, "gen_ai.token.type": "output"})
 
-    def record_embeddings(self, model: str, served: str, e2e_s: float, input_tokens: int, error: str | None = None) -> None:
+    def record_embeddings(
+        self, model: str, served: str, e2e_s: float, input_tokens: int, error: str | None = None
+    ) -> None:
         """An embeddings request: its duration and input tokens (no first or output token to time)."""
-        attrs = {"gen_ai.operation.name": "embeddings", "gen_ai.request.model": model, "gen_ai.response.model": served,
-                 "gen_ai.system": "strata"}
+        attrs = {
+            "gen_ai.operation.name": "embeddings",
+            "gen_ai.request.model": model,
+            "gen_ai.response.model": served,
+            "gen_ai.system": "strata",
+        }
         self.duration.record(e2e_s, {**attrs, "error.type": error} if error else attrs)
         if not error:
             self.tokens.record(input_tokens, {**attrs, "gen_ai.token.type": "input"})
@@ -63,9 +69,11 @@ def engine_spans(parent: trace.Span, m: RequestMetrics) -> None:
     if not parent.is_recording():
         return
     ctx = trace.set_span_in_context(parent)
-    phases = (("engine queue", m.arrival_time, m.first_scheduled_time),
-              ("engine prefill", m.first_scheduled_time, m.first_token_time),
-              ("engine decode", m.first_token_time, m.finish_time))
+    phases = (
+        ("engine queue", m.arrival_time, m.first_scheduled_time),
+        ("engine prefill", m.first_scheduled_time, m.first_token_time),
+        ("engine decode", m.first_token_time, m.finish_time),
+    )
     for name, start, end in phases:
         if start is not None and end is not None:
             child = tracer.start_span(name, context=ctx, start_time=int(start * 1e9))

@@ -47,30 +47,39 @@ class ToolUse:
         if fmt is None or tokenizer is None:
             raise errors.Invalid(f"tools cannot be used with {request.model}: {unsupported_reason(template)}")
         if request.sampling.response_format is not None and request.tool_choice in (None, "auto"):
-            raise errors.Invalid("response_format with tools and tool_choice auto is not supported: the format's grammar "
-                                 "would keep the model from writing a tool call; send tool_choice none (an answer in "
-                                 "the format), required or a named function (a call), or leave response_format out")
+            raise errors.Invalid(
+                "response_format with tools and tool_choice auto is not supported: the format's grammar "
+                "would keep the model from writing a tool call; send tool_choice none (an answer in "
+                "the format), required or a named function (a call), or leave response_format out"
+            )
         tools = [t.model_dump(exclude_none=True) for t in request.tools]
         choice = request.tool_choice.model_dump() if hasattr(request.tool_choice, "model_dump") else request.tool_choice
         try:
-            grammar = fmt.grammar(tools, choice, request.parallel_tool_calls is not False,
-                                  marker_tokens=fmt.marker_tokens(tokenizer.token_to_id))
+            grammar = fmt.grammar(
+                tools,
+                choice,
+                request.parallel_tool_calls is not False,
+                marker_tokens=fmt.marker_tokens(tokenizer.token_to_id),
+            )
         except GrammarError as exc:
             raise errors.Invalid(exc.reason) from None
-        return cls(fmt, tools, Constraint("grammar", grammar) if grammar else None, request.parallel_tool_calls is not False)
+        return cls(
+            fmt, tools, Constraint("grammar", grammar) if grammar else None, request.parallel_tool_calls is not False
+        )
 
     def params(self, params: SamplingParams) -> SamplingParams:
         """Special tokens stay in the text (Llama's <|python_tag|> and Mistral's [TOOL_CALLS] are the
         markers the parser looks for); a forced call replaces any response_format."""
-        return dataclasses.replace(params, skip_special_tokens=False,
-                                   constraint=self.constraint or params.constraint)
+        return dataclasses.replace(params, skip_special_tokens=False, constraint=self.constraint or params.constraint)
 
     def parse(self, text: str, finish_reason: FinishReason) -> tuple[str, list[ToolCall] | None, FinishReason]:
         """A whole choice: its content, its calls, and finish_reason ``tool_calls`` when it made one
         and was not cut short."""
         parsed = self.fmt.parse(text)
-        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                 for c in parsed.tool_calls[:None if self.parallel else 1]]
+        calls = [
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in parsed.tool_calls[: None if self.parallel else 1]
+        ]
         return parsed.content or "", calls or None, _finish(finish_reason, bool(calls))
 
     def stream(self) -> ChoiceStream:
@@ -88,9 +97,16 @@ class ChoiceStream:
     def feed(self, text: str, finished: bool) -> tuple[str, list[ToolCallDelta] | None]:
         deltas = self.parser.feed(text) + (self.parser.finish() if finished else [])
         content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
-        calls = [ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
-                               function=FunctionDelta(name=d.name, arguments=d.arguments))
-                 for d in deltas if isinstance(d, ParsedDelta) and (self.max_calls is None or d.index < self.max_calls)]
+        calls = [
+            ToolCallDelta(
+                index=d.index,
+                id=d.id,
+                type="function" if d.id else None,
+                function=FunctionDelta(name=d.name, arguments=d.arguments),
+            )
+            for d in deltas
+            if isinstance(d, ParsedDelta) and (self.max_calls is None or d.index < self.max_calls)
+        ]
         self.called = self.called or bool(calls)
         return content, calls or None
 

@@ -81,20 +81,40 @@ class Worker:
     async def start(self) -> None:
         nc = self.service.broker.connection
         artifacts = self._artifacts or ModelStoreSource(nc, self.service.settings.service_dir / "cache")
-        self.deployments = Deployments(self.node_id, artifacts, self.service.publish, self._serving, self.options.engine)
+        self.deployments = Deployments(
+            self.node_id, artifacts, self.service.publish, self._serving, self.options.engine
+        )
         journal = InflightJournal(self.service.settings.service_dir / "inflight.jsonl")
         budget = self.options.ondemand_memory_bytes
-        self.residency = Residency(self.deployments, self.service.publish, self.node_id,
-                                   Budget(budget) if budget is not None else None,
-                                   load_timeout_s=self.options.load_timeout_s, tick_s=self.options.keep_alive_tick_s)
+        self.residency = Residency(
+            self.deployments,
+            self.service.publish,
+            self.node_id,
+            Budget(budget) if budget is not None else None,
+            load_timeout_s=self.options.load_timeout_s,
+            tick_s=self.options.keep_alive_tick_s,
+        )
         self.deployments.make_room = self.residency.room_for_always_on
-        self.server = Server(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
-                             journal=journal, residency=self.residency)
-        self.embedder = Embedder(self.deployments, self.node_id, self.service.publish, max_inflight=self.options.max_inflight,
-                                 residency=self.residency)
+        self.server = Server(
+            self.deployments,
+            self.node_id,
+            self.service.publish,
+            max_inflight=self.options.max_inflight,
+            journal=journal,
+            residency=self.residency,
+        )
+        self.embedder = Embedder(
+            self.deployments,
+            self.node_id,
+            self.service.publish,
+            max_inflight=self.options.max_inflight,
+            residency=self.residency,
+        )
         self.residency.start()
         if cut := await self.server.report_cut_short():
-            log.warning("published inference.failed for %d request(s) an earlier worker on this node left unfinished", cut)
+            log.warning(
+                "published inference.failed for %d request(s) an earlier worker on this node left unfinished", cut
+            )
         js = nc.jetstream()
         await ensure_job_streams(js)
         self.jobs = JobRunner(js, self.server, self.options.jobs)
@@ -110,18 +130,24 @@ class Worker:
         request = AssignedRequest(node_id=self.node_id)
         for _ in range(attempts):
             try:
-                assigned = await rpc.call(self.service.broker.connection, hardware_inventory.ASSIGNED.subject,
-                                          request, Assigned, timeout=5)
+                assigned = await rpc.call(
+                    self.service.broker.connection, hardware_inventory.ASSIGNED.subject, request, Assigned, timeout=5
+                )
                 break
             except errors.Unavailable:  # the registry is starting too, or NATS is back in a moment
                 await asyncio.sleep(wait_s)
         else:
-            log.warning("could not ask hardware-inventory what this node holds; deployments come with the next deploy.scheduled")
+            log.warning(
+                "could not ask hardware-inventory what this node holds; deployments come with the next deploy.scheduled"
+            )
             return
         loading = [e for e in assigned.scheduled if self.deployments.schedule(e)]
         if loading:
-            log.info("loading %d deployment(s) the registry books on this node: %s", len(loading),
-                     ", ".join(f"{e.model_ref or e.model.name} ({e.deployment_id})" for e in loading))
+            log.info(
+                "loading %d deployment(s) the registry books on this node: %s",
+                len(loading),
+                ", ".join(f"{e.model_ref or e.model.name} ({e.deployment_id})" for e in loading),
+            )
 
     async def stop(self) -> None:
         """SIGTERM: take no new requests or jobs, let those in flight finish, unload everything
@@ -174,8 +200,11 @@ class Worker:
         if serving and not self.stopping and name not in self._subs:
             self._subs[name] = []
             for attributed in (False, True):  # attributed: from the api-gateway, naming the key that asked
-                for subject, embed in ((subjects.inference_request(name, attributed=attributed), False),
-                                       (subjects.embedding_request(name, attributed=attributed), True)):
+                for subject, embed in (
+                    (subjects.inference_request(name, attributed=attributed), False),
+                    (subjects.embedding_request(name, attributed=attributed), True),
+                ):
+
                     async def receive(msg: Msg, embed: bool = embed, attributed: bool = attributed) -> None:
                         self._spawn(self.on_request(name, msg, embed=embed, attributed=attributed))
 
@@ -198,7 +227,9 @@ class Worker:
             await nc.publish(msg.reply, data)
 
         try:
-            await (self.embedder if embed else self.server).handle(msg.data, msg.headers, name, send, attributed=attributed)
+            await (self.embedder if embed else self.server).handle(
+                msg.data, msg.headers, name, send, attributed=attributed
+            )
         except Exception:  # the reply inbox is gone or NATS is down: nothing left to tell the caller
             log.exception("request on %s failed", msg.subject)
 
@@ -213,13 +244,27 @@ class Worker:
 
     async def loaded(self, _request: LoadedModelsRequest) -> LoadedModels:
         assert self.deployments is not None
-        return LoadedModels(node_id=self.node_id, deployments=[
-            LoadedDeployment(deployment_id=d.deployment_id, replica=d.replica, model=d.model, aliases=list(d.aliases),
-                             device=d.device, state=d.state, requests_in_flight=len(d.inflight), reason=d.reason,
-                             max_model_len=d.loop.engine.max_model_len if d.loop is not None else None,
-                             runtime=d.loop.runtime if d.loop is not None else None, on_demand=d.on_demand,
-                             loaded=d.loop is not None, keep_alive_s=d.keep_alive_s if d.on_demand else None)
-            for d in self.deployments.by_key.values()])
+        return LoadedModels(
+            node_id=self.node_id,
+            deployments=[
+                LoadedDeployment(
+                    deployment_id=d.deployment_id,
+                    replica=d.replica,
+                    model=d.model,
+                    aliases=list(d.aliases),
+                    device=d.device,
+                    state=d.state,
+                    requests_in_flight=len(d.inflight),
+                    reason=d.reason,
+                    max_model_len=d.loop.engine.max_model_len if d.loop is not None else None,
+                    runtime=d.loop.runtime if d.loop is not None else None,
+                    on_demand=d.on_demand,
+                    loaded=d.loop is not None,
+                    keep_alive_s=d.keep_alive_s if d.on_demand else None,
+                )
+                for d in self.deployments.by_key.values()
+            ],
+        )
 
     def _spawn(self, coro) -> None:
         # nats-py runs one subscription's callbacks one after another: each request gets its own

@@ -36,7 +36,9 @@ class CatalogIndex:
         self.db.close()
 
     def is_empty(self) -> bool:
-        return not any(self.db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in ("models", "aliases", "datasets"))
+        return not any(
+            self.db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in ("models", "aliases", "datasets")
+        )
 
     # -- applying KV entries ------------------------------------------------------------------
     def apply(self, key: str, value: dict[str, Any] | None) -> None:
@@ -55,7 +57,9 @@ class CatalogIndex:
                 if value is None:
                     self.db.execute("DELETE FROM aliases WHERE name=? AND alias=?", (dec(name), alias))
                 else:
-                    self.db.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?)", (dec(name), alias, int(value["version"])))
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO aliases VALUES (?,?,?)", (dec(name), alias, int(value["version"]))
+                    )
             elif kind == "dataset":
                 if value is None:
                     self.db.execute("DELETE FROM datasets WHERE digest=?", ("sha256:" + rest,))
@@ -137,7 +141,9 @@ class CatalogIndex:
         return ResolvedDataset.model_validate_json(row[0]) if row else None
 
     def dataset_by_name(self, name: str) -> ResolvedDataset | None:
-        row = self.db.execute("SELECT body FROM datasets WHERE name=? ORDER BY created DESC LIMIT 1", (name,)).fetchone()
+        row = self.db.execute(
+            "SELECT body FROM datasets WHERE name=? ORDER BY created DESC LIMIT 1", (name,)
+        ).fetchone()
         return ResolvedDataset.model_validate_json(row[0]) if row else None
 
     def referenced_blobs(self) -> set[str]:

@@ -40,7 +40,9 @@ class Conversion:
     quantize_seconds: float
 
 
-def convert_model(resolved: ResolvedModel, checkpoint: Path, out_dir: Path, quant: str, *, threads: int = 0) -> Conversion:
+def convert_model(
+    resolved: ResolvedModel, checkpoint: Path, out_dir: Path, quant: str, *, threads: int = 0
+) -> Conversion:
     """``checkpoint``: the pulled files of ``resolved``. Returns the one GGUF file written under ``out_dir``."""
     if quant not in QUANT_NAMES:
         raise Invalid(f"--quant {quant!r}: expected one of {', '.join(QUANT_NAMES)}")
@@ -54,8 +56,10 @@ def convert_model(resolved: ResolvedModel, checkpoint: Path, out_dir: Path, quan
         if len(ggufs) != 1:
             raise Invalid(f"{m.name}:{m.version} is a GGUF in {len(ggufs)} parts; only a single-file GGUF is converted")
         if meta.quantization not in QUANTIZABLE:
-            raise Invalid(f"{m.name}:{m.version} is already {meta.quantization}: quantizing it again loses quality; "
-                          f"convert its {', '.join(sorted(QUANTIZABLE))} source instead")
+            raise Invalid(
+                f"{m.name}:{m.version} is already {meta.quantization}: quantizing it again loses quality; "
+                f"convert its {', '.join(sorted(QUANTIZABLE))} source instead"
+            )
         if meta.quantization == target:
             raise Invalid(f"{m.name}:{m.version} is already a GGUF {target}")
         f16, f16_seconds = checkpoint / ggufs[0], 0.0
@@ -70,13 +74,25 @@ def convert_model(resolved: ResolvedModel, checkpoint: Path, out_dir: Path, quan
         quantize_seconds = time.perf_counter() - begun
         if f16.parent == out_dir:
             f16.unlink()
-    recipe = ("safetensors -> GGUF F16 (strata's Llama writer)" if meta.format != "gguf" else f"GGUF {meta.quantization}")
+    recipe = "safetensors -> GGUF F16 (strata's Llama writer)" if meta.format != "gguf" else f"GGUF {meta.quantization}"
     if target != "F16":
         recipe += f" -> {target} (llama.cpp quantize, llama-cpp-python {_llama_cpp_version()})"
-    source = ModelSource(kind=CONVERSION, name=m.name, reference=str(m.version), derived_from=resolved.model.digest,
-                         digests={f.path: f"sha256:{f.sha256}" for f in m.files}, recipe=recipe)
-    return Conversion(path=out, quantization=target, source=source, seconds=time.perf_counter() - started,
-                      f16_seconds=f16_seconds, quantize_seconds=quantize_seconds)
+    source = ModelSource(
+        kind=CONVERSION,
+        name=m.name,
+        reference=str(m.version),
+        derived_from=resolved.model.digest,
+        digests={f.path: f"sha256:{f.sha256}" for f in m.files},
+        recipe=recipe,
+    )
+    return Conversion(
+        path=out,
+        quantization=target,
+        source=source,
+        seconds=time.perf_counter() - started,
+        f16_seconds=f16_seconds,
+        quantize_seconds=quantize_seconds,
+    )
 
 
 def quantize(src: Path, dst: Path, target: str, *, threads: int = 0) -> None:
@@ -93,8 +109,10 @@ def quantize(src: Path, dst: Path, target: str, *, threads: int = 0) -> None:
     if rc != 0:
         dst.unlink(missing_ok=True)
         said = "; ".join(line.strip() for line in _llama_errors[-3:])
-        raise Invalid(f"llama.cpp could not quantize {src.name} to {target} (llama_model_quantize returned {rc}"
-                      f"{': ' + said if said else ''})")
+        raise Invalid(
+            f"llama.cpp could not quantize {src.name} to {target} (llama_model_quantize returned {rc}"
+            f"{': ' + said if said else ''})"
+        )
 
 
 _llama_errors: list[str] = []
@@ -107,6 +125,7 @@ def _quiet_llama_log() -> None:
     import llama_cpp as C
 
     if _log_callback is None:
+
         @C.llama_log_callback
         def keep_errors(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
             if level == 4:

@@ -65,7 +65,14 @@ def _json_object(path: Path) -> dict:
 
 def check_convertible(cfg: dict, tok: dict) -> None:
     """Refuse what ``_write`` would get wrong: only the Llama family with a GPT-2 byte-level BPE tokenizer."""
-    for key in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "vocab_size"):
+    for key in (
+        "num_attention_heads",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "max_position_embeddings",
+        "vocab_size",
+    ):
         value = cfg.get(key)
         if value is None:
             raise Unconvertible(f"config.json: {key} is missing; the GGUF conversion writes it")
@@ -77,28 +84,43 @@ def check_convertible(cfg: dict, tok: dict) -> None:
             raise Unconvertible(f"config.json: {key}={value!r} is not a positive integer")
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
-        raise Unconvertible(f"config.json: architecture {arch} cannot be converted to GGUF here (only {', '.join(ARCHITECTURES)})")
+        raise Unconvertible(
+            f"config.json: architecture {arch} cannot be converted to GGUF here (only {', '.join(ARCHITECTURES)})"
+        )
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if cfg.get(key):
-            raise Unconvertible(f"config.json: {key}={cfg[key]!r} is not supported by the GGUF conversion (plain Llama only)")
+            raise Unconvertible(
+                f"config.json: {key}={cfg[key]!r} is not supported by the GGUF conversion (plain Llama only)"
+            )
     model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
     if not isinstance(model, dict):
-        raise Unconvertible(f"tokenizer.json: a {type(model).__name__} tokenizer model; only byte-level BPE is converted")
+        raise Unconvertible(
+            f"tokenizer.json: a {type(model).__name__} tokenizer model; only byte-level BPE is converted"
+        )
     if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise Unconvertible(f"tokenizer.json: a {model.get('type')} tokenizer; only byte-level BPE is converted")
     merges, added = model.get("merges", []), tok.get("added_tokens", [])
-    if not isinstance(merges, list) or not all(isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m))
-                                               for m in merges):
+    if not isinstance(merges, list) or not all(
+        isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m)) for m in merges
+    ):
         raise Unconvertible("tokenizer.json: model.merges is not a list of merges (\"a b\" or [\"a\", \"b\"])")
     if not isinstance(added, list) or not all(isinstance(a, dict) and isinstance(a.get("content"), str) for a in added):
         raise Unconvertible("tokenizer.json: added_tokens is not a list of tokens with a content and an id")
-    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        raise Unconvertible("tokenizer.json: the pre-tokenizer is not GPT-2's byte-level split (ByteLevel, use_regex, "
-                            f"no prefix space) but {json.dumps(pre)[:200]}; llama.cpp would tokenize it differently")
+    if (
+        not isinstance(pre, dict)
+        or pre.get("type") != "ByteLevel"
+        or pre.get("add_prefix_space")
+        or not pre.get("use_regex", True)
+    ):
+        raise Unconvertible(
+            "tokenizer.json: the pre-tokenizer is not GPT-2's byte-level split (ByteLevel, use_regex, "
+            f"no prefix space) but {json.dumps(pre)[:200]}; llama.cpp would tokenize it differently"
+        )
 
 
-def write_llama_gguf(ckpt: Path, out: Path, ftype: str = "f32", *, chat_template: str | None = None,
-                     name: str = "tiny-llama") -> Path:
+def write_llama_gguf(
+    ckpt: Path, out: Path, ftype: str = "f32", *, chat_template: str | None = None, name: str = "tiny-llama"
+) -> Path:
     """The HF checkpoint directory ``ckpt`` (config.json, safetensors, tokenizer.json) as one GGUF."""
     for required in ("config.json", "tokenizer.json"):
         if not (ckpt / required).is_file():
@@ -109,8 +131,17 @@ def write_llama_gguf(ckpt: Path, out: Path, ftype: str = "f32", *, chat_template
     return write_gguf(cfg, tok, tok_cfg, _tensors(ckpt), out, ftype, chat_template, name)
 
 
-def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray], out: Path, ftype: str,
-           chat_template: str | None, name: str, split_max_tensors: int = 0) -> Path:
+def write_gguf(
+    cfg: dict,
+    tok: dict,
+    tok_cfg: dict,
+    hf: Mapping[str, np.ndarray],
+    out: Path,
+    ftype: str,
+    chat_template: str | None,
+    name: str,
+    split_max_tensors: int = 0,
+) -> Path:
     """``split_max_tensors`` > 0: gguf-split's layout, OUT-0000N-of-0000M.gguf (``out`` is then a name prefix)."""
     import gguf
 
@@ -138,8 +169,12 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL if t in vocab else gguf.TokenType.UNUSED
-                       for t in tokens])
+    w.add_token_types(
+        [
+            gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL if t in vocab else gguf.TokenType.UNUSED
+            for t in tokens
+        ]
+    )
     w.add_token_merges(merges)
     for key, setter in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id)):
         value = tok_cfg.get(key)
@@ -150,6 +185,7 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     template = chat_template or tok_cfg.get("chat_template")
     if template:
         w.add_chat_template(template)
+
     def put(name: str, array: np.ndarray) -> None:
         # 1-d tensors (norms) stay f32, as llama.cpp's converter keeps them
         if array.ndim == 1 or ftype == "f32":
@@ -167,9 +203,11 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
         """``key``, whose shape must be what the hyper-parameters written above make llama.cpp expect."""
         array = hf[key]
         if tuple(array.shape) != shape:
-            raise Unconvertible(f"tensor {key} has shape {tuple(array.shape)}, but config.json says {shape} (vocab_size "
-                                f"{vocab_size}, hidden_size {hidden}, intermediate_size {ffn}, {n_head} heads, {n_kv} "
-                                f"key/value heads of {head_dim}); llama.cpp would refuse the GGUF")
+            raise Unconvertible(
+                f"tensor {key} has shape {tuple(array.shape)}, but config.json says {shape} (vocab_size "
+                f"{vocab_size}, hidden_size {hidden}, intermediate_size {ffn}, {n_head} heads, {n_kv} "
+                f"key/value heads of {head_dim}); llama.cpp would refuse the GGUF"
+            )
         return array
 
     if head_dim % 2:
@@ -197,7 +235,9 @@ def write_gguf(cfg: dict, tok: dict, tok_cfg: dict, hf: Mapping[str, np.ndarray]
     if left:
         w.close()
         out.unlink(missing_ok=True)
-        raise Unconvertible(f"tensors the Llama conversion does not know: {', '.join(left[:5])}{' …' if len(left) > 5 else ''}")
+        raise Unconvertible(
+            f"tensors the Llama conversion does not know: {', '.join(left[:5])}{' …' if len(left) > 5 else ''}"
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -215,7 +255,9 @@ def _vocabulary(tok: dict, vocab_size: int) -> tuple[dict[str, int], list[str]]:
     by_id: dict[int, str] = {}
     for token, id_ in vocab.items():
         if not isinstance(id_, int) or isinstance(id_, bool) or not 0 <= id_ < vocab_size:
-            raise Unconvertible(f"tokenizer.json: token {token[:40]!r} has id {id_!r}, outside config.json's vocab_size {vocab_size}")
+            raise Unconvertible(
+                f"tokenizer.json: token {token[:40]!r} has id {id_!r}, outside config.json's vocab_size {vocab_size}"
+            )
         if id_ in by_id:
             raise Unconvertible(f"tokenizer.json: tokens {by_id[id_][:40]!r} and {token[:40]!r} both have id {id_}")
         by_id[id_] = token

@@ -67,7 +67,9 @@ def sniff_pickle(path: str, head: bytes) -> None:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         raise Invalid(f"{path}: the content is a Python pickle: {PICKLE_REASON}")
     if head.startswith(b"PK\x03\x04") and not path.endswith((".zip",)):
-        raise Invalid(f"{path}: the content is a zip archive (torch.save's format, which holds pickles): {PICKLE_REASON}")
+        raise Invalid(
+            f"{path}: the content is a zip archive (torch.save's format, which holds pickles): {PICKLE_REASON}"
+        )
 
 
 def check_files_listing(paths: Iterable[str], *, model: bool) -> None:
@@ -138,7 +140,8 @@ def check_header(path: str, header: dict[str, Any], data_len: int) -> Safetensor
         expected = elements * DTYPE_SIZES[dtype]
         if end - begin != expected:
             raise Invalid(
-                f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets {offsets} hold {end - begin}"
+                f"{where}: shape {shape} of {dtype} needs {expected} bytes "
+                f"but data_offsets {offsets} hold {end - begin}"
             )
         spans.append((begin, end, name))
         parameters += elements
@@ -154,7 +157,10 @@ def check_header(path: str, header: dict[str, Any], data_len: int) -> Safetensor
     if cursor != data_len:
         raise Invalid(f"{path}: {data_len - cursor} bytes after the last tensor belong to no tensor")
     return SafetensorsSummary(
-        tensors=len(spans), parameters=parameters, data_bytes=data_len, bytes_by_dtype=by_dtype,
+        tensors=len(spans),
+        parameters=parameters,
+        data_bytes=data_len,
+        bytes_by_dtype=by_dtype,
         names=sorted(name for _b, _e, name in spans),
     )
 

@@ -87,7 +87,11 @@ def summary(path: str, reader: Any, size: int) -> GgufSummary:
         data_bytes += int(t.n_bytes)
     file_type = value("general.file_type")
     try:
-        ftype = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_") if file_type is not None else None
+        ftype = (
+            LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+            if file_type is not None
+            else None
+        )
     except ValueError:
         ftype = f"file_type {file_type}"
     split_no, split_count = value("split.no"), value("split.count")
@@ -101,14 +105,26 @@ def summary(path: str, reader: Any, size: int) -> GgufSummary:
     if split_no in (None, 0) and not isinstance(arch, str):
         raise Invalid(f"{path}: has no general.architecture: not a model GGUF llama.cpp can load")
     return GgufSummary(
-        architecture=arch if isinstance(arch, str) else None, name=_str(value("general.name")), file_type=ftype,
-        split_no=int(split_no or 0), split_count=int(split_count or 1),
-        tensors=len(reader.tensors), parameters=parameters, data_bytes=data_bytes, bytes_by_type=by_type,
-        context_length=positive("context_length"), num_layers=positive("block_count"),
-        hidden_size=positive("embedding_length"), intermediate_size=positive("feed_forward_length"),
-        num_heads=positive("attention.head_count"), num_kv_heads=positive("attention.head_count_kv"),
-        key_length=positive("attention.key_length"), value_length=positive("attention.value_length"),
-        vocab_size=vocab, num_experts=positive("expert_count"), num_experts_per_tok=positive("expert_used_count"),
+        architecture=arch if isinstance(arch, str) else None,
+        name=_str(value("general.name")),
+        file_type=ftype,
+        split_no=int(split_no or 0),
+        split_count=int(split_count or 1),
+        tensors=len(reader.tensors),
+        parameters=parameters,
+        data_bytes=data_bytes,
+        bytes_by_type=by_type,
+        context_length=positive("context_length"),
+        num_layers=positive("block_count"),
+        hidden_size=positive("embedding_length"),
+        intermediate_size=positive("feed_forward_length"),
+        num_heads=positive("attention.head_count"),
+        num_kv_heads=positive("attention.head_count_kv"),
+        key_length=positive("attention.key_length"),
+        value_length=positive("attention.value_length"),
+        vocab_size=vocab,
+        num_experts=positive("expert_count"),
+        num_experts_per_tok=positive("expert_used_count"),
         chat_template=_str(template),
     )
 
@@ -120,14 +136,18 @@ def _str(v: Any) -> str | None:
 def check_gguf_set(summaries: dict[str, GgufSummary]) -> None:
     """The .gguf files of one model: a single file, or every part of one split, each once."""
     if len(summaries) == 1:
-        (path, s), = summaries.items()
+        ((path, s),) = summaries.items()
         if s.split_count > 1:
-            raise Invalid(f"{path}: part {s.split_no + 1} of a {s.split_count}-file split GGUF; push every part together")
+            raise Invalid(
+                f"{path}: part {s.split_no + 1} of a {s.split_count}-file split GGUF; push every part together"
+            )
         return
     counts = {s.split_count for s in summaries.values()}
     if len(counts) != 1 or counts.pop() != len(summaries):
-        raise Invalid(f"{len(summaries)} .gguf files that are not the parts of one split GGUF "
-                      "(a model holds one GGUF, or every file of one gguf-split)")
+        raise Invalid(
+            f"{len(summaries)} .gguf files that are not the parts of one split GGUF "
+            "(a model holds one GGUF, or every file of one gguf-split)"
+        )
     numbers = sorted(s.split_no for s in summaries.values())
     if numbers != list(range(len(summaries))):
         raise Invalid(f"the split GGUF's parts are numbered {numbers}, not 0..{len(summaries) - 1}")

@@ -78,7 +78,9 @@ def model_metadata(config: dict[str, Any], summaries: Iterable[SafetensorsSummar
 def warnings(metadata: ModelMetadata) -> list[str]:
     """What a push stores but should say: an architecture no runtime serves (fit and deploy refuse it)."""
     if metadata.runtime is None and metadata.format == "gguf":
-        return [f"llama.cpp is not known to load GGUF architecture {metadata.architecture!r}; fit and deploy will refuse it"]
+        return [
+            f"llama.cpp is not known to load GGUF architecture {metadata.architecture!r}; fit and deploy will refuse it"
+        ]
     if metadata.runtime is None:
         return [f"no runtime serves {metadata.architecture}; supported: {supported()}"]
     return []
@@ -97,14 +99,24 @@ def gguf_metadata(summaries: dict[str, GgufSummary]) -> ModelMetadata:
     dominant = max(by_type, key=lambda t: by_type[t]) if by_type else "unknown"
     heads = head.num_heads
     return ModelMetadata(
-        architecture=head.architecture, model_type=head.architecture,
-        parameters=sum(s.parameters for s in summaries.values()), dtype=dominant,
-        num_layers=head.num_layers, hidden_size=head.hidden_size, intermediate_size=head.intermediate_size,
-        num_heads=heads, num_kv_heads=head.num_kv_heads or heads,
+        architecture=head.architecture,
+        model_type=head.architecture,
+        parameters=sum(s.parameters for s in summaries.values()),
+        dtype=dominant,
+        num_layers=head.num_layers,
+        hidden_size=head.hidden_size,
+        intermediate_size=head.intermediate_size,
+        num_heads=heads,
+        num_kv_heads=head.num_kv_heads or heads,
         head_dim=head.key_length or (head.hidden_size // heads if head.hidden_size and heads else None),
-        vocab_size=head.vocab_size, context_length=head.context_length,
+        vocab_size=head.vocab_size,
+        context_length=head.context_length,
         weight_bytes=sum(s.data_bytes for s in summaries.values()),
-        runtime=runtime_for_gguf(head.architecture), num_experts=head.num_experts,
+        runtime=runtime_for_gguf(head.architecture),
+        num_experts=head.num_experts,
         num_experts_per_tok=head.num_experts_per_tok,
-        format="gguf", quantization=head.file_type or dominant, bytes_by_type=by_type, chat_template=head.chat_template,
+        format="gguf",
+        quantization=head.file_type or dominant,
+        bytes_by_type=by_type,
+        chat_template=head.chat_template,
     )

@@ -36,7 +36,9 @@ def builtin_enabled() -> bool:
 
 
 def create_service(settings: Settings | None = None) -> Service:
-    service = Service(SERVICE, settings, description="Models and datasets: blobs, manifests, versions, aliases, signatures.")
+    service = Service(
+        SERVICE, settings, description="Models and datasets: blobs, manifests, versions, aliases, signatures."
+    )
     tasks: list[asyncio.Task[None]] = []
 
     @service.on_start

@@ -81,7 +81,9 @@ async def check_blob(store: Store, sha256: str) -> BlobChecked:
 
 
 @router.put("/blobs/{sha256}", response_model=BlobUploaded, **guarded(Invalid, InsufficientStorage))
-async def upload_blob(store: Store, traffic: Traffic, sha256: str, request: Request, path: str | None = Query(default=None)) -> BlobUploaded:
+async def upload_blob(
+    store: Store, traffic: Traffic, sha256: str, request: Request, path: str | None = Query(default=None)
+) -> BlobUploaded:
     """Stream a blob in as the raw request body; ``path`` (its file name) lets it be checked now.
     With a content-length, a blob there is no room for is refused (507) before its body is read."""
     length = request.headers.get("content-length")
@@ -91,12 +93,10 @@ async def upload_blob(store: Store, traffic: Traffic, sha256: str, request: Requ
     return BlobUploaded(sha256=sha256, size=info.size, info=info)
 
 
-
 @router.get("/blobs/{sha256}", responses=error_responses(Invalid, NotFound, BlobCorrupt, Unavailable))
 async def download_blob(store: Store, traffic: Traffic, sha256: str) -> StreamingResponse:
     check_digest(sha256)
     return await _stream(store, sha256, traffic.count)
-
 
 
 @router.post("/models", response_model=PushedModel, **guarded(Invalid, NotFound, Conflict))
@@ -106,11 +106,9 @@ async def push_model(store: Store, body: PushModelRequest, response: Response) -
     return pushed
 
 
-
 @router.get("/models", response_model=ModelList, responses=error_responses(Unavailable))
 async def list_models(store: Store, name: str | None = None) -> ModelList:
     return await store.list_models(name)
-
 
 
 @router.get("/models/{ref}", response_model=ResolvedModel, responses=error_responses(Invalid, NotFound, Unavailable))
@@ -119,11 +117,9 @@ async def show_model(store: Store, ref: str) -> ResolvedModel:
     return await store.resolve(ref)
 
 
-
 @router.get("/resolve", response_model=ResolvedModel, responses=error_responses(Invalid, NotFound, Unavailable))
 async def resolve(store: Store, ref: str) -> ResolvedModel:
     return await store.resolve(ref)
-
 
 
 @router.get("/models/{ref}/files/{path:path}", responses=error_responses(Invalid, NotFound, BlobCorrupt, Unavailable))
@@ -135,11 +131,9 @@ async def download_file(store: Store, traffic: Traffic, ref: str, path: str) -> 
     return await _stream(store, entry.sha256, traffic.count)
 
 
-
 @router.delete("/models/{ref}", response_model=DeleteResult, **guarded(Invalid, NotFound))
 async def delete_model(store: Store, ref: str, all_versions: bool = False) -> DeleteResult:
     return await store.delete(ref, all_versions=all_versions)
-
 
 
 @router.post("/aliases", response_model=AliasResult, **guarded(Invalid, NotFound, Conflict))
@@ -147,12 +141,10 @@ async def set_alias(store: Store, body: AliasRequest) -> AliasResult:
     return await store.set_alias(body.ref, body.alias)
 
 
-
 @router.delete("/models/{name}/aliases/{alias}", status_code=204, **guarded(Invalid, NotFound))
 async def remove_alias(store: Store, name: str, alias: str) -> Response:
     await store.remove_alias(name, alias)
     return Response(status_code=204)
-
 
 
 @router.post("/datasets", response_model=PushedDataset, **guarded(Invalid, NotFound))
@@ -162,11 +154,9 @@ async def push_dataset(store: Store, body: PushDatasetRequest, response: Respons
     return pushed
 
 
-
 @router.get("/datasets", response_model=DatasetList, responses=error_responses(Unavailable))
 async def list_datasets(store: Store) -> DatasetList:
     return await store.list_datasets()
-
 
 
 @router.get("/datasets/{ref}", response_model=ResolvedDataset, responses=error_responses(NotFound, Unavailable))
@@ -200,6 +190,7 @@ async def _stream(store: ModelStore, sha256: str, count_bytes: Callable[[str, in
             await chunks.aclose()  # its pull consumer goes now, not at garbage collection
 
     return StreamingResponse(
-        body(), media_type="application/octet-stream",
+        body(),
+        media_type="application/octet-stream",
         headers={"content-length": str(size), "x-content-sha256": sha256},
     )

@@ -25,7 +25,9 @@ class ImportPlan:
     source: ModelSource
     license: str | None = None
     notes: list[str] = field(default_factory=list)
-    sha256: dict[str, str] = field(default_factory=dict)  # path -> sha256 hex taken while checking a file by another digest
+    sha256: dict[str, str] = field(
+        default_factory=dict
+    )  # path -> sha256 hex taken while checking a file by another digest
 
     @property
     def checked_sha256(self) -> dict[str, str]:
@@ -53,8 +55,10 @@ def hash_file_and_sha256(path: Path, algorithm: str = "sha256", prefix: bytes = 
 def check_sha256(path: Path, expected_hex: str, label: str) -> None:
     actual = hash_file(path)
     if actual != expected_hex:
-        raise Invalid(f"{label}: {path} hashes to sha256:{actual}, but it is named sha256:{expected_hex} "
-                      "(corrupt or half-written; pull it again with its tool)")
+        raise Invalid(
+            f"{label}: {path} hashes to sha256:{actual}, but it is named sha256:{expected_hex} "
+            "(corrupt or half-written; pull it again with its tool)"
+        )
 
 
 def store_name(text: str) -> str:

@@ -39,7 +39,12 @@ def parse_hf_name(ref: str) -> tuple[str, str]:
     repo, _, revision = ref.partition("@")
     revision = revision or "main"
     parts = repo.split("/")
-    if not 1 <= len(parts) <= 2 or not all(_PART.fullmatch(p) for p in parts) or not _REVISION.fullmatch(revision) or ".." in revision:
+    if (
+        not 1 <= len(parts) <= 2
+        or not all(_PART.fullmatch(p) for p in parts)
+        or not _REVISION.fullmatch(revision)
+        or ".." in revision
+    ):
         raise Invalid(f"hf:{ref}: expected hf:ORG/NAME[@REVISION], letters, digits, '.', '_', '-'")
     return repo, revision
 
@@ -48,8 +53,10 @@ def read_huggingface(ref: str, gguf_file: str | None = None, cache: Path | None 
     repo, revision = parse_hf_name(ref)
     folder = (cache or hub_cache()) / ("models--" + repo.replace("/", "--"))
     if not folder.is_dir():
-        raise NotFound(f"hf:{repo}: not in the Hugging Face cache ({folder} is missing); download it first "
-                       f"(huggingface-cli download {repo}), or point HF_HOME at the cache")
+        raise NotFound(
+            f"hf:{repo}: not in the Hugging Face cache ({folder} is missing); download it first "
+            f"(huggingface-cli download {repo}), or point HF_HOME at the cache"
+        )
     commit = _commit(folder, repo, revision)
     snapshot = folder / "snapshots" / commit
     present = local_files(snapshot)
@@ -57,10 +64,20 @@ def read_huggingface(ref: str, gguf_file: str | None = None, cache: Path | None 
     checked = {f.relative_to(snapshot).as_posix(): _check_blob(repo, folder, f) for f in files}
     digests = {path: digest for path, (digest, _) in checked.items()}
     is_gguf = files[0].suffix == ".gguf"
-    notes = [] if is_gguf else [f"left out (pickle): {p.relative_to(snapshot)}" for p in present if p.suffix.lower() in PICKLE_SUFFIXES]
+    notes = (
+        []
+        if is_gguf
+        else [f"left out (pickle): {p.relative_to(snapshot)}" for p in present if p.suffix.lower() in PICKLE_SUFFIXES]
+    )
     source = ModelSource(kind=HUGGINGFACE, name=repo, reference=revision, resolved=commit, digests=digests)
-    return ImportPlan(directory=snapshot, files=files, name=store_name(repo.split("/")[-1]), source=source, notes=notes,
-                      sha256={path: sha for path, (_, sha) in checked.items()})
+    return ImportPlan(
+        directory=snapshot,
+        files=files,
+        name=store_name(repo.split("/")[-1]),
+        source=source,
+        notes=notes,
+        sha256={path: sha for path, (_, sha) in checked.items()},
+    )
 
 
 def _commit(folder: Path, repo: str, revision: str) -> str:
@@ -83,8 +100,10 @@ def _select(repo: str, snapshot: Path, present: list[Path], gguf_file: str | Non
     if gguf_file is not None:
         chosen = [p for p in ggufs if p.relative_to(snapshot).as_posix() == gguf_file]
         if not chosen:
-            raise NotFound(f"hf:{repo}: --file {gguf_file} is not a .gguf of the snapshot (its GGUFs: "
-                           f"{', '.join(p.relative_to(snapshot).as_posix() for p in ggufs) or 'none'})")
+            raise NotFound(
+                f"hf:{repo}: --file {gguf_file} is not a .gguf of the snapshot (its GGUFs: "
+                f"{', '.join(p.relative_to(snapshot).as_posix() for p in ggufs) or 'none'})"
+            )
         return chosen
     names = {p.relative_to(snapshot).as_posix() for p in present}
     if "config.json" in names and any(n.endswith(".safetensors") for n in names):
@@ -92,10 +111,14 @@ def _select(repo: str, snapshot: Path, present: list[Path], gguf_file: str | Non
     if len(ggufs) == 1:
         return ggufs
     if ggufs:
-        raise Invalid(f"hf:{repo}: the snapshot has {len(ggufs)} GGUF files; pick one with --file "
-                      f"({', '.join(p.relative_to(snapshot).as_posix() for p in ggufs)})")
-    raise Invalid(f"hf:{repo}: neither a safetensors checkpoint (config.json and *.safetensors) nor a GGUF "
-                  f"repository (files: {', '.join(sorted(names)) or 'none'})")
+        raise Invalid(
+            f"hf:{repo}: the snapshot has {len(ggufs)} GGUF files; pick one with --file "
+            f"({', '.join(p.relative_to(snapshot).as_posix() for p in ggufs)})"
+        )
+    raise Invalid(
+        f"hf:{repo}: neither a safetensors checkpoint (config.json and *.safetensors) nor a GGUF "
+        f"repository (files: {', '.join(sorted(names)) or 'none'})"
+    )
 
 
 def _check_blob(repo: str, folder: Path, file: Path) -> tuple[str, str]:
@@ -104,7 +127,9 @@ def _check_blob(repo: str, folder: Path, file: Path) -> tuple[str, str]:
     blob = file.resolve()
     label = f"hf:{repo} {file.name}"
     if blob.parent != (folder / "blobs").resolve():
-        raise Invalid(f"{label}: not a link into the cache's blobs/ ({blob}), so it cannot be checked against the hub's digest")
+        raise Invalid(
+            f"{label}: not a link into the cache's blobs/ ({blob}), so it cannot be checked against the hub's digest"
+        )
     if _SHA256.match(blob.name):
         actual, sha = hash_file_and_sha256(blob)
         kind = "sha256"
@@ -114,6 +139,8 @@ def _check_blob(repo: str, folder: Path, file: Path) -> tuple[str, str]:
     else:
         raise Invalid(f"{label}: blob name {blob.name!r} is neither a sha256 nor a git sha1")
     if actual != blob.name:
-        raise Invalid(f"{label}: the blob {blob} hashes to {kind}:{actual}, but the cache names it {blob.name} "
-                      "(corrupt or half-written; download it again)")
+        raise Invalid(
+            f"{label}: the blob {blob} hashes to {kind}:{actual}, but the cache names it {blob.name} "
+            "(corrupt or half-written; download it again)"
+        )
     return f"{kind}:{actual}", sha

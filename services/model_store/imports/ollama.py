@@ -58,11 +58,16 @@ def models_dir() -> Path:
 
 
 def parse_ollama_name(ref: str) -> tuple[str, str, str, str]:
-    """``NAME``, ``NAME:TAG``, ``NAMESPACE/NAME[:TAG]`` or ``HOST/NAMESPACE/NAME[:TAG]`` -> (host, namespace, name, tag)."""
+    """``NAME``, ``NAME:TAG``, ``NAMESPACE/NAME[:TAG]`` or ``HOST/NAMESPACE/NAME[:TAG]``
+    -> (host, namespace, name, tag)."""
     path, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", DEFAULT_TAG)
     parts = path.split("/")
-    if len(parts) > 3 or not all(_PART.fullmatch(p) for p in parts) or not _PART.fullmatch(tag):  # fullmatch: `$` admits a trailing newline
-        raise Invalid(f"ollama:{ref}: expected ollama:NAME[:TAG] (NAME may be NAMESPACE/NAME), letters, digits, '.', '_', '-'")
+    if (
+        len(parts) > 3 or not all(_PART.fullmatch(p) for p in parts) or not _PART.fullmatch(tag)
+    ):  # fullmatch: `$` admits a trailing newline
+        raise Invalid(
+            f"ollama:{ref}: expected ollama:NAME[:TAG] (NAME may be NAMESPACE/NAME), letters, digits, '.', '_', '-'"
+        )
     host, namespace = DEFAULT_HOST, DEFAULT_NAMESPACE
     if len(parts) == 3:
         host, namespace, name = parts
@@ -81,21 +86,30 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
     if not manifest_path.is_file():
         tags = sorted(p.name for p in manifest_path.parent.glob("*")) if manifest_path.parent.is_dir() else []
         known = f" (its tags here: {', '.join(tags)})" if tags else ""
-        raise NotFound(f"ollama:{ref}: no manifest {manifest_path}{known}; `ollama pull {name}:{tag}` first, "
-                       "or point OLLAMA_MODELS at the models directory")
+        raise NotFound(
+            f"ollama:{ref}: no manifest {manifest_path}{known}; `ollama pull {name}:{tag}` first, "
+            "or point OLLAMA_MODELS at the models directory"
+        )
     size = manifest_path.stat().st_size
     if size > MAX_MANIFEST_BYTES:
-        raise Invalid(f"ollama:{ref}: {manifest_path} is too large for an Ollama manifest ({size} bytes, at most "
-                      f"{MAX_MANIFEST_BYTES}); nothing was imported")
+        raise Invalid(
+            f"ollama:{ref}: {manifest_path} is too large for an Ollama manifest ({size} bytes, at most "
+            f"{MAX_MANIFEST_BYTES}); nothing was imported"
+        )
     raw = manifest_path.read_bytes()
     try:
         manifest = OllamaManifest.model_validate_json(raw)
     except ValidationError as exc:
-        raise Invalid(f"ollama:{ref}: {manifest_path} is not an Ollama manifest: {exc.errors()[0]['msg']} "
-                      f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
+        raise Invalid(
+            f"ollama:{ref}: {manifest_path} is not an Ollama manifest: {exc.errors()[0]['msg']} "
+            f"at {'.'.join(map(str, exc.errors()[0]['loc']))}"
+        ) from None
     models = [layer for layer in manifest.layers if layer.media_type == GGUF_LAYER]
     if len(models) != 1:
-        raise Invalid(f"ollama:{ref}: the manifest has {len(models)} layers of type {GGUF_LAYER}; an importable model has one GGUF")
+        raise Invalid(
+            f"ollama:{ref}: the manifest has {len(models)} layers of type {GGUF_LAYER}; "
+            "an importable model has one GGUF"
+        )
     staging.mkdir(parents=True, exist_ok=True)
     digests = {"manifest": "sha256:" + hashlib.sha256(raw).hexdigest()}
     files, license_text, counts = [], None, {}
@@ -107,11 +121,15 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
             counts[kind] = counts.get(kind, 0) + 1
             target = FILE_FOR[kind] + (f".{counts[kind]}" if counts[kind] > 1 else "")
         else:
-            raise Invalid(f"ollama:{ref}: layer {layer.digest} is of type {layer.media_type}, which Strata cannot serve "
-                          "(a projector or an adapter needs its runtime support); nothing was imported")
+            raise Invalid(
+                f"ollama:{ref}: layer {layer.digest} is of type {layer.media_type}, which Strata cannot serve "
+                "(a projector or an adapter needs its runtime support); nothing was imported"
+            )
         blob = root / "blobs" / layer.digest.replace(":", "-")
         if not blob.is_file():
-            raise NotFound(f"ollama:{ref}: the blob of layer {kind} ({blob}) is missing; `ollama pull {name}:{tag}` again")
+            raise NotFound(
+                f"ollama:{ref}: the blob of layer {kind} ({blob}) is missing; `ollama pull {name}:{tag}` again"
+            )
         if blob.stat().st_size != layer.size:
             raise Invalid(f"ollama:{ref}: {blob} has {blob.stat().st_size} bytes, the manifest says {layer.size}")
         check_sha256(blob, layer.digest.removeprefix("sha256:"), f"ollama:{ref} layer {kind}")
@@ -126,15 +144,22 @@ def read_ollama(ref: str, staging: Path, root: Path | None = None) -> ImportPlan
         link.symlink_to(blob.resolve())
         files.append(link)
     source = ModelSource(kind=OLLAMA, name=f"{host}/{namespace}/{name}", reference=tag, digests=digests)
-    return ImportPlan(directory=staging, files=sorted(files), name=store_name(name if tag == DEFAULT_TAG else f"{name}-{tag}"),
-                      source=source, license=_license_title(license_text))
+    return ImportPlan(
+        directory=staging,
+        files=sorted(files),
+        name=store_name(name if tag == DEFAULT_TAG else f"{name}-{tag}"),
+        source=source,
+        license=_license_title(license_text),
+    )
 
 
 def _check_params(ref: str, blob: Path) -> None:
     size = blob.stat().st_size
     if size > MAX_PARAMS_BYTES:
-        raise Invalid(f"ollama:{ref}: the params layer {blob} is too large ({size} bytes, at most {MAX_PARAMS_BYTES}); "
-                      "nothing was imported")
+        raise Invalid(
+            f"ollama:{ref}: the params layer {blob} is too large ({size} bytes, at most {MAX_PARAMS_BYTES}); "
+            "nothing was imported"
+        )
     try:
         json_object(blob.read_bytes())
     except ValueError as exc:
@@ -146,6 +171,8 @@ def _license_title(text: str | None) -> str | None:
     if not text:
         return None
     # the model author's text, printed by `strata model show`: no control characters (terminal escapes)
-    printable = ["".join(c for c in line if unicodedata.category(c) not in ("Cc", "Cf")).strip() for line in text.splitlines()]
+    printable = [
+        "".join(c for c in line if unicodedata.category(c) not in ("Cc", "Cf")).strip() for line in text.splitlines()
+    ]
     first = next((line for line in printable if line), "")
     return first[:200] or None

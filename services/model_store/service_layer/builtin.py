@@ -20,7 +20,9 @@ CORPUS_FILES = ("kjv.txt", "README.md", "LICENSE")
 CLAIM_KEY = "builtin.registered"
 
 
-async def register_builtin(store: ModelStore, corpus_dir: Path | None = None, model_dir: Path | None = None) -> PushedModel | None:
+async def register_builtin(
+    store: ModelStore, corpus_dir: Path | None = None, model_dir: Path | None = None
+) -> PushedModel | None:
     """Register the built-in dataset and model once per catalog; None when there is nothing to do."""
     corpus_dir = corpus_dir or CORPUS_DIR
     model_dir = model_dir or MODEL_DIR
@@ -52,21 +54,30 @@ async def _register(store: ModelStore, corpus_dir: Path, model_dir: Path) -> Pus
     files = [f for f in CORPUS_FILES if (corpus_dir / f).is_file()]
     if files:
         entries = [await _add(store, corpus_dir / f, f) for f in files]
-        dataset = await store.register_dataset(PushDatasetRequest(
-            name="kjv-corpus", files=entries, license="public domain",
-            source=CORPUS_SOURCE,
-            description="The built-in model's training corpus (selected books of the KJV Bible)",
-        ))
+        dataset = await store.register_dataset(
+            PushDatasetRequest(
+                name="kjv-corpus",
+                files=entries,
+                license="public domain",
+                source=CORPUS_SOURCE,
+                description="The built-in model's training corpus (selected books of the KJV Bible)",
+            )
+        )
         datasets.append(dataset.digest)
     record_path = model_dir / "training_record.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     name = (record or {}).get("model_name") or MODEL_NAME
     paths = sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     entries = [await _add(store, p, p.relative_to(model_dir).as_posix()) for p in paths]
-    pushed = await store.register_model(PushModelRequest(
-        name=name, files=entries, license="see training record (trained by Strata on a public-domain corpus)",
-        datasets=datasets, training_record=record,
-    ))
+    pushed = await store.register_model(
+        PushModelRequest(
+            name=name,
+            files=entries,
+            license="see training record (trained by Strata on a public-domain corpus)",
+            datasets=datasets,
+            training_record=record,
+        )
+    )
     await store.set_alias(f"{name}:{pushed.model.version}", "prod")
     log.info("registered built-in model %s:%s (%s)", name, pushed.model.version, pushed.model.digest)
     return pushed

@@ -37,7 +37,9 @@ TRAINING_RECORD = "training_record.json"
 
 
 class ModelStore:
-    def __init__(self, kv: CatalogKV, blobs: BlobStore, index: CatalogIndex, signer: Signer, ingest: Ingest, publish: Publish) -> None:
+    def __init__(
+        self, kv: CatalogKV, blobs: BlobStore, index: CatalogIndex, signer: Signer, ingest: Ingest, publish: Publish
+    ) -> None:
         self.kv, self.blobs, self.index, self.signer, self.ingest = kv, blobs, index, signer, ingest
         self._publish = publish
 
@@ -78,15 +80,31 @@ class ModelStore:
             if not isinstance(record, dict):
                 raise Invalid(f"{TRAINING_RECORD}: must be a JSON object")
         files = sorted(request.files, key=lambda f: f.path)
-        content = dict(files=files, metadata=metadata, license=request.license, datasets=request.datasets, training_record=record,
-                       source=request.source)
+        content = dict(
+            files=files,
+            metadata=metadata,
+            license=request.license,
+            datasets=request.datasets,
+            training_record=record,
+            source=request.source,
+        )
         said = warnings(metadata)
         for existing in await self._versions(request.name):
             m = existing.manifest
             # runtime is what push decides, not content: a manifest from before the field is the same version
             same_meta = m.metadata.model_copy(update={"runtime": metadata.runtime})
-            if canonical_json(_dump(dict(files=m.files, metadata=same_meta, license=m.license, datasets=m.datasets,
-                                         training_record=m.training_record, source=m.source))) == canonical_json(_dump(content)):
+            if canonical_json(
+                _dump(
+                    dict(
+                        files=m.files,
+                        metadata=same_meta,
+                        license=m.license,
+                        datasets=m.datasets,
+                        training_record=m.training_record,
+                        source=m.source,
+                    )
+                )
+            ) == canonical_json(_dump(content)):
                 return PushedModel(**existing.model_dump(), created=False, warnings=said)
         version = await self.kv.allocate_version(request.name)
         manifest = ModelManifest(name=request.name, version=version, **content)
@@ -95,10 +113,18 @@ class ModelStore:
         await self.kv.create_model(stored)
         self.index.put_model(stored)
         record_digest = "sha256:" + hashlib.sha256(canonical_json(record)).hexdigest() if record else None
-        await self.publish(ModelRegistered(
-            model=model, architecture=metadata.architecture, parameters=metadata.parameters,
-            datasets=request.datasets, training_record=record_digest, license=request.license, source=request.source,
-        ), event_id=f"model.registered.{model.digest}")
+        await self.publish(
+            ModelRegistered(
+                model=model,
+                architecture=metadata.architecture,
+                parameters=metadata.parameters,
+                datasets=request.datasets,
+                training_record=record_digest,
+                license=request.license,
+                source=request.source,
+            ),
+            event_id=f"model.registered.{model.digest}",
+        )
         await self.publish(ModelSigned(model=model, key_id=self.signer.key_id), event_id=f"model.signed.{model.digest}")
         if said:
             log.warning("%s:%d stored, but %s", model.name, model.version, "; ".join(said))
@@ -120,19 +146,31 @@ class ModelStore:
                 raise NotFound(f"no model named {parsed.name!r}")
         stored = self.index.model(parsed.name, version) or await self.kv.get_model(parsed.name, version)
         if stored is None:
-            raise NotFound(f"{parsed.name}:{version} does not exist" + (f" ({ref} points at it)" if parsed.alias else ""))
-        return ResolvedModel(**stored.model_dump(exclude={"aliases"}), aliases=self.index.aliases_of(parsed.name, version))
+            raise NotFound(
+                f"{parsed.name}:{version} does not exist" + (f" ({ref} points at it)" if parsed.alias else "")
+            )
+        return ResolvedModel(
+            **stored.model_dump(exclude={"aliases"}), aliases=self.index.aliases_of(parsed.name, version)
+        )
 
     async def list_models(self, name: str | None = None) -> ModelList:
         summaries = []
         for stored in self.index.models(name):
             m = stored.manifest
-            summaries.append(ModelSummary(
-                model=stored.model, architecture=m.metadata.architecture, parameters=m.metadata.parameters,
-                dtype=m.metadata.dtype, weight_bytes=m.metadata.weight_bytes, size=sum(f.size for f in m.files),
-                license=m.license, datasets=m.datasets, created=m.created,
-                aliases=self.index.aliases_of(stored.model.name, stored.model.version),
-            ))
+            summaries.append(
+                ModelSummary(
+                    model=stored.model,
+                    architecture=m.metadata.architecture,
+                    parameters=m.metadata.parameters,
+                    dtype=m.metadata.dtype,
+                    weight_bytes=m.metadata.weight_bytes,
+                    size=sum(f.size for f in m.files),
+                    license=m.license,
+                    datasets=m.datasets,
+                    created=m.created,
+                    aliases=self.index.aliases_of(stored.model.name, stored.model.version),
+                )
+            )
         return ModelList(models=summaries)
 
     async def set_alias(self, ref: str, alias: str) -> AliasResult:
@@ -141,8 +179,10 @@ class ModelStore:
         previous = await self.kv.set_alias(name, alias, target.model.version)
         self.index.set_alias(name, alias, target.model.version)
         if previous != target.model.version:
-            await self.publish(ModelAliased(model=target.model, alias=alias, previous_version=previous),
-                               event_id=f"model.aliased.{name}.{alias}.{target.model.version}.{previous}")
+            await self.publish(
+                ModelAliased(model=target.model, alias=alias, previous_version=previous),
+                event_id=f"model.aliased.{name}.{alias}.{target.model.version}.{previous}",
+            )
         return AliasResult(model=target.model, alias=alias, previous_version=previous)
 
     async def remove_alias(self, name: str, alias: str) -> None:
@@ -156,7 +196,9 @@ class ModelStore:
         parsed = parse_ref(ref)
         if parsed.version is None and parsed.alias is None:
             if not all_versions:
-                raise Invalid(f"{ref!r} names no version: delete NAME:VERSION or NAME@ALIAS, or every version with all_versions")
+                raise Invalid(
+                    f"{ref!r} names no version: delete NAME:VERSION or NAME@ALIAS, or every version with all_versions"
+                )
             targets = await self._versions(parsed.name)
             if not targets:
                 raise NotFound(f"no model named {parsed.name!r}")
@@ -171,7 +213,9 @@ class ModelStore:
             await self.kv.delete_model(name, version)
             self.index.delete_model(name, version)
             candidates.update(f.sha256 for f in stored.manifest.files)
-            await self.publish(ModelDeleted(model=stored.model), event_id=f"model.deleted.{stored.model.digest}.{version}")
+            await self.publish(
+                ModelDeleted(model=stored.model), event_id=f"model.deleted.{stored.model.digest}.{version}"
+            )
         removed = await self.collect_garbage(candidates)
         return DeleteResult(deleted=[t.model for t in targets], blobs_removed=sorted(removed))
 
@@ -206,21 +250,35 @@ class ModelStore:
         for entry in request.files:
             await self.ingest.info_for(entry.sha256, entry.path, entry.size)
         files = sorted(request.files, key=lambda f: f.path)
-        fields = dict(name=request.name, files=files, source=request.source, license=request.license,
-                      description=request.description)
+        fields = dict(
+            name=request.name,
+            files=files,
+            source=request.source,
+            license=request.license,
+            description=request.description,
+        )
         for existing in self.index.datasets():
             m = existing.manifest
-            if canonical_json(_dump(dict(name=m.name, files=m.files, source=m.source, license=m.license,
-                                         description=m.description))) == canonical_json(_dump(fields)):
+            if canonical_json(
+                _dump(dict(name=m.name, files=m.files, source=m.source, license=m.license, description=m.description))
+            ) == canonical_json(_dump(fields)):
                 return PushedDataset(**existing.model_dump(), created=False)
         manifest = DatasetManifest(**fields)
-        stored = ResolvedDataset(digest=manifest_digest(manifest), manifest=manifest, signature=self.signer.sign(manifest))
+        stored = ResolvedDataset(
+            digest=manifest_digest(manifest), manifest=manifest, signature=self.signer.sign(manifest)
+        )
         await self.kv.put_dataset(stored)
         self.index.put_dataset(stored)
-        await self.publish(DatasetRegistered(
-            name=manifest.name, digest=stored.digest, files={f.path: f.sha256 for f in files},
-            source=manifest.source, license=manifest.license,
-        ), event_id=f"dataset.registered.{stored.digest}")
+        await self.publish(
+            DatasetRegistered(
+                name=manifest.name,
+                digest=stored.digest,
+                files={f.path: f.sha256 for f in files},
+                source=manifest.source,
+                license=manifest.license,
+            ),
+            event_id=f"dataset.registered.{stored.digest}",
+        )
         return PushedDataset(**stored.model_dump(), created=True)
 
     async def dataset(self, ref: str) -> ResolvedDataset:
@@ -246,12 +304,16 @@ class ModelStore:
         except (NotFound, Invalid):
             found = None
         if found is None or found.model.digest != source.derived_from:
-            raise Invalid(f"source {source.name}:{source.reference} ({source.derived_from}) is not a version in this store: "
-                          "a conversion's derived_from must name the version it was made from")
+            raise Invalid(
+                f"source {source.name}:{source.reference} ({source.derived_from}) is not a version in this store: "
+                "a conversion's derived_from must name the version it was made from"
+            )
         files = {f.path: "sha256:" + f.sha256 for f in found.manifest.files}
         if source.digests != files:
-            raise Invalid(f"source {source.name}:{source.reference}: its digests are not the files of "
-                          f"{found.model.name}:{found.model.version} (a conversion lists the files it was made from)")
+            raise Invalid(
+                f"source {source.name}:{source.reference}: its digests are not the files of "
+                f"{found.model.name}:{found.model.version} (a conversion lists the files it was made from)"
+            )
 
     async def _dataset(self, digest: str) -> ResolvedDataset | None:
         return self.index.dataset(digest) or await self.kv.get_dataset(digest)
@@ -262,7 +324,9 @@ class ModelStore:
         if found:
             return found
         prefix = f"model.{enc(name)}."
-        versions = sorted(int(k[len(prefix):]) for k in await self.kv.keys() if k.startswith(prefix) and k[len(prefix):].isdigit())
+        versions = sorted(
+            int(k[len(prefix) :]) for k in await self.kv.keys() if k.startswith(prefix) and k[len(prefix) :].isdigit()
+        )
         return [m for v in versions if (m := await self.kv.get_model(name, v)) is not None]
 
     async def _read(self, entry: FileEntry) -> bytes:
@@ -270,5 +334,13 @@ class ModelStore:
 
 
 def _dump(value: dict) -> dict:
-    return {k: ([x.model_dump(mode="json") for x in v] if isinstance(v, list) and v and hasattr(v[0], "model_dump")
-                else v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in value.items()}
+    return {
+        k: (
+            [x.model_dump(mode="json") for x in v]
+            if isinstance(v, list) and v and hasattr(v[0], "model_dump")
+            else v.model_dump(mode="json")
+            if hasattr(v, "model_dump")
+            else v
+        )
+        for k, v in value.items()
+    }

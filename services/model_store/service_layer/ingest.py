@@ -81,14 +81,19 @@ class Ingest:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in chunks:
                     if size + len(chunk) > limit:
-                        raise InsufficientStorage(f"{label}: not enough space: after {size + len(chunk)} bytes it outgrew "
-                                                  f"the {max(limit, 0)} bytes free for it on the disk of model-store's spool "
-                                                  "(with a content-length it is refused before it is sent)")
+                        raise InsufficientStorage(
+                            f"{label}: not enough space: after {size + len(chunk)} bytes it outgrew "
+                            f"the {max(limit, 0)} bytes free for it on the disk of model-store's spool "
+                            "(with a content-length it is refused before it is sent)"
+                        )
                     digest.update(chunk)
                     _spool_write(f, chunk, label, size)
                     size += len(chunk)
             if digest.hexdigest() != sha256:
-                raise Invalid(f"{label}: the content's sha256 is {digest.hexdigest()}, not the declared {sha256} (corrupted in transit?)")
+                raise Invalid(
+                    f"{label}: the content's sha256 is {digest.hexdigest()}, "
+                    f"not the declared {sha256} (corrupted in transit?)"
+                )
             yield spool, size
         finally:
             spool.unlink(missing_ok=True)
@@ -110,8 +115,9 @@ class Ingest:
     async def _store(self, sha256: str, file: Path, size: int, path: str | None) -> BlobInfo:
         info = check_content(path or f"sha256:{sha256}", file, size) if path else BlobInfo(size=size, head=_head(file))
         known = await self.kv.get_blob_info(sha256)
-        if known is not None and (known.safetensors is not None and info.safetensors is None
-                                  or known.gguf is not None and info.gguf is None):
+        if known is not None and (
+            known.safetensors is not None and info.safetensors is None or known.gguf is not None and info.gguf is None
+        ):
             info = known  # keep what an earlier upload as .safetensors or .gguf learnt
         if await self.blobs.size(sha256) != size:
             await self.blobs.put_path(sha256, file)
@@ -169,8 +175,9 @@ def _spool_write(f: BinaryIO, chunk: bytes, label: str, written: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise InsufficientStorage(f"{label}: the disk of model-store's spool filled up after {written} bytes "
-                                  f"({exc.strerror})") from None
+        raise InsufficientStorage(
+            f"{label}: the disk of model-store's spool filled up after {written} bytes ({exc.strerror})"
+        ) from None
 
 
 def check_digest(sha256: str) -> None:

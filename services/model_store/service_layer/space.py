@@ -24,8 +24,13 @@ RESERVE_BYTES = 16 * 1024 * 1024
 
 
 class SpaceGuard:
-    def __init__(self, spool_dir: Path, nats_store_dir: Path | None, jetstream_room: Callable[[], Awaitable[int | None]],
-                 reserve: int = RESERVE_BYTES) -> None:
+    def __init__(
+        self,
+        spool_dir: Path,
+        nats_store_dir: Path | None,
+        jetstream_room: Callable[[], Awaitable[int | None]],
+        reserve: int = RESERVE_BYTES,
+    ) -> None:
         self.spool_dir = spool_dir
         self.nats_store_dir = nats_store_dir
         self.jetstream_room = jetstream_room
@@ -42,7 +47,8 @@ class SpaceGuard:
         if room is not None and store + self._held_in_jetstream > room:
             raise InsufficientStorage(
                 f"not enough space for {store} bytes: the blob store's JetStream limits leave {room} bytes free"
-                + _held(self._held_in_jetstream))
+                + _held(self._held_in_jetstream)
+            )
         needs = self._disk_needs(store=store, spool=spool)
         for disk, (path, need) in needs.items():
             free, held = free_bytes(path), self._held_on_disk.get(disk, 0)
@@ -51,7 +57,8 @@ class SpaceGuard:
                 raise InsufficientStorage(
                     f"not enough space for {store} bytes: the upload needs {need} bytes on the disk of {path}{copies}, "
                     f"which has {free} bytes free, {self.reserve} of them kept for NATS and model-store's own writes"
-                    + _held(held))
+                    + _held(held)
+                )
         # no await from the checks to here: a concurrent claim sees this one
         self._held_in_jetstream += store
         for disk, (_, need) in needs.items():

@@ -87,8 +87,13 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
                     apply: Callable[[T], None], progress: ReplayProgress, parse: Parse) -> None:
     name = f"replay-{uuid.uuid4().hex[:12]}"
     config = ConsumerConfig(
-        name=name, filter_subjects=replay_pass.subjects, ack_policy=AckPolicy.NONE, inactive_threshold=EPHEMERAL_INACTIVE_S,
-        mem_storage=True, num_replicas=1, max_ack_pending=-1,
+        name=name,
+        filter_subjects=replay_pass.subjects,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=EPHEMERAL_INACTIVE_S,
+        mem_storage=True,
+        num_replicas=1,
+        max_ack_pending=-1,
         deliver_policy=DeliverPolicy.BY_START_TIME if replay_pass.since else DeliverPolicy.ALL,
         opt_start_time=replay_pass.since,
     )
@@ -103,7 +108,9 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
             if not batch:
                 empty += 1
                 if empty >= FETCH_ATTEMPTS:
-                    raise ReplayIncomplete(f"no message from {stream} after {empty} fetches before sequence {up_to_seq}")
+                    raise ReplayIncomplete(
+                        f"no message from {stream} after {empty} fetches before sequence {up_to_seq}"
+                    )
                 continue
             empty = 0
             for msg in batch:
@@ -114,7 +121,12 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
                     item = parse(msg.data, msg.subject)
                 except MalformedEvent as exc:
                     progress.skipped += 1
-                    log.warning("replay: skipped malformed message %s at sequence %d: %s", msg.subject, meta.sequence.stream, exc)
+                    log.warning(
+                        "replay: skipped malformed message %s at sequence %d: %s",
+                        msg.subject,
+                        meta.sequence.stream,
+                        exc,
+                    )
                 else:
                     apply(item)
                     progress.events += 1
@@ -129,8 +141,15 @@ async def _one_pass(js: JetStreamContext, stream: str, up_to_seq: int, replay_pa
             log.info("replay: consumer %s not deleted (%s); it expires in %.0fs", name, exc, EPHEMERAL_INACTIVE_S)
 
 
-async def replay_until_ack_floor(js: JetStreamContext, stream: str, durable: str, passes: list[ReplayPass],
-                                 apply: Callable[[T], None], progress: ReplayProgress, parse: Parse = parse_event) -> None:
+async def replay_until_ack_floor(
+    js: JetStreamContext,
+    stream: str,
+    durable: str,
+    passes: list[ReplayPass],
+    apply: Callable[[T], None],
+    progress: ReplayProgress,
+    parse: Parse = parse_event,
+) -> None:
     """The whole restore: read the durable's ack floor, replay up to it, fill in ``progress``.
     Never raises: a replay that fails leaves the state partial and says so in ``progress``."""
     started = time.perf_counter()
@@ -148,5 +167,13 @@ async def replay_until_ack_floor(js: JetStreamContext, stream: str, durable: str
         log.error("replay of %s for %s failed after %d events: %s", stream, durable, progress.events, progress.error)
     finally:
         progress.seconds = round(time.perf_counter() - started, 3)
-        log.info("replay of %s for %s: %s, %d events (%d malformed skipped) up to sequence %s in %.3fs", stream, durable,
-                 progress.status, progress.events, progress.skipped, progress.up_to_seq, progress.seconds)
+        log.info(
+            "replay of %s for %s: %s, %d events (%d malformed skipped) up to sequence %s in %.3fs",
+            stream,
+            durable,
+            progress.status,
+            progress.events,
+            progress.skipped,
+            progress.up_to_seq,
+            progress.seconds,
+        )

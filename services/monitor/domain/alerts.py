@@ -27,10 +27,18 @@ class Rule(BaseModel):
     kind: Kind
     severity: Severity = "warning"
     summary: str = Field(default="", description="str.format template over the instance's labels and {value}")
-    window_s: float = Field(default=300.0, gt=0, description="how far back the rule looks (latency, errors, dead letters, failures, tamper)")
-    threshold: float = Field(default=0.0, ge=0, description="p95 seconds (latency_p95), failed fraction (error_rate), count (dead_letters)")
-    min_requests: int = Field(default=1, ge=1, description="latency_p95 / error_rate: fewer requests in the window never fire")
-    silence_s: float | None = Field(default=None, gt=0, description="node_lost: also fire when no heartbeat came for this long")
+    window_s: float = Field(
+        default=300.0, gt=0, description="how far back the rule looks (latency, errors, dead letters, failures, tamper)"
+    )
+    threshold: float = Field(
+        default=0.0, ge=0, description="p95 seconds (latency_p95), failed fraction (error_rate), count (dead_letters)"
+    )
+    min_requests: int = Field(
+        default=1, ge=1, description="latency_p95 / error_rate: fewer requests in the window never fire"
+    )
+    silence_s: float | None = Field(
+        default=None, gt=0, description="node_lost: also fire when no heartbeat came for this long"
+    )
 
 
 class RuleFile(BaseModel):
@@ -88,15 +96,25 @@ def _node_lost(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     for node in s.nodes.values():
         silent = rule.silence_s is not None and node.last_seen and now - node.last_seen > rule.silence_s
         if node.lost or silent:
-            out.append(_instance(rule, {"node": node.node_id}, now - node.last_seen if node.last_seen else None,
-                                 "node {node} stopped sending heartbeats"))
+            out.append(
+                _instance(
+                    rule,
+                    {"node": node.node_id},
+                    now - node.last_seen if node.last_seen else None,
+                    "node {node} stopped sending heartbeats",
+                )
+            )
     return out
 
 
 def _deploy_failed(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     return [
-        _instance(rule, {"deployment": d.deployment_id, "model": d.model, "state": d.state}, None,
-                  f"deployment of {{model}} {{state}}: {d.reason or 'no reason given'}")
+        _instance(
+            rule,
+            {"deployment": d.deployment_id, "model": d.model, "state": d.state},
+            None,
+            f"deployment of {{model}} {{state}}: {d.reason or 'no reason given'}",
+        )
         for d in s.deployments.values()
         if d.state in ("failed", "rejected") and now - d.updated <= rule.window_s
     ]
@@ -107,8 +125,14 @@ def _latency_p95(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     for model in s.models():
         window = s.window(now, rule.window_s, model, ttft=False)
         if window.ok >= rule.min_requests and (p95 := window.e2e_percentile(95)) > rule.threshold:
-            out.append(_instance(rule, {"model_name": model}, p95,
-                                 f"p95 end-to-end latency of {{model_name}} is {{value:.2f}}s (SLO {rule.threshold}s)"))
+            out.append(
+                _instance(
+                    rule,
+                    {"model_name": model},
+                    p95,
+                    f"p95 end-to-end latency of {{model_name}} is {{value:.2f}}s (SLO {rule.threshold}s)",
+                )
+            )
     return out
 
 
@@ -119,8 +143,14 @@ def _error_rate(rule: Rule, s: FleetState, now: float) -> list[Instance]:
         if window.requests >= rule.min_requests:
             rate = window.failed / window.requests
             if rate > rule.threshold:
-                out.append(_instance(rule, {"model_name": model}, rate,
-                                     f"{{value:.0%}} of {{model_name}}'s requests failed (threshold {rule.threshold:.0%})"))
+                out.append(
+                    _instance(
+                        rule,
+                        {"model_name": model},
+                        rate,
+                        f"{{value:.0%}} of {{model_name}}'s requests failed (threshold {rule.threshold:.0%})",
+                    )
+                )
     return out
 
 
@@ -129,8 +159,11 @@ def _dead_letters(rule: Rule, s: FleetState, now: float) -> list[Instance]:
     for at, service, _reason in s.dead_letters:
         if now - at <= rule.window_s:
             counts[service] = counts.get(service, 0) + 1
-    return [_instance(rule, {"service": service}, n, "{service} dead-lettered {value:.0f} message(s)")
-            for service, n in sorted(counts.items()) if n > rule.threshold]
+    return [
+        _instance(rule, {"service": service}, n, "{service} dead-lettered {value:.0f} message(s)")
+        for service, n in sorted(counts.items())
+        if n > rule.threshold
+    ]
 
 
 def _ledger_tamper(rule: Rule, s: FleetState, now: float) -> list[Instance]:
@@ -142,8 +175,12 @@ def _ledger_tamper(rule: Rule, s: FleetState, now: float) -> list[Instance]:
 
 
 EVALUATORS: dict[str, Callable[[Rule, FleetState, float], list[Instance]]] = {
-    "node_lost": _node_lost, "deploy_failed": _deploy_failed, "latency_p95": _latency_p95,
-    "error_rate": _error_rate, "dead_letters": _dead_letters, "ledger_tamper": _ledger_tamper,
+    "node_lost": _node_lost,
+    "deploy_failed": _deploy_failed,
+    "latency_p95": _latency_p95,
+    "error_rate": _error_rate,
+    "dead_letters": _dead_letters,
+    "ledger_tamper": _ledger_tamper,
 }
 
 
@@ -168,7 +205,9 @@ class AlertEngine:
                     transitions.append(Transition(rule, instance, firing=True))
         return transitions
 
-    def restore(self, rule_name: str, labels: dict[str, str], firing: bool, value: float | None, summary: str, at: float) -> None:
+    def restore(
+        self, rule_name: str, labels: dict[str, str], firing: bool, value: float | None, summary: str, at: float
+    ) -> None:
         """Take back a transition published before a restart (read back from the stream), so that
         an alert still active is not fired a second time. A rule no longer configured is ignored."""
         active = self.active.get(rule_name)

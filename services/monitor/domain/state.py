@@ -11,10 +11,28 @@ from dataclasses import dataclass, field
 
 from services.monitor.domain.traffic import Rollup, Traffic
 from shared.events import (
-    DeadLetter, DeployFailed, DeployLoading, DeployReady, DeployRejected, DeployReleased, DeployRequested,
-    DeployScheduled, DeployUnloaded, DeviceInfo, Event, InferenceCompleted, InferenceFailed, LedgerCheckpoint, ModelLoaded,
+    DeadLetter,
+    DeployFailed,
+    DeployLoading,
+    DeployReady,
+    DeployRejected,
+    DeployReleased,
+    DeployRequested,
+    DeployScheduled,
+    DeployUnloaded,
+    DeviceInfo,
+    Event,
+    InferenceCompleted,
+    InferenceFailed,
+    LedgerCheckpoint,
+    ModelLoaded,
     ModelUnloaded,
-    NodeHeartbeat, NodeLost, NodeRegistered, NodeReturned, TamperDetected, UndeployRequested,
+    NodeHeartbeat,
+    NodeLost,
+    NodeRegistered,
+    NodeReturned,
+    TamperDetected,
+    UndeployRequested,
 )
 
 HORIZON_S = 3600.0  # how far back the request windows reach unless the monitor says (Monitor: its longest window)
@@ -65,7 +83,9 @@ class FleetState:
     deployments: dict[str, DeploymentState] = field(default_factory=dict)
     traffic: Traffic = field(default_factory=lambda: Traffic(HORIZON_S))  # the request windows
     ledger: LedgerState = field(default_factory=LedgerState)
-    dead_letters: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=10_000))  # (at, service, reason)
+    dead_letters: deque[tuple[float, str, str]] = field(
+        default_factory=lambda: deque(maxlen=10_000)
+    )  # (at, service, reason)
     dead_letter_totals: Counter[str] = field(default_factory=Counter)
     events_seen: Counter[str] = field(default_factory=Counter)
 
@@ -78,7 +98,11 @@ class FleetState:
         match data:
             case NodeRegistered():
                 node = self._node(data.node_id)
-                node.hostname, node.ram_total, node.heartbeat_interval_s = data.hostname, data.ram_total, data.heartbeat_interval_s
+                node.hostname, node.ram_total, node.heartbeat_interval_s = (
+                    data.hostname,
+                    data.ram_total,
+                    data.heartbeat_interval_s,
+                )
                 node.devices = {d.id: d for d in data.devices}
                 node.last_seen, node.lost = max(node.last_seen, at), False
             case NodeLost():
@@ -114,8 +138,14 @@ class FleetState:
                 if data.deployment_id and data.deployment_id in self.deployments:
                     self.deployments[data.deployment_id].state = "undeploying"
             case InferenceCompleted():
-                self.traffic.record(data.model.name, at, True, data.e2e_seconds, data.time_to_first_token_seconds,
-                                    data.completion_tokens)
+                self.traffic.record(
+                    data.model.name,
+                    at,
+                    True,
+                    data.e2e_seconds,
+                    data.time_to_first_token_seconds,
+                    data.completion_tokens,
+                )
             case InferenceFailed():
                 self.traffic.record(model_name(data.model_ref), at, False, data.e2e_seconds)
             case LedgerCheckpoint():
@@ -128,7 +158,11 @@ class FleetState:
 
     def heartbeat(self, beat: NodeHeartbeat, at: float) -> None:
         node = self._node(beat.node_id)
-        node.ram_free, node.utilisation, node.loaded_models = beat.ram_free, dict(beat.utilisation), list(beat.loaded_models)
+        node.ram_free, node.utilisation, node.loaded_models = (
+            beat.ram_free,
+            dict(beat.utilisation),
+            list(beat.loaded_models),
+        )
         for device in beat.devices:
             node.devices[device.id] = device
         node.last_seen, node.lost = max(node.last_seen, at), False
@@ -167,4 +201,3 @@ class FleetState:
 def model_name(ref: str) -> str:
     """``name``, ``name:3`` or ``name@prod`` -> ``name``: metrics are per model, not per reference."""
     return ref.split("@", 1)[0].split(":", 1)[0]
-

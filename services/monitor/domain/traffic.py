@@ -120,7 +120,9 @@ class Traffic:
         self.horizon_s, self.clock = horizon_s, clock
         self._held: dict[str, _Held] = {}
 
-    def record(self, model: str, at: float, ok: bool, e2e_s: float, ttft_s: float = 0.0, completion_tokens: int = 0) -> None:
+    def record(
+        self, model: str, at: float, ok: bool, e2e_s: float, ttft_s: float = 0.0, completion_tokens: int = 0
+    ) -> None:
         second = math.floor(at)
         oldest = self.clock() - self.horizon_s
         if second < oldest - 1:
@@ -155,7 +157,7 @@ class Traffic:
         no time-to-first-token)."""
         out = [Rollup() for _ in range(buckets)]
         held = self._held.get(model)
-        for second, rollup in (held.seconds.items() if held else ()):
+        for second, rollup in held.seconds.items() if held else ():
             i = int((second - start) // bucket_s)
             if 0 <= i < buckets:
                 out[i].merge(rollup, ttft=False)
@@ -170,8 +172,9 @@ class Traffic:
 
     def held(self) -> list[tuple[str, int, Rollup]]:
         """Every (model, second, rollup) held, in order: for comparing two monitors."""
-        return sorted(((m, s, r) for m, held in self._held.items() for s, r in held.seconds.items()),
-                      key=lambda item: item[:2])
+        return sorted(
+            ((m, s, r) for m, held in self._held.items() for s, r in held.seconds.items()), key=lambda item: item[:2]
+        )
 
     def _forget_before(self, oldest: float) -> None:
         for model in list(self._held):

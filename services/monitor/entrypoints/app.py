@@ -50,7 +50,8 @@ def create_monitor(settings: Settings | None, config: MonitorConfig, *, clock: C
     service = Service(NAME, settings, description="Metrics, alerts and the live dashboard.")
     monitor = Monitor(config, load_rules(config.rules_file), service.publish, clock)
     service.provide(monitor)
-    live = asyncio.Event()  # set once the state is rebuilt from EVENTS: until then no event is handled, no rule evaluated
+    # set once the state is rebuilt from EVENTS: until then no event is handled, no rule evaluated
+    live = asyncio.Event()
     _consume(service, monitor, config, live)
     _background(service, monitor, config, live)
     _routes(service, monitor, config)
@@ -72,7 +73,9 @@ def _consume(service: Service, monitor: Monitor, config: MonitorConfig, live: as
     _consume_dead_letters(service, monitor, live)
     _restore(service, monitor, consumer.durable, live)
 
-    @service.broker.subscriber(contract.HEARTBEATS.subject, title=f"{NAME}:heartbeats")  # no queue: every monitor hears every beat
+    @service.broker.subscriber(
+        contract.HEARTBEATS.subject, title=f"{NAME}:heartbeats"
+    )  # no queue: every monitor hears every beat
     async def heartbeat(msg: NatsMessage) -> None:
         try:
             event = parse_event(msg.raw_message.data, msg.raw_message.subject)
@@ -97,8 +100,11 @@ def _consume_dead_letters(service: Service, monitor: Monitor, live: asyncio.Even
     @service.on_start
     async def start_dead_letters() -> None:
         sub = await service.broker.connection.jetstream().pull_subscribe(
-            subjects.DEADLETTER_ALL, durable=DEAD_LETTER_DURABLE, stream=subjects.DEADLETTER_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT))
+            subjects.DEADLETTER_ALL,
+            durable=DEAD_LETTER_DURABLE,
+            stream=subjects.DEADLETTER_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+        )
         loops.append(PullLoop(sub, count, name=f"{NAME}:dead-letters"))
         loops[0].start()
 
@@ -112,8 +118,14 @@ def read_dead_letter(data: bytes, subject: str) -> DeadLetter:
     try:
         return DeadLetter.model_validate_json(data)
     except ValidationError:  # still a dead letter: count it under the subject's service
-        return DeadLetter(service=subjects.dead_letter_service(subject) or "unknown", consumer="?", subject=subject,
-                          reason="unreadable dead-letter record", deliveries=0, payload=data.decode("utf-8", errors="replace"))
+        return DeadLetter(
+            service=subjects.dead_letter_service(subject) or "unknown",
+            consumer="?",
+            subject=subject,
+            reason="unreadable dead-letter record",
+            deliveries=0,
+            payload=data.decode("utf-8", errors="replace"),
+        )
 
 
 def _restore(service: Service, monitor: Monitor, durable: str, live: asyncio.Event) -> None:
@@ -127,10 +139,18 @@ def _restore(service: Service, monitor: Monitor, durable: str, live: asyncio.Eve
         service.catching_up.add("replay")  # /healthz names it until the state is back (it still serves: 200)
         try:
             js = service.broker.connection.jetstream()
-            await replay_until_ack_floor(js, subjects.EVENTS_STREAM, durable, monitor.replay_plan(), monitor.replay,
-                                         monitor.replay_progress)
-            await replay_until_ack_floor(js, subjects.DEADLETTER_STREAM, DEAD_LETTER_DURABLE, [ReplayPass([subjects.DEADLETTER_ALL])],
-                                         monitor.replay_dead_letter, monitor.dead_letter_replay, read_dead_letter)
+            await replay_until_ack_floor(
+                js, subjects.EVENTS_STREAM, durable, monitor.replay_plan(), monitor.replay, monitor.replay_progress
+            )
+            await replay_until_ack_floor(
+                js,
+                subjects.DEADLETTER_STREAM,
+                DEAD_LETTER_DURABLE,
+                [ReplayPass([subjects.DEADLETTER_ALL])],
+                monitor.replay_dead_letter,
+                monitor.dead_letter_replay,
+                read_dead_letter,
+            )
             monitor.replayed()
         finally:
             service.catching_up.discard("replay")
@@ -166,7 +186,9 @@ def _background(service: Service, monitor: Monitor, config: MonitorConfig, live:
 
     async def read_ledger_lag() -> None:
         try:
-            info = await service.broker.connection.jetstream().consumer_info(subjects.EVENTS_STREAM, config.ledger_durable)
+            info = await service.broker.connection.jetstream().consumer_info(
+                subjects.EVENTS_STREAM, config.ledger_durable
+            )
         except NotFoundError:
             monitor.set_ledger_lag(None)  # no ledger (yet): its lag is unknown, not zero
             return
@@ -179,9 +201,17 @@ def _background(service: Service, monitor: Monitor, config: MonitorConfig, live:
     @service.on_start
     async def start() -> None:
         stopping.clear()
-        tasks.extend([asyncio.create_task(every(config.evaluate_every_s, evaluate, "alert evaluation"), name="monitor:alerts"),
-                      asyncio.create_task(every(config.poll_ledger_every_s, read_ledger_lag, "reading the ledger's lag"),
-                                          name="monitor:ledger-lag")])
+        tasks.extend(
+            [
+                asyncio.create_task(
+                    every(config.evaluate_every_s, evaluate, "alert evaluation"), name="monitor:alerts"
+                ),
+                asyncio.create_task(
+                    every(config.poll_ledger_every_s, read_ledger_lag, "reading the ledger's lag"),
+                    name="monitor:ledger-lag",
+                ),
+            ]
+        )
 
     @service.on_stop
     async def stop() -> None:
@@ -201,16 +231,27 @@ def _routes(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
     async def alerts() -> list[RuleView]:
         return monitor.rules()
 
-    @http.get("/api/state", tags=["monitor"], summary="The dashboard's data: nodes, deployments, models, alerts, ledger")
+    @http.get(
+        "/api/state", tags=["monitor"], summary="The dashboard's data: nodes, deployments, models, alerts, ledger"
+    )
     async def state() -> Snapshot:
         return monitor.snapshot()
 
     @http.get("/api/stream", tags=["monitor"], summary="The snapshot as server-sent events, one per push interval")
-    async def stream(request: Request, max_s: float = Query(SSE_STREAM_MAX_S, gt=0, le=SSE_STREAM_MAX_S,
-                                                            description="end the stream after this (the browser reconnects)")
-                     ) -> StreamingResponse:
-        return StreamingResponse(_snapshots(request, monitor, config, max_s), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def stream(
+        request: Request,
+        max_s: float = Query(
+            SSE_STREAM_MAX_S,
+            gt=0,
+            le=SSE_STREAM_MAX_S,
+            description="end the stream after this (the browser reconnects)",
+        ),
+    ) -> StreamingResponse:
+        return StreamingResponse(
+            _snapshots(request, monitor, config, max_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @http.get("/", include_in_schema=False)
     async def dashboard() -> FileResponse:

@@ -71,7 +71,9 @@ class Monitor:
         older ones instead of sending the whole history over the wire to be dropped here."""
         request_subjects = {cls.subject() for cls in REQUEST_EVENTS}
         rare = sorted(cls.subject() for cls in EventData.registry.values() if cls.PERSISTENT)
-        since = datetime.fromtimestamp(self.clock(), timezone.utc) - timedelta(seconds=self.requests_window_s() + CLOCK_SKEW_S)
+        since = datetime.fromtimestamp(self.clock(), timezone.utc) - timedelta(
+            seconds=self.requests_window_s() + CLOCK_SKEW_S
+        )
         return [ReplayPass([s for s in rare if s not in request_subjects]), ReplayPass(sorted(request_subjects), since)]
 
     def requests_window_s(self) -> float:
@@ -114,8 +116,15 @@ class Monitor:
             labels = dict(t.instance.labels)
             try:
                 if t.firing:
-                    await self.publish(AlertFiring(rule=t.rule.name, severity=t.rule.severity, summary=t.instance.summary,
-                                                   labels=labels, value=t.instance.value))
+                    await self.publish(
+                        AlertFiring(
+                            rule=t.rule.name,
+                            severity=t.rule.severity,
+                            summary=t.instance.summary,
+                            labels=labels,
+                            value=t.instance.value,
+                        )
+                    )
                 else:
                     await self.publish(AlertResolved(rule=t.rule.name, labels=labels))
             except Exception as exc:  # NATS away: the next evaluation tries again, no transition is lost
@@ -124,16 +133,29 @@ class Monitor:
                 continue
             published.append(t)
             self.metrics.alert_transitions.labels(t.rule.name, "firing" if t.firing else "resolved").inc()
-            log.log(logging.WARNING if t.firing else logging.INFO, "alert %s %s %s: %s", t.rule.name,
-                    "FIRING" if t.firing else "resolved", labels, t.instance.summary)
+            log.log(
+                logging.WARNING if t.firing else logging.INFO,
+                "alert %s %s %s: %s",
+                t.rule.name,
+                "FIRING" if t.firing else "resolved",
+                labels,
+                t.instance.summary,
+            )
         if published:
             self.version += 1
         return published
 
     # -- output ----------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        return snapshot(self.state, self.alerts, self.clock(), self.config.history_s, self.config.bucket_s, self.replay_progress,
-                        self.dead_letter_replay)
+        return snapshot(
+            self.state,
+            self.alerts,
+            self.clock(),
+            self.config.history_s,
+            self.config.bucket_s,
+            self.replay_progress,
+            self.dead_letter_replay,
+        )
 
     def pushed_snapshot(self) -> str:
         """The dashboard stream's snapshot as JSON, built once per push interval however many dashboards

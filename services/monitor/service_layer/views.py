@@ -118,31 +118,56 @@ def rules_view(engine: AlertEngine) -> list[RuleView]:
     views = []
     for rule in engine.rules:
         active = engine.active[rule.name].values()
-        views.append(RuleView(
-            name=rule.name, kind=rule.kind, severity=rule.severity, state="firing" if active else "ok",
-            window_s=rule.window_s, threshold=rule.threshold,
-            firing=[AlertInstanceView(labels=dict(a.instance.labels), value=a.instance.value, summary=a.instance.summary,
-                                      since=_dt(a.since)) for a in active],
-        ))
+        views.append(
+            RuleView(
+                name=rule.name,
+                kind=rule.kind,
+                severity=rule.severity,
+                state="firing" if active else "ok",
+                window_s=rule.window_s,
+                threshold=rule.threshold,
+                firing=[
+                    AlertInstanceView(
+                        labels=dict(a.instance.labels),
+                        value=a.instance.value,
+                        summary=a.instance.summary,
+                        since=_dt(a.since),
+                    )
+                    for a in active
+                ],
+            )
+        )
     return views
 
 
-def model_view(state: FleetState, model: str, now: float, history_s: float, bucket_s: float, summary_s: float = 60.0) -> ModelView:
+def model_view(
+    state: FleetState, model: str, now: float, history_s: float, bucket_s: float, summary_s: float = 60.0
+) -> ModelView:
     buckets = max(1, int(history_s // bucket_s))
     start = now - buckets * bucket_s
     series = [
-        Point(t=round(start + (i + 1) * bucket_s, 3), requests_per_s=round(r.requests / bucket_s, 4),
-              tokens_per_s=round(r.completion_tokens / bucket_s, 4), p50_s=_num(r.e2e_percentile(50)),
-              p95_s=_num(r.e2e_percentile(95)), p99_s=_num(r.e2e_percentile(99)))
+        Point(
+            t=round(start + (i + 1) * bucket_s, 3),
+            requests_per_s=round(r.requests / bucket_s, 4),
+            tokens_per_s=round(r.completion_tokens / bucket_s, 4),
+            p50_s=_num(r.e2e_percentile(50)),
+            p95_s=_num(r.e2e_percentile(95)),
+            p99_s=_num(r.e2e_percentile(99)),
+        )
         for i, r in enumerate(state.traffic.series(model, start, bucket_s, buckets))
     ]
     recent = state.window(now, summary_s, model)
     return ModelView(
-        model_name=model, requests=recent.requests, failed=recent.failed,
+        model_name=model,
+        requests=recent.requests,
+        failed=recent.failed,
         requests_per_s=round(recent.requests / summary_s, 4),
         tokens_per_s=round(recent.completion_tokens / summary_s, 4),
-        p50_s=_num(recent.e2e_percentile(50)), p95_s=_num(recent.e2e_percentile(95)), p99_s=_num(recent.e2e_percentile(99)),
-        ttft_p50_s=_num(recent.ttft_percentile(50)), series=series,
+        p50_s=_num(recent.e2e_percentile(50)),
+        p95_s=_num(recent.e2e_percentile(95)),
+        p99_s=_num(recent.e2e_percentile(99)),
+        ttft_p50_s=_num(recent.ttft_percentile(50)),
+        series=series,
     )
 
 
@@ -154,32 +179,70 @@ def _deployed_name(state: FleetState, deployment_id: str) -> str:
     return d.model if d.version is None else f"{d.model}:{d.version}"
 
 
-def snapshot(state: FleetState, engine: AlertEngine, now: float, history_s: float, bucket_s: float,
-             replay: ReplayProgress | None = None, dead_letter_replay: ReplayProgress | None = None) -> Snapshot:
+def snapshot(
+    state: FleetState,
+    engine: AlertEngine,
+    now: float,
+    history_s: float,
+    bucket_s: float,
+    replay: ReplayProgress | None = None,
+    dead_letter_replay: ReplayProgress | None = None,
+) -> Snapshot:
     nodes = [
         NodeView(
-            node_id=n.node_id, hostname=n.hostname or n.node_id, status="lost" if n.lost else "up",
-            last_seen_s=round(now - n.last_seen, 3) if n.last_seen else None, ram_total=n.ram_total, ram_free=n.ram_free,
+            node_id=n.node_id,
+            hostname=n.hostname or n.node_id,
+            status="lost" if n.lost else "up",
+            last_seen_s=round(now - n.last_seen, 3) if n.last_seen else None,
+            ram_total=n.ram_total,
+            ram_free=n.ram_free,
             loaded_models=[_deployed_name(state, d) for d in n.loaded_models],
-            devices=[DeviceView(id=d.id, kind=d.kind, name=d.name, memory_total=d.memory_total, memory_free=d.memory_free,
-                                utilisation=n.utilisation.get(d.id)) for d in n.devices.values()],
+            devices=[
+                DeviceView(
+                    id=d.id,
+                    kind=d.kind,
+                    name=d.name,
+                    memory_total=d.memory_total,
+                    memory_free=d.memory_free,
+                    utilisation=n.utilisation.get(d.id),
+                )
+                for d in n.devices.values()
+            ],
         )
         for n in sorted(state.nodes.values(), key=lambda n: n.node_id)
     ]
     deployments = [
-        DeploymentView(deployment_id=d.deployment_id, model=d.model, version=d.version, node_id=d.node_id,
-                       device=d.device, state=d.state, reason=d.reason, runtime=d.runtime,
-                       loaded=d.loaded)
+        DeploymentView(
+            deployment_id=d.deployment_id,
+            model=d.model,
+            version=d.version,
+            node_id=d.node_id,
+            device=d.device,
+            state=d.state,
+            reason=d.reason,
+            runtime=d.runtime,
+            loaded=d.loaded,
+        )
         for d in sorted(state.deployments.values(), key=lambda d: (d.model, d.deployment_id))
     ]
     ledger = state.ledger
     return Snapshot(
-        time=_dt(now), nodes=nodes, deployments=deployments,
+        time=_dt(now),
+        nodes=nodes,
+        deployments=deployments,
         models=[model_view(state, m, now, history_s, bucket_s) for m in state.models()],
         alerts=rules_view(engine),
-        ledger=LedgerView(tree_size=ledger.tree_size, root_hash=ledger.root_hash, key_id=ledger.key_id,
-                          signature=ledger.signature, signed_at=_dt(ledger.signed_at) if ledger.signed_at else None,
-                          lag=ledger.lag, tamper_detected=len(ledger.tamper_events)),
-        dead_letters=dict(state.dead_letter_totals), events_seen=sum(state.events_seen.values()), replay=replay,
+        ledger=LedgerView(
+            tree_size=ledger.tree_size,
+            root_hash=ledger.root_hash,
+            key_id=ledger.key_id,
+            signature=ledger.signature,
+            signed_at=_dt(ledger.signed_at) if ledger.signed_at else None,
+            lag=ledger.lag,
+            tamper_detected=len(ledger.tamper_events),
+        ),
+        dead_letters=dict(state.dead_letter_totals),
+        events_seen=sum(state.events_seen.values()),
+        replay=replay,
         dead_letter_replay=dead_letter_replay,
     )

@@ -128,7 +128,12 @@ class EventIngest:
         return self._loop.last_error if self._loop is not None else None
 
     def health(self) -> dict[str, Any]:
-        return {"running": self.running, "dead_lettered": self.dead_lettered, "failures": self.failures, "last_error": self.last_error}
+        return {
+            "running": self.running,
+            "dead_lettered": self.dead_lettered,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
 
 
 _tracer = trace.get_tracer("strata.provenance-ledger")
@@ -140,7 +145,11 @@ def _append_spans(batch: list[Incoming], msgs: list[Msg], start_ns: int, end_ns:
     for incoming, msg in zip(batch, msgs):
         context = propagate.extract(msg.headers or {})
         if trace.get_current_span(context).get_span_context().is_valid:
-            span = _tracer.start_span(f"ledger append {incoming.event.type}", context=context, start_time=start_ns,
-                                      kind=trace.SpanKind.CONSUMER,
-                                      attributes={"strata.event_id": incoming.event.id, "strata.batch_size": len(batch)})
+            span = _tracer.start_span(
+                f"ledger append {incoming.event.type}",
+                context=context,
+                start_time=start_ns,
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"strata.event_id": incoming.event.id, "strata.batch_size": len(batch)},
+            )
             span.end(end_time=end_ns)

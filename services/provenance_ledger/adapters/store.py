@@ -95,15 +95,48 @@ _INDEX_SQL: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
 def _insert(table: str, columns: tuple[str, ...], verb: str = "INSERT OR IGNORE") -> None:
-    _INDEX_SQL[table] = (f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", columns)
+    _INDEX_SQL[table] = (
+        f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        columns,
+    )
 
 
-_insert("inferences", ("request_id", "idx", "event_id", "time_ms", "model_name", "model_version", "model_digest", "deployment_id", "node_id", "device"))
-_insert("models", ("digest", "idx", "event_id", "time_ms", "name", "version", "architecture", "parameters", "training_record", "license"))
+_insert(
+    "inferences",
+    (
+        "request_id",
+        "idx",
+        "event_id",
+        "time_ms",
+        "model_name",
+        "model_version",
+        "model_digest",
+        "deployment_id",
+        "node_id",
+        "device",
+    ),
+)
+_insert(
+    "models",
+    (
+        "digest",
+        "idx",
+        "event_id",
+        "time_ms",
+        "name",
+        "version",
+        "architecture",
+        "parameters",
+        "training_record",
+        "license",
+    ),
+)
 _insert("model_datasets", ("model_digest", "dataset_digest"))
 _insert("model_sources", ("model_digest", "kind", "name", "reference", "resolved", "derived_from", "digests", "recipe"))
 _insert("datasets", ("digest", "idx", "event_id", "time_ms", "name", "source", "license", "files"))
-_insert("deployments", ("deployment_id", "event_type", "idx", "event_id", "time_ms", "model_digest", "node_id", "device"))
+_insert(
+    "deployments", ("deployment_id", "event_type", "idx", "event_id", "time_ms", "model_digest", "node_id", "device")
+)
 _insert("nodes", ("node_id", "idx", "event_id", "time_ms", "hostname", "devices"))
 
 
@@ -124,7 +157,9 @@ class LeafRow(NamedTuple):
 
 SCHEMA_VERSION = 3
 BACKFILL = {"model_sources": "model.registered"}  # index tables added after v2 -> the leaf type they derive from
-_V1_COLUMNS = "idx, event_id, type, time_ms, source_service, model_name, model_version, model_digest, stream_seq, data, leaf_hash"
+_V1_COLUMNS = (
+    "idx, event_id, type, time_ms, source_service, model_name, model_version, model_digest, stream_seq, data, leaf_hash"
+)
 
 
 class LedgerStore:
@@ -148,7 +183,10 @@ class LedgerStore:
         self.db.row_factory = sqlite3.Row
 
     def _has_leaves(self) -> bool:
-        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leaves'").fetchone() is not None
+        return (
+            self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leaves'").fetchone()
+            is not None
+        )
 
     def backfill(self, rows_of: Callable[[str, bytes, int, int], Iterable[IndexRow]]) -> int:
         """Re-derive the ``pending_backfill`` index tables from their leaves (``rows_of(type, data, idx, time_ms)``),
@@ -160,7 +198,9 @@ class LedgerStore:
         types = sorted(set(tables.values()))
         db.execute("BEGIN IMMEDIATE")
         try:
-            sql = f"SELECT type, data, idx, time_ms FROM leaves WHERE type IN ({','.join('?' * len(types))}) ORDER BY idx"
+            sql = (
+                f"SELECT type, data, idx, time_ms FROM leaves WHERE type IN ({','.join('?' * len(types))}) ORDER BY idx"
+            )
             for leaf in db.execute(sql, types).fetchall():
                 for row in rows_of(leaf[0], leaf[1], leaf[2], leaf[3]):
                     if row.table in tables:
@@ -198,7 +238,9 @@ class LedgerStore:
             raise
 
     # -- writes ------------------------------------------------------------------------------
-    def append(self, leaves: list[LeafRow], index_rows: Iterable[IndexRow] = (), heads: Iterable[TreeHead] = ()) -> None:
+    def append(
+        self, leaves: list[LeafRow], index_rows: Iterable[IndexRow] = (), heads: Iterable[TreeHead] = ()
+    ) -> None:
         """Append a batch of leaves and their lineage rows atomically (all or nothing)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
@@ -226,7 +268,8 @@ class LedgerStore:
     def set_verified(self, size: int, at_ms: int, *, full: bool) -> None:
         self.db.execute(
             "INSERT INTO verified (id, size, at_ms, full_at_ms) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-            "size = excluded.size, at_ms = excluded.at_ms, full_at_ms = coalesce(excluded.full_at_ms, verified.full_at_ms)",
+            "size = excluded.size, at_ms = excluded.at_ms, "
+            "full_at_ms = coalesce(excluded.full_at_ms, verified.full_at_ms)",
             (size, at_ms, at_ms if full else None),
         )
 

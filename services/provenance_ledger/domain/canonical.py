@@ -1,7 +1,8 @@
 """The bytes of a leaf: canonical JSON, the same on every machine.
 
 A leaf is ``{"event": <the envelope as published>, "index": <leaf index>}`` as canonical JSON
-(shared/canonical.py: sorted keys, no whitespace, UTF-8 with ``ensure_ascii=False``). The envelope is the event exactly as it was
+(shared/canonical.py: sorted keys, no whitespace, UTF-8 with ``ensure_ascii=False``). The envelope is the
+event exactly as it was
 published (parsed from the stored bytes and re-serialised, so key order and spacing of the publisher
 do not matter). The index inside the leaf binds each event to its position: a row moved to another
 place in storage says so itself, and a receipt cannot be replayed for another index.

@@ -89,8 +89,12 @@ def _source_dependency(source: ModelSource) -> dict[str, Any]:
     relation = "converted-from" if source.kind == CONVERSION else f"imported-from-{source.kind}"
     annotations = {"relation": relation, "reference": source.reference, "files": source.digests,
                    **({"recipe": source.recipe} if source.recipe else {})}
-    return {"uri": source_location(source) or f"{LEDGER_URN}:source:{source.kind}:{source.name}", "name": f"{source.name}:{source.reference}",
-            **({"digest": source_digest(source)} if source_digest(source) else {}), "annotations": annotations}
+    return {
+        "uri": source_location(source) or f"{LEDGER_URN}:source:{source.kind}:{source.name}",
+        "name": f"{source.name}:{source.reference}",
+        **({"digest": source_digest(source)} if source_digest(source) else {}),
+        "annotations": annotations,
+    }
 
 
 def digest_set(digest: str) -> dict[str, str]:
@@ -103,12 +107,21 @@ def digest_set(digest: str) -> dict[str, str]:
 
 # The normative fields of in-toto Statement v1 and SLSA Provenance v1 as JSON Schema
 # (https://github.com/in-toto/attestation/blob/main/spec/v1/statement.md, https://slsa.dev/spec/v1.0/provenance).
-_DIGEST_SET = {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string", "pattern": "^[0-9a-fA-F]+$|^[^:]+$"}}
+_DIGEST_SET = {
+    "type": "object",
+    "minProperties": 1,
+    "additionalProperties": {"type": "string", "pattern": "^[0-9a-fA-F]+$|^[^:]+$"},
+}
 _RESOURCE = {
     "type": "object",
-    "properties": {"uri": {"type": "string"}, "digest": _DIGEST_SET, "name": {"type": "string"},
-                   "downloadLocation": {"type": "string"}, "mediaType": {"type": "string"},
-                   "annotations": {"type": "object"}},
+    "properties": {
+        "uri": {"type": "string"},
+        "digest": _DIGEST_SET,
+        "name": {"type": "string"},
+        "downloadLocation": {"type": "string"},
+        "mediaType": {"type": "string"},
+        "annotations": {"type": "object"},
+    },
     "anyOf": [{"required": ["uri"]}, {"required": ["digest"]}, {"required": ["content"]}],
 }
 STATEMENT_SCHEMA = {
@@ -130,19 +143,40 @@ SLSA_SCHEMA = {
     "additionalProperties": False,
     "properties": {
         "buildDefinition": {
-            "type": "object", "required": ["buildType", "externalParameters"], "additionalProperties": False,
-            "properties": {"buildType": {"type": "string", "minLength": 1}, "externalParameters": {"type": "object"},
-                           "internalParameters": {"type": "object"}, "resolvedDependencies": {"type": "array", "items": _RESOURCE}},
+            "type": "object",
+            "required": ["buildType", "externalParameters"],
+            "additionalProperties": False,
+            "properties": {
+                "buildType": {"type": "string", "minLength": 1},
+                "externalParameters": {"type": "object"},
+                "internalParameters": {"type": "object"},
+                "resolvedDependencies": {"type": "array", "items": _RESOURCE},
+            },
         },
         "runDetails": {
-            "type": "object", "required": ["builder"], "additionalProperties": False,
+            "type": "object",
+            "required": ["builder"],
+            "additionalProperties": False,
             "properties": {
-                "builder": {"type": "object", "required": ["id"], "additionalProperties": False,
-                            "properties": {"id": {"type": "string", "minLength": 1}, "version": {"type": "object"},
-                                           "builderDependencies": {"type": "array", "items": _RESOURCE}}},
-                "metadata": {"type": "object", "additionalProperties": False,
-                             "properties": {"invocationId": {"type": "string"}, "startedOn": {"type": "string", "format": "date-time"},
-                                            "finishedOn": {"type": "string", "format": "date-time"}}},
+                "builder": {
+                    "type": "object",
+                    "required": ["id"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "id": {"type": "string", "minLength": 1},
+                        "version": {"type": "object"},
+                        "builderDependencies": {"type": "array", "items": _RESOURCE},
+                    },
+                },
+                "metadata": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "invocationId": {"type": "string"},
+                        "startedOn": {"type": "string", "format": "date-time"},
+                        "finishedOn": {"type": "string", "format": "date-time"},
+                    },
+                },
                 "byproducts": {"type": "array", "items": _RESOURCE},
             },
         },
@@ -151,7 +185,8 @@ SLSA_SCHEMA = {
 
 
 def validate_in_toto(statement: dict[str, Any]) -> None:
-    import jsonschema  # here, not at the top: importing it takes ~1 s (rfc3987_syntax builds its grammars), every ledger start
+    # here, not at the top: importing it takes ~1 s (rfc3987_syntax builds its grammars), every ledger start
+    import jsonschema
 
     try:
         jsonschema.validate(statement, STATEMENT_SCHEMA)
@@ -162,18 +197,42 @@ def validate_in_toto(statement: dict[str, Any]) -> None:
 
 
 def in_toto_statement(model: ModelFacts) -> dict[str, Any]:
-    builder_id = f"{LEDGER_URN}:training-record:{model.training_record}" if model.training_record else f"{LEDGER_URN}:builder:unknown"
+    builder_id = (
+        f"{LEDGER_URN}:training-record:{model.training_record}"
+        if model.training_record
+        else f"{LEDGER_URN}:builder:unknown"
+    )
     dependencies = [
-        {"uri": f"{LEDGER_URN}:dataset:{ds.digest}", "digest": digest_set(ds.digest), **({"name": ds.name} if ds.name else {}),
-         **({"downloadLocation": ds.source} if ds.source and is_iri(ds.source) else {}),
-         "annotations": {k: v for k, v in {"license": ds.license, "ledger_leaf_index": ds.leaf_index,
-                                           "source": None if ds.source is None or is_iri(ds.source) else ds.source}.items() if v is not None}}
+        {
+            "uri": f"{LEDGER_URN}:dataset:{ds.digest}",
+            "digest": digest_set(ds.digest),
+            **({"name": ds.name} if ds.name else {}),
+            **({"downloadLocation": ds.source} if ds.source and is_iri(ds.source) else {}),
+            "annotations": {
+                k: v
+                for k, v in {
+                    "license": ds.license,
+                    "ledger_leaf_index": ds.leaf_index,
+                    "source": None if ds.source is None or is_iri(ds.source) else ds.source,
+                }.items()
+                if v is not None
+            },
+        }
         for ds in model.datasets
     ]
     if model.source is not None:
         dependencies.insert(0, _source_dependency(model.source))
-    byproducts = [{"name": "ledger-leaf", "uri": f"{LEDGER_URN}:leaf:{model.leaf_index}", "digest": {"sha256": model.leaf_hash},
-                   "annotations": {"leaf_index": model.leaf_index, **({"tree_head": model.tree_head} if model.tree_head else {})}}]
+    byproducts = [
+        {
+            "name": "ledger-leaf",
+            "uri": f"{LEDGER_URN}:leaf:{model.leaf_index}",
+            "digest": {"sha256": model.leaf_hash},
+            "annotations": {
+                "leaf_index": model.leaf_index,
+                **({"tree_head": model.tree_head} if model.tree_head else {}),
+            },
+        }
+    ]
     if model.training_record:
         byproducts.append({"name": "training-record", "digest": digest_set(model.training_record)})
     statement = {
@@ -183,13 +242,26 @@ def in_toto_statement(model: ModelFacts) -> dict[str, Any]:
         "predicate": {
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
-                "externalParameters": {k: v for k, v in {"model": model.name, "version": model.version, "architecture": model.architecture,
-                                                         "parameters": model.parameters, "license": model.license}.items() if v is not None},
+                "externalParameters": {
+                    k: v
+                    for k, v in {
+                        "model": model.name,
+                        "version": model.version,
+                        "architecture": model.architecture,
+                        "parameters": model.parameters,
+                        "license": model.license,
+                    }.items()
+                    if v is not None
+                },
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {
                 "builder": {"id": builder_id},
-                "metadata": {k: v for k, v in {"invocationId": model.training_record, "finishedOn": model.registered_at}.items() if v},
+                "metadata": {
+                    k: v
+                    for k, v in {"invocationId": model.training_record, "finishedOn": model.registered_at}.items()
+                    if v
+                },
                 "byproducts": byproducts,
             },
         },
@@ -224,24 +296,37 @@ def cyclonedx_ml_bom(model: ModelFacts) -> dict[str, Any]:
 
     model_ref = f"model:{model.name}:{model.version}"
     data_components = [
-        {"type": "data", "bom-ref": f"dataset:{ds.digest}", "name": ds.name or ds.digest, **licenses(ds.license),
-         **({"hashes": hashes(ds.digest)} if hashes(ds.digest) else {}),
-         "data": [{"type": "dataset", "name": ds.name or ds.digest, **_source(ds.source)}],
-         "properties": [{"name": "strata:digest", "value": ds.digest}]}
+        {
+            "type": "data",
+            "bom-ref": f"dataset:{ds.digest}",
+            "name": ds.name or ds.digest,
+            **licenses(ds.license),
+            **({"hashes": hashes(ds.digest)} if hashes(ds.digest) else {}),
+            "data": [{"type": "dataset", "name": ds.name or ds.digest, **_source(ds.source)}],
+            "properties": [{"name": "strata:digest", "value": ds.digest}],
+        }
         for ds in model.datasets
     ]
-    properties = [{"name": "strata:manifest_digest", "value": model.digest}, {"name": "strata:ledger_leaf_index", "value": str(model.leaf_index)},
-                  {"name": "strata:ledger_leaf_hash", "value": model.leaf_hash}]
+    properties = [
+        {"name": "strata:manifest_digest", "value": model.digest},
+        {"name": "strata:ledger_leaf_index", "value": str(model.leaf_index)},
+        {"name": "strata:ledger_leaf_hash", "value": model.leaf_hash},
+    ]
     if model.training_record:
         properties.append({"name": "strata:training_record", "value": model.training_record})
     if model.parameters is not None:
         properties.append({"name": "strata:parameters", "value": str(model.parameters)})
     component = {
-        "type": "machine-learning-model", "bom-ref": model_ref, "name": model.name, "version": str(model.version),
-        **({"hashes": hashes(model.digest)} if hashes(model.digest) else {}), **licenses(model.license),
+        "type": "machine-learning-model",
+        "bom-ref": model_ref,
+        "name": model.name,
+        "version": str(model.version),
+        **({"hashes": hashes(model.digest)} if hashes(model.digest) else {}),
+        **licenses(model.license),
         "modelCard": {
             "modelParameters": {
-                "task": "text-generation", **({"architectureFamily": model.architecture} if model.architecture else {}),
+                "task": "text-generation",
+                **({"architectureFamily": model.architecture} if model.architecture else {}),
                 "datasets": [{"ref": d["bom-ref"]} for d in data_components],
             },
             "considerations": {"useCases": ["served by Strata; every inference is recorded in the provenance ledger"]},
@@ -251,14 +336,24 @@ def cyclonedx_ml_bom(model: ModelFacts) -> dict[str, Any]:
     }
     bom = {
         "$schema": "http://cyclonedx.org/schema/bom-1.6.schema.json",
-        "bomFormat": "CycloneDX", "specVersion": "1.6",
+        "bomFormat": "CycloneDX",
+        "specVersion": "1.6",
         "serialNumber": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{LEDGER_URN}:{model.digest}:{model.leaf_index}')}",
         "version": 1,
-        "metadata": {"component": {"type": "machine-learning-model", "bom-ref": f"{model_ref}:meta", "name": model.name, "version": str(model.version)},
-                     **({"timestamp": model.registered_at} if model.registered_at else {})},
+        "metadata": {
+            "component": {
+                "type": "machine-learning-model",
+                "bom-ref": f"{model_ref}:meta",
+                "name": model.name,
+                "version": str(model.version),
+            },
+            **({"timestamp": model.registered_at} if model.registered_at else {}),
+        },
         "components": [component, *data_components],
-        "dependencies": [{"ref": model_ref, "dependsOn": [d["bom-ref"] for d in data_components]},
-                         *({"ref": d["bom-ref"]} for d in data_components)],
+        "dependencies": [
+            {"ref": model_ref, "dependsOn": [d["bom-ref"] for d in data_components]},
+            *({"ref": d["bom-ref"]} for d in data_components),
+        ],
     }
     validate_cyclonedx(bom)
     return bom
@@ -269,10 +364,21 @@ def _ancestor(source: ModelSource) -> dict[str, Any]:
     digest = source_digest(source)
     hashes = [{"alg": "SHA-256", "content": digest["sha256"]}] if "sha256" in digest else []
     location = source_location(source)
-    properties = [{"name": "strata:source_kind", "value": source.kind},
-                  *({"name": f"strata:source_file:{path}", "value": d} for path, d in sorted(source.digests.items()))]
+    properties = [
+        {"name": "strata:source_kind", "value": source.kind},
+        *({"name": f"strata:source_file:{path}", "value": d} for path, d in sorted(source.digests.items())),
+    ]
     if source.recipe:
         properties.append({"name": "strata:recipe", "value": source.recipe})
-    return {"type": "machine-learning-model", "name": source.name, "version": source.reference, **({"hashes": hashes} if hashes else {}),
-            **({"externalReferences": [{"type": "distribution", "url": location}]} if location and source.kind != CONVERSION else {}),
-            "properties": properties}
+    return {
+        "type": "machine-learning-model",
+        "name": source.name,
+        "version": source.reference,
+        **({"hashes": hashes} if hashes else {}),
+        **(
+            {"externalReferences": [{"type": "distribution", "url": location}]}
+            if location and source.kind != CONVERSION
+            else {}
+        ),
+        "properties": properties,
+    }

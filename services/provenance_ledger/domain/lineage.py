@@ -70,26 +70,76 @@ def index_rows(event: Event[Any], index: int, time_ms: int) -> list[IndexRow]:
             "architecture": d.architecture, "parameters": d.parameters, "training_record": d.training_record,
             "license": d.license,
         })]
-        rows += [IndexRow("model_datasets", {"model_digest": d.model.digest, "dataset_digest": ds}) for ds in d.datasets]
+        rows += [
+            IndexRow("model_datasets", {"model_digest": d.model.digest, "dataset_digest": ds}) for ds in d.datasets
+        ]
         if d.source is not None:  # an import's origin, or a conversion's source version (derived_from)
-            rows.append(IndexRow("model_sources", {
-                "model_digest": d.model.digest, "kind": d.source.kind, "name": d.source.name,
-                "reference": d.source.reference, "resolved": d.source.resolved, "derived_from": d.source.derived_from,
-                "digests": d.source.digests, "recipe": d.source.recipe,
-            }))
+            rows.append(
+                IndexRow(
+                    "model_sources",
+                    {
+                        "model_digest": d.model.digest,
+                        "kind": d.source.kind,
+                        "name": d.source.name,
+                        "reference": d.source.reference,
+                        "resolved": d.source.resolved,
+                        "derived_from": d.source.derived_from,
+                        "digests": d.source.digests,
+                        "recipe": d.source.recipe,
+                    },
+                )
+            )
         return rows
     if isinstance(d, DatasetRegistered):
-        return [IndexRow("datasets", {**base, "digest": d.digest, "name": d.name, "source": d.source, "license": d.license, "files": len(d.files)})]
-    if isinstance(d, (DeployScheduled, DeployLoading, DeployReady, DeployUnloaded, DeployFailed, ModelLoaded, ModelUnloaded,
-                      ModelLoadFailed)):
-        return [IndexRow("deployments", {
-            **base, "deployment_id": d.deployment_id, "event_type": event.type,
-            "model_digest": d.model.digest if d.model else None, "node_id": d.node_id,
-            "device": getattr(d, "device", None),
-        })]
+        return [
+            IndexRow(
+                "datasets",
+                {
+                    **base,
+                    "digest": d.digest,
+                    "name": d.name,
+                    "source": d.source,
+                    "license": d.license,
+                    "files": len(d.files),
+                },
+            )
+        ]
+    if isinstance(
+        d,
+        (
+            DeployScheduled,
+            DeployLoading,
+            DeployReady,
+            DeployUnloaded,
+            DeployFailed,
+            ModelLoaded,
+            ModelUnloaded,
+            ModelLoadFailed,
+        ),
+    ):
+        return [
+            IndexRow(
+                "deployments",
+                {
+                    **base,
+                    "deployment_id": d.deployment_id,
+                    "event_type": event.type,
+                    "model_digest": d.model.digest if d.model else None,
+                    "node_id": d.node_id,
+                    "device": getattr(d, "device", None),
+                },
+            )
+        ]
     if isinstance(d, NodeRegistered):
-        return [IndexRow("nodes", {
-            **base, "node_id": d.node_id, "hostname": d.hostname,
-            "devices": [dev.model_dump(mode="json") for dev in d.devices],
-        })]
+        return [
+            IndexRow(
+                "nodes",
+                {
+                    **base,
+                    "node_id": d.node_id,
+                    "hostname": d.hostname,
+                    "devices": [dev.model_dump(mode="json") for dev in d.devices],
+                },
+            )
+        ]
     return []

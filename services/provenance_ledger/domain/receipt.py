@@ -65,7 +65,9 @@ def verify_receipt(receipt: Receipt | dict[str, Any], public_key_pem: str | byte
     except ValueError as exc:
         raise ReceiptInvalid(str(exc)) from None
     if r.event.get("type") not in RECEIPT_TYPES:
-        raise ReceiptInvalid(f"a receipt is for an inference.completed or inference.embedded event, this one is {r.event.get('type')!r}")
+        raise ReceiptInvalid(
+            f"a receipt is for an inference.completed or inference.embedded event, this one is {r.event.get('type')!r}"
+        )
     problem = head_signature_problem(r.tree_head, key)
     if problem:
         raise ReceiptInvalid(f"tree head: {problem}")
@@ -83,8 +85,12 @@ def verify_receipt(receipt: Receipt | dict[str, Any], public_key_pem: str | byte
     if prompt is not None:
         _check_prompt(data, prompt, salt)
     return ReceiptCheck(
-        ok=True, request_id=data.get("request_id"), leaf_index=r.leaf_index,
-        tree_size=r.tree_head.tree_size, key_id=r.tree_head.key_id, prompt_checked=prompt is not None,
+        ok=True,
+        request_id=data.get("request_id"),
+        leaf_index=r.leaf_index,
+        tree_size=r.tree_head.tree_size,
+        key_id=r.tree_head.key_id,
+        prompt_checked=prompt is not None,
     )
 
 

@@ -86,9 +86,17 @@ def verify_log(rows: Iterable[StoredLeaf], heads: Iterable[TreeHead], public_key
                 problems.add(row.index, "malformed", str(exc))
             else:
                 if leaf_index != row.index:
-                    problems.add(row.index, "reordered", f"the row at index {row.index} holds the leaf written for index {leaf_index}")
+                    problems.add(
+                        row.index,
+                        "reordered",
+                        f"the row at index {row.index} holds the leaf written for index {leaf_index}",
+                    )
                 elif envelope.get("id") != row.event_id:
-                    problems.add(row.index, "changed", f"the event id column says {row.event_id!r}, the leaf says {envelope.get('id')!r}")
+                    problems.add(
+                        row.index,
+                        "changed",
+                        f"the event id column says {row.event_id!r}, the leaf says {envelope.get('id')!r}",
+                    )
         tree.append(computed)
     heads_checked, last_good = 0, 0
     latest: int | None = None
@@ -100,13 +108,24 @@ def verify_log(rows: Iterable[StoredLeaf], heads: Iterable[TreeHead], public_key
             problems.add(head.tree_size, "bad_signature", f"tree head at size {head.tree_size}: {problem}")
             continue
         if head.tree_size > tree.size:
-            problems.add(tree.size, "truncated", f"a signed head covers {head.tree_size} leaves, only {tree.size} are stored")
+            problems.add(
+                tree.size, "truncated", f"a signed head covers {head.tree_size} leaves, only {tree.size} are stored"
+            )
             continue
         if tree.root(head.tree_size).hex() != head.root_hash:
-            problems.add(last_good, "root_mismatch", f"the recomputed root at size {head.tree_size} differs from the signed head: a leaf in [{last_good}, {head.tree_size}) was rewritten")
+            problems.add(
+                last_good,
+                "root_mismatch",
+                f"the recomputed root at size {head.tree_size} differs from the signed head: "
+                f"a leaf in [{last_good}, {head.tree_size}) was rewritten",
+            )
         else:
             last_good = head.tree_size
     return VerifyReport(
-        ok=problems.total == 0, leaves=tree.size, heads_checked=heads_checked, latest_signed_size=latest,
-        problems=problems.items, problems_total=problems.total,
+        ok=problems.total == 0,
+        leaves=tree.size,
+        heads_checked=heads_checked,
+        latest_signed_size=latest,
+        problems=problems.items,
+        problems_total=problems.total,
     )

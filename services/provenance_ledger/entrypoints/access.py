@@ -19,7 +19,9 @@ from shared.apikeys import ApiKeyRecord
 from shared.service import service_of
 
 
-async def receipt_caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> ApiKeyRecord | None:
+async def receipt_caller(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)
+) -> ApiKeyRecord | None:
     """A FastAPI dependency: the caller's key record if it may read receipts at all (``read``, or
     ``inference`` for its own), None in open mode; 401 / 403 otherwise."""
     auth, key = service_of(request).part(KeyAuth), credentials.credentials if credentials else None

@@ -18,9 +18,13 @@ NAME = CONTRACT.service
 
 
 def create_service(settings: Settings | None = None) -> Service:
-    service = Service(NAME, settings, description="A tamper-evident Merkle log of every event, with receipts, lineage and exports. "
-                      "Its leaf contents (leaves, receipts, lineage, audit, exports) need a key with the 'read' scope; "
-                      "an 'inference' key may fetch the receipts of its own requests.")
+    service = Service(
+        NAME,
+        settings,
+        description="A tamper-evident Merkle log of every event, with receipts, lineage and exports. "
+        "Its leaf contents (leaves, receipts, lineage, audit, exports) need a key with the 'read' scope; "
+        "an 'inference' key may fetch the receipts of its own requests.",
+    )
     app = LedgerApp(service)
     service.provide(app)  # its ledger opens at start: until then its ops answer "the ledger is starting"
     service.on_start(app.start)
@@ -34,20 +38,44 @@ def create_service(settings: Settings | None = None) -> Service:
 
 def _metrics(service: Service, app: LedgerApp) -> None:
     """The ledger's figures at /metrics, read from its stats on every scrape (none while starting)."""
+
     def stats() -> list[LedgerStats]:
         return [app.stats()] if app.ledger is not None else []
 
     m = service.metrics
     m.gauges("strata_ledger_tree_size", "Leaves in the Merkle log", [], lambda: [([], s.tree_size) for s in stats()])
-    m.gauges("strata_ledger_verified_size", "Leaves re-hashed and matching at the last clean verify", [],
-             lambda: [([], s.verified_size) for s in stats() if s.verified_size is not None])
-    m.gauges("strata_ledger_tamper_suspected", "1 while a verify has found the file changed", [],
-             lambda: [([], float(s.tamper_suspected)) for s in stats()])
-    m.gauges("strata_ledger_last_verify_timestamp_seconds", "When the last clean verify ran", [],
-             lambda: [([], s.verified_at.timestamp()) for s in stats() if s.verified_at is not None])
-    m.counters("strata_ledger_leaves", "Events taken into the log, by outcome (appended: new leaves; duplicate: "
-               "seen before; conflict: an earlier id with other content)", ["outcome"],
-               lambda: [(["appended"], s.appended) for s in stats()] + [(["duplicate"], s.duplicates) for s in stats()]
-               + [(["conflict"], s.conflicts) for s in stats()])
-    m.counters("strata_ledger_ingest_failures", "Ingest failures (retried)", [],
-               lambda: [([], s.ingest_failures) for s in stats()])
+    m.gauges(
+        "strata_ledger_verified_size",
+        "Leaves re-hashed and matching at the last clean verify",
+        [],
+        lambda: [([], s.verified_size) for s in stats() if s.verified_size is not None],
+    )
+    m.gauges(
+        "strata_ledger_tamper_suspected",
+        "1 while a verify has found the file changed",
+        [],
+        lambda: [([], float(s.tamper_suspected)) for s in stats()],
+    )
+    m.gauges(
+        "strata_ledger_last_verify_timestamp_seconds",
+        "When the last clean verify ran",
+        [],
+        lambda: [([], s.verified_at.timestamp()) for s in stats() if s.verified_at is not None],
+    )
+    m.counters(
+        "strata_ledger_leaves",
+        "Events taken into the log, by outcome (appended: new leaves; duplicate: "
+        "seen before; conflict: an earlier id with other content)",
+        ["outcome"],
+        lambda: (
+            [(["appended"], s.appended) for s in stats()]
+            + [(["duplicate"], s.duplicates) for s in stats()]
+            + [(["conflict"], s.conflicts) for s in stats()]
+        ),
+    )
+    m.counters(
+        "strata_ledger_ingest_failures",
+        "Ingest failures (retried)",
+        [],
+        lambda: [([], s.ingest_failures) for s in stats()],
+    )

@@ -77,7 +77,12 @@ class Ledger:
         ledger = cls(LedgerStore(directory / DB_FILE, synchronous=synchronous), key, policy or CheckpointPolicy())
         if ledger.store.pending_backfill:  # an index table newer than the file: derive it from the leaves
             tables = ", ".join(ledger.store.pending_backfill)
-            log.info("ledger index: %d %s rows derived from the log (%s)", ledger.store.backfill(_index_rows_of_leaf), tables, directory)
+            log.info(
+                "ledger index: %d %s rows derived from the log (%s)",
+                ledger.store.backfill(_index_rows_of_leaf),
+                tables,
+                directory,
+            )
         ledger.tree.extend(ledger.store.leaf_hashes())
         ledger.stats.conflicts = ledger.store.conflict_count()  # counted in the file: it survives a restart
         # A quick start-up check: stored hashes against every signed head (the full verify re-hashes).
@@ -127,7 +132,9 @@ class Ledger:
             envelope = json.loads(raw)
             earlier = versions.get(event.id)
             if earlier is None and event.id in known:
-                earlier = versions[event.id] = [(r["idx"], parse_leaf(r["data"]).event) for r in self.store.leaves_with_id(event.id)]
+                earlier = versions[event.id] = [
+                    (r["idx"], parse_leaf(r["data"]).event) for r in self.store.leaves_with_id(event.id)
+                ]
             conflict_of = None
             if earlier:
                 if any(logged == envelope for _, logged in earlier):
@@ -135,15 +142,34 @@ class Ledger:
                     continue
                 conflict_of = earlier[0][0]
                 conflicts += 1
-                log.warning("event id %s (%s) arrived again with other content: logged as leaf %d, a conflict with leaf %d",
-                            event.id, event.type, index, conflict_of)
+                log.warning(
+                    "event id %s (%s) arrived again with other content: logged as leaf %d, a conflict with leaf %d",
+                    event.id,
+                    event.type,
+                    index,
+                    conflict_of,
+                )
             versions.setdefault(event.id, []).append((index, envelope))
             data = leaf_bytes(envelope, index, conflict_of)
             h = leaf_hash(data)
             time_ms = datetime_to_ms(event.time)
             mk = model_key(event.data)
-            rows.append(LeafRow(index, event.id, event.type, time_ms, event.source.service, mk.name, mk.version, mk.digest,
-                                seq, data, h, conflict_of))
+            rows.append(
+                LeafRow(
+                    index,
+                    event.id,
+                    event.type,
+                    time_ms,
+                    event.source.service,
+                    mk.name,
+                    mk.version,
+                    mk.digest,
+                    seq,
+                    data,
+                    h,
+                    conflict_of,
+                )
+            )
             try:
                 lineage.extend(index_rows(event, index, time_ms))
             except Exception:  # the leaf matters more than its index entry: never block the log on it
@@ -167,7 +193,10 @@ class Ledger:
     def checkpoint_due(self) -> bool:
         if self._unsigned == 0:
             return False
-        return self._unsigned >= self.policy.every_events or time.monotonic() - self._last_signed >= self.policy.every_seconds
+        return (
+            self._unsigned >= self.policy.every_events
+            or time.monotonic() - self._last_signed >= self.policy.every_seconds
+        )
 
     def sign(self) -> TreeHead:
         head = sign_head(self.key, self.tree.size, self.tree.root(), time.time_ns() // 1_000_000)
@@ -227,18 +256,30 @@ class Ledger:
         leaf = parse_leaf(self.store.leaf(index)["data"])
         if made_with is not None and leaf.event.get("data", {}).get("api_key_id") != made_with:
             # the same answer as an unknown request: a key learns nothing of the requests of others
-            raise errors.NotFound(f"no inference.completed for request {request_id!r} made with this API key ({made_with})")
+            raise errors.NotFound(
+                f"no inference.completed for request {request_id!r} made with this API key ({made_with})"
+            )
         head = self.head_covering(index)
         proof = self.tree.inclusion_proof(index, head.tree_size)
-        return Receipt(event=leaf.event, leaf_index=index, conflict_of=leaf.conflict_of,
-                       inclusion_proof=[p.hex() for p in proof], tree_head=head)
+        return Receipt(
+            event=leaf.event,
+            leaf_index=index,
+            conflict_of=leaf.conflict_of,
+            inclusion_proof=[p.hex() for p in proof],
+            tree_head=head,
+        )
 
 
 def _head_from_checkpoint(data: LedgerCheckpoint) -> TreeHead:
     """Our own signed heads come back through the stream as checkpoint events: a ledger rebuilt
     by replaying the stream recovers them (and verify checks them like any other head)."""
-    return TreeHead(tree_size=data.tree_size, root_hash=data.root_hash, timestamp_ms=datetime_to_ms(data.signed_at),
-                    key_id=data.key_id, signature=data.signature)
+    return TreeHead(
+        tree_size=data.tree_size,
+        root_hash=data.root_hash,
+        timestamp_ms=datetime_to_ms(data.signed_at),
+        key_id=data.key_id,
+        signature=data.signature,
+    )
 
 
 def verify_store(directory: Path, rehash_from: int = 0) -> VerifyReport:

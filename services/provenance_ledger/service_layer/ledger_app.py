@@ -104,7 +104,9 @@ class LedgerApp:
             self._reported.add((problem.index, problem.kind))
             log.error("ledger tamper: leaf %d %s: %s", problem.index, problem.kind, problem.detail)
             try:
-                await self.service.publish(TamperDetected(index=problem.index, reason=f"{problem.kind}: {problem.detail}"))
+                await self.service.publish(
+                    TamperDetected(index=problem.index, reason=f"{problem.kind}: {problem.detail}")
+                )
             except Exception:
                 log.exception("could not publish tamper_detected")
 
@@ -132,15 +134,26 @@ class LedgerApp:
             size = req.tree_size
             head = next((h for h in lg.store.heads() if h.tree_size == size), None)
         proof = lg.inclusion(index, size)
-        return InclusionProof(leaf_index=index, tree_size=size, leaf_hash=lg.tree.leaf(index).hex(),
-                              root_hash=lg.root(size).hex(), proof=[p.hex() for p in proof], tree_head=head)
+        return InclusionProof(
+            leaf_index=index,
+            tree_size=size,
+            leaf_hash=lg.tree.leaf(index).hex(),
+            root_hash=lg.root(size).hex(),
+            proof=[p.hex() for p in proof],
+            tree_head=head,
+        )
 
     def consistency(self, req: ConsistencyRequest) -> ConsistencyProof:
         lg = self.lg
         second = lg.size if req.second is None else req.second
         proof = lg.consistency(req.first, second)
-        return ConsistencyProof(first=req.first, second=second, first_root=lg.root(req.first).hex(),
-                                second_root=lg.root(second).hex(), proof=[p.hex() for p in proof])
+        return ConsistencyProof(
+            first=req.first,
+            second=second,
+            first_root=lg.root(req.first).hex(),
+            second_root=lg.root(second).hex(),
+            proof=[p.hex() for p in proof],
+        )
 
     def export(self, req: ExportRequest) -> dict[str, Any]:
         head = self.lg.latest_head()
@@ -159,10 +172,18 @@ class LedgerApp:
         lg, ing = self.lg, self.ingest
         verified = lg.store.verified()
         return LedgerStats(
-            tree_size=lg.size, appended=lg.stats.appended, duplicates=lg.stats.duplicates, conflicts=lg.stats.conflicts,
-            batches=lg.stats.batches, dead_lettered=ing.dead_lettered if ing else 0, ingest_running=bool(ing and ing.running),
-            ingest_failures=ing.failures if ing else 0, last_error=ing.last_error if ing else None, tamper_suspected=lg.tamper is not None,
-            verified_size=verified["size"] if verified else None, verified_at=_when(verified["at_ms"]) if verified else None,
+            tree_size=lg.size,
+            appended=lg.stats.appended,
+            duplicates=lg.stats.duplicates,
+            conflicts=lg.stats.conflicts,
+            batches=lg.stats.batches,
+            dead_lettered=ing.dead_lettered if ing else 0,
+            ingest_running=bool(ing and ing.running),
+            ingest_failures=ing.failures if ing else 0,
+            last_error=ing.last_error if ing else None,
+            tamper_suspected=lg.tamper is not None,
+            verified_size=verified["size"] if verified else None,
+            verified_at=_when(verified["at_ms"]) if verified else None,
             full_verify_at=_when(verified["full_at_ms"]) if verified else None,
         )
 

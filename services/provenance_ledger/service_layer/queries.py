@@ -28,7 +28,9 @@ def parse_since(text: str, now: datetime | None = None) -> int:
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise errors.Invalid(f"--since {text!r}: expected an ISO time (2025-01-31T12:00Z) or an age like 15m, 2h, 7d") from None
+        raise errors.Invalid(
+            f"--since {text!r}: expected an ISO time (2025-01-31T12:00Z) or an age like 15m, 2h, 7d"
+        ) from None
     return datetime_to_ms(when if when.tzinfo else when.replace(tzinfo=timezone.utc))
 
 
@@ -48,7 +50,9 @@ def resolve_model(store: LedgerStore, ref: str) -> list[dict[str, Any]]:
         return store.query("SELECT * FROM models WHERE digest = ?", (ref,))
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        aliases = store.query("SELECT data FROM leaves WHERE type = 'model.aliased' AND model_name = ? ORDER BY idx DESC", (name,))
+        aliases = store.query(
+            "SELECT data FROM leaves WHERE type = 'model.aliased' AND model_name = ? ORDER BY idx DESC", (name,)
+        )
         for row in aliases:
             data = parse_leaf(row["data"]).event["data"]
             if data.get("alias") == alias:
@@ -62,11 +66,22 @@ def resolve_model(store: LedgerStore, ref: str) -> list[dict[str, Any]]:
 
 def _datasets(store: LedgerStore, model_digest: str) -> list[dict[str, Any]]:
     out = []
-    for link in store.query("SELECT dataset_digest FROM model_datasets WHERE model_digest = ? ORDER BY dataset_digest", (model_digest,)):
+    for link in store.query(
+        "SELECT dataset_digest FROM model_datasets WHERE model_digest = ? ORDER BY dataset_digest", (model_digest,)
+    ):
         rows = store.query("SELECT * FROM datasets WHERE digest = ?", (link["dataset_digest"],))
         d = rows[0] if rows else {"digest": link["dataset_digest"]}
-        out.append({"digest": d["digest"], "name": d.get("name"), "source": d.get("source"), "license": d.get("license"),
-                    "files": d.get("files"), "leaf_index": d.get("idx"), "in_ledger": bool(rows)})
+        out.append(
+            {
+                "digest": d["digest"],
+                "name": d.get("name"),
+                "source": d.get("source"),
+                "license": d.get("license"),
+                "files": d.get("files"),
+                "leaf_index": d.get("idx"),
+                "in_ledger": bool(rows),
+            }
+        )
     return out
 
 
@@ -75,10 +90,20 @@ def _model_view(store: LedgerStore, digest: str, fallback: dict[str, Any] | None
     if not rows:
         return {**(fallback or {}), "digest": digest, "in_ledger": False, "datasets": [], "source": None}
     m = rows[0]
-    return {"name": m["name"], "version": m["version"], "digest": m["digest"], "architecture": m["architecture"],
-            "parameters": m["parameters"], "training_record": m["training_record"], "license": m["license"],
-            "registered_at": _iso(m["time_ms"]), "leaf_index": m["idx"], "in_ledger": True, "datasets": _datasets(store, digest),
-            "source": _source(store, digest)}
+    return {
+        "name": m["name"],
+        "version": m["version"],
+        "digest": m["digest"],
+        "architecture": m["architecture"],
+        "parameters": m["parameters"],
+        "training_record": m["training_record"],
+        "license": m["license"],
+        "registered_at": _iso(m["time_ms"]),
+        "leaf_index": m["idx"],
+        "in_ledger": True,
+        "datasets": _datasets(store, digest),
+        "source": _source(store, digest),
+    }
 
 
 def _source(store: LedgerStore, model_digest: str) -> dict[str, Any] | None:
@@ -86,8 +111,15 @@ def _source(store: LedgerStore, model_digest: str) -> dict[str, Any] | None:
     if not rows:
         return None
     s = rows[0]
-    return {"kind": s["kind"], "name": s["name"], "reference": s["reference"], "resolved": s["resolved"],
-            "derived_from": s["derived_from"], "digests": json.loads(s["digests"] or "{}"), "recipe": s["recipe"]}
+    return {
+        "kind": s["kind"],
+        "name": s["name"],
+        "reference": s["reference"],
+        "resolved": s["resolved"],
+        "derived_from": s["derived_from"],
+        "digests": json.loads(s["digests"] or "{}"),
+        "recipe": s["recipe"],
+    }
 
 
 MAX_DERIVATION_DEPTH = 32
@@ -108,13 +140,18 @@ def model_lineage(store: LedgerStore, ref: str) -> dict[str, Any]:
             if parent in seen:
                 break
             seen.add(parent)
-            version = int(step["reference"]) if step["reference"].isascii() and step["reference"].isdigit() else None  # '²'.isdigit()
+            version = (
+                int(step["reference"]) if step["reference"].isascii() and step["reference"].isdigit() else None
+            )  # '²'.isdigit()
             chain.append(_model_view(store, parent, {"name": step["name"], "version": version}))
             step = chain[-1].get("source")
         view["derived_from"] = chain
         view["derivatives"] = [
             {**_model_view(store, d["model_digest"]), "recipe": d["recipe"]}
-            for d in store.query("SELECT model_digest, recipe FROM model_sources WHERE derived_from = ? ORDER BY model_digest", (m["digest"],))
+            for d in store.query(
+                "SELECT model_digest, recipe FROM model_sources WHERE derived_from = ? ORDER BY model_digest",
+                (m["digest"],),
+            )
         ]
         out.append(view)
     return {"ref": ref, "models": out}
@@ -128,20 +165,41 @@ def request_lineage(store: LedgerStore, request_id: str) -> dict[str, Any]:
         raise errors.NotFound(f"no inference.completed for request {request_id!r} in the ledger")
     inf = rows[0]
     event = _event(store, inf["idx"])
-    deploy_events = store.query("SELECT * FROM deployments WHERE deployment_id = ? ORDER BY idx", (inf["deployment_id"],))
-    nodes = store.query("SELECT * FROM nodes WHERE node_id = ? AND idx <= ? ORDER BY idx DESC LIMIT 1", (inf["node_id"], inf["idx"]))
+    deploy_events = store.query(
+        "SELECT * FROM deployments WHERE deployment_id = ? ORDER BY idx", (inf["deployment_id"],)
+    )
+    nodes = store.query(
+        "SELECT * FROM nodes WHERE node_id = ? AND idx <= ? ORDER BY idx DESC LIMIT 1", (inf["node_id"], inf["idx"])
+    )
     devices = json.loads(nodes[0]["devices"]) if nodes else []
     device = next((d for d in devices if d.get("id") == inf["device"]), None)
     return {
         "request_id": request_id,
-        "inference": {"leaf_index": inf["idx"], "event_id": inf["event_id"], "time": _iso(inf["time_ms"]), **event.get("data", {})},
+        "inference": {
+            "leaf_index": inf["idx"],
+            "event_id": inf["event_id"],
+            "time": _iso(inf["time_ms"]),
+            **event.get("data", {}),
+        },
         "model": _model_view(store, inf["model_digest"], {"name": inf["model_name"], "version": inf["model_version"]}),
         "deployment": {
             "deployment_id": inf["deployment_id"],
-            "events": [{"type": d["event_type"], "leaf_index": d["idx"], "time": _iso(d["time_ms"]), "node_id": d["node_id"], "device": d["device"]} for d in deploy_events],
+            "events": [
+                {
+                    "type": d["event_type"],
+                    "leaf_index": d["idx"],
+                    "time": _iso(d["time_ms"]),
+                    "node_id": d["node_id"],
+                    "device": d["device"],
+                }
+                for d in deploy_events
+            ],
         },
-        "node": {"node_id": inf["node_id"], "hostname": nodes[0]["hostname"] if nodes else None,
-                 "registered_leaf_index": nodes[0]["idx"] if nodes else None},
+        "node": {
+            "node_id": inf["node_id"],
+            "hostname": nodes[0]["hostname"] if nodes else None,
+            "registered_leaf_index": nodes[0]["idx"] if nodes else None,
+        },
         "device": {"id": inf["device"], **(device or {})},
     }
 
@@ -149,24 +207,54 @@ def request_lineage(store: LedgerStore, request_id: str) -> dict[str, Any]:
 def dataset_lineage(store: LedgerStore, digest: str, limit: int = 10_000) -> dict[str, Any]:
     """The data-takedown question: which models were trained on this dataset, which answers they gave."""
     ds = store.query("SELECT * FROM datasets WHERE digest = ?", (digest,))
-    links = store.query("SELECT model_digest FROM model_datasets WHERE dataset_digest = ? ORDER BY model_digest", (digest,))
+    links = store.query(
+        "SELECT model_digest FROM model_datasets WHERE dataset_digest = ? ORDER BY model_digest", (digest,)
+    )
     if not ds and not links:
         raise errors.NotFound(f"dataset {digest!r} is not in the ledger")
     models = []
     for link in links:
         view = _model_view(store, link["model_digest"])
-        infs = store.query("SELECT request_id, idx, time_ms, deployment_id, node_id, device FROM inferences WHERE model_digest = ? ORDER BY idx LIMIT ?",
-                           (link["model_digest"], limit))
-        view["inferences"] = [{"request_id": i["request_id"], "leaf_index": i["idx"], "time": _iso(i["time_ms"]), "deployment_id": i["deployment_id"],
-                               "node_id": i["node_id"], "device": i["device"]} for i in infs]
+        infs = store.query(
+            "SELECT request_id, idx, time_ms, deployment_id, node_id, device FROM inferences "
+            "WHERE model_digest = ? ORDER BY idx LIMIT ?",
+            (link["model_digest"], limit),
+        )
+        view["inferences"] = [
+            {
+                "request_id": i["request_id"],
+                "leaf_index": i["idx"],
+                "time": _iso(i["time_ms"]),
+                "deployment_id": i["deployment_id"],
+                "node_id": i["node_id"],
+                "device": i["device"],
+            }
+            for i in infs
+        ]
         models.append(view)
     d = ds[0] if ds else None
-    return {"dataset": {"digest": digest, "name": d and d["name"], "source": d and d["source"], "license": d and d["license"],
-                        "leaf_index": d and d["idx"], "in_ledger": bool(d)},
-            "models": models, "inferences_total": sum(len(m["inferences"]) for m in models)}
+    return {
+        "dataset": {
+            "digest": digest,
+            "name": d and d["name"],
+            "source": d and d["source"],
+            "license": d and d["license"],
+            "leaf_index": d and d["idx"],
+            "in_ledger": bool(d),
+        },
+        "models": models,
+        "inferences_total": sum(len(m["inferences"]) for m in models),
+    }
 
 
-def audit(store: LedgerStore, *, since_ms: int | None = None, model: str | None = None, event_type: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+def audit(
+    store: LedgerStore,
+    *,
+    since_ms: int | None = None,
+    model: str | None = None,
+    event_type: str | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
     where, params = [], []
     if since_ms is not None:
         where.append("time_ms >= ?")
@@ -191,8 +279,17 @@ def audit(store: LedgerStore, *, since_ms: int | None = None, model: str | None 
     sql += f" WHERE {' AND '.join(where)}" if where else ""
     sql += " ORDER BY idx LIMIT ?"
     rows = store.query(sql, (*params, limit))
-    return [{"leaf_index": r["idx"], "event_id": r["event_id"], "type": r["type"], "time": _iso(r["time_ms"]),
-             "source": r["source_service"], "data": parse_leaf(r["data"]).event.get("data", {})} for r in rows]
+    return [
+        {
+            "leaf_index": r["idx"],
+            "event_id": r["event_id"],
+            "type": r["type"],
+            "time": _iso(r["time_ms"]),
+            "source": r["source_service"],
+            "data": parse_leaf(r["data"]).event.get("data", {}),
+        }
+        for r in rows
+    ]
 
 
 def model_facts(store: LedgerStore, ref: str, tree_head: dict[str, Any] | None) -> ModelFacts:
@@ -202,10 +299,22 @@ def model_facts(store: LedgerStore, ref: str, tree_head: dict[str, Any] | None) 
     m = versions[-1]  # NAME alone: the newest version
     leaf = store.leaf(m["idx"])
     return ModelFacts(
-        name=m["name"], version=m["version"], digest=m["digest"], architecture=m["architecture"], parameters=m["parameters"],
-        training_record=m["training_record"], license=m["license"], registered_at=_iso(m["time_ms"]), leaf_index=m["idx"],
-        leaf_hash=leaf["leaf_hash"].hex(), tree_head=tree_head,
+        name=m["name"],
+        version=m["version"],
+        digest=m["digest"],
+        architecture=m["architecture"],
+        parameters=m["parameters"],
+        training_record=m["training_record"],
+        license=m["license"],
+        registered_at=_iso(m["time_ms"]),
+        leaf_index=m["idx"],
+        leaf_hash=leaf["leaf_hash"].hex(),
+        tree_head=tree_head,
         source=_source(store, m["digest"]),
-        datasets=[DatasetFacts(digest=d["digest"], name=d["name"], source=d["source"], license=d["license"], leaf_index=d["leaf_index"])
-                  for d in _datasets(store, m["digest"])],
+        datasets=[
+            DatasetFacts(
+                digest=d["digest"], name=d["name"], source=d["source"], license=d["license"], leaf_index=d["leaf_index"]
+            )
+            for d in _datasets(store, m["digest"])
+        ],
     )

@@ -96,14 +96,18 @@ class LedgerStats(BaseModel):
     tree_size: int
     appended: int
     duplicates: int
-    conflicts: int = Field(description="leaves that reuse an earlier event's id with other content (marked conflict_of), "
-                           "counted in the file")
+    conflicts: int = Field(
+        description="leaves that reuse an earlier event's id with other content (marked conflict_of), "
+        "counted in the file"
+    )
     batches: int
     dead_lettered: int
     ingest_running: bool
     ingest_failures: int
     last_error: str | None
     tamper_suspected: bool
-    verified_size: int | None = Field(description="leaves re-hashed and matching at the last clean verify (None: none yet)")
+    verified_size: int | None = Field(
+        description="leaves re-hashed and matching at the last clean verify (None: none yet)"
+    )
     verified_at: datetime | None = Field(description="when that verify ran")
     full_verify_at: datetime | None = Field(description="the last verify that re-hashed every leaf")

@@ -34,7 +34,9 @@ class WatchSettings:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> WatchSettings:
         env = os.environ if environ is None else environ
-        return cls(every_s=_seconds(env, EVERY_ENV, cls.every_s), full_every_s=_seconds(env, FULL_EVERY_ENV, cls.full_every_s))
+        return cls(
+            every_s=_seconds(env, EVERY_ENV, cls.every_s), full_every_s=_seconds(env, FULL_EVERY_ENV, cls.full_every_s)
+        )
 
 
 def _seconds(env: dict[str, str] | os._Environ[str], name: str, default: float) -> float:
@@ -51,8 +53,13 @@ def _seconds(env: dict[str, str] | os._Environ[str], name: str, default: float) 
 
 
 class TamperWatch:
-    def __init__(self, directory: Path, ledger: Ledger, report: Callable[[VerifyReport], Awaitable[None]],
-                 settings: WatchSettings | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ledger: Ledger,
+        report: Callable[[VerifyReport], Awaitable[None]],
+        settings: WatchSettings | None = None,
+    ) -> None:
         self.directory, self.ledger, self.report = directory, ledger, report
         self.settings = settings or WatchSettings()
         self.passes = 0
@@ -80,8 +87,14 @@ class TamperWatch:
         began = time.monotonic()
         report = await asyncio.to_thread(verify_store, self.directory, start)
         self.passes += 1
-        log.info("ledger verify (%s, leaves %d..%d): %s in %.2fs", "full" if full else "incremental", start, report.leaves,
-                 "ok" if report.ok else f"{report.problems_total} problem(s)", time.monotonic() - began)
+        log.info(
+            "ledger verify (%s, leaves %d..%d): %s in %.2fs",
+            "full" if full else "incremental",
+            start,
+            report.leaves,
+            "ok" if report.ok else f"{report.problems_total} problem(s)",
+            time.monotonic() - began,
+        )
         if full:
             self._last_full = began
         if report.ok:
