@@ -180,5 +180,12 @@ def non_checkpoint_ids(service: Service) -> list[str]:
     return [r["event_id"] for r in rows]
 
 
+def leaf_index_of(service: Service, event_id: str) -> int:
+    """Where an event landed: the ledger's timed checkpoints (every 0.5 s here) are leaves too, so under
+    load one may fall between two published events and an event's index is not its position in the run."""
+    [row] = ledger_of(service).store.query("SELECT idx FROM leaves WHERE event_id = ?", (event_id,))
+    return row["idx"]
+
+
 async def wait_ingested(service: Service, ids: set[str], timeout: float = 20.0) -> None:
     await eventually(lambda: ids <= set(non_checkpoint_ids(service)), timeout, f"{len(ids)} events in the ledger")
