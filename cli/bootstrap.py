@@ -44,4 +44,7 @@ async def bootstrap_api_key(connect: Connect, data_dir: Path) -> str:
     if made:
         return (f"strata up: made an admin API key, in {path} (mode 0600); the strata commands here use it. "
                 f"HTTP callers send  Authorization: Bearer $(cat {path})")
-    return f"strata up: API keys in force (strata key ls){'; the admin key made at first start is in ' + str(path) if path.exists() else ''}"
+    return (
+        "strata up: API keys in force (strata key ls)"
+        f"{'; the admin key made at first start is in ' + str(path) if path.exists() else ''}"
+    )

@@ -51,7 +51,10 @@ async def serve_builtin(nc: Client, ref: str = BUILTIN_REF, timeout_s: float = 1
         return f"built-in model not deployed: {outcome.reason}"
     while not await _served(nc, name):
         if loop.time() > deadline:
-            return f"built-in model {name} was scheduled but no worker serves it after {timeout_s:.0f}s; see the inference-worker's lines"
+            return (
+                f"built-in model {name} was scheduled but no worker serves it after {timeout_s:.0f}s; "
+                "see the inference-worker's lines"
+            )
         await asyncio.sleep(0.5)
     return f"built-in model {name} is serving"
 

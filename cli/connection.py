@@ -177,7 +177,8 @@ def _why(nats_url: str, exc: BaseException) -> errors.StrataError:
         )
     if _refusal(exc):
         return errors.Unauthorized(
-            f"{where} refused the connection (authorization violation): give a credential as nats://USER:PASSWORD@HOST, "
+            f"{where} refused the connection (authorization violation): "
+            "give a credential as nats://USER:PASSWORD@HOST, "
             f"or {nats_auth.USER_ENV}/{nats_auth.PASSWORD_ENV}, or --data-dir of the `strata up` that runs it"
         )
     return errors.Unavailable(f"cannot reach {where}: {exc or type(exc).__name__}")

@@ -91,7 +91,10 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
         default=[],
         type=_constraint,
         metavar="KEY=VALUE",
-        help="gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, gpu.compute_capability=8.0 (minimum), label.NAME=V",
+        help=(
+            "gpu.product=H100, device=cpu|cuda, node=ID, hostname=H, gpu.uuid=U, "
+            "gpu.compute_capability=8.0 (minimum), label.NAME=V"
+        ),
     )
 
 
@@ -219,13 +222,17 @@ async def _fit(nc, args) -> int:
         return 1 if report.refused else 0
     if report.refused:
         print(
-            f"strata fit: {report.model.name}:{report.model.version} ({report.architecture}): refused: {report.refused}",
+            f"strata fit: {report.model.name}:{report.model.version} ({report.architecture}): "
+            f"refused: {report.refused}",
             file=sys.stderr,
         )
         return 1
     console = _console()
     terms = Table(
-        title=f"{report.model.name}:{report.model.version} ({report.architecture}), context {report.context_length} x batch {report.batch}"
+        title=(
+            f"{report.model.name}:{report.model.version} ({report.architecture}), "
+            f"context {report.context_length} x batch {report.batch}"
+        )
     )
     for col in (
         "device kind",

@@ -160,7 +160,8 @@ def _report(args: argparse.Namespace, report: Any) -> int:
         _print_json(report.model_dump())
     else:
         print(
-            f"{report.leaves} leaves, {report.heads_checked} signed heads checked (latest signed size {report.latest_signed_size})"
+            f"{report.leaves} leaves, {report.heads_checked} signed heads checked "
+            f"(latest signed size {report.latest_signed_size})"
         )
         for p in report.problems:
             print(f"  leaf {p.index}: {p.kind}: {p.detail}")
@@ -212,7 +213,8 @@ def _rebuild(args: argparse.Namespace) -> int:
         if src.exists():
             src.rename(Path(f"{aside}{suffix}"))
     print(
-        f"moved {db} to {aside}; stop and start the ledger (strata serve provenance-ledger) to replay the EVENTS stream into a new log"
+        f"moved {db} to {aside}; stop and start the ledger (strata serve provenance-ledger) "
+        "to replay the EVENTS stream into a new log"
     )
     return 0
 
@@ -251,7 +253,8 @@ def _verify_receipt(path: Path, key: Path, args: argparse.Namespace) -> int:
     ) as exc:  # a messages file that is not a list of {role, content} (ReceiptInvalid is answered above)
         return _fail(str(exc))
     print(
-        f"OK: request {check.request_id} is leaf {check.leaf_index} of the signed tree of size {check.tree_size} (key {check.key_id})"
+        f"OK: request {check.request_id} is leaf {check.leaf_index} of the signed tree of size {check.tree_size} "
+        f"(key {check.key_id})"
         + ("; the prompt matches its commitment" if check.prompt_checked else "")
     )
     return 0
@@ -319,7 +322,8 @@ async def _request_lineage(nc: Any, args: argparse.Namespace) -> int:
         return 0
     inf, m = r["inference"], r["model"]
     print(
-        f"request   {r['request_id']}  (leaf {inf['leaf_index']}, {inf['time']}, {inf.get('completion_tokens')} tokens, {inf.get('finish_reason')})"
+        f"request   {r['request_id']}  (leaf {inf['leaf_index']}, {inf['time']}, "
+        f"{inf.get('completion_tokens')} tokens, {inf.get('finish_reason')})"
     )
     print(
         f"model     {m.get('name')}:{m.get('version')}  manifest {m['digest']}"
@@ -334,7 +338,10 @@ async def _request_lineage(nc: Any, args: argparse.Namespace) -> int:
     )
     dev = r["device"]
     print(
-        f"node      {r['node']['node_id']} ({r['node'].get('hostname') or '?'})  device {dev['id']} {dev.get('name', '')}".rstrip()
+        (
+            f"node      {r['node']['node_id']} ({r['node'].get('hostname') or '?'})  "
+            f"device {dev['id']} {dev.get('name', '')}"
+        ).rstrip()
     )
     return 0
 
@@ -350,7 +357,8 @@ async def _model_lineage(nc: Any, args: argparse.Namespace) -> int:
         if src and src["kind"] != "conversion":
             resolved = f" = {src['resolved']}" if src.get("resolved") else ""
             _print_text(
-                f"source    {src['kind']} {src['name']} {src['reference']}{resolved}  ({len(src['digests'])} digests checked)"
+                f"source    {src['kind']} {src['name']} {src['reference']}{resolved}  "
+                f"({len(src['digests'])} digests checked)"
             )
         for parent in m["derived_from"]:
             _print_text(
@@ -361,13 +369,17 @@ async def _model_lineage(nc: Any, args: argparse.Namespace) -> int:
             _print_text(f"recipe    {src['recipe']}")
         for child in m["derivatives"]:
             _print_text(
-                f"derived   {child.get('name')}:{child.get('version')}  {child['digest']}  {child.get('recipe') or ''}".rstrip()
+                (
+                    f"derived   {child.get('name')}:{child.get('version')}  {child['digest']}  "
+                    f"{child.get('recipe') or ''}"
+                ).rstrip()
             )
     return 0
 
 
 def _print_text(line: str) -> None:
-    """A line of logged text (a pusher's, or whatever was published): control characters escaped, not sent to the terminal."""
+    """A line of logged text (a pusher's, or whatever was published): control characters escaped, not sent to the
+    terminal."""
     print("".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf") else c for c in line))
 
 

@@ -190,10 +190,12 @@ def _show(args: argparse.Namespace) -> int:
     )
     out.print_json(man.metadata.model_dump_json())
     out.print(
-        f"license: {_text(man.license or '-')}   created: {man.created.isoformat()}   datasets: {', '.join(man.datasets) or '-'}"
+        f"license: {_text(man.license or '-')}   created: {man.created.isoformat()}   "
+        f"datasets: {', '.join(man.datasets) or '-'}"
     )
     out.print(
-        f"training record: {'yes' if man.training_record else 'no'}   signed by key {resolved.signature['signatures'][0]['keyid'][:16]}…"
+        f"training record: {'yes' if man.training_record else 'no'}   "
+        f"signed by key {resolved.signature['signatures'][0]['keyid'][:16]}…"
     )
     if src := man.source:  # an import's origin or a conversion's source version
         out.print(
@@ -232,7 +234,8 @@ def _pull(args: argparse.Namespace) -> int:
             f"{resolved.model.name}:{resolved.model.version}", args.dir, public_key=_key(args), progress=advance
         )
     out.print(
-        f"pulled {resolved.model.name}:{resolved.model.version} into {args.dir} (signature and {len(resolved.manifest.files)} digests verified)",
+        f"pulled {resolved.model.name}:{resolved.model.version} into {args.dir} "
+        f"(signature and {len(resolved.manifest.files)} digests verified)",
         highlight=False,
     )
     return 0

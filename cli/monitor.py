@@ -68,7 +68,8 @@ def _top(args: argparse.Namespace) -> int:
                 console.print(render(_fetch(http)))
             except httpx.HTTPError as exc:
                 print(
-                    f"strata top: the monitor at {args.url}: {http_tls.failure(exc, args.url) or f'did not answer: {exc}'}",
+                    f"strata top: the monitor at {args.url}: "
+                    f"{http_tls.failure(exc, args.url) or f'did not answer: {exc}'}",
                     file=sys.stderr,
                 )
                 return 1
@@ -177,7 +178,8 @@ def render(s: dict) -> Group:
 
     ledger = s["ledger"]
     head = (
-        f"tree size {ledger['tree_size']}  root {str(ledger['root_hash'])[:16]}…  key {ledger['key_id']}  lag {ledger['lag'] if ledger['lag'] is not None else 'unknown'}"
+        f"tree size {ledger['tree_size']}  root {str(ledger['root_hash'])[:16]}…  key {ledger['key_id']}  "
+        f"lag {ledger['lag'] if ledger['lag'] is not None else 'unknown'}"
         if ledger["tree_size"] is not None
         else "no signed head yet"
     )

@@ -63,7 +63,8 @@ def _provision(args: argparse.Namespace) -> int:
         except NatsError as exc:
             raise errors.Unavailable(str(exc)) from None
         print(
-            f"provisioned {len(nats_auth.ALL_STREAMS)} streams and buckets ({replicas} replica(s)): {', '.join(nats_auth.ALL_STREAMS)}"
+            f"provisioned {len(nats_auth.ALL_STREAMS)} streams and buckets ({replicas} replica(s)): "
+            f"{', '.join(nats_auth.ALL_STREAMS)}"
         )
         return 0
 

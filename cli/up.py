@@ -232,7 +232,10 @@ class Supervisor:
     def _plain_http_warning(self) -> str | None:
         opts = self.options
         if self.https is None and opts.api_keys and not http_tls.is_loopback(opts.host):
-            return f"strata up: warning: HTTP on {opts.host} is plain: API keys cross the network in clear text (use --https)"
+            return (
+                f"strata up: warning: HTTP on {opts.host} is plain: "
+                "API keys cross the network in clear text (use --https)"
+            )
         return None
 
     def _scheme(self) -> str:
