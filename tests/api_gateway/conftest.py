@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.api_gateway.entrypoints.app import create_service
-from services.api_gateway.service_layer.handlers import GatewayConfig
+from services.api_gateway.config import GatewayConfig
 from shared.service import Service
 from tests.support.fake_worker import FakeWorker, Script
 from tests.support.helpers import settings_for

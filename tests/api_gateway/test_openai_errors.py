@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.api_gateway.domain.errors import to_openai
 from services.api_gateway.domain.responses import ErrorBody
-from services.api_gateway.service_layer.handlers import MAX_BODY_BYTES, NATS_HEADROOM_BYTES, Gateway, GatewayConfig
+from services.api_gateway.config import MAX_BODY_BYTES, NATS_HEADROOM_BYTES, GatewayConfig
+from services.api_gateway.service_layer.handlers import Gateway
 from shared import errors
 
 openai = pytest.importorskip("openai")

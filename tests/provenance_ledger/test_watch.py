@@ -11,7 +11,7 @@ import pytest
 from services.provenance_ledger.service_layer.ledger_app import LedgerApp
 from services.monitor.entrypoints.app import create_monitor
 from services.provenance_ledger.service_layer.ledger import DB_FILE
-from services.provenance_ledger.service_layer.watch import WatchSettings
+from services.provenance_ledger.config import LedgerConfig, WatchSettings
 from shared import subjects
 from shared.events import AlertFiring, TamperDetected, parse_event
 from tests.monitor.conftest import fast_config
@@ -95,3 +95,21 @@ def test_a_bad_verify_interval_is_refused_with_its_name(monkeypatch, value):
     monkeypatch.setenv("STRATA_LEDGER_VERIFY_SECONDS", value)
     with pytest.raises(ValueError, match="STRATA_LEDGER_VERIFY_SECONDS"):
         WatchSettings.from_env()
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("STRATA_LEDGER_CHECKPOINT_SECONDS", "0"), ("STRATA_LEDGER_CHECKPOINT_SECONDS", "soon"),
+     ("STRATA_LEDGER_CHECKPOINT_EVENTS", "1.5"), ("STRATA_LEDGER_CHECKPOINT_EVENTS", "0"),
+     ("STRATA_LEDGER_ACK_WAIT_SECONDS", "-3")],
+)
+def test_a_bad_checkpoint_or_ack_wait_setting_is_refused_with_its_name(name, value):
+    with pytest.raises(ValueError, match=name):
+        LedgerConfig.from_env({name: value})
+
+
+def test_the_ledger_settings_read_from_the_environment():
+    config = LedgerConfig.from_env({"STRATA_LEDGER_CHECKPOINT_EVENTS": "7", "STRATA_LEDGER_CHECKPOINT_SECONDS": "0.5",
+                                    "STRATA_LEDGER_ACK_WAIT_SECONDS": "3", "STRATA_LEDGER_VERIFY_SECONDS": "60"})
+    assert (config.checkpoint.every_events, config.checkpoint.every_seconds, config.ack_wait_s) == (7, 0.5, 3.0)
+    assert config.watch.every_s == 60.0 and LedgerConfig.from_env({}).checkpoint.every_events == 1000

@@ -48,7 +48,8 @@ from services.api_gateway.domain.responses import (
 )
 from services.api_gateway.adapters.quota_counters import KvQuotaCounters
 from services.api_gateway.service_layer import embeddings
-from services.api_gateway.service_layer.handlers import Caller, Gateway, GatewayConfig, Message
+from services.api_gateway.config import GatewayConfig
+from services.api_gateway.service_layer.handlers import Caller, Gateway, Message
 from services.api_gateway.service_layer.metering import ran_nothing
 
 log = logging.getLogger("api-gateway")

@@ -11,7 +11,8 @@ from shared.contracts import inference as contract
 from shared.service import Service
 from shared.serving_asyncapi import add_serving_channels
 from services.inference_worker.adapters.artifacts import ArtifactSource
-from services.inference_worker.service_layer.worker import NAME, Worker, WorkerOptions
+from services.inference_worker.config import NAME, WorkerOptions
+from services.inference_worker.service_layer.worker import Worker
 
 __all__ = ["NAME", "Worker", "WorkerOptions", "create_service"]
 

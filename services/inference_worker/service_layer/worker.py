@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -19,7 +17,6 @@ from nats.aio.subscription import Subscription
 from shared import errors, rpc, subjects
 from shared.assignments import Assigned, AssignedRequest
 from shared.catalog import parse_ref
-from shared.config import env_name
 from shared.contracts import hardware_inventory
 from shared.events import DeployReleased, DeployScheduled, Event, UndeployRequested
 from shared.inference import InferenceCancel, LoadedDeployment, LoadedModels, LoadedModelsRequest
@@ -27,40 +24,15 @@ from shared.inference_jobs import ensure_job_streams
 from shared.service import Service
 from services.inference_worker.adapters.artifacts import ArtifactSource, ModelStoreSource
 from services.inference_worker.adapters.inflight_journal import InflightJournal
-from services.inference_worker.service_layer.deployments import Deployments, EngineOptions
+from services.inference_worker.config import WorkerOptions
+from services.inference_worker.service_layer.deployments import Deployments
 from services.inference_worker.service_layer.embedding import Embedder
-from services.inference_worker.service_layer.jobs import JobOptions, JobRunner
-from services.inference_worker.service_layer.residency import LOAD_TIMEOUT_S, Budget, Residency
+from services.inference_worker.service_layer.jobs import JobRunner
+from services.inference_worker.service_layer.residency import Budget, Residency
 from services.inference_worker.service_layer.serving import Server
 
 log = logging.getLogger("inference-worker")
-NAME = "inference-worker"
 DRAIN_TIMEOUT_S = 60.0
-
-
-@dataclass
-class WorkerOptions:
-    max_inflight: int = 256  # requests admitted on this worker; beyond: 'unavailable' (overloaded, retry)
-    engine: EngineOptions = field(default_factory=EngineOptions)
-    jobs: JobOptions = field(default_factory=JobOptions)
-    load_timeout_s: float = LOAD_TIMEOUT_S  # an on-demand model's first request waits this long for its load
-    ondemand_memory_bytes: int | None = None  # memory for on-demand models; None: what the device has free
-    keep_alive_tick_s: float = 0.25  # how often idle on-demand models are looked for
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> WorkerOptions:
-        env = os.environ if environ is None else environ
-
-        def get(key: str, default, cast=int):
-            value = env.get(env_name(NAME, key))
-            return cast(value) if value else default
-
-        kv = get("kv_cache_bytes", None)
-        return cls(max_inflight=get("max_inflight", 256),
-                   engine=EngineOptions(max_num_seqs=get("max_num_seqs", 64), default_kv_cache_bytes=kv),
-                   jobs=JobOptions(ack_wait_s=get("job_ack_wait", 30.0, float), concurrency=get("job_concurrency", 8)),
-                   load_timeout_s=get("load_timeout", LOAD_TIMEOUT_S, float),
-                   ondemand_memory_bytes=get("ondemand_memory_bytes", None))
 
 
 class Worker:

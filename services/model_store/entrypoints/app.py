@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from shared.apikey_http import protect
 from shared.config import Settings, nats_store_dir
@@ -20,6 +19,7 @@ from shared.blob_store import BlobStore
 from services.model_store.adapters.catalog_kv import CatalogKV
 from services.model_store.adapters.index import CatalogIndex
 from services.model_store.adapters.metrics import BlobTraffic
+from services.model_store.config import builtin_enabled
 from services.model_store.domain.signing import Signer
 from services.model_store.entrypoints.http import router
 from services.model_store.service_layer.handlers import ModelStore
@@ -28,11 +28,6 @@ from services.model_store.service_layer.space import SpaceGuard
 
 log = logging.getLogger("model-store")
 INDEX_SYNC_TIMEOUT_S = 30.0
-
-
-def builtin_enabled() -> bool:
-    """``STRATA_MODEL_STORE_BUILTIN=0`` skips registering the built-in model at first start (tests)."""
-    return os.environ.get("STRATA_MODEL_STORE_BUILTIN", "1").lower() not in ("0", "false", "no")
 
 
 def create_service(settings: Settings | None = None) -> Service:

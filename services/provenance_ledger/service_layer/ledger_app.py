@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from datetime import datetime
 from typing import Any
 
-from services.provenance_ledger.adapters.ingest import ACK_WAIT_S, EventIngest
+from services.provenance_ledger.adapters.ingest import EventIngest
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.receipt import Receipt
 from services.provenance_ledger.domain.tree_head import ms_to_datetime
 from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.service_layer import queries
-from services.provenance_ledger.service_layer.ledger import CheckpointPolicy, Ledger
+from services.provenance_ledger.config import LedgerConfig
+from services.provenance_ledger.service_layer.ledger import Ledger
 from services.provenance_ledger.service_layer.views import (
     AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, ExportRequest, HeadResponse, InclusionProof,
     InclusionRequest, LedgerStats, PublicKey,
 )
-from services.provenance_ledger.service_layer.watch import TamperWatch, WatchSettings
+from services.provenance_ledger.service_layer.watch import TamperWatch
 from shared import errors
 from shared.events import LedgerCheckpoint, TamperDetected
 from shared.service import Service
@@ -29,13 +29,6 @@ from shared.signing_keys import short_key_id
 log = logging.getLogger(__name__)
 NAME = "provenance-ledger"
 MAX_TAMPER_EVENTS = 10
-
-
-def _policy() -> CheckpointPolicy:
-    return CheckpointPolicy(
-        every_events=int(os.environ.get("STRATA_LEDGER_CHECKPOINT_EVENTS", 1000)),
-        every_seconds=float(os.environ.get("STRATA_LEDGER_CHECKPOINT_SECONDS", 10)),
-    )
 
 
 class LedgerApp:
@@ -56,19 +49,16 @@ class LedgerApp:
         return self.ledger
 
     async def start(self) -> None:
-        watch_settings = WatchSettings.from_env()  # a bad setting stops the start, with its name
-        self.ledger = Ledger.open(self.service.settings.service_dir, _policy())
+        config = LedgerConfig.from_env()  # a bad setting stops the start, with its name
+        self.ledger = Ledger.open(self.service.settings.service_dir, config.checkpoint)
         if self.ledger.tamper is not None:
             await self.report_tamper(self.ledger.tamper)
-        self.watch = TamperWatch(self.service.settings.service_dir, self.ledger, self.report_tamper, watch_settings)
+        self.watch = TamperWatch(self.service.settings.service_dir, self.ledger, self.report_tamper, config.watch)
         self.service.catching_up.add("ledger-verify")  # /healthz names it until the start-up pass is done
         self._watching = asyncio.create_task(self.watch.run(lambda: self.service.catching_up.discard("ledger-verify")),
                                              name="ledger-verify")
-        # After a crash, the batch it had fetched but not acknowledged comes back only after the ack wait:
-        # a shorter one (STRATA_LEDGER_ACK_WAIT_SECONDS) catches up sooner, a redelivery is appended once.
-        ack_wait = float(os.environ.get("STRATA_LEDGER_ACK_WAIT_SECONDS", ACK_WAIT_S))
-        self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME, ack_wait_s=ack_wait,
-                                  after_commit=self.checkpoint_if_due)
+        self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME,
+                                  ack_wait_s=config.ack_wait_s, after_commit=self.checkpoint_if_due)
         await self.ingest.start()
 
     async def stop(self) -> None:

@@ -13,45 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from services.provenance_ledger.domain.verify import VerifyReport
+from services.provenance_ledger.config import WatchSettings
 from services.provenance_ledger.service_layer.ledger import Ledger, verify_store
 
 log = logging.getLogger(__name__)
-EVERY_ENV, FULL_EVERY_ENV = "STRATA_LEDGER_VERIFY_SECONDS", "STRATA_LEDGER_FULL_VERIFY_SECONDS"
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    every_s: float = 600.0  # new leaves re-hashed, heads checked
-    full_every_s: float = 86_400.0  # every leaf re-hashed (and at every start)
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> WatchSettings:
-        env = os.environ if environ is None else environ
-        return cls(
-            every_s=_seconds(env, EVERY_ENV, cls.every_s), full_every_s=_seconds(env, FULL_EVERY_ENV, cls.full_every_s)
-        )
-
-
-def _seconds(env: dict[str, str] | os._Environ[str], name: str, default: float) -> float:
-    text = env.get(name)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r}: expected a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"{name}={text!r}: must be more than 0 seconds")
-    return value
-
-
 class TamperWatch:
     def __init__(
         self,
