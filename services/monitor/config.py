@@ -14,6 +14,9 @@ class MonitorConfig(BaseModel):
     rules_file: Path = DEFAULT_RULES
     evaluate_every_s: float = Field(default=1.0, gt=0, description="how often the alert rules are evaluated")
     push_every_s: float = Field(default=1.0, gt=0, description="how often the dashboard's SSE stream sends a snapshot")
+    stream_max_s: float = Field(
+        default=20.0, gt=0, le=20.0, description="the longest an SSE stream lasts before the browser reconnects"
+    )
     poll_ledger_every_s: float = Field(default=5.0, gt=0, description="how often the ledger consumer's lag is read")
     ledger_durable: str = "provenance-ledger-log"
     events_durable: str = Field(
@@ -32,6 +35,7 @@ class MonitorConfig(BaseModel):
             "rules_file": "RULES",
             "evaluate_every_s": "EVALUATE_EVERY_S",
             "push_every_s": "PUSH_EVERY_S",
+            "stream_max_s": "STREAM_MAX_S",
             "poll_ledger_every_s": "POLL_LEDGER_EVERY_S",
             "history_s": "HISTORY_S",
             "bucket_s": "BUCKET_S",

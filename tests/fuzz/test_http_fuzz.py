@@ -72,8 +72,8 @@ async def _gateway_peers(nats_url: str, _tmp: Path, stack: AsyncExitStack) -> No
 
 def _short_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     """/api/stream lasts max_s (20 s by default and at most, and an invalid request that the server
-    ignores, such as one with unknown parameters, gets the default): the test shortens that bound."""
-    monkeypatch.setattr("services.monitor.entrypoints.app.SSE_STREAM_MAX_S", 0.3)
+    ignores, such as one with unknown parameters, gets the default): the test shortens the monitor's cap."""
+    monkeypatch.setenv("STRATA_MONITOR_STREAM_MAX_S", "0.3")
     monkeypatch.setenv("STRATA_MONITOR_PUSH_EVERY_S", "0.1")
 
 

@@ -12,11 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
-from fastapi import Query, Request
-from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from faststream.nats.annotations import NatsMessage
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -24,10 +21,10 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from services.monitor.adapters.replay import ReplayPass, replay_until_ack_floor
+from services.monitor.entrypoints.routes import STATIC, router
 from services.monitor.config import MonitorConfig
 from services.monitor.adapters.rules_file import load_rules
 from services.monitor.service_layer.monitor import Clock, Monitor
-from services.monitor.service_layer.views import RuleView, Snapshot
 from shared import subjects
 from shared.contracts import monitor as contract
 from shared.config import Settings
@@ -37,9 +34,7 @@ from shared.service import Service
 
 log = logging.getLogger(__name__)
 NAME = contract.SERVICE
-STATIC = Path(__file__).parent / "static"
 DEAD_LETTER_DURABLE = contract.DEAD_LETTERS.durable
-SSE_STREAM_MAX_S = 20.0  # a stream ends after this and the browser reconnects: a shutdown never waits on one
 
 
 def create_service(settings: Settings | None = None) -> Service:
@@ -54,7 +49,9 @@ def create_monitor(settings: Settings | None, config: MonitorConfig, *, clock: C
     live = asyncio.Event()
     _consume(service, monitor, config, live)
     _background(service, monitor, config, live)
-    _routes(service, monitor, config)
+    service.metrics.include(monitor.metrics.registry)  # the fleet's metrics beside the monitor's own
+    service.http.include_router(router)
+    service.http.mount("/static", StaticFiles(directory=STATIC), name="static")
     return service
 
 
@@ -220,49 +217,3 @@ def _background(service: Service, monitor: Monitor, config: MonitorConfig, live:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(task, 5)
         tasks.clear()
-
-
-def _routes(service: Service, monitor: Monitor, config: MonitorConfig) -> None:
-    http = service.http
-
-    service.metrics.include(monitor.metrics.registry)  # the fleet's metrics beside the monitor's own
-
-    @http.get("/alerts", tags=["monitor"], summary="Every alert rule with its state and firing instances")
-    async def alerts() -> list[RuleView]:
-        return monitor.rules()
-
-    @http.get(
-        "/api/state", tags=["monitor"], summary="The dashboard's data: nodes, deployments, models, alerts, ledger"
-    )
-    async def state() -> Snapshot:
-        return monitor.snapshot()
-
-    @http.get("/api/stream", tags=["monitor"], summary="The snapshot as server-sent events, one per push interval")
-    async def stream(
-        request: Request,
-        max_s: float = Query(
-            SSE_STREAM_MAX_S,
-            gt=0,
-            le=SSE_STREAM_MAX_S,
-            description="end the stream after this (the browser reconnects)",
-        ),
-    ) -> StreamingResponse:
-        return StreamingResponse(
-            _snapshots(request, monitor, config, max_s),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    @http.get("/", include_in_schema=False)
-    async def dashboard() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    http.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-
-async def _snapshots(request: Request, monitor: Monitor, config: MonitorConfig, max_s: float) -> AsyncIterator[str]:
-    yield "retry: 1000\n\n"
-    ends = time.monotonic() + max_s
-    while time.monotonic() < ends and not await request.is_disconnected():
-        yield f"event: snapshot\ndata: {monitor.pushed_snapshot()}\n\n"
-        await asyncio.sleep(config.push_every_s)
