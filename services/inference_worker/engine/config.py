@@ -255,6 +255,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096  # per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # default: max_position_embeddings
+    compile_decode: bool = False  # CPU: decode steps through torch.compile, compiled at load (engine/compiled_decode.py)
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

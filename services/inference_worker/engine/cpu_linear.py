@@ -60,10 +60,41 @@ class PackedLinear(nn.Module):
         else:  # fbgemm takes fp32 and keeps fp16: the same values, since they came from fp16
             self.fbgemm = torch.ops.quantized.linear_prepack_fp16(w.float(), None if b is None else b.float())
 
+            self.handle = len(_FBGEMM_PACKS)
+            _FBGEMM_PACKS.append(self.fbgemm)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.fbgemm is None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.fbgemm).to(x.dtype)
+            return onednn_linear(x, self.weight, self.bias)
+        return fbgemm_linear_fp16(x, self.handle, self.out_features)
+
+
+# Both GEMM calls are custom ops so that torch.compile (engine/compiled_decode.py) keeps them as one
+# opaque call each: inductor's own lowering of ``mkldnn._linear_pointwise`` rejects a weight reordered
+# outside it, and an fbgemm pack is a torchbind object a graph cannot take as an input, so the op takes
+# its index in _FBGEMM_PACKS instead (packs live as long as the process; a model is loaded once per
+# worker process).
+_FBGEMM_PACKS: list = []
+
+
+@torch.library.custom_op("strata::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("strata::fbgemm_linear_fp16", mutates_args=())
+def fbgemm_linear_fp16(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x.float(), _FBGEMM_PACKS[handle]).to(x.dtype)
+
+
+@fbgemm_linear_fp16.register_fake
+def _(x, handle, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def pack_model(model: nn.Module) -> int:

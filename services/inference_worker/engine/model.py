@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import paged_decode_attention, rms_norm, rms_norm_residual, rope, swiglu
+from .compiled_decode import DecodeOnly, attend_appended
 from .config import ModelConfig
 from .moe import MoE
 
@@ -56,7 +57,7 @@ class Attention(nn.Module):
             self.k_norm = _norm_weight(self.kv_size if full else self.head_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor | None,
-                meta: AttentionMetadata) -> Tensor:
+                meta: AttentionMetadata | DecodeOnly) -> Tensor:
         T = x.shape[0]
         qkv = self.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -71,6 +72,10 @@ class Attention(nn.Module):
                 q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         v = v.reshape(T, self.n_kv, self.head_dim)
+        if isinstance(meta, DecodeOnly):  # the compiled decode step: the cache is written after it
+            meta.new_kv += (k, v)
+            out = attend_appended(q, k, v, kv, meta.plans[self.window], self.scale, self.softcap)
+            return self.o(out.reshape(T, self.q_size))
         if kv is not None:  # kv: [2, num_blocks, block_size, n_kv, head_dim]
             kv[0].view(-1, self.n_kv, self.head_dim).index_copy_(0, meta.slot_mapping, k)
             kv[1].view(-1, self.n_kv, self.head_dim).index_copy_(0, meta.slot_mapping, v)

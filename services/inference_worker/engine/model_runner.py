@@ -7,6 +7,7 @@ import logging
 import torch
 
 from .block_manager import NULL_BLOCK
+from .compiled_decode import CompiledDecode
 from .guided import allowed_tokens
 from .config import EngineConfig, ModelConfig
 from .model import AttentionMetadata, PrefillChunk, Transformer
@@ -32,6 +33,14 @@ class ModelRunner:
         # the null block (see block_manager.py); zeroed, so padding and freed entries read zeros
         self.kv_cache = torch.zeros(cfg.num_layers, 2, self.num_blocks + 1, self.block_size,
                                     cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+        self.decode_graph: CompiledDecode | None = None
+        if ecfg.compile_decode:
+            if self.device.type != "cpu":
+                raise ValueError("compile_decode runs on CPU only: the CUDA-graph decode step is not built yet")
+            if any(cfg.moe_layers):
+                raise ValueError("compile_decode does not support MoE layers (their routing is data-dependent)")
+            self.decode_graph = CompiledDecode(model, self.block_size)
+            self.decode_graph.warm_up(self.kv_cache)
 
     # ---- sizing -------------------------------------------------------------------------------
     def _decide_num_blocks(self) -> int:
@@ -119,7 +128,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         ids, pos, meta, rows, seqs = self.prepare(batch)
-        hidden = self.model(ids, pos, meta, self.kv_cache)
+        if self.decode_graph is not None and not meta.prefills:
+            hidden = self.decode_graph(ids, pos, meta.block_tables, meta.context_lens, meta.slot_mapping,
+                                       self.kv_cache)
+        else:
+            hidden = self.model(ids, pos, meta, self.kv_cache)
         if not seqs:
             return []
         logits = self.model.compute_logits(hidden[rows])
