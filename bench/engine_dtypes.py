@@ -5,7 +5,8 @@
 
 For each variant (fp32, fp16, bf16: explicit dtypes; bf16-plain: bf16 without the oneDNN prepacking of
 engine/cpu_linear.py, the code before it; auto: what a deploy without a dtype gets, the
-node's fastest 16-bit dtype; int8: weight-only int8 linears with bf16 activations):
+node's fastest 16-bit dtype; int8: weight-only int8 linears with bf16 activations; any NAME-compiled: the same
+with the compiled decode step of engine/compiled_decode.py, compiled at load, the seconds printed):
 - batch-1 decode tok/s (bench/engine_runners.StrataBench: per-token host stamps after the prefill);
 - share of bandwidth: bytes one decode step reads (weights as stored, int8 included, plus the KV cache
   at the mean context) x tok/s / the copy bandwidth measured in the same run (bench/roofline.py);
@@ -152,10 +153,15 @@ def main(argv=None) -> dict:
     names = args.variants.split(",")
     benches = {}
     for name in names:
-        dtype, quantize = VARIANTS[name]
+        dtype, quantize = VARIANTS[name.removesuffix("-compiled")]
+        compiled = name.endswith("-compiled")
+        t0 = time.perf_counter()
         with prepacking(name not in UNPACKED):
             benches[name] = StrataBench(path, "cpu", dtype, args.concurrent, args.prompt_tokens, args.new_tokens,
-                                        quantize=quantize)
+                                        quantize=quantize, compile_decode="on" if compiled else "off")
+        if compiled:
+            print(f"{name}: loaded in {time.perf_counter() - t0:.1f} s, of which compiling "
+                  f"{benches[name].engine.runner.decode_graph.compile_seconds:.1f} s", flush=True)
         benches[name].warm(prompts[:1])
     keys = ("tok_s", "agg_tok_s", "step_ms", "matmul_ms")
     figures: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in names}

@@ -32,14 +32,14 @@ class StrataBench:
     its first token (the prefill is done) up to the last token."""
 
     def __init__(self, path, device: str, dtype, max_batch: int, prompt_len: int, new_tokens: int,
-                 quantize: str | None = None):
+                 quantize: str | None = None, compile_decode: str = "off"):
         from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
 
         self.device = device
         blocks = max_batch * (-(-(prompt_len + new_tokens) // 16) + 1) + 8
         self.engine = LLMEngine.from_pretrained(path, EngineConfig(
             device=device, dtype=dtype, quantize=quantize, num_blocks=blocks, block_size=16, max_num_seqs=max_batch,
-            max_num_batched_tokens=max(max_batch * prompt_len, 512)))
+            max_num_batched_tokens=max(max_batch * prompt_len, 512), compile_decode=compile_decode))
         self.params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
         self.warm_params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         self.new_tokens = new_tokens

@@ -361,6 +361,9 @@ class DeployReady(WorkerEvent):
     runtime: str | None = Field(
         default=None, description="what serves it: strata-engine or llama.cpp (None from a worker before #17)"
     )
+    compiled_decode: bool = Field(
+        default=False, description="decode steps run compiled (torch.compile): the same weights, other kernels"
+    )
     on_demand: bool = Field(
         default=False, description="serving but not loaded: measured and load_seconds are 0 until deploy.model_loaded"
     )

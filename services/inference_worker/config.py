@@ -32,8 +32,13 @@ class WorkerOptions:
             return cast(value) if value else default
 
         kv = get("kv_cache_bytes", None)
+        compile_decode = get("compile_decode", "off", str)
+        if compile_decode not in ("off", "auto"):
+            raise ValueError(f"{env_name(NAME, 'compile_decode')} must be off or auto (auto: CPU deployments of dense "
+                             f"models compile their decode step at load), got {compile_decode!r}")
         return cls(max_inflight=get("max_inflight", 256),
-                   engine=EngineOptions(max_num_seqs=get("max_num_seqs", 64), default_kv_cache_bytes=kv),
+                   engine=EngineOptions(max_num_seqs=get("max_num_seqs", 64), default_kv_cache_bytes=kv,
+                                        compile_decode=compile_decode),
                    jobs=JobOptions(ack_wait_s=get("job_ack_wait", 30.0, float), concurrency=get("job_concurrency", 8)),
                    load_timeout_s=get("load_timeout", LOAD_TIMEOUT_S, float),
                    ondemand_memory_bytes=get("ondemand_memory_bytes", None))

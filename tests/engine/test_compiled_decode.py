@@ -96,7 +96,7 @@ def test_an_engine_with_compile_decode_gives_eagers_greedy_tokens_and_compiles_o
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     eager = [r.token_ids for r in LLMEngine.from_pretrained(path, EngineConfig(**config)).generate(prompts, params)]
 
-    engine = LLMEngine.from_pretrained(path, EngineConfig(**config, compile_decode=True))
+    engine = LLMEngine.from_pretrained(path, EngineConfig(**config, compile_decode="on"))
     assert engine.runner.decode_graph.compile_seconds > 0
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2  # batch 1 and batch >= 2, compiled by the load
@@ -110,4 +110,13 @@ def test_an_engine_with_compile_decode_gives_eagers_greedy_tokens_and_compiles_o
 def test_compile_decode_refuses_moe_with_a_reason(ckpts):
     with pytest.raises(ValueError, match="MoE"):
         LLMEngine.from_pretrained(ckpts("mixtral").path, EngineConfig(device="cpu", dtype="float32",
-                                                                     num_blocks=16, compile_decode=True))
+                                                                     num_blocks=16, compile_decode="on"))
+
+
+def test_compile_decode_auto_runs_moe_eager_and_a_bad_value_is_refused(ckpts):
+    engine = LLMEngine.from_pretrained(ckpts("mixtral").path, EngineConfig(device="cpu", dtype="float32",
+                                                                           num_blocks=16, compile_decode="auto"))
+    assert engine.runner.decode_graph is None
+    assert len(engine.generate([[3, 4, 5]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
+    with pytest.raises(ValueError, match="off, on or auto"):
+        EngineConfig(compile_decode="yes")

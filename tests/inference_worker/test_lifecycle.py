@@ -106,3 +106,29 @@ async def test_int8_deploy_serves_quantized_weights_and_says_so(worker, bus_clie
     await bus_client.schedule("tiny", "dep-tiny-q8", quantize="int8")
     ready = await bus_client.wait(DeployReady, deployment_id="dep-tiny-q8")
     assert ready.quantize == "int8" and ready.dtype == "float32"  # the event asked for float32 activations
+
+
+async def test_a_worker_set_to_compile_decode_compiles_at_load_serves_and_says_so(nats_server, tmp_path, ckpts,
+                                                                                  bus_client):
+    """STRATA_INFERENCE_WORKER_COMPILE_DECODE=auto: the decode step is compiled before deploy.ready (so
+    the first request does not wait for it), and the event records it for the ledger."""
+    from services.inference_worker.service_layer.deployments import EngineOptions
+    from tests.inference_worker.conftest import make_worker
+
+    service = make_worker(nats_server.url, tmp_path / "worker", ckpts,
+                          engine=EngineOptions(max_num_seqs=4, compile_decode="auto"))
+    async with service.running():
+        await bus_client.schedule("tiny", "dep-compiled")
+        ready = await bus_client.wait(DeployReady, timeout=240.0, deployment_id="dep-compiled")
+        assert ready.compiled_decode and ready.dtype == "float32"
+        reply = await bus_client.request("tiny", prompt="hello", sampling={"max_tokens": 4, "temperature": 0})
+        assert reply.ok
+
+
+def test_a_bad_compile_decode_setting_is_refused_with_its_variable():
+    from services.inference_worker.config import WorkerOptions
+
+    assert WorkerOptions.from_env({}).engine.compile_decode == "off"
+    assert WorkerOptions.from_env({"STRATA_INFERENCE_WORKER_COMPILE_DECODE": "auto"}).engine.compile_decode == "auto"
+    with pytest.raises(ValueError, match="STRATA_INFERENCE_WORKER_COMPILE_DECODE"):
+        WorkerOptions.from_env({"STRATA_INFERENCE_WORKER_COMPILE_DECODE": "on"})

@@ -20,7 +20,7 @@ Both are compiled at load (``warm_up``), not on the first request; inductor's on
 (``TORCHINDUCTOR_CACHE_DIR``) makes a second load of the same model shape fast.
 
 Not covered: MoE layers (data-dependent routing), CUDA (the CUDA-graph version is untested without a
-GPU). EngineConfig refuses both with a message.
+GPU): ``compile_decode="on"`` refuses them with the reason, ``"auto"`` runs them eager.
 """
 from __future__ import annotations
 
@@ -87,6 +87,15 @@ class CompiledDecode:
         self.windows = set(cfg.layer_windows) if cfg.layer_windows else {None}
         self.compiled = torch.compile(self._forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
         self.compile_seconds = 0.0
+
+    @staticmethod
+    def unsupported(model, device: torch.device) -> str | None:
+        """Why this model on this device cannot run the compiled step, or None."""
+        if device.type != "cpu":
+            return "CPU only: the CUDA-graph decode step is not built yet"
+        if any(model.cfg.moe_layers):
+            return "MoE layers are not supported (their routing is data-dependent)"
+        return None
 
     def _forward(self, ids: Tensor, positions: Tensor, block_tables: Tensor, context_lens: Tensor,
                  kv_cache: Tensor) -> tuple[Tensor, Tensor]:

@@ -255,7 +255,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096  # per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # default: max_position_embeddings
-    compile_decode: bool = False  # CPU: decode steps through torch.compile, compiled at load (engine/compiled_decode.py)
+    # decode steps through torch.compile, compiled at load (engine/compiled_decode.py): "on" refuses a model or
+    # device it does not cover (CUDA, MoE); "auto" compiles where it can and runs the rest eager
+    compile_decode: str = "off"
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -264,3 +266,5 @@ class EngineConfig:
             raise ValueError("num_blocks must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.compile_decode not in ("off", "on", "auto"):
+            raise ValueError(f"compile_decode must be off, on or auto, got {self.compile_decode!r}")

@@ -34,13 +34,15 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.num_layers, 2, self.num_blocks + 1, self.block_size,
                                     cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
         self.decode_graph: CompiledDecode | None = None
-        if ecfg.compile_decode:
-            if self.device.type != "cpu":
-                raise ValueError("compile_decode runs on CPU only: the CUDA-graph decode step is not built yet")
-            if any(cfg.moe_layers):
-                raise ValueError("compile_decode does not support MoE layers (their routing is data-dependent)")
-            self.decode_graph = CompiledDecode(model, self.block_size)
-            self.decode_graph.warm_up(self.kv_cache)
+        if ecfg.compile_decode != "off":
+            why_not = CompiledDecode.unsupported(model, self.device)
+            if why_not and ecfg.compile_decode == "on":
+                raise ValueError(f"compile_decode: {why_not}")
+            if why_not:
+                log.info("decode runs eager: %s", why_not)
+            else:
+                self.decode_graph = CompiledDecode(model, self.block_size)
+                self.decode_graph.warm_up(self.kv_cache)
 
     # ---- sizing -------------------------------------------------------------------------------
     def _decide_num_blocks(self) -> int:

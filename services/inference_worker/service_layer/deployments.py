@@ -52,6 +52,7 @@ class EngineOptions:
     max_num_seqs: int = 64
     default_kv_cache_bytes: int | None = None
     warmup_tokens: int = 2
+    compile_decode: str = "off"  # the engine's compiled decode step: off, or auto (where it applies; at load)
 
 
 @dataclass
@@ -279,6 +280,7 @@ class Deployments:
             quantize=event.quantize,
             kv_cache_bytes=kv_bytes,
             max_num_seqs=opts.max_num_seqs,
+            compile_decode=opts.compile_decode,
         )
         engine = LLMEngine.from_pretrained(artifact.path, config)
         if event.context_length < engine.max_model_len:
@@ -347,13 +349,15 @@ class Deployments:
         task.add_done_callback(_log_failure)
 
 
-def served_weights(engine: object) -> dict[str, str | None]:
-    """Which weights answer (deploy.ready, and so the ledger): the compute dtype and the quantization.
+def served_weights(engine: object) -> dict[str, str | bool | None]:
+    """Which weights answer (deploy.ready, and so the ledger): the compute dtype, the quantization, and
+    whether decode steps run compiled (the same weights, other kernels: results differ by rounding).
     None for an engine that has neither (the bench's EchoEngine)."""
     dtype = getattr(engine, "dtype", None)
     return {
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "quantize": getattr(getattr(engine, "ecfg", None), "quantize", None),
+        "compiled_decode": getattr(getattr(engine, "runner", None), "decode_graph", None) is not None,
     }
 
 
