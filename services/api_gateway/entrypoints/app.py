@@ -8,6 +8,8 @@ Wiring only: the routes are entrypoints/routes.py, the error handlers entrypoint
 
 from __future__ import annotations
 
+from functools import partial
+
 from shared.apikey_http import drop_route, protect
 from shared.config import Settings
 from shared.contracts import api_gateway as contract
@@ -33,22 +35,27 @@ def create_service(settings: Settings | None = None, config: GatewayConfig | Non
     # it); STRATA_API_KEYS are honoured by this gateway alone.
     auth = protect(service, create_bucket=True, local_keys=config.seed_keys, health=False)
     # Provided at once: it reaches NATS only through the connection, once started; its quota counters
-    # (which live in NATS) are opened by the start hook below.
+    # (which live in NATS) are opened at start (open_quotas).
     gateway = Gateway(config, lambda: service.broker.connection, auth)
     service.provide(gateway)
     service.provide(Refusals(service.metrics))
-
-    @service.on_start
-    async def _open_quotas() -> None:
-        nc = service.broker.connection
-        # `strata up` provisions the bucket (cli/provision.py); where NATS has no users, it is made here if missing.
-        gateway.metering.counters = await KvQuotaCounters.open(nc.jetstream(), stream_replicas(), create=True)
-        # every replica, no queue group: the one holding a request's reservation settles it
-        await nc.subscribe(contract.COMPLETIONS.subject, cb=gateway.metering.on_completed)
-
+    service.on_start(partial(open_quotas, service))
     for exception, handler in EXCEPTION_HANDLERS.items():
         service.http.add_exception_handler(exception, handler)
     drop_route(service.http, "/healthz")
     for router in (health_router, models_router, inference_router):
         service.http.include_router(router)
     return service
+
+
+async def open_quotas(service: Service) -> None:
+    """Open the quota counters, then settle reservations from inference.completed. That subscription is
+    registered here with nats-py, not by Service.subscribe: it exists only once the counters are open,
+    and Metering.on_completed reads the raw message (every replica hears every completion, and reads
+    only the few fields settlement needs)."""
+    nc = service.broker.connection
+    metering = service.part(Gateway).metering
+    # `strata up` provisions the bucket (cli/provision.py); where NATS has no users, it is made here if missing.
+    metering.counters = await KvQuotaCounters.open(nc.jetstream(), stream_replicas(), create=True)
+    # every replica, no queue group: the one holding a request's reservation settles it
+    await nc.subscribe(contract.COMPLETIONS.subject, cb=metering.on_completed)

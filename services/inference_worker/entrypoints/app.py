@@ -5,7 +5,6 @@ Worker (service_layer/worker.py), which serves the per-model request subjects.""
 
 from __future__ import annotations
 
-from shared import subjects
 from shared.config import Settings
 from shared.contracts import inference as contract
 from shared.service import Service
@@ -33,12 +32,8 @@ def create_service(settings: Settings | None = None, *, artifacts: ArtifactSourc
         # kept after its stop (not withdrawn): what it holds stays readable, and its handlers refuse new work
         await service.part(Worker).stop()
 
-    # Every worker must see every deploy event, so each node has a durable of its own.
-    deploys = contract.DEPLOYS
-    service.handle(
-        deploys,
-        service.consume(deploys.filter, durable=deploys.durable.format(node=subjects.token(service.settings.node_id))),
-    )
+    # Every worker must see every deploy event, so each node has a durable of its own (the contract's {node}).
+    service.consume_declared(contract.CONTRACT)
     service.serve(contract.CONTRACT)
     service.asyncapi_extensions.append(lambda doc: add_serving_channels(doc, NAME))
     service.on_start(start_worker)

@@ -82,6 +82,9 @@ class Worker:
         return cls(service, artifacts or ModelStoreSource(nc, service.settings.service_dir / "cache"), options)
 
     async def start(self) -> None:
+        """Report what an earlier worker left unfinished, make the job streams, and subscribe the cancels
+        (registered here, not by Service: the Worker answers them from its own Server and Embedder, with
+        nats-py like its request subjects), then load what the registry books on this node."""
         nc = self.service.broker.connection
         self.residency.start()
         if cut := await self.server.report_cut_short():
@@ -157,7 +160,8 @@ class Worker:
             self.deployments.request_unload(dep)
 
     async def _serving(self, name: str, serving: bool) -> None:
-        """The first ready deployment of ``name`` subscribes; the last one gone unsubscribes."""
+        """The first ready deployment of ``name`` subscribes its request subjects, and starts its jobs'
+        consumer; the last one gone unsubscribes (the contract's ``registered_by`` for those subjects)."""
         nc = self.service.broker.connection
         if serving and not self.stopping and name not in self._subs:
             self._subs[name] = []
