@@ -93,9 +93,9 @@ def run_worker() -> None:
     from shared.service import run
 
     service = create_service(Settings.from_env("inference-worker"), artifacts=LocalSource({MODEL: Path(".")}))
-    worker = service.part(Worker)
 
-    async def deploy_echo() -> None:  # runs after worker.start (hooks run in order)
+    async def deploy_echo() -> None:  # runs after the worker's start (hooks run in order), which provides it
+        worker = service.part(Worker)
         worker.deployments._load = echo_load
         worker.deployments.schedule(
             DeployScheduled(

@@ -4,6 +4,7 @@ publish events and to consume them durably."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -82,6 +83,9 @@ class Service:
         )
         self.ready = False
         self._parts: dict[type, object] = {}  # what the start hooks built: provide() / part()
+        # the contract's consumers and subscriptions registered through handle() and subscribe(), with the
+        # handlers the contract names (tests/foundation/test_contracts.py checks each is, once)
+        self.registered: list[Consumes | Subscription] = []
         self.http.state.service = self  # module-level routes reach the parts through the request (part_of)
         self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)
         self._started = time.monotonic()
@@ -193,13 +197,40 @@ class Service:
         for op in contract.rpc:
             self.rpc(op.op, op.request_type(), every_replica=op.every_replica)(self._bind(op.handler))
 
-    def handle(self, consumes: Consumes, consumer: bus.EventConsumer) -> None:
-        """Route a declared consumer's events to the handlers the contract names for them."""
+    def consume_declared(
+        self, contract: Contract, *, durable: str | None = None, until: asyncio.Event | None = None, **options: Any
+    ) -> bus.EventConsumer | None:
+        """Run the contract's event consumer, as ``serve`` does its RPC ops: the one ``Consumes`` without
+        ``registered_by`` (those with it run their own), on a durable per node where its name says
+        ``{node}``, each event type routed to the handler named next to it. ``durable``: a configured
+        name instead of the contract's; ``until``: hold every event until it is set (the monitor's replay);
+        ``options``: EventConsumer's (``batch_size``)."""
+        ours = [c for c in contract.consumes if not c.registered_by]
+        if not ours:
+            return None
+        if len(ours) > 1 or ours[0].stream != subjects.EVENTS_STREAM:
+            raise ValueError(f"{self.name}: Service runs one consumer on {subjects.EVENTS_STREAM}; "
+                             "give the others a registered_by")
+        consumes = ours[0]
+        name = durable or consumes.durable.format(node=subjects.token(self.settings.node_id))
+        consumer = self.consume(consumes.filter, durable=name, **options)
+        self.handle(consumes, consumer, until=until)
+        return consumer
+
+    def handle(self, consumes: Consumes, consumer: bus.EventConsumer, *, until: asyncio.Event | None = None) -> None:
+        """Route a declared consumer's events to the handlers the contract names for them (``EventData``:
+        every event without a handler of its own); with ``until``, each waits for it to be set."""
         for event_type, handler in consumes.handlers.items():
-            consumer.on(event_type)(self._bind(handler))
+            bound = self._bind(handler) if until is None else _held_until(until, self._bind(handler))
+            if event_type is EventData:
+                consumer.on_any(bound)
+            else:
+                consumer.on(event_type)(bound)
+        self.registered.append(consumes)
 
     def subscribe(self, subscription: Subscription, *, title: str) -> None:
         """A declared core subscription that lasts as long as the service (FastStream documents it)."""
+        self.registered.append(subscription)
         handle = self._bind(subscription.handler)
 
         async def receive(msg: NatsMessage) -> None:
@@ -317,6 +348,15 @@ class Service:
 
     async def _health_rpc(self) -> dict[str, Any]:
         return self.health().model_dump(mode="json")
+
+
+def _held_until(ready: asyncio.Event, handle: RpcHandler) -> RpcHandler:
+    async def held(event: Any) -> Any:
+        if not ready.is_set():
+            await ready.wait()
+        return await handle(event)
+
+    return held
 
 
 async def _error_response(_request: Request, exc: errors.StrataError) -> JSONResponse:

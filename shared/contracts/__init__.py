@@ -6,7 +6,8 @@ and streams it uses, and the RPC ops and subjects it calls on others. The events
 whose ``PUBLISHER`` it is (shared/events.py). From these declarations come:
 
 - the services' RPC registration (``Service.serve(contract)``): an op is served by the handler named
-  next to it, so grepping an op's name finds its handler;
+  next to it, so grepping an op's name finds its handler; and their event consumers
+  (``Service.consume_declared(contract)``), each event type routed to the handler named next to it;
 - the NATS permissions of each service's credential (shared/nats_auth.py);
 - infra/SUBJECTS.md (``subjects_markdown()``, ``strata subjects``), with a "handled by" column;
 - the channels of each service's /asyncapi.json that FastStream cannot see (``Service.asyncapi``).
@@ -86,13 +87,17 @@ class RpcOp:
 class Consumes:
     """Events read through a durable JetStream consumer on ``stream``, filtered to ``filter``: each
     message type in ``handlers`` goes to its handler (``EventData``: every event). ``durable`` may be a
-    pattern (``{node}``, ``{model}``): one durable per node or model, which the permissions cannot name."""
+    pattern (``{node}``, ``{model}``): one durable per node or model, which the permissions cannot name.
+
+    ``Service.consume_declared(contract)`` runs it, unless ``registered_by`` names the code that does
+    instead (``module:qualified.name``), where Service's consumer cannot: its docstring says why."""
 
     durable: str
     filter: str
     handlers: dict[type[BaseModel], str]
     stream: str = subjects.EVENTS_STREAM
     purpose: str = ""
+    registered_by: str = ""
 
     @property
     def fixed_durable(self) -> bool:
@@ -109,6 +114,9 @@ class Subscription:
     purpose: str
     queue: str | None = None  # a queue group ('per model', the service name) or None: every replica hears it
     permits: str | None = None
+    # the code that subscribes it with nats-py (``module:qualified.name``: its docstring says why), where
+    # Service.subscribe does not
+    registered_by: str = ""
 
     @property
     def permission(self) -> str:
@@ -165,6 +173,10 @@ class Contract:
 
     def op(self, name: str) -> RpcOp:
         return next(op for op in self.rpc if op.op == name)
+
+    def self_registered(self) -> list[Consumes | Subscription]:
+        """Its consumers and subscriptions that code of its own registers (``registered_by``), not Service."""
+        return [d for d in (*self.consumes, *self.subscriptions) if d.registered_by]
 
     def handlers(self) -> list[str]:
         """Every handler it names (tests check that each exists)."""

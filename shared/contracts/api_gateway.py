@@ -12,7 +12,8 @@ SERVICE = "api-gateway"
 
 COMPLETIONS = Subscription(InferenceCompleted.subject(),
                            "services.api_gateway.service_layer.metering:Metering.on_completed",
-                           "settles token reservations (every replica: the one holding the reservation settles it)")
+                           "settles token reservations (every replica: the one holding the reservation settles it)",
+                           registered_by="services.api_gateway.entrypoints.app:open_quotas")
 
 CONTRACT = Contract(
     SERVICE, "OpenAI-compatible HTTP API in front of the workers.",

@@ -22,22 +22,26 @@ DEPLOYS = Consumes(f"{SERVICE}-{{node}}", subjects.DEPLOY_EVENTS, {
 }, purpose="every worker sees every deploy event: a durable per node")
 JOBS = Consumes("jobs-{model}", subjects.INFERENCE_JOB_PATTERN,
                 {InferenceRequest: "services.inference_worker.service_layer.jobs:JobRunner.process"},
-                stream=subjects.JOBS_STREAM, purpose="batch jobs: one durable per model, shared by its workers")
+                stream=subjects.JOBS_STREAM, purpose="batch jobs: one durable per model, shared by its workers",
+                registered_by="services.inference_worker.service_layer.jobs:JobRunner.start")
 
 _PER_MODEL = "per model (the model's name as one token)"
+_SERVING = f"{_WORKER}._serving"  # subscribes a model's subjects as it gains its first ready deployment
 REQUESTS = Subscription(subjects.INFERENCE_REQUEST_PATTERN, f"{_WORKER}.on_request",
                         "inference requests (request-reply), while the model is deployed here", _PER_MODEL,
-                        permits=subjects.inference_requests())
+                        permits=subjects.inference_requests(), registered_by=_SERVING)
 ATTRIBUTED_REQUESTS = Subscription(subjects.ATTRIBUTED_REQUEST_PATTERN, f"{_WORKER}.on_request",
                                    "the api-gateway's requests, naming the API key that asked", _PER_MODEL,
-                                   permits=subjects.inference_requests())
+                                   permits=subjects.inference_requests(), registered_by=_SERVING)
 EMBEDDINGS = Subscription(subjects.EMBEDDING_REQUEST_PATTERN, f"{_WORKER}.on_request",
-                          "embedding requests (request-reply)", _PER_MODEL, permits=subjects.embedding_requests())
+                          "embedding requests (request-reply)", _PER_MODEL, permits=subjects.embedding_requests(),
+                          registered_by=_SERVING)
 ATTRIBUTED_EMBEDDINGS = Subscription(subjects.ATTRIBUTED_EMBEDDING_PATTERN, f"{_WORKER}.on_request",
                                      "the api-gateway's embedding requests", _PER_MODEL,
-                                     permits=subjects.embedding_requests())
+                                     permits=subjects.embedding_requests(), registered_by=_SERVING)
 CANCELS = Subscription(
-    subjects.CANCEL, f"{_WORKER}.on_cancel", "stop a request wherever it runs (every worker hears it)"
+    subjects.CANCEL, f"{_WORKER}.on_cancel", "stop a request wherever it runs (every worker hears it)",
+    registered_by=f"{_WORKER}.start",
 )
 
 CONTRACT = Contract(

@@ -55,6 +55,7 @@ LOG = Consumes(
     subjects.EVENTS_ALL,
     {EventData: "services.provenance_ledger.adapters.ingest:EventIngest.process"},
     purpose="every event, appended in batches (its own pull loop, adapters/ingest.py)",
+    registered_by="services.provenance_ledger.adapters.ingest:EventIngest.start",
 )
 
 CONTRACT = Contract(

@@ -34,6 +34,11 @@ def _every_event(every: list[Contract]) -> str:
     )
 
 
+def _registered_by(registrar: str) -> str:
+    """Where a consumer or subscription that Service does not register is registered (its own loop)."""
+    return f"<br>registered by {_code(registrar)}" if registrar else ""
+
+
 def _access(store: Store) -> str:
     if store.owns:
         return "writes, purges" if store.purges else "writes"
@@ -54,7 +59,8 @@ def subjects_markdown() -> str:
         for op in contract.rpc
     ]
     subs = [
-        f"| `{s.subject}` | {c.service} | {_code(s.handler)} | {s.queue or 'none: every replica'} | {s.purpose} |"
+        f"| `{s.subject}` | {c.service} | {_code(s.handler)}{_registered_by(s.registered_by)} | "
+        f"{s.queue or 'none: every replica'} | {s.purpose} |"
         for c in every
         for s in c.subscriptions
         if not s.subject.startswith(("evt.", "live."))
@@ -64,6 +70,7 @@ def subjects_markdown() -> str:
         + "<br>".join(
             f"{type_name(t) if t is not EventData else 'every event'}: {_code(h)}" for t, h in k.handlers.items()
         )
+        + _registered_by(k.registered_by)
         + " |"
         for c in every
         for k in c.consumes

@@ -122,3 +122,39 @@ def test_subjects_md_names_every_subscription_and_op_with_its_handler():
         for sub in contract.subscriptions:
             assert f"`{sub.handler}`" in text, sub.subject
     assert "`infer.request.{model}`" in text and "`infer.cancel`" in text
+
+
+def _handler_names(declared) -> list[str]:
+    return list(declared.handlers.values()) if hasattr(declared, "handlers") else [declared.handler]
+
+
+def test_every_declared_consumer_and_subscription_is_registered_once_with_its_declared_handlers(tmp_path):
+    """Each service's Service registers, from its contract, every consumer and core subscription that
+    names no ``registered_by`` (so the handlers routed to are the contract's), and none that does."""
+    from shared.service import load
+    from tests.support.helpers import settings_for
+
+    for name, contract in contracts().items():
+        service = load(name, settings_for(name, "nats://127.0.0.1:1", tmp_path / name))
+        for declared in (*contract.consumes, *contract.subscriptions):
+            times = sum(1 for r in service.registered if r == declared)
+            if declared.registered_by:
+                assert times == 0, f"{name}: {declared} is registered by Service and by {declared.registered_by}"
+            else:
+                assert times == 1, f"{name}: {declared} declared without registered_by, registered {times} times"
+
+
+def test_what_registers_itself_names_the_code_that_does_and_that_code_routes_to_the_declared_handler():
+    """A ``registered_by`` exists, is documented (why not Service), and hands the messages to the declared
+    handler: it calls it, or the handler is a method of its own class (the ledger's ingest loop)."""
+    for contract in contracts().values():
+        for declared in contract.self_registered():
+            registrar = resolve(declared.registered_by)
+            assert callable(registrar) and inspect.getdoc(registrar), declared.registered_by
+            source = inspect.getsource(registrar)
+            for handler in _handler_names(declared):
+                owner, _, function = handler.rpartition(".")
+                same_class = owner == declared.registered_by.rpartition(".")[0]
+                assert same_class or re.search(rf"\b{function}\b", source), (
+                    f"{declared.registered_by} does not route to {handler}"
+                )

@@ -109,9 +109,13 @@ def worker_options(**overrides) -> WorkerOptions:
     return options
 
 
-def make_worker(nats_url: str, data_dir: Path, ckpts: dict[str, Path], node_id: str = "node-a", **options):
+def make_worker(
+    nats_url: str, data_dir: Path, ckpts: dict[str, Path] | None, node_id: str = "node-a", **options
+):
+    """``ckpts`` None: the real adapter, model-store's verified fetch."""
     settings = settings_for("inference-worker", nats_url, data_dir, node_id)
-    return create_service(settings, artifacts=LocalSource(ckpts), options=worker_options(**options))
+    artifacts = LocalSource(ckpts) if ckpts is not None else None
+    return create_service(settings, artifacts=artifacts, options=worker_options(**options))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from shared.catalog import PushModelRequest, ResolvedModel
 from shared.events import ModelId, DeployReady, DeployScheduled, DeployUnloaded, InferenceCompleted
 from shared.inference import JOBS_STREAM, InferenceRequest, StreamMessage
 from shared.inference_jobs import job_result, submit_job
-from services.inference_worker.service_layer.jobs import durable_name
+from services.inference_worker.service_layer.jobs import JobOptions, durable_name
 from tests.engine.conftest import build_checkpoint
 from tests.inference_worker.conftest import KV_BYTES, make_worker, model_id
 from tests.model_store.conftest import free_port, upload_dir
@@ -124,9 +124,9 @@ async def test_a_worker_killed_mid_job_leaves_the_job_to_another(nats_server, tm
         proc.wait(10)
         assert await job_result(js, "long-job") is None
         # another worker, fetching through the real model-store adapter (no artifact override)
-        other = make_worker(nats_server.url, tmp_path / "w2", {}, node_id="node-b")
-        other.part(Worker)._artifacts = None
-        other.part(Worker).options.jobs.ack_wait_s = 2.0
+        other = make_worker(
+            nats_server.url, tmp_path / "w2", None, node_id="node-b", jobs=JobOptions(ack_wait_s=2.0)
+        )
         async with other.running():
             await deploy(bus_client, pushed.model, "dep-b", "node-b")
             result = None
@@ -148,8 +148,7 @@ async def test_a_tampered_blob_or_another_digest_fails_the_deploy_before_loading
     from shared.catalog import BLOB_BUCKET
     from shared.events import DeployFailed
 
-    worker = make_worker(nats_server.url, tmp_path / "w", {}, node_id="node-v")
-    worker.part(Worker)._artifacts = None  # the real adapter: model-store's verified fetch
+    worker = make_worker(nats_server.url, tmp_path / "w", None, node_id="node-v")  # None: model-store's verified fetch
     async with worker.running():
         # someone with write access rewrote the weights in the Object Store
         weights = next(f for f in pushed.manifest.files if f.path == "model.safetensors")

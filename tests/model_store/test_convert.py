@@ -86,7 +86,7 @@ async def test_a_safetensors_model_converted_to_q4_k_m_keeps_its_lineage_and_gen
         )
         assert code == 0 and "already converted tiny-llama:1 -> tiny-llama:2" in out
 
-        store = ledger.part(LedgerApp).lg.store  # type: ignore[attr-defined]
+        store = ledger.part(LedgerApp).ledger.store
         await eventually(
             lambda: (
                 model_lineage(store, "tiny-llama:2")["models"][0]["derived_from"][:1]

@@ -172,7 +172,7 @@ def ledger_service(nats_server, tmp_path, monkeypatch) -> Service:
 
 
 def ledger_of(service: Service):
-    return service.part(LedgerApp).lg  # type: ignore[attr-defined]
+    return service.part(LedgerApp).ledger
 
 
 def non_checkpoint_ids(service: Service) -> list[str]:

@@ -64,8 +64,7 @@ async def _deploy_fails(bus, model, deployment_id: str, node_id: str) -> str:
 async def test_a_rewritten_manifest_or_a_foreign_signature_ends_in_deploy_failed(
     nats_server, tmp_path, pushed, bus_client
 ):  # noqa: F811
-    worker = make_worker(nats_server.url, tmp_path / "w", {}, node_id="node-sc")
-    worker.part(Worker)._artifacts = None  # the real adapter: model-store's verified fetch
+    worker = make_worker(nats_server.url, tmp_path / "w", None, node_id="node-sc")  # None: model-store's verified fetch
     async with worker.running():
         # 1. the manifest (its license) rewritten together with its digest: the signature no longer covers it
         def relicense(stored: dict) -> None:

@@ -5,7 +5,6 @@ Worker (service_layer/worker.py), which serves the per-model request subjects.""
 
 from __future__ import annotations
 
-from shared import subjects
 from shared.config import Settings
 from shared.contracts import inference as contract
 from shared.service import Service
@@ -21,28 +20,34 @@ def create_service(settings: Settings | None = None, *, artifacts: ArtifactSourc
                    options: WorkerOptions | None = None) -> Service:
     """``artifacts`` defaults to model-store (fetched and verified); tests may pass a LocalSource."""
     service = Service(NAME, settings, description="Loads models on this node and serves them.")
-    worker = Worker(service, artifacts, options or WorkerOptions.from_env())
-    service.provide(worker)
-    # Every worker must see every deploy event, so each node has a durable of its own.
-    deploys = contract.DEPLOYS
-    service.handle(
-        deploys,
-        service.consume(deploys.filter, durable=deploys.durable.format(node=subjects.token(service.settings.node_id))),
-    )
+    options = options or WorkerOptions.from_env()
+
+    async def start_worker() -> None:
+        worker = Worker.build(service, artifacts, options)
+        # provided before its start awaits anything: deploy events may come while it reads its journal
+        service.provide(worker)
+        await worker.start()
+
+    async def stop_worker() -> None:
+        # kept after its stop (not withdrawn): what it holds stays readable, and its handlers refuse new work
+        await service.part(Worker).stop()
+
+    # Every worker must see every deploy event, so each node has a durable of its own (the contract's {node}).
+    service.consume_declared(contract.CONTRACT)
     service.serve(contract.CONTRACT)
     service.asyncapi_extensions.append(lambda doc: add_serving_channels(doc, NAME))
-    service.on_start(worker.start)
-    service.on_stop(worker.stop)
-    _engine_gauges(service, worker)
+    service.on_start(start_worker)
+    service.on_stop(stop_worker)
+    _engine_gauges(service)
     return service
 
 
-def _engine_gauges(service: Service, worker: Worker) -> None:
+def _engine_gauges(service: Service) -> None:
     """Each ready deployment's engine, live, under vLLM's metric names with our prefix (what
-    autoscalers such as KEDA read): read from the engine's stats on every scrape."""
+    autoscalers such as KEDA read): read from the engine's stats on every scrape (none before the start)."""
 
     def read(stat: str):
-        deployments = worker.deployments.by_key.values() if worker.deployments else ()
+        deployments = service.part(Worker).deployments.by_key.values() if service.has(Worker) else ()
         return [
             ([d.model.name, d.key], d.loop.engine.stats()[stat])
             for d in deployments

@@ -47,6 +47,9 @@ class JobRunner:
         self.processed = 0
 
     async def start(self, name: str) -> None:
+        """Take ``name``'s batch jobs: its durable (one per model, shared by its workers) pulled while the model
+        is deployed here, each job run by ``process``. Registered here, not by Service: the durable is made
+        per model at run time, on the JOBS work queue."""
         if name in self.models:
             return
         o = self.options

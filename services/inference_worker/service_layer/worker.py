@@ -36,60 +36,62 @@ DRAIN_TIMEOUT_S = 60.0
 
 
 class Worker:
-    def __init__(self, service: Service, artifacts: ArtifactSource | None, options: WorkerOptions) -> None:
-        self.service, self.options, self._artifacts = service, options, artifacts
+    """The started worker, built whole when the service starts (NATS connected): app.py provides it at
+    once, so the contract's handlers answer "not started yet" only until then."""
+
+    def __init__(self, service: Service, artifacts: ArtifactSource, options: WorkerOptions) -> None:
+        self.service, self.options = service, options
         self.node_id = service.settings.node_id
-        self.deployments: Deployments | None = None
-        self.server: Server | None = None
-        self.embedder: Embedder | None = None
-        self.jobs: JobRunner | None = None
-        self.residency: Residency | None = None
+        self.deployments = Deployments(self.node_id, artifacts, service.publish, self._serving, options.engine)
+        budget = options.ondemand_memory_bytes
+        self.residency = Residency(
+            self.deployments,
+            service.publish,
+            self.node_id,
+            Budget(budget) if budget is not None else None,
+            load_timeout_s=options.load_timeout_s,
+            tick_s=options.keep_alive_tick_s,
+        )
+        self.deployments.make_room = self.residency.room_for_always_on
+        self.server = Server(
+            self.deployments,
+            self.node_id,
+            service.publish,
+            max_inflight=options.max_inflight,
+            journal=InflightJournal(service.settings.service_dir / "inflight.jsonl"),
+            residency=self.residency,
+        )
+        self.embedder = Embedder(
+            self.deployments,
+            self.node_id,
+            service.publish,
+            max_inflight=options.max_inflight,
+            residency=self.residency,
+        )
+        self.jobs = JobRunner(service.broker.connection.jetstream(), self.server, options.jobs)
         self.stopping = False
         self._subs: dict[str, list[Subscription]] = {}  # a model's request and embedding subjects, plain and attributed
         self._cancel_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reconciling: asyncio.Future[None] | None = None
 
+    @classmethod
+    def build(cls, service: Service, artifacts: ArtifactSource | None, options: WorkerOptions) -> Worker:
+        """The worker of this service; ``artifacts`` defaults to model-store's verified fetch."""
+        nc = service.broker.connection
+        return cls(service, artifacts or ModelStoreSource(nc, service.settings.service_dir / "cache"), options)
+
     async def start(self) -> None:
+        """Report what an earlier worker left unfinished, make the job streams, and subscribe the cancels
+        (registered here, not by Service: the Worker answers them from its own Server and Embedder, with
+        nats-py like its request subjects), then load what the registry books on this node."""
         nc = self.service.broker.connection
-        artifacts = self._artifacts or ModelStoreSource(nc, self.service.settings.service_dir / "cache")
-        self.deployments = Deployments(
-            self.node_id, artifacts, self.service.publish, self._serving, self.options.engine
-        )
-        journal = InflightJournal(self.service.settings.service_dir / "inflight.jsonl")
-        budget = self.options.ondemand_memory_bytes
-        self.residency = Residency(
-            self.deployments,
-            self.service.publish,
-            self.node_id,
-            Budget(budget) if budget is not None else None,
-            load_timeout_s=self.options.load_timeout_s,
-            tick_s=self.options.keep_alive_tick_s,
-        )
-        self.deployments.make_room = self.residency.room_for_always_on
-        self.server = Server(
-            self.deployments,
-            self.node_id,
-            self.service.publish,
-            max_inflight=self.options.max_inflight,
-            journal=journal,
-            residency=self.residency,
-        )
-        self.embedder = Embedder(
-            self.deployments,
-            self.node_id,
-            self.service.publish,
-            max_inflight=self.options.max_inflight,
-            residency=self.residency,
-        )
         self.residency.start()
         if cut := await self.server.report_cut_short():
             log.warning(
                 "published inference.failed for %d request(s) an earlier worker on this node left unfinished", cut
             )
-        js = nc.jetstream()
-        await ensure_job_streams(js)
-        self.jobs = JobRunner(js, self.server, self.options.jobs)
+        await ensure_job_streams(nc.jetstream())
         # nats-py directly: these subscriptions come and go with the deployments, which FastStream's
         # subscribers (declared before the broker starts) are too static for.
         self._cancel_sub = await nc.subscribe(subjects.CANCEL, cb=self.on_cancel)
@@ -98,7 +100,6 @@ class Worker:
     async def _reconcile(self, attempts: int = 60, wait_s: float = 2.0) -> None:
         """Load what the registry books on this node: after a crash or kill -9 the durable consumer has
         long acknowledged those deploy.scheduled, so nothing else would bring them back."""
-        assert self.deployments is not None
         request = AssignedRequest(node_id=self.node_id)
         for _ in range(attempts):
             try:
@@ -124,8 +125,6 @@ class Worker:
     async def stop(self) -> None:
         """SIGTERM: take no new requests or jobs, let those in flight finish, unload everything
         (deploy.unloaded for each), then let the process exit."""
-        if self.deployments is None:
-            return
         self.stopping = True
         if self._reconciling is not None:
             self._reconciling.cancel()
@@ -133,14 +132,12 @@ class Worker:
             for sub in subs:
                 await sub.unsubscribe()
         self._subs.clear()
-        assert self.jobs is not None and self.server is not None
         await self.jobs.stop_all()
         deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
         while self.server.inflight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.residency is not None:
-            await self.residency.stop()
+        await self.residency.stop()
         await self.deployments.shutdown()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
@@ -149,25 +146,22 @@ class Worker:
     async def on_scheduled(self, event: Event[DeployScheduled]) -> None:
         if self.stopping and event.data.node_id == self.node_id:
             raise RuntimeError("the worker is shutting down; the deployment is retried after its restart")
-        assert self.deployments is not None
         self.deployments.schedule(event.data)
 
     async def on_undeploy(self, event: Event[UndeployRequested]) -> None:
-        assert self.deployments is not None
         ref = parse_ref(event.data.model_ref)
         for dep in self.deployments.matching(deployment_id=event.data.deployment_id, ref=ref):
             self.deployments.request_unload(dep)
 
     async def on_released(self, event: Event[DeployReleased]) -> None:
-        assert self.deployments is not None
         if event.data.node_id != self.node_id:
             return
         for dep in self.deployments.matching(deployment_id=event.data.deployment_id, replica=event.data.replica):
             self.deployments.request_unload(dep)
 
     async def _serving(self, name: str, serving: bool) -> None:
-        """The first ready deployment of ``name`` subscribes; the last one gone unsubscribes."""
-        assert self.jobs is not None
+        """The first ready deployment of ``name`` subscribes its request subjects, and starts its jobs'
+        consumer; the last one gone unsubscribes (the contract's ``registered_by`` for those subjects)."""
         nc = self.service.broker.connection
         if serving and not self.stopping and name not in self._subs:
             self._subs[name] = []
@@ -189,7 +183,6 @@ class Worker:
 
     # ---- requests ---------------------------------------------------------------------------
     async def on_request(self, name: str, msg: Msg, *, embed: bool, attributed: bool) -> None:
-        assert self.server is not None and self.embedder is not None
         nc = self.service.broker.connection
         if not msg.reply:
             log.warning("a request on %s without a reply subject was dropped", msg.subject)
@@ -210,12 +203,10 @@ class Worker:
             cancel = InferenceCancel.model_validate_json(msg.data)
         except ValueError:
             return
-        assert self.server is not None and self.embedder is not None
         if self.server.cancel(cancel.request_id) or self.embedder.cancel(cancel.request_id):
             log.info("cancelled %s: %s", cancel.request_id, cancel.reason)
 
     async def loaded(self, _request: LoadedModelsRequest) -> LoadedModels:
-        assert self.deployments is not None
         return LoadedModels(
             node_id=self.node_id,
             deployments=[

@@ -59,6 +59,8 @@ class EventIngest:
         self._loop: PullLoop | None = None
 
     async def start(self) -> None:
+        """Pull EVENTS through the ledger's own durable, each batch appended by ``process`` in one commit
+        (the module's docstring says why this is not Service's one-event-at-a-time consumer)."""
         js = self.nc.jetstream()
         if self.ledger.size == 0:
             # An empty ledger (first start, or its file was removed to rebuild it) replays the

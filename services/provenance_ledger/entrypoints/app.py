@@ -25,22 +25,30 @@ def create_service(settings: Settings | None = None) -> Service:
         "Its leaf contents (leaves, receipts, lineage, audit, exports) need a key with the 'read' scope; "
         "an 'inference' key may fetch the receipts of its own requests.",
     )
-    app = LedgerApp(service)
-    service.provide(app)  # its ledger opens at start: until then its ops answer "the ledger is starting"
-    service.on_start(app.start)
-    service.on_stop(app.stop)
+
+    # Its ops reach the LedgerApp as a part: provided once its ledger is open, so until then they answer 503.
+    async def open_ledger() -> None:
+        service.provide(await LedgerApp.open(service))
+
+    async def close_ledger() -> None:
+        app = service.withdraw(LedgerApp)
+        if app is not None:
+            await app.stop()
+
+    service.on_start(open_ledger)
+    service.on_stop(close_ledger)
     protect(service)
     service.serve(CONTRACT)
     service.http.include_router(router)
-    _metrics(service, app)
+    _metrics(service)
     return service
 
 
-def _metrics(service: Service, app: LedgerApp) -> None:
+def _metrics(service: Service) -> None:
     """The ledger's figures at /metrics, read from its stats on every scrape (none while starting)."""
 
     def stats() -> list[LedgerStats]:
-        return [app.stats()] if app.ledger is not None else []
+        return [service.part(LedgerApp).stats()] if service.has(LedgerApp) else []
 
     m = service.metrics
     m.gauges("strata_ledger_tree_size", "Leaves in the Merkle log", [], lambda: [([], s.tree_size) for s in stats()])

@@ -57,7 +57,7 @@ async def checkpoint(app: Started) -> Any:
 
 @router.get("/heads", tags=TAGS, summary="every signed tree head", responses=STARTING)
 async def heads(app: Started) -> Any:
-    return app.lg.store.heads()
+    return app.ledger.store.heads()
 
 
 # response_class=Response, not PlainTextResponse: FastAPI documents every response of a route in the route's
@@ -70,7 +70,7 @@ async def heads(app: Started) -> Any:
     responses={200: {"description": "the PEM", "content": {"text/plain": {"schema": {"type": "string"}}}}, **STARTING},
 )
 async def public_key(app: Started) -> PlainTextResponse:
-    return PlainTextResponse(app.lg.public_key_pem)
+    return PlainTextResponse(app.ledger.public_key_pem)
 
 
 @router.get(
@@ -112,7 +112,7 @@ async def consistency(
     responses=READ_MISSING,
 )
 async def leaf(app: Started, index: int) -> Any:
-    event, h = app.lg.leaf(index)
+    event, h = app.ledger.leaf(index)
     return {"leaf_index": index, "leaf_hash": h.hex(), "event": event}
 
 

@@ -32,51 +32,48 @@ MAX_TAMPER_EVENTS = 10
 
 
 class LedgerApp:
-    """The running ledger: the service, its Ledger and its ingest; the API handlers below call it."""
+    """The running ledger: its Ledger, its event ingest and its tamper watch, all open. ``open`` makes
+    one at the service's start, and app.py provides it then: until it is, every op answers 503."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, ledger: Ledger, config: LedgerConfig) -> None:
         self.service = service
-        self.ledger: Ledger | None = None
-        self.ingest: EventIngest | None = None
-        self.watch: TamperWatch | None = None
+        self.ledger = ledger
+        self.watch = TamperWatch(service.settings.service_dir, ledger, self.report_tamper, config.watch)
+        self.ingest = EventIngest(service.broker.connection, ledger, service=NAME, ack_wait_s=config.ack_wait_s,
+                                  after_commit=self.checkpoint_if_due)
         self._watching: asyncio.Task[None] | None = None
         self._reported: set[tuple[int, str]] = set()  # findings already published: each one once
 
-    @property
-    def lg(self) -> Ledger:
-        if self.ledger is None:
-            raise errors.Unavailable("the ledger is starting")
-        return self.ledger
-
-    async def start(self) -> None:
+    @classmethod
+    async def open(cls, service: Service) -> LedgerApp:
+        """Open the ledger's file, report what tamper its opening found, then start the watch and the ingest."""
         config = LedgerConfig.from_env()  # a bad setting stops the start, with its name
-        self.ledger = Ledger.open(self.service.settings.service_dir, config.checkpoint)
+        app = cls(service, Ledger.open(service.settings.service_dir, config.checkpoint), config)
+        await app._start()
+        return app
+
+    async def _start(self) -> None:
         if self.ledger.tamper is not None:
             await self.report_tamper(self.ledger.tamper)
-        self.watch = TamperWatch(self.service.settings.service_dir, self.ledger, self.report_tamper, config.watch)
         self.service.catching_up.add("ledger-verify")  # /healthz names it until the start-up pass is done
         self._watching = asyncio.create_task(self.watch.run(lambda: self.service.catching_up.discard("ledger-verify")),
                                              name="ledger-verify")
-        self.ingest = EventIngest(self.service.broker.connection, self.ledger, service=NAME,
-                                  ack_wait_s=config.ack_wait_s, after_commit=self.checkpoint_if_due)
         await self.ingest.start()
 
     async def stop(self) -> None:
         if self._watching is not None:
             self._watching.cancel()
             await asyncio.gather(self._watching, return_exceptions=True)  # a pass in its thread finishes first
-        if self.ingest is not None:
-            await self.ingest.stop()
-        if self.ledger is not None:
-            self.ledger.close()
+        await self.ingest.stop()
+        self.ledger.close()
         log.info("ledger stopped")
 
     async def checkpoint_if_due(self) -> None:
-        if self.ledger is not None and self.ledger.checkpoint_due():
+        if self.ledger.checkpoint_due():
             await self.checkpoint()
 
     async def checkpoint(self) -> Any:
-        head = self.lg.sign()
+        head = self.ledger.sign()
         try:
             await self.service.publish(LedgerCheckpoint(
                 tree_size=head.tree_size, root_hash=head.root_hash, signature=head.signature,
@@ -102,17 +99,15 @@ class LedgerApp:
 
     async def verify(self) -> VerifyReport:
         """The full verify on demand: the same pass as the periodic full one (it moves the marker too)."""
-        if self.watch is None:
-            raise errors.Unavailable("the ledger is starting")
         return await self.watch.check(full=True)
 
     # -- API ---------------------------------------------------------------------------------
     def head(self) -> HeadResponse:
-        lg = self.lg
+        lg = self.ledger
         return HeadResponse(tree_size=lg.size, root_hash=lg.root().hex(), signed=lg.latest_head())
 
     def inclusion(self, req: InclusionRequest) -> InclusionProof:
-        lg = self.lg
+        lg = self.ledger
         index = req.index if req.index is not None else lg.index_of(req.event_id or "")
         if index >= lg.size:
             raise errors.NotFound(f"no leaf at index {index} (the log has {lg.size})")
@@ -134,7 +129,7 @@ class LedgerApp:
         )
 
     def consistency(self, req: ConsistencyRequest) -> ConsistencyProof:
-        lg = self.lg
+        lg = self.ledger
         second = lg.size if req.second is None else req.second
         proof = lg.consistency(req.first, second)
         return ConsistencyProof(
@@ -146,20 +141,20 @@ class LedgerApp:
         )
 
     def export(self, req: ExportRequest) -> dict[str, Any]:
-        head = self.lg.latest_head()
-        facts = queries.model_facts(self.lg.store, req.ref, head.model_dump() if head else None)
+        head = self.ledger.latest_head()
+        facts = queries.model_facts(self.ledger.store, req.ref, head.model_dump() if head else None)
         return exports.in_toto_statement(facts) if req.format == "in-toto" else exports.cyclonedx_ml_bom(facts)
 
     def audit(self, req: AuditRequest) -> list[AuditEntry]:
         since = queries.parse_since(req.since) if req.since else None
-        rows = queries.audit(self.lg.store, since_ms=since, model=req.model, event_type=req.type, limit=req.limit)
+        rows = queries.audit(self.ledger.store, since_ms=since, model=req.model, event_type=req.type, limit=req.limit)
         return [AuditEntry(**r) for r in rows]
 
     def public_key(self) -> PublicKey:
-        return PublicKey(pem=self.lg.public_key_pem, key_id=short_key_id(self.lg.key.public_key()))
+        return PublicKey(pem=self.ledger.public_key_pem, key_id=short_key_id(self.ledger.key.public_key()))
 
     def stats(self) -> LedgerStats:
-        lg, ing = self.lg, self.ingest
+        lg, ing = self.ledger, self.ingest
         verified = lg.store.verified()
         return LedgerStats(
             tree_size=lg.size,
@@ -167,10 +162,10 @@ class LedgerApp:
             duplicates=lg.stats.duplicates,
             conflicts=lg.stats.conflicts,
             batches=lg.stats.batches,
-            dead_lettered=ing.dead_lettered if ing else 0,
-            ingest_running=bool(ing and ing.running),
-            ingest_failures=ing.failures if ing else 0,
-            last_error=ing.last_error if ing else None,
+            dead_lettered=ing.dead_lettered,
+            ingest_running=ing.running,
+            ingest_failures=ing.failures,
+            last_error=ing.last_error,
             tamper_suspected=lg.tamper is not None,
             verified_size=verified["size"] if verified else None,
             verified_at=_when(verified["at_ms"]) if verified else None,
@@ -179,16 +174,16 @@ class LedgerApp:
 
     # -- the ops that read the store ------------------------------------------------------------
     def receipt(self, request_id: str, made_with: str | None = None) -> Receipt:
-        return self.lg.receipt(request_id, made_with=made_with)
+        return self.ledger.receipt(request_id, made_with=made_with)
 
     def request_lineage(self, request_id: str) -> dict[str, Any]:
-        return queries.request_lineage(self.lg.store, request_id)
+        return queries.request_lineage(self.ledger.store, request_id)
 
     def dataset_lineage(self, digest: str) -> dict[str, Any]:
-        return queries.dataset_lineage(self.lg.store, digest)
+        return queries.dataset_lineage(self.ledger.store, digest)
 
     def model_lineage(self, ref: str) -> dict[str, Any]:
-        return queries.model_lineage(self.lg.store, ref)
+        return queries.model_lineage(self.ledger.store, ref)
 
 
 def _when(ms: int | None) -> datetime | None:
