@@ -8,7 +8,11 @@ training never saw):
 * perplexity of the held-out chapters (windows of the model's context, each scored without a cache),
   and its change.
 
-Run: ``.venv/bin/python bench/quant_accuracy.py [--prompts 100 --tokens 16]``."""
+With ``--compile-decode`` the candidate's decode steps run compiled (engine/compiled_decode.py); with
+``--quantize none`` too, that is the whole difference (perplexity is scored by prefill, which never runs
+compiled, so only the agreement measures it).
+
+Run: ``.venv/bin/python bench/quant_accuracy.py [--prompts 100 --tokens 16] [--quantize none] [--compile-decode]``."""
 from __future__ import annotations
 
 import argparse
@@ -56,12 +60,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--quantize", default="int8")
+    ap.add_argument("--quantize", default="int8", help="int8, int4 or none")
+    ap.add_argument("--compile-decode", action="store_true", help="the candidate decodes through the compiled step")
     args = ap.parse_args()
+    quantize = None if args.quantize == "none" else args.quantize
+    name = (quantize or "bf16") + (" compiled" if args.compile_decode else "")
     chapters = held_out()
     base = LLMEngine.from_pretrained(MODEL, EngineConfig(device="cpu", dtype="bfloat16", num_blocks=512))
-    quant = LLMEngine.from_pretrained(MODEL, EngineConfig(device="cpu", dtype="bfloat16", quantize=args.quantize,
-                                                          num_blocks=512))
+    quant = LLMEngine.from_pretrained(MODEL, EngineConfig(device="cpu", dtype="bfloat16", quantize=quantize,
+                                                          num_blocks=512,
+                                                          compile_decode="on" if args.compile_decode else "off"))
     # a chapter's heading and its first verses, cut after every 4th verse: several prompts per chapter
     texts = [BOS + h + "\n" + "\n".join(v[:j + 1]) + "\n" for h, v in chapters for j in range(0, len(v), 4)]
     prompts = [base.tokenizer.encode(t, add_special_tokens=False)[-(base.max_model_len - args.tokens):]
@@ -74,12 +82,12 @@ def main() -> None:
         f"load {os.getloadavg()[0]:.1f}; built-in model, {len(chapters)} held-out chapters, torch {torch.__version__}"
     )
     print(
-        f"greedy agreement, {args.quantize} vs bf16: {same}/{len(prompts)} continuations identical "
+        f"greedy agreement, {name} vs bf16: {same}/{len(prompts)} continuations identical "
         f"({args.tokens} tokens each); {prefix}/{len(prompts) * args.tokens} tokens "
         f"({100 * prefix / (len(prompts) * args.tokens):.1f} %) before the first divergence"
     )
     print(
-        f"held-out perplexity: bf16 {ppl_base:.3f}, {args.quantize} {ppl_quant:.3f} "
+        f"held-out perplexity: bf16 {ppl_base:.3f}, {name} {ppl_quant:.3f} "
         f"({100 * (ppl_quant / ppl_base - 1):+.2f} %)"
     )
 
