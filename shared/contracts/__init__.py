@@ -51,9 +51,9 @@ def resolve_type(ref: str | TypeRef) -> Any:
 
 
 def type_name(ref: str | TypeRef) -> str:
-    if isinstance(ref, str):
-        return re.sub(r"[\w.]+:", "", ref)  # "list[module:AuditEntry]" -> "list[AuditEntry]"
-    return getattr(ref, "__name__", None) or str(ref).replace("typing.", "")
+    if isinstance(ref, type):
+        return ref.__name__
+    return re.sub(r"[\w.]+[.:]", "", str(ref))  # "list[shared.provenance.AuditEntry]" -> "list[AuditEntry]"
 
 
 @dataclass(frozen=True)
