@@ -191,7 +191,7 @@ class Service:
         """Serve the contract's RPC ops, each by the handler named next to it: a module-level
         ``async def op(service, request)``, or ``Class.method`` of a part this service provides."""
         for op in contract.rpc:
-            self.rpc(op.op, op.request_type(), every_replica=op.every_replica)(self._bind(op.handler))
+            self.rpc(op.op, op.request, every_replica=op.every_replica)(self._bind(op.handler))
 
     def handle(self, consumes: Consumes, consumer: bus.EventConsumer) -> None:
         """Route a declared consumer's events to the handlers the contract names for them."""

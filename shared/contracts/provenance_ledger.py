@@ -32,20 +32,20 @@ CONSISTENCY = RpcOp(
 )
 RECEIPT = RpcOp(SERVICE, "receipt", RequestRef, Receipt, f"{_RPC}:receipt", "an inference receipt")
 VERIFY = RpcOp(SERVICE, "verify", Empty, VerifyReport, f"{_RPC}:verify", "re-hash every leaf, check every head")
-LINEAGE = RpcOp(SERVICE, "lineage", RequestRef, "dict", f"{_RPC}:lineage", "a request's lineage")
+LINEAGE = RpcOp(SERVICE, "lineage", RequestRef, dict, f"{_RPC}:lineage", "a request's lineage")
 DATASET_LINEAGE = RpcOp(
-    SERVICE, "dataset_lineage", DatasetRef, "dict", f"{_RPC}:dataset_lineage", "a dataset's lineage"
+    SERVICE, "dataset_lineage", DatasetRef, dict, f"{_RPC}:dataset_lineage", "a dataset's lineage"
 )
 MODEL_LINEAGE = RpcOp(
     SERVICE,
     "model_lineage",
     ModelLineageRef,
-    "dict",
+    dict,
     f"{_RPC}:model_lineage",
     "a model version's origin and derivatives",
 )
 AUDIT = RpcOp(SERVICE, "audit", AuditRequest, list[AuditEntry], f"{_RPC}:audit", "the audit trail")
-EXPORT = RpcOp(SERVICE, "export", ExportRequest, "dict", f"{_RPC}:export", "in-toto or CycloneDX ML-BOM")
+EXPORT = RpcOp(SERVICE, "export", ExportRequest, dict, f"{_RPC}:export", "in-toto or CycloneDX ML-BOM")
 PUBLIC_KEY = RpcOp(
     SERVICE, "public_key", Empty, PublicKey, f"{_RPC}:public_key", "the key that signs tree heads"
 )
