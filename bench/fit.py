@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from services.hardware_inventory.domain.fit import dtype_name, predict
+from services.hardware_inventory.api import dtype_name, predict
 from shared.inventory import ModelShape
 
 SHAPES = {  # name -> config.json fields
@@ -132,7 +132,7 @@ def rss_bytes(field: str) -> int:
 
 
 def measure(path: Path, device: str, dtype: str | None, context: int, batch: int) -> dict:
-    from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
+    from services.inference_worker.api import EngineConfig, LLMEngine, SamplingParams
 
     gc.collect()
     if device == "cuda":
