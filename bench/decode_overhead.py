@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from bench.engine import make_checkpoint, parse_args  # noqa: E402
 from bench.host import loadavg  # noqa: E402
-from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from services.inference_worker.api import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 import services.inference_worker.kernels.paged_attention as pa  # noqa: E402
 
 PLANS = {"plan per layer (before)": pa._make_plan, "plan per step (now)": pa._plan}

@@ -54,7 +54,7 @@ class EchoEngine:
         return False
 
     def step(self) -> list:
-        from services.inference_worker.engine.sequence import RequestMetrics, StreamEvent
+        from services.inference_worker.api import RequestMetrics, StreamEvent
 
         with self._lock:
             batch, self._pending = self._pending, []
@@ -69,7 +69,7 @@ class EchoEngine:
 
 def echo_load(artifact, event):
     """Replaces Deployments._load: no checkpoint, the EchoEngine behind the real EngineLoop."""
-    from services.inference_worker.adapters.engine_loop import EngineLoop
+    from services.inference_worker.api import EngineLoop
     from shared.events import MeasuredMemory
 
     return EngineLoop(EchoEngine(), name=f"{MODEL}:{artifact.model.version}"), MeasuredMemory(
@@ -85,9 +85,7 @@ def echo_model():
 
 def run_worker() -> None:
     """``strata serve inference-worker`` with the EchoEngine, which deploys itself at start."""
-    from services.inference_worker.adapters.artifacts import LocalSource
-    from services.inference_worker.entrypoints.app import create_service
-    from services.inference_worker.service_layer.worker import Worker
+    from services.inference_worker.api import LocalSource, Worker, create_service
     from shared.config import Settings
     from shared.events import DeployScheduled
     from shared.service import run

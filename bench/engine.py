@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads:
         torch.set_num_threads(args.threads)
-    from services.inference_worker.engine.config import parse_dtype
+    from services.inference_worker.api import parse_dtype
 
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     batches = sorted({int(b) for b in args.batch_sizes.split(",")})

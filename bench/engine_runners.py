@@ -33,7 +33,7 @@ class StrataBench:
 
     def __init__(self, path, device: str, dtype, max_batch: int, prompt_len: int, new_tokens: int,
                  quantize: str | None = None, compile_decode: str = "off"):
-        from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
+        from services.inference_worker.api import EngineConfig, LLMEngine, SamplingParams
 
         self.device = device
         blocks = max_batch * (-(-(prompt_len + new_tokens) // 16) + 1) + 8

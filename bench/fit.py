@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from services.hardware_inventory.domain.fit import ModelShape, dtype_name, predict  # noqa: E402
+from services.hardware_inventory.api import dtype_name, predict
+from shared.inventory import ModelShape
 
 SHAPES = {  # name -> config.json fields
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -131,7 +132,7 @@ def rss_bytes(field: str) -> int:
 
 
 def measure(path: Path, device: str, dtype: str | None, context: int, batch: int) -> dict:
-    from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
+    from services.inference_worker.api import EngineConfig, LLMEngine, SamplingParams
 
     gc.collect()
     if device == "cuda":

@@ -21,11 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.api_gateway.domain import render  # noqa: E402
-from services.api_gateway.domain.requests import ChatCompletionRequest  # noqa: E402
-from services.api_gateway.entrypoints.app import create_service  # noqa: E402
-from services.api_gateway.service_layer.handlers import Gateway  # noqa: E402
-from services.api_gateway.service_layer.handlers import Caller  # noqa: E402
+from services.api_gateway.api import Caller, ChatCompletionRequest, Gateway, chat_completion, create_service  # noqa: E402
 from shared.events import ModelId, new_id  # noqa: E402
 from shared.inference import InferenceReply, InferenceRequest, Usage  # noqa: E402
 
@@ -66,7 +62,7 @@ async def bare_app(scope, receive, send) -> None:
     body = (await receive())["body"]
     chat = ChatCompletionRequest.model_validate_json(body)
     reply = await answer(chat.to_inference(new_id()))
-    out = render.chat_completion(reply, chat.model).model_dump_json().encode()
+    out = chat_completion(reply, chat.model).model_dump_json().encode()
     await send(
         {
             "type": "http.response.start",

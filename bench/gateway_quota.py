@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nats  # noqa: E402
 
-from services.api_gateway.adapters.quota_counters import InMemoryQuotaCounters, KvQuotaCounters, QuotaCounters  # noqa: E402
-from services.api_gateway.service_layer.metering import Metering  # noqa: E402
+from services.api_gateway.api import InMemoryQuotaCounters, KvQuotaCounters, Metering, QuotaCounters  # noqa: E402
 from shared.apikeys import ApiKeyRecord, record_for  # noqa: E402
 from shared.inference import InferenceRequest, SamplingOptions  # noqa: E402
 from tests.support.nats import NatsServer  # noqa: E402

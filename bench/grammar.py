@@ -72,7 +72,7 @@ def make_checkpoint(args, root: Path) -> Path:
 
 def decode_ms_per_step(engine, batch: int, new_tokens: int, constrained: bool) -> float:
     """Wall time per decode step (the prefill's step left out) for ``batch`` rows of ``new_tokens``."""
-    from services.inference_worker.engine import Constraint, SamplingParams
+    from services.inference_worker.api import Constraint, SamplingParams
 
     constraint = Constraint("json_schema", json.dumps(SCHEMA)) if constrained else None
     params = SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0, ignore_eos=True, constraint=constraint)
@@ -88,7 +88,7 @@ def decode_ms_per_step(engine, batch: int, new_tokens: int, constrained: bool) -
 
 def mask_ms(engine, batch: int, tokens: int) -> float:
     """The raw operation: llguidance's mask for every row, unpacked, applied to [batch, V] logits."""
-    from services.inference_worker.engine import Constraint
+    from services.inference_worker.api import Constraint
     from services.inference_worker.engine.guided import allowed_tokens
 
     matchers = [engine.compile(Constraint("json_schema", json.dumps(SCHEMA))) for _ in range(batch)]
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--max-files", type=int, default=None, help="train the tokenizer on the first N stdlib files only")
     args = ap.parse_args()
-    from services.inference_worker.engine import Constraint, EngineConfig, LLMEngine
+    from services.inference_worker.api import Constraint, EngineConfig, LLMEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

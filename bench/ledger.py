@@ -27,11 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.provenance_ledger.adapters.store import LeafRow  # noqa: E402
-from services.provenance_ledger.domain.canonical import leaf_bytes  # noqa: E402
-from services.provenance_ledger.domain.merkle import MerkleTree, leaf_hash  # noqa: E402
-from services.provenance_ledger.domain.tree_head import sign_head  # noqa: E402
-from services.provenance_ledger.service_layer.ledger import DB_FILE, Incoming, Ledger, verify_store  # noqa: E402
+from services.provenance_ledger.api import (  # noqa: E402
+    DB_FILE, Incoming, LeafRow, Ledger, MerkleTree, leaf_bytes, leaf_hash, sign_head, verify_store,
+)
 from shared.events import InferenceCompleted, ModelId, Source, make_event, parse_event  # noqa: E402
 
 BATCH = 1000
@@ -100,7 +98,7 @@ def bench_ledger(dirpath: Path, raws: list[bytes], parse_inside: bool) -> float:
 async def bench_end_to_end(dirpath: Path, raws: list[bytes]) -> float | str:
     import nats
 
-    from services.provenance_ledger.adapters.ingest import EventIngest
+    from services.provenance_ledger.api import EventIngest
     from shared import bus
     from tests.support.nats import NatsServer
 

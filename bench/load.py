@@ -87,10 +87,8 @@ def read_gbps(path: Path) -> float:
 
 async def deploy(nats_url: str, data_dir: Path, timings: dict) -> float:
     """A real inference-worker loads the pushed model: DeployScheduled → DeployReady, in seconds."""
-    from services.inference_worker.entrypoints.app import WorkerOptions, create_service
-    from services.inference_worker.service_layer.worker import Worker
-    from services.inference_worker.service_layer.deployments import EngineOptions
-    from services.model_store.client import StoreClient  # noqa: F401  (import cost outside the timing)
+    from services.inference_worker.api import EngineOptions, Worker, WorkerOptions, create_service
+    from services.model_store.api import StoreClient  # noqa: F401  (import cost outside the timing)
     from shared.events import DeployReady, DeployScheduled
     from tests.inference_worker.conftest import connect_bus
     from tests.support.helpers import settings_for
@@ -152,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from services.model_store.client import StoreClient
+    from services.model_store.api import StoreClient
     from tests.model_store.conftest import LiveStore
     from tests.support.nats import NatsServer
 

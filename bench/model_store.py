@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ["STRATA_MODEL_STORE_BUILTIN"] = "0"
-    from services.model_store.client import StoreClient
+    from services.model_store.api import StoreClient
     from shared.model_fetch import fetch_model
     from tests.model_store.conftest import LiveStore
     from tests.support.nats import NatsServer

@@ -19,12 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.monitor.config import MonitorConfig  # noqa: E402
-from services.monitor.adapters.rules_file import load_rules  # noqa: E402
-from services.monitor.domain.alerts import AlertEngine  # noqa: E402
-from services.monitor.domain.state import FleetState  # noqa: E402
-from services.monitor.domain.traffic import Traffic  # noqa: E402
-from services.monitor.service_layer.views import snapshot  # noqa: E402
+from services.monitor.api import AlertEngine, FleetState, MonitorConfig, Traffic, load_rules, snapshot  # noqa: E402
 
 WINDOW_S = 300.0
 NOW = 1_000_000.0

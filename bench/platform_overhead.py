@@ -45,8 +45,7 @@ TARGETS = {"p50_added_ms": 1.0, "p99_added_ms": 5.0, "rps": 2000.0}
 # ---- the in-process baseline ---------------------------------------------------------------------
 async def in_process(n: int) -> list[float]:
     """The same echo model behind the same Server.complete, no NATS and no HTTP."""
-    from services.inference_worker.service_layer.deployments import Deployment, Deployments
-    from services.inference_worker.service_layer.serving import Server
+    from services.inference_worker.api import Deployment, Deployments, Server
     from shared.inference import InferenceRequest
 
     async def publish(_data) -> None:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from builtin_model import MODEL_DIR as MODEL  # noqa: E402
 from builtin_model.config import BOS, EOS, TrainConfig  # noqa: E402
 from builtin_model.data import load_corpus, split_chapters  # noqa: E402
-from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from services.inference_worker.api import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 
 def held_out() -> list[tuple[str, list[str]]]:

@@ -34,7 +34,7 @@ from bench.host import loadavg  # noqa: E402
 def quantize(src: Path, dst: Path, ftype: int, threads: int) -> Path:
     import llama_cpp as C
 
-    from services.inference_worker.llamacpp.engine import init_backend
+    from services.inference_worker.api import init_backend
 
     init_backend()  # llama.cpp's log to Python's logging, before the quantizer talks
 
@@ -46,7 +46,7 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int) -> Path:
 
 
 def decode_tok_s(engine, prompt: list[int], new_tokens: int) -> float:
-    from services.inference_worker.engine import SamplingParams
+    from services.inference_worker.api import SamplingParams
 
     stamps: list[float] = []
 
@@ -62,7 +62,7 @@ def decode_tok_s(engine, prompt: list[int], new_tokens: int) -> float:
 
 def aggregate_tok_s(engine, prompt: list[int], new_tokens: int, n: int) -> float:
     """``n`` requests submitted together (distinct prompts): generated tokens / wall time, prefill included."""
-    from services.inference_worker.engine import SamplingParams
+    from services.inference_worker.api import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     start = time.perf_counter()
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from services.inference_worker.engine import EngineConfig, LLMEngine
-    from services.inference_worker.llamacpp import LlamaCppEngine
+    from services.inference_worker.api import EngineConfig, LLMEngine, LlamaCppEngine
     from tests.support.gguf_model import write_random_pair
 
     wanted = args.variants.split(",")

@@ -126,7 +126,7 @@ def _positive(text: str) -> int:
 
 
 def _constraint(text: str) -> tuple[str, str]:
-    from services.hardware_inventory.domain.placement import parse_constraint
+    from services.hardware_inventory.api import parse_constraint
     from shared.errors import Invalid
 
     try:

@@ -146,7 +146,7 @@ def _print_json(obj: Any) -> None:
 
 @_errors_to_exit
 def _verify_files(args: argparse.Namespace) -> int:
-    from services.provenance_ledger.service_layer.ledger import verify_store
+    from services.provenance_ledger.api import verify_store
 
     return _report(args, verify_store(args.data_dir / SERVICE))
 
@@ -202,7 +202,7 @@ async def _public_key(nc: Any, args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
-    from services.provenance_ledger.service_layer.ledger import DB_FILE
+    from services.provenance_ledger.api import DB_FILE
 
     db = args.data_dir / SERVICE / DB_FILE
     if not db.exists():
@@ -237,7 +237,7 @@ async def _fetch_receipt(nc: Any, args: argparse.Namespace) -> int:
 
 
 def _verify_receipt(path: Path, key: Path, args: argparse.Namespace) -> int:
-    from services.provenance_ledger.domain.receipt import ReceiptInvalid, verify_receipt
+    from services.provenance_ledger.api import ReceiptInvalid, verify_receipt
 
     try:
         receipt = json.loads(path.read_text())
@@ -278,7 +278,7 @@ def _chat_prompt_bytes(path: Path) -> bytes:
     tools (unless tool_choice is none) count exactly as the worker counted them."""
     from pydantic import ValidationError
 
-    from services.api_gateway.domain.requests import ChatCompletionRequest
+    from services.api_gateway.api import ChatCompletionRequest
 
     data = json.loads(path.read_text(encoding="utf-8"))
     body = {"messages": data} if isinstance(data, list) else data

@@ -118,7 +118,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
 
 
 def _client(args: argparse.Namespace):
-    from services.model_store.client import StoreClient
+    from services.model_store.api import StoreClient
 
     return StoreClient(args.url, api_key=args.api_key, ca=args.https_ca)
 
@@ -138,7 +138,7 @@ def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def _size(path: Path) -> int:
-    from services.model_store.client import local_files
+    from services.model_store.api import local_files
 
     return sum(f.stat().st_size for f in (local_files(path) if path.is_dir() else [path]))
 
@@ -275,7 +275,7 @@ def _key(args: argparse.Namespace) -> PublicKey | None:
         return PublicKey.model_validate_json(text)
     from cryptography.hazmat.primitives import serialization
 
-    from services.model_store.domain.signing import public_key_info
+    from shared.dsse import public_key_info
 
     try:
         return public_key_info(serialization.load_pem_public_key(text.encode()))  # type: ignore[arg-type]

@@ -39,8 +39,7 @@ def _import(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from cli.model import _client, _progress, err, out
-    from services.model_store.imports.huggingface import read_huggingface
-    from services.model_store.imports.ollama import read_ollama
+    from services.model_store.api import read_huggingface, read_ollama
 
     kind, _, ref = args.source.partition(":")
     if kind not in ("ollama", "hf") or not ref:
@@ -71,7 +70,7 @@ def _import(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from cli.model import _client, _progress, out
-    from services.model_store.convert import convert_model
+    from services.model_store.api import convert_model
 
     client = _client(args)
     resolved = client.resolve(args.ref)

@@ -19,9 +19,6 @@ from nats.js.api import ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError
 
 from cli import connection, runner
-from services.api_gateway.adapters.quota_counters import quota_bucket_config
-from services.hardware_inventory.adapters.state import inventory_bucket_config
-from services.model_store.adapters.catalog_kv import catalog_bucket_config
 from shared import bus, errors, inference_jobs, nats_auth, replication
 from shared.apikey_store import api_keys_bucket_config
 from shared.blob_store import blob_store_config
@@ -29,6 +26,10 @@ from shared.blob_store import blob_store_config
 
 async def provision(js: JetStreamContext, replicas: int = 1) -> None:
     """Create every stream and bucket where missing, and bring the event and job streams up to date."""
+    from services.api_gateway.api import quota_bucket_config  # here: each api module loads its service's code
+    from services.hardware_inventory.api import inventory_bucket_config
+    from services.model_store.api import catalog_bucket_config
+
     await bus.declare_streams(js, [*bus.stream_configs(replicas), *inference_jobs.job_stream_configs(replicas)])
     for config in (catalog_bucket_config(replicas), inventory_bucket_config(replicas), api_keys_bucket_config(replicas),
                    quota_bucket_config(replicas)):

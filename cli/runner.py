@@ -79,8 +79,7 @@ async def call(nc: Any, op: RpcOp, *, timeout: float = 5.0, reply: Any = None, *
     StrataError the service answered."""
     from shared import rpc
 
-    request = op.request_type()(**fields)
-    return await rpc.call(nc, op.subject, request, reply or op.reply_type(), timeout=timeout)
+    return await rpc.call(nc, op.subject, op.request(**fields), reply or op.reply, timeout=timeout)
 
 
 def print_json(value: Any, *, sort_keys: bool = False) -> int:

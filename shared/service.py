@@ -195,7 +195,7 @@ class Service:
         """Serve the contract's RPC ops, each by the handler named next to it: a module-level
         ``async def op(service, request)``, or ``Class.method`` of a part this service provides."""
         for op in contract.rpc:
-            self.rpc(op.op, op.request_type(), every_replica=op.every_replica)(self._bind(op.handler))
+            self.rpc(op.op, op.request, every_replica=op.every_replica)(self._bind(op.handler))
 
     def consume_declared(
         self, contract: Contract, *, durable: str | None = None, until: asyncio.Event | None = None, **options: Any

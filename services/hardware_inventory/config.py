@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from services.hardware_inventory.domain.model import Policy
 from shared import subjects
+from shared.inventory import Policy
 
 Role = Literal["agent", "registry"]
 

@@ -28,10 +28,10 @@ from pydantic import BaseModel
 from shared import subjects
 from shared.events import EventData
 
-TypeRef = Any  # a pydantic model (or a type expression such as list[X]), or "module:Name" for one a service owns
+TypeRef = Any  # a pydantic model, or a type expression such as list[X] or dict
 
 
-def resolve(ref: str | TypeRef) -> Any:
+def resolve(ref: str | Any) -> Any:
     """The object a ``module:qualified.name`` reference names (anything else is returned as it is)."""
     if not isinstance(ref, str):
         return ref
@@ -42,19 +42,10 @@ def resolve(ref: str | TypeRef) -> Any:
     return found
 
 
-def resolve_type(ref: str | TypeRef) -> Any:
-    """A request or reply type: a model, ``module:Name``, ``list[module:Name]`` or ``dict``."""
-    if ref == "dict":
-        return dict[str, Any]
-    if isinstance(ref, str) and ref.startswith("list[") and ref.endswith("]"):
-        return list[resolve(ref[5:-1])]  # type: ignore[misc]
-    return resolve(ref)
-
-
-def type_name(ref: str | TypeRef) -> str:
-    if isinstance(ref, str):
-        return re.sub(r"[\w.]+:", "", ref)  # "list[module:AuditEntry]" -> "list[AuditEntry]"
-    return getattr(ref, "__name__", None) or str(ref).replace("typing.", "")
+def type_name(ref: TypeRef) -> str:
+    if isinstance(ref, type):
+        return ref.__name__
+    return re.sub(r"[\w.]+\.", "", str(ref))  # "list[shared.provenance.AuditEntry]" -> "list[AuditEntry]"
 
 
 @dataclass(frozen=True)
@@ -75,12 +66,6 @@ class RpcOp:
     @property
     def subject(self) -> str:
         return subjects.rpc(self.service, self.op)
-
-    def request_type(self) -> Any:
-        return resolve_type(self.request)
-
-    def reply_type(self) -> Any:
-        return resolve_type(self.reply)
 
 
 @dataclass(frozen=True)

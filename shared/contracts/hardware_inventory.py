@@ -17,38 +17,41 @@ from shared.events import (
     NodeRegistered,
     UndeployRequested,
 )
+from shared.inventory import (
+    CorrectionList, DeploymentList, DeployOutcome, DeployRequest, Empty, FitReport, FitRequest, NodeList,
+    UndeployOutcome, UndeployRequest,
+)
 
 SERVICE = "hardware-inventory"
-_VIEWS = "services.hardware_inventory.service_layer.views"
 _RPC = "services.hardware_inventory.entrypoints.rpc"
 _EVENTS = "services.hardware_inventory.entrypoints.events"
 
-NODES = RpcOp(SERVICE, "nodes", f"{_VIEWS}:Empty", f"{_VIEWS}:NodeList", f"{_RPC}:nodes", "every node, live")
-FIT = RpcOp(SERVICE, "fit", f"{_VIEWS}:FitRequest", f"{_VIEWS}:FitReport", f"{_RPC}:fit", "where a model would fit")
+NODES = RpcOp(SERVICE, "nodes", Empty, NodeList, f"{_RPC}:nodes", "every node, live")
+FIT = RpcOp(SERVICE, "fit", FitRequest, FitReport, f"{_RPC}:fit", "where a model would fit")
 DEPLOY = RpcOp(
     SERVICE,
     "deploy",
-    f"{_VIEWS}:DeployRequest",
-    f"{_VIEWS}:DeployOutcome",
+    DeployRequest,
+    DeployOutcome,
     f"{_RPC}:deploy",
     "place a deployment's replicas",
 )
 DEPLOYMENTS = RpcOp(
-    SERVICE, "deployments", f"{_VIEWS}:Empty", f"{_VIEWS}:DeploymentList", f"{_RPC}:deployments", "every deployment"
+    SERVICE, "deployments", Empty, DeploymentList, f"{_RPC}:deployments", "every deployment"
 )
 UNDEPLOY = RpcOp(
     SERVICE,
     "undeploy",
-    f"{_VIEWS}:UndeployRequest",
-    f"{_VIEWS}:UndeployOutcome",
+    UndeployRequest,
+    UndeployOutcome,
     f"{_RPC}:undeploy",
     "release a deployment, or every deployment of a model",
 )
 CORRECTIONS = RpcOp(
     SERVICE,
     "corrections",
-    f"{_VIEWS}:Empty",
-    f"{_VIEWS}:CorrectionList",
+    Empty,
+    CorrectionList,
     f"{_RPC}:corrections",
     "the memory-fit corrections learnt from measurements",
 )

@@ -32,5 +32,5 @@ CONTRACT = Contract(
     SERVICE, "Signed, content-addressed models and datasets.",
     rpc=(RESOLVE, LIST, DATASETS, DATASET, PUBLIC_KEY),
     stores=(CATALOG, BLOBS, API_KEYS),
-    client="services.model_store.client:StoreClient",
+    client="services.model_store.api:StoreClient",
 )

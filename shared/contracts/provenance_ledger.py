@@ -6,49 +6,50 @@ from __future__ import annotations
 from shared import subjects
 from shared.contracts import Consumes, Contract, RpcOp, Store
 from shared.events import EventData
+from shared.provenance import (
+    AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, DatasetRef, Empty, ExportRequest, HeadResponse,
+    InclusionProof, InclusionRequest, LedgerStats, ModelLineageRef, PublicKey, Receipt, RequestRef, TreeHead,
+    VerifyReport,
+)
 
 SERVICE = "provenance-ledger"
-_V = "services.provenance_ledger.service_layer.views"
 _RPC = "services.provenance_ledger.entrypoints.rpc"
-_RECEIPT = "services.provenance_ledger.domain.receipt:Receipt"
-_VERIFY = "services.provenance_ledger.domain.verify:VerifyReport"
-_TREE_HEAD = "services.provenance_ledger.domain.tree_head:TreeHead"
 
 HEAD = RpcOp(
-    SERVICE, "head", f"{_V}:Empty", f"{_V}:HeadResponse", f"{_RPC}:head", "size, root and the latest signed head"
+    SERVICE, "head", Empty, HeadResponse, f"{_RPC}:head", "size, root and the latest signed head"
 )
-CHECKPOINT = RpcOp(SERVICE, "checkpoint", f"{_V}:Empty", _TREE_HEAD, f"{_RPC}:checkpoint", "sign a tree head now")
+CHECKPOINT = RpcOp(SERVICE, "checkpoint", Empty, TreeHead, f"{_RPC}:checkpoint", "sign a tree head now")
 INCLUSION = RpcOp(
-    SERVICE, "inclusion", f"{_V}:InclusionRequest", f"{_V}:InclusionProof", f"{_RPC}:inclusion", "an inclusion proof"
+    SERVICE, "inclusion", InclusionRequest, InclusionProof, f"{_RPC}:inclusion", "an inclusion proof"
 )
 CONSISTENCY = RpcOp(
     SERVICE,
     "consistency",
-    f"{_V}:ConsistencyRequest",
-    f"{_V}:ConsistencyProof",
+    ConsistencyRequest,
+    ConsistencyProof,
     f"{_RPC}:consistency",
     "a consistency proof",
 )
-RECEIPT = RpcOp(SERVICE, "receipt", f"{_V}:RequestRef", _RECEIPT, f"{_RPC}:receipt", "an inference receipt")
-VERIFY = RpcOp(SERVICE, "verify", f"{_V}:Empty", _VERIFY, f"{_RPC}:verify", "re-hash every leaf, check every head")
-LINEAGE = RpcOp(SERVICE, "lineage", f"{_V}:RequestRef", "dict", f"{_RPC}:lineage", "a request's lineage")
+RECEIPT = RpcOp(SERVICE, "receipt", RequestRef, Receipt, f"{_RPC}:receipt", "an inference receipt")
+VERIFY = RpcOp(SERVICE, "verify", Empty, VerifyReport, f"{_RPC}:verify", "re-hash every leaf, check every head")
+LINEAGE = RpcOp(SERVICE, "lineage", RequestRef, dict, f"{_RPC}:lineage", "a request's lineage")
 DATASET_LINEAGE = RpcOp(
-    SERVICE, "dataset_lineage", f"{_V}:DatasetRef", "dict", f"{_RPC}:dataset_lineage", "a dataset's lineage"
+    SERVICE, "dataset_lineage", DatasetRef, dict, f"{_RPC}:dataset_lineage", "a dataset's lineage"
 )
 MODEL_LINEAGE = RpcOp(
     SERVICE,
     "model_lineage",
-    f"{_V}:ModelLineageRef",
-    "dict",
+    ModelLineageRef,
+    dict,
     f"{_RPC}:model_lineage",
     "a model version's origin and derivatives",
 )
-AUDIT = RpcOp(SERVICE, "audit", f"{_V}:AuditRequest", f"list[{_V}:AuditEntry]", f"{_RPC}:audit", "the audit trail")
-EXPORT = RpcOp(SERVICE, "export", f"{_V}:ExportRequest", "dict", f"{_RPC}:export", "in-toto or CycloneDX ML-BOM")
+AUDIT = RpcOp(SERVICE, "audit", AuditRequest, list[AuditEntry], f"{_RPC}:audit", "the audit trail")
+EXPORT = RpcOp(SERVICE, "export", ExportRequest, dict, f"{_RPC}:export", "in-toto or CycloneDX ML-BOM")
 PUBLIC_KEY = RpcOp(
-    SERVICE, "public_key", f"{_V}:Empty", f"{_V}:PublicKey", f"{_RPC}:public_key", "the key that signs tree heads"
+    SERVICE, "public_key", Empty, PublicKey, f"{_RPC}:public_key", "the key that signs tree heads"
 )
-STATS = RpcOp(SERVICE, "stats", f"{_V}:Empty", f"{_V}:LedgerStats", f"{_RPC}:stats", "the ledger's figures")
+STATS = RpcOp(SERVICE, "stats", Empty, LedgerStats, f"{_RPC}:stats", "the ledger's figures")
 
 LOG = Consumes(
     "provenance-ledger-log",

@@ -23,7 +23,7 @@ from cli.cluster import LocalCluster
 from shared import bus, rpc, subjects
 from shared.catalog import PushModelRequest
 from shared.events import DeployReady, DeployRequested, Event, InferenceCompleted, Source, make_event, parse_event
-from services.hardware_inventory.service_layer.views import Empty, NodeList
+from shared.inventory import Empty, NodeList
 from tests.api_gateway.conftest import TEST_CONFIG, serve_gateway
 from tests.engine.conftest import _one_torch_thread, build_checkpoint, tokenizer_dir  # noqa: F401  (fixtures)
 from tests.model_store.conftest import upload_dir

@@ -17,9 +17,9 @@ import pytest
 
 from cli import main as cli_main
 from cli.natsd import free_port
-from services.provenance_ledger.service_layer.views import Empty, HeadResponse
 from services.provenance_ledger.service_layer.ledger import DB_FILE
 from shared import rpc, subjects
+from shared.provenance import Empty, HeadResponse
 from shared.service import Service
 from tests.faults.support import ROOT, PublishTally, completed_event, stop_process
 from tests.support.helpers import settings_for

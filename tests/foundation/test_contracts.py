@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import re
 from pathlib import Path
@@ -47,6 +48,54 @@ def test_no_service_imports_another_services_internals():
                 if name.startswith("services.") and name.split(".")[1] != own
             ]
     assert found == [], "a service takes what it needs from shared/ (its contracts), never from another service"
+
+
+# bench/ scripts that measure one of the worker's kernels or code paths head to head, calling or patching
+# the module itself: that module is what they measure, as its tests do. Anything else goes through an api.
+INTERNALS_MEASURED = {
+    "bench/attention_ref.py": {"services.inference_worker.kernels.paged_attention"},
+    "bench/cpu_linear.py": {"services.inference_worker.engine.cpu_linear"},
+    "bench/decode_overhead.py": {"services.inference_worker.kernels.paged_attention"},
+    "bench/engine_dtypes.py": {"services.inference_worker.engine.cpu_linear", "services.inference_worker.engine.quant"},
+    "bench/engine_kernels.py": {"services.inference_worker.kernels"},
+    "bench/grammar.py": {"services.inference_worker.engine.guided"},
+}
+API_MODULES = sorted(f"services.{p.parent.name}.api" for p in SERVICES.glob("*/api.py"))
+
+
+def _service_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """Every ``services.*`` module ``path`` imports, with the names it takes from it (a submodule taken
+    from a service's package counts as that submodule)."""
+    found: list[tuple[str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.startswith("services.")]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("services."):
+            if re.fullmatch(r"services\.\w+", node.module or ""):
+                found += [(f"{node.module}.{a.name}", []) for a in node.names]
+            else:
+                found.append((node.module or "", [a.name for a in node.names]))
+    return found
+
+
+def test_every_service_has_an_api_module_naming_what_it_exports():
+    assert len(API_MODULES) == len([p for p in SERVICES.iterdir() if (p / "config.py").exists()])
+    for name in API_MODULES:
+        api = importlib.import_module(name)
+        assert api.__doc__ and all(hasattr(api, n) for n in api.__all__), name
+
+
+def test_cli_and_bench_take_a_service_only_through_its_api():
+    found = []
+    for path in _python_files("cli", "bench"):
+        where = str(path.relative_to(ROOT))
+        for module, names in _service_imports(path):
+            if module in API_MODULES:
+                exported = importlib.import_module(module).__all__
+                found += [f"{where}: {module} exports no {n}" for n in names if n not in exported]
+            elif module not in INTERNALS_MEASURED.get(where, set()):
+                found.append(f"{where}: {module}")
+    assert found == [], "cli/ and bench/ import services.<service>.api (what it lists in __all__) or shared/"
 
 
 def test_every_declared_handler_and_type_exists():

@@ -2,11 +2,14 @@
 
 import pytest
 
-from services.hardware_inventory.domain.correction import MAX_FACTOR, MIN_FACTOR, Correction, IgnoredMeasurement, note
-from services.hardware_inventory.domain.fit import FitParams, ModelShape, activation_bytes, predict, refusal
+from services.hardware_inventory.domain.correction import (
+    MAX_FACTOR, MIN_FACTOR, IgnoredMeasurement, apply, ignore, learn, note,
+)
+from services.hardware_inventory.domain.fit import FitParams, activation_bytes, predict, refusal
 from shared.architectures import ENGINE, unsupported_reason
 from shared.catalog import ModelMetadata
 from shared.errors import Invalid
+from shared.inventory import Correction, ModelShape
 
 # Llama-3-8B: 8,030,261,248 parameters in bf16.
 LLAMA3_8B = ModelShape(
@@ -167,17 +170,17 @@ def test_a_measurement_moves_the_next_prediction_to_it_and_the_error_shrinks():
     raw = predict(LLAMA3_8B, "cuda", context_length=8192)
     measured_peak = measured(raw, 1.5)  # activations and workspace took half again what the formula said
     c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
-    c1 = c0.learn(raw, raw.total, raw.weights, raw.kv_cache, measured_peak, "d1.0.0")
+    c1 = learn(c0, raw, raw.total, raw.weights, raw.kv_cache, measured_peak, "d1.0.0")
     assert c1.samples == 1 and c1.last_error == pytest.approx(raw.total / measured_peak - 1, abs=1e-6)
-    corrected = c1.apply(raw)
+    corrected = apply(c1, raw)
     assert abs(corrected.total - measured_peak) / measured_peak < 0.001
-    c2 = c1.learn(raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0")
+    c2 = learn(c1, raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0")
     assert abs(c2.last_error) < abs(c1.last_error) and abs(c2.last_error) < 0.001
     assert (
-        c2.learn(raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0") is c2
+        learn(c2, raw, corrected.total, raw.weights, raw.kv_cache, measured_peak, "d2.0.0") is c2
     )  # idempotent per sample
     # the correction carries over to another context length of the same kind of model
-    other = c2.apply(predict(LLAMA3_8B, "cuda", context_length=2048))
+    other = apply(c2, predict(LLAMA3_8B, "cuda", context_length=2048))
     assert other.total > predict(LLAMA3_8B, "cuda", context_length=2048).total
 
 
@@ -187,8 +190,8 @@ def test_the_kv_cache_is_never_corrected():
     raw = predict(LLAMA3_8B, "cuda", context_length=8192)
     c = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
     for i in range(5):
-        c = c.learn(raw, c.apply(raw).total, raw.weights, raw.kv_cache, measured(raw, 0.6), f"d{i}.0.0")
-        assert c.apply(raw).kv_cache == raw.kv_cache
+        c = learn(c, raw, apply(c, raw).total, raw.weights, raw.kv_cache, measured(raw, 0.6), f"d{i}.0.0")
+        assert apply(c, raw).kv_cache == raw.kv_cache
     assert c.overhead_factor == pytest.approx(0.6, abs=0.01)
 
 
@@ -196,10 +199,10 @@ def test_an_implausible_measurement_is_refused_and_factors_are_clamped():
     raw = predict(LLAMA3_8B, "cuda", context_length=8192)
     c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
     with pytest.raises(IgnoredMeasurement, match="implausible"):
-        c0.learn(raw, raw.total, raw.weights * 2, raw.kv_cache, raw.weights, "x")
-    high = c0.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 2.8), "y")
+        learn(c0, raw, raw.total, raw.weights * 2, raw.kv_cache, raw.weights, "x")
+    high = learn(c0, raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 2.8), "y")
     assert high.overhead_factor == MAX_FACTOR == 2.0
-    low = c0.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 0.4), "z")
+    low = learn(c0, raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 0.4), "z")
     assert low.overhead_factor == MIN_FACTOR == 0.5
 
 
@@ -224,10 +227,10 @@ def test_a_measurement_too_small_to_mean_anything_is_ignored():
     peak = int(17.5 * 2**20)
     c0 = Correction(architecture="LlamaForCausalLM", dtype="float32", device_kind="cpu")
     with pytest.raises(IgnoredMeasurement, match="too small to learn from") as caught:
-        c0.learn(raw, raw.total, 12 * 2**20, raw.kv_cache, peak, "x")
-    ignored = c0.ignore(caught.value, "x")
-    assert (ignored.samples, ignored.ignored, ignored.apply(raw)) == (0, 1, raw)
-    assert ignored.ignore(caught.value, "x") is ignored  # counted once per replica
+        learn(c0, raw, raw.total, 12 * 2**20, raw.kv_cache, peak, "x")
+    ignored = ignore(c0, caught.value, "x")
+    assert (ignored.samples, ignored.ignored, apply(ignored, raw)) == (0, 1, raw)
+    assert ignore(ignored, caught.value, "x") is ignored  # counted once per replica
     assert "too small to learn from" in note(raw, ignored) and note(raw, ignored).startswith("no correction")
 
 
@@ -235,14 +238,14 @@ def test_a_measurement_too_far_from_the_formula_is_ignored():
     raw = predict(LLAMA3_8B, "cuda", context_length=8192)
     c0 = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
     with pytest.raises(IgnoredMeasurement, match="too far from the formula"):
-        c0.learn(raw, raw.total, raw.weights, raw.kv_cache, 4 * raw.total, "x")  # another process counted in
+        learn(c0, raw, raw.total, raw.weights, raw.kv_cache, 4 * raw.total, "x")  # another process counted in
 
 
 def test_the_note_says_by_how_much_and_from_how_many():
     raw = predict(LLAMA3_8B, "cuda", context_length=8192)
     c = Correction(architecture="LlamaForCausalLM", dtype="bfloat16", device_kind="cuda")
     assert note(raw, None).startswith("no correction yet")
-    c = c.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 1.5), "a")
-    c = c.learn(raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 1.5), "b")
-    factor = c.apply(raw).total / raw.total
+    c = learn(c, raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 1.5), "a")
+    c = learn(c, raw, raw.total, raw.weights, raw.kv_cache, measured(raw, 1.5), "b")
+    factor = apply(c, raw).total / raw.total
     assert note(raw, c).startswith(f"corrected by x{factor:.2f} from 2 measurements")

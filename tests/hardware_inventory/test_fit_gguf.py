@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("gguf")
 
 from shared.errors import Invalid  # noqa: E402
-from services.hardware_inventory.domain.fit import ModelShape, predict, refusal  # noqa: E402
+from services.hardware_inventory.domain.fit import predict, refusal, shape_from_metadata  # noqa: E402
 from services.hardware_inventory.domain.fit_gguf import compute_buffer  # noqa: E402
 from services.model_store.adapters.gguf_file import inspect_gguf  # noqa: E402
 from services.model_store.domain.metadata import gguf_metadata  # noqa: E402
@@ -23,7 +23,7 @@ def meta(tmp_path_factory):
 
 def test_weights_are_counted_as_stored_and_the_kv_cache_by_context_and_batch(meta):
     assert refusal(meta) is None
-    shape = ModelShape.from_metadata(meta)
+    shape = shape_from_metadata(meta)
     assert (shape.format, shape.dtype) == ("gguf", "Q8_0")
     one = predict(shape, "cpu", context_length=200, batch=1)
     assert one.weights == meta.weight_bytes == sum(meta.bytes_by_type.values())
@@ -36,7 +36,7 @@ def test_weights_are_counted_as_stored_and_the_kv_cache_by_context_and_batch(met
 
 
 def test_a_dtype_or_a_context_beyond_the_model_is_refused(meta):
-    shape = ModelShape.from_metadata(meta)
+    shape = shape_from_metadata(meta)
     with pytest.raises(Invalid, match="does not apply"):
         predict(shape, "cpu", dtype="bfloat16")
     with pytest.raises(Invalid, match="outside"):

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from safetensors import safe_open
 
-from services.hardware_inventory.domain.fit import ModelShape, dtype_bytes, predict
+from services.hardware_inventory.domain.fit import dtype_bytes, predict, shape_from_metadata
 from shared.architectures import ENGINE
 from shared.catalog import PushModelRequest, ResolvedModel
 from tests.model_store.conftest import upload_dir
@@ -68,11 +68,11 @@ async def test_an_moe_checkpoints_weights_term_counts_every_expert(nats_server, 
 
     experts = tensor_bytes(mixtral, lambda name: ".experts." in name)
     assert experts == LAYERS * EXPERTS * 3 * HIDDEN * INTER * 4  # w1, w2, w3 of every expert in float32
-    estimate = predict(ModelShape.from_metadata(meta), "cuda")
+    estimate = predict(shape_from_metadata(meta), "cuda")
     assert estimate.weights == tensor_bytes(mixtral, lambda name: True) >= experts
     assert estimate.weights - experts == tensor_bytes(mixtral, lambda name: ".experts." not in name)
     dense = predict(
-        ModelShape.from_metadata(meta).model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda"
+        shape_from_metadata(meta).model_copy(update={"num_experts": None, "num_experts_per_tok": None}), "cuda"
     )
     assert estimate.activations > dense.activations  # both routed experts' activations, and the router's logits
 
@@ -102,7 +102,7 @@ async def test_the_booked_kv_cache_holds_the_whole_context_in_the_engine(nats_se
         )
     meta = ResolvedModel.model_validate(answer.json()).manifest.metadata
     for context in (128, 100):
-        estimate = predict(ModelShape.from_metadata(meta), "cpu", context_length=context)
+        estimate = predict(shape_from_metadata(meta), "cpu", context_length=context)
         engine = LLMEngine.from_pretrained(
             checkpoint,
             EngineConfig(device="cpu", dtype=estimate.dtype, kv_cache_bytes=estimate.kv_cache, max_model_len=context),

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 
 from services.hardware_inventory.service_layer.registry import Registry
-from services.hardware_inventory.service_layer.views import DeployRequest
 from shared import bus
 from shared.events import DeployReady, MeasuredMemory, ModelLoaded, ModelUnloaded, Source, make_event
+from shared.inventory import DeployRequest
 from tests.hardware_inventory.conftest import Cluster
 from tests.support.helpers import eventually
 

@@ -16,14 +16,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from services.hardware_inventory.adapters.policy_file import load_policy
 from services.hardware_inventory.config import InventoryConfig
 from services.hardware_inventory.domain import placement
-from services.hardware_inventory.domain.fit import ModelShape, predict
-from services.hardware_inventory.domain.model import Allocations, NodeRecord
+from services.hardware_inventory.domain.fit import predict, shape_from_metadata
+from services.hardware_inventory.domain.model import Allocations
 from services.hardware_inventory.domain.policy import (
     AdmissionPolicy, PolicyFileError, PolicyRules, TrustedKey, evaluate, selector_matches,
 )
 from services.model_store.domain.signing import Signer
 from shared.catalog import FileEntry, ModelManifest, ModelMetadata, ResolvedModel, manifest_digest
 from shared.events import DeviceInfo, ModelId
+from shared.inventory import NodeRecord
 from tests.hardware_inventory.conftest import GB, MODELS
 
 META = ModelMetadata(architecture="LlamaForCausalLM", parameters=12_000_000, dtype="BF16", weight_bytes=24_000_000)
@@ -194,7 +195,7 @@ def test_placement_skips_excluded_nodes_and_says_why_when_nothing_else_fits():
             node_id=node_id, hostname=node_id, cpu_model="x", cpu_cores=1, ram_total=ram, devices=[cpu], labels=labels
         )
 
-    shape = ModelShape.from_metadata(MODELS["tiny"])
+    shape = shape_from_metadata(MODELS["tiny"])
     need = lambda kind: predict(shape, kind, context_length=256)  # noqa: E731
     exclusions = {"tier=edge": "over max_parameters 100"}
     slots = placement.slots(

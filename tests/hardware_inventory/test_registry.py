@@ -9,9 +9,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.hardware_inventory.service_layer.registry import Registry
-from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared import bus
 from shared.events import DeployReady, DeployRequested, MeasuredMemory, Source, make_event
+from shared.inventory import DeployRequest, FitRequest
 from tests.hardware_inventory.conftest import GB, MISSED_BEATS, Cluster
 from tests.support.helpers import eventually
 

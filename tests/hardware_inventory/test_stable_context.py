@@ -9,8 +9,8 @@ import asyncio
 
 from cli import main as cli_main
 from services.hardware_inventory.service_layer.registry import Registry
-from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared.events import DeployReady, MeasuredMemory
+from shared.inventory import DeployRequest, FitRequest
 from tests.hardware_inventory.conftest import Cluster
 
 MiB = 2**20

@@ -4,8 +4,8 @@ naming the supported ones, before anything is booked or sent to a worker."""
 from __future__ import annotations
 
 from services.hardware_inventory.service_layer.registry import Registry
-from services.hardware_inventory.service_layer.views import DeployRequest, FitRequest
 from shared.architectures import unsupported_reason
+from shared.inventory import DeployRequest, FitRequest
 from tests.hardware_inventory.conftest import Cluster
 from tests.hardware_inventory.test_interfaces import Http, cli
 from tests.support.helpers import eventually

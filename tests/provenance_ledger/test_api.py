@@ -14,9 +14,9 @@ import pytest
 from cli import main as cli_main
 from services.provenance_ledger.domain import exports
 from services.provenance_ledger.domain.merkle import verify_consistency, verify_inclusion
-from services.provenance_ledger.domain.receipt import Receipt, ReceiptInvalid, verify_receipt
-from services.provenance_ledger.service_layer.views import Empty, RequestRef
+from services.provenance_ledger.domain.receipt import ReceiptInvalid, verify_receipt
 from shared import errors, rpc, subjects
+from shared.provenance import Empty, Receipt, RequestRef
 from tests.provenance_ledger.conftest import (
     DATASET,
     MODEL,

@@ -20,10 +20,10 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from services.hardware_inventory.domain.correction import Correction
-from services.hardware_inventory.domain.model import Allocations, NodeRecord
+from services.hardware_inventory.domain.model import Allocations
 from shared import subjects
 from shared.errors import Conflict
+from shared.inventory import Correction, NodeRecord
 from shared.nats_auth import INVENTORY_BUCKET
 
 T = TypeVar("T", bound=BaseModel)

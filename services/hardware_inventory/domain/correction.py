@@ -29,15 +29,15 @@ weight ``max(1/n, ALPHA)``) clamped to [``MIN_FACTOR``, ``MAX_FACTOR``] = [0.5, 
 adjusts the formula, it does not replace it. Because the correction scales terms rather than adding
 a constant, it carries over to other context lengths and batch sizes of the same kind of model, and
 the same model on the same hardware is booked the same KV cache (the same context) on every deploy.
+
+The Correction record is the inventory's contract (shared/inventory.py); here is how it is learnt and applied.
 """
 
 from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from services.hardware_inventory.domain.fit import FitEstimate
+from shared.inventory import Correction, FitEstimate
 
 ALPHA = 0.3
 MIN_FACTOR, MAX_FACTOR = 0.5, 2.0
@@ -50,105 +50,83 @@ class IgnoredMeasurement(ValueError):
     message says which. It is logged and not stored."""
 
 
-def correction_key(architecture: str, dtype: str, device_kind: str) -> str:
-    """A KV-safe key: ``LlamaForCausalLM.bfloat16.cuda``."""
-    clean = lambda s: "".join(c if c.isalnum() or c in "-_" else "_" for c in s)  # noqa: E731
-    return f"{clean(architecture)}.{clean(dtype)}.{clean(device_kind)}"
-
-
-class Correction(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    architecture: str
-    dtype: str
-    device_kind: str
-    samples: int = Field(default=0, ge=0)
-    weights_factor: float = 1.0
-    overhead_factor: float = 1.0
-    last_raw_error: float | None = Field(default=None, description="(formula - measured) / measured, last sample")
-    last_error: float | None = Field(default=None, description="(prediction used at scheduling - measured) / measured")
-    mean_abs_error: float | None = Field(default=None, description="mean |last_error| over every sample")
-    ignored: int = Field(default=0, ge=0, description="measurements not learned from (too small, too far off)")
-    last_ignored: str | None = Field(default=None, description="why the last ignored measurement was")
-    applied: list[str] = Field(
-        default=[], description="deployment replicas already counted, learned or ignored (idempotence)"
+def apply(correction: Correction, estimate: FitEstimate) -> FitEstimate:
+    """The estimate with its terms scaled by what measurements taught."""
+    if correction.samples == 0:
+        return estimate
+    f = correction.overhead_factor
+    return estimate.model_copy(
+        update={
+            "weights": math.ceil(estimate.weights * correction.weights_factor),
+            "activations": math.ceil(estimate.activations * f),
+            "workspace": math.ceil(estimate.workspace * f),
+        }
     )
 
-    @property
-    def key(self) -> str:
-        return correction_key(self.architecture, self.dtype, self.device_kind)
 
-    def apply(self, estimate: FitEstimate) -> FitEstimate:
-        """The estimate with its terms scaled by what measurements taught."""
-        if self.samples == 0:
-            return estimate
-        f = self.overhead_factor
-        return estimate.model_copy(
-            update={
-                "weights": math.ceil(estimate.weights * self.weights_factor),
-                "activations": math.ceil(estimate.activations * f),
-                "workspace": math.ceil(estimate.workspace * f),
-            }
+def learn(
+    correction: Correction,
+    raw: FitEstimate,
+    scheduled_total: int,
+    measured_weights: int,
+    measured_kv_cache: int,
+    measured_peak: int,
+    sample_id: str,
+) -> Correction:
+    """Fold in one measurement, or raise IgnoredMeasurement. ``raw`` is the uncorrected formula for
+    the deployment's settings, ``scheduled_total`` what was predicted (corrected) when it was scheduled."""
+    if sample_id in correction.applied:
+        return correction
+    if measured_peak <= 0 or measured_weights + measured_kv_cache > measured_peak:
+        raise IgnoredMeasurement(
+            f"implausible: weights {measured_weights} B and KV cache "
+            f"{measured_kv_cache} B exceed the peak of {measured_peak} B"
         )
+    w_obs = _observed(measured_weights, raw.weights)
+    o_obs = _observed(measured_peak - measured_weights - measured_kv_cache, raw.activations + raw.workspace)
+    if w_obs is None and o_obs is None:
+        raise IgnoredMeasurement(
+            f"too small to learn from: weights and overhead each under {_mib(MIN_MEANINGFUL_BYTES)} "
+            f"predicted or measured (peak {_mib(measured_peak)}, formula {_mib(raw.total)})"
+        )
+    if not 1 / MAX_RATIO <= measured_peak / raw.total <= MAX_RATIO:
+        raise IgnoredMeasurement(
+            f"too far from the formula: a peak of {_mib(measured_peak)} against {_mib(raw.total)} "
+            f"(more than {MAX_RATIO:g}x either way): the probe missed or double-counted memory"
+        )
+    n = correction.samples + 1
+    alpha = max(1.0 / n, ALPHA)
+    error = (scheduled_total - measured_peak) / measured_peak
+    last_mean = correction.mean_abs_error
+    mean = abs(error) if last_mean is None else last_mean + (abs(error) - last_mean) / n
+    return correction.model_copy(
+        update={
+            "samples": n,
+            "weights_factor": correction.weights_factor
+            if w_obs is None
+            else (1 - alpha) * correction.weights_factor + alpha * w_obs,
+            "overhead_factor": correction.overhead_factor
+            if o_obs is None
+            else (1 - alpha) * correction.overhead_factor + alpha * o_obs,
+            "last_raw_error": (raw.total - measured_peak) / measured_peak,
+            "last_error": error,
+            "mean_abs_error": mean,
+            "applied": [*correction.applied, sample_id][-256:],
+        }
+    )
 
-    def learn(
-        self,
-        raw: FitEstimate,
-        scheduled_total: int,
-        measured_weights: int,
-        measured_kv_cache: int,
-        measured_peak: int,
-        sample_id: str,
-    ) -> Correction:
-        """Fold in one measurement, or raise IgnoredMeasurement. ``raw`` is the uncorrected formula for
-        the deployment's settings, ``scheduled_total`` what was predicted (corrected) when it was scheduled."""
-        if sample_id in self.applied:
-            return self
-        if measured_peak <= 0 or measured_weights + measured_kv_cache > measured_peak:
-            raise IgnoredMeasurement(
-                f"implausible: weights {measured_weights} B and KV cache "
-                f"{measured_kv_cache} B exceed the peak of {measured_peak} B"
-            )
-        w_obs = _observed(measured_weights, raw.weights)
-        o_obs = _observed(measured_peak - measured_weights - measured_kv_cache, raw.activations + raw.workspace)
-        if w_obs is None and o_obs is None:
-            raise IgnoredMeasurement(
-                f"too small to learn from: weights and overhead each under {_mib(MIN_MEANINGFUL_BYTES)} "
-                f"predicted or measured (peak {_mib(measured_peak)}, formula {_mib(raw.total)})"
-            )
-        if not 1 / MAX_RATIO <= measured_peak / raw.total <= MAX_RATIO:
-            raise IgnoredMeasurement(
-                f"too far from the formula: a peak of {_mib(measured_peak)} against {_mib(raw.total)} "
-                f"(more than {MAX_RATIO:g}x either way): the probe missed or double-counted memory"
-            )
-        n = self.samples + 1
-        alpha = max(1.0 / n, ALPHA)
-        error = (scheduled_total - measured_peak) / measured_peak
-        mean = (
-            abs(error) if self.mean_abs_error is None else self.mean_abs_error + (abs(error) - self.mean_abs_error) / n
-        )
-        return self.model_copy(
-            update={
-                "samples": n,
-                "weights_factor": self.weights_factor
-                if w_obs is None
-                else (1 - alpha) * self.weights_factor + alpha * w_obs,
-                "overhead_factor": self.overhead_factor
-                if o_obs is None
-                else (1 - alpha) * self.overhead_factor + alpha * o_obs,
-                "last_raw_error": (raw.total - measured_peak) / measured_peak,
-                "last_error": error,
-                "mean_abs_error": mean,
-                "applied": [*self.applied, sample_id][-256:],
-            }
-        )
 
-    def ignore(self, why: IgnoredMeasurement, sample_id: str) -> Correction:
-        """Count a measurement that was not learned from; its figures are not kept."""
-        if sample_id in self.applied:
-            return self
-        return self.model_copy(
-            update={"ignored": self.ignored + 1, "last_ignored": str(why), "applied": [*self.applied, sample_id][-256:]}
-        )
+def ignore(correction: Correction, why: IgnoredMeasurement, sample_id: str) -> Correction:
+    """Count a measurement that was not learned from; its figures are not kept."""
+    if sample_id in correction.applied:
+        return correction
+    return correction.model_copy(
+        update={
+            "ignored": correction.ignored + 1,
+            "last_ignored": str(why),
+            "applied": [*correction.applied, sample_id][-256:],
+        }
+    )
 
 
 def note(raw: FitEstimate, correction: Correction | None) -> str:
@@ -158,7 +136,7 @@ def note(raw: FitEstimate, correction: Correction | None) -> str:
     if correction.samples == 0:
         plural = "" if correction.ignored == 1 else "s"
         return f"no correction: {correction.ignored} measurement{plural} ignored, the last as {correction.last_ignored}"
-    factor = correction.apply(raw).total / raw.total
+    factor = apply(correction, raw).total / raw.total
     plural = "" if correction.samples == 1 else "s"
     ignored = f", {correction.ignored} ignored" if correction.ignored else ""
     return (

@@ -25,17 +25,16 @@ CUDA), the same figure the worker reports as ``measured.peak``. A booking adds `
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.architectures import RUNTIMES, runtime_for, unsupported_reason
 from shared.errors import Invalid
+from shared.inventory import DeviceKind, FitEstimate, ModelShape
 from shared.quantization import QUANTIZATIONS
 
 MiB = 1 << 20
 GiB = 1 << 30
-DeviceKind = Literal["cpu", "cuda"]
 
 DTYPE_BYTES = {
     "float32": 4, "fp32": 4, "f32": 4, "float": 4,
@@ -71,63 +70,37 @@ def refusal(meta: object) -> str | None:
     return None if runtime_for([architecture]) else unsupported_reason([architecture])
 
 
-class ModelShape(BaseModel):
-    """The architecture figures the formula needs (from model-store's ModelMetadata)."""
-
-    model_config = ConfigDict(frozen=True)
-    architecture: str
-    dtype: str = Field(description="the checkpoint's dtype")
-    parameters: int = Field(ge=0)
-    weight_bytes: int = Field(ge=0)
-    num_layers: int = Field(ge=1)
-    hidden_size: int = Field(ge=1)
-    intermediate_size: int = Field(ge=1)
-    num_heads: int = Field(ge=1)
-    num_kv_heads: int = Field(ge=1)
-    head_dim: int = Field(ge=1)
-    vocab_size: int = Field(ge=1)
-    context_length: int = Field(ge=1, description="the model's maximum context (max_position_embeddings)")
-    num_experts: int | None = Field(default=None, ge=1, description="MoE: experts per layer; None for a dense model")
-    num_experts_per_tok: int | None = Field(default=None, ge=1, description="MoE: experts each token goes through")
-    expert_intermediate_size: int | None = Field(default=None, ge=1, description="MoE: one expert's intermediate size")
-    format: str | None = Field(default=None, description="'gguf': llama.cpp's fit (fit_gguf.py); None: safetensors")
-
-    @property
-    def moe(self) -> bool:
-        return bool(self.num_experts and self.num_experts_per_tok)
-
-    @classmethod
-    def from_metadata(cls, meta: object) -> ModelShape:
-        """From a ``shared.catalog.ModelMetadata``; Invalid names every figure the checkpoint lacks."""
-        get = lambda name: getattr(meta, name, None)  # noqa: E731
-        missing = [
-            n
-            for n in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size", "context_length")
-            if get(n) is None
-        ]
-        if missing:
-            raise Invalid(f"model metadata lacks {', '.join(missing)}: cannot predict its memory")
-        num_heads = get("num_heads")
-        head_dim = get("head_dim") or get("hidden_size") // num_heads
-        gguf = get("format") == "gguf"  # its dtype is a ggml type (Q8_0, Q4_K), counted as stored by fit_gguf
-        return cls(
-            architecture=get("architecture"),
-            dtype=get("dtype") if gguf else dtype_name(get("dtype")),
-            parameters=get("parameters"),
-            weight_bytes=get("weight_bytes"),
-            num_layers=get("num_layers"),
-            hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"),
-            num_heads=num_heads,
-            num_kv_heads=get("num_kv_heads") or num_heads,
-            head_dim=head_dim,
-            vocab_size=get("vocab_size"),
-            context_length=get("context_length"),
-            num_experts=get("num_experts"),
-            num_experts_per_tok=get("num_experts_per_tok"),
-            expert_intermediate_size=get("moe_intermediate_size") or get("intermediate_size"),
-            format=get("format"),
-        )
+def shape_from_metadata(meta: object) -> ModelShape:
+    """From a ``shared.catalog.ModelMetadata``; Invalid names every figure the checkpoint lacks."""
+    get = lambda name: getattr(meta, name, None)  # noqa: E731
+    missing = [
+        n
+        for n in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size", "context_length")
+        if get(n) is None
+    ]
+    if missing:
+        raise Invalid(f"model metadata lacks {', '.join(missing)}: cannot predict its memory")
+    num_heads = get("num_heads")
+    head_dim = get("head_dim") or get("hidden_size") // num_heads
+    gguf = get("format") == "gguf"  # its dtype is a ggml type (Q8_0, Q4_K), counted as stored by fit_gguf
+    return ModelShape(
+        architecture=get("architecture"),
+        dtype=get("dtype") if gguf else dtype_name(get("dtype")),
+        parameters=get("parameters"),
+        weight_bytes=get("weight_bytes"),
+        num_layers=get("num_layers"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        num_heads=num_heads,
+        num_kv_heads=get("num_kv_heads") or num_heads,
+        head_dim=head_dim,
+        vocab_size=get("vocab_size"),
+        context_length=get("context_length"),
+        num_experts=get("num_experts"),
+        num_experts_per_tok=get("num_experts_per_tok"),
+        expert_intermediate_size=get("moe_intermediate_size") or get("intermediate_size"),
+        format=get("format"),
+    )
 
 
 class FitParams(BaseModel):
@@ -137,33 +110,6 @@ class FitParams(BaseModel):
     block_size: int = Field(default=16, ge=1)
     max_batched_tokens: int = Field(default=4096, ge=1)
     max_num_seqs: int = Field(default=256, ge=1)
-
-
-class FitEstimate(BaseModel):
-    """A prediction, term by term, so that a person can check it by hand."""
-
-    model_config = ConfigDict(frozen=True)
-    device_kind: DeviceKind
-    dtype: str = Field(description="the dtype the device computes in")
-    quantize: str | None = Field(default=None, description="weight-only quantization of the linear layers (int8, int4)")
-    context_length: int
-    batch: int
-    weights: int
-    kv_cache: int
-    kv_bytes_per_token: int
-    activations: int
-    workspace: int
-    runtime_overhead: int
-
-    @property
-    def total(self) -> int:
-        """Bytes the deployment allocates on the device: compared with the measured peak."""
-        return self.weights + self.kv_cache + self.activations + self.workspace
-
-    @property
-    def booked(self) -> int:
-        """What a booking reserves: the total plus the per-process runtime overhead."""
-        return self.total + self.runtime_overhead
 
 
 # weight-only quantization (the worker's engine/quant.py): bytes a quantized weight, and the elements in

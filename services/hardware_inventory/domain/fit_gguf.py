@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 
+from services.hardware_inventory.domain.fit import RUNTIME_OVERHEAD, WORKSPACE
 from shared.errors import Invalid
-
-from services.hardware_inventory.domain.fit import RUNTIME_OVERHEAD, WORKSPACE, DeviceKind, FitEstimate, ModelShape
+from shared.inventory import DeviceKind, FitEstimate, ModelShape
 
 KV_TYPE_BYTES = 2  # f16 cells: llama.cpp's default type_k/type_v, which the worker does not change
 CELL_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of this

@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from services.hardware_inventory.domain.fit import FitEstimate
-from services.hardware_inventory.domain.model import Allocations, NodeRecord, Policy, Telemetry
+from services.hardware_inventory.domain.model import Allocations, Telemetry
 from services.hardware_inventory.domain.policy import excluding_selector, label_rule
 from shared.errors import Invalid
 from shared.events import DeviceInfo
+from shared.inventory import FitEstimate, NodeRecord, Policy
 
 GB = 1e9
 KNOWN_KEYS = ("device", "node", "hostname", "gpu.product", "gpu.uuid", "gpu.compute_capability", "label.<name>")

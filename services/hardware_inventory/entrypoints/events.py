@@ -11,12 +11,12 @@ from faststream.nats.annotations import NatsMessage
 
 from services.hardware_inventory.service_layer.agent import Agent
 from services.hardware_inventory.service_layer.registry import Registry
-from services.hardware_inventory.service_layer.views import DeployRequest
 from shared import errors
 from shared.events import (
     DeployFailed, DeployReady, DeployRequested, DeployUnloaded, Event, ModelLoaded, ModelUnloaded, NodeRegistered,
     UndeployRequested, parse_event,
 )
+from shared.inventory import DeployRequest
 from shared.service import Service
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Query
 
 from services.hardware_inventory.domain import placement
 from services.hardware_inventory.service_layer.registry import Registry
-from services.hardware_inventory.service_layer.views import (
-    CorrectionList, DeploymentList, DeployOutcome, DeployRequest, FitReport, FitRequest, NodeList, NodeView,
-    UndeployOutcome, UndeployRequest,
-)
 from shared import errors
 from shared.apikey_http import require
 from shared.http_errors import error_responses
+from shared.inventory import (
+    CorrectionList, DeployOutcome, DeployRequest, DeploymentList, FitReport, FitRequest, NodeList, NodeView,
+    UndeployOutcome, UndeployRequest,
+)
 from shared.service import part_of
 
 router = APIRouter()

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 from services.hardware_inventory.service_layer.registry import Registry
-from services.hardware_inventory.service_layer.views import (
-    CorrectionList,
-    DeploymentList,
-    DeployOutcome,
-    DeployRequest,
-    Empty,
-    FitReport,
-    FitRequest,
-    NodeList,
-    UndeployOutcome,
-    UndeployRequest,
-)
 from shared.assignments import Assigned, AssignedRequest
+from shared.inventory import (
+    CorrectionList, DeployOutcome, DeployRequest, DeploymentList, Empty, FitReport, FitRequest, NodeList,
+    UndeployOutcome, UndeployRequest,
+)
 from shared.service import Service
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from services.hardware_inventory.domain import placement
-from services.hardware_inventory.domain.model import NodeRecord
 from services.hardware_inventory.domain.policy import AdmissionPolicy, Decision, evaluate
 from shared.catalog import ResolvedModel
 from shared.events import EventData, PolicyDecided
+from shared.inventory import NodeRecord
 
 Emit = Callable[[EventData, str], Awaitable[None]]
 

@@ -16,15 +16,14 @@ from services.hardware_inventory.adapters.catalog import ModelCatalog
 from services.hardware_inventory.adapters.state import InventoryState, Unchanged
 from services.hardware_inventory.config import InventoryConfig
 from services.hardware_inventory.domain import placement
-from services.hardware_inventory.domain.correction import Correction, IgnoredMeasurement, correction_key
-from services.hardware_inventory.domain.fit import FitEstimate, ModelShape, predict, refusal
-from services.hardware_inventory.domain.model import Allocations, Deployment, NodeRecord, Replica
+from services.hardware_inventory.domain import correction as corrections
+from services.hardware_inventory.domain.correction import IgnoredMeasurement
+from services.hardware_inventory.domain.fit import predict, refusal, shape_from_metadata
+from services.hardware_inventory.domain.model import Allocations
 from services.hardware_inventory.domain.policy import AdmissionPolicy
 from services.hardware_inventory.service_layer.admission import admit
 from services.hardware_inventory.service_layer.nodes import NodeTable
-from services.hardware_inventory.service_layer.views import (
-    DeployOutcome, DeployRequest, EstimateView, FitReport, FitRequest, FitRow,
-)
+from services.hardware_inventory.service_layer.views import estimate_view
 from shared import errors
 from shared.catalog import ResolvedModel
 from shared.events import (
@@ -39,6 +38,10 @@ from shared.events import (
     ModelUnloaded,
     new_id,
     utcnow,
+)
+from shared.inventory import (
+    Correction, DeployOutcome, DeployRequest, Deployment, EstimateView, FitEstimate, FitReport, FitRequest, FitRow,
+    ModelShape, NodeRecord, Replica, correction_key,
 )
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,7 @@ class Deployments:
         views: dict[str, EstimateView] = {}
         for kind in ("cuda", "cpu"):
             raw = predict(shape, kind, context_length=context, batch=batch, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
-            views[kind] = EstimateView.of(
+            views[kind] = estimate_view(
                 raw, await self.state.correction(correction_key(shape.architecture, raw.dtype, kind))
             )
         return views.__getitem__
@@ -109,7 +112,7 @@ class Deployments:
                 estimates={},
                 rows=[],
             )
-        shape = ModelShape.from_metadata(meta)
+        shape = shape_from_metadata(meta)
         context = self._context(shape, request.context_length)
         estimate = await self.estimator(shape, context, request.batch, request.dtype, request.quantize)
         nodes = await self.state.nodes()
@@ -168,7 +171,7 @@ class Deployments:
             resolved = await self._resolve(request.model_ref)
             if refused := refusal(resolved.manifest.metadata):  # before the policy, any booking or event to a worker
                 return await self._reject(deployment_id, request.model_ref, refused, "unsupported")
-            shape = ModelShape.from_metadata(resolved.manifest.metadata)
+            shape = shape_from_metadata(resolved.manifest.metadata)
             context = self._context(shape, request.context_length)
             estimate = await self.estimator(shape, context, request.batch, request.dtype, request.quantize)
         except errors.StrataError as exc:
@@ -383,11 +386,11 @@ class Deployments:
             if sample in base.applied:
                 raise Unchanged(base)
             try:
-                learned = base.learn(
-                    raw, replica.predicted_bytes, measured.weights, measured.kv_cache, measured.peak, sample
+                learned = corrections.learn(
+                    base, raw, replica.predicted_bytes, measured.weights, measured.kv_cache, measured.peak, sample
                 )
             except IgnoredMeasurement as ignored:
-                return base.ignore(ignored, sample), ignored
+                return corrections.ignore(base, ignored, sample), ignored
             return learned, learned
 
         outcome = await self.state.change(f"correction.{key}", Correction, learn)

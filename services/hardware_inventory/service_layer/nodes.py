@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from services.hardware_inventory.adapters.state import InventoryState, Unchanged, node_key
-from services.hardware_inventory.domain.model import NodeRecord, Telemetry
+from services.hardware_inventory.domain.model import Telemetry
 from shared.events import EventData, NodeHeartbeat, NodeLost, NodeRegistered, NodeReturned, utcnow
+from shared.inventory import NodeRecord
 
 log = logging.getLogger(__name__)
 Publish = Callable[..., Awaitable[object]]

@@ -12,11 +12,12 @@ from services.hardware_inventory.domain import placement
 from services.hardware_inventory.domain.policy import AdmissionPolicy
 from services.hardware_inventory.service_layer.deployments import Deployments
 from services.hardware_inventory.service_layer.nodes import NodeTable
-from services.hardware_inventory.service_layer.views import (
-    CorrectionList, DeploymentList, DeployOutcome, DeployRequest, FitReport, FitRequest, NodeList, UndeployOutcome,
-    UndeployRequest, node_view,
-)
+from services.hardware_inventory.service_layer.views import node_view
 from shared.assignments import Assigned, AssignedRequest
+from shared.inventory import (
+    CorrectionList, DeployOutcome, DeployRequest, DeploymentList, FitReport, FitRequest, NodeList, UndeployOutcome,
+    UndeployRequest,
+)
 
 
 @dataclass

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from services.provenance_ledger.domain.lineage import IndexRow
-from services.provenance_ledger.domain.tree_head import TreeHead
 from services.provenance_ledger.domain.verify import StoredLeaf
+from shared.provenance import TreeHead
 
 LEAVES_TABLE = """
 CREATE TABLE IF NOT EXISTS leaves (

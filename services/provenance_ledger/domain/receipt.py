@@ -12,30 +12,19 @@ then about *that* prompt. Nobody without the salt can test a guessed prompt agai
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from services.provenance_ledger.domain.canonical import leaf_bytes
 from services.provenance_ledger.domain.merkle import leaf_hash, verify_inclusion
-from services.provenance_ledger.domain.tree_head import TreeHead, head_signature_problem, load_public_pem
+from services.provenance_ledger.domain.tree_head import head_signature_problem, load_public_pem
+from shared.provenance import Receipt
 from shared.prompt_commitment import BadSalt, matches
 
-RECEIPT_FORMAT = "strata.ledger.receipt.v1"
 # the events a request's receipt holds: a generation's, or an embeddings request's (its commitment covers
 # the inputs as shared/embeddings.input_bytes writes them)
 RECEIPT_TYPES = ("inference.completed", "inference.embedded")
-
-
-class Receipt(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    format: Literal["strata.ledger.receipt.v1"] = RECEIPT_FORMAT
-    event: dict[str, Any] = Field(description="the inference.completed event envelope, as published")
-    leaf_index: int = Field(ge=0)
-    conflict_of: int | None = Field(default=None, ge=0, description="set when this event reused the id of the event at "
-                                    "that earlier leaf with other content: the mark is part of the hashed leaf")
-    inclusion_proof: list[str] = Field(description="hex node hashes, RFC 9162 order")
-    tree_head: TreeHead
 
 
 class ReceiptInvalid(ValueError):

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel
 
 from services.provenance_ledger.domain.canonical import parse_leaf
 from services.provenance_ledger.domain.merkle import MerkleTree, leaf_hash
-from services.provenance_ledger.domain.tree_head import TreeHead, head_signature_problem
+from services.provenance_ledger.domain.tree_head import head_signature_problem
+from shared.provenance import Problem, ProblemKind, TreeHead, VerifyReport
 
-ProblemKind = Literal["changed", "missing", "reordered", "malformed", "root_mismatch", "truncated", "bad_signature"]
 MAX_PROBLEMS = 1000
 
 
@@ -34,21 +33,6 @@ class StoredLeaf(NamedTuple):
     event_id: str
     data: bytes
     leaf_hash: bytes
-
-
-class Problem(BaseModel):
-    index: int
-    kind: ProblemKind
-    detail: str
-
-
-class VerifyReport(BaseModel):
-    ok: bool
-    leaves: int
-    heads_checked: int
-    latest_signed_size: int | None
-    problems: list[Problem]
-    problems_total: int
 
 
 class _Problems:

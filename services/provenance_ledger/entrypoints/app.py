@@ -7,10 +7,10 @@ import logging
 
 from services.provenance_ledger.entrypoints.routes import router
 from services.provenance_ledger.service_layer.ledger_app import LedgerApp
-from services.provenance_ledger.service_layer.views import LedgerStats
 from shared.apikey_http import protect
 from shared.config import Settings
 from shared.contracts.provenance_ledger import CONTRACT
+from shared.provenance import LedgerStats
 from shared.service import Service
 
 log = logging.getLogger(__name__)

@@ -9,18 +9,16 @@ from fastapi import Depends, Query
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRouter
 
-from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.entrypoints.access import only_requests_of, receipt_caller
 from services.provenance_ledger.service_layer.ledger_app import LedgerApp
-from services.provenance_ledger.service_layer.views import (
-    AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, ExportRequest, HeadResponse, InclusionProof,
-    InclusionRequest, LedgerStats, ModelLineageRef,
-)
 from shared import errors
 from shared.apikey_http import require
 from shared.apikeys import ApiKeyRecord
 from shared.http_errors import error_responses
+from shared.provenance import (
+    AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, ExportRequest, HeadResponse, InclusionProof,
+    InclusionRequest, LedgerStats, ModelLineageRef, Receipt, VerifyReport,
+)
 from shared.service import part_of
 
 router = APIRouter()

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.service_layer.ledger_app import LedgerApp
-from services.provenance_ledger.service_layer.views import (
+from shared.provenance import (
     AuditRequest, ConsistencyProof, ConsistencyRequest, DatasetRef, Empty, ExportRequest, HeadResponse, InclusionProof,
-    InclusionRequest, LedgerStats, ModelLineageRef, PublicKey, RequestRef,
+    InclusionRequest, LedgerStats, ModelLineageRef, PublicKey, Receipt, RequestRef, VerifyReport,
 )
 from shared.service import Service
 

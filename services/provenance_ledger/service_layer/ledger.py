@@ -18,12 +18,12 @@ from services.provenance_ledger.adapters.store import LeafRow, LedgerStore
 from services.provenance_ledger.domain.canonical import leaf_bytes, parse_leaf
 from services.provenance_ledger.domain.lineage import IndexRow, index_rows, model_key
 from services.provenance_ledger.domain.merkle import MerkleTree, ProofError, leaf_hash
-from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.tree_head import TreeHead, datetime_to_ms, public_pem, sign_head
-from services.provenance_ledger.domain.verify import StoredLeaf, VerifyReport, verify_log
+from services.provenance_ledger.domain.tree_head import public_pem, sign_head
+from services.provenance_ledger.domain.verify import StoredLeaf, verify_log
 from shared import errors
 from shared.canonical import canonical_json
 from shared.events import Event, LedgerCheckpoint, parse_event
+from shared.provenance import Receipt, TreeHead, VerifyReport, datetime_to_ms
 from shared.signing_keys import short_key_id
 
 log = logging.getLogger(__name__)

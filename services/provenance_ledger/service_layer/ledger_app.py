@@ -10,19 +10,16 @@ from typing import Any
 
 from services.provenance_ledger.adapters.ingest import EventIngest
 from services.provenance_ledger.domain import exports
-from services.provenance_ledger.domain.receipt import Receipt
-from services.provenance_ledger.domain.tree_head import ms_to_datetime
-from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.service_layer import queries
 from services.provenance_ledger.config import LedgerConfig
 from services.provenance_ledger.service_layer.ledger import Ledger
-from services.provenance_ledger.service_layer.views import (
-    AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, ExportRequest, HeadResponse, InclusionProof,
-    InclusionRequest, LedgerStats, PublicKey,
-)
 from services.provenance_ledger.service_layer.watch import TamperWatch
 from shared import errors
 from shared.events import LedgerCheckpoint, TamperDetected
+from shared.provenance import (
+    AuditEntry, AuditRequest, ConsistencyProof, ConsistencyRequest, ExportRequest, HeadResponse, InclusionProof,
+    InclusionRequest, LedgerStats, PublicKey, Receipt, VerifyReport, ms_to_datetime,
+)
 from shared.service import Service
 from shared.signing_keys import short_key_id
 

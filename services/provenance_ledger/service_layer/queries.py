@@ -11,8 +11,8 @@ from services.provenance_ledger.adapters.store import LedgerStore
 from services.provenance_ledger.domain.canonical import parse_leaf
 from services.provenance_ledger.domain.exports import DatasetFacts, ModelFacts
 from services.provenance_ledger.domain.lineage import ref_name
-from services.provenance_ledger.domain.tree_head import datetime_to_ms, ms_to_datetime
 from shared import errors
+from shared.provenance import datetime_to_ms, ms_to_datetime
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -17,9 +17,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.provenance_ledger.domain.verify import VerifyReport
 from services.provenance_ledger.config import WatchSettings
 from services.provenance_ledger.service_layer.ledger import Ledger, verify_store
+from shared.provenance import VerifyReport
 
 log = logging.getLogger(__name__)
 class TamperWatch:
