@@ -77,7 +77,8 @@ class Service:
         self.http.add_middleware(TraceContext)
         self.metrics = ServiceMetrics(name)
         self.http.add_middleware(HttpMetrics, metrics=self.metrics)
-        self.consumer: bus.EventConsumer | None = None
+        # its durable event consumers: consume() or consume_declared(); the lifespan starts and stops them
+        self.consumers: list[bus.EventConsumer] = []
         self.metrics.counters(
             "strata_events", "Events this service's consumer took, by outcome", ["outcome"], self._consumer_counts
         )
@@ -151,16 +152,23 @@ class Service:
                 }
 
     # -- events ------------------------------------------------------------------------------
+    @property
+    def consumer(self) -> bus.EventConsumer | None:
+        """Its first consumer: the one /healthz and ``strata_events`` report."""
+        return self.consumers[0] if self.consumers else None
+
     def consume(
         self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any
     ) -> bus.EventConsumer:
         """This service's durable consumer. Register handlers on it with ``@consumer.on(EventType)``."""
-        if self.consumer is not None:
+        if self.consumers:
             raise RuntimeError(f"{self.name} already has a consumer")
-        self.consumer = bus.EventConsumer(
-            service=self.name, durable=durable or self.name, filter_subject=filter_subject, **options
-        )
-        return self.consumer
+        return self._add_consumer(filter_subject, durable or self.name, **options)
+
+    def _add_consumer(self, filter_subject: str, durable: str, **options: Any) -> bus.EventConsumer:
+        consumer = bus.EventConsumer(service=self.name, durable=durable, filter_subject=filter_subject, **options)
+        self.consumers.append(consumer)
+        return consumer
 
     async def publish(self, data: EventData, *, event_id: str | None = None) -> Event[Any]:
         """Publish one of this service's own events (each event type has exactly one publisher)."""
@@ -199,23 +207,26 @@ class Service:
 
     def consume_declared(
         self, contract: Contract, *, durable: str | None = None, until: asyncio.Event | None = None, **options: Any
-    ) -> bus.EventConsumer | None:
-        """Run the contract's event consumer, as ``serve`` does its RPC ops: the one ``Consumes`` without
-        ``registered_by`` (those with it run their own), on a durable per node where its name says
-        ``{node}``, each event type routed to the handler named next to it. ``durable``: a configured
-        name instead of the contract's; ``until``: hold every event until it is set (the monitor's replay);
-        ``options``: EventConsumer's (``batch_size``)."""
+    ) -> list[bus.EventConsumer]:
+        """Run the contract's event consumers, as ``serve`` does its RPC ops: every ``Consumes`` without
+        ``registered_by`` (those with it run their own), each on its own durable (one per node where its
+        name says ``{node}``), each event type routed to the handler named next to it. The first is
+        ``consumer``, the one /healthz reports. ``durable``: a configured name instead of the contract's
+        (for a contract with one such consumer); ``until``: hold every event until it is set (the
+        monitor's replay); ``options``: EventConsumer's (``batch_size``)."""
         ours = [c for c in contract.consumes if not c.registered_by]
-        if not ours:
-            return None
-        if len(ours) > 1 or ours[0].stream != subjects.EVENTS_STREAM:
-            raise ValueError(f"{self.name}: Service runs one consumer on {subjects.EVENTS_STREAM}; "
-                             "give the others a registered_by")
-        consumes = ours[0]
-        name = durable or consumes.durable.format(node=subjects.token(self.settings.node_id))
-        consumer = self.consume(consumes.filter, durable=name, **options)
-        self.handle(consumes, consumer, until=until)
-        return consumer
+        if self.consumers and ours:
+            raise RuntimeError(f"{self.name} already has a consumer")
+        if durable is not None and len(ours) > 1:
+            raise ValueError(f"{self.name}: one configured durable for {len(ours)} consumers")
+        for consumes in ours:
+            if consumes.stream != subjects.EVENTS_STREAM:
+                raise ValueError(f"{self.name}: {consumes.durable} reads {consumes.stream}, Service's consumers read "
+                                 f"{subjects.EVENTS_STREAM}: give it a registered_by")
+        for consumes in ours:
+            name = durable or consumes.durable.format(node=subjects.token(self.settings.node_id))
+            self.handle(consumes, self._add_consumer(consumes.filter, name, **options), until=until)
+        return self.consumers
 
     def handle(self, consumes: Consumes, consumer: bus.EventConsumer, *, until: asyncio.Event | None = None) -> None:
         """Route a declared consumer's events to the handlers the contract names for them (``EventData``:
@@ -295,13 +306,13 @@ class Service:
 
     @asynccontextmanager
     async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
-        if self.consumer is not None:
-            self.consumer.attach(self.broker)
+        for consumer in self.consumers:
+            consumer.attach(self.broker)
         await self.broker.connect()
         await bus.ensure_streams(self.broker.connection.jetstream(), replication.stream_replicas())
         await self.broker.start()
-        if self.consumer is not None:
-            await self.consumer.start()
+        for consumer in self.consumers:
+            await consumer.start()
         for hook in self._on_start:
             await hook()
         self.ready = True
@@ -311,8 +322,8 @@ class Service:
             self.ready = False
             for hook in reversed(self._on_stop):
                 await hook()
-            if self.consumer is not None:
-                await self.consumer.stop()
+            for consumer in reversed(self.consumers):
+                await consumer.stop()
             await self.broker.stop()
 
     # -- health ------------------------------------------------------------------------------
