@@ -1,10 +1,11 @@
 """What every Strata service process is: a FastStream NATS broker and a FastAPI HTTP app that share
-one lifespan, a health check on both (``rpc.<service>.health`` and ``GET /healthz``), and helpers to
-publish events and to consume them durably."""
+one lifespan, a health check on both (``rpc.<service>.health`` and ``GET /healthz``), the parts its
+start builds (``provide``/``part``), and the publishing of its own events. What it receives on NATS (RPC
+ops, durable event consumers, core subscriptions), registered from its contract, is
+shared/service_wiring.py's."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
@@ -18,20 +19,19 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from faststream.nats.annotations import NatsMessage
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel, Field
 
-from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
+from shared import bus, errors, http_errors, http_tls, replication, subjects
 from shared.config import SERVICES, Settings, module_name
-from shared.contracts import Consumes, Contract, Subscription, contracts, resolve
+from shared.contracts import contracts
 from shared.events import Event, EventData, Source, make_event
 from shared.service_metrics import HttpMetrics, ServiceMetrics
+from shared.service_wiring import ContractWiring
 from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip_http_telemetry
 
 VERSION = "0.1.0"
 Hook = Callable[[], Awaitable[None]]
-RpcHandler = Callable[[Any], Awaitable[Any]]
 P = TypeVar("P")
 
 
@@ -57,8 +57,12 @@ class Health(BaseModel):
                                    "monitor's replay of its state): the service serves, its state is not whole yet")
 
 
-class Service:
+class Service(ContractWiring):
+    """A service process. What it receives on NATS, registered from its contract (``serve``,
+    ``consume_declared``, ``subscribe``), is ContractWiring's (shared/service_wiring.py)."""
+
     def __init__(self, name: str, settings: Settings | None = None, *, description: str = "") -> None:
+        super().__init__()
         self.name = name
         self.settings = settings or Settings.from_env(name)
         self.source = Source(service=name, node=self.settings.node_id)
@@ -77,16 +81,11 @@ class Service:
         self.http.add_middleware(TraceContext)
         self.metrics = ServiceMetrics(name)
         self.http.add_middleware(HttpMetrics, metrics=self.metrics)
-        # its durable event consumers: consume() or consume_declared(); the lifespan starts and stops them
-        self.consumers: list[bus.EventConsumer] = []
         self.metrics.counters(
             "strata_events", "Events this service's consumer took, by outcome", ["outcome"], self._consumer_counts
         )
         self.ready = False
         self._parts: dict[type, object] = {}  # what the start hooks built: provide() / part()
-        # the contract's consumers and subscriptions registered through handle() and subscribe(), with the
-        # handlers the contract names (tests/foundation/test_contracts.py checks each is, once)
-        self.registered: list[Consumes | Subscription] = []
         self.http.state.service = self  # module-level routes reach the parts through the request (part_of)
         self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)
         self._started = time.monotonic()
@@ -151,25 +150,7 @@ class Service:
                     ),
                 }
 
-    # -- events ------------------------------------------------------------------------------
-    @property
-    def consumer(self) -> bus.EventConsumer | None:
-        """Its first consumer: the one /healthz and ``strata_events`` report."""
-        return self.consumers[0] if self.consumers else None
-
-    def consume(
-        self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any
-    ) -> bus.EventConsumer:
-        """This service's durable consumer. Register handlers on it with ``@consumer.on(EventType)``."""
-        if self.consumers:
-            raise RuntimeError(f"{self.name} already has a consumer")
-        return self._add_consumer(filter_subject, durable or self.name, **options)
-
-    def _add_consumer(self, filter_subject: str, durable: str, **options: Any) -> bus.EventConsumer:
-        consumer = bus.EventConsumer(service=self.name, durable=durable, filter_subject=filter_subject, **options)
-        self.consumers.append(consumer)
-        return consumer
-
+    # -- its own events --------------------------------------------------------------------
     async def publish(self, data: EventData, *, event_id: str | None = None) -> Event[Any]:
         """Publish one of this service's own events (each event type has exactly one publisher)."""
         if data.PUBLISHER != self.name:
@@ -177,87 +158,6 @@ class Service:
         event = make_event(data, self.source, event_id=event_id)
         await bus.publish(self.broker, event)
         return event
-
-    def rpc(
-        self, op: str, request_type: type[BaseModel], *, every_replica: bool = False
-    ) -> Callable[[RpcHandler], RpcHandler]:
-        """Serve ``rpc.<service>.<op>``: ``@service.rpc("resolve", ResolveRequest)`` over
-        ``async def resolve(request) -> result``; errors go back typed (see shared/rpc.py).
-        ``every_replica``: no queue group, every replica answers (the caller gathers the replies)."""
-
-        def register(handler: RpcHandler) -> RpcHandler:
-            async def receive(msg: NatsMessage) -> bytes:
-                started = time.perf_counter()
-                reply = await rpc.answer(msg.body, request_type, handler)
-                self.metrics.rpc(op, reply, time.perf_counter() - started)
-                return reply
-
-            receive.__name__ = f"rpc_{op}"
-            queue = None if every_replica else self.name
-            self.broker.subscriber(subjects.rpc(self.name, op), queue=queue, title=f"{self.name}:{op}")(receive)
-            return handler
-
-        return register
-
-    def serve(self, contract: Contract) -> None:
-        """Serve the contract's RPC ops, each by the handler named next to it: a module-level
-        ``async def op(service, request)``, or ``Class.method`` of a part this service provides."""
-        for op in contract.rpc:
-            self.rpc(op.op, op.request, every_replica=op.every_replica)(self._bind(op.handler))
-
-    def consume_declared(
-        self, contract: Contract, *, durable: str | None = None, until: asyncio.Event | None = None, **options: Any
-    ) -> list[bus.EventConsumer]:
-        """Run the contract's event consumers, as ``serve`` does its RPC ops: every ``Consumes`` without
-        ``registered_by`` (those with it run their own), each on its own durable (one per node where its
-        name says ``{node}``), each event type routed to the handler named next to it. The first is
-        ``consumer``, the one /healthz reports. ``durable``: a configured name instead of the contract's
-        (for a contract with one such consumer); ``until``: hold every event until it is set (the
-        monitor's replay); ``options``: EventConsumer's (``batch_size``)."""
-        ours = [c for c in contract.consumes if not c.registered_by]
-        if self.consumers and ours:
-            raise RuntimeError(f"{self.name} already has a consumer")
-        if durable is not None and len(ours) > 1:
-            raise ValueError(f"{self.name}: one configured durable for {len(ours)} consumers")
-        for consumes in ours:
-            if consumes.stream != subjects.EVENTS_STREAM:
-                raise ValueError(f"{self.name}: {consumes.durable} reads {consumes.stream}, Service's consumers read "
-                                 f"{subjects.EVENTS_STREAM}: give it a registered_by")
-        for consumes in ours:
-            name = durable or consumes.durable.format(node=subjects.token(self.settings.node_id))
-            self.handle(consumes, self._add_consumer(consumes.filter, name, **options), until=until)
-        return self.consumers
-
-    def handle(self, consumes: Consumes, consumer: bus.EventConsumer, *, until: asyncio.Event | None = None) -> None:
-        """Route a declared consumer's events to the handlers the contract names for them (``EventData``:
-        every event without a handler of its own); with ``until``, each waits for it to be set."""
-        for event_type, handler in consumes.handlers.items():
-            bound = self._bind(handler) if until is None else _held_until(until, self._bind(handler))
-            if event_type is EventData:
-                consumer.on_any(bound)
-            else:
-                consumer.on(event_type)(bound)
-        self.registered.append(consumes)
-
-    def subscribe(self, subscription: Subscription, *, title: str) -> None:
-        """A declared core subscription that lasts as long as the service (FastStream documents it)."""
-        self.registered.append(subscription)
-        handle = self._bind(subscription.handler)
-
-        async def receive(msg: NatsMessage) -> None:
-            await handle(msg)
-
-        receive.__name__ = title.replace("-", "_")
-        self.broker.subscriber(subscription.subject, queue=subscription.queue, title=f"{self.name}:{title}")(receive)
-
-    def _bind(self, handler: str) -> RpcHandler:
-        module, _, qualname = handler.partition(":")
-        owner, _, method = qualname.rpartition(".")
-        if not owner:
-            function = resolve(handler)
-            return lambda request: function(self, request)
-        cls = resolve(f"{module}:{owner}")
-        return lambda request: getattr(self.part(cls), method)(request)
 
     # -- started parts -------------------------------------------------------------------------
     def provide(self, part: object, *, as_type: type | None = None) -> None:
@@ -361,15 +261,6 @@ class Service:
         return self.health().model_dump(mode="json")
 
 
-def _held_until(ready: asyncio.Event, handle: RpcHandler) -> RpcHandler:
-    async def held(event: Any) -> Any:
-        if not ready.is_set():
-            await ready.wait()
-        return await handle(event)
-
-    return held
-
-
 async def _error_response(_request: Request, exc: errors.StrataError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.http_status)
 
@@ -421,8 +312,8 @@ def service_of(request: Request) -> Service:
 
 
 def load(service_name: str, settings: Settings | None = None) -> Service:
+    """Build a service by name from ``services/<name>/entrypoints/app.py:create_service``."""
     if service_name not in SERVICES:
         raise ValueError(f"unknown service {service_name!r}; choose from {', '.join(SERVICES)}")
-    """Build a service by name from ``services/<name>/entrypoints/app.py:create_service``."""
     module = importlib.import_module(f"{module_name(service_name)}.entrypoints.app")
     return module.create_service(settings)
