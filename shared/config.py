@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -23,6 +24,7 @@ SERVICES = tuple(DEFAULT_PORTS)
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATA_DIR = Path(".strata")
 DATA_DIR_ENV = "STRATA_DATA_DIR"
+T = TypeVar("T")
 
 
 def nats_store_dir(data_dir: Path) -> Path:
@@ -33,6 +35,19 @@ def nats_store_dir(data_dir: Path) -> Path:
 def env_name(service: str, key: str) -> str:
     """``STRATA_MODEL_STORE_PORT`` style names for per-service settings."""
     return f"STRATA_{service.upper().replace('-', '_')}_{key.upper()}"
+
+
+def env_value(env: Mapping[str, str], name: str, default: T, cast: Callable[[str], T]) -> T:
+    """A service's own setting: ``env[name]`` read by ``cast``, ``default`` where it is unset or empty. A
+    value ``cast`` refuses (ValueError) is refused again naming the variable and the value, so that a bad
+    setting stops the start with one line that says which."""
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        return cast(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}={text!r}: {exc}") from None
 
 
 def module_name(service: str) -> str:

@@ -1,10 +1,11 @@
 """What every Strata service process is: a FastStream NATS broker and a FastAPI HTTP app that share
-one lifespan, a health check on both (``rpc.<service>.health`` and ``GET /healthz``), and helpers to
-publish events and to consume them durably."""
+one lifespan, a health check on both (``rpc.<service>.health`` and ``GET /healthz``), the parts its
+start builds (``provide``/``part``), and the publishing of its own events. What it receives on NATS (RPC
+ops, durable event consumers, core subscriptions), registered from its contract, is
+shared/service_wiring.py's."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
@@ -18,20 +19,19 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from faststream.nats.annotations import NatsMessage
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel, Field
 
-from shared import bus, errors, http_errors, http_tls, replication, rpc, subjects
+from shared import bus, errors, http_errors, http_tls, replication, subjects
 from shared.config import SERVICES, Settings, module_name
-from shared.contracts import Consumes, Contract, Subscription, contracts, resolve
+from shared.contracts import contracts
 from shared.events import Event, EventData, Source, make_event
 from shared.service_metrics import HttpMetrics, ServiceMetrics
+from shared.service_wiring import ContractWiring
 from shared.telemetry import TraceContext, metrics_exported, setup_tracing, skip_http_telemetry
 
 VERSION = "0.1.0"
 Hook = Callable[[], Awaitable[None]]
-RpcHandler = Callable[[Any], Awaitable[Any]]
 P = TypeVar("P")
 
 
@@ -57,8 +57,12 @@ class Health(BaseModel):
                                    "monitor's replay of its state): the service serves, its state is not whole yet")
 
 
-class Service:
+class Service(ContractWiring):
+    """A service process. What it receives on NATS, registered from its contract (``serve``,
+    ``consume_declared``, ``subscribe``), is ContractWiring's (shared/service_wiring.py)."""
+
     def __init__(self, name: str, settings: Settings | None = None, *, description: str = "") -> None:
+        super().__init__()
         self.name = name
         self.settings = settings or Settings.from_env(name)
         self.source = Source(service=name, node=self.settings.node_id)
@@ -77,15 +81,11 @@ class Service:
         self.http.add_middleware(TraceContext)
         self.metrics = ServiceMetrics(name)
         self.http.add_middleware(HttpMetrics, metrics=self.metrics)
-        self.consumer: bus.EventConsumer | None = None
         self.metrics.counters(
             "strata_events", "Events this service's consumer took, by outcome", ["outcome"], self._consumer_counts
         )
         self.ready = False
         self._parts: dict[type, object] = {}  # what the start hooks built: provide() / part()
-        # the contract's consumers and subscriptions registered through handle() and subscribe(), with the
-        # handlers the contract names (tests/foundation/test_contracts.py checks each is, once)
-        self.registered: list[Consumes | Subscription] = []
         self.http.state.service = self  # module-level routes reach the parts through the request (part_of)
         self.catching_up: set[str] = set()  # start-up work still running in the background (see Health)
         self._started = time.monotonic()
@@ -150,18 +150,7 @@ class Service:
                     ),
                 }
 
-    # -- events ------------------------------------------------------------------------------
-    def consume(
-        self, filter_subject: str = subjects.EVENTS_ALL, *, durable: str | None = None, **options: Any
-    ) -> bus.EventConsumer:
-        """This service's durable consumer. Register handlers on it with ``@consumer.on(EventType)``."""
-        if self.consumer is not None:
-            raise RuntimeError(f"{self.name} already has a consumer")
-        self.consumer = bus.EventConsumer(
-            service=self.name, durable=durable or self.name, filter_subject=filter_subject, **options
-        )
-        return self.consumer
-
+    # -- its own events --------------------------------------------------------------------
     async def publish(self, data: EventData, *, event_id: str | None = None) -> Event[Any]:
         """Publish one of this service's own events (each event type has exactly one publisher)."""
         if data.PUBLISHER != self.name:
@@ -169,84 +158,6 @@ class Service:
         event = make_event(data, self.source, event_id=event_id)
         await bus.publish(self.broker, event)
         return event
-
-    def rpc(
-        self, op: str, request_type: type[BaseModel], *, every_replica: bool = False
-    ) -> Callable[[RpcHandler], RpcHandler]:
-        """Serve ``rpc.<service>.<op>``: ``@service.rpc("resolve", ResolveRequest)`` over
-        ``async def resolve(request) -> result``; errors go back typed (see shared/rpc.py).
-        ``every_replica``: no queue group, every replica answers (the caller gathers the replies)."""
-
-        def register(handler: RpcHandler) -> RpcHandler:
-            async def receive(msg: NatsMessage) -> bytes:
-                started = time.perf_counter()
-                reply = await rpc.answer(msg.body, request_type, handler)
-                self.metrics.rpc(op, reply, time.perf_counter() - started)
-                return reply
-
-            receive.__name__ = f"rpc_{op}"
-            queue = None if every_replica else self.name
-            self.broker.subscriber(subjects.rpc(self.name, op), queue=queue, title=f"{self.name}:{op}")(receive)
-            return handler
-
-        return register
-
-    def serve(self, contract: Contract) -> None:
-        """Serve the contract's RPC ops, each by the handler named next to it: a module-level
-        ``async def op(service, request)``, or ``Class.method`` of a part this service provides."""
-        for op in contract.rpc:
-            self.rpc(op.op, op.request, every_replica=op.every_replica)(self._bind(op.handler))
-
-    def consume_declared(
-        self, contract: Contract, *, durable: str | None = None, until: asyncio.Event | None = None, **options: Any
-    ) -> bus.EventConsumer | None:
-        """Run the contract's event consumer, as ``serve`` does its RPC ops: the one ``Consumes`` without
-        ``registered_by`` (those with it run their own), on a durable per node where its name says
-        ``{node}``, each event type routed to the handler named next to it. ``durable``: a configured
-        name instead of the contract's; ``until``: hold every event until it is set (the monitor's replay);
-        ``options``: EventConsumer's (``batch_size``)."""
-        ours = [c for c in contract.consumes if not c.registered_by]
-        if not ours:
-            return None
-        if len(ours) > 1 or ours[0].stream != subjects.EVENTS_STREAM:
-            raise ValueError(f"{self.name}: Service runs one consumer on {subjects.EVENTS_STREAM}; "
-                             "give the others a registered_by")
-        consumes = ours[0]
-        name = durable or consumes.durable.format(node=subjects.token(self.settings.node_id))
-        consumer = self.consume(consumes.filter, durable=name, **options)
-        self.handle(consumes, consumer, until=until)
-        return consumer
-
-    def handle(self, consumes: Consumes, consumer: bus.EventConsumer, *, until: asyncio.Event | None = None) -> None:
-        """Route a declared consumer's events to the handlers the contract names for them (``EventData``:
-        every event without a handler of its own); with ``until``, each waits for it to be set."""
-        for event_type, handler in consumes.handlers.items():
-            bound = self._bind(handler) if until is None else _held_until(until, self._bind(handler))
-            if event_type is EventData:
-                consumer.on_any(bound)
-            else:
-                consumer.on(event_type)(bound)
-        self.registered.append(consumes)
-
-    def subscribe(self, subscription: Subscription, *, title: str) -> None:
-        """A declared core subscription that lasts as long as the service (FastStream documents it)."""
-        self.registered.append(subscription)
-        handle = self._bind(subscription.handler)
-
-        async def receive(msg: NatsMessage) -> None:
-            await handle(msg)
-
-        receive.__name__ = title.replace("-", "_")
-        self.broker.subscriber(subscription.subject, queue=subscription.queue, title=f"{self.name}:{title}")(receive)
-
-    def _bind(self, handler: str) -> RpcHandler:
-        module, _, qualname = handler.partition(":")
-        owner, _, method = qualname.rpartition(".")
-        if not owner:
-            function = resolve(handler)
-            return lambda request: function(self, request)
-        cls = resolve(f"{module}:{owner}")
-        return lambda request: getattr(self.part(cls), method)(request)
 
     # -- started parts -------------------------------------------------------------------------
     def provide(self, part: object, *, as_type: type | None = None) -> None:
@@ -295,13 +206,13 @@ class Service:
 
     @asynccontextmanager
     async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
-        if self.consumer is not None:
-            self.consumer.attach(self.broker)
+        for consumer in self.consumers:
+            consumer.attach(self.broker)
         await self.broker.connect()
         await bus.ensure_streams(self.broker.connection.jetstream(), replication.stream_replicas())
         await self.broker.start()
-        if self.consumer is not None:
-            await self.consumer.start()
+        for consumer in self.consumers:
+            await consumer.start()
         for hook in self._on_start:
             await hook()
         self.ready = True
@@ -311,8 +222,8 @@ class Service:
             self.ready = False
             for hook in reversed(self._on_stop):
                 await hook()
-            if self.consumer is not None:
-                await self.consumer.stop()
+            for consumer in reversed(self.consumers):
+                await consumer.stop()
             await self.broker.stop()
 
     # -- health ------------------------------------------------------------------------------
@@ -348,15 +259,6 @@ class Service:
 
     async def _health_rpc(self) -> dict[str, Any]:
         return self.health().model_dump(mode="json")
-
-
-def _held_until(ready: asyncio.Event, handle: RpcHandler) -> RpcHandler:
-    async def held(event: Any) -> Any:
-        if not ready.is_set():
-            await ready.wait()
-        return await handle(event)
-
-    return held
 
 
 async def _error_response(_request: Request, exc: errors.StrataError) -> JSONResponse:
@@ -410,8 +312,8 @@ def service_of(request: Request) -> Service:
 
 
 def load(service_name: str, settings: Settings | None = None) -> Service:
+    """Build a service by name from ``services/<name>/entrypoints/app.py:create_service``."""
     if service_name not in SERVICES:
         raise ValueError(f"unknown service {service_name!r}; choose from {', '.join(SERVICES)}")
-    """Build a service by name from ``services/<name>/entrypoints/app.py:create_service``."""
     module = importlib.import_module(f"{module_name(service_name)}.entrypoints.app")
     return module.create_service(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from shared.config import env_name
+from shared.config import env_name, env_value
 
 from services.inference_worker.service_layer.deployments import EngineOptions
 from services.inference_worker.service_layer.jobs import JobOptions
@@ -28,17 +28,19 @@ class WorkerOptions:
         env = os.environ if environ is None else environ
 
         def get(key: str, default, cast=int):
-            value = env.get(env_name(NAME, key))
-            return cast(value) if value else default
+            return env_value(env, env_name(NAME, key), default, cast)
 
-        kv = get("kv_cache_bytes", None)
-        compile_decode = get("compile_decode", "off", str)
-        if compile_decode not in ("off", "auto"):
-            raise ValueError(f"{env_name(NAME, 'compile_decode')} must be off or auto (auto: CPU deployments of dense "
-                             f"models compile their decode step at load), got {compile_decode!r}")
         return cls(max_inflight=get("max_inflight", 256),
-                   engine=EngineOptions(max_num_seqs=get("max_num_seqs", 64), default_kv_cache_bytes=kv,
-                                        compile_decode=compile_decode),
+                   engine=EngineOptions(max_num_seqs=get("max_num_seqs", 64),
+                                        default_kv_cache_bytes=get("kv_cache_bytes", None),
+                                        compile_decode=get("compile_decode", "off", _compile_decode)),
                    jobs=JobOptions(ack_wait_s=get("job_ack_wait", 30.0, float), concurrency=get("job_concurrency", 8)),
                    load_timeout_s=get("load_timeout", LOAD_TIMEOUT_S, float),
                    ondemand_memory_bytes=get("ondemand_memory_bytes", None))
+
+
+def _compile_decode(text: str) -> str:
+    if text not in ("off", "auto"):
+        raise ValueError("must be off or auto (auto: CPU deployments of dense models compile their decode step "
+                         "at load)")
+    return text

@@ -1,5 +1,6 @@
 """The ledger's own settings (``STRATA_LEDGER_*``), beside the shared ones every service reads. A value
-that is not a positive number stops the start with the variable's name."""
+that is not a positive number stops the start with the variable's name (unset or empty: the default;
+shared/config.py ``env_value``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 from services.provenance_ledger.adapters.ingest import ACK_WAIT_S
 from services.provenance_ledger.service_layer.ledger import CheckpointPolicy
+from shared.config import env_value
 
 EVERY_ENV, FULL_EVERY_ENV = "STRATA_LEDGER_VERIFY_SECONDS", "STRATA_LEDGER_FULL_VERIFY_SECONDS"
 
@@ -22,33 +24,28 @@ class WatchSettings:
     def from_env(cls, environ: dict[str, str] | None = None) -> WatchSettings:
         env = os.environ if environ is None else environ
         return cls(
-            every_s=_seconds(env, EVERY_ENV, cls.every_s), full_every_s=_seconds(env, FULL_EVERY_ENV, cls.full_every_s)
+            every_s=env_value(env, EVERY_ENV, cls.every_s, _seconds),
+            full_every_s=env_value(env, FULL_EVERY_ENV, cls.full_every_s, _seconds),
         )
 
 
-def _seconds(env: dict[str, str] | os._Environ[str], name: str, default: float) -> float:
-    text = env.get(name)
-    if text is None:
-        return default
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{name}={text!r}: expected a number of seconds") from None
+        raise ValueError("expected a number of seconds") from None
     if not value > 0:
-        raise ValueError(f"{name}={text!r}: must be more than 0 seconds")
+        raise ValueError("must be more than 0 seconds")
     return value
 
 
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
-    text = env.get(name)
-    if text is None:
-        return default
+def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"{name}={text!r}: expected a whole number of events") from None
+        raise ValueError("expected a whole number of events") from None
     if value < 1:
-        raise ValueError(f"{name}={text!r}: must be at least 1")
+        raise ValueError("must be at least 1")
     return value
 
 
@@ -64,7 +61,8 @@ class LedgerConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LedgerConfig:
         env = os.environ if environ is None else environ
         policy = CheckpointPolicy(
-            every_events=_count(env, "STRATA_LEDGER_CHECKPOINT_EVENTS", CheckpointPolicy.every_events),
-            every_seconds=_seconds(env, "STRATA_LEDGER_CHECKPOINT_SECONDS", CheckpointPolicy.every_seconds),
+            every_events=env_value(env, "STRATA_LEDGER_CHECKPOINT_EVENTS", CheckpointPolicy.every_events, _count),
+            every_seconds=env_value(env, "STRATA_LEDGER_CHECKPOINT_SECONDS", CheckpointPolicy.every_seconds, _seconds),
         )
-        return cls(policy, _seconds(env, "STRATA_LEDGER_ACK_WAIT_SECONDS", ACK_WAIT_S), WatchSettings.from_env(env))
+        ack_wait_s = env_value(env, "STRATA_LEDGER_ACK_WAIT_SECONDS", ACK_WAIT_S, _seconds)
+        return cls(policy, ack_wait_s, WatchSettings.from_env(env))

@@ -25,7 +25,6 @@ from services.hardware_inventory.service_layer.agent import Agent
 from services.hardware_inventory.service_layer.deployments import Deployments
 from services.hardware_inventory.service_layer.nodes import NodeTable
 from services.hardware_inventory.service_layer.registry import Registry
-from shared import bus
 from shared.apikey_http import protect
 from shared.config import Settings
 from shared.contracts import hardware_inventory as contract
@@ -80,15 +79,7 @@ def create_inventory(
 def _registry(
     service: Service, config: InventoryConfig, admission: AdmissionPolicy | None, catalog: ModelCatalog
 ) -> None:
-    service.handle(
-        contract.DEPLOY_CONSUMER,
-        service.consume(contract.DEPLOY_CONSUMER.filter, durable=contract.DEPLOY_CONSUMER.durable),
-    )
-    node_events = bus.EventConsumer(
-        service=NAME, durable=contract.NODE_CONSUMER.durable, filter_subject=contract.NODE_CONSUMER.filter
-    )
-    service.handle(contract.NODE_CONSUMER, node_events)
-    node_events.attach(service.broker)
+    service.consume_declared(contract.CONTRACT)  # deploy events, and the nodes' first heartbeats: a durable each
     service.subscribe(contract.HEARTBEATS, title="heartbeats")  # no queue: every replica hears every beat
     fit_error = Histogram(
         "strata_inventory_booked_to_measured_ratio",
@@ -118,8 +109,6 @@ def _registry(
                 await task
         tasks.clear()
 
-    service.on_start(node_events.start)
-    service.on_stop(node_events.stop)
     service.serve(contract.CONTRACT)
     protect(service)
     service.http.include_router(router)
