@@ -91,20 +91,24 @@ def test_an_engine_with_compile_decode_gives_eagers_greedy_tokens_and_compiles_o
     from torch._dynamo.utils import counters
 
     path = ckpts("llama").path
-    config = dict(device="cpu", dtype="float32", num_blocks=64, block_size=4)
-    prompts = [list(range(3, 10)), list(range(20, 33)), [5]]
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    config = dict(device="cpu", dtype="float32", num_blocks=96, block_size=4)
+    # six requests ending at different steps: decode batches of 6 and 5 rows (eager: over MAX_ROWS), then
+    # 4, 3, 2 and 1 (compiled), all over one cache; the longest prompt needs a 13-column block table
+    prompts = [list(range(3, 10)), list(range(20, 33)), [5], list(range(40, 90)), [7, 8], list(range(100, 120))]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 16, 12, 9, 6, 3)]
+    assert len(prompts) > CompiledDecode.MAX_ROWS
     eager = [r.token_ids for r in LLMEngine.from_pretrained(path, EngineConfig(**config)).generate(prompts, params)]
 
     engine = LLMEngine.from_pretrained(path, EngineConfig(**config, compile_decode="on"))
     assert engine.runner.decode_graph.compile_seconds > 0
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2  # batch 1 and batch >= 2, compiled by the load
-    compiled = [r.token_ids for r in engine.generate(prompts, params)]  # batches of 3, 2 and 1 rows
-    compiled += [r.token_ids for r in engine.generate([list(range(40, 90))], params)]  # a wider table
+    compiled = [r.token_ids for r in engine.generate(prompts, params)]
     assert counters["stats"]["unique_graphs"] == graphs, "a decode step compiled after load"
-    assert compiled[:3] == eager
-    assert len(compiled[3]) == 20
+    assert compiled == eager
+    # after the prefill, request i decodes max_tokens - 1 = 19, 15, 11, 8, 5, 2 steps: steps 1–2 have 6 rows
+    # and 3–5 have 5 (eager), steps 6–19 have 4 down to 1 (compiled)
+    assert engine.runner.decode_graph.steps == 14
 
 
 def test_compile_decode_refuses_moe_with_a_reason(ckpts):

@@ -15,7 +15,8 @@ fused elementwise ops in fp32 where eager rounds to 16 bits between them, so res
 by rounding only; tests/engine/test_compiled_decode.py states the tolerance.
 
 Shapes: dynamic (batch and block-table width), with two graphs because torch specialises a size of 1:
-batch 1 and batch >= 2; block tables are padded to at least 2 columns so width 1 never makes a third.
+batch 1 and batch 2 to MAX_ROWS (larger decode batches run eager: see MAX_ROWS); block tables are padded to
+at least 2 columns so width 1 never makes a third.
 Both are compiled at load (``warm_up``), not on the first request; inductor's on-disk cache
 (``TORCHINDUCTOR_CACHE_DIR``) makes a second load of the same model shape fast.
 
@@ -80,6 +81,11 @@ class CompiledDecode:
     """The model's decode-only forward under torch.compile; call it with a decode-only batch."""
 
     MIN_WIDTH = 2  # block-table columns: width 1 would be a graph of its own
+    # Decode batches up to this many rows run compiled, larger ones eager. On #24's 254M model in bf16
+    # (one thread, median step ms, eager -> compiled): 1 row 50.2 -> 41.5, 2: 52.4 -> 47.1, 3: 55.9 -> 51.6,
+    # 4: 57.2 -> 54.7, 6: 60.2 -> 60.1, 8: 61.0 -> 64.8. Past a few rows the step is the matmuls', and the
+    # graph compiled for symbolic sizes runs its attention slower than eager's (not profiled yet).
+    MAX_ROWS = 4
 
     def __init__(self, model, block_size: int):
         self.model, self.block_size = model, block_size
@@ -87,6 +93,7 @@ class CompiledDecode:
         self.windows = set(cfg.layer_windows) if cfg.layer_windows else {None}
         self.compiled = torch.compile(self._forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
         self.compile_seconds = 0.0
+        self.steps = 0  # decode steps run compiled
 
     @staticmethod
     def unsupported(model, device: torch.device) -> str | None:
@@ -110,6 +117,7 @@ class CompiledDecode:
             pad = block_tables.new_zeros(block_tables.shape[0], self.MIN_WIDTH - block_tables.shape[1])
             block_tables = torch.cat((block_tables, pad), 1)
         hidden, new_kv = self.compiled(ids, positions, block_tables, context_lens, kv_cache)
+        self.steps += 1
         layers, _, blocks, block_size, n_kv, d = kv_cache.shape
         kv_cache.view(layers * 2, blocks * block_size, n_kv, d).index_copy_(1, slot_mapping, new_kv)
         return hidden

@@ -130,7 +130,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         ids, pos, meta, rows, seqs = self.prepare(batch)
-        if self.decode_graph is not None and not meta.prefills:
+        if self.decode_graph is not None and not meta.prefills and len(ids) <= CompiledDecode.MAX_ROWS:
             hidden = self.decode_graph(ids, pos, meta.block_tables, meta.context_lens, meta.slot_mapping,
                                        self.kv_cache)
         else:
