@@ -124,3 +124,11 @@ def test_compile_decode_auto_runs_moe_eager_and_a_bad_value_is_refused(ckpts):
     assert len(engine.generate([[3, 4, 5]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
     with pytest.raises(ValueError, match="off, on or auto"):
         EngineConfig(compile_decode="yes")
+
+
+def test_many_compiled_deployments_stay_under_torchs_recompile_limit(ckpts):
+    """All instances' graphs hang off one code object: past the limit a deployment would decode uncompiled."""
+    model = load_checkpoint(ckpts("llama").path, device="cpu", dtype="float32").model
+    for _ in range(6):
+        CompiledDecode(model, 4)
+    assert torch._dynamo.config.recompile_limit >= 2 * CompiledDecode.instances

@@ -86,12 +86,17 @@ class CompiledDecode:
     # 4: 57.2 -> 54.7, 6: 60.2 -> 60.1, 8: 61.0 -> 64.8. Past a few rows the step is the matmuls', and the
     # graph compiled for symbolic sizes runs its attention slower than eager's (not profiled yet).
     MAX_ROWS = 4
+    instances = 0
 
     def __init__(self, model, block_size: int):
         self.model, self.block_size = model, block_size
         cfg = model.cfg
         self.windows = set(cfg.layer_windows) if cfg.layer_windows else {None}
         self.compiled = torch.compile(self._forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+        # Every instance's graphs (two each) hang off the one code object of _forward, and past torch's
+        # recompile limit (8) a further deployment would silently run its decode step uncompiled.
+        CompiledDecode.instances += 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * self.instances + 2)
         self.compile_seconds = 0.0
         self.steps = 0  # decode steps run compiled
 
