@@ -51,9 +51,11 @@ def perplexity(engine: LLMEngine, chapters) -> float:
     return math.exp(nll / count)
 
 
-def continuations(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    outs = engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-    return [o.token_ids for o in outs]
+def continuations(engine: LLMEngine, prompts: list[list[int]], n: int, rows: int | None = None) -> list[list[int]]:
+    """Greedy continuations, ``rows`` prompts at a time (None: all together)."""
+    rows = rows or len(prompts)
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    return [o.token_ids for i in range(0, len(prompts), rows) for o in engine.generate(prompts[i:i + rows], params)]
 
 
 def main() -> None:
@@ -74,7 +76,9 @@ def main() -> None:
     texts = [BOS + h + "\n" + "\n".join(v[:j + 1]) + "\n" for h, v in chapters for j in range(0, len(v), 4)]
     prompts = [base.tokenizer.encode(t, add_special_tokens=False)[-(base.max_model_len - args.tokens):]
                for t in texts[:args.prompts]]
-    a, b = continuations(base, prompts, args.tokens), continuations(quant, prompts, args.tokens)
+    # the compiled step serves small decode batches only (CompiledDecode.MAX_ROWS): one prompt at a time
+    rows = 1 if args.compile_decode else None
+    a, b = continuations(base, prompts, args.tokens, rows), continuations(quant, prompts, args.tokens, rows)
     same = sum(x == y for x, y in zip(a, b))
     prefix = sum(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)) for x, y in zip(a, b))
     ppl_base, ppl_quant = perplexity(base, chapters), perplexity(quant, chapters)
@@ -86,6 +90,8 @@ def main() -> None:
         f"({args.tokens} tokens each); {prefix}/{len(prompts) * args.tokens} tokens "
         f"({100 * prefix / (len(prompts) * args.tokens):.1f} %) before the first divergence"
     )
+    if args.compile_decode:
+        print(f"decode steps run compiled: {quant.runner.decode_graph.steps}")
     print(
         f"held-out perplexity: bf16 {ppl_base:.3f}, {name} {ppl_quant:.3f} "
         f"({100 * (ppl_quant / ppl_base - 1):+.2f} %)"

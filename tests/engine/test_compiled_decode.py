@@ -80,11 +80,13 @@ def test_the_compiled_step_matches_eager_on_windows_softcaps_and_sandwich_norms(
         want = model.compute_logits(model(ids, pos, meta, eager_kv))
         compiled_kv = layers.clone()
         got = model.compute_logits(CompiledDecode(model, block_size)(ids, pos, tables, ctx, slots, compiled_kv))
-    # inductor keeps fused elementwise chains in fp32 where eager rounds to bf16 between ops
+    # With emulate_precision_casts the compiled step rounds where eager does: on this 2-core AVX-512 VM it
+    # was bit-exact (max difference 0.0). Only the order of fp32 sums may differ with another CPU's
+    # vector width, hence a tolerance of a fiftieth of the logits' spread and one bf16 step of the cache.
     std = want.std().item()
-    assert (got - want).abs().max().item() < 0.1 * std, (got - want).abs().max().item()
+    assert (got - want).abs().max().item() <= 0.02 * std, (got - want).abs().max().item()
     assert (got.argmax(-1) == want.argmax(-1)).all()
-    torch.testing.assert_close(compiled_kv.float(), eager_kv.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(compiled_kv.float(), eager_kv.float(), atol=1 / 64, rtol=1 / 128)
 
 
 def test_an_engine_with_compile_decode_gives_eagers_greedy_tokens_and_compiles_only_at_load(ckpts):
