@@ -84,7 +84,8 @@ class CompiledDecode:
     # Decode batches up to this many rows run compiled, larger ones eager. On #24's 254M model in bf16
     # (one thread, median step ms, eager -> compiled): 1 row 50.2 -> 41.5, 2: 52.4 -> 47.1, 3: 55.9 -> 51.6,
     # 4: 57.2 -> 54.7, 6: 60.2 -> 60.1, 8: 61.0 -> 64.8. Past a few rows the step is the matmuls', and the
-    # graph compiled for symbolic sizes runs its attention slower than eager's (not profiled yet).
+    # graph's own loops (the attention around the cache) took 24.6 ms at 8 rows where eager's ops took ~12
+    # (one profiled step; docs/benchmarks.md §3c, third session).
     MAX_ROWS = 4
     instances = 0
 
