@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..kernels.paged_attention import _make_plan
+from ..kernels.paged_attention import _make_plan, attend_gathered
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,14 @@ def decode_plans(block_tables: Tensor, context_lens: Tensor, windows: set, block
 def attend_appended(q: Tensor, k: Tensor, v: Tensor, kv: Tensor, plan: tuple, scale: float,
                     softcap: float | None) -> Tensor:
     """Decode attention of q [B, n_q, d] over the gathered cache ``kv`` [2, blocks, block_size, n_kv, d]
-    plus this token's own k, v [B, n_kv, d]: kernels/paged_attention.py's reference, one column more."""
+    plus this token's own k, v [B, n_kv, d]: the paged reference's math, one column more."""
     blocks, masked, n_slots = plan
-    B, n_q, d = q.shape
+    B, _, d = q.shape
     n_kv = k.shape[1]
-    K = torch.cat((kv[0].index_select(0, blocks).view(B, n_slots, n_kv, d), k[:, None]), 1).float()
-    V = torch.cat((kv[1].index_select(0, blocks).view(B, n_slots, n_kv, d), v[:, None]), 1).float()
+    K = torch.cat((kv[0].index_select(0, blocks).view(B, n_slots, n_kv, d), k[:, None]), 1)
+    V = torch.cat((kv[1].index_select(0, blocks).view(B, n_slots, n_kv, d), v[:, None]), 1)
     V = V.masked_fill(masked[:, :, None, None], 0.0)  # a masked slot may hold NaN: 0 * NaN is NaN
-    qf = q.reshape(B, n_kv, n_q // n_kv, d).float()  # GQA: a kv head's query heads are rows
-    scores = torch.matmul(qf, K.permute(0, 2, 3, 1)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    probs = scores.masked_fill(masked[:, None, None, :], float("-inf")).softmax(-1)
-    return torch.matmul(probs, V.transpose(1, 2)).reshape(B, n_q, d).to(q.dtype)
+    return attend_gathered(q, K, V, masked, scale, softcap)
 
 
 class CompiledDecode:

@@ -83,18 +83,27 @@ def paged_decode_attention_ref(
     # Gathered slots outside the context or the window may hold anything, NaN included (a cache from
     # torch.empty, a reused block). A K slot's score is overwritten by the mask; a V slot is
     # multiplied by its zero weight, and 0 * NaN is NaN, so V's are zeroed.
-    k = k_cache.index_select(0, blocks).view(B, n_slots, n_kv, d).float()
+    k = k_cache.index_select(0, blocks).view(B, n_slots, n_kv, d)
     v = v_cache.index_select(0, blocks).view(B, n_slots, n_kv * d).masked_fill_(masked[:, :, None], 0.0)
-    v = v.view(B, n_slots, n_kv, d).float()
+    return attend_gathered(q, k, v.view(B, n_slots, n_kv, d), masked, scale, softcap)
+
+
+def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor, scale: float,
+                    softcap: float | None) -> torch.Tensor:
+    """Decode attention of q [B, n_q, d] over gathered k, v [B, slots, n_kv, d] (v zero where ``masked``
+    [B, slots] says a slot does not count), in fp32; the answer in q's dtype. Also the compiled decode
+    step's (engine/compiled_decode.py), over the cache plus the current token."""
+    B, n_q, d = q.shape
+    n_kv = k.shape[2]
     # GQA without repeating K/V: the `group` query heads that share kv head h (q head i uses kv
     # head i // group) become `group` query rows of that head.
-    qf = q.view(B, n_kv, n_q // n_kv, d).float()
-    scores = torch.matmul(qf, k.permute(0, 2, 3, 1)).mul_(scale)  # [B, n_kv, group, slots]
+    qf = q.reshape(B, n_kv, n_q // n_kv, d).float()
+    scores = torch.matmul(qf, k.float().permute(0, 2, 3, 1)).mul_(scale)  # [B, n_kv, group, slots]
     if softcap is not None:
         scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
     probs = scores.masked_fill_(masked[:, None, None, :], float("-inf")).softmax(-1)
     # an empty context (context_len 0) masks every slot: its softmax is 0/0, the answer is zeros
-    out = torch.matmul(probs.nan_to_num_(0.0), v.transpose(1, 2))
+    out = torch.matmul(probs.nan_to_num_(0.0), v.float().transpose(1, 2))
     return out.view(B, n_q, d).to(q.dtype)
 
 
