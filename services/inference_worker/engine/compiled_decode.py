@@ -77,10 +77,10 @@ class CompiledDecode:
 
     MIN_WIDTH = 2  # block-table columns: width 1 would be a graph of its own
     # Decode batches up to this many rows run compiled, larger ones eager. On #24's 254M model in bf16
-    # (one thread, median step ms, eager -> compiled): 1 row 50.2 -> 41.5, 2: 52.4 -> 47.1, 3: 55.9 -> 51.6,
-    # 4: 57.2 -> 54.7, 6: 60.2 -> 60.1, 8: 61.0 -> 64.8. Past a few rows the step is the matmuls', and the
-    # graph's own loops (the attention around the cache) took 24.6 ms at 8 rows where eager's ops took ~12
-    # (one profiled step; docs/benchmarks.md §3c, third session).
+    # (bench/decode_overhead.py --compiled-rows, one thread, load 1.0, median step ms, eager -> compiled):
+    # 1 row 51.0 -> 43.8, 2: 53.3 -> 49.7, 4: 56.4 -> 55.5, 6: 58.3 -> 61.6, 8: 61.7 -> 67.6. Past a few rows
+    # the step is the matmuls', and the graph's own loops (the attention around the cache) took 24.6 ms at
+    # 8 rows where eager's ops took ~12 (one profiled step; docs/benchmarks.md §3c, third session).
     MAX_ROWS = 4
     instances = 0
 
