@@ -131,12 +131,14 @@ class CompiledDecode:
         write nothing; returns the seconds it took."""
         begun = time.perf_counter()
         device = kv_cache.device
-        torch._dynamo.mark_static(kv_cache)  # one tensor for the engine's life: its sizes are constants
-        # Without duck shaping, sizes that happen to be equal at compile time (batch 2, width 2) do not
-        # become one symbol, which a later step with other sizes would recompile for.
-        with torch.inference_mode(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        # One tensor for the engine's life: its sizes are constants. Left dynamic, a cache dimension and the
+        # batch or table width that happened to equal it at compile time (2 layers, 2 rows, 2 columns)
+        # became one symbol, and the first wider table recompiled while serving.
+        torch._dynamo.mark_static(kv_cache)
+        with torch.inference_mode():
             for batch in (1, 2):
                 ids = torch.zeros(batch, dtype=torch.long, device=device)
+                # a width unlike the batch, so that the two are not taken for one size either
                 tables = torch.zeros(batch, self.MIN_WIDTH + batch, dtype=torch.int32, device=device)
                 self.compiled(ids, ids.clone(), tables, torch.ones(batch, dtype=torch.int32, device=device), kv_cache)
         self.compile_seconds = time.perf_counter() - begun
