@@ -66,22 +66,29 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
 async def declare_streams(js: JetStreamContext, configs: list[StreamConfig], *, update: bool = True) -> None:
     """Create each stream where missing; with ``update`` (the bootstrap credential) bring an existing one
     to ``config``. An update never lowers the replica count: a client started without the cluster's
-    setting must not shrink it."""
+    setting must not shrink it. Each declaration is repeatable, so one whose reply was lost (a
+    replicated stream's raft group still electing its leader) is tried again rather than failing a
+    start."""
     for config in configs:
         assert config.name is not None
+        await retry_transient(f"declare stream {config.name}", lambda c=config: _declare_stream(js, c, update))
+
+
+async def _declare_stream(js: JetStreamContext, config: StreamConfig, update: bool) -> None:
+    assert config.name is not None
+    try:
+        current = (await js.stream_info(config.name)).config
+    except NotFoundError:
         try:
+            await js.add_stream(config)
+            return
+        except BadRequestError as exc:  # created meanwhile by another process
+            if exc.err_code != STREAM_IN_USE:
+                raise
             current = (await js.stream_info(config.name)).config
-        except NotFoundError:
-            try:
-                await js.add_stream(config)
-                continue
-            except BadRequestError as exc:  # created meanwhile by another process
-                if exc.err_code != STREAM_IN_USE:
-                    raise
-                current = (await js.stream_info(config.name)).config
-        if update:
-            replicas = max(current.num_replicas or 1, config.num_replicas or 1)
-            await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
+    if update:
+        replicas = max(current.num_replicas or 1, config.num_replicas or 1)
+        await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
 
 
 def make_broker(nats_url: str, client_name: str, role: str | None = None, **options: Any) -> NatsBroker:

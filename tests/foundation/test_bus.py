@@ -403,6 +403,44 @@ async def test_declaring_the_streams_again_never_lowers_their_replica_count(tmp_
     assert info.config.num_replicas == 3
 
 
+class _RepliesLost:
+    """A real JetStream context whose first stream create or update reaches the server but whose reply
+    is lost, as when a replicated stream's raft group takes longer to elect a leader than the client
+    waits (seen in CI: a 3-node cluster on 2 loaded cores, 'nats: timeout' on STREAM.CREATE)."""
+
+    def __init__(self, js) -> None:
+        self.js, self.lost = js, 0
+
+    def __getattr__(self, name):
+        return getattr(self.js, name)
+
+    async def _then_lose(self, call, config):
+        result = await call(config)
+        if self.lost < 2:
+            self.lost += 1
+            raise nats.errors.TimeoutError
+        return result
+
+    async def add_stream(self, config):
+        return await self._then_lose(self.js.add_stream, config)
+
+    async def update_stream(self, config):
+        return await self._then_lose(self.js.update_stream, config)
+
+
+async def test_declaring_a_stream_rides_out_a_reply_lost_after_the_server_acted(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = _RepliesLost(nc.jetstream())
+        await bus.ensure_streams(js)
+        await bus.declare_streams(js, bus.stream_configs())
+        names = {info.config.name for info in await nc.jetstream().streams_info()}
+    finally:
+        await nc.close()
+    assert js.lost == 2
+    assert {subjects.EVENTS_STREAM, subjects.DEADLETTER_STREAM} <= names
+
+
 async def test_a_message_near_the_nats_size_limit_is_dead_lettered_with_a_capped_copy(nats_server, tmp_path, js):
     service = make_service(nats_server.url, tmp_path)
     service.consume("evt.deploy.>").on(DeployRequested)(lambda e: _record([], e))
