@@ -1,9 +1,12 @@
-"""The CPU linear a decode step is made of, four ways, on weights bigger than the last-level cache
+"""The CPU linear a decode step is made of, several ways, on weights bigger than the last-level cache
 (issue #24): how fast each streams the weights at 1, 4 and 8 rows, next to a plain copy's bandwidth.
 
-- bf16 / fp16 prepacked: the engine's CPU paths (engine/cpu_linear.py: oneDNN's blocked layout for
-  bf16, fbgemm's packed fp16 with fp32 accumulation);
-- bf16 plain: ``F.linear`` on the [N, K] weight, as before;
+- bf16 / int8 our loop: kernels/cpu_gemv.py, what the engine runs for decode-sized products where
+  it is built (plain [N, K] rows);
+- bf16 prepacked (oneDNN's blocked layout), fp16 prepacked (fbgemm, fp32 accumulation): the engine's
+  CPU paths otherwise (engine/cpu_linear.py);
+- int8 torch: ``aten._weight_int8pack_mm``, the engine's int8 kernel past decode sizes;
+- bf16 plain: ``F.linear`` on the [N, K] weight;
 - fp16 plain: ``F.linear`` in fp16 (torch's gemv at 1 row, a slow gemm past it);
 - fp32 plain.
 
@@ -27,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.host import loadavg  # noqa: E402
 from bench.roofline import copy_bandwidth_gbs  # noqa: E402
-from services.inference_worker.engine.cpu_linear import PackedLinear, can_pack  # noqa: E402
+from services.inference_worker.engine.cpu_linear import PackedLinear, can_pack, onednn_linear  # noqa: E402
+from services.inference_worker.kernels import cpu_gemv  # noqa: E402
 
 ROWS = (1, 4, 8)
 
@@ -36,20 +40,30 @@ def ways(n: int, k: int, mb: int) -> dict:
     """name -> (weights, product): each list holds --mb of that dtype's weights."""
     def weights(dtype):
         count = max(2, mb * 2**20 // (n * k * torch.empty((), dtype=dtype).element_size()))
+        if dtype == torch.int8:
+            return [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(count)]
         return [torch.empty(n, k, dtype=dtype).uniform_(-0.05, 0.05) for _ in range(count)]
 
-    def packed(dtype):
+    def fp16_packed():
         linears = []
-        for w in weights(dtype):
-            linear = torch.nn.Linear(k, n, bias=False, dtype=dtype, device="meta").to_empty(device="cpu")
+        for w in weights(torch.float16):
+            linear = torch.nn.Linear(k, n, bias=False, dtype=torch.float16, device="meta").to_empty(device="cpu")
             linear.weight.data = w
             linears.append(PackedLinear(linear))
         return linears
 
+    scales = torch.full((n,), 0.01, dtype=torch.bfloat16)
     out = {}
-    for dtype, name in ((torch.bfloat16, "bf16 prepacked (oneDNN)"), (torch.float16, "fp16 prepacked (fbgemm)")):
-        if can_pack(dtype):
-            out[name] = (packed(dtype), lambda x, m: m(x))
+    if cpu_gemv.unavailable() is None:
+        out["bf16 our loop (cpu_gemv)"] = (weights(torch.bfloat16), lambda x, w: cpu_gemv.gemv_bf16(x, w, None))
+        out["int8 our loop (cpu_gemv)"] = (weights(torch.int8), lambda x, w: cpu_gemv.gemv_int8(x, w, scales, None))
+    if can_pack(torch.bfloat16):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights(torch.bfloat16)]
+        out["bf16 prepacked (oneDNN)"] = (packed, lambda x, w: onednn_linear(x, w, None))
+    if can_pack(torch.float16):
+        out["fp16 prepacked (fbgemm)"] = (fp16_packed(), lambda x, m: m(x))
+    out["int8 torch (_weight_int8pack_mm)"] = (
+        weights(torch.int8), lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w, scales))
     out["bf16 plain"] = (weights(torch.bfloat16), F.linear)
     out["fp16 plain"] = (weights(torch.float16), F.linear)
     out["fp32 plain"] = (weights(torch.float32), F.linear)
@@ -82,10 +96,13 @@ def main() -> None:
     ):
         if not can_pack(dtype):
             print(f"{dtype} prepacked: not available here (needs {needs})")
+    if cpu_gemv.unavailable() is not None:
+        print(f"our loop (cpu_gemv): not available here ({cpu_gemv.unavailable()})")
     table = ways(args.n, args.k, args.mb)
-    xs = {
-        (name, r): torch.randn(r, args.k).to(ws[0].dtype) for name, (ws, _) in table.items() for r in ROWS
-    }  # PackedLinear has .dtype too
+    def activations(w):  # PackedLinear has .dtype too; int8 weights take bf16 activations
+        return torch.bfloat16 if w.dtype in (torch.int8, torch.bfloat16) else w.dtype
+
+    xs = {(name, r): torch.randn(r, args.k).to(activations(ws[0])) for name, (ws, _) in table.items() for r in ROWS}
     best = {(name, r): float("inf") for name in table for r in ROWS}
     for name, (ws, product) in table.items():  # warm-up: first-call dispatch
         for r in ROWS:

@@ -5,8 +5,10 @@
 
 For each variant (fp32, fp16, bf16: explicit dtypes; bf16-plain: bf16 without the oneDNN prepacking of
 engine/cpu_linear.py, the code before it; auto: what a deploy without a dtype gets, the
-node's fastest 16-bit dtype; int8: weight-only int8 linears with bf16 activations; any NAME-compiled: the same
-with the compiled decode step of engine/compiled_decode.py, compiled at load, the seconds printed):
+node's fastest 16-bit dtype; int8: weight-only int8 linears with bf16 activations; any NAME-nogemv: the same
+without kernels/cpu_gemv.py, so torch's kernels (oneDNN prepacked bf16, ``_weight_int8pack_mm``) serve the
+decode products, the code before it; any NAME-compiled (after -nogemv): the same with the compiled decode
+step of engine/compiled_decode.py, compiled at load, the seconds printed):
 - batch-1 decode tok/s (bench/engine_runners.StrataBench: per-token host stamps after the prefill);
 - share of bandwidth: bytes one decode step reads (weights as stored, int8 included, plus the KV cache
   at the mean context) x tok/s / the copy bandwidth measured in the same run (bench/roofline.py);
@@ -27,12 +29,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -153,10 +157,12 @@ def main(argv=None) -> dict:
     names = args.variants.split(",")
     benches = {}
     for name in names:
-        dtype, quantize = VARIANTS[name.removesuffix("-compiled")]
-        compiled = name.endswith("-compiled")
+        base, compiled = name.removesuffix("-compiled"), name.endswith("-compiled")
+        base, gemv = base.removesuffix("-nogemv"), not base.endswith("-nogemv")
+        dtype, quantize = VARIANTS[base]
         t0 = time.perf_counter()
-        with prepacking(name not in UNPACKED):
+        switch = {"STRATA_CPU_GEMV": "on" if gemv else "off"}
+        with prepacking(base not in UNPACKED), mock.patch.dict(os.environ, switch):
             benches[name] = StrataBench(path, "cpu", dtype, args.concurrent, args.prompt_tokens, args.new_tokens,
                                         quantize=quantize, compile_decode="on" if compiled else "off")
         if compiled:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--concurrent", type=int, default=8, help="also: this many requests decoded together (0: skip)")
     ap.add_argument("--variants", default="engine-fp32,engine-bf16,llama.cpp-F16,llama.cpp-Q8_0,llama.cpp-Q4_K_M",
-                    help="also engine-int8, engine-int4 (weight-only, bf16 compute); any engine-X-compiled "
-                    "(the compiled decode step)")
+                    help="also engine-int8, engine-int4 (weight-only, bf16 compute); any engine-X-nogemv (without "
+                    "kernels/cpu_gemv.py: torch's kernels); any engine-X-compiled (the compiled decode step)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -133,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
             if runtime == "engine":
                 # int8/int4: weight-only quantized linears computing in bf16 (engine/quant.py), beside Q8_0/Q4_K_M;
                 # a "-compiled" suffix: the compiled decode step (engine/compiled_decode.py), compiled at load
+                # a "-nogemv" suffix (before -compiled): without kernels/cpu_gemv.py, torch's kernels
                 kind, compiled = kind.removesuffix("-compiled"), kind.endswith("-compiled")
+                kind, gemv = kind.removesuffix("-nogemv"), not kind.endswith("-nogemv")
                 dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(kind, "bfloat16")
                 weights = kind if kind in ("int8", "int4") else None
                 t_load = time.perf_counter()
-                engines[v] = LLMEngine.from_pretrained(ckpt, EngineConfig(
-                    device="cpu", dtype=dtype, quantize=weights, num_blocks=blocks,
-                    compile_decode="on" if compiled else "off"))
+                with mock.patch.dict(os.environ, {"STRATA_CPU_GEMV": "on" if gemv else "off"}):
+                    engines[v] = LLMEngine.from_pretrained(ckpt, EngineConfig(
+                        device="cpu", dtype=dtype, quantize=weights, num_blocks=blocks,
+                        compile_decode="on" if compiled else "off"))
                 if compiled:
                     print(f"{v}: loaded in {time.perf_counter() - t_load:.1f} s, of which compiling "
                           f"{engines[v].runner.decode_graph.compile_seconds:.1f} s", flush=True)

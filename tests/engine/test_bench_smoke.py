@@ -15,6 +15,7 @@ from torch import nn
 from bench.engine_runners import decode_run
 from bench.roofline import kv_bytes_per_token, percentile, weight_bytes_read_per_step
 from services.inference_worker.engine.cpu_linear import can_pack
+from services.inference_worker.kernels import cpu_gemv
 
 ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
@@ -165,11 +166,13 @@ def test_cpu_linear_bench_prints_every_way_at_every_row_count():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ways = ["bf16 plain", "fp16 plain", "fp32 plain"] + [
+    ways = ["bf16 plain", "fp16 plain", "fp32 plain", "int8 torch (_weight_int8pack_mm)"] + [
         name
         for dt, name in ((torch.bfloat16, "bf16 prepacked (oneDNN)"), (torch.float16, "fp16 prepacked (fbgemm)"))
         if can_pack(dt)
     ]
+    if cpu_gemv.unavailable() is None:
+        ways += ["bf16 our loop (cpu_gemv)", "int8 our loop (cpu_gemv)"]
     for way in ways:
         assert re.search(
             rf"\| {re.escape(way)} \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \| {NUMBER} \({NUMBER} %\) \|",

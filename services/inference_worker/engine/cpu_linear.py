@@ -1,9 +1,13 @@
-"""16-bit linears on CPU with their weights prepacked once, at load, for a GEMM library's own layout.
+"""16-bit linears on CPU with their weights laid out, once, at load, for the kernel that streams them fastest.
 
 torch's plain ``F.linear`` repacks (or walks unpacked) the weight on every call. On the 2-core AVX-512
 VM of issue #24, streaming a decode step's weights from memory (bench/cpu_linear.py):
 - bf16: plain about 10 GB/s at 1 row; prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``,
-  the layout inductor's CPU freezing uses) about 15 GB/s, and 13–19 GB/s at 4–8 rows;
+  the layout inductor's CPU freezing uses) about 10–15 GB/s, and 9–19 GB/s at 4–8 rows; our own loop
+  over plain rows (kernels/cpu_gemv.py) 13.9 GB/s at 1 row, 9.9 at 4, 9.4 at 8, against oneDNN's 9.9,
+  9.5 and 9.3 in the same run. So where that loop runs (AVX-512 BF16 and a C++ compiler), bf16 weights
+  stay plain: it serves decode-sized products (up to cpu_gemv.MAX_ROWS rows) and ``F.linear`` the
+  prefills, which pay about 1.25x for the plain layout at 16 to 256 rows. Elsewhere oneDNN's layout.
 - fp16: plain runs a gemv at 1 row (fast) but falls to 2–5 GB/s at 4–8 rows; prepacked for fbgemm
   (``quantized.linear_prepack_fp16``: fp16 weights, fp32 activations and accumulation) about 22 GB/s
   at 1 row and 10–16 GB/s at 4–8.
@@ -22,7 +26,10 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..kernels import cpu_gemv
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +51,14 @@ def can_pack(dtype: torch.dtype) -> bool:
     return False
 
 
+def gemv_ready() -> bool:
+    """Whether bf16 weights stay plain for our decode loop (kernels/cpu_gemv.py) rather than oneDNN's layout."""
+    return cpu_gemv.unavailable() is None
+
+
 class PackedLinear(nn.Module):
-    """An nn.Linear whose weight lives in a GEMM library's layout, opaque to everything else:
+    """An nn.Linear whose weight lives in the layout of the kernel that serves it: plain rows for
+    kernels/cpu_gemv.py (bf16, where it runs), oneDNN's blocks (bf16 elsewhere), an fbgemm pack (fp16).
     ``nbytes`` is what it holds (the state dict does not see an fbgemm pack)."""
 
     def __init__(self, linear: nn.Linear):
@@ -53,10 +66,12 @@ class PackedLinear(nn.Module):
         w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, w.dtype
         self.nbytes = w.numel() * w.element_size()
+        self.gemv, self.fbgemm = False, None
         if w.dtype == torch.bfloat16:
-            self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, None))
+            self.gemv = gemv_ready()
+            packed = w.contiguous() if self.gemv else torch.ops.mkldnn._reorder_linear_weight(w, None)
+            self.register_buffer("weight", packed)
             self.register_buffer("bias", None if b is None else b.clone())
-            self.fbgemm = None
         else:  # fbgemm takes fp32 and keeps fp16: the same values, since they came from fp16
             self.fbgemm = torch.ops.quantized.linear_prepack_fp16(w.float(), None if b is None else b.float())
 
@@ -64,6 +79,10 @@ class PackedLinear(nn.Module):
             _FBGEMM_PACKS.append(self.fbgemm)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gemv:
+            if cpu_gemv.fits(x):
+                return cpu_gemv.gemv_bf16(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)
         if self.fbgemm is None:
             return onednn_linear(x, self.weight, self.bias)
         return fbgemm_linear_fp16(x, self.handle, self.out_features)

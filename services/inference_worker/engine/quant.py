@@ -16,6 +16,7 @@ from shared.quantization import QUANTIZATIONS
 from ..kernels.int4_linear import (GROUP_SIZE, int4_linear_cpu, int4_linear_ref, int4_pack_cpu,
                                    quantize_int4)
 from ..kernels.int8_linear import int8_linear, quantize_int8
+from .cpu_linear import gemv_ready
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.gemv = q.device.type == "cpu" and gemv_ready()
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_linear(x, self.qweight, self.scales, self.bias)
+        return int8_linear(x, self.qweight, self.scales, self.bias, gemv=self.gemv)
 
 
 class Int4Linear(nn.Module):

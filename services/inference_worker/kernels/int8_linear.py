@@ -1,11 +1,14 @@
 """Weight-only int8 linear: y = x @ (w_int8 * scale[:, None]).T + bias, with one symmetric scale per
 output channel (row of the [N, K] weight). Activations stay in 16 (or 32) bits.
 
-CPU: torch's ``aten._weight_int8pack_mm(x [M, K], w [N, K] int8, scales [N])``, which dequantizes
-inside the matmul, so a decode step reads one byte per weight instead of two. Measured on a 2-core
-AVX-512 VM (torch 2.13): fast with bf16 activations (batch 1 at the speed of a bf16 matvec of half the
-bytes), but ~10x slower than bf16 with fp16 or fp32 activations, which is why a quantized deploy
-computes in bf16 on CPU (engine/dtypes.py).
+CPU: decode-sized products (up to cpu_gemv.MAX_ROWS rows of bf16) run our own loop where it is built
+(kernels/cpu_gemv.py): on the 2-core AVX-512 VM of issue #24 it streamed int8 weights at 10.4 GB/s at
+1 row and 7.7 at 8, against 5.8 and 2.5 for torch's kernel. Everything else runs torch's
+``aten._weight_int8pack_mm(x [M, K], w [N, K] int8, scales [N])``, which dequantizes inside the matmul,
+so a decode step reads one byte per weight instead of two. Measured on the same VM (torch 2.13): fast
+with bf16 activations (batch 1 at the speed of a bf16 matvec of half the bytes), but ~10x slower than
+bf16 with fp16 or fp32 activations, which is why a quantized deploy computes in bf16 on CPU
+(engine/dtypes.py). Both take the same [N, K] int8 layout.
 CUDA: the reference below (dequantize, then one matmul) until a Triton kernel or torchao's is added;
 correct but not faster, and untested until a GPU run.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_gemv
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +48,10 @@ def int8_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, *, gemv: bool = False) -> torch.Tensor:
+    """``gemv``: the caller has checked that kernels/cpu_gemv.py runs here (once, at load)."""
+    if gemv and cpu_gemv.fits(x):
+        return cpu_gemv.gemv_int8(x, qweight, scales.to(x.dtype), None if bias is None else bias.to(x.dtype))
     if x.device.type == "cpu":
         return int8_linear_cpu(x, qweight, scales.to(x.dtype), bias)
     return int8_linear_ref(x, qweight, scales, bias)
