@@ -100,7 +100,7 @@ void int8_rows(const uint16_t* x, const int8_t* w, const uint16_t* scales, const
 
 // R weight rows per block, by the number of x rows: fewer as M grows, so that the M * R
 // accumulators stay in the 32 vector registers (measured on the 2-core VM of issue #24).
-template <int M> constexpr int BF16_R = M == 1 ? 16 : M == 2 ? 8 : M <= 4 ? 4 : 3;
+template <int M> constexpr int BF16_R = M == 1 ? 16 : M <= 3 ? 8 : M == 4 ? 6 : M <= 6 ? 4 : 3;
 template <int M> constexpr int INT8_R = M <= 2 ? 8 : M <= 4 ? 4 : 3;
 
 template <int M>

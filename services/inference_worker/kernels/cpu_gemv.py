@@ -3,19 +3,21 @@ fp32 accumulation, bf16 out. The kernels are cpu_gemv.cpp; the torch references 
 
 Why our own loop: a decode step is matrix-vector products that stream every weight from memory once,
 and torch's CPU kernels stream well under the memory's speed at these sizes. On the 2-core AVX-512 VM
-of issue #24 (one thread; a plain read of the same bytes: 13.4 GB/s), over 184 MB of bf16 weights:
-oneDNN with its weights prepacked 9.9 GB/s at 1 row, 9.5 at 4 and 9.3 at 8; this loop 13.9, 9.9 and
-9.4. Over int8 weights, torch's ``_weight_int8pack_mm`` 5.8 GB/s at 1 row and 2.5 at 8; this loop
-10.4 and 7.7 (bench/cpu_linear.py prints them).
+of issue #24, one thread, a [5632, 1024] weight 16 times over (a plain read of the same bytes: 13.4
+GB/s), bf16: this loop 13.1 GB/s at 1 row, 11.4 at 2, 9.5 at 4 and 8.8 at 8, oneDNN with its weights
+prepacked 10.8, 10.7, 10.6 and 10.5. So at 1 to 3 rows this loop is faster, at 4 to 8 oneDNN's blocked
+layout is (by 10 to 16 %), and one layout has to be chosen at load (engine/cpu_linear.py). int8:
+torch's ``_weight_int8pack_mm`` 5.8 GB/s at 1 row and 2.5 at 8, this loop 10.4 and 7.7, on the same
+[N, K] layout, so int8 always takes it (bench/cpu_linear.py prints both).
 
 It needs x86 with AVX-512 BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and a C++
 compiler at run time (g++, or ``CXX``). It is built once per source and compiler into
 ``STRATA_KERNEL_CACHE`` (default ``~/.cache/strata/kernels``), about 2 s, and loaded with ctypes: a
 plain C ABI, so no torch headers to compile. Where either is missing, or ``STRATA_CPU_GEMV=off`` is
-set (read when a model loads), ``unavailable()`` says why and the callers keep torch's kernels. OpenMP comes from torch's own libgomp, already loaded, so the
-loop's threads are torch's (``torch.get_num_threads()``).
+set (read when a model loads), ``unavailable()`` says why and the callers keep torch's kernels.
+OpenMP comes from torch's own libgomp, already loaded, so the loop's threads are torch's
+(``torch.get_num_threads()``).
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -67,26 +69,34 @@ def unavailable() -> str | None:
     return _library()[1]
 
 
-@torch.library.custom_op("strata::gemv_bf16", mutates_args=())
 def gemv_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x [..., K] bf16 with at most MAX_ROWS rows; weight [N, K] bf16, contiguous; bias [N] bf16 or None."""
+    if torch.compiler.is_compiling():
+        return torch.ops.strata.gemv_bf16(x, weight, bias)
+    return _gemv_bf16(x, weight, bias)
+
+
+def gemv_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """As gemv_bf16 with int8 weights [N, K] and one bf16 scale per row n."""
+    if torch.compiler.is_compiling():
+        return torch.ops.strata.gemv_int8(x, qweight, scales, bias)
+    return _gemv_int8(x, qweight, scales, bias)
+
+
+# Custom ops for torch.compile (engine/compiled_decode.py), which keeps each as one opaque call. Eager
+# code calls the functions themselves: the op's dispatch cost about 10 % of a product's time at the
+# bench model's sizes (a 5632 x 1024 weight, 1 or 8 rows).
+def _gemv_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     _check(x, weight, torch.bfloat16, bias)
     rows, y = _rows_and_out(x, weight)
     x2 = x.reshape(rows, -1).contiguous()
     n, k = weight.shape
     _library()[0].strata_gemv_bf16(x2.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), rows, k, n,
                                    torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.reshape(*x.shape[:-1], n)
 
 
-@gemv_bf16.register_fake
-def _(x, weight, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("strata::gemv_int8", mutates_args=())
-def gemv_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """As gemv_bf16 with int8 weights [N, K] and one bf16 scale per row n."""
+def _gemv_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     _check(x, qweight, torch.int8, bias)
     if scales.dtype != torch.bfloat16 or scales.shape != (qweight.shape[0],) or not scales.is_contiguous():
         raise ValueError(f"gemv_int8: scales must be contiguous bf16 [{qweight.shape[0]}], got "
@@ -96,10 +106,19 @@ def gemv_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -
     n, k = qweight.shape
     _library()[0].strata_gemv_int8(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
                                    rows, k, n, torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return y.reshape(*x.shape[:-1], n)
 
 
-@gemv_int8.register_fake
+_bf16_op = torch.library.custom_op("strata::gemv_bf16", _gemv_bf16, mutates_args=())
+_int8_op = torch.library.custom_op("strata::gemv_int8", _gemv_int8, mutates_args=())
+
+
+@_bf16_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@_int8_op.register_fake
 def _(x, qweight, scales, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
