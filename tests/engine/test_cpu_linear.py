@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import services.inference_worker.engine.cpu_linear as cpu_linear
+from services.inference_worker.kernels import cpu_gemv
 from services.inference_worker.engine import EngineConfig, LLMEngine, SamplingParams
 
 from .conftest import PROMPTS
@@ -76,3 +77,35 @@ def test_packed_engine_agrees_with_the_plain_engine(dtype, ckpts, monkeypatch):
         x.token_ids == y.token_ids for x, y in zip(packed.generate(PROMPTS, params), plain.generate(PROMPTS, params))
     )
     assert same >= len(PROMPTS) - 1  # bf16 accumulation order may flip one near-tie
+
+
+@pytest.mark.skipif(cpu_gemv.unavailable() is not None, reason=f"cpu_gemv does not run here: {cpu_gemv.unavailable()}")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_decode_runs_our_loop_and_agrees_with_torchs_kernels(quantize, ckpts, monkeypatch):
+    """bf16 and int8 decode steps through kernels/cpu_gemv.py, against the same engine with
+    STRATA_CPU_GEMV=off (oneDNN's bf16 layout; torch's int8 kernel): the same greedy tokens but for a
+    near-tie, since only the order of fp32 additions differs."""
+    cfg = EngineConfig(device="cpu", dtype=torch.bfloat16, quantize=quantize, num_blocks=64)
+    ours = LLMEngine.from_pretrained(ckpts("llama").path, cfg)
+    monkeypatch.setenv("STRATA_CPU_GEMV", "off")
+    torchs = LLMEngine.from_pretrained(ckpts("llama").path, cfg)
+    monkeypatch.delenv("STRATA_CPU_GEMV")
+    qkv = ours.ckpt.model.layers[0].attn.qkv
+    assert qkv.gemv and not torchs.ckpt.model.layers[0].attn.qkv.gemv
+    assert ours.weights_bytes == torchs.weights_bytes
+
+    calls = {"n": 0}
+    name = "_gemv_int8" if quantize else "_gemv_bf16"
+    real = getattr(cpu_gemv, name)
+
+    def counted(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(cpu_gemv, name, counted)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    mine = ours.generate(PROMPTS, params)
+    assert calls["n"] > 0
+    monkeypatch.setattr(cpu_gemv, name, real)
+    same = sum(x.token_ids == y.token_ids for x, y in zip(mine, torchs.generate(PROMPTS, params)))
+    assert same >= len(PROMPTS) - 1
