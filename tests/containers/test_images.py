@@ -58,3 +58,15 @@ def test_the_scan_finds_a_planted_key():
         "run", "--rm", "--user", "root", "--entrypoint", "sh", STRATA_IMAGES[0], "-c", planted + SCAN, check=False
     )
     assert sorted(found.stdout.split()) == ["/tmp/api-key", "/tmp/leak.pem"], found.stdout + found.stderr
+
+
+def test_the_cpu_worker_holds_its_decode_loop_prebuilt():
+    """kernels/cpu_gemv.cpp is built in the image's build stage (the image has no compiler) and loads."""
+    from services.inference_worker.kernels import cpu_gemv
+
+    probe = "from services.inference_worker.kernels import cpu_gemv; print(cpu_gemv.unavailable())"
+    out = pc.podman("run", "--rm", "--entrypoint", "python", "strata:worker-cpu", "-c", probe).stdout.strip()
+    missing = [flag for flag in cpu_gemv.CPU_FLAGS if flag not in cpu_gemv._cpu_flags()]
+    assert out == (f"this CPU lacks {', '.join(missing)}" if missing else "None"), out
+    assert pc.podman("run", "--rm", "--entrypoint", "sh", "strata:worker-cpu", "-c", "command -v g++ cc gcc",
+                     check=False).stdout.strip() == ""

@@ -11,10 +11,11 @@ torch's ``_weight_int8pack_mm`` 5.8 GB/s at 1 row and 2.5 at 8, this loop 10.4 a
 [N, K] layout, so int8 always takes it (bench/cpu_linear.py prints both).
 
 It needs x86 with AVX-512 BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and a C++
-compiler at run time (g++, or ``CXX``). It is built once per source and compiler into
-``STRATA_KERNEL_CACHE`` (default ``~/.cache/strata/kernels``), about 2 s, and loaded with ctypes: a
-plain C ABI, so no torch headers to compile. Where either is missing, or ``STRATA_CPU_GEMV=off`` is
-set (read when a model loads), ``unavailable()`` says why and the callers keep torch's kernels.
+compiler (g++, or ``CXX``) where the library is not in ``STRATA_KERNEL_CACHE`` yet (default
+``~/.cache/strata/kernels``; the CPU worker image holds it prebuilt). It is built once per source, about
+2 s, and loaded with ctypes: a plain C ABI, so no torch headers to compile. Where either is missing,
+or ``STRATA_CPU_GEMV=off`` is set (read when a model loads), ``unavailable()`` says why and the callers
+keep torch's kernels.
 OpenMP comes from torch's own libgomp, already loaded, so the loop's threads are torch's
 (``torch.get_num_threads()``).
 """
@@ -159,7 +160,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     if missing:
         return None, f"this CPU lacks {', '.join(missing)}"
     try:
-        lib = ctypes.CDLL(str(_built()))
+        lib = ctypes.CDLL(str(build()))
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("cpu_gemv: not built (%s); torch's CPU kernels serve every product", exc)
         return None, f"build failed: {exc}"
@@ -179,16 +180,17 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _built() -> Path:
-    """The shared library for this source and compiler, built into the cache where missing. Built to a
-    temporary name and renamed, so a worker starting beside another never loads a half-written file."""
-    compiler = os.environ.get("CXX") or "g++"
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode() + version.encode()).hexdigest()[:16]
+def build() -> Path:
+    """The shared library for this source and these flags, built into the cache where missing (the CPU
+    worker image runs this at build time, so a node needs no compiler). Any compiler will do: the
+    functions are plain C, so the key is the source and the flags. Built to a temporary name and
+    renamed, so a worker starting beside another never loads a half-written file."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("STRATA_KERNEL_CACHE") or Path.home() / ".cache" / "strata" / "kernels")
     target = cache / f"cpu_gemv-{key}.so"
     if target.exists():
         return target
+    compiler = os.environ.get("CXX") or "g++"
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
     os.close(fd)
