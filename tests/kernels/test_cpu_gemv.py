@@ -141,6 +141,7 @@ def test_built_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert cpu_gemv.build() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+    assert first.stat().st_mode & 0o777 == 0o755  # loadable by another user (the image's, built as root)
 
 
 def test_the_switch_turns_it_off_and_a_bad_value_is_named(monkeypatch):

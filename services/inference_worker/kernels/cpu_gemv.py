@@ -199,6 +199,7 @@ def build() -> Path:
                               timeout=300)
         if done.returncode != 0:
             raise OSError(f"{compiler} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep it from the user a container image runs as
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
