@@ -2,7 +2,7 @@
 (issue #24): how fast each streams the weights at 1, 4 and 8 rows, next to a plain copy's bandwidth.
 
 - bf16 / int8 our loop: kernels/cpu_gemv.py, what the engine runs for decode-sized products where
-  it is built (plain [N, K] rows);
+  it is built (plain [N, K] rows); bf16 on AMX where the CPU has it, and then also its AVX-512 loop;
 - bf16 prepacked (oneDNN's blocked layout), fp16 prepacked (fbgemm, fp32 accumulation): the engine's
   CPU paths otherwise (engine/cpu_linear.py);
 - int8 torch: ``aten._weight_int8pack_mm``, the engine's int8 kernel past decode sizes;
@@ -22,6 +22,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,7 +56,10 @@ def ways(n: int, k: int, mb: int) -> dict:
     scales = torch.full((n,), 0.01, dtype=torch.bfloat16)
     out = {}
     if cpu_gemv.unavailable() is None:
-        out["bf16 our loop (cpu_gemv)"] = (weights(torch.bfloat16), lambda x, w: cpu_gemv.gemv_bf16(x, w, None))
+        name = "bf16 our loop (cpu_gemv, AMX)" if cpu_gemv.amx() else "bf16 our loop (cpu_gemv)"
+        out[name] = (weights(torch.bfloat16), lambda x, w: cpu_gemv.gemv_bf16(x, w, None))
+        if cpu_gemv.amx():
+            out["bf16 our loop (cpu_gemv, AVX-512 only)"] = (weights(torch.bfloat16), avx512_only)
         out["int8 our loop (cpu_gemv)"] = (weights(torch.int8), lambda x, w: cpu_gemv.gemv_int8(x, w, scales, None))
     if can_pack(torch.bfloat16):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights(torch.bfloat16)]
@@ -68,6 +72,12 @@ def ways(n: int, k: int, mb: int) -> dict:
     out["fp16 plain"] = (weights(torch.float16), F.linear)
     out["fp32 plain"] = (weights(torch.float32), F.linear)
     return out
+
+
+def avx512_only(x, w):
+    """The loop CPUs without AMX run (vdpbf16ps), on this one."""
+    with mock.patch.object(cpu_gemv, "amx", lambda: False):
+        return cpu_gemv.gemv_bf16(x, w, None)
 
 
 def seconds(product, xs, ws) -> float:

@@ -3,11 +3,12 @@
 torch's plain ``F.linear`` repacks (or walks unpacked) the weight on every call. On the 2-core AVX-512
 VM of issue #24, streaming a decode step's weights from memory (bench/cpu_linear.py):
 - bf16: plain about 10 GB/s at 1 row; prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``,
-  the layout inductor's CPU freezing uses) about 10–15 GB/s, and 9–19 GB/s at 4–8 rows; our own loop
-  over plain rows (kernels/cpu_gemv.py) 13.9 GB/s at 1 row, 9.9 at 4, 9.4 at 8, against oneDNN's 9.9,
-  9.5 and 9.3 in the same run. So where that loop runs (AVX-512 BF16 and a C++ compiler), bf16 weights
-  stay plain: it serves decode-sized products (up to cpu_gemv.MAX_ROWS rows) and ``F.linear`` the
+  the layout inductor's CPU freezing uses) about 10.5 GB/s at 1 to 8 rows; our own loops over plain
+  rows (kernels/cpu_gemv.py: AVX-512 at 1 row, AMX past it) 14.4 GB/s at 1 row and 12.1 to 12.8 at 2 to
+  8. So where those loops run (AVX-512 BF16 and a C++ compiler, or the library prebuilt) bf16 weights
+  stay plain: the loops serve decode-sized products (up to cpu_gemv.MAX_ROWS rows) and ``F.linear`` the
   prefills, which pay about 1.25x for the plain layout at 16 to 256 rows. Elsewhere oneDNN's layout.
+  (Without AMX the AVX-512 loop falls to 9–10 GB/s at 4 to 8 rows, below oneDNN.)
 - fp16: plain runs a gemv at 1 row (fast) but falls to 2–5 GB/s at 4–8 rows; prepacked for fbgemm
   (``quantized.linear_prepack_fp16``: fp16 weights, fp32 activations and accumulation) about 22 GB/s
   at 1 row and 10–16 GB/s at 4–8.

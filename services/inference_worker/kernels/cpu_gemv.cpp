@@ -6,9 +6,19 @@
 // R weight rows in flight at a time (more streams than the hardware prefetcher keeps up with alone)
 // plus a software prefetch PREFETCH_ROWS ahead, each weight row loaded once for all M rows of x.
 // x, w and y are contiguous and row-major; accumulation is fp32; y is bf16, rounded to nearest even.
+//
+// On CPUs with AMX (Sapphire Rapids on) bf16 takes another loop: the weights are the A tiles as they lie
+// (16 rows of n by 32 k, a row stride apart), x the B tile (its k in VNNI pairs, rearranged once a
+// call), so one TDPBF16PS multiplies 16 weight rows with every row of x. vdpbf16ps runs out of compute
+// at 4 or more rows of x (each weight used M times); AMX does not, and streams the weights at the same
+// speed at 1 to 16 rows.
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <vector>
 
 namespace {
 
@@ -123,9 +133,124 @@ void int8_all(const uint16_t* x, const int8_t* w, const uint16_t* scales, const 
     for (int64_t n = blocks * R; n < N; n++) int8_rows<M, 1>(x, w, scales, bias, y, K, N, n);
 }
 
+
+// -- AMX -----------------------------------------------------------------------------------------------
+constexpr int AMX_ROWS = 16;     // x rows a B tile holds
+constexpr int AMX_BLOCKS = 3;    // 16-row weight blocks in flight: 3 C + 3 A + 1 B of the 8 tiles
+
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void load_tile_config(int M) {
+    TileConfig cfg;
+    for (int t = 0; t < 7; t++) cfg.rows[t] = 16;
+    for (int t = 0; t < AMX_BLOCKS; t++) cfg.colsb[t] = (uint16_t)(M * 4);  // C: 16 n x M fp32
+    for (int t = 3; t < 3 + AMX_BLOCKS; t++) cfg.colsb[t] = 64;           // A: 16 n x 32 k bf16
+    cfg.colsb[6] = (uint16_t)(M * 4);                                      // B: 16 k pairs x M
+    cfg.rows[6] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+// One block of 16 * NB weight rows from n0: C += A (weights) . B (x), over K in steps of 32. ``w`` rows
+// are ``ld`` elements apart; ``kfull`` is K rounded down to 32; the rest of K comes from ``tail``, the
+// same rows zero-padded to 32 columns (prepared by the caller).
+template <int NB>
+void amx_block(const uint16_t* w, int64_t ld, const uint32_t* xv, int M, int64_t kfull, const uint16_t* tail,
+               float* c) {
+    _tile_zero(0);
+    if (NB > 1) _tile_zero(1);
+    if (NB > 2) _tile_zero(2);
+    for (int64_t k = 0; k < kfull; k += 32) {
+        _tile_loadd(6, xv + (k / 2) * M, M * 4);
+        _tile_loadd(3, w + k, ld * 2);
+        _tile_dpbf16ps(0, 3, 6);
+        if (NB > 1) { _tile_loadd(4, w + 16 * ld + k, ld * 2); _tile_dpbf16ps(1, 4, 6); }
+        if (NB > 2) { _tile_loadd(5, w + 32 * ld + k, ld * 2); _tile_dpbf16ps(2, 5, 6); }
+    }
+    if (tail) {
+        _tile_loadd(6, xv + (kfull / 2) * M, M * 4);
+        _tile_loadd(3, tail, 64);
+        _tile_dpbf16ps(0, 3, 6);
+        if (NB > 1) { _tile_loadd(4, tail + 16 * 32, 64); _tile_dpbf16ps(1, 4, 6); }
+        if (NB > 2) { _tile_loadd(5, tail + 32 * 32, 64); _tile_dpbf16ps(2, 5, 6); }
+    }
+    _tile_stored(0, c, M * 4);
+    if (NB > 1) _tile_stored(1, c + 16 * M, M * 4);
+    if (NB > 2) _tile_stored(2, c + 32 * M, M * 4);
+}
+
+void store_rows(const float* c, int rows, int M, const uint16_t* bias, uint16_t* y, int64_t N, int64_t n0) {
+    for (int i = 0; i < rows; i++)
+        for (int m = 0; m < M; m++) {
+            float sum = c[i * M + m];
+            if (bias) sum += from_bf16(bias[n0 + i]);
+            y[m * N + n0 + i] = to_bf16(sum);
+        }
+}
+
+// Rows [n0, n0 + rows) of w, rows <= 48: the K tail, and past N (the last block) zero rows, come from a
+// padded copy so that no tile reads outside w.
+void amx_rows(const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, int64_t N, int M,
+              const uint32_t* xv, int64_t n0, int rows) {
+    const int64_t kfull = K / 32 * 32;
+    const bool partial = rows < 16 * AMX_BLOCKS;
+    alignas(64) uint16_t tail[16 * AMX_BLOCKS * 32];
+    alignas(64) float c[16 * AMX_BLOCKS * AMX_ROWS];
+    const uint16_t* tail_ptr = nullptr;
+    if (K > kfull) {
+        memset(tail, 0, sizeof tail);
+        for (int r = 0; r < rows; r++) memcpy(tail + r * 32, w + (n0 + r) * K + kfull, (K - kfull) * 2);
+        tail_ptr = tail;
+    }
+    if (!partial) {
+        amx_block<AMX_BLOCKS>(w + n0 * K, K, xv, M, kfull, tail_ptr, c);
+    } else {  // the last rows: copied into a zero-padded block, so that no tile reads past row N
+        std::vector<uint16_t> block((size_t)16 * AMX_BLOCKS * (kfull > 0 ? kfull : 32), 0);
+        for (int r = 0; r < rows; r++) memcpy(block.data() + r * kfull, w + (n0 + r) * K, kfull * 2);
+        amx_block<AMX_BLOCKS>(block.data(), kfull > 0 ? kfull : 32, xv, M, kfull, tail_ptr, c);
+    }
+    store_rows(c, rows, M, bias, y, N, n0);
+}
+
+void bf16_amx(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, int64_t N,
+              int M, int threads) {
+    // x in VNNI pairs: xv[kp][m] = (x[m][2kp], x[m][2kp + 1]), zero past K, K padded to 32
+    const int64_t kpad = (K + 31) / 32 * 32;
+    std::vector<uint32_t> xv((size_t)(kpad / 2) * M, 0);
+    for (int m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) {
+            uint16_t* pair = (uint16_t*)&xv[(k / 2) * M + m];
+            pair[k & 1] = x[m * K + k];
+        }
+    const int64_t step = 16 * AMX_BLOCKS, blocks = (N + step - 1) / step;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        load_tile_config(M);  // tile state is per thread
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * step;
+            amx_rows(w, bias, y, K, N, M, xv.data(), n0, (int)(N - n0 < step ? N - n0 : step));
+        }
+        _tile_release();
+    }
+}
 }  // namespace
 
 extern "C" {
+
+// AMX needs the kernel's permission once per process (Linux 5.16 on); 0 when granted.
+int strata_amx_init() { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */); }
+
+// x [M, K] with 1 <= M <= 16, bf16 weights on AMX; 0, or -1 for M outside 1..16.
+int strata_gemv_bf16_amx(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,
+                         int64_t M, int64_t K, int64_t N, int threads) {
+    if (M < 1 || M > AMX_ROWS) return -1;
+    bf16_amx(x, w, bias, y, K, N, (int)M, threads);
+    return 0;
+}
 
 // Returns 0, or -1 for a row count outside 1..8 (the caller routes those elsewhere).
 int strata_gemv_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,

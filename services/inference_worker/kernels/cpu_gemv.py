@@ -1,14 +1,15 @@
 """Decode-sized products on CPU (1 to MAX_ROWS rows of x): bf16 or int8 weights, bf16 activations,
 fp32 accumulation, bf16 out. The kernels are cpu_gemv.cpp; the torch references are below.
 
-Why our own loop: a decode step is matrix-vector products that stream every weight from memory once,
+Why our own loops: a decode step is matrix-vector products that stream every weight from memory once,
 and torch's CPU kernels stream well under the memory's speed at these sizes. On the 2-core AVX-512 VM
 of issue #24, one thread, a [5632, 1024] weight 16 times over (a plain read of the same bytes: 13.4
-GB/s), bf16: this loop 13.1 GB/s at 1 row, 11.4 at 2, 9.5 at 4 and 8.8 at 8, oneDNN with its weights
-prepacked 10.8, 10.7, 10.6 and 10.5. So at 1 to 3 rows this loop is faster, at 4 to 8 oneDNN's blocked
-layout is (by 10 to 16 %), and one layout has to be chosen at load (engine/cpu_linear.py). int8:
-torch's ``_weight_int8pack_mm`` 5.8 GB/s at 1 row and 2.5 at 8, this loop 10.4 and 7.7, on the same
-[N, K] layout, so int8 always takes it (bench/cpu_linear.py prints both).
+GB/s), bf16: oneDNN with its weights prepacked 10.3 to 10.5 GB/s at 1 to 8 rows; our AVX-512 loop
+(vdpbf16ps) 14.4 at 1 row but 10.2 at 4 and 9.2 at 8, where it runs out of compute; our AMX loop 12.7
+at 1 row and 12.1 to 12.3 at 4 to 8. So bf16 takes the AVX-512 loop at 1 row and AMX past it where the
+CPU has AMX (Sapphire Rapids on), and the AVX-512 loop throughout elsewhere. int8: torch's
+``_weight_int8pack_mm`` 5.8 GB/s at 1 row and 2.5 at 8, our AVX-512 loop 10.4 and 7.7, on the same
+[N, K] layout (bench/cpu_linear.py prints them all).
 
 It needs x86 with AVX-512 BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and a C++
 compiler (g++, or ``CXX``) where the library is not in ``STRATA_KERNEL_CACHE`` yet (default
@@ -40,7 +41,8 @@ MAX_ROWS = 8
 SOURCE = Path(__file__).with_suffix(".cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                 "-mavx512dq", "-mavx512bf16", "-mfma")
+                 "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16")
+AMX_FLAGS = ("amx_tile", "amx_bf16")
 
 
 def gemv_bf16_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -92,8 +94,11 @@ def _gemv_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     rows, y = _rows_and_out(x, weight)
     x2 = x.reshape(rows, -1).contiguous()
     n, k = weight.shape
-    _library()[0].strata_gemv_bf16(x2.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), rows, k, n,
-                                   torch.get_num_threads())
+    lib = _library()[0]
+    # one row: the AVX-512 loop streams faster (14.4 GB/s against AMX's 12.7 on issue #24's VM); two or
+    # more: AMX (12.1 to 12.8 at 2 to 8 rows, where the AVX-512 loop falls to 9.2)
+    loop = lib.strata_gemv_bf16_amx if rows > 1 and amx() else lib.strata_gemv_bf16
+    loop(x2.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), rows, k, n, torch.get_num_threads())
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -165,9 +170,21 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         log.warning("cpu_gemv: not built (%s); torch's CPU kernels serve every product", exc)
         return None, f"build failed: {exc}"
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.strata_gemv_bf16.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int]
+    lib.strata_gemv_bf16.argtypes = lib.strata_gemv_bf16_amx.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int]
     lib.strata_gemv_int8.argtypes = [pointer] * 5 + [i64] * 3 + [ctypes.c_int]
     return lib, None
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether bf16 products take the AMX loop: the CPU has AMX-BF16 and Linux lets this process use it."""
+    lib = _library()[0]
+    if lib is None or any(flag not in _cpu_flags() for flag in AMX_FLAGS):
+        return False
+    if (code := lib.strata_amx_init()) != 0:
+        log.warning("cpu_gemv: Linux refused AMX to this process (arch_prctl %d); bf16 takes the AVX-512 loop", code)
+        return False
+    return True
 
 
 def _cpu_flags() -> set[str]:
