@@ -2,7 +2,8 @@
 (issue #24): how fast each streams the weights at 1, 4 and 8 rows, next to a plain copy's bandwidth.
 
 - bf16 / int8 our loop: kernels/cpu_gemv.py, what the engine runs for decode-sized products where
-  it is built (plain [N, K] rows); bf16 on AMX where the CPU has it, and then also its AVX-512 loop;
+  it is built (plain [N, K] rows; AMX past a few rows where the CPU has it, and then also the AVX-512
+  loop alone, what CPUs without AMX run);
 - bf16 prepacked (oneDNN's blocked layout), fp16 prepacked (fbgemm, fp32 accumulation): the engine's
   CPU paths otherwise (engine/cpu_linear.py);
 - int8 torch: ``aten._weight_int8pack_mm``, the engine's int8 kernel past decode sizes;
@@ -56,11 +57,11 @@ def ways(n: int, k: int, mb: int) -> dict:
     scales = torch.full((n,), 0.01, dtype=torch.bfloat16)
     out = {}
     if cpu_gemv.unavailable() is None:
-        name = "bf16 our loop (cpu_gemv, AMX)" if cpu_gemv.amx() else "bf16 our loop (cpu_gemv)"
-        out[name] = (weights(torch.bfloat16), lambda x, w: cpu_gemv.gemv_bf16(x, w, None))
-        if cpu_gemv.amx():
-            out["bf16 our loop (cpu_gemv, AVX-512 only)"] = (weights(torch.bfloat16), avx512_only)
+        out["bf16 our loop (cpu_gemv)"] = (weights(torch.bfloat16), lambda x, w: cpu_gemv.gemv_bf16(x, w, None))
         out["int8 our loop (cpu_gemv)"] = (weights(torch.int8), lambda x, w: cpu_gemv.gemv_int8(x, w, scales, None))
+        if cpu_gemv.amx():
+            out["bf16 our loop, AVX-512 only"] = (weights(torch.bfloat16), avx512_only(cpu_gemv.gemv_bf16))
+            out["int8 our loop, AVX-512 only"] = (weights(torch.int8), avx512_only(cpu_gemv.gemv_int8, scales))
     if can_pack(torch.bfloat16):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights(torch.bfloat16)]
         out["bf16 prepacked (oneDNN)"] = (packed, lambda x, w: onednn_linear(x, w, None))
@@ -74,10 +75,12 @@ def ways(n: int, k: int, mb: int) -> dict:
     return out
 
 
-def avx512_only(x, w):
-    """The loop CPUs without AMX run (vdpbf16ps), on this one."""
-    with mock.patch.object(cpu_gemv, "amx", lambda: False):
-        return cpu_gemv.gemv_bf16(x, w, None)
+def avx512_only(product, *rest):
+    """The loop CPUs without AMX run, on this one (which takes AMX past a few rows)."""
+    def run(x, w):
+        with mock.patch.object(cpu_gemv, "amx", lambda: False):
+            return product(x, w, *rest, None)
+    return run
 
 
 def seconds(product, xs, ws) -> float:

@@ -13,13 +13,14 @@ needs_gemv = pytest.mark.skipif(cpu_gemv.unavailable() is not None,
                                 reason=f"cpu_gemv does not run here: {cpu_gemv.unavailable()}")
 
 SHAPES = [(1, 1), (7, 33), (17, 64), (37, 31), (100, 64), (250, 130), (96, 1000)]  # (N, K)
-# the two bf16 loops: AMX where the CPU has it, vdpbf16ps elsewhere (and here too, chosen by hand)
+# the two loops: AMX where the CPU has it (bf16 past 1 row, int8 past INT8_AMX_ROWS - 1), AVX-512 elsewhere
+# (and here too, chosen by hand)
 BF16_LOOPS = ["avx512", pytest.param("amx", marks=pytest.mark.skipif(
     cpu_gemv.unavailable() is not None or not cpu_gemv.amx(), reason="no AMX-BF16 here (or Linux refuses it)"))]
 
 
 @pytest.fixture(params=BF16_LOOPS)
-def bf16_loop(request, monkeypatch):
+def loop(request, monkeypatch):
     monkeypatch.setattr(cpu_gemv, "amx", lambda: request.param == "amx")
     return request.param
 
@@ -35,7 +36,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("rows", range(1, cpu_gemv.MAX_ROWS + 1))
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_matches_the_reference(rows, n, k, bias, bf16_loop):
+def test_bf16_matches_the_reference(rows, n, k, bias, loop):
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if bias else None
@@ -45,7 +46,7 @@ def test_bf16_matches_the_reference(rows, n, k, bias, bf16_loop):
 @needs_gemv
 @pytest.mark.parametrize("rows", range(1, cpu_gemv.MAX_ROWS + 1))
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_int8_matches_the_reference(rows, n, k):
+def test_int8_matches_the_reference(rows, n, k, loop):
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, b = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -55,7 +56,7 @@ def test_int8_matches_the_reference(rows, n, k):
 
 
 @needs_gemv
-def test_leading_dimensions_strides_and_threads(bf16_loop):
+def test_leading_dimensions_strides_and_threads(loop):
     """x [batch, 1, K] as the decode step passes it, a non-contiguous x, and 1 or 2 threads: the same bits."""
     x = torch.randn(4, 1, 96).bfloat16()
     w = torch.randn(70, 96).bfloat16()
@@ -76,7 +77,7 @@ def test_leading_dimensions_strides_and_threads(bf16_loop):
 
 
 @needs_gemv
-def test_nan_and_inf_propagate(bf16_loop):
+def test_nan_and_inf_propagate(loop):
     x = torch.ones(2, 40).bfloat16()
     w = torch.ones(3, 40).bfloat16()
     w[0, 5], w[1, 39] = float("nan"), float("inf")

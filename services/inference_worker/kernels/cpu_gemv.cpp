@@ -215,9 +215,52 @@ void amx_rows(const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, i
     store_rows(c, rows, M, bias, y, N, n0);
 }
 
-void bf16_amx(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, int64_t N,
-              int M, int threads) {
-    // x in VNNI pairs: xv[kp][m] = (x[m][2kp], x[m][2kp + 1]), zero past K, K padded to 32
+// int8 weights on AMX: each 16 x 32 block widened to bf16 (exact for -127..127) in a scratch tile, so
+// the product is x . (w as bf16), scaled per row n afterwards.
+void int8_amx_rows(const int8_t* w, const uint16_t* scales, const uint16_t* bias, uint16_t* y, int64_t K,
+                   int64_t N, int M, const uint32_t* xv, int64_t n0, int rows) {
+    alignas(64) uint16_t a[AMX_BLOCKS][16 * 32];
+    alignas(64) float c[16 * AMX_BLOCKS * AMX_ROWS];
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 mask = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
+        for (int b = 0; b < AMX_BLOCKS; b++)
+            for (int r = 0; r < 16; r++) {
+                const int row = b * 16 + r;
+                __m512i wide = _mm512_setzero_si512();
+                if (row < rows) {
+                    const int8_t* src = w + (n0 + row) * K + k;
+                    if (k + 32 + 64 <= K && n0 + row + 16 < N) _mm_prefetch((const char*)(src + 16 * K), _MM_HINT_T0);
+                    __m256i q = _mm256_maskz_loadu_epi8(mask, src);
+                    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+                    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+                    wide = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+                }
+                _mm512_store_si512(a[b] + r * 32, wide);
+            }
+        _tile_loadd(6, xv + (k / 2) * M, M * 4);
+        _tile_loadd(3, a[0], 64);
+        _tile_dpbf16ps(0, 3, 6);
+        _tile_loadd(4, a[1], 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, a[2], 64);
+        _tile_dpbf16ps(2, 5, 6);
+    }
+    _tile_stored(0, c, M * 4);
+    _tile_stored(1, c + 16 * M, M * 4);
+    _tile_stored(2, c + 32 * M, M * 4);
+    for (int i = 0; i < rows; i++)
+        for (int m = 0; m < M; m++) {
+            float sum = c[i * M + m] * from_bf16(scales[n0 + i]);
+            if (bias) sum += from_bf16(bias[n0 + i]);
+            y[m * N + n0 + i] = to_bf16(sum);
+        }
+}
+
+// x in VNNI pairs: xv[kp][m] = (x[m][2kp], x[m][2kp + 1]), zero past K, K padded to 32
+std::vector<uint32_t> vnni_pairs(const uint16_t* x, int64_t K, int M) {
     const int64_t kpad = (K + 31) / 32 * 32;
     std::vector<uint32_t> xv((size_t)(kpad / 2) * M, 0);
     for (int m = 0; m < M; m++)
@@ -225,6 +268,12 @@ void bf16_amx(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16
             uint16_t* pair = (uint16_t*)&xv[(k / 2) * M + m];
             pair[k & 1] = x[m * K + k];
         }
+    return xv;
+}
+
+// Blocks of 16 * AMX_BLOCKS weight rows over torch's threads; ``rows_fn(n0, rows)`` does one.
+template <typename RowsFn>
+void amx_over_blocks(int64_t N, int M, int threads, RowsFn rows_fn) {
     const int64_t step = 16 * AMX_BLOCKS, blocks = (N + step - 1) / step;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -232,11 +281,12 @@ void bf16_amx(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n0 = b * step;
-            amx_rows(w, bias, y, K, N, M, xv.data(), n0, (int)(N - n0 < step ? N - n0 : step));
+            rows_fn(n0, (int)(N - n0 < step ? N - n0 : step));
         }
         _tile_release();
     }
 }
+
 }  // namespace
 
 extern "C" {
@@ -248,7 +298,21 @@ int strata_amx_init() { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_X
 int strata_gemv_bf16_amx(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,
                          int64_t M, int64_t K, int64_t N, int threads) {
     if (M < 1 || M > AMX_ROWS) return -1;
-    bf16_amx(x, w, bias, y, K, N, (int)M, threads);
+    const std::vector<uint32_t> xv = vnni_pairs(x, K, (int)M);
+    amx_over_blocks(N, (int)M, threads, [&](int64_t n0, int rows) {
+        amx_rows(w, bias, y, K, N, (int)M, xv.data(), n0, rows);
+    });
+    return 0;
+}
+
+// As strata_gemv_int8, on AMX.
+int strata_gemv_int8_amx(const uint16_t* x, const int8_t* w, const uint16_t* scales, const uint16_t* bias,
+                         uint16_t* y, int64_t M, int64_t K, int64_t N, int threads) {
+    if (M < 1 || M > AMX_ROWS) return -1;
+    const std::vector<uint32_t> xv = vnni_pairs(x, K, (int)M);
+    amx_over_blocks(N, (int)M, threads, [&](int64_t n0, int rows) {
+        int8_amx_rows(w, scales, bias, y, K, N, (int)M, xv.data(), n0, rows);
+    });
     return 0;
 }
 

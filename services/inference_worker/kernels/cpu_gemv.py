@@ -8,8 +8,8 @@ GB/s), bf16: oneDNN with its weights prepacked 10.3 to 10.5 GB/s at 1 to 8 rows;
 (vdpbf16ps) 14.4 at 1 row but 10.2 at 4 and 9.2 at 8, where it runs out of compute; our AMX loop 12.7
 at 1 row and 12.1 to 12.3 at 4 to 8. So bf16 takes the AVX-512 loop at 1 row and AMX past it where the
 CPU has AMX (Sapphire Rapids on), and the AVX-512 loop throughout elsewhere. int8: torch's
-``_weight_int8pack_mm`` 5.8 GB/s at 1 row and 2.5 at 8, our AVX-512 loop 10.4 and 7.7, on the same
-[N, K] layout (bench/cpu_linear.py prints them all).
+``_weight_int8pack_mm`` 5.7 GB/s at 1 row and 2.4 at 8, our AVX-512 loop 10.2 and 4.7, our AMX loop
+6.3 to 6.6 throughout, on the same [N, K] layout (bench/cpu_linear.py prints them all).
 
 It needs x86 with AVX-512 BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and a C++
 compiler (g++, or ``CXX``) where the library is not in ``STRATA_KERNEL_CACHE`` yet (default
@@ -38,6 +38,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
+# int8 takes AMX from this many rows of x, where the CPU has it: widening the weights to bf16 caps that
+# loop at ~6.4 GB/s of int8 at any row count, which the AVX-512 loop beats up to 4 rows (10.2 at 1, 6.6
+# at 4) and not past them (4.7 at 8)
+INT8_AMX_ROWS = 5
 SOURCE = Path(__file__).with_suffix(".cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -110,8 +114,10 @@ def _gemv_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) 
     rows, y = _rows_and_out(x, qweight)
     x2 = x.reshape(rows, -1).contiguous()
     n, k = qweight.shape
-    _library()[0].strata_gemv_int8(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
-                                   rows, k, n, torch.get_num_threads())
+    lib = _library()[0]
+    loop = lib.strata_gemv_int8_amx if rows >= INT8_AMX_ROWS and amx() else lib.strata_gemv_int8
+    loop(x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), rows, k, n,
+         torch.get_num_threads())
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -171,7 +177,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"build failed: {exc}"
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.strata_gemv_bf16.argtypes = lib.strata_gemv_bf16_amx.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int]
-    lib.strata_gemv_int8.argtypes = [pointer] * 5 + [i64] * 3 + [ctypes.c_int]
+    lib.strata_gemv_int8.argtypes = lib.strata_gemv_int8_amx.argtypes = [pointer] * 5 + [i64] * 3 + [ctypes.c_int]
     return lib, None
 
 
