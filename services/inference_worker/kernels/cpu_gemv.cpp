@@ -154,38 +154,44 @@ void load_tile_config(int M) {
     _tile_loadconfig(&cfg);
 }
 
-// One block of 16 * NB weight rows from n0: C += A (weights) . B (x), over K in steps of 32. ``w`` rows
+// One block of 16 * AMX_BLOCKS weight rows: C += A (weights) . B (x), over K in steps of 32. ``w`` rows
 // are ``ld`` elements apart; ``kfull`` is K rounded down to 32; the rest of K comes from ``tail``, the
 // same rows zero-padded to 32 columns (prepared by the caller).
-template <int NB>
 void amx_block(const uint16_t* w, int64_t ld, const uint32_t* xv, int M, int64_t kfull, const uint16_t* tail,
                float* c) {
     _tile_zero(0);
-    if (NB > 1) _tile_zero(1);
-    if (NB > 2) _tile_zero(2);
+    _tile_zero(1);
+    _tile_zero(2);
     for (int64_t k = 0; k < kfull; k += 32) {
         _tile_loadd(6, xv + (k / 2) * M, M * 4);
         _tile_loadd(3, w + k, ld * 2);
         _tile_dpbf16ps(0, 3, 6);
-        if (NB > 1) { _tile_loadd(4, w + 16 * ld + k, ld * 2); _tile_dpbf16ps(1, 4, 6); }
-        if (NB > 2) { _tile_loadd(5, w + 32 * ld + k, ld * 2); _tile_dpbf16ps(2, 5, 6); }
+        _tile_loadd(4, w + 16 * ld + k, ld * 2);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, w + 32 * ld + k, ld * 2);
+        _tile_dpbf16ps(2, 5, 6);
     }
     if (tail) {
         _tile_loadd(6, xv + (kfull / 2) * M, M * 4);
         _tile_loadd(3, tail, 64);
         _tile_dpbf16ps(0, 3, 6);
-        if (NB > 1) { _tile_loadd(4, tail + 16 * 32, 64); _tile_dpbf16ps(1, 4, 6); }
-        if (NB > 2) { _tile_loadd(5, tail + 32 * 32, 64); _tile_dpbf16ps(2, 5, 6); }
+        _tile_loadd(4, tail + 16 * 32, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, tail + 32 * 32, 64);
+        _tile_dpbf16ps(2, 5, 6);
     }
     _tile_stored(0, c, M * 4);
-    if (NB > 1) _tile_stored(1, c + 16 * M, M * 4);
-    if (NB > 2) _tile_stored(2, c + 32 * M, M * 4);
+    _tile_stored(1, c + 16 * M, M * 4);
+    _tile_stored(2, c + 32 * M, M * 4);
 }
 
-void store_rows(const float* c, int rows, int M, const uint16_t* bias, uint16_t* y, int64_t N, int64_t n0) {
+// C (rows x M, fp32) into y (M x N, bf16): times the row's scale (int8) and plus its bias, where given.
+void store_rows(const float* c, int rows, int M, const uint16_t* scales, const uint16_t* bias, uint16_t* y,
+                int64_t N, int64_t n0) {
     for (int i = 0; i < rows; i++)
         for (int m = 0; m < M; m++) {
             float sum = c[i * M + m];
+            if (scales) sum *= from_bf16(scales[n0 + i]);
             if (bias) sum += from_bf16(bias[n0 + i]);
             y[m * N + n0 + i] = to_bf16(sum);
         }
@@ -206,13 +212,13 @@ void amx_rows(const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, i
         tail_ptr = tail;
     }
     if (!partial) {
-        amx_block<AMX_BLOCKS>(w + n0 * K, K, xv, M, kfull, tail_ptr, c);
+        amx_block(w + n0 * K, K, xv, M, kfull, tail_ptr, c);
     } else {  // the last rows: copied into a zero-padded block, so that no tile reads past row N
         std::vector<uint16_t> block((size_t)16 * AMX_BLOCKS * (kfull > 0 ? kfull : 32), 0);
         for (int r = 0; r < rows; r++) memcpy(block.data() + r * kfull, w + (n0 + r) * K, kfull * 2);
-        amx_block<AMX_BLOCKS>(block.data(), kfull > 0 ? kfull : 32, xv, M, kfull, tail_ptr, c);
+        amx_block(block.data(), kfull > 0 ? kfull : 32, xv, M, kfull, tail_ptr, c);
     }
-    store_rows(c, rows, M, bias, y, N, n0);
+    store_rows(c, rows, M, nullptr, bias, y, N, n0);
 }
 
 // int8 weights on AMX: each 16 x 32 block widened to bf16 (exact for -127..127) in a scratch tile, so
@@ -251,12 +257,7 @@ void int8_amx_rows(const int8_t* w, const uint16_t* scales, const uint16_t* bias
     _tile_stored(0, c, M * 4);
     _tile_stored(1, c + 16 * M, M * 4);
     _tile_stored(2, c + 32 * M, M * 4);
-    for (int i = 0; i < rows; i++)
-        for (int m = 0; m < M; m++) {
-            float sum = c[i * M + m] * from_bf16(scales[n0 + i]);
-            if (bias) sum += from_bf16(bias[n0 + i]);
-            y[m * N + n0 + i] = to_bf16(sum);
-        }
+    store_rows(c, rows, M, scales, bias, y, N, n0);
 }
 
 // x in VNNI pairs: xv[kp][m] = (x[m][2kp], x[m][2kp + 1]), zero past K, K padded to 32
