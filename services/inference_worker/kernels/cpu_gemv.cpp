@@ -197,28 +197,32 @@ void store_rows(const float* c, int rows, int M, const uint16_t* scales, const u
         }
 }
 
-// Rows [n0, n0 + rows) of w, rows <= 48: the K tail, and past N (the last block) zero rows, come from a
-// padded copy so that no tile reads outside w.
+// Rows [n0, n0 + rows) of w, rows <= 48. A last block shorter than 48 rows is computed as the 48 rows
+// ending at row N (its first rows are the previous block's, computed again and not stored), so that no
+// tile reads past row N without copying the weights; only a matrix of fewer than 48 rows is copied,
+// zero-padded. The K tail comes from a zero-padded copy of the block's last K % 32 columns.
 void amx_rows(const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, int64_t N, int M,
               const uint32_t* xv, int64_t n0, int rows) {
+    constexpr int step = 16 * AMX_BLOCKS;
     const int64_t kfull = K / 32 * 32;
-    const bool partial = rows < 16 * AMX_BLOCKS;
-    alignas(64) uint16_t tail[16 * AMX_BLOCKS * 32];
-    alignas(64) float c[16 * AMX_BLOCKS * AMX_ROWS];
+    const int64_t start = rows < step && N >= step ? N - step : n0;
+    const int held = (int)(N - start < step ? N - start : step);  // rows of w the block covers
+    alignas(64) uint16_t tail[step * 32];
+    alignas(64) float c[step * AMX_ROWS];
     const uint16_t* tail_ptr = nullptr;
     if (K > kfull) {
         memset(tail, 0, sizeof tail);
-        for (int r = 0; r < rows; r++) memcpy(tail + r * 32, w + (n0 + r) * K + kfull, (K - kfull) * 2);
+        for (int r = 0; r < held; r++) memcpy(tail + r * 32, w + (start + r) * K + kfull, (K - kfull) * 2);
         tail_ptr = tail;
     }
-    if (!partial) {
-        amx_block(w + n0 * K, K, xv, M, kfull, tail_ptr, c);
-    } else {  // the last rows: copied into a zero-padded block, so that no tile reads past row N
-        std::vector<uint16_t> block((size_t)16 * AMX_BLOCKS * (kfull > 0 ? kfull : 32), 0);
-        for (int r = 0; r < rows; r++) memcpy(block.data() + r * kfull, w + (n0 + r) * K, kfull * 2);
+    if (held == step) {
+        amx_block(w + start * K, K, xv, M, kfull, tail_ptr, c);
+    } else {  // N < 48
+        std::vector<uint16_t> block((size_t)step * (kfull > 0 ? kfull : 32), 0);
+        for (int r = 0; r < held; r++) memcpy(block.data() + r * kfull, w + (start + r) * K, kfull * 2);
         amx_block(block.data(), kfull > 0 ? kfull : 32, xv, M, kfull, tail_ptr, c);
     }
-    store_rows(c, rows, M, nullptr, bias, y, N, n0);
+    store_rows(c + (n0 - start) * M, rows, M, nullptr, bias, y, N, n0);
 }
 
 // int8 weights on AMX: each 16 x 32 block widened to bf16 (exact for -127..127) in a scratch tile, so
