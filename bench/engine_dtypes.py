@@ -29,14 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,7 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.engine import make_checkpoint, parse_args as engine_args  # noqa: E402
-from bench.engine_runners import StrataBench  # noqa: E402
+from bench.engine_runners import StrataBench, Variant  # noqa: E402
 from bench.host import loadavg  # noqa: E402
 from bench.roofline import copy_bandwidth_gbs, kv_bytes_per_token, weight_bytes_read_per_step  # noqa: E402
 import services.inference_worker.engine.cpu_linear as cpu_linear  # noqa: E402
@@ -157,12 +155,11 @@ def main(argv=None) -> dict:
     names = args.variants.split(",")
     benches = {}
     for name in names:
-        base, compiled = name.removesuffix("-compiled"), name.endswith("-compiled")
-        base, gemv = base.removesuffix("-nogemv"), not base.endswith("-nogemv")
+        variant = Variant.parse(name)
+        base, compiled = variant.kind, variant.compiled
         dtype, quantize = VARIANTS[base]
         t0 = time.perf_counter()
-        switch = {"STRATA_CPU_GEMV": "on" if gemv else "off"}
-        with prepacking(base not in UNPACKED), mock.patch.dict(os.environ, switch):
+        with prepacking(base not in UNPACKED), variant.loading():
             benches[name] = StrataBench(path, "cpu", dtype, args.concurrent, args.prompt_tokens, args.new_tokens,
                                         quantize=quantize, compile_decode="on" if compiled else "off")
         if compiled:

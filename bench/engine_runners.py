@@ -3,12 +3,32 @@ HF transformers.generate (eager, and with a static cache + torch.compile)."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
+from unittest import mock
 
 import torch
 
 from bench.roofline import sync
+
+
+class Variant(NamedTuple):
+    """An engine variant's name parsed: ``KIND[-nogemv][-compiled]``."""
+
+    kind: str
+    gemv: bool  # False: "-nogemv", kernels/cpu_gemv.py off (torch's kernels)
+    compiled: bool  # "-compiled": the compiled decode step (engine/compiled_decode.py), compiled at load
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        kind, compiled = name.removesuffix("-compiled"), name.endswith("-compiled")
+        return cls(kind.removesuffix("-nogemv"), not kind.endswith("-nogemv"), compiled)
+
+    def loading(self):
+        """The environment to load this variant's engine in (the loops are chosen at load)."""
+        return mock.patch.dict(os.environ, {"STRATA_CPU_GEMV": "on" if self.gemv else "off"})
 
 
 @dataclass

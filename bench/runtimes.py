@@ -23,12 +23,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.engine_runners import Variant  # noqa: E402
 from bench.host import loadavg  # noqa: E402
 
 
@@ -132,15 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         for v in wanted:
             runtime, _, kind = v.partition("-")
             if runtime == "engine":
-                # int8/int4: weight-only quantized linears computing in bf16 (engine/quant.py), beside Q8_0/Q4_K_M;
-                # a "-compiled" suffix: the compiled decode step (engine/compiled_decode.py), compiled at load
-                # a "-nogemv" suffix (before -compiled): without kernels/cpu_gemv.py, torch's kernels
-                kind, compiled = kind.removesuffix("-compiled"), kind.endswith("-compiled")
-                kind, gemv = kind.removesuffix("-nogemv"), not kind.endswith("-nogemv")
+                # int8/int4: weight-only quantized linears computing in bf16 (engine/quant.py), beside Q8_0/Q4_K_M
+                variant = Variant.parse(kind)
+                kind, compiled = variant.kind, variant.compiled
                 dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(kind, "bfloat16")
                 weights = kind if kind in ("int8", "int4") else None
                 t_load = time.perf_counter()
-                with mock.patch.dict(os.environ, {"STRATA_CPU_GEMV": "on" if gemv else "off"}):
+                with variant.loading():
                     engines[v] = LLMEngine.from_pretrained(ckpt, EngineConfig(
                         device="cpu", dtype=dtype, quantize=weights, num_blocks=blocks,
                         compile_decode="on" if compiled else "off"))
